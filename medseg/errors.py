@@ -1,0 +1,32 @@
+"""Exception types. Every expected user mistake raises a subclass of :class:`MedsegError`.
+
+The CLI catches :class:`MedsegError`, prints its message (no traceback) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class MedsegError(Exception):
+    """Base class for errors caused by user input (bad data, bad plan, bad arguments)."""
+
+
+class DatasetError(MedsegError):
+    """A dataset failed validation. ``problems`` lists every problem found, one line each."""
+
+    def __init__(self, problems: list[str], header: str = "dataset validation failed") -> None:
+        self.problems = list(problems)
+        lines = [f"{header} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class PlanError(MedsegError):
+    """A plan file is missing, malformed or internally inconsistent."""
+
+
+class CheckpointError(MedsegError):
+    """A checkpoint is missing, truncated, corrupt or belongs to another model."""
+
+
+class ConfigError(MedsegError):
+    """Invalid command-line or configuration option."""
