@@ -1,0 +1,201 @@
+"""Reading and writing images while keeping their geometry exactly.
+
+Array layout convention everywhere in medseg: the order SimpleITK's ``GetArrayFromImage`` returns,
+i.e. ``(Z, Y, X)`` for 3D and ``(Y, X)`` for 2D images, and *spacing in the same order*, in mm.
+Origin and direction are kept in SimpleITK's own (x, y, z) convention, untouched, so that an exported
+image has exactly the input's origin, spacing and direction.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import MedsegError
+
+#: File endings medseg reads (through SimpleITK).
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def strip_suffix(name: str) -> str:
+    """Return ``name`` without a known image suffix (``case_0000.nii.gz`` -> ``case_0000``)."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def has_image_suffix(name: str) -> bool:
+    """True when ``name`` ends with a suffix medseg can read."""
+    return any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where an image lies in physical space.
+
+    Attributes:
+        shape: array shape, ``(Z, Y, X)`` or ``(Y, X)``.
+        spacing: voxel size in mm, same order as ``shape``.
+        origin: physical position of the first voxel, SimpleITK (x, y, z) order.
+        direction: direction cosine matrix, row-major, SimpleITK order (9 or 4 values).
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageGeometry:
+        return cls(
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> ImageGeometry:
+        size = image.GetSize()
+        return cls(
+            shape=tuple(int(s) for s in reversed(size)),
+            spacing=tuple(float(s) for s in reversed(image.GetSpacing())),
+            origin=tuple(float(v) for v in image.GetOrigin()),
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> None:
+        """Copy this geometry onto a SimpleITK image (in place)."""
+        image.SetSpacing(tuple(float(s) for s in reversed(self.spacing)))
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+
+    def matches(self, other: ImageGeometry, tol: float = 1e-3) -> list[str]:
+        """Return human-readable differences to ``other`` (empty when they agree within ``tol``).
+
+        Spacing and origin are compared with a relative/absolute tolerance of ``tol`` (mm), direction
+        cosines with ``tol`` absolute.
+        """
+        diffs: list[str] = []
+        if self.shape != other.shape:
+            diffs.append(f"shape {list(self.shape)} vs {list(other.shape)}")
+            return diffs
+        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol):
+            diffs.append(f"spacing {list(self.spacing)} vs {list(other.spacing)}")
+        if not np.allclose(self.origin, other.origin, rtol=tol, atol=max(tol, 1e-2)):
+            diffs.append(f"origin {list(self.origin)} vs {list(other.origin)}")
+        if not np.allclose(self.direction, other.direction, atol=tol):
+            diffs.append(f"direction {list(self.direction)} vs {list(other.direction)}")
+        return diffs
+
+
+def read_sitk(path: str | Path) -> sitk.Image:
+    """Read an image with SimpleITK, raising :class:`MedsegError` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: file not found")
+    try:
+        return sitk.ReadImage(str(path))
+    except Exception as exc:  # SimpleITK raises RuntimeError with a long C++ trace
+        first = str(exc).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "exception" in ln.lower()), first[-1] if first else "")
+        raise MedsegError(f"{path}: unreadable or truncated image file ({detail.strip()[:200]})") from None
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """Read one single-channel image.
+
+    Returns:
+        ``(array, geometry)`` with array in ``(Z, Y, X)`` (or ``(Y, X)``) order, in the file's dtype.
+
+    Raises:
+        MedsegError: the file is missing, unreadable, or has more than one component per voxel.
+    """
+    image = read_sitk(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise MedsegError(
+            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "store each channel as its own file (CASE_0000, CASE_0001, ...)"
+        )
+    return sitk.GetArrayFromImage(image), ImageGeometry.from_sitk(image)
+
+
+def read_channels(paths: list[Path]) -> tuple[np.ndarray, ImageGeometry]:
+    """Read the channel files of one case into a float32 array ``(C, Z, Y, X)``.
+
+    The geometry of the first channel is returned; callers validate that the others agree.
+    """
+    arrays = []
+    geometry: ImageGeometry | None = None
+    for p in paths:
+        arr, geo = read_image(p)
+        if geometry is None:
+            geometry = geo
+        elif arr.shape != geometry.shape:
+            raise MedsegError(f"{p}: shape {list(arr.shape)} differs from the case's first channel {list(geometry.shape)}")
+        arrays.append(arr.astype(np.float32, copy=False))
+    assert geometry is not None
+    return np.stack(arrays, 0), geometry
+
+
+def _atomic_target(path: Path) -> Path:
+    suffix = "".join(s for s in IMAGE_SUFFIXES if path.name.endswith(s))[:7] or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or ".nii.gz", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(array: np.ndarray, geometry: ImageGeometry, path: str | Path, compress: bool = True) -> None:
+    """Write ``array`` (``(Z, Y, X)`` / ``(Y, X)``) with ``geometry`` atomically (tmp file + rename)."""
+    path = Path(path)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} does not match geometry shape {geometry.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    geometry.apply_to(image)
+    tmp = _atomic_target(path)
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` atomically (tmp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))

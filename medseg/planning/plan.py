@@ -1,0 +1,397 @@
+"""Plan dataclasses: the single, human-editable description of how a dataset is processed and trained.
+
+A :class:`Plan` is a frozen dataclass tree written to ``WORK/plans.json``. ``to_json``/``from_json``
+round-trip exactly and write only Python builtins. Unknown keys, missing keys and inconsistent values
+(e.g. a patch size not divisible by the network's pooling) are refused with a :class:`PlanError`.
+
+Conventions: every shape, spacing and patch size is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D
+patches); spacing in mm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import PlanError
+from medseg.io.image import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
+NORM_LAYERS = ("instance", "batch", "group")
+
+
+@dataclass(frozen=True)
+class NormalizationSpec:
+    """Intensity normalisation of one input channel.
+
+    Attributes:
+        scheme: ``"ct"`` clips to ``[clip_low, clip_high]`` then z-scores with the dataset's foreground
+            ``mean``/``std``; ``"zscore"`` z-scores each image with its own statistics (inside the
+            nonzero mask when ``use_nonzero_mask``); ``"none"`` leaves intensities as they are.
+    """
+
+    scheme: str
+    use_nonzero_mask: bool = False
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """One architecture as planned for one configuration: topology, patch and batch.
+
+    Attributes:
+        arch: registry name (``unet``, ``deeplab``, ``psp``, ``fcn``).
+        patch_size: training patch, ``(Z, Y, X)`` or ``(Y, X)``.
+        batch_size: training batch size.
+        kernel_sizes: per stage, per axis convolution kernel size.
+        strides: per stage, per axis downsampling stride; stage 0 is all ones.
+        base_features: channels of the first stage; doubled per stage up to ``max_features``.
+        max_features: cap on channels per stage.
+        n_conv_per_stage: convolutions per encoder stage.
+        norm: normalisation layer (``instance``, ``batch``, ``group``).
+        deep_supervision: whether training uses auxiliary lower-resolution outputs.
+        options: architecture-specific settings (e.g. ``{"output_stride": 8}``), builtins only.
+        estimated_memory_gb: memory one training step is estimated to need at ``precision``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (mixed precision autocast).
+    """
+
+    arch: str
+    patch_size: tuple[int, ...]
+    batch_size: int
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    base_features: int = 32
+    max_features: int = 320
+    n_conv_per_stage: int = 2
+    norm: str = "instance"
+    deep_supervision: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    estimated_memory_gb: float | None = None
+    precision: str = "fp32"
+
+    @property
+    def dims(self) -> int:
+        return len(self.patch_size)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.strides)
+
+    def total_stride(self) -> tuple[int, ...]:
+        """Product of the strides per axis (the factor the patch must be divisible by)."""
+        out = [1] * self.dims
+        for s in self.strides:
+            for i, v in enumerate(s):
+                out[i] *= v
+        return tuple(out)
+
+    def features_per_stage(self) -> tuple[int, ...]:
+        return tuple(min(self.base_features * 2**i, self.max_features) for i in range(self.num_stages))
+
+    def check(self, where: str) -> list[str]:
+        """Return the inconsistencies of this network plan (empty list when consistent)."""
+        problems: list[str] = []
+        d = self.dims
+        if d not in (2, 3):
+            problems.append(f"{where}: patch_size must have 2 or 3 entries, got {list(self.patch_size)}")
+            return problems
+        if any(p <= 0 for p in self.patch_size):
+            problems.append(f"{where}: patch_size entries must be positive, got {list(self.patch_size)}")
+        if self.batch_size < 1:
+            problems.append(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if len(self.kernel_sizes) != len(self.strides):
+            problems.append(
+                f"{where}: kernel_sizes has {len(self.kernel_sizes)} stages but strides has {len(self.strides)}"
+            )
+        for name, seq in (("kernel_sizes", self.kernel_sizes), ("strides", self.strides)):
+            for i, s in enumerate(seq):
+                if len(s) != d:
+                    problems.append(f"{where}: {name}[{i}] = {list(s)} does not have {d} entries like patch_size")
+                if any(v < 1 for v in s):
+                    problems.append(f"{where}: {name}[{i}] = {list(s)} has entries < 1")
+        if self.strides and any(v != 1 for v in self.strides[0]):
+            problems.append(f"{where}: strides[0] must be all ones (the first stage does not downsample)")
+        if not problems:
+            ts = self.total_stride()
+            bad = [i for i in range(d) if self.patch_size[i] % ts[i] != 0]
+            if bad:
+                problems.append(
+                    f"{where}: patch_size {list(self.patch_size)} is not divisible by the network's total "
+                    f"downsampling {list(ts)} on axis {bad}; use e.g. "
+                    f"{[max(ts[i], int(round(self.patch_size[i] / ts[i])) * ts[i]) for i in range(d)]}"
+                )
+        if self.norm not in NORM_LAYERS:
+            problems.append(f"{where}: norm must be one of {list(NORM_LAYERS)}, got {self.norm!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"{where}: precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.base_features < 1 or self.max_features < self.base_features:
+            problems.append(f"{where}: need 1 <= base_features <= max_features")
+        return problems
+
+
+@dataclass(frozen=True)
+class ConfigurationPlan:
+    """One configuration (``2d``, ``3d_fullres``, ``3d_lowres``).
+
+    Attributes:
+        name: configuration name.
+        dims: 2 or 3 (2D configurations train on slices along axis 0 = Z).
+        spacing: target spacing of the preprocessed data, always 3 entries ``(Z, Y, X)`` in mm.
+        median_shape: median shape of the preprocessed (cropped, resampled) images, ``(Z, Y, X)``.
+        patch_size / batch_size: those of the default architecture (``networks[default_arch]``).
+        normalization: one :class:`NormalizationSpec` per input channel.
+        networks: planned architectures by registry name.
+        default_arch: the architecture trained when none is given.
+        data_identifier: folder under ``WORK/preprocessed`` holding this configuration's cache.
+        previous_stage: for cascades, the configuration whose prediction this one refines (unused).
+    """
+
+    name: str
+    dims: int
+    spacing: tuple[float, ...]
+    median_shape: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    normalization: tuple[NormalizationSpec, ...]
+    networks: dict[str, NetworkPlan]
+    default_arch: str = "unet"
+    data_identifier: str = ""
+    previous_stage: str | None = None
+
+    def network(self, arch: str | None = None) -> NetworkPlan:
+        """Return the plan of ``arch`` (default architecture when None); clear error if not planned."""
+        arch = arch or self.default_arch
+        if arch not in self.networks:
+            raise PlanError(
+                f"architecture {arch!r} is not planned for configuration {self.name!r}; planned: "
+                f"{sorted(self.networks)}. Re-run `medseg plan ... --archs {arch}`."
+            )
+        return self.networks[arch]
+
+    def check(self, num_channels: int) -> list[str]:
+        where = f"configurations.{self.name}"
+        problems: list[str] = []
+        if self.dims not in (2, 3):
+            problems.append(f"{where}.dims must be 2 or 3, got {self.dims}")
+        if len(self.spacing) != 3 or any(not (s > 0 and math.isfinite(s)) for s in self.spacing):
+            problems.append(f"{where}.spacing must be 3 positive numbers (Z, Y, X) in mm, got {list(self.spacing)}")
+        if len(self.patch_size) != self.dims:
+            problems.append(f"{where}.patch_size must have {self.dims} entries, got {list(self.patch_size)}")
+        if len(self.normalization) != num_channels:
+            problems.append(
+                f"{where}.normalization has {len(self.normalization)} entries but the dataset has {num_channels} channels"
+            )
+        for i, n in enumerate(self.normalization):
+            if n.scheme not in NORMALIZATION_SCHEMES:
+                problems.append(
+                    f"{where}.normalization[{i}].scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {n.scheme!r}"
+                )
+            if n.scheme == "ct" and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
+                problems.append(f"{where}.normalization[{i}]: scheme 'ct' needs clip_low, clip_high, mean and std")
+        if self.default_arch not in self.networks:
+            problems.append(f"{where}.default_arch {self.default_arch!r} is not among networks {sorted(self.networks)}")
+        for arch, net in self.networks.items():
+            if net.arch != arch:
+                problems.append(f"{where}.networks.{arch}.arch is {net.arch!r}; it must equal its key")
+            if net.dims != self.dims:
+                problems.append(f"{where}.networks.{arch}.patch_size has {net.dims} entries, configuration dims is {self.dims}")
+            problems += net.check(f"{where}.networks.{arch}")
+        if self.default_arch in self.networks:
+            d = self.networks[self.default_arch]
+            if tuple(d.patch_size) != tuple(self.patch_size) or d.batch_size != self.batch_size:
+                problems.append(
+                    f"{where}: patch_size/batch_size ({list(self.patch_size)}, {self.batch_size}) must equal those of "
+                    f"networks.{self.default_arch} ({list(d.patch_size)}, {d.batch_size}); edit both"
+                )
+        return problems
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided about a dataset before training.
+
+    Attributes:
+        dataset_name: from dataset.json.
+        channel_names: one name per input channel (e.g. ``["CT"]``).
+        label_ids: original label ids, background first; class index ``i`` <-> ``label_ids[i]``.
+        label_names: names matching ``label_ids``.
+        original_median_spacing / original_median_shape: of the raw data (after cropping), ``(Z, Y, X)``.
+        configurations: by name.
+        device: device the plan was sized for (``cpu`` / ``cuda``).
+        gpu_memory_gb: memory budget the patch/batch fitting used.
+        time_budget_minutes: training budget the plan was chosen for (None = full schedule).
+        notes: free-form reasoning recorded by the planner (measured step times etc.).
+    """
+
+    dataset_name: str
+    channel_names: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    label_names: tuple[str, ...]
+    original_median_spacing: tuple[float, ...]
+    original_median_shape: tuple[int, ...]
+    configurations: dict[str, ConfigurationPlan]
+    default_configuration: str = "3d_fullres"
+    device: str = "cuda"
+    gpu_memory_gb: float = 8.0
+    time_budget_minutes: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes including background."""
+        return len(self.label_ids)
+
+    def configuration(self, name: str | None = None) -> ConfigurationPlan:
+        name = name or self.default_configuration
+        if name not in self.configurations:
+            raise PlanError(f"configuration {name!r} is not in the plan; available: {sorted(self.configurations)}")
+        return self.configurations[name]
+
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        if self.schema_version != SCHEMA_VERSION:
+            problems.append(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        if not self.label_ids or self.label_ids[0] != 0:
+            problems.append(f"label_ids must start with background 0, got {list(self.label_ids)}")
+        if len(set(self.label_ids)) != len(self.label_ids):
+            problems.append(f"label_ids has duplicates: {list(self.label_ids)}")
+        if len(self.label_names) != len(self.label_ids):
+            problems.append("label_names and label_ids must have the same length")
+        if not self.configurations:
+            problems.append("plan has no configurations")
+        if self.default_configuration not in self.configurations:
+            problems.append(f"default_configuration {self.default_configuration!r} is not among {sorted(self.configurations)}")
+        for name, cfg in self.configurations.items():
+            if cfg.name != name:
+                problems.append(f"configurations.{name}.name is {cfg.name!r}; it must equal its key")
+            problems += cfg.check(self.num_channels)
+        return problems
+
+    def validate(self) -> Plan:
+        """Raise :class:`PlanError` listing every inconsistency; return self when consistent."""
+        problems = self.check()
+        if problems:
+            raise PlanError("inconsistent plan:\n" + "\n".join(f"  - {p}" for p in problems))
+        return self
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return _to_builtin(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return _from_builtin(cls, d, "plan").validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        """Validate and write atomically."""
+        self.validate()
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: plan file not found (run `medseg plan` first)")
+        try:
+            return cls.from_json(path.read_text())
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+
+
+# -------------------------------------------------------------------- (de)serialisation helpers
+def _to_builtin(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_builtin(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_builtin(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return obj.item()
+    return obj
+
+
+def _from_builtin(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise PlanError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise PlanError(f"{where}: missing key {name!r}")
+            continue
+        kwargs[name] = _convert(cls, name, d[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise PlanError(f"{where}: {exc}") from None
+
+
+_NESTED = {
+    ("Plan", "configurations"): ("dict", "ConfigurationPlan"),
+    ("ConfigurationPlan", "networks"): ("dict", "NetworkPlan"),
+    ("ConfigurationPlan", "normalization"): ("tuple", "NormalizationSpec"),
+}
+_INT_TUPLES = {"patch_size", "median_shape", "original_median_shape", "label_ids"}
+_FLOAT_TUPLES = {"spacing", "original_median_spacing"}
+_NESTED_INT_TUPLES = {"kernel_sizes", "strides"}
+_STR_TUPLES = {"channel_names", "label_names"}
+
+
+def _convert(cls: type, name: str, value: Any, where: str) -> Any:
+    key = (cls.__name__, name)
+    try:
+        if key in _NESTED:
+            kind, sub = _NESTED[key]
+            sub_cls = globals()[sub]
+            if kind == "dict":
+                if not isinstance(value, dict):
+                    raise PlanError(f"{where}: expected an object")
+                return {k: _from_builtin(sub_cls, v, f"{where}.{k}") for k, v in value.items()}
+            return tuple(_from_builtin(sub_cls, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if name in _INT_TUPLES:
+            return tuple(_as_int(v, where) for v in value)
+        if name in _FLOAT_TUPLES:
+            return tuple(float(v) for v in value)
+        if name in _NESTED_INT_TUPLES:
+            return tuple(tuple(_as_int(v, where) for v in row) for row in value)
+        if name in _STR_TUPLES:
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    return value
+
+
+def _as_int(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not float(v).is_integer():
+        raise PlanError(f"{where}: expected integers, got {v!r}")
+    return int(v)
