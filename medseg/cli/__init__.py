@@ -1,0 +1,1 @@
+"""Command-line interface (``medseg``). The only place that reads the environment."""

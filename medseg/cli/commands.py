@@ -1,0 +1,149 @@
+"""Subcommand implementations: turn parsed arguments into dataclasses and call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from medseg.cli.main import default_num_workers
+from medseg.errors import ConfigError
+
+logger = logging.getLogger("medseg")
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from medseg.pipeline import plan_and_preprocess
+    from medseg.planning.planner import PlannerOptions
+
+    device = _resolve_device(args.device)
+    options = PlannerOptions(
+        gpu_memory_gb=args.gpu_memory_gb,
+        archs=tuple(args.archs),
+        device=device,
+        time_budget_minutes=args.time_budget,
+    )
+    workers = args.num_workers or default_num_workers()
+    result = plan_and_preprocess(
+        args.data, args.output, options, configs=args.configs, num_workers=workers, preprocess=not args.no_preprocess
+    )
+    plan = result.plan
+    print(f"plan written to {result.plan_path}")
+    for name, cfg in plan.configurations.items():
+        for arch, net in cfg.networks.items():
+            mem = f", ~{net.estimated_memory_gb:.2f} GB" if net.estimated_memory_gb is not None else ""
+            print(
+                f"  {name:11s} {arch:8s} spacing {[round(s, 3) for s in cfg.spacing]} patch {list(net.patch_size)} "
+                f"batch {net.batch_size} stages {net.num_stages}{mem}"
+            )
+    print("  " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.training import TrainConfig, train
+
+    overrides = {
+        "configuration": args.config,
+        "arch": args.arch,
+        "epochs": args.epochs,
+        "iters_per_epoch": args.iters_per_epoch,
+        "time_budget_minutes": args.time_budget,
+        "device": _resolve_device(args.device),
+        "num_workers": args.num_workers,
+        "precision": args.precision,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
+    fold = args.fold
+    if fold != "all":
+        try:
+            fold = int(fold)
+        except ValueError:
+            raise ConfigError(f"--fold must be an integer 0-4 or 'all', got {args.fold!r}") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in overrides.items() if v is not None and k in names}
+    kwargs["fold"] = fold
+    if args.no_validation and "final_validation" in names:
+        kwargs["final_validation"] = False
+    run_dir = train(Path(args.work), TrainConfig(**kwargs), resume=args.resume)
+    print(f"training finished: {run_dir}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medseg.inference.predictor import Predictor, predict_folder
+
+    folds = None
+    if args.folds is not None:
+        folds = [f if f == "all" else int(f) for f in args.folds]
+    predictor = Predictor.from_work_dir(
+        Path(args.model),
+        configs=args.config,
+        archs=args.arch,
+        folds=folds,
+        checkpoint=args.checkpoint,
+        device=_resolve_device(args.device),
+        use_tta=not args.no_tta,
+        step=args.step,
+        postprocessing=not args.no_postprocessing,
+    )
+    result = predict_folder(
+        Path(args.input),
+        Path(args.output),
+        predictor,
+        overwrite=args.overwrite,
+        save_probabilities=args.save_probabilities,
+        num_workers=args.num_workers or 1,
+    )
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.evaluation import evaluate_folders
+
+    out = Path(args.output) if args.output else Path(args.pred) / "metrics.json"
+    report = evaluate_folders(
+        Path(args.pred), Path(args.ref), label_ids=args.labels, output=out,
+        num_workers=args.num_workers or default_num_workers(),
+    )
+    print(report.summary())
+    print(f"metrics written to {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def cmd_find_best(args: argparse.Namespace) -> int:
+    from medseg.ensembling import find_best
+
+    best = find_best(Path(args.work))
+    print(best.summary())
+    print("predict with:\n  " + best.predict_command)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medseg.demo import DemoOptions, run_demo
+
+    result = run_demo(
+        DemoOptions(
+            output_dir=Path(args.output),
+            minutes=args.minutes,
+            num_cases=args.num_cases,
+            device=_resolve_device(args.device),
+        )
+    )
+    print(result.summary())
+    return 0

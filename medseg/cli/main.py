@@ -1,0 +1,151 @@
+"""``medseg`` command line: thin argparse wrappers over the library API.
+
+Every subcommand builds dataclasses and calls one library function. Expected mistakes
+(:class:`~medseg.errors.MedsegError`) print one clear message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from medseg.errors import MedsegError
+
+logger = logging.getLogger("medseg")
+
+EXIT_USER_ERROR = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medseg.cli import commands as c
+
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Self-configuring medical image segmentation: plan -> train -> predict.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("plan", help="validate a dataset, fingerprint it, plan and preprocess")
+    p.add_argument("data", help="dataset folder (MSD or nnU-Net v2 layout with dataset.json)")
+    p.add_argument("-o", "--output", required=True, help="work folder to write plans.json and the cache into")
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget for one training step (default 8)")
+    p.add_argument("--archs", nargs="+", default=["unet"], help="architectures to plan (default: unet)")
+    p.add_argument("--configs", nargs="+", default=None, help="configurations to preprocess (default: all planned)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device training will use (default: cuda if available else cpu)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="plan for a training time budget: measure real step times and pick what learns most")
+    p.add_argument("--num-workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    p.add_argument("--no-preprocess", action="store_true", help="write the plan only")
+    _add_common(p)
+    p.set_defaults(func=c.cmd_plan)
+
+    p = sub.add_parser("train", help="train one fold of one configuration/architecture")
+    p.add_argument("work", help="work folder written by `medseg plan`")
+    p.add_argument("--config", default=None, help="configuration (default: the plan's default)")
+    p.add_argument("--arch", default=None, help="architecture (default: the plan's default, unet)")
+    p.add_argument("--fold", default="0", help="fold 0-4, or 'all' to train on every case")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iters-per-epoch", type=int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="train until this many minutes have passed, annealing the learning rate over time")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
+    _add_common(p)
+    p.set_defaults(func=c.cmd_train)
+
+    p = sub.add_parser("predict", help="segment every image of a folder")
+    p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
+    p.add_argument("-o", "--output", required=True, help="folder for the segmentations (not inside the input)")
+    p.add_argument("-m", "--model", required=True, help="work folder with trained runs")
+    p.add_argument("--config", nargs="+", default=None, help="configuration(s) to ensemble")
+    p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
+    p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
+    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    p.add_argument("--no-tta", action="store_true", help="disable mirror test-time augmentation")
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
+    p.add_argument("--num-workers", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(func=c.cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and surface Dice of predictions against references")
+    p.add_argument("pred", help="folder of predicted segmentations")
+    p.add_argument("ref", help="folder of reference segmentations")
+    p.add_argument("-o", "--output", default=None, help="metrics JSON path (a CSV is written beside it)")
+    p.add_argument("--labels", nargs="+", type=int, default=None, help="label ids to evaluate (default: all found)")
+    p.add_argument("--num-workers", type=int, default=None)
+    _add_common(p)
+    p.set_defaults(func=c.cmd_evaluate)
+
+    p = sub.add_parser("find-best", help="pick the best configuration/ensemble and postprocessing on CV")
+    p.add_argument("work", help="work folder with trained runs")
+    _add_common(p)
+    p.set_defaults(func=c.cmd_find_best)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a synthetic dataset generated on the fly")
+    p.add_argument("-o", "--output", default="medseg_demo", help="folder to work in (default ./medseg_demo)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default 3)")
+    p.add_argument("--num-cases", type=int, default=12)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_common(p)
+    p.set_defaults(func=c.cmd_demo)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.INFO
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    elif getattr(args, "quiet", False):
+        level = logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Returns the process exit status (0 ok, 1 partial failure, 2 user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except MedsegError as exc:
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def default_num_workers() -> int:
+    """CPU count available to this process (the CLI is the only place reading the environment)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""High-level library API: one function per pipeline stage, as the CLI calls them.
+
+``plan_and_preprocess`` (validate -> fingerprint -> plan -> preprocess) and ``run_demo`` (the whole
+pipeline on a generated synthetic dataset). Training, prediction, evaluation and find-best live in their
+own packages and are called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import MedsegError
+from medseg.planning.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What ``plan_and_preprocess`` produced."""
+
+    plan: Plan
+    plan_path: Path
+    fingerprint_path: Path
+    seconds: dict[str, float]
+
+
+def _check_output_not_inside_input(data_dir: Path, work_dir: Path) -> None:
+    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    if work_dir == data_dir or data_dir in work_dir.parents:
+        raise MedsegError(
+            f"the work folder {work_dir} is inside the dataset folder {data_dir}; "
+            "medseg never writes next to your input - choose a folder outside it"
+        )
+
+
+def plan_and_preprocess(
+    data_dir: str | Path,
+    work_dir: str | Path,
+    options=None,
+    configs: list[str] | None = None,
+    num_workers: int = 1,
+    preprocess: bool = True,
+) -> PlanResult:
+    """Validate a dataset, extract its fingerprint, plan it and preprocess it into ``work_dir``.
+
+    Args:
+        data_dir: dataset folder (MSD or nnU-Net v2 layout).
+        work_dir: output folder (created; must not be inside ``data_dir``).
+        options: :class:`medseg.planning.planner.PlannerOptions` (defaults when None).
+        configs: configurations to preprocess (all planned when None).
+        num_workers: parallel processes for validation, fingerprint and preprocessing.
+        preprocess: when False only ``fingerprint.json`` and ``plans.json`` are written.
+
+    Returns:
+        PlanResult with the plan and the stage timings in seconds.
+
+    Raises:
+        DatasetError: listing every problem of the dataset; nothing is written in that case.
+    """
+    from medseg.fingerprint import extract_fingerprint
+    from medseg.io.dataset import load_dataset, validate_dataset
+    from medseg.planning.planner import PlannerOptions, plan_dataset
+    from medseg.preprocessing import preprocess_dataset
+
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    _check_output_not_inside_input(data_dir, work_dir)
+    options = options or PlannerOptions()
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    ds = load_dataset(data_dir)
+    validate_dataset(ds, num_workers=num_workers)
+    seconds["validate"] = time.perf_counter() - t
+    logger.info("dataset %s: %d cases, %d channel(s), labels %s", ds.name, len(ds.cases), ds.num_channels, list(ds.label_ids))
+
+    t = time.perf_counter()
+    fp = extract_fingerprint(ds, num_workers=num_workers)
+    seconds["fingerprint"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plan = plan_dataset(ds, fp, options)
+    seconds["plan"] = time.perf_counter() - t
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp_path = work_dir / "fingerprint.json"
+    fp.save(fp_path)
+    plan_path = work_dir / "plans.json"
+    plan.save(plan_path)
+    logger.info("wrote %s", plan_path)
+
+    if preprocess:
+        t = time.perf_counter()
+        preprocess_dataset(ds, plan, work_dir, configs=configs, num_workers=num_workers)
+        seconds["preprocess"] = time.perf_counter() - t
+    _write_dataset_reference(work_dir, ds)
+    return PlanResult(plan=plan, plan_path=plan_path, fingerprint_path=fp_path, seconds=seconds)
+
+
+def _write_dataset_reference(work_dir: Path, ds) -> None:
+    """Remember where the raw dataset lives (evaluation and postprocessing need the reference labels)."""
+    from medseg.io.image import atomic_write_text
+
+    info = {"root": str(Path(ds.root).resolve()), "cases": [c.case_id for c in ds.cases]}
+    atomic_write_text(work_dir / "dataset_ref.json", json.dumps(info, indent=1) + "\n")
