@@ -18,6 +18,13 @@ def synthetic_dataset(tmp_path: Path) -> Path:
     return generate_synthetic_dataset(tmp_path / "data", num_cases=6, seed=0)
 
 
+@pytest.fixture
+def shared_data() -> Path:
+    """Root of the read-only real data (``../shared/data``); fails (never skips) when it is missing."""
+    assert SHARED_DATA.is_dir(), f"real data folder {SHARED_DATA} is missing (expected ../shared/data beside the checkout)"
+    return SHARED_DATA
+
+
 def shared_dataset(name: str) -> Path:
     """Path of a read-only real dataset in ``../shared/data``; fails (never skips) when it is missing."""
     path = SHARED_DATA / name

@@ -199,3 +199,51 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def write_like(array: np.ndarray, reference: str | Path, path: str | Path, geometry: ImageGeometry | None = None) -> None:
+    """Write ``array`` (``(Z, Y, X)``) with exactly the header geometry of the file ``reference``.
+
+    NIfTI stores orientation as float32 quaternions/affines; re-deriving them from doubles (as a plain
+    SimpleITK write does) moves oblique direction cosines by ~1e-8. For NIfTI reference and output, the
+    reference's header (qform, sform, codes, pixdim) is copied byte-for-byte through nibabel, so reading
+    the output gives bit-identical origin, spacing and direction to reading the reference. Other formats
+    fall back to :func:`write_image` with ``geometry`` (read from ``reference`` when None). Atomic.
+    """
+    reference, path = Path(reference), Path(path)
+    if not (_is_nifti(reference) and _is_nifti(path)):
+        if geometry is None:
+            geometry = ImageGeometry.from_sitk(read_sitk(reference))
+        write_image(array, geometry, path)
+        return
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    expected = tuple(reversed(ref.shape[:3])) if len(ref.shape) >= 3 else tuple(reversed(ref.shape))
+    if tuple(array.shape) != expected[: array.ndim] or array.ndim != len(expected):
+        raise ValueError(f"array shape {array.shape} does not match {reference} (array order {expected})")
+    header = ref.header.copy()
+    header.set_data_dtype(array.dtype)
+    data = np.ascontiguousarray(array.transpose(tuple(reversed(range(array.ndim)))))
+    img = nib.Nifti1Image(data, None, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    # keep qform/sform exactly as stored in the reference
+    img.header["qform_code"] = ref.header["qform_code"]
+    img.header["sform_code"] = ref.header["sform_code"]
+    for key in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y",
+                "srow_z", "pixdim"):
+        img.header[key] = ref.header[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -61,3 +61,22 @@ def test_geometry_mismatch_is_described():
     h = ImageGeometry((2, 3, 4), (1.0, 1.0, 1.5), (0.0, 0.0, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     diffs = g.matches(h)
     assert any("spacing" in d for d in diffs) and any("origin" in d for d in diffs)
+
+
+def test_write_like_is_bit_exact_for_oblique_nifti(tmp_path):
+    src = tmp_path / "src.nii.gz"
+    sitk.WriteImage(_oblique_image(), str(src))
+    ref = sitk.ReadImage(str(src))
+    seg = (sitk.GetArrayFromImage(ref) > 50).astype(np.uint8)
+    from medseg.io.image import write_like
+
+    out = tmp_path / "o" / "seg.nii.gz"
+    write_like(seg, src, out)
+    back = sitk.ReadImage(str(out))
+    assert back.GetDirection() == ref.GetDirection()
+    assert back.GetOrigin() == ref.GetOrigin()
+    assert back.GetSpacing() == ref.GetSpacing()
+    assert back.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), seg)
+    with pytest.raises(ValueError):
+        write_like(seg[:-1], src, out)
