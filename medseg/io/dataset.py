@@ -1,0 +1,842 @@
+"""Dataset folders: reading ``dataset.json``, finding each case's files, and validating everything.
+
+Two layouts are accepted:
+
+* Medical Segmentation Decathlon (MSD): ``imagesTr/CASE.nii.gz``, ``labelsTr/CASE.nii.gz`` and a
+  ``dataset.json`` with a ``training`` list of ``{"image": ..., "label": ...}`` entries, ``modality``
+  (or ``channel_names``) and ``labels`` given either as id -> name (``{"0": "background"}``) or
+  name -> id (``{"background": 0}``).
+* nnU-Net v2: one file per channel, ``imagesTr/CASE_0000.nii.gz``, ``CASE_0001...``, labels in
+  ``labelsTr/CASE.nii.gz``, ``dataset.json`` with ``channel_names``, ``labels`` (name -> id) and
+  ``file_ending``; without a ``training`` list the cases are discovered from the folders.
+
+Images are read through SimpleITK (.nii, .nii.gz, .nrrd, .mha, .mhd). :func:`load_dataset` only
+parses the description and locates files (nothing is read); :func:`validate_dataset` reads every file
+and reports every problem at once, each naming the case and the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import struct
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import DatasetError, MedsegError
+from medseg.io.image import IMAGE_SUFFIXES, ImageGeometry, has_image_suffix, strip_suffix
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: Geometry tolerance (mm for spacing/origin, absolute for direction cosines) between files of one case.
+GEOMETRY_TOLERANCE = 1e-3
+#: Declared label ids are listed in full in messages up to this many.
+_MAX_IDS_IN_MESSAGE = 20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a dataset.
+
+    Attributes:
+        case_id: the case identifier (file name without channel suffix and file ending).
+        image_files: one file per channel, in channel order (files may be missing until validated).
+        label_file: the label map, or None for unlabelled (prediction) cases.
+    """
+
+    case_id: str
+    image_files: tuple[Path, ...]
+    label_file: Path | None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` and the folder layout say about a dataset.
+
+    Attributes:
+        root: dataset folder.
+        name: dataset name (``name`` in dataset.json, else the folder name).
+        channel_names: modality per channel in channel order, e.g. ``("CT",)`` or ``("T1", "FLAIR")``.
+        label_ids: sorted original label ids, background 0 first; gaps allowed (0, 1, 2, 5, 117).
+        label_names: names in the order of ``label_ids``.
+        cases: the training cases, in dataset.json order (or sorted by case id when discovered).
+        file_ending: file ending of the dataset's images, e.g. ``".nii.gz"``.
+    """
+
+    root: Path
+    name: str
+    channel_names: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    label_names: tuple[str, ...]
+    cases: tuple[Case, ...]
+    file_ending: str
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset.json parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (int, integral float, or integer string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
+    key = "channel_names" if "channel_names" in meta else "modality" if "modality" in meta else None
+    if key is None:
+        problems.append("neither 'channel_names' nor 'modality' is given (e.g. \"channel_names\": {\"0\": \"CT\"})")
+        return ()
+    src = meta[key]
+    if not isinstance(src, dict) or not src:
+        problems.append(f"'{key}' must be a non-empty mapping of channel index to name, e.g. {{\"0\": \"MRI\"}}")
+        return ()
+    indexed: dict[int, str] = {}
+    for k, v in src.items():
+        idx = _as_int(k)
+        if idx is None or idx < 0:
+            problems.append(f"'{key}' has key {k!r}; keys must be channel indices 0, 1, ...")
+            return ()
+        indexed[idx] = str(v)
+    if sorted(indexed) != list(range(len(indexed))):
+        problems.append(f"'{key}' channel indices {sorted(indexed)} must be 0..{len(indexed) - 1} without gaps")
+        return ()
+    return tuple(indexed[i] for i in range(len(indexed)))
+
+
+def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    if "regions_class_order" in meta:
+        problems.append("region-based labels ('regions_class_order') are not supported; "
+                        "give one integer id per class in 'labels'")
+        return (), ()
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        problems.append("'labels' is missing or empty; give e.g. {\"0\": \"background\", \"1\": \"tumour\"}")
+        return (), ()
+    form_hint = ("'labels' must map ids to names ({\"0\": \"background\", ...}) "
+                 "or names to ids ({\"background\": 0, ...})")
+    region = [k for k, v in labels.items() if isinstance(v, (list, tuple, dict))]
+    if region:
+        problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: region-based labels are not supported; "
+                        "give one integer id per class")
+        return (), ()
+    pairs: list[tuple[int, str]] = []
+    if all(isinstance(v, str) for v in labels.values()) and not all(_as_int(v) is not None for v in labels.values()):
+        # id -> name
+        for k, v in labels.items():
+            idx = _as_int(k)
+            if idx is None:
+                problems.append(f"label id {k!r} (named {v!r}) is not an integer; {form_hint}")
+                continue
+            pairs.append((idx, v))
+    else:
+        # name -> id
+        for k, v in labels.items():
+            idx = _as_int(v)
+            if idx is None:
+                problems.append(f"label {k!r} has id {v!r}, which is not an integer; {form_hint}")
+                continue
+            pairs.append((idx, str(k)))
+    if problems:
+        return (), ()
+    ids = [i for i, _ in pairs]
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        problems.append(f"label id(s) {dup} declared more than once")
+    neg = sorted(i for i in ids if i < 0)
+    if neg:
+        problems.append(f"negative label id(s) {neg}; ids must be >= 0")
+    if 0 not in ids:
+        problems.append("no background label with id 0 is declared")
+    ignore = [n for _, n in pairs if n.strip().lower() == "ignore"]
+    if ignore:
+        problems.append("an 'ignore' label is declared; ignore labels (partial annotation) are not supported")
+    if problems:
+        return (), ()
+    pairs.sort()
+    return tuple(i for i, _ in pairs), tuple(n for _, n in pairs)
+
+
+def _suffix_of(name: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _image_files_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and has_image_suffix(p.name))
+
+
+def _channel_paths(folder: Path, stem: str, ending: str, num_channels: int) -> tuple[Path, ...]:
+    return tuple(folder / f"{stem}_{i:04d}{ending}" for i in range(num_channels))
+
+
+def _cases_from_training_list(root: Path, entries: Any, num_channels: int, ending: str,
+                              problems: list[str]) -> list[Case]:
+    if not isinstance(entries, list):
+        problems.append("'training' must be a list of {\"image\": ..., \"label\": ...} entries")
+        return []
+    cases: list[Case] = []
+    for n, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("image", entry.get("label")), str):
+            problems.append(f"'training' entry {n} is not of the form {{\"image\": ..., \"label\": ...}}: {entry!r}")
+            continue
+        image_rel = entry.get("image")
+        label_rel = entry.get("label")
+        if image_rel is None:
+            label_path = root / label_rel
+            stem = strip_suffix(label_path.name)
+            listed = root / "imagesTr" / f"{stem}{_suffix_of(label_path.name) or ending}"
+        else:
+            listed = root / image_rel
+            stem = strip_suffix(listed.name)
+            m = _CHANNEL_RE.match(stem)
+            if m and m.group("channel") == "0000" and (
+                not isinstance(label_rel, str) or strip_suffix(Path(label_rel).name) == m.group("case")
+            ):
+                stem = m.group("case")  # the entry names the first channel file (nnU-Net naming)
+        folder = listed.parent
+        suffix = _suffix_of(listed.name) or ending
+        if num_channels == 1 and (listed.is_file() or not (folder / f"{stem}_0000{suffix}").is_file()):
+            image_files: tuple[Path, ...] = (listed,)
+        elif num_channels == 1:
+            image_files = (folder / f"{stem}_0000{suffix}",)
+        else:
+            image_files = _channel_paths(folder, stem, suffix, num_channels)
+        label_file = root / label_rel if isinstance(label_rel, str) else root / "labelsTr" / f"{stem}{suffix}"
+        cases.append(Case(stem, image_files, label_file))
+    return cases
+
+
+def _cases_from_explicit_mapping(root: Path, mapping: Any, problems: list[str]) -> list[Case]:
+    """nnU-Net v2's optional ``"dataset": {case: {"images": [...], "label": ...}}`` listing."""
+    if not isinstance(mapping, dict):
+        problems.append("'dataset' must map case ids to {\"images\": [...], \"label\": ...}")
+        return []
+    cases = []
+    for cid, entry in mapping.items():
+        images = entry.get("images") if isinstance(entry, dict) else None
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            problems.append(f"'dataset' entry {cid!r} has no list of 'images'")
+            continue
+        label = entry.get("label")
+        cases.append(Case(str(cid), tuple(root / p for p in images),
+                          root / label if isinstance(label, str) else None))
+    return cases
+
+
+def _discover_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
+    """Cases from ``labelsTr`` and ``imagesTr`` (nnU-Net v2 without a ``training`` list)."""
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    labels = {strip_suffix(p.name): p for p in _image_files_in(labels_dir)}
+    channel_files: dict[str, dict[int, Path]] = {}
+    single_files: dict[str, Path] = {}
+    for p in _image_files_in(images_dir):
+        stem = strip_suffix(p.name)
+        m = _CHANNEL_RE.match(stem)
+        if m and (m.group("case") in labels or stem not in labels):
+            channel_files.setdefault(m.group("case"), {})[int(m.group("channel"))] = p
+        else:
+            single_files[stem] = p
+    cases = []
+    for cid in sorted(set(labels) | set(channel_files) | set(single_files)):
+        if cid in channel_files:
+            found = channel_files[cid]
+            suffix = _suffix_of(next(iter(found.values())).name)
+            image_files = tuple(found.get(i, images_dir / f"{cid}_{i:04d}{suffix}") for i in range(num_channels))
+        elif cid in single_files and num_channels == 1:
+            image_files = (single_files[cid],)
+        else:
+            image_files = _channel_paths(images_dir, cid, ending, num_channels)
+        cases.append(Case(cid, image_files, labels.get(cid, labels_dir / f"{cid}{ending}")))
+    return cases
+
+
+def load_dataset(root: str | Path) -> DatasetInfo:
+    """Parse ``root/dataset.json`` (MSD or nnU-Net v2) and locate every case's files.
+
+    No image is read; files that are listed but missing are kept in the returned cases and reported
+    by :func:`validate_dataset`.
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        The :class:`DatasetInfo`; ``label_ids`` sorted with background 0 first.
+
+    Raises:
+        DatasetError: the folder or ``dataset.json`` is missing or unreadable, or ``dataset.json``
+            is malformed (no channels, labels not integer ids, region-based labels, ...). Every
+            problem of ``dataset.json`` is listed.
+    """
+    root = Path(root)
+    json_path = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetError([f"{root}: dataset folder not found"], header="cannot load dataset")
+    if not json_path.is_file():
+        raise DatasetError([f"{json_path}: not found; a dataset folder needs a dataset.json"],
+                           header="cannot load dataset")
+
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError([f"{json_path}: not valid JSON ({exc})"], header="cannot load dataset") from None
+    if not isinstance(meta, dict):
+        raise DatasetError([f"{json_path}: must hold a JSON object"], header="cannot load dataset")
+
+    problems: list[str] = []
+    channel_names = _parse_channels(meta, problems)
+    label_ids, label_names = _parse_labels(meta, problems)
+
+    ending = meta.get("file_ending")
+    if ending is not None and ending not in IMAGE_SUFFIXES:
+        problems.append(f"'file_ending' {ending!r} is not supported; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if problems:
+        raise DatasetError([f"{json_path}: {p}" for p in problems], header="invalid dataset.json")
+    if ending is None:
+        ending = _infer_ending(root, meta)
+
+    num_channels = len(channel_names)
+    if isinstance(meta.get("dataset"), dict):
+        cases = _cases_from_explicit_mapping(root, meta["dataset"], problems)
+    elif "training" in meta:
+        cases = _cases_from_training_list(root, meta["training"], num_channels, ending, problems)
+    else:
+        cases = _discover_cases(root, num_channels, ending)
+    if problems:
+        raise DatasetError([f"{json_path}: {p}" for p in problems], header="invalid dataset.json")
+
+    ds = DatasetInfo(
+        root=root,
+        name=str(meta.get("name") or root.name),
+        channel_names=channel_names,
+        label_ids=label_ids,
+        label_names=label_names,
+        cases=tuple(cases),
+        file_ending=ending,
+    )
+    logger.debug("loaded %s: %d cases, channels %s, labels %s", root, len(cases), channel_names, label_ids)
+    return ds
+
+
+def _infer_ending(root: Path, meta: dict) -> str:
+    training = meta.get("training")
+    if isinstance(training, list):
+        for entry in training:
+            name = entry.get("image") or entry.get("label") if isinstance(entry, dict) else entry
+            if isinstance(name, str) and _suffix_of(name):
+                return _suffix_of(name)
+    for folder in (root / "labelsTr", root / "imagesTr"):
+        files = _image_files_in(folder)
+        if files:
+            return _suffix_of(files[0].name)
+    return ".nii.gz"
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _sitk_error_detail(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Exception thrown in SimpleITK", "Reason:"))] or lines
+    detail = lines[-1] if lines else ""
+    detail = re.sub(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", detail)
+    detail = re.sub(r"^\[\w+\]\s*\w+:\s*", "", detail)
+    return detail[:200]
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    datatype: int
+    vox_offset: int
+    nbytes: int  # bytes of voxel data the header announces
+
+
+def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
+    """The few NIfTI-1/-2 header fields needed to check a file's size and raw values (None if not NIfTI)."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    nvox = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    return _NiftiHeader(endian, int(datatype), max(int(vox_offset), sizeof_hdr), nvox * int(bitpix) // 8)
+
+
+#: NIfTI datatype codes of real floating-point voxels -> numpy type.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_raw_check(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """Check a NIfTI file's raw bytes for what SimpleITK hides.
+
+    SimpleITK (nifticlib) reads a truncated NIfTI file without complaint (missing voxels are garbage)
+    and silently replaces NaN/Inf voxels by 0. This reads the (decompressed) file itself.
+
+    Returns:
+        ``(problem, nonfinite)``: ``problem`` describes truncation/corruption (else None); ``nonfinite``
+        is ``(n_nan, n_inf)`` for floating-point files (else None). ``(None, None)`` for other formats.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None, None
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+            total, header = len(raw), raw[:540]
+        else:
+            total = path.stat().st_size
+            with open(path, "rb") as fh:
+                header = fh.read(540)
+            raw = None
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"compressed data truncated or corrupt: {exc}", None
+    hdr = _parse_nifti_header(header)
+    if hdr is None:
+        return None, None
+    if total < hdr.vox_offset + hdr.nbytes:
+        return f"file ends after {total} bytes; its header announces {hdr.vox_offset + hdr.nbytes}", None
+    kind = _NIFTI_FLOATS.get(hdr.datatype)
+    if kind is None:
+        return None, None
+    if raw is None:
+        with open(path, "rb") as fh:
+            fh.seek(hdr.vox_offset)
+            raw = fh.read(hdr.nbytes)
+        offset = 0
+    else:
+        offset = hdr.vox_offset
+    values = np.frombuffer(raw, dtype=np.dtype(hdr.endian + kind), count=hdr.nbytes // int(kind[1]), offset=offset)
+    if np.isfinite(values.sum(dtype=np.float64)):
+        return None, (0, 0)
+    return None, (int(np.isnan(values).sum()), int(np.isinf(values).sum()))
+
+
+_IMAGE_IO = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO",
+              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+
+
+@dataclass
+class _FileRead:
+    """What validation needs from one file: header facts, and the voxels when they were read."""
+
+    ndim: int
+    components: int
+    size_xyz: tuple[int, ...]
+    geometry: ImageGeometry | None  # None unless ndim is 2 or 3 (ImageGeometry describes those)
+    array: np.ndarray | None  # (Z, Y, X) view, only when the voxels were read
+    nonfinite: tuple[int, int]  # (NaN count, Inf count), counted in the file itself
+    image: sitk.Image | None  # keeps the memory behind ``array`` alive
+
+
+def _reader(path: Path, io_name: str | None) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    if io_name:
+        reader.SetImageIO(io_name)
+    reader.SetFileName(str(path))
+    return reader
+
+
+def _read_for_validation(path: Path, need_voxels: bool) -> tuple[_FileRead | None, str | None]:
+    """Read ``path`` (header only for NIfTI images, whose raw voxels are checked here directly).
+
+    The ImageIO is chosen from the file ending, which skips SimpleITK's format probing.
+
+    Returns:
+        ``(read, None)`` or ``(None, problem)``.
+    """
+    if not path.is_file():
+        return None, "file not found"
+    io_name = _IMAGE_IO.get(_suffix_of(path.name))
+    header_only = not need_voxels and io_name == "NiftiImageIO"
+    image = None
+    try:
+        try:
+            reader = _reader(path, io_name)
+            if header_only:
+                reader.ReadImageInformation()
+            else:
+                image = reader.Execute()
+        except RuntimeError as exc:
+            if io_name is None or "not recognized" not in str(exc):
+                raise
+            try:  # content does not match the ending: let SimpleITK probe the format
+                reader, header_only = _reader(path, None), False
+                image = reader.Execute()
+            except RuntimeError:
+                raise exc from None
+    except Exception as exc:  # SimpleITK raises RuntimeError with a C++ trace
+        return None, f"unreadable or truncated image file ({_sitk_error_detail(exc)})"
+    problem, nonfinite = _nifti_raw_check(path)
+    if problem:
+        return None, f"unreadable or truncated image file ({problem})"
+    if image is not None:
+        size, spacing, origin, direction = image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+        ndim, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+        array = sitk.GetArrayViewFromImage(image)
+        if nonfinite is None:
+            nonfinite = (0, 0)
+            if array.dtype.kind == "f" and not np.isfinite(array.sum(dtype=np.float64)):
+                nonfinite = (int(np.isnan(array).sum()), int(np.isinf(array).sum()))
+    else:
+        size, spacing = reader.GetSize(), reader.GetSpacing()
+        origin, direction = reader.GetOrigin(), reader.GetDirection()
+        ndim, components, array = reader.GetDimension(), reader.GetNumberOfComponents(), None
+    geometry = None
+    if ndim in (2, 3):
+        geometry = ImageGeometry(
+            shape=tuple(int(v) for v in reversed(size)),
+            spacing=tuple(float(v) for v in reversed(spacing)),
+            origin=tuple(float(v) for v in origin),
+            direction=tuple(float(v) for v in direction),
+        )
+    return _FileRead(ndim, components, tuple(size), geometry, array, nonfinite or (0, 0), image), None
+
+
+def _dim_problem(read: _FileRead) -> str | None:
+    if read.components != 1:
+        return (f"has {read.components} components per voxel (vector/RGB image); "
+                "store each channel as its own file (CASE_0000, CASE_0001, ...)")
+    if read.ndim not in (2, 3):
+        shape = list(reversed(read.size_xyz))
+        return (f"wrong dimensionality: {read.ndim}D image of shape {shape}; medseg reads 2D or 3D "
+                "images, one file per channel (split a 4D multi-channel file into CASE_0000, CASE_0001, ...)")
+    return None
+
+
+def _label_values_problems(arr: np.ndarray, declared: frozenset[int]) -> list[str]:
+    problems = []
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            problems.append(f"{int(arr.size - finite.sum())} NaN/Inf value(s) in the label map")
+            arr = arr[finite]
+        as_int = arr.astype(np.int64)
+        bad = as_int != arr
+        if bad.any():
+            examples = np.unique(arr[bad])[:5]
+            problems.append("non-integer label values (e.g. " + ", ".join(f"{v:g}" for v in examples)
+                            + f"; {int(bad.sum())} voxels); label maps must hold integer class ids")
+            as_int = as_int[~bad]
+        arr = as_int
+    elif arr.dtype.kind not in "iub":
+        problems.append(f"label map has non-numeric voxel type {arr.dtype}")
+        return problems
+    if arr.size == 0:
+        return problems
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi < (1 << 20):
+        values = np.flatnonzero(np.bincount(arr.ravel(), minlength=1))
+    else:
+        values = np.unique(arr)
+    undeclared = sorted(int(v) for v in values if int(v) not in declared)
+    if undeclared:
+        shown = undeclared[:_MAX_IDS_IN_MESSAGE]
+        more = f" and {len(undeclared) - len(shown)} more" if len(undeclared) > len(shown) else ""
+        dec = sorted(declared)
+        dec_txt = ", ".join(map(str, dec)) if len(dec) <= _MAX_IDS_IN_MESSAGE else \
+            ", ".join(map(str, dec[:_MAX_IDS_IN_MESSAGE])) + f", ... ({len(dec)} ids)"
+        problems.append(f"label values {shown}{more} are not declared in dataset.json (declared: {dec_txt})")
+    return problems
+
+
+def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels: int) -> tuple[list[str], int | None]:
+    """Validate one case. Returns ``(problems, ndim)``; each problem names the case and the file."""
+    problems: list[str] = []
+    cid = case.case_id
+
+    def report(path: Path, msg: str) -> None:
+        problems.append(f"case {cid}: {_rel(path, root)}: {msg}")
+
+    if len(case.image_files) != num_channels:
+        first = case.image_files[0] if case.image_files else root
+        report(first, f"case has {len(case.image_files)} image file(s) but dataset.json declares "
+                      f"{num_channels} channel(s)")
+    ref_geo: ImageGeometry | None = None
+    ref_file: Path | None = None
+    ndim: int | None = None
+    for ch, path in enumerate(case.image_files):
+        if not path.is_file():
+            msg = f"missing channel file (channel {ch})"
+            single = path.parent / f"{cid}{_suffix_of(path.name)}"
+            if num_channels > 1 and single.is_file():
+                msg += (f"; found {single.name}, which looks like one multi-channel file: split it into one file per "
+                        f"channel ({cid}_0000{_suffix_of(path.name)}, {cid}_0001{_suffix_of(path.name)}, ...)")
+            report(path, msg)
+            continue
+        read, err = _read_for_validation(path, need_voxels=False)
+        if read is None:
+            report(path, err or "unreadable")
+            continue
+        dim_err = _dim_problem(read)
+        if dim_err:
+            report(path, dim_err)
+            continue
+        geo = read.geometry
+        assert geo is not None
+        if any(read.nonfinite):
+            report(path, f"image contains {read.nonfinite[0]} NaN and {read.nonfinite[1]} Inf voxel(s)")
+        if ref_geo is None:
+            ref_geo, ref_file, ndim = geo, path, geo.ndim
+        elif geo.ndim != ref_geo.ndim:
+            report(path, f"channel {ch} is {geo.ndim}D but channel 0 ({ref_file.name}) is {ref_geo.ndim}D")
+        elif geo.shape != ref_geo.shape:
+            report(path, f"channel {ch} shape {list(geo.shape)} differs from channel 0 "
+                         f"({ref_file.name}) shape {list(ref_geo.shape)}")
+        else:
+            diffs = geo.matches(ref_geo, tol=GEOMETRY_TOLERANCE)
+            if diffs:
+                report(path, f"geometry mismatch between channel {ch} and channel 0 ({ref_file.name}): "
+                             + "; ".join(diffs))
+
+    if case.label_file is not None:
+        lpath = case.label_file
+        if not lpath.is_file():
+            report(lpath, "missing label file")
+        else:
+            label, err = _read_for_validation(lpath, need_voxels=True)
+            if label is None:
+                report(lpath, err or "unreadable")
+            elif (dim_err := _dim_problem(label)) is not None:
+                report(lpath, dim_err)
+            else:
+                if any(label.nonfinite):
+                    report(lpath, f"label map contains {label.nonfinite[0]} NaN and {label.nonfinite[1]} Inf "
+                                  "voxel(s); label maps must hold integer class ids")
+                lgeo = label.geometry
+                assert lgeo is not None and label.array is not None
+                if ref_geo is not None:
+                    if lgeo.shape != ref_geo.shape:
+                        report(lpath, f"image/label shape mismatch: label {list(lgeo.shape)} vs image "
+                                      f"{list(ref_geo.shape)} ({ref_file.name})")
+                    else:
+                        diffs = lgeo.matches(ref_geo, tol=GEOMETRY_TOLERANCE)
+                        if diffs:
+                            report(lpath, f"geometry mismatch between image ({ref_file.name}) and label: "
+                                          + "; ".join(diffs))
+                for msg in _label_values_problems(label.array, frozenset(label_ids)):
+                    report(lpath, msg)
+    return problems, ndim
+
+
+def _stray_channel_files(ds: DatasetInfo) -> list[str]:
+    """Channel files beyond the declared channel count (``CASE_0001`` when one channel is declared)."""
+    problems = []
+    ids = {c.case_id for c in ds.cases}
+    used = {p.name for c in ds.cases for p in c.image_files}
+    for folder in {p.parent for c in ds.cases for p in c.image_files}:
+        for p in _image_files_in(folder):
+            m = _CHANNEL_RE.match(strip_suffix(p.name))
+            if p.name in used or not m or m.group("case") not in ids:
+                continue
+            ch = int(m.group("channel"))
+            if ch >= ds.num_channels:
+                problems.append(f"case {m.group('case')}: {_rel(p, ds.root)}: channel file {ch} but dataset.json "
+                                f"declares {ds.num_channels} channel(s) ({', '.join(ds.channel_names)})")
+    return sorted(problems)
+
+
+def validate_dataset(ds: DatasetInfo, num_workers: int = 1, progress: bool = True) -> None:
+    """Read every file of ``ds`` and check it; report every problem at once.
+
+    Checks: empty dataset; duplicate case ids; missing, unreadable or truncated image/label files;
+    channel files beyond the declared channels; images that are not 2D/3D single-component; channels
+    of one case with different dimensionality, shape or geometry; image/label shape and geometry
+    (spacing, origin, direction, tolerance :data:`GEOMETRY_TOLERANCE`) mismatches; NaN/Inf in images;
+    non-integer label values and label values not declared in dataset.json; a mix of 2D and 3D cases.
+
+    Args:
+        ds: the dataset from :func:`load_dataset`.
+        num_workers: processes reading cases in parallel (1: in this process).
+        progress: show a tqdm progress bar.
+
+    Raises:
+        DatasetError: with one line per problem, each naming the case and the file.
+    """
+    from tqdm import tqdm
+
+    root = Path(ds.root)
+    if not ds.cases:
+        raise DatasetError(
+            [f"{root}: no training cases found (dataset.json has no 'training' entries and labelsTr/ and "
+             "imagesTr/ hold no image files)"],
+            header=f"dataset {root} failed validation",
+        )
+    problems: list[str] = []
+    counts = Counter(c.case_id for c in ds.cases)
+    for cid, n in counts.items():
+        if n > 1:
+            problems.append(f"case {cid}: duplicate case id, listed {n} times in {_rel(root / 'dataset.json', root)}")
+    problems += _stray_channel_files(ds)
+
+    # each distinct case is read once (duplicates would only repeat the same messages)
+    unique_cases = list({(c.case_id, c.image_files, c.label_file): c for c in ds.cases}.values())
+    check = partial(_check_case, root=root, label_ids=tuple(ds.label_ids), num_channels=ds.num_channels)
+    workers = max(1, min(int(num_workers), len(unique_cases)))
+    bar = tqdm(total=len(unique_cases), desc="validate", unit="case", disable=not progress)
+    results: list[tuple[list[str], int | None]] = []
+    try:
+        if workers == 1:
+            for case in unique_cases:
+                results.append(check(case))
+                bar.update()
+        else:
+            chunk = max(1, len(unique_cases) // (workers * 8))
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for res in pool.map(check, unique_cases, chunksize=chunk):
+                    results.append(res)
+                    bar.update()
+    finally:
+        bar.close()
+
+    ndims: dict[int, list[str]] = {}
+    for case, (case_problems, ndim) in zip(unique_cases, results):
+        problems += case_problems
+        if ndim is not None:
+            ndims.setdefault(ndim, []).append(case.case_id)
+    if len(ndims) > 1:
+        summary = "; ".join(f"{d}D: {len(ids)} case(s), e.g. {', '.join(ids[:3])}" for d, ids in sorted(ndims.items()))
+        problems.append(f"{root}: dataset mixes 2D and 3D images ({summary}); wrong dimensionality")
+    if problems:
+        raise DatasetError(problems, header=f"dataset {root} failed validation")
+    logger.info("dataset %s: %d cases valid", root, len(unique_cases))
+
+
+# --------------------------------------------------------------------------------------------------
+# prediction inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def find_prediction_cases(folder: str | Path, num_channels: int) -> list[Case]:
+    """Find the cases to predict in ``folder``.
+
+    Accepts nnU-Net naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... one file per channel) and,
+    when the model has one channel, MSD naming (``CASE.nii.gz``). Hidden files are ignored.
+
+    Args:
+        folder: folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd).
+        num_channels: channels the model expects.
+
+    Returns:
+        Cases sorted by case id, ``label_file`` None, ``image_files`` in channel order.
+
+    Raises:
+        MedsegError: the folder is missing or holds no images; a case lacks a channel file, has
+            more channel files than the model expects, or has no channel suffix although the model
+            expects several channels (every such problem is listed).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedsegError(f"{folder}: input folder not found")
+    if num_channels < 1:
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+    files = _image_files_in(folder)
+    if not files:
+        raise MedsegError(f"{folder}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz "
+                          f"..., with one of {', '.join(IMAGE_SUFFIXES)})")
+    grouped: dict[str, dict[int, list[Path]]] = {}
+    single: dict[str, list[Path]] = {}
+    for p in files:
+        stem = strip_suffix(p.name)
+        m = _CHANNEL_RE.match(stem)
+        if m:
+            grouped.setdefault(m.group("case"), {}).setdefault(int(m.group("channel")), []).append(p)
+        else:
+            single.setdefault(stem, []).append(p)
+    if num_channels == 1:
+        # CASE_0007 without a CASE_0000 sibling is an MSD-named case whose id ends in digits
+        for prefix in [k for k, chans in grouped.items() if 0 not in chans]:
+            for ch, paths in grouped.pop(prefix).items():
+                single.setdefault(f"{prefix}_{ch:04d}", []).extend(paths)
+
+    problems: list[str] = []
+    cases: dict[str, Case] = {}
+    for cid, chans in grouped.items():
+        suffix = _suffix_of(chans[min(chans)][0].name)
+        extra = sorted(c for c in chans if c >= num_channels)
+        missing = [c for c in range(num_channels) if c not in chans]
+        dup = sorted(c for c, ps in chans.items() if len(ps) > 1)
+        if extra:
+            names = ", ".join(p.name for c in sorted(chans) for p in chans[c])
+            problems.append(f"case {cid}: {len(chans)} channel files ({names}) "
+                            f"but the model expects {num_channels} channel(s)")
+        if missing:
+            problems.append(f"case {cid}: missing channel file(s) "
+                            + ", ".join(f"{cid}_{c:04d}{suffix}" for c in missing)
+                            + f" in {folder} (the model expects {num_channels} channel(s))")
+        if dup:
+            problems.append(f"case {cid}: channel(s) {dup} present with several file endings "
+                            f"({', '.join(p.name for c in dup for p in chans[c])})")
+        if not (extra or missing or dup):
+            cases[cid] = Case(cid, tuple(chans[c][0] for c in range(num_channels)), None)
+    for cid, paths in single.items():
+        if num_channels > 1:
+            problems.append(f"case {cid}: {paths[0].name} has no channel suffix but the model expects "
+                            f"{num_channels} channels; name the files {cid}_0000{_suffix_of(paths[0].name)}, "
+                            f"{cid}_0001{_suffix_of(paths[0].name)}, ...")
+        elif len(paths) > 1 or cid in grouped:
+            names = [p.name for p in paths] + [p.name for ps in grouped.get(cid, {}).values() for p in ps]
+            problems.append(f"case {cid}: several files for one case ({', '.join(names)})")
+            cases.pop(cid, None)
+        else:
+            cases[cid] = Case(cid, (paths[0],), None)
+    if problems:
+        raise DatasetError(sorted(problems), header=f"{folder}: cannot form prediction cases")
+    return [cases[k] for k in sorted(cases)]
+
+
+__all__ = ["Case", "DatasetInfo", "GEOMETRY_TOLERANCE", "find_prediction_cases", "load_dataset", "validate_dataset"]
