@@ -1,0 +1,419 @@
+"""Dataset fingerprint: the per-case and dataset-wide facts the planner decides from.
+
+The fingerprint is computed once per dataset (``medseg plan`` saves it as ``WORK/fingerprint.json``) and
+holds, per case, the voxel spacing, the image shape before and after cropping to the nonzero region, and
+per class the voxel count and connected-component sizes; per channel, intensity statistics of the
+foreground (``label > 0``) voxels, sampled from every case with a fixed seed and pooled over the dataset.
+
+Conventions: shapes and spacings in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D images), spacing in mm.
+Class statistics are keyed by the *original* label ids of the dataset (not the internal class indices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from medseg.errors import MedsegError
+from medseg.io.image import atomic_write_text, read_channels, read_image
+
+if TYPE_CHECKING:
+    from medseg.io.dataset import Case, DatasetInfo
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_SCHEMA_VERSION = 1
+DEFAULT_SAMPLES_PER_CASE = 10_000
+DEFAULT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    """Facts about one training case.
+
+    Attributes:
+        case_id: the case identifier.
+        spacing: voxel size in mm, ``(Z, Y, X)`` (``(Y, X)`` for 2D images).
+        shape: image shape as stored, same order as ``spacing``.
+        shape_after_crop: shape of the bounding box of the nonzero region (any channel ``!= 0``).
+        relative_size_after_crop: voxels kept by cropping / voxels before, in ``(0, 1]``.
+        class_voxel_counts: original label id -> number of voxels (foreground classes only, absent = 0).
+        class_component_sizes: original label id -> sizes (voxels) of its connected components
+            (face connectivity), largest first.
+    """
+
+    case_id: str
+    spacing: tuple[float, ...]
+    shape: tuple[int, ...]
+    shape_after_crop: tuple[int, ...]
+    relative_size_after_crop: float
+    class_voxel_counts: dict[int, int] = field(default_factory=dict)
+    class_component_sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "spacing": [float(s) for s in self.spacing],
+            "shape": [int(s) for s in self.shape],
+            "shape_after_crop": [int(s) for s in self.shape_after_crop],
+            "relative_size_after_crop": float(self.relative_size_after_crop),
+            "class_voxel_counts": {str(k): int(v) for k, v in self.class_voxel_counts.items()},
+            "class_component_sizes": {str(k): [int(s) for s in v] for k, v in self.class_component_sizes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaseFingerprint:
+        return cls(
+            case_id=str(d["case_id"]),
+            spacing=tuple(float(s) for s in d["spacing"]),
+            shape=tuple(int(s) for s in d["shape"]),
+            shape_after_crop=tuple(int(s) for s in d["shape_after_crop"]),
+            relative_size_after_crop=float(d["relative_size_after_crop"]),
+            class_voxel_counts={int(k): int(v) for k, v in d.get("class_voxel_counts", {}).items()},
+            class_component_sizes={
+                int(k): tuple(int(s) for s in v) for k, v in d.get("class_component_sizes", {}).items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """Foreground intensity statistics of one channel, pooled over the sampled voxels of all cases.
+
+    All values are in the image's own units (e.g. Hounsfield units for CT). With no foreground voxels in
+    the dataset every value is NaN and ``num_samples`` is 0.
+    """
+
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+    percentile_00_5: float
+    percentile_99_5: float
+    num_samples: int
+
+    @classmethod
+    def from_samples(cls, values: np.ndarray) -> IntensityStats:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            nan = float("nan")
+            return cls(nan, nan, nan, nan, nan, nan, nan, 0)
+        p005, p50, p995 = np.percentile(v, [0.5, 50.0, 99.5])
+        return cls(
+            mean=float(v.mean()),
+            std=float(v.std()),
+            median=float(p50),
+            min=float(v.min()),
+            max=float(v.max()),
+            percentile_00_5=float(p005),
+            percentile_99_5=float(p995),
+            num_samples=int(v.size),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON has no NaN: write null for "no foreground"
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IntensityStats:
+        def f(key: str) -> float:
+            v = d.get(key)
+            return float("nan") if v is None else float(v)
+
+        return cls(
+            mean=f("mean"),
+            std=f("std"),
+            median=f("median"),
+            min=f("min"),
+            max=f("max"),
+            percentile_00_5=f("percentile_00_5"),
+            percentile_99_5=f("percentile_99_5"),
+            num_samples=int(d.get("num_samples", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Fingerprint of a whole dataset.
+
+    Attributes:
+        dataset_name: from dataset.json.
+        channel_names: one per input channel.
+        label_ids: original label ids, background 0 first.
+        cases: one :class:`CaseFingerprint` per training case, in dataset order.
+        intensity: one :class:`IntensityStats` per channel (foreground voxels, pooled over cases).
+        samples_per_case: at most this many foreground voxels were sampled per case for ``intensity``.
+        seed: seed of that sampling.
+    """
+
+    dataset_name: str
+    channel_names: tuple[str, ...]
+    label_ids: tuple[int, ...]
+    cases: tuple[CaseFingerprint, ...]
+    intensity: tuple[IntensityStats, ...]
+    samples_per_case: int = DEFAULT_SAMPLES_PER_CASE
+    seed: int = DEFAULT_SEED
+    schema_version: int = FINGERPRINT_SCHEMA_VERSION
+
+    # ------------------------------------------------------------ derived quantities
+    @property
+    def num_cases(self) -> int:
+        return len(self.cases)
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensionality of the images (3, or 2 when every image is 2D)."""
+        return max(len(c.shape) for c in self.cases)
+
+    def spacings(self) -> np.ndarray:
+        """Per-case spacings, float64 ``(num_cases, ndim)`` in mm."""
+        return np.array([c.spacing for c in self.cases], dtype=np.float64)
+
+    def shapes_after_crop(self) -> np.ndarray:
+        """Per-case shapes after cropping, float64 ``(num_cases, ndim)``."""
+        return np.array([c.shape_after_crop for c in self.cases], dtype=np.float64)
+
+    def median_spacing(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.median(self.spacings(), axis=0))
+
+    def median_shape_after_crop(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.median(self.shapes_after_crop(), axis=0))
+
+    def median_relative_size_after_crop(self) -> float:
+        return float(np.median([c.relative_size_after_crop for c in self.cases]))
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "dataset_name": self.dataset_name,
+            "channel_names": list(self.channel_names),
+            "label_ids": [int(v) for v in self.label_ids],
+            "samples_per_case": int(self.samples_per_case),
+            "seed": int(self.seed),
+            "intensity": [s.to_dict() for s in self.intensity],
+            "cases": [c.to_dict() for c in self.cases],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fingerprint:
+        if not isinstance(d, dict):
+            raise MedsegError(f"fingerprint: expected a JSON object, got {type(d).__name__}")
+        version = d.get("schema_version")
+        if version != FINGERPRINT_SCHEMA_VERSION:
+            raise MedsegError(
+                f"fingerprint schema_version {version!r} is not supported (expected {FINGERPRINT_SCHEMA_VERSION}); "
+                "delete fingerprint.json and re-run `medseg plan`"
+            )
+        try:
+            return cls(
+                dataset_name=str(d["dataset_name"]),
+                channel_names=tuple(str(c) for c in d["channel_names"]),
+                label_ids=tuple(int(v) for v in d["label_ids"]),
+                cases=tuple(CaseFingerprint.from_dict(c) for c in d["cases"]),
+                intensity=tuple(IntensityStats.from_dict(s) for s in d["intensity"]),
+                samples_per_case=int(d.get("samples_per_case", DEFAULT_SAMPLES_PER_CASE)),
+                seed=int(d.get("seed", DEFAULT_SEED)),
+                schema_version=int(version),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MedsegError(f"fingerprint: malformed entry ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MedsegError(f"fingerprint is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON, atomically."""
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Fingerprint:
+        path = Path(path)
+        if not path.is_file():
+            raise MedsegError(f"{path}: fingerprint file not found")
+        try:
+            return cls.from_json(path.read_text())
+        except MedsegError as exc:
+            raise MedsegError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------- extraction
+def nonzero_bbox(image: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of the voxels where any channel is nonzero.
+
+    Args:
+        image: ``(C, *spatial)``.
+
+    Returns:
+        one slice per spatial axis; the whole image when every voxel is zero.
+    """
+    mask = np.any(image != 0, axis=0)
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other)) if other else np.flatnonzero(mask)
+        if hit.size == 0:
+            return tuple(slice(0, s) for s in mask.shape)
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
+
+
+def class_statistics(label: np.ndarray) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
+    """Voxel count and connected-component sizes of every foreground label value in ``label``.
+
+    Components are labelled inside each class's bounding box (cheap for many small structures).
+
+    Args:
+        label: integer label map ``(Z, Y, X)`` (or ``(Y, X)``) with original ids.
+
+    Returns:
+        ``(counts, component_sizes)`` keyed by label id (> 0); sizes largest first.
+    """
+    lab = np.asarray(label)
+    if not np.issubdtype(lab.dtype, np.integer):
+        lab = np.rint(lab).astype(np.int64)
+    small_ids = lab.size > 0 and lab.min() >= 0 and lab.max() < 2**16
+    if small_ids:  # the usual case: bincount is much cheaper than sorting
+        counts = np.bincount(lab.ravel().astype(np.intp, copy=False))
+        voxel_counts = {int(i): int(counts[i]) for i in np.flatnonzero(counts) if i > 0}
+    else:
+        ids, counts = np.unique(lab, return_counts=True)
+        voxel_counts = {int(i): int(c) for i, c in zip(ids, counts) if i > 0}
+    comps: dict[int, tuple[int, ...]] = {}
+    if not voxel_counts:
+        return voxel_counts, comps
+    boxes = ndimage.find_objects(lab.astype(np.int32, copy=False)) if small_ids else []
+    for cls_id in voxel_counts:
+        box = boxes[cls_id - 1] if cls_id - 1 < len(boxes) else None
+        region = lab[box] == cls_id if box is not None else lab == cls_id
+        cc, n = ndimage.label(region)
+        sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:]
+        comps[cls_id] = tuple(int(s) for s in sorted(sizes.tolist(), reverse=True))
+    return voxel_counts, comps
+
+
+def _fingerprint_case(
+    case: Case, index: int, samples_per_case: int, seed: int
+) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    """Fingerprint one case; returns it and the sampled foreground intensities per channel (float32)."""
+    image, geometry = read_channels(list(case.image_files))
+    shape = tuple(int(s) for s in image.shape[1:])
+    bbox = nonzero_bbox(image)
+    shape_after_crop = tuple(int(b.stop - b.start) for b in bbox)
+    relative = float(np.prod(shape_after_crop, dtype=np.float64) / max(np.prod(shape, dtype=np.float64), 1.0))
+
+    counts: dict[int, int] = {}
+    comps: dict[int, tuple[int, ...]] = {}
+    samples: list[np.ndarray] = [np.zeros(0, np.float32) for _ in range(image.shape[0])]
+    if case.label_file is not None:
+        label, _ = read_image(case.label_file)
+        if tuple(label.shape) != shape:
+            raise MedsegError(
+                f"{case.label_file}: label shape {list(label.shape)} differs from image shape {list(shape)}"
+            )
+        counts, comps = class_statistics(label)
+        fg = np.flatnonzero(label.reshape(-1) > 0)
+        if fg.size:
+            rng = np.random.default_rng([seed, index])
+            if fg.size > samples_per_case:
+                fg = np.sort(rng.choice(fg, samples_per_case, replace=False))
+            flat = image.reshape(image.shape[0], -1)
+            samples = [flat[c, fg].astype(np.float32) for c in range(image.shape[0])]
+    fp = CaseFingerprint(
+        case_id=case.case_id,
+        spacing=tuple(float(s) for s in geometry.spacing),
+        shape=shape,
+        shape_after_crop=shape_after_crop,
+        relative_size_after_crop=relative,
+        class_voxel_counts=counts,
+        class_component_sizes=comps,
+    )
+    return fp, samples
+
+
+def _fingerprint_case_star(args: tuple) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    return _fingerprint_case(*args)
+
+
+def extract_fingerprint(
+    ds: DatasetInfo,
+    num_workers: int = 1,
+    samples_per_case: int = DEFAULT_SAMPLES_PER_CASE,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> Fingerprint:
+    """Compute the fingerprint of a (validated) dataset.
+
+    Args:
+        ds: the dataset (see :func:`medseg.io.dataset.load_dataset`).
+        num_workers: processes reading cases in parallel (1 = in this process).
+        samples_per_case: foreground voxels sampled per case for the intensity statistics.
+        seed: sampling seed; the result does not depend on ``num_workers``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        the :class:`Fingerprint`.
+
+    Raises:
+        MedsegError: the dataset has no cases, or a file cannot be read (the message names it).
+    """
+    cases = list(ds.cases)
+    if not cases:
+        raise MedsegError(f"{ds.root}: the dataset has no training cases")
+    jobs = [(case, i, samples_per_case, seed) for i, case in enumerate(cases)]
+    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
+    results: list[tuple[CaseFingerprint, list[np.ndarray]]] = []
+    try:
+        if num_workers <= 1:
+            for job in jobs:
+                results.append(_fingerprint_case_star(job))
+                bar.update()
+        else:
+            chunk = max(1, len(jobs) // (num_workers * 8))
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                for res in pool.map(_fingerprint_case_star, jobs, chunksize=chunk):
+                    results.append(res)
+                    bar.update()
+    finally:
+        bar.close()
+
+    num_channels = ds.num_channels
+    intensity = tuple(
+        IntensityStats.from_samples(np.concatenate([samples[c] for _, samples in results]))
+        for c in range(num_channels)
+    )
+    fp = Fingerprint(
+        dataset_name=ds.name,
+        channel_names=tuple(ds.channel_names),
+        label_ids=tuple(int(v) for v in ds.label_ids),
+        cases=tuple(r[0] for r in results),
+        intensity=intensity,
+        samples_per_case=samples_per_case,
+        seed=seed,
+    )
+    logger.info(
+        "fingerprint of %s: %d cases, median spacing %s, median shape after crop %s",
+        ds.name,
+        fp.num_cases,
+        [round(s, 4) for s in fp.median_spacing()],
+        list(fp.median_shape_after_crop()),
+    )
+    return fp
