@@ -293,7 +293,8 @@ class Plan:
         return _to_builtin(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """Indented JSON with short lists of numbers kept on one line, so a person can read and edit it."""
+        return dumps_readable(self.to_dict()) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -324,6 +325,31 @@ class Plan:
 
 
 # -------------------------------------------------------------------- (de)serialisation helpers
+def dumps_readable(obj: Any, indent: int = 2, _level: int = 0) -> str:
+    """``json.dumps`` with indentation, but lists of scalars (and lists of such lists) on one line."""
+
+    def flat(v: Any) -> bool:
+        if isinstance(v, list):
+            return all(not isinstance(x, (dict, list)) or (isinstance(x, list) and flat(x)) for x in v)
+        return False
+
+    pad = " " * (indent * (_level + 1))
+    end = " " * (indent * _level)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad}{json.dumps(str(k))}: {dumps_readable(v, indent, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    if isinstance(obj, list):
+        if flat(obj) and len(json.dumps(obj)) <= 100:
+            return json.dumps(obj, separators=(", ", ": "))
+        if not obj:
+            return "[]"
+        items = [pad + dumps_readable(v, indent, _level + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + end + "]"
+    return json.dumps(obj)
+
+
 def _to_builtin(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_builtin(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
