@@ -1,0 +1,16 @@
+"""Inference: sliding window with Gaussian weighting and mirror TTA, ensemble predictor, folder prediction."""
+
+from __future__ import annotations
+
+from medseg.inference.predictor import EnsembleMember, PredictionResult, Predictor, load_member, predict_folder
+from medseg.inference.sliding_window import gaussian_importance_map, predict_sliding_window
+
+__all__ = [
+    "EnsembleMember",
+    "PredictionResult",
+    "Predictor",
+    "gaussian_importance_map",
+    "load_member",
+    "predict_folder",
+    "predict_sliding_window",
+]

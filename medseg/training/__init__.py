@@ -1,0 +1,34 @@
+"""Training: ``train(work_dir, TrainConfig(...))`` -> run folder ``WORK/runs/<config>/<arch>/fold_<k>/``.
+
+Public API::
+
+    TrainConfig, AugmentationConfig          # settings, saved as run_dir/config.json
+    train(work_dir, cfg, resume=False) -> Path
+    load_model_from_run(run_dir, checkpoint="final", device="cpu") -> (model, plan, configuration, arch)
+    load_checkpoint(path) / save_checkpoint(state, path)
+    make_splits / load_or_create_splits / fold_cases   # WORK/splits.json
+
+Losses (:mod:`medseg.training.losses`), patch sampling (:mod:`medseg.training.data`), augmentation
+(:mod:`medseg.training.augmentation`) and the loop (:mod:`medseg.training.trainer`) are importable on
+their own.
+"""
+
+from __future__ import annotations
+
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.config import AugmentationConfig, TrainConfig
+from medseg.training.run import load_model_from_run, run_dir_for, train
+from medseg.training.splits import fold_cases, load_or_create_splits, make_splits
+
+__all__ = [
+    "AugmentationConfig",
+    "TrainConfig",
+    "fold_cases",
+    "load_checkpoint",
+    "load_model_from_run",
+    "load_or_create_splits",
+    "make_splits",
+    "run_dir_for",
+    "save_checkpoint",
+    "train",
+]

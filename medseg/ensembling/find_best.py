@@ -1,0 +1,248 @@
+"""Pick the best configuration / architecture / ensemble on the cross-validation, and its postprocessing.
+
+Every (configuration, architecture) with validation predictions in ``WORK/runs`` is a candidate, and so
+is every ensemble of two or more of them (mean of their softmax probabilities). Candidates are ranked by
+the mean foreground Dice over the cases every candidate predicted (mean over cases of the mean over
+foreground labels; a label absent from both prediction and reference counts as Dice 1). Ties go to the
+smaller ensemble. Postprocessing is then fitted on the winner's predictions; the choice is saved as
+``WORK/best.json`` and the rules as ``WORK/postprocessing.json`` (both atomic), which ``medseg predict``
+uses by default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.errors import MedsegError
+from medseg.evaluation.metrics import dice_from_counts, overlap_counts
+from medseg.ensembling.runs import find_validation_predictions, folds_of
+from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
+from medseg.planning.plan import Plan
+from medseg.postprocessing.fit import describe_rules, fit_postprocessing
+from medseg.postprocessing.operations import save_rules
+
+logger = logging.getLogger(__name__)
+
+Member = tuple[str, str]  # (configuration, arch)
+
+#: With more single candidates than this, only singles, pairs and the full ensemble are ranked.
+MAX_EXHAUSTIVE = 6
+
+
+@dataclass
+class FindBestResult:
+    """What :func:`find_best` chose.
+
+    Attributes:
+        members: the winning (configuration, architecture) pairs.
+        folds: folds whose networks form the ensemble.
+        score: its mean foreground Dice on the cross-validation (before postprocessing).
+        score_postprocessed: the same after postprocessing.
+        ranking: every candidate's name and score, best first.
+        dice_per_label: the winner's mean Dice per label id.
+        postprocessing: the fitted rules.
+        num_cases: cases the ranking used.
+        predict_command: the command that predicts with this choice.
+        best_path: where the choice was saved.
+    """
+
+    members: list[Member]
+    folds: list[int]
+    score: float
+    score_postprocessed: float
+    ranking: list[tuple[str, float]]
+    dice_per_label: dict[str, float]
+    postprocessing: dict[str, Any]
+    num_cases: int
+    predict_command: str
+    best_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``best.json``."""
+        return {
+            "format": "medseg-best-v1",
+            "members": [{"configuration": c, "arch": a} for c, a in self.members],
+            "configs": sorted({c for c, _ in self.members}),
+            "archs": sorted({a for _, a in self.members}),
+            "folds": self.folds,
+            "score": self.score,
+            "score_postprocessed": self.score_postprocessed,
+            "dice_per_label": self.dice_per_label,
+            "num_cases": self.num_cases,
+            "ranking": [{"candidate": n, "mean_foreground_dice": s} for n, s in self.ranking],
+            "postprocessing": "postprocessing.json",
+            "postprocessing_summary": describe_rules(self.postprocessing),
+            "predict_command": self.predict_command,
+        }
+
+    def summary(self) -> str:
+        lines = [f"cross-validation ranking over {self.num_cases} cases (mean foreground Dice):"]
+        width = max(len(n) for n, _ in self.ranking)
+        for i, (name, score) in enumerate(self.ranking):
+            lines.append(f"  {'*' if i == 0 else ' '} {name:<{width}}  {score:.4f}")
+        lines.append(f"best: {_name(self.members)} (folds {self.folds}); postprocessing: "
+                     f"{describe_rules(self.postprocessing)} -> {self.score_postprocessed:.4f}")
+        lines.append(f"saved to {self.best_path}")
+        return "\n".join(lines)
+
+
+def _name(members: Sequence[Member]) -> str:
+    return " + ".join(f"{c}/{a}" for c, a in members)
+
+
+def _candidates(members: list[Member]) -> list[tuple[Member, ...]]:
+    n = len(members)
+    sizes = range(1, n + 1) if n <= MAX_EXHAUSTIVE else sorted({1, 2, n})
+    return [combo for r in sizes for combo in itertools.combinations(members, r)]
+
+
+def _find_label_file(folder: Path, case_id: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        p = folder / f"{case_id}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = None) -> Callable[[str], np.ndarray]:
+    """``case_id -> reference label ids (Z, Y, X)`` on the original grid.
+
+    Looks in ``data_dir/labelsTr`` (default: the dataset recorded in ``WORK/dataset_ref.json`` by
+    ``medseg plan``). If the dataset is no longer there, falls back to the preprocessed labels mapped back
+    to the original grid (exact when no resampling was needed, nearest-neighbour approximate otherwise),
+    with a warning.
+    """
+    root: Path | None = Path(data_dir) if data_dir is not None else None
+    ref_file = work_dir / "dataset_ref.json"
+    if root is None and ref_file.is_file():
+        try:
+            root = Path(json.loads(ref_file.read_text())["root"])
+        except (ValueError, KeyError, TypeError):
+            root = None
+    labels_dir = root / "labelsTr" if root is not None else None
+    if labels_dir is not None and labels_dir.is_dir():
+        def load(case_id: str) -> np.ndarray:
+            path = _find_label_file(labels_dir, case_id)
+            if path is None:
+                raise MedsegError(f"{labels_dir}: no reference label for case {case_id}")
+            return read_image(path)[0]
+        return load
+    if data_dir is not None:
+        raise MedsegError(f"{data_dir}: no labelsTr folder with the reference labels")
+    logger.warning("the dataset's labelsTr folder was not found (%s); using the preprocessed labels mapped back "
+                   "to the original grid as references", labels_dir)
+    from medseg.preprocessing import classes_to_labels, load_case, revert_to_original
+
+    def load_preprocessed(case_id: str) -> np.ndarray:
+        _, seg, props = load_case(work_dir, plan, plan.default_configuration, case_id)
+        if seg is None:
+            raise MedsegError(f"case {case_id}: the preprocessed cache has no label")
+        return classes_to_labels(revert_to_original(seg, props, is_seg=True), plan.label_ids)
+    return load_preprocessed
+
+
+def _load_probabilities(path: Path) -> np.ndarray:
+    try:
+        with np.load(path) as f:
+            return f["probabilities"].astype(np.float32)
+    except (OSError, KeyError, ValueError) as exc:
+        raise MedsegError(f"{path}: unreadable validation probabilities ({exc})") from None
+
+
+def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress: bool = True) -> FindBestResult:
+    """Rank configurations/architectures and their ensembles on the cross-validation; save the best.
+
+    Args:
+        work_dir: the work folder (``plans.json``, ``runs/``).
+        data_dir: dataset folder with ``labelsTr`` (default: the one ``medseg plan`` recorded).
+        progress: tqdm bars.
+
+    Returns:
+        :class:`FindBestResult`; ``WORK/best.json`` and ``WORK/postprocessing.json`` are written.
+
+    Raises:
+        MedsegError: no plan, no validation predictions, no case predicted by every candidate, or a
+            prediction that does not fit its reference.
+    """
+    work_dir = Path(work_dir)
+    plan = Plan.load(work_dir / "plans.json")
+    preds = find_validation_predictions(work_dir)
+    if not preds:
+        raise MedsegError(
+            f"{work_dir / 'runs'}: no cross-validation predictions (fold_*/validation/*.npz); train folds with "
+            f"`medseg train {work_dir} --fold 0` ... (final validation on) first"
+        )
+    members = sorted(preds)
+    common = sorted(set.intersection(*(set(p) for p in preds.values())))
+    if not common:
+        raise MedsegError(
+            "no case has a validation prediction from every trained configuration/architecture "
+            f"({', '.join(f'{_name([m])}: folds {folds_of(preds[m])}' for m in members)}); "
+            "train the same folds for each"
+        )
+    for m in members:
+        if len(preds[m]) > len(common):
+            logger.info("%s: ranking uses %d of its %d validation cases (those every candidate has)",
+                        _name([m]), len(common), len(preds[m]))
+    label_ids = [int(v) for v in plan.label_ids]
+    k = len(label_ids)
+    lut = np.zeros(max(label_ids) + 1, dtype=np.int64)
+    lut[label_ids] = np.arange(k)
+    load_ref = reference_loader(work_dir, plan, data_dir)
+    candidates = _candidates(members)
+    dice_sums = np.zeros((len(candidates), k))
+
+    for case in tqdm(common, desc="find-best", unit="case", disable=not progress):
+        ref = load_ref(case)
+        ref_idx = lut[np.clip(ref.astype(np.int64), 0, lut.size - 1)]
+        probs = {}
+        for m in members:
+            p = _load_probabilities(preds[m][case])
+            if p.shape != (k, *ref.shape):
+                raise MedsegError(f"{preds[m][case]}: probabilities of shape {list(p.shape)} do not fit the reference "
+                                  f"(K={k}, {list(ref.shape)})")
+            probs[m] = p
+        for i, combo in enumerate(candidates):
+            total = probs[combo[0]] if len(combo) == 1 else sum(probs[m] for m in combo)
+            dice_sums[i] += dice_from_counts(overlap_counts(total.argmax(0), ref_idx, k))
+    dice_means = dice_sums / len(common)
+    scores = dice_means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
+    order = sorted(range(len(candidates)), key=lambda i: (-round(float(scores[i]), 10), len(candidates[i]), i))
+    ranking = [(_name(candidates[i]), float(scores[i])) for i in order]
+    best_i = order[0]
+    winner = list(candidates[best_i])
+    logger.info("best on cross-validation: %s (mean foreground Dice %.4f)", _name(winner), scores[best_i])
+
+    def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
+        total = sum(_load_probabilities(preds[m][case]) for m in winner)
+        return np.asarray(label_ids, dtype=np.int32)[total.argmax(0)], load_ref(case)
+
+    rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
+    rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
+    save_rules(rules, work_dir / "postprocessing.json")
+
+    folds = sorted(set.intersection(*(set(folds_of(preds[m])) for m in winner)))
+    result = FindBestResult(
+        members=winner,
+        folds=folds,
+        score=float(scores[best_i]),
+        score_postprocessed=float(rules["scores"]["mean_foreground_dice_after"]),
+        ranking=ranking,
+        dice_per_label={str(label_ids[j]): float(dice_means[best_i, j]) for j in range(1, k)},
+        postprocessing=rules,
+        num_cases=len(common),
+        predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",
+        best_path=work_dir / "best.json",
+    )
+    atomic_write_text(result.best_path, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result

@@ -1,0 +1,246 @@
+"""Evaluate a folder of predicted segmentations against a folder of reference segmentations.
+
+Cases are matched by file name without the image suffix (``case.nii.gz`` <-> ``case.nii.gz`` or
+``case.nrrd``). Every prediction needs a reference; references without a prediction are reported as
+``missing_predictions`` (a warning, not an error). Prediction and reference must have the same shape,
+spacing, origin and direction (within 1e-3); every mismatch is reported at once, naming the case.
+
+Metric conventions (empty masks, undefined HD95) are those of :mod:`medseg.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import DatasetError, MedsegError
+from medseg.evaluation.metrics import case_metrics
+from medseg.io.image import (
+    ImageGeometry,
+    atomic_write_text,
+    has_image_suffix,
+    read_image,
+    read_sitk,
+    strip_suffix,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("dice", "iou", "hd95", "surface_dice")
+EMPTY_EMPTY = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd95_undefined": False, "surface_dice": 1.0,
+               "n_pred": 0, "n_ref": 0}
+
+
+class EvaluationReport(dict):
+    """The JSON-ready result of :func:`evaluate_folders` (a plain ``dict``) with a :meth:`summary` line."""
+
+    def summary(self) -> str:
+        """One line: mean foreground Dice, per-label Dice, HD95, surface Dice."""
+        return summary_line(self)
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and has_image_suffix(p.name) and not p.name.startswith("."):
+            files[strip_suffix(p.name)] = p
+    return files
+
+
+def _header_geometry(path: Path) -> ImageGeometry:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ImageGeometry.from_sitk(read_sitk(path))  # raises a MedsegError naming the file
+    size = reader.GetSize()
+    return ImageGeometry(
+        shape=tuple(int(s) for s in reversed(size)),
+        spacing=tuple(float(s) for s in reversed(reader.GetSpacing())),
+        origin=tuple(float(v) for v in reader.GetOrigin()),
+        direction=tuple(float(v) for v in reader.GetDirection()),
+    )
+
+
+def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float]) -> dict[str, Any]:
+    case_id, pred_path, ref_path, label_ids, tolerance = args
+    pred, geo = read_image(pred_path)
+    ref, _ = read_image(ref_path)
+    for name, arr in (("prediction", pred), ("reference", ref)):
+        if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
+            raise MedsegError(f"case {case_id}: {name} {pred_path if name == 'prediction' else ref_path} "
+                              "has non-integer values; is it a segmentation?")
+    pred = pred.astype(np.int64, copy=False)
+    ref = ref.astype(np.int64, copy=False)
+    labels = label_ids
+    if labels is None:
+        labels = tuple(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
+    per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
+    return {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
+            "labels": {str(k): v for k, v in per_label.items()}}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def _aggregate(cases: list[dict], labels: list[int]) -> dict[str, dict]:
+    mean: dict[str, dict] = {}
+    for lab in labels:
+        entries = [c["labels"][str(lab)] for c in cases]
+        stats: dict[str, Any] = {}
+        for m in METRICS:
+            values = [e[m] for e in entries if e[m] is not None and math.isfinite(e[m])]
+            stats[m] = float(np.mean(values)) if values else None
+            stats[f"{m}_std"] = float(np.std(values)) if values else None
+        stats["hd95_undefined_cases"] = sum(bool(e["hd95_undefined"]) for e in entries)
+        stats["num_cases"] = len(entries)
+        mean[str(lab)] = stats
+    return mean
+
+
+def summary_line(result: dict) -> str:
+    """One-line human summary of an :func:`evaluate_folders` result."""
+    fg = result["foreground_mean"]
+    per = ", ".join(f"{lab}: {v['dice']:.4f}" for lab, v in result["mean"].items() if v["dice"] is not None)
+    hd = f"{fg['hd95']:.2f} mm" if fg.get("hd95") is not None else "n/a"
+    nsd = f"{fg['surface_dice']:.4f}" if fg.get("surface_dice") is not None else "n/a"
+    dice = f"{fg['dice']:.4f}" if fg.get("dice") is not None else "n/a"
+    line = (f"{result['num_cases']} cases: mean foreground Dice {dice} (per label {per}); HD95 {hd}; "
+            f"surface Dice@{result['tolerance_mm']:g}mm {nsd}")
+    undefined = sum(v["hd95_undefined_cases"] for v in result["mean"].values())
+    if undefined:
+        line += f"; HD95 undefined (one side empty) in {undefined} case-labels"
+    if result.get("missing_predictions"):
+        line += f"; {len(result['missing_predictions'])} references without prediction"
+    return line
+
+
+def write_results(result: dict, json_path: str | Path) -> Path:
+    """Write ``result`` as JSON at ``json_path`` and a per-case per-label CSV beside it (``.csv``). Atomic."""
+    json_path = Path(json_path)
+    atomic_write_text(json_path, json.dumps(_json_safe(result), indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case", "label", "dice", "iou", "hd95_mm", "hd95_undefined", "surface_dice", "n_pred", "n_ref"])
+    for c in result["cases"]:
+        for lab, e in c["labels"].items():
+            hd = e["hd95"]
+            writer.writerow([c["case"], lab, f"{e['dice']:.6f}", f"{e['iou']:.6f}",
+                             "" if hd is None or not math.isfinite(hd) else f"{hd:.4f}",
+                             int(bool(e["hd95_undefined"])),
+                             "" if e["surface_dice"] is None else f"{e['surface_dice']:.6f}", e["n_pred"], e["n_ref"]])
+    csv_path = json_path.with_suffix(".csv")
+    atomic_write_text(csv_path, buf.getvalue())
+    return csv_path
+
+
+def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[int] | None = None,
+                     num_workers: int = 1, output: str | Path | None = None,
+                     tolerance_mm: float = 1.0, progress: bool = True) -> EvaluationReport:
+    """Dice, IoU, HD95 (mm) and surface Dice per case and label, with means and standard deviations.
+
+    Args:
+        pred_dir: folder of predicted segmentations (original label ids).
+        ref_dir: folder of reference segmentations; a dataset root with ``labelsTr/`` also works.
+        label_ids: labels to evaluate; default every nonzero label found in any prediction or reference.
+        num_workers: parallel processes.
+        output: JSON path to write (a CSV with one row per case and label is written beside it);
+            None writes nothing.
+        tolerance_mm: surface Dice tolerance in mm.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`EvaluationReport`, a JSON-ready dict: ``cases`` (per case ``labels -> {dice, iou, hd95,
+        hd95_undefined, surface_dice, n_pred, n_ref}``), ``mean`` (per label means, ``*_std``,
+        ``hd95_undefined_cases``), ``foreground_mean`` (mean over labels of the per-label means),
+        ``summary`` (one line),
+        ``missing_predictions``. Undefined HD95 values are ``inf`` in memory and ``null`` in the JSON.
+
+    Raises:
+        MedsegError: a folder is missing or holds no images, a prediction has no reference, or shapes /
+            geometries differ (all such problems listed at once, each naming the case).
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    for name, d in (("prediction", pred_dir), ("reference", ref_dir)):
+        if not d.is_dir():
+            raise MedsegError(f"{d}: {name} folder not found")
+    if not _list_images(ref_dir) and (ref_dir / "labelsTr").is_dir():
+        ref_dir = ref_dir / "labelsTr"
+    preds = _list_images(pred_dir)
+    refs = _list_images(ref_dir)
+    if not preds:
+        raise MedsegError(f"{pred_dir}: no segmentation files (.nii.gz, .nii, .nrrd, .mha) found")
+    problems = [f"case {c}: prediction {p} has no reference in {ref_dir}" for c, p in preds.items() if c not in refs]
+    case_ids = [c for c in preds if c in refs]
+    for c in case_ids:
+        g_pred, g_ref = _header_geometry(preds[c]), _header_geometry(refs[c])
+        diffs = g_pred.matches(g_ref)
+        if diffs:
+            problems.append(f"case {c}: prediction {preds[c].name} and reference {refs[c]} differ in geometry: "
+                            + "; ".join(diffs))
+    if problems:
+        raise DatasetError(problems, header="cannot evaluate")
+    missing = sorted(c for c in refs if c not in preds)
+    if missing:
+        logger.warning("%d reference case(s) have no prediction in %s (e.g. %s)", len(missing), pred_dir, missing[0])
+
+    labels_arg = tuple(int(v) for v in label_ids) if label_ids is not None else None
+    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm)) for c in case_ids]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    cases: list[dict] = []
+    if num_workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
+            for res in pool.map(_evaluate_case, jobs):
+                cases.append(res)
+                bar.update()
+    else:
+        for job in jobs:
+            cases.append(_evaluate_case(job))
+            bar.update()
+    bar.close()
+
+    labels = list(labels_arg) if labels_arg is not None else sorted(
+        {int(k) for c in cases for k in c["labels"]})
+    for c in cases:  # a label absent from both masks of a case is an empty-vs-empty match
+        for lab in labels:
+            c["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
+        c["labels"] = {str(lab): c["labels"][str(lab)] for lab in labels}
+    mean = _aggregate(cases, labels)
+    fg: dict[str, Any] = {}
+    for m in METRICS:
+        vals = [v[m] for v in mean.values() if v[m] is not None]
+        fg[m] = float(np.mean(vals)) if vals else None
+    result = EvaluationReport({
+        "prediction_dir": str(pred_dir), "reference_dir": str(ref_dir), "label_ids": labels,
+        "tolerance_mm": float(tolerance_mm), "num_cases": len(cases), "missing_predictions": missing,
+        "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
+                       "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",
+        "mean": mean, "foreground_mean": fg, "cases": cases,
+    })
+    result["summary"] = summary_line(result)
+    if output is not None:
+        write_results(result, output)
+    return result

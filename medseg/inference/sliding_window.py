@@ -1,0 +1,248 @@
+"""Sliding-window inference with Gaussian importance weighting and mirror test-time augmentation.
+
+The volume is covered by overlapping patches (``step`` = 0.5 -> neighbouring patches overlap by half a
+patch). Each patch's *logits* are weighted with a Gaussian importance map (centre voxels count more than
+border voxels, whose receptive field is truncated) and accumulated into one ``(K, Z, Y, X)`` float32
+buffer on the compute device, together with the sum of the weights. After the last patch the weighted
+mean of the logits is turned into softmax probabilities in place.
+
+Mirror test-time augmentation (TTA) runs the network on every combination of flips over ``mirror_axes``
+(``2**n`` passes, the unflipped one included), flips each output back and averages the *logits* before
+the Gaussian weighting. Averaging logits (rather than probabilities) keeps a single accumulation buffer
+and matches what the network's loss was computed on; the two differ only marginally in practice.
+
+2D configurations (a patch with two entries) are predicted slice by slice along Z: the volume is cut
+into ``(1, py, px)`` tiles, fed to the network as ``(B, C, py, px)`` batches (several slices per batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+#: Smallest value of the (max-normalised) Gaussian importance map; keeps far corners strictly positive.
+GAUSSIAN_MIN = 1e-4
+
+
+@lru_cache(maxsize=16)
+def _gaussian_np(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    grids = []
+    for p in patch_size:
+        centre = (p - 1) / 2.0
+        sigma = max(p * sigma_scale, 1e-6)
+        coords = np.arange(p, dtype=np.float64)
+        grids.append(np.exp(-((coords - centre) ** 2) / (2.0 * sigma**2)))
+    g = grids[0]
+    for axis_values in grids[1:]:
+        g = np.multiply.outer(g, axis_values)
+    g = g / g.max()
+    return np.maximum(g, GAUSSIAN_MIN).astype(np.float32)
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8.0,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gaussian weights for one patch.
+
+    Args:
+        patch_size: patch shape (any number of axes).
+        sigma_scale: standard deviation as a fraction of the patch size, per axis (default 1/8).
+        device: where to put the map.
+
+    Returns:
+        float32 tensor of shape ``patch_size``, maximum 1 at the centre, symmetric, every value
+        ``>= GAUSSIAN_MIN`` (never zero, so every voxel a patch covers gets a weight).
+    """
+    return torch.from_numpy(_gaussian_np(tuple(int(p) for p in patch_size), float(sigma_scale))).to(device)
+
+
+def tile_starts(size: int, patch: int, step: float) -> list[int]:
+    """Start indices of the patches along one axis of length ``size`` (``size >= patch``).
+
+    Patches are spread evenly between ``0`` and ``size - patch`` so that the first and the last patch
+    touch the borders and consecutive patches are at most ``step * patch`` apart.
+    """
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch ({patch}); pad first")
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    if size == patch:
+        return [0]
+    n = int(np.ceil((size - patch) / (patch * step))) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
+
+
+def mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """All subsets of ``axes`` (the empty one first): the flips mirror TTA runs."""
+    axes = tuple(axes or ())
+    combos: list[tuple[int, ...]] = []
+    for r in range(len(axes) + 1):
+        combos.extend(itertools.combinations(axes, r))
+    return combos
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = run in float32).
+
+    ``bf16`` -> bfloat16 on any device; ``fp16`` -> float16 on CUDA, bfloat16 on CPU (CPU float16
+    kernels are slow); ``fp32`` -> None.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, (list, tuple)):  # deep supervision outputs: full resolution first
+        out = out[0]
+    return out
+
+
+def predict_sliding_window(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    *,
+    step: float = 0.5,
+    mirror_axes: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 1,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Predict a whole preprocessed volume patch by patch.
+
+    Args:
+        model: network in eval mode; ``forward((B, C, *patch)) -> logits (B, K, *patch)``.
+        data: preprocessed image, float ``(C, Z, Y, X)`` (on any device).
+        patch_size: ``(pz, py, px)`` for a 3D network or ``(py, px)`` for a 2D network (then every Z
+            slice is predicted on its own).
+        num_classes: ``K``, number of output channels of the network.
+        step: distance between neighbouring patches as a fraction of the patch size (0.5 = half overlap).
+        mirror_axes: spatial axes of the *patch* to mirror for TTA (e.g. ``(0, 1, 2)`` for 3D,
+            ``(0, 1)`` for 2D); None or empty disables TTA.
+        device: where the network runs and the ``(K, Z, Y, X)`` accumulators live.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (see :func:`autocast_dtype`).
+        batch_size: network inputs per forward pass; with TTA the flips of a patch count as separate
+            inputs, so a batch may hold several flips of one patch.
+        channels_last: feed channels-last inputs (use with a model converted to channels-last).
+        progress: show a tqdm bar over the patches.
+
+    Returns:
+        float32 softmax probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``.
+
+    Raises:
+        ValueError: ``data`` is not 4D, or the patch does not have 2 or 3 entries.
+    """
+    device = torch.device(device)
+    if data.ndim != 4:
+        raise ValueError(f"data must be (C, Z, Y, X), got shape {tuple(data.shape)}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) not in (2, 3):
+        raise ValueError(f"patch_size must have 2 or 3 entries, got {patch}")
+    is_2d = len(patch) == 2
+    tile = (1, *patch) if is_2d else patch  # tile shape in the (Z, Y, X) volume
+    spatial = tuple(int(s) for s in data.shape[1:])
+
+    # pad (centred) where the volume is smaller than the tile, crop back at the end
+    pad_before = [max(0, (t - s) // 2) for s, t in zip(spatial, tile)]
+    pad_after = [max(0, t - s) - b for s, t, b in zip(spatial, tile, pad_before)]
+    x = data.to(device=device, dtype=torch.float32)
+    if any(pad_before) or any(pad_after):
+        pads: list[int] = []
+        for b, a in zip(reversed(pad_before), reversed(pad_after)):
+            pads += [b, a]
+        x = F.pad(x, pads, mode="constant", value=0.0)
+    padded = tuple(int(s) for s in x.shape[1:])
+
+    starts = [tile_starts(s, t, step) for s, t in zip(padded, tile)]
+    positions = list(itertools.product(*starts))
+    weight_patch = gaussian_importance_map(patch, device=device)
+    if is_2d:
+        weight_patch = weight_patch[None]
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=device)
+    weights = torch.zeros(padded, dtype=torch.float32, device=device)
+
+    # mirror TTA: every (tile, flip) pair is one network input; batches mix tiles and flips, and a
+    # tile's logits go into the volume buffer once all its flips are in. Flip axes index the patch.
+    flips = mirror_combinations(mirror_axes)
+    amp_dtype = autocast_dtype(precision, device)
+    memory_format = None
+    if channels_last:
+        memory_format = torch.channels_last if is_2d else torch.channels_last_3d
+    tile_slices = [tuple(slice(p, p + t) for p, t in zip(pos, tile)) for pos in positions]
+    items = [(ti, fi) for ti in range(len(positions)) for fi in range(len(flips))]
+    partial: dict[int, torch.Tensor] = {}
+    seen: dict[int, int] = {}
+    bs = max(1, int(batch_size))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(positions), desc="patches", unit="patch", leave=False)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                                 enabled=amp_dtype is not None):
+        for b0 in range(0, len(items), bs):
+            chunk = items[b0:b0 + bs]
+            inputs = []
+            for ti, fi in chunk:
+                t = x[(slice(None), *tile_slices[ti])]
+                if is_2d:
+                    t = t[:, 0]
+                dims = [1 + a for a in flips[fi]]  # item layout (C, *patch)
+                inputs.append(torch.flip(t, dims) if dims else t)
+            batch = torch.stack(inputs)
+            if memory_format is not None:
+                batch = batch.contiguous(memory_format=memory_format)
+            out = _forward(model, batch).float()
+            if out.shape[0] != len(chunk) or out.shape[1] != num_classes or tuple(out.shape[2:]) != patch:
+                raise ValueError(
+                    f"network returned shape {tuple(out.shape)}, expected ({len(chunk)}, {num_classes}, "
+                    f"{', '.join(map(str, patch))})"
+                )
+            for j, (ti, fi) in enumerate(chunk):
+                dims = [1 + a for a in flips[fi]]
+                o = torch.flip(out[j], dims) if dims else out[j]
+                if ti in partial:
+                    partial[ti].add_(o)
+                else:
+                    partial[ti] = o.clone() if len(flips) > 1 else o
+                seen[ti] = seen.get(ti, 0) + 1
+                if seen[ti] < len(flips):
+                    continue
+                acc = partial.pop(ti)
+                if len(flips) > 1:
+                    acc /= len(flips)
+                if is_2d:
+                    acc = acc[:, None]
+                logits[(slice(None), *tile_slices[ti])].addcmul_(acc, weight_patch)
+                weights[tile_slices[ti]] += weight_patch
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
+    logits = logits[(slice(None), *crop)]
+    weights = weights[crop]
+    # weighted mean of logits -> softmax, in place on the single (K, Z, Y, X) buffer
+    logits /= weights
+    logits -= logits.amax(dim=0, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=0, keepdim=True)
+    return logits.contiguous()

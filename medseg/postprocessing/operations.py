@@ -1,0 +1,166 @@
+"""Postprocessing operations on label maps and the rules format that chains them.
+
+Rules (the content of ``WORK/postprocessing.json``)::
+
+    {
+      "format": "medseg-postprocessing-v1",
+      "label_ids": [0, 1, 2],
+      "foreground_largest_component": false,
+      "per_label": {"1": [{"op": "largest_component"}],
+                    "2": [{"op": "remove_small", "fraction": 0.2}, {"op": "closing", "radius": 1}]},
+      ...   (fit scores and provenance, ignored by apply)
+    }
+
+Operations act on one label's mask of a ``(Z, Y, X)`` map of *original label ids*:
+
+- ``largest_component``: keep only the largest connected component.
+- ``remove_small``: remove components smaller than ``fraction`` times the largest one.
+- ``opening`` / ``closing``: binary morphological opening / closing with a face-connected (6-neighbour
+  in 3D) structuring element iterated ``radius`` times, in voxels.
+
+Removed voxels become background (0). Closing only claims background voxels, never another label's.
+Connected components use full connectivity (26 neighbours in 3D), which keeps diagonally touching parts
+together. ``foreground_largest_component`` first keeps the largest component of all foreground labels
+taken together (removed voxels -> 0). Order of application: foreground step, then each label in
+ascending id order with its steps in list order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.errors import MedsegError
+from medseg.io.image import atomic_write_text
+
+RULES_FORMAT = "medseg-postprocessing-v1"
+OPS = ("largest_component", "remove_small", "opening", "closing")
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    objs = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+    if not objs or objs[0] is None:
+        return None
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(objs[0], mask.shape))
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of a boolean mask (full connectivity).
+
+    Returns:
+        ``(components, sizes)``: int32 component map (0 = outside the mask, 1..n) and int64 voxel
+        counts indexed by component id (``sizes[0]`` = 0).
+    """
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    comps, n = ndimage.label(mask, structure=structure)
+    sizes = np.bincount(comps.ravel(), minlength=n + 1).astype(np.int64)
+    sizes[0] = 0
+    return comps, sizes
+
+
+def keep_components(mask: np.ndarray, min_fraction: float | None) -> np.ndarray:
+    """Boolean mask keeping the largest component (``min_fraction`` None) or every component of at
+    least ``min_fraction`` x the largest one's size."""
+    if not mask.any():
+        return mask.copy()
+    comps, sizes = label_components(mask)
+    if min_fraction is None:
+        keep_ids = np.zeros(sizes.shape, dtype=bool)
+        keep_ids[int(np.argmax(sizes))] = True
+    else:
+        keep_ids = sizes >= min_fraction * sizes.max()
+        keep_ids[0] = False
+    return keep_ids[comps]
+
+
+def morphology(mask: np.ndarray, op: str, radius: int = 1) -> np.ndarray:
+    """Binary opening or closing of ``mask`` (cropped to its bounding box plus a margin for speed)."""
+    box = _bbox(mask, margin=2 * radius + 1)
+    out = mask.copy()
+    if box is None:
+        return out
+    sub = mask[box]
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    if op == "opening":
+        res = ndimage.binary_opening(sub, structure=structure, iterations=radius)
+    elif op == "closing":
+        res = ndimage.binary_closing(sub, structure=structure, iterations=radius)
+    else:
+        raise ValueError(f"unknown morphology {op!r}")
+    out[box] = res
+    return out
+
+
+def apply_step(seg: np.ndarray, label: int, step: Mapping[str, Any]) -> None:
+    """Apply one step to label ``label`` of ``seg`` in place (see the module docstring)."""
+    op = step.get("op")
+    mask = seg == label
+    if op == "largest_component":
+        new = keep_components(mask, None)
+    elif op == "remove_small":
+        new = keep_components(mask, float(step["fraction"]))
+    elif op in ("opening", "closing"):
+        new = morphology(mask, op, int(step.get("radius", 1)))
+    else:
+        raise MedsegError(f"unknown postprocessing operation {op!r}; known: {list(OPS)}")
+    if op == "closing":  # only adds voxels, and only where there is background
+        seg[new & ~mask & (seg == 0)] = label
+    else:
+        seg[mask & ~new] = 0
+
+
+def apply_postprocessing(seg_ids: np.ndarray, rules: Mapping[str, Any] | None) -> np.ndarray:
+    """Apply postprocessing rules to a label map.
+
+    Args:
+        seg_ids: ``(Z, Y, X)`` (or any-D) integer map of original label ids.
+        rules: a rules dict (see module docstring), or None for no change.
+
+    Returns:
+        A new array of the same shape and dtype.
+    """
+    seg = np.array(seg_ids, copy=True)
+    if not rules:
+        return seg
+    if rules.get("foreground_largest_component"):
+        fg = seg != 0
+        seg[fg & ~keep_components(fg, None)] = 0
+    per_label = rules.get("per_label", {}) or {}
+    for label in sorted(per_label, key=int):
+        for step in per_label[label]:
+            apply_step(seg, int(label), step)
+    return seg
+
+
+def save_rules(rules: Mapping[str, Any], path: str | Path) -> None:
+    """Write rules as JSON atomically."""
+    atomic_write_text(path, json.dumps(rules, indent=2) + "\n")
+
+
+def load_rules(path: str | Path) -> dict[str, Any]:
+    """Read and check a rules file.
+
+    Raises:
+        MedsegError: missing file, invalid JSON, wrong format or unknown operation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: postprocessing file not found")
+    try:
+        rules = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedsegError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(rules, dict) or rules.get("format") != RULES_FORMAT:
+        raise MedsegError(f"{path}: not a medseg postprocessing file (expected format {RULES_FORMAT!r})")
+    for label, steps in (rules.get("per_label") or {}).items():
+        for step in steps:
+            if step.get("op") not in OPS:
+                raise MedsegError(f"{path}: label {label}: unknown operation {step.get('op')!r}; known: {list(OPS)}")
+            if step["op"] == "remove_small" and not 0 < float(step.get("fraction", -1)) <= 1:
+                raise MedsegError(f"{path}: label {label}: remove_small needs 0 < fraction <= 1")
+    return rules

@@ -1,0 +1,236 @@
+"""``train(work_dir, cfg)``: the library entry point of ``medseg train``; and loading trained runs.
+
+Run folder ``WORK/runs/<configuration>/<arch>/fold_<k>/`` (``fold_all`` for ``--fold all``) with
+``config.json``, ``plans.json``, ``checkpoint_{latest,best,final}.pt``, ``training_log.txt``,
+``training_curves.png``, ``progress.json`` and ``validation/``.
+
+Resuming (``resume=True``) continues from ``checkpoint_latest.pt`` with the stored configuration; only
+``epochs``, ``time_budget_minutes`` (both totals for the whole run: larger values extend a finished
+run), ``device``, ``num_workers``, ``num_threads`` and the final-validation switches may change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
+from medseg.io.image import atomic_write_text
+from medseg.planning.plan import Plan
+from medseg.training.checkpoint import load_checkpoint
+from medseg.training.config import TrainConfig
+from medseg.training.distributed import init_distributed
+from medseg.training.splits import fold_cases
+
+logger = logging.getLogger(__name__)
+
+#: Fields a resumed run may change; everything else comes from the run's stored configuration.
+RESUMABLE_FIELDS = ("epochs", "time_budget_minutes", "device", "num_workers", "num_threads", "final_validation",
+                    "validation_tta", "save_probabilities")
+
+
+def run_dir_for(work_dir: str | Path, configuration: str, arch: str, fold: int | str) -> Path:
+    """``WORK/runs/<configuration>/<arch>/fold_<k>``."""
+    return Path(work_dir) / "runs" / configuration / arch / f"fold_{fold}"
+
+
+def _merge_for_resume(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
+    """The stored configuration with the resumable fields of ``given`` where they were set."""
+    defaults = TrainConfig()
+    changes: dict[str, Any] = {}
+    for name in RESUMABLE_FIELDS:
+        value = getattr(given, name)
+        if value != getattr(defaults, name) and value != getattr(stored, name):
+            changes[name] = value
+    ignored = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUMABLE_FIELDS and f.name not in ("configuration", "arch", "fold")
+               and getattr(given, f.name) != getattr(defaults, f.name)
+               and getattr(given, f.name) != getattr(stored, f.name)]
+    if ignored:
+        logger.warning("resuming with the run's stored settings; ignoring changed %s (start a new run to change them)",
+                       ", ".join(ignored))
+    if stored.time_budget_minutes is not None and "time_budget_minutes" not in changes and "epochs" in changes:
+        changes["time_budget_minutes"] = None  # an explicit epoch count turns a budgeted run into an epoch run
+    return dataclasses.replace(stored, **changes)
+
+
+class _RunLogFile:
+    """Attach ``training_log.txt`` to the ``medseg`` logger for the duration of a run (rank 0 only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.handler: logging.Handler | None = None
+        self.logger = logging.getLogger("medseg")
+        self.old_level = self.logger.level
+
+    def __enter__(self) -> _RunLogFile:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.handler.setLevel(logging.INFO)
+            self.logger.addHandler(self.handler)
+            if self.logger.getEffectiveLevel() > logging.INFO:
+                self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+            self.handler.close()
+            self.logger.setLevel(self.old_level)
+
+
+def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train one network on one fold; see the module docstring for the run folder.
+
+    Args:
+        work_dir: the work folder written by ``medseg plan`` (``plans.json``, ``preprocessed/``).
+        cfg: training settings; ``configuration``/``arch`` None select the plan's defaults; without
+            ``epochs`` and ``time_budget_minutes`` a plan made for a time budget trains for that budget.
+        resume: continue the run from its ``checkpoint_latest.pt`` (a fresh run when there is none).
+
+    Returns:
+        The run folder.
+
+    Raises:
+        PlanError: no or invalid ``plans.json``; unknown configuration or architecture.
+        ConfigError: invalid settings, too few cases for the folds, an existing run without ``resume``.
+        CheckpointError: ``checkpoint_latest.pt`` is corrupt, truncated or from another model.
+        MedsegError: missing or stale preprocessed data.
+    """
+    from medseg.preprocessing import list_preprocessed_cases
+    from medseg.training.trainer import Trainer
+
+    work_dir = Path(work_dir)
+    plan_path = work_dir / "plans.json"
+    if not plan_path.is_file():
+        raise PlanError(f"{plan_path}: no plan found; run `medseg plan DATA -o {work_dir}` first")
+    plan = Plan.load(plan_path)
+    cfg.validate()
+    configuration = cfg.configuration or plan.default_configuration
+    arch = cfg.arch or plan.configuration(configuration).default_arch
+    plan.configuration(configuration).network(arch)  # clear error when not planned
+    run_dir = run_dir_for(work_dir, configuration, arch, cfg.fold)
+    latest = run_dir / "checkpoint_latest.pt"
+
+    checkpoint = None
+    if resume and latest.is_file():
+        checkpoint = load_checkpoint(latest)
+        if checkpoint["configuration"] != configuration or checkpoint["arch"] != arch:
+            raise CheckpointError(
+                f"{latest}: belongs to {checkpoint['configuration']}/{checkpoint['arch']}, not {configuration}/{arch}")
+        try:
+            stored = TrainConfig.from_dict(checkpoint["train_config"], where=f"{latest} (train_config)")
+            plan = Plan.from_dict(checkpoint["plan"])
+        except (ConfigError, PlanError) as exc:
+            raise CheckpointError(f"{latest}: unreadable stored settings: {exc}") from None
+        cfg = _merge_for_resume(stored, cfg)
+    else:
+        if resume:
+            logger.info("%s: nothing to resume, starting a new run", run_dir)
+        elif latest.exists() or (run_dir / "checkpoint_final.pt").exists():
+            raise ConfigError(
+                f"{run_dir}: already holds a training run; continue it with --resume, or delete the folder to start over"
+            )
+        if cfg.epochs is None and cfg.time_budget_minutes is None and plan.time_budget_minutes is not None:
+            cfg = dataclasses.replace(cfg, time_budget_minutes=float(plan.time_budget_minutes))
+            logger.info("the plan was made for a %.0f-minute budget; training for that budget", plan.time_budget_minutes)
+    cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).validate()
+
+    dist_ctx = init_distributed(cfg.device)
+    try:
+        case_ids = list_preprocessed_cases(work_dir, plan, configuration)
+        if not case_ids:
+            raise MedsegError(
+                f"{work_dir / 'preprocessed'}: no preprocessed cases for configuration {configuration!r}; "
+                f"run `medseg plan` (with preprocessing) first")
+        # every rank derives the same folds; only rank 0 writes a new splits.json
+        train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
+        if dist_ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / "training_log.txt" if dist_ctx.is_main else None
+        with _RunLogFile(log_path):
+            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint)
+            if dist_ctx.is_main:
+                atomic_write_text(run_dir / "config.json", cfg.to_json())
+                trainer.plan.save(run_dir / "plans.json")
+            trained = trainer.fit()
+            if trained or not (run_dir / "checkpoint_final.pt").is_file():
+                trainer.save("latest", finished=True)
+                trainer.save("final", finished=True)
+            dist_ctx.barrier()
+            if dist_ctx.is_main:
+                _final_validation(trainer)
+    finally:
+        dist_ctx.shutdown()
+    return run_dir
+
+
+def _final_validation(trainer: Any) -> None:
+    from medseg.training.trainer import unwrap
+    from medseg.training.validation import validate_run
+
+    cfg = trainer.cfg
+    if not cfg.final_validation:
+        return
+    if not trainer.val_ids:
+        logger.info("no held-out cases (fold %s): skipping the final validation", cfg.fold)
+        return
+    metrics = trainer.run_dir / "validation" / "metrics.json"
+    if metrics.is_file():
+        try:
+            done = json.loads(metrics.read_text()).get("iteration") == trainer.iteration
+        except (OSError, ValueError):
+            done = False
+        if done:
+            logger.info("%s is up to date", metrics)
+            return
+    trainer.write_progress("validating")
+    validate_run(
+        unwrap(trainer.model), trainer.plan, trainer.configuration, trainer.arch, trainer.work_dir, trainer.run_dir,
+        trainer.val_ids, device=trainer.device, precision=trainer.precision, channels_last=trainer.channels_last,
+        use_tta=cfg.validation_tta, save_probabilities=cfg.save_probabilities,
+        extra={"iteration": trainer.iteration, "epoch": trainer.epoch, "fold": cfg.fold},
+    )
+    trainer.write_progress("finished")
+
+
+def load_model_from_run(run_dir: str | Path, checkpoint: str = "final",
+                        device: str = "cpu") -> tuple[torch.nn.Module, Plan, str, str]:
+    """Rebuild a trained network from its run folder alone.
+
+    Args:
+        run_dir: ``WORK/runs/<config>/<arch>/fold_<k>``.
+        checkpoint: ``final``, ``best`` or ``latest``.
+        device: where to put the model.
+
+    Returns:
+        ``(model in eval mode, plan, configuration name, arch)``.
+
+    Raises:
+        CheckpointError: missing, corrupt or foreign checkpoint, or weights that do not fit the plan.
+    """
+    from medseg.networks import build_network
+
+    if checkpoint not in ("final", "best", "latest"):
+        raise CheckpointError(f"checkpoint must be 'final', 'best' or 'latest', got {checkpoint!r}")
+    path = Path(run_dir) / f"checkpoint_{checkpoint}.pt"
+    ckpt = load_checkpoint(path)
+    try:
+        plan = Plan.from_dict(ckpt["plan"])
+    except PlanError as exc:
+        raise CheckpointError(f"{path}: the stored plan is invalid: {exc}") from None
+    configuration, arch = str(ckpt["configuration"]), str(ckpt["arch"])
+    net = plan.configuration(configuration).network(arch)
+    model = build_network(net, plan.num_channels, plan.num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), plan, configuration, arch

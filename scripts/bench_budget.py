@@ -1,0 +1,184 @@
+"""Which plan does a time budget get on this machine? Print the candidate chosen for 10, 30 and 60 minutes.
+
+For each budget, :func:`medseg.planning.budget.fit_plan_to_budget` measures the candidate networks on the
+device (a few real training steps each) and picks the one that learns most in the budget. The
+measurements are shared between the budgets (each setting is timed once, the largest budget first), so
+the table shows how the same step times lead to different choices. Then every measured setting is
+listed with its step time.
+
+    python scripts/bench_budget.py                                  # ../shared/data/hippocampus, cpu
+    python scripts/bench_budget.py DATA --budgets 10 30 60 --steps 3
+    python scripts/bench_budget.py --plan WORK/plans.json           # an existing plan, no planning
+    python scripts/bench_budget.py --train                          # also train fold 0 per budget (hours)
+
+``--train`` (only when ``medseg.training.train`` exists) preprocesses the dataset once, then per budget
+copies the work folder, writes the budget plan into it, runs ``medseg train WORK --fold 0 --time-budget M``
+and prints the fold-0 validation Dice from ``runs/<config>/<arch>/fold_0/validation/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from medseg.planning.budget import fit_plan_to_budget, measure_step_time
+from medseg.planning.plan import NetworkPlan, Plan
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", default=str(DEFAULT_DATA), help=f"dataset folder (default {DEFAULT_DATA})")
+    p.add_argument("--plan", default=None, help="existing plans.json to fit instead of planning DATA")
+    p.add_argument("--budgets", nargs="+", type=float, default=[10.0, 30.0, 60.0], help="minutes")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--config", default=None, help="configuration to fit (default: the plan's default)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median used)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--work", default=None, help="work folder for planning/training (default: a temp folder)")
+    p.add_argument("--train", action="store_true",
+                   help="train fold 0 with each budget plan and report the validation Dice (takes hours)")
+    return p.parse_args(argv)
+
+
+class CachedMeasure:
+    """``measure_fn`` for :func:`fit_plan_to_budget` that times each distinct setting once."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, tuple[NetworkPlan, str, bool, float]] = {}
+
+    def __call__(self, net: NetworkPlan, cin: int, k: int, device: str, precision: str, channels_last: bool,
+                 steps: int) -> float:
+        key = json.dumps([net.base_features, net.max_features, list(net.patch_size), net.batch_size, precision,
+                          channels_last, cin, k, device, steps])
+        if key not in self.table:
+            t0 = time.perf_counter()
+            t = measure_step_time(net, cin, k, device, precision, channels_last, steps)
+            print(f"  measured {net.base_features:2d}f {'x'.join(map(str, net.patch_size))} b{net.batch_size} "
+                  f"{precision}{' channels-last' if channels_last else ''}: {t:.3f} s/step "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            self.table[key] = (net, precision, channels_last, t)
+        return self.table[key][3]
+
+
+def get_plan(args: argparse.Namespace, work: Path, preprocess: bool) -> tuple[Plan, Path]:
+    from medseg.pipeline import plan_and_preprocess
+    from medseg.planning.planner import PlannerOptions
+
+    if args.plan:
+        return Plan.load(args.plan), Path(args.plan).parent
+    t0 = time.perf_counter()
+    res = plan_and_preprocess(args.data, work, PlannerOptions(device=args.device), preprocess=preprocess,
+                              configs=[args.config] if args.config else None)
+    print(f"planned {args.data} in {time.perf_counter() - t0:.0f} s -> {res.plan_path}")
+    return res.plan, work
+
+
+def print_choices(results: list[tuple[float, Plan]]) -> None:
+    header = (f"{'budget':>7s} {'feat':>4s} {'max':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} "
+              f"{'step s':>7s} {'iters':>6s} {'samples':>7s} {'conv':4s} {'fit s':>9s}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for minutes, plan in results:
+        b = plan.notes["budget"]
+        c = b["chosen"]
+        row = next(r for r in b["candidates"] if r["base_features"] == c["base_features"]
+                   and r["patch_size"] == c["patch_size"] and r["batch_size"] == c["batch_size"])
+        print(f"{minutes:5g} m {c['base_features']:4d} {c['max_features']:4d} {'x'.join(map(str, c['patch_size'])):>10s} "
+              f"{c['batch_size']:2d} {c['precision']:5s} {'on' if c['channels_last'] else 'off':3s} "
+              f"{c['step_time_s']:7.3f} {c['iterations']:6d} {c['samples']:7d} {'yes' if row['converges'] else 'no':4s} "
+              f"{b['measure_seconds']:9.1f}")
+    for minutes, plan in results:
+        print(f"\n[{minutes:g} min] {plan.notes['budget']['reasoning']}")
+
+
+def print_measurements(cache: CachedMeasure) -> None:
+    header = f"{'feat':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} {'step s':>7s} {'samples/s':>9s}"
+    print("\nevery measured setting\n" + header + "\n" + "-" * len(header))
+    rows = sorted(cache.table.values(), key=lambda r: (r[0].base_features, r[0].batch_size, r[1], r[2]))
+    for net, precision, cl, t in rows:
+        sps = net.batch_size / t if math.isfinite(t) else 0.0
+        print(f"{net.base_features:4d} {'x'.join(map(str, net.patch_size)):>10s} {net.batch_size:2d} {precision:5s} "
+              f"{'on' if cl else 'off':3s} {t:7.3f} {sps:9.2f}")
+
+
+def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str) -> None:
+    from medseg.cli.main import main as cli_main
+
+    print("\nfold-0 training per budget")
+    for minutes, plan in sorted(results, key=lambda r: r[0]):
+        work = base.parent / f"{base.name}_budget_{minutes:g}min"
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(base, work, ignore=shutil.ignore_patterns("runs"))
+        plan.save(work / "plans.json")
+        cfg = plan.default_configuration
+        arch = plan.configuration(cfg).default_arch
+        t0 = time.perf_counter()
+        rc = cli_main(["train", str(work), "--config", cfg, "--arch", arch, "--fold", "0",
+                       "--time-budget", f"{minutes:g}", "--device", device])
+        wall = time.perf_counter() - t0
+        metrics = work / "runs" / cfg / arch / "fold_0" / "validation" / "metrics.json"
+        if rc != 0 or not metrics.is_file():
+            print(f"[{minutes:g} min] training exited {rc}; no {metrics}")
+            continue
+        print(f"[{minutes:g} min] trained in {wall / 60:.1f} min; validation Dice: {dice_summary(json.loads(metrics.read_text()))}")
+
+
+def dice_summary(d: dict) -> str:
+    """Per-label mean Dice from an evaluation report (``mean.<label>.dice``), else the report's summary."""
+    mean = d.get("mean")
+    if isinstance(mean, dict):
+        parts = [f"{label}: {v['dice']:.4f}" for label, v in mean.items() if isinstance(v, dict) and "dice" in v]
+        if parts:
+            return ", ".join(parts)
+    return str(d.get("summary", sorted(d)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train and importlib.util.find_spec("medseg.training.train") is None:
+        print("--train needs medseg.training.train, which this checkout does not have yet")
+        return 2
+    tmp = None
+    if args.work:
+        work = Path(args.work)
+    else:
+        tmp = tempfile.mkdtemp(prefix="bench_budget_")
+        work = Path(tmp) / "work"
+    try:
+        plan, base = get_plan(args, work, preprocess=args.train)
+        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+        cache = CachedMeasure()
+        results = []
+        for minutes in sorted(args.budgets, reverse=True):  # largest first: it measures the most
+            print(f"fitting to {minutes:g} min", flush=True)
+            results.append((minutes, fit_plan_to_budget(plan, args.device, minutes, configuration=args.config,
+                                                        measure_steps=args.steps, measure_fn=cache)))
+        results.sort(key=lambda r: r[0])
+        print_choices(results)
+        print_measurements(cache)
+        if args.train:
+            train_and_report(base, results, args.device)
+    finally:
+        if tmp and not args.train:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

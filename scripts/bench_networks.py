@@ -1,0 +1,137 @@
+"""Benchmark one training step of every architecture on this machine and print a table.
+
+Per architecture at a patch (default: hippocampus-like 40 x 56 x 40, batch 2; or the patch a plan gives
+it with ``--plan``): median training-step time (forward, Dice+CE loss, backward, SGD step) for fp32 and
+bf16 autocast, each with channels-last off and on; the measured peak memory of the step (torch.profiler
+on CPU, ``max_memory_allocated`` on CUDA) and the memory model's estimate.
+
+    python scripts/bench_networks.py                              # all archs, 40x56x40, batch 2
+    python scripts/bench_networks.py --archs unet --patch 64 64 64 --batch 2 --steps 5
+    python scripts/bench_networks.py --plan WORK/plans.json --config 3d_fullres
+
+On a CPU without native bf16 (no AVX512-BF16/AMX: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
+False) bf16 convolutions fall back to slow reference kernels; the script says so and still measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+
+from medseg.networks import available_networks
+from medseg.networks.memory import (
+    GIB,
+    estimate_training_memory_gb,
+    make_optimizer,
+    measure_training_peak_gb,
+    training_step,
+)
+from medseg.networks.registry import build_network
+from medseg.planning.plan import NetworkPlan, Plan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=None, help="architectures (default: all registered)")
+    p.add_argument("--patch", nargs="+", type=int, default=[40, 56, 40], help="patch size (Z Y X) or (Y X)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=3)
+    p.add_argument("--base-features", type=int, default=32)
+    p.add_argument("--max-features", type=int, default=320)
+    p.add_argument("--plan", default=None, help="plans.json: use each architecture's planned network instead")
+    p.add_argument("--config", default=None, help="configuration of --plan (default: the plan's default)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--memory-formats", nargs="+", default=["contiguous", "channels_last"],
+                   choices=["contiguous", "channels_last"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def simple_topology(patch: list[int]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """Isotropic-spacing topology: halve each axis while it stays >= 4 voxels (at most 5 times)."""
+    from medseg.planning.topology import compute_topology
+
+    t = compute_topology((1.0,) * len(patch), tuple(patch))
+    return t.patch_size, t.kernel_sizes, t.strides
+
+
+def networks(args: argparse.Namespace) -> list[tuple[NetworkPlan, int, int]]:
+    archs = args.archs or available_networks()
+    if args.plan:
+        plan = Plan.load(args.plan)
+        cfg = plan.configuration(args.config)
+        return [(cfg.network(a), plan.num_channels, plan.num_classes) for a in archs]
+    patch, kernels, strides = simple_topology(args.patch)
+    if tuple(patch) != tuple(args.patch):
+        print(f"note: patch {args.patch} rounded up to {list(patch)} (divisible by the total stride)")
+    return [
+        (NetworkPlan(arch=a, patch_size=patch, batch_size=args.batch, kernel_sizes=kernels, strides=strides,
+                     base_features=args.base_features, max_features=args.max_features),
+         args.in_channels, args.num_classes)
+        for a in archs
+    ]
+
+
+def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last: bool, args) -> float:
+    device = torch.device(args.device)
+    model = build_network(net, cin, k).to(device)
+    x = torch.randn(net.batch_size, cin, *net.patch_size, device=device)
+    target = torch.randint(0, k, (net.batch_size, *net.patch_size), device=device)
+    if channels_last:
+        fmt = torch.channels_last_3d if net.dims == 3 else torch.channels_last
+        model = model.to(memory_format=fmt)
+        x = x.contiguous(memory_format=fmt)
+    opt = make_optimizer(model)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        training_step(model, opt, x, target, k, precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 (oneDNN) {bf16_native}")
+    if "bf16" in args.precisions and args.device == "cpu" and not bf16_native:
+        print("warning: no native bf16 on this CPU; bf16 convolutions use slow reference kernels")
+    header = (f"{'arch':8s} {'patch':>12s} {'B':>2s} {'params':>8s} {'prec':5s} {'layout':13s} "
+              f"{'step s':>8s} {'vox/s':>9s} {'peak MiB':>9s} {'est MiB':>8s} {'est/peak':>8s}")
+    print(header)
+    print("-" * len(header))
+    for net0, cin, k in networks(args):
+        n_params = sum(p.numel() for p in build_network(net0, cin, k).parameters())
+        for precision in args.precisions:
+            net = dataclasses.replace(net0, precision=precision)
+            est = estimate_training_memory_gb(net, cin, k) * GIB / 2**20
+            for layout in args.memory_formats:
+                cl = layout == "channels_last"
+                step = time_steps(net, cin, k, precision, cl, args)
+                peak = measure_training_peak_gb(net, cin, k, args.device, channels_last=cl) * GIB / 2**20
+                voxels = net.batch_size * torch.Size(net.patch_size).numel()
+                print(f"{net.arch:8s} {'x'.join(map(str, net.patch_size)):>12s} {net.batch_size:2d} "
+                      f"{n_params / 1e6:7.2f}M {precision:5s} {layout:13s} {step:8.3f} {voxels / step:9.0f} "
+                      f"{peak:9.1f} {est:8.1f} {est / peak:8.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

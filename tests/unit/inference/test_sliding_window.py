@@ -1,0 +1,125 @@
+"""Sliding window: an identity model must come back unchanged; Gaussian map and tiling properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.inference.sliding_window import (
+    GAUSSIAN_MIN,
+    gaussian_importance_map,
+    mirror_combinations,
+    predict_sliding_window,
+    tile_starts,
+)
+
+
+class Identity3d(torch.nn.Module):
+    """Logits = 20 * input: the softmax of a 2-channel input, position by position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.ndim == 5
+        return 20.0 * x
+
+
+class Identity2d(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.ndim == 4, "a 2D network must be fed (B, C, Y, X) slices"
+        return 20.0 * x
+
+
+class ShiftedIdentity3d(torch.nn.Module):
+    """Not mirror-equivariant: averaging over flips must change its output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * torch.roll(x, 1, dims=-1)
+
+
+@pytest.mark.parametrize("shape", [(12, 20, 18), (5, 7, 6), (40, 9, 33)])  # larger, smaller, mixed vs patch
+@pytest.mark.parametrize("mirror", [None, (0, 1, 2)])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_identity_3d_reproduces_input(shape, mirror, batch_size):
+    x = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
+    out = predict_sliding_window(Identity3d(), x, (8, 8, 8), 2, mirror_axes=mirror, batch_size=batch_size)
+    assert out.shape == (2, *shape) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.softmax(20.0 * x, 0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 21), (2, 5, 6)])
+@pytest.mark.parametrize("mirror", [None, (0, 1)])
+def test_identity_2d_slicewise_reproduces_input(shape, mirror):
+    x = torch.rand((3, *shape), generator=torch.Generator().manual_seed(1))
+    out = predict_sliding_window(Identity2d(), x, (16, 8), 3, mirror_axes=mirror, batch_size=4)
+    assert out.shape == (3, *shape)
+    torch.testing.assert_close(out, torch.softmax(20.0 * x, 0), atol=1e-5, rtol=0)
+
+
+def test_probabilities_sum_to_one_and_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(1, 10, 11, 9)
+    fp32 = predict_sliding_window(net, x, (8, 8, 8), 3, mirror_axes=(1,))
+    bf16 = predict_sliding_window(net, x, (8, 8, 8), 3, mirror_axes=(1,), precision="bf16", batch_size=4)
+    torch.testing.assert_close(fp32.sum(0), torch.ones(10, 11, 9), atol=1e-5, rtol=0)
+    assert (fp32 - bf16).abs().max() < 0.05
+    assert (fp32.argmax(0) == bf16.argmax(0)).float().mean() > 0.97
+
+
+def test_single_tile_equals_plain_forward():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 8, 8, 8)
+    out = predict_sliding_window(net, x, (8, 8, 8), 2)
+    with torch.no_grad():
+        ref = torch.softmax(net(x[None])[0], 0)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_mirroring_averages_flipped_predictions():
+    x = torch.rand(2, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    model = ShiftedIdentity3d()
+    no_tta = predict_sliding_window(model, x, (8, 8, 8), 2)
+    tta = predict_sliding_window(model, x, (8, 8, 8), 2, mirror_axes=(2,))
+    torch.testing.assert_close(no_tta, torch.softmax(20.0 * torch.roll(x, 1, -1), 0), atol=1e-5, rtol=0)
+    expected = torch.softmax(10.0 * (torch.roll(x, 1, -1) + torch.roll(x, -1, -1)), 0)
+    torch.testing.assert_close(tta, expected, atol=1e-5, rtol=0)
+
+
+def test_wrong_network_output_shape_is_reported():
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :, ::2]
+
+    with pytest.raises(ValueError, match="network returned shape"):
+        predict_sliding_window(Bad(), torch.zeros(2, 8, 8, 8), (8, 8, 8), 2)
+
+
+def test_gaussian_map_properties():
+    g = gaussian_importance_map((9, 16, 12)).numpy()
+    assert g.shape == (9, 16, 12) and g.dtype == np.float32
+    assert g.max() == pytest.approx(1.0, abs=1e-6)
+    assert g.min() >= GAUSSIAN_MIN > 0
+    np.testing.assert_allclose(g, g[::-1, ::-1, ::-1], atol=1e-7)  # symmetric about the centre
+    assert g[4, 7, 5] > g[4, 7, 3] > g[4, 7, 1] > g[4, 7, 0]  # decreasing away from the centre
+    assert np.unravel_index(g.argmax(), g.shape)[0] == 4
+    # sigma is 1/8 of the patch: one sigma from the centre (odd size -> exact voxel) gives exp(-1/2)
+    g1 = gaussian_importance_map((1, 1, 33)).numpy()[0, 0]
+    assert g1[16 + 4] == pytest.approx(np.exp(-0.5) * g1[16] / 1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("size,patch,step", [(10, 10, 0.5), (11, 10, 0.5), (100, 16, 0.5), (37, 8, 0.25), (50, 20, 1.0)])
+def test_tile_starts_cover_axis(size, patch, step):
+    starts = tile_starts(size, patch, step)
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert all(b - a <= patch * step + 1e-9 for a, b in zip(starts, starts[1:]))
+    covered = np.zeros(size, bool)
+    for s in starts:
+        covered[s:s + patch] = True
+    assert covered.all()
+
+
+def test_mirror_combinations():
+    assert mirror_combinations(None) == [()]
+    combos = mirror_combinations((0, 1, 2))
+    assert len(combos) == 8 and combos[0] == () and len(set(combos)) == 8

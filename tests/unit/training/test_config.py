@@ -1,0 +1,57 @@
+"""TrainConfig: JSON round trip, validation messages, schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from medseg.errors import ConfigError
+from medseg.training.config import AugmentationConfig, TrainConfig
+from medseg.training.schedule import cosine_restarts_factor, lr_factor, poly_factor
+
+
+def test_round_trip_through_json(tmp_path):
+    cfg = TrainConfig(fold="all", epochs=7, class_weights=(1.0, 2.0, 3.0), time_budget_minutes=2.5,
+                      augmentation=AugmentationConfig(p_elastic=0.3, mirror_axes=(1, 2), scale_range=(0.8, 1.2)))
+    text = cfg.to_json()
+    assert isinstance(json.loads(text)["augmentation"]["scale_range"], list)
+    (tmp_path / "config.json").write_text(text)
+    back = TrainConfig.load(tmp_path / "config.json")
+    assert back == cfg
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_unknown_keys_and_bad_values_are_reported_together():
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig.from_dict({"epochz": 3})
+    bad = TrainConfig(optimizer="adam", precision="fp8", foreground_oversample=2.0,
+                      augmentation=AugmentationConfig(p_scale=1.5))
+    with pytest.raises(ConfigError) as info:
+        bad.validate()
+    msg = str(info.value)
+    for part in ("optimizer", "precision", "foreground_oversample", "augmentation.p_scale"):
+        assert part in msg
+
+
+def test_effective_lr_depends_on_optimizer():
+    assert TrainConfig().effective_lr == 1e-2
+    assert TrainConfig(optimizer="adamw").effective_lr == 1e-3
+    assert dataclasses.replace(TrainConfig(), lr=0.5).effective_lr == 0.5
+
+
+def test_schedules():
+    assert poly_factor(0.0) == 1.0
+    assert poly_factor(1.0) == 0.0
+    assert poly_factor(0.5, 0.9) == pytest.approx(0.5**0.9)
+    # 3 cycles of lengths 1, 2, 4 (sevenths): restarts at 1/7 and 3/7, zero at the very end
+    assert cosine_restarts_factor(0.0) == 1.0
+    assert cosine_restarts_factor(0.5 / 7) == pytest.approx(0.5)
+    assert cosine_restarts_factor(1 / 7) == pytest.approx(1.0)
+    assert cosine_restarts_factor(2 / 7) == pytest.approx(0.5)
+    assert cosine_restarts_factor(3 / 7) == pytest.approx(1.0)
+    assert cosine_restarts_factor(1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine_restarts", 5 / 7, cosine_cycles=3) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        lr_factor("step", 0.1)
