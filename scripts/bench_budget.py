@@ -19,7 +19,7 @@ and prints the fold-0 validation Dice from ``runs/<config>/<arch>/fold_0/validat
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import math
@@ -53,23 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class CachedMeasure:
-    """``measure_fn`` for :func:`fit_plan_to_budget` that times each distinct setting once."""
+    """``measure_fn`` for :func:`fit_plan_to_budget` answering from the step times an earlier fit recorded.
+
+    The first (largest) budget is fitted with the real, interleaved measurement that ``medseg plan`` uses;
+    its ``notes["budget"]`` table then answers the smaller budgets, which measure a subset of the same
+    settings. A setting missing from the table is measured with :func:`measure_step_time`.
+    """
 
     def __init__(self) -> None:
-        self.table: dict[str, tuple[NetworkPlan, str, bool, float]] = {}
+        self.table: dict[str, float] = {}
+        self.extra = 0
+
+    @staticmethod
+    def key(features: int, max_features: int, patch, batch: int, precision: str, channels_last: bool) -> str:
+        return json.dumps([features, max_features, list(patch), batch, precision, bool(channels_last)])
+
+    def add_notes(self, notes: dict) -> None:
+        on = notes["levers"]["measured_on"]
+        for r in notes["levers"]["results"]:
+            self.table[self.key(on["base_features"], on["max_features"], on["patch_size"], on["batch_size"],
+                                r["precision"], r["channels_last"])] = r["step_time_s"] or math.inf
+        for r in notes["candidates"]:
+            if r["step_time_s"] is not None:
+                self.table[self.key(r["base_features"], r["max_features"], r["patch_size"], r["batch_size"],
+                                    r["precision"], r["channels_last"])] = r["step_time_s"]
 
     def __call__(self, net: NetworkPlan, cin: int, k: int, device: str, precision: str, channels_last: bool,
                  steps: int) -> float:
-        key = json.dumps([net.base_features, net.max_features, list(net.patch_size), net.batch_size, precision,
-                          channels_last, cin, k, device, steps])
+        key = self.key(net.base_features, net.max_features, net.patch_size, net.batch_size, precision, channels_last)
         if key not in self.table:
-            t0 = time.perf_counter()
-            t = measure_step_time(net, cin, k, device, precision, channels_last, steps)
-            print(f"  measured {net.base_features:2d}f {'x'.join(map(str, net.patch_size))} b{net.batch_size} "
-                  f"{precision}{' channels-last' if channels_last else ''}: {t:.3f} s/step "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            self.table[key] = (net, precision, channels_last, t)
-        return self.table[key][3]
+            self.extra += 1
+            self.table[key] = measure_step_time(net, cin, k, device, precision, channels_last, steps)
+        return self.table[key]
 
 
 def get_plan(args: argparse.Namespace, work: Path, preprocess: bool) -> tuple[Plan, Path]:
@@ -92,24 +107,29 @@ def print_choices(results: list[tuple[float, Plan]]) -> None:
     for minutes, plan in results:
         b = plan.notes["budget"]
         c = b["chosen"]
-        row = next(r for r in b["candidates"] if r["base_features"] == c["base_features"]
-                   and r["patch_size"] == c["patch_size"] and r["batch_size"] == c["batch_size"])
         print(f"{minutes:5g} m {c['base_features']:4d} {c['max_features']:4d} {'x'.join(map(str, c['patch_size'])):>10s} "
               f"{c['batch_size']:2d} {c['precision']:5s} {'on' if c['channels_last'] else 'off':3s} "
-              f"{c['step_time_s']:7.3f} {c['iterations']:6d} {c['samples']:7d} {'yes' if row['converges'] else 'no':4s} "
+              f"{c['step_time_s']:7.3f} {c['iterations']:6d} {c['samples']:7d} {'yes' if c['converges'] else 'no':4s} "
               f"{b['measure_seconds']:9.1f}")
     for minutes, plan in results:
         print(f"\n[{minutes:g} min] {plan.notes['budget']['reasoning']}")
 
 
-def print_measurements(cache: CachedMeasure) -> None:
-    header = f"{'feat':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} {'step s':>7s} {'samples/s':>9s}"
-    print("\nevery measured setting\n" + header + "\n" + "-" * len(header))
-    rows = sorted(cache.table.values(), key=lambda r: (r[0].base_features, r[0].batch_size, r[1], r[2]))
-    for net, precision, cl, t in rows:
-        sps = net.batch_size / t if math.isfinite(t) else 0.0
-        print(f"{net.base_features:4d} {'x'.join(map(str, net.patch_size)):>10s} {net.batch_size:2d} {precision:5s} "
-              f"{'on' if cl else 'off':3s} {t:7.3f} {sps:9.2f}")
+def print_measurements(plan: Plan) -> None:
+    """Every setting the (largest-budget) fit measured: the levers, then the candidates."""
+    notes = plan.notes["budget"]
+    header = f"{'feat':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} {'step s':>7s} {'samples/s':>9s}  status"
+    print(f"\nmeasured settings ({notes['measure_steps']} timed steps each, median; "
+          f"{notes['torch_threads']} threads, {notes['cpu_capability']})\n" + header + "\n" + "-" * len(header))
+    on = notes["levers"]["measured_on"]
+    rows = [({**on, **r}, "lever") for r in notes["levers"]["results"]]
+    rows += [(r, r["status"]) for r in notes["candidates"] if not r["status"].startswith("measured (lever")]
+    for r, status in rows:
+        t = r["step_time_s"]
+        sps = f"{r['batch_size'] / t:9.2f}" if t else f"{'-':>9s}"
+        ts = f"{t:7.3f}" if t else f"{'-':>7s}"
+        print(f"{r['base_features']:4d} {'x'.join(map(str, r['patch_size'])):>10s} {r['batch_size']:2d} "
+              f"{r['precision']:5s} {'on' if r['channels_last'] else 'off':3s} {ts} {sps}  {status[:100]}")
 
 
 def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str) -> None:
@@ -145,12 +165,21 @@ def dice_summary(d: dict) -> str:
     return str(d.get("summary", sorted(d)))
 
 
+def has_training() -> bool:
+    """Whether ``medseg.training.train`` (the training entry point) exists in this checkout."""
+    try:
+        training = importlib.import_module("medseg.training")
+    except ImportError:
+        return False
+    return callable(getattr(training, "train", None))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.train and importlib.util.find_spec("medseg.training.train") is None:
+    if args.train and not has_training():
         print("--train needs medseg.training.train, which this checkout does not have yet")
         return 2
     tmp = None
@@ -165,13 +194,17 @@ def main(argv: list[str] | None = None) -> int:
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
         cache = CachedMeasure()
         results = []
-        for minutes in sorted(args.budgets, reverse=True):  # largest first: it measures the most
+        for i, minutes in enumerate(sorted(args.budgets, reverse=True)):  # largest first: it measures the most
             print(f"fitting to {minutes:g} min", flush=True)
-            results.append((minutes, fit_plan_to_budget(plan, args.device, minutes, configuration=args.config,
-                                                        measure_steps=args.steps, measure_fn=cache)))
+            fitted = fit_plan_to_budget(plan, args.device, minutes, configuration=args.config,
+                                        measure_steps=args.steps, measure_fn=cache if i else None)
+            cache.add_notes(fitted.notes["budget"])
+            results.append((minutes, fitted))
         results.sort(key=lambda r: r[0])
         print_choices(results)
-        print_measurements(cache)
+        print_measurements(results[-1][1])
+        if cache.extra:
+            print(f"({cache.extra} setting(s) the largest budget skipped were measured for a smaller one)")
         if args.train:
             train_and_report(base, results, args.device)
     finally:

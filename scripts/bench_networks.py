@@ -1,9 +1,10 @@
 """Benchmark one training step of every architecture on this machine and print a table.
 
 Per architecture at a patch (default: hippocampus-like 40 x 56 x 40, batch 2; or the patch a plan gives
-it with ``--plan``): median training-step time (forward, Dice+CE loss, backward, SGD step) for fp32 and
-bf16 autocast, each with channels-last off and on; the measured peak memory of the step (torch.profiler
-on CPU, ``max_memory_allocated`` on CUDA) and the memory model's estimate.
+it with ``--plan``): median training-step time, wall clock and process CPU (forward, Dice+CE loss,
+backward, SGD step) for fp32 and bf16 autocast, each with channels-last off and on; the measured peak
+memory of the step (torch.profiler on CPU, ``max_memory_allocated`` on CUDA) and the memory model's
+estimate (which models the default layout).
 
     python scripts/bench_networks.py                              # all archs, 40x56x40, batch 2
     python scripts/bench_networks.py --archs unet --patch 64 64 64 --batch 2 --steps 5
@@ -56,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def simple_topology(patch: list[int]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
-    """Isotropic-spacing topology: halve each axis while it stays >= 4 voxels (at most 5 times)."""
+def simple_topology(patch: list[int]) -> tuple[tuple[int, ...], tuple, tuple]:
+    """(patch, kernel sizes, strides) the planner's topology rule gives ``patch`` at isotropic spacing."""
     from medseg.planning.topology import compute_topology
 
     t = compute_topology((1.0,) * len(patch), tuple(patch))
@@ -81,7 +82,9 @@ def networks(args: argparse.Namespace) -> list[tuple[NetworkPlan, int, int]]:
     ]
 
 
-def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last: bool, args) -> float:
+def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last: bool, args) -> tuple[float, float]:
+    """Median wall-clock and process CPU seconds of one training step (CPU time is the steadier number on
+    a shared machine; with several threads it adds up the threads)."""
     device = torch.device(args.device)
     model = build_network(net, cin, k).to(device)
     x = torch.randn(net.batch_size, cin, *net.patch_size, device=device)
@@ -91,17 +94,18 @@ def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last
         model = model.to(memory_format=fmt)
         x = x.contiguous(memory_format=fmt)
     opt = make_optimizer(model)
-    times = []
+    wall, cpu = [], []
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         training_step(model, opt, x, target, k, precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16" in args.precisions and args.device == "cpu" and not bf16_native:
         print("warning: no native bf16 on this CPU; bf16 convolutions use slow reference kernels")
     header = (f"{'arch':8s} {'patch':>12s} {'B':>2s} {'params':>8s} {'prec':5s} {'layout':13s} "
-              f"{'step s':>8s} {'vox/s':>9s} {'peak MiB':>9s} {'est MiB':>8s} {'est/peak':>8s}")
+              f"{'step s':>7s} {'cpu s':>7s} {'vox/s':>7s} {'peak MiB':>8s} {'est MiB':>7s} {'est/peak':>8s}")
     print(header)
     print("-" * len(header))
     for net0, cin, k in networks(args):
@@ -124,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             est = estimate_training_memory_gb(net, cin, k) * GIB / 2**20
             for layout in args.memory_formats:
                 cl = layout == "channels_last"
-                step = time_steps(net, cin, k, precision, cl, args)
+                step, cpu = time_steps(net, cin, k, precision, cl, args)
                 peak = measure_training_peak_gb(net, cin, k, args.device, channels_last=cl) * GIB / 2**20
                 voxels = net.batch_size * torch.Size(net.patch_size).numel()
                 print(f"{net.arch:8s} {'x'.join(map(str, net.patch_size)):>12s} {net.batch_size:2d} "
-                      f"{n_params / 1e6:7.2f}M {precision:5s} {layout:13s} {step:8.3f} {voxels / step:9.0f} "
-                      f"{peak:9.1f} {est:8.1f} {est / peak:8.2f}", flush=True)
+                      f"{n_params / 1e6:7.2f}M {precision:5s} {layout:13s} {step:7.2f} {cpu:7.2f} {voxels / step:7.0f} "
+                      f"{peak:8.1f} {est:7.1f} {est / peak:8.2f}", flush=True)
     return 0
 
 

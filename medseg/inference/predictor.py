@@ -19,7 +19,6 @@ case and writing of the previous one overlapping the network compute.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -39,8 +38,9 @@ import SimpleITK as sitk
 import torch
 
 from medseg.errors import CheckpointError, DatasetError, MedsegError
+from medseg.inference.export import save_probabilities, write_segmentation
 from medseg.inference.sliding_window import predict_sliding_window
-from medseg.io.image import ImageGeometry, atomic_write_bytes, read_channels, write_image
+from medseg.io.image import ImageGeometry, read_channels
 from medseg.planning.plan import Plan
 from medseg.postprocessing.operations import apply_postprocessing, load_rules
 
@@ -683,64 +683,6 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
     return cases, failed
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(".nii.gz") or path.name.endswith(".nii")
-
-
-def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, reference: Path | None = None) -> None:
-    """Write a label map atomically with exactly the input's geometry.
-
-    When input and output are NIfTI, the input's header (qform, sform, pixdim, units) is copied, so the
-    written file reads back with bit-identical origin, spacing and direction (re-encoding a direction
-    through NIfTI's float32 quaternion otherwise changes it by ~1e-8). Any other case, or a header copy
-    that would not reproduce ``geometry``, goes through :func:`medseg.io.image.write_image`.
-
-    Args:
-        seg: ``(Z, Y, X)`` label ids.
-        geometry: the input image's geometry.
-        path: output file.
-        reference: the input image file (first channel) whose header to copy.
-    """
-    if reference is not None and _is_nifti(reference) and _is_nifti(path) and seg.ndim == 3:
-        import nibabel as nib
-
-        try:
-            ref = nib.load(str(reference))
-            header = ref.header.copy()
-            if tuple(header.get_data_shape()[:3]) == tuple(reversed(seg.shape)) and len(header.get_data_shape()) == 3:
-                header.set_data_dtype(seg.dtype)
-                header.set_slope_inter(1.0, 0.0)
-                header["cal_min"], header["cal_max"] = 0.0, 0.0
-                path.parent.mkdir(parents=True, exist_ok=True)
-                suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-                fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-                os.close(fd)
-                tmp = Path(tmp_name)
-                try:
-                    nib.save(nib.Nifti1Image(np.ascontiguousarray(seg.transpose(2, 1, 0)), None, header=header), tmp)
-                    reader = sitk.ImageFileReader()
-                    reader.SetFileName(str(tmp))
-                    reader.ReadImageInformation()
-                    written = ImageGeometry(tuple(reversed(reader.GetSize())), tuple(reversed(reader.GetSpacing())),
-                                            reader.GetOrigin(), reader.GetDirection())
-                    if written == geometry:
-                        os.replace(tmp, path)
-                        return
-                    logger.debug("%s: header copy of %s does not reproduce the geometry; re-encoding", path, reference)
-                finally:
-                    if tmp.exists():
-                        tmp.unlink()
-        except (OSError, ValueError, RuntimeError, nib.filebasedimages.ImageFileError) as exc:
-            logger.debug("%s: cannot copy the header of %s (%s); re-encoding", path, reference, exc)
-    write_image(seg, geometry, path)
-
-
-def _save_probabilities(path: Path, probs: np.ndarray, label_ids: Sequence[int]) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, probabilities=probs.astype(np.float16), label_ids=np.asarray(label_ids))
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def predict_folder(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -815,8 +757,8 @@ def predict_folder(
                 logger.warning(msg)
                 result.warnings.append(msg)
         image, geometry = read_channels(files)
-        if image.ndim != 4:
-            raise MedsegError(f"{files[0]}: expected a 3D image, got shape {list(image.shape[1:])}")
+        if image.ndim not in (3, 4):
+            raise MedsegError(f"{files[0]}: expected a 2D or 3D image, got shape {list(image.shape[1:])}")
         warning = spacing_warning(case.case_id, geometry.spacing, plan)
         if warning:
             logger.warning(warning)
@@ -828,7 +770,7 @@ def predict_folder(
         if save_probabilities:
             probs = predictor._combine(inferred)
             del inferred[:]
-            _save_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
+            save_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
             seg = predictor.probabilities_to_labels(probs)
             del probs
         else:

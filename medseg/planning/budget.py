@@ -16,10 +16,10 @@ candidate that maximises what can be learned in the budget.
   stride, keeping a bottleneck of at least :data:`MIN_BOTTLENECK` voxels);
 * batch sizes :data:`BATCH_GRID` (2 and 4 for 3D; never below 2).
 
-**Throughput levers**, measured once on the lever candidate (the widest network at the largest batch
-and the smallest patch; for images the planned patch covers, that is the largest candidate), interleaved
-round-robin so that a changing machine load affects every setting alike; the fastest setting is kept
-for every candidate:
+**Throughput levers**, measured once on the lever candidate (the widest network, at the smallest patch
+and the smallest batch: wide layers are where bf16 and channels-last pay or not, and the smallest batch
+halves the cost of timing every setting on it), interleaved round-robin so that a changing machine load
+affects every setting alike; the fastest setting is kept for every candidate:
 
 * CPU: ``fp32``, plus ``bf16`` autocast when oneDNN has native bf16 kernels (AVX512-BF16 / AMX;
   without them bf16 runs on slow reference kernels and is not tried); channels-last on and off.
@@ -75,13 +75,15 @@ logger = logging.getLogger(__name__)
 #: checkpoints and data-loading stalls.
 USABLE_FRACTION = 0.9
 #: Training samples (iterations x batch) a 3D candidate must reach in the budget to count as converging.
-#: nnU-Net trains 250k iterations (500k patches at batch 2) and is far past convergence long before; in
-#: practice a 16-feature 3D U-Net on hippocampus-size images whose patch covers the whole image needs
-#: about 2500 iterations at batch 2 (4-5k patches) with a learning rate annealed over the run to reach
-#: its plateau. Wider networks need at least as many, so this is the bar every candidate must clear.
+#: nnU-Net trains 250k iterations (500k patches at batch 2), far past the point where its Dice stops
+#: improving. medseg's experience on hippocampus-size images (patch covering the whole image) is that a
+#: 16-feature 3D U-Net with a learning rate annealed over the run reaches its plateau after roughly
+#: 4-5k patches, about 2500 iterations at batch 2; wider networks need at least as many. This is an
+#: estimate to revisit as training results come in, not something this module measures.
 MIN_SAMPLES_3D = 2500 * 2
-#: The same bar for 2D configurations, counted in slices: nnU-Net's 2D batches are about 40x its 3D
-#: batches for the same schedule (hippocampus: 366 vs 9), so a 2D network sees ~40x as many samples.
+#: The same bar for 2D configurations, counted in slices: nnU-Net v2 gives a hippocampus-size dataset a
+#: 2D batch of 287 slices for a 3D batch of 7 patches of 40 slices (the same voxels per step), i.e. one
+#: 3D sample is worth about 40 2D samples.
 MIN_SAMPLES_2D = MIN_SAMPLES_3D * 40
 MIN_SAMPLES = {3: MIN_SAMPLES_3D, 2: MIN_SAMPLES_2D}
 #: Widths tried (channels of the first stage).
@@ -533,7 +535,11 @@ def fit_plan_to_budget(
             no candidate could be measured.
     """
     t_start = time.perf_counter()
-    if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+    try:
+        minutes = float(minutes)
+    except (TypeError, ValueError):
+        raise PlanError(f"the time budget must be a positive number of minutes, got {minutes!r}") from None
+    if not (math.isfinite(minutes) and minutes > 0):
         raise PlanError(f"the time budget must be a positive number of minutes, got {minutes!r}")
     if device not in ("cpu", "cuda"):
         raise PlanError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -568,56 +574,15 @@ def fit_plan_to_budget(
                                      measure_steps)) for s in settings]
         return measure_step_times(settings, measure_steps, seed=seed)
 
-    # 1. throughput levers, on the widest network at the largest batch and the smallest patch
-    pairs, lever_reason = lever_settings(device)
-    lever_cand = max(grid, key=lambda c: (-c.patch_voxels, c.base_features, c.batch_size, c.max_features))
-    lever_times = measure([StepSetting(lever_cand.network(template, p), cin, k, device, p, cl) for p, cl in pairs])
-    finite = [(t, i) for i, t in enumerate(lever_times) if math.isfinite(t) and t > 0]
-    if not finite:
-        raise PlanError(f"{lever_cand.label} could not be measured on {device} with any precision (out of memory?)")
-    precision, channels_last = pairs[min(finite)[1]]
-    lever_notes = {
-        "measured_on": _cand_dict(lever_cand),
-        "options": lever_reason,
-        "results": [{"precision": p, "channels_last": cl, "step_time_s": _finite_or_none(t)}
-                    for (p, cl), t in zip(pairs, lever_times)],
-        "chosen": {"precision": precision, "channels_last": channels_last},
-        "reason": _lever_reason(pairs, lever_times, precision, channels_last, lever_cand),
-    }
+    def setting(c: Candidate, precision: str, channels_last: bool) -> StepSetting:
+        return StepSetting(c.network(template, precision), cin, k, device, precision, channels_last)
 
-    # 2. candidates at the chosen levers, cheapest first, skipping those a non-converging cheaper one dominates
-    times: dict[Candidate, float | None] = {lever_cand: _finite_or_none(lever_times[pairs.index((precision, channels_last))])}
-    status: dict[Candidate, str] = {lever_cand: "measured (lever candidate)"}
-
-    def fails(c: Candidate) -> bool:
-        t = times.get(c)
-        return t is not None and Measured(c, t).samples(budget_s) < need
-
-    pending = [c for c in sorted(grid, key=lambda c: (c.cost, c.base_features)) if c not in times]
-    while pending:
-        for c in list(pending):
-            blocker = next((d for d in times if fails(d) and d.dominates(c)), None)
-            if blocker is not None:
-                pending.remove(c)
-                times[c] = None
-                status[c] = (f"skipped: the cheaper {blocker.label} already cannot reach {need} samples in the "
-                             "budget, so this one cannot either and has fewer samples per second")
-        wave = [c for c in pending if not any(d.dominates(c) for d in pending)]
-        if not wave:
-            break
-        wave_times = measure([StepSetting(c.network(template, precision), cin, k, device, precision, channels_last)
-                              for c in wave])
-        for c, t in zip(wave, wave_times):
-            times[c] = _finite_or_none(t)
-            status[c] = "measured" if times[c] is not None else "out of memory"
-            pending.remove(c)
-
-    # 3. choose
-    order = [c for c in grid if c in times]
-    measured = [Measured(c, times[c], status[c]) for c in order]
+    precision, channels_last, lever_cand, lever_time, lever_notes = _measure_levers(grid, device, setting, measure)
+    measured = _measure_grid(grid, budget_s, need, lever_cand, lever_time,
+                             lambda cs: measure([setting(c, precision, channels_last) for c in cs]))
     best_i, reasoning = choose_candidate(measured, budget_s, cfg.dims)
-    best = measured[best_i].candidate
-    new_net = best.network(template, precision)
+    chosen = measured[best_i]
+    new_net = chosen.candidate.network(template, precision)
     new_net = replace(new_net, estimated_memory_gb=_estimate_memory(new_net, cin, k, device))
     new_cfg: ConfigurationPlan = replace(
         cfg,
@@ -625,25 +590,11 @@ def fit_plan_to_budget(
         patch_size=new_net.patch_size,
         batch_size=new_net.batch_size,
     )
-    rows = []
-    for m in measured:
-        rows.append({
-            **_cand_dict(m.candidate),
-            "precision": precision,
-            "channels_last": channels_last,
-            "step_time_s": m.step_time_s,
-            "iterations": m.iterations(budget_s) if m.step_time_s is not None else None,
-            "samples": m.samples(budget_s) if m.step_time_s is not None else None,
-            "samples_per_s": round(m.samples_per_second, 4) if m.step_time_s is not None else None,
-            "converges": m.step_time_s is not None and m.samples(budget_s) >= need,
-            "score": m.candidate.score,
-            "status": m.status,
-        })
-    for c, why in excluded.items():
-        rows.append({**_cand_dict(c), "precision": precision, "channels_last": channels_last, "step_time_s": None,
-                     "iterations": None, "samples": None, "samples_per_s": None, "converges": False,
-                     "score": c.score, "status": why})
-    chosen = measured[best_i]
+    levers = {"precision": precision, "channels_last": channels_last}
+    rows = [{**_cand_dict(m.candidate), **levers, **_prediction(m, budget_s, need), "score": m.candidate.score,
+             "status": m.status} for m in measured]
+    rows += [{**_cand_dict(c), **levers, **_prediction(Measured(c, None), budget_s, need), "score": c.score,
+              "status": why} for c, why in excluded.items()]
     notes = {
         "device": device,
         "minutes": float(minutes),
@@ -660,9 +611,7 @@ def fit_plan_to_budget(
                  "more samples; when none converges the most samples per second"),
         "levers": lever_notes,
         "candidates": rows,
-        "chosen": {**_cand_dict(best), "precision": precision, "channels_last": channels_last,
-                   "step_time_s": chosen.step_time_s, "iterations": chosen.iterations(budget_s),
-                   "samples": chosen.samples(budget_s)},
+        "chosen": {**_cand_dict(chosen.candidate), **levers, **_prediction(chosen, budget_s, need)},
         "reasoning": lever_notes["reason"] + " " + reasoning,
         "measure_seconds": round(time.perf_counter() - t_start, 2),
     }
@@ -676,6 +625,78 @@ def fit_plan_to_budget(
         notes={**plan.notes, "budget": notes},
     )
     return new_plan.validate()
+
+
+def _measure_levers(
+    grid: Sequence[Candidate], device: str, setting: Callable[[Candidate, str, bool], StepSetting],
+    measure: Callable[[list[StepSetting]], list[float]],
+) -> tuple[str, bool, Candidate, float, dict[str, Any]]:
+    """Time every lever setting on the lever candidate (widest, smallest patch, smallest batch); keep the fastest.
+
+    Returns:
+        ``(precision, channels_last, lever candidate, its step time at the chosen setting, notes)``.
+    """
+    pairs, options = lever_settings(device)
+    cand = max(grid, key=lambda c: (c.base_features, c.max_features, -c.patch_voxels, -c.batch_size))
+    times = measure([setting(cand, p, cl) for p, cl in pairs])
+    finite = [(t, i) for i, t in enumerate(times) if math.isfinite(t) and t > 0]
+    if not finite:
+        raise PlanError(f"{cand.label} could not be measured on {device} with any precision (out of memory?)")
+    best_t, best_i = min(finite)
+    precision, channels_last = pairs[best_i]
+    parts = [f"{p}{' channels-last' if cl else ''} {t:.3f} s" if math.isfinite(t) else f"{p} out of memory"
+             for (p, cl), t in zip(pairs, times)]
+    notes = {
+        "measured_on": _cand_dict(cand),
+        "options": options,
+        "results": [{"precision": p, "channels_last": cl, "step_time_s": _finite_or_none(t)}
+                    for (p, cl), t in zip(pairs, times)],
+        "chosen": {"precision": precision, "channels_last": channels_last},
+        "reason": (f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} "
+                   f"with channels-last {'on' if channels_last else 'off'}, for every candidate."),
+    }
+    return precision, channels_last, cand, best_t, notes
+
+
+def _measure_grid(
+    grid: Sequence[Candidate], budget_s: float, need: int, lever_cand: Candidate, lever_time: float,
+    measure: Callable[[list[Candidate]], list[float]],
+) -> list[Measured]:
+    """Measure the grid cheapest first, in waves, skipping what a non-converging cheaper candidate dominates.
+
+    A wave holds the pending candidates that no other pending one dominates; each wave is measured together
+    (interleaved). Returns one :class:`Measured` per grid candidate, in grid order.
+    """
+    times: dict[Candidate, float | None] = {lever_cand: _finite_or_none(lever_time)}
+    status: dict[Candidate, str] = {lever_cand: "measured (lever candidate)"}
+
+    def fails(c: Candidate) -> bool:
+        t = times.get(c)
+        return t is not None and Measured(c, t).samples(budget_s) < need
+
+    pending = [c for c in sorted(grid, key=lambda c: (c.cost, c.base_features)) if c not in times]
+    while pending:
+        for c in list(pending):
+            blocker = next((d for d in times if fails(d) and d.dominates(c)), None)
+            if blocker is not None:
+                pending.remove(c)
+                times[c] = None
+                status[c] = (f"skipped: the cheaper {blocker.label} already cannot reach {need} samples in the "
+                             "budget, so this one cannot either and has fewer samples per second")
+        wave = [c for c in pending if not any(d.dominates(c) for d in pending)]
+        for c, t in zip(wave, measure(wave) if wave else []):
+            times[c] = _finite_or_none(t)
+            status[c] = "measured" if times[c] is not None else "out of memory"
+            pending.remove(c)
+    return [Measured(c, times[c], status[c]) for c in grid]
+
+
+def _prediction(m: Measured, budget_s: float, need: int) -> dict[str, Any]:
+    """The notes' per-candidate numbers: step time, iterations, samples, samples/s, converges."""
+    if m.step_time_s is None:
+        return {"step_time_s": None, "iterations": None, "samples": None, "samples_per_s": None, "converges": False}
+    return {"step_time_s": m.step_time_s, "iterations": m.iterations(budget_s), "samples": m.samples(budget_s),
+            "samples_per_s": round(m.samples_per_second, 4), "converges": m.samples(budget_s) >= need}
 
 
 def _check_candidates(grid: Sequence[Candidate], template: NetworkPlan) -> None:
@@ -712,14 +733,6 @@ def _estimate_memory(net: NetworkPlan, cin: int, k: int, device: str) -> float |
         return round(float(estimate_training_memory_gb(net, cin, k, device=device)), 4)
     except TypeError:  # an estimator without the device argument
         return round(float(estimate_training_memory_gb(net, cin, k)), 4)
-
-
-def _lever_reason(pairs: list[tuple[str, bool]], times: list[float], precision: str, channels_last: bool,
-                  cand: Candidate) -> str:
-    parts = [f"{p}{' channels-last' if cl else ''} {t:.3f} s" if math.isfinite(t) else f"{p} OOM"
-             for (p, cl), t in zip(pairs, times)]
-    return (f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} with "
-            f"channels-last {'on' if channels_last else 'off'}, for every candidate.")
 
 
 def _cand_dict(c: Candidate) -> dict[str, Any]:

@@ -126,10 +126,12 @@ class TrainConfig:
         channels_last: channels-last memory format; None = on for the CPU, where it speeds convolutions
             up, off on CUDA.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        num_workers: background processes producing augmented batches; None = automatic
-            (1 on machines with at most 4 cores, else up to 4).
-        num_threads: torch intra-op threads of the training process; None = all cores of the machine
-            (or of this rank's share under torchrun).
+        num_workers: background processes producing augmented batches; None = automatic (none on
+            CPUs with at most 2 cores, where batches are made between steps; about one per 4 cores
+            otherwise; up to 8 beside a GPU).
+        num_threads: torch intra-op threads of the training process; None = automatic: the cores of
+            the machine (of this rank under torchrun) not given to data workers, reduced while
+            training runs when other processes share the cores and fewer threads step faster.
         seed: seeds the network initialisation and every sampled patch (batch ``i`` is a function of
             ``seed`` and ``i`` only, so resuming and multi-process training see the same data).
         foreground_oversample: fraction of each batch forced to contain foreground.

@@ -16,6 +16,7 @@ training cases, then a case containing it, then one of its sampled voxel locatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -260,23 +261,47 @@ class _BatchStream(IterableDataset):
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
-    try:  # let the training process win the cores; workers fill the gaps
-        os.nice(5)
-    except OSError:  # pragma: no cover
-        pass
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch operations in the calling thread only (batch preparation: small operations gain nothing
+    from more threads, and synchronising them costs much when cores are shared)."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+class _InlineBatches:
+    """Batches made in the calling thread on request, single-threaded."""
+
+    def __init__(self, stream: _BatchStream) -> None:
+        self._it = iter(stream)
+
+    def __iter__(self) -> _InlineBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with single_threaded():
+            return next(self._it)
 
 
 def batch_iterator(sampler: PatchSampler, start: int, lo: int = 0, hi: int | None = None,
                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``start, start + 1, ...`` (rank slice ``lo..hi``), produced by ``num_workers`` processes.
 
-    With ``num_workers == 0`` batches are made in the calling thread when requested. Workers are
-    forked, so in-memory cases are shared, not copied; each uses one thread at a lower priority.
+    With ``num_workers == 0`` batches are made in the calling thread when requested (single-threaded).
+    Workers are forked, so in-memory cases are shared, not copied; each uses one thread.
     """
     hi = sampler.batch_size if hi is None else hi
     stream = _BatchStream(sampler, start, lo, hi)
     if num_workers <= 0:
-        return iter(stream)
+        return _InlineBatches(stream)
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
                         prefetch_factor=2, persistent_workers=False, multiprocessing_context=ctx)

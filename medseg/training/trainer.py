@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ from medseg.training.checkpoint import (
     save_checkpoint,
 )
 from medseg.training.config import TrainConfig
-from medseg.training.data import CaseData, PatchSampler, batch_iterator, load_training_cases
+from medseg.training.data import PatchSampler, batch_iterator, load_training_cases, single_threaded
 from medseg.training.distributed import DistContext
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss, hard_dice_counts
 from medseg.training.schedule import lr_factor
@@ -64,17 +65,23 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, planned: str | None = None) -> str:
     """Turn ``auto`` into ``fp32``/``bf16``/``fp16`` for ``device``; check explicit choices.
 
-    ``auto``: CUDA -> fp16 AMP; CPU -> bf16 when the CPU has native bf16, else fp32.
+    ``auto``: the precision the plan measured as fastest on this kind of device (``planned``, from a
+    time-budget plan), where it is usable; else CUDA -> fp16 AMP, CPU -> bf16 when the CPU has native
+    bf16, fp32 otherwise.
 
     Raises:
         ConfigError: fp16 on the CPU (use bf16), or bf16 on a GPU without bf16 support.
     """
     if precision == "auto":
         if device.type == "cuda":
+            if planned == "bf16" and torch.cuda.is_bf16_supported():
+                return "bf16"
             return "fp16"
+        if planned == "fp32":
+            return "fp32"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
@@ -100,13 +107,19 @@ def default_num_threads(world_size: int = 1) -> int:
 
 
 def default_num_workers(device: torch.device, world_size: int = 1) -> int:
-    """Background batch producers: one on small CPUs (it runs at lower priority and fills the gaps of
-    the training threads), more where there are cores to spare (GPU machines)."""
-    cores = default_num_threads(1)
-    if cores <= 4:
-        return 1
-    per_rank = max(1, cores // max(1, world_size))
-    return max(1, min(8 if device.type == "cuda" else 4, per_rank // 2))
+    """Background batch producers per process.
+
+    None on CPUs with at most two cores per process: there one augmented sample costs about 1-2 % of
+    the network's step, and a worker process would preempt the training threads, which stall each
+    other when one of them is descheduled. Otherwise about one worker per four cores (CPU training
+    gives the workers cores of their own, see :func:`default_num_threads`), and up to 8 next to a GPU.
+    """
+    cores = max(1, default_num_threads(1) // max(1, world_size))
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    if cores <= 2:
+        return 0
+    return max(1, min(4, cores // 4))
 
 
 def channels_last_format(dims: int) -> torch.memory_format:
@@ -123,6 +136,70 @@ def num_tiles(size: int, patch: int, step: float) -> int:
     if size <= patch:
         return 1
     return int(math.ceil((size - patch) / (patch * step))) + 1
+
+
+class ThreadTuner:
+    """Chooses the number of intra-op threads that makes training steps fastest, and keeps checking.
+
+    With all cores of a machine to itself, one thread per core is fastest. When other processes share
+    the cores, threads that synchronise after every operation wait for each other to be scheduled and
+    a step can take many times longer than with a single thread. The tuner times steps at ``max_threads``
+    and at 1 thread (and half of ``max_threads`` on larger machines), keeps the fastest, and re-measures
+    the alternatives every ``probe_every`` steps (doubling the interval while the choice stands).
+
+    Args:
+        max_threads: the most threads to use (the cores of the process).
+        enabled: False pins ``max_threads``.
+    """
+
+    def __init__(self, max_threads: int, enabled: bool = True, probe_every: int = 50) -> None:
+        self.max_threads = max(1, max_threads)
+        self.options = sorted({self.max_threads, 1, max(1, self.max_threads // 2)}, reverse=True)
+        self.enabled = enabled and len(self.options) > 1
+        self.current = self.max_threads
+        self.base_interval = probe_every
+        self.interval = probe_every
+        self.times: dict[int, list[float]] = {n: [] for n in self.options}
+        self.queue: list[int] = []  # thread counts of the next probe steps
+        self.steps = 0
+        self.next_probe = 1  # first exploration right after the warm-up step
+        self.probing: int | None = None
+        torch.set_num_threads(self.current)
+
+    def before_step(self) -> None:
+        if not self.enabled:
+            return
+        if not self.queue and self.steps >= self.next_probe:
+            others = [n for n in self.options if n != self.current]
+            reps = 3 if self.next_probe == 1 else 2
+            self.queue = [n for n in others for _ in range(reps)] + [self.current] * reps
+            for n in self.options:
+                self.times[n] = []
+        self.probing = self.queue.pop(0) if self.queue else None
+        want = self.probing if self.probing is not None else self.current
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+    def after_step(self, seconds: float) -> None:
+        self.steps += 1
+        if not self.enabled or self.probing is None:
+            return
+        self.times[self.probing].append(seconds)
+        if self.queue:
+            return
+        medians = {n: statistics.median(t) for n, t in self.times.items() if t}
+        best = min(medians, key=medians.get)
+        if best != self.current and medians[best] < 0.9 * medians[self.current]:
+            logger.info("intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
+                        if best < self.current else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
+                        self.current, best, medians[best], medians[self.current])
+            self.current = best
+            self.interval = self.base_interval
+        else:
+            self.interval = min(self.interval * 2, 32 * self.base_interval)
+        self.next_probe = self.steps + self.interval
+        self.probing = None
+        torch.set_num_threads(self.current)
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -154,9 +231,13 @@ class Trainer:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda was requested but no CUDA device is available; use --device cpu")
-        self.num_threads = cfg.num_threads or default_num_threads(dist_ctx.world_size if self.device.type == "cpu" else 1)
-        torch.set_num_threads(self.num_threads)
         self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(self.device, dist_ctx.world_size)
+        threads = default_num_threads(dist_ctx.world_size if self.device.type == "cpu" else 1)
+        if self.device.type == "cpu" and threads > 2:
+            threads = max(2, threads - self.num_workers)  # the data workers get cores of their own
+        self.num_threads = cfg.num_threads or threads
+        self.thread_tuner = ThreadTuner(self.num_threads, enabled=cfg.num_threads is None and not cfg.deterministic
+                                        and self.device.type == "cpu" and not dist_ctx.enabled)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -165,12 +246,23 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
 
-        self.precision = resolve_precision(cfg.precision, self.device)
+        # a time-budget plan records the precision and memory format it measured fastest on its device
+        cfg_plan = plan.configuration(self.configuration)
+        budget_notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
+        measured_here = (isinstance(budget_notes, dict) and budget_notes.get("configuration") == self.configuration
+                         and str(budget_notes.get("device", plan.device)).split(":")[0] == self.device.type)
+        planned_precision = cfg_plan.network(self.arch).precision if plan.device.split(":")[0] == self.device.type else None
+        self.precision = resolve_precision(cfg.precision, self.device, planned_precision)
         self.amp_dtype = autocast_dtype(self.precision)
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cpu"
+        planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") if measured_here else None
+        if cfg.channels_last is not None:
+            self.channels_last = cfg.channels_last
+        elif isinstance(planned_cl, bool):
+            self.channels_last = planned_cl
+        else:
+            self.channels_last = self.device.type == "cpu"
 
         # -------- plan of the network actually trained (stored in every checkpoint)
-        cfg_plan = plan.configuration(self.configuration)
         net = cfg_plan.network(self.arch)
         changes: dict[str, Any] = {}
         if not cfg.deep_supervision and net.deep_supervision:
@@ -436,7 +528,10 @@ class Trainer:
                 t1 = time.perf_counter()
                 wait += t1 - t0
                 x, y = self._to_device(x, y)
+                self.thread_tuner.before_step()
+                t_step = time.perf_counter()
                 loss = self.train_step(x, y)
+                self.thread_tuner.after_step(time.perf_counter() - t_step)
                 if not math.isfinite(loss):
                     logger.warning("iteration %d: non-finite loss %s", self.iteration, loss)
                 loss_sum += loss
@@ -470,7 +565,8 @@ class Trainer:
         samples = 0
         try:
             for j in range(self.cfg.val_iters):
-                x, y = self.val_sampler.batch(self.epoch * self.cfg.val_iters + j, self.batch_lo, self.batch_hi)
+                with single_threaded():
+                    x, y = self.val_sampler.batch(self.epoch * self.cfg.val_iters + j, self.batch_lo, self.batch_hi)
                 x, y = self._to_device(x, y)
                 with self._autocast():
                     out = core(x)
@@ -513,6 +609,7 @@ class Trainer:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "num_threads": self.num_threads,
+            "threads_in_use": self.thread_tuner.current,
             "num_workers": self.num_workers,
             "world_size": self.dist.world_size,
             "best_ema_pseudo_dice": self.best_metric,

@@ -95,3 +95,26 @@ def test_unusual_spacing_warns(tmp_path):
     write_oblique(tmp_path / "in" / "thick.nii.gz", image, spacing_zyx=(7.0, 0.8, 1.2))
     res = predict_folder(tmp_path / "in", tmp_path / "out", _predictor(), progress=False)
     assert res.ok and len(res.warnings) == 1 and "far from the training data" in res.warnings[0]
+
+
+def test_2d_image_with_2d_configuration(tmp_path):
+    import SimpleITK as sitk
+
+    plan = build_plan(spacings={"2d": (1.0, 0.8, 1.2)}, label_ids=(0, 3), median_spacing=(1.0, 0.8, 1.2))
+    predictor = Predictor([EnsembleMember(Threshold(), plan, "2d", "unet")])
+    box = np.zeros((30, 26), bool)
+    box[6:16, 5:14] = True
+    image = (100.0 + 100.0 * box + np.random.default_rng(0).normal(0, 1, box.shape)).astype(np.float32)
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing((1.2, 0.8))
+    img.SetOrigin((4.0, -2.0))
+    img.SetDirection((0.0, 1.0, -1.0, 0.0))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "in" / "slice.nii.gz"))
+    res = predict_folder(tmp_path / "in", tmp_path / "out", predictor, progress=False)
+    assert res.ok, res.summary()
+    src = sitk.ReadImage(str(tmp_path / "in" / "slice.nii.gz"))
+    out = sitk.ReadImage(str(tmp_path / "out" / "slice.nii.gz"))
+    assert out.GetDimension() == 2 and out.GetSize() == src.GetSize()
+    assert out.GetOrigin() == src.GetOrigin() and out.GetDirection() == src.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out) == 3, box)

@@ -8,7 +8,9 @@ import torch
 
 from medseg.planning.plan import NetworkPlan
 
-ISO3 = dict(patch_size=(16, 16, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 4)
+ISO3 = dict(
+    patch_size=(16, 16, 16), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 4
+)
 # thick slices: z is strided late and convolved in-plane only at full resolution
 ANISO3 = dict(
     patch_size=(8, 32, 24),
@@ -16,7 +18,9 @@ ANISO3 = dict(
     kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
 )
 ISO2 = dict(patch_size=(32, 32), strides=((1, 1), (2, 2), (2, 2), (2, 2)), kernel_sizes=((3, 3),) * 4)
-ANISO2 = dict(patch_size=(16, 48), strides=((1, 1), (1, 2), (2, 2), (2, 2)), kernel_sizes=((1, 3), (3, 3), (3, 3), (3, 3)))
+ANISO2 = dict(
+    patch_size=(16, 48), strides=((1, 1), (1, 2), (2, 2), (2, 2)), kernel_sizes=((1, 3), (3, 3), (3, 3), (3, 3))
+)
 TOPOLOGIES = {"iso3d": ISO3, "aniso3d": ANISO3, "iso2d": ISO2, "aniso2d": ANISO2}
 ARCHS = ("unet", "deeplab", "psp", "fcn")
 

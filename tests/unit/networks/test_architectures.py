@@ -210,7 +210,8 @@ def test_deeplab_output_stride_keeps_resolution():
 
 def test_aspp_rates_adapt_per_axis_and_degrade_to_1x1():
     # paper geometry (33-voxel map) keeps the paper's rates
-    assert aspp_branch_geometry((6, 12, 18), (33, 33), (3, 3)) == [((3, 3), (6, 6)), ((3, 3), (12, 12)), ((3, 3), (18, 18))]
+    geo = aspp_branch_geometry((6, 12, 18), (33, 33), (3, 3))
+    assert geo == [((3, 3), (6, 6)), ((3, 3), (12, 12)), ((3, 3), (18, 18))]
     # a short z axis (2 voxels) and a 1-voxel axis: rates shrink; an axis of size 1 degrades to kernel 1
     geo = aspp_branch_geometry((6, 12, 18), (2, 11, 1), (3, 3, 3))
     assert geo == [((3, 3, 1), (1, 2, 1)), ((3, 3, 1), (1, 4, 1)), ((3, 3, 1), (1, 6, 1))]
@@ -231,3 +232,31 @@ def test_fcn_fuses_the_three_deepest_stages():
     model = build_network(tiny_plan("fcn", ISO3), C, K)
     assert model.fused == [3, 2, 1]
     assert model.output_scales == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 6, 7), (3, 4, 9, 10)])
+def test_channels_last_instance_norm_gradients(shape):
+    from medseg.networks.layers import InstanceNorm, _ChannelsLastInstanceNorm
+
+    fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.rand(c, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: _ChannelsLastInstanceNorm.apply(*a, 1e-5), (x, w, b))
+
+    norm = InstanceNorm(c)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x32 = torch.randn(shape)
+    g = torch.randn(shape)
+    ref_in = x32.clone().requires_grad_()
+    ref = torch.autograd.grad(norm(ref_in), [ref_in, norm.weight, norm.bias], g)
+    cl_in = x32.contiguous(memory_format=fmt).requires_grad_()
+    y = norm(cl_in)
+    assert type(y.grad_fn).__name__ == "_ChannelsLastInstanceNormBackward"
+    got = torch.autograd.grad(y, [cl_in, norm.weight, norm.bias], g.contiguous(memory_format=fmt))
+    assert got[0].is_contiguous(memory_format=fmt)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)

@@ -29,7 +29,7 @@ def test_estimate_is_within_15_percent_of_the_measured_cpu_peak(arch):
         net = _plan(arch, patch)
         est = estimate_training_memory_gb(net, 1, 3)
         meas = measure_training_peak_gb(net, 1, 3)
-        assert abs(est - meas) <= 0.15 * meas, f"{arch} {patch}: estimate {est * 1024:.2f} MiB, measured {meas * 1024:.2f} MiB"
+        assert abs(est - meas) <= 0.15 * meas, f"{arch} {patch}: estimated {est:.4f} GiB, measured {meas:.4f} GiB"
 
 
 def test_estimate_grows_with_patch_and_batch_and_derives_batches_exactly():
@@ -37,7 +37,8 @@ def test_estimate_grows_with_patch_and_batch_and_derives_batches_exactly():
     one = estimate_training_memory_gb(net, 1, 3)
     two = estimate_training_memory_gb(dataclasses.replace(net, batch_size=2), 1, 3)
     derived = estimate_training_memory_gb(dataclasses.replace(net, batch_size=7), 1, 3)
-    exact = max(memory._simulate_trace(dataclasses.replace(net, batch_size=7), 1, 3, torch.get_num_threads())) / memory.GIB
+    trace = memory._simulate_trace(dataclasses.replace(net, batch_size=7), 1, 3, torch.get_num_threads())
+    exact = max(trace) / memory.GIB
     assert one < two < derived
     assert derived == pytest.approx(exact, rel=1e-9)
     bigger = estimate_training_memory_gb(dataclasses.replace(net, patch_size=(32, 32, 32)), 1, 3)
@@ -65,7 +66,7 @@ def test_bf16_estimate_matches_measured_peak_where_the_cpu_supports_bf16(arch):
                                   kernel_sizes=ISO2["kernel_sizes"], precision="bf16")
         est = estimate_training_memory_gb(net, 1, 3)
         meas = measure_training_peak_gb(net, 1, 3)
-        assert abs(est - meas) <= 0.15 * meas, f"{arch} {patch}: estimate {est * 1024:.2f} MiB, measured {meas * 1024:.2f} MiB"
+        assert abs(est - meas) <= 0.15 * meas, f"{arch} {patch}: estimated {est:.4f} GiB, measured {meas:.4f} GiB"
 
 
 def test_estimate_leaves_the_random_number_stream_alone():

@@ -1,0 +1,156 @@
+"""train() on a tiny synthetic work folder: outputs, resume equivalence, crash safety, budgets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medseg.errors import CheckpointError, ConfigError
+from medseg.training import TrainConfig, load_checkpoint, load_model_from_run, train
+from medseg.training.trainer import Trainer
+
+# one thread: fast on a busy CI machine (two OpenMP threads stall each other when cores are shared)
+FAST = dict(iters_per_epoch=3, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3)
+
+
+def _weights(run_dir, name="latest"):
+    return load_checkpoint(run_dir / f"checkpoint_{name}.pt")["model"]
+
+
+def test_train_writes_a_complete_run_folder(tiny_work):
+    run = train(tiny_work, TrainConfig(epochs=2, **FAST))
+    assert run == tiny_work / "runs" / "3d_fullres" / "unet" / "fold_0"
+    for name in ("config.json", "plans.json", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt",
+                 "training_log.txt", "training_curves.png", "progress.json", "validation/metrics.json"):
+        assert (run / name).is_file(), name
+    cfg = TrainConfig.load(run / "config.json")
+    assert cfg.epochs == 2 and cfg.configuration == "3d_fullres" and cfg.arch == "unet"
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 6 and len(ckpt["history"]) == 2
+    assert ckpt["finished"] is True
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "finished" and progress["history"][-1]["lr"] < 1e-2
+    assert "data_wait_seconds" in progress["history"][0]
+    assert "epoch 2" in (run / "training_log.txt").read_text()
+
+    splits = json.loads((tiny_work / "splits.json").read_text())
+    val = splits[0]["val"]
+    metrics = json.loads((run / "validation" / "metrics.json").read_text())
+    assert sorted(metrics["per_case"]) == sorted(val) and set(metrics["mean_dice"]) == {"1", "2", "3"}
+    ref_root = json.loads((tiny_work / "dataset_ref.json").read_text())["root"]
+    for cid in val:
+        pred = sitk.ReadImage(str(run / "validation" / f"{cid}.nii.gz"))
+        img = sitk.ReadImage(f"{ref_root}/imagesTr/{cid}.nii.gz")
+        assert pred.GetSize() == img.GetSize() and pred.GetSpacing() == img.GetSpacing()
+        assert pred.GetOrigin() == img.GetOrigin() and pred.GetDirection() == img.GetDirection()
+        with np.load(run / "validation" / f"{cid}.npz") as f:
+            probs = f["probabilities"]
+        assert probs.dtype == np.float16 and probs.shape == (4, *sitk.GetArrayFromImage(img).shape)
+        assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+
+    model, plan, configuration, arch = load_model_from_run(run)
+    assert not model.training and configuration == "3d_fullres" and arch == "unet" and plan.num_classes == 4
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 8, 16, 16)).shape == (1, 4, 8, 16, 16)
+
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_work, TrainConfig(epochs=2, **FAST))
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tiny_work, monkeypatch):
+    cfg = TrainConfig(epochs=3, final_validation=False, deterministic=True, **FAST)
+    straight = train(tiny_work, cfg)
+    reference = _weights(straight)
+    import shutil
+
+    shutil.rmtree(tiny_work / "runs")
+
+    original_end = Trainer._end_epoch
+
+    def crash_after_first_epoch(self, stats, val):
+        original_end(self, stats, val)
+        if self.epoch == 1:
+            raise KeyboardInterrupt("simulated kill after epoch 1")
+
+    monkeypatch.setattr(Trainer, "_end_epoch", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_work, cfg)
+    monkeypatch.setattr(Trainer, "_end_epoch", original_end)
+    run = tiny_work / "runs" / "3d_fullres" / "unet" / "fold_0"
+    assert load_checkpoint(run / "checkpoint_latest.pt")["epoch"] == 1
+    assert not (run / "checkpoint_final.pt").exists()
+    # a kill during the next checkpoint write leaves a truncated temporary file behind
+    (run / ".tmp_ckpt_killed.pt").write_bytes(b"PK\x03\x04truncated")
+    train(tiny_work, cfg, resume=True)
+    assert not (run / ".tmp_ckpt_killed.pt").exists()
+    resumed = _weights(run)
+    assert load_checkpoint(run / "checkpoint_final.pt")["iteration"] == 9
+    for k in reference:
+        assert torch.allclose(resumed[k].float(), reference[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_resume_extends_a_finished_run_and_rejects_corrupt_checkpoints(tiny_work):
+    cfg = TrainConfig(epochs=1, final_validation=False, **FAST)
+    run = train(tiny_work, cfg)
+    train(tiny_work, TrainConfig(epochs=2, final_validation=False, **FAST), resume=True)
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 6 and ckpt["train_config"]["epochs"] == 2
+    assert TrainConfig.load(run / "config.json").epochs == 2
+    # resuming a finished run without a larger --epochs trains nothing
+    before = (run / "checkpoint_final.pt").stat().st_mtime_ns
+    train(tiny_work, TrainConfig(epochs=2, final_validation=False, **FAST), resume=True)
+    assert (run / "checkpoint_final.pt").stat().st_mtime_ns == before
+
+    data = (run / "checkpoint_latest.pt").read_bytes()
+    (run / "checkpoint_latest.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="checkpoint_latest.pt"):
+        train(tiny_work, TrainConfig(epochs=3, **FAST), resume=True)
+
+
+def test_time_budget_anneals_over_elapsed_time(tiny_work):
+    budget_min = 0.1  # 6 seconds
+    run = train(tiny_work, TrainConfig(time_budget_minutes=budget_min, iters_per_epoch=20, val_iters=1, num_workers=0,
+                                       num_threads=1, precision="fp32", fold="all"))
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert run.name == "fold_all"
+    assert ckpt["iteration"] >= 5
+    assert ckpt["elapsed_seconds"] <= budget_min * 60 + 2
+    lrs = [h["lr"] for h in ckpt["history"]]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5e-2  # annealed over elapsed time
+    assert ckpt["scheduler"]["progress"] > 0.8
+    assert not (run / "validation").exists()  # fold all: nothing held out
+    assert ckpt["train_config"]["time_budget_minutes"] == budget_min
+
+
+def test_2d_configuration_with_workers_adamw_and_cosine(tiny_work):
+    run = train(tiny_work, TrainConfig(configuration="2d", epochs=1, iters_per_epoch=2, val_iters=1, num_workers=1,
+                                       num_threads=1,
+                                       optimizer="adamw", lr_schedule="cosine_restarts", focal_gamma=2.0,
+                                       batch_dice=True, final_validation=False, fold=1))
+    assert run == tiny_work / "runs" / "2d" / "unet" / "fold_1"
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert ckpt["iteration"] == 2 and "exp_avg" in str(ckpt["optimizer"]["state"][0].keys())
+
+
+def test_thread_tuner_switches_to_the_faster_thread_count():
+    from medseg.training.trainer import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        for slow_threads, expected in ((2, 1), (1, 2)):
+            tuner = ThreadTuner(2, probe_every=5)
+            for _ in range(40):
+                tuner.before_step()
+                tuner.after_step(1.0 if torch.get_num_threads() == slow_threads else 0.3)
+            assert tuner.current == expected
+            assert torch.get_num_threads() == expected or tuner.probing is not None
+        pinned = ThreadTuner(2, enabled=False)
+        pinned.before_step()
+        pinned.after_step(5.0)
+        assert pinned.current == 2
+    finally:
+        torch.set_num_threads(before)
