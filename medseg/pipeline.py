@@ -85,6 +85,12 @@ def plan_and_preprocess(
     t = time.perf_counter()
     plan = plan_dataset(ds, fp, options)
     seconds["plan"] = time.perf_counter() - t
+    if options.time_budget_minutes is not None:
+        from medseg.planning.budget import fit_plan_to_budget
+
+        t = time.perf_counter()
+        plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes)
+        seconds["budget"] = time.perf_counter() - t
 
     work_dir.mkdir(parents=True, exist_ok=True)
     fp_path = work_dir / "fingerprint.json"

@@ -43,6 +43,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     state.setdefault("format", CHECKPOINT_FORMAT)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
@@ -52,6 +53,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import (changing the umask briefly is not thread-safe)
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def _fsync_dir(folder: Path) -> None:

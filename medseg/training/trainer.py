@@ -337,6 +337,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.iter_seconds: float | None = None  # smoothed duration of one training iteration
         self.fwd_seconds_per_sample: float | None = None  # eval forward time of one patch
+        self.end_epoch_seconds: float | None = None  # checkpoint + log + plot time at the end of an epoch
+        self.pseudo_dice_seconds: float | None = None
+        self._progress_floor = 0.0  # time-budget progress reached in this session
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -436,14 +439,19 @@ class Trainer:
         reserve = self.final_validation_estimate()
         if reserve > 0.5 * budget:
             reserve = 0.5 * budget
+        # the last epoch's bookkeeping and the final checkpoints come after the last iteration
+        bookkeeping = 2.0 * (self.end_epoch_seconds if self.end_epoch_seconds is not None else 1.0)
         margin = min(30.0, 0.02 * budget)
-        return max(budget - reserve - margin, 0.0)
+        return max(budget - reserve - bookkeeping - margin, 0.0)
 
     def progress(self) -> float:
         """Training progress in [0, 1] driving the learning-rate schedule."""
         deadline = self.training_deadline()
         if deadline is not None:
-            return min(1.0, self.elapsed() / deadline) if deadline > 0 else 1.0
+            # the deadline moves a little as the time estimates improve; never let the schedule go back
+            p = min(1.0, self.elapsed() / deadline) if deadline > 0 else 1.0
+            self._progress_floor = max(self._progress_floor, p)
+            return self._progress_floor
         total = (self.max_epochs or DEFAULT_EPOCHS) * self.cfg.iters_per_epoch
         return min(1.0, self.iteration / total)
 
@@ -683,10 +691,17 @@ class Trainer:
                 stats = self.train_epoch(stream)
                 if stats["iterations"] == 0:
                     break
-                past_deadline = self.training_deadline() is not None and self.training_done()
-                val = {} if past_deadline else self.pseudo_dice()
+                deadline = self.training_deadline()
+                skip_val = deadline is not None and (
+                    self.training_done() or self.elapsed() + (self.pseudo_dice_seconds or 0.0) > deadline)
+                t = time.perf_counter()
+                val = {} if skip_val else self.pseudo_dice()
+                if val:
+                    self.pseudo_dice_seconds = time.perf_counter() - t
                 self.epoch += 1
+                t = time.perf_counter()
                 self._end_epoch(stats, val)
+                self.end_epoch_seconds = time.perf_counter() - t
         finally:
             close = getattr(stream, "_shutdown_workers", None)
             if close is not None:

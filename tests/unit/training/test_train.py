@@ -112,7 +112,7 @@ def test_resume_extends_a_finished_run_and_rejects_corrupt_checkpoints(tiny_work
 
 
 def test_time_budget_anneals_over_elapsed_time(tiny_work):
-    budget_min = 0.1  # 6 seconds
+    budget_min = 0.15  # 9 seconds
     run = train(tiny_work, TrainConfig(time_budget_minutes=budget_min, iters_per_epoch=20, val_iters=1, num_workers=0,
                                        num_threads=1, precision="fp32", fold="all"))
     ckpt = load_checkpoint(run / "checkpoint_final.pt")
@@ -120,10 +120,17 @@ def test_time_budget_anneals_over_elapsed_time(tiny_work):
     assert ckpt["iteration"] >= 5
     assert ckpt["elapsed_seconds"] <= budget_min * 60 + 2
     lrs = [h["lr"] for h in ckpt["history"]]
-    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5e-2  # annealed over elapsed time
-    assert ckpt["scheduler"]["progress"] > 0.8
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.9e-2  # annealed over elapsed time
+    assert ckpt["scheduler"]["progress"] > 0.8  # the schedule ran (almost) to its end
     assert not (run / "validation").exists()  # fold all: nothing held out
     assert ckpt["train_config"]["time_budget_minutes"] == budget_min
+
+    # --resume --time-budget with a larger budget extends the run
+    train(tiny_work, TrainConfig(time_budget_minutes=2 * budget_min, fold="all"), resume=True)
+    extended = load_checkpoint(run / "checkpoint_final.pt")
+    assert extended["train_config"]["time_budget_minutes"] == 2 * budget_min
+    assert extended["iteration"] > ckpt["iteration"]
+    assert extended["elapsed_seconds"] <= 2 * budget_min * 60 + 3
 
 
 def test_2d_configuration_with_workers_adamw_and_cosine(tiny_work):
