@@ -6,7 +6,8 @@
 Without ``--run-dir`` the network is the planned architecture (``plans/hippocampus.json``, else the plan
 ``medseg plan`` produces for ``--data``) with random weights: speed and memory do not depend on the
 weights (Dice does, so it is only reported for trained models). Each tool runs as its own process, timed
-end to end (imports and model loading included). Peak memory is the sampled proportional set size (PSS)
+end to end (imports and model loading included), as wall time and as CPU time of its whole process tree
+(the steadier figure on a shared machine). Peak memory is the sampled proportional set size (PSS)
 of the tool's whole process tree, so nnU-Net's worker processes count too. The memory test predicts one
 synthetic ``155 x 240 x 240`` (Z, Y, X; BraTS-sized) volume.
 
@@ -96,8 +97,8 @@ def _medseg(args: argparse.Namespace, tmp: Path, tag: str, input_dir: Path, *, t
     cmd += ["--run-dir", args.run_dir] if args.run_dir else ["--plan", str(args.plan)]
     cmd += [] if tta else ["--no-tta"]
     cmd += ["--compile"] if compile_ else []
-    seconds, pss, out = _run_measured(cmd)
-    row = {"name": f"medseg ({tag})", "seconds": seconds, "peak_mb": pss, "cases": 0}
+    seconds, cpu, pss, out = _run_measured(cmd)
+    row = {"name": f"medseg ({tag})", "seconds": seconds, "cpu": cpu, "peak_mb": pss, "cases": 0}
     if out.strip():
         child = json.loads(out.strip().splitlines()[-1])
         row.update(cases=child["cases"], peak_mb=max(pss, child["maxrss_mb"]), model=child["model"])
@@ -142,9 +143,13 @@ def _tree_pss_mb(root: int) -> float:
     return total
 
 
-def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run ``cmd``; returns (seconds, peak memory of its whole process tree in MB (PSS, sampled every
-    50 ms, so worker processes count too), stdout)."""
+def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Run ``cmd``; returns (wall seconds, CPU seconds of the whole process tree (user + system, every
+    worker included), peak memory of the process tree in MB (PSS sampled every 50 ms), stdout).
+
+    CPU seconds are the fairer speed measure on a shared machine: they barely change with other load.
+    """
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0.0
@@ -153,9 +158,11 @@ def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float
         time.sleep(0.05)
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if proc.returncode != 0:
         print(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}", file=sys.stderr)
-    return seconds, peak, out
+    return seconds, cpu, peak, out
 
 
 # Run inside nnU-Net's venv: a model folder with nnU-Net's own 3d_fullres plan and random weights.
@@ -241,8 +248,8 @@ def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, 
            "-o", str(tmp / f"nn_out_{tag}"), "-m", str(model), "-f", str(args.nnunet_fold), "-device", "cpu",
            "-npp", str(workers), "-nps", str(workers), "-step_size", str(step)]
     cmd += [] if tta else ["--disable_tta"]
-    seconds, pss, _ = _run_measured(cmd, env=env)
-    row = {"name": f"nnU-Net v2 ({tag})", "seconds": seconds, "peak_mb": pss,
+    seconds, cpu, pss, _ = _run_measured(cmd, env=env)
+    row = {"name": f"nnU-Net v2 ({tag})", "seconds": seconds, "cpu": cpu, "peak_mb": pss,
            "cases": len(list((tmp / f"nn_out_{tag}").glob("*.nii.gz")))}
     if args.run_dir is None and args.nnunet_model_folder and (Path(args.data) / "labelsTr").is_dir() and row["cases"]:
         from medseg.evaluation import evaluate_folders
@@ -254,16 +261,17 @@ def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, 
 
 def _print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"  {'':28s} {'wall (s)':>9s} {'s/case':>7s} {'peak RAM (MB)':>13s} {'Dice':>7s}")
+    print(f"  {'':26s} {'wall (s)':>9s} {'CPU (s)':>9s} {'CPU s/case':>10s} {'peak RAM (MB)':>13s} {'Dice':>7s}")
     for r in rows:
         dice = f"{r['dice']:.4f}" if r.get("dice") is not None else "-"
-        print(f"  {r['name']:28s} {r['seconds']:9.1f} {r['seconds'] / max(r['cases'], 1):7.2f} "
+        print(f"  {r['name']:26s} {r['seconds']:9.1f} {r['cpu']:9.1f} {r['cpu'] / max(r['cases'], 1):10.2f} "
               f"{r['peak_mb']:13.0f} {dice:>7s}")
     med = rows[0]
     for r in rows[1:]:
         if r["name"].startswith("nnU-Net"):
-            print(f"  {'ratio':28s} medseg {r['seconds'] / med['seconds']:.2f}x faster, "
-                  f"{med['peak_mb'] / max(r['peak_mb'], 1e-9):.2f}x the peak RAM of nnU-Net")
+            print(f"  ratio nnU-Net / medseg: wall {r['seconds'] / med['seconds']:.2f}x, CPU time "
+                  f"{r['cpu'] / max(med['cpu'], 1e-9):.2f}x; medseg peak RAM = "
+                  f"{med['peak_mb'] / max(r['peak_mb'], 1e-9):.2f}x nnU-Net's")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medseg.inference.export import save_probabilities, write_segmentation
+from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.predictor import EnsembleMember, PredictionResult, Predictor, load_member, predict_folder
 from medseg.inference.sliding_window import gaussian_importance_map, predict_sliding_window
 
@@ -14,6 +14,6 @@ __all__ = [
     "load_member",
     "predict_folder",
     "predict_sliding_window",
-    "save_probabilities",
+    "write_probabilities",
     "write_segmentation",
 ]

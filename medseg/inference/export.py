@@ -69,7 +69,7 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
     write_image(seg, geometry, path)
 
 
-def save_probabilities(path: Path, probs: np.ndarray, label_ids: Sequence[int]) -> None:
+def write_probabilities(path: Path, probs: np.ndarray, label_ids: Sequence[int]) -> None:
     """Write ``probs`` ``(K, Z, Y, X)`` as float16 ``probabilities`` plus ``label_ids`` to an ``.npz``, atomically."""
     buf = io.BytesIO()
     np.savez_compressed(buf, probabilities=probs.astype(np.float16), label_ids=np.asarray(label_ids))

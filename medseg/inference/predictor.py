@@ -38,7 +38,7 @@ import SimpleITK as sitk
 import torch
 
 from medseg.errors import CheckpointError, DatasetError, MedsegError
-from medseg.inference.export import save_probabilities, write_segmentation
+from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.sliding_window import predict_sliding_window
 from medseg.io.image import ImageGeometry, read_channels
 from medseg.planning.plan import Plan
@@ -170,7 +170,9 @@ class Predictor:
         precision: autocast precision (``fp32``, ``bf16``, ``fp16``); None uses each network plan's
             training precision, except on a CPU without native bf16 support (no AVX512-BF16/AMX), where
             emulated bf16 is many times slower than fp32 and fp32 is used.
-        batch_size: patches per forward pass; None = 1 for 3D and 8 slices for 2D networks.
+        batch_size: network inputs (patches, or mirrored copies of one with TTA) per forward pass;
+            None = 2 for 3D networks (measured ~10 % less CPU time per patch than 1 or 4 on the CPU) and 8
+            slices for 2D networks.
         postprocessing: rules dict (see :mod:`medseg.postprocessing`) or None for none.
         channels_last: run convolutions channels-last (models are converted). None: on the CPU for the
             architectures where it measured faster (:data:`CHANNELS_LAST_ARCHS`), else off.
@@ -359,7 +361,7 @@ class Predictor:
         member = self.members[index]
         net = member.plan.configuration(member.configuration).network(member.arch)
         dims = len(net.patch_size)
-        batch = self.batch_size or (1 if dims == 3 else 8)
+        batch = self.batch_size or (2 if dims == 3 else 8)
         precision = self.precision or _auto_precision(net.precision, self.device)
         with self._lock:  # one network at a time: they share the CPU cores / GPU
             return predict_sliding_window(
@@ -770,7 +772,7 @@ def predict_folder(
         if save_probabilities:
             probs = predictor._combine(inferred)
             del inferred[:]
-            save_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
+            write_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
             seg = predictor.probabilities_to_labels(probs)
             del probs
         else:

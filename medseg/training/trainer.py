@@ -189,6 +189,8 @@ class ThreadTuner:
             return
         medians = {n: statistics.median(t) for n, t in self.times.items() if t}
         best = min(medians, key=medians.get)
+        logger.debug("thread probe at step %d: %s", self.steps,
+                     ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())))
         if best != self.current and medians[best] < 0.9 * medians[self.current]:
             logger.info("intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
                         if best < self.current else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
