@@ -6,6 +6,7 @@ fold ``all`` for that budget, predicts the test cases, evaluates them and writes
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,37 +87,46 @@ def run_demo(options: DemoOptions) -> DemoResult:
     pred_dir = out / "predictions"
     predict_folder(test / "imagesTr", pred_dir, predictor, overwrite=True)
     report = evaluate_folders(pred_dir, test / "labelsTr", output=out / "metrics.json")
-    dice = report.mean_dice_per_label()
-    mean = float(np.mean(list(dice.values()))) if dice else 0.0
-    overlay = write_overlay_png(sorted((test / "imagesTr").glob("*.nii.gz"))[0], sorted(pred_dir.glob("*.nii.gz"))[0],
-                                out / "overlay.png")
+    dice = {int(lab): float(v["dice"]) for lab, v in report["mean"].items() if v["dice"] is not None}
+    mean = float(report["foreground_mean"]["dice"] or 0.0)
+    first = sorted((test / "imagesTr").glob("*.nii.gz"))[0]
+    overlay = write_overlay_png(first, pred_dir / first.name, out / "overlay.png",
+                                reference_path=test / "labelsTr" / first.name)
     return DemoResult(work_dir=work, prediction_dir=pred_dir, overlay_png=overlay, mean_dice=mean, dice_per_label=dice)
 
 
-def write_overlay_png(image_path: Path, seg_path: Path, png_path: Path) -> Path:
-    """Write a PNG of the middle slice (along Z) of ``image_path`` with ``seg_path`` overlaid."""
+def write_overlay_png(image_path: Path, seg_path: Path, png_path: Path, reference_path: Path | None = None) -> Path:
+    """Write a PNG of the slice (along Z) of ``image_path`` with the most predicted foreground.
+
+    Panels: the image, the prediction ``seg_path`` overlaid and, when given, the reference
+    ``reference_path`` overlaid. Written atomically.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medseg.io.image import read_image
+    from medseg.io.image import atomic_write_bytes, read_image
 
     img, geo = read_image(image_path)
     seg, _ = read_image(seg_path)
     # pick the slice with the most foreground
     z = int(np.argmax((seg > 0).reshape(seg.shape[0], -1).sum(1))) if seg.any() else seg.shape[0] // 2
     aspect = geo.spacing[1] / geo.spacing[2]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    for ax, show_seg in zip(axes, (False, True)):
+    panels: list[tuple[str, np.ndarray | None]] = [("image", None), ("prediction", seg)]
+    if reference_path is not None:
+        panels.append(("reference", read_image(reference_path)[0]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, labels) in zip(axes, panels):
         ax.imshow(img[z], cmap="gray", aspect=aspect)
-        if show_seg:
-            masked = np.ma.masked_where(seg[z] == 0, seg[z])
+        if labels is not None:
+            masked = np.ma.masked_where(labels[z] == 0, labels[z])
             ax.imshow(masked, cmap="tab10", alpha=0.5, vmin=0, vmax=9, aspect=aspect)
-        ax.set_title(f"{image_path.name} z={z}" + (" + prediction" if show_seg else ""))
+        ax.set_title(f"{title} ({image_path.name}, z={z})", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
     return png_path

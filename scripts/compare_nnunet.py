@@ -897,7 +897,7 @@ def run_medseg(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
     if stages["plan"].ok:
         tool["batch_patch"] = _medseg_batch_patch(mwork)
         stages["train"] = run_stage("train", [exe, "train", str(mwork), "--fold", "0", "--time-budget", m,
-                                              "--device", dev, "--num-workers", w, "--no-validation"],
+                                              "--device", dev, "--no-validation"],
                                     logs / "medseg_train.log", env,
                                     timeout_s=args.budget_minutes * 60 + args.stage_timeout_minutes * 60)
         run_info = parse_medseg_run(mwork)
@@ -1132,7 +1132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--medseg-bin", default=_default_medseg_bin(), help="medseg console script")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for compare_nnunet.json/.md")
     p.add_argument("--num-workers", type=int, default=os.cpu_count() or 2,
-                   help="worker processes for both tools (preprocessing, data loading, export)")
+                   help="worker processes for both tools' preprocessing and export, and nnU-Net's data loading "
+                        "(nnUNet_n_proc_DA); medseg's trainer picks its own data workers (none on 2 cores)")
     p.add_argument("--max-train-cases", type=int, default=None, help="use only this many training cases (smoke runs)")
     p.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the train/test split")
     p.add_argument("--nnunet-schedule", choices=("default", "budget"), default="default",

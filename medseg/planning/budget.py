@@ -310,6 +310,10 @@ def measure_step_times(
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    if any(torch.device(s.device).type == "cpu" for s in settings):
+        from medseg.networks.memory import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()  # time the steps with the allocator setting the trainer uses
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
     bar = tqdm(total=len(settings) * (warmup + steps), desc="timing training steps", unit="step",

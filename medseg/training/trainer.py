@@ -238,6 +238,10 @@ class Trainer:
         if self.device.type == "cpu" and threads > 2:
             threads = max(2, threads - self.num_workers)  # the data workers get cores of their own
         self.num_threads = cfg.num_threads or threads
+        if self.device.type == "cpu":
+            from medseg.networks.memory import keep_freed_cpu_memory
+
+            keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
         self.thread_tuner = ThreadTuner(self.num_threads, enabled=cfg.num_threads is None and not cfg.deterministic
                                         and self.device.type == "cpu" and not dist_ctx.enabled)
         if cfg.deterministic:
