@@ -102,7 +102,7 @@ def _medseg(args: argparse.Namespace, tmp: Path, tag: str, input_dir: Path, *, t
     if out.strip():
         child = json.loads(out.strip().splitlines()[-1])
         row.update(cases=child["cases"], peak_mb=max(pss, child["maxrss_mb"]), model=child["model"])
-    if args.run_dir and (Path(args.data) / "labelsTr").is_dir() and row["cases"]:
+    if args.run_dir and input_dir.name != "ram_in" and (Path(args.data) / "labelsTr").is_dir() and row["cases"]:
         from medseg.evaluation import evaluate_folders
 
         row["dice"] = evaluate_folders(tmp / f"out_{tag}", Path(args.data) / "labelsTr", progress=False)[
@@ -251,7 +251,8 @@ def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, 
     seconds, cpu, pss, _ = _run_measured(cmd, env=env)
     row = {"name": f"nnU-Net v2 ({tag})", "seconds": seconds, "cpu": cpu, "peak_mb": pss,
            "cases": len(list((tmp / f"nn_out_{tag}").glob("*.nii.gz")))}
-    if args.run_dir is None and args.nnunet_model_folder and (Path(args.data) / "labelsTr").is_dir() and row["cases"]:
+    if (args.nnunet_model_folder and input_dir.name != "ram_in" and (Path(args.data) / "labelsTr").is_dir()
+            and row["cases"]):
         from medseg.evaluation import evaluate_folders
 
         row["dice"] = evaluate_folders(tmp / f"nn_out_{tag}", Path(args.data) / "labelsTr", progress=False)[

@@ -23,11 +23,13 @@ Nothing is written next to the input data; everything goes to a temporary folder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,10 +144,19 @@ def time_nnunet(bin_dir: Path, data: Path, tmp: Path, batch: int, patch: list[in
     python = bin_dir / "python"
     cmd = [str(python), "-c", NNUNET_SNIPPET, str(NNUNET_DATASET_ID), str(batch), str(warmup), str(iters),
            str(threads), ",".join(map(str, patch))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    # nnU-Net's augmentation worker processes can outlive its main process and would keep a pipe open
+    # forever: collect the output in files and end the whole process group once the main process exits.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        returncode = proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"nnU-Net trainer run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"nnU-Net trainer run failed ({returncode}):\n{stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
