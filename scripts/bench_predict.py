@@ -90,7 +90,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _medseg(args: argparse.Namespace, tmp: Path, tag: str, input_dir: Path, *, tta: bool, step: float,
-            channels_last: str = "auto", compile_: bool = False) -> dict:
+            channels_last: str = "auto", compile_: bool = False, evaluate: bool = True) -> dict:
     """Run one medseg variant as its own process (imports and model building included, like nnU-Net)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", args.data, "--input", str(input_dir),
            "--output", str(tmp / f"out_{tag}"), "--channels-last", channels_last, "--step", str(step)]
@@ -102,12 +102,19 @@ def _medseg(args: argparse.Namespace, tmp: Path, tag: str, input_dir: Path, *, t
     if out.strip():
         child = json.loads(out.strip().splitlines()[-1])
         row.update(cases=child["cases"], peak_mb=max(pss, child["maxrss_mb"]), model=child["model"])
-    if args.run_dir and input_dir.name != "ram_in" and (Path(args.data) / "labelsTr").is_dir() and row["cases"]:
-        from medseg.evaluation import evaluate_folders
-
-        row["dice"] = evaluate_folders(tmp / f"out_{tag}", Path(args.data) / "labelsTr", progress=False)[
-            "foreground_mean"]["dice"]
+    if evaluate and args.run_dir and row["cases"]:
+        row["dice"] = _dice(args, tmp / f"out_{tag}")
     return row
+
+
+def _dice(args: argparse.Namespace, pred_dir: Path) -> float | None:
+    """Mean foreground Dice of ``pred_dir`` against ``--data``'s labelsTr (None without labels)."""
+    labels = Path(args.data) / "labelsTr"
+    if not labels.is_dir():
+        return None
+    from medseg.evaluation import evaluate_folders
+
+    return evaluate_folders(pred_dir, labels, progress=False)["foreground_mean"]["dice"]
 
 
 def _big_volume(tmp: Path, shape: tuple[int, ...]) -> Path:
@@ -239,7 +246,7 @@ def _nnunet_setup(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict | Non
 
 
 def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, tag: str, input_dir: Path, *,
-            tta: bool, step: float, workers: int) -> dict:
+            tta: bool, step: float, workers: int, evaluate: bool = True) -> dict:
     nn_in = tmp / f"nn_in_{tag}"
     nn_in.mkdir()
     for p in sorted(input_dir.iterdir()):
@@ -251,12 +258,8 @@ def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, 
     seconds, cpu, pss, _ = _run_measured(cmd, env=env)
     row = {"name": f"nnU-Net v2 ({tag})", "seconds": seconds, "cpu": cpu, "peak_mb": pss,
            "cases": len(list((tmp / f"nn_out_{tag}").glob("*.nii.gz")))}
-    if (args.nnunet_model_folder and input_dir.name != "ram_in" and (Path(args.data) / "labelsTr").is_dir()
-            and row["cases"]):
-        from medseg.evaluation import evaluate_folders
-
-        row["dice"] = evaluate_folders(tmp / f"nn_out_{tag}", Path(args.data) / "labelsTr", progress=False)[
-            "foreground_mean"]["dice"]
+    if evaluate and args.nnunet_model_folder and row["cases"]:
+        row["dice"] = _dice(args, tmp / f"nn_out_{tag}")
     return row
 
 
@@ -328,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.skip_ram:
             big = _big_volume(tmp, tuple(args.ram_shape))
-            ram_rows = [_medseg(args, tmp, "large", big, tta=args.ram_tta, step=args.ram_step)]
+            ram_rows = [_medseg(args, tmp, "large", big, tta=args.ram_tta, step=args.ram_step, evaluate=False)]
             if nn:
                 ram_rows.append(_nnunet(args, tmp, nn[0], nn[1], "large", big, tta=args.ram_tta, step=args.ram_step,
-                                        workers=1))
+                                        workers=1, evaluate=False))
             shape = " x ".join(map(str, args.ram_shape))
             _print_table(f"one {shape} (Z, Y, X) volume, TTA {'on' if args.ram_tta else 'off'}, "
                          f"step {args.ram_step}", ram_rows)
