@@ -6,20 +6,21 @@ measurements are shared between the budgets (each setting is timed once, the lar
 the table shows how the same step times lead to different choices. Then every measured setting is
 listed with its step time.
 
-    python scripts/bench_budget.py                                  # ../shared/data/hippocampus, cpu
-    python scripts/bench_budget.py DATA --budgets 10 30 60 --steps 3
-    python scripts/bench_budget.py --plan WORK/plans.json           # an existing plan, no planning
-    python scripts/bench_budget.py --train                          # also train fold 0 per budget (hours)
+    python scripts/bench_budget.py                          # ../shared/data/hippocampus, cpu, 10/30/60 min (~2 h)
+    python scripts/bench_budget.py DATA --budgets 10 30 --steps 3
+    python scripts/bench_budget.py --plan-only              # only the plan table (about a minute)
+    python scripts/bench_budget.py --plan WORK/plans.json --plan-only   # an existing plan, no planning
 
-``--train`` (only when ``medseg.training.train`` exists) preprocesses the dataset once, then per budget
-copies the work folder, writes the budget plan into it, runs ``medseg train WORK --fold 0 --time-budget M``
-and prints the fold-0 validation Dice from ``runs/<config>/<arch>/fold_0/validation/metrics.json``.
+Unless ``--plan-only`` is given, the dataset is preprocessed once, then per budget the work folder is
+copied, the budget plan written into it and ``medseg train WORK --fold 0 --time-budget M`` run through the
+CLI; the last table gives per budget the plan, the iterations planned and done, the wall time and the
+fold-0 validation Dice (``runs/<config>/<arch>/fold_0/validation/metrics.json``). The budgets run one after
+another, so the whole benchmark takes their sum plus a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median used)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--work", default=None, help="work folder for planning/training (default: a temp folder)")
-    p.add_argument("--train", action="store_true",
-                   help="train fold 0 with each budget plan and report the validation Dice (takes hours)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="only fit the plans; skip training fold 0 per budget (which takes the budgets' sum)")
     return p.parse_args(argv)
 
 
@@ -133,9 +134,11 @@ def print_measurements(plan: Plan) -> None:
 
 
 def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str) -> None:
+    """Train fold 0 with each budget's plan through the real CLI; print plan, iterations and validation Dice."""
     from medseg.cli.main import main as cli_main
 
-    print("\nfold-0 training per budget")
+    print("\nfold-0 training per budget", flush=True)
+    rows = []
     for minutes, plan in sorted(results, key=lambda r: r[0]):
         work = base.parent / f"{base.name}_budget_{minutes:g}min"
         if work.exists():
@@ -148,11 +151,22 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
         rc = cli_main(["train", str(work), "--config", cfg, "--arch", arch, "--fold", "0",
                        "--time-budget", f"{minutes:g}", "--device", device])
         wall = time.perf_counter() - t0
-        metrics = work / "runs" / cfg / arch / "fold_0" / "validation" / "metrics.json"
+        run = work / "runs" / cfg / arch / "fold_0"
+        metrics, progress = run / "validation" / "metrics.json", run / "progress.json"
+        c = plan.notes["budget"]["chosen"]
+        setting = (f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
+                   f"{c['precision']}{' CL' if c['channels_last'] else ''}")
         if rc != 0 or not metrics.is_file():
-            print(f"[{minutes:g} min] training exited {rc}; no {metrics}")
-            continue
-        print(f"[{minutes:g} min] trained in {wall / 60:.1f} min; validation Dice: {dice_summary(json.loads(metrics.read_text()))}")
+            rows.append((minutes, setting, c["iterations"], None, wall, f"training exited {rc}; no {metrics}"))
+        else:
+            done = json.loads(progress.read_text()).get("iteration") if progress.is_file() else None
+            rows.append((minutes, setting, c["iterations"], done, wall, dice_summary(json.loads(metrics.read_text()))))
+        print(f"[{minutes:g} min] {rows[-1][-1]} (run folder {run})", flush=True)
+    header = f"{'budget':>7s}  {'plan':<28s} {'planned':>7s} {'done':>6s} {'wall':>7s}  fold-0 validation Dice"
+    print("\n" + header + "\n" + "-" * (len(header) + 20))
+    for minutes, setting, planned, done, wall, dice in rows:
+        print(f"{minutes:5g} m  {setting:<28s} {planned:7d} {done if done is not None else '-':>6} "
+              f"{wall / 60:5.1f} m  {dice}")
 
 
 def dice_summary(d: dict) -> str:
@@ -165,23 +179,12 @@ def dice_summary(d: dict) -> str:
     return str(d.get("summary", sorted(d)))
 
 
-def has_training() -> bool:
-    """Whether ``medseg.training.train`` (the training entry point) exists in this checkout."""
-    try:
-        training = importlib.import_module("medseg.training")
-    except ImportError:
-        return False
-    return callable(getattr(training, "train", None))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.train and not has_training():
-        print("--train needs medseg.training.train, which this checkout does not have yet")
-        return 2
+    args.train = not args.plan_only
     tmp = None
     if args.work:
         work = Path(args.work)

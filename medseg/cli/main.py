@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default=None,
+                   help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
     _add_common(p)

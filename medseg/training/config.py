@@ -14,7 +14,19 @@ from typing import Any
 
 from medseg.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("auto", "sgd", "adamw")
+
+#: Optimizer settings of a time-budgeted run when ``optimizer="auto"``. nnU-Net's SGD (Nesterov momentum
+#: 0.99, lr 1e-2) is made for 250k iterations; a budget on a CPU allows one or two thousand. Measured on the
+#: hippocampus data (16 base features, batch 2, fp32, 300 iterations with the learning rate annealed to
+#: 0): SGD 0.99 / 1e-2 still predicted only background (pseudo Dice 0.00), AdamW 3e-3 reached 0.43 after
+#: 50 iterations and 0.81 after 300, SGD 0.9 / 3e-2 0.00 after 50 and 0.81 after 250.
+SHORT_SCHEDULE_OPTIMIZER = "adamw"
+SHORT_SCHEDULE_LR = {"sgd": 3e-2, "adamw": 3e-3}
+SHORT_SCHEDULE_MOMENTUM = 0.9
+#: The epoch-based (full-schedule) defaults: nnU-Net's.
+LONG_SCHEDULE_LR = {"sgd": 1e-2, "adamw": 1e-3}
+LONG_SCHEDULE_MOMENTUM = 0.99
 LR_SCHEDULES = ("poly", "cosine_restarts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -107,9 +119,13 @@ class TrainConfig:
         time_budget_minutes: train for this wall-clock time (whole run, including validation and the
             final sliding-window validation, which is estimated and reserved); the learning rate is
             annealed over elapsed time. None = the plan's time budget, if it has one, else epochs.
-        optimizer: ``sgd`` (Nesterov) or ``adamw``.
-        lr: initial learning rate; None = 1e-2 for SGD, 1e-3 for AdamW.
-        momentum / nesterov / weight_decay: optimizer settings.
+        optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
+            time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
+            a run's ``config.json`` holds the resolved value.
+        lr: initial learning rate; None = 1e-2 for SGD, 1e-3 for AdamW in epoch-based runs, 3e-2 and 3e-3
+            in time-budgeted runs.
+        momentum: SGD momentum; None = 0.99 in epoch-based runs, 0.9 in time-budgeted runs.
+        nesterov / weight_decay: optimizer settings.
         lr_schedule: ``poly`` (``lr0 * (1 - progress) ** poly_power``) or ``cosine_restarts`` (cosine
             annealing with ``cosine_cycles`` warm restarts, each cycle twice as long as the previous
             one, the last ending with the training).
@@ -151,9 +167,9 @@ class TrainConfig:
     iters_per_epoch: int = 250
     val_iters: int = 20
     time_budget_minutes: float | None = None
-    optimizer: str = "sgd"
+    optimizer: str = "auto"
     lr: float | None = None
-    momentum: float = 0.99
+    momentum: float | None = None
     nesterov: bool = True
     weight_decay: float = 3e-5
     lr_schedule: str = "poly"
@@ -199,6 +215,8 @@ class TrainConfig:
             p.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
         if self.optimizer not in OPTIMIZERS:
             p.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            p.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.lr is not None and not self.lr > 0:
             p.append(f"lr must be positive, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -245,11 +263,27 @@ class TrainConfig:
         return f"fold_{self.fold}"
 
     @property
+    def short_schedule(self) -> bool:
+        """Whether this is a time-budgeted run (a few thousand iterations at most)."""
+        return self.time_budget_minutes is not None
+
+    def resolved(self) -> TrainConfig:
+        """This configuration with a concrete ``optimizer``, ``lr`` and ``momentum`` (idempotent).
+
+        ``optimizer="auto"`` becomes :data:`SHORT_SCHEDULE_OPTIMIZER` for a time-budgeted run, else
+        ``sgd``; an unset ``lr``/``momentum`` becomes the default of that optimizer and schedule.
+        """
+        short = self.short_schedule
+        optimizer = self.optimizer if self.optimizer != "auto" else (SHORT_SCHEDULE_OPTIMIZER if short else "sgd")
+        lr = self.lr if self.lr is not None else (SHORT_SCHEDULE_LR if short else LONG_SCHEDULE_LR)[optimizer]
+        momentum = self.momentum if self.momentum is not None else (
+            SHORT_SCHEDULE_MOMENTUM if short else LONG_SCHEDULE_MOMENTUM)
+        return dataclasses.replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum))
+
+    @property
     def effective_lr(self) -> float:
-        """The initial learning rate (explicit, or the optimizer's default)."""
-        if self.lr is not None:
-            return float(self.lr)
-        return 1e-2 if self.optimizer == "sgd" else 1e-3
+        """The initial learning rate (explicit, or the default of the optimizer and schedule)."""
+        return float(self.resolved().lr)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.epochs is None and cfg.time_budget_minutes is None and plan.time_budget_minutes is not None:
             cfg = dataclasses.replace(cfg, time_budget_minutes=float(plan.time_budget_minutes))
             logger.info("the plan was made for a %.0f-minute budget; training for that budget", plan.time_budget_minutes)
-    cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).validate()
+    # concrete optimizer, lr and momentum (time-budgeted runs get the short-schedule ones), stored in config.json
+    cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).resolved().validate()
 
     dist_ctx = init_distributed(cfg.device)
     try:

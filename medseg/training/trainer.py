@@ -325,10 +325,11 @@ class Trainer:
         )).to(self.device)
         if cfg.class_weights is not None and len(cfg.class_weights) != self.num_classes:
             raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {self.num_classes} classes")
-        self.lr0 = cfg.effective_lr
-        if cfg.optimizer == "sgd":
+        opt = cfg.resolved()
+        self.lr0 = float(opt.lr)
+        if opt.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                model.parameters(), lr=self.lr0, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                model.parameters(), lr=self.lr0, momentum=opt.momentum, nesterov=cfg.nesterov and opt.momentum > 0,
                 weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr0, weight_decay=cfg.weight_decay)

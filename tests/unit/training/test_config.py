@@ -41,6 +41,20 @@ def test_effective_lr_depends_on_optimizer():
     assert dataclasses.replace(TrainConfig(), lr=0.5).effective_lr == 0.5
 
 
+def test_auto_optimizer_depends_on_the_schedule():
+    long = TrainConfig().resolved()
+    assert (long.optimizer, long.lr, long.momentum) == ("sgd", 1e-2, 0.99)
+    short = TrainConfig(time_budget_minutes=30).resolved()
+    assert (short.optimizer, short.lr) == ("adamw", 3e-3)
+    assert short.resolved() == short  # idempotent: a stored configuration resolves to itself
+    sgd_short = TrainConfig(time_budget_minutes=30, optimizer="sgd").resolved()
+    assert (sgd_short.lr, sgd_short.momentum) == (3e-2, 0.9)
+    explicit = TrainConfig(time_budget_minutes=30, optimizer="sgd", lr=0.2, momentum=0.5).resolved()
+    assert (explicit.lr, explicit.momentum) == (0.2, 0.5)
+    with pytest.raises(ConfigError, match="momentum"):
+        TrainConfig(momentum=1.0).validate()
+
+
 def test_schedules():
     assert poly_factor(0.0) == 1.0
     assert poly_factor(1.0) == 0.0
