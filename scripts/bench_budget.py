@@ -10,6 +10,7 @@ listed with its step time.
     python scripts/bench_budget.py DATA --budgets 10 30 --steps 3
     python scripts/bench_budget.py --plan-only              # only the plan table (about a minute)
     python scripts/bench_budget.py --plan WORK/plans.json --plan-only   # an existing plan, no planning
+    python scripts/bench_budget.py --work WORK --report     # re-print the training table of an earlier run
 
 Unless ``--plan-only`` is given, the dataset is preprocessed once, then per budget the work folder is
 copied, the budget plan written into it and ``medseg train WORK --fold 0 --time-budget M`` run through the
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median used)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--work", default=None, help="work folder for planning/training (default: a temp folder)")
+    p.add_argument("--report", action="store_true",
+                   help="only print the training table of an earlier run in --work (nothing is planned or trained)")
     p.add_argument("--plan-only", action="store_true",
                    help="only fit the plans; skip training fold 0 per budget (which takes the budgets' sum)")
     return p.parse_args(argv)
@@ -151,26 +154,55 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
         rc = cli_main(["train", str(work), "--config", cfg, "--arch", arch, "--fold", "0",
                        "--time-budget", f"{minutes:g}", "--device", device])
         wall = time.perf_counter() - t0
-        run = work / "runs" / cfg / arch / "fold_0"
-        metrics, progress = run / "validation" / "metrics.json", run / "progress.json"
-        c = plan.notes["budget"]["chosen"]
-        setting = (f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
-                   f"{c['precision']}{' CL' if c['channels_last'] else ''}")
-        if rc != 0 or not metrics.is_file():
-            rows.append((minutes, setting, c["iterations"], None, wall, f"training exited {rc}; no {metrics}"))
-        else:
-            done = json.loads(progress.read_text()).get("iteration") if progress.is_file() else None
-            rows.append((minutes, setting, c["iterations"], done, wall, dice_summary(json.loads(metrics.read_text()))))
-        print(f"[{minutes:g} min] {rows[-1][-1]} (run folder {run})", flush=True)
+        rows.append(report_row(minutes, plan, work, rc, wall))
+        print(f"[{minutes:g} min] {rows[-1][-1]} (run folder {work})", flush=True)
+    print_report(rows)
+
+
+def report_row(minutes: float, plan: Plan, work: Path, rc: int = 0, wall: float | None = None) -> tuple:
+    """(budget, plan setting, iterations planned, iterations done, wall seconds, Dice) of one budget's run."""
+    cfg = plan.default_configuration
+    run = work / "runs" / cfg / plan.configuration(cfg).default_arch / "fold_0"
+    metrics, progress = run / "validation" / "metrics.json", run / "progress.json"
+    c = plan.notes["budget"]["chosen"]
+    setting = (f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
+               f"{c['precision']}{' CL' if c['channels_last'] else ''}")
+    prog = json.loads(progress.read_text()) if progress.is_file() else {}
+    if wall is None:  # re-reported run: the trainer's own elapsed time (includes the final validation)
+        wall = prog.get("elapsed_seconds")
+    if rc != 0 or not metrics.is_file():
+        why = f"training exited {rc}" if rc else f"run {prog.get('status', 'not started')}"
+        return minutes, setting, c["iterations"], prog.get("iteration"), wall, f"{why}; no {metrics}"
+    return minutes, setting, c["iterations"], prog.get("iteration"), wall, dice_summary(json.loads(metrics.read_text()))
+
+
+def print_report(rows: list[tuple]) -> None:
     header = f"{'budget':>7s}  {'plan':<28s} {'planned':>7s} {'done':>6s} {'wall':>7s}  fold-0 validation Dice"
     print("\n" + header + "\n" + "-" * (len(header) + 20))
     for minutes, setting, planned, done, wall, dice in rows:
-        print(f"{minutes:5g} m  {setting:<28s} {planned:7d} {done if done is not None else '-':>6} "
-              f"{wall / 60:5.1f} m  {dice}")
+        wall_s = f"{wall / 60:5.1f} m" if wall is not None else f"{'-':>7s}"
+        print(f"{minutes:5g} m  {setting:<28s} {planned:7d} {done if done is not None else '-':>6} {wall_s}  {dice}")
+
+
+def report_existing(work: Path) -> int:
+    """Print the training table of an earlier run whose per-budget folders sit beside ``work``."""
+    folders = sorted(work.parent.glob(f"{work.name}_budget_*min"),
+                     key=lambda f: float(f.name.rsplit("_", 1)[1][:-3]))
+    if not folders:
+        print(f"error: no {work.name}_budget_*min folders beside {work}", file=sys.stderr)
+        return 2
+    rows = [report_row(float(f.name.rsplit("_", 1)[1][:-3]), Plan.load(f / "plans.json"), f) for f in folders]
+    print_report(rows)
+    return 0
 
 
 def dice_summary(d: dict) -> str:
-    """Per-label mean Dice from an evaluation report (``mean.<label>.dice``), else the report's summary."""
+    """Per-label mean Dice of a validation report (``mean_dice`` keyed by label id, named by ``label_names``)
+    or of an evaluation report (``mean.<label>.dice``); else the report's keys."""
+    names = dict(zip(map(str, d.get("label_ids", [])), d.get("label_names", [])))
+    mean_dice = d.get("mean_dice")
+    if isinstance(mean_dice, dict) and mean_dice:
+        return ", ".join(f"{names.get(str(k), k)}: {v:.4f}" for k, v in mean_dice.items())
     mean = d.get("mean")
     if isinstance(mean, dict):
         parts = [f"{label}: {v['dice']:.4f}" for label, v in mean.items() if isinstance(v, dict) and "dice" in v]
@@ -185,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.train = not args.plan_only
+    if args.report:
+        if not args.work:
+            print("error: --report needs --work, the work folder of the earlier run", file=sys.stderr)
+            return 2
+        return report_existing(Path(args.work))
     tmp = None
     if args.work:
         work = Path(args.work)
