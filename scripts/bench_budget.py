@@ -143,7 +143,7 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
     print("\nfold-0 training per budget", flush=True)
     rows = []
     for minutes, plan in sorted(results, key=lambda r: r[0]):
-        work = base.parent / f"{base.name}_budget_{minutes:g}min"
+        work = budget_folder(base, minutes)
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(base, work, ignore=shutil.ignore_patterns("runs"))
@@ -184,15 +184,22 @@ def print_report(rows: list[tuple]) -> None:
         print(f"{minutes:5g} m  {setting:<28s} {planned:7d} {done if done is not None else '-':>6} {wall_s}  {dice}")
 
 
+BUDGET_FOLDER_SUFFIX = "_budget_{minutes}min"
+
+
+def budget_folder(base: Path, minutes: float) -> Path:
+    """The work folder of one budget's training, beside the shared (preprocessed) ``base``."""
+    return base.with_name(base.name + BUDGET_FOLDER_SUFFIX.format(minutes=f"{minutes:g}"))
+
+
 def report_existing(work: Path) -> int:
     """Print the training table of an earlier run whose per-budget folders sit beside ``work``."""
-    folders = sorted(work.parent.glob(f"{work.name}_budget_*min"),
-                     key=lambda f: float(f.name.rsplit("_", 1)[1][:-3]))
-    if not folders:
-        print(f"error: no {work.name}_budget_*min folders beside {work}", file=sys.stderr)
+    prefix, suffix = (work.name + BUDGET_FOLDER_SUFFIX).split("{minutes}")
+    found = {float(f.name[len(prefix):-len(suffix)]): f for f in work.parent.glob(f"{prefix}*{suffix}")}
+    if not found:
+        print(f"error: no {prefix}*{suffix} folders beside {work}", file=sys.stderr)
         return 2
-    rows = [report_row(float(f.name.rsplit("_", 1)[1][:-3]), Plan.load(f / "plans.json"), f) for f in folders]
-    print_report(rows)
+    print_report([report_row(minutes, Plan.load(f / "plans.json"), f) for minutes, f in sorted(found.items())])
     return 0
 
 
