@@ -49,6 +49,9 @@ class CaseFingerprint:
         class_voxel_counts: original label id -> number of voxels (foreground classes only, absent = 0).
         class_component_sizes: original label id -> sizes (voxels) of its connected components
             (face connectivity), largest first.
+        class_centroids: original label id -> centre of mass of its voxels in voxel indices of the
+            stored array, same order as ``shape`` (used to find axes along which classes always lie in
+            the same order, see :mod:`medseg.planning.mirroring`).
     """
 
     case_id: str
@@ -58,6 +61,7 @@ class CaseFingerprint:
     relative_size_after_crop: float
     class_voxel_counts: dict[int, int] = field(default_factory=dict)
     class_component_sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    class_centroids: dict[int, tuple[float, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,7 @@ class CaseFingerprint:
             "relative_size_after_crop": float(self.relative_size_after_crop),
             "class_voxel_counts": {str(k): int(v) for k, v in self.class_voxel_counts.items()},
             "class_component_sizes": {str(k): [int(s) for s in v] for k, v in self.class_component_sizes.items()},
+            "class_centroids": {str(k): [float(c) for c in v] for k, v in self.class_centroids.items()},
         }
 
     @classmethod
@@ -81,6 +86,9 @@ class CaseFingerprint:
             class_voxel_counts={int(k): int(v) for k, v in d.get("class_voxel_counts", {}).items()},
             class_component_sizes={
                 int(k): tuple(int(s) for s in v) for k, v in d.get("class_component_sizes", {}).items()
+            },
+            class_centroids={
+                int(k): tuple(float(c) for c in v) for k, v in d.get("class_centroids", {}).items()
             },
         )
 
@@ -310,6 +318,39 @@ def class_statistics(label: np.ndarray) -> tuple[dict[int, int], dict[int, tuple
     return voxel_counts, comps
 
 
+def class_centroids(label: np.ndarray, ids: list[int]) -> dict[int, tuple[float, ...]]:
+    """Centre of mass (voxel indices, array order) of each label id in ``ids``; one pass over ``label``.
+
+    Args:
+        label: integer label map ``(Z, Y, X)`` (or ``(Y, X)``) with original ids.
+        ids: label ids present in ``label``.
+
+    Returns:
+        label id -> centroid, one float per axis of ``label``.
+    """
+    if not ids:
+        return {}
+    lab = np.asarray(label)
+    if not np.issubdtype(lab.dtype, np.integer):
+        lab = np.rint(lab).astype(np.int64)
+    small_ids = lab.min() >= 0 and lab.max() < 2**16
+    boxes = ndimage.find_objects(lab.astype(np.int32, copy=False)) if small_ids else []
+    out: dict[int, tuple[float, ...]] = {}
+    for cls_id in ids:
+        box = boxes[cls_id - 1] if 0 < cls_id <= len(boxes) and boxes[cls_id - 1] is not None else None
+        region = lab[box] == cls_id if box is not None else lab == cls_id
+        n = int(region.sum())
+        if n == 0:
+            continue
+        centre = []
+        for axis in range(region.ndim):
+            profile = region.sum(axis=tuple(a for a in range(region.ndim) if a != axis), dtype=np.int64)
+            start = box[axis].start if box is not None else 0
+            centre.append(start + float(np.dot(profile, np.arange(profile.size))) / n)
+        out[int(cls_id)] = tuple(centre)
+    return out
+
+
 def _fingerprint_case(
     case: Case, index: int, samples_per_case: int, seed: int
 ) -> tuple[CaseFingerprint, list[np.ndarray]]:
@@ -322,6 +363,7 @@ def _fingerprint_case(
 
     counts: dict[int, int] = {}
     comps: dict[int, tuple[int, ...]] = {}
+    centroids: dict[int, tuple[float, ...]] = {}
     samples: list[np.ndarray] = [np.zeros(0, np.float32) for _ in range(image.shape[0])]
     if case.label_file is not None:
         label, _ = read_image(case.label_file)
@@ -330,6 +372,7 @@ def _fingerprint_case(
                 f"{case.label_file}: label shape {list(label.shape)} differs from image shape {list(shape)}"
             )
         counts, comps = class_statistics(label)
+        centroids = class_centroids(label, sorted(counts))
         fg = np.flatnonzero(label.reshape(-1) > 0)
         if fg.size:
             rng = np.random.default_rng([seed, index])
@@ -345,6 +388,7 @@ def _fingerprint_case(
         relative_size_after_crop=relative,
         class_voxel_counts=counts,
         class_component_sizes=comps,
+        class_centroids=centroids,
     )
     return fp, samples
 

@@ -165,7 +165,8 @@ class Predictor:
         members: trained networks; all must share label ids and input channels. Their models are put in
             eval mode and moved to ``device``.
         device: ``cpu`` or ``cuda``.
-        use_tta: mirror test-time augmentation over every patch axis.
+        use_tta: mirror test-time augmentation over the patch axes each member was trained mirrored
+            (``ConfigurationPlan.mirror_axes`` of the plan stored in its checkpoint; every axis by default).
         step: sliding-window step as a fraction of the patch (0.5 = half overlap).
         precision: autocast precision (``fp32``, ``bf16``, ``fp16``); None uses each network plan's
             training precision, except on a CPU without native bf16 support (no AVX512-BF16/AMX), where
@@ -359,14 +360,15 @@ class Predictor:
     # ------------------------------------------------------------------ core
     def _member_probabilities(self, index: int, data: torch.Tensor) -> torch.Tensor:
         member = self.members[index]
-        net = member.plan.configuration(member.configuration).network(member.arch)
+        cfg_plan = member.plan.configuration(member.configuration)
+        net = cfg_plan.network(member.arch)
         dims = len(net.patch_size)
         batch = self.batch_size or (2 if dims == 3 else 8)
         precision = self.precision or _auto_precision(net.precision, self.device)
         with self._lock:  # one network at a time: they share the CPU cores / GPU
             return predict_sliding_window(
                 self._runners[index], data, net.patch_size, self.num_classes,
-                step=self.step, mirror_axes=tuple(range(dims)) if self.use_tta else None,
+                step=self.step, mirror_axes=cfg_plan.resolved_mirror_axes() if self.use_tta else None,
                 device=self.device, precision=precision, batch_size=batch,
                 channels_last=self._channels_last[index], progress=self.progress,
             )

@@ -153,6 +153,11 @@ class ConfigurationPlan:
         default_arch: the architecture trained when none is given.
         data_identifier: folder under ``WORK/preprocessed`` holding this configuration's cache.
         previous_stage: for cascades, the configuration whose prediction this one refines (unused).
+        mirror_axes: axes of the *patch* (``(Z, Y, X)``, or ``(Y, X)`` for 2D) that training mirrors and
+            mirror test-time augmentation flips; None = every axis. The planner leaves out an axis along
+            which two foreground classes lie in the same order in (nearly) every case (see
+            :func:`medseg.planning.mirroring.plan_mirror_axes`): mirrored, such a sample shows an anatomy
+            that never occurs (e.g. the posterior hippocampus in front of the anterior one).
     """
 
     name: str
@@ -166,6 +171,11 @@ class ConfigurationPlan:
     default_arch: str = "unet"
     data_identifier: str = ""
     previous_stage: str | None = None
+    mirror_axes: tuple[int, ...] | None = None
+
+    def resolved_mirror_axes(self) -> tuple[int, ...]:
+        """The mirrored patch axes, with None made concrete (every axis)."""
+        return tuple(range(self.dims)) if self.mirror_axes is None else tuple(self.mirror_axes)
 
     def network(self, arch: str | None = None) -> NetworkPlan:
         """Return the plan of ``arch`` (default architecture when None); clear error if not planned."""
@@ -197,6 +207,11 @@ class ConfigurationPlan:
                 )
             if n.scheme == "ct" and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
                 problems.append(f"{where}.normalization[{i}]: scheme 'ct' needs clip_low, clip_high, mean and std")
+        if self.mirror_axes is not None:
+            axes = list(self.mirror_axes)
+            if len(set(axes)) != len(axes) or any(a < 0 or a >= self.dims for a in axes):
+                problems.append(f"{where}.mirror_axes must be distinct patch axes in 0..{self.dims - 1} "
+                                f"(or null for every axis), got {axes}")
         if self.default_arch not in self.networks:
             problems.append(f"{where}.default_arch {self.default_arch!r} is not among networks {sorted(self.networks)}")
         for arch, net in self.networks.items():
@@ -388,6 +403,7 @@ _NESTED = {
     ("ConfigurationPlan", "normalization"): ("tuple", "NormalizationSpec"),
 }
 _INT_TUPLES = {"patch_size", "median_shape", "original_median_shape", "label_ids"}
+_OPTIONAL_INT_TUPLES = {"mirror_axes"}
 _FLOAT_TUPLES = {"spacing", "original_median_spacing"}
 _NESTED_INT_TUPLES = {"kernel_sizes", "strides"}
 _STR_TUPLES = {"channel_names", "label_names"}
@@ -406,6 +422,8 @@ def _convert(cls: type, name: str, value: Any, where: str) -> Any:
             return tuple(_from_builtin(sub_cls, v, f"{where}[{i}]") for i, v in enumerate(value))
         if name in _INT_TUPLES:
             return tuple(_as_int(v, where) for v in value)
+        if name in _OPTIONAL_INT_TUPLES:
+            return None if value is None else tuple(_as_int(v, where) for v in value)
         if name in _FLOAT_TUPLES:
             return tuple(float(v) for v in value)
         if name in _NESTED_INT_TUPLES:

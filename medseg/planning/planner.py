@@ -19,6 +19,9 @@ memory model replaced by medseg's measured estimate of one training step:
    (:mod:`medseg.planning.topology`); while one training step at batch 2 needs more than the memory budget,
    shrink the axis that is largest relative to the median image by one pooling multiple. Then the batch
    is the largest that fits the budget, but at most what covers 5% of the dataset's voxels, and at least 2.
+5. **Mirroring** (a medseg rule, not nnU-Net's): patch axes along which two foreground classes always lie
+   in the same order are not mirrored in training or test-time augmentation
+   (:mod:`medseg.planning.mirroring`).
 
 Every shape and spacing is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D patches), spacing in mm.
 """
@@ -35,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.planning.mirroring import RULE as MIRROR_RULE
+from medseg.planning.mirroring import plan_mirror_axes
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
 from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology
 
@@ -514,6 +519,8 @@ def plan_dataset(
     }
     config_notes: dict[str, Any] = {}
     configurations: dict[str, ConfigurationPlan] = {}
+    label_names = {int(i): str(n) for i, n in zip(ds.label_ids, ds.label_names)}
+    notes["mirroring"] = MIRROR_RULE
 
     def make_config(name: str, dims: int, spacing3: tuple[float, ...], median3: np.ndarray, total: float,
                     fixed: dict[str, tuple[NetworkPlan, dict]] | None = None) -> ConfigurationPlan:
@@ -529,6 +536,8 @@ def plan_dataset(
                 net, n = fitter.fit(arch, spacing3[1:], median3[1:], total)
             nets[arch] = net
             cnotes[arch] = n
+        patch_axes = (0, 1, 2) if dims == 3 else ((0, 1) if is_2d_dataset else (1, 2))
+        mirror_axes, cnotes["mirroring"] = plan_mirror_axes(fp, patch_axes, label_names)
         config_notes[name] = cnotes
         default = nets[default_arch]
         return ConfigurationPlan(
@@ -542,6 +551,7 @@ def plan_dataset(
             networks=nets,
             default_arch=default_arch,
             data_identifier=data_identifier(spacing3, normalization),
+            mirror_axes=mirror_axes,
         )
 
     if not is_2d_dataset:

@@ -49,7 +49,8 @@ class AugmentationConfig:
             ``rotation_degrees_inplane``).
         p_elastic: probability of a smooth random deformation (``elastic_alpha`` voxels of maximal
             displacement, on a control grid every ``elastic_sigma`` voxels); off by default.
-        mirror_axes: spatial axes of the patch mirrored with probability 0.5 each; None = every axis.
+        mirror_axes: spatial axes of the patch mirrored with probability 0.5 each; None = those of the plan
+            (``ConfigurationPlan.mirror_axes``: every axis unless the planner found classes in a fixed order).
         p_noise / noise_variance: additive Gaussian noise with a variance drawn from the range.
         p_blur / blur_sigma: Gaussian blur with sigma (voxels) drawn from the range.
         p_brightness / brightness_range: multiplicative intensity factor.

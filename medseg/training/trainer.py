@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from medseg.errors import CheckpointError, ConfigError
 from medseg.io.image import atomic_write_bytes, atomic_write_text
-from medseg.planning.plan import Plan
+from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.training.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
@@ -41,7 +41,7 @@ from medseg.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from medseg.training.config import TrainConfig
+from medseg.training.config import AugmentationConfig, TrainConfig
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases, single_threaded
 from medseg.training.distributed import DistContext
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss, hard_dice_counts
@@ -136,6 +136,22 @@ def num_tiles(size: int, patch: int, step: float) -> int:
     if size <= patch:
         return 1
     return int(math.ceil((size - patch) / (patch * step))) + 1
+
+
+def resolve_mirror_axes(aug: AugmentationConfig, cfg_plan: ConfigurationPlan) -> tuple[int, ...] | None:
+    """Patch axes a run mirrors: ``aug.mirror_axes`` when set (checked against the patch), else the plan's.
+
+    Raises:
+        ConfigError: an axis outside the configuration's patch.
+    """
+    if aug.mirror_axes is None:
+        return cfg_plan.mirror_axes
+    axes = tuple(sorted(set(int(a) for a in aug.mirror_axes)))
+    bad = [a for a in axes if not 0 <= a < cfg_plan.dims]
+    if bad:
+        raise ConfigError(f"augmentation.mirror_axes {list(aug.mirror_axes)}: axes {bad} are not axes of the "
+                          f"{cfg_plan.dims}D patch of configuration {cfg_plan.name!r} (0..{cfg_plan.dims - 1})")
+    return axes
 
 
 class ThreadTuner:
@@ -275,14 +291,17 @@ class Trainer:
             changes["deep_supervision"] = False
         if cfg.batch_size is not None and cfg.batch_size != net.batch_size:
             changes["batch_size"] = cfg.batch_size
-        if changes:
+        # mirrored axes: the run's own setting, else the plan's; stored in the run's plan, so that mirror
+        # TTA at prediction flips exactly the axes the network was trained to see flipped
+        mirror_axes = resolve_mirror_axes(cfg.augmentation, cfg_plan)
+        if changes or mirror_axes != cfg_plan.mirror_axes:
             net = dataclasses.replace(net, **changes)
             networks = dict(cfg_plan.networks)
             networks[self.arch] = net
             extra = {}
             if self.arch == cfg_plan.default_arch and "batch_size" in changes:
                 extra["batch_size"] = net.batch_size
-            cfg_plan = dataclasses.replace(cfg_plan, networks=networks, **extra)
+            cfg_plan = dataclasses.replace(cfg_plan, networks=networks, mirror_axes=mirror_axes, **extra)
             configs = dict(plan.configurations)
             configs[self.configuration] = cfg_plan
             plan = dataclasses.replace(plan, configurations=configs)
@@ -302,8 +321,10 @@ class Trainer:
                                                             progress=dist_ctx.is_main)}
         self.train_cases = [loaded[c] for c in self.train_ids]
         self.val_cases = [loaded[c] for c in self.val_ids]
+        self.mirror_axes = cfg_plan.resolved_mirror_axes()
+        augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=self.mirror_axes)
         self.sampler = PatchSampler(self.train_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
-                                    cfg.augmentation, seed=cfg.seed, anisotropic=self.anisotropic)
+                                    augmentation, seed=cfg.seed, anisotropic=self.anisotropic)
         pseudo_cases = self.val_cases or self.train_cases
         self.val_sampler = PatchSampler(pseudo_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
                                         None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
@@ -425,7 +446,7 @@ class Trainer:
         per_sample = self.fwd_seconds_per_sample
         if per_sample is None:
             per_sample = (self.iter_seconds or 1.0) / max(1, self.local_batch) / 3.0
-        mirrors = 2**self.dims if self.cfg.validation_tta else 1
+        mirrors = 2 ** len(self.mirror_axes) if self.cfg.validation_tta else 1
         windows = 0
         voxels = 0
         for c in self.val_cases:

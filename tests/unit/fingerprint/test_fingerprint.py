@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.fingerprint import Fingerprint, class_statistics, extract_fingerprint, nonzero_bbox
+from medseg.fingerprint.fingerprint import class_centroids
 from medseg.io.dataset import Case, DatasetInfo
 
 
@@ -70,6 +72,9 @@ def test_per_case_values(tiny):
     assert c.relative_size_after_crop == pytest.approx(120 / 480)
     assert c.class_voxel_counts == {1: 9, 5: 3}
     assert c.class_component_sizes == {1: (8, 1), 5: (3,)}
+    # centres of mass in voxel indices of the stored (Z, Y, X) array, not cropped, not in mm
+    assert c.class_centroids[1] == pytest.approx((16 / 9, 26 / 9, 4.0))
+    assert c.class_centroids[5] == pytest.approx((3.0, 5.0, 6.0))
     assert fp.median_spacing() == pytest.approx((3.0, 0.9, 0.8))
     assert fp.median_relative_size_after_crop() == pytest.approx(0.25)
 
@@ -137,6 +142,19 @@ def test_load_errors(tmp_path):
     (tmp_path / "f.json").write_text('{"schema_version": 99}')
     with pytest.raises(MedsegError, match="schema_version"):
         Fingerprint.load(tmp_path / "f.json")
+
+
+def test_class_centroids_match_scipy_on_gapped_ids():
+    rng = np.random.default_rng(0)
+    lab = rng.choice([0, 0, 0, 3, 70000], size=(7, 9, 11)).astype(np.int64)  # an id too large for find_objects
+    lab[lab == 3] = np.where(rng.random((lab == 3).sum()) < 0.5, 3, 117)
+    ids = [3, 117, 70000]
+    got = class_centroids(lab, ids)
+    want = ndimage.center_of_mass(np.ones(lab.shape), lab, ids)
+    for i, w in zip(ids, want):
+        assert got[i] == pytest.approx(w)
+    assert class_centroids(lab.astype(np.float32), [3]) == {3: pytest.approx(want[0])}  # float label files
+    assert class_centroids(lab, []) == {}
 
 
 def test_class_statistics_with_gapped_ids():

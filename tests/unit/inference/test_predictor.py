@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medseg.errors import MedsegError
 from medseg.inference import EnsembleMember, Predictor
@@ -132,3 +134,36 @@ def test_streamed_argmax_equals_argmax_of_mean_probabilities():
     assert (full[:, :3] == 0).all() and (full[:, :, -2:] == 0).all()
     labels = predictor.predict_array(image, geo)
     np.testing.assert_array_equal(labels, np.array([0, 1, 4])[full])
+
+
+class _FlipRecorder(torch.nn.Module):
+    """Records every input it sees; predicts class 1 where the input is bright (flip-equivariant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return torch.cat([torch.zeros_like(x[:, :1]), 10.0 * x[:, :1]], 1)
+
+
+@pytest.mark.parametrize("mirror_axes, passes", [(None, 8), ((2,), 2), ((), 1)])
+def test_tta_flips_only_the_planned_mirror_axes(mirror_axes, passes):
+    plan = build_plan(spacings={"3d_fullres": (3.0, 1.0, 1.2)})
+    cfg = dataclasses.replace(plan.configuration("3d_fullres"), mirror_axes=mirror_axes)
+    plan = dataclasses.replace(plan, configurations={"3d_fullres": cfg}).validate()
+    image, box = bright_box_image(shape=(8, 16, 16))
+    image[0, 0, 0] = 400.0  # a corner marker: each flip moves it to another corner
+    net = _FlipRecorder()
+    predictor = Predictor([EnsembleMember(net, plan, "3d_fullres", "unet")], precision="fp32", batch_size=1)
+    seg = predictor.predict_array(image, (3.0, 1.0, 1.2))
+    assert len(net.inputs) == passes
+    corners = set()
+    for x in net.inputs:
+        arr = x[0, 0]
+        idx = np.unravel_index(int(torch.argmax(arr)), arr.shape)
+        corners.add(tuple(int(i != 0) for i in idx))
+    flipped = {a for c in corners for a, f in enumerate(c) if f}
+    assert flipped == set(cfg.resolved_mirror_axes())
+    np.testing.assert_array_equal(seg == 1, box | (image > 300))

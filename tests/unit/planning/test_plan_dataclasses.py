@@ -73,6 +73,9 @@ def _edited(mutate) -> dict:
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("patch_size", [40.5, 56, 40]), "expected integers"),
         (lambda d: d.__setitem__("default_configuration", "3d_lowres"), "default_configuration"),
         (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("norm", "layer"), "norm must be"),
+        (lambda d: d["configurations"]["2d"].__setitem__("mirror_axes", [0, 2]), "mirror_axes must be distinct patch axes in 0..1"),
+        (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [1, 1]), "mirror_axes must be distinct"),
+        (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [0.5]), "expected integers"),
     ],
 )
 def test_inconsistent_edits_are_refused(mutate, needle):
@@ -95,3 +98,20 @@ def test_unknown_architecture_lookup_lists_planned():
     with pytest.raises(PlanError, match=r"planned: \['unet'\]"):
         cfg.network("deeplab")
     assert cfg.network().patch_size == (40, 56, 40)
+
+
+def test_mirror_axes_round_trip_and_default_to_every_axis():
+    plan = make_plan()
+    assert plan.configuration("3d_fullres").mirror_axes is None
+    assert plan.configuration("3d_fullres").resolved_mirror_axes() == (0, 1, 2)
+    assert plan.configuration("2d").resolved_mirror_axes() == (0, 1)
+    d = plan.to_dict()
+    d["configurations"]["3d_fullres"]["mirror_axes"] = [2]
+    d["configurations"]["2d"]["mirror_axes"] = []
+    back = Plan.from_dict(d)
+    assert back.configuration("3d_fullres").resolved_mirror_axes() == (2,)
+    assert back.configuration("2d").resolved_mirror_axes() == ()
+    assert Plan.from_json(back.to_json()) == back
+    old = plan.to_dict()  # a plan written before mirror_axes existed: every axis, as before
+    del old["configurations"]["3d_fullres"]["mirror_axes"]
+    assert Plan.from_dict(old).configuration("3d_fullres").resolved_mirror_axes() == (0, 1, 2)

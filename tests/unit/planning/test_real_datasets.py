@@ -45,6 +45,7 @@ def _key_fields(plan: Plan) -> dict:
             "median_shape": list(cfg.median_shape),
             "normalization": [(n.scheme, n.use_nonzero_mask) for n in cfg.normalization],
             "data_identifier": cfg.data_identifier,
+            "mirror_axes": cfg.mirror_axes,
             "networks": {
                 arch: (
                     list(n.patch_size),
@@ -70,6 +71,16 @@ def test_hippocampus_plan_matches_the_reference_file():
     assert full.network().strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))  # three poolings per axis
     assert set(plan.configurations) == {"2d", "3d_fullres"}
     assert plan.configuration("2d").data_identifier == full.data_identifier
+    # the anterior hippocampus lies before the posterior one along Z and after it along Y in every case:
+    # only X (left-right) is mirrored, in 3D patches and in 2D (Y, X) slices
+    assert full.mirror_axes == (2,)
+    assert plan.configuration("2d").mirror_axes == (1,)
+    assert full_notes_order(plan) == {"0": "Anterior before Posterior", "1": "Posterior before Anterior"}
+
+
+def full_notes_order(plan: Plan) -> dict[str, str]:
+    notes = plan.notes["configurations"]["3d_fullres"]["mirroring"]["not_mirrored"]
+    return {axis: n["order"] for axis, n in notes.items()}
 
 
 def test_hippocampus_memory_budgets():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from medseg.errors import CheckpointError, ConfigError
 from medseg.training import TrainConfig, load_checkpoint, load_model_from_run, train
+from medseg.training.config import AugmentationConfig
 from medseg.training.trainer import Trainer
 
 # one thread: fast on a busy CI machine (two OpenMP threads stall each other when cores are shared)
@@ -164,3 +166,41 @@ def test_thread_tuner_switches_to_the_faster_thread_count():
         assert pinned.current == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _set_mirror_axes(work, axes):
+    from medseg.planning.plan import Plan
+
+    plan = Plan.load(work / "plans.json")
+    cfg = plan.configuration("3d_fullres")
+    cfg = dataclasses.replace(cfg, mirror_axes=axes)
+    dataclasses.replace(plan, configurations={**plan.configurations, "3d_fullres": cfg}).save(work / "plans.json")
+
+
+def test_training_mirrors_the_planned_axes_and_records_them_for_tta(tiny_work, monkeypatch):
+    from medseg.training import augmentation
+
+    seen: set[int] = set()
+    draw = augmentation.draw_spatial
+
+    def spy(rng, center, aug, dims, anisotropic):
+        params = draw(rng, center, aug, dims, anisotropic)
+        if aug is not None:
+            seen.update(aug.mirror_axes)
+        return params
+
+    monkeypatch.setattr("medseg.training.data.draw_spatial", spy)
+    _set_mirror_axes(tiny_work, (1, 2))
+    run = train(tiny_work, TrainConfig(epochs=1, final_validation=False, **FAST))
+    assert seen == {1, 2}
+    assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["mirror_axes"] == [1, 2]
+
+    # the run's own setting wins over the plan's, and is what the checkpoint tells prediction to flip
+    seen.clear()
+    cfg = TrainConfig(epochs=1, final_validation=False, fold=1, augmentation=AugmentationConfig(mirror_axes=(0,)), **FAST)
+    run = train(tiny_work, cfg)
+    assert seen == {0}
+    assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["mirror_axes"] == [0]
+
+    with pytest.raises(ConfigError, match=r"axes \[3\] are not axes of the 3D patch"):
+        train(tiny_work, TrainConfig(epochs=1, fold=2, augmentation=AugmentationConfig(mirror_axes=(3,)), **FAST))
