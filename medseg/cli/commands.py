@@ -45,7 +45,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             mem = f", ~{net.estimated_memory_gb:.2f} GB" if net.estimated_memory_gb is not None else ""
             print(
                 f"  {name:11s} {arch:8s} spacing {[round(s, 3) for s in cfg.spacing]} patch {list(net.patch_size)} "
-                f"batch {net.batch_size} stages {net.num_stages}{mem}"
+                f"batch {net.batch_size} stages {net.num_stages}{mem}, mirror axes {list(cfg.resolved_mirror_axes())}"
             )
     print("  " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     return 0
