@@ -284,16 +284,19 @@ def nonzero_bbox(image: np.ndarray) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def class_statistics(label: np.ndarray) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
-    """Voxel count and connected-component sizes of every foreground label value in ``label``.
+def class_statistics(
+    label: np.ndarray,
+) -> tuple[dict[int, int], dict[int, tuple[int, ...]], dict[int, tuple[float, ...]]]:
+    """Voxel count, connected-component sizes and centre of mass of every foreground label value in ``label``.
 
-    Components are labelled inside each class's bounding box (cheap for many small structures).
+    Components and centres are computed inside each class's bounding box (cheap for many small structures).
 
     Args:
         label: integer label map ``(Z, Y, X)`` (or ``(Y, X)``) with original ids.
 
     Returns:
-        ``(counts, component_sizes)`` keyed by label id (> 0); sizes largest first.
+        ``(counts, component_sizes, centroids)`` keyed by label id (> 0); sizes largest first; centroids in
+        voxel indices of ``label``, one float per axis.
     """
     lab = np.asarray(label)
     if not np.issubdtype(lab.dtype, np.integer):
@@ -306,49 +309,23 @@ def class_statistics(label: np.ndarray) -> tuple[dict[int, int], dict[int, tuple
         ids, counts = np.unique(lab, return_counts=True)
         voxel_counts = {int(i): int(c) for i, c in zip(ids, counts) if i > 0}
     comps: dict[int, tuple[int, ...]] = {}
+    centroids: dict[int, tuple[float, ...]] = {}
     if not voxel_counts:
-        return voxel_counts, comps
+        return voxel_counts, comps, centroids
     boxes = ndimage.find_objects(lab.astype(np.int32, copy=False)) if small_ids else []
-    for cls_id in voxel_counts:
+    for cls_id, n_voxels in voxel_counts.items():
         box = boxes[cls_id - 1] if cls_id - 1 < len(boxes) else None
         region = lab[box] == cls_id if box is not None else lab == cls_id
         cc, n = ndimage.label(region)
         sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:]
         comps[cls_id] = tuple(int(s) for s in sorted(sizes.tolist(), reverse=True))
-    return voxel_counts, comps
-
-
-def class_centroids(label: np.ndarray, ids: list[int]) -> dict[int, tuple[float, ...]]:
-    """Centre of mass (voxel indices, array order) of each label id in ``ids``; one pass over ``label``.
-
-    Args:
-        label: integer label map ``(Z, Y, X)`` (or ``(Y, X)``) with original ids.
-        ids: label ids present in ``label``.
-
-    Returns:
-        label id -> centroid, one float per axis of ``label``.
-    """
-    if not ids:
-        return {}
-    lab = np.asarray(label)
-    if not np.issubdtype(lab.dtype, np.integer):
-        lab = np.rint(lab).astype(np.int64)
-    small_ids = lab.min() >= 0 and lab.max() < 2**16
-    boxes = ndimage.find_objects(lab.astype(np.int32, copy=False)) if small_ids else []
-    out: dict[int, tuple[float, ...]] = {}
-    for cls_id in ids:
-        box = boxes[cls_id - 1] if 0 < cls_id <= len(boxes) and boxes[cls_id - 1] is not None else None
-        region = lab[box] == cls_id if box is not None else lab == cls_id
-        n = int(region.sum())
-        if n == 0:
-            continue
         centre = []
         for axis in range(region.ndim):
             profile = region.sum(axis=tuple(a for a in range(region.ndim) if a != axis), dtype=np.int64)
             start = box[axis].start if box is not None else 0
-            centre.append(start + float(np.dot(profile, np.arange(profile.size))) / n)
-        out[int(cls_id)] = tuple(centre)
-    return out
+            centre.append(start + float(np.dot(profile, np.arange(profile.size))) / n_voxels)
+        centroids[cls_id] = tuple(centre)
+    return voxel_counts, comps, centroids
 
 
 def _fingerprint_case(
@@ -371,8 +348,7 @@ def _fingerprint_case(
             raise MedsegError(
                 f"{case.label_file}: label shape {list(label.shape)} differs from image shape {list(shape)}"
             )
-        counts, comps = class_statistics(label)
-        centroids = class_centroids(label, sorted(counts))
+        counts, comps, centroids = class_statistics(label)
         fg = np.flatnonzero(label.reshape(-1) > 0)
         if fg.size:
             rng = np.random.default_rng([seed, index])

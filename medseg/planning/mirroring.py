@@ -92,10 +92,10 @@ def ordered_axes(fp: Fingerprint, min_cases: int = MIN_CASES,
     best: dict[int, AxisOrder] = {}
     for i in range(len(ids) - 1):
         diff = centres[:, i + 1:, :] - centres[:, i:i + 1, :]  # (cases, pairs, axes): second - first, mm
-        valid = ~np.isnan(diff)
-        n = valid.sum(axis=0)
-        pos = (np.nan_to_num(diff) > 0).sum(axis=0)
-        neg = (np.nan_to_num(diff) < 0).sum(axis=0)
+        n = (~np.isnan(diff)).sum(axis=0)
+        signed = np.nan_to_num(diff)  # absent pairs count as neither order
+        pos = (signed > 0).sum(axis=0)
+        neg = (signed < 0).sum(axis=0)
         frac = np.maximum(pos, neg) / np.maximum(n, 1)
         hits = np.argwhere((n >= min_cases) & (frac >= consistency))
         for p, axis in hits:

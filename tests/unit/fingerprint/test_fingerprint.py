@@ -11,7 +11,6 @@ from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.fingerprint import Fingerprint, class_statistics, extract_fingerprint, nonzero_bbox
-from medseg.fingerprint.fingerprint import class_centroids
 from medseg.io.dataset import Case, DatasetInfo
 
 
@@ -149,12 +148,19 @@ def test_class_centroids_match_scipy_on_gapped_ids():
     lab = rng.choice([0, 0, 0, 3, 70000], size=(7, 9, 11)).astype(np.int64)  # an id too large for find_objects
     lab[lab == 3] = np.where(rng.random((lab == 3).sum()) < 0.5, 3, 117)
     ids = [3, 117, 70000]
-    got = class_centroids(lab, ids)
+    got = class_statistics(lab)[2]
+    assert sorted(got) == ids
     want = ndimage.center_of_mass(np.ones(lab.shape), lab, ids)
     for i, w in zip(ids, want):
         assert got[i] == pytest.approx(w)
-    assert class_centroids(lab.astype(np.float32), [3]) == {3: pytest.approx(want[0])}  # float label files
-    assert class_centroids(lab, []) == {}
+    assert class_statistics(lab.astype(np.float32))[2][3] == pytest.approx(want[0])  # float label files
+    small = np.where(lab == 70000, 0, lab)  # ids that fit find_objects: centres from the bounding boxes
+    got_small = class_statistics(small)[2]
+    assert sorted(got_small) == [3, 117]
+    for i, w in zip(ids, want):
+        if i in got_small:
+            assert got_small[i] == pytest.approx(w)
+    assert class_statistics(np.zeros((3, 4, 5), np.uint8))[2] == {}
 
 
 def test_class_statistics_with_gapped_ids():
@@ -162,9 +168,10 @@ def test_class_statistics_with_gapped_ids():
     lab[0, 0, 0] = 117
     lab[4, 4, 4] = 117
     lab[2, 1:4, 2] = 2
-    counts, comps = class_statistics(lab)
+    counts, comps, centroids = class_statistics(lab)
     assert counts == {2: 3, 117: 2}
     assert comps == {2: (3,), 117: (1, 1)}
+    assert centroids == {2: (2.0, 2.0, 2.0), 117: (2.0, 2.0, 2.0)}
 
 
 def test_nonzero_bbox():
