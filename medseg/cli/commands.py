@@ -24,6 +24,7 @@ def _resolve_device(device: str | None) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from medseg.inference.sliding_window import tta_variants
     from medseg.pipeline import plan_and_preprocess
     from medseg.planning.planner import PlannerOptions
 
@@ -43,9 +44,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for name, cfg in plan.configurations.items():
         for arch, net in cfg.networks.items():
             mem = f", ~{net.estimated_memory_gb:.2f} GB" if net.estimated_memory_gb is not None else ""
+            axes, shifts = tta_variants(cfg.resolved_mirror_axes(), net.total_stride())
             print(
                 f"  {name:11s} {arch:8s} spacing {[round(s, 3) for s in cfg.spacing]} patch {list(net.patch_size)} "
-                f"batch {net.batch_size} stages {net.num_stages}{mem}, mirror axes {list(cfg.resolved_mirror_axes())}"
+                f"batch {net.batch_size} stages {net.num_stages}{mem}, mirror axes {list(axes)}, "
+                f"TTA {2 ** len(axes)} flip(s) x {len(shifts)} shift(s)"
             )
     print("  " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     return 0

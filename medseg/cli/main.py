@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
     p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
-    p.add_argument("--no-tta", action="store_true", help="disable mirror test-time augmentation")
+    p.add_argument("--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")

@@ -39,7 +39,7 @@ import torch
 
 from medseg.errors import CheckpointError, DatasetError, MedsegError
 from medseg.inference.export import write_probabilities, write_segmentation
-from medseg.inference.sliding_window import predict_sliding_window
+from medseg.inference.sliding_window import predict_sliding_window, tta_variants
 from medseg.io.image import ImageGeometry, read_channels
 from medseg.planning.plan import Plan
 from medseg.postprocessing.operations import apply_postprocessing, load_rules
@@ -165,8 +165,10 @@ class Predictor:
         members: trained networks; all must share label ids and input channels. Their models are put in
             eval mode and moved to ``device``.
         device: ``cpu`` or ``cuda``.
-        use_tta: mirror test-time augmentation over the patch axes each member was trained mirrored
-            (``ConfigurationPlan.mirror_axes`` of the plan stored in its checkpoint; every axis by default).
+        use_tta: test-time augmentation: mirroring over the patch axes each member was trained mirrored
+            (``ConfigurationPlan.mirror_axes`` of the plan stored in its checkpoint; every axis by default),
+            and shifts of the patch grid where the plan mirrors fewer axes
+            (:func:`medseg.inference.sliding_window.tta_variants`).
         step: sliding-window step as a fraction of the patch (0.5 = half overlap).
         precision: autocast precision (``fp32``, ``bf16``, ``fp16``); None uses each network plan's
             training precision, except on a CPU without native bf16 support (no AVX512-BF16/AMX), where
@@ -366,9 +368,11 @@ class Predictor:
         batch = self.batch_size or (2 if dims == 3 else 8)
         precision = self.precision or _auto_precision(net.precision, self.device)
         with self._lock:  # one network at a time: they share the CPU cores / GPU
+            mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride()) if self.use_tta \
+                else (None, None)
             return predict_sliding_window(
                 self._runners[index], data, net.patch_size, self.num_classes,
-                step=self.step, mirror_axes=cfg_plan.resolved_mirror_axes() if self.use_tta else None,
+                step=self.step, mirror_axes=mirror_axes, shifts=shifts,
                 device=self.device, precision=precision, batch_size=batch,
                 channels_last=self._channels_last[index], progress=self.progress,
             )

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from medseg.errors import CheckpointError, ConfigError
 from medseg.io.image import atomic_write_bytes, atomic_write_text
+from medseg.inference.sliding_window import tta_variants
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -446,15 +447,18 @@ class Trainer:
         per_sample = self.fwd_seconds_per_sample
         if per_sample is None:
             per_sample = (self.iter_seconds or 1.0) / max(1, self.local_batch) / 3.0
-        mirrors = 2 ** len(self.mirror_axes) if self.cfg.validation_tta else 1
+        mirrors, shifts = 1, [tuple(0 for _ in self.patch_size)]
+        if self.cfg.validation_tta:
+            axes, shifts = tta_variants(self.mirror_axes, self.net_plan.total_stride())
+            mirrors = 2 ** len(axes)
         windows = 0
         voxels = 0
         for c in self.val_cases:
             shape = c.data.shape[1:]
-            if self.dims == 2:
-                windows += shape[0] * num_tiles(shape[1], self.patch_size[0], 0.5) * num_tiles(shape[2], self.patch_size[1], 0.5)
-            else:
-                windows += int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(shape, self.patch_size)]))
+            for offset in shifts:  # a shifted volume is padded by twice the offset
+                grown = [s + 2 * abs(o) for s, o in zip(shape[-len(offset):], offset)]
+                tiles = int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(grown, self.patch_size)]))
+                windows += tiles * (shape[0] if self.dims == 2 else 1)
             voxels += int(np.prod(shape))
         # network time (batch 1 in 3D is less efficient than the measured batches) + resampling/export
         return 1.5 * windows * mirrors * per_sample + len(self.val_cases) * 0.5 + voxels * self.num_classes * 5e-8

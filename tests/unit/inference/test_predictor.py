@@ -167,3 +167,25 @@ def test_tta_flips_only_the_planned_mirror_axes(mirror_axes, passes):
     flipped = {a for c in corners for a, f in enumerate(c) if f}
     assert flipped == set(cfg.resolved_mirror_axes())
     np.testing.assert_array_equal(seg == 1, box | (image > 300))
+
+
+def test_tta_adds_grid_shifts_when_the_plan_mirrors_fewer_axes():
+    plan = build_plan()
+    cfg = plan.configuration("3d_fullres")
+    net = dataclasses.replace(cfg.network("unet"), kernel_sizes=((3, 3, 3),) * 4,
+                              strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)))  # total stride (4, 8, 8)
+    cfg = dataclasses.replace(cfg, mirror_axes=(2,), networks={"unet": net})
+    plan = dataclasses.replace(plan, configurations={"3d_fullres": cfg}).validate()
+    for shape, patches in (((6, 12, 12), 1), ((8, 16, 16), 8)):
+        image, box = bright_box_image(shape=shape)
+        recorder = _FlipRecorder()
+        predictor = Predictor([EnsembleMember(recorder, plan, "3d_fullres", "unet")], precision="fp32", batch_size=1)
+        seg = predictor.predict_array(image, (3.0, 1.0, 1.2))
+        # 2 flips x 2 shifts (Z by 1, Y and X by 2 voxels); shifted by padding, an image as large as the
+        # (8, 16, 16) patch outgrows it and needs 2 x 2 x 2 patches
+        assert len(recorder.inputs) == 2 * 2 * patches
+        np.testing.assert_array_equal(seg == 1, box)
+    no_tta = Predictor([EnsembleMember(_FlipRecorder(), plan, "3d_fullres", "unet")], precision="fp32",
+                       batch_size=1, use_tta=False)
+    no_tta.predict_array(image, (3.0, 1.0, 1.2))
+    assert len(no_tta.members[0].model.inputs) == 1

@@ -11,7 +11,9 @@ from medseg.inference.sliding_window import (
     gaussian_importance_map,
     mirror_combinations,
     predict_sliding_window,
+    shift_variants,
     tile_starts,
+    tta_variants,
 )
 
 
@@ -123,3 +125,58 @@ def test_mirror_combinations():
     assert mirror_combinations(None) == [()]
     combos = mirror_combinations((0, 1, 2))
     assert len(combos) == 8 and combos[0] == () and len(set(combos)) == 8
+
+
+def test_shift_variants_move_half_a_stride_apart():
+    assert shift_variants((8, 8, 8), 1) == [(0, 0, 0)]
+    assert shift_variants((8, 8, 8), 2) == [(-2, -2, -2), (2, 2, 2)]
+    tetra = shift_variants((8, 8, 8), 4)
+    assert len(tetra) == 4 and all(sum(v > 0 for v in c) % 2 == 0 for c in tetra)
+    assert len(set(shift_variants((8, 8, 8), 8))) == 8
+    assert shift_variants((16, 8, 4), 2) == [(-4, -2, -1), (4, 2, 1)]
+    assert shift_variants((2, 8, 8), 8) == [(0, -2, -2), (0, -2, 2), (0, 2, -2), (0, 2, 2)]  # Z pooled once only
+    assert shift_variants((2, 2, 2), 8) == [(0, 0, 0)]
+    assert shift_variants((8, 8), 2) == [(-2, -2), (2, 2)]
+
+
+def test_tta_spends_the_passes_of_full_mirroring_on_flips_first():
+    assert tta_variants((0, 1, 2), (8, 8, 8)) == ((0, 1, 2), [(0, 0, 0)])
+    assert tta_variants((2,), (8, 8, 8)) == ((2,), [(-2, -2, -2), (2, 2, 2)])
+    assert tta_variants(None, (8, 8)) == ((), [(-2, -2), (2, 2)])
+    assert tta_variants((0, 1), (8, 8)) == ((0, 1), [(0, 0)])
+    assert tta_variants((2,), (8, 8, 8), passes=2) == ((2,), [(0, 0, 0)])
+
+
+@pytest.mark.parametrize("shape", [(12, 20, 18), (5, 7, 6)])
+def test_shifts_leave_a_translation_equivariant_model_unchanged(shape):
+    x = torch.rand((2, *shape), generator=torch.Generator().manual_seed(3))
+    out = predict_sliding_window(Identity3d(), x, (8, 8, 8), 2, mirror_axes=(2,), shifts=[(-2, -2, -2), (2, 2, 2)])
+    assert out.shape == (2, *shape)
+    torch.testing.assert_close(out, torch.softmax(20.0 * x, 0), atol=1e-5, rtol=0)
+    x2 = torch.rand((2, 3, 9, 11), generator=torch.Generator().manual_seed(4))
+    out2 = predict_sliding_window(Identity2d(), x2, (8, 8), 2, shifts=[(-2, 2), (2, -2)], batch_size=4)
+    torch.testing.assert_close(out2, torch.softmax(20.0 * x2, 0), atol=1e-5, rtol=0)
+
+
+class PositionBias3d(torch.nn.Module):
+    """Class-1 logit grows along the patch's X axis: the output depends on where the patch grid lies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-2.0, 2.0, x.shape[-1])
+        return torch.cat([torch.zeros_like(x), x + ramp], 1)
+
+
+def test_shifts_average_the_weighted_logits_of_each_grid_position():
+    x = torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = predict_sliding_window(PositionBias3d(), x, (16, 16, 16), 2, shifts=[(-2, -2, -2), (2, 2, 2)])
+    # the 8-voxel volume sits at patch offset 4 unshifted; the variants put it at 2 and at 6
+    g = gaussian_importance_map((16, 16, 16))
+    ramp = torch.linspace(-2.0, 2.0, 16)
+    weights = [g[o:o + 8, o:o + 8, o:o + 8] for o in (2, 6)]
+    logits = [x[0] + ramp[o:o + 8] for o in (2, 6)]
+    mean = (weights[0] * logits[0] + weights[1] * logits[1]) / (weights[0] + weights[1])
+    torch.testing.assert_close(out[1], torch.sigmoid(mean), atol=1e-5, rtol=0)
+    unshifted = predict_sliding_window(PositionBias3d(), x, (16, 16, 16), 2)
+    torch.testing.assert_close(unshifted[1], torch.sigmoid(x[0] + ramp[4:12]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one offset per patch axis"):
+        predict_sliding_window(PositionBias3d(), x, (16, 16, 16), 2, shifts=[(1, 1)])
