@@ -239,7 +239,8 @@ def predict_sliding_window(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(variants) * ctx.num_positions(spatial), desc="patches", unit="patch", leave=False)
+        grown = [[n + 2 * abs(o) for n, o in zip(spatial, (0, *v) if is_2d else v)] for v in variants]
+        bar = tqdm(total=sum(ctx.num_positions(g) for g in grown), desc="patches", unit="patch", leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16,
                                                  enabled=ctx.amp_dtype is not None):
         for offset in variants:
