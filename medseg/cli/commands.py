@@ -55,7 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from medseg.training import TrainConfig, train
+    from medseg.training import AugmentationConfig, TrainConfig, train
 
     overrides = {
         "configuration": args.config,
@@ -81,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     kwargs["fold"] = fold
     if args.no_validation and "final_validation" in names:
         kwargs["final_validation"] = False
+    if args.intensity_augmentation != "auto":
+        kwargs["augmentation"] = AugmentationConfig(intensity=args.intensity_augmentation == "on")
     run_dir = train(Path(args.work), TrainConfig(**kwargs), resume=args.resume)
     print(f"training finished: {run_dir}")
     return 0

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default=None,
                    help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--intensity-augmentation", choices=["auto", "on", "off"], default="auto",
+                   help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
+                        "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)")
     p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
     _add_common(p)
     p.set_defaults(func=c.cmd_train)

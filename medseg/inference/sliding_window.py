@@ -155,6 +155,13 @@ def shift_variants(total_stride: Sequence[int], num_variants: int) -> list[tuple
     return variants
 
 
+def shifted_shape(shape: Sequence[int], offset: Sequence[int]) -> tuple[int, ...]:
+    """Shape of a volume moved by ``offset`` against the patch grid: each of the last ``len(offset)``
+    axes grows by ``2 * |o|`` (the zeros padded before it for ``o > 0``, after it for ``o < 0``)."""
+    lead = len(shape) - len(offset)
+    return tuple(int(n) + (2 * abs(int(offset[i - lead])) if i >= lead else 0) for i, n in enumerate(shape))
+
+
 def tta_variants(mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
                  passes: int | None = None) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """The test-time augmentation of a network: ``(mirror axes, shift variants)``.
@@ -239,8 +246,8 @@ def predict_sliding_window(
     if progress:
         from tqdm import tqdm
 
-        grown = [[n + 2 * abs(o) for n, o in zip(spatial, (0, *v) if is_2d else v)] for v in variants]
-        bar = tqdm(total=sum(ctx.num_positions(g) for g in grown), desc="patches", unit="patch", leave=False)
+        total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
+        bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16,
                                                  enabled=ctx.amp_dtype is not None):
         for offset in variants:

@@ -233,8 +233,9 @@ class IntensityParams:
 
 
 def draw_intensity(rngs: Sequence[np.random.Generator], aug: AugmentationConfig | None, dims: int) -> IntensityParams | None:
-    """Draw the intensity augmentation of each sample (one generator per sample); None when disabled."""
-    if aug is None or not aug.enabled:
+    """Draw the intensity augmentation of each sample (one generator per sample); None when disabled
+    (``aug.enabled`` or ``aug.intensity`` False; an unresolved ``intensity=None`` counts as on)."""
+    if aug is None or not aug.enabled or aug.intensity is False:
         return None
     p = IntensityParams([], [], [], [], [], [], [], [])
     for rng in rngs:

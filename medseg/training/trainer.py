@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from medseg.errors import CheckpointError, ConfigError
 from medseg.io.image import atomic_write_bytes, atomic_write_text
-from medseg.inference.sliding_window import tta_variants
+from medseg.inference.sliding_window import shifted_shape, tta_variants
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -455,8 +455,8 @@ class Trainer:
         voxels = 0
         for c in self.val_cases:
             shape = c.data.shape[1:]
-            for offset in shifts:  # a shifted volume is padded by twice the offset
-                grown = [s + 2 * abs(o) for s, o in zip(shape[-len(offset):], offset)]
+            for offset in shifts:
+                grown = shifted_shape(shape, offset)[-len(offset):]
                 tiles = int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(grown, self.patch_size)]))
                 windows += tiles * (shape[0] if self.dims == 2 else 1)
             voxels += int(np.prod(shape))
@@ -705,13 +705,14 @@ class Trainer:
             remove_stale_temporaries(self.run_dir)
         logger.info(
             "training %s/%s %s: %d train / %d held-out cases, patch %s, batch %d%s, %s, channels_last=%s, "
-            "%d thread(s), %d data worker(s), %s",
+            "%d thread(s), %d data worker(s), %s, augmentation %s",
             self.configuration, self.arch, self.cfg.fold_name, len(self.train_cases), len(self.val_cases),
             list(self.patch_size), self.batch_size,
             f" ({self.local_batch} per rank x {self.dist.world_size})" if self.dist.enabled else "",
             self.precision, self.channels_last, self.num_threads, self.num_workers,
             f"time budget {self.cfg.time_budget_minutes:g} min" if self.time_budget_seconds is not None
             else f"{self.max_epochs} epochs x {self.cfg.iters_per_epoch} iterations",
+            _augmentation_summary(self.cfg.augmentation),
         )
         if self.training_done():
             logger.info("training of %s is already complete (epoch %d); pass a larger --epochs or "
@@ -770,3 +771,10 @@ class Trainer:
             logger.info("new best EMA pseudo Dice %.4f -> checkpoint_best.pt", self.best_metric)
         self.save("latest")
         self.write_progress("training")
+
+
+def _augmentation_summary(aug: AugmentationConfig) -> str:
+    """``off``, ``spatial + mirroring`` or ``spatial + mirroring + intensity`` (for the start-of-run log)."""
+    if not aug.enabled:
+        return "off"
+    return "spatial + mirroring" + ("" if aug.intensity is False else " + intensity")

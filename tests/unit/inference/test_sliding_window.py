@@ -12,6 +12,7 @@ from medseg.inference.sliding_window import (
     mirror_combinations,
     predict_sliding_window,
     shift_variants,
+    shifted_shape,
     tile_starts,
     tta_variants,
 )
@@ -137,6 +138,12 @@ def test_shift_variants_move_half_a_stride_apart():
     assert shift_variants((2, 8, 8), 8) == [(0, -2, -2), (0, -2, 2), (0, 2, -2), (0, 2, 2)]  # Z pooled once only
     assert shift_variants((2, 2, 2), 8) == [(0, 0, 0)]
     assert shift_variants((8, 8), 2) == [(-2, -2), (2, 2)]
+
+
+def test_shifted_shape_grows_the_patch_axes_by_twice_the_offset():
+    assert shifted_shape((10, 20, 30), (-2, 0, 3)) == (14, 20, 36)
+    assert shifted_shape((10, 20, 30), (2, 2)) == (10, 24, 34)  # a 2D patch: Z is not shifted
+    assert shifted_shape((1, 10, 20, 30), (0, 0, 0)) == (1, 10, 20, 30)
 
 
 def test_tta_spends_the_passes_of_full_mirroring_on_flips_first():

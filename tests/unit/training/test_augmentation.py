@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from medseg.training.augmentation import (
     IntensityParams,
     SpatialParams,
     apply_intensity,
+    draw_intensity,
     draw_spatial,
     extract_patch,
     gaussian_blur,
@@ -128,6 +130,16 @@ def test_intensity_transforms():
     assert torch.equal(batch[1], orig[1])
     assert (batch[2] - orig[2]).std().item() == pytest.approx(0.5, rel=0.15)
     assert not torch.equal(batch[0], orig[0])
+
+
+def test_intensity_switch_suppresses_every_intensity_draw():
+    rngs = [np.random.default_rng(i) for i in range(8)]
+    always = AugmentationConfig(p_noise=1.0, p_blur=1.0, p_brightness=1.0, p_contrast=1.0, p_lowres=1.0, p_gamma=1.0)
+    drawn = draw_intensity(rngs, always, 3)
+    assert drawn is not None and all(s is not None for s in drawn.noise_std)
+    assert draw_intensity(rngs, dataclasses.replace(always, intensity=True), 3) is not None
+    assert draw_intensity(rngs, dataclasses.replace(always, intensity=False), 3) is None
+    assert draw_intensity(rngs, dataclasses.replace(always, enabled=False), 3) is None
 
 
 def test_gaussian_blur_keeps_constant_and_smooths_impulse():

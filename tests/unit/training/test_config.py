@@ -55,6 +55,21 @@ def test_auto_optimizer_depends_on_the_schedule():
         TrainConfig(momentum=1.0).validate()
 
 
+def test_intensity_augmentation_depends_on_the_schedule():
+    assert TrainConfig().resolved().augmentation.intensity is True
+    short = TrainConfig(time_budget_minutes=30).resolved()
+    assert short.augmentation.intensity is False
+    assert short.augmentation.p_gamma == AugmentationConfig().p_gamma  # the probabilities are kept as set
+    assert short.resolved() == short
+    forced = TrainConfig(time_budget_minutes=30, augmentation=AugmentationConfig(intensity=True)).resolved()
+    assert forced.augmentation.intensity is True
+    assert TrainConfig(augmentation=AugmentationConfig(intensity=False)).resolved().augmentation.intensity is False
+    # a config.json written before the field existed loads, and resolves by its schedule
+    d = TrainConfig(time_budget_minutes=5).to_dict()
+    del d["augmentation"]["intensity"]
+    assert TrainConfig.from_dict(d).resolved().augmentation.intensity is False
+
+
 def test_schedules():
     assert poly_factor(0.0) == 1.0
     assert poly_factor(1.0) == 0.0

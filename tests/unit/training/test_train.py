@@ -113,7 +113,17 @@ def test_resume_extends_a_finished_run_and_rejects_corrupt_checkpoints(tiny_work
         train(tiny_work, TrainConfig(epochs=3, **FAST), resume=True)
 
 
-def test_time_budget_anneals_over_elapsed_time(tiny_work):
+def test_time_budget_anneals_over_elapsed_time(tiny_work, monkeypatch):
+    from medseg.training import augmentation
+
+    intensity_draws = []
+    draw = augmentation.draw_intensity
+
+    def spy(rngs, aug, dims):
+        intensity_draws.append(draw(rngs, aug, dims))
+        return intensity_draws[-1]
+
+    monkeypatch.setattr("medseg.training.data.draw_intensity", spy)
     budget_min = 0.15  # 9 seconds
     run = train(tiny_work, TrainConfig(time_budget_minutes=budget_min, iters_per_epoch=20, val_iters=1, num_workers=0,
                                        num_threads=1, precision="fp32", fold="all"))
@@ -129,6 +139,9 @@ def test_time_budget_anneals_over_elapsed_time(tiny_work):
     assert ckpt["scheduler"]["progress"] > 0.8  # the schedule ran (almost) to its end
     assert not (run / "validation").exists()  # fold all: nothing held out
     assert ckpt["train_config"]["time_budget_minutes"] == budget_min
+    # a short schedule trains without intensity transforms (spatial ones and mirroring stay)
+    assert ckpt["train_config"]["augmentation"]["intensity"] is False
+    assert intensity_draws and all(d is None for d in intensity_draws)
 
     # --resume --time-budget with a larger budget extends the run
     train(tiny_work, TrainConfig(time_budget_minutes=2 * budget_min, fold="all"), resume=True)
