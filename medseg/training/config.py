@@ -33,7 +33,7 @@ LONG_SCHEDULE_MOMENTUM = 0.99
 #: and there they cost fit. Measured on the hippocampus data (30 minutes, 24 base features, batch 4, bf16,
 #: fold 0, 40 validation cases; spatial transforms and mirroring kept): final validation Dice
 #: anterior/posterior with these transforms 0.8901 / 0.8789, without 0.8948 / 0.8855 (seed 12345), and
-#: see README "Augmentation in a time budget" for the repeat with another seed.
+#: the repeat with another seed is in README ("The laptop-CPU path").
 SHORT_SCHEDULE_INTENSITY_AUGMENTATION = False
 LR_SCHEDULES = ("poly", "cosine_restarts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
