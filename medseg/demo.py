@@ -56,7 +56,7 @@ class DemoResult:
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run generate -> plan -> train -> predict -> evaluate -> overlay. Returns the test Dice."""
     from medseg.evaluation import evaluate_folders
-    from medseg.inference.predictor import Predictor, predict_folder
+    from medseg.inference import Predictor, predict_folder
     from medseg.io.synthetic import generate_synthetic_dataset
     from medseg.pipeline import plan_and_preprocess
     from medseg.planning.planner import PlannerOptions

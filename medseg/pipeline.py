@@ -63,7 +63,8 @@ def plan_and_preprocess(
         DatasetError: listing every problem of the dataset; nothing is written in that case.
     """
     from medseg.fingerprint import extract_fingerprint
-    from medseg.io.dataset import load_dataset, validate_dataset
+    from medseg.io.dataset import load_dataset
+    from medseg.io.validation import validate_dataset
     from medseg.planning.planner import PlannerOptions, plan_dataset
     from medseg.preprocessing import preprocess_dataset
 

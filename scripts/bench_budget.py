@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from medseg.planning.budget import fit_plan_to_budget, measure_step_time
+from medseg.planning.budget import fit_plan_to_budget
 from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.step_timing import measure_step_time
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
 

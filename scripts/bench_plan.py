@@ -35,7 +35,8 @@ NNUNET_DATASET_ID = 987
 
 def run_medseg(data: Path, work: Path, num_workers: int, gpu_memory_gb: float) -> dict:
     from medseg.fingerprint import extract_fingerprint
-    from medseg.io.dataset import load_dataset, validate_dataset
+    from medseg.io.dataset import load_dataset
+    from medseg.io.validation import validate_dataset
     from medseg.planning.planner import PlannerOptions, plan_dataset
     from medseg.preprocessing import preprocess_dataset
 

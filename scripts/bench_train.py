@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medseg.training.trainer import cpu_has_fast_bf16, default_num_threads
+    from medseg.machine import cpu_has_fast_bf16
+    from medseg.training.device import default_num_threads
 
     if not args.data.is_dir():
         print(f"error: {args.data}: dataset folder not found", file=sys.stderr)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
-from medseg.cli.main import default_num_workers
 from medseg.errors import ConfigError
 
 logger = logging.getLogger("medseg")
+
+
+def default_num_workers() -> int:
+    """CPU count available to this process (the CLI is the only place reading the environment)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _resolve_device(device: str | None) -> str:
@@ -89,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference.predictor import Predictor, predict_folder
+    from medseg.inference import Predictor, predict_folder
 
     folds = None
     if args.folds is not None:

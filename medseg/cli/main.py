@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -141,15 +140,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def default_num_workers() -> int:
-    """CPU count available to this process (the CLI is the only place reading the environment)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from medseg.inference.export import write_probabilities, write_segmentation
-from medseg.inference.predictor import EnsembleMember, PredictionResult, Predictor, load_member, predict_folder
+from medseg.inference.folder import PredictionResult, predict_folder
+from medseg.inference.members import EnsembleMember, load_member
+from medseg.inference.predictor import Predictor
 from medseg.inference.sliding_window import gaussian_importance_map, predict_sliding_window
 
 __all__ = [

@@ -3,22 +3,12 @@
 The rules follow nnU-Net's published design (so that plans can be compared with nnU-Net v2's), with the
 memory model replaced by medseg's measured estimate of one training step:
 
-1. **Target spacing**: per-axis median of the case spacings. When the coarsest axis is more than 3x coarser
-   than the other axes *and* short (its median length x 3 < the shortest other axis), its 10th percentile
-   spacing is used instead (never finer than the other axes), to avoid interpolating thick slices.
-2. **Normalisation**: channels named ``CT`` are clipped to the foreground 0.5/99.5 percentiles and z-scored
-   with the foreground mean/std of the whole dataset; ``noNorm`` channels are left alone; every other
-   channel is z-scored per image, inside the nonzero mask when cropping to the nonzero region removed at
-   least a quarter of the median image.
+1. **Target spacing** and 2. **normalisation**: :mod:`medseg.planning.preprocessing_rules`.
 3. **Configurations**: ``3d_fullres`` at the target spacing, ``2d`` (in-plane slices along Z) at the same
    spacing, and ``3d_lowres`` when the fullres patch covers less than a quarter of the median image: the
    spacing is coarsened in 3% steps (coarsest axes last) until the patch covers a quarter of the
    median image; it is dropped when it would shrink the median image by less than 2x.
-4. **Patch and batch**: start from a patch with the aspect ratio of ``1/spacing`` and the volume of
-   256^3 (3D) / 2048^2 (2D) voxels, capped at the median image; derive the topology
-   (:mod:`medseg.planning.topology`); while one training step at batch 2 needs more than the memory budget,
-   shrink the axis that is largest relative to the median image by one pooling multiple. Then the batch
-   is the largest that fits the budget, but at most what covers 5% of the dataset's voxels, and at least 2.
+4. **Patch and batch**, per configuration and architecture: :mod:`medseg.planning.memory_fitting`.
 5. **Mirroring** (a medseg rule, not nnU-Net's): patch axes along which two foreground classes always lie
    in the same order are not mirrored in training or test-time augmentation
    (:mod:`medseg.planning.mirroring`).
@@ -28,20 +18,26 @@ Every shape and spacing is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D patch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.planning.memory_fitting import Fitter, MemoryEstimator, fit_3d
 from medseg.planning.mirroring import RULE as MIRROR_RULE
 from medseg.planning.mirroring import plan_mirror_axes
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
-from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology
+from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
+from medseg.planning.preprocessing_rules import (
+    ANISOTROPY_THRESHOLD,
+    data_identifier,
+    determine_normalization,
+    determine_target_spacing,
+    resampled_shapes,
+)
 
 if TYPE_CHECKING:
     from medseg.fingerprint import Fingerprint
@@ -49,19 +45,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: (net, in_channels, num_classes) -> GB needed by one training step at ``net.batch_size``.
-MemoryEstimator = Callable[[NetworkPlan, int, int], float]
-
-ANISOTROPY_THRESHOLD = 3.0
-NONZERO_MASK_THRESHOLD = 0.75  # use the nonzero mask when cropping keeps less than this fraction
 LOWRES_CREATION_THRESHOLD = 0.25  # plan 3d_lowres when the fullres patch covers less of the median image
 LOWRES_SPACING_STEP = 1.03
 LOWRES_MIN_SHRINK = 2.0  # drop 3d_lowres when it shrinks the median image by less than this factor
-MAX_DATASET_COVERED = 0.05  # one batch sees at most this fraction of the dataset's voxels
-MIN_BATCH_SIZE = 2
-MIN_PATCH_EDGE = 2 * MIN_FEATURE_MAP_SIZE  # the memory fitting never shrinks a patch axis below this
-REFERENCE_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
-DEFAULT_MAX_FEATURES = {3: 320, 2: 512}
 #: placeholder spacing (mm) of the missing Z axis of 2D images
 SPACING_2D_PLACEHOLDER = 1.0
 
@@ -110,333 +96,6 @@ class PlannerOptions:
             raise PlanError("invalid planner options: " + "; ".join(problems))
 
 
-# ---------------------------------------------------------------------------------------------- rules
-def determine_target_spacing(
-    spacings: np.ndarray, shapes: np.ndarray, threshold: float = ANISOTROPY_THRESHOLD
-) -> tuple[tuple[float, ...], dict[str, Any]]:
-    """Target spacing of the full-resolution configuration.
-
-    Args:
-        spacings: per-case spacings in mm, ``(num_cases, 3)`` in ``(Z, Y, X)`` order.
-        shapes: per-case shapes after cropping, ``(num_cases, 3)``.
-        threshold: anisotropy factor (3).
-
-    Returns:
-        ``(spacing, notes)``: the target spacing ``(Z, Y, X)`` in mm and the reasoning.
-    """
-    spacings = np.asarray(spacings, dtype=np.float64)
-    shapes = np.asarray(shapes, dtype=np.float64)
-    target = np.median(spacings, axis=0)
-    median_size = np.median(shapes, axis=0)
-    worst = int(np.argmax(target))
-    others = [a for a in range(len(target)) if a != worst]
-    other_spacing = max(target[a] for a in others)
-    other_size = min(median_size[a] for a in others)
-    aniso_spacing = bool(target[worst] > threshold * other_spacing)
-    aniso_voxels = bool(median_size[worst] * threshold < other_size)
-    notes: dict[str, Any] = {
-        "median_spacing": [float(v) for v in target],
-        "median_shape_after_crop": [float(v) for v in median_size],
-        "coarsest_axis": worst,
-        "anisotropic_spacing": aniso_spacing,
-        "anisotropic_shape": aniso_voxels,
-    }
-    if aniso_spacing and aniso_voxels:
-        p10 = float(np.percentile(spacings[:, worst], 10))
-        chosen = p10 if p10 >= other_spacing else other_spacing + 1e-5
-        target[worst] = chosen
-        notes["anisotropy_rule"] = (
-            f"axis {worst} is {notes['median_spacing'][worst] / other_spacing:.2f}x coarser than the others and its "
-            f"median length {median_size[worst]:g} x {threshold:g} < {other_size:g}: using its 10th percentile spacing "
-            f"{p10:.5g} mm" + ("" if p10 >= other_spacing else f", raised to the other axes' {other_spacing:.5g} mm")
-        )
-    else:
-        notes["anisotropy_rule"] = "not applied (median spacing used on every axis)"
-    return tuple(float(v) for v in target), notes
-
-
-def resampled_shapes(spacings: np.ndarray, shapes: np.ndarray, target: Sequence[float]) -> np.ndarray:
-    """Per-case shapes after resampling to ``target`` (rounded), ``(num_cases, 3)`` float64."""
-    spacings = np.asarray(spacings, dtype=np.float64)
-    shapes = np.asarray(shapes, dtype=np.float64)
-    return np.round(spacings / np.asarray(target, dtype=np.float64) * shapes)
-
-
-def determine_normalization(
-    channel_names: Sequence[str], fp: Fingerprint
-) -> tuple[tuple[NormalizationSpec, ...], list[str]]:
-    """One :class:`NormalizationSpec` per channel, and the reasoning (one line per channel)."""
-    relative = fp.median_relative_size_after_crop()
-    use_mask = relative < NONZERO_MASK_THRESHOLD
-    specs: list[NormalizationSpec] = []
-    notes: list[str] = []
-    for c, name in enumerate(channel_names):
-        key = str(name).strip().casefold()
-        if key == "ct":
-            st = fp.intensity[c]
-            if st.num_samples == 0:
-                raise PlanError(
-                    f"channel {c} ({name}) is CT but the dataset has no foreground voxels to take the intensity "
-                    "statistics from; check the label files"
-                )
-            specs.append(
-                NormalizationSpec(
-                    scheme="ct",
-                    use_nonzero_mask=False,
-                    clip_low=st.percentile_00_5,
-                    clip_high=st.percentile_99_5,
-                    mean=st.mean,
-                    std=st.std,
-                )
-            )
-            notes.append(
-                f"channel {c} ({name}): CT -> clip to foreground [{st.percentile_00_5:.5g}, {st.percentile_99_5:.5g}] "
-                f"then (x - {st.mean:.5g}) / {st.std:.5g}"
-            )
-        elif key in ("nonorm", "none"):
-            specs.append(NormalizationSpec(scheme="none"))
-            notes.append(f"channel {c} ({name}): no normalisation (channel name {name!r})")
-        else:
-            specs.append(NormalizationSpec(scheme="zscore", use_nonzero_mask=use_mask))
-            notes.append(
-                f"channel {c} ({name}): per-image z-score"
-                + (
-                    f" inside the nonzero mask (cropping keeps a median {relative:.0%} of the image)"
-                    if use_mask
-                    else f" over the whole image (cropping keeps a median {relative:.0%} of the image)"
-                )
-            )
-    return tuple(specs), notes
-
-
-def data_identifier(spacing: Sequence[float], normalization: Sequence[NormalizationSpec]) -> str:
-    """Name of the preprocessed-data folder; equal for configurations sharing spacing and normalisation."""
-    sp = "x".join(f"{s:.6g}" for s in spacing)
-    norms = "+".join(n.scheme + ("-nz" if n.use_nonzero_mask else "") for n in normalization)
-    return f"spacing_{sp}_{norms}"
-
-
-# ---------------------------------------------------------------------------------------------- fitting
-class _Fitter:
-    """Patch/batch fitting against a memory estimator, with every estimate memoised."""
-
-    def __init__(self, options: PlannerOptions, estimator: MemoryEstimator, in_channels: int, num_classes: int):
-        self.options = options
-        self.estimator = estimator
-        self.in_channels = in_channels
-        self.num_classes = num_classes
-        self._cache: dict[str, float] = {}
-        self.calls = 0
-
-    def max_features(self, dims: int) -> int:
-        return self.options.max_features or DEFAULT_MAX_FEATURES[dims]
-
-    def network(self, arch: str, topo: Topology, batch: int) -> NetworkPlan:
-        dims = len(topo.patch_size)
-        return NetworkPlan(
-            arch=arch,
-            patch_size=topo.patch_size,
-            batch_size=batch,
-            kernel_sizes=topo.kernel_sizes,
-            strides=topo.strides,
-            base_features=self.options.base_features,
-            max_features=max(self.max_features(dims), self.options.base_features),
-            options=arch_options(arch),
-            precision=self.options.precision,
-        )
-
-    def estimate(self, net: NetworkPlan) -> float:
-        key = json.dumps([_net_key(net), self.in_channels, self.num_classes], sort_keys=True)
-        if key not in self._cache:
-            self.calls += 1
-            gb = float(self.estimator(net, self.in_channels, self.num_classes))
-            if not (gb > 0 and math.isfinite(gb)):
-                raise PlanError(f"memory estimate for {net.arch} patch {list(net.patch_size)} is {gb}; expected > 0")
-            self._cache[key] = gb
-        return self._cache[key]
-
-    def fit(
-        self, arch: str, spacing: Sequence[float], median_shape: Sequence[float], total_voxels: float
-    ) -> tuple[NetworkPlan, dict[str, Any]]:
-        """Largest patch (then batch) of ``arch`` that fits the budget.
-
-        Args:
-            spacing: spacing of the patch axes (2 or 3 entries), mm.
-            median_shape: median image shape after resampling (same axes), may be fractional.
-            total_voxels: voxels of the whole resampled dataset (for the 5% batch cap).
-        """
-        dims = len(spacing)
-        budget = self.options.gpu_memory_gb
-        inv = 1.0 / np.asarray(spacing, dtype=np.float64)
-        scale = (REFERENCE_PATCH_VOXELS[dims] / float(np.prod(inv))) ** (1.0 / dims)
-        initial = [min(float(round(v * scale)), float(m)) for v, m in zip(inv, median_shape)]
-        topo = self._topology(spacing, initial)
-        notes: dict[str, Any] = {
-            "initial_patch": [float(v) for v in initial],
-            "first_topology_patch": list(topo.patch_size),
-        }
-
-        def cap_of(t: Topology) -> int:
-            voxels = float(np.prod(t.patch_size, dtype=np.float64))
-            return max(MIN_BATCH_SIZE, math.floor(MAX_DATASET_COVERED * total_voxels / voxels))
-
-        # Shortcut for small images: when the capped batch fits, batch 2 fits too (memory grows with the batch).
-        cap = cap_of(topo)
-        if cap > MIN_BATCH_SIZE and self.estimate(self.network(arch, topo, cap)) <= budget:
-            notes.update(shrink_steps=0, fits_budget=True)
-            return self._finish(arch, topo, cap, notes, self._cap_rule(cap, topo, total_voxels))
-        est = self.estimate(self.network(arch, topo, MIN_BATCH_SIZE))
-        notes["first_estimate_gb_at_batch_2"] = round(est, 4)
-        shrink_steps = 0
-        fits = est <= budget
-        if not fits:
-            topo, shrink_steps, fits = self._first_fitting(arch, spacing, topo, median_shape, est)
-            est = self.estimate(self.network(arch, topo, MIN_BATCH_SIZE))
-            if not fits:
-                logger.warning(
-                    "%s: even the smallest patch %s needs %.2f GB at batch 2 (> %.2f GB budget)",
-                    arch, list(topo.patch_size), est, budget,
-                )
-        notes.update(shrink_steps=shrink_steps, fits_budget=fits, estimate_gb_at_batch_2=round(est, 4))
-        cap = cap_of(topo)
-        if not fits:
-            return self._finish(arch, topo, MIN_BATCH_SIZE, notes, "does not fit the budget even at batch 2: batch 2")
-        if cap == MIN_BATCH_SIZE or self.estimate(self.network(arch, topo, cap)) <= budget:
-            return self._finish(arch, topo, cap, notes, self._cap_rule(cap, topo, total_voxels))
-        lo, hi = MIN_BATCH_SIZE, cap  # est(lo) <= budget < est(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.estimate(self.network(arch, topo, mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        rule = f"limited by memory: batch {lo + 1} would exceed {budget:g} GB (5% cap: {cap})"
-        return self._finish(arch, topo, lo, notes, rule)
-
-    @staticmethod
-    def _cap_rule(cap: int, topo: Topology, total_voxels: float) -> str:
-        if cap == MIN_BATCH_SIZE:
-            return "minimum batch 2 (the 5% dataset cap allows no more)"
-        voxels = int(np.prod(topo.patch_size))
-        return f"limited by the 5% dataset cap: {cap} x {voxels} voxels <= 5% of {total_voxels:.4g}"
-
-    def _finish(
-        self, arch: str, topo: Topology, batch: int, notes: dict[str, Any], rule: str
-    ) -> tuple[NetworkPlan, dict[str, Any]]:
-        net = self.network(arch, topo, batch)
-        net = replace(net, estimated_memory_gb=round(self.estimate(net), 4))
-        notes.update(batch_rule=rule, batch_size=batch, estimated_memory_gb=net.estimated_memory_gb)
-        return net, notes
-
-    def _first_fitting(
-        self, arch: str, spacing: Sequence[float], topo: Topology, median_shape: Sequence[float], est0: float
-    ) -> tuple[Topology, int, bool]:
-        """The first patch of the shrinking chain that fits at batch 2, its index, and whether it fits.
-
-        The shrinking rule visits a fixed chain of ever smaller patches whose memory falls
-        along the chain, so the first one that fits is found without estimating every link: guess it from
-        memory roughly proportional to patch voxels, then gallop and bisect with real estimates. The result
-        is the one a step-by-step walk would give.
-        """
-        budget = self.options.gpu_memory_gb
-        chain = [topo]
-        while (smaller := self._shrink(spacing, chain[-1], median_shape)) is not None:
-            chain.append(smaller)
-        if len(chain) == 1:
-            return topo, 0, False
-
-        def fits(i: int) -> bool:
-            return i == 0 and est0 <= budget or i > 0 and self.estimate(
-                self.network(arch, chain[i], MIN_BATCH_SIZE)) <= budget
-
-        vox0 = float(np.prod(topo.patch_size, dtype=np.float64))
-        guess = next(
-            (i for i, t in enumerate(chain) if est0 * float(np.prod(t.patch_size, dtype=np.float64)) / vox0 <= budget),
-            len(chain) - 1,
-        )
-        guess = max(1, guess)
-        if fits(guess):  # gallop back towards larger patches until one does not fit
-            hi, step = guess, 1
-            lo = max(0, hi - step)
-            while lo > 0 and fits(lo):
-                hi, step = lo, step * 2
-                lo = max(0, hi - step)
-        else:  # gallop on towards smaller patches until one fits
-            lo, step = guess, 1
-            hi = min(len(chain) - 1, lo + step)
-            while not fits(hi):
-                if hi == len(chain) - 1:
-                    return chain[hi], hi, False
-                lo, step = hi, step * 2
-                hi = min(len(chain) - 1, lo + step)
-        while hi - lo > 1:  # chain[lo] does not fit, chain[hi] does
-            mid = (lo + hi) // 2
-            if fits(mid):
-                hi = mid
-            else:
-                lo = mid
-        return chain[hi], hi, True
-
-    def _topology(self, spacing: Sequence[float], patch: Sequence[float]) -> Topology:
-        return compute_topology(spacing, patch, MIN_FEATURE_MAP_SIZE, self.options.max_poolings)
-
-    def _shrink(self, spacing: Sequence[float], topo: Topology, median_shape: Sequence[float]) -> Topology | None:
-        """Shrink the axis largest relative to the median image by one pooling multiple (None: cannot).
-
-        No axis is shrunk below ``MIN_PATCH_EDGE`` voxels (a smaller patch cannot hold a useful network).
-        """
-        dims = len(spacing)
-        patch = list(topo.patch_size)
-        ratios = [patch[a] / max(float(median_shape[a]), 1e-6) for a in range(dims)]
-        # largest ratio first; among equal ratios the last axis first
-        for a in sorted(range(dims), key=lambda i: (ratios[i], i), reverse=True):
-            # step down by the stride the *smaller* patch will need (never skipping a valid size)
-            probe = list(patch)
-            probe[a] -= topo.total_stride[a]
-            if probe[a] < MIN_PATCH_EDGE:
-                continue
-            step = self._topology(spacing, probe).total_stride[a]
-            new = list(patch)
-            new[a] -= step
-            if new[a] < MIN_PATCH_EDGE:
-                continue
-            candidate = self._topology(spacing, new)
-            if np.prod(candidate.patch_size, dtype=np.float64) < np.prod(patch, dtype=np.float64):
-                return candidate
-        return None
-
-
-def _net_key(net: NetworkPlan) -> dict[str, Any]:
-    return {
-        "arch": net.arch,
-        "patch": list(net.patch_size),
-        "batch": net.batch_size,
-        "kernels": [list(k) for k in net.kernel_sizes],
-        "strides": [list(s) for s in net.strides],
-        "features": [net.base_features, net.max_features, net.n_conv_per_stage],
-        "norm": net.norm,
-        "ds": net.deep_supervision,
-        "options": net.options,
-        "precision": net.precision,
-    }
-
-
-def arch_options(arch: str) -> dict[str, Any]:
-    """Architecture-specific options recorded in the plan (builtins only).
-
-    ``deeplab`` uses output stride 16 (DeepLabv3+'s training setting: the last striding is replaced by
-    dilation once the features are 1/16 of the input) and ``psp`` output stride 8 (PSPNet's setting); the
-    networks cap it per axis at the topology's total stride. ``unet`` and ``fcn`` take everything from the
-    topology.
-    """
-    if arch == "deeplab":
-        return {"output_stride": 16}
-    if arch == "psp":
-        return {"output_stride": 8}
-    return {}
-
-
-# ---------------------------------------------------------------------------------------------- planning
 def _default_estimator() -> MemoryEstimator:
     try:
         from medseg.networks.memory import estimate_training_memory_gb
@@ -486,7 +145,7 @@ def plan_dataset(
         )
     estimator = memory_estimator or _default_estimator()
     num_classes = len(ds.label_ids)
-    fitter = _Fitter(options, estimator, ds.num_channels, num_classes)
+    fitter = Fitter(options, estimator, ds.num_channels, num_classes)
     default_arch = "unet" if "unet" in options.archs else options.archs[0]
 
     geo = [_as_3d(c.spacing, c.shape_after_crop) for c in fp.cases]
@@ -531,7 +190,7 @@ def plan_dataset(
             if fixed and arch in fixed:
                 net, n = fixed[arch]
             elif dims == 3:
-                net, n = _fit_3d(fitter, arch, spacing3, median3, total)
+                net, n = fit_3d(fitter, arch, spacing3, median3, total)
             else:
                 net, n = fitter.fit(arch, spacing3[1:], median3[1:], total)
             nets[arch] = net
@@ -597,39 +256,8 @@ def plan_dataset(
     return plan.validate()
 
 
-def _transpose_for(spacing: Sequence[float]) -> list[int]:
-    """Axis order putting the coarsest axis first (the order nnU-Net plans 3D configurations in)."""
-    worst = int(np.argmax(spacing))
-    return [worst] + [a for a in range(len(spacing)) if a != worst]
-
-
-def _fit_3d(
-    fitter: _Fitter, arch: str, spacing: Sequence[float], median_shape: Sequence[float], total: float
-) -> tuple[NetworkPlan, dict[str, Any]]:
-    """Fit a 3D network with the coarsest axis first (tie-breaking as nnU-Net), returned in (Z, Y, X) order."""
-    order = _transpose_for(spacing)
-    back = [order.index(a) for a in range(3)]
-    net, notes = fitter.fit(arch, [spacing[a] for a in order], [median_shape[a] for a in order], total)
-    if order == [0, 1, 2]:
-        return net, notes
-
-    def un(seq: Sequence) -> tuple:
-        return tuple(seq[i] for i in back)
-
-    net = replace(
-        net,
-        patch_size=un(net.patch_size),
-        kernel_sizes=tuple(un(k) for k in net.kernel_sizes),
-        strides=tuple(un(s) for s in net.strides),
-    )
-    for key in ("initial_patch", "first_topology_patch"):
-        if isinstance(notes.get(key), list):
-            notes[key] = list(un(notes[key]))
-    return net, notes
-
-
 def _plan_lowres(
-    fitter: _Fitter,
+    fitter: Fitter,
     arch: str,
     full: ConfigurationPlan,
     median_shape: np.ndarray,
@@ -662,7 +290,7 @@ def _plan_lowres(
         low_median = full_spacing / spacing * median_shape
         low_vox = float(np.prod(low_median, dtype=np.float64))
         rounded = np.array([round(v) for v in low_median], dtype=np.float64)
-        fitted = _fit_3d(fitter, arch, tuple(spacing), rounded, total_voxels * low_vox / median_vox_full)
+        fitted = fit_3d(fitter, arch, tuple(spacing), rounded, total_voxels * low_vox / median_vox_full)
         coverage = float(np.prod(fitted[0].patch_size, dtype=np.float64)) / low_vox
     shrink = median_vox_full / float(np.prod(low_median, dtype=np.float64))
     lnotes.update(steps=steps, spacing=[float(s) for s in spacing], median_shape=[float(v) for v in low_median],

@@ -9,13 +9,14 @@ Public API::
     make_splits / load_or_create_splits / fold_cases   # WORK/splits.json
 
 Losses (:mod:`medseg.training.losses`), patch sampling (:mod:`medseg.training.data`), augmentation
-(:mod:`medseg.training.augmentation`) and the loop (:mod:`medseg.training.trainer`) are importable on
+(:mod:`medseg.training.augmentation`), the loop (:mod:`medseg.training.trainer`) and its device, precision
+and thread defaults (:mod:`medseg.training.device`) are importable on
 their own.
 """
 
 from __future__ import annotations
 
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.io.checkpoint import load_checkpoint, save_checkpoint
 from medseg.training.config import AugmentationConfig, TrainConfig
 from medseg.training.run import load_model_from_run, run_dir_for, train
 from medseg.training.splits import fold_cases, load_or_create_splits, make_splits

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from medseg.errors import ConfigError
 
@@ -67,6 +68,11 @@ class DistContext:
     def shutdown(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def init_distributed(device: str) -> DistContext:

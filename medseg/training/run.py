@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
+from medseg.io.checkpoint import load_checkpoint
 from medseg.io.image import atomic_write_text
 from medseg.planning.plan import Plan
-from medseg.training.checkpoint import load_checkpoint
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import init_distributed
 from medseg.training.splits import fold_cases
@@ -174,7 +174,7 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _final_validation(trainer: Any) -> None:
-    from medseg.training.trainer import unwrap
+    from medseg.training.distributed import unwrap
     from medseg.training.validation import validate_run
 
     cfg = trainer.cfg
@@ -217,21 +217,7 @@ def load_model_from_run(run_dir: str | Path, checkpoint: str = "final",
     Raises:
         CheckpointError: missing, corrupt or foreign checkpoint, or weights that do not fit the plan.
     """
-    from medseg.networks import build_network
+    from medseg.inference.members import load_member
 
-    if checkpoint not in ("final", "best", "latest"):
-        raise CheckpointError(f"checkpoint must be 'final', 'best' or 'latest', got {checkpoint!r}")
-    path = Path(run_dir) / f"checkpoint_{checkpoint}.pt"
-    ckpt = load_checkpoint(path)
-    try:
-        plan = Plan.from_dict(ckpt["plan"])
-    except PlanError as exc:
-        raise CheckpointError(f"{path}: the stored plan is invalid: {exc}") from None
-    configuration, arch = str(ckpt["configuration"]), str(ckpt["arch"])
-    net = plan.configuration(configuration).network(arch)
-    model = build_network(net, plan.num_channels, plan.num_classes)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), plan, configuration, arch
+    member = load_member(run_dir, checkpoint)
+    return member.model.to(device).eval(), member.plan, member.configuration, member.arch

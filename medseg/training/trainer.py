@@ -10,17 +10,17 @@ held-out cases (:mod:`medseg.training.validation`).
 Time budgets: the whole run (loading, training, per-epoch validation and the final validation, whose
 duration is estimated from measured forward times and reserved) fits the budget; the learning rate
 follows the schedule over elapsed training time, so training always ends annealed.
+
+Device, precision and thread defaults live in :mod:`medseg.training.device`, the checkpoint state in
+:mod:`medseg.training.trainer_state`, pseudo Dice and the final-validation estimate in
+:mod:`medseg.training.validation`, ``progress.json`` and the curves in :mod:`medseg.training.progress`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,194 +31,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medseg.errors import CheckpointError, ConfigError
-from medseg.io.image import atomic_write_bytes, atomic_write_text
-from medseg.inference.sliding_window import shifted_shape, tta_variants
-from medseg.planning.plan import ConfigurationPlan, Plan
-from medseg.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    capture_rng_state,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
+from medseg.errors import ConfigError
+from medseg.io.checkpoint import remove_stale_temporaries, save_checkpoint
+from medseg.planning.plan import Plan
+from medseg.training.config import AugmentationConfig, TrainConfig, run_plan
+from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
+from medseg.training.device import (
+    ThreadTuner,
+    autocast,
+    autocast_dtype,
+    channels_last_format,
+    planned_precision_and_layout,
+    resolve_device,
+    to_device,
+    workers_and_threads,
 )
-from medseg.training.config import AugmentationConfig, TrainConfig
-from medseg.training.data import PatchSampler, batch_iterator, load_training_cases, single_threaded
-from medseg.training.distributed import DistContext
-from medseg.training.losses import DeepSupervisionLoss, DiceCELoss, hard_dice_counts
+from medseg.training.distributed import DistContext, unwrap
+from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from medseg.training.progress import write_progress_files
 from medseg.training.schedule import lr_factor
+from medseg.training.trainer_state import checkpoint_state, restore_state
+from medseg.training.validation import estimate_validation_seconds, pseudo_dice
 
 logger = logging.getLogger(__name__)
 
 #: Epochs of an epoch-based run when neither the configuration nor a time budget says otherwise.
 DEFAULT_EPOCHS = 1000
-
-
-# ---------------------------------------------------------------------- device / precision helpers
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX through oneDNN).
-
-    Without it, bf16 autocast is emulated and many times slower than float32.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device, planned: str | None = None) -> str:
-    """Turn ``auto`` into ``fp32``/``bf16``/``fp16`` for ``device``; check explicit choices.
-
-    ``auto``: the precision the plan measured as fastest on this kind of device (``planned``, from a
-    time-budget plan), where it is usable; else CUDA -> fp16 AMP, CPU -> bf16 when the CPU has native
-    bf16, fp32 otherwise.
-
-    Raises:
-        ConfigError: fp16 on the CPU (use bf16), or bf16 on a GPU without bf16 support.
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            if planned == "bf16" and torch.cuda.is_bf16_supported():
-                return "bf16"
-            return "fp16"
-        if planned == "fp32":
-            return "fp32"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
-                       "much slower than fp32; consider --precision fp32")
-    return precision
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def default_num_threads(world_size: int = 1) -> int:
-    """CPU cores available to this process divided among the ranks of this machine."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, world_size))
-
-
-def default_num_workers(device: torch.device, world_size: int = 1) -> int:
-    """Background batch producers per process.
-
-    None on CPUs with at most two cores per process: there one augmented sample costs about 1-2 % of
-    the network's step, and a worker process would preempt the training threads, which stall each
-    other when one of them is descheduled. Otherwise about one worker per four cores (CPU training
-    gives the workers cores of their own, see :func:`default_num_threads`), and up to 8 next to a GPU.
-    """
-    cores = max(1, default_num_threads(1) // max(1, world_size))
-    if device.type == "cuda":
-        return max(1, min(8, cores - 1))
-    if cores <= 2:
-        return 0
-    return max(1, min(4, cores // 4))
-
-
-def channels_last_format(dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if dims == 3 else torch.channels_last
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DDP wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def num_tiles(size: int, patch: int, step: float) -> int:
-    """Sliding-window positions along one axis (the volume is padded to the patch when smaller)."""
-    if size <= patch:
-        return 1
-    return int(math.ceil((size - patch) / (patch * step))) + 1
-
-
-def resolve_mirror_axes(aug: AugmentationConfig, cfg_plan: ConfigurationPlan) -> tuple[int, ...] | None:
-    """Patch axes a run mirrors: ``aug.mirror_axes`` when set (checked against the patch), else the plan's.
-
-    Raises:
-        ConfigError: an axis outside the configuration's patch.
-    """
-    if aug.mirror_axes is None:
-        return cfg_plan.mirror_axes
-    axes = tuple(sorted(set(int(a) for a in aug.mirror_axes)))
-    bad = [a for a in axes if not 0 <= a < cfg_plan.dims]
-    if bad:
-        raise ConfigError(f"augmentation.mirror_axes {list(aug.mirror_axes)}: axes {bad} are not axes of the "
-                          f"{cfg_plan.dims}D patch of configuration {cfg_plan.name!r} (0..{cfg_plan.dims - 1})")
-    return axes
-
-
-class ThreadTuner:
-    """Chooses the number of intra-op threads that makes training steps fastest, and keeps checking.
-
-    With all cores of a machine to itself, one thread per core is fastest. When other processes share
-    the cores, threads that synchronise after every operation wait for each other to be scheduled and
-    a step can take many times longer than with a single thread. The tuner times steps at ``max_threads``
-    and at 1 thread (and half of ``max_threads`` on larger machines), keeps the fastest, and re-measures
-    the alternatives every ``probe_every`` steps (doubling the interval while the choice stands).
-
-    Args:
-        max_threads: the most threads to use (the cores of the process).
-        enabled: False pins ``max_threads``.
-    """
-
-    def __init__(self, max_threads: int, enabled: bool = True, probe_every: int = 50) -> None:
-        self.max_threads = max(1, max_threads)
-        self.options = sorted({self.max_threads, 1, max(1, self.max_threads // 2)}, reverse=True)
-        self.enabled = enabled and len(self.options) > 1
-        self.current = self.max_threads
-        self.base_interval = probe_every
-        self.interval = probe_every
-        self.times: dict[int, list[float]] = {n: [] for n in self.options}
-        self.queue: list[int] = []  # thread counts of the next probe steps
-        self.steps = 0
-        self.next_probe = 1  # first exploration right after the warm-up step
-        self.probing: int | None = None
-        torch.set_num_threads(self.current)
-
-    def before_step(self) -> None:
-        if not self.enabled:
-            return
-        if not self.queue and self.steps >= self.next_probe:
-            others = [n for n in self.options if n != self.current]
-            reps = 3 if self.next_probe == 1 else 2
-            self.queue = [n for n in others for _ in range(reps)] + [self.current] * reps
-            for n in self.options:
-                self.times[n] = []
-        self.probing = self.queue.pop(0) if self.queue else None
-        want = self.probing if self.probing is not None else self.current
-        if torch.get_num_threads() != want:
-            torch.set_num_threads(want)
-
-    def after_step(self, seconds: float) -> None:
-        self.steps += 1
-        if not self.enabled or self.probing is None:
-            return
-        self.times[self.probing].append(seconds)
-        if self.queue:
-            return
-        medians = {n: statistics.median(t) for n, t in self.times.items() if t}
-        best = min(medians, key=medians.get)
-        logger.debug("thread probe at step %d: %s", self.steps,
-                     ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())))
-        if best != self.current and medians[best] < 0.9 * medians[self.current]:
-            logger.info("intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
-                        if best < self.current else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
-                        self.current, best, medians[best], medians[self.current])
-            self.current = best
-            self.interval = self.base_interval
-        else:
-            self.interval = min(self.interval * 2, 32 * self.base_interval)
-        self.next_probe = self.steps + self.interval
-        self.probing = None
-        torch.set_num_threads(self.current)
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -244,17 +82,8 @@ class Trainer:
         self.configuration, self.arch = cfg.configuration, cfg.arch
 
         # -------- device, threads, determinism
-        device = cfg.device
-        if device.startswith("cuda") and dist_ctx.enabled and device == "cuda":
-            device = f"cuda:{dist_ctx.local_rank}"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device cuda was requested but no CUDA device is available; use --device cpu")
-        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(self.device, dist_ctx.world_size)
-        threads = default_num_threads(dist_ctx.world_size if self.device.type == "cpu" else 1)
-        if self.device.type == "cpu" and threads > 2:
-            threads = max(2, threads - self.num_workers)  # the data workers get cores of their own
-        self.num_threads = cfg.num_threads or threads
+        self.device = resolve_device(cfg.device, dist_ctx)
+        self.num_workers, self.num_threads = workers_and_threads(cfg, self.device, dist_ctx.world_size)
         if self.device.type == "cpu":
             from medseg.networks.memory import keep_freed_cpu_memory
 
@@ -270,42 +99,13 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
 
         # a time-budget plan records the precision and memory format it measured fastest on its device
-        cfg_plan = plan.configuration(self.configuration)
-        budget_notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
-        measured_here = (isinstance(budget_notes, dict) and budget_notes.get("configuration") == self.configuration
-                         and str(budget_notes.get("device", plan.device)).split(":")[0] == self.device.type)
-        planned_precision = cfg_plan.network(self.arch).precision if plan.device.split(":")[0] == self.device.type else None
-        self.precision = resolve_precision(cfg.precision, self.device, planned_precision)
+        self.precision, self.channels_last = planned_precision_and_layout(cfg, plan, self.configuration, self.arch,
+                                                                          self.device)
         self.amp_dtype = autocast_dtype(self.precision)
-        planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") if measured_here else None
-        if cfg.channels_last is not None:
-            self.channels_last = cfg.channels_last
-        elif isinstance(planned_cl, bool):
-            self.channels_last = planned_cl
-        else:
-            self.channels_last = self.device.type == "cpu"
 
         # -------- plan of the network actually trained (stored in every checkpoint)
-        net = cfg_plan.network(self.arch)
-        changes: dict[str, Any] = {}
-        if not cfg.deep_supervision and net.deep_supervision:
-            changes["deep_supervision"] = False
-        if cfg.batch_size is not None and cfg.batch_size != net.batch_size:
-            changes["batch_size"] = cfg.batch_size
-        # mirrored axes: the run's own setting, else the plan's; stored in the run's plan, so that mirror
-        # TTA at prediction flips exactly the axes the network was trained to see flipped
-        mirror_axes = resolve_mirror_axes(cfg.augmentation, cfg_plan)
-        if changes or mirror_axes != cfg_plan.mirror_axes:
-            net = dataclasses.replace(net, **changes)
-            networks = dict(cfg_plan.networks)
-            networks[self.arch] = net
-            extra = {}
-            if self.arch == cfg_plan.default_arch and "batch_size" in changes:
-                extra["batch_size"] = net.batch_size
-            cfg_plan = dataclasses.replace(cfg_plan, networks=networks, mirror_axes=mirror_axes, **extra)
-            configs = dict(plan.configurations)
-            configs[self.configuration] = cfg_plan
-            plan = dataclasses.replace(plan, configurations=configs)
+        plan, net = run_plan(plan, cfg, self.configuration, self.arch)
+        cfg_plan = plan.configuration(self.configuration)
         self.plan, self.net_plan = plan, net
         self.patch_size = tuple(net.patch_size)
         self.dims = len(self.patch_size)
@@ -370,7 +170,7 @@ class Trainer:
         self.pseudo_dice_seconds: float | None = None
         self._progress_floor = 0.0  # time-budget progress reached in this session
         if checkpoint is not None:
-            self._restore(checkpoint)
+            restore_state(self, checkpoint)
 
     # ------------------------------------------------------------------ state
     @property
@@ -388,57 +188,6 @@ class Trainer:
         """Seconds this run has spent, over all its sessions (each counted from its start)."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
-    def state_dict(self, finished: bool = False) -> dict[str, Any]:
-        core = unwrap(self.model)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": core.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"name": self.cfg.lr_schedule, "lr0": self.lr0, "progress": self.progress()},
-            "grad_scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "iteration": self.iteration,
-            "elapsed_seconds": self.elapsed(),
-            "rng": capture_rng_state(),
-            "train_config": self.cfg.to_dict(),
-            "plan": self.plan.to_dict(),
-            "configuration": self.configuration,
-            "arch": self.arch,
-            "best_metric": self.best_metric,
-            "ema_metric": self.ema_metric,
-            "history": self.history,
-            "finished": finished,
-            "precision": self.precision,
-            "timing": {"iter_seconds": self.iter_seconds, "fwd_seconds_per_sample": self.fwd_seconds_per_sample},
-        }
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        where = self.run_dir / "checkpoint_latest.pt"
-        try:
-            unwrap(self.model).load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{where}: weights do not fit the {self.arch} network of the plan ({first})") from None
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{where}: optimizer state does not fit ({exc}); was the optimizer changed?") from None
-        if self.scaler is not None and ckpt.get("grad_scaler"):
-            self.scaler.load_state_dict(ckpt["grad_scaler"])
-        self.epoch = int(ckpt["epoch"])
-        self.iteration = int(ckpt["iteration"])
-        self.elapsed_before = float(ckpt.get("elapsed_seconds", 0.0))
-        self.best_metric = ckpt.get("best_metric")
-        self.ema_metric = ckpt.get("ema_metric")
-        self.history = list(ckpt.get("history", []))
-        timing = ckpt.get("timing") or {}
-        self.iter_seconds = timing.get("iter_seconds")
-        self.fwd_seconds_per_sample = timing.get("fwd_seconds_per_sample")
-        if "rng" in ckpt:
-            restore_rng_state(ckpt["rng"])
-        logger.info("resuming %s at epoch %d, iteration %d (%.1f min trained)", self.run_dir, self.epoch,
-                    self.iteration, self.elapsed_before / 60)
-
     # ------------------------------------------------------------------ schedule and budget
     def final_validation_estimate(self) -> float:
         """Seconds the final sliding-window validation is expected to take (0 when there is none)."""
@@ -447,21 +196,9 @@ class Trainer:
         per_sample = self.fwd_seconds_per_sample
         if per_sample is None:
             per_sample = (self.iter_seconds or 1.0) / max(1, self.local_batch) / 3.0
-        mirrors, shifts = 1, [tuple(0 for _ in self.patch_size)]
-        if self.cfg.validation_tta:
-            axes, shifts = tta_variants(self.mirror_axes, self.net_plan.total_stride())
-            mirrors = 2 ** len(axes)
-        windows = 0
-        voxels = 0
-        for c in self.val_cases:
-            shape = c.data.shape[1:]
-            for offset in shifts:
-                grown = shifted_shape(shape, offset)[-len(offset):]
-                tiles = int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(grown, self.patch_size)]))
-                windows += tiles * (shape[0] if self.dims == 2 else 1)
-            voxels += int(np.prod(shape))
-        # network time (batch 1 in 3D is less efficient than the measured batches) + resampling/export
-        return 1.5 * windows * mirrors * per_sample + len(self.val_cases) * 0.5 + voxels * self.num_classes * 5e-8
+        return estimate_validation_seconds(self.val_cases, self.patch_size, self.num_classes, per_sample,
+                                           use_tta=self.cfg.validation_tta, mirror_axes=self.mirror_axes,
+                                           total_stride=self.net_plan.total_stride())
 
     def training_deadline(self) -> float | None:
         """Elapsed seconds at which training iterations must stop (time-budget runs), else None."""
@@ -502,22 +239,10 @@ class Trainer:
         return lr
 
     # ------------------------------------------------------------------ steps
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        non_blocking = self.device.type == "cuda"
-        x = x.to(self.device, non_blocking=non_blocking)
-        if self.channels_last:
-            x = x.contiguous(memory_format=channels_last_format(self.dims))
-        return x, y.to(self.device, non_blocking=non_blocking).long()
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on a batch; returns the loss (mean over this rank's samples)."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             outputs = self.model(x)
         loss = self.loss_fn(outputs, y)
         # DDP averages gradients over ranks; weight by the rank's share so uneven splits stay exact
@@ -567,7 +292,7 @@ class Trainer:
                 x, y = next(stream)
                 t1 = time.perf_counter()
                 wait += t1 - t0
-                x, y = self._to_device(x, y)
+                x, y = to_device(x, y, self.device, self.channels_last)
                 self.thread_tuner.before_step()
                 t_step = time.perf_counter()
                 loss = self.train_step(x, y)
@@ -590,52 +315,23 @@ class Trainer:
         return {"iterations": n, "train_loss": mean_loss, "lr": lr, "epoch_seconds": seconds,
                 "data_wait_seconds": wait, "it_per_s": n / seconds if seconds > 0 else 0.0}
 
-    @torch.no_grad()
-    def pseudo_dice(self) -> dict[str, Any]:
-        """Dice of the argmax on ``val_iters`` batches of held-out patches (no augmentation).
-
-        TP/FP/FN are summed over all batches (and ranks) per class before the Dice is taken.
-        """
-        if self.cfg.val_iters == 0:
-            return {}
-        core = unwrap(self.model)
-        core.eval()
-        counts = torch.zeros((3, self.num_classes), dtype=torch.int64)
-        t = time.perf_counter()
-        samples = 0
-        try:
-            for j in range(self.cfg.val_iters):
-                with single_threaded():
-                    x, y = self.val_sampler.batch(self.epoch * self.cfg.val_iters + j, self.batch_lo, self.batch_hi)
-                x, y = self._to_device(x, y)
-                with self._autocast():
-                    out = core(x)
-                if isinstance(out, (list, tuple)):
-                    out = out[0]
-                counts += hard_dice_counts(out.float(), y)
-                samples += x.shape[0]
-        finally:
-            core.train()
-        if samples:
-            per = (time.perf_counter() - t) / samples
-            self.fwd_seconds_per_sample = per if self.fwd_seconds_per_sample is None else 0.5 * (self.fwd_seconds_per_sample + per)
-        self.dist.all_reduce_sum(counts)
-        tp, fp, fn = counts.double()
-        denom = 2 * tp + fp + fn
-        dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))[1:]
-        valid = dice[~torch.isnan(dice)]
-        mean = float(valid.mean()) if valid.numel() else float("nan")
-        return {"val_dice": mean, "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()]}
+    def _pseudo_dice(self) -> dict[str, Any]:
+        """This epoch's pseudo Dice on ``val_iters`` held-out batches (:func:`~medseg.training.validation.pseudo_dice`)."""
+        first = self.epoch * self.cfg.val_iters
+        val, per_sample = pseudo_dice(unwrap(self.model), self.val_sampler, range(first, first + self.cfg.val_iters),
+                                      self.batch_lo, self.batch_hi, self.num_classes, self.dist, device=self.device,
+                                      amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        if per_sample is not None:
+            old = self.fwd_seconds_per_sample
+            self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)
+        return val
 
     # ------------------------------------------------------------------ outputs
-    def _write_json(self, name: str, obj: Any) -> None:
-        atomic_write_text(self.run_dir / name, json.dumps(obj, indent=1, default=float) + "\n")
-
     def write_progress(self, status: str) -> None:
         if not self.dist.is_main:
             return
         deadline = self.training_deadline()
-        self._write_json("progress.json", {
+        write_progress_files(self.run_dir, {
             "status": status,
             "configuration": self.configuration,
             "arch": self.arch,
@@ -654,45 +350,11 @@ class Trainer:
             "world_size": self.dist.world_size,
             "best_ema_pseudo_dice": self.best_metric,
             "history": self.history,
-        })
-        try:
-            self.plot_curves()
-        except Exception as exc:  # a plotting problem must never stop training
-            logger.warning("could not draw training_curves.png: %s", exc)
-
-    def plot_curves(self) -> None:
-        """``training_curves.png``: training loss, pseudo Dice (raw and EMA) and learning rate per epoch."""
-        if not self.history:
-            return
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ep = [h["epoch"] for h in self.history]
-        fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-        axes[0].plot(ep, [h["train_loss"] for h in self.history], label="train loss")
-        axes[0].set_ylabel("loss")
-        axes[0].legend()
-        axes[1].plot(ep, [h.get("val_dice", float("nan")) for h in self.history], label="pseudo Dice", alpha=0.6)
-        axes[1].plot(ep, [h.get("ema_dice", float("nan")) for h in self.history], label="pseudo Dice (EMA)")
-        axes[1].set_ylabel("Dice")
-        axes[1].legend()
-        axes[2].plot(ep, [h["lr"] for h in self.history], label="learning rate")
-        axes[2].set_ylabel("lr")
-        axes[2].set_xlabel("epoch")
-        fig.suptitle(f"{self.configuration}/{self.arch} {self.cfg.fold_name}")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
-        atomic_write_bytes(self.run_dir / "training_curves.png", buf.getvalue())
+        }, f"{self.configuration}/{self.arch} {self.cfg.fold_name}")
 
     def save(self, name: str, finished: bool = False) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(finished=finished), self.run_dir / f"checkpoint_{name}.pt")
+            save_checkpoint(checkpoint_state(self, finished=finished), self.run_dir / f"checkpoint_{name}.pt")
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:
@@ -728,7 +390,7 @@ class Trainer:
                 skip_val = deadline is not None and (
                     self.training_done() or self.elapsed() + (self.pseudo_dice_seconds or 0.0) > deadline)
                 t = time.perf_counter()
-                val = {} if skip_val else self.pseudo_dice()
+                val = {} if skip_val else self._pseudo_dice()
                 if val:
                     self.pseudo_dice_seconds = time.perf_counter() - t
                 self.epoch += 1

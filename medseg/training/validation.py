@@ -7,6 +7,9 @@ and geometry), ``validation/<case>.npz`` (``probabilities`` float16 ``(K, Z, Y, 
 ``validation/metrics.json`` (per-case, per-class Dice) are written. The reference is the original label
 file of the raw dataset (``WORK/dataset_ref.json``), or, when that is not available, the preprocessed
 label mapped back to the original grid.
+
+During training: the per-epoch pseudo Dice on held-out patches (:func:`pseudo_dice`) and the estimated
+duration of the final validation (:func:`estimate_validation_seconds`), which a time budget reserves.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.inference.sliding_window import shifted_shape, tta_variants
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import Plan
+from medseg.training.data import CaseData, PatchSampler, single_threaded
+from medseg.training.device import autocast, to_device
+from medseg.training.distributed import DistContext
+from medseg.training.losses import hard_dice_counts
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +97,7 @@ def validate_run(
     Returns:
         The metrics dict written to ``validation/metrics.json``.
     """
-    from medseg.inference.predictor import EnsembleMember, Predictor
+    from medseg.inference import EnsembleMember, Predictor
     from medseg.io.image import read_image
     from medseg.preprocessing import classes_to_labels, export_segmentation, load_case, revert_to_original
 
@@ -144,3 +155,98 @@ def validate_run(
                 ", ".join(f"{names.get(int(k), k)} {v:.4f}" for k, v in mean.items() if v is not None),
                 f"{metrics['mean_foreground_dice']:.4f}" if metrics["mean_foreground_dice"] is not None else "-")
     return metrics
+
+
+# ---------------------------------------------------------------------- during training
+@torch.no_grad()
+def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence[int], batch_lo: int, batch_hi: int,
+                num_classes: int, dist_ctx: DistContext, *, device: torch.device,
+                amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[dict[str, Any], float | None]:
+    """Dice of the argmax on batches of held-out patches (no augmentation).
+
+    TP/FP/FN are summed over all batches (and ranks) per class before the Dice is taken.
+
+    Args:
+        model: the network (not a DDP wrapper); in eval mode during the call, in train mode afterwards.
+        sampler: the held-out patch sampler.
+        batches: indices of the batches to draw (different ones every epoch).
+        batch_lo / batch_hi: this rank's samples of each batch.
+        num_classes: classes of the network output (background included).
+        dist_ctx: the distributed context (counts are summed over ranks).
+        device / amp_dtype / channels_last: how the network computes.
+
+    Returns:
+        ``({"val_dice": mean foreground Dice, "dice_per_class": [...]}, forward seconds per sample)``;
+        ``({}, None)`` without batches. Classes absent from prediction and reference have Dice None
+        and do not count towards the mean.
+    """
+    if not batches:
+        return {}, None
+    model.eval()
+    counts = torch.zeros((3, num_classes), dtype=torch.int64)
+    t = time.perf_counter()
+    samples = 0
+    try:
+        for j in batches:
+            with single_threaded():
+                x, y = sampler.batch(j, batch_lo, batch_hi)
+            x, y = to_device(x, y, device, channels_last)
+            with autocast(device, amp_dtype):
+                out = model(x)
+            if isinstance(out, (list, tuple)):
+                out = out[0]
+            counts += hard_dice_counts(out.float(), y)
+            samples += x.shape[0]
+    finally:
+        model.train()
+    per_sample = (time.perf_counter() - t) / samples if samples else None
+    dist_ctx.all_reduce_sum(counts)
+    tp, fp, fn = counts.double()
+    denom = 2 * tp + fp + fn
+    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))[1:]
+    valid = dice[~torch.isnan(dice)]
+    mean = float(valid.mean()) if valid.numel() else float("nan")
+    return {"val_dice": mean, "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()]}, per_sample
+
+
+def num_tiles(size: int, patch: int, step: float) -> int:
+    """Sliding-window positions along one axis (the volume is padded to the patch when smaller)."""
+    if size <= patch:
+        return 1
+    return int(math.ceil((size - patch) / (patch * step))) + 1
+
+
+def estimate_validation_seconds(cases: Sequence[CaseData], patch_size: Sequence[int], num_classes: int,
+                                seconds_per_sample: float, *, use_tta: bool = False,
+                                mirror_axes: Sequence[int] | None = None,
+                                total_stride: Sequence[int] | None = None) -> float:
+    """Seconds the final sliding-window validation of ``cases`` is expected to take.
+
+    Args:
+        cases: the held-out cases (preprocessed images).
+        patch_size: the network's patch.
+        num_classes: classes of the network output (resampling and export cost grows with them).
+        seconds_per_sample: measured eval forward time of one patch.
+        use_tta: test-time augmentation (:func:`~medseg.inference.sliding_window.tta_variants` of
+            ``mirror_axes`` and ``total_stride``, which are then required).
+
+    Returns:
+        Network time (1.5 x windows x TTA passes x ``seconds_per_sample``) plus resampling and export.
+    """
+    dims = len(patch_size)
+    mirrors, shifts = 1, [tuple(0 for _ in patch_size)]
+    if use_tta:
+        assert total_stride is not None
+        axes, shifts = tta_variants(mirror_axes, total_stride)
+        mirrors = 2 ** len(axes)
+    windows = 0
+    voxels = 0
+    for c in cases:
+        shape = c.data.shape[1:]
+        for offset in shifts:
+            grown = shifted_shape(shape, offset)[-len(offset):]
+            tiles = int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(grown, patch_size)]))
+            windows += tiles * (shape[0] if dims == 2 else 1)
+        voxels += int(np.prod(shape))
+    # network time (batch 1 in 3D is less efficient than the measured batches) + resampling/export
+    return 1.5 * windows * mirrors * seconds_per_sample + len(cases) * 0.5 + voxels * num_classes * 5e-8

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from medseg.errors import DatasetError
-from medseg.io.dataset import load_dataset, validate_dataset
+from medseg.io.dataset import load_dataset
+from medseg.io.validation import validate_dataset
 
 from ._builders import edit_json, image_array, label_array, write, write_msd, write_nnunet
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError
-from medseg.io.dataset import load_dataset, validate_dataset
+from medseg.io.dataset import load_dataset
+from medseg.io.validation import validate_dataset
 from medseg.io.image import read_image
 from medseg.io.synthetic import generate_synthetic_dataset
 

@@ -1,5 +1,5 @@
 """Time-budget fitting: the choice rule with an injected step-time model, the notes, plan validity and a
-real (tiny) measurement."""
+real (tiny) fit."""
 
 from __future__ import annotations
 
@@ -11,46 +11,20 @@ import pytest
 import torch
 
 from medseg.errors import PlanError
-from medseg.planning import budget
+from medseg.planning import candidates, step_timing
 from medseg.planning.budget import (
     MIN_SAMPLES_3D,
     USABLE_FRACTION,
-    Candidate,
     Measured,
     choose_candidate,
-    default_candidates,
     fit_plan_to_budget,
-    measure_step_time,
-    smaller_patches,
 )
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.candidates import Candidate
+from medseg.planning.plan import Plan
 
-PATCH = (40, 56, 40)
+from .conftest import PATCH, hippocampus_like_plan
+
 VOX = math.prod(PATCH)
-
-
-def hippocampus_like_plan() -> Plan:
-    net = NetworkPlan(
-        arch="unet", patch_size=PATCH, batch_size=7, kernel_sizes=((3, 3, 3),) * 4,
-        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), base_features=32, max_features=320,
-        estimated_memory_gb=1.2,
-    )
-    deeplab = NetworkPlan(
-        arch="deeplab", patch_size=PATCH, batch_size=5, kernel_sizes=((3, 3, 3),) * 4,
-        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
-    )
-    net2d = NetworkPlan(arch="unet", patch_size=(56, 40), batch_size=64, kernel_sizes=((3, 3),) * 4,
-                        strides=((1, 1), (2, 2), (2, 2), (2, 2)), max_features=512)
-    norm = (NormalizationSpec("zscore"),)
-    cfgs = {
-        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), PATCH, 7, norm,
-                                        {"unet": net, "deeplab": deeplab}, data_identifier="spacing_1x1x1_zscore"),
-        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), (56, 40), 64, norm, {"unet": net2d},
-                                data_identifier="spacing_1x1x1_zscore"),
-    }
-    return Plan("Hippocampus", ("MRI",), (0, 1, 2), ("background", "Anterior", "Posterior"), (1.0, 1.0, 1.0),
-                (36, 50, 35), cfgs, default_configuration="2d", device="cuda",
-                notes={"planner": "test"}).validate()
 
 
 class FakeClock:
@@ -70,42 +44,14 @@ class FakeClock:
         t = (self.overhead + self.per_unit * features * VOX * batch) * 0.9
         return int(math.floor(minutes * 60 * USABLE_FRACTION / round(t, 6))) * batch
 
-
-@pytest.fixture
-def one_thread():
-    """Real timings with one thread: two threads on a busy 2-core machine can be 30x slower (OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def no_bf16(monkeypatch):
-    monkeypatch.setattr(budget, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
 
 
 def chosen(plan: Plan) -> tuple[int, tuple[int, ...], int]:
     net = plan.configuration("3d_fullres").network("unet")
     return net.base_features, net.patch_size, net.batch_size
-
-
-def test_grid_for_an_image_the_patch_covers():
-    net = hippocampus_like_plan().configuration("3d_fullres").network()
-    cands = default_candidates(net, (36, 50, 35))
-    assert [(c.base_features, c.max_features, c.patch_size, c.batch_size) for c in cands] == [
-        (16, 160, PATCH, 2), (16, 160, PATCH, 4), (24, 240, PATCH, 2), (24, 240, PATCH, 4),
-        (32, 320, PATCH, 2), (32, 320, PATCH, 4),
-    ]
-
-
-def test_large_images_get_halved_patches_divisible_by_the_stride():
-    net = NetworkPlan(arch="unet", patch_size=(80, 192, 160), batch_size=2, kernel_sizes=((3, 3, 3),) * 5,
-                      strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)))
-    patches = smaller_patches(net, (300, 400, 400))
-    assert patches == [(80, 192, 160), (80, 96, 160), (80, 96, 80)]
-    # no halving when the patch covers the median image
-    assert smaller_patches(net, (80, 150, 150)) == [(80, 192, 160)]
 
 
 @pytest.mark.parametrize(
@@ -168,7 +114,7 @@ def test_notes_record_every_candidate_and_the_levers(no_bf16):
 
 
 def test_bf16_is_kept_when_native_and_faster(monkeypatch):
-    monkeypatch.setattr(budget, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: True)
     plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 15, configuration="3d_fullres", measure_fn=FakeClock())
     net = plan.configuration("3d_fullres").network()
     assert net.precision == "bf16"
@@ -226,7 +172,7 @@ def test_2d_configuration_uses_its_own_grid(no_bf16):
     out = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 30, measure_fn=fake)  # default configuration: 2d
     net = out.configuration("2d").network()
     assert out.default_configuration == "2d"
-    assert set(calls) == set(budget.BATCH_GRID[2])
+    assert set(calls) == set(candidates.BATCH_GRID[2])
     assert net.base_features == 32 and net.max_features == 512
     assert out.configurations["3d_fullres"] == hippocampus_like_plan().configurations["3d_fullres"]
 
@@ -286,13 +232,6 @@ def test_choose_candidate_ties_go_to_more_samples():
     assert idx == 1 and "more samples" in why
     with pytest.raises(PlanError):
         choose_candidate([Measured(Candidate(16, 160, PATCH, 2), None, "skipped")], 600.0, 3)
-
-
-def test_real_measurement_of_a_tiny_network_is_positive_and_finite(one_thread):
-    net = NetworkPlan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
-                      strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), base_features=4, max_features=16)
-    t = measure_step_time(net, 1, 3, "cpu", "fp32", True, 2)
-    assert math.isfinite(t) and 0 < t < 30
 
 
 def test_real_fit_end_to_end_on_tiny_candidates(one_thread):

@@ -1,128 +1,23 @@
-"""plan_dataset: spacing rule, normalisation, configurations, memory fitting, JSON.
-
-Most tests plan hand-built fingerprints (no files) with ``reference_estimator``: a memory model that counts
-the feature-map values of a plain UNet and maps them to GB with nnU-Net v2's published reference (a 3D
-network producing 560M values at batch 2 = 8 GB; a 2D one producing 85M values at batch 12 = 8 GB). With
-it the planner's choices can be pinned to the values nnU-Net v2 (2.8.1) itself picks for the same
-fingerprints; those expectations were produced by running nnU-Net's planner on them.
-"""
+"""plan_dataset: configurations (pinned to nnU-Net v2's choices), 3d_lowres, architectures, 2D datasets,
+JSON and options. The fingerprints are planned with the reference memory model of ``conftest.py``."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medseg.errors import PlanError
-from medseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from medseg.io.dataset import DatasetInfo
-from medseg.planning.plan import NetworkPlan, Plan
-from medseg.planning.planner import PlannerOptions, determine_target_spacing, plan_dataset
+from medseg.planning.plan import Plan
+from medseg.planning.planner import PlannerOptions, plan_dataset
 
-
-# ----------------------------------------------------------------------------------------------- helpers
-def feature_map_values(net: NetworkPlan, num_classes: int) -> int:
-    """Values a plain UNet (2 convs per stage, transposed-conv decoder) produces for one sample."""
-    sizes, cur = [], list(net.patch_size)
-    for s in net.strides:
-        cur = [c // st for c, st in zip(cur, s)]
-        sizes.append(list(cur))
-    feats = net.features_per_stage()
-    total = sum(net.n_conv_per_stage * f * int(np.prod(sz)) for f, sz in zip(feats, sizes))
-    total += sum((net.n_conv_per_stage + 1) * feats[s] * int(np.prod(sizes[s])) for s in range(len(sizes) - 1))
-    return total + num_classes * int(np.prod(sizes[0]))
-
-
-CALLS: list[NetworkPlan] = []
-
-
-def reference_estimator(net: NetworkPlan, in_channels: int, num_classes: int) -> float:
-    CALLS.append(net)
-    ref, ref_bs = (560e6, 2) if net.dims == 3 else (85e6, 12)
-    return net.batch_size * feature_map_values(net, num_classes) * 8.0 / (ref_bs * ref)
-
-
-def make_ds(channel_names=("MRI",), label_ids=(0, 1, 2)) -> DatasetInfo:
-    return DatasetInfo(
-        root=Path("/nonexistent"),
-        name="test",
-        channel_names=tuple(channel_names),
-        label_ids=tuple(label_ids),
-        label_names=tuple(f"label{i}" for i in label_ids),
-        cases=(),
-        file_ending=".nii.gz",
-    )
-
-
-def make_fp(spacings, shapes, channel_names=("MRI",), label_ids=(0, 1, 2), relative=1.0, intensity=None) -> Fingerprint:
-    cases = tuple(
-        CaseFingerprint(
-            case_id=f"case_{i:03d}",
-            spacing=tuple(float(s) for s in sp),
-            shape=tuple(int(s) for s in sh),
-            shape_after_crop=tuple(int(s) for s in sh),
-            relative_size_after_crop=relative,
-        )
-        for i, (sp, sh) in enumerate(zip(spacings, shapes))
-    )
-    st = intensity or IntensityStats(100.0, 50.0, 90.0, -1000.0, 2000.0, -900.0, 1500.0, 1000)
-    return Fingerprint("test", tuple(channel_names), tuple(label_ids), cases, (st,) * len(channel_names))
-
-
-def plan(spacings, shapes, gpu=8.0, channel_names=("MRI",), **fp_kw) -> Plan:
-    ds = make_ds(channel_names)
-    fp = make_fp(spacings, shapes, channel_names=channel_names, **fp_kw)
-    return plan_dataset(ds, fp, PlannerOptions(gpu_memory_gb=gpu), memory_estimator=reference_estimator)
-
-
-PROSTATE = (
-    [(z, 0.625, 0.625) for z in (3.0, 3.6, 3.6, 4.0, 3.0, 3.6, 4.0, 3.6)],
-    [(z, 320, 320) for z in (15, 20, 24, 18, 20, 22, 16, 19)],
-)
-BRATS = ([(1.0, 1.0, 1.0)] * 10, [(138, 169, 138)] * 10)
-LIVERLIKE = ([(1.0, 0.77, 0.77)] * 10, [(400, 512, 512)] * 10)
-ANISO5 = ([(5.0, 0.8, 0.8)] * 10, [(40, 512, 512)] * 10)
-HIPPO_LIKE = ([(1.0, 1.0, 1.0)] * 20, [(36, 50, 35)] * 20)
+from .conftest import ANISO5, BRATS, HIPPO_LIKE, LIVERLIKE, PROSTATE, make_ds, make_fp, plan, reference_estimator
 
 
 def topo(cfg) -> tuple:
     net = cfg.network()
     return [list(x) for x in net.strides], [list(x) for x in net.kernel_sizes]
-
-
-# ----------------------------------------------------------------------------------------------- spacing rule
-def test_target_spacing_is_the_median_for_isotropic_data():
-    sp = np.array([(1.0, 1.0, 1.0), (1.2, 0.9, 0.9), (0.8, 1.1, 1.1)])
-    target, notes = determine_target_spacing(sp, np.full((3, 3), 100.0))
-    assert target == (1.0, 1.0, 1.0)
-    assert notes["anisotropic_spacing"] is False
-
-
-def test_anisotropic_short_axis_uses_its_10th_percentile():
-    z = np.array([3.0, 3.6, 3.6, 4.0, 3.0, 3.6, 4.0, 3.6, 5.0, 2.5])
-    sp = np.stack([z, np.full(10, 0.7), np.full(10, 0.7)], 1)
-    shapes = np.tile([20.0, 320.0, 320.0], (10, 1))
-    target, notes = determine_target_spacing(sp, shapes)
-    assert target[0] == pytest.approx(np.percentile(z, 10)) == pytest.approx(2.95)
-    assert target[1:] == (0.7, 0.7)
-    assert "10th percentile" in notes["anisotropy_rule"]
-
-
-def test_anisotropic_but_long_axis_keeps_the_median():
-    z = np.array([3.0, 3.6, 4.0, 5.0])
-    sp = np.stack([z, np.full(4, 0.7), np.full(4, 0.7)], 1)
-    shapes = np.tile([200.0, 320.0, 320.0], (4, 1))  # 200 * 3 >= 320: not short
-    target, _ = determine_target_spacing(sp, shapes)
-    assert target[0] == pytest.approx(3.8)
-
-
-def test_anisotropic_percentile_never_goes_below_the_other_axes():
-    z = np.array([0.5, 0.5] + [5.0] * 8)  # 10th percentile 0.5 mm, finer than the 0.8 mm in plane
-    sp = np.stack([z, np.full(10, 0.8), np.full(10, 0.8)], 1)
-    target, _ = determine_target_spacing(sp, np.tile([20.0, 512.0, 512.0], (10, 1)))
-    assert target[0] == pytest.approx(0.8 + 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- pinned to nnU-Net
@@ -187,59 +82,7 @@ def test_lowres_not_created_when_the_patch_covers_the_image():
     assert "not needed" in p.notes["3d_lowres"]["decision"]
 
 
-# ----------------------------------------------------------------------------------------------- memory budget
-def test_memory_budget_2_8_80_gb():
-    small, mid, big = (plan(*BRATS, gpu=g).configuration("3d_fullres") for g in (2.0, 8.0, 80.0))
-    assert small.patch_size == (80, 96, 80) and small.network().num_stages == 5
-    assert mid.patch_size == (128, 128, 128) and mid.network().num_stages == 6
-    # 80 GB: the patch stops at the (rounded-up) image size, the 5% cap limits the batch
-    assert big.patch_size == (160, 192, 160)
-    for cfg, gpu in ((small, 2.0), (mid, 8.0), (big, 80.0)):
-        net = cfg.network()
-        assert net.batch_size >= 2
-        assert 0 < net.estimated_memory_gb <= gpu
-        assert net.estimated_memory_gb == pytest.approx(reference_estimator(net, 1, 3), abs=1e-4)
-    total = 10 * 138 * 169 * 138
-    assert big.batch_size == max(2, int(0.05 * total / np.prod(big.patch_size)))
-    big_plan = plan(*BRATS, gpu=80.0)
-    assert "5% dataset cap" in big_plan.notes["configurations"]["3d_fullres"]["unet"]["batch_rule"]
-
-
-def test_batch_is_the_largest_that_fits_when_memory_limits_it():
-    many = ([(1.0, 1.0, 1.0)] * 400, [(138, 169, 138)] * 400)  # large dataset: the 5% cap is far away
-    p = plan(*many, gpu=24.0)
-    net = p.configuration("3d_fullres").network()
-    assert net.batch_size > 2
-    assert reference_estimator(net, 1, 3) <= 24.0
-    from dataclasses import replace
-
-    assert reference_estimator(replace(net, batch_size=net.batch_size + 1), 1, 3) > 24.0
-
-
-def test_estimates_are_memoised():
-    CALLS.clear()
-    plan(*LIVERLIKE)
-    keys = [(n.arch, n.patch_size, n.batch_size, n.strides, n.dims) for n in CALLS]
-    assert len(keys) == len(set(keys))
-
-
-def test_batch_never_below_two_even_when_nothing_fits():
-    def overhead_estimator(net, c, k):  # 1 GB fixed: nothing fits 0.5 GB
-        return 1.0 + reference_estimator(net, c, k)
-
-    p = plan_dataset(make_ds(), make_fp(*BRATS), PlannerOptions(gpu_memory_gb=0.5), memory_estimator=overhead_estimator)
-    for cfg in p.configurations.values():
-        assert cfg.batch_size == 2
-        assert cfg.patch_size == (8,) * cfg.dims  # shrunk as far as it goes
-    assert p.notes["configurations"]["3d_fullres"]["unet"]["fits_budget"] is False
-
-
-def test_tiny_images_that_cannot_shrink_still_get_a_plan():
-    p = plan([(1.0, 1.0, 1.0)] * 4, [(6, 7, 8)] * 4, gpu=1e-9)
-    assert p.configuration("3d_fullres").patch_size == (6, 7, 8)
-    assert p.configuration("3d_fullres").batch_size == 2
-
-
+# ----------------------------------------------------------------------------------------------- architectures
 def test_every_arch_gets_its_own_network_plan():
     ds = make_ds()
     fp = make_fp(*HIPPO_LIKE)
@@ -250,33 +93,6 @@ def test_every_arch_gets_its_own_network_plan():
         assert cfg.default_arch == "unet"
         for arch, net in cfg.networks.items():
             assert net.arch == arch and net.batch_size >= 2 and net.estimated_memory_gb is not None
-
-
-# ----------------------------------------------------------------------------------------------- normalisation
-def test_ct_normalisation_uses_foreground_statistics():
-    st = IntensityStats(40.0, 120.0, 35.0, -1024.0, 3000.0, -950.0, 1400.0, 5000)
-    p = plan(*HIPPO_LIKE, channel_names=("CT",), intensity=st)
-    for cfg in p.configurations.values():
-        (n,) = cfg.normalization
-        assert (n.scheme, n.clip_low, n.clip_high, n.mean, n.std) == ("ct", -950.0, 1400.0, 40.0, 120.0)
-        assert n.use_nonzero_mask is False
-
-
-def test_mri_normalisation_and_nonzero_mask_rule():
-    uncropped = plan(*HIPPO_LIKE, channel_names=("MRI",), relative=0.9)
-    (n,) = uncropped.configuration().normalization
-    assert n.scheme == "zscore" and n.use_nonzero_mask is False
-    cropped = plan(*HIPPO_LIKE, channel_names=("T2",), relative=0.5)
-    (n,) = cropped.configuration().normalization
-    assert n.scheme == "zscore" and n.use_nonzero_mask is True
-    both = plan(*HIPPO_LIKE, channel_names=("ct", "noNorm"), relative=0.5)
-    schemes = [(n.scheme, n.use_nonzero_mask) for n in both.configuration().normalization]
-    assert schemes == [("ct", False), ("none", False)]
-
-
-def test_2d_and_3d_fullres_share_preprocessed_data():
-    p = plan(*PROSTATE)
-    assert p.configuration("2d").data_identifier == p.configuration("3d_fullres").data_identifier
 
 
 # ----------------------------------------------------------------------------------------------- 2D datasets

@@ -161,26 +161,6 @@ def test_2d_configuration_with_workers_adamw_and_cosine(tiny_work):
     assert ckpt["iteration"] == 2 and "exp_avg" in str(ckpt["optimizer"]["state"][0].keys())
 
 
-def test_thread_tuner_switches_to_the_faster_thread_count():
-    from medseg.training.trainer import ThreadTuner
-
-    before = torch.get_num_threads()
-    try:
-        for slow_threads, expected in ((2, 1), (1, 2)):
-            tuner = ThreadTuner(2, probe_every=5)
-            for _ in range(40):
-                tuner.before_step()
-                tuner.after_step(1.0 if torch.get_num_threads() == slow_threads else 0.3)
-            assert tuner.current == expected
-            assert torch.get_num_threads() == expected or tuner.probing is not None
-        pinned = ThreadTuner(2, enabled=False)
-        pinned.before_step()
-        pinned.after_step(5.0)
-        assert pinned.current == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def _set_mirror_axes(work, axes):
     from medseg.planning.plan import Plan
 

@@ -1,4 +1,4 @@
-"""Loading ensembles from run folders: checkpoints -> networks, defaults, find-best choice, errors."""
+"""Ensemble members: checkpoints -> networks (run folders), work-folder defaults, find-best choice, errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from medseg.errors import CheckpointError, MedsegError
 from medseg.inference import Predictor, predict_folder
+from medseg.io.checkpoint import save_checkpoint
 from medseg.networks import build_network
-from medseg.training.checkpoint import save_checkpoint
 
 from .conftest import bright_box_image, build_plan, write_oblique
 

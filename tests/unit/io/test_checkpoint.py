@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medseg.errors import CheckpointError
-from medseg.training.checkpoint import (
+from medseg.io.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
     load_checkpoint,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from medseg.errors import DatasetError, MedsegError
-from medseg.io.dataset import load_dataset, validate_dataset
+from medseg.io.dataset import load_dataset
+from medseg.io.validation import validate_dataset
 
 from ._builders import DIRECTION, ORIGIN, SHAPE, SPACING_XYZ, edit_json, image_array, label_array, write, write_msd
 

@@ -1,0 +1,284 @@
+"""Segment every case of a folder with a :class:`~medseg.inference.predictor.Predictor`.
+
+:func:`predict_folder` discovers the cases (tolerating malformed ones), skips those already predicted,
+reads/preprocesses upcoming cases and writes finished ones on worker threads while the network runs,
+writes each segmentation with exactly the input's origin, spacing and direction, and collects per-case
+errors instead of stopping at the first bad case (:class:`PredictionResult`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import DatasetError, MedsegError
+from medseg.inference.export import write_probabilities, write_segmentation
+from medseg.inference.predictor import Predictor, _Prepared
+from medseg.io.image import read_channels
+from medseg.planning.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictionResult:
+    """Outcome of :func:`predict_folder`.
+
+    Attributes:
+        output_dir: where segmentations were written.
+        written: case ids written.
+        skipped: case ids whose output already existed.
+        failed: case id -> message.
+        warnings: messages worth the user's attention (e.g. unusual spacing).
+        seconds: wall time.
+    """
+
+    output_dir: Path
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no case failed."""
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [f"predicted {len(self.written)} case(s) into {self.output_dir} in {self.seconds:.1f} s"]
+        if self.skipped:
+            lines[0] += f"; {len(self.skipped)} skipped (output exists; --overwrite to redo)"
+        if self.failed:
+            lines[0] += f"; {len(self.failed)} FAILED:"
+            lines += [f"  {case}: {msg}" for case, msg in self.failed.items()]
+        return "\n".join(lines)
+
+
+def _case_suffix(path: Path) -> str:
+    from medseg.io.image import IMAGE_SUFFIXES
+
+    return next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), ".nii.gz")
+
+
+def _check_folders(input_dir: Path, output_dir: Path) -> None:
+    if not input_dir.is_dir():
+        raise MedsegError(f"{input_dir}: input folder not found")
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if out == inp or inp in out.parents:
+        raise MedsegError(
+            f"{output_dir}: the output folder must not be the input folder or inside it ({input_dir}); "
+            "medseg never writes next to your input images"
+        )
+
+
+def spacing_warning(case_id: str, spacing: Sequence[float], plan: Plan) -> str | None:
+    """A message when ``spacing`` (mm) is > 2x or < 0.5x the plan's median training spacing on any axis."""
+    ref = tuple(plan.original_median_spacing)[-len(spacing):]
+    ratios = [s / r for s, r in zip(spacing, ref) if r > 0]
+    if any(q > 2.0 or q < 0.5 for q in ratios):
+        return (f"{case_id}: spacing {[round(float(s), 3) for s in spacing]} mm is far from the training data's "
+                f"median {[round(float(r), 3) for r in ref]} mm; the segmentation may be poor")
+    return None
+
+
+_PROBLEM_RE = re.compile(r"^case (?P<case>.+?): ")
+
+
+def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], dict[str, str]]:
+    """Cases to predict plus the cases that cannot be formed (wrong channel files), without giving up.
+
+    :func:`medseg.io.dataset.find_prediction_cases` refuses the whole folder when one case is malformed;
+    here the malformed cases are reported (case id -> message) and every other case is still returned,
+    found by the same function on a temporary folder of links to the remaining files.
+
+    Raises:
+        MedsegError: the folder is missing or has no images at all.
+    """
+    from medseg.io.dataset import find_prediction_cases
+    from medseg.io.image import has_image_suffix, strip_suffix
+
+    try:
+        return find_prediction_cases(input_dir, num_channels), {}
+    except DatasetError as exc:
+        failed: dict[str, str] = {}
+        for problem in exc.problems:
+            m = _PROBLEM_RE.match(problem)
+            if m is None:
+                raise
+            failed.setdefault(m.group("case"), problem[m.end():])
+    channel_re = re.compile(r"^(?P<case>.+)_\d{4}$")
+    with tempfile.TemporaryDirectory(prefix="medseg_cases_") as tmp:
+        for f in sorted(input_dir.iterdir()):
+            if not f.is_file() or f.name.startswith(".") or not has_image_suffix(f.name):
+                continue
+            stem = strip_suffix(f.name)
+            m = channel_re.match(stem)
+            if stem in failed or (m is not None and m.group("case") in failed):
+                continue
+            os.symlink(f.resolve(), Path(tmp) / f.name)
+        try:
+            linked = find_prediction_cases(Path(tmp), num_channels) if any(Path(tmp).iterdir()) else []
+        except DatasetError:
+            linked = []
+    cases = [dataclasses.replace(c, image_files=tuple(input_dir / p.name for p in c.image_files)) for c in linked]
+    return cases, failed
+
+
+def predict_folder(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    predictor: Predictor,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> PredictionResult:
+    """Segment every case of a folder.
+
+    Cases are found with :func:`medseg.io.dataset.find_prediction_cases` (MSD ``CASE.nii.gz`` or nnU-Net
+    ``CASE_0000.nii.gz`` naming). Output files are ``OUT/CASE<ending>`` (original label ids, the input's
+    geometry, NIfTI header copied from the input); with ``save_probabilities`` also ``OUT/CASE.npz``
+    holding ``probabilities`` float16 ``(K, Z, Y, X)`` on the original grid and ``label_ids``. A case that
+    fails (missing/extra channel files, unreadable or truncated file, ...) is reported and the others
+    are still written.
+
+    Args:
+        input_dir: folder of images.
+        output_dir: folder for segmentations; must not be ``input_dir`` or inside it. Created if needed.
+        predictor: the ensemble.
+        overwrite: re-predict cases whose output exists (default: skip them).
+        save_probabilities: also write the probabilities.
+        num_workers: threads reading/preprocessing upcoming cases and writing finished ones while the
+            network runs.
+        progress: tqdm bar over the cases.
+
+    Returns:
+        :class:`PredictionResult` (``ok`` is False when any case failed).
+
+    Raises:
+        MedsegError: missing input folder, output inside input, or no images in the folder.
+    """
+    from tqdm import tqdm
+
+    from medseg.io.validation import nifti_raw_check
+
+    t0 = time.perf_counter()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    _check_folders(input_dir, output_dir)
+    plan = predictor.plan
+    cases, bad_cases = find_cases_tolerant(input_dir, plan.num_channels)
+    if not cases and not bad_cases:
+        raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = PredictionResult(output_dir=output_dir)
+    result.failed.update(bad_cases)
+
+    todo = []
+    for case in cases:
+        target = output_dir / f"{case.case_id}{_case_suffix(case.image_files[0])}"
+        if target.exists() and not overwrite:
+            result.skipped.append(case.case_id)
+        else:
+            todo.append((case, target))
+    if result.skipped:
+        logger.info("%d case(s) already predicted in %s; skipping them (use --overwrite to redo)",
+                    len(result.skipped), output_dir)
+
+    def load(case: Any) -> _Prepared:
+        files = list(case.image_files)
+        if len(files) != plan.num_channels:
+            raise MedsegError(
+                f"{files[0]}: case has {len(files)} channel file(s), the model expects {plan.num_channels}")
+        for f in files:  # SimpleITK reads truncated NIfTI silently (garbage voxels) and NaN as 0
+            problem, nonfinite = nifti_raw_check(Path(f))
+            if problem:
+                raise MedsegError(f"{f}: unreadable or truncated image file ({problem})")
+            if nonfinite and any(nonfinite):
+                msg = f"{case.case_id}: {f} holds {nonfinite[0]} NaN and {nonfinite[1]} Inf voxels; they are read as 0"
+                logger.warning(msg)
+                result.warnings.append(msg)
+        image, geometry = read_channels(files)
+        if image.ndim not in (3, 4):
+            raise MedsegError(f"{files[0]}: expected a 2D or 3D image, got shape {list(image.shape[1:])}")
+        warning = spacing_warning(case.case_id, geometry.spacing, plan)
+        if warning:
+            logger.warning(warning)
+            result.warnings.append(warning)
+        return predictor.preprocess(image, geometry, case.case_id)
+
+    def finish(case: Any, target: Path, inferred: list) -> None:
+        geometry = inferred[0][1].geometry
+        if save_probabilities:
+            probs = predictor._combine(inferred)
+            del inferred[:]
+            write_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
+            seg = predictor.probabilities_to_labels(probs)
+            del probs
+        else:
+            seg = predictor.indices_to_labels(predictor._combine_labels(inferred))
+        del inferred[:]
+        write_segmentation(seg, geometry, target, reference=case.image_files[0])
+
+    workers = max(1, int(num_workers))
+    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as readers, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-write") as writers:
+        pending_reads: deque[tuple[Any, Path, Future]] = deque()
+        pending_writes: deque[tuple[str, Future]] = deque()
+        queue = iter(todo)
+
+        def refill() -> None:
+            while len(pending_reads) < workers + 1:
+                nxt = next(queue, None)
+                if nxt is None:
+                    return
+                pending_reads.append((nxt[0], nxt[1], readers.submit(load, nxt[0])))
+
+        def collect(block: bool) -> None:
+            while pending_writes and (block or pending_writes[0][1].done() or len(pending_writes) > workers):
+                case_id, fut = pending_writes.popleft()
+                try:
+                    fut.result()
+                    result.written.append(case_id)
+                except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+                    result.failed[case_id] = _message(exc)
+                    logger.debug("writing %s failed", case_id, exc_info=True)
+                bar.update()
+
+        refill()
+        while pending_reads:
+            case, target, fut = pending_reads.popleft()
+            refill()
+            try:
+                prepared = fut.result()
+                inferred = predictor._infer(prepared)
+            except Exception as exc:  # noqa: BLE001
+                result.failed[case.case_id] = _message(exc)
+                logger.debug("predicting %s failed", case.case_id, exc_info=True)
+                bar.update()
+                continue
+            pending_writes.append((case.case_id, writers.submit(finish, case, target, inferred)))
+            collect(block=False)
+        collect(block=True)
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    for case_id, msg in result.failed.items():
+        logger.error("%s: %s", case_id, msg)
+    return result
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

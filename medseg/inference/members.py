@@ -1,0 +1,195 @@
+"""Ensemble members: trained networks rebuilt from their run folders, and the runs a work folder's ensemble uses.
+
+A run folder ``WORK/runs/<config>/<arch>/fold_<k>`` holds ``checkpoint_{final,best,latest}.pt``; each
+checkpoint stores the plan, configuration and architecture it was trained with, so the folder alone is
+enough to rebuild the network (:func:`load_member`). :func:`select_work_dir_runs` picks the run folders
+(and the postprocessing rules) that make up the ensemble of a whole work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import CheckpointError, MedsegError
+from medseg.io.checkpoint import load_checkpoint
+from medseg.planning.plan import Plan
+from medseg.postprocessing.operations import load_rules
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAMES = ("final", "best", "latest")
+
+
+@dataclass
+class EnsembleMember:
+    """One trained network of an ensemble.
+
+    Attributes:
+        model: the network; ``forward((B, C, *patch)) -> logits (B, K, *patch)`` in eval mode.
+        plan: the plan it was trained with (its ``label_ids`` and preprocessing are used).
+        configuration: configuration name (selects the preprocessing and the patch size).
+        arch: architecture name.
+        source: where it came from (checkpoint path), for messages.
+    """
+
+    model: torch.nn.Module
+    plan: Plan
+    configuration: str
+    arch: str
+    source: str = ""
+
+
+def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMember:
+    """Rebuild one trained network from its run folder (the folder alone is enough).
+
+    Args:
+        run_dir: ``WORK/runs/<config>/<arch>/fold_<k>``.
+        checkpoint: ``final``, ``best`` or ``latest``.
+
+    Returns:
+        The member, model on the CPU in eval mode.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, or its weights do not fit the network
+            the recorded plan describes.
+    """
+    from medseg.networks import build_network
+
+    if checkpoint not in CHECKPOINT_NAMES:
+        raise CheckpointError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)}, got {checkpoint!r}")
+    run_dir = Path(run_dir)
+    path = run_dir / f"checkpoint_{checkpoint}.pt"
+    if not path.is_file():
+        present = sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) if run_dir.is_dir() else []
+        hint = f"; present: {present}" if present else ""
+        raise CheckpointError(f"{path}: checkpoint not found{hint}")
+    ckpt = load_checkpoint(path)
+    try:
+        plan = Plan.from_dict(ckpt["plan"])
+        configuration = str(ckpt["configuration"])
+        arch = str(ckpt["arch"])
+        state = ckpt["model"]
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: checkpoint lacks the key {exc}; not a medseg checkpoint") from None
+    except MedsegError as exc:
+        raise CheckpointError(f"{path}: the plan stored in the checkpoint is invalid: {exc}") from None
+    net = plan.configuration(configuration).network(arch)
+    model = build_network(net, plan.num_channels, plan.num_classes)
+    try:
+        model.load_state_dict(_strip_prefixes(state))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({first})") from None
+    model.eval()
+    return EnsembleMember(model=model, plan=plan, configuration=configuration, arch=arch, source=str(path))
+
+
+def select_work_dir_runs(
+    work_dir: str | Path,
+    configs: Sequence[str] | None,
+    archs: Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    postprocessing: bool,
+) -> tuple[list[Path], dict[str, Any] | None]:
+    """The run folders and postprocessing rules of a work folder's ensemble.
+
+    The choice of :meth:`medseg.inference.Predictor.from_work_dir` (which see for the defaults).
+
+    Args:
+        work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json`` and
+            ``postprocessing.json``).
+        configs: configurations to use; None: find-best's choice, else the plan's default.
+        archs: architectures to use; None: find-best's choice, else each configuration's default.
+        folds: folds to use (``"all"`` = the ``fold_all`` run); None: find-best's folds, else every
+            trained numbered fold.
+        checkpoint: ``final``, ``best`` or ``latest``.
+        postprocessing: use ``postprocessing.json`` when it was fitted on the chosen ensemble.
+
+    Returns:
+        ``(run folders, postprocessing rules or None)``.
+
+    Raises:
+        MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
+    """
+    from medseg.ensembling.runs import find_trained_runs
+
+    work_dir = Path(work_dir)
+    plan = Plan.load(work_dir / "plans.json")
+    best = _read_best(work_dir)
+    if best is not None and configs is None and archs is None:
+        pairs = [(m["configuration"], m["arch"]) for m in best["members"]]
+        folds = folds if folds is not None else best.get("folds")
+        logger.info("using the ensemble find-best chose: %s", ", ".join(f"{c}/{a}" for c, a in pairs))
+    else:
+        pairs = []
+        for c in configs or [plan.default_configuration]:
+            cfg = plan.configuration(c)
+            for a in archs or [cfg.default_arch]:
+                cfg.network(a)  # clear error when the architecture is not planned
+                pairs.append((c, a))
+    run_dirs: list[Path] = []
+    for c, a in pairs:
+        trained = find_trained_runs(work_dir, c, a, checkpoint)
+        if folds is not None:
+            wanted = [f"fold_{f}" for f in folds]
+            missing = [w for w in wanted if w not in trained]
+            if missing:
+                raise MedsegError(
+                    f"{work_dir / 'runs' / c / a}: no checkpoint_{checkpoint}.pt for {', '.join(missing)}"
+                    f" (trained: {sorted(trained) or 'none'}); train it with `medseg train {work_dir} "
+                    f"--config {c} --arch {a} --fold N`"
+                )
+            chosen = [trained[w] for w in wanted]
+        else:
+            chosen = [d for name, d in sorted(trained.items()) if name != "fold_all"] or (
+                [trained["fold_all"]] if "fold_all" in trained else [])
+        if not chosen:
+            raise MedsegError(
+                f"{work_dir / 'runs' / c / a}: no trained model (no fold_*/checkpoint_{checkpoint}.pt); "
+                f"train one with `medseg train {work_dir} --config {c} --arch {a} --fold 0`"
+            )
+        run_dirs.extend(chosen)
+    rules = None
+    pp_path = work_dir / "postprocessing.json"
+    if postprocessing and pp_path.is_file():
+        candidate = load_rules(pp_path)
+        fitted = {tuple(m) for m in candidate.get("fitted_on", {}).get("members", [])}
+        if fitted == set(pairs):
+            rules = candidate
+        else:
+            logger.info("%s was fitted on %s, not on the chosen ensemble; not applied", pp_path,
+                        sorted(fitted) or "an unknown ensemble")
+    logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
+        str(d.relative_to(work_dir / "runs")) for d in run_dirs))
+    return run_dirs, rules
+
+
+def _read_best(work_dir: Path) -> dict[str, Any] | None:
+    path = work_dir / "best.json"
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        if not best.get("members"):
+            raise ValueError("no members")
+        return best
+    except (ValueError, AttributeError) as exc:
+        raise MedsegError(f"{path}: unreadable find-best result ({exc}); re-run `medseg find-best`") from None

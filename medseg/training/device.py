@@ -1,0 +1,220 @@
+"""Where and how a run computes: device, precision, memory format, CPU threads and data workers.
+
+Defaults follow the machine (cores available to the process, native bf16 on the CPU, CUDA) and what
+a time-budget plan measured fastest on this kind of device; :class:`ThreadTuner` keeps re-checking the
+number of intra-op threads while training on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import statistics
+
+import torch
+
+from medseg.errors import ConfigError
+from medseg.machine import cpu_has_fast_bf16
+from medseg.planning.plan import Plan
+from medseg.training.config import TrainConfig
+from medseg.training.distributed import DistContext
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device, planned: str | None = None) -> str:
+    """Turn ``auto`` into ``fp32``/``bf16``/``fp16`` for ``device``; check explicit choices.
+
+    ``auto``: the precision the plan measured as fastest on this kind of device (``planned``, from a
+    time-budget plan), where it is usable; else CUDA -> fp16 AMP, CPU -> bf16 when the CPU has native
+    bf16, fp32 otherwise.
+
+    Raises:
+        ConfigError: fp16 on the CPU (use bf16), or bf16 on a GPU without bf16 support.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            if planned == "bf16" and torch.cuda.is_bf16_supported():
+                return "bf16"
+            return "fp16"
+        if planned == "fp32":
+            return "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
+                       "much slower than fp32; consider --precision fp32")
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def default_num_threads(world_size: int = 1) -> int:
+    """CPU cores available to this process divided among the ranks of this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, world_size))
+
+
+def default_num_workers(device: torch.device, world_size: int = 1) -> int:
+    """Background batch producers per process.
+
+    None on CPUs with at most two cores per process: there one augmented sample costs about 1-2 % of
+    the network's step, and a worker process would preempt the training threads, which stall each
+    other when one of them is descheduled. Otherwise about one worker per four cores (CPU training
+    gives the workers cores of their own, see :func:`default_num_threads`), and up to 8 next to a GPU.
+    """
+    cores = max(1, default_num_threads(1) // max(1, world_size))
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    if cores <= 2:
+        return 0
+    return max(1, min(4, cores // 4))
+
+
+def channels_last_format(dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
+
+
+def resolve_device(requested: str, dist_ctx: DistContext) -> torch.device:
+    """The torch device of this process: plain ``cuda`` becomes ``cuda:<local rank>`` in a DDP run.
+
+    Raises:
+        ConfigError: CUDA was requested but no CUDA device is available.
+    """
+    if requested.startswith("cuda") and dist_ctx.enabled and requested == "cuda":
+        requested = f"cuda:{dist_ctx.local_rank}"
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def workers_and_threads(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple[int, int]:
+    """``(data workers, intra-op threads)`` of a run: the configuration's, else the machine's defaults.
+
+    On a CPU with more than two cores the data workers get cores of their own.
+    """
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(device, world_size)
+    threads = default_num_threads(world_size if device.type == "cpu" else 1)
+    if device.type == "cpu" and threads > 2:
+        threads = max(2, threads - num_workers)  # the data workers get cores of their own
+    return num_workers, cfg.num_threads or threads
+
+
+def planned_precision_and_layout(cfg: TrainConfig, plan: Plan, configuration: str, arch: str,
+                                 device: torch.device) -> tuple[str, bool]:
+    """``(precision, channels_last)`` of a run on ``device``.
+
+    A time-budget plan records the precision and memory format it measured fastest on its device;
+    they are used for ``auto`` / unset settings when the run trains on the same kind of device.
+    Otherwise channels_last is on for the CPU and off for GPUs.
+
+    Raises:
+        ConfigError: an explicit precision the device cannot use (see :func:`resolve_precision`).
+    """
+    cfg_plan = plan.configuration(configuration)
+    budget_notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
+    measured_here = (isinstance(budget_notes, dict) and budget_notes.get("configuration") == configuration
+                     and str(budget_notes.get("device", plan.device)).split(":")[0] == device.type)
+    planned_precision = cfg_plan.network(arch).precision if plan.device.split(":")[0] == device.type else None
+    precision = resolve_precision(cfg.precision, device, planned_precision)
+    planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") if measured_here else None
+    if cfg.channels_last is not None:
+        channels_last = cfg.channels_last
+    elif isinstance(planned_cl, bool):
+        channels_last = planned_cl
+    else:
+        channels_last = device.type == "cpu"
+    return precision, channels_last
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp_dtype`` on ``device``; a no-op for float32 (``amp_dtype`` None)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (images ``x``, labels ``y``) on ``device``; ``x`` in channels_last when asked, ``y`` as long."""
+    non_blocking = device.type == "cuda"
+    x = x.to(device, non_blocking=non_blocking)
+    if channels_last:
+        x = x.contiguous(memory_format=channels_last_format(x.dim() - 2))
+    return x, y.to(device, non_blocking=non_blocking).long()
+
+
+class ThreadTuner:
+    """Chooses the number of intra-op threads that makes training steps fastest, and keeps checking.
+
+    With all cores of a machine to itself, one thread per core is fastest. When other processes share
+    the cores, threads that synchronise after every operation wait for each other to be scheduled and
+    a step can take many times longer than with a single thread. The tuner times steps at ``max_threads``
+    and at 1 thread (and half of ``max_threads`` on larger machines), keeps the fastest, and re-measures
+    the alternatives every ``probe_every`` steps (doubling the interval while the choice stands).
+
+    Args:
+        max_threads: the most threads to use (the cores of the process).
+        enabled: False pins ``max_threads``.
+    """
+
+    def __init__(self, max_threads: int, enabled: bool = True, probe_every: int = 50) -> None:
+        self.max_threads = max(1, max_threads)
+        self.options = sorted({self.max_threads, 1, max(1, self.max_threads // 2)}, reverse=True)
+        self.enabled = enabled and len(self.options) > 1
+        self.current = self.max_threads
+        self.base_interval = probe_every
+        self.interval = probe_every
+        self.times: dict[int, list[float]] = {n: [] for n in self.options}
+        self.queue: list[int] = []  # thread counts of the next probe steps
+        self.steps = 0
+        self.next_probe = 1  # first exploration right after the warm-up step
+        self.probing: int | None = None
+        torch.set_num_threads(self.current)
+
+    def before_step(self) -> None:
+        if not self.enabled:
+            return
+        if not self.queue and self.steps >= self.next_probe:
+            others = [n for n in self.options if n != self.current]
+            reps = 3 if self.next_probe == 1 else 2
+            self.queue = [n for n in others for _ in range(reps)] + [self.current] * reps
+            for n in self.options:
+                self.times[n] = []
+        self.probing = self.queue.pop(0) if self.queue else None
+        want = self.probing if self.probing is not None else self.current
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+    def after_step(self, seconds: float) -> None:
+        self.steps += 1
+        if not self.enabled or self.probing is None:
+            return
+        self.times[self.probing].append(seconds)
+        if self.queue:
+            return
+        medians = {n: statistics.median(t) for n, t in self.times.items() if t}
+        best = min(medians, key=medians.get)
+        logger.debug("thread probe at step %d: %s", self.steps,
+                     ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())))
+        if best != self.current and medians[best] < 0.9 * medians[self.current]:
+            logger.info("intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
+                        if best < self.current else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
+                        self.current, best, medians[best], medians[self.current])
+            self.current = best
+            self.interval = self.base_interval
+        else:
+            self.interval = min(self.interval * 2, 32 * self.base_interval)
+        self.next_probe = self.steps + self.interval
+        self.probing = None
+        torch.set_num_threads(self.current)

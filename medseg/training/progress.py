@@ -1,0 +1,68 @@
+"""What a run shows while it trains: ``progress.json`` and ``training_curves.png`` in the run folder.
+
+Both are rewritten (atomically) after every epoch and at the status changes of a run (``training``,
+``trained``, ``validating``, ``finished``), so they can be watched from outside.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from medseg.io.image import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) -> None:
+    """Write ``run_dir/progress.json`` and redraw ``training_curves.png`` from its ``history``.
+
+    Args:
+        run_dir: the run folder.
+        progress: the contents of ``progress.json`` (builtins; a ``history`` list of epoch entries).
+        title: the title of the plot (configuration, network, fold).
+    """
+    atomic_write_text(run_dir / "progress.json", json.dumps(progress, indent=1, default=float) + "\n")
+    try:
+        plot_training_curves(progress.get("history") or [], title, run_dir / "training_curves.png")
+    except Exception as exc:  # a plotting problem must never stop training
+        logger.warning("could not draw training_curves.png: %s", exc)
+
+
+def plot_training_curves(history: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Draw training loss, pseudo Dice (raw and EMA) and learning rate per epoch to ``path`` (a PNG).
+
+    Args:
+        history: epoch entries with ``epoch``, ``train_loss``, ``lr`` and, where measured, ``val_dice``
+            and ``ema_dice``; nothing is drawn when empty.
+        title: the title of the figure.
+        path: the PNG file (written atomically).
+    """
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    axes[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    axes[1].plot(ep, [h.get("val_dice", float("nan")) for h in history], label="pseudo Dice", alpha=0.6)
+    axes[1].plot(ep, [h.get("ema_dice", float("nan")) for h in history], label="pseudo Dice (EMA)")
+    axes[1].set_ylabel("Dice")
+    axes[1].legend()
+    axes[2].plot(ep, [h["lr"] for h in history], label="learning rate")
+    axes[2].set_ylabel("lr")
+    axes[2].set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
