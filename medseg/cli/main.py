@@ -1,13 +1,15 @@
 """``medseg`` command line: thin argparse wrappers over the library API.
 
 Every subcommand builds dataclasses and calls one library function. Expected mistakes
-(:class:`~medseg.errors.MedsegError`) print one clear message and exit with status 2, no traceback.
+(:class:`~medseg.errors.MedsegError`) and failures of the file system (``OSError``: disk full, permission
+denied) print one clear message and exit with status 2, no traceback (``--verbose`` logs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -133,9 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        from medseg import faults
+
+        faults.arm(os.environ.get(faults.ENV_VAR))  # test-only fault injection (medseg.faults); off when unset
         return int(func(args) or 0)
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # disk full, permission denied, read-only file system ...: the system's own words
+        logger.debug("%s failed", args.command, exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"medseg {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.io.image import ImageGeometry, atomic_write_bytes, write_image
+from medseg.faults import maybe_fail
+from medseg.io.image import ImageGeometry, atomic_write_bytes, temp_file_beside, write_image
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
         geometry: the input image's geometry.
         path: output file.
         reference: the input image file (first channel) whose header to copy.
+
+    Raises:
+        OSError: the file system refused the write (disk full, permission); ``path`` is left as it was
+            and no temporary file remains.
     """
     if reference is not None and _is_nifti(reference) and _is_nifti(path) and seg.ndim == 3:
         import nibabel as nib
@@ -47,7 +51,7 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
                 header["cal_min"], header["cal_max"] = 0.0, 0.0
                 path.parent.mkdir(parents=True, exist_ok=True)
                 suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-                fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+                fd, tmp_name = temp_file_beside(path, suffix)
                 os.close(fd)
                 tmp = Path(tmp_name)
                 try:
@@ -58,6 +62,7 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
                     written = ImageGeometry(tuple(reversed(reader.GetSize())), tuple(reversed(reader.GetSpacing())),
                                             reader.GetOrigin(), reader.GetDirection())
                     if written == geometry:
+                        maybe_fail("segmentation_write", path.name)
                         os.replace(tmp, path)
                         return
                     logger.debug("%s: header copy of %s does not reproduce the geometry; re-encoding", path, reference)
@@ -65,6 +70,8 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
                     if tmp.exists():
                         tmp.unlink()
         except (OSError, ValueError, RuntimeError, nib.filebasedimages.ImageFileError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # the file system refused (disk full, permission): re-encoding would fail the same way
             logger.debug("%s: cannot copy the header of %s (%s); re-encoding", path, reference, exc)
     write_image(seg, geometry, path)
 

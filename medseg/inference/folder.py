@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medseg.errors import DatasetError, MedsegError
+from medseg.faults import maybe_fail
 from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.predictor import Predictor, _Prepared
-from medseg.io.image import read_channels
+from medseg.io.image import has_image_suffix, read_channels
 from medseg.planning.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,20 @@ def _check_folders(input_dir: Path, output_dir: Path) -> None:
             f"{output_dir}: the output folder must not be the input folder or inside it ({input_dir}); "
             "medseg never writes next to your input images"
         )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MedsegError(f"{output_dir}: the output folder is a file; choose another output folder")
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Create ``output_dir`` and prove a file can be written in it (before any case is predicted)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=".tmp_", dir=output_dir) as fh:
+            fh.write(b"medseg")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise MedsegError(f"{output_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
 
 
 def spacing_warning(case_id: str, spacing: Sequence[float], plan: Plan) -> str | None:
@@ -150,8 +167,9 @@ def predict_folder(
     ``CASE_0000.nii.gz`` naming). Output files are ``OUT/CASE<ending>`` (original label ids, the input's
     geometry, NIfTI header copied from the input); with ``save_probabilities`` also ``OUT/CASE.npz``
     holding ``probabilities`` float16 ``(K, Z, Y, X)`` on the original grid and ``label_ids``. A case that
-    fails (missing/extra channel files, unreadable or truncated file, ...) is reported and the others
-    are still written.
+    fails (missing/extra channel files, unreadable or truncated file, NaN/Inf voxels, a 2D image for a 3D
+    model, a refused write, ...) is reported and the others are still written. Every file is written to
+    a temporary name and renamed, so an output under its final name is always complete.
 
     Args:
         input_dir: folder of images.
@@ -167,7 +185,7 @@ def predict_folder(
         :class:`PredictionResult` (``ok`` is False when any case failed).
 
     Raises:
-        MedsegError: missing input folder, output inside input, or no images in the folder.
+        MedsegError: missing input folder, output inside input or not writable, or no images in the folder.
     """
     from tqdm import tqdm
 
@@ -180,9 +198,15 @@ def predict_folder(
     cases, bad_cases = find_cases_tolerant(input_dir, plan.num_channels)
     if not cases and not bad_cases:
         raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(output_dir)
     result = PredictionResult(output_dir=output_dir)
     result.failed.update(bad_cases)
+    ignored = sorted(f.name for f in input_dir.iterdir() if f.is_file() and not f.name.startswith(".")
+                     and not has_image_suffix(f.name))
+    if ignored:
+        result.warnings.append(f"{input_dir}: ignoring {len(ignored)} file(s) that are not images: "
+                               + ", ".join(ignored))
+        logger.warning(result.warnings[-1])
 
     todo = []
     for case in cases:
@@ -205,12 +229,19 @@ def predict_folder(
             if problem:
                 raise MedsegError(f"{f}: unreadable or truncated image file ({problem})")
             if nonfinite and any(nonfinite):
-                msg = f"{case.case_id}: {f} holds {nonfinite[0]} NaN and {nonfinite[1]} Inf voxels; they are read as 0"
-                logger.warning(msg)
-                result.warnings.append(msg)
+                raise MedsegError(_nonfinite_message(f, *nonfinite))
         image, geometry = read_channels(files)
         if image.ndim not in (3, 4):
             raise MedsegError(f"{files[0]}: expected a 2D or 3D image, got shape {list(image.shape[1:])}")
+        if not np.isfinite(image.sum(dtype=np.float64)):  # formats other than NIfTI keep NaN/Inf
+            for f, channel in zip(files, image):
+                if not np.isfinite(channel).all():
+                    raise MedsegError(_nonfinite_message(f, int(np.isnan(channel).sum()), int(np.isinf(channel).sum())))
+        three_d = [c for c in predictor.configurations if plan.configuration(c).dims == 3]
+        if geometry.ndim == 2 and three_d:
+            raise MedsegError(f"{files[0]}: a 2D image (shape {list(geometry.shape)}), but configuration "
+                              f"{three_d[0]!r} of the model is 3D; predict 2D images with a 2D configuration "
+                              "(--config 2d)")
         warning = spacing_warning(case.case_id, geometry.spacing, plan)
         if warning:
             logger.warning(warning)
@@ -228,7 +259,10 @@ def predict_folder(
         else:
             seg = predictor.indices_to_labels(predictor._combine_labels(inferred))
         del inferred[:]
-        write_segmentation(seg, geometry, target, reference=case.image_files[0])
+        try:
+            write_segmentation(seg, geometry, target, reference=case.image_files[0])
+        except OSError as exc:
+            raise MedsegError(f"{target}: cannot write the segmentation ({exc.strerror or exc})") from None
 
     workers = max(1, int(num_workers))
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
@@ -255,6 +289,8 @@ def predict_folder(
                     result.failed[case_id] = _message(exc)
                     logger.debug("writing %s failed", case_id, exc_info=True)
                 bar.update()
+                if case_id in result.written:
+                    maybe_fail("predict_written", case_id)
 
         refill()
         while pending_reads:
@@ -278,7 +314,14 @@ def predict_folder(
     return result
 
 
+def _nonfinite_message(path: Path, n_nan: int, n_inf: int) -> str:
+    return (f"{path}: holds {n_nan} NaN and {n_inf} Inf voxel(s); replace them (e.g. by the background "
+            "intensity) and predict the case again")
+
+
 def _message(exc: BaseException) -> str:
     if isinstance(exc, MedsegError):
         return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return f"{type(exc).__name__}: {exc}"

@@ -90,6 +90,7 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         raise CheckpointError(f"{path}: checkpoint lacks the key {exc}; not a medseg checkpoint") from None
     except MedsegError as exc:
         raise CheckpointError(f"{path}: the plan stored in the checkpoint is invalid: {exc}") from None
+    _check_belongs_to_run(path, run_dir, plan, configuration, arch)
     net = plan.configuration(configuration).network(arch)
     model = build_network(net, plan.num_channels, plan.num_classes)
     try:
@@ -99,6 +100,42 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({first})") from None
     model.eval()
     return EnsembleMember(model=model, plan=plan, configuration=configuration, arch=arch, source=str(path))
+
+
+#: Plan fields that identify the dataset a network was trained on.
+_DATASET_FIELDS = ("dataset_name", "channel_names", "label_ids", "label_names")
+
+
+def _check_belongs_to_run(path: Path, run_dir: Path, plan: Plan, configuration: str, arch: str) -> None:
+    """Refuse a checkpoint copied in from another run: it would predict with a plan this folder does not hold.
+
+    Compares the checkpoint's configuration/architecture with the run folder's place
+    (``runs/<configuration>/<arch>/fold_<k>``), and its dataset (name, channels, labels) and preprocessing
+    (:func:`~medseg.preprocessing.case.preprocessing_fingerprint`) with the run folder's ``plans.json``,
+    where these exist.
+
+    Raises:
+        CheckpointError: naming what differs.
+    """
+    from medseg.preprocessing.case import preprocessing_fingerprint
+
+    diffs = []
+    if run_dir.parent.parent.parent.name == "runs" and (run_dir.parent.parent.name, run_dir.parent.name) != (
+            configuration, arch):
+        diffs.append(f"it is a {configuration}/{arch} network, the folder is {run_dir.parent.parent.name}/"
+                     f"{run_dir.parent.name}")
+    run_plan_path = run_dir / "plans.json"
+    if run_plan_path.is_file():
+        run_plan = Plan.load(run_plan_path)
+        diffs += [f"{k} {getattr(plan, k)!r} vs {getattr(run_plan, k)!r}" for k in _DATASET_FIELDS
+                  if getattr(plan, k) != getattr(run_plan, k)]
+        if not diffs and configuration in run_plan.configurations and preprocessing_fingerprint(
+                plan, configuration) != preprocessing_fingerprint(run_plan, configuration):
+            diffs.append(f"the preprocessing (spacing, normalisation) of {configuration}")
+    if diffs:
+        raise CheckpointError(
+            f"{path}: belongs to another plan than its run folder {run_dir} ({'; '.join(diffs)}); it was "
+            "copied from another run or dataset: put this run's checkpoint back or train the run again")
 
 
 def select_work_dir_runs(

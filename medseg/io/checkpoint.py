@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError
+from medseg.faults import maybe_fail
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +37,31 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     Args:
         state: the checkpoint dict; ``format`` is set to :data:`CHECKPOINT_FORMAT` when missing.
         path: target file (``checkpoint_latest.pt`` ...); its folder is created.
+
+    Raises:
+        CheckpointError: the file system refused the write (disk full, permission denied); ``path`` is
+            left as it was and no temporary file remains.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(state)
     state.setdefault("format", CHECKPOINT_FORMAT)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
+            maybe_fail("checkpoint_write", path.name)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        kept = "; the previous checkpoint is kept" if path.is_file() else ""
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}){kept}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -116,12 +126,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint, cannot be read ({detail})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint, cannot be read ({_detail(exc)})") from None
     except Exception as exc:  # the weights-only unpickler raises pickle.UnpicklingError for foreign objects
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: not a medseg checkpoint or contains objects that cannot be loaded safely ({detail})"
+            f"{path}: not a medseg checkpoint or contains objects that cannot be loaded safely ({_detail(exc)}); "
+            "it was not loaded"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -132,6 +141,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path}: incomplete medseg checkpoint, missing key(s) {missing}")
     return ckpt
+
+
+def _detail(exc: BaseException) -> str:
+    """The telling sentence of a torch.load error: the refused global, else the first sentence (not torch's
+    advice to retry with ``weights_only=False``, which would run whatever code the file carries)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = next((ln for ln in lines if "GLOBAL" in ln), lines[0])
+    return line.split(". ")[0].rstrip(".")[:200]
 
 
 # ---------------------------------------------------------------------- RNG states as builtins/tensors

@@ -156,9 +156,30 @@ def read_channels(paths: list[Path]) -> tuple[np.ndarray, ImageGeometry]:
     return np.stack(arrays, 0), geometry
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of a new file as ``open()`` creates it; ``mkstemp`` alone gives 0600 (outputs unreadable to others).
+_FILE_MODE = 0o666 & ~_read_umask()  # read once at import (changing the umask briefly is not thread-safe)
+
+
+def temp_file_beside(path: Path, suffix: str = "") -> tuple[int, str]:
+    """A new hidden temporary file ``.tmp_*<suffix>`` in ``path``'s folder for an atomic write of ``path``.
+
+    Returns:
+        ``(fd, name)`` as :func:`tempfile.mkstemp`, the file given the permissions of a plain ``open()``.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
 def _atomic_target(path: Path) -> Path:
     suffix = "".join(s for s in IMAGE_SUFFIXES if path.name.endswith(s))[:7] or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or ".nii.gz", dir=path.parent)
+    fd, tmp = temp_file_beside(path, suffix or ".nii.gz")
     os.close(fd)
     return Path(tmp)
 
@@ -184,7 +205,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes to ``path`` atomically (tmp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -239,7 +260,7 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, geome
         img.header[key] = ref.header[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    fd, tmp = temp_file_beside(path, suffix)
     os.close(fd)
     try:
         nib.save(img, tmp)

@@ -25,6 +25,7 @@ import shutil
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.errors import DatasetError, MedsegError, PlanError
+from medseg.faults import maybe_fail
 from medseg.io.image import atomic_write_bytes, atomic_write_text, read_channels, read_image
 from medseg.planning.plan import Plan
 from medseg.preprocessing.case import CaseProperties, preprocess_case_arrays, preprocessing_fingerprint
@@ -107,6 +109,7 @@ def write_case(
         arrays["seg"] = seg
         arrays["class_locations"] = locations if locations is not None else locations_to_array(props.class_locations)
     atomic_write_bytes(npz, _npz_bytes(arrays))
+    maybe_fail("preprocess_write", props.case_id)
     atomic_write_text(js, json.dumps(props.to_dict(include_class_locations=False), separators=(",", ":")))
 
 
@@ -156,6 +159,8 @@ def _run_job(job: _Job, plan: Plan) -> str | None:
                 _link_case(folders[0], extra, job.case_id)
     except MedsegError as exc:
         return f"{job.case_id}: {exc}"
+    except OSError as exc:  # disk full, permission denied: the case stays unfinished (no .json), rerun later
+        return f"{job.case_id}: {f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}"
     except Exception as exc:  # unexpected: keep the case id with the error
         raise RuntimeError(f"{job.case_id}: preprocessing failed: {exc!r}") from exc
     return None
@@ -258,11 +263,17 @@ def preprocess_dataset(
         else:
             with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))) as pool:
                 futures = [pool.submit(_run_job, job, plan) for job in jobs]
-                for fut in as_completed(futures):
-                    err = fut.result()
-                    if err:
-                        problems.append(err)
-                    bar.update()
+                try:
+                    for fut in as_completed(futures):
+                        err = fut.result()
+                        if err:
+                            problems.append(err)
+                        bar.update()
+                except BrokenProcessPool:
+                    raise MedsegError(
+                        f"a preprocessing worker process was killed (by a signal, e.g. the out-of-memory killer) "
+                        f"after {bar.n} of {len(jobs)} cases; the finished cases are kept: run `medseg plan` again "
+                        f"to continue, with fewer --num-workers if memory is short") from None
     if problems:
         raise DatasetError(sorted(problems), header="preprocessing failed")
 

@@ -75,6 +75,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def launch_rank() -> int:
+    """This process's rank before :func:`init_distributed` (``RANK`` set by ``torchrun``; 0 for one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device: str) -> DistContext:
     """Join the process group described by the environment (``torchrun``); single process otherwise.
 

@@ -2,7 +2,8 @@
 
 Run folder ``WORK/runs/<configuration>/<arch>/fold_<k>/`` (``fold_all`` for ``--fold all``) with
 ``config.json``, ``plans.json``, ``checkpoint_{latest,best,final}.pt``, ``training_log.txt``,
-``training_curves.png``, ``progress.json`` and ``validation/``.
+``training_curves.png``, ``progress.json`` and ``validation/``; ``.lock`` while a process trains it
+(:mod:`medseg.training.lock`: a second ``medseg train`` of the same run is refused).
 
 Resuming (``resume=True``) continues from ``checkpoint_latest.pt`` with the stored configuration; only
 ``epochs``, ``time_budget_minutes`` (both totals for the whole run: larger values extend a finished
@@ -24,7 +25,8 @@ from medseg.io.checkpoint import load_checkpoint
 from medseg.io.image import atomic_write_text
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
-from medseg.training.distributed import init_distributed
+from medseg.training.distributed import init_distributed, launch_rank
+from medseg.training.lock import RunLock
 from medseg.training.splits import fold_cases
 
 logger = logging.getLogger(__name__)
@@ -100,13 +102,11 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
 
     Raises:
         PlanError: no or invalid ``plans.json``; unknown configuration or architecture.
-        ConfigError: invalid settings, too few cases for the folds, an existing run without ``resume``.
+        ConfigError: invalid settings, too few cases for the folds, an existing run without ``resume``,
+            another process training the same run folder.
         CheckpointError: ``checkpoint_latest.pt`` is corrupt, truncated or from another model.
         MedsegError: missing or stale preprocessed data.
     """
-    from medseg.preprocessing import list_preprocessed_cases
-    from medseg.training.trainer import Trainer
-
     work_dir = Path(work_dir)
     plan_path = work_dir / "plans.json"
     if not plan_path.is_file():
@@ -117,8 +117,17 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
     arch = cfg.arch or plan.configuration(configuration).default_arch
     plan.configuration(configuration).network(arch)  # clear error when not planned
     run_dir = run_dir_for(work_dir, configuration, arch, cfg.fold)
-    latest = run_dir / "checkpoint_latest.pt"
+    with RunLock(run_dir, enabled=launch_rank() == 0):  # a second `medseg train` of this run is refused
+        return _train_locked(work_dir, plan, cfg, configuration, arch, run_dir, resume)
 
+
+def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: str, arch: str, run_dir: Path,
+                  resume: bool) -> Path:
+    """:func:`train` once this process holds the run folder's lock (:mod:`medseg.training.lock`)."""
+    from medseg.preprocessing import list_preprocessed_cases
+    from medseg.training.trainer import Trainer
+
+    latest = run_dir / "checkpoint_latest.pt"
     checkpoint = None
     if resume and latest.is_file():
         checkpoint = load_checkpoint(latest)

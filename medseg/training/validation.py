@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.faults import maybe_fail
 from medseg.inference.sliding_window import shifted_shape, tta_variants
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import Plan
@@ -133,6 +134,7 @@ def validate_run(
             ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids)
         if ref is not None:
             per_case[cid] = dice_per_label(pred_labels, ref, fg)
+        maybe_fail("final_validation", cid)
     mean: dict[str, float | None] = {}
     for lab in fg:
         vals = [d[str(lab)] for d in per_case.values() if d.get(str(lab)) is not None]
