@@ -167,7 +167,7 @@ def budget_run(work: Path, minutes: float, threads: int | None, workers: int | N
     if runs.exists():
         shutil.rmtree(runs)
     t = time.perf_counter()
-    run = train(work, TrainConfig(configuration="3d_fullres", fold=0, time_budget_minutes=minutes,
+    run = train(work, TrainConfig(configuration="3d_fullres", fold=0, time_budget_minutes=minutes, keep_plan=True,
                                   num_threads=threads, num_workers=workers))
     wall = time.perf_counter() - t
     metrics = json.loads((run / "validation" / "metrics.json").read_text())

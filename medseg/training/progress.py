@@ -33,7 +33,8 @@ def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) ->
 
 
 def plot_training_curves(history: list[dict[str, Any]], title: str, path: Path) -> None:
-    """Draw training loss, pseudo Dice (raw and EMA) and learning rate per epoch to ``path`` (a PNG).
+    """Draw training loss, pseudo Dice (raw and EMA) and learning rate at each epoch end, against the
+    iteration, to ``path`` (a PNG).
 
     Args:
         history: epoch entries with ``epoch``, ``train_loss``, ``lr`` and, where measured, ``val_dice``
@@ -48,18 +49,22 @@ def plot_training_curves(history: list[dict[str, Any]], title: str, path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = [h["epoch"] for h in history]
+    # x: iterations (epochs cut short by a time budget would distort an epoch axis); a dot per epoch end
+    it = [h.get("iteration", h["epoch"]) for h in history]
+    style = {"marker": "o", "markersize": 3}
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    axes[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    axes[0].plot(it, [h["train_loss"] for h in history], label="train loss", **style)
     axes[0].set_ylabel("loss")
     axes[0].legend()
-    axes[1].plot(ep, [h.get("val_dice", float("nan")) for h in history], label="pseudo Dice", alpha=0.6)
-    axes[1].plot(ep, [h.get("ema_dice", float("nan")) for h in history], label="pseudo Dice (EMA)")
+    measured = [h for h in history if h.get("val_dice") is not None]
+    m_it = [h.get("iteration", h["epoch"]) for h in measured]
+    axes[1].plot(m_it, [h["val_dice"] for h in measured], label="pseudo Dice", alpha=0.6, **style)
+    axes[1].plot(m_it, [h.get("ema_dice", float("nan")) for h in measured], label="pseudo Dice (EMA)", **style)
     axes[1].set_ylabel("Dice")
     axes[1].legend()
-    axes[2].plot(ep, [h["lr"] for h in history], label="learning rate")
+    axes[2].plot(it, [h["lr"] for h in history], label="learning rate", **style)
     axes[2].set_ylabel("lr")
-    axes[2].set_xlabel("epoch")
+    axes[2].set_xlabel("iteration")
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
