@@ -5,6 +5,8 @@ The CLI catches :class:`MedsegError`, prints its message (no traceback) and exit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class MedsegError(Exception):
     """Base class for errors caused by user input (bad data, bad plan, bad arguments)."""
@@ -30,3 +32,9 @@ class CheckpointError(MedsegError):
 
 class ConfigError(MedsegError):
     """Invalid command-line or configuration option."""
+
+
+def raise_for_problems(problems: Sequence[str], error: type[MedsegError], header: str) -> None:
+    """Raise ``error`` with ``"<header>:"`` and one ``"  - <problem>"`` line per problem, unless there are none."""
+    if problems:
+        raise error(f"{header}:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from medseg.io.image import (
     read_sitk,
     strip_suffix,
 )
+from medseg.io.parallel import map_cases
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,7 @@ def _header_geometry(path: Path) -> ImageGeometry:
         reader.ReadImageInformation()
     except RuntimeError:
         return ImageGeometry.from_sitk(read_sitk(path))  # raises a MedsegError naming the file
-    size = reader.GetSize()
-    return ImageGeometry(
-        shape=tuple(int(s) for s in reversed(size)),
-        spacing=tuple(float(s) for s in reversed(reader.GetSpacing())),
-        origin=tuple(float(v) for v in reader.GetOrigin()),
-        direction=tuple(float(v) for v in reader.GetDirection()),
-    )
+    return ImageGeometry.from_sitk(reader)
 
 
 def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float]) -> dict[str, Any]:
@@ -206,21 +200,8 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
 
     labels_arg = tuple(int(v) for v in label_ids) if label_ids is not None else None
     jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm)) for c in case_ids]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
-    cases: list[dict] = []
-    if num_workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
-            for res in pool.map(_evaluate_case, jobs):
-                cases.append(res)
-                bar.update()
-    else:
-        for job in jobs:
-            cases.append(_evaluate_case(job))
-            bar.update()
-    bar.close()
+    cases = map_cases(_evaluate_case, jobs, num_workers, desc="evaluate", progress=progress,
+                      mp_context=multiprocessing.get_context("spawn"))
 
     labels = list(labels_arg) if labels_arg is not None else sorted(
         {int(k) for c in cases for k in c["labels"]})

@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from medseg.errors import MedsegError
 from medseg.io.image import atomic_write_text, read_channels, read_image
+from medseg.io.json_files import load_json_file, parse_json
+from medseg.io.parallel import map_cases
 
 if TYPE_CHECKING:
     from medseg.io.dataset import Case, DatasetInfo
@@ -242,11 +242,7 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MedsegError(f"fingerprint is not valid JSON: {exc}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text, "fingerprint"))
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
@@ -254,13 +250,7 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
-        path = Path(path)
-        if not path.is_file():
-            raise MedsegError(f"{path}: fingerprint file not found")
-        try:
-            return cls.from_json(path.read_text())
-        except MedsegError as exc:
-            raise MedsegError(f"{path}: {exc}") from None
+        return load_json_file(path, cls.from_json, "fingerprint file not found")
 
 
 # ---------------------------------------------------------------- extraction
@@ -399,21 +389,7 @@ def extract_fingerprint(
     if not cases:
         raise MedsegError(f"{ds.root}: the dataset has no training cases")
     jobs = [(case, i, samples_per_case, seed) for i, case in enumerate(cases)]
-    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
-    results: list[tuple[CaseFingerprint, list[np.ndarray]]] = []
-    try:
-        if num_workers <= 1:
-            for job in jobs:
-                results.append(_fingerprint_case_star(job))
-                bar.update()
-        else:
-            chunk = max(1, len(jobs) // (num_workers * 8))
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                for res in pool.map(_fingerprint_case_star, jobs, chunksize=chunk):
-                    results.append(res)
-                    bar.update()
-    finally:
-        bar.close()
+    results = map_cases(_fingerprint_case_star, jobs, num_workers, desc="fingerprint", progress=progress)
 
     num_channels = ds.num_channels
     intensity = tuple(

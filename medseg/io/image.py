@@ -73,7 +73,8 @@ class ImageGeometry:
         )
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> ImageGeometry:
+    def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> ImageGeometry:
+        """Geometry of a SimpleITK image, or of a reader after ``ReadImageInformation`` (header only)."""
         size = image.GetSize()
         return cls(
             shape=tuple(int(s) for s in reversed(size)),

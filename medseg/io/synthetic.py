@@ -49,16 +49,57 @@ def _ellipsoid(coords: tuple[np.ndarray, ...], center: np.ndarray, radii: np.nda
     return d <= 1.0
 
 
-def _make_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
-               label_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One case: image float32 ``(Z, Y, X)`` and label ``(Z, Y, X)`` with ids from ``label_ids``."""
+def _check_sizes(num_cases: int, shape: tuple[int, ...], spacing: tuple[float, ...], min_size: int) -> None:
+    """Refuse fewer than one case, a ``shape`` that is not three sizes >= ``min_size`` or a ``spacing``
+    that is not three positive values (mm) with ``ValueError``."""
+    if num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if len(shape) != 3 or min(shape) < min_size:
+        raise ValueError(f"shape must be three sizes >= {min_size} (Z, Y, X), got {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive values in mm, got {spacing}")
+
+
+def _start_dataset(out: Path, name: str, description: str | None = None) -> Path:
+    """Create ``out/imagesTr`` and ``out/labelsTr`` for a synthetic dataset called ``name``; return the path
+    of its ``dataset.json`` (written last, by the caller).
+
+    Raises:
+        MedsegError: ``out`` holds the ``dataset.json`` of another dataset (the message names the expected
+            kind, ``description``, default ``name``); nothing is created then.
+    """
+    json_path = out / "dataset.json"
+    if json_path.exists():
+        try:
+            existing = json.loads(json_path.read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            existing = None
+        if existing != name:
+            raise MedsegError(
+                f"{json_path}: refusing to overwrite a dataset that is not a {description or name} dataset"
+            )
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    return json_path
+
+
+def _centred_coords(
+    shape: tuple[int, ...], spacing: tuple[float, ...]
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Voxel-centre coordinates in mm relative to the volume centre, broadcastable ``(Z, 1, 1)``,
+    ``(1, Y, 1)``, ``(1, 1, X)``, and the volume's extent in mm per axis."""
     sp = np.asarray(spacing, dtype=np.float64)
-    extent = np.asarray(shape) * sp  # mm
-    # voxel-centre coordinates in mm, relative to the volume centre, broadcastable (Z,1,1), (1,Y,1), (1,1,X)
     coords = tuple(
         ((np.arange(n) - (n - 1) / 2.0) * s).reshape([-1 if a == ax else 1 for a in range(3)])
         for ax, (n, s) in enumerate(zip(shape, sp))
     )
+    return coords, np.asarray(shape) * sp
+
+
+def _make_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
+               label_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One case: image float32 ``(Z, Y, X)`` and label ``(Z, Y, X)`` with ids from ``label_ids``."""
+    coords, extent = _centred_coords(shape, spacing)
 
     body_radii = extent * rng.uniform(0.40, 0.46, size=3)
     body_center = extent * rng.uniform(-0.03, 0.03, size=3)
@@ -126,26 +167,11 @@ def generate_synthetic_dataset(
         ValueError: invalid ``num_cases``, ``shape``, ``spacing`` or ``label_ids``.
     """
     out = Path(out_dir)
-    if num_cases < 1:
-        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three sizes >= 8 (Z, Y, X), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive values in mm, got {spacing}")
+    _check_sizes(num_cases, shape, spacing, min_size=8)
     label_ids = tuple(int(i) for i in label_ids)
     if len(label_ids) != 4 or label_ids[0] != 0 or len(set(label_ids)) != 4 or min(label_ids) < 0:
         raise ValueError(f"label_ids must be 4 distinct non-negative ids starting with background 0, got {label_ids}")
-    json_path = out / "dataset.json"
-    if json_path.exists():
-        try:
-            existing = json.loads(json_path.read_text()).get("name")
-        except (OSError, ValueError, AttributeError):
-            existing = None
-        if existing != DATASET_NAME:
-            raise MedsegError(f"{json_path}: refusing to overwrite a dataset that is not a medseg synthetic dataset")
-
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    json_path = _start_dataset(out, DATASET_NAME, "medseg synthetic")
     training = []
     for i in range(num_cases):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])

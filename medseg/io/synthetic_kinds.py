@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import MedsegError
 from medseg.io.image import ImageGeometry, atomic_write_text, write_image
-from medseg.io.synthetic import generate_synthetic_dataset
+from medseg.io.synthetic import _centred_coords, _check_sizes, _start_dataset, generate_synthetic_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +51,7 @@ def _blob(coords: tuple[np.ndarray, ...], center: np.ndarray, radius: float, rng
 def _tumour_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
                  num_channels: int) -> tuple[np.ndarray, np.ndarray]:
     """One case: images float32 ``(C, Z, Y, X)`` and a label ``(Z, Y, X)`` with ids 0-4."""
-    sp = np.asarray(spacing, dtype=np.float64)
-    extent = np.asarray(shape) * sp
-    coords = tuple(
-        ((np.arange(n) - (n - 1) / 2.0) * s).reshape([-1 if a == ax else 1 for a in range(3)])
-        for ax, (n, s) in enumerate(zip(shape, sp))
-    )
+    coords, extent = _centred_coords(shape, spacing)
     brain_r = extent * rng.uniform(0.38, 0.44, size=3)
     brain = sum((x / r) ** 2 for x, r in zip(coords, brain_r)) <= 1.0
     # the lesion centre anywhere in the inner half of the brain: every side equally likely
@@ -89,16 +83,6 @@ def _tumour_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing:
     return images, label
 
 
-def _refuse_foreign(json_path: Path, name: str) -> None:
-    if json_path.exists():
-        try:
-            existing = json.loads(json_path.read_text()).get("name")
-        except (OSError, ValueError, AttributeError):
-            existing = None
-        if existing != name:
-            raise MedsegError(f"{json_path}: refusing to overwrite a dataset that is not a {name} dataset")
-
-
 def generate_tumour_dataset(
     out_dir: str | Path,
     num_cases: int = 6,
@@ -125,18 +109,10 @@ def generate_tumour_dataset(
         ValueError: invalid arguments.
     """
     out = Path(out_dir)
-    if num_cases < 1:
-        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    if len(shape) != 3 or min(shape) < 16:
-        raise ValueError(f"shape must be three sizes >= 16 (Z, Y, X), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive values in mm, got {spacing}")
+    _check_sizes(num_cases, shape, spacing, min_size=16)
     if not 1 <= num_channels <= len(TUMOUR_CHANNELS):
         raise ValueError(f"num_channels must be 1-{len(TUMOUR_CHANNELS)}, got {num_channels}")
-    json_path = out / "dataset.json"
-    _refuse_foreign(json_path, TUMOUR_DATASET_NAME)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    json_path = _start_dataset(out, TUMOUR_DATASET_NAME)
     for i in range(num_cases):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 4])
         images, label = _tumour_case(rng, tuple(int(s) for s in shape), tuple(float(s) for s in spacing),

@@ -14,7 +14,6 @@ import re
 import struct
 import zlib
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ import SimpleITK as sitk
 from medseg.errors import DatasetError
 from medseg.io.dataset import _CHANNEL_RE, Case, DatasetInfo, _image_files_in, _suffix_of
 from medseg.io.image import ImageGeometry, strip_suffix
+from medseg.io.parallel import map_cases
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,6 @@ def _read_for_validation(path: Path, need_voxels: bool) -> tuple[_FileRead | Non
     if problem:
         return None, f"unreadable or truncated image file ({problem})"
     if image is not None:
-        size, spacing, origin, direction = image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
         ndim, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
         array = sitk.GetArrayViewFromImage(image)
         if nonfinite is None:
@@ -200,18 +199,19 @@ def _read_for_validation(path: Path, need_voxels: bool) -> tuple[_FileRead | Non
             if array.dtype.kind == "f" and not np.isfinite(array.sum(dtype=np.float64)):
                 nonfinite = (int(np.isnan(array).sum()), int(np.isinf(array).sum()))
     else:
-        size, spacing = reader.GetSize(), reader.GetSpacing()
-        origin, direction = reader.GetOrigin(), reader.GetDirection()
         ndim, components, array = reader.GetDimension(), reader.GetNumberOfComponents(), None
-    geometry = None
-    if ndim in (2, 3):
-        geometry = ImageGeometry(
-            shape=tuple(int(v) for v in reversed(size)),
-            spacing=tuple(float(v) for v in reversed(spacing)),
-            origin=tuple(float(v) for v in origin),
-            direction=tuple(float(v) for v in direction),
-        )
-    return _FileRead(ndim, components, tuple(size), geometry, array, nonfinite or (0, 0), image), None
+    source = image if image is not None else reader
+    geometry = ImageGeometry.from_sitk(source) if ndim in (2, 3) else None
+    return _FileRead(ndim, components, tuple(source.GetSize()), geometry, array, nonfinite or (0, 0), image), None
+
+
+def _mismatch(geo: ImageGeometry, ref: ImageGeometry, shape_problem: str, geometry_problem: str) -> str | None:
+    """``shape_problem`` when the shapes differ, else ``"<geometry_problem>: <differences>"`` when spacing,
+    origin or direction differ beyond :data:`GEOMETRY_TOLERANCE`, else None (the files agree)."""
+    if geo.shape != ref.shape:
+        return shape_problem
+    diffs = geo.matches(ref, tol=GEOMETRY_TOLERANCE)
+    return f"{geometry_problem}: " + "; ".join(diffs) if diffs else None
 
 
 def _dim_problem(read: _FileRead) -> str | None:
@@ -301,14 +301,13 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
             ref_geo, ref_file, ndim = geo, path, geo.ndim
         elif geo.ndim != ref_geo.ndim:
             report(path, f"channel {ch} is {geo.ndim}D but channel 0 ({ref_file.name}) is {ref_geo.ndim}D")
-        elif geo.shape != ref_geo.shape:
-            report(path, f"channel {ch} shape {list(geo.shape)} differs from channel 0 "
-                         f"({ref_file.name}) shape {list(ref_geo.shape)}")
-        else:
-            diffs = geo.matches(ref_geo, tol=GEOMETRY_TOLERANCE)
-            if diffs:
-                report(path, f"geometry mismatch between channel {ch} and channel 0 ({ref_file.name}): "
-                             + "; ".join(diffs))
+        elif problem := _mismatch(
+            geo, ref_geo,
+            f"channel {ch} shape {list(geo.shape)} differs from channel 0 ({ref_file.name}) "
+            f"shape {list(ref_geo.shape)}",
+            f"geometry mismatch between channel {ch} and channel 0 ({ref_file.name})",
+        ):
+            report(path, problem)
 
     if case.label_file is not None:
         lpath = case.label_file
@@ -326,15 +325,13 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
                                   "voxel(s); label maps must hold integer class ids")
                 lgeo = label.geometry
                 assert lgeo is not None and label.array is not None
-                if ref_geo is not None:
-                    if lgeo.shape != ref_geo.shape:
-                        report(lpath, f"image/label shape mismatch: label {list(lgeo.shape)} vs image "
-                                      f"{list(ref_geo.shape)} ({ref_file.name})")
-                    else:
-                        diffs = lgeo.matches(ref_geo, tol=GEOMETRY_TOLERANCE)
-                        if diffs:
-                            report(lpath, f"geometry mismatch between image ({ref_file.name}) and label: "
-                                          + "; ".join(diffs))
+                if ref_geo is not None and (problem := _mismatch(
+                    lgeo, ref_geo,
+                    f"image/label shape mismatch: label {list(lgeo.shape)} vs image {list(ref_geo.shape)} "
+                    f"({ref_file.name})",
+                    f"geometry mismatch between image ({ref_file.name}) and label",
+                )):
+                    report(lpath, problem)
                 for msg in _label_values_problems(label.array, frozenset(label_ids)):
                     report(lpath, msg)
     return problems, ndim
@@ -374,8 +371,6 @@ def validate_dataset(ds: DatasetInfo, num_workers: int = 1, progress: bool = Tru
     Raises:
         DatasetError: with one line per problem, each naming the case and the file.
     """
-    from tqdm import tqdm
-
     root = Path(ds.root)
     if not ds.cases:
         raise DatasetError(
@@ -393,22 +388,7 @@ def validate_dataset(ds: DatasetInfo, num_workers: int = 1, progress: bool = Tru
     # each distinct case is read once (duplicates would only repeat the same messages)
     unique_cases = list({(c.case_id, c.image_files, c.label_file): c for c in ds.cases}.values())
     check = partial(_check_case, root=root, label_ids=tuple(ds.label_ids), num_channels=ds.num_channels)
-    workers = max(1, min(int(num_workers), len(unique_cases)))
-    bar = tqdm(total=len(unique_cases), desc="validate", unit="case", disable=not progress)
-    results: list[tuple[list[str], int | None]] = []
-    try:
-        if workers == 1:
-            for case in unique_cases:
-                results.append(check(case))
-                bar.update()
-        else:
-            chunk = max(1, len(unique_cases) // (workers * 8))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for res in pool.map(check, unique_cases, chunksize=chunk):
-                    results.append(res)
-                    bar.update()
-    finally:
-        bar.close()
+    results = map_cases(check, unique_cases, num_workers, desc="validate", progress=progress)
 
     ndims: dict[int, list[str]] = {}
     for case, (case_problems, ndim) in zip(unique_cases, results):

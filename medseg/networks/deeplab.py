@@ -13,15 +13,14 @@ convolutions, classified, and upsampled to the input size.
 Deep supervision (training mode): ``[main logits (full resolution), auxiliary logits]``, the auxiliary
 head sitting on the encoder stage before the deepest one at that stage's resolution (``output_scales``).
 
-Options (``net.options``):
-    output_stride (int, 8 or 16, default 16).
+Options (``net.options``), besides the encoder's ``output_stride`` (default 16) and ``blocks_per_stage``
+(see :class:`~medseg.networks.dilated.DilatedSegmentationNetwork`):
     separable (bool, default False): depthwise-separable convolutions in the ASPP and the decoder.
     aspp_rates (list of 3 ints, default [6, 12, 18]): rates at the reference 33-voxel feature map.
     aspp_channels (int, default min(256, deepest features)).
     low_level_stage (int, default min(2, num_stages - 1)).
     low_level_channels (int, default max(8, 3 * aspp_channels // 16)).
     dropout (float, default 0.1): dropout after the ASPP projection.
-    blocks_per_stage (int or list): residual blocks per encoder stage.
 """
 
 from __future__ import annotations
@@ -31,18 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.networks.dilated import AuxHead, DilatedResidualEncoder, bottleneck_size
-from medseg.networks.layers import (
-    LEAKY_SLOPE,
-    ConvNormAct,
-    SegmentationNetwork,
-    adaptive_avg_pool,
-    check_known_options,
-    conv_type,
-    init_weights,
-    options_get,
-    upsample_to,
-)
+from medseg.networks.dilated import DilatedSegmentationNetwork, bottleneck_size, pooled_context
+from medseg.networks.layers import LEAKY_SLOPE, ConvNormAct, conv_type, options_get, options_positive_ints, upsample_to
 from medseg.networks.registry import register_network
 from medseg.planning.plan import NetworkPlan
 
@@ -79,10 +68,8 @@ def aspp_branch_geometry(
 
 
 class ImagePooling(nn.Module):
-    """Image-level features: global average pool, 1x1 convolution, LeakyReLU, broadcast back.
-
-    No normalisation: instance or group statistics over a single voxel would zero the branch.
-    """
+    """Image-level features: global average pool, 1x1 convolution, LeakyReLU, broadcast back (a
+    :func:`~medseg.networks.dilated.pooled_context` branch of one cell, no normalisation)."""
 
     def __init__(self, dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -90,8 +77,7 @@ class ImagePooling(nn.Module):
         self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.conv(adaptive_avg_pool(x, (1,) * (x.dim() - 2))))
-        return y.expand(-1, -1, *x.shape[2:])
+        return pooled_context(x, (1,) * (x.dim() - 2), self.conv, self.act)
 
 
 class ASPP(nn.Module):
@@ -116,31 +102,28 @@ class ASPP(nn.Module):
 
 
 @register_network("deeplab")
-class DeepLabV3Plus(SegmentationNetwork):
+class DeepLabV3Plus(DilatedSegmentationNetwork):
     """DeepLabv3+ for 2D/3D patches. Input ``(B, C, *spatial)``, output logits ``(B, K, *spatial)``;
     ``spatial`` must be divisible by ``size_divisor`` (the encoder's accumulated stride)."""
 
     def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
-        super().__init__(net, in_channels, num_classes)
-        check_known_options(net, ("output_stride", "separable", "aspp_rates", "aspp_channels", "low_level_stage",
-                                  "low_level_channels", "dropout", "blocks_per_stage"))
-        d, S = net.dims, net.num_stages
-        output_stride = options_get(net, "output_stride", 16, int, (8, 16))
+        output_stride = self.read_encoder_options(
+            net, ("separable", "aspp_rates", "aspp_channels", "low_level_stage", "low_level_channels", "dropout"), 16
+        )
         separable = options_get(net, "separable", False, bool)
-        rates = tuple(net.options.get("aspp_rates", (6, 12, 18)))
-        if len(rates) != 3 or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in rates):
-            raise ValueError(f"options.aspp_rates must be 3 positive integers, got {list(rates)}")
-        self.encoder = DilatedResidualEncoder(net, in_channels, output_stride)
+        rates = options_positive_ints(net, "aspp_rates", (6, 12, 18), count=3)
+        super().__init__(net, in_channels, num_classes, output_stride)
+        d, S = net.dims, net.num_stages
         feats = self.encoder.features
-        acc = self.encoder.accumulated_strides
         aspp_c = options_get(net, "aspp_channels", min(256, feats[-1]), int)
         low_stage = options_get(net, "low_level_stage", min(2, S - 1), int, range(S))
         low_c = options_get(net, "low_level_channels", max(8, 3 * aspp_c // 16), int)
         dropout = options_get(net, "dropout", 0.1, float)
 
         self.low_level_stage = low_stage
-        self.aspp = ASPP(d, feats[-1], aspp_c, bottleneck_size(net.patch_size, acc[-1]), net.kernel_sizes[-1],
-                         rates, net.norm, separable, dropout)
+        self.head_stages = (-1, low_stage)
+        self.aspp = ASPP(d, feats[-1], aspp_c, bottleneck_size(net.patch_size, self.size_divisor),
+                         net.kernel_sizes[-1], rates, net.norm, separable, dropout)
         self.low_level = ConvNormAct(d, feats[low_stage], low_c, 1, norm=net.norm)
         k_low = net.kernel_sizes[low_stage]
         self.decoder = nn.Sequential(
@@ -148,22 +131,10 @@ class DeepLabV3Plus(SegmentationNetwork):
             ConvNormAct(d, aspp_c, aspp_c, k_low, norm=net.norm, separable=separable),
         )
         self.classifier = conv_type(d)(aspp_c, num_classes, 1)
-        self.size_divisor = acc[-1]
-        self.aux = None
-        if net.deep_supervision and S >= 2:
-            self.aux = AuxHead(d, feats[-2], num_classes, net.kernel_sizes[-2], net.norm)
-            self.output_scales = [(1,) * d, acc[-2]]
-        init_weights(self)
+        self._add_aux_head_and_init(net, num_classes)
 
-    def _forward(self, x: torch.Tensor, with_aux: bool) -> list[torch.Tensor]:
-        size = x.shape[2:]
-        feats = self.encoder(x)
-        bottom, low = feats[-1], feats[self.low_level_stage]
-        aux_in = feats[-2] if with_aux and self.aux is not None else None
-        del feats  # let unused stage outputs go early when gradients are off
+    def head(self, bottom: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """ASPP on the deepest features, fused with the low-level skip; logits at the skip's resolution."""
         y = self.aspp(bottom)
         y = torch.cat((upsample_to(y, low.shape[2:]), self.low_level(low)), dim=1)
-        outs = [upsample_to(self.classifier(self.decoder(y)), size)]
-        if aux_in is not None:
-            outs.append(self.aux(aux_in))
-        return outs
+        return self.classifier(self.decoder(y))

@@ -1,4 +1,5 @@
-"""Residual encoder whose deepest stages trade striding for dilation (shared by ``deeplab`` and ``psp``).
+"""Residual encoder whose deepest stages trade striding for dilation, and the network base built on it
+(shared by ``deeplab`` and ``psp``).
 
 Following DeepLab (Chen et al. 2017) and PSPNet (Zhao et al. 2017): once the accumulated stride along
 an axis would exceed ``output_stride``, later stages stop striding along that axis and dilate their
@@ -14,7 +15,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.networks.layers import ConvNormAct, blocks_per_stage, conv_type, residual_stage
+from medseg.networks.layers import (
+    ConvNormAct,
+    SegmentationNetwork,
+    adaptive_avg_pool,
+    blocks_per_stage,
+    check_known_options,
+    conv_type,
+    init_weights,
+    options_get,
+    residual_stage,
+    upsample_to,
+)
 from medseg.planning.plan import NetworkPlan
 
 
@@ -94,6 +106,75 @@ class AuxHead(nn.Sequential):
         )
 
 
+def pooled_context(x: torch.Tensor, cells: Sequence[int], conv: nn.Module, act: nn.Module) -> torch.Tensor:
+    """A pooled-context branch (ASPP's image pooling, PSP's pyramid levels): ``x`` ``(B, C, *spatial)``
+    average-pooled to ``cells`` per axis, then ``conv`` (1x1) and ``act``, resized back to ``spatial``
+    (a broadcast view for a single cell).
+
+    The branches carry no normalisation: statistics over a few cells are meaningless (zero for a single
+    cell under instance norm).
+    """
+    return upsample_to(act(conv(adaptive_avg_pool(x, cells))), x.shape[2:])
+
+
 def bottleneck_size(patch_size: Sequence[int], accumulated: Sequence[int]) -> tuple[int, ...]:
     """Spatial size of the deepest feature map for the planned patch."""
     return tuple(max(1, p // a) for p, a in zip(patch_size, accumulated))
+
+
+class DilatedSegmentationNetwork(SegmentationNetwork):
+    """Base of ``deeplab`` and ``psp``: a :class:`DilatedResidualEncoder`, a context head on some of its
+    stages, the head's logits upsampled (linear interpolation) to the input size, and in training mode with
+    deep supervision an :class:`AuxHead` on the stage before the deepest one, at that stage's resolution.
+
+    A subclass reads its options after :meth:`read_encoder_options`, calls
+    ``super().__init__(net, in_channels, num_classes, output_stride)``, builds its head modules, sets
+    ``head_stages`` (the encoder stages :meth:`head` takes, in its argument order) and ends with
+    :meth:`_add_aux_head_and_init`; modules are registered (and initialised) encoder, head, aux head.
+    Input ``(B, C, *spatial)`` with ``spatial`` divisible by ``size_divisor`` (the encoder's accumulated
+    stride), output logits ``(B, K, *spatial)``.
+
+    Encoder options (``net.options``), shared by every subclass:
+        output_stride (int, 8 or 16; the default is the subclass's).
+        blocks_per_stage (int or list): residual blocks per encoder stage.
+    """
+
+    head_stages: tuple[int, ...] = (-1,)
+
+    @staticmethod
+    def read_encoder_options(net: NetworkPlan, head_options: Sequence[str], default_output_stride: int) -> int:
+        """Refuse option keys that are neither the encoder's nor in ``head_options``; return ``output_stride``.
+
+        Raises:
+            ValueError: an unknown option key, or ``output_stride`` not 8 or 16.
+        """
+        check_known_options(net, ("output_stride", *head_options, "blocks_per_stage"))
+        return options_get(net, "output_stride", default_output_stride, int, (8, 16))
+
+    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int, output_stride: int) -> None:
+        super().__init__(net, in_channels, num_classes)
+        self.encoder = DilatedResidualEncoder(net, in_channels, output_stride)
+        self.size_divisor = self.encoder.accumulated_strides[-1]
+        self.aux: AuxHead | None = None
+
+    def _add_aux_head_and_init(self, net: NetworkPlan, num_classes: int) -> None:
+        """Add the auxiliary head (deep supervision with two or more stages), then initialise every weight."""
+        if net.deep_supervision and net.num_stages >= 2:
+            self.aux = AuxHead(net.dims, self.encoder.features[-2], num_classes, net.kernel_sizes[-2], net.norm)
+            self.output_scales = [(1,) * net.dims, self.encoder.accumulated_strides[-2]]
+        init_weights(self)
+
+    def head(self, *features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, *spatial')`` from the feature maps of ``head_stages``, at any resolution."""
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor, with_aux: bool) -> list[torch.Tensor]:
+        size = x.shape[2:]
+        feats = self.encoder(x)
+        head_in = [feats[s] for s in self.head_stages]
+        aux_in = feats[-2] if with_aux and self.aux is not None else None
+        del feats  # let unused stage outputs go early when gradients are off
+        outs = [upsample_to(self.head(*head_in), size)]
+        if aux_in is not None:
+            outs.append(self.aux(aux_in))
+        return outs

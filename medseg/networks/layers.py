@@ -221,14 +221,8 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        dims: int,
-        in_channels: int,
-        out_channels: int,
-        kernel: int | Sequence[int],
-        stride: int | Sequence[int] = 1,
-        dilation: int | Sequence[int] = 1,
-        norm: str = "instance",
+        self, dims: int, in_channels: int, out_channels: int, kernel: int | Sequence[int],
+        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = "instance",
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -369,6 +363,22 @@ def options_get(net: NetworkPlan, key: str, default, kind: type, choices: Sequen
         allowed = f" (one of {list(choices)})" if choices is not None else ""
         raise ValueError(f"options.{key} must be a {kind.__name__}{allowed}, got {value!r}")
     return value
+
+
+def options_positive_ints(
+    net: NetworkPlan, key: str, default: Sequence[int], count: int | None = None
+) -> tuple[int, ...]:
+    """Read ``net.options[key]`` as positive integers (exactly ``count`` of them, else at least one).
+
+    Raises:
+        ValueError: a non-integer or non-positive entry, or the wrong number of entries.
+    """
+    values = tuple(net.options.get(key, default))
+    wrong_count = len(values) != count if count is not None else not values
+    if wrong_count or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        what = f"{count} positive integers" if count is not None else "a non-empty list of positive integers"
+        raise ValueError(f"options.{key} must be {what}, got {list(values)}")
+    return values
 
 
 def check_known_options(net: NetworkPlan, known: Sequence[str]) -> None:

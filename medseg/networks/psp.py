@@ -11,12 +11,11 @@ Deep supervision (training mode): ``[main logits (full resolution), auxiliary lo
 head (the paper's "deep supervision" loss on res4b22) on the encoder stage before the deepest one, at
 that stage's resolution (``output_scales``).
 
-Options (``net.options``):
-    output_stride (int, 8 or 16, default 8).
+Options (``net.options``), besides the encoder's ``output_stride`` (default 8) and ``blocks_per_stage``
+(see :class:`~medseg.networks.dilated.DilatedSegmentationNetwork`):
     bins (list of ints, default [1, 2, 3, 6]).
     psp_channels (int, default max(8, deepest features // 2)): channels after fusion.
     dropout (float, default 0.1): dropout before the classifier.
-    blocks_per_stage (int or list): residual blocks per encoder stage.
 """
 
 from __future__ import annotations
@@ -26,18 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medseg.networks.dilated import AuxHead, DilatedResidualEncoder, bottleneck_size
-from medseg.networks.layers import (
-    LEAKY_SLOPE,
-    ConvNormAct,
-    SegmentationNetwork,
-    adaptive_avg_pool,
-    check_known_options,
-    conv_type,
-    init_weights,
-    options_get,
-    upsample_to,
-)
+from medseg.networks.dilated import DilatedSegmentationNetwork, bottleneck_size, pooled_context
+from medseg.networks.layers import LEAKY_SLOPE, ConvNormAct, conv_type, options_get, options_positive_ints
 from medseg.networks.registry import register_network
 from medseg.planning.plan import NetworkPlan
 
@@ -48,11 +37,8 @@ def pyramid_bins(bins: Sequence[int], feature_size: Sequence[int]) -> list[tuple
 
 
 class PyramidPooling(nn.Module):
-    """Average-pool to each bin grid, 1x1 convolution + LeakyReLU, upsample, concatenate with the input.
-
-    No normalisation inside the pooled branches: statistics over 1..36 cells are meaningless (zero for
-    the 1-cell level under instance norm).
-    """
+    """Average-pool to each bin grid, 1x1 convolution + LeakyReLU, upsample, concatenate with the input
+    (one :func:`~medseg.networks.dilated.pooled_context` branch per bin grid, no normalisation)."""
 
     def __init__(self, dims: int, in_channels: int, branch_channels: int, bins: Sequence[Sequence[int]]) -> None:
         super().__init__()
@@ -61,52 +47,32 @@ class PyramidPooling(nn.Module):
         self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        pooled = [
-            upsample_to(self.act(conv(adaptive_avg_pool(x, b))), size) for b, conv in zip(self.bins, self.convs)
-        ]
+        pooled = [pooled_context(x, b, conv, self.act) for b, conv in zip(self.bins, self.convs)]
         return torch.cat([x, *pooled], dim=1)
 
 
 @register_network("psp")
-class PSPNet(SegmentationNetwork):
+class PSPNet(DilatedSegmentationNetwork):
     """PSPNet for 2D/3D patches. Input ``(B, C, *spatial)``, output logits ``(B, K, *spatial)``;
     ``spatial`` must be divisible by ``size_divisor`` (the encoder's accumulated stride)."""
 
     def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
-        super().__init__(net, in_channels, num_classes)
-        check_known_options(net, ("output_stride", "bins", "psp_channels", "dropout", "blocks_per_stage"))
-        d, S = net.dims, net.num_stages
-        output_stride = options_get(net, "output_stride", 8, int, (8, 16))
-        bins = tuple(net.options.get("bins", (1, 2, 3, 6)))
-        if not bins or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in bins):
-            raise ValueError(f"options.bins must be a non-empty list of positive integers, got {list(bins)}")
-        self.encoder = DilatedResidualEncoder(net, in_channels, output_stride)
+        output_stride = self.read_encoder_options(net, ("bins", "psp_channels", "dropout"), 8)
+        bins = options_positive_ints(net, "bins", (1, 2, 3, 6))
+        super().__init__(net, in_channels, num_classes, output_stride)
+        d = net.dims
         feats = self.encoder.features
-        acc = self.encoder.accumulated_strides
         fuse_c = options_get(net, "psp_channels", max(8, feats[-1] // 2), int)
         dropout = options_get(net, "dropout", 0.1, float)
         branch_c = max(4, feats[-1] // len(bins))
 
-        self.ppm = PyramidPooling(d, feats[-1], branch_c, pyramid_bins(bins, bottleneck_size(net.patch_size, acc[-1])))
+        bottleneck = bottleneck_size(net.patch_size, self.size_divisor)
+        self.ppm = PyramidPooling(d, feats[-1], branch_c, pyramid_bins(bins, bottleneck))
         self.fuse = ConvNormAct(d, feats[-1] + branch_c * len(bins), fuse_c, net.kernel_sizes[-1], norm=net.norm)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.classifier = conv_type(d)(fuse_c, num_classes, 1)
-        self.size_divisor = acc[-1]
-        self.aux = None
-        if net.deep_supervision and S >= 2:
-            self.aux = AuxHead(d, feats[-2], num_classes, net.kernel_sizes[-2], net.norm)
-            self.output_scales = [(1,) * d, acc[-2]]
-        init_weights(self)
+        self._add_aux_head_and_init(net, num_classes)
 
-    def _forward(self, x: torch.Tensor, with_aux: bool) -> list[torch.Tensor]:
-        size = x.shape[2:]
-        feats = self.encoder(x)
-        bottom = feats[-1]
-        aux_in = feats[-2] if with_aux and self.aux is not None else None
-        del feats
-        y = self.classifier(self.dropout(self.fuse(self.ppm(bottom))))
-        outs = [upsample_to(y, size)]
-        if aux_in is not None:
-            outs.append(self.aux(aux_in))
-        return outs
+    def head(self, bottom: torch.Tensor) -> torch.Tensor:
+        """Pyramid pooling on the deepest features, fused and classified, at the deepest resolution."""
+        return self.classifier(self.dropout(self.fuse(self.ppm(bottom))))

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, raise_for_problems
 from medseg.planning.plan import NetworkPlan
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def build_network(net: NetworkPlan, in_channels: int, num_classes: int) -> nn.Mo
     """
     if in_channels < 1 or num_classes < 1:
         raise ConfigError(f"need in_channels >= 1 and num_classes >= 1, got {in_channels} and {num_classes}")
-    problems = net.check(f"network {net.arch!r}")
-    if problems:
-        raise ConfigError("inconsistent network plan:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_for_problems(net.check(f"network {net.arch!r}"), ConfigError, "inconsistent network plan")
     builder = _lookup(net.arch)
     try:
         model = builder(net, in_channels, num_classes)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import PlanError
+from medseg.errors import PlanError, raise_for_problems
 from medseg.io.image import atomic_write_text
+from medseg.io.json_files import load_json_file, parse_json
 
 SCHEMA_VERSION = 1
 
@@ -298,9 +299,7 @@ class Plan:
 
     def validate(self) -> Plan:
         """Raise :class:`PlanError` listing every inconsistency; return self when consistent."""
-        problems = self.check()
-        if problems:
-            raise PlanError("inconsistent plan:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise_for_problems(self.check(), PlanError, "inconsistent plan")
         return self
 
     # ---------------------------------------------------------------- JSON
@@ -317,11 +316,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan is not valid JSON: {exc}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text, "plan", PlanError))
 
     def save(self, path: str | Path) -> None:
         """Validate and write atomically."""
@@ -330,13 +325,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"{path}: plan file not found (run `medseg plan` first)")
-        try:
-            return cls.from_json(path.read_text())
-        except PlanError as exc:
-            raise PlanError(f"{path}: {exc}") from None
+        return load_json_file(path, cls.from_json, "plan file not found (run `medseg plan` first)", PlanError)
 
 
 # -------------------------------------------------------------------- (de)serialisation helpers

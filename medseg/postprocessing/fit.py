@@ -18,7 +18,7 @@ and drops a label's steps if its Dice fell below the unprocessed one. Dice per c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,29 @@ def _mask_dice(mask: np.ndarray, ref_mask: np.ndarray, n_ref: int) -> float:
     if n + n_ref == 0:
         return 1.0
     return 2.0 * int(np.count_nonzero(mask & ref_mask)) / (n + n_ref)
+
+
+def _label_masks(
+    cases: _Cases, rules: dict[str, Any], fg: Sequence[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """For every case, after the current ``rules``, and every foreground label ``fg[i]``:
+    ``(i, seg, mask, ref_mask, n_ref)``, ``seg`` the postprocessed prediction, ``mask``/``ref_mask`` the
+    label's voxels in it and in the reference, ``n_ref`` the reference's voxel count."""
+    for pred, ref in cases:
+        seg = apply_postprocessing(pred, rules)
+        for i, lab in enumerate(fg):
+            ref_mask = ref == lab
+            yield i, seg, seg == lab, ref_mask, int(np.count_nonzero(ref_mask))
+
+
+def _best_candidate(scores: np.ndarray, min_improvement: float) -> int:
+    """Index of the best of ``scores`` (mean Dice per candidate, index 0 = no step); a step must beat
+    "none" by more than ``min_improvement``, and a later step an earlier one by any margin."""
+    best = 0
+    for j in range(1, len(scores)):
+        if scores[j] > scores[best] + (min_improvement if best == 0 else 0.0):
+            best = j
+    return best
 
 
 def _candidate_name(step: dict | None) -> str:
@@ -161,36 +184,28 @@ def fit_postprocessing(
     comp_steps: list[dict | None] = [None] + [{"op": "remove_small", "fraction": float(f)} for f in fractions]
     comp_steps.append({"op": "largest_component"})
     comp_scores = np.zeros((len(fg), len(comp_steps)))
-    for pred, ref in cases:
-        seg = apply_postprocessing(pred, rules)
-        for i, lab in enumerate(fg):
-            mask = seg == lab
-            ref_mask = ref == lab
-            n_ref = int(np.count_nonzero(ref_mask))
-            if not mask.any():
-                comp_scores[i] += 1.0 if n_ref == 0 else 0.0
-                continue
-            comps, sizes = label_components(mask)
-            overlap = np.bincount(comps[ref_mask], minlength=sizes.size)
-            overlap[0] = 0
-            for j, step in enumerate(comp_steps):
-                if step is None:
-                    keep = sizes > 0
-                elif step["op"] == "largest_component":
-                    keep = np.zeros(sizes.size, dtype=bool)
-                    keep[int(np.argmax(sizes))] = True
-                else:
-                    keep = sizes >= step["fraction"] * sizes.max()
-                    keep[0] = False
-                denom = int(sizes[keep].sum()) + n_ref
-                comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
+    for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
+        if not mask.any():
+            comp_scores[i] += 1.0 if n_ref == 0 else 0.0
+            continue
+        comps, sizes = label_components(mask)
+        overlap = np.bincount(comps[ref_mask], minlength=sizes.size)
+        overlap[0] = 0
+        for j, step in enumerate(comp_steps):
+            if step is None:
+                keep = sizes > 0
+            elif step["op"] == "largest_component":
+                keep = np.zeros(sizes.size, dtype=bool)
+                keep[int(np.argmax(sizes))] = True
+            else:
+                keep = sizes >= step["fraction"] * sizes.max()
+                keep[0] = False
+            denom = int(sizes[keep].sum()) + n_ref
+            comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
     comp_scores /= n
     for i, lab in enumerate(fg):
         candidates[str(lab)] = {_candidate_name(s): float(comp_scores[i, j]) for j, s in enumerate(comp_steps)}
-        best = 0
-        for j in range(1, len(comp_steps)):
-            if comp_scores[i, j] > comp_scores[i, best] + (min_improvement if best == 0 else 0.0):
-                best = j
+        best = _best_candidate(comp_scores[i], min_improvement)
         if best:
             rules["per_label"][str(lab)] = [dict(comp_steps[best])]
 
@@ -198,25 +213,17 @@ def fit_postprocessing(
     if use_morphology:
         morph_steps = [{"op": "opening", "radius": 1}, {"op": "closing", "radius": 1}]
         morph_scores = np.zeros((len(fg), 1 + len(morph_steps)))
-        for pred, ref in cases:
-            seg = apply_postprocessing(pred, rules)
-            for i, lab in enumerate(fg):
-                mask = seg == lab
-                ref_mask = ref == lab
-                n_ref = int(np.count_nonzero(ref_mask))
-                morph_scores[i, 0] += _mask_dice(mask, ref_mask, n_ref)
-                for j, step in enumerate(morph_steps, start=1):
-                    new = morphology(mask, step["op"], step["radius"])
-                    if step["op"] == "closing":
-                        new = mask | (new & (seg == 0))
-                    morph_scores[i, j] += _mask_dice(new, ref_mask, n_ref)
+        for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
+            morph_scores[i, 0] += _mask_dice(mask, ref_mask, n_ref)
+            for j, step in enumerate(morph_steps, start=1):
+                new = morphology(mask, step["op"], step["radius"])
+                if step["op"] == "closing":
+                    new = mask | (new & (seg == 0))
+                morph_scores[i, j] += _mask_dice(new, ref_mask, n_ref)
         morph_scores /= n
         for i, lab in enumerate(fg):
             candidates[str(lab)].update({s["op"]: float(morph_scores[i, j + 1]) for j, s in enumerate(morph_steps)})
-            best = 0
-            for j in range(1, morph_scores.shape[1]):
-                if morph_scores[i, j] > morph_scores[i, best] + (min_improvement if best == 0 else 0.0):
-                    best = j
+            best = _best_candidate(morph_scores[i], min_improvement)
             if best:
                 rules["per_label"].setdefault(str(lab), []).append(dict(morph_steps[best - 1]))
 

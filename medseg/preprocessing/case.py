@@ -142,12 +142,7 @@ def preprocess_case(
 
 
 def preprocess_case_arrays(
-    image: np.ndarray,
-    geometry: ImageGeometry,
-    label: np.ndarray | None,
-    plan: Plan,
-    config: str,
-    case_id: str = "",
+    image: np.ndarray, geometry: ImageGeometry, label: np.ndarray | None, plan: Plan, config: str, case_id: str = ""
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties, np.ndarray | None]:
     """:func:`preprocess_case` with the class locations as one int32 array of ``[class, z, y, x]`` rows.
 

@@ -147,11 +147,7 @@ def sample_class_locations(
 ) -> dict[int, list[list[int]]]:
     """Randomly sample voxel coordinates of every foreground class (for foreground oversampling).
 
-    Args:
-        seg: ``(Z, Y, X)`` class indices.
-        num_classes: K including background.
-        seed: RNG seed (see :func:`case_seed`).
-        max_per_class: at most this many coordinates per class (all voxels when fewer).
+    Arguments and sampling as :func:`sample_class_locations_array` (the same seed picks the same voxels).
 
     Returns:
         ``{k: [[z, y, x], ...]}`` for every ``k`` in ``1..K-1`` (empty list when the class is absent),
