@@ -87,10 +87,11 @@ def plan_and_preprocess(
     plan = plan_dataset(ds, fp, options)
     seconds["plan"] = time.perf_counter() - t
     if options.time_budget_minutes is not None:
-        from medseg.planning.budget import fit_plan_to_budget
+        from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit
 
         t = time.perf_counter()
-        plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes)
+        plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes,
+                                  max_seconds=fit_seconds_limit(options.time_budget_minutes))
         seconds["budget"] = time.perf_counter() - t
 
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     kwargs = {k: v for k, v in overrides.items() if v is not None and k in names}
     kwargs["fold"] = fold
+    if args.keep_plan:
+        kwargs["keep_plan"] = True
     if args.no_validation and "final_validation" in names:
         kwargs["final_validation"] = False
     if args.intensity_augmentation != "auto":

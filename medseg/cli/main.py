@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device training will use (default: cuda if available else cpu)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="plan for a training time budget: measure real step times and pick what learns most")
+                   help="plan for a training time budget: measure real step times and pick what learns most "
+                        "(the measuring takes at most 10%% of the budget)")
     p.add_argument("--num-workers", type=int, default=None, help="parallel processes (default: CPU count)")
     p.add_argument("--no-preprocess", action="store_true", help="write the plan only")
     _add_common(p)
@@ -58,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="train until this many minutes have passed, annealing the learning rate over time")
+                   help="the whole command (refitting the plan when it is not fitted to this budget and device, "
+                        "training, checkpoints, final validation) finishes within this many minutes; the learning "
+                        "rate is annealed over time")
+    p.add_argument("--keep-plan", action="store_true",
+                   help="with --time-budget: train the plan as it is even when it is not fitted to the budget "
+                        "(a warning gives the iterations to expect)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,9 @@ class Predictor:
             (``ConfigurationPlan.mirror_axes`` of the plan stored in its checkpoint; every axis by default),
             and shifts of the patch grid where the plan mirrors fewer axes
             (:func:`medseg.inference.sliding_window.tta_variants`).
+        tta_passes: network passes per window position TTA may spend at most (None = the full TTA; fewer
+            mirror fewer axes, 1 = none; see :func:`~medseg.inference.sliding_window.tta_variants`). A
+            time-budgeted final validation lowers it per case.
         step: sliding-window step as a fraction of the patch (0.5 = half overlap).
         precision: autocast precision (``fp32``, ``bf16``, ``fp16``); None uses each network plan's
             training precision, except on a CPU without native bf16 support (no AVX512-BF16/AMX), where
@@ -107,6 +110,7 @@ class Predictor:
         *,
         device: str | torch.device = "cpu",
         use_tta: bool = True,
+        tta_passes: int | None = None,
         step: float = 0.5,
         precision: str | None = None,
         batch_size: int | None = None,
@@ -130,6 +134,7 @@ class Predictor:
                 )
         self.device = torch.device(device)
         self.use_tta = use_tta
+        self.tta_passes = tta_passes
         self.step = step
         self.precision = precision
         self.batch_size = batch_size
@@ -225,7 +230,8 @@ class Predictor:
         return ", ".join(f"{n} x {k}" for k, n in counts.items())
 
     # ------------------------------------------------------------------ core
-    def _member_probabilities(self, index: int, data: torch.Tensor) -> torch.Tensor:
+    def _member_probabilities(self, index: int, data: torch.Tensor,
+                              should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         member = self.members[index]
         cfg_plan = member.plan.configuration(member.configuration)
         net = cfg_plan.network(member.arch)
@@ -233,21 +239,24 @@ class Predictor:
         batch = self.batch_size or (2 if dims == 3 else 8)
         precision = self.precision or _auto_precision(net.precision, self.device)
         with self._lock:  # one network at a time: they share the CPU cores / GPU
-            mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride()) if self.use_tta \
-                else (None, None)
+            mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride(),
+                                               passes=self.tta_passes) if self.use_tta else (None, None)
             return predict_sliding_window(
                 self._runners[index], data, net.patch_size, self.num_classes,
                 step=self.step, mirror_axes=mirror_axes, shifts=shifts,
                 device=self.device, precision=precision, batch_size=batch,
-                channels_last=self._channels_last[index], progress=self.progress,
+                channels_last=self._channels_last[index], progress=self.progress, should_stop=should_stop,
             )
 
-    def predict_preprocessed(self, data: np.ndarray | torch.Tensor, configuration: str | None = None) -> np.ndarray:
+    def predict_preprocessed(self, data: np.ndarray | torch.Tensor, configuration: str | None = None,
+                             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Mean softmax of the members of one configuration on an already preprocessed image.
 
         Args:
             data: preprocessed image, float32 ``(C, z, y, x)``.
             configuration: which members to use; None requires all members to share one configuration.
+            should_stop: checked before every network batch; True abandons the prediction with
+                :class:`~medseg.inference.sliding_window.PredictionStopped`.
 
         Returns:
             float32 probabilities ``(K, z, y, x)`` (numpy, CPU), same grid as ``data``.
@@ -266,7 +275,7 @@ class Predictor:
             raise MedsegError(f"expected preprocessed data (C={self.plan.num_channels}, z, y, x), got {list(x.shape)}")
         total: torch.Tensor | None = None
         for m in members:
-            probs = self._member_probabilities(m, x)
+            probs = self._member_probabilities(m, x, should_stop)
             total = probs if total is None else total.add_(probs)
         assert total is not None
         if len(members) > 1:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -169,16 +169,25 @@ def tta_variants(mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
     TTA spends the passes nnU-Net's mirroring of every axis would (``2**dims``: 8 in 3D, 4 in 2D) unless
     ``passes`` says otherwise: first on the flips the plan allows (``2**len(mirror_axes)``), the rest on
     shift variants (:func:`shift_variants`). A plan mirroring every axis therefore gets no shifts; one that
-    mirrors only X in 3D gets 2 flips x 2 shifts (at most :data:`MAX_SHIFT_VARIANTS` shifts).
+    mirrors only X in 3D gets 2 flips x 2 shifts (at most :data:`MAX_SHIFT_VARIANTS` shifts). Fewer
+    ``passes`` than the flips (a time budget shortening the final validation) mirror only the last
+    ``floor(log2(passes))`` of ``mirror_axes`` (X before Y before Z), without shifts; 1 pass is no TTA.
 
     Args:
         mirror_axes: the patch axes the network was trained mirrored.
         total_stride: its downsampling factor per patch axis.
-        passes: network passes per patch position to spend (None = ``2**dims``).
+        passes: network passes per patch position to spend at most (None = ``2**dims``).
     """
     axes = tuple(int(a) for a in (mirror_axes or ()))
-    budget = 2 ** len(total_stride) if passes is None else int(passes)
+    budget = 2 ** len(total_stride) if passes is None else max(1, int(passes))
+    if 2 ** len(axes) > budget:
+        keep = budget.bit_length() - 1  # floor(log2(budget))
+        axes = axes[len(axes) - keep:] if keep else ()
     return axes, shift_variants(total_stride, min(MAX_SHIFT_VARIANTS, budget // 2 ** len(axes)))
+
+
+class PredictionStopped(RuntimeError):
+    """Raised by :func:`predict_sliding_window` when its ``should_stop`` callback asks it to stop."""
 
 
 def predict_sliding_window(
@@ -195,6 +204,7 @@ def predict_sliding_window(
     batch_size: int = 1,
     channels_last: bool = False,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Predict a whole preprocessed volume patch by patch.
 
@@ -216,6 +226,8 @@ def predict_sliding_window(
             inputs, so a batch may hold several flips of one patch.
         channels_last: feed channels-last inputs (use with a model converted to channels-last).
         progress: show a tqdm bar over the patches.
+        should_stop: called before every network batch; True abandons the prediction (a time budget's
+            deadline) with :class:`PredictionStopped`.
 
     Returns:
         float32 softmax probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``.
@@ -223,6 +235,7 @@ def predict_sliding_window(
     Raises:
         ValueError: ``data`` is not 4D, the patch does not have 2 or 3 entries, or a shift does not have
             one offset per patch axis.
+        PredictionStopped: ``should_stop`` returned True.
     """
     device = torch.device(device)
     if data.ndim != 4:
@@ -241,7 +254,7 @@ def predict_sliding_window(
     logits = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=device)
     ctx = _WindowContext(model, patch, tile, num_classes, step, mirror_combinations(mirror_axes), device,
-                         autocast_dtype(precision, device), channels_last, max(1, int(batch_size)))
+                         autocast_dtype(precision, device), channels_last, max(1, int(batch_size)), should_stop)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -273,9 +286,10 @@ class _WindowContext:
 
     def __init__(self, model: torch.nn.Module, patch: tuple[int, ...], tile: tuple[int, ...], num_classes: int,
                  step: float, flips: list[tuple[int, ...]], device: torch.device, amp_dtype: torch.dtype | None,
-                 channels_last: bool, batch_size: int) -> None:
+                 channels_last: bool, batch_size: int, should_stop: Callable[[], bool] | None = None) -> None:
         self.model, self.patch, self.tile, self.num_classes, self.step = model, patch, tile, num_classes, step
         self.flips, self.device, self.amp_dtype, self.batch_size = flips, device, amp_dtype, batch_size
+        self.should_stop = should_stop
         self.is_2d = len(patch) == 2
         self.memory_format = None
         if channels_last:
@@ -317,6 +331,8 @@ class _WindowContext:
         seen: dict[int, int] = {}
         bs = self.batch_size
         for b0 in range(0, len(items), bs):
+            if self.should_stop is not None and self.should_stop():
+                raise PredictionStopped("prediction stopped: the time budget's deadline was reached")
             chunk = items[b0:b0 + bs]
             inputs = []
             for ti, fi in chunk:

@@ -30,6 +30,17 @@ cheaper one that *dominates* it (no more features, no larger patch on any axis, 
 cannot converge: the skipped one is at least as slow per step, so it cannot converge either and has
 fewer samples per second, and the rule could never choose it.
 
+**Time limit** (``max_seconds``; ``medseg plan --time-budget M`` and ``medseg train --time-budget M``
+pass :func:`fit_seconds_limit`, :data:`FIT_FRACTION` of the budget): the cheapest candidate is *probed*
+first (one warm-up and one timed step, at the setting a run uses without measurements,
+:func:`_default_lever`); every later measurement is predicted from the nearest measured candidate
+(:func:`scaled_step_time`, which errs on the slow side) and only run when it fits what is left of the
+limit: the levers on the lever candidate when they fit half of it, else on the probed candidate, else
+not at all (the probe's setting is kept); the candidates of a wave cheapest first, with fewer timed
+steps when that is what fits. The candidates not measured for time are never chosen. The probe always
+runs, so only a cheapest candidate slower than the limit itself makes the fit overrun it. Without a
+limit the fit measures as described above.
+
 Everything measured, and why the winner won, is written to ``plan.notes["budget"]`` so that a person
 reading ``plans.json`` can see the reasoning. The chosen channels-last setting is recorded there too
 (``notes["budget"]["chosen"]["channels_last"]``); the precision goes into ``NetworkPlan.precision``.
@@ -50,7 +61,13 @@ import torch
 from medseg.errors import PlanError
 from medseg.planning.candidates import Candidate, default_candidates
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
-from medseg.planning.step_timing import DEFAULT_MEASURE_STEPS, StepSetting, lever_settings, measure_step_times
+from medseg.planning.step_timing import (
+    DEFAULT_MEASURE_STEPS,
+    WARMUP_STEPS,
+    StepSetting,
+    lever_settings,
+    measure_step_times,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +86,63 @@ MIN_SAMPLES_3D = 2500 * 2
 #: 3D sample is worth about 40 2D samples.
 MIN_SAMPLES_2D = MIN_SAMPLES_3D * 40
 MIN_SAMPLES = {3: MIN_SAMPLES_3D, 2: MIN_SAMPLES_2D}
+#: Share of the budget the fit itself may spend measuring (:func:`fit_seconds_limit`): at most 3 minutes of a
+#: 30-minute budget (the hippocampus fit takes 18-47 s on 2 cores), 24 s of a 4-minute one. ``medseg train
+#: --time-budget`` refitting a plan spends it out of the training budget.
+FIT_FRACTION = 0.1
+#: Seconds of building a model and its random batch, per measured setting, in the fit's time accounting.
+SETUP_SECONDS = 0.3
+#: Share of the time left after the probe that measuring the levers may take.
+LEVER_SHARE = 0.5
 
 #: ``(net, in_channels, num_classes, device, precision, channels_last, steps) -> seconds per step``.
 MeasureFn = Callable[[NetworkPlan, int, int, str, str, bool, int], float]
+#: Wall clock of the fit's time limit (tests replace it).
+_clock = time.perf_counter
+
+
+def fit_seconds_limit(minutes: float) -> float:
+    """Seconds the fit of a ``minutes`` budget may spend measuring: :data:`FIT_FRACTION` of the budget."""
+    return FIT_FRACTION * float(minutes) * 60.0
+
+
+def scaled_step_time(step_time: float, measured: Candidate, other: Candidate) -> float:
+    """Predicted step time of ``other`` from the measured step time of ``measured``, erring on the slow side.
+
+    Linear in patch voxels and batch; in width, quadratic upwards (convolution FLOPs grow with the square
+    of the channels) and linear downwards (the cheaper per-channel operations shrink only linearly).
+    """
+    f = other.base_features / measured.base_features
+    return step_time * (f * f if f > 1 else f) * (other.patch_voxels / measured.patch_voxels) * (
+        other.batch_size / measured.batch_size)
+
+
+class _FitClock:
+    """What is left of the fit's time limit, and what measuring would cost (``max_seconds`` None: no limit)."""
+
+    def __init__(self, max_seconds: float | None, start: float, most_steps: int) -> None:
+        self.max_seconds, self.start, self.most_steps = max_seconds, start, most_steps
+
+    @property
+    def limited(self) -> bool:
+        return self.max_seconds is not None
+
+    def left(self) -> float:
+        if self.max_seconds is None:
+            return math.inf
+        return self.max_seconds - (_clock() - self.start)
+
+    @staticmethod
+    def cost(step_times: Sequence[float], steps: int) -> float:
+        return sum((WARMUP_STEPS + steps) * t + SETUP_SECONDS for t in step_times)
+
+    def steps_for(self, step_times: Sequence[float], share: float = 1.0) -> int:
+        """The most timed steps (up to ``most_steps``) measuring ``step_times`` can take in ``share`` of
+        what is left; 0 when not even one fits."""
+        if not self.limited:
+            return self.most_steps
+        room = share * self.left()
+        return next((n for n in range(self.most_steps, 0, -1) if self.cost(step_times, n) <= room), 0)
 
 
 # ---------------------------------------------------------------------------------------------- choosing
@@ -149,12 +220,15 @@ def fit_plan_to_budget(
     minutes: float,
     *,
     configuration: str | None = None,
+    arch: str | None = None,
     candidates: list[Candidate] | None = None,
     measure_steps: int = DEFAULT_MEASURE_STEPS,
     seed: int = 0,
     measure_fn: MeasureFn | None = None,
+    max_seconds: float | None = None,
 ) -> Plan:
-    """Replace one configuration's default network by the candidate that learns most in ``minutes``.
+    """Replace one configuration's network (its default one unless ``arch``) by the candidate that learns most
+    in ``minutes``.
 
     Args:
         plan: a validated plan (e.g. from :func:`medseg.planning.planner.plan_dataset`).
@@ -162,6 +236,8 @@ def fit_plan_to_budget(
         minutes: training time budget in minutes.
         configuration: configuration to fit (default: the plan's default configuration); it becomes the
             plan's default configuration. Other configurations are kept as they were.
+        arch: architecture to fit (default: the configuration's default); the configuration's
+            ``patch_size``/``batch_size`` follow it only when it is the default architecture.
         candidates: grid to measure (default :func:`default_candidates` of the planned network); every
             patch must be divisible by the planned network's total stride.
         measure_steps: timed steps per measurement (median used), after one warm-up step.
@@ -170,19 +246,22 @@ def fit_plan_to_budget(
             ``measure_fn(net, in_channels, num_classes, device, precision, channels_last, steps)`` per
             setting, returning seconds per step (``math.inf`` = out of memory). Default: interleaved real
             measurement (:func:`measure_step_times`).
+        max_seconds: time limit of the measuring (see the module docstring); None = no limit.
 
     Returns:
-        A new validated :class:`Plan` (``dataclasses.replace``): the configuration's default network has
-        the chosen width, patch, batch and precision (and a fresh memory estimate), the configuration's
-        ``patch_size``/``batch_size`` match it, ``time_budget_minutes=minutes``, ``device=device``,
-        ``default_configuration=configuration``, and ``notes["budget"]`` records every candidate's measured
-        step time, precision, channels-last, predicted iterations and samples, and the reasoning.
+        A new validated :class:`Plan` (``dataclasses.replace``): the fitted network has the chosen width,
+        patch, batch and precision (and a fresh memory estimate), the configuration's
+        ``patch_size``/``batch_size`` match it (default architecture), ``time_budget_minutes=minutes``,
+        ``device=device``, ``default_configuration=configuration``, and ``notes["budget"]`` records every candidate's measured
+        step time, precision, channels-last, predicted iterations and samples, the reasoning and the
+        time limit. Spacing, normalisation and the data identifier are never changed (a preprocessed
+        cache stays valid).
 
     Raises:
         PlanError: bad budget, device, configuration or candidates; CUDA asked for but not available;
             no candidate could be measured.
     """
-    t_start = time.perf_counter()
+    t_start = _clock()
     try:
         minutes = float(minutes)
     except (TypeError, ValueError):
@@ -193,6 +272,8 @@ def fit_plan_to_budget(
         raise PlanError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if measure_steps < 1:
         raise PlanError(f"measure_steps must be >= 1, got {measure_steps}")
+    if max_seconds is not None and not max_seconds >= 0:
+        raise PlanError(f"max_seconds must be >= 0 (or None for no limit), got {max_seconds!r}")
     if device == "cuda" and measure_fn is None and not torch.cuda.is_available():
         raise PlanError(
             "cannot fit the plan to a CUDA time budget: no CUDA device is available here to measure on; "
@@ -200,7 +281,8 @@ def fit_plan_to_budget(
         )
     cfg_name = configuration or plan.default_configuration
     cfg = plan.configuration(cfg_name)
-    template = cfg.network()
+    arch = arch or cfg.default_arch
+    template = cfg.network(arch)
     median = tuple(cfg.median_shape[-cfg.dims:])
     grid = list(candidates) if candidates is not None else default_candidates(template, median)
     _check_candidates(grid, template)
@@ -216,28 +298,26 @@ def fit_plan_to_budget(
                 f"no budget candidate of {cfg_name} fits {plan.gpu_memory_gb} GB of GPU memory; raise --gpu-memory-gb"
             )
 
-    def measure(settings: list[StepSetting]) -> list[float]:
+    def measure(settings: list[StepSetting], steps: int) -> list[float]:
         if measure_fn is not None:
             return [float(measure_fn(s.net, s.in_channels, s.num_classes, s.device, s.precision, s.channels_last,
-                                     measure_steps)) for s in settings]
-        return measure_step_times(settings, measure_steps, seed=seed)
+                                     steps)) for s in settings]
+        return measure_step_times(settings, steps, seed=seed)
 
     def setting(c: Candidate, precision: str, channels_last: bool) -> StepSetting:
         return StepSetting(c.network(template, precision), cin, k, device, precision, channels_last)
 
-    precision, channels_last, lever_cand, lever_time, lever_notes = _measure_levers(grid, device, setting, measure)
+    clock = _FitClock(max_seconds, t_start, measure_steps)
+    precision, channels_last, lever_cand, lever_time, lever_notes = _measure_levers(grid, device, setting, measure,
+                                                                                    clock)
     measured = _measure_grid(grid, budget_s, need, lever_cand, lever_time,
-                             lambda cs: measure([setting(c, precision, channels_last) for c in cs]))
+                             lambda cs, n: measure([setting(c, precision, channels_last) for c in cs], n), clock)
     best_i, reasoning = choose_candidate(measured, budget_s, cfg.dims)
     chosen = measured[best_i]
     new_net = chosen.candidate.network(template, precision)
     new_net = replace(new_net, estimated_memory_gb=_estimate_memory(new_net, cin, k, device))
-    new_cfg: ConfigurationPlan = replace(
-        cfg,
-        networks={**cfg.networks, cfg.default_arch: new_net},
-        patch_size=new_net.patch_size,
-        batch_size=new_net.batch_size,
-    )
+    sizes = {"patch_size": new_net.patch_size, "batch_size": new_net.batch_size} if arch == cfg.default_arch else {}
+    new_cfg: ConfigurationPlan = replace(cfg, networks={**cfg.networks, arch: new_net}, **sizes)
     levers = {"precision": precision, "channels_last": channels_last}
     rows = [{**_cand_dict(m.candidate), **levers, **_prediction(m, budget_s, need), "score": m.candidate.score,
              "status": m.status} for m in measured]
@@ -247,13 +327,14 @@ def fit_plan_to_budget(
         "device": device,
         "minutes": float(minutes),
         "configuration": cfg_name,
-        "arch": cfg.default_arch,
+        "arch": arch,
         "replaced": {"base_features": template.base_features, "max_features": template.max_features,
                      "patch_size": list(template.patch_size), "batch_size": template.batch_size,
                      "precision": template.precision},
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "measure_steps": measure_steps,
+        "time_limit_seconds": None if max_seconds is None else round(float(max_seconds), 2),
         "rule": (f"iterations = floor(budget_s x {USABLE_FRACTION} / step_time_s); converging when iterations x "
                  f"batch >= {need}; among converging candidates the largest base_features x patch voxels, ties to "
                  "more samples; when none converges the most samples per second"),
@@ -261,9 +342,13 @@ def fit_plan_to_budget(
         "candidates": rows,
         "chosen": {**_cand_dict(chosen.candidate), **levers, **_prediction(chosen, budget_s, need)},
         "reasoning": lever_notes["reason"] + " " + reasoning,
-        "measure_seconds": round(time.perf_counter() - t_start, 2),
+        "measure_seconds": round(_clock() - t_start, 2),
     }
     logger.info("budget fit of %s: %s", cfg_name, notes["reasoning"])
+    if max_seconds is not None and notes["measure_seconds"] > max_seconds:
+        logger.warning("the budget fit took %.1f s, over its %.0f s limit: one step of the cheapest candidate "
+                       "alone takes %s s here", notes["measure_seconds"], max_seconds,
+                       (lever_notes.get("probe") or {}).get("step_time_s"))
     new_plan = replace(
         plan,
         configurations={**plan.configurations, cfg_name: new_cfg},
@@ -277,16 +362,43 @@ def fit_plan_to_budget(
 
 def _measure_levers(
     grid: Sequence[Candidate], device: str, setting: Callable[[Candidate, str, bool], StepSetting],
-    measure: Callable[[list[StepSetting]], list[float]],
+    measure: Callable[[list[StepSetting], int], list[float]], clock: _FitClock,
 ) -> tuple[str, bool, Candidate, float, dict[str, Any]]:
     """Time every lever setting on the lever candidate (widest, smallest patch, smallest batch); keep the fastest.
+
+    Under a time limit the cheapest candidate is probed first and the levers are measured where they fit
+    (see the module docstring).
 
     Returns:
         ``(precision, channels_last, lever candidate, its step time at the chosen setting, notes)``.
     """
     pairs, options = lever_settings(device)
     cand = max(grid, key=lambda c: (c.base_features, c.max_features, -c.patch_voxels, -c.batch_size))
-    times = measure([setting(cand, p, cl) for p, cl in pairs])
+    steps, probe_notes = clock.most_steps, None
+    if clock.limited:
+        probe = min(grid, key=lambda c: (c.cost, c.base_features))
+        default = _default_lever(device, pairs)
+        t_probe = measure([setting(probe, *default)], 1)[0]
+        probe_notes = {**_cand_dict(probe), "precision": default[0], "channels_last": default[1],
+                       "step_time_s": _finite_or_none(t_probe)}
+        if math.isfinite(t_probe) and t_probe > 0:
+            steps = clock.steps_for([scaled_step_time(t_probe, probe, cand)] * len(pairs), LEVER_SHARE)
+            if steps == 0:
+                cand = probe
+                steps = clock.steps_for([t_probe] * len(pairs), LEVER_SHARE)
+            if steps == 0:
+                (precision, channels_last), t = default, t_probe
+                notes = {
+                    "measured_on": _cand_dict(probe), "options": options, "probe": probe_notes,
+                    "results": [{"precision": precision, "channels_last": channels_last, "step_time_s": probe_notes[
+                        "step_time_s"]}],
+                    "chosen": {"precision": precision, "channels_last": channels_last},
+                    "reason": (f"Levers not measured: after probing {probe.label} ({t_probe:.3f} s per step) the "
+                               f"fit's {clock.max_seconds:.0f} s time limit left no room; kept {precision} with "
+                               f"channels-last {'on' if channels_last else 'off'}."),
+                }
+                return precision, channels_last, probe, t, notes
+    times = measure([setting(cand, p, cl) for p, cl in pairs], steps)
     finite = [(t, i) for i, t in enumerate(times) if math.isfinite(t) and t > 0]
     if not finite:
         raise PlanError(f"{cand.label} could not be measured on {device} with any precision (out of memory?)")
@@ -303,17 +415,32 @@ def _measure_levers(
         "reason": (f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} "
                    f"with channels-last {'on' if channels_last else 'off'}, for every candidate."),
     }
+    if probe_notes is not None:
+        notes["probe"] = probe_notes
+        notes["steps"] = steps
     return precision, channels_last, cand, best_t, notes
+
+
+def _default_lever(device: str, pairs: Sequence[tuple[str, bool]]) -> tuple[str, bool]:
+    """The ``(precision, channels_last)`` a run uses on ``device`` without measurements: on the CPU bf16 where it
+    is native (else fp32) and channels-last; on CUDA fp16 without channels-last (``TrainConfig`` defaults)."""
+    precisions = [p for p, _ in pairs]
+    if torch.device(device).type == "cuda":
+        return ("fp16", False) if ("fp16", False) in pairs else pairs[0]
+    want = ("bf16" if "bf16" in precisions else "fp32", True)
+    return want if want in pairs else pairs[0]
 
 
 def _measure_grid(
     grid: Sequence[Candidate], budget_s: float, need: int, lever_cand: Candidate, lever_time: float,
-    measure: Callable[[list[Candidate]], list[float]],
+    measure: Callable[[list[Candidate], int], list[float]], clock: _FitClock,
 ) -> list[Measured]:
     """Measure the grid cheapest first, in waves, skipping what a non-converging cheaper candidate dominates.
 
     A wave holds the pending candidates that no other pending one dominates; each wave is measured together
-    (interleaved). Returns one :class:`Measured` per grid candidate, in grid order.
+    (interleaved). Under a time limit a wave keeps, cheapest first by predicted step time, the candidates
+    whose measurement fits what is left (with fewer timed steps where needed); the others are not measured.
+    Returns one :class:`Measured` per grid candidate, in grid order.
     """
     times: dict[Candidate, float | None] = {lever_cand: _finite_or_none(lever_time)}
     status: dict[Candidate, str] = {lever_cand: "measured (lever candidate)"}
@@ -321,6 +448,13 @@ def _measure_grid(
     def fails(c: Candidate) -> bool:
         t = times.get(c)
         return t is not None and Measured(c, t).samples(budget_s) < need
+
+    def predicted(c: Candidate) -> float:
+        known = [(d, t) for d, t in times.items() if t is not None]
+        if not known:
+            return math.inf
+        d, t = min(known, key=lambda dt: abs(math.log(c.cost / dt[0].cost)))
+        return scaled_step_time(t, d, c)
 
     pending = [c for c in sorted(grid, key=lambda c: (c.cost, c.base_features)) if c not in times]
     while pending:
@@ -332,7 +466,22 @@ def _measure_grid(
                 status[c] = (f"skipped: the cheaper {blocker.label} already cannot reach {need} samples in the "
                              "budget, so this one cannot either and has fewer samples per second")
         wave = [c for c in pending if not any(d.dominates(c) for d in pending)]
-        for c, t in zip(wave, measure(wave) if wave else []):
+        steps = clock.most_steps
+        if clock.limited and wave:
+            est = {c: predicted(c) for c in wave}
+            kept: list[Candidate] = []
+            for c in sorted(wave, key=lambda c: est[c]):
+                if clock.steps_for([est[d] for d in (*kept, c)]) > 0:
+                    kept.append(c)
+            steps = clock.steps_for([est[d] for d in kept]) if kept else 0
+            for c in wave:
+                if c not in kept:
+                    pending.remove(c)
+                    times[c] = None
+                    status[c] = (f"not measured: its ~{est[c]:.2f} s steps do not fit what is left of the fit's "
+                                 f"{clock.max_seconds:.0f} s time limit")
+            wave = kept
+        for c, t in zip(wave, measure(wave, steps) if wave else []):
             times[c] = _finite_or_none(t)
             status[c] = "measured" if times[c] is not None else "out of memory"
             pending.remove(c)
@@ -393,9 +542,12 @@ def _finite_or_none(t: float) -> float | None:
 
 
 __all__ = [
+    "FIT_FRACTION",
     "MIN_SAMPLES",
     "USABLE_FRACTION",
     "Measured",
     "choose_candidate",
     "fit_plan_to_budget",
+    "fit_seconds_limit",
+    "scaled_step_time",
 ]

@@ -135,9 +135,16 @@ class TrainConfig:
         epochs: number of epochs; None = 1000, or as many as the time budget allows when there is one.
         iters_per_epoch: optimizer steps per epoch (an epoch is a logging/checkpoint unit).
         val_iters: batches of held-out patches evaluated per epoch for the pseudo Dice.
-        time_budget_minutes: train for this wall-clock time (whole run, including validation and the
-            final sliding-window validation, which is estimated and reserved); the learning rate is
-            annealed over elapsed time. None = the plan's time budget, if it has one, else epochs.
+        time_budget_minutes: train for this wall-clock time (whole run: refitting the plan, training,
+            checkpoints, per-epoch validation and the final sliding-window validation, which is estimated,
+            reserved and shortened to fit); the learning rate is annealed over elapsed time. None = the
+            plan's time budget, if it has one, else epochs.
+        keep_plan: with a time budget, train the plan's network even when the plan is not fitted to this
+            budget and device (default: refit it, :mod:`medseg.training.budget_refit`); a warning then gives
+            the iterations to expect.
+        budget_fit: set by :func:`~medseg.training.train`, not by hand: what a time-budgeted run did about
+            a plan not fitted to its budget (the refit: why, from what to what, in how many seconds; or why
+            the plan was kept). None when the plan was fitted to it or there is no budget.
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
             time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
             a run's ``config.json`` holds the resolved value.
@@ -186,6 +193,8 @@ class TrainConfig:
     iters_per_epoch: int = 250
     val_iters: int = 20
     time_budget_minutes: float | None = None
+    keep_plan: bool = False
+    budget_fit: dict[str, Any] | None = None
     optimizer: str = "auto"
     lr: float | None = None
     momentum: float | None = None

@@ -8,6 +8,10 @@ Run folder ``WORK/runs/<configuration>/<arch>/fold_<k>/`` (``fold_all`` for ``--
 Resuming (``resume=True``) continues from ``checkpoint_latest.pt`` with the stored configuration; only
 ``epochs``, ``time_budget_minutes`` (both totals for the whole run: larger values extend a finished
 run), ``device``, ``num_workers``, ``num_threads`` and the final-validation switches may change.
+
+A time budget covers the whole command: a fresh run whose plan is not fitted to the budget and device
+is refitted first (:mod:`medseg.training.budget_refit`, unless ``keep_plan``), and the final validation
+gets the time left (:class:`~medseg.training.validation_budget.ValidationBudget`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +130,10 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
                   resume: bool) -> Path:
     """:func:`train` once this process holds the run folder's lock (:mod:`medseg.training.lock`)."""
     from medseg.preprocessing import list_preprocessed_cases
+    from medseg.training.budget_refit import fit_run_to_budget
     from medseg.training.trainer import Trainer
+
+    started = time.perf_counter()  # a time budget counts from here, a refit of the plan included
 
     latest = run_dir / "checkpoint_latest.pt"
     checkpoint = None
@@ -166,7 +174,9 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / "training_log.txt" if dist_ctx.is_main else None
         with _RunLogFile(log_path):
-            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint)
+            if checkpoint is None and cfg.time_budget_minutes is not None:
+                plan, cfg = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
+            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started)
             if dist_ctx.is_main:
                 atomic_write_text(run_dir / "config.json", cfg.to_json())
                 trainer.plan.save(run_dir / "plans.json")
@@ -207,6 +217,7 @@ def _final_validation(trainer: Any) -> None:
         trainer.val_ids, device=trainer.device, precision=trainer.precision, channels_last=trainer.channels_last,
         use_tta=cfg.validation_tta, save_probabilities=cfg.save_probabilities,
         extra={"iteration": trainer.iteration, "epoch": trainer.epoch, "fold": cfg.fold},
+        budget=trainer.validation_budget(),
     )
     trainer.write_progress("finished")
 

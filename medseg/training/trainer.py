@@ -7,13 +7,17 @@ patches (EMA -> ``checkpoint_best``), ``checkpoint_latest``, log line, ``progres
 ``training_curves.png``. At the end: ``checkpoint_final`` and the sliding-window validation of the
 held-out cases (:mod:`medseg.training.validation`).
 
-Time budgets: the whole run (loading, training, per-epoch validation and the final validation, whose
-duration is estimated from measured forward times and reserved) fits the budget; the learning rate
-follows the schedule over elapsed training time, so training always ends annealed.
+Time budgets: the whole run (a refit of the plan, loading, training, per-epoch validation, checkpoints and
+the final validation) fits the budget. Before the first step the eval forward time of a patch is
+measured; the final validation is estimated from it (windows per case x TTA passes x forward time),
+shortened to at most :data:`~medseg.training.validation_budget.MAX_VALIDATION_SHARE` of the budget, and
+reserved; the per-epoch pseudo Dice is skipped when it would cross the training deadline. The learning
+rate follows the schedule over elapsed training time, so training always ends annealed.
 
 Device, precision and thread defaults live in :mod:`medseg.training.device`, the checkpoint state in
-:mod:`medseg.training.trainer_state`, pseudo Dice and the final-validation estimate in
-:mod:`medseg.training.validation`, ``progress.json`` and the curves in :mod:`medseg.training.progress`.
+:mod:`medseg.training.trainer_state`, pseudo Dice in :mod:`medseg.training.validation`, the final-validation
+estimate in :mod:`medseg.training.validation_budget`, ``progress.json`` and the curves in
+:mod:`medseg.training.progress`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.progress import write_progress_files
 from medseg.training.schedule import lr_factor
 from medseg.training.trainer_state import checkpoint_state, restore_state
-from medseg.training.validation import estimate_validation_seconds, pseudo_dice
+from medseg.training.validation import pseudo_dice
+from medseg.training.validation_budget import (
+    MAX_VALIDATION_SHARE,
+    ValidationBudget,
+    ValidationPlan,
+    measure_forward_seconds,
+    plan_validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +82,14 @@ class Trainer:
         dist_ctx: distributed context (single process by default).
         checkpoint: a loaded ``checkpoint_latest`` to continue from, or None for a fresh run.
         train_ids / val_ids: the fold's training and held-out cases.
+        started: ``time.perf_counter()`` when the command started (what came before the trainer, e.g. a
+            budget refit, counts against a time budget); None = now.
     """
 
     def __init__(self, work_dir: Path, plan: Plan, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
-                 train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None) -> None:
-        self.session_start = time.perf_counter()
+                 train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
+                 started: float | None = None) -> None:
+        self.session_start = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
         assert cfg.configuration is not None and cfg.arch is not None
@@ -144,6 +158,7 @@ class Trainer:
         self.loss_fn = DeepSupervisionLoss(DiceCELoss(
             dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
             class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+            ignore_index=plan.ignore_class,
         )).to(self.device)
         if cfg.class_weights is not None and len(cfg.class_weights) != self.num_classes:
             raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {self.num_classes} classes")
@@ -169,6 +184,9 @@ class Trainer:
         self.end_epoch_seconds: float | None = None  # checkpoint + log + plot time at the end of an epoch
         self.pseudo_dice_seconds: float | None = None
         self._progress_floor = 0.0  # time-budget progress reached in this session
+        self._validation_plan: tuple[tuple[float, float | None], ValidationPlan | None] | None = None
+        self._param_count: int | None = None
+        self._warn_kept_plan = bool(cfg.budget_fit) and not cfg.budget_fit.get("refit", True)
         if checkpoint is not None:
             restore_state(self, checkpoint)
 
@@ -189,16 +207,50 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.session_start
 
     # ------------------------------------------------------------------ schedule and budget
+    def _seconds_per_window(self) -> float:
+        """Eval forward seconds of one patch: measured, or half a training step per sample when that is less
+        (a training step is forward + backward; the measured forward errs slow while the network is new)."""
+        from_steps = None if self.iter_seconds is None else self.iter_seconds / max(1, self.local_batch) / 2.0
+        if self.fwd_seconds_per_sample is None:
+            return from_steps if from_steps is not None else 1.0 / 3.0
+        return self.fwd_seconds_per_sample if from_steps is None else min(self.fwd_seconds_per_sample, from_steps)
+
+    def final_validation_plan(self) -> ValidationPlan | None:
+        """The final validation this run expects to run (None when there is none): under a time budget the
+        one that fits :data:`MAX_VALIDATION_SHARE` of it (:func:`plan_validation`)."""
+        if not (self.cfg.final_validation and self.val_cases):
+            return None
+        budget = self.time_budget_seconds
+        key = (self._seconds_per_window(), None if budget is None else MAX_VALIDATION_SHARE * budget)
+        if self._validation_plan is None or self._validation_plan[0] != key:
+            shapes = {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}
+            plan = plan_validation(shapes, self.patch_size, self.num_classes, key[0], mirror_axes=self.mirror_axes,
+                                   total_stride=self.net_plan.total_stride(), use_tta=self.cfg.validation_tta,
+                                   limit=key[1])
+            self._validation_plan = (key, plan)
+        return self._validation_plan[1]
+
     def final_validation_estimate(self) -> float:
         """Seconds the final sliding-window validation is expected to take (0 when there is none)."""
-        if not (self.cfg.final_validation and self.val_cases):
-            return 0.0
-        per_sample = self.fwd_seconds_per_sample
-        if per_sample is None:
-            per_sample = (self.iter_seconds or 1.0) / max(1, self.local_batch) / 3.0
-        return estimate_validation_seconds(self.val_cases, self.patch_size, self.num_classes, per_sample,
-                                           use_tta=self.cfg.validation_tta, mirror_axes=self.mirror_axes,
-                                           total_stride=self.net_plan.total_stride())
+        plan = self.final_validation_plan()
+        return 0.0 if plan is None else plan.seconds
+
+    def validation_budget(self) -> ValidationBudget | None:
+        """The time the final validation has (until the budget ends, less a small margin), or None."""
+        budget = self.time_budget_seconds
+        if budget is None:
+            return None
+        left = budget - self.elapsed() - min(2.0, 0.01 * budget)
+        shapes = {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}
+        return ValidationBudget(time.perf_counter() + max(left, 0.0), self._seconds_per_window(), shapes)
+
+    def _checkpoint_seconds(self) -> float:
+        """Seconds of writing one checkpoint: measured at the epoch ends, else from the model's size."""
+        if self.end_epoch_seconds is not None:
+            return self.end_epoch_seconds
+        if self._param_count is None:
+            self._param_count = sum(p.numel() for p in self.model.parameters())
+        return 0.5 + self._param_count * 4 * 3 / 100e6  # weights and two optimizer moments at ~100 MB/s
 
     def training_deadline(self) -> float | None:
         """Elapsed seconds at which training iterations must stop (time-budget runs), else None."""
@@ -206,10 +258,8 @@ class Trainer:
         if budget is None:
             return None
         reserve = self.final_validation_estimate()
-        if reserve > 0.5 * budget:
-            reserve = 0.5 * budget
         # the last epoch's bookkeeping and the final checkpoints come after the last iteration
-        bookkeeping = 2.0 * (self.end_epoch_seconds if self.end_epoch_seconds is not None else 1.0)
+        bookkeeping = 2.0 * self._checkpoint_seconds()
         margin = min(30.0, 0.02 * budget)
         return max(budget - reserve - bookkeeping - margin, 0.0)
 
@@ -304,6 +354,8 @@ class Trainer:
                 self.iteration += 1
                 dt = time.perf_counter() - t0
                 self.iter_seconds = dt if self.iter_seconds is None else 0.9 * self.iter_seconds + 0.1 * dt
+                if self._warn_kept_plan:
+                    self._warn_about_kept_plan(dt)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         finally:
@@ -325,6 +377,16 @@ class Trainer:
             old = self.fwd_seconds_per_sample
             self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)
         return val
+
+    def _warn_about_kept_plan(self, step_seconds: float) -> None:
+        """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
+        self._warn_kept_plan = False
+        deadline = self.training_deadline() or 0.0
+        expected = self.iteration + max(0, int((deadline - self.elapsed()) / max(step_seconds, 1e-9)))
+        fit = self.cfg.budget_fit or {}
+        logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
+                       "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
+                       step_seconds, expected, self.cfg.time_budget_minutes)
 
     # ------------------------------------------------------------------ outputs
     def write_progress(self, status: str) -> None:
@@ -380,6 +442,16 @@ class Trainer:
             logger.info("training of %s is already complete (epoch %d); pass a larger --epochs or "
                         "--time-budget to extend it", self.run_dir, self.epoch)
             return False
+        if (self.time_budget_seconds is not None and self.fwd_seconds_per_sample is None and self.dist.is_main
+                and self.cfg.final_validation and self.val_cases):
+            # the final validation is estimated (and reserved) from the forward time before the first step
+            self.fwd_seconds_per_sample = measure_forward_seconds(
+                unwrap(self.model), self.plan.num_channels, self.patch_size, 2 if self.dims == 3 else 8, self.device,
+                self.amp_dtype, self.channels_last, max_seconds=0.01 * self.time_budget_seconds)
+            plan = self.final_validation_plan()
+            if plan is not None:
+                logger.info("final validation estimated at %.0f s (%.3f s per patch forward)%s", plan.seconds,
+                            self.fwd_seconds_per_sample, f"; {plan.note()}" if plan.shortened else "")
         stream = batch_iterator(self.sampler, self.iteration, self.batch_lo, self.batch_hi, self.num_workers)
         try:
             while not self.training_done():
@@ -387,8 +459,11 @@ class Trainer:
                 if stats["iterations"] == 0:
                     break
                 deadline = self.training_deadline()
+                pd_seconds = self.pseudo_dice_seconds
+                if pd_seconds is None:  # not measured yet: estimate from the forward time
+                    pd_seconds = 1.5 * self.cfg.val_iters * self.local_batch * self._seconds_per_window()
                 skip_val = deadline is not None and (
-                    self.training_done() or self.elapsed() + (self.pseudo_dice_seconds or 0.0) > deadline)
+                    self.training_done() or self.elapsed() + pd_seconds > deadline)
                 t = time.perf_counter()
                 val = {} if skip_val else self._pseudo_dice()
                 if val:

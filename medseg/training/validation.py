@@ -8,8 +8,11 @@ and geometry), ``validation/<case>.npz`` (``probabilities`` float16 ``(K, Z, Y, 
 file of the raw dataset (``WORK/dataset_ref.json``), or, when that is not available, the preprocessed
 label mapped back to the original grid.
 
-During training: the per-epoch pseudo Dice on held-out patches (:func:`pseudo_dice`) and the estimated
-duration of the final validation (:func:`estimate_validation_seconds`), which a time budget reserves.
+A time-budgeted run passes a :class:`~medseg.training.validation_budget.ValidationBudget`: the validation
+is shortened to the time left (fewer TTA passes, then fewer cases) and stopped at the deadline, and
+``metrics.json`` records what was left out (:mod:`medseg.training.validation_budget`).
+
+During training: the per-epoch pseudo Dice on held-out patches (:func:`pseudo_dice`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import torch
 from tqdm import tqdm
 
 from medseg.faults import maybe_fail
-from medseg.inference.sliding_window import shifted_shape, tta_variants
+from medseg.inference.sliding_window import PredictionStopped
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import Plan
-from medseg.training.data import CaseData, PatchSampler, single_threaded
+from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
 from medseg.training.distributed import DistContext
 from medseg.training.losses import hard_dice_counts
+from medseg.training.validation_budget import ValidationBudget, ValidationClock
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ def validate_run(
     use_tta: bool = True,
     save_probabilities: bool = True,
     extra: dict[str, Any] | None = None,
+    budget: ValidationBudget | None = None,
 ) -> dict[str, Any]:
     """Predict ``case_ids`` with ``model`` and write ``run_dir/validation/`` (see the module docstring).
 
@@ -94,9 +99,12 @@ def validate_run(
         use_tta: mirror test-time augmentation.
         save_probabilities: write the ``.npz`` probabilities.
         extra: further entries for ``metrics.json`` (e.g. the checkpoint's iteration).
+        budget: the time a time-budgeted run has left for its validation (None = no limit); see
+            :class:`~medseg.training.validation_budget.ValidationClock`.
 
     Returns:
-        The metrics dict written to ``validation/metrics.json``.
+        The metrics dict written to ``validation/metrics.json`` (with ``validation_seconds``, and
+        ``time_budget`` when a budget was given).
     """
     from medseg.inference import EnsembleMember, Predictor
     from medseg.io.image import read_image
@@ -111,9 +119,31 @@ def validate_run(
     label_ids = [int(v) for v in plan.label_ids]
     fg = label_ids[1:]
     per_case: dict[str, dict[str, float | None]] = {}
+    clock = None
+    if budget is not None:
+        cfg_plan = plan.configuration(configuration)
+        net = cfg_plan.network(arch)
+        clock = ValidationClock(budget, case_ids, net.patch_size, plan.num_classes, cfg_plan.resolved_mirror_axes(),
+                                net.total_stride(), use_tta)
+        if clock.plan.shortened:
+            logger.warning("final validation %s", clock.plan.note())
+    t_start = time.perf_counter()
     for cid in tqdm(case_ids, desc="final validation", unit="case"):
+        passes = None
+        if clock is not None:
+            passes = clock.passes_for(cid)
+            if passes is None:
+                continue
+            predictor.tta_passes = passes
+        t_case = time.perf_counter()
         data, seg_pp, props = load_case(work_dir, plan, configuration, cid)
-        probs = predictor.predict_preprocessed(data, configuration)
+        try:
+            probs = predictor.predict_preprocessed(data, configuration,
+                                                   should_stop=None if clock is None else clock.over)
+        except PredictionStopped:
+            assert clock is not None
+            clock.interrupted(cid)
+            continue
         probs = revert_to_original(probs, props)
         classes = probs.argmax(0).astype(np.int16 if len(label_ids) > 127 else np.int8)
         export_segmentation(classes, props, label_ids, out_dir / f"{cid}.nii.gz")
@@ -134,6 +164,9 @@ def validate_run(
             ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids)
         if ref is not None:
             per_case[cid] = dice_per_label(pred_labels, ref, fg)
+        if clock is not None:
+            assert passes is not None
+            clock.done(cid, passes, time.perf_counter() - t_case)
         maybe_fail("final_validation", cid)
     mean: dict[str, float | None] = {}
     for lab in fg:
@@ -149,8 +182,14 @@ def validate_run(
         "mean_dice": mean,
         "mean_foreground_dice": float(np.mean(valid)) if valid else None,
         "per_case": per_case,
+        "validation_seconds": round(time.perf_counter() - t_start, 2),
         **(extra or {}),
     }
+    if clock is not None:
+        metrics["time_budget"] = clock.record()
+        if clock.skipped:
+            logger.warning("final validation skipped %d held-out case(s) to meet the time budget: %s",
+                           len(clock.skipped), ", ".join(f"{c} ({why})" for c, why in clock.skipped.items()))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     names = dict(zip(label_ids, plan.label_names))
     logger.info("final validation on %d cases: %s (mean %s)", len(per_case),
@@ -209,46 +248,3 @@ def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence
     valid = dice[~torch.isnan(dice)]
     mean = float(valid.mean()) if valid.numel() else float("nan")
     return {"val_dice": mean, "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()]}, per_sample
-
-
-def num_tiles(size: int, patch: int, step: float) -> int:
-    """Sliding-window positions along one axis (the volume is padded to the patch when smaller)."""
-    if size <= patch:
-        return 1
-    return int(math.ceil((size - patch) / (patch * step))) + 1
-
-
-def estimate_validation_seconds(cases: Sequence[CaseData], patch_size: Sequence[int], num_classes: int,
-                                seconds_per_sample: float, *, use_tta: bool = False,
-                                mirror_axes: Sequence[int] | None = None,
-                                total_stride: Sequence[int] | None = None) -> float:
-    """Seconds the final sliding-window validation of ``cases`` is expected to take.
-
-    Args:
-        cases: the held-out cases (preprocessed images).
-        patch_size: the network's patch.
-        num_classes: classes of the network output (resampling and export cost grows with them).
-        seconds_per_sample: measured eval forward time of one patch.
-        use_tta: test-time augmentation (:func:`~medseg.inference.sliding_window.tta_variants` of
-            ``mirror_axes`` and ``total_stride``, which are then required).
-
-    Returns:
-        Network time (1.5 x windows x TTA passes x ``seconds_per_sample``) plus resampling and export.
-    """
-    dims = len(patch_size)
-    mirrors, shifts = 1, [tuple(0 for _ in patch_size)]
-    if use_tta:
-        assert total_stride is not None
-        axes, shifts = tta_variants(mirror_axes, total_stride)
-        mirrors = 2 ** len(axes)
-    windows = 0
-    voxels = 0
-    for c in cases:
-        shape = c.data.shape[1:]
-        for offset in shifts:
-            grown = shifted_shape(shape, offset)[-len(offset):]
-            tiles = int(np.prod([num_tiles(s, p, 0.5) for s, p in zip(grown, patch_size)]))
-            windows += tiles * (shape[0] if dims == 2 else 1)
-        voxels += int(np.prod(shape))
-    # network time (batch 1 in 3D is less efficient than the measured batches) + resampling/export
-    return 1.5 * windows * mirrors * seconds_per_sample + len(cases) * 0.5 + voxels * num_classes * 5e-8

@@ -1,0 +1,137 @@
+"""Fit a run's plan to its time budget: ``medseg train --time-budget M`` on a plan not fitted to it.
+
+A plan counts as fitted to a run when its time-budget fit (``plan.notes["budget"]``, written by
+:func:`medseg.planning.budget.fit_plan_to_budget`) is for the run's configuration and architecture, was
+measured on the run's kind of device (``cpu``/``cuda``), and for a budget within
+:data:`BUDGET_TOLERANCE` of the run's (:func:`refit_reason`). Otherwise the run refits it
+(:func:`fit_run_to_budget`) with the same fit ``medseg plan --time-budget`` runs, limited to
+:func:`~medseg.planning.budget.fit_seconds_limit` of the budget, whose time the run then has less for
+training. The fit changes only the width, patch, batch and precision of the network (never spacing,
+normalisation or the data identifier), so the preprocessed cache stays valid; the run's ``plans.json``
+holds the refitted plan with the fit's measurements, its ``config.json`` the ``budget_fit`` record, and
+``WORK/plans.json`` is left as it was.
+
+With ``keep_plan`` (``--keep-plan``), or where a refit cannot run (several processes under
+``torchrun``), the plan is trained as it is and the trainer warns, after its first measured step, how
+many iterations that leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from medseg.errors import PlanError
+from medseg.planning.plan import Plan
+from medseg.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+#: A plan fitted for a budget within this fraction of the run's budget counts as fitted to it.
+BUDGET_TOLERANCE = 0.1
+
+
+def refit_reason(plan: Plan, configuration: str, arch: str, device_type: str, minutes: float) -> str | None:
+    """Why ``plan`` is not fitted to a run of ``minutes`` on ``device_type``, or None when it is.
+
+    Args:
+        plan: the work folder's plan.
+        configuration / arch: what the run trains.
+        device_type: ``cpu`` or ``cuda``.
+        minutes: the run's time budget.
+    """
+    notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
+    if plan.time_budget_minutes is None or not isinstance(notes, dict):
+        return "the plan is not fitted to a time budget"
+    fitted_cfg = notes.get("configuration")
+    fitted_arch = notes.get("arch", plan.configuration(configuration).default_arch)
+    if fitted_cfg != configuration or fitted_arch != arch:
+        return f"the plan's budget fit is for {fitted_cfg}/{fitted_arch}, not {configuration}/{arch}"
+    fitted_on = str(notes.get("device", plan.device)).split(":")[0]
+    if fitted_on != device_type:
+        return f"the plan was fitted on {fitted_on}, this run trains on {device_type}"
+    fitted_minutes = float(notes.get("minutes", plan.time_budget_minutes))
+    if abs(fitted_minutes - minutes) > BUDGET_TOLERANCE * minutes:
+        return f"the plan was fitted for a {fitted_minutes:g}-minute budget, this run has {minutes:g} minutes"
+    return None
+
+
+def _net_summary(plan: Plan, configuration: str, arch: str) -> dict[str, Any]:
+    net = plan.configuration(configuration).network(arch)
+    return {"base_features": net.base_features, "max_features": net.max_features, "patch_size": list(net.patch_size),
+            "batch_size": net.batch_size, "precision": net.precision}
+
+
+def _label(d: dict[str, Any]) -> str:
+    return f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} {d['precision']}"
+
+
+def _check_same_preprocessing(old: Plan, new: Plan, configuration: str) -> None:
+    a, b = old.configuration(configuration), new.configuration(configuration)
+    if (a.spacing, a.normalization, a.data_identifier) != (b.spacing, b.normalization, b.data_identifier):
+        raise PlanError(f"the budget refit changed the preprocessing of {configuration}; this is a bug")
+
+
+def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: str, *,
+                      distributed: bool = False) -> tuple[Plan, TrainConfig]:
+    """The plan a time-budgeted run trains, and ``cfg`` with its ``budget_fit`` record (see the module docstring).
+
+    Args:
+        plan: the work folder's plan.
+        cfg: the run's resolved settings (``time_budget_minutes`` set).
+        configuration / arch: what the run trains.
+        distributed: several processes train together (each would measure alone: no refit).
+
+    Returns:
+        ``(plan, cfg)``: the plan unchanged and ``cfg`` as given when the plan is fitted to the run;
+        else the refitted plan (or the plan as it is, with ``keep_plan``) and ``cfg`` with
+        ``budget_fit`` recording what was done.
+
+    Raises:
+        PlanError: the fit failed (e.g. no candidate could be measured).
+    """
+    from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit
+
+    minutes = cfg.time_budget_minutes
+    assert minutes is not None
+    device_type = cfg.device.split(":")[0]
+    reason = refit_reason(plan, configuration, arch, device_type, minutes)
+    if reason is None:
+        return plan, cfg
+    before = _net_summary(plan, configuration, arch)
+    if cfg.keep_plan or distributed:
+        kept_by = "--keep-plan" if cfg.keep_plan else "a run of several processes (each would measure alone)"
+        record = {"refit": False, "reason": reason, "kept_by": kept_by, "network": before}
+        logger.info("%s; training it as it is (%s)", reason, kept_by)
+        return plan, dataclasses.replace(cfg, budget_fit=record)
+    limit = fit_seconds_limit(minutes)
+    logger.info("%s: refitting %s/%s (%s) to the %g-minute budget on %s, measuring for at most %.0f s",
+                reason, configuration, arch, _label(before), minutes, device_type, limit)
+    t = time.perf_counter()
+    new_plan = fit_plan_to_budget(plan, device_type, minutes, configuration=configuration, arch=arch,
+                                  max_seconds=limit)
+    seconds = time.perf_counter() - t
+    _check_same_preprocessing(plan, new_plan, configuration)
+    after = _net_summary(new_plan, configuration, arch)
+    chosen = new_plan.notes["budget"]["chosen"]
+    record = {
+        "refit": True,
+        "reason": reason,
+        "minutes": float(minutes),
+        "device": device_type,
+        "from": before,
+        "to": {**after, "channels_last": chosen.get("channels_last")},
+        "step_time_s": chosen.get("step_time_s"),
+        "predicted_iterations": chosen.get("iterations"),
+        "fit_seconds": round(seconds, 2),
+        "fit_limit_seconds": round(limit, 2),
+    }
+    logger.info("refitted %s/%s to the %g-minute budget in %.1f s: %s -> %s (%s s per step, ~%s iterations "
+                "predicted; the run's plans.json has the fit's measurements)", configuration, arch, minutes, seconds,
+                _label(before), _label(after), chosen.get("step_time_s"), chosen.get("iterations"))
+    return new_plan, dataclasses.replace(cfg, budget_fit=record)
+
+
+__all__ = ["BUDGET_TOLERANCE", "fit_run_to_budget", "refit_reason"]

@@ -1,0 +1,340 @@
+"""The final validation of a time-budgeted run, fitted into the time it has.
+
+**Estimate** (:func:`case_seconds`): sliding-window positions of the case (per shift variant of its TTA,
+:func:`~medseg.inference.sliding_window.tta_variants`) x flips x the measured eval forward time of one
+patch (x :data:`WINDOW_OVERHEAD` for the Gaussian weighting and flipping), plus loading, resampling,
+export and the probabilities file (:data:`CASE_SECONDS` + ``voxels x classes x``
+:data:`VOXEL_CLASS_SECONDS`), plus :data:`SETUP_SECONDS` once.
+
+**Shortening** (:func:`plan_validation`): when the full validation does not fit the time it has, first
+fewer TTA passes per window (:func:`pass_options`: without shifts, then mirroring fewer axes, down to
+none), then, without TTA, only the cases (in order) that fit. What was shortened and why is recorded in
+``validation/metrics.json`` (``"time_budget"``).
+
+**At run time** (:class:`ValidationClock`): before every case, the most passes with which it and the
+later cases fit the time left, with estimates corrected by the ratio of measured to estimated time of
+the cases done so far (so a pessimistic estimate up front costs TTA only on the first cases); when not
+even one pass each fits, the case alone without TTA, else it is skipped. During a case the sliding
+window checks the deadline before every network batch, and a case it cuts short is recorded as skipped.
+Nothing raises: a deadline always yields a (possibly partial) validation.
+
+A time-budgeted training reserves the estimate of the shortened validation, which is at most
+:data:`MAX_VALIDATION_SHARE` of the budget. Shapes are ``(Z, Y, X)`` in voxels of the preprocessed case,
+patches ``(Z, Y, X)`` or ``(Y, X)``, times in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.inference.sliding_window import shifted_shape, tta_variants
+
+logger = logging.getLogger(__name__)
+
+#: Most of a time budget the final validation may take; a longer one is shortened.
+MAX_VALIDATION_SHARE = 0.25
+#: Time of a sliding-window patch relative to the measured eval forward (weighting, flips, copies). On the
+#: 2-core Xeon, a 16-feature 96x64x64 network measured 0.82 s per patch up front and took 0.65 s per window
+#: in the sliding window (72 windows, 2026-12-04): the measurement errs on the slow side already.
+WINDOW_OVERHEAD = 1.0
+#: Per case: loading, argmax, reading the reference and writing the segmentation (the hippocampus cases took
+#: 0.1 s each).
+CASE_SECONDS = 0.2
+#: Per voxel and class: mapping the probabilities back, export and the compressed ``.npz`` (measured
+#: 5.3 s for a 155x240x240 case with 5 classes on the 2-core Xeon).
+VOXEL_CLASS_SECONDS = 1.2e-7
+#: Once per validation: the reference labels' dataset, the predictor.
+SETUP_SECONDS = 1.0
+#: The sliding window's step (fraction of the patch) the validation uses.
+STEP = 0.5
+
+
+def num_tiles(size: int, patch: int, step: float = STEP) -> int:
+    """Sliding-window positions along one axis (the volume is padded to the patch when smaller)."""
+    if size <= patch:
+        return 1
+    return int(math.ceil((size - patch) / (patch * step))) + 1
+
+
+def pass_options(mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool = True) -> list[int]:
+    """TTA passes per window the validation can run, most first: the full TTA, without shifts, then
+    mirroring one axis fewer at a time, down to 1 (no TTA)."""
+    if not use_tta:
+        return [1]
+    axes, shifts = tta_variants(mirror_axes, total_stride)
+    full = 2 ** len(axes) * len(shifts)
+    return sorted({full, *(2 ** k for k in range(len(axes) + 1))}, reverse=True)
+
+
+def windows_per_pass(shape: Sequence[int], patch_size: Sequence[int], shifts: Sequence[Sequence[int]]) -> int:
+    """Network inputs of one flip of one case: positions summed over the shift variants (2D: per slice)."""
+    windows = 0
+    for offset in shifts:
+        grown = shifted_shape(shape, offset)[-len(patch_size):]
+        tiles = int(np.prod([num_tiles(s, p) for s, p in zip(grown, patch_size)]))
+        windows += tiles * (int(shape[0]) if len(patch_size) == 2 else 1)
+    return windows
+
+
+def case_seconds(shape: Sequence[int], patch_size: Sequence[int], num_classes: int, seconds_per_window: float,
+                 passes: int, mirror_axes: Sequence[int] | None, total_stride: Sequence[int]) -> float:
+    """Estimated seconds of the final validation of one case at ``passes`` TTA passes (see the module docstring)."""
+    zero = [tuple(0 for _ in patch_size)]
+    axes, shifts = tta_variants(mirror_axes, total_stride, passes=passes) if passes > 1 else ((), zero)
+    network = windows_per_pass(shape, patch_size, shifts) * 2 ** len(axes) * seconds_per_window * WINDOW_OVERHEAD
+    return network + CASE_SECONDS + float(np.prod(shape)) * num_classes * VOXEL_CLASS_SECONDS
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What the final validation runs: TTA passes per window, the cases, and the estimates.
+
+    Attributes:
+        passes: TTA passes per window of every validated case (1 = no TTA).
+        full_passes: those of the full validation.
+        cases: the cases validated, in order.
+        skipped: held-out cases left out to fit the time.
+        seconds: estimated seconds of this validation.
+        full_seconds: estimated seconds of the full validation.
+        limit: seconds it had (None = no limit).
+    """
+
+    passes: int
+    full_passes: int
+    cases: tuple[str, ...]
+    skipped: tuple[str, ...]
+    seconds: float
+    full_seconds: float
+    limit: float | None
+
+    @property
+    def shortened(self) -> bool:
+        return self.passes < self.full_passes or bool(self.skipped)
+
+    def note(self) -> str | None:
+        """One sentence saying what was shortened and why (None for the full validation)."""
+        if not self.shortened:
+            return None
+        if not self.cases:
+            return (f"skipped to fit the time budget: not even one held-out case fits without TTA in the "
+                    f"{self.limit:.0f} s available (the full validation was estimated at {self.full_seconds:.0f} s)")
+        what = []
+        if self.passes < self.full_passes:
+            what.append(f"{self.passes} TTA pass(es) per window instead of {self.full_passes}")
+        if self.skipped:
+            what.append(f"{len(self.cases)} of {len(self.cases) + len(self.skipped)} held-out cases")
+        return (f"shortened to fit the time budget: {' and '.join(what)} (the full validation was estimated at "
+                f"{self.full_seconds:.0f} s, {self.limit:.0f} s were available)")
+
+
+def plan_validation(shapes: Mapping[str, Sequence[int]], patch_size: Sequence[int], num_classes: int,
+                    seconds_per_window: float, *, mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
+                    use_tta: bool = True, limit: float | None = None) -> ValidationPlan:
+    """The most complete validation whose estimate fits ``limit`` seconds (see the module docstring).
+
+    Args:
+        shapes: case id -> preprocessed spatial shape ``(Z, Y, X)``, in validation order.
+        patch_size: the network's patch.
+        num_classes: classes of the network output.
+        seconds_per_window: measured eval forward time of one patch.
+        mirror_axes / total_stride: the network's TTA (:func:`~medseg.inference.sliding_window.tta_variants`).
+        use_tta: whether the full validation uses TTA.
+        limit: seconds available; None = no limit (the full validation).
+
+    Returns:
+        The plan; with a limit below even one case without TTA, no case is validated.
+    """
+    options = pass_options(mirror_axes, total_stride, use_tta)
+
+    def total(passes: int, ids: Sequence[str]) -> float:
+        return sum(case_seconds(shapes[c], patch_size, num_classes, seconds_per_window, passes, mirror_axes,
+                                total_stride) for c in ids)
+
+    ids = tuple(shapes)
+    if not ids:
+        return ValidationPlan(options[0], options[0], (), (), 0.0, 0.0, limit)
+    full = SETUP_SECONDS + total(options[0], ids)
+    for passes in options:
+        seconds = SETUP_SECONDS + total(passes, ids)
+        if limit is None or seconds <= limit:
+            return ValidationPlan(passes, options[0], ids, (), seconds, full, limit)
+    kept: list[str] = []
+    used = SETUP_SECONDS
+    assert limit is not None
+    for c in ids:
+        s = total(1, [c])
+        if used + s <= limit:
+            kept.append(c)
+            used += s
+    if not kept:
+        used = 0.0
+    return ValidationPlan(1, options[0], tuple(kept), tuple(c for c in ids if c not in kept), used, full, limit)
+
+
+@dataclass(frozen=True)
+class ValidationBudget:
+    """The time a run's final validation has.
+
+    Attributes:
+        deadline: ``time.perf_counter()`` value by which the validation must be done.
+        seconds_per_window: measured eval forward time of one patch.
+        shapes: case id -> preprocessed spatial shape ``(Z, Y, X)`` of the held-out cases.
+    """
+
+    deadline: float
+    seconds_per_window: float
+    shapes: Mapping[str, Sequence[int]]
+
+
+class ValidationClock:
+    """Runs a :class:`ValidationBudget`: per case, the most TTA passes that fit the time left, or a skip.
+
+    Before each case: the most passes ``p`` with which this and every later case fit the time left, each
+    estimated with :func:`case_seconds` times the ratio of measured to estimated seconds of the cases done
+    so far; when not even one pass each fits, this case alone without TTA (so the first cases are kept),
+    or a skip. :attr:`plan` is the up-front :func:`plan_validation` (what the log and the record report as
+    expected).
+
+    Args:
+        budget: deadline, forward time and case shapes.
+        case_ids: the held-out cases, in order.
+        patch_size / num_classes / mirror_axes / total_stride: the network.
+        use_tta: whether the full validation uses TTA.
+    """
+
+    def __init__(self, budget: ValidationBudget, case_ids: Sequence[str], patch_size: Sequence[int], num_classes: int,
+                 mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool) -> None:
+        self.budget = budget
+        self.order = list(case_ids)
+        self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride))
+        self.started = time.perf_counter()
+        shapes = {c: tuple(budget.shapes[c]) for c in case_ids}
+        self.plan = plan_validation(shapes, patch_size, num_classes, budget.seconds_per_window,
+                                    mirror_axes=mirror_axes, total_stride=total_stride, use_tta=use_tta,
+                                    limit=max(0.0, budget.deadline - self.started))
+        self.options = pass_options(mirror_axes, total_stride, use_tta)
+        self.skipped: dict[str, str] = {}
+        self.passes: dict[str, int] = {}
+        self.estimated = 0.0
+        self.measured = 0.0
+
+    def left(self) -> float:
+        return self.budget.deadline - time.perf_counter()
+
+    def over(self) -> bool:
+        """True once the deadline has passed (the sliding window's ``should_stop``)."""
+        return time.perf_counter() >= self.budget.deadline
+
+    def _raw(self, cid: str, passes: int) -> float:
+        patch, k, axes, stride = self.net
+        return case_seconds(self.budget.shapes[cid], patch, k, self.budget.seconds_per_window, passes, axes, stride)
+
+    def _estimate(self, cid: str, passes: int) -> float:
+        ratio = self.measured / self.estimated if self.estimated > 0 else 1.0
+        return ratio * self._raw(cid, passes)
+
+    def passes_for(self, cid: str) -> int | None:
+        """TTA passes for ``cid`` (see the class docstring), or None: skip the case (recorded)."""
+        left = self.left()
+        later = self.order[self.order.index(cid) + 1:]
+        for passes in self.options:
+            if self._estimate(cid, passes) + sum(self._estimate(c, passes) for c in later) <= left:
+                return passes
+        if self._estimate(cid, 1) <= left:
+            return 1
+        self.skipped[cid] = (f"not enough time left (~{self._estimate(cid, 1):.0f} s needed without TTA, "
+                             f"{max(left, 0.0):.0f} s left)")
+        return None
+
+    def done(self, cid: str, passes: int, seconds: float) -> None:
+        """Record a validated case and how long it took (corrects the later estimates)."""
+        self.passes[cid] = passes
+        self.estimated += self._raw(cid, passes)
+        self.measured += seconds
+
+    def interrupted(self, cid: str) -> None:
+        """Record a case the deadline cut short."""
+        self.skipped[cid] = "cut short: the time budget's deadline came during its prediction"
+
+    def record(self) -> dict[str, Any]:
+        """The ``"time_budget"`` entry of ``metrics.json``."""
+        full = self.plan.full_passes
+        fewer = sorted({p for p in self.passes.values() if p < full})
+        shortened = bool(self.skipped) or bool(fewer)
+        note = None
+        if shortened:
+            what = []
+            if fewer:
+                what.append(f"{len([p for p in self.passes.values() if p < full])} case(s) with "
+                            f"{'/'.join(map(str, fewer))} TTA pass(es) per window instead of {full}")
+            if self.skipped:
+                what.append(f"{len(self.passes)} of {len(self.order)} held-out cases validated (skipped_cases says "
+                            "why the others were not)")
+            note = (f"shortened to fit the time budget: {' and '.join(what)}; {self.budget.deadline - self.started:.0f} s "
+                    f"were available, the full validation was estimated at {self.plan.full_seconds:.0f} s")
+        return {
+            "seconds_available": round(self.budget.deadline - self.started, 2),
+            "estimated_full_seconds": round(self.plan.full_seconds, 2),
+            "estimated_seconds": round(self.plan.seconds, 2),
+            "full_tta_passes": full,
+            "tta_passes": dict(self.passes),
+            "skipped_cases": dict(self.skipped),
+            "shortened": shortened,
+            "note": note,
+        }
+
+
+@torch.no_grad()
+def measure_forward_seconds(model: torch.nn.Module, in_channels: int, patch_size: Sequence[int], batch_size: int,
+                            device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                            max_seconds: float = math.inf, repeats: int = 3) -> float:
+    """Eval forward seconds per patch of ``model`` on a random ``(B, C, *patch)`` batch.
+
+    One untimed pass, then up to ``repeats`` timed ones (fewer once ``max_seconds`` have passed, at least
+    one); the fastest counts: the first passes of a new network and shape are slower than the steady state
+    (memory being mapped, kernels chosen). The model is put back in train mode afterwards.
+    """
+    from medseg.training.device import autocast, channels_last_format
+
+    x = torch.randn((batch_size, in_channels, *patch_size), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=channels_last_format(len(patch_size)))
+    model.eval()
+    start = time.perf_counter()
+    times: list[float] = []
+    try:
+        for i in range(1 + max(1, repeats)):
+            t = time.perf_counter()
+            with autocast(device, amp_dtype):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                times.append(time.perf_counter() - t)
+                if time.perf_counter() - start > max_seconds:
+                    break
+    finally:
+        model.train()
+    return min(times) / batch_size
+
+
+__all__ = [
+    "MAX_VALIDATION_SHARE",
+    "ValidationBudget",
+    "ValidationClock",
+    "ValidationPlan",
+    "case_seconds",
+    "measure_forward_seconds",
+    "num_tiles",
+    "pass_options",
+    "plan_validation",
+    "windows_per_pass",
+]

@@ -1,0 +1,149 @@
+"""The final validation in a time budget: estimate, shortening up front and enforcement at run time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from medseg.training import validation_budget as vb
+from medseg.training.validation_budget import (
+    ValidationBudget,
+    ValidationClock,
+    case_seconds,
+    pass_options,
+    plan_validation,
+    windows_per_pass,
+)
+
+PATCH = (20, 20, 20)
+STRIDE = (8, 8, 8)
+SHAPE = (40, 40, 40)  # 3 positions per axis at step 0.5: 27 windows
+OVERHEAD = vb.CASE_SECONDS + 40**3 * 4 * vb.VOXEL_CLASS_SECONDS  # per case, 4 classes
+
+
+def test_pass_options_go_from_the_full_tta_down_to_none():
+    assert pass_options((0, 1, 2), STRIDE) == [8, 4, 2, 1]
+    assert pass_options((2,), STRIDE) == [4, 2, 1]  # 2 flips x 2 shifts, then the flips alone, then none
+    assert pass_options((0, 1, 2), STRIDE, use_tta=False) == [1]
+
+
+def test_case_estimate_is_windows_times_passes_times_forward_time():
+    assert windows_per_pass(SHAPE, PATCH, [(0, 0, 0)]) == 27
+    assert case_seconds(SHAPE, PATCH, 4, 0.1, 1, (0, 1, 2), STRIDE) == pytest.approx(27 * 0.1 + OVERHEAD)
+    assert case_seconds(SHAPE, PATCH, 4, 0.1, 8, (0, 1, 2), STRIDE) == pytest.approx(8 * 27 * 0.1 + OVERHEAD)
+    # 2 flips x 2 shifts: the shifted volume (40 + 2*2 per axis) takes 4 positions per axis
+    assert windows_per_pass(SHAPE, PATCH, [(-2, -2, -2), (2, 2, 2)]) == 2 * 64
+    assert case_seconds(SHAPE, PATCH, 4, 0.1, 4, (2,), STRIDE) == pytest.approx(2 * 2 * 64 * 0.1 + OVERHEAD)
+    # 2D: every slice of the volume is a window position
+    assert windows_per_pass(SHAPE, (20, 20), [(0, 0)]) == 40 * 9
+
+
+def _plan(limit, n=3):
+    shapes = {f"c{i}": SHAPE for i in range(n)}
+    return plan_validation(shapes, PATCH, 4, 0.1, mirror_axes=(0, 1, 2), total_stride=STRIDE, limit=limit)
+
+
+def test_the_full_validation_is_kept_when_it_fits():
+    full = _plan(None)
+    assert (full.passes, full.cases, full.skipped, full.shortened, full.note()) == (8, ("c0", "c1", "c2"), (), False,
+                                                                                     None)
+    assert full.seconds == pytest.approx(vb.SETUP_SECONDS + 3 * (8 * 2.7 + OVERHEAD))
+    assert _plan(full.seconds + 0.01).passes == 8
+
+
+def test_fewer_tta_passes_first_then_fewer_cases():
+    one_case = {p: 27 * 0.1 * p + OVERHEAD for p in (8, 4, 2, 1)}
+    at4 = _plan(vb.SETUP_SECONDS + 3 * one_case[4] + 0.01)
+    assert (at4.passes, len(at4.cases)) == (4, 3) and at4.shortened
+    assert "4 TTA pass(es) per window instead of 8" in at4.note()
+    subset = _plan(vb.SETUP_SECONDS + 2 * one_case[1] + 0.01)
+    assert (subset.passes, subset.cases, subset.skipped) == (1, ("c0", "c1"), ("c2",))
+    assert "2 of 3 held-out cases" in subset.note() and subset.seconds <= subset.limit
+    nothing = _plan(1.0)
+    assert (nothing.cases, nothing.seconds) == ((), 0.0) and "not even one held-out case" in nothing.note()
+
+
+def _clock(seconds_left, n=2, spw=0.1):
+    budget = ValidationBudget(time.perf_counter() + seconds_left, spw, {f"c{i}": SHAPE for i in range(n)})
+    return ValidationClock(budget, [f"c{i}" for i in range(n)], PATCH, 4, (0, 1, 2), STRIDE, use_tta=True)
+
+
+def test_the_clock_lowers_the_passes_to_the_time_left_and_skips_what_does_not_fit():
+    per_case_8 = 8 * 2.7 + OVERHEAD
+    clock = _clock(vb.SETUP_SECONDS + 2 * per_case_8 + 5)
+    assert clock.plan.passes == 8 and clock.passes_for("c0") == 8
+    # the first case took twice its estimate: the second is estimated at twice too, and gets fewer passes
+    clock.done("c0", 8, 2 * case_seconds(SHAPE, PATCH, 4, 0.1, 8, (0, 1, 2), STRIDE))
+    clock.budget = ValidationBudget(time.perf_counter() + 2 * (4 * 2.7 + OVERHEAD) + 1, 0.1, clock.budget.shapes)
+    assert clock.passes_for("c1") == 4
+    clock.budget = ValidationBudget(time.perf_counter() + 1.0, 0.1, clock.budget.shapes)
+    assert clock.passes_for("c1") is None
+    rec = clock.record()
+    assert rec["tta_passes"] == {"c0": 8} and "not enough time left" in rec["skipped_cases"]["c1"]
+    assert rec["shortened"] and rec["note"]
+    json.dumps(rec)
+
+
+def test_a_case_the_deadline_cuts_short_is_recorded_as_skipped():
+    clock = _clock(0.0)
+    assert clock.over()
+    clock.interrupted("c0")
+    assert "cut short" in clock.record()["skipped_cases"]["c0"]
+
+
+def test_measure_forward_seconds_restores_train_mode():
+    model = torch.nn.Conv3d(1, 2, 3, padding=1)
+    sec = vb.measure_forward_seconds(model, 1, (8, 8, 8), 2, torch.device("cpu"), None, False)
+    assert sec > 0 and model.training
+
+
+class _Slow(torch.nn.Module):
+    """A network that takes ``delay`` seconds per batch and predicts background everywhere."""
+
+    def __init__(self, num_classes: int, delay: float) -> None:
+        super().__init__()
+        self.num_classes, self.delay = num_classes, delay
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        out = torch.zeros((x.shape[0], self.num_classes, *x.shape[2:]))
+        out[:, 0] = 1.0
+        return out
+
+
+def test_validate_run_stops_at_the_deadline_and_records_what_it_skipped(tiny_work):
+    from medseg.planning.plan import Plan
+    from medseg.training.validation import validate_run
+
+    plan = Plan.load(tiny_work / "plans.json")
+    ids = sorted(json.loads((tiny_work / "dataset_ref.json").read_text())["cases"])[:3]
+    from medseg.preprocessing import load_case
+
+    shapes = {c: load_case(tiny_work, plan, "3d_fullres", c)[0].shape[1:] for c in ids}
+    run = tiny_work / "runs" / "x"
+    # the estimate (0.01 s per window) lets the first case start without TTA, but each batch takes 0.2 s:
+    # the deadline comes during its prediction, which is abandoned; the rest is skipped; nothing raises
+    budget = ValidationBudget(time.perf_counter() + 4.0, 0.01, shapes)
+    t = time.perf_counter()
+    metrics = validate_run(_Slow(plan.num_classes, 0.2), plan, "3d_fullres", "unet", tiny_work, run, ids,
+                           save_probabilities=False, budget=budget)
+    assert time.perf_counter() - t < 4.0 + 1.5
+    rec = metrics["time_budget"]
+    assert rec["shortened"] and set(rec["skipped_cases"]) | set(rec["tta_passes"]) == set(ids)
+    assert any("cut short" in why for why in rec["skipped_cases"].values())
+    assert metrics["num_cases"] == len(rec["tta_passes"]) < len(ids)
+    written = json.loads((run / "validation" / "metrics.json").read_text())
+    assert written["time_budget"] == rec and written["validation_seconds"] > 0
+
+
+def test_the_clock_prefers_every_case_with_fewer_passes_to_fewer_cases():
+    one = {p: 27 * 0.1 * p + OVERHEAD for p in (8, 4, 2, 1)}
+    assert _clock(3 * one[2] + 0.5, n=3).passes_for("c0") == 2  # all three at 2 passes, not one at 8
+    assert _clock(1.5 * one[1], n=3).passes_for("c0") == 1  # not even one pass each: the first case alone
+    late = _clock(3 * one[1] + 0.5, n=3)
+    late.done("c0", 1, 0.1 * late._raw("c0", 1))  # the estimates were 10x too slow: later cases get the full TTA
+    assert late.passes_for("c1") == 8
