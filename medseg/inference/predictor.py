@@ -235,8 +235,8 @@ class Predictor:
         member = self.members[index]
         cfg_plan = member.plan.configuration(member.configuration)
         net = cfg_plan.network(member.arch)
-        dims = len(net.patch_size)
-        batch = self.batch_size or (2 if dims == 3 else 8)
+        batch = self.batch_size or inference_batch_size(net.patch_size, net.base_features, self.num_classes,
+                                                        self.device)
         precision = self.precision or _auto_precision(net.precision, self.device)
         with self._lock:  # one network at a time: they share the CPU cores / GPU
             mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride(),
@@ -431,6 +431,28 @@ def _zero_outside(array: np.ndarray, bbox: Sequence[tuple[int, int]]) -> None:
         array[tuple(index)] = 0
 
 
+
+
+#: Forward-pass memory one CPU inference batch may take (activations + logits, see inference_batch_size).
+CPU_INFERENCE_BATCH_BYTES = 2**30
+
+
+def inference_batch_size(patch_size: Sequence[int], base_features: int, num_classes: int,
+                         device: torch.device) -> int:
+    """Patches per forward pass: on a GPU 2 (3D) / 8 (2D); on a CPU as many of 4 (3D) / 8 (2D) as fit
+    :data:`CPU_INFERENCE_BATCH_BYTES`, at least 1.
+
+    A forward pass holds about ``patch voxels x 4 B x (classes + 6 x base features)`` per patch (measured:
+    1.22 GB for a 32-feature 128x112x96 UNet with 46 classes, fp32). Larger batches are faster on a CPU
+    (16f 64x48x96: 15.3 s at 4, 20.0 s at 2, 30.4 s at 1 per volume), until they cost memory that a
+    many-class scan needs for its probabilities.
+    """
+    dims = len(patch_size)
+    cap = 8 if dims == 2 else (2 if device.type == "cuda" else 4)
+    if device.type != "cpu":
+        return cap
+    per_patch = float(np.prod(patch_size)) * 4.0 * (num_classes + 6 * base_features)
+    return max(1, min(cap, int(CPU_INFERENCE_BATCH_BYTES // per_patch)))
 
 
 def _auto_precision(planned: str, device: torch.device) -> str:

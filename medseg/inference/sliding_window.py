@@ -41,6 +41,10 @@ MAX_SHIFT_VARIANTS = 2
 
 #: Smallest value of the (max-normalised) Gaussian importance map; keeps far corners strictly positive.
 GAUSSIAN_MIN = 1e-4
+#: Above this many bytes a float32 ``(K, Z, Y, X)`` accumulator is kept in float16 instead (as nnU-Net
+#: does always): many classes on a large scan (45 classes x 191x171x155 voxels: 0.93 GB in float32).
+#: Logit sums stay far inside float16's range; its 11-bit mantissa leaves argmax ties at ~1e-3.
+HALF_ACCUMULATOR_BYTES = 512 * 2**20
 
 
 @lru_cache(maxsize=16)
@@ -230,7 +234,8 @@ def predict_sliding_window(
             deadline) with :class:`PredictionStopped`.
 
     Returns:
-        float32 softmax probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``.
+        softmax probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``: float32, or
+        float16 when float32 would exceed :data:`HALF_ACCUMULATOR_BYTES`.
 
     Raises:
         ValueError: ``data`` is not 4D, the patch does not have 2 or 3 entries, or a shift does not have
@@ -251,7 +256,8 @@ def predict_sliding_window(
     tile = (1, *patch) if is_2d else patch  # tile shape in the (Z, Y, X) volume
     spatial = tuple(int(s) for s in data.shape[1:])
     x = data.to(device=device, dtype=torch.float32)
-    logits = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=device)
+    acc_dtype = torch.float16 if num_classes * int(np.prod(spatial)) * 4 > HALF_ACCUMULATOR_BYTES else torch.float32
+    logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=device)
     ctx = _WindowContext(model, patch, tile, num_classes, step, mirror_combinations(mirror_axes), device,
                          autocast_dtype(precision, device), channels_last, max(1, int(batch_size)), should_stop)
@@ -273,12 +279,32 @@ def predict_sliding_window(
             ctx.accumulate(x, before, after, logits, weights, bar)
     if bar is not None:
         bar.close()
+    if logits.dtype != torch.float32:
+        _softmax_in_chunks(logits, weights)
+        return logits.contiguous()
     # weighted mean of logits -> softmax, in place on the single (K, Z, Y, X) buffer
     logits /= weights
     logits -= logits.amax(dim=0, keepdim=True)
     logits.exp_()
     logits /= logits.sum(dim=0, keepdim=True)
     return logits.contiguous()
+
+
+def _softmax_in_chunks(logits: torch.Tensor, weights: torch.Tensor, chunk: int = 4) -> None:
+    """Softmax over classes of ``logits / weights`` in place on a float16 buffer, computed in float32 a few
+    classes at a time (mixed-dtype in-place ops on the whole buffer would allocate float32 copies of it)."""
+    k = logits.shape[0]
+    peak: torch.Tensor | None = None
+    for k0 in range(0, k, chunk):
+        m = logits[k0:k0 + chunk].float().div_(weights).amax(dim=0)
+        peak = m if peak is None else torch.maximum(peak, m, out=peak)
+    total = torch.zeros_like(weights)
+    for k0 in range(0, k, chunk):
+        c = logits[k0:k0 + chunk].float().div_(weights).sub_(peak).exp_()
+        total += c.sum(dim=0)
+        logits[k0:k0 + chunk] = c
+    for k0 in range(0, k, chunk):
+        logits[k0:k0 + chunk] = logits[k0:k0 + chunk].float().div_(total)
 
 
 class _WindowContext:
@@ -319,7 +345,7 @@ class _WindowContext:
         padded = tuple(int(s) for s in x.shape[1:])
         crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
         own = any(pad_before) or any(pad_after)
-        acc_logits = torch.zeros((self.num_classes, *padded), dtype=torch.float32, device=self.device) if own else logits
+        acc_logits = torch.zeros((self.num_classes, *padded), dtype=logits.dtype, device=self.device) if own else logits
         acc_weights = torch.zeros(padded, dtype=torch.float32, device=self.device) if own else weights
 
         positions = list(itertools.product(*[tile_starts(s, t, self.step) for s, t in zip(padded, tile)]))
@@ -365,7 +391,9 @@ class _WindowContext:
                     acc /= len(flips)
                 if self.is_2d:
                     acc = acc[:, None]
-                acc_logits[(slice(None), *tile_slices[ti])].addcmul_(acc, self.weight_patch)
+                # weight in place, then add (cast to the accumulator's dtype: float16 for large outputs)
+                acc.mul_(self.weight_patch)
+                acc_logits[(slice(None), *tile_slices[ti])] += acc.to(acc_logits.dtype)
                 acc_weights[tile_slices[ti]] += self.weight_patch
                 if bar is not None:
                     bar.update(1)

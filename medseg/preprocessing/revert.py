@@ -51,6 +51,7 @@ def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool =
         out = np.zeros(full, dtype=values.dtype)
         out[region] = seg
         return out[0] if props.geometry.ndim == 2 else out
+    values = values.astype(np.float32, copy=False)  # float16 from a large sliding-window accumulator
     out = np.zeros((values.shape[0],) + full, dtype=np.float32)
     if tuple(props.shape_after_crop) != tuple(full):
         out[0] = 1.0  # background outside the crop

@@ -189,3 +189,16 @@ def test_tta_adds_grid_shifts_when_the_plan_mirrors_fewer_axes():
                        batch_size=1, use_tta=False)
     no_tta.predict_array(image, (3.0, 1.0, 1.2))
     assert len(no_tta.members[0].model.inputs) == 1
+
+
+def test_cpu_inference_batch_shrinks_for_large_many_class_patches():
+    import torch
+
+    from medseg.inference.predictor import inference_batch_size
+
+    cpu = torch.device("cpu")
+    assert inference_batch_size((40, 56, 40), 32, 3, cpu) == 4  # small patch: the largest batch
+    assert inference_batch_size((128, 112, 96), 32, 46, cpu) == 1  # 45 classes, GPU-sized patch
+    assert inference_batch_size((64, 48, 96), 16, 46, cpu) == 4
+    assert inference_batch_size((192, 160), 32, 3, cpu) == 8
+    assert inference_batch_size((128, 112, 96), 32, 46, torch.device("cuda")) == 2

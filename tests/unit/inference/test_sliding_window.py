@@ -187,3 +187,20 @@ def test_shifts_average_the_weighted_logits_of_each_grid_position():
     torch.testing.assert_close(unshifted[1], torch.sigmoid(x[0] + ramp[4:12]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one offset per patch axis"):
         predict_sliding_window(PositionBias3d(), x, (16, 16, 16), 2, shifts=[(1, 1)])
+
+
+@pytest.mark.parametrize("shape", [(12, 20, 18), (5, 7, 6)])  # tiled, and padded into one tile
+def test_half_accumulator_for_large_outputs_matches_float32(shape, monkeypatch):
+    import medseg.inference.sliding_window as sw
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(8, 9, 3, padding=1)).eval()  # 9 classes: several chunks
+    x = torch.randn(1, *shape)
+    full = predict_sliding_window(net, x, (8, 8, 8), 9, mirror_axes=(0, 2))
+    monkeypatch.setattr(sw, "HALF_ACCUMULATOR_BYTES", 0)  # every output counts as large
+    half = predict_sliding_window(net, x, (8, 8, 8), 9, mirror_axes=(0, 2))
+    assert full.dtype == torch.float32 and half.dtype == torch.float16
+    torch.testing.assert_close(half.float().sum(0), torch.ones(shape), atol=5e-3, rtol=0)
+    assert (half.float() - full).abs().max() < 2e-3
+    assert (half.argmax(0) == full.argmax(0)).float().mean() > 0.99
