@@ -147,7 +147,8 @@ def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = N
         _, seg, props = load_case(work_dir, plan, plan.default_configuration, case_id)
         if seg is None:
             raise MedsegError(f"case {case_id}: the preprocessed cache has no label")
-        return classes_to_labels(revert_to_original(seg, props, is_seg=True), plan.label_ids)
+        return classes_to_labels(revert_to_original(seg, props, is_seg=True), plan.label_ids,
+                                 ignore_label=plan.ignore_label)
     return load_preprocessed
 
 
@@ -202,9 +203,14 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     candidates = _candidates(members)
     dice_sums = np.zeros((len(candidates), k))
 
+    ignore = plan.ignore_label  # unannotated reference voxels: left out of prediction and reference
+
     for case in tqdm(common, desc="find-best", unit="case", disable=not progress):
         ref = load_ref(case)
         ref_idx = lut[np.clip(ref.astype(np.int64), 0, lut.size - 1)]
+        ignored = None if ignore is None else ref == ignore
+        if ignored is not None:
+            ref_idx[ignored] = 0
         probs = {}
         for m in members:
             p = _load_probabilities(preds[m][case])
@@ -214,7 +220,10 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
             probs[m] = p
         for i, combo in enumerate(candidates):
             total = probs[combo[0]] if len(combo) == 1 else sum(probs[m] for m in combo)
-            dice_sums[i] += dice_from_counts(overlap_counts(total.argmax(0), ref_idx, k))
+            pred_idx = total.argmax(0)
+            if ignored is not None:
+                pred_idx[ignored] = 0
+            dice_sums[i] += dice_from_counts(overlap_counts(pred_idx, ref_idx, k))
     dice_means = dice_sums / len(common)
     scores = dice_means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
     order = sorted(range(len(candidates)), key=lambda i: (-round(float(scores[i]), 10), len(candidates[i]), i))
@@ -225,7 +234,11 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
 
     def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
         total = sum(_load_probabilities(preds[m][case]) for m in winner)
-        return np.asarray(label_ids, dtype=np.int32)[total.argmax(0)], load_ref(case)
+        pred, ref = np.asarray(label_ids, dtype=np.int32)[total.argmax(0)], load_ref(case)
+        if ignore is not None:
+            ignored = ref == ignore
+            pred[ignored], ref = 0, np.where(ignored, 0, ref)
+        return pred, ref
 
     rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}

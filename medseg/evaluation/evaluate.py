@@ -6,6 +6,11 @@ Cases are matched by file name without the image suffix (``case.nii.gz`` <-> ``c
 spacing, origin and direction (within 1e-3); every mismatch is reported at once, naming the case.
 
 Metric conventions (empty masks, undefined HD95) are those of :mod:`medseg.evaluation.metrics`.
+
+Ignore label (partial annotation): reference voxels holding the ignore id are left out of prediction
+and reference alike (both are set to background there before any metric), so Dice and IoU count only
+annotated voxels; surface metrics see the annotated region only. The ignore id is given explicitly or
+read from the ``dataset.json`` of a dataset used as reference (``DATA`` or ``DATA/labelsTr``).
 """
 
 from __future__ import annotations
@@ -67,8 +72,8 @@ def _header_geometry(path: Path) -> ImageGeometry:
     return ImageGeometry.from_sitk(reader)
 
 
-def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float]) -> dict[str, Any]:
-    case_id, pred_path, ref_path, label_ids, tolerance = args
+def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None]) -> dict[str, Any]:
+    case_id, pred_path, ref_path, label_ids, tolerance, ignore_label = args
     pred, geo = read_image(pred_path)
     ref, _ = read_image(ref_path)
     for name, arr in (("prediction", pred), ("reference", ref)):
@@ -77,12 +82,37 @@ def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float]) 
                               "has non-integer values; is it a segmentation?")
     pred = pred.astype(np.int64, copy=False)
     ref = ref.astype(np.int64, copy=False)
+    ignored = 0
+    if ignore_label is not None:
+        mask = ref == ignore_label
+        ignored = int(np.count_nonzero(mask))
+        if ignored:
+            pred, ref = np.where(mask, 0, pred), np.where(mask, 0, ref)
     labels = label_ids
     if labels is None:
         labels = tuple(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
+    elif ignore_label is not None:
+        labels = tuple(v for v in labels if v != ignore_label)
     per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
-    return {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
-            "labels": {str(k): v for k, v in per_label.items()}}
+    out = {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
+           "labels": {str(k): v for k, v in per_label.items()}}
+    if ignore_label is not None:
+        out["ignored_voxels"] = ignored
+    return out
+
+
+def _dataset_ignore_label(ref_dir: Path) -> int | None:
+    """The ignore label declared by the ``dataset.json`` of ``ref_dir`` (a dataset root) or of its parent
+    (``ref_dir`` = ``DATA/labelsTr``); None when there is none or no readable dataset.json."""
+    from medseg.io.dataset import load_dataset
+
+    for root in (ref_dir, ref_dir.parent):
+        if (root / "dataset.json").is_file():
+            try:
+                return load_dataset(root).ignore_label
+            except MedsegError:
+                return None
+    return None
 
 
 def _json_safe(obj: Any) -> Any:
@@ -150,7 +180,8 @@ def write_results(result: dict, json_path: str | Path) -> Path:
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[int] | None = None,
                      num_workers: int = 1, output: str | Path | None = None,
-                     tolerance_mm: float = 1.0, progress: bool = True) -> EvaluationReport:
+                     tolerance_mm: float = 1.0, progress: bool = True,
+                     ignore_label: int | None = None) -> EvaluationReport:
     """Dice, IoU, HD95 (mm) and surface Dice per case and label, with means and standard deviations.
 
     Args:
@@ -162,6 +193,8 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
             None writes nothing.
         tolerance_mm: surface Dice tolerance in mm.
         progress: show a progress bar.
+        ignore_label: reference id of unannotated voxels, left out of prediction and reference (see the
+            module docstring); default the one the reference dataset's ``dataset.json`` declares, if any.
 
     Returns:
         :class:`EvaluationReport`, a JSON-ready dict: ``cases`` (per case ``labels -> {dice, iou, hd95,
@@ -178,6 +211,8 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
     for name, d in (("prediction", pred_dir), ("reference", ref_dir)):
         if not d.is_dir():
             raise MedsegError(f"{d}: {name} folder not found")
+    if ignore_label is None:
+        ignore_label = _dataset_ignore_label(ref_dir)
     if not _list_images(ref_dir) and (ref_dir / "labelsTr").is_dir():
         ref_dir = ref_dir / "labelsTr"
     preds = _list_images(pred_dir)
@@ -199,7 +234,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
         logger.warning("%d reference case(s) have no prediction in %s (e.g. %s)", len(missing), pred_dir, missing[0])
 
     labels_arg = tuple(int(v) for v in label_ids) if label_ids is not None else None
-    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm)) for c in case_ids]
+    if labels_arg is not None and ignore_label is not None:
+        labels_arg = tuple(v for v in labels_arg if v != ignore_label)
+    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label) for c in case_ids]
     cases = map_cases(_evaluate_case, jobs, num_workers, desc="evaluate", progress=progress,
                       mp_context=multiprocessing.get_context("spawn"))
 
@@ -216,6 +253,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
         fg[m] = float(np.mean(vals)) if vals else None
     result = EvaluationReport({
         "prediction_dir": str(pred_dir), "reference_dir": str(ref_dir), "label_ids": labels,
+        "ignore_label": ignore_label,
         "tolerance_mm": float(tolerance_mm), "num_cases": len(cases), "missing_predictions": missing,
         "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
                        "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",

@@ -4,6 +4,8 @@ The fingerprint is computed once per dataset (``medseg plan`` saves it as ``WORK
 holds, per case, the voxel spacing, the image shape before and after cropping to the nonzero region, and
 per class the voxel count and connected-component sizes; per channel, intensity statistics of the
 foreground (``label > 0``) voxels, sampled from every case with a fixed seed and pooled over the dataset.
+Voxels of the dataset's ignore label (partial annotation) count as unlabelled: they are neither a class
+nor foreground.
 
 Conventions: shapes and spacings in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D images), spacing in mm.
 Class statistics are keyed by the *original* label ids of the dataset (not the internal class indices).
@@ -162,6 +164,7 @@ class Fingerprint:
         intensity: one :class:`IntensityStats` per channel (foreground voxels, pooled over cases).
         samples_per_case: at most this many foreground voxels were sampled per case for ``intensity``.
         seed: seed of that sampling.
+        ignore_label: the dataset's ignore label id (not in ``label_ids``, not counted anywhere), or None.
     """
 
     dataset_name: str
@@ -172,6 +175,7 @@ class Fingerprint:
     samples_per_case: int = DEFAULT_SAMPLES_PER_CASE
     seed: int = DEFAULT_SEED
     schema_version: int = FINGERPRINT_SCHEMA_VERSION
+    ignore_label: int | None = None
 
     # ------------------------------------------------------------ derived quantities
     @property
@@ -207,6 +211,7 @@ class Fingerprint:
             "dataset_name": self.dataset_name,
             "channel_names": list(self.channel_names),
             "label_ids": [int(v) for v in self.label_ids],
+            "ignore_label": None if self.ignore_label is None else int(self.ignore_label),
             "samples_per_case": int(self.samples_per_case),
             "seed": int(self.seed),
             "intensity": [s.to_dict() for s in self.intensity],
@@ -236,6 +241,7 @@ class Fingerprint:
                 samples_per_case=int(d.get("samples_per_case", DEFAULT_SAMPLES_PER_CASE)),
                 seed=int(d.get("seed", DEFAULT_SEED)),
                 schema_version=int(version),
+                ignore_label=None if d.get("ignore_label") is None else int(d["ignore_label"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MedsegError(f"fingerprint: malformed entry ({type(exc).__name__}: {exc})") from None
@@ -319,9 +325,12 @@ def class_statistics(
 
 
 def _fingerprint_case(
-    case: Case, index: int, samples_per_case: int, seed: int
+    case: Case, index: int, samples_per_case: int, seed: int, ignore_label: int | None = None
 ) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    """Fingerprint one case; returns it and the sampled foreground intensities per channel (float32)."""
+    """Fingerprint one case; returns it and the sampled foreground intensities per channel (float32).
+
+    Voxels holding ``ignore_label`` are treated as background (no class, no foreground intensity sample).
+    """
     image, geometry = read_channels(list(case.image_files))
     shape = tuple(int(s) for s in image.shape[1:])
     bbox = nonzero_bbox(image)
@@ -338,6 +347,8 @@ def _fingerprint_case(
             raise MedsegError(
                 f"{case.label_file}: label shape {list(label.shape)} differs from image shape {list(shape)}"
             )
+        if ignore_label is not None:
+            label = np.where(label == ignore_label, 0, label)
         counts, comps, centroids = class_statistics(label)
         fg = np.flatnonzero(label.reshape(-1) > 0)
         if fg.size:
@@ -388,7 +399,7 @@ def extract_fingerprint(
     cases = list(ds.cases)
     if not cases:
         raise MedsegError(f"{ds.root}: the dataset has no training cases")
-    jobs = [(case, i, samples_per_case, seed) for i, case in enumerate(cases)]
+    jobs = [(case, i, samples_per_case, seed, ds.ignore_label) for i, case in enumerate(cases)]
     results = map_cases(_fingerprint_case_star, jobs, num_workers, desc="fingerprint", progress=progress)
 
     num_channels = ds.num_channels
@@ -404,6 +415,7 @@ def extract_fingerprint(
         intensity=intensity,
         samples_per_case=samples_per_case,
         seed=seed,
+        ignore_label=ds.ignore_label,
     )
     logger.info(
         "fingerprint of %s: %d cases, median spacing %s, median shape after crop %s",

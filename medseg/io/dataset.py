@@ -60,6 +60,9 @@ class DatasetInfo:
         label_names: names in the order of ``label_ids``.
         cases: the training cases, in dataset.json order (or sorted by case id when discovered).
         file_ending: file ending of the dataset's images, e.g. ``".nii.gz"``.
+        ignore_label: id of the label named ``ignore`` (case-insensitive; nnU-Net v2 partial annotation:
+            voxels that are not annotated), or None. It is the highest declared id and is *not* in
+            ``label_ids``: it is no class, only a mark that a voxel's class is unknown.
     """
 
     root: Path
@@ -69,10 +72,16 @@ class DatasetInfo:
     label_names: tuple[str, ...]
     cases: tuple[Case, ...]
     file_ending: str
+    ignore_label: int | None = None
 
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
+
+    @property
+    def declared_label_ids(self) -> tuple[int, ...]:
+        """Every id a label map may hold: ``label_ids`` plus the ignore label (when declared)."""
+        return self.label_ids + (() if self.ignore_label is None else (self.ignore_label,))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,22 +124,23 @@ def _parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
     return tuple(indexed[i] for i in range(len(indexed)))
 
 
-def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
+    """``(label_ids, label_names, ignore_label)`` of ``meta["labels"]``; ids and names without the ignore label."""
     if "regions_class_order" in meta:
         problems.append("region-based labels ('regions_class_order') are not supported; "
                         "give one integer id per class in 'labels'")
-        return (), ()
+        return (), (), None
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         problems.append("'labels' is missing or empty; give e.g. {\"0\": \"background\", \"1\": \"tumour\"}")
-        return (), ()
+        return (), (), None
     form_hint = ("'labels' must map ids to names ({\"0\": \"background\", ...}) "
                  "or names to ids ({\"background\": 0, ...})")
     region = [k for k, v in labels.items() if isinstance(v, (list, tuple, dict))]
     if region:
         problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: region-based labels are not supported; "
                         "give one integer id per class")
-        return (), ()
+        return (), (), None
     pairs: list[tuple[int, str]] = []
     if all(isinstance(v, str) for v in labels.values()) and not all(_as_int(v) is not None for v in labels.values()):
         # id -> name
@@ -149,7 +159,7 @@ def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tup
                 continue
             pairs.append((idx, str(k)))
     if problems:
-        return (), ()
+        return (), (), None
     ids = [i for i, _ in pairs]
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
@@ -159,13 +169,21 @@ def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tup
         problems.append(f"negative label id(s) {neg}; ids must be >= 0")
     if 0 not in ids:
         problems.append("no background label with id 0 is declared")
-    ignore = [n for _, n in pairs if n.strip().lower() == "ignore"]
-    if ignore:
-        problems.append("an 'ignore' label is declared; ignore labels (partial annotation) are not supported")
+    ignore = [i for i, n in pairs if n.strip().lower() == "ignore"]
+    if len(ignore) > 1:
+        problems.append(f"'labels' declares {len(ignore)} labels named 'ignore' (ids {sorted(ignore)}); "
+                        "at most one is allowed")
+    elif ignore and ignore[0] != max(ids):
+        problems.append(f"'labels': ignore must be the highest label id; 'ignore' has id {ignore[0]} but "
+                        f"id {max(ids)} is declared too (give 'ignore' an id above every class, e.g. {max(ids) + 1})")
+    elif ignore and ignore[0] == 0:
+        problems.append("'labels': 'ignore' cannot be the background id 0")
     if problems:
-        return (), ()
+        return (), (), None
     pairs.sort()
-    return tuple(i for i, _ in pairs), tuple(n for _, n in pairs)
+    ignore_id = ignore[0] if ignore else None
+    kept = [(i, n) for i, n in pairs if i != ignore_id]
+    return tuple(i for i, _ in kept), tuple(n for _, n in kept), ignore_id
 
 
 def _suffix_of(name: str) -> str:
@@ -303,7 +321,7 @@ def load_dataset(root: str | Path) -> DatasetInfo:
 
     problems: list[str] = []
     channel_names = _parse_channels(meta, problems)
-    label_ids, label_names = _parse_labels(meta, problems)
+    label_ids, label_names, ignore_label = _parse_labels(meta, problems)
 
     ending = meta.get("file_ending")
     if ending is not None and ending not in IMAGE_SUFFIXES:
@@ -331,6 +349,7 @@ def load_dataset(root: str | Path) -> DatasetInfo:
         label_names=label_names,
         cases=tuple(cases),
         file_ending=ending,
+        ignore_label=ignore_label,
     )
     logger.debug("loaded %s: %d cases, channels %s, labels %s", root, len(cases), channel_names, label_ids)
     return ds

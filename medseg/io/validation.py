@@ -387,7 +387,7 @@ def validate_dataset(ds: DatasetInfo, num_workers: int = 1, progress: bool = Tru
 
     # each distinct case is read once (duplicates would only repeat the same messages)
     unique_cases = list({(c.case_id, c.image_files, c.label_file): c for c in ds.cases}.values())
-    check = partial(_check_case, root=root, label_ids=tuple(ds.label_ids), num_channels=ds.num_channels)
+    check = partial(_check_case, root=root, label_ids=tuple(ds.declared_label_ids), num_channels=ds.num_channels)
     results = map_cases(check, unique_cases, num_workers, desc="validate", progress=progress)
 
     ndims: dict[int, list[str]] = {}

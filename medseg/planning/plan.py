@@ -246,6 +246,9 @@ class Plan:
         gpu_memory_gb: memory budget the patch/batch fitting used.
         time_budget_minutes: training budget the plan was chosen for (None = full schedule).
         notes: free-form reasoning recorded by the planner (measured step times etc.).
+        ignore_label: original id of the dataset's ``ignore`` label (partial annotation), or None. It is
+            not a class: not in ``label_ids``, no network output; preprocessing stores it as class index
+            :attr:`ignore_class` (``K``), which no loss or metric counts and no prediction holds.
     """
 
     dataset_name: str
@@ -261,6 +264,7 @@ class Plan:
     time_budget_minutes: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    ignore_label: int | None = None
 
     @property
     def num_channels(self) -> int:
@@ -268,8 +272,13 @@ class Plan:
 
     @property
     def num_classes(self) -> int:
-        """Number of output classes including background."""
+        """Number of output classes including background (the ignore label is no class)."""
         return len(self.label_ids)
+
+    @property
+    def ignore_class(self) -> int | None:
+        """Class index of ignored voxels in preprocessed label maps (``num_classes``); None without ignore label."""
+        return None if self.ignore_label is None else self.num_classes
 
     def configuration(self, name: str | None = None) -> ConfigurationPlan:
         name = name or self.default_configuration
@@ -287,6 +296,11 @@ class Plan:
             problems.append(f"label_ids has duplicates: {list(self.label_ids)}")
         if len(self.label_names) != len(self.label_ids):
             problems.append("label_names and label_ids must have the same length")
+        ignore = self.ignore_label
+        if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)
+                                   or ignore <= max(self.label_ids, default=0)):
+            problems.append(f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
+                            f"got {self.ignore_label!r}")
         if not self.configurations:
             problems.append("plan has no configurations")
         if self.default_configuration not in self.configurations:
@@ -411,6 +425,8 @@ def _convert(cls: type, name: str, value: Any, where: str) -> Any:
             return tuple(_from_builtin(sub_cls, v, f"{where}[{i}]") for i, v in enumerate(value))
         if name in _INT_TUPLES:
             return tuple(_as_int(v, where) for v in value)
+        if key == ("Plan", "ignore_label"):
+            return None if value is None else _as_int(value, where)
         if name in _OPTIONAL_INT_TUPLES:
             return None if value is None else tuple(_as_int(v, where) for v in value)
         if name in _FLOAT_TUPLES:

@@ -237,6 +237,7 @@ def plan_dataset(
         channel_names=tuple(ds.channel_names),
         label_ids=tuple(int(v) for v in ds.label_ids),
         label_names=tuple(ds.label_names),
+        ignore_label=ds.ignore_label,
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),
         original_median_shape=tuple(round(float(v)) for v in np.median(shapes, axis=0)),
         configurations=configurations,

@@ -89,8 +89,9 @@ class CaseProperties:
 def preprocessing_fingerprint(plan: Plan, config: str | ConfigurationPlan) -> str:
     """Hash of what determines a configuration's preprocessed data.
 
-    Target spacing, normalisation, label ids and :data:`PREPROCESSING_VERSION`. Two configurations with the
-    same fingerprint (usually ``2d`` and ``3d_fullres``) share their preprocessed data.
+    Target spacing, normalisation, label ids (and the ignore label, when there is one) and
+    :data:`PREPROCESSING_VERSION`. Two configurations with the same fingerprint (usually ``2d`` and
+    ``3d_fullres``) share their preprocessed data.
     """
     cfg = plan.configuration(config) if isinstance(config, str) else config
     payload = {
@@ -99,6 +100,8 @@ def preprocessing_fingerprint(plan: Plan, config: str | ConfigurationPlan) -> st
         "normalization": [asdict(n) for n in cfg.normalization],
         "label_ids": [int(i) for i in plan.label_ids],
     }
+    if plan.ignore_label is not None:  # absent otherwise, so caches made before ignore labels stay valid
+        payload["ignore_label"] = int(plan.ignore_label)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,7 +132,8 @@ def preprocess_case(
 
     Returns:
         ``(data, seg, props)``: ``data`` float32 ``(C, z, y, x)`` normalised intensities; ``seg`` class
-        indices ``(z, y, x)`` (int8 when K <= 127, else int16) or None; :class:`CaseProperties`.
+        indices ``(z, y, x)`` (int8 when K <= 127, else int16; ``plan.ignore_label`` voxels hold
+        ``plan.ignore_class`` = K) or None; :class:`CaseProperties`.
 
     Raises:
         MedsegError: shapes of image, geometry and label disagree, or the label holds undeclared ids.
@@ -163,10 +167,12 @@ def preprocess_case_arrays(
     elif geometry.ndim != 3:
         raise MedsegError(f"{where}: only 2D and 3D images are supported, got {geometry.ndim}D")
 
-    classes = None if label is None else labels_to_classes(label, plan.label_ids, source=where)
+    classes = None if label is None else labels_to_classes(label, plan.label_ids, source=where,
+                                                           ignore_label=plan.ignore_label)
     data, seg, mask, bbox = crop_to_nonzero(image, classes)
     if classes is not None and seg is not None:
-        lost = int(np.count_nonzero(classes)) - int(np.count_nonzero(seg))
+        k = plan.num_classes  # the ignore class K is no label
+        lost = int(np.count_nonzero((classes > 0) & (classes < k))) - int(np.count_nonzero((seg > 0) & (seg < k)))
         if lost:
             logger.warning("%s: %d labelled voxels lie outside the image's nonzero region and are cropped away", where, lost)
     shape_after_crop = tuple(int(s) for s in data.shape[1:])

@@ -2,6 +2,11 @@
 
 Datasets may use gapped label ids (``0, 1, 2, 5, 117``). Internally class ``k`` is ``label_ids[k]``; the
 original ids come back only on export.
+
+An ignore label (nnU-Net v2 partial annotation, ``Plan.ignore_label``) becomes class index ``K =
+len(label_ids)``, one past the last class: it survives one-hot resampling, cropping, nearest-neighbour
+augmentation and deep-supervision downsampling unchanged, while padding fills with background 0. Losses
+and metrics skip index ``K``; no network has an output for it, so no prediction holds it.
 """
 
 from __future__ import annotations
@@ -32,26 +37,32 @@ def label_dtype(label_ids: Sequence[int]) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def labels_to_classes(label: np.ndarray, label_ids: Sequence[int], source: str = "label") -> np.ndarray:
-    """Map original label ids to class indices ``0..K-1``.
+def labels_to_classes(label: np.ndarray, label_ids: Sequence[int], source: str = "label",
+                      ignore_label: int | None = None) -> np.ndarray:
+    """Map original label ids to class indices ``0..K-1`` (and the ignore label to ``K``).
 
     Args:
         label: ``(Z, Y, X)`` label ids (any integer dtype, or floats holding exact integers).
         label_ids: sorted original ids, background 0 first.
         source: name of the file or case, used in error messages.
+        ignore_label: original id of the ignore label (not in ``label_ids``), or None.
 
     Returns:
-        ``(Z, Y, X)`` class indices, int8 (``K <= 127``) or int16.
+        ``(Z, Y, X)`` class indices, int8 (``K <= 127``) or int16; ignored voxels hold ``K = len(label_ids)``.
 
     Raises:
-        MedsegError: non-integer values, or ids not in ``label_ids``.
+        MedsegError: non-integer values, or ids not in ``label_ids`` (nor the ignore label).
     """
+    if ignore_label is not None:
+        if int(ignore_label) in set(int(i) for i in label_ids):
+            raise ValueError(f"ignore label {ignore_label} is also a class id {list(label_ids)}")
+        label_ids = [*label_ids, int(ignore_label)]  # index K, one past the classes
     ids = np.asarray(label_ids, dtype=np.int64)
     if label.dtype.kind == "f":
         if not np.isfinite(label).all() or not np.array_equal(label, np.round(label)):
             raise MedsegError(f"{source}: label map holds non-integer values")
     lab = label.astype(np.int64, copy=False)
-    out_dtype = seg_dtype(len(ids))
+    out_dtype = seg_dtype(len(ids) - (ignore_label is not None))
     lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
     if lo >= 0 and hi < 1 << 20:
         lut = np.full(max(hi, int(ids.max())) + 1, -1, dtype=np.int64)
@@ -70,12 +81,17 @@ def labels_to_classes(label: np.ndarray, label_ids: Sequence[int], source: str =
     return classes.astype(out_dtype)
 
 
-def classes_to_labels(seg: np.ndarray, label_ids: Sequence[int]) -> np.ndarray:
+def classes_to_labels(seg: np.ndarray, label_ids: Sequence[int], ignore_label: int | None = None) -> np.ndarray:
     """Map class indices ``0..K-1`` back to original label ids (uint8/uint16 per :func:`label_dtype`).
 
+    With ``ignore_label`` the ignore class ``K`` maps back to it (references rebuilt from preprocessed
+    labels); predictions never hold ``K``.
+
     Raises:
-        ValueError: a class index outside ``0..K-1``.
+        ValueError: a class index outside ``0..K-1`` (``0..K`` with ``ignore_label``).
     """
+    if ignore_label is not None:
+        label_ids = [*label_ids, int(ignore_label)]
     ids = np.asarray(label_ids, dtype=np.int64)
     if seg.size and (int(seg.min()) < 0 or int(seg.max()) >= len(ids)):
         raise ValueError(f"class indices must lie in 0..{len(ids) - 1}, got {int(seg.min())}..{int(seg.max())}")
@@ -92,9 +108,12 @@ def sample_class_locations_array(
 ) -> np.ndarray:
     """Randomly sample voxel coordinates of every foreground class, as one compact array.
 
+    Only classes ``1..K-1`` are sampled: background and ignored voxels (index ``K``) are never a
+    foreground-oversampling centre.
+
     Args:
-        seg: ``(Z, Y, X)`` class indices.
-        num_classes: K including background.
+        seg: ``(Z, Y, X)`` class indices (``K`` = ignored).
+        num_classes: K including background (the ignore label excluded).
         seed: RNG seed (see :func:`case_seed`).
         max_per_class: at most this many coordinates per class (all voxels when fewer).
 

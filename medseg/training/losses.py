@@ -3,6 +3,11 @@
 Shapes: logits ``(B, K, *spatial)`` (2D or 3D, raw network outputs, not probabilities); targets
 ``(B, *spatial)`` integer class indices ``0..K-1``. Losses are computed in float32 whatever the
 autocast precision of the network.
+
+Ignore label (partial annotation): with ``ignore_index`` (the plan's ``ignore_class``, ``K``) target
+voxels holding it contribute nothing to any term: the cross-entropy is averaged over the other voxels
+only and the soft Dice counts TP/FP/FN over the other voxels only (their gradient is exactly zero).
+Nearest-neighbour target downsampling for deep supervision keeps the index, so every level skips them.
 """
 
 from __future__ import annotations
@@ -50,18 +55,27 @@ class SoftDiceLoss(nn.Module):
         batch_dice: one Dice per class over the whole batch (see :func:`soft_dice_per_class`).
         smooth: Dice smoothing (default 1e-5).
         include_background: also average class 0.
+        ignore_index: target value of voxels left out of TP/FP/FN (the ignore class), or None.
     """
 
-    def __init__(self, batch_dice: bool = False, smooth: float = 1e-5, include_background: bool = False) -> None:
+    def __init__(self, batch_dice: bool = False, smooth: float = 1e-5, include_background: bool = False,
+                 ignore_index: int | None = None) -> None:
         super().__init__()
         self.batch_dice = batch_dice
         self.smooth = smooth
         self.include_background = include_background
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1]
         probs = torch.softmax(logits.float(), 1)
-        dice = soft_dice_per_class(probs, one_hot(target, num_classes), self.batch_dice, self.smooth)
+        if self.ignore_index is None:
+            target_1h = one_hot(target, num_classes)
+        else:
+            keep = (target != self.ignore_index).unsqueeze(1)
+            target_1h = one_hot(torch.where(keep.squeeze(1), target, 0), num_classes) * keep
+            probs = probs * keep
+        dice = soft_dice_per_class(probs, target_1h, self.batch_dice, self.smooth)
         if not self.include_background and num_classes > 1:
             dice = dice[..., 1:]
         return 1.0 - dice.mean()
@@ -74,16 +88,18 @@ class CrossEntropyLoss(nn.Module):
     ``(1 - p_t) ** focal_gamma`` where ``p_t`` is the predicted probability of its true class
     (Lin et al. 2017, "Focal Loss for Dense Object Detection"). Class weights weight each voxel by
     the weight of its true class; the mean is then normalised by the summed weights (as
-    ``torch.nn.functional.cross_entropy`` does).
+    ``torch.nn.functional.cross_entropy`` does). Voxels whose target is ``ignore_index`` are left out
+    of the mean (a batch with nothing but ignored voxels gives 0).
     """
 
     def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 focal_gamma: float = 0.0) -> None:
+                 focal_gamma: float = 0.0, ignore_index: int | None = None) -> None:
         super().__init__()
         w = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
         self.label_smoothing = float(label_smoothing)
         self.focal_gamma = float(focal_gamma)
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -91,18 +107,30 @@ class CrossEntropyLoss(nn.Module):
         w = self.class_weights
         if w is not None and w.numel() != logits.shape[1]:
             raise ValueError(f"class_weights has {w.numel()} entries but the network predicts {logits.shape[1]} classes")
+        keep = None
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            target = torch.where(keep, target, 0)
         if self.focal_gamma == 0:
-            return F.cross_entropy(logits, target, weight=w, label_smoothing=self.label_smoothing)
-        logp = torch.log_softmax(logits, 1)
-        logp_t = logp.gather(1, target.unsqueeze(1)).squeeze(1)
-        nll = -logp_t
-        if self.label_smoothing > 0:
-            nll = (1 - self.label_smoothing) * nll - self.label_smoothing * logp.mean(1)
-        loss = (1 - logp_t.exp()).clamp_min(0).pow(self.focal_gamma) * nll
-        if w is None:
-            return loss.mean()
-        vw = w[target]
-        return (loss * vw).sum() / vw.sum().clamp_min(1e-8)
+            if keep is None:
+                return F.cross_entropy(logits, target, weight=w, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits, target, weight=w, label_smoothing=self.label_smoothing, reduction="none")
+        else:
+            logp = torch.log_softmax(logits, 1)
+            logp_t = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+            nll = -logp_t
+            if self.label_smoothing > 0:
+                nll = (1 - self.label_smoothing) * nll - self.label_smoothing * logp.mean(1)
+            loss = (1 - logp_t.exp()).clamp_min(0).pow(self.focal_gamma) * nll
+            if w is None and keep is None:
+                return loss.mean()
+            if w is not None:
+                loss = loss * w[target]
+        # weighted mean over the kept voxels (F.cross_entropy's reduction="none" already applies the weights)
+        norm = w[target] if w is not None else torch.ones_like(loss)
+        if keep is not None:
+            loss, norm = loss * keep, norm * keep
+        return loss.sum() / norm.sum().clamp_min(1e-8)
 
 
 class DiceCELoss(nn.Module):
@@ -112,16 +140,17 @@ class DiceCELoss(nn.Module):
         dice_weight / ce_weight: weights of the two terms.
         batch_dice / smooth: see :class:`SoftDiceLoss`.
         class_weights / label_smoothing / focal_gamma: see :class:`CrossEntropyLoss`.
+        ignore_index: target value left out of both terms (the plan's ``ignore_class``), or None.
     """
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False,
                  smooth: float = 1e-5, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 focal_gamma: float = 0.0) -> None:
+                 focal_gamma: float = 0.0, ignore_index: int | None = None) -> None:
         super().__init__()
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
-        self.dice = SoftDiceLoss(batch_dice, smooth)
-        self.ce = CrossEntropyLoss(class_weights, label_smoothing, focal_gamma)
+        self.dice = SoftDiceLoss(batch_dice, smooth, ignore_index=ignore_index)
+        self.ce = CrossEntropyLoss(class_weights, label_smoothing, focal_gamma, ignore_index=ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros((), dtype=torch.float32)
@@ -147,7 +176,8 @@ def deep_supervision_weights(n: int, zero_lowest: bool = False) -> list[float]:
 def downsample_target(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour downsampling of class indices ``(B, *spatial)`` to ``(B, *size)``.
 
-    For integer factors this picks the first voxel of every block (a strided view, no copy).
+    For integer factors this picks the first voxel of every block (a strided view, no copy). Values are
+    picked, never mixed, so the ignore class survives at every level.
     """
     size = tuple(int(s) for s in size)
     spatial = tuple(target.shape[1:])
@@ -190,7 +220,8 @@ def hard_dice_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
     Args:
         logits: ``(B, K, *spatial)``.
-        target: ``(B, *spatial)`` class indices.
+        target: ``(B, *spatial)`` class indices; voxels outside ``0..K-1`` (the ignore class ``K``)
+            are skipped.
 
     Returns:
         int64 ``(3, K)``: rows TP, FP, FN summed over the batch.
@@ -198,6 +229,9 @@ def hard_dice_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     k = logits.shape[1]
     pred = logits.argmax(1).reshape(-1)
     ref = target.reshape(-1).long().to(pred.device)
+    keep = (ref >= 0) & (ref < k)
+    if not bool(keep.all()):
+        pred, ref = pred[keep], ref[keep]
     joint = torch.bincount(ref * k + pred, minlength=k * k).reshape(k, k)  # [ref, pred]
     tp = joint.diagonal()
     fp = joint.sum(0) - tp

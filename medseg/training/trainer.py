@@ -158,6 +158,7 @@ class Trainer:
         self.loss_fn = DeepSupervisionLoss(DiceCELoss(
             dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
             class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+            ignore_index=plan.ignore_class,
         )).to(self.device)
         if cfg.class_weights is not None and len(cfg.class_weights) != self.num_classes:
             raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {self.num_classes} classes")

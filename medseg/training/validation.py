@@ -59,8 +59,15 @@ def _reference_label_files(work_dir: Path) -> dict[str, Path]:
     return {c.case_id: c.label_file for c in ds.cases if c.label_file is not None}
 
 
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, label_ids: list[int]) -> dict[str, float | None]:
-    """Dice of each label id (None when the label is absent from both prediction and reference)."""
+def dice_per_label(pred: np.ndarray, ref: np.ndarray, label_ids: list[int],
+                   ignore_label: int | None = None) -> dict[str, float | None]:
+    """Dice of each label id (None when the label is absent from both prediction and reference).
+
+    Voxels where ``ref`` holds ``ignore_label`` are left out of prediction and reference.
+    """
+    if ignore_label is not None:
+        keep = ref != ignore_label
+        pred, ref = pred[keep], ref[keep]
     out: dict[str, float | None] = {}
     for lab in label_ids:
         p = pred == lab
@@ -161,9 +168,10 @@ def validate_run(
             except Exception:  # unreadable reference: fall back below
                 ref = None
         if ref is None and seg_pp is not None:
-            ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids)
+            ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids,
+                                    ignore_label=plan.ignore_label)
         if ref is not None:
-            per_case[cid] = dice_per_label(pred_labels, ref, fg)
+            per_case[cid] = dice_per_label(pred_labels, ref, fg, ignore_label=plan.ignore_label)
         if clock is not None:
             assert passes is not None
             clock.done(cid, passes, time.perf_counter() - t_case)
