@@ -34,6 +34,10 @@ class ConfigError(MedsegError):
     """Invalid command-line or configuration option."""
 
 
+class BundleError(MedsegError):
+    """A model bundle (``medseg export``) is missing, truncated, corrupt, incomplete or of a newer format."""
+
+
 def raise_for_problems(problems: Sequence[str], error: type[MedsegError], header: str) -> None:
     """Raise ``error`` with ``"<header>:"`` and one ``"  - <problem>"`` line per problem, unless there are none."""
     if problems:

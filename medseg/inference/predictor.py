@@ -203,6 +203,21 @@ class Predictor:
         run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
         return cls.from_run_dirs(run_dirs, checkpoint=checkpoint, device=device, postprocessing=rules, **kwargs)
 
+    @classmethod
+    def from_bundle(cls, path: str | Path, configs: Sequence[str] | None = None, archs: Sequence[str] | None = None,
+                    folds: Sequence[int | str] | None = None, device: str = "cpu", postprocessing: bool = True,
+                    **kwargs: Any) -> Predictor:
+        """The ensemble of a model bundle written by ``medseg export`` (see :mod:`medseg.inference.bundle`);
+        the same labels as :meth:`from_work_dir` on the work folder it was exported from.
+
+        Raises:
+            BundleError: the bundle is missing, truncated, corrupt, incomplete or of a newer format.
+        """
+        from medseg.inference.bundle import load_bundle
+
+        members, rules = load_bundle(path, configs, archs, folds, postprocessing)
+        return cls(members, device=device, postprocessing=rules, **kwargs)
+
     # ------------------------------------------------------------------ properties
     @property
     def label_ids(self) -> tuple[int, ...]:

@@ -38,8 +38,29 @@ def dropout_type(dims: int) -> type[nn.Dropout2d] | type[nn.Dropout3d]:
 
 
 def adaptive_avg_pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Adaptive average pooling of ``(B, C, *spatial)`` to ``size`` (2D or 3D)."""
-    return F.adaptive_avg_pool3d(x, tuple(size)) if x.dim() == 5 else F.adaptive_avg_pool2d(x, tuple(size))
+    """Adaptive average pooling of ``(B, C, *spatial)`` to ``size`` (2D or 3D).
+
+    During ONNX export, a size that does not divide the input (ONNX has no adaptive pooling with
+    overlapping cells) is pooled by :func:`_adaptive_avg_pool_matmul`, which computes the same averages.
+    """
+    size = tuple(int(s) for s in size)
+    if torch.onnx.is_in_onnx_export() and any(int(n) % s for n, s in zip(x.shape[2:], size)):
+        return _adaptive_avg_pool_matmul(x, size)
+    return F.adaptive_avg_pool3d(x, size) if x.dim() == 5 else F.adaptive_avg_pool2d(x, size)
+
+
+def _adaptive_avg_pool_matmul(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling as one ``(cells, n)`` averaging matrix per spatial axis (a cell's box mean is
+    the product of per-axis means); cell ``i`` of ``k`` covers ``[floor(i n / k), ceil((i + 1) n / k))`` as
+    in PyTorch."""
+    for axis, k in enumerate(size):
+        n = int(x.shape[axis + 2])
+        weights = torch.zeros(k, n, dtype=x.dtype, device=x.device)
+        for i in range(k):
+            start, stop = (i * n) // k, -(-(i + 1) * n // k)
+            weights[i, start:stop] = 1.0 / (stop - start)
+        x = torch.matmul(x.transpose(axis + 2, -1), weights.t()).transpose(axis + 2, -1)
+    return x
 
 
 def upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""``medseg export``: a portable model bundle (zip), or the networks as ONNX / TorchScript."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medseg.errors import ConfigError
+
+
+def add_export_parser(sub: argparse._SubParsersAction, add_common) -> None:
+    """Register the ``export`` subcommand on ``sub`` (``add_common`` adds ``--verbose``/``--quiet``)."""
+    p = sub.add_parser("export", help="write a model bundle (zip) for `medseg predict -m`, or the networks "
+                                      "as ONNX / TorchScript with inference.json")
+    p.add_argument("work", help="work folder with trained runs (or, for --format onnx/torchscript, a bundle)")
+    p.add_argument("-o", "--output", required=True,
+                   help="the zip to write (--format bundle), or the folder for the networks and inference.json")
+    p.add_argument("--format", choices=["bundle", "onnx", "torchscript"], default="bundle",
+                   help="default bundle: plan, weights, postprocessing and labels in one zip")
+    p.add_argument("--config", nargs="+", default=None, help="configuration(s) (default: find-best's choice)")
+    p.add_argument("--arch", nargs="+", default=None, help="architecture(s) (default: find-best's choice)")
+    p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    p.add_argument("--no-postprocessing", action="store_true", help="leave find-best's postprocessing out")
+    add_common(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    bad = [f for f in args.folds or [] if f != "all" and not f.isdigit()]
+    if bad:
+        raise ConfigError(f"--folds takes fold numbers or 'all', got {bad}")
+    folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
+    selection = dict(configs=args.config, archs=args.arch, folds=folds, checkpoint=args.checkpoint,
+                     postprocessing=not args.no_postprocessing)
+    if args.format == "bundle":
+        from medseg.inference.bundle import export_bundle
+
+        out = export_bundle(Path(args.work), Path(args.output), **selection)
+        print(f"model bundle written to {out}; predict with:\n  medseg predict -i IMAGES -o OUT -m {out}")
+    else:
+        from medseg.inference.network_export import export_networks
+
+        out = export_networks(Path(args.work), Path(args.output), args.format, **selection)
+        print(f"{args.format} networks and {out.name} written to {out.parent}")
+    return 0

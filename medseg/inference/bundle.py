@@ -1,0 +1,325 @@
+"""Portable model bundles: one zip with everything prediction needs, written by ``medseg export``.
+
+A bundle holds the ensemble :func:`~medseg.inference.members.select_work_dir_runs` picks for a work folder
+(find-best's choice by default) and nothing else of the work folder::
+
+    manifest.json                                 format, format_version, medseg version, labels, members
+    plans.json                                    the plan the first member was trained with
+    preprocessing.json                            its spacing and per-channel normalisation, for people to read
+    postprocessing.json                           find-best's rules (only when fitted on this ensemble)
+    best.json                                     find-best's result (only when the work folder has one)
+    members/<config>/<arch>/fold_<k>/model.pt     weights only (a state dict; no optimizer state)
+    members/<config>/<arch>/fold_<k>/plans.json   only for a member trained with another plan than plans.json
+
+Each member's plan is the one stored in its checkpoint, so a bundle predicts exactly what its work folder
+predicts. Weights load with ``torch.load(weights_only=True)``; nothing in a bundle can execute code.
+:func:`load_bundle` refuses a truncated or corrupt zip, a missing file and a newer ``format_version`` with
+one :class:`~medseg.errors.BundleError` naming the bundle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg import __version__
+from medseg.errors import BundleError, ConfigError, MedsegError
+from medseg.inference.members import EnsembleMember, load_member, select_work_dir_runs
+from medseg.io.image import temp_file_beside
+from medseg.planning.plan import Plan, dumps_readable
+from medseg.postprocessing.operations import load_rules
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "medseg-model-bundle"
+#: Bumped whenever a bundle written now could not be read by an older medseg.
+BUNDLE_FORMAT_VERSION = 1
+WEIGHTS_FORMAT = "medseg-bundle-weights-v1"
+MANIFEST = "manifest.json"
+
+
+def _dump(obj: Any) -> bytes:
+    return (dumps_readable(obj) + "\n").encode()
+
+
+def export_bundle(
+    work_dir: str | Path,
+    output: str | Path,
+    configs: Sequence[str] | None = None,
+    archs: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+    postprocessing: bool = True,
+) -> Path:
+    """Write the ensemble of a work folder to one zip, atomically (temporary file, fsync, rename).
+
+    Args:
+        work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json``, ``postprocessing.json``).
+        output: the zip to write (replaced when it exists).
+        configs / archs / folds / checkpoint: which runs, as for ``medseg predict`` (see
+            :meth:`medseg.inference.Predictor.from_work_dir`); None: find-best's choice, else every
+            trained fold of the plan's default configuration and architecture.
+        postprocessing: include ``postprocessing.json`` when it was fitted on the chosen ensemble.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        MedsegError: nothing trained, a requested run or checkpoint is missing or does not fit its plan,
+            or ``output`` is a folder.
+        OSError: the file system refused the write; ``output`` is left as it was.
+    """
+    work_dir, output = Path(work_dir), Path(output)
+    if work_dir.is_file():
+        raise ConfigError(f"{work_dir}: is a file, not a work folder (a bundle is exported already)")
+    if output.is_dir():
+        raise ConfigError(f"{output}: is a folder; give the zip file to write, e.g. {output / 'model.zip'}")
+    run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
+    files: dict[str, bytes] = {}
+    entries = []
+    first_plan: dict[str, Any] | None = None
+    for run_dir in run_dirs:
+        member = load_member(run_dir, checkpoint)
+        base = f"members/{member.configuration}/{member.arch}/{run_dir.name}"
+        plan = member.plan.to_dict()
+        if first_plan is None:
+            first_plan = plan
+            files["plans.json"] = member.plan.to_json().encode()
+        plan_name = "plans.json"
+        if plan != first_plan:
+            plan_name = f"{base}/plans.json"
+            files[plan_name] = member.plan.to_json().encode()
+        buf = io.BytesIO()
+        torch.save({"format": WEIGHTS_FORMAT, "model": member.model.state_dict(),
+                    "configuration": member.configuration, "arch": member.arch}, buf)
+        files[f"{base}/model.pt"] = buf.getvalue()
+        entries.append({"configuration": member.configuration, "arch": member.arch, "fold": run_dir.name,
+                        "weights": f"{base}/model.pt", "plan": plan_name})
+    plan = Plan.from_dict(first_plan) if first_plan is not None else Plan.load(work_dir / "plans.json")
+    files["preprocessing.json"] = _dump({c: {"spacing_zyx_mm": list(plan.configuration(c).spacing),
+                                             "normalization": [asdict(n) for n in plan.configuration(c).normalization]}
+                                         for c in dict.fromkeys(e["configuration"] for e in entries)})
+    if rules is not None:
+        files["postprocessing.json"] = (json.dumps(rules, indent=2) + "\n").encode()
+    if (work_dir / "best.json").is_file():
+        files["best.json"] = (work_dir / "best.json").read_bytes()
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "medseg_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset_name": plan.dataset_name,
+        "channel_names": list(plan.channel_names),
+        "labels": {str(i): n for i, n in zip(plan.label_ids, plan.label_names)},
+        "checkpoint": checkpoint,
+        "members": entries,
+        "postprocessing": "postprocessing.json" if rules is not None else None,
+        "files": sorted(files),
+    }
+    _write_zip(output, {MANIFEST: _dump(manifest), **files})
+    logger.info("wrote %s: %d network(s), %.1f MB", output, len(entries), output.stat().st_size / 1e6)
+    return output
+
+
+def _write_zip(path: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) as a zip at ``path`` atomically; weights stored, JSON deflated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_beside(path, ".zip")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w") as zf:
+                for name, data in files.items():
+                    kind = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
+                    zf.writestr(name, data, compress_type=kind)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class _Reader:
+    """Reads members of an open bundle, turning every zip/JSON/torch problem into a :class:`BundleError`."""
+
+    def __init__(self, path: Path, zf: zipfile.ZipFile) -> None:
+        self.path, self.zf = path, zf
+        self.names = set(zf.namelist())
+
+    def error(self, name: str, problem: str) -> BundleError:
+        return BundleError(f"{self.path}: {name} in the bundle {problem}; export the bundle again with "
+                           "`medseg export WORK -o BUNDLE.zip`")
+
+    def read(self, name: str) -> bytes:
+        if name not in self.names:
+            raise self.error(name, "is missing (incomplete bundle)")
+        try:
+            return self.zf.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise self.error(name, f"is corrupt or truncated ({exc})") from None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self.error(name, f"is not valid JSON ({exc})") from None
+
+    def plan(self, name: str) -> Plan:
+        try:
+            return Plan.from_json(self.read(name).decode("utf-8", errors="replace"))
+        except BundleError:
+            raise
+        except MedsegError as exc:
+            raise self.error(name, f"is not a valid plan ({exc})") from None
+
+    def weights(self, name: str) -> dict[str, Any]:
+        data = self.read(name)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt data, or a foreign object the weights-only unpickler refuses
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise self.error(name, f"cannot be loaded safely ({first})") from None
+        if not isinstance(state, dict) or state.get("format") != WEIGHTS_FORMAT or "model" not in state:
+            raise self.error(name, f"is not a medseg weights file (expected format {WEIGHTS_FORMAT!r})")
+        return state
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a bundle, its format and version checked (see :func:`load_bundle` for the errors)."""
+    path = Path(path)
+    with _open(path) as zf:
+        return _manifest(_Reader(path, zf))
+
+
+def _open(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise BundleError(f"{path}: model bundle not found")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise BundleError(f"{path}: not a medseg model bundle, or the zip is truncated or corrupt ({exc}); "
+                          "export it again with `medseg export WORK -o BUNDLE.zip`") from None
+
+
+def _manifest(reader: _Reader) -> dict[str, Any]:
+    path = reader.path
+    if MANIFEST not in reader.names:
+        # a truncated bundle may still open: the zip reader then finds the directory of a stored model.pt
+        raise BundleError(f"{path}: no {MANIFEST} found: the zip is truncated or corrupt, or not a medseg model "
+                          "bundle; export it again with `medseg export WORK -o BUNDLE.zip`")
+    manifest = reader.json(MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a medseg model bundle ({MANIFEST} format is not {BUNDLE_FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise reader.error(MANIFEST, f"has an invalid format_version {version!r}")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {version} (written by medseg {manifest.get('medseg_version', '?')}) "
+            f"is newer than this medseg {__version__} reads (up to {BUNDLE_FORMAT_VERSION}); upgrade medseg")
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(
+            isinstance(m, dict) and {"configuration", "arch", "fold", "weights", "plan"} <= set(m) for m in members):
+        raise reader.error(MANIFEST, "lists no members, or members without configuration/arch/fold/weights/plan")
+    missing = sorted(set(manifest.get("files", [])) - reader.names)
+    if missing:
+        raise reader.error(", ".join(missing), "is missing (incomplete bundle)")
+    return manifest
+
+
+def select_entries(manifest: dict[str, Any], configs: Sequence[str] | None, archs: Sequence[str] | None,
+                   folds: Sequence[int | str] | None, path: Path) -> list[dict[str, Any]]:
+    """The manifest's member entries of the given configurations, architectures and folds (None: all).
+
+    Raises:
+        MedsegError: none matches (the message lists what the bundle holds).
+    """
+    wanted_folds = None if folds is None else {f"fold_{f}" for f in folds}
+    chosen = [m for m in manifest["members"] if (configs is None or m["configuration"] in configs)
+              and (archs is None or m["arch"] in archs) and (wanted_folds is None or m["fold"] in wanted_folds)]
+    if not chosen:
+        have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in manifest["members"]]
+        raise MedsegError(f"{path}: no network of the bundle matches the selection; it holds {have}")
+    return chosen
+
+
+def load_bundle(
+    path: str | Path,
+    configs: Sequence[str] | None = None,
+    archs: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    postprocessing: bool = True,
+) -> tuple[list[EnsembleMember], dict[str, Any] | None]:
+    """The ensemble members and postprocessing rules of a bundle.
+
+    Args:
+        path: the zip written by :func:`export_bundle`.
+        configs / archs / folds: keep only these members (None: all); ``folds`` as ``[0, 1]`` or ``["all"]``.
+        postprocessing: return the bundle's rules when the kept members are the ensemble they were fitted on.
+
+    Returns:
+        ``(members, rules or None)``; models on the CPU in eval mode.
+
+    Raises:
+        BundleError: the bundle is missing, not a zip, truncated or corrupt, misses a file, is of a newer
+            format version, or holds weights that do not fit their plan.
+        MedsegError: the selection keeps no member.
+    """
+    from medseg.networks import build_network
+
+    path = Path(path)
+    with _open(path) as zf:
+        reader = _Reader(path, zf)
+        manifest = _manifest(reader)
+        chosen = select_entries(manifest, configs, archs, folds, path)
+        plans: dict[str, Plan] = {}
+        members = []
+        for m in chosen:
+            if m["plan"] not in plans:
+                plans[m["plan"]] = reader.plan(m["plan"])
+            plan = plans[m["plan"]]
+            state = reader.weights(m["weights"])
+            try:
+                net = plan.configuration(m["configuration"]).network(m["arch"])
+                model = build_network(net, plan.num_channels, plan.num_classes)
+                model.load_state_dict(state["model"])
+            except (MedsegError, RuntimeError) as exc:
+                first = str(exc).splitlines()[0]
+                raise reader.error(m["weights"], f"does not fit the {m['arch']} network of its plan ({first})") from None
+            model.eval()
+            members.append(EnsembleMember(model=model, plan=plan, configuration=m["configuration"], arch=m["arch"],
+                                          source=f"{path}:{m['weights']}"))
+        rules = None
+        if postprocessing and manifest.get("postprocessing"):
+            rules = _rules(reader, manifest["postprocessing"])
+            fitted = {tuple(p) for p in rules.get("fitted_on", {}).get("members", [])}
+            if fitted != {(m["configuration"], m["arch"]) for m in chosen}:
+                logger.info("%s: its postprocessing was fitted on %s, not on the chosen members; not applied",
+                            path, sorted(fitted))
+                rules = None
+    logger.info("bundle %s (medseg %s): %d network(s)", path, manifest.get("medseg_version", "?"), len(members))
+    return members, rules
+
+
+def _rules(reader: _Reader, name: str) -> dict[str, Any]:
+    """Rules checked as :func:`medseg.postprocessing.operations.load_rules` checks a file."""
+    data = reader.read(name)
+    with tempfile.TemporaryDirectory(prefix="medseg_bundle_") as tmp:
+        file = Path(tmp) / "postprocessing.json"
+        file.write_bytes(data)
+        try:
+            return load_rules(file)
+        except MedsegError as exc:
+            raise reader.error(name, f"is invalid ({str(exc).removeprefix(f'{file}: ')})") from None
