@@ -104,12 +104,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     folds = None
     if args.folds is not None:
         folds = [f if f == "all" else int(f) for f in args.folds]
-    predictor = Predictor.from_work_dir(
+    bundle = Path(args.model).is_file()  # a model bundle from `medseg export`: its weights were chosen at export
+    predictor = (Predictor.from_bundle if bundle else Predictor.from_work_dir)(
         Path(args.model),
         configs=args.config,
         archs=args.arch,
         folds=folds,
-        checkpoint=args.checkpoint,
+        **({} if bundle else {"checkpoint": args.checkpoint}),
         device=_resolve_device(args.device),
         use_tta=not args.no_tta,
         step=args.step,
@@ -133,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.pred) / "metrics.json"
     report = evaluate_folders(
         Path(args.pred), Path(args.ref), label_ids=args.labels, output=out,
-        num_workers=args.num_workers or default_num_workers(),
+        num_workers=args.num_workers or default_num_workers(), ignore_label=args.ignore_label,
     )
     print(report.summary())
     print(f"metrics written to {out} and {out.with_suffix('.csv')}")

@@ -27,6 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import commands as c
+    from medseg.cli.export import add_export_parser
 
     parser = argparse.ArgumentParser(
         prog="medseg",
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment every image of a folder")
     p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations (not inside the input)")
-    p.add_argument("-m", "--model", required=True, help="work folder with trained runs")
+    p.add_argument("-m", "--model", required=True, help="work folder with trained runs, or a model bundle (.zip) "
+                                                        "from `medseg export`")
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) to ensemble")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="folder of reference segmentations")
     p.add_argument("-o", "--output", default=None, help="metrics JSON path (a CSV is written beside it)")
     p.add_argument("--labels", nargs="+", type=int, default=None, help="label ids to evaluate (default: all found)")
+    p.add_argument("--ignore-label", type=int, default=None,
+                   help="reference id of unannotated voxels, left out of both maps (default: the 'ignore' label "
+                        "of the reference dataset's dataset.json, if any)")
     p.add_argument("--num-workers", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=c.cmd_evaluate)
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work", help="work folder with trained runs")
     _add_common(p)
     p.set_defaults(func=c.cmd_find_best)
+
+    add_export_parser(sub, _add_common)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a synthetic dataset generated on the fly")
     p.add_argument("-o", "--output", default="medseg_demo", help="folder to work in (default ./medseg_demo)")
