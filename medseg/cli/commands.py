@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "optimizer": args.optimizer,
         "seed": args.seed,
+        "pretrained": args.pretrained,
     }
     fold = args.fold
     if fold != "all":

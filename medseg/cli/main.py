@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --time-budget: train the plan as it is even when it is not fitted to the budget "
                         "(a warning gives the iterations to expect)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
+    p.add_argument("--pretrained", default=None, metavar="MODEL",
+                   help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt; tensors "
+                        "whose name and shape match are loaded (a first layer for other channels and heads for "
+                        "other classes start fresh); with --time-budget the plan's network is kept (no refit)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)

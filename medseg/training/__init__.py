@@ -10,8 +10,8 @@ Public API::
 
 Losses (:mod:`medseg.training.losses`), patch sampling (:mod:`medseg.training.data`), augmentation
 (:mod:`medseg.training.augmentation`), the loop (:mod:`medseg.training.trainer`) and its device, precision
-and thread defaults (:mod:`medseg.training.device`) are importable on
-their own.
+and thread defaults (:mod:`medseg.training.device`) are importable on their own; so is fine-tuning from
+pretrained weights (``TrainConfig(pretrained="model.zip")``, :mod:`medseg.training.pretrained`).
 """
 
 from __future__ import annotations

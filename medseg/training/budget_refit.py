@@ -11,9 +11,9 @@ normalisation or the data identifier), so the preprocessed cache stays valid; th
 holds the refitted plan with the fit's measurements, its ``config.json`` the ``budget_fit`` record, and
 ``WORK/plans.json`` is left as it was.
 
-With ``keep_plan`` (``--keep-plan``), or where a refit cannot run (several processes under
-``torchrun``), the plan is trained as it is and the trainer warns, after its first measured step, how
-many iterations that leaves.
+With ``keep_plan`` (``--keep-plan``), with pretrained weights (``--pretrained``: they need the plan's
+network), or where a refit cannot run (several processes under ``torchrun``), the plan is trained as it
+is and the trainer warns, after its first measured step, how many iterations that leaves.
 """
 
 from __future__ import annotations
@@ -101,8 +101,11 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
     if reason is None:
         return plan, cfg
     before = _net_summary(plan, configuration, arch)
-    if cfg.keep_plan or distributed:
-        kept_by = "--keep-plan" if cfg.keep_plan else "a run of several processes (each would measure alone)"
+    if cfg.keep_plan or distributed or cfg.pretrained is not None:
+        if cfg.pretrained is not None:
+            kept_by = "--pretrained: a refit could change the network's width, and the pretrained weights would not fit"
+        else:
+            kept_by = "--keep-plan" if cfg.keep_plan else "a run of several processes (each would measure alone)"
         record = {"refit": False, "reason": reason, "kept_by": kept_by, "network": before}
         logger.info("%s; training it as it is (%s)", reason, kept_by)
         return plan, dataclasses.replace(cfg, budget_fit=record)

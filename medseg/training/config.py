@@ -145,6 +145,13 @@ class TrainConfig:
         budget_fit: set by :func:`~medseg.training.train`, not by hand: what a time-budgeted run did about
             a plan not fitted to its budget (the refit: why, from what to what, in how many seconds; or why
             the plan was kept). None when the plan was fitted to it or there is no budget.
+        pretrained: start from these weights: a model bundle (``model.zip`` from ``medseg export``) or a
+            medseg run checkpoint (``checkpoint_*.pt``); every tensor whose name and shape match the network
+            is loaded, the rest (a first layer for other channels, heads for other classes) keeps its fresh
+            initialisation (:mod:`medseg.training.pretrained`). With a time budget the plan's network is
+            trained as it is (no refit). A resumed run continues from its checkpoint, never from these.
+        pretrained_report: set by :func:`~medseg.training.train`, not by hand: what was loaded from
+            ``pretrained`` (source, member, counts, the tensors skipped and why).
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
             time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
             a run's ``config.json`` holds the resolved value.
@@ -195,6 +202,8 @@ class TrainConfig:
     time_budget_minutes: float | None = None
     keep_plan: bool = False
     budget_fit: dict[str, Any] | None = None
+    pretrained: str | None = None
+    pretrained_report: dict[str, Any] | None = None
     optimizer: str = "auto"
     lr: float | None = None
     momentum: float | None = None
@@ -241,6 +250,8 @@ class TrainConfig:
             p.append(f"val_iters must be >= 0, got {self.val_iters}")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             p.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        if self.pretrained is not None and not (isinstance(self.pretrained, str) and self.pretrained.strip()):
+            p.append(f"pretrained must be the path of a model bundle or checkpoint, got {self.pretrained!r}")
         if self.optimizer not in OPTIMIZERS:
             p.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.momentum is not None and not 0 <= self.momentum < 1:

@@ -10,8 +10,11 @@ Resuming (``resume=True``) continues from ``checkpoint_latest.pt`` with the stor
 run), ``device``, ``num_workers``, ``num_threads`` and the final-validation switches may change.
 
 A time budget covers the whole command: a fresh run whose plan is not fitted to the budget and device
-is refitted first (:mod:`medseg.training.budget_refit`, unless ``keep_plan``), and the final validation
-gets the time left (:class:`~medseg.training.validation_budget.ValidationBudget`).
+is refitted first (:mod:`medseg.training.budget_refit`, unless ``keep_plan`` or ``pretrained``), and the
+final validation gets the time left (:class:`~medseg.training.validation_budget.ValidationBudget`).
+
+A fresh run with ``pretrained`` starts from the matching tensors of those weights
+(:mod:`medseg.training.pretrained`); what was loaded is in ``config.json`` (``pretrained_report``).
 """
 
 from __future__ import annotations
@@ -131,6 +134,9 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
     """:func:`train` once this process holds the run folder's lock (:mod:`medseg.training.lock`)."""
     from medseg.preprocessing import list_preprocessed_cases
     from medseg.training.budget_refit import fit_run_to_budget
+    from medseg.training.config import run_plan
+    from medseg.training.distributed import unwrap
+    from medseg.training.pretrained import load_pretrained, prepare_pretrained
     from medseg.training.trainer import Trainer
 
     started = time.perf_counter()  # a time budget counts from here, a refit of the plan included
@@ -160,6 +166,10 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             logger.info("the plan was made for a %.0f-minute budget; training for that budget", plan.time_budget_minutes)
     # concrete optimizer, lr and momentum (time-budgeted runs get the short-schedule ones), stored in config.json
     cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).resolved().validate()
+    pretrained = None
+    if checkpoint is None and cfg.pretrained is not None:  # read and checked before any data is loaded
+        pretrained = prepare_pretrained(cfg.pretrained, run_plan(plan, cfg, configuration, arch)[0], configuration,
+                                        arch)
 
     dist_ctx = init_distributed(cfg.device)
     try:
@@ -177,6 +187,13 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             if checkpoint is None and cfg.time_budget_minutes is not None:
                 plan, cfg = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
             trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started)
+            if pretrained is not None:
+                report = load_pretrained(unwrap(trainer.model), pretrained, trainer.plan, configuration, arch)
+                cfg = trainer.cfg = dataclasses.replace(trainer.cfg, pretrained_report=report)
+                pretrained = None  # the copied weights are the model's now
+            elif checkpoint is not None and cfg.pretrained is not None:
+                logger.info("resuming from %s: the pretrained weights (%s) were loaded when the run started and "
+                            "are not loaded again", latest.name, cfg.pretrained)
             if dist_ctx.is_main:
                 atomic_write_text(run_dir / "config.json", cfg.to_json())
                 trainer.plan.save(run_dir / "plans.json")

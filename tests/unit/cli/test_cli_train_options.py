@@ -33,3 +33,11 @@ def test_intensity_augmentation_rejects_other_values(tmp_path, capsys):
         main(["train", str(tmp_path), "--intensity-augmentation", "maybe"])
     assert info.value.code == 2
     assert "--intensity-augmentation" in capsys.readouterr().err
+
+
+def test_pretrained_flag_reaches_the_train_config(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(medseg.training, "train", lambda work, cfg, resume=False: seen.append(cfg) or work)
+    assert main(["train", str(tmp_path), "--pretrained", "model.zip"]) == 0
+    assert main(["train", str(tmp_path)]) == 0
+    assert [c.pretrained for c in seen] == ["model.zip", None]

@@ -1,0 +1,334 @@
+"""Fine-tuning from pretrained weights: ``medseg train WORK --pretrained model.zip|checkpoint.pt``.
+
+The source is a model bundle from ``medseg export`` (one member is used: the one of the run's
+configuration and architecture, fold 0 when it has one, else the first; failing that the first of the
+run's architecture) or a medseg run checkpoint (``checkpoint_{final,best,latest}.pt``). Both are read with
+``torch.load(weights_only=True)``.
+
+Every tensor of the new network whose name and shape match a pretrained tensor is loaded
+(:func:`match_weights`); the others keep their fresh initialisation. That re-initialises exactly what
+cannot carry over: the first convolution when the number of input channels differs, the output heads
+(deep-supervision heads included) when the number of classes differs. A pretrained network with no
+matching tensor at all (another architecture or width) is refused. What was loaded and skipped is
+logged and recorded in the run's ``config.json`` (``TrainConfig.pretrained_report``).
+
+A time-budgeted run with pretrained weights trains the plan's network as it is: the refit to the budget
+(:mod:`medseg.training.budget_refit`) could change its width, and then the weights would not fit. A
+resumed run continues from its checkpoint and never loads the pretrained weights again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medseg.errors import CheckpointError, MedsegError
+from medseg.planning.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+#: Below this fraction of the network's weights loaded, a warning says the network is mostly freshly initialised.
+LOW_MATCH_FRACTION = 0.5
+_HINT = "give a checkpoint_final.pt of a medseg run or a model.zip from `medseg export`"
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Weights read from a bundle member or a run checkpoint.
+
+    Attributes:
+        path: the file given.
+        member: what in it was used, for people (``3d_fullres/unet/fold_0 of the bundle``, ``checkpoint of
+            3d_fullres/unet fold 0, iteration 250``).
+        state: the network's state dict (name -> tensor, on the CPU).
+        plan: the plan the pretrained network was trained with.
+        configuration / arch: the pretrained network's configuration and architecture.
+    """
+
+    path: Path
+    member: str
+    state: dict[str, torch.Tensor]
+    plan: Plan
+    configuration: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class WeightMatch:
+    """Which tensors of a network a pretrained state dict can fill (:func:`match_weights`).
+
+    Attributes:
+        names: the network's tensor names, in state-dict order.
+        loaded: names of the network's tensors with a pretrained tensor of the same name and shape.
+        mismatched: network tensor name -> (pretrained shape, network shape) where both exist.
+        unused: names of pretrained tensors the network lacks.
+        loaded_elements / total_elements: numbers of values (weights) loaded and in the network.
+        loaded_kernels: how many of the loaded tensors have two or more dimensions (convolution and linear
+            weights; biases and norm parameters of a class count or a width can match by chance).
+    """
+
+    names: tuple[str, ...]
+    loaded: tuple[str, ...]
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    unused: tuple[str, ...] = ()
+    loaded_elements: int = 0
+    total_elements: int = 0
+    loaded_kernels: int = 0
+
+    @property
+    def total(self) -> int:
+        """Number of tensors in the network's state dict."""
+        return len(self.names)
+
+    @property
+    def skipped(self) -> list[str]:
+        """The network's tensors left at their fresh initialisation (mismatched or missing), in network order."""
+        loaded = set(self.loaded)
+        return [n for n in self.names if n not in loaded]
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the network's values (weights) that are loaded."""
+        return self.loaded_elements / max(self.total_elements, 1)
+
+
+def match_weights(network: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]) -> WeightMatch:
+    """Match a network's state dict against a pretrained one by name and shape.
+
+    Args:
+        network: the new network's ``state_dict()`` (any device, meta included: only shapes are read).
+        pretrained: the pretrained ``state_dict()``.
+
+    Returns:
+        The :class:`WeightMatch`; a tensor counts as loaded when the name exists in both with the same
+        shape and both are floating point or both are not.
+    """
+    loaded, mismatched = [], {}
+    loaded_elements = total_elements = loaded_kernels = 0
+    for name, t in network.items():
+        total_elements += t.numel()
+        p = pretrained.get(name)
+        if not isinstance(p, torch.Tensor):
+            continue
+        if tuple(p.shape) != tuple(t.shape) or p.is_floating_point() != t.is_floating_point():
+            mismatched[name] = (tuple(p.shape), tuple(t.shape))
+        else:
+            loaded.append(name)
+            loaded_elements += t.numel()
+            loaded_kernels += t.dim() >= 2
+    unused = tuple(n for n in pretrained if n not in network)
+    return WeightMatch(names=tuple(network), loaded=tuple(loaded), mismatched=mismatched, unused=unused,
+                       loaded_elements=loaded_elements, total_elements=total_elements, loaded_kernels=loaded_kernels)
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "x".join(map(str, s)) or "scalar"
+
+
+def _net_words(plan: Plan, configuration: str, arch: str) -> str:
+    try:
+        net = plan.configuration(configuration).network(arch)
+    except MedsegError:
+        return f"{configuration}/{arch}"
+    return (f"{configuration}/{arch}, {net.base_features}-{net.max_features} features, {net.num_stages} stages, "
+            f"{plan.num_channels} channel(s), {plan.num_classes} classes")
+
+
+def check_match(match: WeightMatch, source: PretrainedSource, plan: Plan, configuration: str, arch: str,
+                warn: bool = True) -> None:
+    """Refuse a pretrained network of which no tensor fits; warn (``warn``) when less than half of the weights do.
+
+    Raises:
+        MedsegError: no tensor matches, or only biases / norm parameters (one-dimensional tensors, which
+            can match by chance: the heads' biases whenever the classes agree); the message describes
+            both networks.
+    """
+    if not match.loaded_kernels:
+        what = f"{len(match.loaded)}" if match.loaded else "0"
+        none = ", none of them a convolution or linear weight" if match.loaded else ""
+        raise MedsegError(
+            f"{source.path}: {what} of {match.total} tensors match{none}: the pretrained network is a different "
+            f"architecture/width ({source.member}: {_net_words(source.plan, source.configuration, source.arch)}; "
+            f"this run: {_net_words(plan, configuration, arch)}); train without --pretrained, or give "
+            f"WORK/plans.json the pretrained network's {arch} fields (base_features, max_features, kernel_sizes, "
+            "strides)")
+    fraction = match.fraction
+    if warn and fraction < LOW_MATCH_FRACTION:
+        logger.warning("pretrained: only %.0f%% of the network's weights match %s; the rest is freshly initialised "
+                       "(pretrained %s; this run %s)", 100 * fraction, source.member,
+                       _net_words(source.plan, source.configuration, source.arch),
+                       _net_words(plan, configuration, arch))
+
+
+def read_pretrained(path: str | Path, configuration: str, arch: str) -> PretrainedSource:
+    """Read the weights of a model bundle member or of a run checkpoint (see the module docstring).
+
+    Args:
+        path: ``model.zip`` from ``medseg export`` or a medseg ``checkpoint_*.pt``.
+        configuration / arch: what the run trains (selects the bundle member).
+
+    Returns:
+        The :class:`PretrainedSource`.
+
+    Raises:
+        MedsegError: the file is missing or a folder, or neither a medseg checkpoint nor a model bundle
+            (:class:`~medseg.errors.BundleError` for a broken bundle), or a bundle without a network of ``arch``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError(f"{path}: pretrained weights not found; {_HINT}")
+    if path.is_dir():
+        raise MedsegError(f"{path}: is a folder; {_HINT} (e.g. {path / 'checkpoint_final.pt'})")
+    if path.suffix == ".zip" or _has_manifest(path):
+        return _from_bundle(path, configuration, arch)
+    if not zipfile.is_zipfile(path):  # torch.save and medseg export both write zip archives
+        raise MedsegError(f"{path}: not a medseg checkpoint or model bundle (not a zip archive, or truncated); "
+                          f"{_HINT}")
+    try:
+        from medseg.io.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise MedsegError(f"{exc}; {_HINT}") from None
+    try:
+        plan = Plan.from_dict(ckpt["plan"])
+    except MedsegError as exc:
+        raise MedsegError(f"{path}: the checkpoint's plan is unreadable ({exc})") from None
+    fold = (ckpt.get("train_config") or {}).get("fold", "?")
+    member = f"checkpoint of {ckpt['configuration']}/{ckpt['arch']} fold {fold}, iteration {ckpt['iteration']}"
+    return PretrainedSource(path=path, member=member, state=dict(ckpt["model"]), plan=plan,
+                            configuration=str(ckpt["configuration"]), arch=str(ckpt["arch"]))
+
+
+def _has_manifest(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "manifest.json" in zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
+
+
+def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
+    from medseg.inference.bundle import load_bundle, read_manifest
+
+    members = read_manifest(path)["members"]
+    same = [m for m in members if m["configuration"] == configuration and m["arch"] == arch]
+    candidates = same or [m for m in members if m["arch"] == arch]
+    if not candidates:
+        have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in members]
+        raise MedsegError(f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; "
+                          f"it holds {have}")
+    entry = next((m for m in candidates if m["fold"] == "fold_0"), candidates[0])
+    loaded, _ = load_bundle(path, configs=[entry["configuration"]], archs=[entry["arch"]],
+                            folds=[entry["fold"].removeprefix("fold_")], postprocessing=False)
+    net = loaded[0]
+    name = f"{entry['configuration']}/{entry['arch']}/{entry['fold']}"
+    others = len(members) - 1
+    member = f"{name} of the bundle" + (f" (of its {len(members)} networks)" if others else "")
+    if not same:
+        logger.warning("pretrained: %s holds no %s/%s network; using %s", path, configuration, arch, name)
+    return PretrainedSource(path=path, member=member, state=net.model.state_dict(), plan=net.plan,
+                            configuration=entry["configuration"], arch=entry["arch"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_network_state(plan: Plan, configuration: str, arch: str) -> dict[str, torch.Tensor]:
+    """The state dict of the run's network built on the meta device (shapes only, no memory, no RNG use)."""
+    from medseg.networks import build_network
+
+    with torch.device("meta"):
+        model = build_network(plan.configuration(configuration).network(arch), plan.num_channels, plan.num_classes)
+    return model.state_dict()
+
+
+def prepare_pretrained(path: str | Path, plan: Plan, configuration: str, arch: str) -> PretrainedSource:
+    """Read the pretrained weights and check that they fit the run's network before any data is loaded.
+
+    Args:
+        path: ``model.zip`` or ``checkpoint_*.pt``.
+        plan: the plan the run trains (after :func:`~medseg.training.config.run_plan`).
+        configuration / arch: what the run trains.
+
+    Raises:
+        MedsegError: see :func:`read_pretrained` and :func:`check_match`.
+    """
+    source = read_pretrained(path, configuration, arch)
+    check_match(match_weights(_meta_network_state(plan, configuration, arch), source.state), source, plan,
+                configuration, arch, warn=False)  # load_pretrained warns, into the run's log
+    _note_differences(source.plan, plan)
+    return source
+
+
+def _note_differences(old: Plan, new: Plan) -> None:
+    """Log what the pretrained network saw differently (labels, channels): the weights still load by shape."""
+    if old.label_names != new.label_names:
+        logger.info("pretrained: trained for labels %s, this dataset has %s", list(old.label_names),
+                    list(new.label_names))
+    if old.channel_names != new.channel_names:
+        logger.info("pretrained: trained on channels %s, this dataset has %s", list(old.channel_names),
+                    list(new.channel_names))
+
+
+def load_pretrained(model: nn.Module, source: PretrainedSource, plan: Plan, configuration: str,
+                    arch: str) -> dict[str, Any]:
+    """Copy the matching pretrained tensors into ``model`` and describe what was done.
+
+    Args:
+        model: the freshly initialised network of the run (unwrapped from DDP).
+        source: from :func:`prepare_pretrained`.
+        plan / configuration / arch: the run's plan and what it trains (for messages).
+
+    Returns:
+        The record stored as ``TrainConfig.pretrained_report``: ``source`` (absolute path), ``sha256``,
+        ``member``, ``loaded`` / ``tensors`` (counts), ``loaded_weights_fraction``, ``skipped`` (names of
+        the network's tensors left at their fresh initialisation), ``mismatched_shapes`` (name ->
+        ``["4x32x1x1x1", "3x32x1x1x1"]``: pretrained, network) and ``unused`` (pretrained tensors the network lacks).
+
+    Raises:
+        MedsegError: no tensor matches (:func:`check_match`).
+    """
+    match = match_weights(model.state_dict(), source.state)
+    check_match(match, source, plan, configuration, arch)
+    result = model.load_state_dict({n: source.state[n] for n in match.loaded}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    fraction = match.fraction
+    logger.info("pretrained: loaded %d of %d tensors (%.2f%% of the weights) from %s (%s)", len(match.loaded),
+                match.total, 100 * fraction, source.path, source.member)
+    if match.skipped:
+        reasons = [f"{n} ({_shape(match.mismatched[n][0])} pretrained, {_shape(match.mismatched[n][1])} here)"
+                   if n in match.mismatched else f"{n} (not in the pretrained network)" for n in match.skipped]
+        logger.info("pretrained: %d tensor(s) keep their fresh initialisation: %s", len(match.skipped),
+                    ", ".join(reasons))
+    if match.unused:
+        logger.info("pretrained: %d pretrained tensor(s) have no place in this network: %s", len(match.unused),
+                    ", ".join(match.unused))
+    return {
+        "source": str(source.path.resolve()),
+        "sha256": _sha256(source.path),
+        "member": source.member,
+        "loaded": len(match.loaded),
+        "tensors": match.total,
+        "loaded_weights_fraction": round(fraction, 6),
+        "skipped": match.skipped,
+        "mismatched_shapes": {n: [_shape(a), _shape(b)] for n, (a, b) in match.mismatched.items()},
+        "unused": list(match.unused),
+    }
+
+
+__all__ = ["PretrainedSource", "WeightMatch", "check_match", "load_pretrained", "match_weights", "prepare_pretrained",
+           "read_pretrained"]
