@@ -27,6 +27,7 @@ from typing import Any
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.io.image import IMAGE_SUFFIXES, has_image_suffix, strip_suffix
+from medseg.io.regions import is_region_based, parse_region_labels
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class DatasetInfo:
         ignore_label: id of the label named ``ignore`` (case-insensitive; nnU-Net v2 partial annotation:
             voxels that are not annotated), or None. It is the highest declared id and is *not* in
             ``label_ids``: it is no class, only a mark that a voxel's class is unknown.
+        regions: region-based labels (:mod:`medseg.io.regions`): per region the label ids it holds, in
+            dataset.json order; empty for ordinary labels. ``label_ids`` then holds every id of any region.
+        regions_class_order: the label id written for each region when converting back to a label map.
     """
 
     root: Path
@@ -73,6 +77,8 @@ class DatasetInfo:
     cases: tuple[Case, ...]
     file_ending: str
     ignore_label: int | None = None
+    regions: tuple[tuple[int, ...], ...] = ()
+    regions_class_order: tuple[int, ...] = ()
 
     @property
     def num_channels(self) -> int:
@@ -126,10 +132,6 @@ def _parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
 
 def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
     """``(label_ids, label_names, ignore_label)`` of ``meta["labels"]``; ids and names without the ignore label."""
-    if "regions_class_order" in meta:
-        problems.append("region-based labels ('regions_class_order') are not supported; "
-                        "give one integer id per class in 'labels'")
-        return (), (), None
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         problems.append("'labels' is missing or empty; give e.g. {\"0\": \"background\", \"1\": \"tumour\"}")
@@ -138,8 +140,8 @@ def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tup
                  "or names to ids ({\"background\": 0, ...})")
     region = [k for k, v in labels.items() if isinstance(v, (list, tuple, dict))]
     if region:
-        problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: region-based labels are not supported; "
-                        "give one integer id per class")
+        problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: give one integer id per class, or a "
+                        "list of ids per region with 'regions_class_order' (region-based labels)")
         return (), (), None
     pairs: list[tuple[int, str]] = []
     if all(isinstance(v, str) for v in labels.values()) and not all(_as_int(v) is not None for v in labels.values()):
@@ -301,7 +303,7 @@ def load_dataset(root: str | Path) -> DatasetInfo:
 
     Raises:
         DatasetError: the folder or ``dataset.json`` is missing or unreadable, or ``dataset.json``
-            is malformed (no channels, labels not integer ids, region-based labels, ...). Every
+            is malformed (no channels, labels not integer ids, inconsistent regions, ...). Every
             problem of ``dataset.json`` is listed.
     """
     root = Path(root)
@@ -321,7 +323,12 @@ def load_dataset(root: str | Path) -> DatasetInfo:
 
     problems: list[str] = []
     channel_names = _parse_channels(meta, problems)
-    label_ids, label_names, ignore_label = _parse_labels(meta, problems)
+    regions: tuple[tuple[int, ...], ...] = ()
+    regions_class_order: tuple[int, ...] = ()
+    if is_region_based(meta):
+        label_ids, label_names, ignore_label, regions, regions_class_order = parse_region_labels(meta, problems)
+    else:
+        label_ids, label_names, ignore_label = _parse_labels(meta, problems)
 
     ending = meta.get("file_ending")
     if ending is not None and ending not in IMAGE_SUFFIXES:
@@ -350,6 +357,8 @@ def load_dataset(root: str | Path) -> DatasetInfo:
         cases=tuple(cases),
         file_ending=ending,
         ignore_label=ignore_label,
+        regions=regions,
+        regions_class_order=regions_class_order,
     )
     logger.debug("loaded %s: %d cases, channels %s, labels %s", root, len(cases), channel_names, label_ids)
     return ds

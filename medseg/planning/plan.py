@@ -249,6 +249,10 @@ class Plan:
         ignore_label: original id of the dataset's ``ignore`` label (partial annotation), or None. It is
             not a class: not in ``label_ids``, no network output; preprocessing stores it as class index
             :attr:`ignore_class` (``K``), which no loss or metric counts and no prediction holds.
+        regions: region-based training (nnU-Net v2, :mod:`medseg.io.regions`): per region the original
+            label ids it holds; one sigmoid network output per region. None for ordinary (softmax) plans.
+        regions_class_order: the label id written for each region when turning region probabilities
+            into a label map (later regions overwrite earlier ones); None without regions.
     """
 
     dataset_name: str
@@ -265,6 +269,8 @@ class Plan:
     notes: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     ignore_label: int | None = None
+    regions: tuple[tuple[int, ...], ...] | None = None
+    regions_class_order: tuple[int, ...] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -272,13 +278,23 @@ class Plan:
 
     @property
     def num_classes(self) -> int:
-        """Number of output classes including background (the ignore label is no class)."""
-        return len(self.label_ids)
+        """Network outputs: classes including background (the ignore label is no class), or one per region."""
+        return len(self.regions) if self.regions else len(self.label_ids)
+
+    @property
+    def is_region_based(self) -> bool:
+        return bool(self.regions)
+
+    @property
+    def region_classes(self) -> tuple[tuple[int, ...], ...]:
+        """Per region the *class indices* (positions in ``label_ids``) it holds; empty without regions."""
+        index = {int(v): i for i, v in enumerate(self.label_ids)}
+        return tuple(tuple(index[int(i)] for i in reg) for reg in self.regions or ())
 
     @property
     def ignore_class(self) -> int | None:
-        """Class index of ignored voxels in preprocessed label maps (``num_classes``); None without ignore label."""
-        return None if self.ignore_label is None else self.num_classes
+        """Class index of ignored voxels in preprocessed label maps (``len(label_ids)``); None without ignore label."""
+        return None if self.ignore_label is None else len(self.label_ids)
 
     def configuration(self, name: str | None = None) -> ConfigurationPlan:
         name = name or self.default_configuration
@@ -301,6 +317,7 @@ class Plan:
                                    or ignore <= max(self.label_ids, default=0)):
             problems.append(f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
                             f"got {self.ignore_label!r}")
+        problems += _region_problems(self)
         if not self.configurations:
             problems.append("plan has no configurations")
         if self.default_configuration not in self.configurations:
@@ -318,7 +335,11 @@ class Plan:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        return _to_builtin(self)
+        d = _to_builtin(self)
+        if self.regions is None and self.regions_class_order is None:  # plans without regions stay as before
+            d.pop("regions")
+            d.pop("regions_class_order")
+        return d
 
     def to_json(self) -> str:
         """Indented JSON with short lists of numbers kept on one line, so a person can read and edit it."""
@@ -408,7 +429,7 @@ _NESTED = {
 _INT_TUPLES = {"patch_size", "median_shape", "original_median_shape", "label_ids"}
 _OPTIONAL_INT_TUPLES = {"mirror_axes"}
 _FLOAT_TUPLES = {"spacing", "original_median_spacing"}
-_NESTED_INT_TUPLES = {"kernel_sizes", "strides"}
+_NESTED_INT_TUPLES = {"kernel_sizes", "strides", "regions"}
 _STR_TUPLES = {"channel_names", "label_names"}
 
 
@@ -427,6 +448,10 @@ def _convert(cls: type, name: str, value: Any, where: str) -> Any:
             return tuple(_as_int(v, where) for v in value)
         if key == ("Plan", "ignore_label"):
             return None if value is None else _as_int(value, where)
+        if key in (("Plan", "regions"), ("Plan", "regions_class_order")) and value is None:
+            return None
+        if key == ("Plan", "regions_class_order"):
+            return tuple(_as_int(v, where) for v in value)
         if name in _OPTIONAL_INT_TUPLES:
             return None if value is None else tuple(_as_int(v, where) for v in value)
         if name in _FLOAT_TUPLES:
@@ -438,6 +463,27 @@ def _convert(cls: type, name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise PlanError(f"{where}: {exc}") from None
     return value
+
+
+def _region_problems(plan: Plan) -> list[str]:
+    """Inconsistencies of a plan's ``regions`` / ``regions_class_order``."""
+    regions, order = plan.regions, plan.regions_class_order
+    if regions is None and order is None:
+        return []
+    if not regions or order is None:
+        return ["regions and regions_class_order must be given together (region-based plans), "
+                f"got {regions!r} and {order!r}"]
+    problems = []
+    ids = set(int(v) for v in plan.label_ids)
+    if len(order) != len(regions):
+        problems.append(f"regions_class_order has {len(order)} entries but there are {len(regions)} regions")
+    for r, reg in enumerate(regions):
+        if not reg or not set(reg) <= ids - {0}:
+            problems.append(f"regions[{r}] = {list(reg)} must be a non-empty list of nonzero ids of label_ids "
+                            f"{sorted(ids)}")
+    if not set(order) <= ids - {0}:
+        problems.append(f"regions_class_order {list(order)} must hold nonzero ids of label_ids {sorted(ids)}")
+    return problems
 
 
 def _as_int(v: Any, where: str) -> int:

@@ -144,7 +144,7 @@ def plan_dataset(
             "delete fingerprint.json and re-run `medseg plan`"
         )
     estimator = memory_estimator or _default_estimator()
-    num_classes = len(ds.label_ids)
+    num_classes = len(ds.regions) if ds.regions else len(ds.label_ids)  # network outputs
     fitter = Fitter(options, estimator, ds.num_channels, num_classes)
     default_arch = "unet" if "unet" in options.archs else options.archs[0]
 
@@ -238,6 +238,8 @@ def plan_dataset(
         label_ids=tuple(int(v) for v in ds.label_ids),
         label_names=tuple(ds.label_names),
         ignore_label=ds.ignore_label,
+        regions=tuple(tuple(int(i) for i in r) for r in ds.regions) or None,
+        regions_class_order=tuple(int(i) for i in ds.regions_class_order) or None,
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),
         original_median_shape=tuple(round(float(v)) for v in np.median(shapes, axis=0)),
         configurations=configurations,

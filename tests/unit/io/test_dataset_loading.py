@@ -119,11 +119,13 @@ def test_bad_labels_in_dataset_json(tmp_path, labels, expected):
     assert "dataset.json" in str(err.value)
 
 
-def test_regions_class_order_is_rejected(tmp_path):
+def test_regions_class_order_with_single_ids_makes_singleton_regions(tmp_path):
     root = write_nnunet(tmp_path / "d")
-    edit_json(root, regions_class_order=[1, 2])
-    with pytest.raises(DatasetError, match="region-based"):
-        load_dataset(root)
+    meta = json.loads((root / "dataset.json").read_text())
+    edit_json(root, regions_class_order=[int(v) for k, v in meta["labels"].items() if int(v) != 0])
+    ds = load_dataset(root)
+    assert ds.regions == tuple((i,) for i in ds.label_ids[1:])
+    assert ds.regions_class_order == ds.label_ids[1:]
 
 
 def test_missing_channel_names_and_bad_file_ending_reported_together(tmp_path):

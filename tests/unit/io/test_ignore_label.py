@@ -50,9 +50,11 @@ def test_two_ignore_labels_are_refused(tmp_path):
         load_dataset(root)
 
 
-def test_ignore_in_a_region_list_stays_refused(tmp_path):
-    root = _with_labels(tmp_path, {"background": 0, "tumour": [1, 2], "ignore": 3})
-    with pytest.raises(DatasetError, match="region-based"):
+def test_ignore_in_a_region_list_is_refused(tmp_path):
+    root = _with_labels(tmp_path, {"background": 0, "tumour": [1, 2, 3], "ignore": 3})
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "regions_class_order": [1]}))
+    with pytest.raises(DatasetError, match="'tumour'.*contains the ignore label id 3"):
         load_dataset(root)
 
 
