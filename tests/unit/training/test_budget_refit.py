@@ -109,6 +109,8 @@ def test_a_validation_too_long_for_the_budget_is_shortened_not_overrun(tiny_work
 
     # pretend one patch forward takes 2 s: the full validation (2 cases x 8 TTA passes) would take minutes
     monkeypatch.setattr(trainer, "measure_forward_seconds", lambda *a, **k: 2.0)
+    # ... and keep it so: the run would otherwise correct the estimate from its real (fast) steps
+    monkeypatch.setattr(trainer.Trainer, "_seconds_per_window", lambda self: 2.0)
     budget_min = 0.2
     run = train(tiny_work, TrainConfig(time_budget_minutes=budget_min, keep_plan=True, **QUICK))
     ckpt = load_checkpoint(run / "checkpoint_final.pt")

@@ -101,7 +101,8 @@ def test_measure_forward_seconds_restores_train_mode():
 
 
 class _Slow(torch.nn.Module):
-    """A network that takes ``delay`` seconds per batch and predicts background everywhere."""
+    """A network that takes ``delay`` seconds per patch and predicts background everywhere (per patch, so
+    the time does not depend on the inference batch size)."""
 
     def __init__(self, num_classes: int, delay: float) -> None:
         super().__init__()
@@ -109,7 +110,7 @@ class _Slow(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        time.sleep(self.delay)
+        time.sleep(self.delay * x.shape[0])
         out = torch.zeros((x.shape[0], self.num_classes, *x.shape[2:]))
         out[:, 0] = 1.0
         return out
@@ -125,11 +126,11 @@ def test_validate_run_stops_at_the_deadline_and_records_what_it_skipped(tiny_wor
 
     shapes = {c: load_case(tiny_work, plan, "3d_fullres", c)[0].shape[1:] for c in ids}
     run = tiny_work / "runs" / "x"
-    # the estimate (0.01 s per window) lets the first case start without TTA, but each batch takes 0.2 s:
+    # the estimate (0.01 s per window) lets the first case start without TTA, but each patch takes 0.1 s:
     # the deadline comes during its prediction, which is abandoned; the rest is skipped; nothing raises
     budget = ValidationBudget(time.perf_counter() + 4.0, 0.01, shapes)
     t = time.perf_counter()
-    metrics = validate_run(_Slow(plan.num_classes, 0.2), plan, "3d_fullres", "unet", tiny_work, run, ids,
+    metrics = validate_run(_Slow(plan.num_classes, 0.1), plan, "3d_fullres", "unet", tiny_work, run, ids,
                            save_probabilities=False, budget=budget)
     assert time.perf_counter() - t < 4.0 + 1.5
     rec = metrics["time_budget"]
