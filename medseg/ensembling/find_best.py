@@ -28,7 +28,8 @@ from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
-from medseg.postprocessing.operations import save_rules
+from medseg.postprocessing.operations import RULES_FORMAT, save_rules
+from medseg.preprocessing.regions import dice_per_region, region_key, regions_to_labels
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,13 @@ def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = N
     return load_preprocessed
 
 
+def _region_dice(probs: np.ndarray, ref: np.ndarray, plan: Plan, ignored: np.ndarray | None) -> np.ndarray:
+    """Dice per region (both empty -> 1) of region probabilities ``(R, *ref.shape)`` against label ids ``ref``."""
+    pred = regions_to_labels(probs, plan.regions_class_order or ())
+    dice = dice_per_region(pred, ref, plan.regions or (), None if ignored is None else plan.ignore_label)
+    return np.asarray([1.0 if v is None else v for v in dice.values()])
+
+
 def _load_probabilities(path: Path) -> np.ndarray:
     try:
         with np.load(path) as f:
@@ -201,7 +209,9 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     lut[label_ids] = np.arange(k)
     load_ref = reference_loader(work_dir, plan, data_dir)
     candidates = _candidates(members)
-    dice_sums = np.zeros((len(candidates), k))
+    regions = plan.regions or ()  # region plans: sigmoid probabilities per region, Dice per region
+    k_out = plan.num_classes
+    dice_sums = np.zeros((len(candidates), len(regions) or k))
 
     ignore = plan.ignore_label  # unannotated reference voxels: left out of prediction and reference
 
@@ -214,18 +224,21 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         probs = {}
         for m in members:
             p = _load_probabilities(preds[m][case])
-            if p.shape != (k, *ref.shape):
+            if p.shape != (k_out, *ref.shape):
                 raise MedsegError(f"{preds[m][case]}: probabilities of shape {list(p.shape)} do not fit the reference "
-                                  f"(K={k}, {list(ref.shape)})")
+                                  f"(K={k_out}, {list(ref.shape)})")
             probs[m] = p
         for i, combo in enumerate(candidates):
             total = probs[combo[0]] if len(combo) == 1 else sum(probs[m] for m in combo)
+            if regions:
+                dice_sums[i] += _region_dice(total / len(combo), ref, plan, ignored)
+                continue
             pred_idx = total.argmax(0)
             if ignored is not None:
                 pred_idx[ignored] = 0
             dice_sums[i] += dice_from_counts(overlap_counts(pred_idx, ref_idx, k))
     dice_means = dice_sums / len(common)
-    scores = dice_means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
+    scores = dice_means.mean(1) if regions else dice_means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
     order = sorted(range(len(candidates)), key=lambda i: (-round(float(scores[i]), 10), len(candidates[i]), i))
     ranking = [(_name(candidates[i]), float(scores[i])) for i in order]
     best_i = order[0]
@@ -234,13 +247,23 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
 
     def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
         total = sum(_load_probabilities(preds[m][case]) for m in winner)
-        pred, ref = np.asarray(label_ids, dtype=np.int32)[total.argmax(0)], load_ref(case)
+        pred = regions_to_labels(total / len(winner), plan.regions_class_order or ()).astype(np.int32) if regions \
+            else np.asarray(label_ids, dtype=np.int32)[total.argmax(0)]
+        ref = load_ref(case)
         if ignore is not None:
             ignored = ref == ignore
             pred[ignored], ref = 0, np.where(ignored, 0, ref)
         return pred, ref
 
-    rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
+    if regions:  # per-region postprocessing is not searched: the rules change nothing
+        logger.info("region-based plan: no postprocessing is fitted (per-region postprocessing is not supported)")
+        score = float(scores[best_i])
+        rules = {"format": RULES_FORMAT, "label_ids": label_ids, "foreground_largest_component": False,
+                 "per_label": {}, "note": "region-based plan: postprocessing not fitted",
+                 "scores": {"num_cases": len(common), "mean_foreground_dice_before": score,
+                            "mean_foreground_dice_after": score}}
+    else:
+        rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, work_dir / "postprocessing.json")
 
@@ -251,7 +274,8 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         score=float(scores[best_i]),
         score_postprocessed=float(rules["scores"]["mean_foreground_dice_after"]),
         ranking=ranking,
-        dice_per_label={str(label_ids[j]): float(dice_means[best_i, j]) for j in range(1, k)},
+        dice_per_label={region_key(r): float(dice_means[best_i, j]) for j, r in enumerate(regions)} if regions
+        else {str(label_ids[j]): float(dice_means[best_i, j]) for j in range(1, k)},
         postprocessing=rules,
         num_cases=len(common),
         predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",

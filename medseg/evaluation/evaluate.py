@@ -38,6 +38,7 @@ from medseg.io.image import (
     strip_suffix,
 )
 from medseg.io.parallel import map_cases
+from medseg.preprocessing.regions import region_key
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def _header_geometry(path: Path) -> ImageGeometry:
     return ImageGeometry.from_sitk(reader)
 
 
-def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None]) -> dict[str, Any]:
-    case_id, pred_path, ref_path, label_ids, tolerance, ignore_label = args
+def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None,
+                                 tuple[tuple[int, ...], ...]]) -> dict[str, Any]:
+    case_id, pred_path, ref_path, label_ids, tolerance, ignore_label, regions = args
     pred, geo = read_image(pred_path)
     ref, _ = read_image(ref_path)
     for name, arr in (("prediction", pred), ("reference", ref)):
@@ -93,7 +95,11 @@ def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, i
         labels = tuple(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
     elif ignore_label is not None:
         labels = tuple(v for v in labels if v != ignore_label)
-    per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
+    if regions:  # region plans: metrics of each region's mask (voxels whose id is in the region)
+        per_label = {region_key(r): case_metrics(np.isin(pred, r).astype(np.uint8), np.isin(ref, r).astype(np.uint8),
+                                                 geo.spacing, (1,), tolerance)[1] for r in regions}
+    else:
+        per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
     out = {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
            "labels": {str(k): v for k, v in per_label.items()}}
     if ignore_label is not None:
@@ -113,6 +119,20 @@ def _dataset_ignore_label(ref_dir: Path) -> int | None:
             except MedsegError:
                 return None
     return None
+
+
+def _dataset_regions(ref_dir: Path) -> tuple[tuple[int, ...], ...]:
+    """The regions declared by the ``dataset.json`` of ``ref_dir`` or its parent (see
+    :func:`_dataset_ignore_label`); empty for ordinary labels or without a readable dataset.json."""
+    from medseg.io.dataset import load_dataset
+
+    for root in (ref_dir, ref_dir.parent):
+        if (root / "dataset.json").is_file():
+            try:
+                return load_dataset(root).regions
+            except MedsegError:
+                return ()
+    return ()
 
 
 def _json_safe(obj: Any) -> Any:
@@ -181,7 +201,8 @@ def write_results(result: dict, json_path: str | Path) -> Path:
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[int] | None = None,
                      num_workers: int = 1, output: str | Path | None = None,
                      tolerance_mm: float = 1.0, progress: bool = True,
-                     ignore_label: int | None = None) -> EvaluationReport:
+                     ignore_label: int | None = None,
+                     regions: list[tuple[int, ...]] | None = None) -> EvaluationReport:
     """Dice, IoU, HD95 (mm) and surface Dice per case and label, with means and standard deviations.
 
     Args:
@@ -195,6 +216,10 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
         progress: show a progress bar.
         ignore_label: reference id of unannotated voxels, left out of prediction and reference (see the
             module docstring); default the one the reference dataset's ``dataset.json`` declares, if any.
+        regions: region-based evaluation (nnU-Net v2): per region the label ids it holds; each region's
+            mask (voxels whose id is in it) is evaluated instead of each label, keyed ``"3"`` /
+            ``"(1, 2, 3)"``. Default the regions the reference dataset's ``dataset.json`` declares, if any;
+            ``label_ids`` is then not used.
 
     Returns:
         :class:`EvaluationReport`, a JSON-ready dict: ``cases`` (per case ``labels -> {dice, iou, hd95,
@@ -213,6 +238,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
             raise MedsegError(f"{d}: {name} folder not found")
     if ignore_label is None:
         ignore_label = _dataset_ignore_label(ref_dir)
+    region_list = tuple(tuple(int(i) for i in r) for r in (regions if regions is not None else _dataset_regions(ref_dir)))
     if not _list_images(ref_dir) and (ref_dir / "labelsTr").is_dir():
         ref_dir = ref_dir / "labelsTr"
     preds = _list_images(pred_dir)
@@ -236,12 +262,12 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
     labels_arg = tuple(int(v) for v in label_ids) if label_ids is not None else None
     if labels_arg is not None and ignore_label is not None:
         labels_arg = tuple(v for v in labels_arg if v != ignore_label)
-    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label) for c in case_ids]
+    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label, region_list) for c in case_ids]
     cases = map_cases(_evaluate_case, jobs, num_workers, desc="evaluate", progress=progress,
                       mp_context=multiprocessing.get_context("spawn"))
 
-    labels = list(labels_arg) if labels_arg is not None else sorted(
-        {int(k) for c in cases for k in c["labels"]})
+    labels: list[Any] = [region_key(r) for r in region_list] if region_list else list(labels_arg) \
+        if labels_arg is not None else sorted({int(k) for c in cases for k in c["labels"]})
     for c in cases:  # a label absent from both masks of a case is an empty-vs-empty match
         for lab in labels:
             c["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
@@ -254,6 +280,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
     result = EvaluationReport({
         "prediction_dir": str(pred_dir), "reference_dir": str(ref_dir), "label_ids": labels,
         "ignore_label": ignore_label,
+        **({"regions": [list(r) for r in region_list]} if region_list else {}),
         "tolerance_mm": float(tolerance_mm), "num_cases": len(cases), "missing_predictions": missing,
         "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
                        "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",

@@ -205,7 +205,7 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
             "shift_variants": [list(s) for s in shifts],
             "total_stride": list(net.total_stride()),
         })
-    return {
+    info = {
         "format": INFERENCE_FORMAT,
         "medseg_version": __version__,
         "network_format": fmt,
@@ -241,3 +241,13 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
                     "index -> label id",
         "postprocessing": rules,
     }
+    if plan.is_region_based:  # one sigmoid output per region (medseg.preprocessing.regions)
+        info["output"]["values"] = ("logits; sigmoid per channel gives region probabilities, channel r is region "
+                                    "regions[r] (a set of label ids)")
+        info["regions"] = [list(r) for r in plan.regions or ()]
+        info["regions_class_order"] = list(plan.regions_class_order or ())
+        info["sliding_window"]["weighting"] = info["sliding_window"]["weighting"].replace("then softmax", "then sigmoid")
+        info["ensemble"] = ("mean of the sigmoid probabilities of all networks on the original grid (0 outside the "
+                            "crop); from 0, for each region r in order, voxels with probability > 0.5 get "
+                            "regions_class_order[r]")
+    return info

@@ -261,6 +261,7 @@ class Predictor:
                 step=self.step, mirror_axes=mirror_axes, shifts=shifts,
                 device=self.device, precision=precision, batch_size=batch,
                 channels_last=self._channels_last[index], progress=self.progress, should_stop=should_stop,
+                activation="sigmoid" if member.plan.is_region_based else "softmax",
             )
 
     def predict_preprocessed(self, data: np.ndarray | torch.Tensor, configuration: str | None = None,
@@ -320,7 +321,7 @@ class Predictor:
         total: np.ndarray | None = None
         count = 0
         for probs, props, n in inferred:
-            orig = revert_to_original(probs, props)
+            orig = revert_to_original(probs, props, background_outside=not self.plan.is_region_based)
             if total is None:
                 total = orig * n if n != 1 else orig
             else:
@@ -339,6 +340,8 @@ class Predictor:
         """
         from medseg.preprocessing import revert_to_original
 
+        if self.plan.is_region_based:  # thresholds need the mean of every region: no one-class-at-a-time argmax
+            return self.probabilities_to_classes(self._combine(inferred))
         best: np.ndarray | None = None
         arg: np.ndarray | None = None
         for k in range(self.num_classes):
@@ -381,8 +384,15 @@ class Predictor:
         return self._combine(self._infer(self.preprocess(image, geometry, case_id)))
 
     def probabilities_to_labels(self, probabilities: np.ndarray, postprocess: bool = True) -> np.ndarray:
-        """Argmax over ``(K, Z, Y, X)`` probabilities -> original label ids ``(Z, Y, X)``, postprocessed."""
-        return self.indices_to_labels(probabilities.argmax(0), postprocess)
+        """Argmax over ``(K, Z, Y, X)`` probabilities (region plans: ``regions_class_order`` over the
+        ``(R, Z, Y, X)`` sigmoid probabilities) -> original label ids ``(Z, Y, X)``, postprocessed."""
+        return self.indices_to_labels(self.probabilities_to_classes(probabilities), postprocess)
+
+    def probabilities_to_classes(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class indices ``(Z, Y, X)`` of the probabilities (see :func:`~medseg.preprocessing.regions.probabilities_to_classes`)."""
+        from medseg.preprocessing.regions import probabilities_to_classes
+
+        return probabilities_to_classes(probabilities, self.plan)
 
     def indices_to_labels(self, seg: np.ndarray, postprocess: bool = True) -> np.ndarray:
         """Class indices ``(Z, Y, X)`` -> original label ids (uint8/uint16), postprocessing applied."""

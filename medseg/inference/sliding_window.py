@@ -4,7 +4,8 @@ The volume is covered by overlapping patches (``step`` = 0.5 -> neighbouring pat
 patch). Each patch's *logits* are weighted with a Gaussian importance map (centre voxels count more than
 border voxels, whose receptive field is truncated) and accumulated into one ``(K, Z, Y, X)`` float32
 buffer on the compute device, together with the sum of the weights. After the last patch the weighted
-mean of the logits is turned into softmax probabilities in place.
+mean of the logits is turned into softmax probabilities in place (a region plan's network, with one
+sigmoid output per region: ``activation="sigmoid"``, each channel's sigmoid).
 
 Mirror test-time augmentation (TTA) runs the network on every combination of flips over ``mirror_axes``
 (``2**n`` passes, the unflipped one included), flips each output back and averages the *logits* before
@@ -209,6 +210,7 @@ def predict_sliding_window(
     channels_last: bool = False,
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    activation: str = "softmax",
 ) -> torch.Tensor:
     """Predict a whole preprocessed volume patch by patch.
 
@@ -232,9 +234,11 @@ def predict_sliding_window(
         progress: show a tqdm bar over the patches.
         should_stop: called before every network batch; True abandons the prediction (a time budget's
             deadline) with :class:`PredictionStopped`.
+        activation: ``"softmax"`` over the channels (classes), or ``"sigmoid"`` per channel (region plans,
+            :mod:`medseg.preprocessing.regions`); applied to the weighted mean of the logits.
 
     Returns:
-        softmax probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``: float32, or
+        softmax (or sigmoid) probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``: float32, or
         float16 when float32 would exceed :data:`HALF_ACCUMULATOR_BYTES`.
 
     Raises:
@@ -243,6 +247,8 @@ def predict_sliding_window(
         PredictionStopped: ``should_stop`` returned True.
     """
     device = torch.device(device)
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     if data.ndim != 4:
         raise ValueError(f"data must be (C, Z, Y, X), got shape {tuple(data.shape)}")
     patch = tuple(int(p) for p in patch_size)
@@ -279,6 +285,10 @@ def predict_sliding_window(
             ctx.accumulate(x, before, after, logits, weights, bar)
     if bar is not None:
         bar.close()
+    if activation == "sigmoid":
+        for k0 in range(0, num_classes, 4):  # float32 a few channels at a time (a float16 buffer stays float16)
+            logits[k0:k0 + 4] = logits[k0:k0 + 4].float().div_(weights).sigmoid_()
+        return logits.contiguous()
     if logits.dtype != torch.float32:
         _softmax_in_chunks(logits, weights)
         return logits.contiguous()

@@ -18,7 +18,8 @@ def _full_shape_3d(props: CaseProperties) -> tuple[int, ...]:
     return (1,) + shape if len(shape) == 2 else shape
 
 
-def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool = False) -> np.ndarray:
+def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool = False,
+                       background_outside: bool = True) -> np.ndarray:
     """Map a prediction on the preprocessed grid back onto the original image grid.
 
     Resamples from ``props.shape_after_resample`` to ``props.shape_after_crop`` (probabilities: linear,
@@ -30,6 +31,8 @@ def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool =
         values: ``(K, z, y, x)`` probabilities (not logits), or with ``is_seg`` ``(z, y, x)`` class indices.
         props: the case's :class:`CaseProperties`.
         is_seg: whether ``values`` is a class-index map.
+        background_outside: probabilities: channel 0 is background and gets 1 outside the crop (softmax);
+            False leaves every channel 0 there (a region plan's sigmoid probabilities).
 
     Returns:
         float32 ``(K, *props.geometry.shape)`` probabilities, or ``props.geometry.shape`` class indices in
@@ -53,7 +56,7 @@ def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool =
         return out[0] if props.geometry.ndim == 2 else out
     values = values.astype(np.float32, copy=False)  # float16 from a large sliding-window accumulator
     out = np.zeros((values.shape[0],) + full, dtype=np.float32)
-    if tuple(props.shape_after_crop) != tuple(full):
+    if background_outside and tuple(props.shape_after_crop) != tuple(full):
         out[0] = 1.0  # background outside the crop
     resample_probabilities(values, props.shape_after_crop, out=out[(slice(None),) + region])
     return out[:, 0] if props.geometry.ndim == 2 else out

@@ -53,6 +53,7 @@ from medseg.training.device import (
 from medseg.training.distributed import DistContext, unwrap
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.progress import write_progress_files
+from medseg.training.region_losses import region_loss
 from medseg.training.schedule import lr_factor
 from medseg.training.trainer_state import checkpoint_state, restore_state
 from medseg.training.validation import pseudo_dice
@@ -155,11 +156,14 @@ class Trainer:
         if dist_ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(
+        loss_options = dict(
             dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
             class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
             ignore_index=plan.ignore_class,
-        )).to(self.device)
+        )
+        base_loss = region_loss(plan.region_classes, **loss_options) if plan.is_region_based \
+            else DiceCELoss(**loss_options)  # type: ignore[arg-type]
+        self.loss_fn = DeepSupervisionLoss(base_loss).to(self.device)
         if cfg.class_weights is not None and len(cfg.class_weights) != self.num_classes:
             raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {self.num_classes} classes")
         opt = cfg.resolved()
@@ -372,7 +376,8 @@ class Trainer:
         first = self.epoch * self.cfg.val_iters
         val, per_sample = pseudo_dice(unwrap(self.model), self.val_sampler, range(first, first + self.cfg.val_iters),
                                       self.batch_lo, self.batch_hi, self.num_classes, self.dist, device=self.device,
-                                      amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+                                      amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                                      regions=self.plan.region_classes, ignore_index=self.plan.ignore_class)
         if per_sample is not None:
             old = self.fwd_seconds_per_sample
             self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)

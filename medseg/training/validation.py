@@ -38,6 +38,7 @@ from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
 from medseg.training.distributed import DistContext
 from medseg.training.losses import hard_dice_counts
+from medseg.training.region_losses import region_dice_counts
 from medseg.training.validation_budget import ValidationBudget, ValidationClock
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def validate_run(
     from medseg.inference import EnsembleMember, Predictor
     from medseg.io.image import read_image
     from medseg.preprocessing import classes_to_labels, export_segmentation, load_case, revert_to_original
+    from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 
     out_dir = run_dir / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +153,8 @@ def validate_run(
             assert clock is not None
             clock.interrupted(cid)
             continue
-        probs = revert_to_original(probs, props)
-        classes = probs.argmax(0).astype(np.int16 if len(label_ids) > 127 else np.int8)
+        probs = revert_to_original(probs, props, background_outside=not plan.is_region_based)
+        classes = probabilities_to_classes(probs, plan)
         export_segmentation(classes, props, label_ids, out_dir / f"{cid}.nii.gz")
         if save_probabilities:
             buf = io.BytesIO()
@@ -171,21 +173,25 @@ def validate_run(
             ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids,
                                     ignore_label=plan.ignore_label)
         if ref is not None:
-            per_case[cid] = dice_per_label(pred_labels, ref, fg, ignore_label=plan.ignore_label)
+            per_case[cid] = dice_per_region(pred_labels, ref, plan.regions or (), plan.ignore_label) \
+                if plan.is_region_based else dice_per_label(pred_labels, ref, fg, ignore_label=plan.ignore_label)
         if clock is not None:
             assert passes is not None
             clock.done(cid, passes, time.perf_counter() - t_case)
         maybe_fail("final_validation", cid)
     mean: dict[str, float | None] = {}
-    for lab in fg:
-        vals = [d[str(lab)] for d in per_case.values() if d.get(str(lab)) is not None]
-        mean[str(lab)] = float(np.mean(vals)) if vals else None
+    keys = [region_key(r) for r in plan.regions] if plan.regions else [str(lab) for lab in fg]
+    for key in keys:
+        vals = [d[key] for d in per_case.values() if d.get(key) is not None]
+        mean[key] = float(np.mean(vals)) if vals else None
     valid = [v for v in mean.values() if v is not None]
     metrics = {
         "configuration": configuration,
         "arch": arch,
         "label_ids": label_ids,
         "label_names": list(plan.label_names),
+        **({"regions": [list(r) for r in plan.regions], "regions_class_order": list(plan.regions_class_order or ())}
+           if plan.regions else {}),
         "num_cases": len(per_case),
         "mean_dice": mean,
         "mean_foreground_dice": float(np.mean(valid)) if valid else None,
@@ -199,9 +205,9 @@ def validate_run(
             logger.warning("final validation skipped %d held-out case(s) to meet the time budget: %s",
                            len(clock.skipped), ", ".join(f"{c} ({why})" for c, why in clock.skipped.items()))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-    names = dict(zip(label_ids, plan.label_names))
+    names = {str(k): n for k, n in zip(label_ids, plan.label_names)}
     logger.info("final validation on %d cases: %s (mean %s)", len(per_case),
-                ", ".join(f"{names.get(int(k), k)} {v:.4f}" for k, v in mean.items() if v is not None),
+                ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in mean.items() if v is not None),
                 f"{metrics['mean_foreground_dice']:.4f}" if metrics["mean_foreground_dice"] is not None else "-")
     return metrics
 
@@ -210,8 +216,10 @@ def validate_run(
 @torch.no_grad()
 def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence[int], batch_lo: int, batch_hi: int,
                 num_classes: int, dist_ctx: DistContext, *, device: torch.device,
-                amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[dict[str, Any], float | None]:
-    """Dice of the argmax on batches of held-out patches (no augmentation).
+                amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                regions: Sequence[Sequence[int]] = (), ignore_index: int | None = None,
+                ) -> tuple[dict[str, Any], float | None]:
+    """Dice of the argmax (region plans: of each region's ``sigmoid > 0.5``) on held-out patches (no augmentation).
 
     TP/FP/FN are summed over all batches (and ranks) per class before the Dice is taken.
 
@@ -223,6 +231,9 @@ def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence
         num_classes: classes of the network output (background included).
         dist_ctx: the distributed context (counts are summed over ranks).
         device / amp_dtype / channels_last: how the network computes.
+        regions: region plans: per region (output channel) the class indices it holds; then the Dice is
+            per region and ``num_classes`` is the number of regions.
+        ignore_index: class index of unannotated voxels (region plans; softmax plans skip any index >= K).
 
     Returns:
         ``({"val_dice": mean foreground Dice, "dice_per_class": [...]}, forward seconds per sample)``;
@@ -244,7 +255,7 @@ def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence
                 out = model(x)
             if isinstance(out, (list, tuple)):
                 out = out[0]
-            counts += hard_dice_counts(out.float(), y)
+            counts += region_dice_counts(out, y, regions, ignore_index) if regions else hard_dice_counts(out.float(), y)
             samples += x.shape[0]
     finally:
         model.train()
@@ -252,7 +263,8 @@ def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence
     dist_ctx.all_reduce_sum(counts)
     tp, fp, fn = counts.double()
     denom = 2 * tp + fp + fn
-    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))[1:]
+    dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(denom, float("nan")))
+    dice = dice if regions else dice[1:]  # regions have no background channel
     valid = dice[~torch.isnan(dice)]
     mean = float(valid.mean()) if valid.numel() else float("nan")
     return {"val_dice": mean, "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()]}, per_sample
