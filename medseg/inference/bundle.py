@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tempfile
 import zipfile
 import zlib
@@ -30,14 +29,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from medseg import __version__
 from medseg.errors import BundleError, ConfigError, MedsegError
 from medseg.inference.members import EnsembleMember, load_member, select_work_dir_runs
-from medseg.io.image import temp_file_beside
+from medseg.io.image import atomic_write_stream
 from medseg.planning.plan import Plan, dumps_readable
 from medseg.postprocessing.operations import load_rules
 
@@ -135,20 +134,13 @@ def export_bundle(
 
 def _write_zip(path: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes) as a zip at ``path`` atomically; weights stored, JSON deflated."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path, ".zip")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w") as zf:
-                for name, data in files.items():
-                    kind = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
-                    zf.writestr(name, data, compress_type=kind)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(fh: BinaryIO) -> None:
+        with zipfile.ZipFile(fh, "w") as zf:
+            for name, data in files.items():
+                kind = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
+                zf.writestr(name, data, compress_type=kind)
+
+    atomic_write_stream(path, write, ".zip")
 
 
 class _Reader:

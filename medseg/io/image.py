@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -202,20 +204,26 @@ def write_image(array: np.ndarray, geometry: ImageGeometry, path: str | Path, co
             tmp.unlink()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to ``path`` atomically (tmp file in the same folder, fsync, rename)."""
+def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], object], suffix: str = "") -> None:
+    """Write ``path`` atomically: ``write(fh)`` fills a temporary file beside it (``suffix`` ending), which is
+    fsynced and renamed onto ``path``; on any error the temporary file is removed and ``path`` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
+    fd, tmp = temp_file_beside(path, suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` atomically (tmp file in the same folder, fsync, rename)."""
+    atomic_write_stream(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from tests.helpers import shrink_networks
+
 FAULT_ENV = "MEDSEG_FAULT_INJECT"
 RUN = Path("runs") / "3d_fullres" / "unet" / "fold_0"
 TRAIN = ["--fold", "0", "--device", "cpu", "--num-workers", "0", "--iters-per-epoch", "2", "--epochs", "2"]
@@ -180,16 +182,6 @@ def two_channel_dataset(out: Path, num_cases: int = 5, seed: int = 0) -> Path:
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(src)
     return out
-
-
-def shrink_networks(work: Path, base_features: int = 8) -> None:
-    """Edit ``WORK/plans.json`` as a user may: networks with ``base_features`` features (steps take milliseconds)."""
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = base_features, 8 * base_features
-    path.write_text(json.dumps(plan, indent=1))
 
 
 def prepare(root: Path) -> Env:

@@ -18,23 +18,15 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
+from tests.helpers import shrink_networks
 from tests.conftest import shared_dataset
 
 pytestmark = pytest.mark.slow
 
 
-def _narrow_networks(work: Path, base_features: int = 4) -> None:
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = base_features, 8 * base_features
-    path.write_text(json.dumps(plan, indent=1))
-
-
 def _plan(data: Path, work: Path) -> dict:
     assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q"]) == 0
-    _narrow_networks(work)
+    shrink_networks(work, 4)
     return json.loads((work / "plans.json").read_text())
 
 

@@ -14,18 +14,9 @@ import SimpleITK as sitk
 import torch
 
 from medseg.cli.main import main
+from tests.helpers import shrink_networks
 
 pytestmark = pytest.mark.slow
-
-
-def _shrink_networks(work: Path, base_features: int = 8) -> None:
-    """Edit ``WORK/plans.json`` as a user may: tiny networks, so training steps take milliseconds."""
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = base_features, 8 * base_features
-    path.write_text(json.dumps(plan, indent=1))
 
 
 @pytest.fixture
@@ -33,7 +24,7 @@ def trained(tmp_path, synthetic_dataset):
     work = tmp_path / "work"
     assert main(["plan", str(synthetic_dataset), "-o", str(work), "--num-workers", "1", "--device", "cpu",
                  "--configs", "3d_fullres"]) == 0
-    _shrink_networks(work)
+    shrink_networks(work)
     assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
                  "--num-workers", "0"]) == 0
     assert main(["find-best", str(work)]) == 0

@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
+from tests.helpers import shrink_networks
 
 pytestmark = pytest.mark.slow
 IGNORE = 9  # gapped: the stored class index of ignored voxels is K = 4, not the id
@@ -39,15 +40,6 @@ def _partially_annotated(root: Path) -> Path:
     return data
 
 
-def _narrow_networks(work: Path) -> None:
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = 4, 32
-    path.write_text(json.dumps(plan, indent=1))
-
-
 def test_ignore_label_end_to_end(tmp_path):
     data = _partially_annotated(tmp_path)
     work = tmp_path / "work"
@@ -64,7 +56,7 @@ def test_ignore_label_end_to_end(tmp_path):
     _, seg, props = load_case(work, loaded, "3d_fullres", "case_000")
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3, 4} and 4 in seg  # ignored voxels kept as class K
     assert set(props.class_locations) == {1, 2, 3}
-    _narrow_networks(work)
+    shrink_networks(work, 4)
     assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
                  "--num-workers", "0", "-q"]) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"

@@ -13,19 +13,10 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
+from tests.helpers import shrink_networks
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu", "--num-workers", "0"]
-
-
-def _shrink_networks(work: Path, base_features: int = 8) -> None:
-    """Edit ``WORK/plans.json`` as a user may: tiny networks, so training steps take milliseconds."""
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = base_features, 8 * base_features
-    path.write_text(json.dumps(plan, indent=1))
 
 
 def _merged(data: Path, out: Path) -> Path:
@@ -47,7 +38,7 @@ def _merged(data: Path, out: Path) -> Path:
 def _plan(data: Path, work: Path) -> Path:
     assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--device", "cpu",
                  "--configs", "3d_fullres"]) == 0
-    _shrink_networks(work)
+    shrink_networks(work)
     return work
 
 
