@@ -102,3 +102,35 @@ def test_region_based_end_to_end(tmp_path):
     assert main(["evaluate", str(out), str(data), "-o", str(report), "--num-workers", "1", "-q"]) == 0
     result = json.loads(report.read_text())
     assert result["regions"] == REGIONS and list(result["mean"]) == KEYS
+
+
+def test_regions_with_an_ignore_label(tmp_path):
+    """Unannotated voxels (``ignore``, id 9) in a region dataset: masked out of training and evaluation."""
+    data = _region_dataset(tmp_path)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"]["ignore"] = 9
+    (data / "dataset.json").write_text(json.dumps(meta, indent=1))
+    for path in sorted((data / "labelsTr").glob("*.nii.gz")):
+        img = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(img)
+        arr[: arr.shape[0] // 3] = 9
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(path))
+    work = tmp_path / "work"
+    assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q",
+                 "--configs", "3d_fullres"]) == 0
+    plan = json.loads((work / "plans.json").read_text())
+    assert plan["ignore_label"] == 9 and plan["regions"] == REGIONS
+    _shrink_networks(work)
+    assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
+                 "--num-workers", "0", "-q"]) == 0
+    run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
+    progress = json.loads((run / "progress.json").read_text())
+    assert all(np.isfinite(e["train_loss"]) for e in progress["history"])
+    out = run / "validation"
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), str(data), "-o", str(report), "--num-workers", "1", "-q"]) == 0
+    result = json.loads(report.read_text())
+    assert result["ignore_label"] == 9 and list(result["mean"]) == KEYS
+    assert all(c["ignored_voxels"] > 0 for c in result["cases"])
