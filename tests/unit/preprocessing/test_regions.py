@@ -75,6 +75,16 @@ def test_sliding_window_sigmoid_is_per_channel():
         predict_sliding_window(Identity3d(), x, (8, 8, 8), 3, activation="relu")
 
 
+def test_sliding_window_sigmoid_on_a_float16_accumulator(monkeypatch):
+    import medseg.inference.sliding_window as sw
+
+    x = torch.rand((5, 9, 10, 11), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sw, "HALF_ACCUMULATOR_BYTES", 0)  # every output counts as large
+    out = predict_sliding_window(Identity3d(), x, (8, 8, 8), 5, activation="sigmoid")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.sigmoid(4.0 * x - 2.0), atol=2e-3, rtol=0)
+
+
 def test_evaluate_folders_per_region(tmp_path):
     geo = ImageGeometry((4, 6, 6), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     ref = np.zeros(geo.shape, np.uint8)
