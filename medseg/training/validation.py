@@ -66,16 +66,9 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, label_ids: list[int],
 
     Voxels where ``ref`` holds ``ignore_label`` are left out of prediction and reference.
     """
-    if ignore_label is not None:
-        keep = ref != ignore_label
-        pred, ref = pred[keep], ref[keep]
-    out: dict[str, float | None] = {}
-    for lab in label_ids:
-        p = pred == lab
-        r = ref == lab
-        denom = int(p.sum()) + int(r.sum())
-        out[str(lab)] = None if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
-    return out
+    from medseg.preprocessing.regions import dice_per_region
+
+    return dice_per_region(pred, ref, [(lab,) for lab in label_ids], ignore_label)
 
 
 def validate_run(

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
+from tests.helpers import shrink_networks
 
 pytestmark = pytest.mark.slow
 REGIONS = [[1, 2, 3], [2, 3], [3]]
@@ -35,15 +36,6 @@ def _region_dataset(root: Path) -> Path:
     return data
 
 
-def _shrink_networks(work: Path) -> None:
-    path = work / "plans.json"
-    plan = json.loads(path.read_text())
-    for cfg in plan["configurations"].values():
-        for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = 4, 32
-    path.write_text(json.dumps(plan, indent=1))
-
-
 def test_region_based_end_to_end(tmp_path):
     data = _region_dataset(tmp_path)
     work = tmp_path / "work"
@@ -52,7 +44,7 @@ def test_region_based_end_to_end(tmp_path):
     plan = json.loads((work / "plans.json").read_text())
     assert plan["regions"] == REGIONS and plan["regions_class_order"] == [1, 2, 3]
     assert plan["label_ids"] == [0, 1, 2, 3]
-    _shrink_networks(work)
+    shrink_networks(work, 4)
     from medseg.planning.plan import Plan
 
     assert Plan.load(work / "plans.json").num_classes == 3
@@ -122,7 +114,7 @@ def test_regions_with_an_ignore_label(tmp_path):
                  "--configs", "3d_fullres"]) == 0
     plan = json.loads((work / "plans.json").read_text())
     assert plan["ignore_label"] == 9 and plan["regions"] == REGIONS
-    _shrink_networks(work)
+    shrink_networks(work, 4)
     assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
                  "--num-workers", "0", "-q"]) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
