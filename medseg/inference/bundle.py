@@ -35,7 +35,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import BundleError, ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, load_member, select_work_dir_runs
+from medseg.inference.members import EnsembleMember, RunSelection, load_member, select_work_dir_runs
 from medseg.io.image import atomic_write_stream
 from medseg.planning.plan import Plan, dumps_readable
 from medseg.postprocessing.operations import load_rules
@@ -56,21 +56,16 @@ def _dump(obj: Any) -> bytes:
 def export_bundle(
     work_dir: str | Path,
     output: str | Path,
-    configs: Sequence[str] | None = None,
-    archs: Sequence[str] | None = None,
-    folds: Sequence[int | str] | None = None,
-    checkpoint: str = "final",
-    postprocessing: bool = True,
+    selection: RunSelection | None = None,
 ) -> Path:
     """Write the ensemble of a work folder to one zip, atomically (temporary file, fsync, rename).
 
     Args:
         work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json``, ``postprocessing.json``).
         output: the zip to write (replaced when it exists).
-        configs / archs / folds / checkpoint: which runs, as for ``medseg predict`` (see
-            :meth:`medseg.inference.Predictor.from_work_dir`); None: find-best's choice, else every
-            trained fold of the plan's default configuration and architecture.
-        postprocessing: include ``postprocessing.json`` when it was fitted on the chosen ensemble.
+        selection: which runs, as for ``medseg predict`` (:class:`~medseg.inference.members.RunSelection`;
+            default: find-best's choice, final checkpoints, with ``postprocessing.json`` when it was
+            fitted on the chosen ensemble).
 
     Returns:
         ``output``.
@@ -85,7 +80,10 @@ def export_bundle(
         raise ConfigError(f"{work_dir}: is a file, not a work folder (a bundle is exported already)")
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; give the zip file to write, e.g. {output / 'model.zip'}")
-    run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
+    sel = selection or RunSelection()
+    checkpoint = sel.checkpoint
+    run_dirs, rules = select_work_dir_runs(work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint,
+                                           sel.postprocessing)
     files: dict[str, bytes] = {}
     entries = []
     first_plan: dict[str, Any] | None = None

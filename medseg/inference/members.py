@@ -27,6 +27,22 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAMES = ("final", "best", "latest")
 
 
+@dataclass(frozen=True)
+class RunSelection:
+    """Which trained runs of a work folder (or bundle) to use, as ``medseg predict`` chooses them.
+
+    ``configs`` / ``archs`` / ``folds`` None: find-best's choice, else every trained fold of the plan's
+    default configuration and architecture; ``checkpoint``: ``final``, ``best`` or ``latest``;
+    ``postprocessing``: use the rules find-best fitted on the chosen ensemble.
+    """
+
+    configs: Sequence[str] | None = None
+    archs: Sequence[str] | None = None
+    folds: Sequence[int | str] | None = None
+    checkpoint: str = "final"
+    postprocessing: bool = True
+
+
 @dataclass
 class EnsembleMember:
     """One trained network of an ensemble.

@@ -34,7 +34,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, load_member, select_work_dir_runs
+from medseg.inference.members import EnsembleMember, RunSelection, load_member, select_work_dir_runs
 from medseg.inference.sliding_window import GAUSSIAN_MIN, gaussian_importance_map, tta_variants
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import dumps_readable
@@ -56,11 +56,7 @@ def export_networks(
     source: str | Path,
     output_dir: str | Path,
     fmt: NetworkFormat,
-    configs: Sequence[str] | None = None,
-    archs: Sequence[str] | None = None,
-    folds: Sequence[int | str] | None = None,
-    checkpoint: str = "final",
-    postprocessing: bool = True,
+    selection: RunSelection | None = None,
 ) -> Path:
     """Write every network of an ensemble in ``fmt`` plus ``inference.json`` into ``output_dir``.
 
@@ -68,8 +64,8 @@ def export_networks(
         source: a work folder, or a model bundle (``.zip`` from ``medseg export``).
         output_dir: folder to write into (created; files of the same names are replaced).
         fmt: ``onnx`` or ``torchscript``.
-        configs / archs / folds / checkpoint: which networks, as for ``medseg predict``.
-        postprocessing: record the postprocessing rules fitted on this ensemble.
+        selection: which networks, as for ``medseg predict`` (:class:`~medseg.inference.members.RunSelection`;
+            its ``postprocessing`` records the rules fitted on this ensemble).
 
     Returns:
         The path of ``inference.json``.
@@ -88,7 +84,7 @@ def export_networks(
             raise ConfigError("ONNX export needs the onnx package: pip install 'medseg[onnx]' "
                               "(or pip install onnx onnxruntime)") from None
     source, output_dir = Path(source), Path(output_dir)
-    members, folds_of, rules = _members(source, configs, archs, folds, checkpoint, postprocessing)
+    members, folds_of, rules = _members(source, selection or RunSelection())
     output_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for member, fold in zip(members, folds_of):
@@ -103,10 +99,10 @@ def export_networks(
     return path
 
 
-def _members(source: Path, configs: Sequence[str] | None, archs: Sequence[str] | None,
-             folds: Sequence[int | str] | None, checkpoint: str, postprocessing: bool
-             ) -> tuple[list[EnsembleMember], list[str], dict[str, Any] | None]:
+def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], list[str], dict[str, Any] | None]:
     """The members (with their fold names) and rules of a work folder or a bundle."""
+    configs, archs, folds, checkpoint, postprocessing = sel.configs, sel.archs, sel.folds, sel.checkpoint, \
+        sel.postprocessing
     if source.is_file():
         from medseg.inference.bundle import load_bundle, read_manifest, select_entries
 
