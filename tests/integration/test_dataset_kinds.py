@@ -13,12 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import shrink_networks
+from tests.helpers import assert_prediction_like_input, shrink_networks
 from tests.conftest import shared_dataset
 
 pytestmark = pytest.mark.slow
@@ -47,12 +46,7 @@ def _predict_and_check(work: Path, images: list[Path], out: Path, declared: set[
     assert [p.name for p in preds] == cases
     for pred in preds:
         src = inp / pred.name if (inp / pred.name).exists() else inp / pred.name.replace(".nii.gz", "_0000.nii.gz")
-        a, b = sitk.ReadImage(str(pred)), sitk.ReadImage(str(src))
-        assert a.GetSize() == b.GetSize()
-        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
-        assert a.GetDirection() == b.GetDirection()
-        values = set(np.unique(sitk.GetArrayFromImage(a)).tolist())
-        assert values <= declared, f"{pred.name}: undeclared ids {sorted(values - declared)}"
+        assert_prediction_like_input(pred, src, declared)
 
 
 def _is_extra_channel(p: Path) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import shrink_networks
+from tests.helpers import assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 IGNORE = 9  # gapped: the stored class index of ignored voxels is K = 4, not the id
@@ -75,12 +75,8 @@ def test_ignore_label_end_to_end(tmp_path):
         shutil.copy(p, inp / p.name)
     assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta",
                  "-q"]) == 0
-    for src in images:
-        pred, ref = sitk.ReadImage(str(out / src.name)), sitk.ReadImage(str(src))
-        assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
-        assert pred.GetOrigin() == ref.GetOrigin() and pred.GetDirection() == ref.GetDirection()
-        values = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
-        assert values <= {0, 1, 2, 3}  # never the ignore id, never an undeclared id
+    for src in images:  # never the ignore id, never an undeclared id
+        assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
 
     report = tmp_path / "eval.json"
     assert main(["evaluate", str(out), str(data), "-o", str(report), "--num-workers", "1", "-q"]) == 0

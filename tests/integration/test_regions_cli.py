@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import shrink_networks
+from tests.helpers import assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 REGIONS = [[1, 2, 3], [2, 3], [3]]
@@ -77,10 +77,7 @@ def test_region_based_end_to_end(tmp_path):
     assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta",
                  "-q"]) == 0
     for src in images:
-        pred, ref = sitk.ReadImage(str(out / src.name)), sitk.ReadImage(str(src))
-        assert pred.GetSize() == ref.GetSize() and pred.GetSpacing() == ref.GetSpacing()
-        assert pred.GetOrigin() == ref.GetOrigin() and pred.GetDirection() == ref.GetDirection()
-        assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= {0, 1, 2, 3}
+        assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
 
     bundle, out_b = tmp_path / "model.zip", tmp_path / "pred_bundle"
     assert main(["export", str(work), "-o", str(bundle), "-q"]) == 0
