@@ -287,7 +287,7 @@ def fit_plan_to_budget(
     grid = list(candidates) if candidates is not None else default_candidates(template, median)
     _check_candidates(grid, template)
     budget_s = float(minutes) * 60.0
-    cin, k = plan.num_channels, plan.num_classes
+    cin, k = plan.network_in_channels(cfg_name), plan.num_classes
     need = MIN_SAMPLES[cfg.dims]
     excluded: dict[Candidate, str] = {}
 

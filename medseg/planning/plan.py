@@ -153,7 +153,10 @@ class ConfigurationPlan:
         networks: planned architectures by registry name.
         default_arch: the architecture trained when none is given.
         data_identifier: folder under ``WORK/preprocessed`` holding this configuration's cache.
-        previous_stage: for cascades, the configuration whose prediction this one refines (unused).
+        previous_stage: for a cascade (``3d_cascade_fullres``), the configuration whose prediction this one
+            refines (``3d_lowres``): its segmentation, mapped onto this configuration's grid, enters the
+            network as one one-hot channel per foreground label after the image channels
+            (:meth:`Plan.network_in_channels`, :mod:`medseg.cascade`). None for ordinary configurations.
         mirror_axes: axes of the *patch* (``(Z, Y, X)``, or ``(Y, X)`` for 2D) that training mirrors and
             mirror test-time augmentation flips; None = every axis. The planner leaves out an axis along
             which two foreground classes lie in the same order in (nearly) every case (see
@@ -286,6 +289,17 @@ class Plan:
         return bool(self.regions)
 
     @property
+    def previous_stage_channels(self) -> int:
+        """One-hot channels a cascade adds for the previous stage's segmentation: one per foreground label."""
+        return len(self.label_ids) - 1
+
+    def network_in_channels(self, configuration: str | None = None) -> int:
+        """Input channels of the networks of ``configuration``: the image channels, plus
+        :attr:`previous_stage_channels` for a cascade (a configuration with ``previous_stage``)."""
+        extra = self.previous_stage_channels if self.configuration(configuration).previous_stage else 0
+        return self.num_channels + extra
+
+    @property
     def region_classes(self) -> tuple[tuple[int, ...], ...]:
         """Per region the *class indices* (positions in ``label_ids``) it holds; empty without regions."""
         index = {int(v): i for i, v in enumerate(self.label_ids)}
@@ -326,6 +340,7 @@ class Plan:
             if cfg.name != name:
                 problems.append(f"configurations.{name}.name is {cfg.name!r}; it must equal its key")
             problems += cfg.check(self.num_channels)
+            problems += _previous_stage_problems(self, cfg)
         return problems
 
     def validate(self) -> Plan:
@@ -463,6 +478,24 @@ def _convert(cls: type, name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise PlanError(f"{where}: {exc}") from None
     return value
+
+
+def _previous_stage_problems(plan: Plan, cfg: ConfigurationPlan) -> list[str]:
+    """Inconsistencies of a cascade's ``previous_stage`` (another 3D configuration of the plan, no chain)."""
+    prev = cfg.previous_stage
+    if prev is None:
+        return []
+    where = f"configurations.{cfg.name}.previous_stage"
+    if prev == cfg.name or prev not in plan.configurations:
+        return [f"{where} {prev!r} must name another configuration of the plan "
+                f"({sorted(set(plan.configurations) - {cfg.name})})"]
+    other = plan.configurations[prev]
+    problems = []
+    if cfg.dims != 3 or other.dims != 3:
+        problems.append(f"{where}: a cascade needs a 3D configuration and a 3D previous stage")
+    if other.previous_stage is not None:
+        problems.append(f"{where} {prev!r} is itself a cascade; cascades of more than two stages are not supported")
+    return problems
 
 
 def _region_problems(plan: Plan) -> list[str]:

@@ -42,6 +42,7 @@ from medseg.preprocessing.revert import export_segmentation, revert_to_original
 from medseg.preprocessing.storage import (
     list_preprocessed_cases,
     load_case,
+    load_case_properties,
     preprocess_dataset,
     preprocessed_folder,
     write_case,
@@ -61,6 +62,7 @@ __all__ = [
     "list_preprocessed_cases",
     "locations_to_dict",
     "load_case",
+    "load_case_properties",
     "nonzero_mask",
     "normalize",
     "normalize_channel",

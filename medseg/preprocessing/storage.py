@@ -75,7 +75,7 @@ def _is_done(folder: Path, case_id: str, fingerprint: str) -> bool:
         return False
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray], level: int = 1) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray], level: int = 1) -> bytes:
     """A ``.npz`` archive (readable by ``np.load``) deflated at ``level``."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
@@ -108,7 +108,7 @@ def write_case(
     if seg is not None:
         arrays["seg"] = seg
         arrays["class_locations"] = locations if locations is not None else locations_to_array(props.class_locations)
-    atomic_write_bytes(npz, _npz_bytes(arrays))
+    atomic_write_bytes(npz, npz_bytes(arrays))
     maybe_fail("preprocess_write", props.case_id)
     atomic_write_text(js, json.dumps(props.to_dict(include_class_locations=False), separators=(",", ":")))
 
@@ -291,17 +291,10 @@ def load_case(
         MedsegError: the case is missing or unreadable.
         PlanError: the stored case was made with different preprocessing than the plan's (stale cache).
     """
-    folder = preprocessed_folder(work_dir, plan, config)
-    npz, js = _paths(folder, case_id)
-    if not js.is_file() or not npz.is_file():
+    npz, js = _paths(preprocessed_folder(work_dir, plan, config), case_id)
+    if not npz.is_file():
         raise MedsegError(f"{js}: preprocessed case {case_id!r} not found; run preprocessing (`medseg plan`) first")
-    props = _read_props(js)
-    expected = preprocessing_fingerprint(plan, config)
-    if props.fingerprint != expected:
-        raise PlanError(
-            f"{js}: preprocessed with different settings than configuration {config!r} of the plan now has "
-            "(spacing, normalization or label ids changed); re-run preprocessing"
-        )
+    props = load_case_properties(work_dir, plan, config, case_id)
     try:
         with np.load(npz) as f:
             data = f["data"]
@@ -312,6 +305,23 @@ def load_case(
     if locations is not None:
         props = dataclasses.replace(props, class_locations=locations_to_dict(locations, plan.num_classes))
     return data, seg, props
+
+
+def load_case_properties(work_dir: str | Path, plan: Plan, config: str, case_id: str) -> CaseProperties:
+    """The :class:`CaseProperties` of one preprocessed case (without its arrays or class locations).
+
+    Raises:
+        MedsegError: the case is missing or its properties are unreadable.
+        PlanError: the case was preprocessed differently than ``config`` of the plan (stale cache).
+    """
+    js = _paths(preprocessed_folder(work_dir, plan, config), case_id)[1]
+    if not js.is_file():
+        raise MedsegError(f"{js}: preprocessed case {case_id!r} not found; run preprocessing (`medseg plan`) first")
+    props = _read_props(js)
+    if props.fingerprint != preprocessing_fingerprint(plan, config):
+        raise PlanError(f"{js}: preprocessed with different settings than configuration {config!r} of the plan "
+                        "now has (spacing, normalization or label ids changed); re-run preprocessing")
+    return props
 
 
 def list_preprocessed_cases(work_dir: str | Path, plan: Plan, config: str) -> list[str]:

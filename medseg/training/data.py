@@ -105,7 +105,8 @@ def _unpacked(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray) -> 
 
 def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, case_ids: Sequence[str],
                         progress: bool = True) -> list[CaseData]:
-    """Read the preprocessed cases ``case_ids`` of ``configuration``.
+    """Read the preprocessed cases ``case_ids`` of ``configuration`` (a cascade's ``data`` holds the one-hot
+    previous-stage channels after the image channels, :func:`medseg.cascade.load_network_input`).
 
     Small datasets are held in memory; datasets whose uncompressed arrays exceed
     :data:`IN_MEMORY_LIMIT_GB` (or 40 % of the free memory) are unpacked once to
@@ -114,8 +115,9 @@ def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, ca
     Raises:
         MedsegError: a case is missing, unreadable or stale (from ``load_case``), or has no label.
     """
+    from medseg.cascade import load_network_input
     from medseg.errors import MedsegError
-    from medseg.preprocessing import load_case, preprocessed_folder
+    from medseg.preprocessing import preprocessed_folder
 
     folder = preprocessed_folder(work_dir, plan, configuration)
     total = sum(_uncompressed_bytes(folder / f"{c}.npz") for c in case_ids)
@@ -126,7 +128,7 @@ def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, ca
                     total / 1024**3, limit / 1024**3, folder / "unpacked")
     cases = []
     for cid in tqdm(case_ids, desc="loading cases", unit="case", disable=not progress or len(case_ids) < 20):
-        data, seg, props = load_case(work_dir, plan, configuration, cid)
+        data, seg, props = load_network_input(work_dir, plan, configuration, cid)  # + a cascade's previous stage
         if seg is None:
             raise MedsegError(f"{folder / (cid + '.npz')}: preprocessed case {cid!r} has no segmentation; cannot train on it")
         if not in_memory:
@@ -157,11 +159,13 @@ class PatchSampler:
         augmentation: settings, or None for plain patches (validation).
         seed: base seed.
         anisotropic: 3D data with a much coarser Z spacing (rotate in-plane only).
+        image_channels: leading channels that intensity augmentation changes (None = all); a cascade's
+            one-hot previous-stage channels after them only move with the spatial augmentation.
     """
 
     def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int,
                  foreground_oversample: float = 0.33, augmentation: AugmentationConfig | None = None,
-                 seed: int = 0, anisotropic: bool = False) -> None:
+                 seed: int = 0, anisotropic: bool = False, image_channels: int | None = None) -> None:
         if not cases:
             raise ValueError("no cases to sample patches from")
         self.cases = list(cases)
@@ -172,6 +176,7 @@ class PatchSampler:
         self.augmentation = augmentation if augmentation is not None and augmentation.enabled else None
         self.seed = int(seed)
         self.anisotropic = anisotropic
+        self.image_channels = image_channels
         self.num_forced = num_foreground_samples(self.batch_size, self.foreground_oversample)
         by_class: dict[int, list[int]] = {}
         for i, c in enumerate(self.cases):
@@ -239,7 +244,7 @@ class PatchSampler:
             rngs.append(rng)
         x = torch.stack(images)
         y = torch.stack(labels)
-        apply_intensity(x, draw_intensity(rngs, self.augmentation, self.dims))
+        apply_intensity(x[:, :self.image_channels], draw_intensity(rngs, self.augmentation, self.dims))
         return x, y
 
 

@@ -252,7 +252,8 @@ def _meta_network_state(plan: Plan, configuration: str, arch: str) -> dict[str, 
     from medseg.networks import build_network
 
     with torch.device("meta"):
-        model = build_network(plan.configuration(configuration).network(arch), plan.num_channels, plan.num_classes)
+        model = build_network(plan.configuration(configuration).network(arch), plan.network_in_channels(configuration),
+                              plan.num_classes)
     return model.state_dict()
 
 

@@ -180,6 +180,10 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
                 f"run `medseg plan` (with preprocessing) first")
         # every rank derives the same folds; only rank 0 writes a new splits.json
         train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
+        if plan.configuration(configuration).previous_stage is not None:  # refused until the folds exist
+            from medseg.cascade import prepare_previous_stage
+
+            prepare_previous_stage(work_dir, plan, configuration, arch, sorted({*train_ids, *val_ids}))
         if dist_ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / "training_log.txt" if dist_ctx.is_main else None

@@ -140,7 +140,8 @@ class Trainer:
         self.mirror_axes = cfg_plan.resolved_mirror_axes()
         augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=self.mirror_axes)
         self.sampler = PatchSampler(self.train_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
-                                    augmentation, seed=cfg.seed, anisotropic=self.anisotropic)
+                                    augmentation, seed=cfg.seed, anisotropic=self.anisotropic,
+                                    image_channels=plan.num_channels)
         pseudo_cases = self.val_cases or self.train_cases
         self.val_sampler = PatchSampler(pseudo_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
                                         None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
@@ -149,7 +150,7 @@ class Trainer:
         from medseg.networks import build_network
 
         self.num_classes = plan.num_classes
-        model = build_network(net, plan.num_channels, self.num_classes).to(self.device)
+        model = build_network(net, plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=channels_last_format(self.dims))
         self.model: nn.Module = model
@@ -451,7 +452,7 @@ class Trainer:
                 and self.cfg.final_validation and self.val_cases):
             # the final validation is estimated (and reserved) from the forward time before the first step
             self.fwd_seconds_per_sample = measure_forward_seconds(
-                unwrap(self.model), self.plan.num_channels, self.patch_size, 2 if self.dims == 3 else 8, self.device,
+                unwrap(self.model), self.plan.network_in_channels(self.configuration), self.patch_size, 2 if self.dims == 3 else 8, self.device,
                 self.amp_dtype, self.channels_last, max_seconds=0.01 * self.time_budget_seconds)
             plan = self.final_validation_plan()
             if plan is not None:

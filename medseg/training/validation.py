@@ -109,7 +109,8 @@ def validate_run(
     """
     from medseg.inference import EnsembleMember, Predictor
     from medseg.io.image import read_image
-    from medseg.preprocessing import classes_to_labels, export_segmentation, load_case, revert_to_original
+    from medseg.cascade import load_network_input
+    from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
     from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 
     out_dir = run_dir / "validation"
@@ -138,7 +139,7 @@ def validate_run(
                 continue
             predictor.tta_passes = passes
         t_case = time.perf_counter()
-        data, seg_pp, props = load_case(work_dir, plan, configuration, cid)
+        data, seg_pp, props = load_network_input(work_dir, plan, configuration, cid)  # + a cascade's previous stage
         try:
             probs = predictor.predict_preprocessed(data, configuration,
                                                    should_stop=None if clock is None else clock.over)
