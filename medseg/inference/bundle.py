@@ -35,7 +35,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import BundleError, ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, RunSelection, load_member, select_work_dir_runs
+from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
 from medseg.io.image import atomic_write_stream
 from medseg.planning.plan import Plan, dumps_readable
 from medseg.postprocessing.operations import load_rules
@@ -72,7 +72,7 @@ def export_bundle(
 
     Raises:
         MedsegError: nothing trained, a requested run or checkpoint is missing or does not fit its plan,
-            or ``output`` is a folder.
+            or ``output`` is a folder; the selection holds a cascade (its previous stage is not bundled).
         OSError: the file system refused the write; ``output`` is left as it was.
     """
     work_dir, output = Path(work_dir), Path(output)
@@ -84,6 +84,7 @@ def export_bundle(
     checkpoint = sel.checkpoint
     run_dirs, rules = select_work_dir_runs(work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint,
                                            sel.postprocessing)
+    refuse_cascades(Plan.load(work_dir / "plans.json"), [d.parent.parent.name for d in run_dirs], "a model bundle")
     files: dict[str, bytes] = {}
     entries = []
     first_plan: dict[str, Any] | None = None

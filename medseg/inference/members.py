@@ -108,7 +108,7 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         raise CheckpointError(f"{path}: the plan stored in the checkpoint is invalid: {exc}") from None
     _check_belongs_to_run(path, run_dir, plan, configuration, arch)
     net = plan.configuration(configuration).network(arch)
-    model = build_network(net, plan.num_channels, plan.num_classes)
+    model = build_network(net, plan.network_in_channels(configuration), plan.num_classes)
     try:
         model.load_state_dict(_strip_prefixes(state))
     except RuntimeError as exc:
@@ -233,6 +233,45 @@ def select_work_dir_runs(
     logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
         str(d.relative_to(work_dir / "runs")) for d in run_dirs))
     return run_dirs, rules
+
+
+def previous_stage_runs(work_dir: str | Path, run_dirs: Sequence[Path], checkpoint: str) -> dict[str, list[Path]]:
+    """The previous stages the cascades among ``run_dirs`` need: previous-stage configuration -> its run folders.
+
+    A cascade (``3d_cascade_fullres``) predicts from the segmentation of its previous stage (``3d_lowres``),
+    made by every trained fold of that configuration with the cascade members' architectures.
+
+    Raises:
+        MedsegError: a previous stage has no trained fold.
+    """
+    work_dir = Path(work_dir)
+    plan = Plan.load(work_dir / "plans.json")
+    wanted: dict[str, list[str]] = {}
+    for d in run_dirs:
+        config, arch = d.parent.parent.name, d.parent.name
+        prev = plan.configurations[config].previous_stage if config in plan.configurations else None
+        if prev is not None and arch not in wanted.setdefault(prev, []):
+            wanted[prev].append(arch)
+    return {prev: select_work_dir_runs(work_dir, [prev], archs, None, checkpoint, False)[0]
+            for prev, archs in wanted.items()}
+
+
+def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> None:
+    """Refuse ``what`` (e.g. ``"a model bundle"``) for cascade configurations, whose networks need their
+    previous stage's segmentation as input.
+
+    Raises:
+        ConfigError: naming the cascades and what to do instead.
+    """
+    from medseg.errors import ConfigError
+
+    cascades = sorted({c for c in configurations if plan.configuration(c).previous_stage is not None})
+    if cascades:
+        prev = plan.configuration(cascades[0]).previous_stage
+        raise ConfigError(
+            f"{what} of the cascade {', '.join(cascades)} is not supported: its networks take the {prev} "
+            f"segmentation as input channels. Choose other configurations (--config 3d_fullres {prev}), or predict "
+            f"with the cascade from the work folder (`medseg predict -m WORK --config {cascades[0]}`)")
 
 
 def _read_best(work_dir: Path) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, RunSelection, load_member, select_work_dir_runs
+from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
 from medseg.inference.sliding_window import GAUSSIAN_MIN, gaussian_importance_map, tta_variants
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import dumps_readable
@@ -85,6 +85,7 @@ def export_networks(
                               "(or pip install onnx onnxruntime)") from None
     source, output_dir = Path(source), Path(output_dir)
     members, folds_of, rules = _members(source, selection or RunSelection())
+    refuse_cascades(members[0].plan, [m.configuration for m in members], f"{fmt} export")
     output_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for member, fold in zip(members, folds_of):

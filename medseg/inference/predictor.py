@@ -12,6 +12,11 @@ network each: a fold of a configuration and an architecture). For one raw image 
 4. takes the argmax, maps class indices to the plan's original label ids and applies the postprocessing
    rules.
 
+A cascade configuration (``3d_cascade_fullres``) first needs its previous stage's segmentation: the
+predictor of that stage (``previous_stages``, e.g. every trained ``3d_lowres`` fold) segments the image,
+its class map (original grid, not postprocessed) is mapped onto the cascade's preprocessed grid and
+appended as one-hot channels (:mod:`medseg.cascade`) before the cascade networks run.
+
 :func:`medseg.inference.folder.predict_folder` does this for every case of a folder.
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ import SimpleITK as sitk
 import torch
 
 from medseg.errors import MedsegError
-from medseg.inference.members import EnsembleMember, load_member, select_work_dir_runs
+from medseg.inference.members import EnsembleMember, load_member, previous_stage_runs, select_work_dir_runs
 from medseg.inference.sliding_window import predict_sliding_window, tta_variants
 from medseg.io.image import ImageGeometry
 from medseg.machine import cpu_has_fast_bf16
@@ -49,6 +54,7 @@ class _Prepared:
     case_id: str
     geometry: ImageGeometry
     per_config: dict[str, tuple[np.ndarray, Any]]  # config -> (data (C,z,y,x), CaseProperties)
+    previous: dict[str, _Prepared] = field(default_factory=dict)  # previous stage -> its preparation
 
 
 class _CompiledOrEager(torch.nn.Module):
@@ -99,6 +105,9 @@ class Predictor:
         compile: run the networks through ``torch.compile`` (compiles once per network and input shape,
             typically 20-60 s on a CPU, then faster forward passes; falls back to eager on failure).
         progress: per-case tqdm bar over the patches.
+        previous_stages: for cascade members (a configuration with ``previous_stage``), the predictor of
+            each previous stage, by configuration name (e.g. ``{"3d_lowres": Predictor(...)}``); needed to
+            predict raw images, not for :meth:`predict_preprocessed` (whose input holds the channels).
 
     Raises:
         MedsegError: no members, or members that disagree on label ids / channels.
@@ -118,6 +127,7 @@ class Predictor:
         channels_last: bool | None = None,
         compile: bool = False,
         progress: bool = False,
+        previous_stages: dict[str, Predictor] | None = None,
     ) -> None:
         if not members:
             raise MedsegError("the predictor needs at least one trained network")
@@ -132,6 +142,7 @@ class Predictor:
                     f"{m.plan.num_channels} channel(s), {self.members[0].source or self.members[0].arch} has "
                     f"{list(self.plan.label_ids)} and {self.plan.num_channels}"
                 )
+        self.previous_stages = dict(previous_stages or {})
         self.device = torch.device(device)
         self.use_tta = use_tta
         self.tta_passes = tta_passes
@@ -196,12 +207,16 @@ class Predictor:
         every planned (configuration, architecture) pair. ``folds`` selects folds (``"all"`` = the
         ``fold_all`` run). ``WORK/postprocessing.json`` is applied when
         ``postprocessing`` is True and it was fitted on exactly the chosen configurations/architectures.
+        A cascade configuration brings the predictor of its previous stage (every trained fold of it).
 
         Raises:
             MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
         """
         run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
-        return cls.from_run_dirs(run_dirs, checkpoint=checkpoint, device=device, postprocessing=rules, **kwargs)
+        previous = {prev: cls.from_run_dirs(dirs, checkpoint=checkpoint, device=device, **kwargs)
+                    for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()}
+        return cls.from_run_dirs(run_dirs, checkpoint=checkpoint, device=device, postprocessing=rules,
+                                 previous_stages=previous, **kwargs)
 
     @classmethod
     def from_bundle(cls, path: str | Path, configs: Sequence[str] | None = None, archs: Sequence[str] | None = None,
@@ -269,7 +284,8 @@ class Predictor:
         """Mean softmax of the members of one configuration on an already preprocessed image.
 
         Args:
-            data: preprocessed image, float32 ``(C, z, y, x)``.
+            data: preprocessed image, float32 ``(C, z, y, x)``; for a cascade the one-hot previous-stage
+                channels follow the image channels (``plan.network_in_channels(configuration)`` in all).
             configuration: which members to use; None requires all members to share one configuration.
             should_stop: checked before every network batch; True abandons the prediction with
                 :class:`~medseg.inference.sliding_window.PredictionStopped`.
@@ -287,8 +303,9 @@ class Predictor:
         if not members:
             raise MedsegError(f"no ensemble member uses configuration {configuration!r} (have {configs})")
         x = torch.as_tensor(np.asarray(data, dtype=np.float32) if not isinstance(data, torch.Tensor) else data)
-        if x.ndim != 4 or x.shape[0] != self.plan.num_channels:
-            raise MedsegError(f"expected preprocessed data (C={self.plan.num_channels}, z, y, x), got {list(x.shape)}")
+        channels = self.plan.network_in_channels(configuration)
+        if x.ndim != 4 or x.shape[0] != channels:
+            raise MedsegError(f"expected preprocessed data (C={channels}, z, y, x), got {list(x.shape)}")
         total: torch.Tensor | None = None
         for m in members:
             probs = self._member_probabilities(m, x, should_stop)
@@ -299,18 +316,33 @@ class Predictor:
         return total.cpu().numpy()
 
     def preprocess(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "") -> _Prepared:
-        """Preprocess a raw image ``(C, Z, Y, X)`` for every configuration of the ensemble."""
+        """Preprocess a raw image ``(C, Z, Y, X)`` for every configuration of the ensemble (and of the
+        previous stages of its cascades)."""
         from medseg.preprocessing import preprocess_case
 
         per_config = {}
         for c in self.configurations:
             data, _, props = preprocess_case(image, geometry, None, self.plan, c, case_id)
             per_config[c] = (data, props)
-        return _Prepared(case_id=case_id, geometry=geometry, per_config=per_config)
+        needed = {self.plan.configuration(c).previous_stage for c in self.configurations} - {None}
+        missing = sorted(p for p in needed if p not in self.previous_stages)
+        if missing:
+            raise MedsegError(f"the ensemble holds a cascade that refines the {missing[0]} segmentation, but no "
+                              f"{missing[0]} predictor was given (train it: `medseg train WORK --config "
+                              f"{missing[0]} --fold N`; predict from the work folder)")
+        previous = {p: self.previous_stages[p].preprocess(image, geometry, case_id) for p in sorted(needed)}
+        return _Prepared(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
     def _infer(self, prepared: _Prepared) -> list[tuple[np.ndarray, Any, int]]:
+        from medseg.cascade import append_previous_stage, to_preprocessed_grid
+
         out = []
         for c, (data, props) in prepared.per_config.items():
+            prev = self.plan.configuration(c).previous_stage
+            if prev is not None:  # the previous stage's segmentation, on this grid, as one-hot channels
+                stage = self.previous_stages[prev]
+                classes = stage._combine_labels(stage._infer(prepared.previous[prev]))
+                data = append_previous_stage(data, to_preprocessed_grid(classes, props), self.plan)
             n = sum(m.configuration == c for m in self.members)
             out.append((self.predict_preprocessed(data, c), props, n))
         return out

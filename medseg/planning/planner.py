@@ -7,7 +7,10 @@ memory model replaced by medseg's measured estimate of one training step:
 3. **Configurations**: ``3d_fullres`` at the target spacing, ``2d`` (in-plane slices along Z) at the same
    spacing, and ``3d_lowres`` when the fullres patch covers less than a quarter of the median image: the
    spacing is coarsened in 3% steps (coarsest axes last) until the patch covers a quarter of the
-   median image; it is dropped when it would shrink the median image by less than 2x.
+   median image; it is dropped when it would shrink the median image by less than 2x. With
+   ``3d_lowres`` comes ``3d_cascade_fullres``: ``3d_fullres`` (same spacing, patch, networks and
+   preprocessed cache) with ``previous_stage = "3d_lowres"``, whose networks also take the one-hot
+   low-resolution segmentation (one channel per foreground label, :mod:`medseg.cascade`).
 4. **Patch and batch**, per configuration and architecture: :mod:`medseg.planning.memory_fitting`.
 5. **Mirroring** (a medseg rule, not nnU-Net's): patch axes along which two foreground classes always lie
    in the same order are not mirrored in training or test-time augmentation
@@ -18,6 +21,7 @@ Every shape and spacing is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D patch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -48,6 +52,8 @@ logger = logging.getLogger(__name__)
 LOWRES_CREATION_THRESHOLD = 0.25  # plan 3d_lowres when the fullres patch covers less of the median image
 LOWRES_SPACING_STEP = 1.03
 LOWRES_MIN_SHRINK = 2.0  # drop 3d_lowres when it shrinks the median image by less than this factor
+#: the cascade's second stage, planned whenever 3d_lowres is
+CASCADE_CONFIGURATION = "3d_cascade_fullres"
 #: placeholder spacing (mm) of the missing Z axis of 2D images
 SPACING_2D_PLACEHOLDER = 1.0
 
@@ -222,6 +228,14 @@ def plan_dataset(
             configurations["3d_lowres"] = make_config(
                 "3d_lowres", 3, low_spacing, low_median, low_total, fixed={default_arch: fitted}
             )
+            configurations[CASCADE_CONFIGURATION] = dataclasses.replace(
+                full, name=CASCADE_CONFIGURATION, previous_stage="3d_lowres")
+            config_notes[CASCADE_CONFIGURATION] = {
+                "rule": "3d_fullres (spacing, patch, networks, preprocessed data) refining the 3d_lowres "
+                        "segmentation: its one-hot foreground labels are extra input channels "
+                        f"({len(ds.label_ids) - 1} after the {ds.num_channels} image channel(s)); training uses "
+                        "each case's prediction by the 3d_lowres fold that held it out",
+            }
     configurations["2d"] = make_config("2d", 2, target, median_shape, total_voxels)
     coarsest = int(np.argmax(target))
     if not is_2d_dataset and coarsest != 0 and target[coarsest] > ANISOTROPY_THRESHOLD * min(target):
