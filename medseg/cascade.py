@@ -144,7 +144,9 @@ def _missing_message(work_dir: Path, configuration: str, prev: str, arch: str, m
         cases = by_fold[fold]
         shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
         if fold is None:
-            lines.append(f"  - {shown}: held out by no fold of {work_dir / 'splits.json'}")
+            why = (f"held out by no fold of {work_dir / 'splits.json'}" if (work_dir / "splits.json").is_file()
+                   else "no cross-validation folds (fewer cases than folds): a cascade cannot be trained")
+            lines.append(f"  - {shown}: {why}")
             continue
         run = work_dir / "runs" / prev / arch / f"fold_{fold}"
         done = (run / "checkpoint_final.pt").is_file()

@@ -234,7 +234,8 @@ def plan_dataset(
                 "rule": "3d_fullres (spacing, patch, networks, preprocessed data) refining the 3d_lowres "
                         "segmentation: its one-hot foreground labels are extra input channels "
                         f"({len(ds.label_ids) - 1} after the {ds.num_channels} image channel(s)); training uses "
-                        "each case's prediction by the 3d_lowres fold that held it out",
+                        "each case's prediction by the 3d_lowres fold that held it out; memory estimate of "
+                        "3d_fullres (the extra input channels add little)",
             }
     configurations["2d"] = make_config("2d", 2, target, median_shape, total_voxels)
     coarsest = int(np.argmax(target))
