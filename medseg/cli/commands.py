@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "seed": args.seed,
         "pretrained": args.pretrained,
+        "weight_averaging": args.weight_averaging,
     }
     fold = args.fold
     if fold != "all":

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
 
 OPTIMIZERS = ("auto", "sgd", "adamw")
+#: Values of ``weight_averaging`` (:mod:`medseg.training.weight_averaging`).
+WEIGHT_AVERAGING = ("off", "ema")
 
 #: Optimizer settings of a time-budgeted run when ``optimizer="auto"``. nnU-Net's SGD (Nesterov momentum
 #: 0.99, lr 1e-2) is made for 250k iterations; a budget on a CPU allows one or two thousand. Measured on the
@@ -191,6 +193,8 @@ class TrainConfig:
         validation_tta: mirror test-time augmentation in the final validation.
         save_probabilities: write ``validation/<case>.npz`` softmax probabilities (float16).
         augmentation: see :class:`AugmentationConfig`.
+        weight_averaging: ``off`` or ``ema``: an exponential moving average of the weights over the last
+            part of the run becomes ``checkpoint_final`` (:mod:`medseg.training.weight_averaging`).
     """
 
     configuration: str | None = None
@@ -235,6 +239,7 @@ class TrainConfig:
     validation_tta: bool = True
     save_probabilities: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    weight_averaging: str = "off"
 
     # ------------------------------------------------------------------ checks
     def check(self) -> list[str]:
@@ -252,6 +257,8 @@ class TrainConfig:
             p.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
         if self.pretrained is not None and not (isinstance(self.pretrained, str) and self.pretrained.strip()):
             p.append(f"pretrained must be the path of a model bundle or checkpoint, got {self.pretrained!r}")
+        if self.weight_averaging not in WEIGHT_AVERAGING:
+            p.append(f"weight_averaging must be one of {list(WEIGHT_AVERAGING)}, got {self.weight_averaging!r}")
         if self.optimizer not in OPTIMIZERS:
             p.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.momentum is not None and not 0 <= self.momentum < 1:

@@ -203,8 +203,11 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
                 trainer.plan.save(run_dir / "plans.json")
             trained = trainer.fit()
             if trained or not (run_dir / "checkpoint_final.pt").is_file():
-                trainer.save("latest", finished=True)
+                trainer.save("latest", finished=True)  # raw weights (and the average) to resume from
+                trainer.use_averaged_weights()
                 trainer.save("final", finished=True)
+            else:
+                trainer.use_averaged_weights()  # the final validation scores what checkpoint_final holds
             dist_ctx.barrier()
             if dist_ctx.is_main:
                 _final_validation(trainer)

@@ -56,6 +56,7 @@ from medseg.training.progress import write_progress_files
 from medseg.training.region_losses import region_loss
 from medseg.training.schedule import lr_factor
 from medseg.training.trainer_state import checkpoint_state, restore_state
+from medseg.training.weight_averaging import WeightAverage
 from medseg.training.validation import pseudo_dice
 from medseg.training.validation_budget import (
     MAX_VALIDATION_SHARE,
@@ -176,6 +177,7 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr0, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.weight_average = WeightAverage(model) if cfg.weight_averaging == "ema" else None
 
         # -------- progress state
         self.epoch = 0
@@ -352,6 +354,8 @@ class Trainer:
                 t_step = time.perf_counter()
                 loss = self.train_step(x, y)
                 self.thread_tuner.after_step(time.perf_counter() - t_step)
+                if self.weight_average is not None:
+                    self.weight_average.update(progress)
                 if not math.isfinite(loss):
                     logger.warning("iteration %d: non-finite loss %s", self.iteration, loss)
                 loss_sum += loss
@@ -371,6 +375,19 @@ class Trainer:
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
         return {"iterations": n, "train_loss": mean_loss, "lr": lr, "epoch_seconds": seconds,
                 "data_wait_seconds": wait, "it_per_s": n / seconds if seconds > 0 else 0.0}
+
+    def use_averaged_weights(self) -> None:
+        """Put the weight average (``--weight-averaging ema``) into the network for ``checkpoint_final``."""
+        wa = self.weight_average
+        if wa is None:
+            return
+        if not wa.active:
+            logger.info("weight averaging had not started (progress < %.2f): checkpoint_final holds the last "
+                        "weights", wa.start)
+            return
+        wa.copy_to_model()
+        logger.info("checkpoint_final holds the weight average of the last %d steps (EMA over %.0f%% of the run)",
+                    wa.updates, 100 * wa.horizon)
 
     def _pseudo_dice(self) -> dict[str, Any]:
         """This epoch's pseudo Dice on ``val_iters`` held-out batches (:func:`~medseg.training.validation.pseudo_dice`)."""

@@ -52,6 +52,7 @@ def checkpoint_state(trainer: Trainer, finished: bool = False) -> dict[str, Any]
         "finished": finished,
         "precision": trainer.precision,
         "timing": {"iter_seconds": trainer.iter_seconds, "fwd_seconds_per_sample": trainer.fwd_seconds_per_sample},
+        "weight_average": None if trainer.weight_average is None else trainer.weight_average.state_dict(),
     }
 
 
@@ -86,6 +87,11 @@ def restore_state(trainer: Trainer, ckpt: dict[str, Any]) -> None:
     timing = ckpt.get("timing") or {}
     trainer.iter_seconds = timing.get("iter_seconds")
     trainer.fwd_seconds_per_sample = timing.get("fwd_seconds_per_sample")
+    if trainer.weight_average is not None and ckpt.get("weight_average"):
+        try:
+            trainer.weight_average.load_state_dict(ckpt["weight_average"])
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     if "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
     logger.info("resuming %s at epoch %d, iteration %d (%.1f min trained)", trainer.run_dir, trainer.epoch,

@@ -198,3 +198,19 @@ def test_training_mirrors_the_planned_axes_and_records_them_for_tta(tiny_work, m
 
     with pytest.raises(ConfigError, match=r"axes \[3\] are not axes of the 3D patch"):
         train(tiny_work, TrainConfig(epochs=1, fold=2, augmentation=AugmentationConfig(mirror_axes=(3,)), **FAST))
+
+
+def test_weight_averaging_puts_the_average_into_checkpoint_final(tiny_work):
+    cfg = TrainConfig(epochs=4, final_validation=False, weight_averaging="ema", **FAST)
+    run = train(tiny_work, cfg)
+    latest, final = load_checkpoint(run / "checkpoint_latest.pt"), load_checkpoint(run / "checkpoint_final.pt")
+    wa = latest["weight_average"]
+    assert wa["updates"] >= 5  # the second half of 12 steps
+    conv = next(k for k, v in final["model"].items() if k.endswith("weight") and v.dim() == 5)
+    # latest keeps the raw weights to resume from, final holds the average
+    assert torch.equal(latest["model"][conv], _weights(run, "latest")[conv])
+    assert torch.allclose(final["model"][conv], wa["shadow"][conv])
+    assert not torch.allclose(final["model"][conv], latest["model"][conv])
+    # resuming restores the average and keeps averaging
+    train(tiny_work, TrainConfig(epochs=5, final_validation=False, weight_averaging="ema", **FAST), resume=True)
+    assert load_checkpoint(run / "checkpoint_latest.pt")["weight_average"]["updates"] > wa["updates"]
