@@ -19,8 +19,8 @@ predictions are missing, naming the folds and the commands that train them.
 
 **Prediction**: the previous stage's ensemble (every trained fold) segments the raw image first; that
 segmentation, on the original grid, goes through the same mapping (:func:`to_preprocessed_grid`).
-The previous-stage segmentation is not perturbed during training (nnU-Net's random morphology and
-component removal on it are not done).
+In training the previous-stage channels are also degraded at random (morphology, removal of a component:
+:func:`medseg.training.augmentation.perturb_previous_stage`), so the cascade learns to correct them.
 """
 
 from __future__ import annotations

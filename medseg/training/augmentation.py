@@ -344,3 +344,44 @@ def _gamma(x: torch.Tensor, gamma: float) -> torch.Tensor:
     y_mean = y.mean(axes, keepdim=True)
     y_std = y.std(axes, keepdim=True).clamp_min(1e-7)
     return (y - y_mean) / y_std * std + mean
+
+
+#: Previous-stage perturbation (cascade training, :func:`perturb_previous_stage`): per one-hot channel, the
+#: probability of a random binary morphological operation, of removing one connected component, and the
+#: largest structuring-element radius (voxels).
+PREVIOUS_STAGE_P_MORPHOLOGY = 0.4
+PREVIOUS_STAGE_P_REMOVE_COMPONENT = 0.2
+PREVIOUS_STAGE_MAX_RADIUS = 3
+
+
+def perturb_previous_stage(onehot: torch.Tensor, rng: np.random.Generator) -> None:
+    """Degrade a cascade's previous-stage segmentation in place, so the cascade learns to correct it.
+
+    At test time the previous stage makes mistakes its own cross-validated training predictions show only
+    some of; as in nnU-Net, each one-hot channel is, with :data:`PREVIOUS_STAGE_P_MORPHOLOGY`, dilated,
+    eroded, opened or closed with a ball of radius 1 to :data:`PREVIOUS_STAGE_MAX_RADIUS` voxels, and with
+    :data:`PREVIOUS_STAGE_P_REMOVE_COMPONENT` loses one of its connected components, chosen at random. Channels are thresholded at 0.5 first (spatial augmentation interpolates them).
+
+    Args:
+        onehot: ``(L, *spatial)`` float one-hot foreground channels of one sample (modified in place).
+        rng: the sample's generator.
+    """
+    from scipy import ndimage
+
+    for k in range(onehot.shape[0]):
+        morph = rng.random() < PREVIOUS_STAGE_P_MORPHOLOGY
+        remove = rng.random() < PREVIOUS_STAGE_P_REMOVE_COMPONENT
+        if not (morph or remove):
+            continue
+        mask = onehot[k].numpy() > 0.5
+        if morph:
+            radius = int(rng.integers(1, PREVIOUS_STAGE_MAX_RADIUS + 1))
+            grid = np.indices((2 * radius + 1,) * mask.ndim) - radius
+            ball = (grid ** 2).sum(axis=0) <= radius ** 2
+            op = (ndimage.binary_dilation, ndimage.binary_erosion, ndimage.binary_opening,
+                  ndimage.binary_closing)[int(rng.integers(4))]
+            mask = op(mask, structure=ball)
+        if remove and mask.any():
+            components, n = ndimage.label(mask)
+            mask &= components != int(rng.integers(1, n + 1))
+        onehot[k] = torch.from_numpy(mask.astype(np.float32))

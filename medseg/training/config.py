@@ -80,6 +80,8 @@ class AugmentationConfig:
             on the negated image), mean and std restored afterwards.
         anisotropy_threshold: a patch whose Z spacing is this many times the in-plane spacing gets
             in-plane rotation only.
+        previous_stage_perturbation: degrade a cascade's previous-stage channels at random (morphology,
+            removal of a component; :func:`medseg.training.augmentation.perturb_previous_stage`).
     """
 
     enabled: bool = True
@@ -107,6 +109,7 @@ class AugmentationConfig:
     p_gamma_inverted: float = 0.1
     gamma_range: tuple[float, float] = (0.7, 1.5)
     anisotropy_threshold: float = 3.0
+    previous_stage_perturbation: bool = True
 
     def check(self) -> list[str]:
         problems = []

@@ -31,7 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from medseg.planning.plan import Plan
-from medseg.training.augmentation import SpatialParams, apply_intensity, draw_intensity, draw_spatial, extract_patch
+from medseg.training.augmentation import (
+    SpatialParams,
+    apply_intensity,
+    draw_intensity,
+    draw_spatial,
+    extract_patch,
+    perturb_previous_stage,
+)
 from medseg.training.config import AugmentationConfig
 
 logger = logging.getLogger(__name__)
@@ -244,6 +251,10 @@ class PatchSampler:
             rngs.append(rng)
         x = torch.stack(images)
         y = torch.stack(labels)
+        if (self.augmentation is not None and self.augmentation.previous_stage_perturbation
+                and self.image_channels is not None and x.shape[1] > self.image_channels):
+            for i, rng in enumerate(rngs):  # a cascade's previous-stage channels
+                perturb_previous_stage(x[i, self.image_channels:], rng)
         apply_intensity(x[:, :self.image_channels], draw_intensity(rngs, self.augmentation, self.dims))
         return x, y
 

@@ -178,7 +178,7 @@ def test_intensity_augmentation_leaves_the_previous_stage_channels_alone():
                            onehot_previous_stage(seg, 1)])
     case = CaseData("c", data, seg, {1: np.argwhere(seg == 1)})
     aug = AugmentationConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, mirror_axes=(0, 1, 2), p_noise=1.0, p_blur=1.0,
-                             p_brightness=1.0, p_contrast=1.0, p_gamma=1.0)
+                             p_brightness=1.0, p_contrast=1.0, p_gamma=1.0, previous_stage_perturbation=False)
     sampler = PatchSampler([case], (8, 8, 8), 2, augmentation=aug, image_channels=1)
     x, y = sampler.batch(0)
     assert x.shape == (2, 2, 8, 8, 8)

@@ -150,3 +150,45 @@ def test_gaussian_blur_keeps_constant_and_smooths_impulse():
     out = gaussian_blur(imp, [1.0, 1.0])
     assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert out[0, 7, 7] < 0.2 and out[0, 7, 8] == pytest.approx(out[0, 8, 7].item())
+
+
+def test_previous_stage_perturbation_changes_masks_but_stays_one_hot_and_is_seeded():
+    from medseg.training.augmentation import perturb_previous_stage
+
+    base = torch.zeros((2, 12, 16, 16))
+    base[0, 3:9, 4:12, 4:12] = 1.0
+    base[1, 2:4, 2:4, 2:4] = 1.0
+    base[1, 8:10, 10:13, 10:13] = 1.0  # two components
+    changed = 0
+    for seed in range(40):
+        x = base.clone()
+        perturb_previous_stage(x, np.random.default_rng(seed))
+        assert set(torch.unique(x).tolist()) <= {0.0, 1.0}
+        changed += int(not torch.equal(x, base))
+        y = base.clone()
+        perturb_previous_stage(y, np.random.default_rng(seed))
+        assert torch.equal(x, y)
+    # P(channel untouched) = 0.6 * 0.8 = 0.48, so both untouched in about 23 % of samples
+    assert 15 <= changed <= 40
+
+
+def test_sampler_perturbs_only_the_previous_stage_channels():
+    from medseg.training.config import AugmentationConfig
+    from medseg.training.data import CaseData, PatchSampler
+
+    rng = np.random.default_rng(0)
+    seg = np.zeros((12, 20, 20), np.int8)
+    seg[3:9, 5:15, 5:15] = 1
+    image = rng.standard_normal((1, 12, 20, 20)).astype(np.float32)
+    data = np.concatenate([image, (seg == 1)[None].astype(np.float32)])
+    case = CaseData("c", data, seg, {1: np.argwhere(seg == 1)})
+    aug = AugmentationConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, mirror_axes=(), intensity=False)
+    plain = PatchSampler([case], (12, 20, 20), 2, 0.0, aug, seed=1, image_channels=2)
+    cascade = PatchSampler([case], (12, 20, 20), 2, 0.0, aug, seed=1, image_channels=1)
+    differs = 0
+    for it in range(10):
+        xa, _ = plain.batch(it)
+        xb, _ = cascade.batch(it)
+        assert torch.equal(xa[:, 0], xb[:, 0])  # the image channel is untouched
+        differs += int(not torch.equal(xa[:, 1], xb[:, 1]))
+    assert differs > 0
