@@ -15,6 +15,9 @@ Options (``net.options``):
         convolution, then ``blocks_per_stage`` blocks per stage).
     blocks_per_stage (int or list): residual blocks per stage (default ``max(1, n_conv_per_stage // 2)``).
     dropout (float, default 0): channel dropout after each encoder/decoder normalisation.
+    full_res_features (int, default ``features_per_stage()[0]``): channels of the full-resolution stage
+        (encoder stage 0 and decoder level 0) only; the other stages keep theirs. Fewer channels there
+        cut the most expensive convolutions of a step (full resolution, where voxels are most numerous).
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ class UNet(SegmentationNetwork):
 
     def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
         super().__init__(net, in_channels, num_classes)
-        check_known_options(net, ("residual_encoder", "blocks_per_stage", "dropout"))
+        check_known_options(net, ("residual_encoder", "blocks_per_stage", "dropout", "full_res_features"))
         d, S = net.dims, net.num_stages
-        feats = net.features_per_stage()
+        feats = list(net.features_per_stage())
+        feats[0] = options_get(net, "full_res_features", feats[0], int)
+        if feats[0] < 1:
+            raise ValueError(f"full_res_features must be >= 1, got {feats[0]}")
         residual = options_get(net, "residual_encoder", False, bool)
         dropout = options_get(net, "dropout", 0.0, float)
 

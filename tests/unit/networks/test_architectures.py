@@ -86,6 +86,7 @@ def test_single_stage_topology(arch):
     [
         ("unet", {"residual_encoder": True}),
         ("unet", {"residual_encoder": True, "blocks_per_stage": [1, 2, 2, 1]}),
+        ("unet", {"full_res_features": 3}),
         ("deeplab", {"separable": True}),
         ("deeplab", {"output_stride": 8, "aspp_rates": [1, 2, 40]}),
         ("psp", {"bins": [1, 2, 4], "output_stride": 16}),
@@ -100,6 +101,10 @@ def test_architecture_options(arch, options):
     sum(o.mean() for o in outs).backward()
     if options.get("residual_encoder"):
         assert any(type(m).__name__ == "ResidualBlock" for m in model.modules())
+    if "full_res_features" in options:  # stage 0 and decoder level 0 narrowed, the others kept
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert convs[0].out_channels == 3 and model.heads[0].in_channels == 3
+        assert any(m.out_channels == net.features_per_stage()[1] for m in convs)
     if options.get("separable"):
         depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.groups > 1]
         assert depthwise and all(m.groups == m.in_channels for m in depthwise)
