@@ -86,6 +86,15 @@ def _run_facts(work: Path) -> dict:
     return facts
 
 
+def _edit_network_options(plans_json: Path, options: dict) -> None:
+    """Merge ``options`` into the default network of the default configuration (the budget fit stays)."""
+    plan = json.loads(plans_json.read_text())
+    cfg = plan["configurations"][plan["default_configuration"]]
+    net = cfg["networks"][cfg["default_arch"]]
+    net["options"] = {**net.get("options", {}), **options}
+    _atomic_write_text(plans_json, json.dumps(plan, indent=2))
+
+
 def _fmt(v, f="{:.4f}") -> str:
     return "-" if v is None else (f.format(v) if isinstance(v, float) else str(v))
 
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", action="append", default=None,
                    help="NAME=extra `medseg train` arguments (repeatable; default: baseline=)")
+    p.add_argument("--net-options", action="append", default=[],
+                   help='NAME=JSON: merged into the network options of variant NAME after planning, e.g. '
+                        'narrow={"full_res_features": 8}')
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--workdir", type=Path, default=Path("bench_cpu_budget_work"))
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -108,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant or ["baseline="]:
         name, _, extra = v.partition("=")
         variants.append((name, shlex.split(extra)))
+    net_options = {}
+    for v in args.net_options:
+        name, _, text = v.partition("=")
+        net_options[name] = json.loads(text)
     env = dict(os.environ)
     if args.isa == "avx2":
         env.update(AVX2_ENV)
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--folds", "0"]),
             ]
             for stage, cmd in stages:
+                if stage == "train" and name in net_options:
+                    _edit_network_options(work / "plans.json", net_options[name])
+                    row["net_options"] = net_options[name]
                 print(f"[{time.strftime('%H:%M:%S')}] {tag}: {stage}", flush=True)
                 res = run_stage(stage, cmd, logs / f"{stage}.log", env)
                 row[f"{stage}_s"] = None if res.seconds is None else round(res.seconds, 1)
