@@ -11,8 +11,8 @@ a changing load affects all alike; the median is reported, with samples per seco
 baseline. ``--isa avx2`` reruns the table in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``: the code path of an AVX2-only CPU (no native bf16), not its
 speed. The step is :func:`medseg.networks.memory.training_step` (forward, Dice + CE over the deep-supervision
-outputs, backward, SGD step). ``torch.compile`` is timed separately: its first step (the compilation) and
-the steady step.
+outputs, backward, SGD step). ``--compile`` adds ``torch.compile`` of the network (fp32, and bf16 where
+the CPU has it), timed in the same rounds; the first-step column shows the compilation.
 """
 
 from __future__ import annotations
@@ -31,17 +31,22 @@ import torch
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def _levers(base, bf16: bool):
-    """(name, network plan, precision, channels_last, mkldnn) of every timed setting."""
-    rows = [("baseline: 16f b4 fp32 channels-last", base, "fp32", True, True),
-            ("channels-last off", base, "fp32", False, True),
-            ("oneDNN off (ATen's own convolutions)", base, "fp32", True, False),
-            ("batch 2", replace(base, batch_size=2), "fp32", True, True),
-            ("12 base features", replace(base, base_features=12, max_features=120), "fp32", True, True),
+def _levers(base, bf16: bool, with_compile: bool):
+    """(name, network plan, precision, channels_last, mkldnn, compiled) of every timed setting."""
+    rows = [("baseline: 16f b4 fp32 channels-last", base, "fp32", True, True, False),
+            ("channels-last off", base, "fp32", False, True, False),
+            ("oneDNN off (ATen's own convolutions)", base, "fp32", True, False, False),
+            ("batch 2", replace(base, batch_size=2), "fp32", True, True, False),
+            ("12 base features", replace(base, base_features=12, max_features=120), "fp32", True, True, False),
             ("full-resolution stage 8 channels", replace(base, options={**base.options, "full_res_features": 8}),
-             "fp32", True, True)]
+             "fp32", True, True, False),
+            ("deep supervision off", replace(base, deep_supervision=False), "fp32", True, True, False)]
+    if with_compile:
+        rows.append(("torch.compile", base, "fp32", True, True, True))
     if bf16:
-        rows.append(("bf16 autocast", base, "bf16", False, True))
+        rows.append(("bf16 autocast", base, "bf16", False, True, False))
+        if with_compile:
+            rows.append(("bf16 autocast + torch.compile", base, "bf16", False, True, True))
     return rows
 
 
@@ -57,7 +62,7 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
                    patch_size=tuple(cfg.patch_size))
     K = plan.num_classes
     built = []
-    for name, net, precision, cl, mkldnn in _levers(base, cpu_has_fast_bf16()):
+    for name, net, precision, cl, mkldnn, compiled in _levers(base, cpu_has_fast_bf16(), with_compile):
         torch.manual_seed(0)
         model = build_network(net, 1, K).train()
         x = torch.randn((net.batch_size, 1, *net.patch_size))
@@ -65,8 +70,10 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
         if cl:
             model = model.to(memory_format=torch.channels_last_3d)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        built.append([name, model, make_optimizer(model), x, t, precision, mkldnn, net.batch_size, []])
-    for _ in range(rounds + 1):  # the first round warms up
+        opt = make_optimizer(model)
+        built.append([name, torch.compile(model) if compiled else model, opt, x, t, precision, mkldnn,
+                      net.batch_size, []])
+    for _ in range(rounds + 1):  # the first round warms up (and compiles)
         for row in built:
             _, model, opt, x, t, precision, mkldnn, _, times = row
             torch.backends.mkldnn.enabled = mkldnn
@@ -77,27 +84,11 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
     ref = statistics.median(built[0][8][1:])
     lines = [f"capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
              f"median of {rounds} steps",
-             "| lever | s/step | samples/s | vs baseline (samples/s) |", "| --- | ---: | ---: | ---: |"]
+             "| lever | s/step | samples/s | vs baseline (samples/s) | first step s |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name, *_, b, times in built:
         med = statistics.median(times[1:])
-        lines.append(f"| {name} | {med:.3f} | {b / med:.2f} | {(b / med) / (4 / ref):.2f}x |")
-    if with_compile:
-        torch.manual_seed(0)
-        model = build_network(base, 1, K).train().to(memory_format=torch.channels_last_3d)
-        opt = make_optimizer(model)
-        compiled = torch.compile(model)
-        x = built[0][3]
-        t = built[0][4]
-        t0 = time.perf_counter()
-        training_step(compiled, opt, x, t, K)
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            training_step(compiled, opt, x, t, K)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        lines.append(f"| torch.compile (first step {first:.0f} s) | {med:.3f} | {4 / med:.2f} | {ref / med:.2f}x |")
+        lines.append(f"| {name} | {med:.3f} | {b / med:.2f} | {(b / med) / (4 / ref):.2f}x | {times[0]:.1f} |")
     return "\n".join(lines)
 
 
