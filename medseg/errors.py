@@ -34,6 +34,10 @@ class ConfigError(MedsegError):
     """Invalid command-line or configuration option."""
 
 
+class TrainingError(MedsegError):
+    """Training cannot go on (it diverged: gradients stayed non-finite step after step)."""
+
+
 class BundleError(MedsegError):
     """A model bundle (``medseg export``) is missing, truncated, corrupt, incomplete or of a newer format."""
 

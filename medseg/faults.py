@@ -12,7 +12,9 @@ that point, ``POINT:NAME`` only the hits for that file or case. The fault fires 
 hit (default 1). Actions:
 
 * ``kill`` (default): ``SIGKILL`` to this process, like ``kill -9`` or the out-of-memory killer;
-* ``enospc``: raise ``OSError(ENOSPC)`` on the ``N``-th and every later hit, like a full disk.
+* ``enospc``: raise ``OSError(ENOSPC)`` on the ``N``-th and every later hit, like a full disk;
+* ``stall``: print ``fault injected: POINT:NAME stalls`` to stderr and block forever, like a hung process
+  (for an outside ``kill -9`` at a known moment, whatever the machine's speed).
 
 Points (``NAME`` in brackets):
 
@@ -25,7 +27,9 @@ Points (``NAME`` in brackets):
 * ``predict_written`` [case id]: :func:`medseg.inference.folder.predict_folder`, after a case's
   segmentation was written (the next case may be in flight);
 * ``final_validation`` [case id]: :func:`medseg.training.validation.validate_run`, after a held-out case
-  was exported, before ``metrics.json``.
+  was exported, before ``metrics.json``;
+* ``train_step`` [iteration]: :meth:`medseg.training.trainer.Trainer.train_epoch`, after the optimizer step
+  that completed that iteration (counted from 1 over the whole run).
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
 from medseg.errors import ConfigError
 
 ENV_VAR = "MEDSEG_FAULT_INJECT"
-POINTS = ("checkpoint_write", "preprocess_write", "segmentation_write", "predict_written", "final_validation")
-ACTIONS = ("kill", "enospc")
+POINTS = ("checkpoint_write", "preprocess_write", "segmentation_write", "predict_written", "final_validation",
+          "train_step")
+ACTIONS = ("kill", "enospc", "stall")
 
 
 @dataclass
@@ -96,3 +102,6 @@ def maybe_fail(point: str, name: str = "") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fired == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif fired == "stall":
+        print(f"fault injected: {point}:{name} stalls", file=sys.stderr, flush=True)
+        threading.Event().wait()

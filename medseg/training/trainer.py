@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, TrainingError
+from medseg.faults import maybe_fail
 from medseg.io.checkpoint import remove_stale_temporaries, save_checkpoint
 from medseg.planning.plan import Plan
 from medseg.training.config import AugmentationConfig, TrainConfig, run_plan
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 #: Epochs of an epoch-based run when neither the configuration nor a time budget says otherwise.
 DEFAULT_EPOCHS = 1000
+MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps with non-finite gradients before training stops (diverged)
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -177,6 +179,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr0, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this session
+        self._skipped_in_a_row = 0
         self.weight_average = WeightAverage(model) if cfg.weight_averaging == "ema" else None
 
         # -------- progress state
@@ -310,14 +314,44 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             scaled.backward()
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if self.scaler is not None:
+        norm = self._grad_norm()
+        if self.scaler is not None:  # the scaler skips steps with inf/NaN gradients itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif torch.isfinite(norm):
             self.optimizer.step()
+            self._skipped_in_a_row = 0
+        else:
+            self._skip_step(float(norm))
         return float(loss.detach())
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' global L2 norm, after clipping them to ``grad_clip`` when it is positive."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            return nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if not params:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+
+    def _skip_step(self, norm: float) -> None:
+        """Leave the weights untouched after a step with non-finite gradients (one bad batch, a numerical
+        overflow) instead of writing NaN into every weight; stop after MAX_SKIPPED_IN_A_ROW such steps in a row.
+
+        Raises:
+            TrainingError: the training diverged (the weights of checkpoint_latest are still finite).
+        """
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        logger.warning("iteration %d: gradient norm %s, the optimizer step was skipped (%d skipped so far)",
+                       self.iteration + 1, norm, self.skipped_steps)
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            hint = " or train with --precision fp32" if self.precision != "fp32" else ""
+            raise TrainingError(
+                f"training diverged: {self._skipped_in_a_row} optimizer steps in a row had non-finite gradients "
+                f"(iteration {self.iteration + 1}, precision {self.precision}, learning rate "
+                f"{self.optimizer.param_groups[0]['lr']:.3g}); {self.run_dir / 'checkpoint_latest.pt'} holds the "
+                f"last finite weights: lower the learning rate{hint}")
 
     def _sync_stop_and_progress(self) -> tuple[bool, float]:
         """Rank 0's decision whether to stop and its progress, on every rank."""
@@ -367,6 +401,7 @@ class Trainer:
                     self._warn_about_kept_plan(dt)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                maybe_fail("train_step", str(self.iteration))
         finally:
             bar.close()
         seconds = time.perf_counter() - t_start

@@ -75,11 +75,11 @@ def medseg(*args: str | Path, fault: str | None = None, timeout: float = 300) ->
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def medseg_background(log: Path, *args: str | Path) -> subprocess.Popen:
-    """Start ``python -m medseg ARGS`` with stdout and stderr going to ``log``."""
+def medseg_background(log: Path, *args: str | Path, fault: str | None = None) -> subprocess.Popen:
+    """Start ``python -m medseg ARGS`` with stdout and stderr going to ``log`` (fault armed when given)."""
     with log.open("w") as fh:
         return subprocess.Popen([sys.executable, "-m", "medseg", *map(str, args)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=_env(None))
+                                stderr=subprocess.STDOUT, env=_env(fault))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -220,11 +220,6 @@ def _epoch_lines(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"medseg\.training\.trainer: epoch (\d+): loss", text)]
 
 
-def _bars(text: str, ipe: int) -> list[tuple[int, int]]:
-    """(completed epochs, iterations into the epoch) of every progress-bar update in a training log."""
-    return [(int(e), int(n)) for e, n in re.findall(rf"epoch (\d+):\s+\d+%\|[^|]*\|\s*(\d+)/{ipe}\b", text)]
-
-
 def _resume_point(text: str) -> tuple[int, int]:
     m = re.search(r"resuming .* at epoch (\d+), iteration (\d+)", text)
     assert m, f"no 'resuming ... at epoch' line:\n{text[-3000:]}"
@@ -243,19 +238,16 @@ def _assert_complete_run(run: Path, epochs: int, ipe: int) -> None:
 
 def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
     """A second ``medseg train`` of a fold being trained is refused; then ``kill -9`` of the first during an
-    epoch's iterations; ``--resume`` takes the dead run's lock over and continues from checkpoint_latest."""
+    epoch's iterations; ``--resume`` takes the dead run's lock over and continues from checkpoint_latest.
+
+    The first run stalls (fault ``train_step:N=stall``) after iteration ``stop``, inside its second epoch, so
+    the second command and the kill find it alive mid-epoch on a machine of any speed."""
     work = env.copy(env.work, "t_epoch")
     run = work / RUN
-    ipe = 24
+    ipe, stop = 24, 24 + 6
     args = ["train", work, "--fold", "0", "--device", "cpu", "--num-workers", "0", "--iters-per-epoch", str(ipe)]
     log = env.root / "t_epoch.log"
-    first = medseg_background(log, *args, "--epochs", "50")
-
-    def mid_epoch() -> bool:  # the last progress-bar update is early in an epoch after the first checkpoint
-        bars = _bars(log.read_text(), ipe)
-        return first.poll() is not None or (
-            (run / "checkpoint_latest.pt").is_file() and bool(bars) and bars[-1][0] >= 1 and 0 < bars[-1][1] <= 8)
-
+    first = medseg_background(log, *args, "--epochs", "50", fault=f"train_step:{stop}=stall")
     try:
         wait_for(lambda: (run / "checkpoint_latest.pt").is_file() or first.poll() is not None, 120,
                  "the first checkpoint_latest.pt")
@@ -263,7 +255,8 @@ def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
         owner = json.loads((run / ".lock").read_text())
         assert owner["pid"] == first.pid, owner
         second = medseg(*args, "--epochs", "50", "--resume")
-        wait_for(mid_epoch, 120, "an epoch in progress")
+        wait_for(lambda: f"train_step:{stop} stalls" in log.read_text() or first.poll() is not None, 120,
+                 f"iteration {stop}")
         assert first.poll() is None, log.read_text()[-2000:]
         os.kill(first.pid, signal.SIGKILL)
         assert first.wait(30) == KILLED
@@ -271,12 +264,11 @@ def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
         if first.poll() is None:
             first.kill()
     assert_clean_error(second, 2, "another `medseg train` is training this run", f"pid {first.pid}")
-    text = log.read_text()
-    logged = max(_epoch_lines(text), default=0)
-    epoch, into = _bars(text, ipe)[-1]
+    logged = max(_epoch_lines(log.read_text()), default=0)
     ckpt = _ckpt(run / "checkpoint_latest.pt")  # it loads: complete
-    assert ckpt["epoch"] == logged == epoch, (ckpt["epoch"], logged, epoch)  # killed inside epoch `epoch + 1`
-    assert ckpt["iteration"] == epoch * ipe and 0 < into < ipe  # only that epoch's iterations are lost
+    assert ckpt["epoch"] == logged == stop // ipe, (ckpt["epoch"], logged)  # killed inside epoch `stop // ipe + 1`
+    assert ckpt["iteration"] == stop // ipe * ipe  # only that epoch's iterations are lost
+    into = stop - ckpt["iteration"]
     assert (run / ".lock").exists()  # the killed run could not remove it
     epochs = ckpt["epoch"] + 1
     res = medseg(*args, "--epochs", str(epochs), "--resume")
@@ -290,7 +282,7 @@ def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
                     second.message.replace(str(work), "WORK"), "nothing (the running training is untouched)", "-"),
             Outcome("train: kill -9 during an epoch", "-9 (SIGKILL); resume 0",
                     f"(killed: no message); resume: resuming at epoch {start[0]}, iteration {start[1]}",
-                    f">= {into} iteration(s) of the current epoch (of {ipe}; from the last progress-bar update)",
+                    f"{into} iteration(s) of the current epoch (of {ipe})",
                     f"--resume continues from epoch {start[0]} (checkpoint_latest)"),
             Outcome("train: stale lock of the killed run", "0 (with a warning)",
                     re.sub(r"^.*?WARNING", "WARNING", warning).replace(str(work), "WORK"), "nothing",

@@ -214,3 +214,53 @@ def test_weight_averaging_puts_the_average_into_checkpoint_final(tiny_work):
     # resuming restores the average and keeps averaging
     train(tiny_work, TrainConfig(epochs=5, final_validation=False, weight_averaging="ema", **FAST), resume=True)
     assert load_checkpoint(run / "checkpoint_latest.pt")["weight_average"]["updates"] > wa["updates"]
+
+
+def _poison_gradients(monkeypatch, bad_iterations, record):
+    """Make one weight's gradient NaN in the steps of ``bad_iterations`` (0-based) and record, for each
+    such step, whether the weights were left exactly as they were."""
+    original = Trainer.train_step
+
+    def step(self, x, y):
+        if not bad_iterations(self.iteration):
+            return original(self, x, y)
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        hook = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+        try:
+            loss = original(self, x, y)
+        finally:
+            hook.remove()
+        record.append(all(torch.equal(before[k], v) for k, v in self.model.state_dict().items()))
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tiny_work, monkeypatch, caplog):
+    unchanged: list[bool] = []
+    _poison_gradients(monkeypatch, lambda it: it == 2, unchanged)
+    run = train(tiny_work, TrainConfig(epochs=2, final_validation=False, **FAST))
+    assert unchanged == [True]  # the poisoned step left every weight as it was
+    assert "iteration 3: gradient norm nan, the optimizer step was skipped (1 skipped so far)" in caplog.text
+    final = _weights(run, "final")
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert load_checkpoint(run / "checkpoint_final.pt")["iteration"] == 6  # the other steps all ran
+
+
+def test_training_that_diverges_stops_with_a_clear_error_and_finite_checkpoint(tiny_work, monkeypatch):
+    from medseg.errors import TrainingError
+    from medseg.training.trainer import MAX_SKIPPED_IN_A_ROW
+
+    unchanged: list[bool] = []
+    _poison_gradients(monkeypatch, lambda it: it >= 3, unchanged)  # from the second epoch on
+    epochs = MAX_SKIPPED_IN_A_ROW // 3 + 3
+    with pytest.raises(TrainingError, match=rf"training diverged: {MAX_SKIPPED_IN_A_ROW} optimizer steps in a row "
+                                            r"had non-finite gradients \(iteration 23, precision fp32.*"
+                                            r"checkpoint_latest.pt holds the last finite weights"):
+        train(tiny_work, TrainConfig(epochs=epochs, final_validation=False, **FAST))
+    assert unchanged == [True] * (MAX_SKIPPED_IN_A_ROW - 1)  # the last skipped step raised
+    run = tiny_work / "runs" / "3d_fullres" / "unet" / "fold_0"
+    latest = load_checkpoint(run / "checkpoint_latest.pt")
+    assert latest["iteration"] % 3 == 0 and 3 <= latest["iteration"] < 3 + MAX_SKIPPED_IN_A_ROW
+    assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
+    assert not (run / "checkpoint_final.pt").exists()
