@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity-augmentation", choices=["auto", "on", "off"], default="auto",
                    help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
                         "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)")
-    p.add_argument("--weight-averaging", choices=["off", "ema"], default=None,
+    p.add_argument("--weight-averaging", choices=["auto", "off", "ema"], default=None,
                    help="ema: checkpoint_final holds an exponential moving average of the weights over the last "
-                        "part of the run (default off)")
+                        "part of the run; default auto: ema for time-budgeted runs, off otherwise")
     p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
     _add_common(p)
     p.set_defaults(func=c.cmd_train)

@@ -181,7 +181,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this session
         self._skipped_in_a_row = 0
-        self.weight_average = WeightAverage(model) if cfg.weight_averaging == "ema" else None
+        self.weight_average = WeightAverage(model) if opt.weight_averaging == "ema" else None
 
         # -------- progress state
         self.epoch = 0

@@ -143,6 +143,11 @@ def test_time_budget_anneals_over_elapsed_time(tiny_work, monkeypatch):
     # a short schedule trains without intensity transforms (spatial ones and mirroring stay)
     assert ckpt["train_config"]["augmentation"]["intensity"] is False
     assert intensity_draws and all(d is None for d in intensity_draws)
+    # ... and puts the EMA of its weights into checkpoint_final (raw weights stay in checkpoint_latest)
+    assert ckpt["train_config"]["weight_averaging"] == "ema"
+    latest = load_checkpoint(run / "checkpoint_latest.pt")
+    assert latest["weight_average"] is not None
+    assert any(not torch.equal(v, latest["model"][k]) for k, v in ckpt["model"].items() if v.is_floating_point())
 
     # --resume --time-budget with a larger budget extends the run
     train(tiny_work, TrainConfig(time_budget_minutes=2 * budget_min, fold="all"), resume=True)

@@ -77,3 +77,11 @@ def test_state_round_trip_and_mismatch():
 def test_config_checks_the_choice():
     assert TrainConfig(weight_averaging="ema").check() == []
     assert any("weight_averaging" in p for p in TrainConfig(weight_averaging="swa").check())
+
+
+def test_auto_means_ema_in_a_time_budget_and_off_in_an_epoch_schedule():
+    assert TrainConfig().weight_averaging == "auto" and TrainConfig().check() == []
+    assert TrainConfig(time_budget_minutes=30).resolved().weight_averaging == "ema"
+    assert TrainConfig(epochs=1000).resolved().weight_averaging == "off"  # nnU-Net's path: the last weights
+    assert TrainConfig(time_budget_minutes=30, weight_averaging="off").resolved().weight_averaging == "off"
+    assert TrainConfig(epochs=10, weight_averaging="ema").resolved().weight_averaging == "ema"
