@@ -136,8 +136,12 @@ def test_default_norm_is_affine_instance_norm_with_leaky_relu():
 @pytest.mark.parametrize("topology", ["iso3d", "iso2d"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_matches_fp32(arch, topology):
-    torch.manual_seed(0)  # one reproducible input and initialisation per case (CI once saw a NaN gradient)
-    net = tiny_plan(arch, TOPOLOGIES[topology])
+    # A 4-voxel bottleneck, the planner's smallest (MIN_FEATURE_MAP_SIZE), not the 2 voxels of the tiny
+    # topology: there oneDNN's bf16 convolution weight gradient (torch 2.13, one thread) now and then comes
+    # out NaN, differently on reruns of the same input (about 1 network in 20 here, 0 in 160 at 4 voxels).
+    # The trainer skips such a step (tests/unit/training/test_train.py).
+    topo = dict(TOPOLOGIES[topology], patch_size=tuple(32 for _ in TOPOLOGIES[topology]["patch_size"]))
+    net = tiny_plan(arch, topo)
     model = build_network(net, C, K).eval()
     x = _input(net, batch=1)
     with torch.no_grad():
