@@ -58,7 +58,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     from medseg.evaluation import evaluate_folders
     from medseg.inference import Predictor, predict_folder
     from medseg.io.synthetic import generate_synthetic_dataset
-    from medseg.pipeline import plan_and_preprocess
+    from medseg.pipeline import plan_and_preprocess, record_postprocessing_prior
     from medseg.planning.planner import PlannerOptions
     from medseg.training import TrainConfig, train
 
@@ -73,7 +73,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     plan = result.plan
     cfg = plan.configuration()
     logger.info("demo: training %s/%s for %.1f min", cfg.name, cfg.default_arch, options.minutes)
-    train(
+    run_dir = train(
         work,
         TrainConfig(
             configuration=cfg.name,
@@ -83,6 +83,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
             device=options.device,
         ),
     )
+    record_postprocessing_prior(work, run_dir, "all")
     predictor = Predictor.from_work_dir(work, device=options.device)
     pred_dir = out / "predictions"
     predict_folder(test / "imagesTr", pred_dir, predictor, overwrite=True)

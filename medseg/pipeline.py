@@ -1,8 +1,9 @@
 """High-level library API: one function per pipeline stage, as the CLI calls them.
 
-``plan_and_preprocess`` (validate -> fingerprint -> plan -> preprocess) and ``run_demo`` (the whole
-pipeline on a generated synthetic dataset). Training, prediction, evaluation and find-best live in their
-own packages and are called directly.
+``plan_and_preprocess`` (validate -> fingerprint -> plan -> preprocess), ``record_postprocessing_prior``
+(after training: the connected-component rules a run's training labels support) and ``run_demo`` (the
+whole pipeline on a generated synthetic dataset). Training, prediction, evaluation and find-best live in
+their own packages and are called directly.
 """
 
 from __future__ import annotations
@@ -115,3 +116,36 @@ def _write_dataset_reference(work_dir: Path, ds) -> None:
 
     info = {"root": str(Path(ds.root).resolve()), "cases": [c.case_id for c in ds.cases]}
     atomic_write_text(work_dir / "dataset_ref.json", json.dumps(info, indent=1) + "\n")
+
+
+def record_postprocessing_prior(work_dir: str | Path, run_dir: str | Path, fold: int | str) -> dict | None:
+    """Record in a trained run the postprocessing its training cases' labels support.
+
+    The rules (:func:`medseg.postprocessing.prior.prior_rules`, from the component statistics of
+    ``WORK/fingerprint.json`` restricted to the fold's training cases) go to
+    ``run_dir/postprocessing_prior.json``; ``medseg predict`` applies them when find-best fitted none for
+    the ensemble. Only rank 0 of a distributed run writes.
+
+    Args:
+        work_dir: the work folder (``fingerprint.json``, ``plans.json``, ``splits.json``).
+        run_dir: the run folder ``train`` returned.
+        fold: the run's fold (``"all"``: every case).
+
+    Returns:
+        The rules, or None when not recorded (no fingerprint, not rank 0, or a problem, logged as a
+        warning: the finished training does not fail).
+    """
+    from medseg.postprocessing.prior import record_prior
+    from medseg.training.distributed import launch_rank
+    from medseg.training.splits import read_splits
+
+    if launch_rank() != 0:
+        return None
+    work_dir = Path(work_dir)
+    try:  # the training has finished: a problem here must not fail it
+        case_ids = None if fold == "all" else read_splits(work_dir / "splits.json")[int(fold)]["train"]
+        region_based = Plan.load(work_dir / "plans.json").is_region_based
+        return record_prior(work_dir, run_dir, case_ids, region_based=region_based)
+    except (MedsegError, IndexError, OSError) as exc:
+        logger.warning("no postprocessing recorded in %s: %s", run_dir, exc)
+        return None

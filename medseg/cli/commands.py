@@ -63,6 +63,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medseg.pipeline import record_postprocessing_prior
     from medseg.training import AugmentationConfig, TrainConfig, train
 
     overrides = {
@@ -96,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.intensity_augmentation != "auto":
         kwargs["augmentation"] = AugmentationConfig(intensity=args.intensity_augmentation == "on")
     run_dir = train(Path(args.work), TrainConfig(**kwargs), resume=args.resume)
+    record_postprocessing_prior(Path(args.work), run_dir, fold)
     print(f"training finished: {run_dir}")
     return 0
 

@@ -6,7 +6,8 @@ A bundle holds the ensemble :func:`~medseg.inference.members.select_work_dir_run
     manifest.json                                 format, format_version, medseg version, labels, members
     plans.json                                    the plan the first member was trained with
     preprocessing.json                            its spacing and per-channel normalisation, for people to read
-    postprocessing.json                           find-best's rules (only when fitted on this ensemble)
+    postprocessing.json                           find-best's rules (only when fitted on this ensemble), else
+                                                  the runs' rules from their labels' component statistics
     best.json                                     find-best's result (only when the work folder has one)
     members/<config>/<arch>/fold_<k>/model.pt     weights only (a state dict; no optimizer state)
     members/<config>/<arch>/fold_<k>/plans.json   only for a member trained with another plan than plans.json
@@ -38,7 +39,9 @@ from medseg.errors import BundleError, ConfigError, MedsegError
 from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
 from medseg.io.image import atomic_write_stream
 from medseg.planning.plan import Plan, dumps_readable
+from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import load_rules
+from medseg.postprocessing.prior import is_prior
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +261,8 @@ def load_bundle(
     Args:
         path: the zip written by :func:`export_bundle`.
         configs / archs / folds: keep only these members (None: all); ``folds`` as ``[0, 1]`` or ``["all"]``.
-        postprocessing: return the bundle's rules when the kept members are the ensemble they were fitted on.
+        postprocessing: return the bundle's rules: find-best's when the kept members are the ensemble they
+            were fitted on; rules decided from the training labels (:mod:`medseg.postprocessing.prior`) always.
 
     Returns:
         ``(members, rules or None)``; models on the CPU in eval mode.
@@ -296,10 +300,13 @@ def load_bundle(
         if postprocessing and manifest.get("postprocessing"):
             rules = _rules(reader, manifest["postprocessing"])
             fitted = {tuple(p) for p in rules.get("fitted_on", {}).get("members", [])}
-            if fitted != {(m["configuration"], m["arch"]) for m in chosen}:
+            if not is_prior(rules) and fitted != {(m["configuration"], m["arch"]) for m in chosen}:
                 logger.info("%s: its postprocessing was fitted on %s, not on the chosen members; not applied",
                             path, sorted(fitted))
                 rules = None
+            else:
+                logger.info("postprocessing: %s (%s, from the bundle)", describe_rules(rules),
+                            "decided from the training labels" if is_prior(rules) else "fitted by find-best")
     logger.info("bundle %s (medseg %s): %d network(s)", path, manifest.get("medseg_version", "?"), len(members))
     return members, rules
 

@@ -20,7 +20,9 @@ import torch
 from medseg.errors import CheckpointError, MedsegError
 from medseg.io.checkpoint import load_checkpoint
 from medseg.planning.plan import Plan
+from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import load_rules
+from medseg.postprocessing.prior import describe_prior, ensemble_prior
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class RunSelection:
 
     ``configs`` / ``archs`` / ``folds`` None: find-best's choice, else every trained fold of the plan's
     default configuration and architecture; ``checkpoint``: ``final``, ``best`` or ``latest``;
-    ``postprocessing``: use the rules find-best fitted on the chosen ensemble.
+    ``postprocessing``: use the rules find-best fitted on the chosen ensemble, else the rules decided from
+    the training labels' component statistics (:mod:`medseg.postprocessing.prior`).
     """
 
     configs: Sequence[str] | None = None
@@ -174,7 +177,9 @@ def select_work_dir_runs(
         folds: folds to use (``"all"`` = the ``fold_all`` run); None: find-best's folds, else every
             trained numbered fold.
         checkpoint: ``final``, ``best`` or ``latest``.
-        postprocessing: use ``postprocessing.json`` when it was fitted on the chosen ensemble.
+        postprocessing: use ``postprocessing.json`` when it was fitted on the chosen ensemble, else the
+            runs' rules decided from the training labels (:func:`medseg.postprocessing.prior.ensemble_prior`);
+            False: none.
 
     Returns:
         ``(run folders, postprocessing rules or None)``.
@@ -227,9 +232,13 @@ def select_work_dir_runs(
         fitted = {tuple(m) for m in candidate.get("fitted_on", {}).get("members", [])}
         if fitted == set(pairs):
             rules = candidate
+            logger.info("postprocessing: %s (fitted by find-best, %s)", describe_rules(rules), pp_path)
         else:
             logger.info("%s was fitted on %s, not on the chosen ensemble; not applied", pp_path,
                         sorted(fitted) or "an unknown ensemble")
+    if postprocessing and rules is None:  # no cross-validation evidence: the reference labels' topology
+        rules, source = ensemble_prior(work_dir, run_dirs, region_based=plan.is_region_based)
+        logger.info("postprocessing: %s (from the %s)", describe_prior(rules) if rules else "none", source)
     logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
         str(d.relative_to(work_dir / "runs")) for d in run_dirs))
     return run_dirs, rules

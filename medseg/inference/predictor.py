@@ -206,7 +206,9 @@ class Predictor:
         and architecture (``fold_all`` only when no numbered fold is trained). Given ``configs``/``archs``,
         every planned (configuration, architecture) pair. ``folds`` selects folds (``"all"`` = the
         ``fold_all`` run). ``WORK/postprocessing.json`` is applied when
-        ``postprocessing`` is True and it was fitted on exactly the chosen configurations/architectures.
+        ``postprocessing`` is True and it was fitted on exactly the chosen configurations/architectures;
+        otherwise the rules the runs decided from their training labels' component statistics
+        (``RUN/postprocessing_prior.json``, :mod:`medseg.postprocessing.prior`).
         A cascade configuration brings the predictor of its previous stage (every trained fold of it).
 
         Raises:

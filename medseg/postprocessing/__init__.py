@@ -1,4 +1,6 @@
-"""Postprocessing of predicted label maps: connected components and morphology, fitted on cross-validation."""
+"""Postprocessing of predicted label maps: connected components and morphology, fitted on cross-validation
+(:mod:`~medseg.postprocessing.fit`) or, without it, decided from the training labels' component statistics
+(:mod:`~medseg.postprocessing.prior`)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,18 @@ from medseg.postprocessing.operations import (
     load_rules,
     save_rules,
 )
+from medseg.postprocessing.prior import PRIOR_FILE, prior_rules, record_prior
 
 __all__ = [
     "DEFAULT_FRACTIONS",
+    "PRIOR_FILE",
     "RULES_FORMAT",
     "apply_postprocessing",
     "describe_rules",
     "fit_postprocessing",
     "keep_components",
     "load_rules",
+    "prior_rules",
+    "record_prior",
     "save_rules",
 ]

@@ -106,6 +106,21 @@ def test_bundle_holds_weights_only_labels_and_a_versioned_manifest(work, bundle)
     assert read_manifest(export_bundle(work, bundle))["postprocessing"] is None
 
 
+def test_bundle_carries_the_rules_decided_from_the_labels(work, tmp_path):
+    from medseg.fingerprint import CaseFingerprint, Fingerprint
+
+    (work / "postprocessing.json").unlink()  # no find-best: a --fold all or README-style run
+    cases = tuple(CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
+                  for i in range(12))
+    Fingerprint("test", ("ch0",), (0, 1), cases, ()).save(work / "fingerprint.json")
+    bundle = export_bundle(work, tmp_path / "prior.zip")
+    assert read_manifest(bundle)["postprocessing"] == "postprocessing.json"
+    for folds in (None, [1]):  # decided from labels, not fitted on an ensemble: any subset of members keeps it
+        rules = Predictor.from_bundle(bundle, folds=folds).postprocessing
+        assert rules["source"] == "label_statistics" and rules["per_label"] == {"1": [{"op": "largest_component"}]}
+    assert Predictor.from_bundle(bundle, postprocessing=False).postprocessing is None
+
+
 def _rewrite(src, dst, drop=(), replace=None):
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for name in zin.namelist():

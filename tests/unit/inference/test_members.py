@@ -76,6 +76,41 @@ def test_best_json_and_matching_postprocessing_are_used(work):
     assert Predictor.from_work_dir(work).postprocessing is None  # fitted on another ensemble
 
 
+def _single_component_fingerprint(path, num_cases=12):
+    from medseg.fingerprint import CaseFingerprint, Fingerprint
+
+    cases = tuple(CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
+                  for i in range(num_cases))
+    Fingerprint("test", ("ch0",), (0, 1), cases, ()).save(path)
+
+
+def test_without_find_best_the_label_statistics_rules_apply_and_find_best_wins(work, caplog):
+    from medseg.postprocessing.prior import PRIOR_FILE, record_prior
+
+    _single_component_fingerprint(work / "fingerprint.json")
+    caplog.set_level("INFO", logger="medseg")
+    pred = Predictor.from_work_dir(work)  # no record in the runs: decided from the fingerprint
+    assert pred.postprocessing["source"] == "label_statistics"
+    assert pred.postprocessing["per_label"] == {"1": [{"op": "largest_component"}]}
+    assert "label 1: largest_component (from the label statistics of all 12 references" in caplog.text
+    seg = np.zeros((10, 24, 20), np.uint8)
+    seg[2:6, 3:12, 3:12], seg[8, 20, 17] = 1, 1  # a stray voxel far from the structure
+    out = pred.indices_to_labels(seg)
+    assert out[8, 20, 17] == 0 and out.sum() == seg.sum() - 1
+    assert Predictor.from_work_dir(work, postprocessing=False).postprocessing is None
+    # recorded in the runs at the end of training: the records are used
+    for fold in (0, 1):
+        record_prior(work, work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}", [f"c{i}" for i in range(10)])
+    caplog.clear()
+    assert Predictor.from_work_dir(work).postprocessing["num_cases"] == 10
+    assert f"2 runs' {PRIOR_FILE}" in caplog.text
+    # find-best's rules fitted on this ensemble win, even when they remove nothing
+    (work / "postprocessing.json").write_text(json.dumps({
+        "format": "medseg-postprocessing-v1", "per_label": {}, "fitted_on": {"members": [["3d_fullres", "unet"]]}}))
+    assert Predictor.from_work_dir(work).postprocessing["per_label"] == {}
+    assert "source" not in Predictor.from_work_dir(work).postprocessing
+
+
 def test_nothing_trained_and_bad_checkpoints(work, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
