@@ -127,6 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
+        time_budget_per_case=args.time_budget_per_case,
     )
     print(result.summary())
     return 0 if result.ok else 1

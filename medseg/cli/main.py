@@ -25,6 +25,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
 
 
+def _seconds_per_case(text: str) -> float | str | None:
+    """``--time-budget-per-case``: positive seconds, ``none`` (no limit) or ``auto`` (the default rule)."""
+    word = text.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
+    try:
+        seconds = float(word)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, 'none' (no limit) or 'auto', got {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import commands as c
     from medseg.cli.export import add_export_parser
@@ -99,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
     p.add_argument("--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--time-budget-per-case", type=_seconds_per_case, default="auto", metavar="SECONDS",
+                   help="seconds one case may take (reading, network, export): where a case's estimate exceeds "
+                        "it, fewer TTA passes (8 -> 4 -> 2 -> 1), then less window overlap (0.5 -> 0.33 -> 0.25 "
+                        "-> 0); 'none': no limit. Default (auto): on the CPU, a plan with a training time budget "
+                        "gets 10%% of it over 20 cases (30 minutes: 9 s per case), otherwise no limit. "
+                        "OUT/prediction_record.json records what each case used and took")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)

@@ -3,7 +3,9 @@
 :func:`predict_folder` discovers the cases (tolerating malformed ones), skips those already predicted,
 reads/preprocesses upcoming cases and writes finished ones on worker threads while the network runs,
 writes each segmentation with exactly the input's origin, spacing and direction, and collects per-case
-errors instead of stopping at the first bad case (:class:`PredictionResult`).
+errors instead of stopping at the first bad case (:class:`PredictionResult`). With a time budget per case it
+chooses each case's TTA passes and window overlap to fit it (:mod:`medseg.inference.time_budget`); what
+every case used and took is recorded in ``OUT/prediction_record.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.faults import maybe_fail
 from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.predictor import Predictor, _Prepared
+from medseg.inference.time_budget import (
+    PREDICTION_SHARE,
+    RECORD_NAME,
+    REFERENCE_TEST_CASES,
+    CaseBudget,
+    CaseRecord,
+    default_seconds_per_case,
+    export_seconds,
+    read_record_cases,
+    record_document,
+    write_record,
+)
 from medseg.io.image import has_image_suffix, read_channels
 from medseg.planning.plan import Plan
 
@@ -44,6 +58,9 @@ class PredictionResult:
         failed: case id -> message.
         warnings: messages worth the user's attention (e.g. unusual spacing).
         seconds: wall time.
+        records: per written case, the TTA passes and overlap used and its seconds
+            (:class:`~medseg.inference.time_budget.CaseRecord`; also in ``OUT/prediction_record.json``).
+        time_budget: the per-case budget in seconds (None = no limit) and :attr:`budget_rule`, where it came from.
     """
 
     output_dir: Path
@@ -52,6 +69,9 @@ class PredictionResult:
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    records: dict[str, CaseRecord] = field(default_factory=dict)
+    time_budget: float | None = None
+    budget_rule: str = ""
 
     @property
     def ok(self) -> bool:
@@ -65,7 +85,21 @@ class PredictionResult:
         if self.failed:
             lines[0] += f"; {len(self.failed)} FAILED:"
             lines += [f"  {case}: {msg}" for case, msg in self.failed.items()]
+        if self.time_budget is not None and self.records:
+            lines.append(self.budget_summary())
         return "\n".join(lines)
+
+    def budget_summary(self) -> str:
+        """One line: the per-case budget, in how many cases it held, and the settings used."""
+        recs = list(self.records.values())
+        held = sum(bool(r.held) for r in recs)
+        used: dict[tuple[int, float], int] = {}
+        for r in recs:
+            used[(r.tta_passes, r.overlap)] = used.get((r.tta_passes, r.overlap), 0) + 1
+        settings = ", ".join(f"{n} x (TTA {p}, overlap {o:g})" for (p, o), n in sorted(used.items(), reverse=True))
+        mean = sum(r.seconds for r in recs) / len(recs)
+        return (f"time budget {self.time_budget:g} s per case ({self.budget_rule}): held in {held} of {len(recs)} "
+                f"case(s), mean {mean:.1f} s; used {settings}")
 
 
 def _case_suffix(path: Path) -> str:
@@ -152,6 +186,32 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
     return cases, failed
 
 
+def resolve_time_budget(time_budget_per_case: float | str | None, predictor: Predictor) -> tuple[float | None, str]:
+    """The per-case budget in seconds (None = no limit) and a few words on where it came from.
+
+    ``"auto"``: :func:`~medseg.inference.time_budget.default_seconds_per_case` of the members' training budget
+    (each member's plan has one: the largest) on the predictor's device.
+
+    Raises:
+        MedsegError: a budget that is not a positive number, None or ``"auto"``.
+    """
+    if time_budget_per_case is None:
+        return None, "no limit"
+    if time_budget_per_case == "auto":
+        budgets = [m.plan.time_budget_minutes for s in predictor._stages() for m in s.members]
+        minutes = None if any(b is None for b in budgets) else max(float(b) for b in budgets if b is not None)
+        seconds = default_seconds_per_case(minutes, predictor.device.type)
+        if seconds is None:
+            why = "the plan has no training time budget" if minutes is None else f"on {predictor.device.type}"
+            return None, f"no limit by default: {why}"
+        return seconds, (f"default: {PREDICTION_SHARE:.0%} of the {minutes:g}-minute training budget over "
+                         f"{REFERENCE_TEST_CASES} cases")
+    if isinstance(time_budget_per_case, str) or not time_budget_per_case > 0:
+        raise MedsegError(f"the time budget per case must be a positive number of seconds, None or 'auto', "
+                          f"got {time_budget_per_case!r}")
+    return float(time_budget_per_case), "given"
+
+
 def predict_folder(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -160,6 +220,7 @@ def predict_folder(
     save_probabilities: bool = False,
     num_workers: int = 1,
     progress: bool = True,
+    time_budget_per_case: float | str | None = None,
 ) -> PredictionResult:
     """Segment every case of a folder.
 
@@ -180,12 +241,18 @@ def predict_folder(
         num_workers: threads reading/preprocessing upcoming cases and writing finished ones while the
             network runs.
         progress: tqdm bar over the cases.
+        time_budget_per_case: seconds one case may take (reading, network, export), met by fewer TTA passes,
+            then less window overlap (:mod:`medseg.inference.time_budget`); None = no limit; ``"auto"`` =
+            the default of :func:`resolve_time_budget` (on the CPU 10% of the plan's training budget over
+            20 cases, else no limit). Every written case is recorded in ``OUT/prediction_record.json``
+            (earlier cases' entries are kept).
 
     Returns:
         :class:`PredictionResult` (``ok`` is False when any case failed).
 
     Raises:
-        MedsegError: missing input folder, output inside input or not writable, or no images in the folder.
+        MedsegError: missing input folder, output inside input or not writable, no images in the folder,
+            or a budget that is not a positive number.
     """
     from tqdm import tqdm
 
@@ -195,12 +262,19 @@ def predict_folder(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     _check_folders(input_dir, output_dir)
     plan = predictor.plan
+    budget_seconds, budget_rule = resolve_time_budget(time_budget_per_case, predictor)
+    clock = CaseBudget(budget_seconds, predictor.budget_options())
     cases, bad_cases = find_cases_tolerant(input_dir, plan.num_channels)
     if not cases and not bad_cases:
         raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
     _check_writable(output_dir)
-    result = PredictionResult(output_dir=output_dir)
+    result = PredictionResult(output_dir=output_dir, time_budget=budget_seconds, budget_rule=budget_rule)
     result.failed.update(bad_cases)
+    if budget_seconds is not None:
+        logger.info("time budget %.1f s per case (%s): fewer TTA passes, then less window overlap, where a "
+                    "case's estimate exceeds it", budget_seconds, budget_rule)
+    record_path = output_dir / RECORD_NAME
+    earlier_records = read_record_cases(record_path)
     ignored = sorted(f.name for f in input_dir.iterdir() if f.is_file() and not f.name.startswith(".")
                      and not has_image_suffix(f.name))
     if ignored:
@@ -219,7 +293,8 @@ def predict_folder(
         logger.info("%d case(s) already predicted in %s; skipping them (use --overwrite to redo)",
                     len(result.skipped), output_dir)
 
-    def load(case: Any) -> _Prepared:
+    def load(case: Any) -> tuple[_Prepared, float]:
+        start = time.perf_counter()
         files = list(case.image_files)
         if len(files) != plan.num_channels:
             raise MedsegError(
@@ -246,9 +321,44 @@ def predict_folder(
         if warning:
             logger.warning(warning)
             result.warnings.append(warning)
-        return predictor.preprocess(image, geometry, case.case_id)
+        return predictor.preprocess(image, geometry, case.case_id), time.perf_counter() - start
 
-    def finish(case: Any, target: Path, inferred: list) -> None:
+    def infer(prepared: _Prepared, load_seconds: float) -> tuple[list, CaseRecord, float]:
+        """Run the networks on a case within its budget: (inferred, its record, raw export estimate)."""
+        raw_write = export_seconds(int(np.prod(prepared.geometry.shape)), predictor.num_classes)
+        if clock.seconds_per_case is None:
+            full = clock.full
+            record = CaseRecord(full.passes, full.overlap, full.passes, full.overlap, load_seconds=load_seconds)
+            setting, raw_network = None, 0.0
+        else:
+            jobs = predictor.case_jobs(prepared)
+            start = time.perf_counter()
+            per_window = predictor.seconds_per_window({j.key for j in jobs})
+            measure = time.perf_counter() - start
+            setting, record, raw_network = clock.choose(jobs, per_window, load_seconds + measure, raw_write)
+            record.load_seconds, record.measure_seconds = load_seconds, measure
+            if setting != clock.full:
+                logger.info("%s: TTA %d pass(es), overlap %g to fit %.1f s (estimated %.1f s)", prepared.case_id,
+                            setting.passes, setting.overlap, clock.seconds_per_case, record.estimated_seconds)
+        start = time.perf_counter()
+        inferred = predictor._infer(prepared, setting)
+        record.network_seconds = time.perf_counter() - start
+        if setting is not None:
+            clock.network_done(raw_network, record.network_seconds)
+        return inferred, record, raw_write
+
+    def save_record() -> None:
+        document = record_document({**earlier_records, **result.records}, budget_seconds, budget_rule, clock.options)
+        try:
+            write_record(record_path, document)
+        except OSError as exc:
+            warning = f"{record_path}: cannot write the prediction record ({exc.strerror or exc})"
+            if warning not in result.warnings:
+                result.warnings.append(warning)
+                logger.warning(warning)
+
+    def finish(case: Any, target: Path, inferred: list) -> float:
+        start = time.perf_counter()
         geometry = inferred[0][1].geometry
         if save_probabilities:
             probs = predictor._combine(inferred)
@@ -263,13 +373,14 @@ def predict_folder(
             write_segmentation(seg, geometry, target, reference=case.image_files[0])
         except OSError as exc:
             raise MedsegError(f"{target}: cannot write the segmentation ({exc.strerror or exc})") from None
+        return time.perf_counter() - start
 
     workers = max(1, int(num_workers))
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as readers, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-write") as writers:
         pending_reads: deque[tuple[Any, Path, Future]] = deque()
-        pending_writes: deque[tuple[str, Future]] = deque()
+        pending_writes: deque[tuple[str, Future, CaseRecord, float]] = deque()
         queue = iter(todo)
 
         def refill() -> None:
@@ -281,15 +392,19 @@ def predict_folder(
 
         def collect(block: bool) -> None:
             while pending_writes and (block or pending_writes[0][1].done() or len(pending_writes) > workers):
-                case_id, fut = pending_writes.popleft()
+                case_id, fut, record, raw_write = pending_writes.popleft()
                 try:
-                    fut.result()
+                    record.write_seconds = fut.result()
                     result.written.append(case_id)
+                    result.records[case_id] = record
+                    if clock.seconds_per_case is not None:
+                        clock.write_done(raw_write, record.write_seconds)
                 except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
                     result.failed[case_id] = _message(exc)
                     logger.debug("writing %s failed", case_id, exc_info=True)
                 bar.update()
                 if case_id in result.written:
+                    save_record()
                     maybe_fail("predict_written", case_id)
 
         refill()
@@ -297,14 +412,14 @@ def predict_folder(
             case, target, fut = pending_reads.popleft()
             refill()
             try:
-                prepared = fut.result()
-                inferred = predictor._infer(prepared)
+                prepared, load_seconds = fut.result()
+                inferred, record, raw_write = infer(prepared, load_seconds)
             except Exception as exc:  # noqa: BLE001
                 result.failed[case.case_id] = _message(exc)
                 logger.debug("predicting %s failed", case.case_id, exc_info=True)
                 bar.update()
                 continue
-            pending_writes.append((case.case_id, writers.submit(finish, case, target, inferred)))
+            pending_writes.append((case.case_id, writers.submit(finish, case, target, inferred), record, raw_write))
             collect(block=False)
         collect(block=True)
     bar.close()

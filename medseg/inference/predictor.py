@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from medseg.errors import MedsegError
 from medseg.inference.members import EnsembleMember, load_member, previous_stage_runs, select_work_dir_runs
 from medseg.inference.sliding_window import predict_sliding_window, tta_variants
+from medseg.inference.time_budget import CaseSetting, NetworkJob, pass_options, reduction_order
 from medseg.io.image import ImageGeometry
 from medseg.machine import cpu_has_fast_bf16
 from medseg.postprocessing.operations import apply_postprocessing, load_rules
@@ -152,6 +154,7 @@ class Predictor:
         self.postprocessing = postprocessing
         self.progress = progress
         self._lock = threading.Lock()
+        self._window_seconds: dict[str, float] = {}
         self._runners: list[torch.nn.Module] = []
         self._channels_last: list[bool] = []
         for m in self.members:
@@ -261,28 +264,108 @@ class Predictor:
             counts[key] = counts.get(key, 0) + 1
         return ", ".join(f"{n} x {k}" for k, n in counts.items())
 
+    # ------------------------------------------------------------------ time budget
+    def _stages(self) -> list[Predictor]:
+        """This predictor and those of its previous stages (recursively), each once."""
+        out: list[Predictor] = [self]
+        for stage in self.previous_stages.values():
+            out += [s for s in stage._stages() if all(s is not o for o in out)]
+        return out
+
+    @staticmethod
+    def _timing_key(member: EnsembleMember) -> str:
+        return f"{member.configuration}/{member.arch}"  # folds of one network run equally fast
+
+    def _pass_options(self, member: EnsembleMember) -> list[int]:
+        """TTA passes ``member`` can run here, most first (its full TTA within :attr:`tta_passes`, down to 1)."""
+        cfg_plan = member.plan.configuration(member.configuration)
+        options = pass_options(cfg_plan.resolved_mirror_axes(), cfg_plan.network(member.arch).total_stride(),
+                               self.use_tta)
+        return sorted({min(p, self.tta_passes) if self.tta_passes else p for p in options}, reverse=True)
+
+    def budget_options(self) -> list[CaseSetting]:
+        """The settings a per-case time budget tries, fullest first
+        (:func:`~medseg.inference.time_budget.reduction_order`): TTA passes of every member (and previous
+        stage) down to 1, then less window overlap than :attr:`step`."""
+        passes = {p for stage in self._stages() for m in stage.members for p in stage._pass_options(m)}
+        return reduction_order(sorted(passes, reverse=True), self.step)
+
+    def case_jobs(self, prepared: _Prepared) -> list[NetworkJob]:
+        """The networks that predict a preprocessed case and what each covers (one per member, previous
+        stages included)."""
+        jobs = []
+        for c, (data, _) in prepared.per_config.items():
+            for m in self.members:
+                if m.configuration != c:
+                    continue
+                cfg_plan = m.plan.configuration(c)
+                net = cfg_plan.network(m.arch)
+                jobs.append(NetworkJob(self._timing_key(m), tuple(int(s) for s in data.shape[1:]),
+                                       tuple(net.patch_size), cfg_plan.resolved_mirror_axes(),
+                                       tuple(net.total_stride()), self._pass_options(m)[0]))
+        for prev, stage in self.previous_stages.items():
+            if prev in prepared.previous:
+                jobs += stage.case_jobs(prepared.previous[prev])
+        return jobs
+
+    def seconds_per_window(self, keys: set[str] | Sequence[str]) -> dict[str, float]:
+        """Seconds per sliding-window position of each network (timing key of :meth:`case_jobs`), measured
+        once per network: one warm-up and one timed batch of windows through the sliding window (no TTA)."""
+        measured: dict[str, float] = {}
+        for stage in self._stages():
+            for i, m in enumerate(stage.members):
+                key = self._timing_key(m)
+                if key in keys and key not in stage._window_seconds:
+                    stage._window_seconds[key] = stage._measure_window(i)
+            measured.update((k, v) for k, v in stage._window_seconds.items() if k in keys)
+        missing = sorted(k for k in keys if k not in measured)
+        if missing:
+            raise MedsegError(f"no ensemble member is the network {missing[0]!r}")
+        return measured
+
+    def _measure_window(self, index: int) -> float:
+        member = self.members[index]
+        net = member.plan.configuration(member.configuration).network(member.arch)
+        batch = self.batch_size or inference_batch_size(net.patch_size, net.base_features, self.num_classes,
+                                                        self.device)
+        patch = tuple(int(p) for p in net.patch_size)
+        # `batch` windows side by side at step 1: one network batch (2D: `batch` slices)
+        shape = (batch, *patch) if len(patch) == 2 else (*patch[:-1], patch[-1] * batch)
+        generator = torch.Generator().manual_seed(0)
+        data = torch.randn((self.plan.network_in_channels(member.configuration), *shape), generator=generator)
+        seconds = []
+        for _ in range(2):  # the first forward of a network and shape is slower (kernels chosen, memory mapped)
+            start = time.perf_counter()
+            self._member_probabilities(index, data, setting=CaseSetting(1, 1.0)).cpu()
+            seconds.append(time.perf_counter() - start)
+        logger.debug("%s: %.3f s per window (first batch %.3f s)", self._timing_key(member), seconds[1] / batch,
+                     seconds[0])
+        return seconds[1] / batch
+
     # ------------------------------------------------------------------ core
-    def _member_probabilities(self, index: int, data: torch.Tensor,
-                              should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    def _member_probabilities(self, index: int, data: torch.Tensor, should_stop: Callable[[], bool] | None = None,
+                              setting: CaseSetting | None = None) -> torch.Tensor:
         member = self.members[index]
         cfg_plan = member.plan.configuration(member.configuration)
         net = cfg_plan.network(member.arch)
         batch = self.batch_size or inference_batch_size(net.patch_size, net.base_features, self.num_classes,
                                                         self.device)
         precision = self.precision or _auto_precision(net.precision, self.device)
+        passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(member)[0])
         with self._lock:  # one network at a time: they share the CPU cores / GPU
             mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride(),
-                                               passes=self.tta_passes) if self.use_tta else (None, None)
+                                               passes=passes) if self.use_tta else (None, None)
             return predict_sliding_window(
                 self._runners[index], data, net.patch_size, self.num_classes,
-                step=self.step, mirror_axes=mirror_axes, shifts=shifts,
+                step=self.step if setting is None else setting.step, mirror_axes=mirror_axes, shifts=shifts,
                 device=self.device, precision=precision, batch_size=batch,
                 channels_last=self._channels_last[index], progress=self.progress, should_stop=should_stop,
                 activation="sigmoid" if member.plan.is_region_based else "softmax",
             )
 
     def predict_preprocessed(self, data: np.ndarray | torch.Tensor, configuration: str | None = None,
-                             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+                             should_stop: Callable[[], bool] | None = None,
+                             setting: CaseSetting | None = None) -> np.ndarray:
         """Mean softmax of the members of one configuration on an already preprocessed image.
 
         Args:
@@ -291,6 +374,8 @@ class Predictor:
             configuration: which members to use; None requires all members to share one configuration.
             should_stop: checked before every network batch; True abandons the prediction with
                 :class:`~medseg.inference.sliding_window.PredictionStopped`.
+            setting: TTA passes and window step for this call (a per-case time budget,
+                :mod:`medseg.inference.time_budget`); None = the predictor's own.
 
         Returns:
             float32 probabilities ``(K, z, y, x)`` (numpy, CPU), same grid as ``data``.
@@ -310,7 +395,7 @@ class Predictor:
             raise MedsegError(f"expected preprocessed data (C={channels}, z, y, x), got {list(x.shape)}")
         total: torch.Tensor | None = None
         for m in members:
-            probs = self._member_probabilities(m, x, should_stop)
+            probs = self._member_probabilities(m, x, should_stop, setting)
             total = probs if total is None else total.add_(probs)
         assert total is not None
         if len(members) > 1:
@@ -335,7 +420,7 @@ class Predictor:
         previous = {p: self.previous_stages[p].preprocess(image, geometry, case_id) for p in sorted(needed)}
         return _Prepared(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
-    def _infer(self, prepared: _Prepared) -> list[tuple[np.ndarray, Any, int]]:
+    def _infer(self, prepared: _Prepared, setting: CaseSetting | None = None) -> list[tuple[np.ndarray, Any, int]]:
         from medseg.cascade import append_previous_stage, to_preprocessed_grid
 
         out = []
@@ -343,10 +428,10 @@ class Predictor:
             prev = self.plan.configuration(c).previous_stage
             if prev is not None:  # the previous stage's segmentation, on this grid, as one-hot channels
                 stage = self.previous_stages[prev]
-                classes = stage._combine_labels(stage._infer(prepared.previous[prev]))
+                classes = stage._combine_labels(stage._infer(prepared.previous[prev], setting))
                 data = append_previous_stage(data, to_preprocessed_grid(classes, props), self.plan)
             n = sum(m.configuration == c for m in self.members)
-            out.append((self.predict_preprocessed(data, c), props, n))
+            out.append((self.predict_preprocessed(data, c, setting=setting), props, n))
         return out
 
     def _combine(self, inferred: list[tuple[np.ndarray, Any, int]]) -> np.ndarray:

@@ -1,15 +1,16 @@
 """The final validation of a time-budgeted run, fitted into the time it has.
 
-**Estimate** (:func:`case_seconds`): sliding-window positions of the case (per shift variant of its TTA,
+**Estimate** (:func:`~medseg.inference.time_budget.case_seconds`, shared with ``medseg predict
+--time-budget-per-case``): sliding-window positions of the case (per shift variant of its TTA,
 :func:`~medseg.inference.sliding_window.tta_variants`) x flips x the measured eval forward time of one
-patch (x :data:`WINDOW_OVERHEAD` for the Gaussian weighting and flipping), plus loading, resampling,
-export and the probabilities file (:data:`CASE_SECONDS` + ``voxels x classes x``
-:data:`VOXEL_CLASS_SECONDS`), plus :data:`SETUP_SECONDS` once.
+patch (x :data:`~medseg.inference.time_budget.WINDOW_OVERHEAD` for the Gaussian weighting and flipping),
+plus loading, resampling, export and the probabilities file
+(:func:`~medseg.inference.time_budget.export_seconds`), plus :data:`SETUP_SECONDS` once.
 
 **Shortening** (:func:`plan_validation`): when the full validation does not fit the time it has, first
-fewer TTA passes per window (:func:`pass_options`: without shifts, then mirroring fewer axes, down to
-none), then, without TTA, only the cases (in order) that fit. What was shortened and why is recorded in
-``validation/metrics.json`` (``"time_budget"``).
+fewer TTA passes per window (:func:`~medseg.inference.time_budget.pass_options`: without shifts, then
+mirroring fewer axes, down to none), then, without TTA, only the cases (in order) that fit. What was
+shortened and why is recorded in ``validation/metrics.json`` (``"time_budget"``).
 
 **At run time** (:class:`ValidationClock`): before every case, the most passes with which it and the
 later cases fit the time left, with estimates corrected by the ratio of measured to estimated time of
@@ -32,65 +33,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from medseg.inference.sliding_window import shifted_shape, tta_variants
+from medseg.inference.time_budget import case_seconds, pass_options
 
 logger = logging.getLogger(__name__)
 
 #: Most of a time budget the final validation may take; a longer one is shortened.
 MAX_VALIDATION_SHARE = 0.25
-#: Time of a sliding-window patch relative to the measured eval forward (weighting, flips, copies). On the
-#: 2-core Xeon, a 16-feature 96x64x64 network measured 0.82 s per patch up front and took 0.65 s per window
-#: in the sliding window (72 windows, 2026-12-04): the measurement errs on the slow side already.
-WINDOW_OVERHEAD = 1.0
-#: Per case: loading, argmax, reading the reference and writing the segmentation (the hippocampus cases took
-#: 0.1 s each).
-CASE_SECONDS = 0.2
-#: Per voxel and class: mapping the probabilities back, export and the compressed ``.npz`` (measured
-#: 5.3 s for a 155x240x240 case with 5 classes on the 2-core Xeon).
-VOXEL_CLASS_SECONDS = 1.2e-7
 #: Once per validation: the reference labels' dataset, the predictor.
 SETUP_SECONDS = 1.0
-#: The sliding window's step (fraction of the patch) the validation uses.
-STEP = 0.5
-
-
-def num_tiles(size: int, patch: int, step: float = STEP) -> int:
-    """Sliding-window positions along one axis (the volume is padded to the patch when smaller)."""
-    if size <= patch:
-        return 1
-    return int(math.ceil((size - patch) / (patch * step))) + 1
-
-
-def pass_options(mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool = True) -> list[int]:
-    """TTA passes per window the validation can run, most first: the full TTA, without shifts, then
-    mirroring one axis fewer at a time, down to 1 (no TTA)."""
-    if not use_tta:
-        return [1]
-    axes, shifts = tta_variants(mirror_axes, total_stride)
-    full = 2 ** len(axes) * len(shifts)
-    return sorted({full, *(2 ** k for k in range(len(axes) + 1))}, reverse=True)
-
-
-def windows_per_pass(shape: Sequence[int], patch_size: Sequence[int], shifts: Sequence[Sequence[int]]) -> int:
-    """Network inputs of one flip of one case: positions summed over the shift variants (2D: per slice)."""
-    windows = 0
-    for offset in shifts:
-        grown = shifted_shape(shape, offset)[-len(patch_size):]
-        tiles = int(np.prod([num_tiles(s, p) for s, p in zip(grown, patch_size)]))
-        windows += tiles * (int(shape[0]) if len(patch_size) == 2 else 1)
-    return windows
-
-
-def case_seconds(shape: Sequence[int], patch_size: Sequence[int], num_classes: int, seconds_per_window: float,
-                 passes: int, mirror_axes: Sequence[int] | None, total_stride: Sequence[int]) -> float:
-    """Estimated seconds of the final validation of one case at ``passes`` TTA passes (see the module docstring)."""
-    zero = [tuple(0 for _ in patch_size)]
-    axes, shifts = tta_variants(mirror_axes, total_stride, passes=passes) if passes > 1 else ((), zero)
-    network = windows_per_pass(shape, patch_size, shifts) * 2 ** len(axes) * seconds_per_window * WINDOW_OVERHEAD
-    return network + CASE_SECONDS + float(np.prod(shape)) * num_classes * VOXEL_CLASS_SECONDS
 
 
 @dataclass(frozen=True)
@@ -198,9 +150,9 @@ class ValidationClock:
     """Runs a :class:`ValidationBudget`: per case, the most TTA passes that fit the time left, or a skip.
 
     Before each case: the most passes ``p`` with which this and every later case fit the time left, each
-    estimated with :func:`case_seconds` times the ratio of measured to estimated seconds of the cases done
-    so far; when not even one pass each fits, this case alone without TTA (so the first cases are kept),
-    or a skip. :attr:`plan` is the up-front :func:`plan_validation` (what the log and the record report as
+    estimated with :func:`~medseg.inference.time_budget.case_seconds` times the ratio of measured to
+    estimated seconds of the cases done so far; when not even one pass each fits, this case alone without
+    TTA (so the first cases are kept), or a skip. :attr:`plan` is the up-front :func:`plan_validation` (what the log and the record report as
     expected).
 
     Args:
@@ -331,10 +283,6 @@ __all__ = [
     "ValidationBudget",
     "ValidationClock",
     "ValidationPlan",
-    "case_seconds",
     "measure_forward_seconds",
-    "num_tiles",
-    "pass_options",
     "plan_validation",
-    "windows_per_pass",
 ]

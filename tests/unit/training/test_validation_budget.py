@@ -8,37 +8,15 @@ import time
 import pytest
 import torch
 
+from medseg.inference import time_budget as tb
+from medseg.inference.time_budget import case_seconds
 from medseg.training import validation_budget as vb
-from medseg.training.validation_budget import (
-    ValidationBudget,
-    ValidationClock,
-    case_seconds,
-    pass_options,
-    plan_validation,
-    windows_per_pass,
-)
+from medseg.training.validation_budget import ValidationBudget, ValidationClock, plan_validation
 
 PATCH = (20, 20, 20)
 STRIDE = (8, 8, 8)
 SHAPE = (40, 40, 40)  # 3 positions per axis at step 0.5: 27 windows
-OVERHEAD = vb.CASE_SECONDS + 40**3 * 4 * vb.VOXEL_CLASS_SECONDS  # per case, 4 classes
-
-
-def test_pass_options_go_from_the_full_tta_down_to_none():
-    assert pass_options((0, 1, 2), STRIDE) == [8, 4, 2, 1]
-    assert pass_options((2,), STRIDE) == [4, 2, 1]  # 2 flips x 2 shifts, then the flips alone, then none
-    assert pass_options((0, 1, 2), STRIDE, use_tta=False) == [1]
-
-
-def test_case_estimate_is_windows_times_passes_times_forward_time():
-    assert windows_per_pass(SHAPE, PATCH, [(0, 0, 0)]) == 27
-    assert case_seconds(SHAPE, PATCH, 4, 0.1, 1, (0, 1, 2), STRIDE) == pytest.approx(27 * 0.1 + OVERHEAD)
-    assert case_seconds(SHAPE, PATCH, 4, 0.1, 8, (0, 1, 2), STRIDE) == pytest.approx(8 * 27 * 0.1 + OVERHEAD)
-    # 2 flips x 2 shifts: the shifted volume (40 + 2*2 per axis) takes 4 positions per axis
-    assert windows_per_pass(SHAPE, PATCH, [(-2, -2, -2), (2, 2, 2)]) == 2 * 64
-    assert case_seconds(SHAPE, PATCH, 4, 0.1, 4, (2,), STRIDE) == pytest.approx(2 * 2 * 64 * 0.1 + OVERHEAD)
-    # 2D: every slice of the volume is a window position
-    assert windows_per_pass(SHAPE, (20, 20), [(0, 0)]) == 40 * 9
+OVERHEAD = tb.CASE_SECONDS + 40**3 * 4 * tb.VOXEL_CLASS_SECONDS  # per case, 4 classes
 
 
 def _plan(limit, n=3):
