@@ -14,7 +14,8 @@ hit (default 1). Actions:
 * ``kill`` (default): ``SIGKILL`` to this process, like ``kill -9`` or the out-of-memory killer;
 * ``enospc``: raise ``OSError(ENOSPC)`` on the ``N``-th and every later hit, like a full disk;
 * ``stall``: print ``fault injected: POINT:NAME stalls`` to stderr and block forever, like a hung process
-  (for an outside ``kill -9`` at a known moment, whatever the machine's speed).
+  (for an outside ``kill -9`` at a known moment, whatever the machine's speed);
+* ``segv``: ``SIGSEGV`` to this process (default handler, no core file), like a native crash in torch.
 
 Points (``NAME`` in brackets):
 
@@ -29,7 +30,11 @@ Points (``NAME`` in brackets):
 * ``final_validation`` [case id]: :func:`medseg.training.validation.validate_run`, after a held-out case
   was exported, before ``metrics.json``;
 * ``train_step`` [iteration]: :meth:`medseg.training.trainer.Trainer.train_epoch`, after the optimizer step
-  that completed that iteration (counted from 1 over the whole run).
+  that completed that iteration (counted from 1 over the whole run);
+* ``step_probe`` [precision: ``fp32``, ``bf16``, ``fp16``]: before every training step timed or probed by
+  :mod:`medseg.planning.step_timing` (the budget fit's measurements, a run's check of its reduced precision).
+  Those steps run in child processes, which arm the faults armed here (:func:`armed_spec`) and count their
+  own hits: ``step_probe:bf16=segv`` kills every child that steps at bf16.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from medseg.errors import ConfigError
 
 ENV_VAR = "MEDSEG_FAULT_INJECT"
 POINTS = ("checkpoint_write", "preprocess_write", "segmentation_write", "predict_written", "final_validation",
-          "train_step")
-ACTIONS = ("kill", "enospc", "stall")
+          "train_step", "step_probe")
+ACTIONS = ("kill", "enospc", "stall", "segv")
 
 
 @dataclass
@@ -83,6 +88,12 @@ def arm(spec: str | None) -> None:
         _armed[:] = faults
 
 
+def armed_spec() -> str:
+    """The spec of the faults armed now (``""`` when none), for :func:`arm` in a child process."""
+    with _lock:
+        return ",".join(f"{f.point}@{f.nth}={f.action}" for f in _armed)
+
+
 def maybe_fail(point: str, name: str = "") -> None:
     """Fire an armed fault of ``point`` (for file or case ``name``) when its hit count is reached.
 
@@ -100,6 +111,14 @@ def maybe_fail(point: str, name: str = "") -> None:
                     fired = fired or fault.action
     if fired == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fired == "segv":
+        import faulthandler
+        import resource
+
+        faulthandler.disable()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
     elif fired == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     elif fired == "stall":

@@ -3,10 +3,35 @@
 **Step time**: :func:`measure_step_time` builds the network, feeds a random ``(B, C, *patch)`` input
 with random integer targets, and runs the reference training step of
 :func:`medseg.networks.memory.training_step` (forward under autocast, soft Dice + cross-entropy over the
-deep-supervision outputs with halving weights, backward, SGD Nesterov step): one warm-up step, then the
-median of ``steps`` timed steps. Thread settings are left as they are.
-:func:`measure_step_times` measures several settings interleaved, round-robin, so that a changing machine
-load affects every setting alike.
+deep-supervision outputs with halving weights, backward, SGD Nesterov step): one warm-up step, then
+``steps`` timed steps. :func:`measure_step_times` measures several settings interleaved, round-robin, so
+that a changing machine load affects every setting alike.
+
+**The statistic** is the *fastest* timed round of a setting, and the spread (rounds, min, median, max) is
+kept beside it (:class:`StepTiming`). Another process on the cores only ever slows a step down, never
+speeds it up (the reasoning of :mod:`timeit`, whose documentation recommends the minimum for the same
+reason), so the fastest round is the step time of the machine without the intruder, while a median of 3
+moves by the intruder's factor as soon as 2 of the 3 rounds overlap a busy moment (issue 42 saw it 2-3x
+off on a briefly busy machine). While rounds are cheap, more of them are taken (up to :data:`MAX_ROUNDS`, as long as
+the extra rounds keep the timed total under :data:`CHEAP_ROUNDS_SECONDS`), so a brief burst of load has
+to cover more rounds to move the result. Settings are still compared round against round, interleaved.
+
+**Native crashes** (:func:`measure_in_child`): a training step can kill its process outright, e.g. torch
+2.13's oneDNN bf16 backward at 12x256x256 on a CPU with AMX (SIGSEGV, reported in issue 42), which no ``try`` catches. The
+planner therefore times every batch of settings in a child process, a fresh interpreter (``sys.executable
+-c``, like ``multiprocessing``'s spawn and never a ``fork``: torch's OpenMP and oneDNN thread pools are not
+safe to use after a fork), with the parent's intra-op thread count. When the child dies, the setting it
+was building or stepping (it names each one on its pipe first) gets the status ``crashed (SIGSEGV)``
+(:class:`StepTiming`) and the other settings are measured again in a new child; the budget fit records the
+crash and never chooses that setting. A child costs one interpreter start and the imports of torch and
+medseg per batch: 2.2 s on 2 idle cores, 2.6-2.9 s with the cores busy (AMD EPYC, torch 2.13; a child's
+wall time less the time it spent in its own work, 5 repeats), against fits of 18-47 s; the fit counts it in
+its time limit (:data:`CHILD_START_SECONDS` until it has measured its own). The child also returns the
+steps' memory to the system when it exits.
+
+The test-only fault point ``step_probe`` of :mod:`medseg.faults` (NAME: the precision) fires before each
+step; the parent hands its armed faults to the child, so ``MEDSEG_FAULT_INJECT=step_probe:bf16=segv``
+makes every bf16 step's process die of SIGSEGV.
 
 **Throughput levers** (:func:`lever_settings`): the ``(precision, channels_last)`` settings worth timing on
 a device:
@@ -23,20 +48,38 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
+import pickle
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
+from medseg import faults
 from medseg.planning.plan import NetworkPlan
 
 logger = logging.getLogger(__name__)
 
-#: Timed steps per measurement when not given; one warm-up step comes first.
+#: Timed steps per measurement when not given (the fewest rounds); one warm-up step comes first.
 DEFAULT_MEASURE_STEPS = 3
 WARMUP_STEPS = 1
+#: Extra timed rounds are taken while the batch's timed total stays under this many seconds.
+CHEAP_ROUNDS_SECONDS = 1.0
+#: The most timed rounds a cheap batch gets.
+MAX_ROUNDS = 9
+#: Seconds a measuring child process costs before its first step (interpreter, torch and medseg imports),
+#: used until one has been measured: 2.2 s measured on 2 cores (AMD EPYC, torch 2.13), rounded up.
+CHILD_START_SECONDS = 2.5
+MEASURED = "measured"
+OUT_OF_MEMORY = "out of memory"
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,68 @@ class StepSetting:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """What timing one setting gave.
+
+    Attributes:
+        seconds: seconds per training step, the fastest timed round (see the module docstring);
+            ``math.inf`` when the setting ran out of memory or crashed its process.
+        status: ``"measured"``, ``"out of memory"`` or ``"crashed (SIGSEGV)"`` (the signal or exit code
+            that ended the measuring process).
+        rounds: every timed step, in order (empty when not measured or given as one number).
+    """
+
+    seconds: float
+    status: str = MEASURED
+    rounds: tuple[float, ...] = ()
+
+    @classmethod
+    def from_rounds(cls, rounds: Sequence[float]) -> StepTiming:
+        return cls(min(rounds), MEASURED, tuple(float(r) for r in rounds))
+
+    @classmethod
+    def from_seconds(cls, seconds: float) -> StepTiming:
+        """One number (e.g. a ``measure_fn``): finite and positive is measured, anything else out of memory."""
+        t = float(seconds)
+        return cls(t) if math.isfinite(t) and t > 0 else cls(math.inf, OUT_OF_MEMORY)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == MEASURED and math.isfinite(self.seconds) and self.seconds > 0
+
+    @property
+    def crashed(self) -> bool:
+        return self.status.startswith("crashed")
+
+    def spread(self) -> dict[str, Any] | None:
+        """``{"rounds", "min_s", "median_s", "max_s"}`` of the timed steps, or None without rounds."""
+        if not self.rounds:
+            return None
+        return {"rounds": len(self.rounds), "min_s": round(min(self.rounds), 6),
+                "median_s": round(statistics.median(self.rounds), 6), "max_s": round(max(self.rounds), 6)}
+
+
+@dataclass(frozen=True)
+class ChildMeasurement:
+    """:func:`measure_in_child`'s answer: one :class:`StepTiming` per setting, and what the isolation cost.
+
+    Attributes:
+        timings: per setting, in the order given.
+        children: processes started (one per batch, one more after each crash).
+        overhead_s: seconds of the children that answered outside their measuring (start, imports), summed.
+        crashes: statuses of the children that died.
+        threads: intra-op threads of the children (this process's ``torch.get_num_threads()``); None when
+            none answered.
+    """
+
+    timings: list[StepTiming]
+    children: int
+    overhead_s: float
+    crashes: tuple[str, ...] = ()
+    threads: int | None = None
 
 
 class _StepRunner:
@@ -81,6 +186,7 @@ class _StepRunner:
         from medseg.networks.memory import training_step
 
         s = self.setting
+        faults.maybe_fail("step_probe", s.precision)
         self._sync()
         t0 = time.perf_counter()
         training_step(self.model, self.optimizer, self.x, self.target, s.num_classes, s.precision)
@@ -99,92 +205,332 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
-def measure_step_times(
-    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
-    seed: int = 0, progress: bool = True,
-) -> list[float]:
-    """Median training-step time of several settings, measured interleaved (round robin).
-
-    Every setting gets its model built and ``warmup`` untimed steps, then ``steps`` rounds each run one
-    timed step of every setting in turn, so a machine whose load changes during the measurement slows
-    every setting alike and their ratios stay fair.
-
-    Args:
-        settings: what to measure (all models are kept alive together; activations are not).
-        steps: timed steps per setting (median reported).
-        warmup: untimed steps per setting first (memory allocation, kernel selection).
-        seed: seed of the random weights, input ``(B, C, *patch)`` and integer targets ``(B, *patch)``.
-        progress: show a tqdm progress bar.
-
-    Returns:
-        Seconds per training step, one per setting; ``math.inf`` for a setting that ran out of memory.
-
-    Raises:
-        ValueError: ``steps < 1`` or ``warmup < 0``.
-        ConfigError: a network that cannot be built.
-    """
-    from tqdm.auto import tqdm
-
+def _check_counts(steps: int, warmup: int) -> None:
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+
+
+def _time_settings(
+    settings: Sequence[StepSetting], steps: int, warmup: int, seed: int, progress: bool, cheap_seconds: float,
+    mark: Callable[[int], None] = lambda i: None,
+) -> list[StepTiming]:
+    """Interleaved timing of ``settings`` in this process (see :func:`measure_step_times`); ``mark(i)`` is called
+    before setting ``i`` is built or stepped, ``mark(-1)`` once all are done."""
+    from tqdm.auto import tqdm
+
     if any(torch.device(s.device).type == "cpu" for s in settings):
         from medseg.networks.memory import keep_freed_cpu_memory
 
         keep_freed_cpu_memory()  # time the steps with the allocator setting the trainer uses
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
+    oom: set[int] = set()
     bar = tqdm(total=len(settings) * (warmup + steps), desc="timing training steps", unit="step",
                disable=not progress, leave=False)
+
+    def out_of_memory(i: int, exc: BaseException) -> None:
+        if not _is_out_of_memory(exc):
+            raise exc
+        oom.add(i)
+        times[i] = []
+        _free(settings[i].device)
+
+    def one_round() -> None:
+        for i, runner in enumerate(runners):
+            if runner is None:
+                continue
+            mark(i)
+            try:
+                times[i].append(runner.step())
+            except Exception as exc:  # out of memory only; anything else is a real error
+                runners[i] = None
+                out_of_memory(i, exc)
+            bar.update(1)
+
     try:
         for i, s in enumerate(settings):
+            mark(i)
+            runner: _StepRunner | None = None
             try:
-                runner: _StepRunner | None = _StepRunner(s, seed)
+                runner = _StepRunner(s, seed)
                 for _ in range(warmup):
                     runner.step()
                     bar.update(1)
-            except Exception as exc:  # out of memory only; anything else is a real error
-                if not _is_out_of_memory(exc):
-                    raise
-                logger.warning("%s: out of memory on %s (%s)", _setting_label(s), s.device, exc)
+            except Exception as exc:
                 runner = None
-                times[i] = [math.inf]
-                _free(s.device)
+                out_of_memory(i, exc)
                 bar.update(warmup)
             runners.append(runner)
         for _ in range(steps):
-            for i, runner in enumerate(runners):
-                if runner is not None:
-                    try:
-                        times[i].append(runner.step())
-                    except Exception as exc:
-                        if not _is_out_of_memory(exc):
-                            raise
-                        logger.warning("%s: out of memory on %s", _setting_label(settings[i]), settings[i].device)
-                        runners[i] = None
-                        times[i] = [math.inf]
-                        _free(settings[i].device)
-                bar.update(1)
+            one_round()
+        rounds = steps
+        while rounds < MAX_ROUNDS and any(r is not None for r in runners):
+            spent = sum(sum(t) for t in times)
+            next_round = sum(t[-1] for t, r in zip(times, runners) if r is not None and t)
+            if spent + next_round > cheap_seconds:
+                break
+            bar.total += sum(r is not None for r in runners)
+            one_round()
+            rounds += 1
+        mark(-1)
     finally:
         bar.close()
         runners.clear()
         gc.collect()
-    out = [statistics.median(t) for t in times]
-    for s, t in zip(settings, out):
-        logger.info("%s: %.4f s/step", _setting_label(s), t)
-    return out
+    return [StepTiming(math.inf, OUT_OF_MEMORY) if i in oom or not t else StepTiming.from_rounds(t)
+            for i, t in enumerate(times)]
+
+
+def _log_timings(settings: Sequence[StepSetting], timings: Sequence[StepTiming]) -> None:
+    for s, t in zip(settings, timings):
+        if t.ok:
+            spread = t.spread() or {}
+            logger.info("%s: %.4f s/step (fastest of %d; median %.4f s, slowest %.4f s)", _setting_label(s),
+                        t.seconds, spread.get("rounds", 1), spread.get("median_s", t.seconds),
+                        spread.get("max_s", t.seconds))
+        elif t.crashed:
+            logger.warning("%s: %s (the step killed its measuring process on %s); this setting is never chosen",
+                           _setting_label(s), t.status, s.device)
+        else:
+            logger.warning("%s: %s on %s", _setting_label(s), t.status, s.device)
+
+
+def measure_step_times(
+    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
+    seed: int = 0, progress: bool = True, cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
+) -> list[float]:
+    """Training-step time of several settings, measured interleaved (round robin), in this process.
+
+    Every setting gets its model built and ``warmup`` untimed steps, then ``steps`` rounds each run one
+    timed step of every setting in turn, so a machine whose load changes during the measurement slows
+    every setting alike and their ratios stay fair; cheap batches get more rounds (see the module
+    docstring). A step that crashes the process natively takes this process with it: the planner uses
+    :func:`measure_in_child`.
+
+    Args:
+        settings: what to measure (all models are kept alive together; activations are not).
+        steps: timed rounds per setting at least (the fastest is reported).
+        warmup: untimed steps per setting first (memory allocation, kernel selection).
+        seed: seed of the random weights, input ``(B, C, *patch)`` and integer targets ``(B, *patch)``.
+        progress: show a tqdm progress bar.
+        cheap_seconds: extra rounds (up to :data:`MAX_ROUNDS`) while the timed total stays under this; 0: none.
+
+    Returns:
+        Seconds per training step (the fastest timed round), one per setting; ``math.inf`` for a setting
+        that ran out of memory.
+
+    Raises:
+        ValueError: ``steps < 1`` or ``warmup < 0``.
+        ConfigError: a network that cannot be built.
+    """
+    _check_counts(steps, warmup)
+    timings = _time_settings(settings, steps, warmup, seed, progress, cheap_seconds)
+    _log_timings(settings, timings)
+    return [t.seconds for t in timings]
+
+
+def measure_in_child(
+    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
+    seed: int = 0, progress: bool = True, cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
+    fault_spec: str | None = None,
+) -> ChildMeasurement:
+    """:func:`measure_step_times` in a child process that may crash without taking this one along.
+
+    The child runs with this process's ``torch.get_num_threads()``. When it dies (a signal, a non-zero
+    exit) the setting it was building or stepping gets the status ``crashed (<signal>)``, and the others
+    are measured again in a new child; a child that dies outside any setting has its settings measured one
+    per child. A Python exception in the child (other than out of memory) is raised here.
+
+    Args:
+        settings, steps, warmup, seed, progress, cheap_seconds: as for :func:`measure_step_times`.
+        fault_spec: test-only faults to arm in the child (:mod:`medseg.faults`); None: those armed here.
+
+    Returns:
+        A :class:`ChildMeasurement`: per setting a :class:`StepTiming` (``seconds`` ``math.inf`` for out of
+        memory or crashed), the children started and their start-up overhead.
+
+    Raises:
+        ValueError: ``steps < 1`` or ``warmup < 0``.
+        ConfigError: a network that cannot be built (raised in the child, re-raised here).
+    """
+    _check_counts(steps, warmup)
+    if fault_spec is None:
+        fault_spec = faults.armed_spec()
+    results: list[StepTiming | None] = [None] * len(settings)
+    spent: dict[str, Any] = {"children": 0, "overhead": 0.0, "threads": None}
+    crashes: list[str] = []
+
+    def run(indices: list[int]) -> None:
+        while indices:
+            batch = [settings[i] for i in indices]
+            timings, culprit, status, overhead, threads = _run_child(batch, steps, warmup, seed, progress,
+                                                                     cheap_seconds, fault_spec)
+            spent["children"] += 1
+            spent["overhead"] += overhead
+            spent["threads"] = threads or spent["threads"]
+            if timings is not None:
+                for i, t in zip(indices, timings):
+                    results[i] = t
+                return
+            crashes.append(status)
+            if culprit is None and len(indices) > 1:
+                logger.warning("a measuring process died (%s) outside any one setting; measuring its %d settings "
+                               "one per process", status, len(indices))
+                for i in indices:
+                    run([i])
+                return
+            i = indices[culprit or 0]
+            results[i] = StepTiming(math.inf, status)
+            indices = [j for j in indices if j != i]
+
+    run(list(range(len(settings))))
+    timings = [t if t is not None else StepTiming(math.inf, "crashed (no answer)") for t in results]
+    _log_timings(settings, timings)
+    return ChildMeasurement(timings, spent["children"], round(spent["overhead"], 3), tuple(crashes), spent["threads"])
+
+
+def probe_step_in_child(setting: StepSetting, *, seed: int = 0, fault_spec: str | None = None) -> StepTiming:
+    """One training step of ``setting`` (no warm-up) in a child process: does it run, or crash its process?
+
+    For :mod:`medseg.training`, before a run trusts a reduced precision on the CPU. Costs the child's start
+    (:data:`CHILD_START_SECONDS`), building the network and one step.
+
+    Returns:
+        The :class:`StepTiming` (``crashed`` when the step killed the child, out of memory, or measured).
+    """
+    return measure_in_child([setting], 1, warmup=0, seed=seed, progress=False, cheap_seconds=0.0,
+                            fault_spec=fault_spec).timings[0]
+
+
+#: What the measuring child runs: the parent's ``sys.path`` (first pickle on stdin), then :func:`_child_main`.
+_CHILD_CODE = ("import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
+               "from medseg.planning.step_timing import _child_main; _child_main(int(sys.argv[1]))")
+
+
+def _run_child(
+    settings: Sequence[StepSetting], steps: int, warmup: int, seed: int, progress: bool, cheap_seconds: float,
+    fault_spec: str,
+) -> tuple[list[StepTiming] | None, int | None, str, float, int | None]:
+    """Time ``settings`` in one child process (a fresh interpreter: ``sys.executable -c``).
+
+    The child reads its arguments from stdin and answers on a pipe of its own: ``("at", i)`` before it
+    builds or steps setting ``i``, then ``("ok", (timings, threads), seconds busy)`` or ``("error",
+    exception, seconds busy)``. A fresh interpreter, not ``multiprocessing``'s spawn, so that the parent's main
+    module (a user's script without an ``if __name__ == "__main__"`` guard) is never run again in it.
+
+    Returns:
+        ``(timings, None, "", overhead seconds, the child's threads)`` when the child answered; ``(None, index
+        of the setting it died in or None, "crashed (...)", 0.0, None)`` when it died.
+
+    Raises:
+        Exception: the child's own exception (not a crash).
+    """
+    args = (list(settings), steps, warmup, seed, progress, cheap_seconds, torch.get_num_threads(), fault_spec)
+    read_fd, write_fd = os.pipe()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(write_fd)], stdin=subprocess.PIPE,
+                                pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    conn = Connection(read_fd, writable=False)
+    current, reply = -1, None
+    try:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(pickle.dumps(list(sys.path)) + pickle.dumps(args))
+            proc.stdin.close()
+        except BrokenPipeError:  # died before reading: its exit status says how
+            pass
+        while reply is None:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                break
+            if msg[0] == "at":
+                current = msg[1]
+            else:
+                reply = msg
+        proc.wait()
+    finally:
+        conn.close()
+        if proc.poll() is None:  # interrupted while waiting
+            proc.kill()
+            proc.wait()
+    wall = time.perf_counter() - t0
+    if reply is not None:
+        kind, payload, busy = reply
+        if kind == "error":
+            raise payload
+        timings, threads = payload
+        return timings, None, "", max(0.0, wall - busy), threads
+    return None, (current if 0 <= current < len(settings) else None), _crash_status(proc.returncode), 0.0, None
+
+
+class _Marker:
+    """Tells the parent which setting the child is about to build or step (``("at", i)`` on its pipe)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.last = conn, -2
+
+    def __call__(self, i: int) -> None:
+        if i != self.last:
+            self.conn.send(("at", i))
+            self.last = i
+
+
+def _child_main(fd: int) -> None:
+    """The measuring child: read the arguments from stdin, time the settings, answer on pipe ``fd`` (see
+    :func:`_run_child`)."""
+    import faulthandler
+
+    t0 = time.perf_counter()
+    faulthandler.enable()  # a native crash prints the Python stack of the step that died
+    conn = Connection(fd, readable=False)
+    settings, steps, warmup, seed, progress, cheap_seconds, threads, fault_spec = pickle.load(sys.stdin.buffer)
+    torch.set_num_threads(threads)
+    try:
+        faults.arm(fault_spec)
+        timings = _time_settings(settings, steps, warmup, seed, progress, cheap_seconds, _Marker(conn))
+        reply: tuple[str, Any, float] = ("ok", (timings, torch.get_num_threads()), time.perf_counter() - t0)
+    except Exception as exc:
+        reply = ("error", _picklable(exc), time.perf_counter() - t0)
+    conn.send(reply)
+    conn.close()
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError("".join(traceback.format_exception(exc)).strip())
+
+
+def _crash_status(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if name == "SIGKILL":
+            return "crashed (SIGKILL: killed, e.g. by the out-of-memory killer)"
+        return f"crashed ({name})"
+    return f"crashed (exit code {exitcode})"
 
 
 def measure_step_time(
     net: NetworkPlan, in_channels: int, num_classes: int, device: str = "cpu", precision: str = "fp32",
     channels_last: bool = False, steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS, seed: int = 0,
 ) -> float:
-    """Median wall time of one real training step of ``net`` on ``device``.
+    """Wall time of one real training step of ``net`` on ``device`` (the fastest of the timed steps), in
+    this process.
 
     Builds the network, a random input ``(B, C, *patch)`` float32 and random integer targets
     ``(B, *patch)``; each step runs the forward pass under autocast at ``precision``, soft Dice +
     cross-entropy over the deep-supervision outputs, backward and an SGD step
-    (:func:`medseg.networks.memory.training_step`). ``warmup`` untimed steps, then ``steps`` timed ones.
-    ``torch.set_num_threads`` is left as it is.
+    (:func:`medseg.networks.memory.training_step`). ``warmup`` untimed steps, then at least ``steps``
+    timed ones. ``torch.set_num_threads`` is left as it is.
 
     Args:
         net: network plan (patch, batch, topology; its ``precision`` is overridden by ``precision``).
@@ -193,10 +539,10 @@ def measure_step_time(
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast dtype).
         channels_last: model and input in channels-last (3D: ``channels_last_3d``) memory format.
-        steps: timed steps (median returned).
+        steps: timed steps at least (the fastest is returned).
 
     Returns:
-        Seconds per training step (median); ``math.inf`` when the step runs out of memory.
+        Seconds per training step; ``math.inf`` when the step runs out of memory.
     """
     s = StepSetting(net, in_channels, num_classes, device, precision, channels_last)
     return measure_step_times([s], steps, warmup=warmup, seed=seed, progress=False)[0]
@@ -248,10 +594,15 @@ def lever_settings(device: str) -> tuple[list[tuple[str, bool]], str]:
 
 
 __all__ = [
+    "CHILD_START_SECONDS",
     "DEFAULT_MEASURE_STEPS",
+    "ChildMeasurement",
     "StepSetting",
+    "StepTiming",
     "cpu_bf16_supported",
     "lever_settings",
+    "measure_in_child",
     "measure_step_time",
     "measure_step_times",
+    "probe_step_in_child",
 ]

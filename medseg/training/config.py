@@ -164,6 +164,11 @@ class TrainConfig:
             trained as it is (no refit). A resumed run continues from its checkpoint, never from these.
         pretrained_report: set by :func:`~medseg.training.train`, not by hand: what was loaded from
             ``pretrained`` (source, member, counts, the tensors skipped and why).
+        precision_check: set by :func:`~medseg.training.train`, not by hand: a CPU run at a reduced precision
+            first runs one training step of its network in a child process
+            (:func:`~medseg.training.device.checked_precision`); the check's precision, channels_last,
+            status, seconds and threads, and ``fallback: "fp32"`` when the step crashed its process (the run
+            then trains in fp32 and ``precision`` says so). None when nothing was checked.
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
             time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
             a run's ``config.json`` holds the resolved value.
@@ -220,6 +225,7 @@ class TrainConfig:
     budget_fit: dict[str, Any] | None = None
     pretrained: str | None = None
     pretrained_report: dict[str, Any] | None = None
+    precision_check: dict[str, Any] | None = None
     optimizer: str = "auto"
     lr: float | None = None
     momentum: float | None = None

@@ -2,7 +2,8 @@
 
 Defaults follow the machine (cores available to the process, native bf16 on the CPU, CUDA) and what
 a time-budget plan measured fastest on this kind of device; :class:`ThreadTuner` keeps re-checking the
-number of intra-op threads while training on the CPU.
+number of intra-op threads while training on the CPU. :func:`checked_precision` makes sure a CPU run's
+reduced precision does not crash the process before the run relies on it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import contextlib
 import logging
 import os
 import statistics
+import time
+from typing import Any
 
 import torch
 
 from medseg.errors import ConfigError
 from medseg.machine import cpu_has_fast_bf16
-from medseg.planning.plan import Plan
+from medseg.planning.plan import NetworkPlan, Plan
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import DistContext
 
@@ -49,6 +52,56 @@ def resolve_precision(precision: str, device: torch.device, planned: str | None 
         logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
                        "much slower than fp32; consider --precision fp32")
     return precision
+
+
+def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_channels: int, num_classes: int,
+                      device: torch.device, dist_ctx: DistContext, seed: int = 0) -> tuple[str, dict[str, Any] | None]:
+    """The precision a run trains at once a reduced precision on the CPU has shown that its step does not crash.
+
+    A training step can kill its process natively, beyond any ``try`` (issue 42: torch 2.13's oneDNN bf16
+    backward at 12x256x256 on a CPU with AMX dies of SIGSEGV, fp32 does not). A CPU run at bf16 (or fp16) therefore first
+    runs one training step of its network, patch, batch (this rank's share), precision and memory format in
+    a child process (:func:`medseg.planning.step_timing.probe_step_in_child`; a few seconds: the child's
+    start, building the network, one step). When the child crashes (on any rank) the run trains in fp32,
+    with a warning. fp32 and CUDA runs are not checked (no such crash is known there, and the check would
+    slow every run).
+
+    Args:
+        precision: the run's resolved precision (``fp32``, ``bf16``, ``fp16``).
+        channels_last: the run's memory format.
+        net: the network the run trains, with this rank's batch size.
+        in_channels / num_classes: the network's input channels and output classes.
+        device: the run's device.
+        dist_ctx: the run's processes (a crash on one rank makes every rank fall back).
+        seed: seed of the check's random weights and batch.
+
+    Returns:
+        ``(precision to train at, record)``: the record (for ``config.json``: precision, channels_last,
+        status, seconds, threads, and ``fallback: "fp32"`` after a crash) is None when nothing was checked.
+    """
+    if device.type != "cpu" or precision == "fp32":
+        return precision, None
+    from medseg.planning.step_timing import StepSetting, probe_step_in_child
+
+    t0 = time.perf_counter()
+    timing = probe_step_in_child(StepSetting(net, in_channels, num_classes, "cpu", precision, channels_last), seed=seed)
+    crashes = dist_ctx.all_reduce_sum(torch.tensor([1.0 if timing.crashed else 0.0], dtype=torch.float64))
+    record: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "status": timing.status,
+                              "seconds": round(time.perf_counter() - t0, 2), "threads": torch.get_num_threads()}
+    if timing.ok:
+        record["step_time_s"] = round(timing.seconds, 4)
+    if float(crashes.item()) == 0:
+        logger.info("a %s training step of this run ran in a check process (%.1f s): training at %s", precision,
+                    record["seconds"], precision)
+        return precision, record
+    if not timing.crashed:
+        record["status"] = "crashed on another rank"
+    record["fallback"] = "fp32"
+    logger.warning("a %s%s training step of this run's network (patch %s, batch %d) %s its check process: this "
+                   "build of torch cannot train it at %s on this CPU, so the run trains in fp32 (config.json: "
+                   "precision_check)", precision, " channels-last" if channels_last else "",
+                   "x".join(map(str, net.patch_size)), net.batch_size, record["status"], precision)
+    return "fp32", record
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -191,6 +191,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             if checkpoint is None and cfg.time_budget_minutes is not None:
                 plan, cfg = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
             trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started)
+            cfg = trainer.cfg  # with the trainer's precision_check (and its fp32 fallback)
             if pretrained is not None:
                 report = load_pretrained(unwrap(trainer.model), pretrained, trainer.plan, configuration, arch)
                 cfg = trainer.cfg = dataclasses.replace(trainer.cfg, pretrained_report=report)

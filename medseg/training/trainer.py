@@ -130,6 +130,15 @@ class Trainer:
         self.batch_size = net.batch_size
         self.batch_lo, self.batch_hi = dist_ctx.batch_slice(self.batch_size)
         self.local_batch = self.batch_hi - self.batch_lo
+        if self.device.type == "cpu" and self.precision != "fp32":  # one step in a child process: does it crash?
+            from medseg.training.device import checked_precision
+
+            self.precision, check = checked_precision(
+                self.precision, self.channels_last, dataclasses.replace(net, batch_size=self.local_batch),
+                plan.network_in_channels(self.configuration), plan.num_classes, self.device, dist_ctx, cfg.seed)
+            self.amp_dtype = autocast_dtype(self.precision)
+            fallback = {"precision": "fp32"} if check is not None and check.get("fallback") else {}
+            self.cfg = cfg = dataclasses.replace(cfg, precision_check=check, **fallback)
         spacing = cfg_plan.spacing
         self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
             and spacing[0] == max(spacing)
