@@ -71,6 +71,8 @@ class PlannerOptions:
         base_features: channels of the first stage.
         max_features: cap on channels per stage; None = 320 for 3D, 512 for 2D.
         max_poolings: cap on poolings per axis; None = limited only by the minimum feature map size (4).
+        target_spacing: ``(Z, Y, X)`` spacing in mm that replaces the spacing rule's (3D datasets; the
+            time-budget fit plans coarser spacings with it); None = the rule's.
     """
 
     gpu_memory_gb: float = 8.0
@@ -81,6 +83,7 @@ class PlannerOptions:
     base_features: int = 32
     max_features: int | None = None
     max_poolings: int | None = None
+    target_spacing: tuple[float, ...] | None = None
 
     def check(self) -> None:
         problems = []
@@ -98,6 +101,9 @@ class PlannerOptions:
             problems.append("need 1 <= base_features <= max_features")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             problems.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        if self.target_spacing is not None and (len(self.target_spacing) != 3
+                                                or not all(s > 0 and math.isfinite(s) for s in self.target_spacing)):
+            problems.append(f"target_spacing must be three positive spacings (Z, Y, X), got {self.target_spacing}")
         if problems:
             raise PlanError("invalid planner options: " + "; ".join(problems))
 
@@ -166,6 +172,9 @@ def plan_dataset(
     else:
         target, spacing_notes = determine_target_spacing(spacings, shapes)
         notes["spacing"] = spacing_notes
+        if options.target_spacing is not None:
+            target = tuple(float(v) for v in options.target_spacing)
+            notes["spacing"]["override"] = "target spacing given by the caller (PlannerOptions.target_spacing)"
     new_shapes = resampled_shapes(spacings, shapes, target)
     median_shape = np.median(new_shapes, axis=0)
     total_voxels = float(np.prod(new_shapes, axis=1, dtype=np.float64).sum())

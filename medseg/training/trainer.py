@@ -56,6 +56,7 @@ from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.progress import write_progress_files
 from medseg.training.region_losses import region_loss
 from medseg.training.schedule import lr_factor
+from medseg.training.step_check import StepTimeCheck
 from medseg.training.trainer_state import checkpoint_state, restore_state
 from medseg.training.weight_averaging import WeightAverage
 from medseg.training.validation import pseudo_dice
@@ -207,6 +208,7 @@ class Trainer:
         self._validation_plan: tuple[tuple[float, float | None], ValidationPlan | None] | None = None
         self._param_count: int | None = None
         self._warn_kept_plan = bool(cfg.budget_fit) and not cfg.budget_fit.get("refit", True)
+        self.step_check = StepTimeCheck.for_run(plan, self.configuration, self.arch, net)
         if checkpoint is not None:
             restore_state(self, checkpoint)
 
@@ -397,6 +399,8 @@ class Trainer:
                 t_step = time.perf_counter()
                 loss = self.train_step(x, y)
                 self.thread_tuner.after_step(time.perf_counter() - t_step)
+                if self.step_check is not None and self.dist.is_main:
+                    self.step_check.add(time.perf_counter() - t_step)
                 if self.weight_average is not None:
                     self.weight_average.update(progress)
                 if not math.isfinite(loss):
@@ -478,6 +482,7 @@ class Trainer:
             "num_workers": self.num_workers,
             "world_size": self.dist.world_size,
             "best_ema_pseudo_dice": self.best_metric,
+            "step_time_check": None if self.step_check is None else self.step_check.record(),
             "history": self.history,
         }, f"{self.configuration}/{self.arch} {self.cfg.fold_name}")
 

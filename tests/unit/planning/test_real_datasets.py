@@ -132,3 +132,19 @@ def test_fingerprint_of_real_data(name):
     assert fp.num_cases == len(ds.cases) == 200
     assert fp.median_spacing() == (1.0, 1.0, 1.0)
     assert fp.intensity[0].num_samples > 100_000
+
+
+def test_roundtrip_dice_admits_coarser_abdominal_mri_but_not_hippocampus():
+    """The resolution lever's bound on the real labels: CHAOS T2 organs keep >= 0.97 at 2x in-plane, the
+    hippocampus loses > 0.05 already at 1.5x (so the lever could never coarsen it)."""
+    from medseg.planning.resolution import MIN_ROUNDTRIP_DICE, coarser_spacings
+    from medseg.preprocessing.resolution import dataset_roundtrip_dice
+
+    chaos, _ = _dataset("chaos_t2")
+    at = dataset_roundtrip_dice(chaos, coarser_spacings((7.7, 1.25, 1.25)), max_cases=8)
+    assert set(at[0]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert all(min(d.values()) >= MIN_ROUNDTRIP_DICE for d in at)
+    assert all(at[1][k] < at[0][k] < 1.0 for k in at[0])  # coarser loses more
+    hippo, _ = _dataset("hippocampus")
+    (h,) = dataset_roundtrip_dice(hippo, coarser_spacings((1.0, 1.0, 1.0))[:1], max_cases=8)
+    assert max(h.values()) < 0.95
