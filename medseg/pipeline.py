@@ -113,6 +113,11 @@ def plan_and_preprocess(
     return PlanResult(plan=plan, plan_path=plan_path, fingerprint_path=fp_path, seconds=seconds)
 
 
+#: Share of the budget fit's time limit the fit at the planned spacing may use; the rest is left for the
+#: resolution lever (round-trip Dice, planning and measuring a coarser spacing) when it is needed.
+PLANNED_SPACING_SHARE = 0.6
+
+
 def _fit_to_budget(plan: Plan, ds, fp, options) -> Plan:
     """The time-budget fit: network, patch and batch at the planned spacing, then the resolution lever
     (:mod:`medseg.planning.resolution`), both within :func:`~medseg.planning.budget.fit_seconds_limit`."""
@@ -123,7 +128,8 @@ def _fit_to_budget(plan: Plan, ds, fp, options) -> Plan:
 
     t0 = time.perf_counter()
     limit = fit_seconds_limit(options.time_budget_minutes)
-    plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes, max_seconds=limit)
+    plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes,
+                              max_seconds=PLANNED_SPACING_SHARE * limit)
 
     def plan_at(spacing: tuple[float, ...]):
         return plan_dataset(ds, fp, dataclasses.replace(options, target_spacing=spacing)).configuration("3d_fullres")

@@ -254,7 +254,7 @@ def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: 
     head = (f"{budget_seconds / 60:g} min budget, {USABLE_FRACTION:.0%} = {usable:.0f} s of training steps; "
             f"a candidate converges when iterations x batch x patch coverage of the median image >= {need} "
             "whole-image samples. ")
-    converging = [i for i in ok if measured[i].image_samples(budget_seconds) >= need]
+    converging = [i for i in ok if measured[i].samples(budget_seconds) >= need]
     if converging:
         best = max(converging, key=lambda i: (measured[i].candidate.score, measured[i].samples(budget_seconds)))
         m = measured[best]
@@ -269,11 +269,11 @@ def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: 
             big = max(not_conv, key=lambda r: r.candidate.score)
             why += (f"; the larger {big.candidate.label} would reach only {big.samples(budget_seconds)} samples")
     else:
-        best = max(ok, key=lambda i: (measured[i].image_samples_per_second, measured[i].candidate.score))
+        best = max(ok, key=lambda i: (measured[i].samples_per_second, measured[i].candidate.score))
         m = measured[best]
-        why = (f"no candidate converges in the budget; {m.candidate.label} processes the most whole-image samples "
-               f"per second ({m.image_samples_per_second:.2f}/s, {m.image_samples(budget_seconds)} in the budget), "
-               "so it gets closest to convergence")
+        why = (f"no candidate converges in the budget; {m.candidate.label} processes the most samples per second "
+               f"({m.samples_per_second:.2f}/s, {m.samples(budget_seconds)} samples in the budget), so it gets "
+               "closest to convergence")
     why += (f": {m.step_time_s:.3f} s/step, {m.iterations(budget_seconds)} iterations, "
             f"{m.samples(budget_seconds)} samples (patch coverage {m.coverage:.2f}).")
     return best, head + why
@@ -671,7 +671,7 @@ def _measure_grid(
 
     def fails(c: Candidate) -> bool:
         t = times.get(c)
-        return t is not None and Measured(c, t, coverage=coverage(c)).image_samples(budget_s) < need
+        return t is not None and Measured(c, t, coverage=coverage(c)).samples(budget_s) < need
 
     def predicted(c: Candidate) -> float:
         known = [(d, t) for d, t in times.items() if t is not None] or list(ref.items())
@@ -683,7 +683,7 @@ def _measure_grid(
     pending = [c for c in sorted(grid, key=lambda c: (c.cost, c.base_features)) if c not in times]
     while pending:
         for c in list(pending):
-            blocker = next((d for d in times if fails(d) and d.dominates(c) and coverage(c) <= coverage(d)), None)
+            blocker = next((d for d in times if fails(d) and d.dominates(c)), None)
             if blocker is not None:
                 pending.remove(c)
                 times[c] = None
@@ -691,6 +691,12 @@ def _measure_grid(
                              "budget, so this one cannot either and has fewer samples per second")
         wave = [c for c in pending if not any(d.dominates(c) for d in pending)]
         wave, steps, left_out = _fit_in_limit(wave, {c: predicted(c) for c in wave} if clock.limited else {}, clock)
+        if not wave and left_out and not any(t is not None for t in times.values()):
+            # nothing of this grid measured yet and no time left (a fit at a second spacing): probe the cheapest
+            # with one step rather than choose from predictions alone
+            probe = min(left_out, key=lambda c: (predicted(c), c.cost))
+            del left_out[probe]
+            wave, steps = [probe], 1
         for c, why in left_out.items():
             pending.remove(c)
             times[c], status[c] = None, f"not measured: {why}"
@@ -741,7 +747,7 @@ def _prediction(m: Measured, budget_s: float, need: int) -> dict[str, Any]:
                 "patch_coverage": round(m.coverage, 4), "image_samples": None, "converges": False}
     return {"step_time_s": m.step_time_s, "iterations": m.iterations(budget_s), "samples": m.samples(budget_s),
             "samples_per_s": round(m.samples_per_second, 4), "patch_coverage": round(m.coverage, 4),
-            "image_samples": m.image_samples(budget_s), "converges": m.image_samples(budget_s) >= need}
+            "image_samples": m.image_samples(budget_s), "converges": m.samples(budget_s) >= need}
 
 
 def _check_candidates(grid: Sequence[Candidate], template: NetworkPlan) -> None:

@@ -56,13 +56,13 @@ def _option(spacing, step, coverage, worst=0.99, admissible=True):
 
 def test_choose_spacing_takes_the_finest_that_reaches_the_bar():
     options = [_option((1, 1, 1), 1.0, 0.1), _option((1.5, 1.5, 1.5), 0.5, 1.0), _option((2, 2, 2), 0.2, 1.0)]
-    assert options[1].image_samples(BUDGET_S) >= MIN_SAMPLES_3D
+    assert options[0].samples(BUDGET_S) < MIN_SAMPLES_3D <= options[1].samples(BUDGET_S)
     pick, why = choose_spacing(options, BUDGET_S, MIN_SAMPLES_3D)
     assert pick == 1 and "reaches" in why
 
 
 def test_choose_spacing_without_convergence_takes_the_most_and_skips_inadmissible():
-    options = [_option((1, 1, 1), 2.0, 0.1), _option((1.5, 1.5, 1.5), 2.0, 0.5),
+    options = [_option((1, 1, 1), 2.0, 0.1), _option((1.5, 1.5, 1.5), 1.0, 0.5),
                _option((2, 2, 2), 0.5, 1.0, worst=0.9, admissible=False)]
     pick, why = choose_spacing(options, BUDGET_S, MIN_SAMPLES_3D)
     assert pick == 1 and "closest to" in why
@@ -70,15 +70,15 @@ def test_choose_spacing_without_convergence_takes_the_most_and_skips_inadmissibl
 
 def test_choose_spacing_keeps_resolution_for_a_small_gain():
     base = _option((1, 1, 1), 2.0, 0.5)
-    small_gain = _option((1.5, 1.5, 1.5), 2.0, 0.5 * (MIN_GAIN - 0.1))
+    small_gain = _option((1.5, 1.5, 1.5), 2.0 / (MIN_GAIN - 0.1), 1.0)
     pick, why = choose_spacing([base, small_gain], BUDGET_S, MIN_SAMPLES_3D)
     assert pick == 0 and "kept the planned spacing" in why
 
 
-def _large_image_setup():
-    """A CHAOS-like dataset: 256x256x36 at 1.25x1.25x7.7 mm."""
+def _large_image_setup(spacing=(0.625, 0.625, 0.625), shape=(88, 150, 190)):
+    """A left-atrium-like dataset by default: 88x150x190 voxels at 0.625 mm."""
     ds = make_ds()
-    fp = make_fp([(7.7, 1.25, 1.25)] * 6, [(36, 256, 256)] * 6)
+    fp = make_fp([spacing] * 6, [shape] * 6)
     options = PlannerOptions(device="cpu", time_budget_minutes=30)
     plan = plan_dataset(ds, fp, options, memory_estimator=reference_estimator)
 
@@ -101,16 +101,16 @@ def test_fit_resolution_on_a_large_image(no_bf16, worst, lever):
 
     out = fit_resolution(fitted, "cpu", 30, roundtrip=roundtrip, plan_at=plan_at, measure_fn=step_time)
     record = out.notes["budget"]["resolution"]
-    assert asked == [(7.7, 1.25, 1.25), (7.7, 1.875, 1.875), (7.7, 2.5, 2.5)]
+    assert asked == [(0.625,) * 3, (0.9375,) * 3, (1.25,) * 3]
     assert [o["admissible"] for o in record["options"]] == [True, lever, lever]
     if lever:
         assert out.default_configuration == COARSE_CONFIGURATION
         cfg = out.configuration(COARSE_CONFIGURATION)
-        assert cfg.spacing == (7.7, 2.5, 2.5) and cfg.previous_stage is None
+        assert cfg.spacing == (1.25, 1.25, 1.25) and cfg.previous_stage is None
         assert out.notes["budget"]["configuration"] == COARSE_CONFIGURATION
         chosen = out.notes["budget"]["chosen"]
-        assert chosen["image_samples"] >= MIN_GAIN * record["options"][0]["best"]["image_samples"]
-        assert record["decision"].startswith(f"trains {COARSE_CONFIGURATION} at 7.7x2.5x2.5 mm")
+        assert chosen["samples"] >= MIN_GAIN * record["options"][0]["best"]["samples"]
+        assert record["decision"].startswith(f"trains {COARSE_CONFIGURATION} at 1.25x1.25x1.25 mm")
         # the fit at the planned spacing is kept in the record; 3d_fullres keeps its fitted network
         assert record["planned_spacing_fit"]["chosen"] == fitted.notes["budget"]["chosen"]
         assert out.configuration("3d_fullres") == fitted.configuration("3d_fullres")
@@ -119,6 +119,21 @@ def test_fit_resolution_on_a_large_image(no_bf16, worst, lever):
         assert out.default_configuration == "3d_fullres"
         assert out.configurations == fitted.configurations
         assert "kept the planned spacing" in record["decision"]
+
+
+def test_thick_slice_abdominal_mri_keeps_its_spacing(no_bf16):
+    """CHAOS-like 256x256x36 at 1.25x1.25x7.7 mm: the coarser spacings' whole images cost more per step than
+    the planned spacing's smallest patch, so they promise fewer samples (the measured A/B agrees)."""
+    plan, plan_at = _large_image_setup((7.7, 1.25, 1.25), (36, 256, 256))
+    fitted = fit_plan_to_budget(plan, "cpu", 30, measure_fn=step_time)
+    out = fit_resolution(fitted, "cpu", 30, roundtrip=lambda sps: [{"label1": 0.99}] * len(sps), plan_at=plan_at,
+                         measure_fn=step_time)
+    record = out.notes["budget"]["resolution"]
+    assert out.configurations == fitted.configurations
+    assert all(o["admissible"] for o in record["options"])
+    base = record["options"][0]["best"]["samples"]
+    assert all(o["best"]["samples"] < base for o in record["options"][1:])
+    assert record["decision"].startswith("kept the planned spacing")
 
 
 def test_a_converging_plan_keeps_its_spacing(no_bf16):
@@ -132,3 +147,21 @@ def test_a_converging_plan_keeps_its_spacing(no_bf16):
     out = fit_resolution(fitted, "cpu", 30, roundtrip=never, plan_at=never)
     assert out.configurations == fitted.configurations
     assert out.notes["budget"]["resolution"]["decision"].endswith("converges")
+
+
+def test_no_time_left_still_probes_the_coarser_spacing(no_bf16):
+    plan, plan_at = _large_image_setup()
+    fitted = fit_plan_to_budget(plan, "cpu", 30, measure_fn=step_time)
+    calls = []
+
+    def counting(net, *args):
+        calls.append(tuple(net.patch_size))
+        return step_time(net, *args)
+
+    out = fit_resolution(fitted, "cpu", 30, roundtrip=lambda sps: [{"label1": 0.99}] * len(sps), plan_at=plan_at,
+                         max_seconds=0.0, measure_fn=counting)
+    assert out.default_configuration == COARSE_CONFIGURATION
+    assert len(calls) == 1  # one probe step of the cheapest candidate, not a choice from predictions alone
+    rows = out.notes["budget"]["candidates"]
+    assert sum(r["step_time_s"] is not None for r in rows) == 1
+    assert out.notes["budget"]["resolution"]["measured_at_chosen"]["step_time_s"] is not None
