@@ -18,22 +18,20 @@ device are those of :func:`medseg.planning.step_timing.lever_settings`.
 
 * ``iterations(c) = floor(budget_seconds * USABLE_FRACTION / step_time(c))`` (10% of the budget is
   kept for validation and data loading hiccups), ``samples(c) = iterations(c) * batch(c)``.
-* ``image_samples(c) = floor(samples(c) x coverage(c))`` where ``coverage`` is the share of the median image
-  the patch covers (:func:`patch_coverage`, at most 1): the bar below was calibrated on patches that cover
-  the whole image, so on a large image a patch of a tenth of it counts as a tenth of a sample. For
-  datasets whose planned patch covers the image (hippocampus) this is ``samples(c)``.
-* ``c`` *converges* when ``image_samples(c) >= MIN_SAMPLES`` (:data:`MIN_SAMPLES_3D` for 3D,
-  :data:`MIN_SAMPLES_2D` for 2D configurations).
+* ``c`` *converges* when ``samples(c) >= MIN_SAMPLES`` (:data:`MIN_SAMPLES_3D` for 3D,
+  :data:`MIN_SAMPLES_2D` for 2D configurations). The notes also record ``image_samples(c) = samples(c) x
+  coverage(c)`` (:func:`patch_coverage`, the share of the median image the patch covers), for information
+  only: counting convergence in it was measured worse on CHAOS T2 (:mod:`medseg.planning.resolution`).
 * Among converging candidates the largest ``capacity x context`` score wins, ``base_features x patch
   voxels``; ties (same width and patch, other batch) go to more samples.
-* When none converges, the candidate with the most whole-image samples per second wins (it gets closest
-  to convergence); ties go to the larger score. The spacing itself is then a lever too
+* When none converges, the candidate with the most samples per second wins (it gets closest to
+  convergence); ties go to the larger score. The spacing itself is then a lever too
   (:mod:`medseg.planning.resolution`).
 
 Candidates are measured cheapest first, in waves; a candidate is skipped without measuring when a
-cheaper one that *dominates* it (no more features, no larger patch on any axis, same batch) and covers
-as much of the image already cannot converge: the skipped one is at least as slow per step, so it cannot
-converge either and has fewer whole-image samples per second, and the rule could never choose it.
+cheaper one that *dominates* it (no more features, no larger patch on any axis, same batch) already
+cannot converge: the skipped one is at least as slow per step, so it cannot converge either and has
+fewer samples per second, and the rule could never choose it.
 
 **Time limit** (``max_seconds``; ``medseg plan --time-budget M`` and ``medseg train --time-budget M``
 pass :func:`fit_seconds_limit`, :data:`FIT_FRACTION` of the budget): the cheapest candidate is *probed*
@@ -185,7 +183,7 @@ def patch_coverage(patch_size: Sequence[int], median_shape: Sequence[float] | No
     """Share of the median image one patch covers, ``min(1, prod(min(patch, median)) / prod(median))``.
 
     1.0 without a median shape. The convergence bar :data:`MIN_SAMPLES` was calibrated on patches that cover
-    the whole image (hippocampus), so a sample is counted as ``coverage`` whole-image samples.
+    the whole image (hippocampus); ``samples x coverage`` ("whole-image samples") is recorded in the notes.
     """
     if not median_shape:
         return 1.0
@@ -220,7 +218,7 @@ class Measured:
         return self.iterations(budget_seconds) * self.candidate.batch_size
 
     def image_samples(self, budget_seconds: float) -> int:
-        """Samples in whole-image units: ``floor(samples x coverage)`` (what :data:`MIN_SAMPLES` counts)."""
+        """Samples in whole-image units, ``floor(samples x coverage)`` (recorded; the rule counts samples)."""
         return int(math.floor(self.samples(budget_seconds) * self.coverage))
 
     @property
@@ -252,8 +250,7 @@ def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: 
     need = MIN_SAMPLES[dims]
     usable = budget_seconds * USABLE_FRACTION
     head = (f"{budget_seconds / 60:g} min budget, {USABLE_FRACTION:.0%} = {usable:.0f} s of training steps; "
-            f"a candidate converges when iterations x batch x patch coverage of the median image >= {need} "
-            "whole-image samples. ")
+            f"a candidate converges when iterations x batch >= {need} samples. ")
     converging = [i for i in ok if measured[i].samples(budget_seconds) >= need]
     if converging:
         best = max(converging, key=lambda i: (measured[i].candidate.score, measured[i].samples(budget_seconds)))
@@ -449,9 +446,9 @@ def fit_plan_to_budget(
         "crashes": crashes,
         "time_limit_seconds": None if max_seconds is None else round(float(max_seconds), 2),
         "rule": (f"iterations = floor(budget_s x {USABLE_FRACTION} / step_time_s); converging when iterations x "
-                 f"batch x patch coverage of the median image >= {need}; among converging candidates the largest "
-                 "base_features x patch voxels, ties to more samples; when none converges the most whole-image "
-                 "samples per second"),
+                 f"batch >= {need}; among converging candidates the largest base_features x patch voxels, ties to "
+                 "more samples; when none converges the most samples per second (patch_coverage and "
+                 "image_samples = samples x coverage are recorded, not used)"),
         "levers": lev.notes,
         "candidates": rows,
         "chosen": {**_cand_dict(chosen.candidate), **levers_of(chosen), **_prediction(chosen, budget_s, need)},
@@ -651,8 +648,6 @@ def _measure_grid(
     A wave holds the pending candidates that no other pending one dominates; each wave is measured together
     (interleaved). Under a time limit a wave keeps, cheapest first by predicted step time, the candidates
     whose measurement fits what is left (with fewer timed steps where needed); the others are not measured.
-    A dominated candidate is skipped only when its patch covers no more of the median image than its
-    non-converging blocker's (a larger patch can make up for its slower steps in whole-image samples).
     ``lever_cand`` (None: none) is a grid candidate already measured; ``reference`` holds step times measured
     elsewhere (another spacing) that only serve to predict step times. A candidate whose step crashed its
     process at the fit's levers is measured again at ``fallback`` (when it fits the time limit) and keeps
