@@ -225,10 +225,6 @@ class Measured:
     def samples_per_second(self) -> float:
         return 0.0 if self.step_time_s is None else self.candidate.batch_size / self.step_time_s
 
-    @property
-    def image_samples_per_second(self) -> float:
-        return self.samples_per_second * self.coverage
-
 
 def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: int) -> tuple[int, str]:
     """Apply the choice rule of the module docstring.
