@@ -15,7 +15,7 @@ network each: a fold of a configuration and an architecture). For one raw image 
 A cascade configuration (``3d_cascade_fullres``) first needs its previous stage's segmentation: the
 predictor of that stage (``previous_stages``, e.g. every trained ``3d_lowres`` fold) segments the image,
 its class map (original grid, not postprocessed) is mapped onto the cascade's preprocessed grid and
-appended as one-hot channels (:mod:`medseg.cascade`) before the cascade networks run.
+appended as one-hot channels (:mod:`medseg.preprocessing.previous_stage`) before the cascade networks run.
 
 :func:`medseg.inference.folder.predict_folder` does this for every case of a folder.
 """
@@ -41,6 +41,7 @@ from medseg.inference.time_budget import CaseSetting, NetworkJob, pass_options, 
 from medseg.io.image import ImageGeometry
 from medseg.machine import cpu_has_fast_bf16
 from medseg.postprocessing.operations import apply_postprocessing, load_rules
+from medseg.preprocessing.previous_stage import append_previous_stage, to_preprocessed_grid
 
 logger = logging.getLogger(__name__)
 
@@ -421,8 +422,6 @@ class Predictor:
         return _Prepared(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
     def _infer(self, prepared: _Prepared, setting: CaseSetting | None = None) -> list[tuple[np.ndarray, Any, int]]:
-        from medseg.cascade import append_previous_stage, to_preprocessed_grid
-
         out = []
         for c, (data, props) in prepared.per_config.items():
             prev = self.plan.configuration(c).previous_stage

@@ -40,6 +40,7 @@ from medseg.training.augmentation import (
     perturb_previous_stage,
 )
 from medseg.training.config import AugmentationConfig
+from medseg.training.previous_stage import load_network_input
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _unpacked(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray) -> 
 def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, case_ids: Sequence[str],
                         progress: bool = True) -> list[CaseData]:
     """Read the preprocessed cases ``case_ids`` of ``configuration`` (a cascade's ``data`` holds the one-hot
-    previous-stage channels after the image channels, :func:`medseg.cascade.load_network_input`).
+    previous-stage channels after the image channels, :func:`medseg.training.previous_stage.load_network_input`).
 
     Small datasets are held in memory; datasets whose uncompressed arrays exceed
     :data:`IN_MEMORY_LIMIT_GB` (or 40 % of the free memory) are unpacked once to
@@ -122,7 +123,6 @@ def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, ca
     Raises:
         MedsegError: a case is missing, unreadable or stale (from ``load_case``), or has no label.
     """
-    from medseg.cascade import load_network_input
     from medseg.errors import MedsegError
     from medseg.preprocessing import preprocessed_folder
 

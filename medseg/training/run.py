@@ -35,6 +35,7 @@ from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import init_distributed, launch_rank
 from medseg.training.lock import RunLock
+from medseg.training.previous_stage import prepare_previous_stage
 from medseg.training.splits import fold_cases
 
 logger = logging.getLogger(__name__)
@@ -181,8 +182,6 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
         # every rank derives the same folds; only rank 0 writes a new splits.json
         train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
         if plan.configuration(configuration).previous_stage is not None:  # refused until the folds exist
-            from medseg.cascade import prepare_previous_stage
-
             prepare_previous_stage(work_dir, plan, configuration, arch, sorted({*train_ids, *val_ids}))
         if dist_ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
 from medseg.training.distributed import DistContext
 from medseg.training.losses import hard_dice_counts
+from medseg.training.previous_stage import load_network_input
 from medseg.training.region_losses import region_dice_counts
 from medseg.training.validation_budget import ValidationBudget, ValidationClock
 
@@ -109,7 +110,6 @@ def validate_run(
     """
     from medseg.inference import EnsembleMember, Predictor
     from medseg.io.image import read_image
-    from medseg.cascade import load_network_input
     from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
     from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 

@@ -1,4 +1,4 @@
-"""The cascade (medseg.cascade): planned iff 3d_lowres is, its input channels, the previous stage's
+"""The cascade (medseg.preprocessing/training.previous_stage): planned iff 3d_lowres is, its input channels, the previous stage's
 segmentation mapped onto the cascade grid and one-hot, the refusal to train before every lowres fold has its
 cross-validated predictions, and intensity augmentation leaving the previous-stage channels alone."""
 
@@ -10,14 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.cascade import (
-    append_previous_stage,
-    load_network_input,
-    onehot_previous_stage,
-    prepare_previous_stage,
-    previous_stage_folder,
-    to_preprocessed_grid,
-)
+from medseg.preprocessing.previous_stage import append_previous_stage, onehot_previous_stage, to_preprocessed_grid
+from medseg.training.previous_stage import load_network_input, prepare_previous_stage, previous_stage_folder
 from medseg.errors import ConfigError, MedsegError, PlanError
 from medseg.io.image import ImageGeometry, write_image
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
