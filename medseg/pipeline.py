@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,9 @@ def plan_and_preprocess(
         seconds["budget"] = time.perf_counter() - t
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    fp_path = work_dir / "fingerprint.json"
+    fp_path = WorkDir(work_dir).fingerprint
     fp.save(fp_path)
-    plan_path = work_dir / "plans.json"
+    plan_path = WorkDir(work_dir).plans
     plan.save(plan_path)
     logger.info("wrote %s", plan_path)
 
@@ -144,7 +145,7 @@ def _write_dataset_reference(work_dir: Path, ds) -> None:
     from medseg.io.image import atomic_write_text
 
     info = {"root": str(Path(ds.root).resolve()), "cases": [c.case_id for c in ds.cases]}
-    atomic_write_text(work_dir / "dataset_ref.json", json.dumps(info, indent=1) + "\n")
+    atomic_write_text(WorkDir(work_dir).dataset_ref, json.dumps(info, indent=1) + "\n")
 
 
 def record_postprocessing_prior(work_dir: str | Path, run_dir: str | Path, fold: int | str) -> dict | None:
@@ -172,8 +173,8 @@ def record_postprocessing_prior(work_dir: str | Path, run_dir: str | Path, fold:
         return None
     work_dir = Path(work_dir)
     try:  # the training has finished: a problem here must not fail it
-        case_ids = None if fold == "all" else read_splits(work_dir / "splits.json")[int(fold)]["train"]
-        region_based = Plan.load(work_dir / "plans.json").is_region_based
+        case_ids = None if fold == "all" else read_splits(WorkDir(work_dir).splits)[int(fold)]["train"]
+        region_based = Plan.load(WorkDir(work_dir).plans).is_region_based
         return record_prior(work_dir, run_dir, case_ids, region_based=region_based)
     except (MedsegError, IndexError, OSError) as exc:
         logger.warning("no postprocessing recorded in %s: %s", run_dir, exc)

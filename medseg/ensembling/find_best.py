@@ -26,6 +26,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
+from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
 from medseg.postprocessing.operations import RULES_FORMAT, save_rules
@@ -81,7 +82,7 @@ class FindBestResult:
             "dice_per_label": self.dice_per_label,
             "num_cases": self.num_cases,
             "ranking": [{"candidate": n, "mean_foreground_dice": s} for n, s in self.ranking],
-            "postprocessing": "postprocessing.json",
+            "postprocessing": WorkDir.POSTPROCESSING,
             "postprocessing_summary": describe_rules(self.postprocessing),
             "predict_command": self.predict_command,
         }
@@ -124,7 +125,7 @@ def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = N
     with a warning.
     """
     root: Path | None = Path(data_dir) if data_dir is not None else None
-    ref_file = work_dir / "dataset_ref.json"
+    ref_file = WorkDir(work_dir).dataset_ref
     if root is None and ref_file.is_file():
         try:
             root = Path(json.loads(ref_file.read_text())["root"])
@@ -184,11 +185,13 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
             prediction that does not fit its reference.
     """
     work_dir = Path(work_dir)
-    plan = Plan.load(work_dir / "plans.json")
+    wd = WorkDir(work_dir)
+    plan = Plan.load(wd.plans)
     preds = find_validation_predictions(work_dir)
     if not preds:
         raise MedsegError(
-            f"{work_dir / 'runs'}: no cross-validation predictions (fold_*/validation/*.npz); train folds with "
+            f"{wd.runs_root}: no cross-validation predictions (.npz files in the validation folders of numbered "
+            f"folds); train folds with "
             f"`medseg train {work_dir} --fold 0` ... (final validation on) first"
         )
     members = sorted(preds)
@@ -265,7 +268,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     else:
         rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
-    save_rules(rules, work_dir / "postprocessing.json")
+    save_rules(rules, wd.postprocessing)
 
     folds = sorted(set.intersection(*(set(folds_of(preds[m])) for m in winner)))
     result = FindBestResult(
@@ -279,7 +282,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         postprocessing=rules,
         num_cases=len(common),
         predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",
-        best_path=work_dir / "best.json",
+        best_path=wd.best,
     )
     atomic_write_text(result.best_path, json.dumps(result.to_dict(), indent=2) + "\n")
     return result

@@ -38,6 +38,7 @@ from medseg import __version__
 from medseg.errors import BundleError, ConfigError, MedsegError
 from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
 from medseg.io.image import atomic_write_stream
+from medseg.io.workdir import BundleLayout, RunDir, WorkDir, fold_name
 from medseg.planning.plan import Plan, dumps_readable
 from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import load_rules
@@ -49,7 +50,7 @@ BUNDLE_FORMAT = "medseg-model-bundle"
 #: Bumped whenever a bundle written now could not be read by an older medseg.
 BUNDLE_FORMAT_VERSION = 1
 WEIGHTS_FORMAT = "medseg-bundle-weights-v1"
-MANIFEST = "manifest.json"
+MANIFEST = BundleLayout.MANIFEST
 
 
 def _dump(obj: Any) -> bytes:
@@ -87,35 +88,37 @@ def export_bundle(
     checkpoint = sel.checkpoint
     run_dirs, rules = select_work_dir_runs(work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint,
                                            sel.postprocessing)
-    refuse_cascades(Plan.load(work_dir / "plans.json"), [d.parent.parent.name for d in run_dirs], "a model bundle")
+    wd = WorkDir(work_dir)
+    refuse_cascades(Plan.load(wd.plans), [RunDir(d).configuration for d in run_dirs], "a model bundle")
     files: dict[str, bytes] = {}
     entries = []
     first_plan: dict[str, Any] | None = None
     for run_dir in run_dirs:
         member = load_member(run_dir, checkpoint)
-        base = f"members/{member.configuration}/{member.arch}/{run_dir.name}"
+        base = BundleLayout.member(member.configuration, member.arch, RunDir(run_dir).fold_name)
         plan = member.plan.to_dict()
         if first_plan is None:
             first_plan = plan
-            files["plans.json"] = member.plan.to_json().encode()
-        plan_name = "plans.json"
+            files[BundleLayout.PLANS] = member.plan.to_json().encode()
+        plan_name = BundleLayout.PLANS
         if plan != first_plan:
-            plan_name = f"{base}/plans.json"
+            plan_name = BundleLayout.member_plans(base)
             files[plan_name] = member.plan.to_json().encode()
         buf = io.BytesIO()
         torch.save({"format": WEIGHTS_FORMAT, "model": member.model.state_dict(),
                     "configuration": member.configuration, "arch": member.arch}, buf)
-        files[f"{base}/model.pt"] = buf.getvalue()
-        entries.append({"configuration": member.configuration, "arch": member.arch, "fold": run_dir.name,
-                        "weights": f"{base}/model.pt", "plan": plan_name})
-    plan = Plan.from_dict(first_plan) if first_plan is not None else Plan.load(work_dir / "plans.json")
-    files["preprocessing.json"] = _dump({c: {"spacing_zyx_mm": list(plan.configuration(c).spacing),
+        weights = BundleLayout.member_weights(base)
+        files[weights] = buf.getvalue()
+        entries.append({"configuration": member.configuration, "arch": member.arch,
+                        "fold": RunDir(run_dir).fold_name, "weights": weights, "plan": plan_name})
+    plan = Plan.from_dict(first_plan) if first_plan is not None else Plan.load(wd.plans)
+    files[BundleLayout.PREPROCESSING] = _dump({c: {"spacing_zyx_mm": list(plan.configuration(c).spacing),
                                              "normalization": [asdict(n) for n in plan.configuration(c).normalization]}
                                          for c in dict.fromkeys(e["configuration"] for e in entries)})
     if rules is not None:
-        files["postprocessing.json"] = (json.dumps(rules, indent=2) + "\n").encode()
-    if (work_dir / "best.json").is_file():
-        files["best.json"] = (work_dir / "best.json").read_bytes()
+        files[BundleLayout.POSTPROCESSING] = (json.dumps(rules, indent=2) + "\n").encode()
+    if wd.best.is_file():
+        files[BundleLayout.BEST] = wd.best.read_bytes()
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -126,7 +129,7 @@ def export_bundle(
         "labels": {str(i): n for i, n in zip(plan.label_ids, plan.label_names)},
         "checkpoint": checkpoint,
         "members": entries,
-        "postprocessing": "postprocessing.json" if rules is not None else None,
+        "postprocessing": BundleLayout.POSTPROCESSING if rules is not None else None,
         "files": sorted(files),
     }
     _write_zip(output, {MANIFEST: _dump(manifest), **files})
@@ -240,7 +243,7 @@ def select_entries(manifest: dict[str, Any], configs: Sequence[str] | None, arch
     Raises:
         MedsegError: none matches (the message lists what the bundle holds).
     """
-    wanted_folds = None if folds is None else {f"fold_{f}" for f in folds}
+    wanted_folds = None if folds is None else {fold_name(f) for f in folds}
     chosen = [m for m in manifest["members"] if (configs is None or m["configuration"] in configs)
               and (archs is None or m["arch"] in archs) and (wanted_folds is None or m["fold"] in wanted_folds)]
     if not chosen:
@@ -315,7 +318,7 @@ def _rules(reader: _Reader, name: str) -> dict[str, Any]:
     """Rules checked as :func:`medseg.postprocessing.operations.load_rules` checks a file."""
     data = reader.read(name)
     with tempfile.TemporaryDirectory(prefix="medseg_bundle_") as tmp:
-        file = Path(tmp) / "postprocessing.json"
+        file = Path(tmp) / BundleLayout.POSTPROCESSING
         file.write_bytes(data)
         try:
             return load_rules(file)

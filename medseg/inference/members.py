@@ -19,6 +19,7 @@ import torch
 
 from medseg.errors import CheckpointError, MedsegError
 from medseg.io.checkpoint import load_checkpoint
+from medseg.io.workdir import ALL, RunDir, WorkDir, fold_name
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import load_rules
@@ -94,9 +95,9 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
     if checkpoint not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     run_dir = Path(run_dir)
-    path = run_dir / f"checkpoint_{checkpoint}.pt"
+    path = RunDir(run_dir).checkpoint(checkpoint)
     if not path.is_file():
-        present = sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) if run_dir.is_dir() else []
+        present = RunDir(run_dir).checkpoints_present()
         hint = f"; present: {present}" if present else ""
         raise CheckpointError(f"{path}: checkpoint not found{hint}")
     ckpt = load_checkpoint(path)
@@ -139,11 +140,10 @@ def _check_belongs_to_run(path: Path, run_dir: Path, plan: Plan, configuration: 
     from medseg.preprocessing.case import preprocessing_fingerprint
 
     diffs = []
-    if run_dir.parent.parent.parent.name == "runs" and (run_dir.parent.parent.name, run_dir.parent.name) != (
-            configuration, arch):
-        diffs.append(f"it is a {configuration}/{arch} network, the folder is {run_dir.parent.parent.name}/"
-                     f"{run_dir.parent.name}")
-    run_plan_path = run_dir / "plans.json"
+    run = RunDir(run_dir)
+    if run.in_runs_folder and (run.configuration, run.arch) != (configuration, arch):
+        diffs.append(f"it is a {configuration}/{arch} network, the folder is {run.configuration}/{run.arch}")
+    run_plan_path = run.plans
     if run_plan_path.is_file():
         run_plan = Plan.load(run_plan_path)
         diffs += [f"{k} {getattr(plan, k)!r} vs {getattr(run_plan, k)!r}" for k in _DATASET_FIELDS
@@ -187,10 +187,9 @@ def select_work_dir_runs(
     Raises:
         MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
     """
-    from medseg.ensembling.runs import find_trained_runs
-
     work_dir = Path(work_dir)
-    plan = Plan.load(work_dir / "plans.json")
+    wd = WorkDir(work_dir)
+    plan = Plan.load(wd.plans)
     best = _read_best(work_dir)
     if best is not None and configs is None and archs is None:
         pairs = [(m["configuration"], m["arch"]) for m in best["members"]]
@@ -205,28 +204,29 @@ def select_work_dir_runs(
                 pairs.append((c, a))
     run_dirs: list[Path] = []
     for c, a in pairs:
-        trained = find_trained_runs(work_dir, c, a, checkpoint)
+        trained = {name: run.path for name, run in wd.fold_runs(c, a).items() if run.checkpoint(checkpoint).is_file()}
         if folds is not None:
-            wanted = [f"fold_{f}" for f in folds]
+            wanted = [fold_name(f) for f in folds]
             missing = [w for w in wanted if w not in trained]
             if missing:
                 raise MedsegError(
-                    f"{work_dir / 'runs' / c / a}: no checkpoint_{checkpoint}.pt for {', '.join(missing)}"
+                    f"{wd.arch_runs(c, a)}: no {RunDir.checkpoint_file(checkpoint)} for {', '.join(missing)}"
                     f" (trained: {sorted(trained) or 'none'}); train it with `medseg train {work_dir} "
                     f"--config {c} --arch {a} --fold N`"
                 )
             chosen = [trained[w] for w in wanted]
         else:
-            chosen = [d for name, d in sorted(trained.items()) if name != "fold_all"] or (
-                [trained["fold_all"]] if "fold_all" in trained else [])
+            every = fold_name(ALL)
+            chosen = [d for name, d in sorted(trained.items()) if name != every] or (
+                [trained[every]] if every in trained else [])
         if not chosen:
             raise MedsegError(
-                f"{work_dir / 'runs' / c / a}: no trained model (no fold_*/checkpoint_{checkpoint}.pt); "
+                f"{wd.arch_runs(c, a)}: no trained model (no fold folder holds {RunDir.checkpoint_file(checkpoint)}); "
                 f"train one with `medseg train {work_dir} --config {c} --arch {a} --fold 0`"
             )
         run_dirs.extend(chosen)
     rules = None
-    pp_path = work_dir / "postprocessing.json"
+    pp_path = wd.postprocessing
     if postprocessing and pp_path.is_file():
         candidate = load_rules(pp_path)
         fitted = {tuple(m) for m in candidate.get("fitted_on", {}).get("members", [])}
@@ -240,7 +240,7 @@ def select_work_dir_runs(
         rules, source = ensemble_prior(work_dir, run_dirs, region_based=plan.is_region_based)
         logger.info("postprocessing: %s (from the %s)", describe_prior(rules) if rules else "none", source)
     logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
-        str(d.relative_to(work_dir / "runs")) for d in run_dirs))
+        wd.run_label(d) for d in run_dirs))
     return run_dirs, rules
 
 
@@ -254,10 +254,10 @@ def previous_stage_runs(work_dir: str | Path, run_dirs: Sequence[Path], checkpoi
         MedsegError: a previous stage has no trained fold.
     """
     work_dir = Path(work_dir)
-    plan = Plan.load(work_dir / "plans.json")
+    plan = Plan.load(WorkDir(work_dir).plans)
     wanted: dict[str, list[str]] = {}
     for d in run_dirs:
-        config, arch = d.parent.parent.name, d.parent.name
+        config, arch = RunDir(d).configuration, RunDir(d).arch
         prev = plan.configurations[config].previous_stage if config in plan.configurations else None
         if prev is not None and arch not in wanted.setdefault(prev, []):
             wanted[prev].append(arch)
@@ -284,7 +284,7 @@ def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> Non
 
 
 def _read_best(work_dir: Path) -> dict[str, Any] | None:
-    path = work_dir / "best.json"
+    path = WorkDir(work_dir).best
     if not path.is_file():
         return None
     try:

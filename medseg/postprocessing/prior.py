@@ -46,13 +46,14 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.fingerprint import Fingerprint
+from medseg.io.workdir import RunDir, WorkDir
 from medseg.postprocessing.fit import DEFAULT_FRACTIONS, describe_rules
 from medseg.postprocessing.operations import RULES_FORMAT, load_rules, save_rules
 
 logger = logging.getLogger(__name__)
 
 #: Name of a run folder's recorded decision.
-PRIOR_FILE = "postprocessing_prior.json"
+PRIOR_FILE = RunDir.POSTPROCESSING_PRIOR
 #: ``source`` of rules decided from the label statistics (find-best's rules have none).
 PRIOR_SOURCE = "label_statistics"
 #: Components holding together less than this fraction of a class's voxels in a case are specks.
@@ -258,14 +259,14 @@ def record_prior(work_dir: str | Path, run_dir: str | Path, case_ids: Sequence[s
     Returns:
         The rules, or None (nothing written) when the work folder has no fingerprint.
     """
-    fp_path = Path(work_dir) / "fingerprint.json"
+    fp_path = WorkDir(work_dir).fingerprint
     if not fp_path.is_file():
         logger.info("%s not found: no postprocessing decided from the label statistics", fp_path)
         return None
     rules = prior_rules(Fingerprint.load(fp_path), case_ids, region_based=region_based)
-    save_rules(rules, Path(run_dir) / PRIOR_FILE)
+    save_rules(rules, RunDir(run_dir).postprocessing_prior)
     logger.info("postprocessing without cross-validation, from the components of %d training references: %s "
-                "(recorded in %s)", rules["num_cases"], describe_prior(rules), Path(run_dir) / PRIOR_FILE)
+                "(recorded in %s)", rules["num_cases"], describe_prior(rules), RunDir(run_dir).postprocessing_prior)
     return rules
 
 
@@ -302,13 +303,13 @@ def ensemble_prior(work_dir: str | Path, run_dirs: Sequence[Path], region_based:
     Raises:
         MedsegError: a recorded file is not a valid rules file.
     """
-    recorded = [Path(d) / PRIOR_FILE for d in run_dirs]
+    recorded = [RunDir(d).postprocessing_prior for d in run_dirs]
     if recorded and all(p.is_file() for p in recorded):
         all_rules = [load_rules(p) for p in recorded]
         rules = all_rules[0] if len(all_rules) == 1 else merge_priors(all_rules)
         where = str(recorded[0]) if len(recorded) == 1 else f"{len(recorded)} runs' {PRIOR_FILE}"
         return rules, f"label statistics of {rules.get('num_cases', '?')} training references ({where})"
-    fp_path = Path(work_dir) / "fingerprint.json"
+    fp_path = WorkDir(work_dir).fingerprint
     if not fp_path.is_file():
         return None, f"no {PRIOR_FILE} in the runs and no {fp_path}"
     rules = prior_rules(Fingerprint.load(fp_path), region_based=region_based)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from medseg.errors import DatasetError, MedsegError, PlanError
 from medseg.faults import maybe_fail
 from medseg.io.image import atomic_write_bytes, atomic_write_text, read_channels, read_image
+from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
 from medseg.preprocessing.case import CaseProperties, preprocess_case_arrays, preprocessing_fingerprint
 from medseg.preprocessing.labels import locations_to_array, locations_to_dict
@@ -51,7 +52,7 @@ _TMP_PREFIX = ".tmp_"
 def preprocessed_folder(work_dir: str | Path, plan: Plan, config: str) -> Path:
     """``WORK/preprocessed/<data_identifier or config name>`` of configuration ``config``."""
     cfg = plan.configuration(config)
-    return Path(work_dir) / "preprocessed" / (cfg.data_identifier or cfg.name)
+    return WorkDir(work_dir).preprocessed(cfg.data_identifier or cfg.name)
 
 
 def _paths(folder: Path, case_id: str) -> tuple[Path, Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ConfigError
+from medseg.io.workdir import fold_name
 
 if TYPE_CHECKING:
     from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
@@ -324,7 +325,7 @@ class TrainConfig:
     @property
     def fold_name(self) -> str:
         """``fold_0`` ... or ``fold_all``."""
-        return f"fold_{self.fold}"
+        return fold_name(self.fold)
 
     @property
     def short_schedule(self) -> bool:

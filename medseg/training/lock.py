@@ -21,10 +21,11 @@ import socket
 from pathlib import Path
 
 from medseg.errors import ConfigError
+from medseg.io.workdir import RunDir
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
+LOCK_NAME = RunDir.LOCK
 
 
 def _describe(owner: dict) -> str:
@@ -63,7 +64,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = RunDir(run_dir).lock
         self.enabled = enabled
         self.fd: int | None = None
         self.created = False  # whether entering created the run folder (removed again when left empty)

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from medseg.errors import CheckpointError, MedsegError
+from medseg.io.workdir import BundleLayout, RunDir, fold_name, parse_fold
 from medseg.planning.plan import Plan
 
 logger = logging.getLogger(__name__)
 
 #: Below this fraction of the network's weights loaded, a warning says the network is mostly freshly initialised.
 LOW_MATCH_FRACTION = 0.5
-_HINT = "give a checkpoint_final.pt of a medseg run or a model.zip from `medseg export`"
+_HINT = f"give a {RunDir.checkpoint_file('final')} of a medseg run or a model.zip from `medseg export`"
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def read_pretrained(path: str | Path, configuration: str, arch: str) -> Pretrain
     if not path.exists():
         raise MedsegError(f"{path}: pretrained weights not found; {_HINT}")
     if path.is_dir():
-        raise MedsegError(f"{path}: is a folder; {_HINT} (e.g. {path / 'checkpoint_final.pt'})")
+        raise MedsegError(f"{path}: is a folder; {_HINT} (e.g. {RunDir(path).checkpoint('final')})")
     if path.suffix == ".zip" or _has_manifest(path):
         return _from_bundle(path, configuration, arch)
     if not zipfile.is_zipfile(path):  # torch.save and medseg export both write zip archives
@@ -211,7 +212,7 @@ def read_pretrained(path: str | Path, configuration: str, arch: str) -> Pretrain
 def _has_manifest(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
-            return "manifest.json" in zf.namelist()
+            return BundleLayout.MANIFEST in zf.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return False
 
@@ -226,9 +227,9 @@ def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
         have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in members]
         raise MedsegError(f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; "
                           f"it holds {have}")
-    entry = next((m for m in candidates if m["fold"] == "fold_0"), candidates[0])
+    entry = next((m for m in candidates if m["fold"] == fold_name(0)), candidates[0])
     loaded, _ = load_bundle(path, configs=[entry["configuration"]], archs=[entry["arch"]],
-                            folds=[entry["fold"].removeprefix("fold_")], postprocessing=False)
+                            folds=[parse_fold(entry["fold"])], postprocessing=False)
     net = loaded[0]
     name = f"{entry['configuration']}/{entry['arch']}/{entry['fold']}"
     others = len(members) - 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.io.image import atomic_write_bytes, atomic_write_text
+from medseg.io.workdir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +26,12 @@ def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) ->
         progress: the contents of ``progress.json`` (builtins; a ``history`` list of epoch entries).
         title: the title of the plot (configuration, network, fold).
     """
-    atomic_write_text(run_dir / "progress.json", json.dumps(progress, indent=1, default=float) + "\n")
+    run = RunDir(run_dir)
+    atomic_write_text(run.progress, json.dumps(progress, indent=1, default=float) + "\n")
     try:
-        plot_training_curves(progress.get("history") or [], title, run_dir / "training_curves.png")
+        plot_training_curves(progress.get("history") or [], title, run.training_curves)
     except Exception as exc:  # a plotting problem must never stop training
-        logger.warning("could not draw training_curves.png: %s", exc)
+        logger.warning("could not draw %s: %s", run.training_curves.name, exc)
 
 
 def plot_training_curves(history: list[dict[str, Any]], title: str, path: Path) -> None:

@@ -31,6 +31,7 @@ import torch
 from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
 from medseg.io.checkpoint import load_checkpoint
 from medseg.io.image import atomic_write_text
+from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import init_distributed, launch_rank
@@ -47,7 +48,7 @@ RESUMABLE_FIELDS = ("epochs", "time_budget_minutes", "device", "num_workers", "n
 
 def run_dir_for(work_dir: str | Path, configuration: str, arch: str, fold: int | str) -> Path:
     """``WORK/runs/<configuration>/<arch>/fold_<k>``."""
-    return Path(work_dir) / "runs" / configuration / arch / f"fold_{fold}"
+    return WorkDir(work_dir).run(configuration, arch, fold).path
 
 
 def _merge_for_resume(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
@@ -117,7 +118,7 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
         MedsegError: missing or stale preprocessed data.
     """
     work_dir = Path(work_dir)
-    plan_path = work_dir / "plans.json"
+    plan_path = WorkDir(work_dir).plans
     if not plan_path.is_file():
         raise PlanError(f"{plan_path}: no plan found; run `medseg plan DATA -o {work_dir}` first")
     plan = Plan.load(plan_path)
@@ -142,7 +143,8 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
 
     started = time.perf_counter()  # a time budget counts from here, a refit of the plan included
 
-    latest = run_dir / "checkpoint_latest.pt"
+    run = RunDir(run_dir)
+    latest = run.checkpoint("latest")
     checkpoint = None
     if resume and latest.is_file():
         checkpoint = load_checkpoint(latest)
@@ -158,7 +160,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
     else:
         if resume:
             logger.info("%s: nothing to resume, starting a new run", run_dir)
-        elif latest.exists() or (run_dir / "checkpoint_final.pt").exists():
+        elif latest.exists() or run.checkpoint("final").exists():
             raise ConfigError(
                 f"{run_dir}: already holds a training run; continue it with --resume, or delete the folder to start over"
             )
@@ -177,7 +179,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
         case_ids = list_preprocessed_cases(work_dir, plan, configuration)
         if not case_ids:
             raise MedsegError(
-                f"{work_dir / 'preprocessed'}: no preprocessed cases for configuration {configuration!r}; "
+                f"{WorkDir(work_dir).preprocessed_root}: no preprocessed cases for configuration {configuration!r}; "
                 f"run `medseg plan` (with preprocessing) first")
         # every rank derives the same folds; only rank 0 writes a new splits.json
         train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
@@ -185,7 +187,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             prepare_previous_stage(work_dir, plan, configuration, arch, sorted({*train_ids, *val_ids}))
         if dist_ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        log_path = run_dir / "training_log.txt" if dist_ctx.is_main else None
+        log_path = run.training_log if dist_ctx.is_main else None
         with _RunLogFile(log_path):
             if checkpoint is None and cfg.time_budget_minutes is not None:
                 plan, cfg = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
@@ -199,10 +201,10 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
                 logger.info("resuming from %s: the pretrained weights (%s) were loaded when the run started and "
                             "are not loaded again", latest.name, cfg.pretrained)
             if dist_ctx.is_main:
-                atomic_write_text(run_dir / "config.json", cfg.to_json())
-                trainer.plan.save(run_dir / "plans.json")
+                atomic_write_text(run.config, cfg.to_json())
+                trainer.plan.save(run.plans)
             trained = trainer.fit()
-            if trained or not (run_dir / "checkpoint_final.pt").is_file():
+            if trained or not run.checkpoint("final").is_file():
                 trainer.save("latest", finished=True)  # raw weights (and the average) to resume from
                 trainer.use_averaged_weights()
                 trainer.save("final", finished=True)
@@ -226,7 +228,7 @@ def _final_validation(trainer: Any) -> None:
     if not trainer.val_ids:
         logger.info("no held-out cases (fold %s): skipping the final validation", cfg.fold)
         return
-    metrics = trainer.run_dir / "validation" / "metrics.json"
+    metrics = RunDir(trainer.run_dir).validation_metrics
     if metrics.is_file():
         try:
             done = json.loads(metrics.read_text()).get("iteration") == trainer.iteration

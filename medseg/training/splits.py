@@ -17,6 +17,7 @@ import numpy as np
 
 from medseg.errors import ConfigError
 from medseg.io.image import atomic_write_text
+from medseg.io.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def load_or_create_splits(work_dir: str | Path, case_ids: Sequence[str], num_fol
         ConfigError: the file is malformed, names cases that are not preprocessed, or (when creating)
             there are fewer cases than folds.
     """
-    path = Path(work_dir) / "splits.json"
+    path = WorkDir(work_dir).splits
     if path.is_file():
         return read_splits(path, case_ids)
     folds = make_splits(case_ids, num_folds)
@@ -135,7 +136,7 @@ def fold_cases(work_dir: str | Path, case_ids: Sequence[str], fold: int | str, w
     folds = load_or_create_splits(work_dir, ids, write=write)
     if not isinstance(fold, int) or not 0 <= fold < len(folds):
         raise ConfigError(
-            f"fold {fold!r} does not exist: {Path(work_dir) / 'splits.json'} has folds 0-{len(folds) - 1}; "
+            f"fold {fold!r} does not exist: {WorkDir(work_dir).splits} has folds 0-{len(folds) - 1}; "
             "use one of them or --fold all"
         )
     return list(folds[fold]["train"]), list(folds[fold]["val"])

@@ -57,6 +57,7 @@ from medseg.training.progress import write_progress_files
 from medseg.training.region_losses import region_loss
 from medseg.training.schedule import lr_factor
 from medseg.training.step_check import StepTimeCheck
+from medseg.io.workdir import RunDir
 from medseg.training.trainer_state import checkpoint_state, restore_state
 from medseg.training.weight_averaging import WeightAverage
 from medseg.training.validation import pseudo_dice
@@ -361,7 +362,7 @@ class Trainer:
             raise TrainingError(
                 f"training diverged: {self._skipped_in_a_row} optimizer steps in a row had non-finite gradients "
                 f"(iteration {self.iteration + 1}, precision {self.precision}, learning rate "
-                f"{self.optimizer.param_groups[0]['lr']:.3g}); {self.run_dir / 'checkpoint_latest.pt'} holds the "
+                f"{self.optimizer.param_groups[0]['lr']:.3g}); {RunDir(self.run_dir).checkpoint('latest')} holds the "
                 f"last finite weights: lower the learning rate{hint}")
 
     def _sync_stop_and_progress(self) -> tuple[bool, float]:
@@ -488,7 +489,7 @@ class Trainer:
 
     def save(self, name: str, finished: bool = False) -> None:
         if self.dist.is_main:
-            save_checkpoint(checkpoint_state(self, finished=finished), self.run_dir / f"checkpoint_{name}.pt")
+            save_checkpoint(checkpoint_state(self, finished=finished), RunDir(self.run_dir).checkpoint(name))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:

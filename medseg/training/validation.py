@@ -33,6 +33,7 @@ from tqdm import tqdm
 from medseg.faults import maybe_fail
 from medseg.inference.sliding_window import PredictionStopped
 from medseg.io.image import atomic_write_bytes, atomic_write_text
+from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
 from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def _reference_label_files(work_dir: Path) -> dict[str, Path]:
     """Case id -> original label file, from ``WORK/dataset_ref.json`` (empty when unavailable)."""
-    ref = work_dir / "dataset_ref.json"
+    ref = WorkDir(work_dir).dataset_ref
     if not ref.is_file():
         return {}
     try:
@@ -113,7 +114,8 @@ def validate_run(
     from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
     from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 
-    out_dir = run_dir / "validation"
+    run = RunDir(run_dir)
+    out_dir = run.validation
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     member = EnsembleMember(model=model, plan=plan, configuration=configuration, arch=arch, source=str(run_dir))
@@ -149,11 +151,11 @@ def validate_run(
             continue
         probs = revert_to_original(probs, props, background_outside=not plan.is_region_based)
         classes = probabilities_to_classes(probs, plan)
-        export_segmentation(classes, props, label_ids, out_dir / f"{cid}.nii.gz")
+        export_segmentation(classes, props, label_ids, run.validation_file(cid, ".nii.gz"))
         if save_probabilities:
             buf = io.BytesIO()
             np.savez_compressed(buf, probabilities=probs.astype(np.float16), label_ids=np.asarray(label_ids))
-            atomic_write_bytes(out_dir / f"{cid}.npz", buf.getvalue())
+            atomic_write_bytes(run.validation_file(cid, ".npz"), buf.getvalue())
         pred_labels = classes_to_labels(classes, label_ids)
         ref = None
         if cid in references:
@@ -198,7 +200,7 @@ def validate_run(
         if clock.skipped:
             logger.warning("final validation skipped %d held-out case(s) to meet the time budget: %s",
                            len(clock.skipped), ", ".join(f"{c} ({why})" for c, why in clock.skipped.items()))
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(run.validation_metrics, json.dumps(metrics, indent=1) + "\n")
     names = {str(k): n for k, n in zip(label_ids, plan.label_names)}
     logger.info("final validation on %d cases: %s (mean %s)", len(per_case),
                 ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in mean.items() if v is not None),
