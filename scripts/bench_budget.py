@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from medseg.io.workdir import WorkDir
 from medseg.planning.budget import fit_plan_to_budget
 from medseg.planning.plan import NetworkPlan, Plan
 from medseg.planning.step_timing import measure_step_time
@@ -147,8 +148,8 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
         work = budget_folder(base, minutes)
         if work.exists():
             shutil.rmtree(work)
-        shutil.copytree(base, work, ignore=shutil.ignore_patterns("runs"))
-        plan.save(work / "plans.json")
+        shutil.copytree(base, work, ignore=shutil.ignore_patterns(WorkDir(base).runs_root.name))
+        plan.save(WorkDir(work).plans)
         cfg = plan.default_configuration
         arch = plan.configuration(cfg).default_arch
         t0 = time.perf_counter()
@@ -163,8 +164,8 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
 def report_row(minutes: float, plan: Plan, work: Path, rc: int = 0, wall: float | None = None) -> tuple:
     """(budget, plan setting, iterations planned, iterations done, wall seconds, Dice) of one budget's run."""
     cfg = plan.default_configuration
-    run = work / "runs" / cfg / plan.configuration(cfg).default_arch / "fold_0"
-    metrics, progress = run / "validation" / "metrics.json", run / "progress.json"
+    run = WorkDir(work).run(cfg, plan.configuration(cfg).default_arch, 0)
+    metrics, progress = run.validation_metrics, run.progress
     c = plan.notes["budget"]["chosen"]
     setting = (f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
                f"{c['precision']}{' CL' if c['channels_last'] else ''}")
@@ -200,7 +201,7 @@ def report_existing(work: Path) -> int:
     if not found:
         print(f"error: no {prefix}*{suffix} folders beside {work}", file=sys.stderr)
         return 2
-    print_report([report_row(minutes, Plan.load(f / "plans.json"), f) for minutes, f in sorted(found.items())])
+    print_report([report_row(minutes, Plan.load(WorkDir(f).plans), f) for minutes, f in sorted(found.items())])
     return 0
 
 

@@ -104,9 +104,11 @@ def bench(name: str, root: Path, minutes: float) -> dict:
 
 def describe(root: Path, row: dict) -> dict:
     """The row with what the run folder says: refit, iterations, final validation."""
-    run = root / "work" / row["dataset"] / "runs" / "3d_fullres" / "unet" / f"fold_{row.get('fold', '0')}"
+    from medseg.io.workdir import WorkDir
+
+    run = WorkDir(root / "work" / row["dataset"]).run("3d_fullres", "unet", row.get("fold", "0"))
     out = dict(row)
-    cfg_path, progress_path = run / "config.json", run / "progress.json"
+    cfg_path, progress_path = run.config, run.progress
     if cfg_path.is_file():
         fit = json.loads(cfg_path.read_text()).get("budget_fit") or {}
         label = (lambda d: f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} "
@@ -120,7 +122,7 @@ def describe(root: Path, row: dict) -> dict:
         progress = json.loads(progress_path.read_text())
         out["iterations"] = progress.get("iteration")
         out["status"] = progress.get("status")
-    metrics_path = run / "validation" / "metrics.json"
+    metrics_path = run.validation_metrics
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         tb = m.get("time_budget") or {}

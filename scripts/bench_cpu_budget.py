@@ -57,15 +57,19 @@ def _read_json(path: Path) -> dict:
 
 def _run_facts(work: Path) -> dict:
     """Plan chosen, step time, iterations and fold-0 validation Dice of the run in ``work``."""
+    from medseg.io.workdir import WorkDir
+
     facts: dict = {}
-    runs = sorted(work.glob("runs/*/*/fold_0"), key=lambda p: p.stat().st_mtime)
+    wd = WorkDir(work)
+    runs = sorted((r for r in (wd.run(c, a, 0) for c, a in wd.run_pairs()) if r.path.is_dir()),
+                  key=lambda r: r.path.stat().st_mtime)
     if not runs:
         return facts
     run = runs[-1]
-    plan = _read_json(run / "plans.json") or _read_json(work / "plans.json")
-    cfg_name = run.parent.parent.name
+    plan = _read_json(run.plans) or _read_json(wd.plans)
+    cfg_name = run.configuration
     try:
-        net = plan["configurations"][cfg_name]["networks"][run.parent.name]
+        net = plan["configurations"][cfg_name]["networks"][run.arch]
         facts["network"] = (f"{net['base_features']}f {'x'.join(map(str, net['patch_size']))} "
                             f"b{net['batch_size']} {net['precision']}")
     except (KeyError, TypeError):
@@ -74,15 +78,15 @@ def _run_facts(work: Path) -> dict:
     if isinstance(chosen, dict):
         facts["fit_step_s"] = chosen.get("step_time_s")
         facts["channels_last"] = chosen.get("channels_last")
-    progress = _read_json(run / "progress.json")
+    progress = _read_json(run.progress)
     facts["iterations"] = progress.get("iteration")
     facts["train_loop_s"] = progress.get("elapsed_seconds")
-    metrics = _read_json(run / "validation" / "metrics.json")
+    metrics = _read_json(run.validation_metrics)
     names = {str(i): n for n, i in zip(metrics.get("label_names", []), metrics.get("label_ids", []))}
     if isinstance(metrics.get("mean_dice"), dict):
         facts["val_dice"] = {names.get(str(k), str(k)): v for k, v in metrics["mean_dice"].items()}
         facts["val_cases"] = metrics.get("num_cases")
-    facts["config"] = _read_json(run / "config.json")
+    facts["config"] = _read_json(run.config)
     return facts
 
 

@@ -126,6 +126,8 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
 def bench(name: str, root: Path, minutes: float) -> dict:
     import SimpleITK as sitk
 
+    from medseg.io.workdir import WorkDir
+
     log = root / f"{name}.log"
     data = root / "data" / name
     if data.exists():
@@ -144,7 +146,7 @@ def bench(name: str, root: Path, minutes: float) -> dict:
                                              "--time-budget", f"{minutes:g}"], log)
     if rc != 0:
         return {**row, "error": f"plan exited {rc} (see {log})"}
-    plan = json.loads((work / "plans.json").read_text())
+    plan = json.loads(WorkDir(work).plans.read_text())
     cfg = plan["configurations"]["3d_fullres"]
     net = cfg["networks"]["unet"]
     row.update(spacing=cfg["spacing"], patch=net["patch_size"], batch=net["batch_size"], mirror=cfg["mirror_axes"],
@@ -153,7 +155,7 @@ def bench(name: str, root: Path, minutes: float) -> dict:
                                                "--device", "cpu", "--no-validation"], log)
     if rc != 0:
         return {**row, "error": f"train exited {rc} (see {log})"}
-    progress = json.loads((work / "runs" / "3d_fullres" / "unet" / "fold_all" / "progress.json").read_text())
+    progress = json.loads(WorkDir(work).run("3d_fullres", "unet", "all").progress.read_text())
     row["iterations"] = progress.get("iteration")
     inp = root / "pred_in" / name
     if inp.exists():

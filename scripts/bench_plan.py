@@ -35,6 +35,7 @@ NNUNET_DATASET_ID = 987
 
 def run_medseg(data: Path, work: Path, num_workers: int, gpu_memory_gb: float) -> dict:
     from medseg.fingerprint import extract_fingerprint
+    from medseg.io.workdir import WorkDir
     from medseg.io.dataset import load_dataset
     from medseg.io.validation import validate_dataset
     from medseg.planning.planner import PlannerOptions, plan_dataset
@@ -48,12 +49,12 @@ def run_medseg(data: Path, work: Path, num_workers: int, gpu_memory_gb: float) -
 
     t = time.perf_counter()
     fp = extract_fingerprint(ds, num_workers=num_workers)
-    fp.save(work / "fingerprint.json")
+    fp.save(WorkDir(work).fingerprint)
     times["fingerprint"] = time.perf_counter() - t
 
     t = time.perf_counter()
     plan = plan_dataset(ds, fp, PlannerOptions(gpu_memory_gb=gpu_memory_gb))
-    plan.save(work / "plans.json")
+    plan.save(WorkDir(work).plans)
     times["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()

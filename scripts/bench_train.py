@@ -68,18 +68,20 @@ os._exit(0)
 def prepare_medseg(data: Path, work: Path, num_workers: int) -> None:
     """``medseg plan`` (3d_fullres only) into ``work`` unless it is already there."""
     from medseg.pipeline import plan_and_preprocess
+    from medseg.io.workdir import WorkDir
     from medseg.planning.planner import PlannerOptions
 
-    if (work / "plans.json").is_file() and (work / "preprocessed").is_dir():
+    if WorkDir(work).plans.is_file() and WorkDir(work).preprocessed_root.is_dir():
         return
     plan_and_preprocess(data, work, PlannerOptions(device="cpu"), configs=["3d_fullres"], num_workers=num_workers)
 
 
 def set_network(work: Path, patch: list[int], batch: int, base_features: int | None) -> None:
     """Rewrite the 3d_fullres default network of ``work/plans.json`` with the benchmark's patch, batch, width."""
+    from medseg.io.workdir import WorkDir
     from medseg.planning.plan import Plan
 
-    plan = Plan.load(work / "plans.json")
+    plan = Plan.load(WorkDir(work).plans)
     cfg = plan.configuration("3d_fullres")
     net = cfg.network()
     changes: dict = {"patch_size": tuple(patch), "batch_size": batch}
@@ -91,21 +93,22 @@ def set_network(work: Path, patch: list[int], batch: int, base_features: int | N
                               batch_size=batch)
     plan = dataclasses.replace(plan, configurations={**plan.configurations, "3d_fullres": cfg},
                                default_configuration="3d_fullres", time_budget_minutes=None)
-    plan.validate().save(work / "plans.json")
+    plan.validate().save(WorkDir(work).plans)
 
 
 def time_medseg(work: Path, iters: int, precision: str, channels_last: bool, threads: int, workers: int) -> float:
     """Iterations per second of the second of two epochs of ``iters`` iterations."""
+    from medseg.io.workdir import RunDir, WorkDir
     from medseg.training import TrainConfig, train
 
-    runs = work / "runs"
+    runs = WorkDir(work).runs_root
     if runs.exists():
         shutil.rmtree(runs)
     cfg = TrainConfig(configuration="3d_fullres", fold=0, epochs=2, iters_per_epoch=iters, val_iters=0,
                       precision=precision, channels_last=channels_last, num_threads=threads, num_workers=workers,
                       final_validation=False)
     run = train(work, cfg)
-    history = json.loads((run / "progress.json").read_text())["history"]
+    history = json.loads(RunDir(run).progress.read_text())["history"]
     return float(history[-1]["it_per_s"])
 
 
@@ -161,17 +164,18 @@ def time_nnunet(bin_dir: Path, data: Path, tmp: Path, batch: int, patch: list[in
 
 
 def budget_run(work: Path, minutes: float, threads: int | None, workers: int | None) -> dict:
+    from medseg.io.workdir import RunDir, WorkDir
     from medseg.training import TrainConfig, train
 
-    runs = work / "runs"
+    runs = WorkDir(work).runs_root
     if runs.exists():
         shutil.rmtree(runs)
     t = time.perf_counter()
     run = train(work, TrainConfig(configuration="3d_fullres", fold=0, time_budget_minutes=minutes, keep_plan=True,
                                   num_threads=threads, num_workers=workers))
     wall = time.perf_counter() - t
-    metrics = json.loads((run / "validation" / "metrics.json").read_text())
-    ckpt_history = json.loads((run / "progress.json").read_text())["history"]
+    metrics = json.loads(RunDir(run).validation_metrics.read_text())
+    ckpt_history = json.loads(RunDir(run).progress.read_text())["history"]
     return {"wall_s": wall, "iterations": ckpt_history[-1]["iteration"] if ckpt_history else 0,
             "mean_dice": metrics["mean_dice"], "label_names": metrics["label_names"],
             "num_cases": metrics["num_cases"]}

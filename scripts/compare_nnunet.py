@@ -834,13 +834,16 @@ def _find_number(obj: Any, keys: tuple[str, ...]) -> float | None:
 
 def parse_medseg_run(work: Path, fold: int = 0) -> dict:
     """Iterations done, training-loop seconds, configuration and batch x patch of medseg's fold run."""
-    runs = sorted(work.glob(f"runs/*/*/fold_{fold}"), key=lambda p: p.stat().st_mtime)
+    from medseg.io.workdir import WorkDir
+
+    wd = WorkDir(work)
+    runs = sorted((r for r in (wd.run(c, a, fold) for c, a in wd.run_pairs()) if r.path.is_dir()),
+                  key=lambda r: r.path.stat().st_mtime)
     if not runs:
         return {}
     run = runs[-1]
-    out: dict[str, Any] = {"run_dir": str(run), "configuration": run.parent.parent.name}
-    for name in ("progress.json", "config.json"):
-        path = run / name
+    out: dict[str, Any] = {"run_dir": str(run.path), "configuration": run.configuration}
+    for path in (run.progress, run.config):
         if not path.is_file():
             continue
         try:
@@ -855,12 +858,12 @@ def parse_medseg_run(work: Path, fold: int = 0) -> dict:
             sec = _find_number(data, _SECONDS_KEYS)
             if sec is not None:
                 out["train_loop_seconds"] = float(sec)
-    log = run / "training_log.txt"
+    log = run.training_log
     if "iterations" not in out and log.is_file():
         hits = re.findall(r"iteration[s]?\D{0,3}(\d+)", log.read_text(errors="replace"), re.IGNORECASE)
         if hits:
             out["iterations"] = int(hits[-1])
-    for plan_path in (run / "plans.json", work / "plans.json"):
+    for plan_path in (run.plans, wd.plans):
         try:
             plan = json.loads(plan_path.read_text())
             c = plan["configurations"][out["configuration"]]
@@ -873,7 +876,9 @@ def parse_medseg_run(work: Path, fold: int = 0) -> dict:
 
 def _medseg_batch_patch(work: Path) -> str | None:
     try:
-        plan = json.loads((work / "plans.json").read_text())
+        from medseg.io.workdir import WorkDir
+
+        plan = json.loads(WorkDir(work).plans.read_text())
         c = plan["configurations"][plan["default_configuration"]]
         return f"{c['batch_size']} x {c['patch_size']}"
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
