@@ -13,8 +13,37 @@ from pathlib import Path
 from typing import Any
 
 from medseg.io.image import atomic_write_bytes, atomic_write_text
+from medseg.training.config import AugmentationConfig
 
 logger = logging.getLogger(__name__)
+
+
+def augmentation_summary(aug: AugmentationConfig) -> str:
+    """``off``, ``spatial + mirroring`` or ``spatial + mirroring + intensity`` (for the start-of-run log)."""
+    if not aug.enabled:
+        return "off"
+    return "spatial + mirroring" + ("" if aug.intensity is False else " + intensity")
+
+
+def log_epoch(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | None) -> None:
+    """Log the line of an epoch's end.
+
+    Args:
+        entry: the epoch's history entry (``epoch``, ``train_loss``, ``lr``, ``it_per_s``, ``epoch_seconds``,
+            ``data_wait_seconds``, ``elapsed_seconds``).
+        val: the epoch's pseudo Dice (``val_dice``, ``dice_per_class``), empty when it was skipped.
+        ema_metric: the EMA of the pseudo Dice (None before the first).
+    """
+    per_class = ""
+    if val.get("dice_per_class"):
+        per_class = " [" + ", ".join("-" if v is None else f"{v:.3f}" for v in val["dice_per_class"]) + "]"
+    logger.info(
+        "epoch %d: loss %.4f, pseudo Dice %s (EMA %s)%s, lr %.2e, %.1f it/s, %.0f s (data wait %.1f s), "
+        "elapsed %.1f min",
+        entry["epoch"], entry["train_loss"], f"{val['val_dice']:.4f}" if val else "-",
+        f"{ema_metric:.4f}" if ema_metric is not None else "-", per_class, entry["lr"],
+        entry["it_per_s"], entry["epoch_seconds"], entry["data_wait_seconds"], entry["elapsed_seconds"] / 60,
+    )
 
 
 def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) -> None:
