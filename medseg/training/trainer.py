@@ -16,12 +16,9 @@ that estimate and the last checkpoints are the clock's reserve; the per-epoch ps
 it would cross the training deadline. The learning rate follows the schedule over elapsed training time,
 so training always ends annealed.
 
-State: :meth:`Trainer.state_dict` is what a checkpoint holds (format ``medseg-checkpoint-v1``, unchanged)
-and :meth:`Trainer.load_state_dict` continues a run from it. Device, precision and thread defaults live in
-:mod:`medseg.training.device`, the step in :mod:`medseg.training.step`, pseudo Dice in
-:mod:`medseg.training.validation`, the final-validation estimate in
-:mod:`medseg.training.validation_budget`, ``progress.json``, the curves and the log lines in
-:mod:`medseg.training.progress`.
+State (:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`, the checkpoints, ``progress.json``) is
+in :mod:`medseg.training.trainer_state`, pseudo Dice and the final validation's time in
+:mod:`medseg.training.trainer_validation`, the step in :mod:`medseg.training.step`.
 """
 
 from __future__ import annotations
@@ -265,11 +262,6 @@ class Trainer(TrainerState, TrainerValidation):
         """One optimizer step on a batch (:class:`~medseg.training.step.OptimizerStep`); returns the loss."""
         return self.step(x, y, self.iteration)
 
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients, this session."""
-        return self.step.skipped
-
     def _sync_stop_and_progress(self) -> tuple[bool, float]:
         """Rank 0's decision whether to stop and its progress, on every rank."""
         stop = self.training_done()
@@ -330,15 +322,6 @@ class Trainer(TrainerState, TrainerValidation):
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
         return {"iterations": n, "train_loss": mean_loss, "lr": lr, "epoch_seconds": seconds,
                 "data_wait_seconds": wait, "it_per_s": n / seconds if seconds > 0 else 0.0}
-
-    def _warn_about_kept_plan(self, step_seconds: float) -> None:
-        """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
-        self._warn_kept_plan = False
-        expected = self.iteration + (0 if self.budget is None else self.budget.iterations_left(step_seconds))
-        fit = self.cfg.budget_fit or {}
-        logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
-                       "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
-                       step_seconds, expected, self.cfg.time_budget_minutes)
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:

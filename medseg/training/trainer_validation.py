@@ -9,6 +9,7 @@ plus the last checkpoints are the reserve its :class:`~medseg.clock.BudgetClock`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -26,9 +27,11 @@ from medseg.training.validation_budget import (
     ValidationPlan,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class TrainerValidation:
-    """Pseudo Dice and final-validation time of a :class:`~medseg.training.trainer.Trainer` (its base)."""
+    """Pseudo Dice, final-validation time and the kept-plan warning of a :class:`~medseg.training.trainer.Trainer` (its base)."""
 
     cfg: TrainConfig
     plan: Plan
@@ -39,6 +42,8 @@ class TrainerValidation:
     val_sampler: PatchSampler
     final_estimate: FinalValidationEstimate
     epoch: int
+    iteration: int
+    _warn_kept_plan: bool
     local_batch: int
     batch_lo: int
     batch_hi: int
@@ -121,6 +126,16 @@ class TrainerValidation:
             self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)
         return val
 
+
+
+    def _warn_about_kept_plan(self, step_seconds: float) -> None:
+        """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
+        self._warn_kept_plan = False
+        expected = self.iteration + (0 if self.budget is None else self.budget.iterations_left(step_seconds))
+        fit = self.cfg.budget_fit or {}
+        logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
+                       "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
+                       step_seconds, expected, self.cfg.time_budget_minutes)
 
 
 __all__ = ["TrainerValidation"]
