@@ -25,8 +25,8 @@ def augmentation_summary(aug: AugmentationConfig) -> str:
     return "spatial + mirroring" + ("" if aug.intensity is False else " + intensity")
 
 
-def log_epoch(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | None) -> None:
-    """Log the line of an epoch's end.
+def epoch_line(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | None) -> str:
+    """The log line of an epoch's end (the trainer logs it under its own logger name).
 
     Args:
         entry: the epoch's history entry (``epoch``, ``train_loss``, ``lr``, ``it_per_s``, ``epoch_seconds``,
@@ -37,13 +37,11 @@ def log_epoch(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | No
     per_class = ""
     if val.get("dice_per_class"):
         per_class = " [" + ", ".join("-" if v is None else f"{v:.3f}" for v in val["dice_per_class"]) + "]"
-    logger.info(
-        "epoch %d: loss %.4f, pseudo Dice %s (EMA %s)%s, lr %.2e, %.1f it/s, %.0f s (data wait %.1f s), "
-        "elapsed %.1f min",
-        entry["epoch"], entry["train_loss"], f"{val['val_dice']:.4f}" if val else "-",
-        f"{ema_metric:.4f}" if ema_metric is not None else "-", per_class, entry["lr"],
-        entry["it_per_s"], entry["epoch_seconds"], entry["data_wait_seconds"], entry["elapsed_seconds"] / 60,
-    )
+    dice = f"{val['val_dice']:.4f}" if val else "-"
+    ema = f"{ema_metric:.4f}" if ema_metric is not None else "-"
+    return (f"epoch {entry['epoch']:d}: loss {entry['train_loss']:.4f}, pseudo Dice {dice} (EMA {ema}){per_class}, "
+            f"lr {entry['lr']:.2e}, {entry['it_per_s']:.1f} it/s, {entry['epoch_seconds']:.0f} s (data wait "
+            f"{entry['data_wait_seconds']:.1f} s), elapsed {entry['elapsed_seconds'] / 60:.1f} min")
 
 
 def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) -> None:

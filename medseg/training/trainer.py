@@ -55,7 +55,7 @@ from medseg.training.device import (
     workers_and_threads,
 )
 from medseg.training.distributed import DistContext, unwrap
-from medseg.training.progress import augmentation_summary, log_epoch
+from medseg.training.progress import augmentation_summary, epoch_line
 from medseg.training.schedule import lr_factor
 from medseg.training.step import (
     MAX_SKIPPED_IN_A_ROW,
@@ -386,7 +386,7 @@ class Trainer(TrainerState, TrainerValidation):
                 improved = True
         entry["elapsed_seconds"] = self.elapsed()
         self.history.append(entry)
-        log_epoch(entry, val, self.ema_metric)
+        logger.info("%s", epoch_line(entry, val, self.ema_metric))
         if improved:
             self.save("best")
             logger.info("new best EMA pseudo Dice %.4f -> checkpoint_best.pt", self.best_metric)
