@@ -30,7 +30,8 @@ Points (``NAME`` in brackets):
 * ``final_validation`` [case id]: :func:`medseg.training.validation.validate_run`, after a held-out case
   was exported, before ``metrics.json``;
 * ``train_step`` [iteration]: :meth:`medseg.training.trainer.Trainer.train_epoch`, after the optimizer step
-  that completed that iteration (counted from 1 over the whole run);
+  that completed that iteration (counted from 1 over the whole run); the trainer installs this point as a
+  step hook only when it is armed (:func:`is_armed`), so its loop checks no fault otherwise;
 * ``step_probe`` [precision: ``fp32``, ``bf16``, ``fp16``]: before every training step timed or probed by
   :mod:`medseg.planning.step_timing` (the budget fit's measurements, a run's check of its reduced precision).
   Those steps run in child processes, which arm the faults armed here (:func:`armed_spec`) and count their
@@ -92,6 +93,12 @@ def armed_spec() -> str:
     """The spec of the faults armed now (``""`` when none), for :func:`arm` in a child process."""
     with _lock:
         return ",".join(f"{f.point}@{f.nth}={f.action}" for f in _armed)
+
+
+def is_armed(point: str) -> bool:
+    """Whether a fault of ``point`` (any ``NAME``) is armed: code off the hot paths installs its hook only then."""
+    with _lock:
+        return any(f.point.partition(":")[0] == point for f in _armed)
 
 
 def maybe_fail(point: str, name: str = "") -> None:

@@ -14,8 +14,35 @@ from typing import Any
 
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.io.workdir import RunDir
+from medseg.training.config import AugmentationConfig
 
 logger = logging.getLogger(__name__)
+
+
+def augmentation_summary(aug: AugmentationConfig) -> str:
+    """``off``, ``spatial + mirroring`` or ``spatial + mirroring + intensity`` (for the start-of-run log)."""
+    if not aug.enabled:
+        return "off"
+    return "spatial + mirroring" + ("" if aug.intensity is False else " + intensity")
+
+
+def epoch_line(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | None) -> str:
+    """The log line of an epoch's end (the trainer logs it under its own logger name).
+
+    Args:
+        entry: the epoch's history entry (``epoch``, ``train_loss``, ``lr``, ``it_per_s``, ``epoch_seconds``,
+            ``data_wait_seconds``, ``elapsed_seconds``).
+        val: the epoch's pseudo Dice (``val_dice``, ``dice_per_class``), empty when it was skipped.
+        ema_metric: the EMA of the pseudo Dice (None before the first).
+    """
+    per_class = ""
+    if val.get("dice_per_class"):
+        per_class = " [" + ", ".join("-" if v is None else f"{v:.3f}" for v in val["dice_per_class"]) + "]"
+    dice = f"{val['val_dice']:.4f}" if val else "-"
+    ema = f"{ema_metric:.4f}" if ema_metric is not None else "-"
+    return (f"epoch {entry['epoch']:d}: loss {entry['train_loss']:.4f}, pseudo Dice {dice} (EMA {ema}){per_class}, "
+            f"lr {entry['lr']:.2e}, {entry['it_per_s']:.1f} it/s, {entry['epoch_seconds']:.0f} s (data wait "
+            f"{entry['data_wait_seconds']:.1f} s), elapsed {entry['elapsed_seconds'] / 60:.1f} min")
 
 
 def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) -> None:

@@ -1,23 +1,24 @@
 """The training loop: one :class:`Trainer` per run folder.
 
-Per iteration: fetch batch ``i`` (produced in the background), forward under autocast, deep-supervised
-Dice + CE loss in float32, backward (gradient scaling for CUDA fp16), gradient clipping, optimizer step
-with the learning rate of the schedule at the current progress. Per epoch: pseudo Dice on held-out
-patches (EMA -> ``checkpoint_best``), ``checkpoint_latest``, log line, ``progress.json`` and
-``training_curves.png``. At the end: ``checkpoint_final`` and the sliding-window validation of the
-held-out cases (:mod:`medseg.training.validation`).
+Per iteration: fetch batch ``i`` (produced in the background), one optimizer step
+(:class:`~medseg.training.step.OptimizerStep`) with the learning rate of the schedule at the clock's
+progress. Per epoch: pseudo Dice on held-out patches (EMA -> ``checkpoint_best``), ``checkpoint_latest``,
+log line, ``progress.json`` and ``training_curves.png``. At the end: ``checkpoint_final`` and the
+sliding-window validation of the held-out cases (:mod:`medseg.training.validation`).
 
-Time budgets: the whole run (a refit of the plan, loading, training, per-epoch validation, checkpoints and
-the final validation) fits the budget. Before the first step the eval forward time of a patch is
-measured; the final validation is estimated from it (windows per case x TTA passes x forward time),
-shortened to at most :data:`~medseg.training.validation_budget.MAX_VALIDATION_SHARE` of the budget, and
-reserved; the per-epoch pseudo Dice is skipped when it would cross the training deadline. The learning
-rate follows the schedule over elapsed training time, so training always ends annealed.
+Time: the trainer asks its clock (:mod:`medseg.clock`) whether to stop, what progress drives the
+learning-rate schedule and what time the final validation has; it does no deadline arithmetic itself.
+Under a time budget the whole run (a refit of the plan, loading, training, per-epoch validation,
+checkpoints and the final validation) fits the budget: before the first step the eval forward time of a
+patch is measured and the final validation estimated from it (windows per case x TTA passes x forward
+time, shortened to at most :data:`~medseg.training.validation_budget.MAX_VALIDATION_SHARE` of the budget);
+that estimate and the last checkpoints are the clock's reserve; the per-epoch pseudo Dice is skipped when
+it would cross the training deadline. The learning rate follows the schedule over elapsed training time,
+so training always ends annealed.
 
-Device, precision and thread defaults live in :mod:`medseg.training.device`, the checkpoint state in
-:mod:`medseg.training.trainer_state`, pseudo Dice in :mod:`medseg.training.validation`, the final-validation
-estimate in :mod:`medseg.training.validation_budget`, ``progress.json`` and the curves in
-:mod:`medseg.training.progress`.
+State (:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`, the checkpoints, ``progress.json``) is
+in :mod:`medseg.training.trainer_state`, pseudo Dice and the final validation's time in
+:mod:`medseg.training.trainer_validation`, the step in :mod:`medseg.training.step`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,49 +36,53 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medseg.errors import ConfigError, TrainingError
-from medseg.faults import maybe_fail
-from medseg.io.checkpoint import remove_stale_temporaries, save_checkpoint
+from medseg import faults
+from medseg.clock import BudgetClock, EpochClock, TrainingClock
+from medseg.io.checkpoint import remove_stale_temporaries
+from medseg.io.workdir import RunDir
+from medseg.networks import build_network
+from medseg.networks.memory import keep_freed_cpu_memory
 from medseg.planning.plan import Plan
-from medseg.training.config import AugmentationConfig, TrainConfig, run_plan
+from medseg.training.config import TrainConfig, run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
 from medseg.training.device import (
     ThreadTuner,
-    autocast,
     autocast_dtype,
     channels_last_format,
+    checked_precision,
     planned_precision_and_layout,
     resolve_device,
     to_device,
     workers_and_threads,
 )
 from medseg.training.distributed import DistContext, unwrap
-from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
-from medseg.training.progress import write_progress_files
-from medseg.training.region_losses import region_loss
+from medseg.training.progress import augmentation_summary, epoch_line
 from medseg.training.schedule import lr_factor
-from medseg.training.step_check import StepTimeCheck
-from medseg.io.workdir import RunDir
-from medseg.training.trainer_state import checkpoint_state, restore_state
-from medseg.training.weight_averaging import WeightAverage
-from medseg.training.validation import pseudo_dice
-from medseg.training.validation_budget import (
-    MAX_VALIDATION_SHARE,
-    ValidationBudget,
-    ValidationPlan,
-    measure_forward_seconds,
-    plan_validation,
+from medseg.training.step import (
+    MAX_SKIPPED_IN_A_ROW,
+    OptimizerStep,
+    build_loss,
+    build_optimizer,
 )
+from medseg.training.step_check import StepTimeCheck
+from medseg.training.trainer_state import TrainerState
+from medseg.training.trainer_validation import TrainerValidation
+from medseg.training.validation_budget import (
+    FinalValidationEstimate,
+    measure_forward_seconds,
+)
+from medseg.training.weight_averaging import WeightAverage
 
 logger = logging.getLogger(__name__)
 
 #: Epochs of an epoch-based run when neither the configuration nor a time budget says otherwise.
 DEFAULT_EPOCHS = 1000
-MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps with non-finite gradients before training stops (diverged)
+#: Share of a time budget the forward-time measurement before the first step may take.
+MEASURE_SHARE = 0.01
 
 
 # ---------------------------------------------------------------------- the trainer
-class Trainer:
+class Trainer(TrainerState, TrainerValidation):
     """Trains one network of one configuration on one fold; see the module docstring.
 
     Args:
@@ -86,16 +91,20 @@ class Trainer:
         cfg: resolved configuration (``configuration`` and ``arch`` set).
         run_dir: the run folder.
         dist_ctx: distributed context (single process by default).
-        checkpoint: a loaded ``checkpoint_latest`` to continue from, or None for a fresh run.
+        checkpoint: a loaded ``checkpoint_latest`` to continue from (:meth:`load_state_dict`), or None.
         train_ids / val_ids: the fold's training and held-out cases.
         started: ``time.perf_counter()`` when the command started (what came before the trainer, e.g. a
             budget refit, counts against a time budget); None = now.
+
+    Raises:
+        ConfigError: settings that do not fit the plan (e.g. ``class_weights``).
+        CheckpointError: ``checkpoint`` does not fit the network or the optimizer.
     """
 
     def __init__(self, work_dir: Path, plan: Plan, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
                  train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
                  started: float | None = None) -> None:
-        self.session_start = time.perf_counter() if started is None else started
+        started = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
         assert cfg.configuration is not None and cfg.arch is not None
@@ -105,8 +114,6 @@ class Trainer:
         self.device = resolve_device(cfg.device, dist_ctx)
         self.num_workers, self.num_threads = workers_and_threads(cfg, self.device, dist_ctx.world_size)
         if self.device.type == "cpu":
-            from medseg.networks.memory import keep_freed_cpu_memory
-
             keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
         self.thread_tuner = ThreadTuner(self.num_threads, enabled=cfg.num_threads is None and not cfg.deterministic
                                         and self.device.type == "cpu" and not dist_ctx.enabled)
@@ -133,8 +140,6 @@ class Trainer:
         self.batch_lo, self.batch_hi = dist_ctx.batch_slice(self.batch_size)
         self.local_batch = self.batch_hi - self.batch_lo
         if self.device.type == "cpu" and self.precision != "fp32":  # one step in a child process: does it crash?
-            from medseg.training.device import checked_precision
-
             self.precision, check = checked_precision(
                 self.precision, self.channels_last, dataclasses.replace(net, batch_size=self.local_batch),
                 plan.network_in_channels(self.configuration), plan.num_classes, self.device, dist_ctx, cfg.seed)
@@ -160,9 +165,7 @@ class Trainer:
         self.val_sampler = PatchSampler(pseudo_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
                                         None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
 
-        # -------- model, loss, optimizer
-        from medseg.networks import build_network
-
+        # -------- model, loss, optimizer, step
         self.num_classes = plan.num_classes
         model = build_network(net, plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
         if self.channels_last:
@@ -171,212 +174,107 @@ class Trainer:
         if dist_ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loss_options = dict(
-            dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
-            class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
-            ignore_index=plan.ignore_class,
-        )
-        base_loss = region_loss(plan.region_classes, **loss_options) if plan.is_region_based \
-            else DiceCELoss(**loss_options)  # type: ignore[arg-type]
-        self.loss_fn = DeepSupervisionLoss(base_loss).to(self.device)
-        if cfg.class_weights is not None and len(cfg.class_weights) != self.num_classes:
-            raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {self.num_classes} classes")
-        opt = cfg.resolved()
-        self.lr0 = float(opt.lr)
-        if opt.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                model.parameters(), lr=self.lr0, momentum=opt.momentum, nesterov=cfg.nesterov and opt.momentum > 0,
-                weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr0, weight_decay=cfg.weight_decay)
+        self.loss_fn = build_loss(cfg, plan).to(self.device)
+        self.optimizer = build_optimizer(model, cfg)
+        self.lr0 = float(cfg.resolved().lr)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, this session
-        self._skipped_in_a_row = 0
-        self.weight_average = WeightAverage(model) if opt.weight_averaging == "ema" else None
+        self.step = OptimizerStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.device, self.amp_dtype,
+                                  dist_ctx, self.local_batch, self.batch_size, cfg.grad_clip, self.precision,
+                                  RunDir(self.run_dir).checkpoint("latest"))
+        self.weight_average = WeightAverage(model) if cfg.resolved().weight_averaging == "ema" else None
+        #: called with the iteration count after every completed iteration (a test fault, when armed)
+        self.step_hooks: list[Callable[[int], None]] = []
+        if faults.is_armed("train_step"):
+            self.step_hooks.append(lambda iteration: faults.maybe_fail("train_step", str(iteration)))
 
-        # -------- progress state
+        # -------- progress state and the clock
         self.epoch = 0
         self.iteration = 0
-        self.elapsed_before = 0.0
         self.best_metric: float | None = None
         self.ema_metric: float | None = None
         self.history: list[dict[str, Any]] = []
-        self.iter_seconds: float | None = None  # smoothed duration of one training iteration
         self.fwd_seconds_per_sample: float | None = None  # eval forward time of one patch
         self.end_epoch_seconds: float | None = None  # checkpoint + log + plot time at the end of an epoch
         self.pseudo_dice_seconds: float | None = None
-        self._progress_floor = 0.0  # time-budget progress reached in this session
-        self._validation_plan: tuple[tuple[float, float | None], ValidationPlan | None] | None = None
+        self.final_estimate = FinalValidationEstimate(
+            {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}, self.patch_size, self.num_classes,
+            self.mirror_axes, net.total_stride(), cfg.validation_tta)
         self._param_count: int | None = None
         self._warn_kept_plan = bool(cfg.budget_fit) and not cfg.budget_fit.get("refit", True)
         self.step_check = StepTimeCheck.for_run(plan, self.configuration, self.arch, net)
+        self.clock: TrainingClock = self._make_clock(started)
         if checkpoint is not None:
-            restore_state(self, checkpoint)
+            self.load_state_dict(checkpoint)
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ the clock
+    def _make_clock(self, started: float) -> TrainingClock:
+        """A :class:`~medseg.clock.BudgetClock` under a time budget (its reserve: :meth:`_reserved_seconds`),
+        else an :class:`~medseg.clock.EpochClock`."""
+        if self.cfg.time_budget_minutes is not None:
+            return BudgetClock(60.0 * self.cfg.time_budget_minutes, self._reserved_seconds,
+                               max_epochs=self.cfg.epochs, started=started)
+        return EpochClock(self.cfg.epochs if self.cfg.epochs is not None else DEFAULT_EPOCHS, self.cfg.iters_per_epoch,
+                          started=started)
+
     @property
     def time_budget_seconds(self) -> float | None:
-        m = self.cfg.time_budget_minutes
-        return None if m is None else 60.0 * m
+        return None if self.budget is None else self.budget.budget_seconds
 
     @property
     def max_epochs(self) -> int | None:
-        if self.cfg.epochs is not None:
-            return self.cfg.epochs
-        return None if self.time_budget_seconds is not None else DEFAULT_EPOCHS
+        return self.clock.max_epochs if isinstance(self.clock, (BudgetClock, EpochClock)) else None
 
     def elapsed(self) -> float:
         """Seconds this run has spent, over all its sessions (each counted from its start)."""
-        return self.elapsed_before + time.perf_counter() - self.session_start
-
-    # ------------------------------------------------------------------ schedule and budget
-    def _seconds_per_window(self) -> float:
-        """Eval forward seconds of one patch: measured, or half a training step per sample when that is less
-        (a training step is forward + backward; the measured forward errs slow while the network is new)."""
-        from_steps = None if self.iter_seconds is None else self.iter_seconds / max(1, self.local_batch) / 2.0
-        if self.fwd_seconds_per_sample is None:
-            return from_steps if from_steps is not None else 1.0 / 3.0
-        return self.fwd_seconds_per_sample if from_steps is None else min(self.fwd_seconds_per_sample, from_steps)
-
-    def final_validation_plan(self) -> ValidationPlan | None:
-        """The final validation this run expects to run (None when there is none): under a time budget the
-        one that fits :data:`MAX_VALIDATION_SHARE` of it (:func:`plan_validation`)."""
-        if not (self.cfg.final_validation and self.val_cases):
-            return None
-        budget = self.time_budget_seconds
-        key = (self._seconds_per_window(), None if budget is None else MAX_VALIDATION_SHARE * budget)
-        if self._validation_plan is None or self._validation_plan[0] != key:
-            shapes = {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}
-            plan = plan_validation(shapes, self.patch_size, self.num_classes, key[0], mirror_axes=self.mirror_axes,
-                                   total_stride=self.net_plan.total_stride(), use_tta=self.cfg.validation_tta,
-                                   limit=key[1])
-            self._validation_plan = (key, plan)
-        return self._validation_plan[1]
-
-    def final_validation_estimate(self) -> float:
-        """Seconds the final sliding-window validation is expected to take (0 when there is none)."""
-        plan = self.final_validation_plan()
-        return 0.0 if plan is None else plan.seconds
-
-    def validation_budget(self) -> ValidationBudget | None:
-        """The time the final validation has (until the budget ends, less a small margin), or None."""
-        budget = self.time_budget_seconds
-        if budget is None:
-            return None
-        left = budget - self.elapsed() - min(2.0, 0.01 * budget)
-        shapes = {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}
-        return ValidationBudget(time.perf_counter() + max(left, 0.0), self._seconds_per_window(), shapes)
-
-    def _checkpoint_seconds(self) -> float:
-        """Seconds of writing one checkpoint: measured at the epoch ends, else from the model's size."""
-        if self.end_epoch_seconds is not None:
-            return self.end_epoch_seconds
-        if self._param_count is None:
-            self._param_count = sum(p.numel() for p in self.model.parameters())
-        return 0.5 + self._param_count * 4 * 3 / 100e6  # weights and two optimizer moments at ~100 MB/s
+        return self.clock.elapsed()
 
     def training_deadline(self) -> float | None:
         """Elapsed seconds at which training iterations must stop (time-budget runs), else None."""
-        budget = self.time_budget_seconds
-        if budget is None:
-            return None
-        reserve = self.final_validation_estimate()
-        # the last epoch's bookkeeping and the final checkpoints come after the last iteration
-        bookkeeping = 2.0 * self._checkpoint_seconds()
-        margin = min(30.0, 0.02 * budget)
-        return max(budget - reserve - bookkeeping - margin, 0.0)
+        return self.clock.deadline()
 
     def progress(self) -> float:
         """Training progress in [0, 1] driving the learning-rate schedule."""
-        deadline = self.training_deadline()
-        if deadline is not None:
-            # the deadline moves a little as the time estimates improve; never let the schedule go back
-            p = min(1.0, self.elapsed() / deadline) if deadline > 0 else 1.0
-            self._progress_floor = max(self._progress_floor, p)
-            return self._progress_floor
-        total = (self.max_epochs or DEFAULT_EPOCHS) * self.cfg.iters_per_epoch
-        return min(1.0, self.iteration / total)
+        return self.clock.progress(self.iteration)
 
     def training_done(self) -> bool:
-        if self.max_epochs is not None and self.epoch >= self.max_epochs:
-            return True
-        deadline = self.training_deadline()
-        if deadline is not None:
-            return self.elapsed() + (self.iter_seconds or 0.0) >= deadline
-        return False
+        return self.clock.should_stop(self.epoch, self.iteration)
 
+    def _measure_forward(self) -> None:
+        """Measure the eval forward time of a patch before the first step and log the final validation it
+        implies (a time-budgeted run reserves that validation)."""
+        assert self.budget is not None
+        self.fwd_seconds_per_sample = measure_forward_seconds(
+            unwrap(self.model), self.plan.network_in_channels(self.configuration), self.patch_size,
+            2 if self.dims == 3 else 8, self.device, self.amp_dtype, self.channels_last,
+            max_seconds=self.budget.share(MEASURE_SHARE))
+        plan = self.final_validation_plan()
+        if plan is not None:
+            logger.info("final validation estimated at %.0f s (%.3f s per patch forward)%s", plan.seconds,
+                        self.fwd_seconds_per_sample, f"; {plan.note()}" if plan.shortened else "")
+
+    # ------------------------------------------------------------------ steps
     def _set_lr(self, progress: float) -> float:
         lr = self.lr0 * lr_factor(self.cfg.lr_schedule, progress, self.cfg.poly_power, self.cfg.cosine_cycles)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
-    # ------------------------------------------------------------------ steps
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on a batch; returns the loss (mean over this rank's samples)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.amp_dtype):
-            outputs = self.model(x)
-        loss = self.loss_fn(outputs, y)
-        # DDP averages gradients over ranks; weight by the rank's share so uneven splits stay exact
-        scale = self.local_batch * self.dist.world_size / self.batch_size
-        scaled = loss * scale if scale != 1 else loss
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            scaled.backward()
-        norm = self._grad_norm()
-        if self.scaler is not None:  # the scaler skips steps with inf/NaN gradients itself
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif torch.isfinite(norm):
-            self.optimizer.step()
-            self._skipped_in_a_row = 0
-        else:
-            self._skip_step(float(norm))
-        return float(loss.detach())
-
-    def _grad_norm(self) -> torch.Tensor:
-        """The gradients' global L2 norm, after clipping them to ``grad_clip`` when it is positive."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.grad_clip > 0:
-            return nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if not params:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-
-    def _skip_step(self, norm: float) -> None:
-        """Leave the weights untouched after a step with non-finite gradients (one bad batch, a numerical
-        overflow) instead of writing NaN into every weight; stop after MAX_SKIPPED_IN_A_ROW such steps in a row.
-
-        Raises:
-            TrainingError: the training diverged (the weights of checkpoint_latest are still finite).
-        """
-        self.skipped_steps += 1
-        self._skipped_in_a_row += 1
-        logger.warning("iteration %d: gradient norm %s, the optimizer step was skipped (%d skipped so far)",
-                       self.iteration + 1, norm, self.skipped_steps)
-        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            hint = " or train with --precision fp32" if self.precision != "fp32" else ""
-            raise TrainingError(
-                f"training diverged: {self._skipped_in_a_row} optimizer steps in a row had non-finite gradients "
-                f"(iteration {self.iteration + 1}, precision {self.precision}, learning rate "
-                f"{self.optimizer.param_groups[0]['lr']:.3g}); {RunDir(self.run_dir).checkpoint('latest')} holds the "
-                f"last finite weights: lower the learning rate{hint}")
+        """One optimizer step on a batch (:class:`~medseg.training.step.OptimizerStep`); returns the loss."""
+        return self.step(x, y, self.iteration)
 
     def _sync_stop_and_progress(self) -> tuple[bool, float]:
         """Rank 0's decision whether to stop and its progress, on every rank."""
         stop = self.training_done()
         progress = self.progress()
-        if self.dist.enabled and self.time_budget_seconds is not None:
+        if self.dist.enabled and self.clock.stops_mid_epoch:
             t = torch.tensor([1.0 if stop else 0.0, progress], dtype=torch.float64)
             self.dist.broadcast(t)
             stop, progress = bool(t[0] > 0.5), float(t[1])
         return stop, progress
 
     def train_epoch(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-        """Up to ``iters_per_epoch`` iterations (fewer when the time budget ends)."""
+        """Up to ``iters_per_epoch`` iterations (fewer when the clock stops the run mid-epoch)."""
         self.model.train()
         n = 0
         loss_sum = 0.0
@@ -388,7 +286,7 @@ class Trainer:
         try:
             for _ in range(self.cfg.iters_per_epoch):
                 stop, progress = self._sync_stop_and_progress()
-                if stop and self.time_budget_seconds is not None:
+                if stop and self.clock.stops_mid_epoch:
                     break
                 lr = self._set_lr(progress)
                 t0 = time.perf_counter()
@@ -410,12 +308,13 @@ class Trainer:
                 n += 1
                 self.iteration += 1
                 dt = time.perf_counter() - t0
-                self.iter_seconds = dt if self.iter_seconds is None else 0.9 * self.iter_seconds + 0.1 * dt
+                self.clock.step_done(dt)
                 if self._warn_kept_plan:
                     self._warn_about_kept_plan(dt)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                maybe_fail("train_step", str(self.iteration))
+                for hook in self.step_hooks:
+                    hook(self.iteration)
         finally:
             bar.close()
         seconds = time.perf_counter() - t_start
@@ -425,75 +324,9 @@ class Trainer:
         return {"iterations": n, "train_loss": mean_loss, "lr": lr, "epoch_seconds": seconds,
                 "data_wait_seconds": wait, "it_per_s": n / seconds if seconds > 0 else 0.0}
 
-    def use_averaged_weights(self) -> None:
-        """Put the weight average (``--weight-averaging ema``) into the network for ``checkpoint_final``."""
-        wa = self.weight_average
-        if wa is None:
-            return
-        if not wa.active:
-            logger.info("weight averaging had not started (progress < %.2f): checkpoint_final holds the last "
-                        "weights", wa.start)
-            return
-        wa.copy_to_model()
-        logger.info("checkpoint_final holds the weight average of the last %d steps (EMA over %.0f%% of the run)",
-                    wa.updates, 100 * wa.horizon)
-
-    def _pseudo_dice(self) -> dict[str, Any]:
-        """This epoch's pseudo Dice on ``val_iters`` held-out batches (:func:`~medseg.training.validation.pseudo_dice`)."""
-        first = self.epoch * self.cfg.val_iters
-        val, per_sample = pseudo_dice(unwrap(self.model), self.val_sampler, range(first, first + self.cfg.val_iters),
-                                      self.batch_lo, self.batch_hi, self.num_classes, self.dist, device=self.device,
-                                      amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                                      regions=self.plan.region_classes, ignore_index=self.plan.ignore_class)
-        if per_sample is not None:
-            old = self.fwd_seconds_per_sample
-            self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)
-        return val
-
-    def _warn_about_kept_plan(self, step_seconds: float) -> None:
-        """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
-        self._warn_kept_plan = False
-        deadline = self.training_deadline() or 0.0
-        expected = self.iteration + max(0, int((deadline - self.elapsed()) / max(step_seconds, 1e-9)))
-        fit = self.cfg.budget_fit or {}
-        logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
-                       "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
-                       step_seconds, expected, self.cfg.time_budget_minutes)
-
-    # ------------------------------------------------------------------ outputs
-    def write_progress(self, status: str) -> None:
-        if not self.dist.is_main:
-            return
-        deadline = self.training_deadline()
-        write_progress_files(self.run_dir, {
-            "status": status,
-            "configuration": self.configuration,
-            "arch": self.arch,
-            "fold": self.cfg.fold,
-            "epoch": self.epoch,
-            "max_epochs": self.max_epochs,
-            "iteration": self.iteration,
-            "elapsed_seconds": round(self.elapsed(), 2),
-            "time_budget_seconds": self.time_budget_seconds,
-            "training_deadline_seconds": None if deadline is None else round(deadline, 2),
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "num_threads": self.num_threads,
-            "threads_in_use": self.thread_tuner.current,
-            "num_workers": self.num_workers,
-            "world_size": self.dist.world_size,
-            "best_ema_pseudo_dice": self.best_metric,
-            "step_time_check": None if self.step_check is None else self.step_check.record(),
-            "history": self.history,
-        }, f"{self.configuration}/{self.arch} {self.cfg.fold_name}")
-
-    def save(self, name: str, finished: bool = False) -> None:
-        if self.dist.is_main:
-            save_checkpoint(checkpoint_state(self, finished=finished), RunDir(self.run_dir).checkpoint(name))
-
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:
-        """Train until the epochs or the time budget are used up; write checkpoints and logs.
+        """Train until the clock says stop (epochs or time budget used up); write checkpoints and logs.
 
         Returns:
             Whether any iteration was trained (False for a run that was already complete).
@@ -507,36 +340,24 @@ class Trainer:
             list(self.patch_size), self.batch_size,
             f" ({self.local_batch} per rank x {self.dist.world_size})" if self.dist.enabled else "",
             self.precision, self.channels_last, self.num_threads, self.num_workers,
-            f"time budget {self.cfg.time_budget_minutes:g} min" if self.time_budget_seconds is not None
+            f"time budget {self.cfg.time_budget_minutes:g} min" if self.budget is not None
             else f"{self.max_epochs} epochs x {self.cfg.iters_per_epoch} iterations",
-            _augmentation_summary(self.cfg.augmentation),
+            augmentation_summary(self.cfg.augmentation),
         )
         if self.training_done():
             logger.info("training of %s is already complete (epoch %d); pass a larger --epochs or "
                         "--time-budget to extend it", self.run_dir, self.epoch)
             return False
-        if (self.time_budget_seconds is not None and self.fwd_seconds_per_sample is None and self.dist.is_main
+        if (self.budget is not None and self.fwd_seconds_per_sample is None and self.dist.is_main
                 and self.cfg.final_validation and self.val_cases):
-            # the final validation is estimated (and reserved) from the forward time before the first step
-            self.fwd_seconds_per_sample = measure_forward_seconds(
-                unwrap(self.model), self.plan.network_in_channels(self.configuration), self.patch_size, 2 if self.dims == 3 else 8, self.device,
-                self.amp_dtype, self.channels_last, max_seconds=0.01 * self.time_budget_seconds)
-            plan = self.final_validation_plan()
-            if plan is not None:
-                logger.info("final validation estimated at %.0f s (%.3f s per patch forward)%s", plan.seconds,
-                            self.fwd_seconds_per_sample, f"; {plan.note()}" if plan.shortened else "")
+            self._measure_forward()  # the final validation is estimated (and reserved) before the first step
         stream = batch_iterator(self.sampler, self.iteration, self.batch_lo, self.batch_hi, self.num_workers)
         try:
             while not self.training_done():
                 stats = self.train_epoch(stream)
                 if stats["iterations"] == 0:
                     break
-                deadline = self.training_deadline()
-                pd_seconds = self.pseudo_dice_seconds
-                if pd_seconds is None:  # not measured yet: estimate from the forward time
-                    pd_seconds = 1.5 * self.cfg.val_iters * self.local_batch * self._seconds_per_window()
-                skip_val = deadline is not None and (
-                    self.training_done() or self.elapsed() + pd_seconds > deadline)
+                skip_val = self._skip_pseudo_dice()
                 t = time.perf_counter()
                 val = {} if skip_val else self._pseudo_dice()
                 if val:
@@ -566,16 +387,7 @@ class Trainer:
                 improved = True
         entry["elapsed_seconds"] = self.elapsed()
         self.history.append(entry)
-        per_class = ""
-        if val.get("dice_per_class"):
-            per_class = " [" + ", ".join("-" if v is None else f"{v:.3f}" for v in val["dice_per_class"]) + "]"
-        logger.info(
-            "epoch %d: loss %.4f, pseudo Dice %s (EMA %s)%s, lr %.2e, %.1f it/s, %.0f s (data wait %.1f s), "
-            "elapsed %.1f min",
-            self.epoch, stats["train_loss"], f"{val['val_dice']:.4f}" if val else "-",
-            f"{self.ema_metric:.4f}" if self.ema_metric is not None else "-", per_class, stats["lr"],
-            stats["it_per_s"], stats["epoch_seconds"], stats["data_wait_seconds"], self.elapsed() / 60,
-        )
+        logger.info("%s", epoch_line(entry, val, self.ema_metric))
         if improved:
             self.save("best")
             logger.info("new best EMA pseudo Dice %.4f -> checkpoint_best.pt", self.best_metric)
@@ -583,8 +395,4 @@ class Trainer:
         self.write_progress("training")
 
 
-def _augmentation_summary(aug: AugmentationConfig) -> str:
-    """``off``, ``spatial + mirroring`` or ``spatial + mirroring + intensity`` (for the start-of-run log)."""
-    if not aug.enabled:
-        return "off"
-    return "spatial + mirroring" + ("" if aug.intensity is False else " + intensity")
+__all__ = ["DEFAULT_EPOCHS", "MAX_SKIPPED_IN_A_ROW", "Trainer"]

@@ -12,7 +12,8 @@ fewer TTA passes per window (:func:`~medseg.inference.time_budget.pass_options`:
 mirroring fewer axes, down to none), then, without TTA, only the cases (in order) that fit. What was
 shortened and why is recorded in ``validation/metrics.json`` (``"time_budget"``).
 
-**At run time** (:class:`ValidationClock`): before every case, the most passes with which it and the
+**At run time** (:class:`ValidationClock`, on the :class:`~medseg.clock.Deadline` the run's
+:class:`~medseg.clock.BudgetClock` gives it): before every case, the most passes with which it and the
 later cases fit the time left, with estimates corrected by the ratio of measured to estimated time of
 the cases done so far (so a pessimistic estimate up front costs TTA only on the first cases); when not
 even one pass each fits, the case alone without TTA, else it is skipped. During a case the sliding
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from medseg.clock import Deadline
 from medseg.inference.time_budget import case_seconds, pass_options
 
 logger = logging.getLogger(__name__)
@@ -131,17 +133,43 @@ def plan_validation(shapes: Mapping[str, Sequence[int]], patch_size: Sequence[in
     return ValidationPlan(1, options[0], tuple(kept), tuple(c for c in ids if c not in kept), used, full, limit)
 
 
+class FinalValidationEstimate:
+    """The final validation a training run expects (:func:`plan_validation`), planned again only when the
+    forward time or the limit changed.
+
+    Args:
+        shapes: case id -> preprocessed spatial shape ``(Z, Y, X)`` of the held-out cases, in order.
+        patch_size / num_classes / mirror_axes / total_stride: the network.
+        use_tta: whether the full validation uses TTA.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], patch_size: Sequence[int], num_classes: int,
+                 mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool) -> None:
+        self.shapes = dict(shapes)
+        self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride), bool(use_tta))
+        self._cached: tuple[tuple[float, float | None], ValidationPlan] | None = None
+
+    def plan(self, seconds_per_window: float, limit: float | None) -> ValidationPlan:
+        """The validation that fits ``limit`` seconds (None = the full one) at ``seconds_per_window``."""
+        key = (seconds_per_window, limit)
+        if self._cached is None or self._cached[0] != key:
+            patch, k, axes, stride, tta = self.net
+            self._cached = (key, plan_validation(self.shapes, patch, k, seconds_per_window, mirror_axes=axes,
+                                                 total_stride=stride, use_tta=tta, limit=limit))
+        return self._cached[1]
+
+
 @dataclass(frozen=True)
 class ValidationBudget:
     """The time a run's final validation has.
 
     Attributes:
-        deadline: ``time.perf_counter()`` value by which the validation must be done.
+        deadline: when the validation must be done (:meth:`medseg.clock.BudgetClock.final_deadline`).
         seconds_per_window: measured eval forward time of one patch.
         shapes: case id -> preprocessed spatial shape ``(Z, Y, X)`` of the held-out cases.
     """
 
-    deadline: float
+    deadline: Deadline
     seconds_per_window: float
     shapes: Mapping[str, Sequence[int]]
 
@@ -167,11 +195,11 @@ class ValidationClock:
         self.budget = budget
         self.order = list(case_ids)
         self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride))
-        self.started = time.perf_counter()
+        self.available = budget.deadline.remaining()  # seconds the validation has, from its start
         shapes = {c: tuple(budget.shapes[c]) for c in case_ids}
         self.plan = plan_validation(shapes, patch_size, num_classes, budget.seconds_per_window,
                                     mirror_axes=mirror_axes, total_stride=total_stride, use_tta=use_tta,
-                                    limit=max(0.0, budget.deadline - self.started))
+                                    limit=max(0.0, self.available))
         self.options = pass_options(mirror_axes, total_stride, use_tta)
         self.skipped: dict[str, str] = {}
         self.passes: dict[str, int] = {}
@@ -179,11 +207,12 @@ class ValidationClock:
         self.measured = 0.0
 
     def left(self) -> float:
-        return self.budget.deadline - time.perf_counter()
+        """Seconds left until the deadline (negative once it has passed)."""
+        return self.budget.deadline.remaining()
 
     def over(self) -> bool:
         """True once the deadline has passed (the sliding window's ``should_stop``)."""
-        return time.perf_counter() >= self.budget.deadline
+        return self.budget.deadline.expired()
 
     def _raw(self, cid: str, passes: int) -> float:
         patch, k, axes, stride = self.net
@@ -230,10 +259,10 @@ class ValidationClock:
             if self.skipped:
                 what.append(f"{len(self.passes)} of {len(self.order)} held-out cases validated (skipped_cases says "
                             "why the others were not)")
-            note = (f"shortened to fit the time budget: {' and '.join(what)}; {self.budget.deadline - self.started:.0f} s "
+            note = (f"shortened to fit the time budget: {' and '.join(what)}; {self.available:.0f} s "
                     f"were available, the full validation was estimated at {self.plan.full_seconds:.0f} s")
         return {
-            "seconds_available": round(self.budget.deadline - self.started, 2),
+            "seconds_available": round(self.available, 2),
             "estimated_full_seconds": round(self.plan.full_seconds, 2),
             "estimated_seconds": round(self.plan.seconds, 2),
             "full_tta_passes": full,
@@ -280,6 +309,7 @@ def measure_forward_seconds(model: torch.nn.Module, in_channels: int, patch_size
 
 __all__ = [
     "MAX_VALIDATION_SHARE",
+    "FinalValidationEstimate",
     "ValidationBudget",
     "ValidationClock",
     "ValidationPlan",

@@ -25,10 +25,7 @@ LAYOUT = re.compile(
 PREFIX = re.compile(r"(checkpoint_|fold_|_from_)$")
 
 #: Files that may still spell a layout name, and why (keep this short).
-ALLOWED = {
-    # owned by another part of issue 41 (the Trainer's state); it names checkpoint_latest.pt in one message
-    Path("training/trainer_state.py"),
-}
+ALLOWED: set[Path] = set()
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from medseg.clock import Deadline
 from medseg.inference import time_budget as tb
 from medseg.inference.time_budget import case_seconds
 from medseg.training import validation_budget as vb
@@ -45,7 +46,7 @@ def test_fewer_tta_passes_first_then_fewer_cases():
 
 
 def _clock(seconds_left, n=2, spw=0.1):
-    budget = ValidationBudget(time.perf_counter() + seconds_left, spw, {f"c{i}": SHAPE for i in range(n)})
+    budget = ValidationBudget(Deadline.after(seconds_left), spw, {f"c{i}": SHAPE for i in range(n)})
     return ValidationClock(budget, [f"c{i}" for i in range(n)], PATCH, 4, (0, 1, 2), STRIDE, use_tta=True)
 
 
@@ -55,9 +56,9 @@ def test_the_clock_lowers_the_passes_to_the_time_left_and_skips_what_does_not_fi
     assert clock.plan.passes == 8 and clock.passes_for("c0") == 8
     # the first case took twice its estimate: the second is estimated at twice too, and gets fewer passes
     clock.done("c0", 8, 2 * case_seconds(SHAPE, PATCH, 4, 0.1, 8, (0, 1, 2), STRIDE))
-    clock.budget = ValidationBudget(time.perf_counter() + 2 * (4 * 2.7 + OVERHEAD) + 1, 0.1, clock.budget.shapes)
+    clock.budget = ValidationBudget(Deadline.after(2 * (4 * 2.7 + OVERHEAD) + 1), 0.1, clock.budget.shapes)
     assert clock.passes_for("c1") == 4
-    clock.budget = ValidationBudget(time.perf_counter() + 1.0, 0.1, clock.budget.shapes)
+    clock.budget = ValidationBudget(Deadline.after(1.0), 0.1, clock.budget.shapes)
     assert clock.passes_for("c1") is None
     rec = clock.record()
     assert rec["tta_passes"] == {"c0": 8} and "not enough time left" in rec["skipped_cases"]["c1"]
@@ -106,7 +107,7 @@ def test_validate_run_stops_at_the_deadline_and_records_what_it_skipped(tiny_wor
     run = tiny_work / "runs" / "x"
     # the estimate (0.01 s per window) lets the first case start without TTA, but each patch takes 0.1 s:
     # the deadline comes during its prediction, which is abandoned; the rest is skipped; nothing raises
-    budget = ValidationBudget(time.perf_counter() + 4.0, 0.01, shapes)
+    budget = ValidationBudget(Deadline.after(4.0), 0.01, shapes)
     t = time.perf_counter()
     metrics = validate_run(_Slow(plan.num_classes, 0.1), plan, "3d_fullres", "unet", tiny_work, run, ids,
                            save_probabilities=False, budget=budget)
