@@ -38,13 +38,13 @@ from tqdm import tqdm
 from medseg.errors import ConfigError, TrainingError
 from medseg.faults import maybe_fail
 from medseg.io.checkpoint import remove_stale_temporaries, save_checkpoint
+from medseg.machine import autocast_dtype
 from medseg.planning.plan import Plan
 from medseg.training.config import AugmentationConfig, TrainConfig, run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
 from medseg.training.device import (
     ThreadTuner,
     autocast,
-    autocast_dtype,
     channels_last_format,
     planned_precision_and_layout,
     resolve_device,
@@ -55,6 +55,7 @@ from medseg.training.distributed import DistContext, unwrap
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.progress import write_progress_files
 from medseg.training.region_losses import region_loss
+from medseg.training.run_record import RunRecord
 from medseg.training.schedule import lr_factor
 from medseg.training.step_check import StepTimeCheck
 from medseg.training.trainer_state import checkpoint_state, restore_state
@@ -89,14 +90,17 @@ class Trainer:
         train_ids / val_ids: the fold's training and held-out cases.
         started: ``time.perf_counter()`` when the command started (what came before the trainer, e.g. a
             budget refit, counts against a time budget); None = now.
+        run_record: what the run did so far (its ``budget_fit`` and ``pretrained_report``); the trainer adds
+            its ``precision_check`` (``self.run_record``).
     """
 
     def __init__(self, work_dir: Path, plan: Plan, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
                  train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
-                 started: float | None = None) -> None:
+                 started: float | None = None, run_record: RunRecord | None = None) -> None:
         self.session_start = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
+        self.run_record = run_record if run_record is not None else RunRecord()
         assert cfg.configuration is not None and cfg.arch is not None
         self.configuration, self.arch = cfg.configuration, cfg.arch
 
@@ -139,7 +143,8 @@ class Trainer:
                 plan.network_in_channels(self.configuration), plan.num_classes, self.device, dist_ctx, cfg.seed)
             self.amp_dtype = autocast_dtype(self.precision)
             fallback = {"precision": "fp32"} if check is not None and check.get("fallback") else {}
-            self.cfg = cfg = dataclasses.replace(cfg, precision_check=check, **fallback)
+            self.cfg = cfg = dataclasses.replace(cfg, **fallback)
+            self.run_record = dataclasses.replace(self.run_record, precision_check=check)
         spacing = cfg_plan.spacing
         self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
             and spacing[0] == max(spacing)
@@ -207,7 +212,8 @@ class Trainer:
         self._progress_floor = 0.0  # time-budget progress reached in this session
         self._validation_plan: tuple[tuple[float, float | None], ValidationPlan | None] | None = None
         self._param_count: int | None = None
-        self._warn_kept_plan = bool(cfg.budget_fit) and not cfg.budget_fit.get("refit", True)
+        budget_fit = self.run_record.budget_fit
+        self._warn_kept_plan = bool(budget_fit) and not budget_fit.get("refit", True)
         self.step_check = StepTimeCheck.for_run(plan, self.configuration, self.arch, net)
         if checkpoint is not None:
             restore_state(self, checkpoint)
@@ -454,7 +460,7 @@ class Trainer:
         self._warn_kept_plan = False
         deadline = self.training_deadline() or 0.0
         expected = self.iteration + max(0, int((deadline - self.elapsed()) / max(step_seconds, 1e-9)))
-        fit = self.cfg.budget_fit or {}
+        fit = self.run_record.budget_fit or {}
         logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
                        "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
                        step_seconds, expected, self.cfg.time_budget_minutes)
