@@ -126,7 +126,7 @@ def parse_option(enum: type[E], value: object, what: str, error: type[MedsegErro
         error: ``value`` is none of the enum's values; the message lists them.
     """
     try:
-        return enum(value)
+        return enum(value)  # type: ignore[arg-type]  # anything: a non-string is refused below
     except ValueError:
         raise error(f"{what} must be one of {choices(enum)}, got {value!r}") from None
 

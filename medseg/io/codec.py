@@ -144,7 +144,7 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         if len(arms) == 1:  # X | None: the problems of X
             return _convert(arms[0], value, where, problems)
         raise _Problem(f"expected {_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _read_dataclass(tp, value, where, problems)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:

@@ -18,7 +18,6 @@ is and the trainer warns, after its first measured step, how many iterations tha
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any

@@ -41,7 +41,7 @@ def resolve_precision(precision: str, device: torch.device, planned: str | None 
 
 
 def _resolve_precision(precision: Precision, device: torch.device, planned: str | None) -> Precision:
-    """:func:`resolve_precision` on a parsed precision (the public function returns the plain string checkpoints store)."""
+    """:func:`resolve_precision` on a parsed precision (the public one returns the plain string checkpoints store)."""
     if precision == Precision.AUTO:
         if device.type == DeviceKind.CUDA:
             if planned == Precision.BF16 and torch.cuda.is_bf16_supported():

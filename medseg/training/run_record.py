@@ -19,6 +19,7 @@ from typing import Any
 from medseg.errors import ConfigError
 from medseg.io.codec import from_json_dict, to_json_dict
 
+
 @dataclass(frozen=True)
 class RunRecord:
     """What a training run did (set by :func:`~medseg.training.train`, never by hand).

@@ -15,8 +15,8 @@ from medseg.networks import build_network
 from medseg.planning.plan import NetworkPlan, Plan
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget
-from medseg.training.run_record import RunRecord
 from medseg.training.pretrained import check_match, load_pretrained, match_weights, read_pretrained
+from medseg.training.run_record import RunRecord
 
 FAST = dict(iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
             final_validation=False)
