@@ -175,7 +175,7 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
             return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise _Problem(f"expected an integer, got {value!r}")
+        raise _Problem(f"expected integers, got {value!r}")  # the words of the plan loader
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

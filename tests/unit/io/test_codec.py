@@ -71,7 +71,7 @@ def test_every_problem_is_reported_at_once_with_its_dotted_path():
         from_json_dict(Outer, bad, "plan", PlanError)
     lines = str(info.value).splitlines()
     assert lines[0].startswith("plan: unknown key(s) ['extra']; allowed: [")
-    expected = ["plan.schema_version: expected an integer, got '2'",
+    expected = ["plan.schema_version: expected integers, got '2'",
                 "plan.inner: unknown key(s) ['bogus']; allowed: ['name', 'size', 'weight']",
                 "plan.inner: missing key 'size'",
                 "plan.kernels[0]: expected 3 values, got 2",
