@@ -109,8 +109,9 @@ def describe(root: Path, row: dict) -> dict:
     run = WorkDir(root / "work" / row["dataset"]).run("3d_fullres", "unet", row.get("fold", "0"))
     out = dict(row)
     cfg_path, progress_path = run.config, run.progress
+    record_path = run.run_record  # older runs kept budget_fit in config.json
     if cfg_path.is_file():
-        fit = json.loads(cfg_path.read_text()).get("budget_fit") or {}
+        fit = json.loads((record_path if record_path.is_file() else cfg_path).read_text()).get("budget_fit") or {}
         label = (lambda d: f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} "
                  f"{d['precision']}")
         if fit.get("refit"):

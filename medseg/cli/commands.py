@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from medseg.errors import ConfigError
+from medseg.options import Switch
 
 logger = logging.getLogger("medseg")
 
@@ -94,8 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         kwargs["keep_plan"] = True
     if args.no_validation and "final_validation" in names:
         kwargs["final_validation"] = False
-    if args.intensity_augmentation != "auto":
-        kwargs["augmentation"] = AugmentationConfig(intensity=args.intensity_augmentation == "on")
+    if args.intensity_augmentation != Switch.AUTO:
+        kwargs["augmentation"] = AugmentationConfig(intensity=args.intensity_augmentation == Switch.ON)
     run_dir = train(Path(args.work), TrainConfig(**kwargs), resume=args.resume)
     record_postprocessing_prior(Path(args.work), run_dir, fold)
     print(f"training finished: {run_dir}")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from medseg.errors import ConfigError
+from medseg.options import CheckpointName, ExportFormat, choices
 
 
 def add_export_parser(sub: argparse._SubParsersAction, add_common) -> None:
@@ -15,12 +16,12 @@ def add_export_parser(sub: argparse._SubParsersAction, add_common) -> None:
     p.add_argument("work", help="work folder with trained runs (or, for --format onnx/torchscript, a bundle)")
     p.add_argument("-o", "--output", required=True,
                    help="the zip to write (--format bundle), or the folder for the networks and inference.json")
-    p.add_argument("--format", choices=["bundle", "onnx", "torchscript"], default="bundle",
+    p.add_argument("--format", choices=choices(ExportFormat), default="bundle",
                    help="default bundle: plan, weights, postprocessing and labels in one zip")
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) (default: find-best's choice)")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) (default: find-best's choice)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
-    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    p.add_argument("--checkpoint", choices=choices(CheckpointName), default="final")
     p.add_argument("--no-postprocessing", action="store_true", help="leave find-best's postprocessing out")
     add_common(p)
     p.set_defaults(func=cmd_export)
@@ -35,7 +36,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     selection = RunSelection(configs=args.config, archs=args.arch, folds=folds, checkpoint=args.checkpoint,
                              postprocessing=not args.no_postprocessing)
-    if args.format == "bundle":
+    if args.format == ExportFormat.BUNDLE:
         from medseg.inference.bundle import export_bundle
 
         out = export_bundle(Path(args.work), Path(args.output), selection)

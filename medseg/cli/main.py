@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from medseg.errors import MedsegError
+from medseg.options import CheckpointName, DeviceKind, Optimizer, Precision, Switch, WeightAveraging, choices
 
 logger = logging.getLogger("medseg")
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget for one training step (default 8)")
     p.add_argument("--archs", nargs="+", default=["unet"], help="architectures to plan (default: unet)")
     p.add_argument("--configs", nargs="+", default=None, help="configurations to preprocess (default: all planned)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+    p.add_argument("--device", choices=choices(DeviceKind), default=None,
                    help="device training will use (default: cuda if available else cpu)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="plan for a training time budget: measure real step times and pick what learns most "
@@ -85,17 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt; tensors "
                         "whose name and shape match are loaded (a first layer for other channels and heads for "
                         "other classes start fresh); with --time-budget the plan's network is kept (no refit)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--precision", choices=choices(Precision), default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default=None,
+    p.add_argument("--optimizer", choices=choices(Optimizer), default=None,
                    help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--intensity-augmentation", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--intensity-augmentation", choices=choices(Switch), default="auto",
                    help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
                         "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)")
-    p.add_argument("--weight-averaging", choices=["auto", "off", "ema"], default=None,
+    p.add_argument("--weight-averaging", choices=choices(WeightAveraging), default=None,
                    help="ema: checkpoint_final holds an exponential moving average of the weights over the last "
                         "part of the run; default auto: ema for time-budgeted runs, off otherwise")
     p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) to ensemble")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
-    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    p.add_argument("--checkpoint", choices=choices(CheckpointName), default="final")
     p.add_argument("--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--time-budget-per-case", type=_seconds_per_case, default="auto", metavar="SECONDS",
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/prediction_record.json records what each case used and took")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--num-workers", type=int, default=None)
     _add_common(p)
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="medseg_demo", help="folder to work in (default ./medseg_demo)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget in minutes (default 3)")
     p.add_argument("--num-cases", type=int, default=12)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=choices(DeviceKind), default=None)
     _add_common(p)
     p.set_defaults(func=c.cmd_demo)
     return parser

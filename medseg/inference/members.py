@@ -20,6 +20,7 @@ import torch
 from medseg.errors import CheckpointError, MedsegError
 from medseg.io.checkpoint import load_checkpoint
 from medseg.io.workdir import ALL, RunDir, WorkDir, fold_name
+from medseg.options import CheckpointName, choices
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import load_rules
@@ -27,7 +28,7 @@ from medseg.postprocessing.prior import describe_prior, ensemble_prior
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAMES = ("final", "best", "latest")
+CHECKPOINT_NAMES: tuple[str, ...] = tuple(choices(CheckpointName))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medseg.machine import autocast_dtype
+
 logger = logging.getLogger(__name__)
 
 #: Shift variants TTA uses at most. On hippocampus fold 0, 2 opposite corners gained as much as 4 or 8
@@ -102,21 +104,6 @@ def mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
     for r in range(len(axes) + 1):
         combos.extend(itertools.combinations(axes, r))
     return combos
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = run in float32).
-
-    ``bf16`` -> bfloat16 on any device; ``fp16`` -> float16 on CUDA, bfloat16 on CPU (CPU float16
-    kernels are slow); ``fp32`` -> None.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -266,7 +253,7 @@ def predict_sliding_window(
     logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=device)
     ctx = _WindowContext(model, patch, tile, num_classes, step, mirror_combinations(mirror_axes), device,
-                         autocast_dtype(precision, device), channels_last, max(1, int(batch_size)), should_stop)
+                         autocast_dtype(precision, device.type), channels_last, max(1, int(batch_size)), should_stop)
     bar = None
     if progress:
         from tqdm import tqdm

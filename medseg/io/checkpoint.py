@@ -10,6 +10,7 @@ target, so a process killed at any moment leaves either the previous or the new 
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import random
@@ -43,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             left as it was and no temporary file remains.
     """
     path = Path(path)
-    state = dict(state)
+    state = dict(_plain(state))  # option enums (medseg.options) as their strings: a weights-only load refuses them
     state.setdefault("format", CHECKPOINT_FORMAT)
     tmp = None
     try:
@@ -72,6 +73,22 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import (changing the umask briefly is not thread-safe)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with every :class:`~enum.Enum` member inside dicts, lists and tuples replaced by its value.
+
+    Containers without one are returned as they are (a model's ``state_dict`` keeps its ``_metadata``).
+    """
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        new = {k: _plain(v) for k, v in obj.items()}
+        return obj if all(new[k] is v for k, v in obj.items()) else new
+    if type(obj) in (list, tuple):
+        items = [_plain(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
 
 
 def _umask() -> int:

@@ -13,12 +13,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.io.codec import from_json_dict, to_json_dict
 
 #: File endings medseg reads (through SimpleITK).
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -57,22 +58,18 @@ class ImageGeometry:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def to_dict(self) -> dict:
-        return {
-            "shape": list(self.shape),
-            "spacing": list(self.spacing),
-            "origin": list(self.origin),
-            "direction": list(self.direction),
-        }
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of Python builtins (:func:`medseg.io.codec.to_json_dict`)."""
+        return to_json_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ImageGeometry:
-        return cls(
-            shape=tuple(int(v) for v in d["shape"]),
-            spacing=tuple(float(v) for v in d["spacing"]),
-            origin=tuple(float(v) for v in d["origin"]),
-            direction=tuple(float(v) for v in d["direction"]),
-        )
+    def from_dict(cls, d: dict[str, Any], where: str = "geometry") -> ImageGeometry:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            MedsegError: unknown or missing keys, values of the wrong type.
+        """
+        return from_json_dict(cls, d, where, MedsegError)
 
     @classmethod
     def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> ImageGeometry:

@@ -119,6 +119,12 @@ class RunDir:
         return self.path / "config.json"
 
     @property
+    def run_record(self) -> Path:
+        """``run_record.json``: what happened in the run (budget fit, pretrained weights, precision check); older
+        runs kept these keys in ``config.json``."""
+        return self.path / "run_record.json"
+
+    @property
     def plans(self) -> Path:
         """``plans.json``: the plan the run trained with (a budget refit's included)."""
         return self.path / "plans.json"

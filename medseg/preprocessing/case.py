@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.cropping import crop_to_nonzero
@@ -57,33 +58,19 @@ class CaseProperties:
 
     def to_dict(self, include_class_locations: bool = True) -> dict[str, Any]:
         """JSON-ready dict of Python builtins (``class_locations`` left out when not ``include_class_locations``)."""
-        d = {
-            "case_id": self.case_id,
-            "geometry": self.geometry.to_dict(),
-            "bbox": [[int(a), int(b)] for a, b in self.bbox],
-            "shape_after_crop": [int(v) for v in self.shape_after_crop],
-            "shape_after_resample": [int(v) for v in self.shape_after_resample],
-            "spacing_after_resample": [float(v) for v in self.spacing_after_resample],
-            "class_locations": {str(k): v for k, v in self.class_locations.items()},
-            "fingerprint": self.fingerprint,
-        }
+        d = to_json_dict(self)
         if not include_class_locations:
             del d["class_locations"]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CaseProperties:
-        """Inverse of :meth:`to_dict` (missing ``class_locations`` give an empty dict)."""
-        return cls(
-            case_id=str(d["case_id"]),
-            geometry=ImageGeometry.from_dict(d["geometry"]),
-            bbox=tuple((int(a), int(b)) for a, b in d["bbox"]),
-            shape_after_crop=tuple(int(v) for v in d["shape_after_crop"]),
-            shape_after_resample=tuple(int(v) for v in d["shape_after_resample"]),
-            spacing_after_resample=tuple(float(v) for v in d["spacing_after_resample"]),
-            class_locations={int(k): [list(map(int, c)) for c in v] for k, v in d.get("class_locations", {}).items()},
-            fingerprint=str(d.get("fingerprint", "")),
-        )
+    def from_dict(cls, d: dict[str, Any], where: str = "case properties") -> CaseProperties:
+        """Inverse of :meth:`to_dict` (missing ``class_locations`` give an empty dict).
+
+        Raises:
+            MedsegError: unknown or missing keys, values of the wrong type (each named by its dotted path).
+        """
+        return from_json_dict(cls, d, where, MedsegError)
 
 
 def preprocessing_fingerprint(plan: Plan, config: str | ConfigurationPlan) -> str:

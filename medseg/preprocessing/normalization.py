@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.options import NormalizationScheme, valid_values
 from medseg.planning.plan import NormalizationSpec
 
 _EPS = 1e-8
@@ -29,16 +30,16 @@ def normalize_channel(channel: np.ndarray, spec: NormalizationSpec, mask: np.nda
         PlanError: unknown scheme or a ``ct`` spec without its statistics.
     """
     x = channel.astype(np.float32, copy=True)
-    if spec.scheme == "none":
+    if spec.scheme == NormalizationScheme.NONE:
         return x
-    if spec.scheme == "ct":
+    if spec.scheme == NormalizationScheme.CT:
         if None in (spec.clip_low, spec.clip_high, spec.mean, spec.std):
             raise PlanError("normalization scheme 'ct' needs clip_low, clip_high, mean and std in the plan")
         np.clip(x, spec.clip_low, spec.clip_high, out=x)
         x -= np.float32(spec.mean)
         x /= np.float32(max(float(spec.std), _EPS))
         return x
-    if spec.scheme == "zscore":
+    if spec.scheme == NormalizationScheme.ZSCORE:
         if spec.use_nonzero_mask and mask is not None and mask.any() and not mask.all():
             values = x[mask]
             mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
@@ -50,7 +51,8 @@ def normalize_channel(channel: np.ndarray, spec: NormalizationSpec, mask: np.nda
         x -= np.float32(mean)
         x /= np.float32(max(std, _EPS))
         return x
-    raise PlanError(f"unknown normalization scheme {spec.scheme!r}; expected one of 'ct', 'zscore', 'none'")
+    raise PlanError(
+        f"unknown normalization scheme {spec.scheme!r}; expected one of {valid_values(NormalizationScheme)}")
 
 
 def normalize(image: np.ndarray, specs: Sequence[NormalizationSpec], mask: np.ndarray | None = None) -> np.ndarray:

@@ -62,7 +62,7 @@ def _paths(folder: Path, case_id: str) -> tuple[Path, Path]:
 def _read_props(json_path: Path) -> CaseProperties:
     try:
         return CaseProperties.from_dict(json.loads(json_path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, MedsegError) as exc:
         raise MedsegError(f"{json_path}: unreadable preprocessed case properties ({exc}); delete it and re-run") from None
 
 

@@ -8,7 +8,7 @@ measured on the run's kind of device (``cpu``/``cuda``), and for a budget within
 :func:`~medseg.planning.budget.fit_seconds_limit` of the budget, whose time the run then has less for
 training. The fit changes only the width, patch, batch and precision of the network (never spacing,
 normalisation or the data identifier), so the preprocessed cache stays valid; the run's ``plans.json``
-holds the refitted plan with the fit's measurements, its ``config.json`` the ``budget_fit`` record, and
+holds the refitted plan with the fit's measurements, its run record the ``budget_fit`` record, and
 ``WORK/plans.json`` is left as it was.
 
 With ``keep_plan`` (``--keep-plan``), with pretrained weights (``--pretrained``: they need the plan's
@@ -18,7 +18,6 @@ is and the trainer warns, after its first measured step, how many iterations tha
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -75,8 +74,8 @@ def _check_same_preprocessing(old: Plan, new: Plan, configuration: str) -> None:
 
 
 def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: str, *,
-                      distributed: bool = False) -> tuple[Plan, TrainConfig]:
-    """The plan a time-budgeted run trains, and ``cfg`` with its ``budget_fit`` record (see the module docstring).
+                      distributed: bool = False) -> tuple[Plan, dict[str, Any] | None]:
+    """The plan a time-budgeted run trains, and its ``budget_fit`` record (see the module docstring).
 
     Args:
         plan: the work folder's plan.
@@ -85,9 +84,9 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
         distributed: several processes train together (each would measure alone: no refit).
 
     Returns:
-        ``(plan, cfg)``: the plan unchanged and ``cfg`` as given when the plan is fitted to the run;
-        else the refitted plan (or the plan as it is, with ``keep_plan``) and ``cfg`` with
-        ``budget_fit`` recording what was done.
+        ``(plan, budget_fit)``: the plan unchanged and None when the plan is fitted to the run; else the
+        refitted plan (or the plan as it is, with ``keep_plan``) and the record of what was done
+        (:attr:`medseg.training.run_record.RunRecord.budget_fit`).
 
     Raises:
         PlanError: the fit failed (e.g. no candidate could be measured).
@@ -99,7 +98,7 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
     device_type = cfg.device.split(":")[0]
     reason = refit_reason(plan, configuration, arch, device_type, minutes)
     if reason is None:
-        return plan, cfg
+        return plan, None
     before = _net_summary(plan, configuration, arch)
     if cfg.keep_plan or distributed or cfg.pretrained is not None:
         if cfg.pretrained is not None:
@@ -108,7 +107,7 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
             kept_by = "--keep-plan" if cfg.keep_plan else "a run of several processes (each would measure alone)"
         record = {"refit": False, "reason": reason, "kept_by": kept_by, "network": before}
         logger.info("%s; training it as it is (%s)", reason, kept_by)
-        return plan, dataclasses.replace(cfg, budget_fit=record)
+        return plan, record
     limit = fit_seconds_limit(minutes)
     logger.info("%s: refitting %s/%s (%s) to the %g-minute budget on %s, measuring for at most %.0f s",
                 reason, configuration, arch, _label(before), minutes, device_type, limit)
@@ -134,7 +133,7 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
     logger.info("refitted %s/%s to the %g-minute budget in %.1f s: %s -> %s (%s s per step, ~%s iterations "
                 "predicted; the run's plans.json has the fit's measurements)", configuration, arch, minutes, seconds,
                 _label(before), _label(after), chosen.get("step_time_s"), chosen.get("iterations"))
-    return new_plan, dataclasses.replace(cfg, budget_fit=record)
+    return new_plan, record
 
 
 __all__ = ["BUDGET_TOLERANCE", "fit_run_to_budget", "refit_reason"]

@@ -16,31 +16,31 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ConfigError
 from medseg.io.workdir import fold_name
+from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
+from medseg.training.run_record import RUN_RECORD_KEYS
 
 if TYPE_CHECKING:
     from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
 
-OPTIMIZERS = ("auto", "sgd", "adamw")
-#: Values of ``weight_averaging`` (:mod:`medseg.training.weight_averaging`).
-WEIGHT_AVERAGING = ("auto", "off", "ema")
 #: ``weight_averaging`` of a time-budgeted run when it is ``auto``. On the hippocampus data (AVX2 path, 16
 #: features, fold 0 of 180 cases + 20 held-out cases, two budgets, three runs), the average against the raw
 #: weights of the same run: +0.0011 / +0.0011 and +0.0010 / -0.0002 (30 min, seed 0); over 112 case pairs of
 #: two 21.5-minute seeds +0.0008 / +0.0010 per case (paired t 1.7 / 2.1, 61 of 112 cases better); docs/
 #: benchmarks.md. Small but in 11 of 12 class means; an update takes 0.2 ms against a 330 ms step (16f, 1.4M
 #: weights), and an EMA over the annealed end of a run has no statistics to go stale (instance norm). Epoch-based runs keep nnU-Net's raw final weights.
-SHORT_SCHEDULE_WEIGHT_AVERAGING = "ema"
+SHORT_SCHEDULE_WEIGHT_AVERAGING = WeightAveraging.EMA
 
 #: Optimizer settings of a time-budgeted run when ``optimizer="auto"``. nnU-Net's SGD (Nesterov momentum
 #: 0.99, lr 1e-2) is made for 250k iterations; a budget on a CPU allows one or two thousand. Measured on the
 #: hippocampus data (16 base features, batch 2, fp32, 300 iterations with the learning rate annealed to
 #: 0): SGD 0.99 / 1e-2 still predicted only background (pseudo Dice 0.00), AdamW 3e-3 reached 0.43 after
 #: 50 iterations and 0.81 after 300, SGD 0.9 / 3e-2 0.00 after 50 and 0.81 after 250.
-SHORT_SCHEDULE_OPTIMIZER = "adamw"
-SHORT_SCHEDULE_LR = {"sgd": 3e-2, "adamw": 3e-3}
+SHORT_SCHEDULE_OPTIMIZER = Optimizer.ADAMW
+SHORT_SCHEDULE_LR = {Optimizer.SGD: 3e-2, Optimizer.ADAMW: 3e-3}
 SHORT_SCHEDULE_MOMENTUM = 0.9
 #: The epoch-based (full-schedule) defaults: nnU-Net's.
-LONG_SCHEDULE_LR = {"sgd": 1e-2, "adamw": 1e-3}
+LONG_SCHEDULE_LR = {Optimizer.SGD: 1e-2, Optimizer.ADAMW: 1e-3}
 LONG_SCHEDULE_MOMENTUM = 0.99
 #: Intensity augmentation (noise, blur, brightness, contrast, low resolution, gamma) of a time-budgeted run
 #: when ``AugmentationConfig.intensity`` is None. These transforms regularise a model that would otherwise
@@ -50,8 +50,6 @@ LONG_SCHEDULE_MOMENTUM = 0.99
 #: Dice with these transforms -> without, 0.8862 -> 0.8901 (seed 12345) and 0.8866 -> 0.8869 (seed 7);
 #: the table is in README ("The laptop-CPU path").
 SHORT_SCHEDULE_INTENSITY_AUGMENTATION = False
-LR_SCHEDULES = ("poly", "cosine_restarts")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -155,21 +153,11 @@ class TrainConfig:
         keep_plan: with a time budget, train the plan's network even when the plan is not fitted to this
             budget and device (default: refit it, :mod:`medseg.training.budget_refit`); a warning then gives
             the iterations to expect.
-        budget_fit: set by :func:`~medseg.training.train`, not by hand: what a time-budgeted run did about
-            a plan not fitted to its budget (the refit: why, from what to what, in how many seconds; or why
-            the plan was kept). None when the plan was fitted to it or there is no budget.
         pretrained: start from these weights: a model bundle (``model.zip`` from ``medseg export``) or a
             medseg run checkpoint (``checkpoint_*.pt``); every tensor whose name and shape match the network
             is loaded, the rest (a first layer for other channels, heads for other classes) keeps its fresh
             initialisation (:mod:`medseg.training.pretrained`). With a time budget the plan's network is
             trained as it is (no refit). A resumed run continues from its checkpoint, never from these.
-        pretrained_report: set by :func:`~medseg.training.train`, not by hand: what was loaded from
-            ``pretrained`` (source, member, counts, the tensors skipped and why).
-        precision_check: set by :func:`~medseg.training.train`, not by hand: a CPU run at a reduced precision
-            first runs one training step of its network in a child process
-            (:func:`~medseg.training.device.checked_precision`); the check's precision, channels_last,
-            status, seconds and threads, and ``fallback: "fp32"`` when the step crashed its process (the run
-            then trains in fp32 and ``precision`` says so). None when nothing was checked.
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
             time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
             a run's ``config.json`` holds the resolved value.
@@ -223,16 +211,13 @@ class TrainConfig:
     val_iters: int = 20
     time_budget_minutes: float | None = None
     keep_plan: bool = False
-    budget_fit: dict[str, Any] | None = None
     pretrained: str | None = None
-    pretrained_report: dict[str, Any] | None = None
-    precision_check: dict[str, Any] | None = None
-    optimizer: str = "auto"
+    optimizer: Optimizer = Optimizer.AUTO
     lr: float | None = None
     momentum: float | None = None
     nesterov: bool = True
     weight_decay: float = 3e-5
-    lr_schedule: str = "poly"
+    lr_schedule: LRSchedule = LRSchedule.POLY
     poly_power: float = 0.9
     cosine_cycles: int = 3
     grad_clip: float = 12.0
@@ -244,7 +229,7 @@ class TrainConfig:
     class_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     deep_supervision: bool = True
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     channels_last: bool | None = None
     device: str = "cpu"
     num_workers: int | None = None
@@ -258,7 +243,7 @@ class TrainConfig:
     validation_tta: bool = True
     save_probabilities: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    weight_averaging: str = "auto"
+    weight_averaging: WeightAveraging = WeightAveraging.AUTO
 
     # ------------------------------------------------------------------ checks
     def check(self) -> list[str]:
@@ -276,20 +261,20 @@ class TrainConfig:
             p.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
         if self.pretrained is not None and not (isinstance(self.pretrained, str) and self.pretrained.strip()):
             p.append(f"pretrained must be the path of a model bundle or checkpoint, got {self.pretrained!r}")
-        if self.weight_averaging not in WEIGHT_AVERAGING:
-            p.append(f"weight_averaging must be one of {list(WEIGHT_AVERAGING)}, got {self.weight_averaging!r}")
-        if self.optimizer not in OPTIMIZERS:
-            p.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.weight_averaging not in choices(WeightAveraging):
+            p.append(f"weight_averaging must be one of {choices(WeightAveraging)}, got {self.weight_averaging!r}")
+        if self.optimizer not in choices(Optimizer):
+            p.append(f"optimizer must be one of {choices(Optimizer)}, got {self.optimizer!r}")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             p.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.lr is not None and not self.lr > 0:
             p.append(f"lr must be positive, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            p.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule not in choices(LRSchedule):
+            p.append(f"lr_schedule must be one of {choices(LRSchedule)}, got {self.lr_schedule!r}")
         if self.cosine_cycles < 1:
             p.append(f"cosine_cycles must be >= 1, got {self.cosine_cycles}")
-        if self.precision not in PRECISIONS:
-            p.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in choices(Precision):
+            p.append(f"precision must be one of {choices(Precision)}, got {self.precision!r}")
         if self.grad_clip < 0:
             p.append(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
@@ -310,7 +295,7 @@ class TrainConfig:
             p.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.ema_alpha < 1:
             p.append(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (self.device == DeviceKind.CPU or self.device.startswith(DeviceKind.CUDA)):
             p.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         p += self.augmentation.check()
         return p
@@ -343,7 +328,8 @@ class TrainConfig:
         :data:`SHORT_SCHEDULE_WEIGHT_AVERAGING` for a time-budgeted run, else ``off``.
         """
         short = self.short_schedule
-        optimizer = self.optimizer if self.optimizer != "auto" else (SHORT_SCHEDULE_OPTIMIZER if short else "sgd")
+        optimizer = self.optimizer if self.optimizer != Optimizer.AUTO else (
+            SHORT_SCHEDULE_OPTIMIZER if short else Optimizer.SGD)
         lr = self.lr if self.lr is not None else (SHORT_SCHEDULE_LR if short else LONG_SCHEDULE_LR)[optimizer]
         momentum = self.momentum if self.momentum is not None else (
             SHORT_SCHEDULE_MOMENTUM if short else LONG_SCHEDULE_MOMENTUM)
@@ -351,8 +337,8 @@ class TrainConfig:
         if aug.intensity is None:
             aug = dataclasses.replace(aug, intensity=SHORT_SCHEDULE_INTENSITY_AUGMENTATION if short else True)
         averaging = self.weight_averaging
-        if averaging == "auto":
-            averaging = SHORT_SCHEDULE_WEIGHT_AVERAGING if short else "off"
+        if averaging == WeightAveraging.AUTO:
+            averaging = SHORT_SCHEDULE_WEIGHT_AVERAGING if short else WeightAveraging.OFF
         return dataclasses.replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum), augmentation=aug,
                                    weight_averaging=averaging)
 
@@ -363,22 +349,20 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of Python builtins (tuples become lists)."""
-        return _builtin(dataclasses.asdict(self))
+        """JSON-ready dict of Python builtins (tuples become lists, options their strings)."""
+        return to_json_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "training configuration") -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys or wrong types raise :class:`ConfigError`."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
-        kwargs = _convert_fields(cls, d, where)
-        aug = kwargs.get("augmentation")
-        if isinstance(aug, dict):
-            kwargs["augmentation"] = AugmentationConfig(**_convert_fields(AugmentationConfig, aug, f"{where}.augmentation"))
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        """Inverse of :meth:`to_dict`; unknown keys or wrong types raise :class:`ConfigError`.
+
+        The keys of what a run did (:data:`~medseg.training.run_record.RUN_RECORD_KEYS`), which a
+        ``config.json`` (or a checkpoint's ``train_config``) written before the run record held, are left
+        out: :func:`~medseg.training.run_record.RunRecord.from_config_dict` reads them.
+        """
+        if isinstance(d, dict) and any(k in d for k in RUN_RECORD_KEYS):
+            d = {k: v for k, v in d.items() if k not in RUN_RECORD_KEYS}
+        return from_json_dict(cls, d, where, ConfigError)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -440,27 +424,3 @@ def run_plan(plan: Plan, cfg: TrainConfig, configuration: str, arch: str) -> tup
         configs[configuration] = cfg_plan
         plan = dataclasses.replace(plan, configurations=configs)
     return plan, net
-
-
-def _builtin(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _builtin(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_builtin(x) for x in v]
-    return v
-
-
-def _convert_fields(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    out: dict[str, Any] = {}
-    for name, value in d.items():
-        default = fields[name].default
-        if isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[name] = value
-    return out

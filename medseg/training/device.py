@@ -19,6 +19,7 @@ import torch
 
 from medseg.errors import ConfigError
 from medseg.machine import cpu_has_fast_bf16
+from medseg.options import DeviceKind, Precision, parse_option
 from medseg.planning.plan import NetworkPlan, Plan
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import DistContext
@@ -34,21 +35,26 @@ def resolve_precision(precision: str, device: torch.device, planned: str | None 
     bf16, fp32 otherwise.
 
     Raises:
-        ConfigError: fp16 on the CPU (use bf16), or bf16 on a GPU without bf16 support.
+        ConfigError: an unknown precision, fp16 on the CPU (use bf16), or bf16 on a GPU without bf16 support.
     """
-    if precision == "auto":
-        if device.type == "cuda":
-            if planned == "bf16" and torch.cuda.is_bf16_supported():
-                return "bf16"
-            return "fp16"
-        if planned == "fp32":
-            return "fp32"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
+    return _resolve_precision(parse_option(Precision, precision, "precision"), device, planned).value
+
+
+def _resolve_precision(precision: Precision, device: torch.device, planned: str | None) -> Precision:
+    """:func:`resolve_precision` on a parsed precision (the public one returns the plain string checkpoints store)."""
+    if precision == Precision.AUTO:
+        if device.type == DeviceKind.CUDA:
+            if planned == Precision.BF16 and torch.cuda.is_bf16_supported():
+                return Precision.BF16
+            return Precision.FP16
+        if planned == Precision.FP32:
+            return Precision.FP32
+        return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
+    if precision == Precision.FP16 and device.type == DeviceKind.CPU:
         raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == Precision.BF16 and device.type == DeviceKind.CUDA and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    if precision == Precision.BF16 and device.type == DeviceKind.CPU and not cpu_has_fast_bf16():
         logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
                        "much slower than fp32; consider --precision fp32")
     return precision
@@ -76,7 +82,7 @@ def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_
         seed: seed of the check's random weights and batch.
 
     Returns:
-        ``(precision to train at, record)``: the record (for ``config.json``: precision, channels_last,
+        ``(precision to train at, record)``: the record (``RunRecord.precision_check``: precision, channels_last,
         status, seconds, threads, and ``fallback: "fp32"`` after a crash) is None when nothing was checked.
     """
     if device.type != "cpu" or precision == "fp32":
@@ -98,14 +104,10 @@ def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_
         record["status"] = "crashed on another rank"
     record["fallback"] = "fp32"
     logger.warning("a %s%s training step of this run's network (patch %s, batch %d) %s its check process: this "
-                   "build of torch cannot train it at %s on this CPU, so the run trains in fp32 (config.json: "
+                   "build of torch cannot train it at %s on this CPU, so the run trains in fp32 (run_record.json: "
                    "precision_check)", precision, " channels-last" if channels_last else "",
                    "x".join(map(str, net.patch_size)), net.batch_size, record["status"], precision)
     return "fp32", record
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def default_num_threads(world_size: int = 1) -> int:

@@ -10,7 +10,7 @@ Every tensor of the new network whose name and shape match a pretrained tensor i
 cannot carry over: the first convolution when the number of input channels differs, the output heads
 (deep-supervision heads included) when the number of classes differs. A pretrained network with no
 matching tensor at all (another architecture or width) is refused. What was loaded and skipped is
-logged and recorded in the run's ``config.json`` (``TrainConfig.pretrained_report``).
+logged and recorded in the run's ``run_record.json`` (``RunRecord.pretrained_report``).
 
 A time-budgeted run with pretrained weights trains the plan's network as it is: the refit to the budget
 (:mod:`medseg.training.budget_refit`) could change its width, and then the weights would not fit. A
@@ -296,7 +296,7 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, plan: Plan, conf
         plan / configuration / arch: the run's plan and what it trains (for messages).
 
     Returns:
-        The record stored as ``TrainConfig.pretrained_report``: ``source`` (absolute path), ``sha256``,
+        The record stored as ``RunRecord.pretrained_report``: ``source`` (absolute path), ``sha256``,
         ``member``, ``loaded`` / ``tensors`` (counts), ``loaded_weights_fraction``, ``skipped`` (names of
         the network's tensors left at their fresh initialisation), ``mismatched_shapes`` (name ->
         ``["4x32x1x1x1", "3x32x1x1x1"]``: pretrained, network) and ``unused`` (pretrained tensors the network lacks).

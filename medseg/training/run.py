@@ -1,7 +1,8 @@
 """``train(work_dir, cfg)``: the library entry point of ``medseg train``; and loading trained runs.
 
 Run folder ``WORK/runs/<configuration>/<arch>/fold_<k>/`` (``fold_all`` for ``--fold all``) with
-``config.json``, ``plans.json``, ``checkpoint_{latest,best,final}.pt``, ``training_log.txt``,
+``config.json`` (the settings), ``run_record.json`` (what the run did: :class:`~medseg.training.run_record.RunRecord`),
+``plans.json``, ``checkpoint_{latest,best,final}.pt``, ``training_log.txt``,
 ``training_curves.png``, ``progress.json`` and ``validation/``; ``.lock`` while a process trains it
 (:mod:`medseg.training.lock`: a second ``medseg train`` of the same run is refused).
 
@@ -14,7 +15,7 @@ is refitted first (:mod:`medseg.training.budget_refit`, unless ``keep_plan`` or 
 final validation gets the time left (:class:`~medseg.training.validation_budget.ValidationBudget`).
 
 A fresh run with ``pretrained`` starts from the matching tensors of those weights
-(:mod:`medseg.training.pretrained`); what was loaded is in ``config.json`` (``pretrained_report``).
+(:mod:`medseg.training.pretrained`); what was loaded is in ``run_record.json`` (``pretrained_report``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from medseg.training.config import TrainConfig
 from medseg.training.distributed import init_distributed, launch_rank
 from medseg.training.lock import RunLock
 from medseg.training.previous_stage import prepare_previous_stage
+from medseg.training.run_record import RunRecord
 from medseg.training.splits import fold_cases
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,27 @@ RESUMABLE_FIELDS = ("epochs", "time_budget_minutes", "device", "num_workers", "n
 def run_dir_for(work_dir: str | Path, configuration: str, arch: str, fold: int | str) -> Path:
     """``WORK/runs/<configuration>/<arch>/fold_<k>``."""
     return WorkDir(work_dir).run(configuration, arch, fold).path
+
+
+def read_run_record(run_dir: str | Path) -> RunRecord:
+    """The run record of a run folder: ``run_record.json``, or for a run written before it existed, the
+    record's keys in its ``config.json`` (an empty record when neither holds one).
+
+    Raises:
+        ConfigError: the file is unreadable or malformed.
+    """
+    run = RunDir(run_dir)
+    path = run.run_record
+    if path.is_file():
+        return RunRecord.load(path)
+    config = run.config
+    if not config.is_file():
+        return RunRecord()
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{config}: cannot read the training configuration ({exc})") from None
+    return RunRecord.from_config_dict(d, where=str(config))
 
 
 def _merge_for_resume(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
@@ -146,6 +169,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
     run = RunDir(run_dir)
     latest = run.checkpoint("latest")
     checkpoint = None
+    record = RunRecord()
     if resume and latest.is_file():
         checkpoint = load_checkpoint(latest)
         if checkpoint["configuration"] != configuration or checkpoint["arch"] != arch:
@@ -157,6 +181,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
         except (ConfigError, PlanError) as exc:
             raise CheckpointError(f"{latest}: unreadable stored settings: {exc}") from None
         cfg = _merge_for_resume(stored, cfg)
+        record = read_run_record(run_dir)
     else:
         if resume:
             logger.info("%s: nothing to resume, starting a new run", run_dir)
@@ -190,18 +215,21 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
         log_path = run.training_log if dist_ctx.is_main else None
         with _RunLogFile(log_path):
             if checkpoint is None and cfg.time_budget_minutes is not None:
-                plan, cfg = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
-            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started)
-            cfg = trainer.cfg  # with the trainer's precision_check (and its fp32 fallback)
+                plan, budget_fit = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
+                record = dataclasses.replace(record, budget_fit=budget_fit)
+            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started,
+                              run_record=record)
+            cfg = trainer.cfg  # with the trainer's fp32 fallback (trainer.run_record: the precision_check)
             if pretrained is not None:
                 report = load_pretrained(unwrap(trainer.model), pretrained, trainer.plan, configuration, arch)
-                cfg = trainer.cfg = dataclasses.replace(trainer.cfg, pretrained_report=report)
+                trainer.run_record = dataclasses.replace(trainer.run_record, pretrained_report=report)
                 pretrained = None  # the copied weights are the model's now
             elif checkpoint is not None and cfg.pretrained is not None:
                 logger.info("resuming from %s: the pretrained weights (%s) were loaded when the run started and "
                             "are not loaded again", latest.name, cfg.pretrained)
             if dist_ctx.is_main:
                 atomic_write_text(run.config, cfg.to_json())
+                atomic_write_text(run.run_record, trainer.run_record.to_json())
                 trainer.plan.save(run.plans)
             trained = trainer.fit()
             if trained or not run.checkpoint("final").is_file():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from medseg.options import LRSchedule
+
 
 def poly_factor(progress: float, power: float = 0.9) -> float:
     """``(1 - progress) ** power``, progress clipped to [0, 1]."""
@@ -39,8 +41,8 @@ def lr_factor(schedule: str, progress: float, poly_power: float = 0.9, cosine_cy
     Raises:
         ValueError: unknown ``schedule``.
     """
-    if schedule == "poly":
+    if schedule == LRSchedule.POLY:
         return poly_factor(progress, poly_power)
-    if schedule == "cosine_restarts":
+    if schedule == LRSchedule.COSINE_RESTARTS:
         return cosine_restarts_factor(progress, cosine_cycles)
     raise ValueError(f"unknown lr schedule {schedule!r}; use 'poly' or 'cosine_restarts'")

@@ -42,12 +42,12 @@ from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
 from medseg.networks import build_network
 from medseg.networks.memory import keep_freed_cpu_memory
+from medseg.machine import autocast_dtype
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig, run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
 from medseg.training.device import (
     ThreadTuner,
-    autocast_dtype,
     channels_last_format,
     checked_precision,
     planned_precision_and_layout,
@@ -57,6 +57,7 @@ from medseg.training.device import (
 )
 from medseg.training.distributed import DistContext, unwrap
 from medseg.training.progress import augmentation_summary, epoch_line
+from medseg.training.run_record import RunRecord
 from medseg.training.schedule import lr_factor
 from medseg.training.step import (
     MAX_SKIPPED_IN_A_ROW,
@@ -95,6 +96,8 @@ class Trainer(TrainerState, TrainerValidation):
         train_ids / val_ids: the fold's training and held-out cases.
         started: ``time.perf_counter()`` when the command started (what came before the trainer, e.g. a
             budget refit, counts against a time budget); None = now.
+        run_record: what the run did so far (its ``budget_fit`` and ``pretrained_report``); the trainer adds
+            its ``precision_check`` (``self.run_record``).
 
     Raises:
         ConfigError: settings that do not fit the plan (e.g. ``class_weights``).
@@ -103,10 +106,11 @@ class Trainer(TrainerState, TrainerValidation):
 
     def __init__(self, work_dir: Path, plan: Plan, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
                  train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
-                 started: float | None = None) -> None:
+                 started: float | None = None, run_record: RunRecord | None = None) -> None:
         started = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
+        self.run_record = run_record if run_record is not None else RunRecord()
         assert cfg.configuration is not None and cfg.arch is not None
         self.configuration, self.arch = cfg.configuration, cfg.arch
 
@@ -145,7 +149,8 @@ class Trainer(TrainerState, TrainerValidation):
                 plan.network_in_channels(self.configuration), plan.num_classes, self.device, dist_ctx, cfg.seed)
             self.amp_dtype = autocast_dtype(self.precision)
             fallback = {"precision": "fp32"} if check is not None and check.get("fallback") else {}
-            self.cfg = cfg = dataclasses.replace(cfg, precision_check=check, **fallback)
+            self.cfg = cfg = dataclasses.replace(cfg, **fallback)
+            self.run_record = dataclasses.replace(self.run_record, precision_check=check)
         spacing = cfg_plan.spacing
         self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
             and spacing[0] == max(spacing)
@@ -200,7 +205,8 @@ class Trainer(TrainerState, TrainerValidation):
             {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}, self.patch_size, self.num_classes,
             self.mirror_axes, net.total_stride(), cfg.validation_tta)
         self._param_count: int | None = None
-        self._warn_kept_plan = bool(cfg.budget_fit) and not cfg.budget_fit.get("refit", True)
+        budget_fit = self.run_record.budget_fit
+        self._warn_kept_plan = bool(budget_fit) and not budget_fit.get("refit", True)
         self.step_check = StepTimeCheck.for_run(plan, self.configuration, self.arch, net)
         self.clock: TrainingClock = self._make_clock(started)
         if checkpoint is not None:

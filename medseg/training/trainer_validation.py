@@ -132,7 +132,7 @@ class TrainerValidation:
         """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
         self._warn_kept_plan = False
         expected = self.iteration + (0 if self.budget is None else self.budget.iterations_left(step_seconds))
-        fit = self.cfg.budget_fit or {}
+        fit = self.run_record.budget_fit or {}
         logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
                        "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
                        step_seconds, expected, self.cfg.time_budget_minutes)

@@ -32,7 +32,7 @@ def test_train_time_budget_refits_an_unfitted_plan_and_keeps_its_promise(tmp_pat
     assert wall <= minutes * 60 * 1.05 + STARTUP_SECONDS, wall
 
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
-    record = json.loads((run / "config.json").read_text())["budget_fit"]
+    record = json.loads((run / "run_record.json").read_text())["budget_fit"]
     assert record["refit"] is True and record["reason"] == "the plan is not fitted to a time budget"
     # the probe always runs, and the first step of a process also sets its kernels up: a few seconds over
     assert record["fit_seconds"] <= record["fit_limit_seconds"] + 10.0

@@ -57,7 +57,7 @@ def test_fine_tune_from_a_bundle_with_other_classes(tmp_path, synthetic_dataset,
     assert main(["train", str(target), *TRAIN, "--pretrained", str(bundle)]) == 0
     run = target / "runs" / "3d_fullres" / "unet" / "fold_0"
     cfg = json.loads((run / "config.json").read_text())
-    report = cfg["pretrained_report"]
+    report = json.loads((run / "run_record.json").read_text())["pretrained_report"]
     assert cfg["pretrained"] == str(bundle) and report["member"].startswith("3d_fullres/unet/fold_0")
     heads = [n for n in report["skipped"] if n.startswith("heads.")]
     assert heads == report["skipped"] and "heads.0.weight" in heads and "heads.0.bias" in heads
@@ -76,5 +76,5 @@ def test_fine_tune_from_a_bundle_with_other_classes(tmp_path, synthetic_dataset,
     shutil.rmtree(again / "runs")
     ckpt = source / "runs" / "3d_fullres" / "unet" / "fold_0" / "checkpoint_final.pt"
     assert main(["train", str(again), *TRAIN, "--no-validation", "--pretrained", str(ckpt)]) == 0
-    report = json.loads((again / "runs/3d_fullres/unet/fold_0/config.json").read_text())["pretrained_report"]
+    report = json.loads((again / "runs/3d_fullres/unet/fold_0/run_record.json").read_text())["pretrained_report"]
     assert report["loaded"] == report["tensors"] and report["skipped"] == []

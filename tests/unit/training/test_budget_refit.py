@@ -39,19 +39,18 @@ def test_keep_plan_and_several_processes_train_the_plan_as_it_is(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=4.0, keep_plan=True, configuration="3d_fullres", arch="unet")
     same, kept = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
-    assert same is plan and kept.budget_fit["refit"] is False and kept.budget_fit["kept_by"] == "--keep-plan"
+    assert same is plan and kept["refit"] is False and kept["kept_by"] == "--keep-plan"
     same, kept = fit_run_to_budget(plan, dataclasses.replace(cfg, keep_plan=False), "3d_fullres", "unet",
                                    distributed=True)
-    assert same is plan and "several processes" in kept.budget_fit["kept_by"]
+    assert same is plan and "several processes" in kept["kept_by"]
     fitted = _fitted(plan)
-    assert fit_run_to_budget(fitted, cfg, "3d_fullres", "unet") == (fitted, cfg)
+    assert fit_run_to_budget(fitted, cfg, "3d_fullres", "unet") == (fitted, None)
 
 
 def test_a_real_refit_changes_only_the_network(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=0.3, configuration="3d_fullres", arch="unet")
-    new, cfg2 = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
-    rec = cfg2.budget_fit
+    new, rec = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
     # the probe always runs, and the first step of a process also sets its kernels up: a few seconds over
     assert rec["refit"] is True and rec["fit_seconds"] <= rec["fit_limit_seconds"] + 10.0
     assert rec["from"]["base_features"] == 4 and rec["to"]["base_features"] in (16, 24, 32)
@@ -88,7 +87,7 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
     monkeypatch.setattr(budget, "fit_plan_to_budget", fake_fit)
     run = train(tiny_work, TrainConfig(time_budget_minutes=0.1, fold="all", **QUICK))
     assert calls == [("cpu", 0.1, "3d_fullres", "unet", pytest.approx(0.6))]
-    rec = json.loads((run / "config.json").read_text())["budget_fit"]
+    rec = json.loads((run / "run_record.json").read_text())["budget_fit"]
     assert rec["refit"] is True and rec["to"]["base_features"] == 8 and rec["from"]["base_features"] == 4
     assert Plan.load(run / "plans.json").configuration("3d_fullres").network().base_features == 8
     assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["networks"][
@@ -101,7 +100,7 @@ def test_keep_plan_warns_once_with_the_iterations_to_expect(tiny_work, caplog):
         run = train(tiny_work, TrainConfig(time_budget_minutes=0.1, fold="all", keep_plan=True, **QUICK))
     warnings = [r.getMessage() for r in caplog.records if "iterations fit in the 0.1-minute budget" in r.getMessage()]
     assert len(warnings) == 1 and "not fitted to a time budget (kept: --keep-plan)" in warnings[0]
-    assert json.loads((run / "config.json").read_text())["budget_fit"]["refit"] is False
+    assert json.loads((run / "run_record.json").read_text())["budget_fit"]["refit"] is False
 
 
 def test_a_validation_too_long_for_the_budget_is_shortened_not_overrun(tiny_work, monkeypatch):

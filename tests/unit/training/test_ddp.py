@@ -46,5 +46,5 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(tiny_work, tmp_
         assert torch.allclose(ddp["model"][k].float(), v.float(), rtol=1e-4, atol=1e-5), k
     # only rank 0 wrote: one set of outputs, no stray files
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "plans.json", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt",
-         "training_log.txt", "training_curves.png", "progress.json"])
+        ["config.json", "run_record.json", "plans.json", "checkpoint_latest.pt", "checkpoint_best.pt",
+         "checkpoint_final.pt", "training_log.txt", "training_curves.png", "progress.json"])

@@ -16,6 +16,7 @@ from medseg.planning.plan import NetworkPlan, Plan
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.pretrained import check_match, load_pretrained, match_weights, read_pretrained
+from medseg.training.run_record import RunRecord
 
 FAST = dict(iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
             final_validation=False)
@@ -138,7 +139,7 @@ def test_train_from_a_bundle_records_what_was_loaded_and_resume_does_not_reload(
 
     cfg = TrainConfig(epochs=1, pretrained=str(bundle), **FAST)
     run = train(tiny_work, dataclasses.replace(cfg, iters_per_epoch=1, lr=1e-9))
-    report = TrainConfig.load(run / "config.json").pretrained_report
+    report = RunRecord.load(run / "run_record.json").pretrained_report
     assert report["loaded"] == report["tensors"] > 0 and report["skipped"] == []
     assert report["member"].startswith("3d_fullres/unet/fold_0") and report["source"] == str(bundle.resolve())
     assert "pretrained: loaded" in (run / "training_log.txt").read_text()
@@ -155,7 +156,7 @@ def test_train_from_a_bundle_records_what_was_loaded_and_resume_does_not_reload(
     monkeypatch.setattr(pretrained_module, "prepare_pretrained", fail)
     train(tiny_work, dataclasses.replace(cfg, epochs=2), resume=True)
     assert load_checkpoint(run / "checkpoint_final.pt")["epoch"] == 2
-    assert TrainConfig.load(run / "config.json").pretrained_report == report
+    assert RunRecord.load(run / "run_record.json").pretrained_report == report
     assert "are not loaded again" in (run / "training_log.txt").read_text()
 
 
@@ -163,7 +164,7 @@ def test_a_time_budget_with_pretrained_weights_keeps_the_plan(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=4.0, pretrained="model.zip", configuration="3d_fullres", arch="unet")
     same, kept = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
-    assert same is plan and kept.budget_fit["refit"] is False and "--pretrained" in kept.budget_fit["kept_by"]
+    assert same is plan and kept["refit"] is False and "--pretrained" in kept["kept_by"]
 
 
 def test_pretrained_must_be_a_path():
