@@ -76,6 +76,7 @@ import torch
 
 from medseg.errors import PlanError
 from medseg.planning.candidates import Candidate, default_candidates
+from medseg.planning.memory import estimate_training_memory_gb
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
 from medseg.planning.step_timing import (
     CHEAP_ROUNDS_SECONDS,
@@ -415,8 +416,7 @@ def fit_plan_to_budget(
 
     new_net = chosen.candidate.network(template, levers_of(chosen)["precision"])
     new_net = replace(new_net, estimated_memory_gb=_estimate_memory(new_net, cin, k, device))
-    sizes = {"patch_size": new_net.patch_size, "batch_size": new_net.batch_size} if arch == cfg.default_arch else {}
-    new_cfg: ConfigurationPlan = replace(cfg, networks={**cfg.networks, arch: new_net}, **sizes)
+    new_cfg: ConfigurationPlan = replace(cfg, networks={**cfg.networks, arch: new_net})
     fit_levers = {"precision": precision, "channels_last": channels_last}
     rows = [{**_cand_dict(m.candidate), **levers_of(m), **_prediction(m, budget_s, need), "score": m.candidate.score,
              "status": m.status, "spread": m.spread} for m in measured]
@@ -430,7 +430,7 @@ def fit_plan_to_budget(
         "minutes": float(minutes),
         "configuration": cfg_name,
         "arch": arch,
-        "replaced": {"base_features": template.base_features, "max_features": template.max_features,
+        "replaced": {"base_features": template.spec.base_features, "max_features": template.spec.max_features,
                      "patch_size": list(template.patch_size), "batch_size": template.batch_size,
                      "precision": template.precision},
         "torch_threads": torch.get_num_threads(),
@@ -769,8 +769,6 @@ def _filter_by_memory(
 
 
 def _estimate_memory(net: NetworkPlan, cin: int, k: int, device: str) -> float | None:
-    from medseg.networks.memory import estimate_training_memory_gb
-
     try:
         return round(float(estimate_training_memory_gb(net, cin, k, device=device)), 4)
     except TypeError:  # an estimator without the device argument
@@ -778,7 +776,7 @@ def _estimate_memory(net: NetworkPlan, cin: int, k: int, device: str) -> float |
 
 
 def _cand_dict_of(net: NetworkPlan) -> dict[str, Any]:
-    return {"base_features": net.base_features, "max_features": net.max_features,
+    return {"base_features": net.spec.base_features, "max_features": net.spec.max_features,
             "patch_size": list(net.patch_size), "batch_size": net.batch_size}
 
 

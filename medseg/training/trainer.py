@@ -38,6 +38,7 @@ from tqdm import tqdm
 from medseg.errors import ConfigError, TrainingError
 from medseg.faults import maybe_fail
 from medseg.io.checkpoint import remove_stale_temporaries, save_checkpoint
+from medseg.machine import keep_freed_cpu_memory
 from medseg.planning.plan import Plan
 from medseg.training.config import AugmentationConfig, TrainConfig, run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
@@ -104,8 +105,6 @@ class Trainer:
         self.device = resolve_device(cfg.device, dist_ctx)
         self.num_workers, self.num_threads = workers_and_threads(cfg, self.device, dist_ctx.world_size)
         if self.device.type == "cpu":
-            from medseg.networks.memory import keep_freed_cpu_memory
-
             keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
         self.thread_tuner = ThreadTuner(self.num_threads, enabled=cfg.num_threads is None and not cfg.deterministic
                                         and self.device.type == "cpu" and not dist_ctx.enabled)
@@ -160,10 +159,8 @@ class Trainer:
                                         None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
 
         # -------- model, loss, optimizer
-        from medseg.networks import build_network
-
         self.num_classes = plan.num_classes
-        model = build_network(net, plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
+        model = net.build(plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=channels_last_format(self.dims))
         self.model: nn.Module = model

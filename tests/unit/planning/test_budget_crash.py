@@ -34,11 +34,11 @@ class CrashingClock:
         self.calls: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
 
     def __call__(self, net, cin, k, device, precision, channels_last, steps):
-        self.calls.append((net.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
+        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
         self.now += 1.0
         if self.crash(net, precision, channels_last):
             return SEGV
-        t = 0.05 + 1e-7 * net.base_features * math.prod(net.patch_size) * net.batch_size
+        t = 0.05 + 1e-7 * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
         return t * (0.9 if channels_last else 1.0) * (0.5 if precision == "bf16" else 1.0)
 
 
