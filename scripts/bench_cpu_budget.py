@@ -66,7 +66,7 @@ def _run_facts(work: Path) -> dict:
     cfg_name = run.parent.parent.name
     try:
         net = plan["configurations"][cfg_name]["networks"][run.parent.name]
-        facts["network"] = (f"{net['base_features']}f {'x'.join(map(str, net['patch_size']))} "
+        facts["network"] = (f"{net['spec']['base_features']}f {'x'.join(map(str, net['patch_size']))} "
                             f"b{net['batch_size']} {net['precision']}")
     except (KeyError, TypeError):
         pass
