@@ -90,8 +90,8 @@ def _edit_network_options(plans_json: Path, options: dict) -> None:
     """Merge ``options`` into the default network of the default configuration (the budget fit stays)."""
     plan = json.loads(plans_json.read_text())
     cfg = plan["configurations"][plan["default_configuration"]]
-    net = cfg["networks"][cfg["default_arch"]]
-    net["options"] = {**net.get("options", {}), **options}
+    spec = cfg["networks"][cfg["default_arch"]]["spec"]
+    spec["options"] = {**spec.get("options", {}), **options}
     _atomic_write_text(plans_json, json.dumps(plan, indent=2))
 
 

@@ -111,14 +111,13 @@ def test_plan_round_trips_through_json(tmp_path):
     back = Plan.load(tmp_path / "plans.json")
     assert back == p
     d = json.loads((tmp_path / "plans.json").read_text())
-    assert d["configurations"]["3d_fullres"]["patch_size"] == [112, 160, 128]
+    assert d["configurations"]["3d_fullres"]["networks"]["unet"]["patch_size"] == [112, 160, 128]
     assert "median_spacing" in d["notes"]["spacing"]
 
 
 def test_edited_inconsistent_plan_is_refused(tmp_path):
     p = plan(*HIPPO_LIKE)
     d = p.to_dict()
-    d["configurations"]["3d_fullres"]["patch_size"] = [36, 56, 40]
     d["configurations"]["3d_fullres"]["networks"]["unet"]["patch_size"] = [36, 56, 40]
     (tmp_path / "plans.json").write_text(json.dumps(d))
     with pytest.raises(PlanError, match="not divisible"):
