@@ -10,7 +10,8 @@ list of logits, full resolution first. Public API::
     available_networks() -> list[str]
 
 Networks take a :class:`~medseg.networks.spec.NetworkSpec` (topology only); patch, batch, precision and
-the memory model are planning decisions (:mod:`medseg.planning.plan`, :mod:`medseg.planning.memory`).
+the memory model are decisions of the planning layer (its ``NetworkPlan`` holds a spec), which sits above
+this package and is never imported from it.
 """
 
 from __future__ import annotations

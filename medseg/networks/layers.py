@@ -1,8 +1,8 @@
 """Building blocks shared by every architecture, for 2D and 3D from one code path.
 
-The number of spatial dimensions (2 or 3, the length of each ``spec.strides`` entry) picks the convolution, transposed
-convolution and dropout classes; everything else is written once. Tensors are ``(B, C, Y, X)`` or
-``(B, C, Z, Y, X)``. All blocks work with ``torch.channels_last``/``torch.channels_last_3d`` inputs and
+The number of spatial dimensions (2 or 3, the length of each ``spec.strides`` entry) picks the
+convolution, transposed convolution and dropout classes; everything else is written once. Tensors are
+``(B, C, Y, X)`` or ``(B, C, Z, Y, X)``. All blocks work with ``torch.channels_last``/``torch.channels_last_3d`` inputs and
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and CUDA autocast).
 """
 

@@ -3,7 +3,8 @@
 A :class:`NetworkSpec` is what an architecture builder needs to lay out its layers: the registry name,
 per-stage kernel sizes and strides, feature counts, normalisation, deep supervision and
 architecture-specific options. Patch size, batch size, precision and the memory estimate are planning
-decisions; they live in :class:`medseg.planning.plan.NetworkPlan`, which holds a spec.
+decisions; they live in the planning layer's ``NetworkPlan``, which holds a spec (networks never import
+planning).
 
 Conventions: kernel sizes and strides are per stage, per axis in array order ``(Z, Y, X)`` (``(Y, X)``
 for 2D networks); stage 0 does not downsample (all strides 1).

@@ -165,8 +165,8 @@ def fit_plan_to_budget(
 
     Returns:
         A new validated :class:`Plan` (``dataclasses.replace``): the fitted network has the chosen width,
-        patch, batch and precision (and a fresh memory estimate), the configuration's
-        ``patch_size``/``batch_size`` match it (default architecture), ``time_budget_minutes=minutes``,
+        patch, batch and precision (and a fresh memory estimate; a configuration's ``patch_size``/``batch_size``
+        are those of its default network), ``time_budget_minutes=minutes``,
         ``device=device``, ``default_configuration=configuration``, and ``notes["budget"]`` records every candidate's measured
         step time (and its rounds' spread), precision, channels-last, predicted iterations and samples, the
         reasoning, the time limit, the measuring processes and every setting that crashed its process (never

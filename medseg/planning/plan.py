@@ -23,7 +23,7 @@ from medseg.errors import PlanError, raise_for_problems
 from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
-from medseg.networks.spec import NORM_LAYERS, NetworkSpec
+from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan_json import (
     SCHEMA_VERSION,
     NestedTable,
@@ -33,10 +33,8 @@ from medseg.planning.plan_json import (
     to_builtin,
 )
 
-__all__ = [
-    "NORMALIZATION_SCHEMES", "NORM_LAYERS", "PRECISIONS", "SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan",
-    "NetworkSpec", "NormalizationSpec", "Plan", "dumps_readable",
-]
+__all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
+           "dumps_readable"]
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
