@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import sys
+
 import torch
 
 from medseg.options import DeviceKind, Precision
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -43,4 +49,43 @@ def autocast_dtype(precision: str, device_type: str | None = None) -> torch.dtyp
     raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
 
 
-__all__ = ["autocast_dtype", "cpu_has_fast_bf16"]
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_allocator_configured: bool | None = None
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the system (CPU training).
+
+    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
+    unmaps it on free, so each training step's large activations arrive as new, zero-filled pages: a
+    3D U-Net step then spends a large share of its time in page faults (measured on 2 cores, 32
+    features, patch 40x56x40, batch 4, bf16: 1.39M minor faults and 1.69-1.76 s/step before, 0.27M and
+    0.88-1.37 s/step after). Here large blocks come from the heap and freed memory is kept, so steps
+    reuse it; the price is that the process holds on to its peak memory until it exits, which is what
+    a training process or a timing measurement wants.
+
+    Process-wide and idempotent; a no-op (returning False) where the C library is not glibc.
+
+    Returns:
+        True when the allocator was configured (now or by an earlier call).
+    """
+    global _allocator_configured
+    if _allocator_configured is not None:
+        return _allocator_configured
+    ok = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        except (OSError, AttributeError):
+            ok = False
+    _allocator_configured = ok
+    logger.debug("glibc allocator keeps freed memory: %s", ok)
+    return ok
+
+
+__all__ = ["autocast_dtype", "cpu_has_fast_bf16", "keep_freed_cpu_memory"]

@@ -86,7 +86,7 @@ class CachedMeasure:
 
     def __call__(self, net: NetworkPlan, cin: int, k: int, device: str, precision: str, channels_last: bool,
                  steps: int) -> float:
-        key = self.key(net.base_features, net.max_features, net.patch_size, net.batch_size, precision, channels_last)
+        key = self.key(net.spec.base_features, net.spec.max_features, net.patch_size, net.batch_size, precision, channels_last)
         if key not in self.table:
             self.extra += 1
             self.table[key] = measure_step_time(net, cin, k, device, precision, channels_last, steps)

@@ -70,7 +70,7 @@ def _run_facts(work: Path) -> dict:
     cfg_name = run.configuration
     try:
         net = plan["configurations"][cfg_name]["networks"][run.arch]
-        facts["network"] = (f"{net['base_features']}f {'x'.join(map(str, net['patch_size']))} "
+        facts["network"] = (f"{net['spec']['base_features']}f {'x'.join(map(str, net['patch_size']))} "
                             f"b{net['batch_size']} {net['precision']}")
     except (KeyError, TypeError):
         pass
@@ -94,8 +94,8 @@ def _edit_network_options(plans_json: Path, options: dict) -> None:
     """Merge ``options`` into the default network of the default configuration (the budget fit stays)."""
     plan = json.loads(plans_json.read_text())
     cfg = plan["configurations"][plan["default_configuration"]]
-    net = cfg["networks"][cfg["default_arch"]]
-    net["options"] = {**net.get("options", {}), **options}
+    spec = cfg["networks"][cfg["default_arch"]]["spec"]
+    spec["options"] = {**spec.get("options", {}), **options}
     _atomic_write_text(plans_json, json.dumps(plan, indent=2))
 
 

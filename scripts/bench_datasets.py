@@ -150,7 +150,7 @@ def bench(name: str, root: Path, minutes: float) -> dict:
     cfg = plan["configurations"]["3d_fullres"]
     net = cfg["networks"]["unet"]
     row.update(spacing=cfg["spacing"], patch=net["patch_size"], batch=net["batch_size"], mirror=cfg["mirror_axes"],
-               features=net["base_features"])
+               features=net["spec"]["base_features"])
     rc, row["train_s"], row["train_gb"] = run(["train", str(work), "--fold", "all", "--time-budget", f"{minutes:g}",
                                                "--device", "cpu", "--no-validation"], log)
     if rc != 0:

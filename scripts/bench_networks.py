@@ -24,16 +24,10 @@ import time
 
 import torch
 
-from medseg.networks import available_networks
-from medseg.networks.memory import (
-    GIB,
-    estimate_training_memory_gb,
-    make_optimizer,
-    measure_training_peak_gb,
-    training_step,
-)
-from medseg.networks.registry import build_network
+from medseg.networks import NetworkSpec, available_networks
+from medseg.planning.memory import GIB, estimate_training_memory_gb, measure_training_peak_gb
 from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.reference_step import make_optimizer, training_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +69,8 @@ def networks(args: argparse.Namespace) -> list[tuple[NetworkPlan, int, int]]:
     if tuple(patch) != tuple(args.patch):
         print(f"note: patch {args.patch} rounded up to {list(patch)} (divisible by the total stride)")
     return [
-        (NetworkPlan(arch=a, patch_size=patch, batch_size=args.batch, kernel_sizes=kernels, strides=strides,
-                     base_features=args.base_features, max_features=args.max_features),
+        (NetworkPlan(NetworkSpec(arch=a, kernel_sizes=kernels, strides=strides, base_features=args.base_features,
+                                 max_features=args.max_features), patch_size=patch, batch_size=args.batch),
          args.in_channels, args.num_classes)
         for a in archs
     ]
@@ -86,7 +80,7 @@ def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last
     """Median wall-clock and process CPU seconds of one training step (CPU time is the steadier number on
     a shared machine; with several threads it adds up the threads)."""
     device = torch.device(args.device)
-    model = build_network(net, cin, k).to(device)
+    model = net.build(cin, k).to(device)
     x = torch.randn(net.batch_size, cin, *net.patch_size, device=device)
     target = torch.randint(0, k, (net.batch_size, *net.patch_size), device=device)
     if channels_last:
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for net0, cin, k in networks(args):
-        n_params = sum(p.numel() for p in build_network(net0, cin, k).parameters())
+        n_params = sum(p.numel() for p in net0.build(cin, k).parameters())
         for precision in args.precisions:
             net = dataclasses.replace(net0, precision=precision)
             est = estimate_training_memory_gb(net, cin, k) * GIB / 2**20

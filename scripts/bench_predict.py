@@ -49,7 +49,6 @@ def _predictor(args: argparse.Namespace, **kwargs):
     import torch
 
     from medseg.inference import EnsembleMember, Predictor
-    from medseg.networks import build_network
     from medseg.planning.plan import Plan
 
     if args.run_dir:
@@ -58,7 +57,7 @@ def _predictor(args: argparse.Namespace, **kwargs):
     cfg = plan.configuration()
     net = cfg.network()
     torch.manual_seed(0)
-    model = build_network(net, plan.num_channels, plan.num_classes).eval()
+    model = net.build(plan.num_channels, plan.num_classes).eval()
     return Predictor([EnsembleMember(model, plan, cfg.name, net.arch)], use_tta=not args.no_tta, **kwargs)
 
 

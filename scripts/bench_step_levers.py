@@ -10,7 +10,7 @@ variants of it. Every setting is built once, warmed up, then timed round-robin (
 a changing load affects all alike; the median is reported, with samples per second and the ratio to the
 baseline. ``--isa avx2`` reruns the table in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``: the code path of an AVX2-only CPU (no native bf16), not its
-speed. The step is :func:`medseg.networks.memory.training_step` (forward, Dice + CE over the deep-supervision
+speed. The step is :func:`medseg.planning.reference_step.training_step` (forward, Dice + CE over the deep-supervision
 outputs, backward, SGD step). ``--compile`` adds ``torch.compile`` of the network (fp32, and bf16 where
 the CPU has it), timed in the same rounds; the first-step column shows the compilation.
 """
@@ -37,10 +37,13 @@ def _levers(base, bf16: bool, with_compile: bool):
             ("channels-last off", base, "fp32", False, True, False),
             ("oneDNN off (ATen's own convolutions)", base, "fp32", True, False, False),
             ("batch 2", replace(base, batch_size=2), "fp32", True, True, False),
-            ("12 base features", replace(base, base_features=12, max_features=120), "fp32", True, True, False),
-            ("full-resolution stage 8 channels", replace(base, options={**base.options, "full_res_features": 8}),
+            ("12 base features", replace(base, spec=replace(base.spec, base_features=12, max_features=120)), "fp32",
+             True, True, False),
+            ("full-resolution stage 8 channels",
+             replace(base, spec=replace(base.spec, options={**base.spec.options, "full_res_features": 8})),
              "fp32", True, True, False),
-            ("deep supervision off", replace(base, deep_supervision=False), "fp32", True, True, False)]
+            ("deep supervision off", replace(base, spec=replace(base.spec, deep_supervision=False)), "fp32", True, True,
+             False)]
     if with_compile:
         rows.append(("torch.compile", base, "fp32", True, True, True))
     if bf16:
@@ -52,19 +55,19 @@ def _levers(base, bf16: bool, with_compile: bool):
 
 def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
     from medseg.machine import cpu_has_fast_bf16
-    from medseg.networks import build_network
-    from medseg.networks.memory import make_optimizer, training_step
     from medseg.planning.plan import Plan
+    from medseg.planning.reference_step import make_optimizer, training_step
 
     plan = Plan.from_json(plan_path.read_text())
     cfg = plan.configurations["3d_fullres"]
-    base = replace(cfg.networks[cfg.default_arch], base_features=16, max_features=160, batch_size=4,
+    default = cfg.networks[cfg.default_arch]
+    base = replace(default, spec=replace(default.spec, base_features=16, max_features=160), batch_size=4,
                    patch_size=tuple(cfg.patch_size))
     K = plan.num_classes
     built = []
     for name, net, precision, cl, mkldnn, compiled in _levers(base, cpu_has_fast_bf16(), with_compile):
         torch.manual_seed(0)
-        model = build_network(net, 1, K).train()
+        model = net.build(1, K).train()
         x = torch.randn((net.batch_size, 1, *net.patch_size))
         t = torch.randint(0, K, (net.batch_size, *net.patch_size))
         if cl:

@@ -86,11 +86,12 @@ def set_network(work: Path, patch: list[int], batch: int, base_features: int | N
     net = cfg.network()
     changes: dict = {"patch_size": tuple(patch), "batch_size": batch}
     if base_features is not None:
-        changes.update(base_features=base_features,
-                       max_features=max(base_features, net.max_features * base_features // net.base_features))
+        spec = net.spec
+        changes["spec"] = dataclasses.replace(
+            spec, base_features=base_features,
+            max_features=max(base_features, spec.max_features * base_features // spec.base_features))
     net = dataclasses.replace(net, **changes)
-    cfg = dataclasses.replace(cfg, networks={**cfg.networks, cfg.default_arch: net}, patch_size=net.patch_size,
-                              batch_size=batch)
+    cfg = dataclasses.replace(cfg, networks={**cfg.networks, cfg.default_arch: net})
     plan = dataclasses.replace(plan, configurations={**plan.configurations, "3d_fullres": cfg},
                                default_configuration="3d_fullres", time_budget_minutes=None)
     plan.validate().save(WorkDir(work).plans)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from medseg.networks.spec import NetworkSpec
+from medseg.planning.plan import NetworkPlan
 
 
 def shrink_networks(work: Path, base_features: int = 8) -> None:
@@ -13,7 +17,7 @@ def shrink_networks(work: Path, base_features: int = 8) -> None:
     plan = json.loads(path.read_text())
     for cfg in plan["configurations"].values():
         for net in cfg["networks"].values():
-            net["base_features"], net["max_features"] = base_features, 8 * base_features
+            net["spec"]["base_features"], net["spec"]["max_features"] = base_features, 8 * base_features
     path.write_text(json.dumps(plan, indent=1))
 
 
@@ -28,3 +32,12 @@ def assert_prediction_like_input(pred: Path, src: Path, allowed_ids: set[int]) -
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
     values = set(np.unique(sitk.GetArrayFromImage(a)).tolist())
     assert values <= allowed_ids, f"{pred.name}: ids {sorted(values - allowed_ids)} not allowed"
+
+
+def network_plan(arch: str, patch_size: tuple[int, ...], batch_size: int, kernel_sizes: tuple, strides: tuple,
+                 **fields: Any) -> NetworkPlan:
+    """A :class:`NetworkPlan` from the flat fields of plan schema version 1 (topology next to patch and
+    batch): ``precision`` and ``estimated_memory_gb`` go to the plan, every other field to its spec."""
+    plan_fields = {k: fields.pop(k) for k in ("precision", "estimated_memory_gb") if k in fields}
+    spec = NetworkSpec(arch=arch, kernel_sizes=kernel_sizes, strides=strides, **fields)
+    return NetworkPlan(spec, patch_size=patch_size, batch_size=batch_size, **plan_fields)

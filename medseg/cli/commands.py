@@ -56,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             axes, shifts = tta_variants(cfg.resolved_mirror_axes(), net.total_stride())
             print(
                 f"  {name:11s} {arch:8s} spacing {[round(s, 3) for s in cfg.spacing]} patch {list(net.patch_size)} "
-                f"batch {net.batch_size} stages {net.num_stages}{mem}, mirror axes {list(axes)}, "
+                f"batch {net.batch_size} stages {net.spec.num_stages}{mem}, mirror axes {list(axes)}, "
                 f"TTA {2 ** len(axes)} flip(s) x {len(shifts)} shift(s)"
             )
     print("  " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))

@@ -275,8 +275,6 @@ def load_bundle(
             format version, or holds weights that do not fit their plan.
         MedsegError: the selection keeps no member.
     """
-    from medseg.networks import build_network
-
     path = Path(path)
     with _open(path) as zf:
         reader = _Reader(path, zf)
@@ -291,7 +289,7 @@ def load_bundle(
             state = reader.weights(m["weights"])
             try:
                 net = plan.configuration(m["configuration"]).network(m["arch"])
-                model = build_network(net, plan.num_channels, plan.num_classes)
+                model = net.build(plan.num_channels, plan.num_classes)
                 model.load_state_dict(state["model"])
             except (MedsegError, RuntimeError) as exc:
                 first = str(exc).splitlines()[0]

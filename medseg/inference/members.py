@@ -91,8 +91,6 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         CheckpointError: the checkpoint is missing, unreadable, or its weights do not fit the network
             the recorded plan describes.
     """
-    from medseg.networks import build_network
-
     if checkpoint not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     run_dir = Path(run_dir)
@@ -113,7 +111,7 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         raise CheckpointError(f"{path}: the plan stored in the checkpoint is invalid: {exc}") from None
     _check_belongs_to_run(path, run_dir, plan, configuration, arch)
     net = plan.configuration(configuration).network(arch)
-    model = build_network(net, plan.network_in_channels(configuration), plan.num_classes)
+    model = net.build(plan.network_in_channels(configuration), plan.num_classes)
     try:
         model.load_state_dict(_strip_prefixes(state))
     except RuntimeError as exc:

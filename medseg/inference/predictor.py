@@ -327,7 +327,7 @@ class Predictor:
     def _measure_window(self, index: int) -> float:
         member = self.members[index]
         net = member.plan.configuration(member.configuration).network(member.arch)
-        batch = self.batch_size or inference_batch_size(net.patch_size, net.base_features, self.num_classes,
+        batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
                                                         self.device)
         patch = tuple(int(p) for p in net.patch_size)
         # `batch` windows side by side at step 1: one network batch (2D: `batch` slices)
@@ -349,7 +349,7 @@ class Predictor:
         member = self.members[index]
         cfg_plan = member.plan.configuration(member.configuration)
         net = cfg_plan.network(member.arch)
-        batch = self.batch_size or inference_batch_size(net.patch_size, net.base_features, self.num_classes,
+        batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
                                                         self.device)
         precision = self.precision or _auto_precision(net.precision, self.device)
         passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(member)[0])

@@ -33,7 +33,7 @@ from torch import nn
 from medseg.networks.dilated import DilatedSegmentationNetwork, bottleneck_size, pooled_context
 from medseg.networks.layers import LEAKY_SLOPE, ConvNormAct, conv_type, options_get, options_positive_ints, upsample_to
 from medseg.networks.registry import register_network
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 #: Feature-map width the paper's ASPP rates were designed for (513 / 16, rounded up).
 REFERENCE_FEATURE_SIZE = 33
@@ -106,7 +106,9 @@ class DeepLabV3Plus(DilatedSegmentationNetwork):
     """DeepLabv3+ for 2D/3D patches. Input ``(B, C, *spatial)``, output logits ``(B, K, *spatial)``;
     ``spatial`` must be divisible by ``size_divisor`` (the encoder's accumulated stride)."""
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self, net: NetworkSpec, in_channels: int, num_classes: int, patch_size: Sequence[int] | None = None
+    ) -> None:
         output_stride = self.read_encoder_options(
             net, ("separable", "aspp_rates", "aspp_channels", "low_level_stage", "low_level_channels", "dropout"), 16
         )
@@ -122,7 +124,7 @@ class DeepLabV3Plus(DilatedSegmentationNetwork):
 
         self.low_level_stage = low_stage
         self.head_stages = (-1, low_stage)
-        self.aspp = ASPP(d, feats[-1], aspp_c, bottleneck_size(net.patch_size, self.size_divisor),
+        self.aspp = ASPP(d, feats[-1], aspp_c, bottleneck_size(patch_size, self.size_divisor),
                          net.kernel_sizes[-1], rates, net.norm, separable, dropout)
         self.low_level = ConvNormAct(d, feats[low_stage], low_c, 1, norm=net.norm)
         k_low = net.kernel_sizes[low_stage]

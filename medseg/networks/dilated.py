@@ -27,7 +27,7 @@ from medseg.networks.layers import (
     residual_stage,
     upsample_to,
 )
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 
 def dilated_topology(
@@ -73,7 +73,7 @@ class DilatedResidualEncoder(nn.Module):
         dilations: per stage, per axis dilation of its convolutions.
     """
 
-    def __init__(self, net: NetworkPlan, in_channels: int, output_stride: int) -> None:
+    def __init__(self, net: NetworkSpec, in_channels: int, output_stride: int) -> None:
         super().__init__()
         d = net.dims
         self.features = net.features_per_stage()
@@ -117,8 +117,17 @@ def pooled_context(x: torch.Tensor, cells: Sequence[int], conv: nn.Module, act: 
     return upsample_to(act(conv(adaptive_avg_pool(x, cells))), x.shape[2:])
 
 
-def bottleneck_size(patch_size: Sequence[int], accumulated: Sequence[int]) -> tuple[int, ...]:
-    """Spatial size of the deepest feature map for the planned patch."""
+def bottleneck_size(patch_size: Sequence[int] | None, accumulated: Sequence[int]) -> tuple[int, ...]:
+    """Spatial size of the deepest feature map for the training patch ``patch_size`` (voxels per axis).
+
+    The pooled-context heads (ASPP rates, pyramid bins) are sized for it, so these architectures need
+    the patch they are trained on, not only their topology.
+
+    Raises:
+        ValueError: ``patch_size`` is None.
+    """
+    if patch_size is None:
+        raise ValueError("this architecture sizes its context head for the training patch; pass patch_size")
     return tuple(max(1, p // a) for p, a in zip(patch_size, accumulated))
 
 
@@ -142,7 +151,7 @@ class DilatedSegmentationNetwork(SegmentationNetwork):
     head_stages: tuple[int, ...] = (-1,)
 
     @staticmethod
-    def read_encoder_options(net: NetworkPlan, head_options: Sequence[str], default_output_stride: int) -> int:
+    def read_encoder_options(net: NetworkSpec, head_options: Sequence[str], default_output_stride: int) -> int:
         """Refuse option keys that are neither the encoder's nor in ``head_options``; return ``output_stride``.
 
         Raises:
@@ -151,13 +160,13 @@ class DilatedSegmentationNetwork(SegmentationNetwork):
         check_known_options(net, ("output_stride", *head_options, "blocks_per_stage"))
         return options_get(net, "output_stride", default_output_stride, int, (8, 16))
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int, output_stride: int) -> None:
+    def __init__(self, net: NetworkSpec, in_channels: int, num_classes: int, output_stride: int) -> None:
         super().__init__(net, in_channels, num_classes)
         self.encoder = DilatedResidualEncoder(net, in_channels, output_stride)
         self.size_divisor = self.encoder.accumulated_strides[-1]
         self.aux: AuxHead | None = None
 
-    def _add_aux_head_and_init(self, net: NetworkPlan, num_classes: int) -> None:
+    def _add_aux_head_and_init(self, net: NetworkSpec, num_classes: int) -> None:
         """Add the auxiliary head (deep supervision with two or more stages), then initialise every weight."""
         if net.deep_supervision and net.num_stages >= 2:
             self.aux = AuxHead(net.dims, self.encoder.features[-2], num_classes, net.kernel_sizes[-2], net.norm)

@@ -29,7 +29,7 @@ from medseg.networks.layers import (
     upsample_to,
 )
 from medseg.networks.registry import register_network
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 
 @register_network("fcn")
@@ -37,7 +37,7 @@ class FCN(SegmentationNetwork):
     """FCN with skip fusion for 2D/3D patches. Input ``(B, C, *spatial)`` with ``spatial`` divisible by
     ``net.total_stride()``, output logits ``(B, K, *spatial)``."""
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
+    def __init__(self, net: NetworkSpec, in_channels: int, num_classes: int) -> None:
         super().__init__(net, in_channels, num_classes)
         check_known_options(net, ("fused_stages", "dropout"))
         d, S = net.dims, net.num_stages

@@ -1,8 +1,8 @@
 """Building blocks shared by every architecture, for 2D and 3D from one code path.
 
-The number of spatial dimensions (2 or 3, ``len(net.patch_size)``) picks the convolution, transposed
-convolution and dropout classes; everything else is written once. Tensors are ``(B, C, Y, X)`` or
-``(B, C, Z, Y, X)``. All blocks work with ``torch.channels_last``/``torch.channels_last_3d`` inputs and
+The number of spatial dimensions (2 or 3, the length of each ``spec.strides`` entry) picks the
+convolution, transposed convolution and dropout classes; everything else is written once. Tensors are
+``(B, C, Y, X)`` or ``(B, C, Z, Y, X)``. All blocks work with ``torch.channels_last``/``torch.channels_last_3d`` inputs and
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and CUDA autocast).
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 #: Negative slope of every LeakyReLU.
 LEAKY_SLOPE = 0.01
@@ -299,7 +299,7 @@ def residual_stage(
     return nn.Sequential(*layers)
 
 
-def blocks_per_stage(net: NetworkPlan) -> tuple[int, ...]:
+def blocks_per_stage(net: NetworkSpec) -> tuple[int, ...]:
     """Residual blocks per stage: ``options["blocks_per_stage"]`` (int or one per stage), else
     ``max(1, n_conv_per_stage // 2)`` (a basic block holds two convolutions)."""
     value = net.options.get("blocks_per_stage", max(1, net.n_conv_per_stage // 2))
@@ -339,7 +339,7 @@ class SegmentationNetwork(nn.Module):
     size_divisor: tuple[int, ...]
     output_scales: list[tuple[int, ...]]
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
+    def __init__(self, net: NetworkSpec, in_channels: int, num_classes: int) -> None:
         super().__init__()
         self.dims = net.dims
         self.in_channels = in_channels
@@ -374,7 +374,7 @@ class SegmentationNetwork(nn.Module):
         raise NotImplementedError
 
 
-def options_get(net: NetworkPlan, key: str, default, kind: type, choices: Sequence | None = None):
+def options_get(net: NetworkSpec, key: str, default, kind: type, choices: Sequence | None = None):
     """Read ``net.options[key]`` checking its type (and value among ``choices``); ``ValueError`` otherwise."""
     value = net.options.get(key, default)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
@@ -387,7 +387,7 @@ def options_get(net: NetworkPlan, key: str, default, kind: type, choices: Sequen
 
 
 def options_positive_ints(
-    net: NetworkPlan, key: str, default: Sequence[int], count: int | None = None
+    net: NetworkSpec, key: str, default: Sequence[int], count: int | None = None
 ) -> tuple[int, ...]:
     """Read ``net.options[key]`` as positive integers (exactly ``count`` of them, else at least one).
 
@@ -402,7 +402,7 @@ def options_positive_ints(
     return values
 
 
-def check_known_options(net: NetworkPlan, known: Sequence[str]) -> None:
+def check_known_options(net: NetworkSpec, known: Sequence[str]) -> None:
     """Refuse option keys the architecture does not know (typos must not pass silently)."""
     unknown = sorted(set(net.options) - set(known))
     if unknown:

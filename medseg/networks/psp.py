@@ -28,7 +28,7 @@ from torch import nn
 from medseg.networks.dilated import DilatedSegmentationNetwork, bottleneck_size, pooled_context
 from medseg.networks.layers import LEAKY_SLOPE, ConvNormAct, conv_type, options_get, options_positive_ints
 from medseg.networks.registry import register_network
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 
 def pyramid_bins(bins: Sequence[int], feature_size: Sequence[int]) -> list[tuple[int, ...]]:
@@ -56,7 +56,9 @@ class PSPNet(DilatedSegmentationNetwork):
     """PSPNet for 2D/3D patches. Input ``(B, C, *spatial)``, output logits ``(B, K, *spatial)``;
     ``spatial`` must be divisible by ``size_divisor`` (the encoder's accumulated stride)."""
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self, net: NetworkSpec, in_channels: int, num_classes: int, patch_size: Sequence[int] | None = None
+    ) -> None:
         output_stride = self.read_encoder_options(net, ("bins", "psp_channels", "dropout"), 8)
         bins = options_positive_ints(net, "bins", (1, 2, 3, 6))
         super().__init__(net, in_channels, num_classes, output_stride)
@@ -66,7 +68,7 @@ class PSPNet(DilatedSegmentationNetwork):
         dropout = options_get(net, "dropout", 0.1, float)
         branch_c = max(4, feats[-1] // len(bins))
 
-        bottleneck = bottleneck_size(net.patch_size, self.size_divisor)
+        bottleneck = bottleneck_size(patch_size, self.size_divisor)
         self.ppm = PyramidPooling(d, feats[-1], branch_c, pyramid_bins(bins, bottleneck))
         self.fuse = ConvNormAct(d, feats[-1] + branch_c * len(bins), fuse_c, net.kernel_sizes[-1], norm=net.norm)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

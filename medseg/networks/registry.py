@@ -1,4 +1,4 @@
-"""Registry of network architectures, looked up by the name a plan records in ``NetworkPlan.arch``.
+"""Registry of network architectures, looked up by the name a plan records in ``NetworkSpec.arch``.
 
 Built-in architectures register themselves with :func:`register_network` when :mod:`medseg.networks`
 is imported. Third-party packages register theirs without touching medseg by declaring an entry point
@@ -12,31 +12,34 @@ The entry point is loaded lazily, the first time :func:`build_network` is asked 
 registered yet. It may point at a builder (registered under the entry point's name) or at a module
 whose import registers its networks through :func:`register_network`.
 
-A builder is any callable ``builder(net: NetworkPlan, in_channels: int, num_classes: int) -> nn.Module``
-(a module class with that ``__init__`` signature qualifies). The module's ``forward`` takes
-``x`` of shape ``(B, in_channels, *net.patch_size)`` and returns logits ``(B, num_classes, *spatial)``; in
-training mode with ``net.deep_supervision`` it returns a list of logits, full resolution first.
+A builder is any callable ``builder(spec: NetworkSpec, in_channels: int, num_classes: int) -> nn.Module``
+(a module class with that ``__init__`` signature qualifies). A builder that also declares a
+``patch_size`` parameter receives the training patch size (``deeplab`` and ``psp`` size their context
+heads for it). The module's ``forward`` takes ``x`` of shape ``(B, in_channels, *spatial)`` and returns
+logits ``(B, num_classes, *spatial)``; in training mode with ``spec.deep_supervision`` it returns a list
+of logits, full resolution first.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from torch import nn
 
 from medseg.errors import ConfigError, raise_for_problems
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 logger = logging.getLogger(__name__)
 
 #: Entry-point group third-party packages use to provide architectures.
 ENTRY_POINT_GROUP = "medseg.networks"
 
-NetworkBuilder = Callable[[NetworkPlan, int, int], nn.Module]
+NetworkBuilder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Callable[..., nn.Module])
 
 _REGISTRY: dict[str, NetworkBuilder] = {}
@@ -73,37 +76,55 @@ def available_networks() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
-def build_network(net: NetworkPlan, in_channels: int, num_classes: int) -> nn.Module:
-    """Build the architecture ``net.arch`` for the topology, patch and options of ``net``.
+def build_network(
+    spec: NetworkSpec, in_channels: int, num_classes: int, *, patch_size: Sequence[int] | None = None
+) -> nn.Module:
+    """Build the architecture ``spec.arch`` for the topology and options of ``spec``.
 
     The module is returned in training mode, on the CPU, in float32, with the default memory format.
 
     Args:
-        net: the network plan (architecture name, per-stage kernel sizes and strides, features, norm,
+        spec: the network topology (architecture name, per-stage kernel sizes and strides, features, norm,
             deep supervision, architecture options).
         in_channels: number of input image channels ``C``.
         num_classes: number of output classes ``K`` including background.
+        patch_size: the training patch ``(Z, Y, X)`` or ``(Y, X)`` in voxels; checked against the topology
+            and handed to builders that take it (``deeplab`` and ``psp`` need it to size their context head).
 
     Returns:
         An ``nn.Module`` mapping ``(B, C, *spatial)`` to logits ``(B, K, *spatial)`` (a list of logits,
         full resolution first, in training mode with deep supervision). ``spatial`` must be divisible
-        by ``net.total_stride()`` (see the module's ``size_divisor``).
+        by ``spec.total_stride()`` (see the module's ``size_divisor``).
 
     Raises:
-        ConfigError: unknown architecture (the message lists the valid names), an inconsistent network
-            plan, bad channel/class counts, or an architecture option with an invalid value.
+        ConfigError: unknown architecture (the message lists the valid names), an inconsistent topology,
+            a patch size the topology cannot take, bad channel/class counts, or an architecture option with
+            an invalid value.
     """
     if in_channels < 1 or num_classes < 1:
         raise ConfigError(f"need in_channels >= 1 and num_classes >= 1, got {in_channels} and {num_classes}")
-    raise_for_problems(net.check(f"network {net.arch!r}"), ConfigError, "inconsistent network plan")
-    builder = _lookup(net.arch)
+    where = f"network {spec.arch!r}"
+    problems = spec.check(where)
+    if patch_size is not None and not problems:
+        problems = spec.patch_problems(patch_size, where)
+    raise_for_problems(problems, ConfigError, "inconsistent network plan")
+    builder = _lookup(spec.arch)
+    kwargs = {"patch_size": tuple(patch_size)} if patch_size is not None and _takes_patch_size(builder) else {}
     try:
-        model = builder(net, in_channels, num_classes)
+        model = builder(spec, in_channels, num_classes, **kwargs)
     except ValueError as exc:
-        raise ConfigError(f"cannot build network {net.arch!r}: {exc}") from None
+        raise ConfigError(f"cannot build network {spec.arch!r}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"the builder of network {net.arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(
+            f"the builder of network {spec.arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _takes_patch_size(builder: NetworkBuilder) -> bool:
+    try:
+        return "patch_size" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def _lookup(name: str) -> NetworkBuilder:

@@ -38,7 +38,7 @@ from medseg.networks.layers import (
     residual_stage,
 )
 from medseg.networks.registry import register_network
-from medseg.planning.plan import NetworkPlan
+from medseg.networks.spec import NetworkSpec
 
 
 def supervised_levels(num_stages: int, deep_supervision: bool) -> list[int]:
@@ -57,7 +57,7 @@ class UNet(SegmentationNetwork):
     ``(B, K, *spatial)``. See the module docstring for the layout and options.
     """
 
-    def __init__(self, net: NetworkPlan, in_channels: int, num_classes: int) -> None:
+    def __init__(self, net: NetworkSpec, in_channels: int, num_classes: int) -> None:
         super().__init__(net, in_channels, num_classes)
         check_known_options(net, ("residual_encoder", "blocks_per_stage", "dropout", "full_res_features"))
         d, S = net.dims, net.num_stages

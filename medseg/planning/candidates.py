@@ -84,8 +84,7 @@ class Candidate:
         """``template`` (topology, norm, options) with this candidate's width, patch, batch and precision."""
         return replace(
             template,
-            base_features=self.base_features,
-            max_features=self.max_features,
+            spec=replace(template.spec, base_features=self.base_features, max_features=self.max_features),
             patch_size=tuple(self.patch_size),
             batch_size=self.batch_size,
             precision=precision,
@@ -95,7 +94,8 @@ class Candidate:
 
 def scaled_max_features(template: NetworkPlan, base_features: int) -> int:
     """``template.max_features`` scaled by ``base_features / template.base_features`` (at least the base)."""
-    return max(base_features, int(round(template.max_features * base_features / template.base_features)))
+    spec = template.spec
+    return max(base_features, int(round(spec.max_features * base_features / spec.base_features)))
 
 
 def smaller_patches(net: NetworkPlan, median_shape: Sequence[float]) -> list[tuple[int, ...]]:

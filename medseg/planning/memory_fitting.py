@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology
 
@@ -56,17 +57,15 @@ class Fitter:
 
     def network(self, arch: str, topo: Topology, batch: int) -> NetworkPlan:
         dims = len(topo.patch_size)
-        return NetworkPlan(
+        spec = NetworkSpec(
             arch=arch,
-            patch_size=topo.patch_size,
-            batch_size=batch,
             kernel_sizes=topo.kernel_sizes,
             strides=topo.strides,
             base_features=self.options.base_features,
             max_features=max(self.max_features(dims), self.options.base_features),
             options=arch_options(arch),
-            precision=self.options.precision,
         )
+        return NetworkPlan(spec, patch_size=topo.patch_size, batch_size=batch, precision=self.options.precision)
 
     def estimate(self, net: NetworkPlan) -> float:
         key = json.dumps([_net_key(net), self.in_channels, self.num_classes], sort_keys=True)
@@ -230,16 +229,17 @@ class Fitter:
 
 
 def _net_key(net: NetworkPlan) -> dict[str, Any]:
+    spec = net.spec
     return {
         "arch": net.arch,
         "patch": list(net.patch_size),
         "batch": net.batch_size,
-        "kernels": [list(k) for k in net.kernel_sizes],
-        "strides": [list(s) for s in net.strides],
-        "features": [net.base_features, net.max_features, net.n_conv_per_stage],
-        "norm": net.norm,
-        "ds": net.deep_supervision,
-        "options": net.options,
+        "kernels": [list(k) for k in spec.kernel_sizes],
+        "strides": [list(s) for s in spec.strides],
+        "features": [spec.base_features, spec.max_features, spec.n_conv_per_stage],
+        "norm": spec.norm,
+        "ds": spec.deep_supervision,
+        "options": spec.options,
         "precision": net.precision,
     }
 
@@ -278,12 +278,9 @@ def fit_3d(
     def un(seq: Sequence) -> tuple:
         return tuple(seq[i] for i in back)
 
-    net = replace(
-        net,
-        patch_size=un(net.patch_size),
-        kernel_sizes=tuple(un(k) for k in net.kernel_sizes),
-        strides=tuple(un(s) for s in net.strides),
-    )
+    spec = replace(net.spec, kernel_sizes=tuple(un(k) for k in net.spec.kernel_sizes),
+                   strides=tuple(un(s) for s in net.spec.strides))
+    net = replace(net, spec=spec, patch_size=un(net.patch_size))
     for key in ("initial_patch", "first_topology_patch"):
         if isinstance(notes.get(key), list):
             notes[key] = list(un(notes[key]))

@@ -1,8 +1,10 @@
 """Plan dataclasses: the single, human-editable description of how a dataset is processed and trained.
 
 A :class:`Plan` is a frozen dataclass tree written to ``WORK/plans.json``. ``to_json``/``from_json``
-round-trip exactly and write only Python builtins. Unknown keys, missing keys and inconsistent values
-(e.g. a patch size not divisible by the network's pooling) are refused with a :class:`PlanError`.
+round-trip exactly and write only Python builtins (conversion and schema migration:
+:mod:`medseg.planning.plan_json`; plans of schema version 1 load, migrated). Unknown keys, missing keys
+and inconsistent values (e.g. a patch size not divisible by the network's pooling) are refused with a
+:class:`PlanError`.
 
 Conventions: every shape, spacing and patch size is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D
 patches); spacing in mm.
@@ -10,21 +12,32 @@ patches); spacing in mm.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from medseg.errors import PlanError, raise_for_problems
 from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
+from medseg.networks.registry import build_network
+from medseg.networks.spec import NetworkSpec
+from medseg.planning.plan_json import (
+    SCHEMA_VERSION,
+    NestedTable,
+    dumps_readable,
+    from_builtin,
+    migrate_plan_dict,
+    to_builtin,
+)
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
+           "dumps_readable"]
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
-NORM_LAYERS = ("instance", "batch", "group")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -47,95 +60,68 @@ class NormalizationSpec:
 
 @dataclass(frozen=True)
 class NetworkPlan:
-    """One architecture as planned for one configuration: topology, patch and batch.
+    """One architecture as planned for one configuration: its topology plus patch, batch and precision.
 
     Attributes:
-        arch: registry name (``unet``, ``deeplab``, ``psp``, ``fcn``).
-        patch_size: training patch, ``(Z, Y, X)`` or ``(Y, X)``.
+        spec: the network topology (:class:`~medseg.networks.spec.NetworkSpec`).
+        patch_size: training patch, ``(Z, Y, X)`` or ``(Y, X)`` voxels.
         batch_size: training batch size.
-        kernel_sizes: per stage, per axis convolution kernel size.
-        strides: per stage, per axis downsampling stride; stage 0 is all ones.
-        base_features: channels of the first stage; doubled per stage up to ``max_features``.
-        max_features: cap on channels per stage.
-        n_conv_per_stage: convolutions per encoder stage.
-        norm: normalisation layer (``instance``, ``batch``, ``group``).
-        deep_supervision: whether training uses auxiliary lower-resolution outputs.
-        options: architecture-specific settings (e.g. ``{"output_stride": 8}``), builtins only.
-        estimated_memory_gb: memory one training step is estimated to need at ``precision``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (mixed precision autocast).
+        estimated_memory_gb: memory one training step is estimated to need at ``precision`` (GiB).
     """
 
-    arch: str
+    spec: NetworkSpec
     patch_size: tuple[int, ...]
     batch_size: int
-    kernel_sizes: tuple[tuple[int, ...], ...]
-    strides: tuple[tuple[int, ...], ...]
-    base_features: int = 32
-    max_features: int = 320
-    n_conv_per_stage: int = 2
-    norm: str = "instance"
-    deep_supervision: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-    estimated_memory_gb: float | None = None
     precision: str = "fp32"
+    estimated_memory_gb: float | None = None
+
+    @property
+    def arch(self) -> str:
+        """Registry name of the architecture (``spec.arch``)."""
+        return self.spec.arch
 
     @property
     def dims(self) -> int:
         return len(self.patch_size)
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.strides)
-
     def total_stride(self) -> tuple[int, ...]:
         """Product of the strides per axis (the factor the patch must be divisible by)."""
-        out = [1] * self.dims
-        for s in self.strides:
-            for i, v in enumerate(s):
-                out[i] *= v
-        return tuple(out)
+        return self.spec.total_stride()
 
-    def features_per_stage(self) -> tuple[int, ...]:
-        return tuple(min(self.base_features * 2**i, self.max_features) for i in range(self.num_stages))
+    def build(self, in_channels: int, num_classes: int) -> nn.Module:
+        """Build this network for its patch (:func:`medseg.networks.build_network`).
+
+        Args:
+            in_channels: input channels ``C`` (:meth:`Plan.network_in_channels`).
+            num_classes: outputs ``K`` (:attr:`Plan.num_classes`).
+
+        Returns:
+            The module in training mode on the CPU, mapping ``(B, C, *patch)`` to logits ``(B, K, *patch)``.
+
+        Raises:
+            ConfigError: the network cannot be built (unknown architecture, bad option or topology).
+        """
+        return build_network(self.spec, in_channels, num_classes, patch_size=self.patch_size)
 
     def check(self, where: str) -> list[str]:
         """Return the inconsistencies of this network plan (empty list when consistent)."""
-        problems: list[str] = []
-        d = self.dims
-        if d not in (2, 3):
-            problems.append(f"{where}: patch_size must have 2 or 3 entries, got {list(self.patch_size)}")
+        problems = list(self.spec.patch_problems(self.patch_size, where)[:1]) if self.dims not in (2, 3) else []
+        if problems:
             return problems
         if any(p <= 0 for p in self.patch_size):
             problems.append(f"{where}: patch_size entries must be positive, got {list(self.patch_size)}")
         if self.batch_size < 1:
             problems.append(f"{where}: batch_size must be >= 1, got {self.batch_size}")
-        if len(self.kernel_sizes) != len(self.strides):
-            problems.append(
-                f"{where}: kernel_sizes has {len(self.kernel_sizes)} stages but strides has {len(self.strides)}"
-            )
-        for name, seq in (("kernel_sizes", self.kernel_sizes), ("strides", self.strides)):
-            for i, s in enumerate(seq):
-                if len(s) != d:
-                    problems.append(f"{where}: {name}[{i}] = {list(s)} does not have {d} entries like patch_size")
-                if any(v < 1 for v in s):
-                    problems.append(f"{where}: {name}[{i}] = {list(s)} has entries < 1")
-        if self.strides and any(v != 1 for v in self.strides[0]):
-            problems.append(f"{where}: strides[0] must be all ones (the first stage does not downsample)")
+        spec_problems = self.spec.check(where)
+        if self.spec.dims in (2, 3) and self.spec.dims != self.dims:
+            spec_problems.append(f"{where}: kernel_sizes/strides entries do not have {self.dims} entries like "
+                                 f"patch_size {list(self.patch_size)}")
+        problems += spec_problems
         if not problems:
-            ts = self.total_stride()
-            bad = [i for i in range(d) if self.patch_size[i] % ts[i] != 0]
-            if bad:
-                problems.append(
-                    f"{where}: patch_size {list(self.patch_size)} is not divisible by the network's total "
-                    f"downsampling {list(ts)} on axis {bad}; use e.g. "
-                    f"{[max(ts[i], int(round(self.patch_size[i] / ts[i])) * ts[i]) for i in range(d)]}"
-                )
-        if self.norm not in NORM_LAYERS:
-            problems.append(f"{where}: norm must be one of {list(NORM_LAYERS)}, got {self.norm!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems += self.spec.patch_problems(self.patch_size, where)
+        if self.precision not in PRECISIONS:
             problems.append(f"{where}: precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.base_features < 1 or self.max_features < self.base_features:
-            problems.append(f"{where}: need 1 <= base_features <= max_features")
         return problems
 
 
@@ -148,7 +134,6 @@ class ConfigurationPlan:
         dims: 2 or 3 (2D configurations train on slices along axis 0 = Z).
         spacing: target spacing of the preprocessed data, always 3 entries ``(Z, Y, X)`` in mm.
         median_shape: median shape of the preprocessed (cropped, resampled) images, ``(Z, Y, X)``.
-        patch_size / batch_size: those of the default architecture (``networks[default_arch]``).
         normalization: one :class:`NormalizationSpec` per input channel.
         networks: planned architectures by registry name.
         default_arch: the architecture trained when none is given.
@@ -168,14 +153,22 @@ class ConfigurationPlan:
     dims: int
     spacing: tuple[float, ...]
     median_shape: tuple[int, ...]
-    patch_size: tuple[int, ...]
-    batch_size: int
     normalization: tuple[NormalizationSpec, ...]
     networks: dict[str, NetworkPlan]
     default_arch: str = "unet"
     data_identifier: str = ""
     previous_stage: str | None = None
     mirror_axes: tuple[int, ...] | None = None
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Training patch of the default architecture (``networks[default_arch].patch_size``)."""
+        return self.network().patch_size
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size of the default architecture (``networks[default_arch].batch_size``)."""
+        return self.network().batch_size
 
     def resolved_mirror_axes(self) -> tuple[int, ...]:
         """The mirrored patch axes, with None made concrete (every axis)."""
@@ -198,8 +191,6 @@ class ConfigurationPlan:
             problems.append(f"{where}.dims must be 2 or 3, got {self.dims}")
         if len(self.spacing) != 3 or any(not (s > 0 and math.isfinite(s)) for s in self.spacing):
             problems.append(f"{where}.spacing must be 3 positive numbers (Z, Y, X) in mm, got {list(self.spacing)}")
-        if len(self.patch_size) != self.dims:
-            problems.append(f"{where}.patch_size must have {self.dims} entries, got {list(self.patch_size)}")
         if len(self.normalization) != num_channels:
             problems.append(
                 f"{where}.normalization has {len(self.normalization)} entries but the dataset has {num_channels} channels"
@@ -224,13 +215,6 @@ class ConfigurationPlan:
             if net.dims != self.dims:
                 problems.append(f"{where}.networks.{arch}.patch_size has {net.dims} entries, configuration dims is {self.dims}")
             problems += net.check(f"{where}.networks.{arch}")
-        if self.default_arch in self.networks:
-            d = self.networks[self.default_arch]
-            if tuple(d.patch_size) != tuple(self.patch_size) or d.batch_size != self.batch_size:
-                problems.append(
-                    f"{where}: patch_size/batch_size ({list(self.patch_size)}, {self.batch_size}) must equal those of "
-                    f"networks.{self.default_arch} ({list(d.patch_size)}, {d.batch_size}); edit both"
-                )
         return problems
 
 
@@ -350,7 +334,7 @@ class Plan:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        d = _to_builtin(self)
+        d = to_builtin(self)
         if self.regions is None and self.regions_class_order is None:  # plans without regions stay as before
             d.pop("regions")
             d.pop("regions_class_order")
@@ -362,7 +346,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        return _from_builtin(cls, d, "plan").validate()
+        """Plan from builtins of the current schema or of schema version 1 (migrated); validated.
+
+        Raises:
+            PlanError: malformed, inconsistent, or a version-1 plan that cannot be migrated.
+        """
+        return from_builtin(cls, migrate_plan_dict(d), "plan", _NESTED).validate()
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -376,108 +365,6 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return load_json_file(path, cls.from_json, "plan file not found (run `medseg plan` first)", PlanError)
-
-
-# -------------------------------------------------------------------- (de)serialisation helpers
-def dumps_readable(obj: Any, indent: int = 2, _level: int = 0) -> str:
-    """``json.dumps`` with indentation, but lists of scalars (and lists of such lists) on one line."""
-
-    def flat(v: Any) -> bool:
-        if isinstance(v, list):
-            return all(not isinstance(x, (dict, list)) or (isinstance(x, list) and flat(x)) for x in v)
-        return False
-
-    pad = " " * (indent * (_level + 1))
-    end = " " * (indent * _level)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{pad}{json.dumps(str(k))}: {dumps_readable(v, indent, _level + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + end + "}"
-    if isinstance(obj, list):
-        if flat(obj) and len(json.dumps(obj)) <= 100:
-            return json.dumps(obj, separators=(", ", ": "))
-        if not obj:
-            return "[]"
-        items = [pad + dumps_readable(v, indent, _level + 1) for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + end + "]"
-    return json.dumps(obj)
-
-
-def _to_builtin(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_builtin(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _to_builtin(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_builtin(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
-        return obj.item()
-    return obj
-
-
-def _from_builtin(cls: type, d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise PlanError(f"{where}: expected an object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in d:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-                raise PlanError(f"{where}: missing key {name!r}")
-            continue
-        kwargs[name] = _convert(cls, name, d[name], f"{where}.{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise PlanError(f"{where}: {exc}") from None
-
-
-_NESTED = {
-    ("Plan", "configurations"): ("dict", "ConfigurationPlan"),
-    ("ConfigurationPlan", "networks"): ("dict", "NetworkPlan"),
-    ("ConfigurationPlan", "normalization"): ("tuple", "NormalizationSpec"),
-}
-_INT_TUPLES = {"patch_size", "median_shape", "original_median_shape", "label_ids"}
-_OPTIONAL_INT_TUPLES = {"mirror_axes"}
-_FLOAT_TUPLES = {"spacing", "original_median_spacing"}
-_NESTED_INT_TUPLES = {"kernel_sizes", "strides", "regions"}
-_STR_TUPLES = {"channel_names", "label_names"}
-
-
-def _convert(cls: type, name: str, value: Any, where: str) -> Any:
-    key = (cls.__name__, name)
-    try:
-        if key in _NESTED:
-            kind, sub = _NESTED[key]
-            sub_cls = globals()[sub]
-            if kind == "dict":
-                if not isinstance(value, dict):
-                    raise PlanError(f"{where}: expected an object")
-                return {k: _from_builtin(sub_cls, v, f"{where}.{k}") for k, v in value.items()}
-            return tuple(_from_builtin(sub_cls, v, f"{where}[{i}]") for i, v in enumerate(value))
-        if name in _INT_TUPLES:
-            return tuple(_as_int(v, where) for v in value)
-        if key == ("Plan", "ignore_label"):
-            return None if value is None else _as_int(value, where)
-        if key in (("Plan", "regions"), ("Plan", "regions_class_order")) and value is None:
-            return None
-        if key == ("Plan", "regions_class_order"):
-            return tuple(_as_int(v, where) for v in value)
-        if name in _OPTIONAL_INT_TUPLES:
-            return None if value is None else tuple(_as_int(v, where) for v in value)
-        if name in _FLOAT_TUPLES:
-            return tuple(float(v) for v in value)
-        if name in _NESTED_INT_TUPLES:
-            return tuple(tuple(_as_int(v, where) for v in row) for row in value)
-        if name in _STR_TUPLES:
-            return tuple(str(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"{where}: {exc}") from None
-    return value
 
 
 def _previous_stage_problems(plan: Plan, cfg: ConfigurationPlan) -> list[str]:
@@ -519,7 +406,10 @@ def _region_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def _as_int(v: Any, where: str) -> int:
-    if isinstance(v, bool) or not float(v).is_integer():
-        raise PlanError(f"{where}: expected integers, got {v!r}")
-    return int(v)
+#: the plan's nested dataclasses, for :func:`medseg.planning.plan_json.from_builtin`
+_NESTED: NestedTable = {
+    ("Plan", "configurations"): ("dict", ConfigurationPlan),
+    ("ConfigurationPlan", "networks"): ("dict", NetworkPlan),
+    ("ConfigurationPlan", "normalization"): ("tuple", NormalizationSpec),
+    ("NetworkPlan", "spec"): ("one", NetworkSpec),
+}

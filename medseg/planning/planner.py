@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.planning.memory import estimate_training_memory_gb
 from medseg.planning.memory_fitting import Fitter, MemoryEstimator, fit_3d
 from medseg.planning.mirroring import RULE as MIRROR_RULE
 from medseg.planning.mirroring import plan_mirror_axes
@@ -108,14 +109,6 @@ class PlannerOptions:
             raise PlanError("invalid planner options: " + "; ".join(problems))
 
 
-def _default_estimator() -> MemoryEstimator:
-    try:
-        from medseg.networks.memory import estimate_training_memory_gb
-    except ImportError as exc:  # pragma: no cover - only while the networks package is incomplete
-        raise PlanError(f"the memory model medseg.networks.memory is not available ({exc})") from None
-    return estimate_training_memory_gb
-
-
 def _as_3d(spacing: Sequence[float], shape: Sequence[int]) -> tuple[tuple[float, ...], tuple[int, ...]]:
     if len(spacing) == 3:
         return tuple(float(s) for s in spacing), tuple(int(s) for s in shape)
@@ -138,7 +131,7 @@ def plan_dataset(
         fp: its fingerprint (:func:`medseg.fingerprint.extract_fingerprint`).
         options: what to size the plan for (defaults: 8 GB, ``unet``, cuda, fp32).
         memory_estimator: ``(net, in_channels, num_classes) -> GB`` of one training step at ``net.batch_size``;
-            default :func:`medseg.networks.memory.estimate_training_memory_gb`.
+            default :func:`medseg.planning.memory.estimate_training_memory_gb`.
 
     Returns:
         a validated :class:`Plan`.
@@ -155,7 +148,7 @@ def plan_dataset(
             f"the fingerprint has {len(fp.channel_names)} channels but dataset {ds.name!r} has {ds.num_channels}; "
             "delete fingerprint.json and re-run `medseg plan`"
         )
-    estimator = memory_estimator or _default_estimator()
+    estimator = memory_estimator or estimate_training_memory_gb
     num_classes = len(ds.regions) if ds.regions else len(ds.label_ids)  # network outputs
     fitter = Fitter(options, estimator, ds.num_channels, num_classes)
     default_arch = "unet" if "unet" in options.archs else options.archs[0]
@@ -213,14 +206,11 @@ def plan_dataset(
         patch_axes = (0, 1, 2) if dims == 3 else ((0, 1) if is_2d_dataset else (1, 2))
         mirror_axes, cnotes["mirroring"] = plan_mirror_axes(fp, patch_axes, label_names)
         config_notes[name] = cnotes
-        default = nets[default_arch]
         return ConfigurationPlan(
             name=name,
             dims=dims,
             spacing=tuple(float(s) for s in spacing3),
             median_shape=tuple(round(float(v)) for v in median3),
-            patch_size=default.patch_size,
-            batch_size=default.batch_size,
             normalization=normalization,
             networks=nets,
             default_arch=default_arch,
@@ -277,7 +267,7 @@ def plan_dataset(
         net = cfg.network()
         logger.info(
             "%s: spacing %s, patch %s, batch %d, %d stages, ~%.2f GB",
-            name, [round(s, 4) for s in cfg.spacing], list(cfg.patch_size), cfg.batch_size, net.num_stages,
+            name, [round(s, 4) for s in cfg.spacing], list(cfg.patch_size), cfg.batch_size, net.spec.num_stages,
             net.estimated_memory_gb or float("nan"),
         )
     return plan.validate()

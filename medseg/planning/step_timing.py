@@ -2,7 +2,7 @@
 
 **Step time**: :func:`measure_step_time` builds the network, feeds a random ``(B, C, *patch)`` input
 with random integer targets, and runs the reference training step of
-:func:`medseg.networks.memory.training_step` (forward under autocast, soft Dice + cross-entropy over the
+:func:`medseg.planning.reference_step.training_step` (forward under autocast, soft Dice + cross-entropy over the
 deep-supervision outputs with halving weights, backward, SGD Nesterov step): one warm-up step, then
 ``steps`` timed steps. :func:`measure_step_times` measures several settings interleaved, round-robin, so
 that a changing machine load affects every setting alike.
@@ -64,7 +64,9 @@ from typing import Any
 import torch
 
 from medseg import faults
+from medseg.machine import keep_freed_cpu_memory
 from medseg.planning.plan import NetworkPlan
+from medseg.planning.reference_step import make_optimizer, training_step
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +162,12 @@ class _StepRunner:
     """A built model, optimizer and random batch, ready to run timed reference training steps."""
 
     def __init__(self, s: StepSetting, seed: int) -> None:
-        from medseg.networks import build_network
-        from medseg.networks.memory import make_optimizer
-
         self.setting = s
         self.device = torch.device(s.device)
         net = replace(s.net, precision=s.precision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_network(net, s.in_channels, s.num_classes)
+            model = net.build(s.in_channels, s.num_classes)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn((net.batch_size, s.in_channels, *net.patch_size), generator=gen)
         target = torch.randint(0, s.num_classes, (net.batch_size, *net.patch_size), generator=gen)
@@ -183,8 +182,6 @@ class _StepRunner:
 
     def step(self) -> float:
         """Run one training step; return its wall time in seconds."""
-        from medseg.networks.memory import training_step
-
         s = self.setting
         faults.maybe_fail("step_probe", s.precision)
         self._sync()
@@ -219,8 +216,6 @@ def _time_settings(
     from tqdm.auto import tqdm
 
     if any(torch.device(s.device).type == "cpu" for s in settings):
-        from medseg.networks.memory import keep_freed_cpu_memory
-
         keep_freed_cpu_memory()  # time the steps with the allocator setting the trainer uses
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
@@ -529,7 +524,7 @@ def measure_step_time(
     Builds the network, a random input ``(B, C, *patch)`` float32 and random integer targets
     ``(B, *patch)``; each step runs the forward pass under autocast at ``precision``, soft Dice +
     cross-entropy over the deep-supervision outputs, backward and an SGD step
-    (:func:`medseg.networks.memory.training_step`). ``warmup`` untimed steps, then at least ``steps``
+    (:func:`medseg.planning.reference_step.training_step`). ``warmup`` untimed steps, then at least ``steps``
     timed ones. ``torch.set_num_threads`` is left as it is.
 
     Args:
@@ -555,7 +550,7 @@ def _free(device: str) -> None:
 
 
 def _setting_label(s: StepSetting) -> str:
-    return (f"{s.net.arch} {s.net.base_features}f {'x'.join(map(str, s.net.patch_size))} b{s.net.batch_size} "
+    return (f"{s.net.arch} {s.net.spec.base_features}f {'x'.join(map(str, s.net.patch_size))} b{s.net.batch_size} "
             f"{s.precision}{' channels-last' if s.channels_last else ''}")
 
 

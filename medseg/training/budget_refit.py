@@ -59,8 +59,8 @@ def refit_reason(plan: Plan, configuration: str, arch: str, device_type: str, mi
 
 def _net_summary(plan: Plan, configuration: str, arch: str) -> dict[str, Any]:
     net = plan.configuration(configuration).network(arch)
-    return {"base_features": net.base_features, "max_features": net.max_features, "patch_size": list(net.patch_size),
-            "batch_size": net.batch_size, "precision": net.precision}
+    return {"base_features": net.spec.base_features, "max_features": net.spec.max_features,
+            "patch_size": list(net.patch_size), "batch_size": net.batch_size, "precision": net.precision}
 
 
 def _label(d: dict[str, Any]) -> str:

@@ -407,8 +407,8 @@ def run_plan(plan: Plan, cfg: TrainConfig, configuration: str, arch: str) -> tup
     cfg_plan = plan.configuration(configuration)
     net = cfg_plan.network(arch)
     changes: dict[str, Any] = {}
-    if not cfg.deep_supervision and net.deep_supervision:
-        changes["deep_supervision"] = False
+    if not cfg.deep_supervision and net.spec.deep_supervision:
+        changes["spec"] = dataclasses.replace(net.spec, deep_supervision=False)
     if cfg.batch_size is not None and cfg.batch_size != net.batch_size:
         changes["batch_size"] = cfg.batch_size
     mirror_axes = resolve_mirror_axes(cfg.augmentation, cfg_plan)
@@ -416,10 +416,7 @@ def run_plan(plan: Plan, cfg: TrainConfig, configuration: str, arch: str) -> tup
         net = dataclasses.replace(net, **changes)
         networks = dict(cfg_plan.networks)
         networks[arch] = net
-        extra = {}
-        if arch == cfg_plan.default_arch and "batch_size" in changes:
-            extra["batch_size"] = net.batch_size
-        cfg_plan = dataclasses.replace(cfg_plan, networks=networks, mirror_axes=mirror_axes, **extra)
+        cfg_plan = dataclasses.replace(cfg_plan, networks=networks, mirror_axes=mirror_axes)
         configs = dict(plan.configurations)
         configs[configuration] = cfg_plan
         plan = dataclasses.replace(plan, configurations=configs)

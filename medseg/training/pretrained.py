@@ -139,7 +139,8 @@ def _net_words(plan: Plan, configuration: str, arch: str) -> str:
         net = plan.configuration(configuration).network(arch)
     except MedsegError:
         return f"{configuration}/{arch}"
-    return (f"{configuration}/{arch}, {net.base_features}-{net.max_features} features, {net.num_stages} stages, "
+    spec = net.spec
+    return (f"{configuration}/{arch}, {spec.base_features}-{spec.max_features} features, {spec.num_stages} stages, "
             f"{plan.num_channels} channel(s), {plan.num_classes} classes")
 
 
@@ -250,11 +251,9 @@ def _sha256(path: Path) -> str:
 
 def _meta_network_state(plan: Plan, configuration: str, arch: str) -> dict[str, torch.Tensor]:
     """The state dict of the run's network built on the meta device (shapes only, no memory, no RNG use)."""
-    from medseg.networks import build_network
-
     with torch.device("meta"):
-        model = build_network(plan.configuration(configuration).network(arch), plan.network_in_channels(configuration),
-                              plan.num_classes)
+        model = plan.configuration(configuration).network(arch).build(plan.network_in_channels(configuration),
+                                                                      plan.num_classes)
     return model.state_dict()
 
 

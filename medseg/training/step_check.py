@@ -43,7 +43,7 @@ class StepTimeCheck:
         if not isinstance(notes, dict) or notes.get("configuration") != configuration or notes.get("arch", arch) != arch:
             return None
         chosen = notes.get("chosen") or {}
-        same = (chosen.get("base_features") == net.base_features and chosen.get("batch_size") == net.batch_size
+        same = (chosen.get("base_features") == net.spec.base_features and chosen.get("batch_size") == net.batch_size
                 and list(chosen.get("patch_size") or []) == list(net.patch_size))
         t = chosen.get("step_time_s")
         return cls(float(t)) if same and isinstance(t, (int, float)) and t > 0 else None

@@ -40,9 +40,7 @@ from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
 from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
-from medseg.networks import build_network
-from medseg.networks.memory import keep_freed_cpu_memory
-from medseg.machine import autocast_dtype
+from medseg.machine import autocast_dtype, keep_freed_cpu_memory
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig, run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
@@ -172,7 +170,7 @@ class Trainer(TrainerState, TrainerValidation):
 
         # -------- model, loss, optimizer, step
         self.num_classes = plan.num_classes
-        model = build_network(net, plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
+        model = net.build(plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=channels_last_format(self.dims))
         self.model: nn.Module = model

@@ -117,7 +117,7 @@ def test_anisotropic_set_keeps_the_coarse_axis(tmp_path):
     plan = _plan(data, tmp_path / "work")
     cfg = plan["configurations"]["3d_fullres"]
     assert cfg["spacing"][0] == pytest.approx(6.5)  # no resampling of 6.5 mm slices to in-plane spacing
-    assert cfg["networks"]["unet"]["kernel_sizes"][0] == [1, 3, 3]  # in-plane convolutions first
+    assert cfg["networks"]["unet"]["spec"]["kernel_sizes"][0] == [1, 3, 3]  # in-plane convolutions first
     assert _train(tmp_path / "work", "0") == 0
     _predict_and_check(tmp_path / "work", sorted((data / "imagesTr").glob("case_00[01].nii.gz")), tmp_path / "pred",
                        _declared(data))

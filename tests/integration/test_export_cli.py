@@ -88,7 +88,7 @@ def test_exported_networks_reproduce_the_logits(trained, tmp_path, fmt):
     assert net["configuration"] == "3d_fullres" and net["fold"] == "fold_0"
     plan = json.loads((work / "plans.json").read_text())
     cfg = plan["configurations"]["3d_fullres"]
-    assert net["patch_size"] == cfg["patch_size"] and net["spacing_zyx_mm"] == cfg["spacing"]
+    assert net["patch_size"] == cfg["networks"]["unet"]["patch_size"] and net["spacing_zyx_mm"] == cfg["spacing"]
     assert info["label_ids"] == plan["label_ids"] and info["postprocessing"] is not None
 
     member = load_member(work / "runs" / "3d_fullres" / "unet" / "fold_0")

@@ -14,8 +14,9 @@ from medseg.preprocessing.previous_stage import append_previous_stage, onehot_pr
 from medseg.training.previous_stage import load_network_input, prepare_previous_stage, previous_stage_folder
 from medseg.errors import ConfigError, MedsegError, PlanError
 from medseg.io.image import ImageGeometry, write_image
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
 from medseg.preprocessing import labels_to_classes, preprocess_case, preprocessed_folder, write_case
+from tests.helpers import network_plan
 
 from .planning.conftest import BRATS, LIVERLIKE, plan as plan_fingerprint
 
@@ -23,12 +24,12 @@ CASCADE = "3d_cascade_fullres"
 
 
 def _plan(label_ids=(0, 1, 2)) -> Plan:
-    net = NetworkPlan("unet", (8, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)), base_features=4,
+    net = network_plan("unet", (8, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)), base_features=4,
                       max_features=8)
     norm = (NormalizationSpec("zscore"),)
 
     def cfg(name, spacing, previous=None, ident=None):
-        return ConfigurationPlan(name, 3, spacing, (10, 12, 12), net.patch_size, net.batch_size, norm, {"unet": net},
+        return ConfigurationPlan(name, 3, spacing, (10, 12, 12), norm, {"unet": net},
                                  data_identifier=ident or name, previous_stage=previous)
 
     configs = {"3d_fullres": cfg("3d_fullres", (2.0, 0.8, 0.8)),

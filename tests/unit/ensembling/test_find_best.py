@@ -12,7 +12,8 @@ import pytest
 from medseg.ensembling import find_best, find_trained_runs, find_validation_predictions
 from medseg.errors import MedsegError
 from medseg.io.image import ImageGeometry, write_image
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from tests.helpers import network_plan
 
 SHAPE = (6, 16, 16)
 GEO = ImageGeometry(SHAPE, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -20,9 +21,9 @@ GEO = ImageGeometry(SHAPE, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 
 
 def _plan() -> Plan:
     cfgs = {}
-    for name, net in (("3d_fullres", NetworkPlan("unet", (4, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))),
-                      ("2d", NetworkPlan("unet", (8, 8), 2, ((3, 3),) * 2, ((1, 1), (2, 2))))):
-        cfgs[name] = ConfigurationPlan(name, net.dims, (2.0, 1.0, 1.0), SHAPE, net.patch_size, 2,
+    for name, net in (("3d_fullres", network_plan("unet", (4, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))),
+                      ("2d", network_plan("unet", (8, 8), 2, ((3, 3),) * 2, ((1, 1), (2, 2))))):
+        cfgs[name] = ConfigurationPlan(name, net.dims, (2.0, 1.0, 1.0), SHAPE,
                                        (NormalizationSpec("zscore"),), {"unet": net})
     return Plan("t", ("MRI",), (0, 1, 5), ("bg", "a", "b"), (2.0, 1.0, 1.0), SHAPE, cfgs).validate()
 

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from tests.helpers import network_plan
 
 # oblique, orthonormal direction (rotation about (0.3, -0.5, 0.8) by 0.4 rad), SimpleITK row-major order
 _k = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
@@ -22,14 +23,13 @@ def build_plan(spacings: dict[str, Sequence[float]] | None = None, label_ids: Se
                median_spacing: Sequence[float] = (3.0, 1.0, 1.2), channels: int = 1) -> Plan:
     """Plan with ``3d_fullres`` (patch 8x16x16) and, when in ``spacings``, ``2d`` (patch 16x16)."""
     spacings = spacings or {"3d_fullres": median_spacing}
-    net3 = NetworkPlan("unet", (8, 16, 16), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))
-    net2 = NetworkPlan("unet", (16, 16), 4, ((3, 3),) * 2, ((1, 1), (2, 2)))
+    net3 = network_plan("unet", (8, 16, 16), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))
+    net2 = network_plan("unet", (16, 16), 4, ((3, 3),) * 2, ((1, 1), (2, 2)))
     cfgs = {}
     for name, sp in spacings.items():
         net = net2 if name == "2d" else net3
         cfgs[name] = ConfigurationPlan(
             name=name, dims=net.dims, spacing=tuple(float(s) for s in sp), median_shape=(10, 24, 20),
-            patch_size=net.patch_size, batch_size=net.batch_size,
             normalization=(NormalizationSpec("zscore"),) * channels, networks={"unet": net},
         )
     return Plan(

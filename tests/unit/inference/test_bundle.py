@@ -17,7 +17,6 @@ from medseg.errors import BundleError, MedsegError
 from medseg.inference import Predictor
 from medseg.inference.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, export_bundle, load_bundle, read_manifest
 from medseg.io.checkpoint import save_checkpoint
-from medseg.networks import build_network
 
 from .conftest import bright_box_image, build_plan
 
@@ -28,14 +27,15 @@ RULES = {"format": "medseg-postprocessing-v1", "per_label": {"1": [{"op": "large
 def _plan():
     plan = build_plan(spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2))
     cfg = plan.configuration("3d_fullres")
-    net = dataclasses.replace(cfg.network("unet"), base_features=4, max_features=8)
+    net = cfg.network("unet")
+    net = dataclasses.replace(net, spec=dataclasses.replace(net.spec, base_features=4, max_features=8))
     cfg = dataclasses.replace(cfg, networks={"unet": net}, mirror_axes=(2,))
     return dataclasses.replace(plan, configurations={"3d_fullres": cfg})
 
 
 def _fake_run(work, plan, fold):
     torch.manual_seed(fold)
-    model = build_network(plan.configuration("3d_fullres").network("unet"), plan.num_channels, plan.num_classes)
+    model = plan.configuration("3d_fullres").network("unet").build(plan.num_channels, plan.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 1, 8, 16, 16))[0].mean().backward()
     opt.step()  # optimizer state (momentum buffers) that must not end up in the bundle

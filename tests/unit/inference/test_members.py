@@ -12,7 +12,6 @@ import torch
 from medseg.errors import CheckpointError, MedsegError
 from medseg.inference import Predictor, predict_folder
 from medseg.io.checkpoint import save_checkpoint
-from medseg.networks import build_network
 
 from .conftest import bright_box_image, build_plan, write_oblique
 
@@ -20,14 +19,15 @@ from .conftest import bright_box_image, build_plan, write_oblique
 def _tiny_plan():
     plan = build_plan(spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2))
     cfg = plan.configuration("3d_fullres")
-    net = dataclasses.replace(cfg.network("unet"), base_features=4, max_features=8)
+    net = cfg.network("unet")
+    net = dataclasses.replace(net, spec=dataclasses.replace(net.spec, base_features=4, max_features=8))
     return dataclasses.replace(plan, configurations={"3d_fullres": dataclasses.replace(cfg, networks={"unet": net})})
 
 
 def _train_fake_run(work, plan, fold, seed):
     net = plan.configuration("3d_fullres").network("unet")
     torch.manual_seed(seed)
-    model = build_network(net, plan.num_channels, plan.num_classes)
+    model = net.build(plan.num_channels, plan.num_classes)
     run = work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}"
     run.mkdir(parents=True)
     save_checkpoint({"model": model.state_dict(), "epoch": 1, "iteration": 10, "train_config": {},

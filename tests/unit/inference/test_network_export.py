@@ -13,9 +13,9 @@ from medseg.inference.bundle import export_bundle
 from medseg.inference.members import load_member
 from medseg.inference.network_export import export_networks, run_exported
 from medseg.io.checkpoint import save_checkpoint
-from medseg.networks import build_network
 from medseg.networks.layers import _adaptive_avg_pool_matmul
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from tests.helpers import network_plan
 
 ARCHS = ("unet", "deeplab", "psp", "fcn")
 # anisotropic topologies: PSP's pyramid bins (1, 2, 3, 6) do not divide the 4x6 / 1x4x3 bottlenecks
@@ -35,10 +35,10 @@ def _one_thread():
 
 
 def _work(tmp_path, arch, dims, channels=2):
-    net = NetworkPlan(arch=arch, batch_size=2, base_features=4, max_features=16, **TOPOLOGY[dims])
+    net = network_plan(arch=arch, batch_size=2, base_features=4, max_features=16, **TOPOLOGY[dims])
     name = "3d_fullres" if dims == 3 else "2d"
     cfg = ConfigurationPlan(name=name, dims=dims, spacing=(3.0, 0.8, 1.2), median_shape=(10, 40, 30),
-                            patch_size=net.patch_size, batch_size=2, networks={arch: net}, default_arch=arch,
+                            networks={arch: net}, default_arch=arch,
                             normalization=(NormalizationSpec("ct", False, -100.0, 300.0, 40.0, 80.0),
                                            NormalizationSpec("zscore", True)),
                             mirror_axes=(dims - 1,))
@@ -49,7 +49,7 @@ def _work(tmp_path, arch, dims, channels=2):
     work.mkdir()
     plan.save(work / "plans.json")
     torch.manual_seed(0)
-    model = build_network(net, channels, 3)
+    model = net.build(channels, 3)
     save_checkpoint({"model": model.state_dict(), "epoch": 1, "iteration": 1, "train_config": {}, "plan": plan.to_dict(),
                      "configuration": name, "arch": arch}, work / "runs" / name / arch / "fold_0" / "checkpoint_final.pt")
     return work, name

@@ -172,8 +172,10 @@ def test_tta_flips_only_the_planned_mirror_axes(mirror_axes, passes):
 def test_tta_adds_grid_shifts_when_the_plan_mirrors_fewer_axes():
     plan = build_plan()
     cfg = plan.configuration("3d_fullres")
-    net = dataclasses.replace(cfg.network("unet"), kernel_sizes=((3, 3, 3),) * 4,
-                              strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)))  # total stride (4, 8, 8)
+    net = cfg.network("unet")
+    spec = dataclasses.replace(net.spec, kernel_sizes=((3, 3, 3),) * 4,
+                               strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)))  # total stride (4, 8, 8)
+    net = dataclasses.replace(net, spec=spec)
     cfg = dataclasses.replace(cfg, mirror_axes=(2,), networks={"unet": net})
     plan = dataclasses.replace(plan, configurations={"3d_fullres": cfg}).validate()
     for shape, patches in (((6, 12, 12), 1), ((8, 16, 16), 8)):

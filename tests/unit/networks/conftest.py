@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan import NetworkPlan
 
 ISO3 = dict(
@@ -27,9 +28,10 @@ ARCHS = ("unet", "deeplab", "psp", "fcn")
 
 def tiny_plan(arch: str, topology: dict, **overrides) -> NetworkPlan:
     """A network plan with 4..16 features and batch 2 on ``topology``."""
-    fields = dict(arch=arch, batch_size=2, base_features=4, max_features=16, **topology)
+    fields = dict(arch=arch, base_features=4, max_features=16, **topology)
     fields.update(overrides)
-    return NetworkPlan(**fields)
+    patch = fields.pop("patch_size")
+    return NetworkPlan(NetworkSpec(**fields), patch_size=patch, batch_size=2)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from medseg.networks import build_network
 from medseg.networks.deeplab import aspp_branch_geometry
 from medseg.networks.dilated import dilated_topology
 from medseg.networks.psp import pyramid_bins
@@ -27,7 +26,7 @@ def _input(net, batch=2):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shapes_backward_and_deep_supervision(arch, topology):
     net = tiny_plan(arch, TOPOLOGIES[topology])
-    model = build_network(net, C, K)
+    model = net.build(C, K)
     x = _input(net)
 
     outs = model(x)  # training mode + deep supervision -> list, full resolution first
@@ -53,7 +52,7 @@ def test_shapes_backward_and_deep_supervision(arch, topology):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_deep_supervision_returns_a_tensor_in_training(arch):
     net = tiny_plan(arch, ISO2, deep_supervision=False)
-    model = build_network(net, C, K)
+    model = net.build(C, K)
     y = model(_input(net))
     assert isinstance(y, torch.Tensor) and tuple(y.shape) == (2, K, *net.patch_size)
     assert model.output_scales == [(1, 1)]
@@ -66,7 +65,7 @@ def test_unet_deep_supervision_follows_the_plan_strides():
         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
         kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 4,
     )
-    model = build_network(tiny_plan("unet", topo), 1, K)
+    model = tiny_plan("unet", topo).build(1, K)
     assert model.output_scales == [(1, 1, 1), (1, 2, 2), (2, 4, 4)]
     outs = model(torch.randn(1, 1, 8, 32, 32))
     assert [tuple(o.shape[2:]) for o in outs] == [(8, 32, 32), (8, 16, 16), (4, 8, 8)]
@@ -75,7 +74,7 @@ def test_unet_deep_supervision_follows_the_plan_strides():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_single_stage_topology(arch):
     topo = dict(patch_size=(6, 10, 7), strides=((1, 1, 1),), kernel_sizes=((3, 3, 3),))
-    model = build_network(tiny_plan(arch, topo), 1, K)
+    model = tiny_plan(arch, topo).build(1, K)
     out = model(torch.randn(1, 1, 6, 10, 7))
     out = out[0] if isinstance(out, list) else out
     assert tuple(out.shape) == (1, K, 6, 10, 7)
@@ -95,7 +94,7 @@ def test_single_stage_topology(arch):
 )
 def test_architecture_options(arch, options):
     net = tiny_plan(arch, ANISO3, options=options)
-    model = build_network(net, C, K)
+    model = net.build(C, K)
     outs = model(_input(net))
     assert tuple(outs[0].shape) == (2, K, *net.patch_size)
     sum(o.mean() for o in outs).backward()
@@ -104,7 +103,7 @@ def test_architecture_options(arch, options):
     if "full_res_features" in options:  # stage 0 and decoder level 0 narrowed, the others kept
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
         assert convs[0].out_channels == 3 and model.heads[0].in_channels == 3
-        assert any(m.out_channels == net.features_per_stage()[1] for m in convs)
+        assert any(m.out_channels == net.spec.features_per_stage()[1] for m in convs)
     if options.get("separable"):
         depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.groups > 1]
         assert depthwise and all(m.groups == m.in_channels for m in depthwise)
@@ -114,14 +113,14 @@ def test_architecture_options(arch, options):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_selectable_norms(arch, norm, cls):
     net = tiny_plan(arch, ISO3, norm=norm)
-    model = build_network(net, C, K)
+    model = net.build(C, K)
     assert any(isinstance(m, cls) for m in model.modules())
     outs = model(_input(net))
     sum(o.mean() for o in outs).backward()
 
 
 def test_default_norm_is_affine_instance_norm_with_leaky_relu():
-    model = build_network(tiny_plan("unet", ISO3), C, K)
+    model = tiny_plan("unet", ISO3).build(C, K)
     norms = [m for m in model.modules() if type(m).__name__ == "InstanceNorm"]
     assert norms and all(m.affine and m.num_groups == m.num_channels for m in norms)
     acts = [m for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
@@ -142,7 +141,7 @@ def test_bf16_autocast_matches_fp32(arch, topology):
     # The trainer skips such a step (tests/unit/training/test_train.py).
     topo = dict(TOPOLOGIES[topology], patch_size=tuple(32 for _ in TOPOLOGIES[topology]["patch_size"]))
     net = tiny_plan(arch, topo)
-    model = build_network(net, C, K).eval()
+    model = net.build(C, K).eval()
     x = _input(net, batch=1)
     with torch.no_grad():
         ref = model(x)
@@ -165,7 +164,7 @@ def test_bf16_autocast_matches_fp32(arch, topology):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_channels_last_gives_the_same_result(arch, topology):
     net = tiny_plan(arch, TOPOLOGIES[topology], options={"dropout": 0.0} if arch in ("deeplab", "psp") else {})
-    model = build_network(net, C, K)
+    model = net.build(C, K)
     fmt = torch.channels_last_3d if net.dims == 3 else torch.channels_last
     x = _input(net)
     ref = model(x)
@@ -182,7 +181,7 @@ def test_channels_last_gives_the_same_result(arch, topology):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_odd_input_size_is_rejected_with_the_padded_shape(arch):
     net = tiny_plan(arch, ANISO3)  # total stride (4, 8, 8)
-    model = build_network(net, C, K).eval()
+    model = net.build(C, K).eval()
     d = model.size_divisor
     odd = (d[0] + 1, 2 * d[1], 3 * d[2] - 1)
     padded = [2 * d[0], 2 * d[1], 3 * d[2]]
@@ -211,7 +210,7 @@ def test_dilated_topology_is_per_axis():
 def test_deeplab_output_stride_keeps_resolution():
     topo = dict(patch_size=(8, 32, 32), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
                 kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 4)
-    model = build_network(tiny_plan("deeplab", topo, options={"output_stride": 8}), 1, K)
+    model = tiny_plan("deeplab", topo, options={"output_stride": 8}).build(1, K)
     assert model.size_divisor == (4, 8, 8)
     dilated = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv3d) and max(m.dilation) > 1]
     assert dilated and all(m.dilation[0] == 1 for m in dilated)
@@ -236,12 +235,12 @@ def test_aspp_rates_adapt_per_axis_and_degrade_to_1x1():
 
 def test_psp_bins_are_clamped_per_axis():
     assert pyramid_bins((1, 2, 3, 6), (2, 7, 5)) == [(1, 1, 1), (2, 2, 2), (2, 3, 3), (2, 6, 5)]
-    model = build_network(tiny_plan("psp", ANISO3), C, K)  # bottleneck (2, 4, 3)
+    model = tiny_plan("psp", ANISO3).build(C, K)  # bottleneck (2, 4, 3)
     assert model.ppm.bins == [(1, 1, 1), (2, 2, 2), (2, 3, 3), (2, 4, 3)]
 
 
 def test_fcn_fuses_the_three_deepest_stages():
-    model = build_network(tiny_plan("fcn", ISO3), C, K)
+    model = tiny_plan("fcn", ISO3).build(C, K)
     assert model.fused == [3, 2, 1]
     assert model.output_scales == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
 

@@ -21,18 +21,19 @@ from medseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
 from medseg.io.dataset import DatasetInfo
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
 from medseg.planning.planner import PlannerOptions, plan_dataset
+from tests.helpers import network_plan
 
 
 # ----------------------------------------------------------------------------------------------- planner helpers
 def feature_map_values(net: NetworkPlan, num_classes: int) -> int:
     """Values a plain UNet (2 convs per stage, transposed-conv decoder) produces for one sample."""
     sizes, cur = [], list(net.patch_size)
-    for s in net.strides:
+    for s in net.spec.strides:
         cur = [c // st for c, st in zip(cur, s)]
         sizes.append(list(cur))
-    feats = net.features_per_stage()
-    total = sum(net.n_conv_per_stage * f * int(np.prod(sz)) for f, sz in zip(feats, sizes))
-    total += sum((net.n_conv_per_stage + 1) * feats[s] * int(np.prod(sizes[s])) for s in range(len(sizes) - 1))
+    feats = net.spec.features_per_stage()
+    total = sum(net.spec.n_conv_per_stage * f * int(np.prod(sz)) for f, sz in zip(feats, sizes))
+    total += sum((net.spec.n_conv_per_stage + 1) * feats[s] * int(np.prod(sizes[s])) for s in range(len(sizes) - 1))
     return total + num_classes * int(np.prod(sizes[0]))
 
 
@@ -93,22 +94,22 @@ PATCH = (40, 56, 40)
 
 
 def hippocampus_like_plan() -> Plan:
-    net = NetworkPlan(
+    net = network_plan(
         arch="unet", patch_size=PATCH, batch_size=7, kernel_sizes=((3, 3, 3),) * 4,
         strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), base_features=32, max_features=320,
         estimated_memory_gb=1.2,
     )
-    deeplab = NetworkPlan(
+    deeplab = network_plan(
         arch="deeplab", patch_size=PATCH, batch_size=5, kernel_sizes=((3, 3, 3),) * 4,
         strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
     )
-    net2d = NetworkPlan(arch="unet", patch_size=(56, 40), batch_size=64, kernel_sizes=((3, 3),) * 4,
+    net2d = network_plan(arch="unet", patch_size=(56, 40), batch_size=64, kernel_sizes=((3, 3),) * 4,
                         strides=((1, 1), (2, 2), (2, 2), (2, 2)), max_features=512)
     norm = (NormalizationSpec("zscore"),)
     cfgs = {
-        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), PATCH, 7, norm,
+        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), norm,
                                         {"unet": net, "deeplab": deeplab}, data_identifier="spacing_1x1x1_zscore"),
-        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), (56, 40), 64, norm, {"unet": net2d},
+        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net2d},
                                 data_identifier="spacing_1x1x1_zscore"),
     }
     return Plan("Hippocampus", ("MRI",), (0, 1, 2), ("background", "Anterior", "Posterior"), (1.0, 1.0, 1.0),

@@ -36,8 +36,8 @@ class FakeClock:
 
     def __call__(self, net, cin, k, device, precision, channels_last, steps):
         assert (cin, k, device, steps) == (1, 3, self.device, 3)
-        self.calls.append((net.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last))
-        t = self.overhead + self.per_unit * net.base_features * math.prod(net.patch_size) * net.batch_size
+        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last))
+        t = self.overhead + self.per_unit * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
         return t * (0.9 if channels_last else 1.0) * (0.5 if precision == "bf16" else 1.0)
 
     def samples(self, features: int, batch: int, minutes: float) -> int:
@@ -51,7 +51,7 @@ def no_bf16(monkeypatch):
 
 def chosen(plan: Plan) -> tuple[int, tuple[int, ...], int]:
     net = plan.configuration("3d_fullres").network("unet")
-    return net.base_features, net.patch_size, net.batch_size
+    return net.spec.base_features, net.patch_size, net.batch_size
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_bf16_is_kept_when_native_and_faster(monkeypatch):
     net = plan.configuration("3d_fullres").network()
     assert net.precision == "bf16"
     # twice as fast: 32 features now converge in 15 minutes, where only 16 did at fp32
-    assert net.base_features == 32
+    assert net.spec.base_features == 32
     assert len(plan.notes["budget"]["levers"]["results"]) == 4
 
 
@@ -142,7 +142,7 @@ def test_returned_plan_is_valid_consistent_and_round_trips(no_bf16):
     cfg = plan.configuration("3d_fullres")
     net = cfg.network("unet")
     assert (cfg.patch_size, cfg.batch_size) == (net.patch_size, net.batch_size)
-    assert net.strides == original.configuration("3d_fullres").network().strides
+    assert net.spec.strides == original.configuration("3d_fullres").network().spec.strides
     assert net.estimated_memory_gb is not None and net.estimated_memory_gb > 0
     assert plan.default_configuration == "3d_fullres"
     assert plan.device == "cpu" and plan.time_budget_minutes == 22.0
@@ -167,13 +167,13 @@ def test_2d_configuration_uses_its_own_grid(no_bf16):
 
     def fake(net, cin, k, device, precision, channels_last, steps):
         calls.append(net.batch_size)
-        return 1e-3 * net.batch_size * net.base_features / 16
+        return 1e-3 * net.batch_size * net.spec.base_features / 16
 
     out = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 30, measure_fn=fake)  # default configuration: 2d
     net = out.configuration("2d").network()
     assert out.default_configuration == "2d"
     assert set(calls) == set(candidates.BATCH_GRID[2])
-    assert net.base_features == 32 and net.max_features == 512
+    assert net.spec.base_features == 32 and net.spec.max_features == 512
     assert out.configurations["3d_fullres"] == hippocampus_like_plan().configurations["3d_fullres"]
 
 
@@ -197,7 +197,7 @@ def test_bad_arguments_are_refused(kwargs, needle):
 
 def test_out_of_memory_candidates_are_never_chosen(no_bf16):
     def fake(net, cin, k, device, precision, channels_last, steps):
-        return math.inf if net.base_features == 16 else 0.01
+        return math.inf if net.spec.base_features == 16 else 0.01
 
     out = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 10, configuration="3d_fullres", measure_fn=fake)
     assert chosen(out)[0] == 32

@@ -14,7 +14,7 @@ import pytest
 
 from medseg import faults
 from medseg.errors import PlanError
-from medseg.planning import budget, step_timing
+from medseg.planning import budget_measure, step_timing
 from medseg.planning.budget import fit_plan_to_budget
 from medseg.planning.candidates import Candidate
 from medseg.planning.plan import Plan
@@ -34,11 +34,11 @@ class CrashingClock:
         self.calls: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
 
     def __call__(self, net, cin, k, device, precision, channels_last, steps):
-        self.calls.append((net.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
+        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
         self.now += 1.0
         if self.crash(net, precision, channels_last):
             return SEGV
-        t = 0.05 + 1e-7 * net.base_features * math.prod(net.patch_size) * net.batch_size
+        t = 0.05 + 1e-7 * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
         return t * (0.9 if channels_last else 1.0) * (0.5 if precision == "bf16" else 1.0)
 
 
@@ -80,7 +80,7 @@ def test_crashed_bf16_levers_fall_back_to_fp32(bf16_cpu):
 def test_a_crashing_probe_is_repeated_at_fp32_and_never_chosen(bf16_cpu, monkeypatch):
     """The issue's case: the time-limited fit's first probe (bf16, channels-last: the CPU default) dies."""
     clock = CrashingClock(lambda net, p, cl: p == "bf16" and cl)
-    monkeypatch.setattr(budget, "_clock", lambda: clock.now)
+    monkeypatch.setattr(budget_measure, "_clock", lambda: clock.now)
     plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres", measure_fn=clock,
                               max_seconds=180.0)
     notes = plan.notes["budget"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medseg.planning import budget, step_timing
+from medseg.planning import budget_measure, step_timing
 from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit, scaled_step_time
 from medseg.planning.candidates import Candidate
 
@@ -22,10 +22,10 @@ class VirtualClock:
         self.calls: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
 
     def __call__(self, net, cin, k, device, precision, channels_last, steps):
-        t = self.overhead + self.per_unit * net.base_features * math.prod(net.patch_size) * net.batch_size
+        t = self.overhead + self.per_unit * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
         t *= 0.9 if channels_last else 1.0
         self.now += (step_timing.WARMUP_STEPS + steps) * t
-        self.calls.append((net.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
+        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
         return t
 
 
@@ -33,7 +33,7 @@ class VirtualClock:
 def virtual(monkeypatch):
     monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
     clock = VirtualClock()
-    monkeypatch.setattr(budget, "_clock", lambda: clock.now)
+    monkeypatch.setattr(budget_measure, "_clock", lambda: clock.now)
     return clock
 
 
@@ -75,7 +75,7 @@ def test_without_room_for_the_levers_the_probe_decides_at_the_default_setting(vi
     assert (notes["chosen"]["base_features"], notes["chosen"]["batch_size"]) == (16, 2)
     assert notes["levers"]["chosen"] == {"precision": "fp32", "channels_last": True}
     net = plan.configuration("3d_fullres").network("unet")
-    assert net.precision == "fp32" and net.base_features == 16
+    assert net.precision == "fp32" and net.spec.base_features == 16
 
 
 def test_no_limit_measures_as_before(virtual):
@@ -90,6 +90,6 @@ def test_only_the_fitted_architecture_changes(virtual):
                               max_seconds=60.0)
     cfg, old = plan.configuration("3d_fullres"), before.configuration("3d_fullres")
     assert cfg.network("unet") == old.network("unet") and cfg.patch_size == old.patch_size
-    assert cfg.network("deeplab").base_features in (16, 24, 32) and plan.notes["budget"]["arch"] == "deeplab"
+    assert cfg.network("deeplab").spec.base_features in (16, 24, 32) and plan.notes["budget"]["arch"] == "deeplab"
     assert (cfg.spacing, cfg.normalization, cfg.data_identifier) == (old.spacing, old.normalization,
                                                                      old.data_identifier)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medseg.planning.candidates import default_candidates, smaller_patches
-from medseg.planning.plan import NetworkPlan
+from tests.helpers import network_plan
 
 from .conftest import PATCH, hippocampus_like_plan
 
@@ -18,7 +18,7 @@ def test_grid_for_an_image_the_patch_covers():
 
 
 def test_large_images_get_halved_patches_divisible_by_the_stride():
-    net = NetworkPlan(arch="unet", patch_size=(80, 192, 160), batch_size=2, kernel_sizes=((3, 3, 3),) * 5,
+    net = network_plan(arch="unet", patch_size=(80, 192, 160), batch_size=2, kernel_sizes=((3, 3, 3),) * 5,
                       strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)))
     patches = smaller_patches(net, (300, 400, 400))
     assert patches == [(80, 192, 160), (80, 96, 160), (80, 96, 80)]

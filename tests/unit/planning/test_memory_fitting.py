@@ -12,8 +12,8 @@ from .conftest import BRATS, CALLS, LIVERLIKE, make_ds, make_fp, plan, reference
 
 def test_memory_budget_2_8_80_gb():
     small, mid, big = (plan(*BRATS, gpu=g).configuration("3d_fullres") for g in (2.0, 8.0, 80.0))
-    assert small.patch_size == (80, 96, 80) and small.network().num_stages == 5
-    assert mid.patch_size == (128, 128, 128) and mid.network().num_stages == 6
+    assert small.patch_size == (80, 96, 80) and small.network().spec.num_stages == 5
+    assert mid.patch_size == (128, 128, 128) and mid.network().spec.num_stages == 6
     # 80 GB: the patch stops at the (rounded-up) image size, the 5% cap limits the batch
     assert big.patch_size == (160, 192, 160)
     for cfg, gpu in ((small, 2.0), (mid, 8.0), (big, 80.0)):
@@ -41,7 +41,7 @@ def test_batch_is_the_largest_that_fits_when_memory_limits_it():
 def test_estimates_are_memoised():
     CALLS.clear()
     plan(*LIVERLIKE)
-    keys = [(n.arch, n.patch_size, n.batch_size, n.strides, n.dims) for n in CALLS]
+    keys = [(n.arch, n.patch_size, n.batch_size, n.spec.strides, n.dims) for n in CALLS]
     assert len(keys) == len(set(keys))
 
 

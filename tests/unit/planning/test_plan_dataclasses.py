@@ -7,11 +7,12 @@ import json
 import pytest
 
 from medseg.errors import PlanError
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from tests.helpers import network_plan
 
 
 def make_plan() -> Plan:
-    net = NetworkPlan(
+    net = network_plan(
         arch="unet",
         patch_size=(40, 56, 40),
         batch_size=4,
@@ -20,14 +21,14 @@ def make_plan() -> Plan:
         options={"residual_encoder": False},
         estimated_memory_gb=1.25,
     )
-    net2d = NetworkPlan(
+    net2d = network_plan(
         arch="unet", patch_size=(56, 40), batch_size=32, kernel_sizes=((3, 3),) * 4,
         strides=((1, 1), (2, 2), (2, 2), (2, 2)),
     )
     norm = (NormalizationSpec("ct", clip_low=-100.0, clip_high=300.0, mean=50.0, std=80.5),)
     cfgs = {
-        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), (40, 56, 40), 4, norm, {"unet": net}),
-        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), (56, 40), 32, norm, {"unet": net2d}),
+        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net}),
+        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net2d}),
     }
     return Plan("demo", ("CT",), (0, 1, 5, 117), ("background", "a", "b", "c"), (1.0, 1.0, 1.0), (36, 50, 35), cfgs,
                 notes={"why": ["median spacing"]})
@@ -40,9 +41,13 @@ def test_json_round_trip_is_exact():
     assert back == plan
     assert back.to_json() == text
     d = json.loads(text)
-    assert d["configurations"]["3d_fullres"]["patch_size"] == [40, 56, 40]
+    assert d["configurations"]["3d_fullres"]["networks"]["unet"]["patch_size"] == [40, 56, 40]
+    assert d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"]["arch"] == "unet"
+    assert "patch_size" not in d["configurations"]["3d_fullres"]  # the default network's, not repeated
+    assert back.configuration("3d_fullres").patch_size == (40, 56, 40)
+    assert back.configuration("3d_fullres").batch_size == 4
     assert d["configurations"]["3d_fullres"]["spacing"] == [1.0, 1.0, 1.0]
-    assert d["schema_version"] == 1
+    assert d["schema_version"] == 2
     assert back.num_classes == 4
 
 
@@ -64,15 +69,17 @@ def _edited(mutate) -> dict:
     [
         (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [42, 56, 40]),
          "not divisible"),
-        (lambda d: d["configurations"]["3d_fullres"].__setitem__("batch_size", 7), "must equal those of networks.unet"),
+        (lambda d: d["configurations"]["3d_fullres"].__setitem__("batch_size", 7), "unknown key(s) ['batch_size']"),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("bogus", 1), "unknown key"),
         (lambda d: d["configurations"]["3d_fullres"].pop("spacing"), "missing key 'spacing'"),
         (lambda d: d["configurations"]["2d"]["normalization"][0].__setitem__("scheme", "minmax"), "scheme must be one of"),
         (lambda d: d.__setitem__("label_ids", [1, 2, 3, 4]), "background 0"),
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["strides"][0].__setitem__(0, 2), "strides[0]"),
-        (lambda d: d["configurations"]["3d_fullres"].__setitem__("patch_size", [40.5, 56, 40]), "expected integers"),
+        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"]["strides"][0].__setitem__(0, 2), "strides[0]"),
+        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [40.5, 56, 40]),
+         "expected integers"),
         (lambda d: d.__setitem__("default_configuration", "3d_lowres"), "default_configuration"),
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("norm", "layer"), "norm must be"),
+        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"].__setitem__("norm", "layer"),
+         "norm must be"),
         (lambda d: d["configurations"]["2d"].__setitem__("mirror_axes", [0, 2]), "mirror_axes must be distinct patch axes in 0..1"),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [1, 1]), "mirror_axes must be distinct"),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [0.5]), "expected integers"),

@@ -17,7 +17,7 @@ from .conftest import ANISO5, BRATS, HIPPO_LIKE, LIVERLIKE, PROSTATE, make_ds, m
 
 def topo(cfg) -> tuple:
     net = cfg.network()
-    return [list(x) for x in net.strides], [list(x) for x in net.kernel_sizes]
+    return [list(x) for x in net.spec.strides], [list(x) for x in net.spec.kernel_sizes]
 
 
 # ----------------------------------------------------------------------------------------------- pinned to nnU-Net
@@ -26,7 +26,7 @@ def test_hippocampus_like_plan():
     full = p.configuration("3d_fullres")
     assert full.spacing == (1.0, 1.0, 1.0)
     assert full.patch_size == (40, 56, 40)
-    assert full.network().num_stages == 4
+    assert full.network().spec.num_stages == 4
     assert set(p.configurations) == {"3d_fullres", "2d"}
     assert p.configuration("2d").patch_size == (56, 40)
     assert p.default_configuration == "3d_fullres"
@@ -42,7 +42,7 @@ def test_anisotropic_prostate_like_plan_matches_nnunet():
     assert kernels == [[1, 3, 3], [1, 3, 3]] + [[3, 3, 3]] * 5
     assert full.batch_size == 2
     two = p.configuration("2d")
-    assert two.patch_size == (320, 320) and two.network().num_stages == 7
+    assert two.patch_size == (320, 320) and two.network().spec.num_stages == 7
     assert two.spacing == full.spacing
     assert "3d_lowres" not in p.configurations
 
@@ -62,7 +62,7 @@ def test_coarse_x_axis_is_planned_like_nnunet_after_its_transpose():
     p = plan([(0.8, 0.8, 5.0)] * 10, [(512, 512, 40)] * 10)
     full = p.configuration("3d_fullres")
     assert full.patch_size == (256, 256, 24)
-    assert [list(s) for s in full.network().strides][1] == [2, 2, 1]
+    assert [list(s) for s in full.network().spec.strides][1] == [2, 2, 1]
 
 
 def test_lowres_is_planned_for_large_images_and_matches_nnunet():
@@ -111,14 +111,13 @@ def test_plan_round_trips_through_json(tmp_path):
     back = Plan.load(tmp_path / "plans.json")
     assert back == p
     d = json.loads((tmp_path / "plans.json").read_text())
-    assert d["configurations"]["3d_fullres"]["patch_size"] == [112, 160, 128]
+    assert d["configurations"]["3d_fullres"]["networks"]["unet"]["patch_size"] == [112, 160, 128]
     assert "median_spacing" in d["notes"]["spacing"]
 
 
 def test_edited_inconsistent_plan_is_refused(tmp_path):
     p = plan(*HIPPO_LIKE)
     d = p.to_dict()
-    d["configurations"]["3d_fullres"]["patch_size"] = [36, 56, 40]
     d["configurations"]["3d_fullres"]["networks"]["unet"]["patch_size"] = [36, 56, 40]
     (tmp_path / "plans.json").write_text(json.dumps(d))
     with pytest.raises(PlanError, match="not divisible"):
@@ -140,4 +139,4 @@ def test_options_are_recorded():
     p = plan_dataset(ds, fp, opts, memory_estimator=reference_estimator)
     assert (p.device, p.gpu_memory_gb, p.time_budget_minutes) == ("cpu", 4.0, 30.0)
     net = p.configuration().network()
-    assert net.precision == "bf16" and net.base_features == 16 and net.features_per_stage()[0] == 16
+    assert net.precision == "bf16" and net.spec.base_features == 16 and net.spec.features_per_stage()[0] == 16

@@ -50,8 +50,8 @@ def _key_fields(plan: Plan) -> dict:
                 arch: (
                     list(n.patch_size),
                     n.batch_size,
-                    [list(k) for k in n.kernel_sizes],
-                    [list(s) for s in n.strides],
+                    [list(k) for k in n.spec.kernel_sizes],
+                    [list(s) for s in n.spec.strides],
                 )
                 for arch, n in cfg.networks.items()
             },
@@ -68,7 +68,7 @@ def test_hippocampus_plan_matches_the_reference_file():
     full = plan.configuration("3d_fullres")
     assert full.spacing == (1.0, 1.0, 1.0)
     assert full.patch_size == (40, 56, 40)
-    assert full.network().strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))  # three poolings per axis
+    assert full.network().spec.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))  # three poolings per axis
     assert set(plan.configurations) == {"2d", "3d_fullres"}
     assert plan.configuration("2d").data_identifier == full.data_identifier
     # the anterior hippocampus lies before the posterior one along Z and after it along Y in every case:

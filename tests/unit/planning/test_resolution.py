@@ -28,7 +28,7 @@ BUDGET_S = 1800.0
 
 def step_time(net, cin, k, device, precision, channels_last, steps):
     """1 us per feature-voxel-sample: the same cost per voxel at every spacing."""
-    return 1e-6 * net.base_features * math.prod(net.patch_size) * net.batch_size
+    return 1e-6 * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from medseg.pipeline import plan_and_preprocess
 
 def _slow_steps(net, cin, k, device, precision, channels_last, steps):
     """1 ms per 100 feature-voxel-samples: nothing converges in a 2-minute budget."""
-    return 1e-5 * net.base_features * math.prod(net.patch_size) * net.batch_size
+    return 1e-5 * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
 
 
 @pytest.mark.parametrize("min_dice, coarse", [(0.5, True), (0.999, False)])

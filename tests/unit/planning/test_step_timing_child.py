@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from medseg import faults
 from medseg.errors import ConfigError
 from medseg.planning import step_timing
-from medseg.planning.plan import NetworkPlan
 from medseg.planning.step_timing import (
     MAX_ROUNDS,
     StepSetting,
@@ -19,8 +19,9 @@ from medseg.planning.step_timing import (
     measure_step_times,
     probe_step_in_child,
 )
+from tests.helpers import network_plan
 
-NET = NetworkPlan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
+NET = network_plan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
                   strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), base_features=4, max_features=16)
 
 
@@ -39,10 +40,10 @@ def test_the_statistic_is_the_fastest_round_and_the_spread_is_kept():
 
 
 class _FakeRunner:
-    """A step that takes ``net.base_features`` milliseconds (no network is built)."""
+    """A step that takes ``net.spec.base_features`` milliseconds (no network is built)."""
 
     def __init__(self, s, seed):
-        self.seconds = s.net.base_features / 1000.0
+        self.seconds = s.net.spec.base_features / 1000.0
 
     def step(self):
         return self.seconds
@@ -51,7 +52,7 @@ class _FakeRunner:
 @pytest.mark.parametrize("features, rounds", [(4, MAX_ROUNDS), (400, 3)])
 def test_cheap_batches_get_more_rounds(monkeypatch, features, rounds):
     monkeypatch.setattr(step_timing, "_StepRunner", _FakeRunner)
-    s = StepSetting(NetworkPlan(**{**NET.__dict__, "base_features": features}), 1, 3)
+    s = StepSetting(dataclasses.replace(NET, spec=dataclasses.replace(NET.spec, base_features=features)), 1, 3)
     timing = step_timing._time_settings([s, s], 3, 1, 0, False, step_timing.CHEAP_ROUNDS_SECONDS)
     assert [len(t.rounds) for t in timing] == [rounds, rounds]
     assert measure_step_times([s], 3, progress=False, cheap_seconds=0.0) == [features / 1000.0]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.planning.plan import ConfigurationPlan, NetworkPlan, NormalizationSpec, Plan
+from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from tests.helpers import network_plan
 
 
 
@@ -53,8 +54,8 @@ def build_plan(
 ) -> Plan:
     """A valid plan built by hand; configuration ``2d`` gets a 2D network, the others a 3D one."""
     norm = tuple(norm) if norm is not None else (NormalizationSpec("zscore"),)
-    net3 = NetworkPlan("unet", (16, 16, 16), 2, ((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)))
-    net2 = NetworkPlan("unet", (16, 16), 8, ((3, 3),) * 3, ((1, 1), (2, 2), (2, 2)))
+    net3 = network_plan("unet", (16, 16, 16), 2, ((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)))
+    net2 = network_plan("unet", (16, 16), 8, ((3, 3),) * 3, ((1, 1), (2, 2), (2, 2)))
     cfgs = {}
     for name in configs:
         net = net2 if name == "2d" else net3
@@ -63,8 +64,6 @@ def build_plan(
             dims=net.dims,
             spacing=tuple(float(s) for s in (spacings or {}).get(name, spacing)),
             median_shape=(16, 16, 16),
-            patch_size=net.patch_size,
-            batch_size=net.batch_size,
             normalization=norm,
             networks={"unet": net},
             data_identifier=(data_identifiers or {}).get(name, ""),

@@ -77,7 +77,8 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
     def fake_fit(plan, device, minutes, *, configuration=None, arch=None, max_seconds=None, **kw):
         calls.append((device, minutes, configuration, arch, max_seconds))
         cfg = plan.configuration(configuration)
-        net = dataclasses.replace(cfg.network(arch), base_features=8, max_features=32)
+        net = cfg.network(arch)
+        net = dataclasses.replace(net, spec=dataclasses.replace(net.spec, base_features=8, max_features=32))
         new = dataclasses.replace(cfg, networks={**cfg.networks, arch: net})
         notes = {**plan.notes, "budget": {"configuration": configuration, "arch": arch, "device": device,
                                           "minutes": minutes, "chosen": {"step_time_s": 0.01, "iterations": 9}}}
@@ -89,9 +90,9 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
     assert calls == [("cpu", 0.1, "3d_fullres", "unet", pytest.approx(0.6))]
     rec = json.loads((run / "run_record.json").read_text())["budget_fit"]
     assert rec["refit"] is True and rec["to"]["base_features"] == 8 and rec["from"]["base_features"] == 4
-    assert Plan.load(run / "plans.json").configuration("3d_fullres").network().base_features == 8
+    assert Plan.load(run / "plans.json").configuration("3d_fullres").network().spec.base_features == 8
     assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["networks"][
-        "unet"]["base_features"] == 8
+        "unet"]["spec"]["base_features"] == 8
     assert (tiny_work / "plans.json").read_text() == before
 
 

@@ -10,13 +10,13 @@ import torch
 
 from medseg import faults
 from medseg.planning import step_timing
-from medseg.planning.plan import NetworkPlan
 from medseg.planning.step_timing import StepTiming
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.device import checked_precision
 from medseg.training.distributed import DistContext
+from tests.helpers import network_plan
 
-NET = NetworkPlan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
+NET = network_plan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
                   strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), base_features=4, max_features=16)
 
 

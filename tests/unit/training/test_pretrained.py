@@ -11,12 +11,12 @@ import torch
 
 from medseg.errors import MedsegError
 from medseg.inference.bundle import export_bundle
-from medseg.networks import build_network
-from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.plan import Plan
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.pretrained import check_match, load_pretrained, match_weights, read_pretrained
 from medseg.training.run_record import RunRecord
+from tests.helpers import network_plan
 
 FAST = dict(iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
             final_validation=False)
@@ -26,9 +26,9 @@ ANISO3 = dict(patch_size=(8, 32, 24), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), 
 
 def _net(arch: str = "unet", channels: int = 1, classes: int = 3, **overrides) -> torch.nn.Module:
     torch.manual_seed(len(overrides) + 7 * channels + 13 * classes)
-    plan = NetworkPlan(**{"arch": arch, "batch_size": 2, "base_features": 4, "max_features": 16, **ANISO3,
+    plan = network_plan(**{"arch": arch, "batch_size": 2, "base_features": 4, "max_features": 16, **ANISO3,
                           **overrides})
-    return build_network(plan, channels, classes)
+    return plan.build(channels, classes)
 
 
 def test_the_same_network_loads_every_tensor():

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from medseg.errors import ConfigError
-from medseg.networks import build_network
 from medseg.training.losses import DeepSupervisionLoss
 from medseg.training.region_losses import RegionDiceBCELoss, region_dice_counts, region_loss, region_targets
 
@@ -89,7 +88,7 @@ def test_region_dice_counts_threshold_at_one_half_and_skip_ignored():
 def test_every_architecture_trains_one_sigmoid_output_per_region(arch, topology):
     torch.set_num_threads(1)
     net = tiny_plan(arch, topology)
-    model = build_network(net, 1, len(REGIONS))
+    model = net.build(1, len(REGIONS))
     x = torch.randn(2, 1, *net.patch_size)
     target = torch.randint(0, 5, (2, *net.patch_size))
     out = model(x)

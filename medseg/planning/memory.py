@@ -22,75 +22,34 @@ within 3% for every architecture from 16^3 to 40x56x40 patches, 8 to 320 feature
 a channels-last step skips most reorders and needs up to ~15% less (see the tests and
 ``scripts/bench_networks.py``).
 
-The reference step (:func:`training_step`) uses soft Dice + cross-entropy summed over the
-deep-supervision outputs (targets subsampled to each output's resolution) and SGD with Nesterov
-momentum; a trainer with a different but similar loss needs about the same memory (the loss works on
-``K``-channel tensors, small next to the network's activations).
+The step is the planner's reference step (:func:`medseg.planning.reference_step.training_step`: soft
+Dice + cross-entropy over the deep-supervision outputs, SGD with Nesterov momentum); a trainer with a
+different but similar loss needs about the same memory.
 
 All sizes are in GiB (2**30 bytes).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
-import sys
 import threading
 import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from medseg.planning.plan import NetworkPlan
+from medseg.planning.reference_step import make_optimizer, training_step
 
 logger = logging.getLogger(__name__)
 
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_allocator_configured: bool | None = None
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the system (CPU training).
-
-    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
-    unmaps it on free, so each training step's large activations arrive as new, zero-filled pages: a
-    3D U-Net step then spends a large share of its time in page faults (measured on 2 cores, 32
-    features, patch 40x56x40, batch 4, bf16: 1.39M minor faults and 1.69-1.76 s/step before, 0.27M and
-    0.88-1.37 s/step after). Here large blocks come from the heap and freed memory is kept, so steps
-    reuse it; the price is that the process holds on to its peak memory until it exits, which is what
-    a training process or a timing measurement wants.
-
-    Process-wide and idempotent; a no-op (returning False) where the C library is not glibc.
-
-    Returns:
-        True when the allocator was configured (now or by an earlier call).
-    """
-    global _allocator_configured
-    if _allocator_configured is not None:
-        return _allocator_configured
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):
-            ok = False
-    _allocator_configured = ok
-    logger.debug("glibc allocator keeps freed memory: %s", ok)
-    return ok
-
 GIB = float(2**30)
 
-_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: per (plan without batch size, channels, classes): {batch size: live-bytes trace of a simulated step}
 _TRACES: dict[str, dict[int, list[int]]] = {}
 _LOCK = threading.Lock()
@@ -165,11 +124,9 @@ def measure_training_peak_gb(
     Returns:
         Peak memory in GiB.
     """
-    from medseg.networks.registry import build_network
-
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    model = build_network(net, in_channels, num_classes).to(device)
+    model = net.build(in_channels, num_classes).to(device)
     model.train()
     x = torch.randn((net.batch_size, in_channels, *net.patch_size), generator=gen).to(device)
     target = torch.randint(0, num_classes, (net.batch_size, *net.patch_size), generator=gen).to(device)
@@ -200,68 +157,6 @@ def measure_training_peak_gb(
         live += nbytes
         peak = max(peak, live)
     return (baseline + peak) / GIB
-
-
-# ---------------------------------------------------------------------------------------- reference step
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """The reference optimizer: SGD, Nesterov momentum 0.99, weight decay 3e-5 (one buffer per parameter)."""
-    return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5,
-                           foreach=False)
-
-
-def training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor, target: torch.Tensor,
-    num_classes: int, precision: str = "fp32",
-) -> torch.Tensor:
-    """One reference training step: forward (autocast at ``precision``), loss, backward, SGD step.
-
-    Args:
-        optimizer: the optimizer to step and zero (``set_to_none``); None stops after backward.
-        x: input ``(B, C, *spatial)`` float32.
-        target: class indices ``(B, *spatial)`` int64.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-
-    Returns:
-        The detached loss.
-    """
-    dtype = _AUTOCAST_DTYPES[precision]
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(x)
-    loss = reference_loss(out if isinstance(out, list) else [out], target, num_classes)
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def reference_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Soft Dice (foreground classes) + cross-entropy, over deep-supervision outputs with halving weights.
-
-    Args:
-        outputs: logits ``(B, K, *spatial_i)``, full resolution first.
-        target: class indices ``(B, *spatial)`` int64, subsampled (nearest) to each output's size.
-
-    Returns:
-        Scalar loss (float32).
-    """
-    total = target.new_zeros((), dtype=torch.float32)
-    weights = [0.5**i for i in range(len(outputs))]
-    norm = sum(weights)
-    for w, logits in zip(weights, outputs):
-        logits = logits.float()
-        steps = [t // o for t, o in zip(target.shape[1:], logits.shape[2:])]
-        t = target[(slice(None), *(slice(None, None, s) for s in steps))]
-        ce = F.cross_entropy(logits, t)
-        probs = logits.softmax(1)
-        onehot = torch.zeros_like(probs).scatter_(1, t.unsqueeze(1), 1.0)
-        axes = tuple(range(2, probs.dim()))
-        inter = (probs * onehot).sum(axes)
-        denom = probs.sum(axes) + onehot.sum(axes)
-        dice = (2 * inter + 1e-5) / (denom + 1e-5)
-        fg = dice[:, 1:] if num_classes > 1 else dice
-        total = total + (w / norm) * (ce + 1 - fg.mean())
-    return total
 
 
 # ---------------------------------------------------------------------------------------- simulation
@@ -353,12 +248,8 @@ class _PeakTracker(TorchDispatchMode):
 
 def _simulate_trace(net: NetworkPlan, in_channels: int, num_classes: int, threads: int) -> list[int]:
     """Total live bytes after every allocation of a simulated training step (last entry: the SGD step)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from medseg.networks.registry import build_network
-
     with FakeTensorMode():
-        model = build_network(net, in_channels, num_classes)
+        model = net.build(in_channels, num_classes)
         model.train()
         x = torch.empty((net.batch_size, in_channels, *net.patch_size), dtype=torch.float32)
         target = torch.zeros((net.batch_size, *net.patch_size), dtype=torch.int64)

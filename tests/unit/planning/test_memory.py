@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from medseg.networks import memory
-from medseg.networks.memory import estimate_training_memory_gb, measure_training_peak_gb
+from medseg.planning import memory
+from medseg.planning.memory import estimate_training_memory_gb, measure_training_peak_gb
 
-from .conftest import ARCHS, ISO2, ISO3, tiny_plan
+from ..networks.conftest import ARCHS, ISO2, ISO3, _single_thread_seeded, tiny_plan  # noqa: F401  (autouse fixture)
 
 PATCHES_3D = [(16, 16, 16), (16, 32, 24), (32, 32, 32)]
 
@@ -44,7 +44,8 @@ def test_estimate_grows_with_patch_and_batch_and_derives_batches_exactly():
     bigger = estimate_training_memory_gb(dataclasses.replace(net, patch_size=(32, 32, 32)), 1, 3)
     assert bigger > one
     # parameters, gradients and momentum: a wider network costs more at the same patch
-    wide = estimate_training_memory_gb(dataclasses.replace(net, base_features=16, max_features=64), 1, 3)
+    wide_spec = dataclasses.replace(net.spec, base_features=16, max_features=64)
+    wide = estimate_training_memory_gb(dataclasses.replace(net, spec=wide_spec), 1, 3)
     assert wide > one
 
 
@@ -62,8 +63,9 @@ def test_reduced_precision_halves_activation_memory():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_estimate_matches_measured_peak_where_the_cpu_supports_bf16(arch):
     for patch in [(32, 32), (64, 64), (64, 96)]:
-        net = dataclasses.replace(memory_plan(arch), patch_size=patch, strides=ISO2["strides"],
-                                  kernel_sizes=ISO2["kernel_sizes"], precision="bf16")
+        base = memory_plan(arch)
+        spec = dataclasses.replace(base.spec, strides=ISO2["strides"], kernel_sizes=ISO2["kernel_sizes"])
+        net = dataclasses.replace(base, spec=spec, patch_size=patch, precision="bf16")
         est = estimate_training_memory_gb(net, 1, 3)
         meas = measure_training_peak_gb(net, 1, 3)
         assert abs(est - meas) <= 0.15 * meas, f"{arch} {patch}: estimated {est:.4f} GiB, measured {meas:.4f} GiB"
@@ -80,7 +82,9 @@ def test_estimate_leaves_the_random_number_stream_alone():
 
 def test_cpu_workspace_grows_with_threads_for_wide_weights():
     # oneDNN keeps per-thread weight-gradient buffers: with wide bottleneck weights more threads need more
-    net = dataclasses.replace(memory_plan("unet"), base_features=32, max_features=320, patch_size=(16, 16, 16))
+    base = memory_plan("unet")
+    spec = dataclasses.replace(base.spec, base_features=32, max_features=320)
+    net = dataclasses.replace(base, spec=spec, patch_size=(16, 16, 16))
     one = estimate_training_memory_gb(net, 1, 3, threads=1)
     eight = estimate_training_memory_gb(net, 1, 3, threads=8)
     assert eight > one * 1.2

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from medseg.networks.memory import keep_freed_cpu_memory
+from medseg.machine import keep_freed_cpu_memory
 
 
 def _faults_for_reallocations(n: int, numel: int) -> int:
