@@ -93,7 +93,7 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
     assert rec["refit"] is True and rec["to"]["base_features"] == 8 and rec["from"]["base_features"] == 4
     assert Plan.load(run / "plans.json").configuration("3d_fullres").network().spec.base_features == 8
     assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["networks"][
-        "unet"]["base_features"] == 8
+        "unet"]["spec"]["base_features"] == 8
     assert (tiny_work / "plans.json").read_text() == before
 
 
