@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from medseg.errors import PlanError, raise_for_problems
+from medseg.errors import ConfigError, PlanError, raise_for_problems
 from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
@@ -100,8 +100,10 @@ class NetworkPlan:
             The module in training mode on the CPU, mapping ``(B, C, *patch)`` to logits ``(B, K, *patch)``.
 
         Raises:
-            ConfigError: the network cannot be built (unknown architecture, bad option or topology).
+            ConfigError: an inconsistent network plan (topology, patch, batch or precision), or a network that
+                cannot be built (unknown architecture, bad option).
         """
+        raise_for_problems(self.check(f"network {self.arch!r}"), ConfigError, "inconsistent network plan")
         return build_network(self.spec, in_channels, num_classes, patch_size=self.patch_size)
 
     def check(self, where: str) -> list[str]:
