@@ -87,12 +87,12 @@ def write_bundle(
     for run_dir in run_dirs:
         member = load_member(run_dir, checkpoint)
         base = BundleLayout.member(member.configuration, member.arch, RunDir(run_dir).fold_name)
-        plan = member.plan.to_dict()
+        plan_dict = member.plan.to_dict()
         if first_plan is None:
-            first_plan = plan
+            first_plan = plan_dict
             files[BundleLayout.PLANS] = member.plan.to_json().encode()
         plan_name = BundleLayout.PLANS
-        if plan != first_plan:
+        if plan_dict != first_plan:
             plan_name = BundleLayout.member_plans(base)
             files[plan_name] = member.plan.to_json().encode()
         buf = io.BytesIO()
