@@ -56,7 +56,8 @@ class DemoResult:
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run generate -> plan -> train -> predict -> evaluate -> overlay. Returns the test Dice."""
     from medseg.evaluation import evaluate_folders
-    from medseg.inference import Predictor, predict_folder
+    from medseg.ensembling import work_dir_predictor
+    from medseg.inference import predict_folder
     from medseg.io.synthetic import generate_synthetic_dataset
     from medseg.pipeline import plan_and_preprocess, record_postprocessing_prior
     from medseg.planning.planner import PlannerOptions
@@ -84,7 +85,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         ),
     )
     record_postprocessing_prior(work, run_dir, "all")
-    predictor = Predictor.from_work_dir(work, device=options.device)
+    predictor = work_dir_predictor(work, device=options.device)
     pred_dir = out / "predictions"
     predict_folder(test / "imagesTr", pred_dir, predictor, overwrite=True)
     report = evaluate_folders(pred_dir, test / "labelsTr", output=out / "metrics.json")

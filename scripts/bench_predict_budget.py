@@ -54,11 +54,11 @@ def budget_name(budget: float | str | None) -> str:
 
 
 def _predictor(args: argparse.Namespace):
-    from medseg.inference import Predictor
+    from medseg.ensembling import bundle_predictor, work_dir_predictor
 
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
     model = Path(args.model)
-    build = Predictor.from_bundle if model.is_file() else Predictor.from_work_dir
+    build = bundle_predictor if model.is_file() else work_dir_predictor
     extra = {} if model.is_file() else {"checkpoint": args.checkpoint}
     return build(model, configs=args.config, archs=args.arch, folds=folds, device=args.device, step=args.step,
                  use_tta=not args.no_tta, postprocessing=not args.no_postprocessing, **extra)

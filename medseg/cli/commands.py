@@ -104,13 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference import Predictor, predict_folder
+    from medseg.ensembling import bundle_predictor, work_dir_predictor
+    from medseg.inference import predict_folder
 
     folds = None
     if args.folds is not None:
         folds = [f if f == "all" else int(f) for f in args.folds]
     bundle = Path(args.model).is_file()  # a model bundle from `medseg export`: its weights were chosen at export
-    predictor = (Predictor.from_bundle if bundle else Predictor.from_work_dir)(
+    predictor = (bundle_predictor if bundle else work_dir_predictor)(
         Path(args.model),
         configs=args.config,
         archs=args.arch,

@@ -32,17 +32,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--folds takes fold numbers or 'all', got {bad}")
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
-    from medseg.inference.members import RunSelection
+    from medseg.ensembling.selection import RunSelection
 
     selection = RunSelection(configs=args.config, archs=args.arch, folds=folds, checkpoint=args.checkpoint,
                              postprocessing=not args.no_postprocessing)
     if args.format == ExportFormat.BUNDLE:
-        from medseg.inference.bundle import export_bundle
+        from medseg.ensembling.bundle_export import export_bundle
 
         out = export_bundle(Path(args.work), Path(args.output), selection)
         print(f"model bundle written to {out}; predict with:\n  medseg predict -i IMAGES -o OUT -m {out}")
     else:
-        from medseg.inference.network_export import export_networks
+        from medseg.ensembling.bundle_export import export_networks
 
         out = export_networks(Path(args.work), Path(args.output), args.format, selection)
         print(f"{args.format} networks and {out.name} written to {out.parent}")

@@ -1,21 +1,22 @@
-"""Portable model bundles: one zip with everything prediction needs, written by ``medseg export``.
+"""Portable model bundles: the file format of the one zip with everything prediction needs.
 
-A bundle holds the ensemble :func:`~medseg.inference.members.select_work_dir_runs` picks for a work folder
-(find-best's choice by default) and nothing else of the work folder::
+:func:`write_bundle` writes the networks of given run folders and, carried as they are, the postprocessing
+rules and find-best's result; which runs and which rules is chosen above inference
+(:func:`medseg.ensembling.bundle_export.export_bundle`, behind ``medseg export``)::
 
     manifest.json                                 format, format_version, medseg version, labels, members
     plans.json                                    the plan the first member was trained with
     preprocessing.json                            its spacing and per-channel normalisation, for people to read
-    postprocessing.json                           find-best's rules (only when fitted on this ensemble), else
-                                                  the runs' rules from their labels' component statistics
-    best.json                                     find-best's result (only when the work folder has one)
+    postprocessing.json                           the rules given to :func:`write_bundle` (only when given)
+    best.json                                     find-best's result (only when given)
     members/<config>/<arch>/fold_<k>/model.pt     weights only (a state dict; no optimizer state)
     members/<config>/<arch>/fold_<k>/plans.json   only for a member trained with another plan than plans.json
 
 Each member's plan is the one stored in its checkpoint, so a bundle predicts exactly what its work folder
 predicts. Weights load with ``torch.load(weights_only=True)``; nothing in a bundle can execute code.
 :func:`load_bundle` refuses a truncated or corrupt zip, a missing file and a newer ``format_version`` with
-one :class:`~medseg.errors.BundleError` naming the bundle.
+one :class:`~medseg.errors.BundleError` naming the bundle; it hands ``postprocessing.json`` on as stored
+(:class:`BundledFile`), for the caller to check and apply.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,14 +35,11 @@ from typing import Any, BinaryIO
 import torch
 
 from medseg import __version__
-from medseg.errors import BundleError, ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
+from medseg.errors import BundleError, MedsegError
+from medseg.inference.members import EnsembleMember, load_member
 from medseg.io.image import atomic_write_stream
-from medseg.io.workdir import BundleLayout, RunDir, WorkDir, fold_name
+from medseg.io.workdir import BundleLayout, RunDir, fold_name
 from medseg.planning.plan import Plan, dumps_readable
-from medseg.postprocessing.fit import describe_rules
-from medseg.postprocessing.operations import load_rules
-from medseg.postprocessing.prior import is_prior
 
 logger = logging.getLogger(__name__)
 
@@ -57,51 +54,44 @@ def _dump(obj: Any) -> bytes:
     return (dumps_readable(obj) + "\n").encode()
 
 
-def export_bundle(
-    work_dir: str | Path,
+def write_bundle(
     output: str | Path,
-    selection: RunSelection | None = None,
+    run_dirs: Sequence[Path],
+    checkpoint: str = "final",
+    postprocessing: dict[str, Any] | None = None,
+    best: bytes | None = None,
 ) -> Path:
-    """Write the ensemble of a work folder to one zip, atomically (temporary file, fsync, rename).
+    """Write the networks of ``run_dirs`` to one zip, atomically (temporary file, fsync, rename).
 
     Args:
-        work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json``, ``postprocessing.json``).
         output: the zip to write (replaced when it exists).
-        selection: which runs, as for ``medseg predict`` (:class:`~medseg.inference.members.RunSelection`;
-            default: find-best's choice, final checkpoints, with ``postprocessing.json`` when it was
-            fitted on the chosen ensemble).
+        run_dirs: the run folders (``WORK/runs/<config>/<arch>/fold_<k>``) of the ensemble, in order.
+        checkpoint: ``final``, ``best`` or ``latest``.
+        postprocessing: rules to carry as ``postprocessing.json`` (written as given), or None for none.
+        best: the bytes of find-best's ``best.json`` to carry, or None.
 
     Returns:
         ``output``.
 
     Raises:
-        MedsegError: nothing trained, a requested run or checkpoint is missing or does not fit its plan,
-            or ``output`` is a folder; the selection holds a cascade (its previous stage is not bundled).
+        MedsegError: no run folders, or a checkpoint is missing or does not fit its plan.
         OSError: the file system refused the write; ``output`` is left as it was.
     """
-    work_dir, output = Path(work_dir), Path(output)
-    if work_dir.is_file():
-        raise ConfigError(f"{work_dir}: is a file, not a work folder (a bundle is exported already)")
-    if output.is_dir():
-        raise ConfigError(f"{output}: is a folder; give the zip file to write, e.g. {output / 'model.zip'}")
-    sel = selection or RunSelection()
-    checkpoint = sel.checkpoint
-    run_dirs, rules = select_work_dir_runs(work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint,
-                                           sel.postprocessing)
-    wd = WorkDir(work_dir)
-    refuse_cascades(Plan.load(wd.plans), [RunDir(d).configuration for d in run_dirs], "a model bundle")
+    output = Path(output)
+    if not run_dirs:
+        raise MedsegError(f"{output}: no networks to bundle")
     files: dict[str, bytes] = {}
     entries = []
     first_plan: dict[str, Any] | None = None
     for run_dir in run_dirs:
         member = load_member(run_dir, checkpoint)
         base = BundleLayout.member(member.configuration, member.arch, RunDir(run_dir).fold_name)
-        plan = member.plan.to_dict()
+        plan_dict = member.plan.to_dict()
         if first_plan is None:
-            first_plan = plan
+            first_plan = plan_dict
             files[BundleLayout.PLANS] = member.plan.to_json().encode()
         plan_name = BundleLayout.PLANS
-        if plan != first_plan:
+        if plan_dict != first_plan:
             plan_name = BundleLayout.member_plans(base)
             files[plan_name] = member.plan.to_json().encode()
         buf = io.BytesIO()
@@ -111,14 +101,15 @@ def export_bundle(
         files[weights] = buf.getvalue()
         entries.append({"configuration": member.configuration, "arch": member.arch,
                         "fold": RunDir(run_dir).fold_name, "weights": weights, "plan": plan_name})
-    plan = Plan.from_dict(first_plan) if first_plan is not None else Plan.load(wd.plans)
+    assert first_plan is not None
+    plan = Plan.from_dict(first_plan)
     files[BundleLayout.PREPROCESSING] = _dump({c: {"spacing_zyx_mm": list(plan.configuration(c).spacing),
                                              "normalization": [asdict(n) for n in plan.configuration(c).normalization]}
                                          for c in dict.fromkeys(e["configuration"] for e in entries)})
-    if rules is not None:
-        files[BundleLayout.POSTPROCESSING] = (json.dumps(rules, indent=2) + "\n").encode()
-    if wd.best.is_file():
-        files[BundleLayout.BEST] = wd.best.read_bytes()
+    if postprocessing is not None:
+        files[BundleLayout.POSTPROCESSING] = (json.dumps(postprocessing, indent=2) + "\n").encode()
+    if best is not None:
+        files[BundleLayout.BEST] = best
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -129,7 +120,7 @@ def export_bundle(
         "labels": {str(i): n for i, n in zip(plan.label_ids, plan.label_names)},
         "checkpoint": checkpoint,
         "members": entries,
-        "postprocessing": BundleLayout.POSTPROCESSING if rules is not None else None,
+        "postprocessing": BundleLayout.POSTPROCESSING if postprocessing is not None else None,
         "files": sorted(files),
     }
     _write_zip(output, {MANIFEST: _dump(manifest), **files})
@@ -148,6 +139,31 @@ def _write_zip(path: Path, files: dict[str, bytes]) -> None:
     atomic_write_stream(path, write, ".zip")
 
 
+def bundle_file_error(path: Path, name: str, problem: str) -> BundleError:
+    """The error for a file ``name`` of the bundle ``path`` that has ``problem`` (e.g. ``"is missing"``)."""
+    return BundleError(f"{path}: {name} in the bundle {problem}; export the bundle again with "
+                       "`medseg export WORK -o BUNDLE.zip`")
+
+
+@dataclass(frozen=True)
+class BundledFile:
+    """A file of a bundle as stored, for the caller to interpret (e.g. ``postprocessing.json``).
+
+    Attributes:
+        bundle: the bundle's path.
+        name: the file's name in the zip.
+        data: its bytes.
+    """
+
+    bundle: Path
+    name: str
+    data: bytes
+
+    def error(self, problem: str) -> BundleError:
+        """The error naming this file and the bundle, for a ``problem`` the caller found."""
+        return bundle_file_error(self.bundle, self.name, problem)
+
+
 class _Reader:
     """Reads members of an open bundle, turning every zip/JSON/torch problem into a :class:`BundleError`."""
 
@@ -156,8 +172,7 @@ class _Reader:
         self.names = set(zf.namelist())
 
     def error(self, name: str, problem: str) -> BundleError:
-        return BundleError(f"{self.path}: {name} in the bundle {problem}; export the bundle again with "
-                           "`medseg export WORK -o BUNDLE.zip`")
+        return bundle_file_error(self.path, name, problem)
 
     def read(self, name: str) -> bytes:
         if name not in self.names:
@@ -258,17 +273,18 @@ def load_bundle(
     archs: Sequence[str] | None = None,
     folds: Sequence[int | str] | None = None,
     postprocessing: bool = True,
-) -> tuple[list[EnsembleMember], dict[str, Any] | None]:
-    """The ensemble members and postprocessing rules of a bundle.
+) -> tuple[list[EnsembleMember], BundledFile | None]:
+    """The ensemble members of a bundle, and its postprocessing rules file as stored.
 
     Args:
-        path: the zip written by :func:`export_bundle`.
+        path: the zip written by :func:`write_bundle`.
         configs / archs / folds: keep only these members (None: all); ``folds`` as ``[0, 1]`` or ``["all"]``.
-        postprocessing: return the bundle's rules: find-best's when the kept members are the ensemble they
-            were fitted on; rules decided from the training labels (:mod:`medseg.postprocessing.prior`) always.
+        postprocessing: also read the bundle's ``postprocessing.json`` (the caller checks and applies it,
+            see :func:`medseg.ensembling.selection.bundle_ensemble`).
 
     Returns:
-        ``(members, rules or None)``; models on the CPU in eval mode.
+        ``(members, postprocessing.json or None)``; models on the CPU in eval mode; None when the bundle
+        carries no rules or ``postprocessing`` is False.
 
     Raises:
         BundleError: the bundle is missing, not a zip, truncated or corrupt, misses a file, is of a newer
@@ -299,26 +315,7 @@ def load_bundle(
                                           source=f"{path}:{m['weights']}"))
         rules = None
         if postprocessing and manifest.get("postprocessing"):
-            rules = _rules(reader, manifest["postprocessing"])
-            fitted = {tuple(p) for p in rules.get("fitted_on", {}).get("members", [])}
-            if not is_prior(rules) and fitted != {(m["configuration"], m["arch"]) for m in chosen}:
-                logger.info("%s: its postprocessing was fitted on %s, not on the chosen members; not applied",
-                            path, sorted(fitted))
-                rules = None
-            else:
-                logger.info("postprocessing: %s (%s, from the bundle)", describe_rules(rules),
-                            "decided from the training labels" if is_prior(rules) else "fitted by find-best")
+            name = manifest["postprocessing"]
+            rules = BundledFile(path, name, reader.read(name))
     logger.info("bundle %s (medseg %s): %d network(s)", path, manifest.get("medseg_version", "?"), len(members))
     return members, rules
-
-
-def _rules(reader: _Reader, name: str) -> dict[str, Any]:
-    """Rules checked as :func:`medseg.postprocessing.operations.load_rules` checks a file."""
-    data = reader.read(name)
-    with tempfile.TemporaryDirectory(prefix="medseg_bundle_") as tmp:
-        file = Path(tmp) / BundleLayout.POSTPROCESSING
-        file.write_bytes(data)
-        try:
-            return load_rules(file)
-        except MedsegError as exc:
-            raise reader.error(name, f"is invalid ({str(exc).removeprefix(f'{file}: ')})") from None

@@ -27,8 +27,9 @@ import numpy as np
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.faults import maybe_fail
+from medseg.inference.case_grid import PreparedCase
 from medseg.inference.export import write_probabilities, write_segmentation
-from medseg.inference.predictor import Predictor, _Prepared
+from medseg.inference.predictor import Predictor
 from medseg.inference.time_budget import (
     PREDICTION_SHARE,
     RECORD_NAME,
@@ -293,7 +294,7 @@ def predict_folder(
         logger.info("%d case(s) already predicted in %s; skipping them (use --overwrite to redo)",
                     len(result.skipped), output_dir)
 
-    def load(case: Any) -> tuple[_Prepared, float]:
+    def load(case: Any) -> tuple[PreparedCase, float]:
         start = time.perf_counter()
         files = list(case.image_files)
         if len(files) != plan.num_channels:
@@ -323,7 +324,7 @@ def predict_folder(
             result.warnings.append(warning)
         return predictor.preprocess(image, geometry, case.case_id), time.perf_counter() - start
 
-    def infer(prepared: _Prepared, load_seconds: float) -> tuple[list, CaseRecord, float]:
+    def infer(prepared: PreparedCase, load_seconds: float) -> tuple[list, CaseRecord, float]:
         """Run the networks on a case within its budget: (inferred, its record, raw export estimate)."""
         raw_write = export_seconds(int(np.prod(prepared.geometry.shape)), predictor.num_classes)
         if clock.seconds_per_case is None:

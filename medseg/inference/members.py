@@ -1,14 +1,14 @@
-"""Ensemble members: trained networks rebuilt from their run folders, and the runs a work folder's ensemble uses.
+"""Ensemble members: trained networks rebuilt from their run folders.
 
 A run folder ``WORK/runs/<config>/<arch>/fold_<k>`` holds ``checkpoint_{final,best,latest}.pt``; each
 checkpoint stores the plan, configuration and architecture it was trained with, so the folder alone is
-enough to rebuild the network (:func:`load_member`). :func:`select_work_dir_runs` picks the run folders
-(and the postprocessing rules) that make up the ensemble of a whole work folder.
+enough to rebuild the network (:func:`load_member`). Which run folders (and postprocessing rules) make up
+the ensemble of a whole work folder is chosen above inference, by
+:func:`medseg.ensembling.selection.select_work_dir_runs`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,35 +17,16 @@ from typing import Any
 
 import torch
 
-from medseg.errors import CheckpointError, MedsegError
+from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.io.checkpoint import load_checkpoint
-from medseg.io.workdir import ALL, RunDir, WorkDir, fold_name
+from medseg.io.workdir import RunDir
 from medseg.options import CheckpointName, choices
 from medseg.planning.plan import Plan
-from medseg.postprocessing.fit import describe_rules
-from medseg.postprocessing.operations import load_rules
-from medseg.postprocessing.prior import describe_prior, ensemble_prior
+from medseg.preprocessing.case import preprocessing_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAMES: tuple[str, ...] = tuple(choices(CheckpointName))
-
-
-@dataclass(frozen=True)
-class RunSelection:
-    """Which trained runs of a work folder (or bundle) to use, as ``medseg predict`` chooses them.
-
-    ``configs`` / ``archs`` / ``folds`` None: find-best's choice, else every trained fold of the plan's
-    default configuration and architecture; ``checkpoint``: ``final``, ``best`` or ``latest``;
-    ``postprocessing``: use the rules find-best fitted on the chosen ensemble, else the rules decided from
-    the training labels' component statistics (:mod:`medseg.postprocessing.prior`).
-    """
-
-    configs: Sequence[str] | None = None
-    archs: Sequence[str] | None = None
-    folds: Sequence[int | str] | None = None
-    checkpoint: str = "final"
-    postprocessing: bool = True
 
 
 @dataclass
@@ -136,8 +117,6 @@ def _check_belongs_to_run(path: Path, run_dir: Path, plan: Plan, configuration: 
     Raises:
         CheckpointError: naming what differs.
     """
-    from medseg.preprocessing.case import preprocessing_fingerprint
-
     diffs = []
     run = RunDir(run_dir)
     if run.in_runs_folder and (run.configuration, run.arch) != (configuration, arch):
@@ -156,114 +135,6 @@ def _check_belongs_to_run(path: Path, run_dir: Path, plan: Plan, configuration: 
             "copied from another run or dataset: put this run's checkpoint back or train the run again")
 
 
-def select_work_dir_runs(
-    work_dir: str | Path,
-    configs: Sequence[str] | None,
-    archs: Sequence[str] | None,
-    folds: Sequence[int | str] | None,
-    checkpoint: str,
-    postprocessing: bool,
-) -> tuple[list[Path], dict[str, Any] | None]:
-    """The run folders and postprocessing rules of a work folder's ensemble.
-
-    The choice of :meth:`medseg.inference.Predictor.from_work_dir` (which see for the defaults).
-
-    Args:
-        work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json`` and
-            ``postprocessing.json``).
-        configs: configurations to use; None: find-best's choice, else the plan's default.
-        archs: architectures to use; None: find-best's choice, else each configuration's default.
-        folds: folds to use (``"all"`` = the ``fold_all`` run); None: find-best's folds, else every
-            trained numbered fold.
-        checkpoint: ``final``, ``best`` or ``latest``.
-        postprocessing: use ``postprocessing.json`` when it was fitted on the chosen ensemble, else the
-            runs' rules decided from the training labels (:func:`medseg.postprocessing.prior.ensemble_prior`);
-            False: none.
-
-    Returns:
-        ``(run folders, postprocessing rules or None)``.
-
-    Raises:
-        MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
-    """
-    work_dir = Path(work_dir)
-    wd = WorkDir(work_dir)
-    plan = Plan.load(wd.plans)
-    best = _read_best(work_dir)
-    if best is not None and configs is None and archs is None:
-        pairs = [(m["configuration"], m["arch"]) for m in best["members"]]
-        folds = folds if folds is not None else best.get("folds")
-        logger.info("using the ensemble find-best chose: %s", ", ".join(f"{c}/{a}" for c, a in pairs))
-    else:
-        pairs = []
-        for c in configs or [plan.default_configuration]:
-            cfg = plan.configuration(c)
-            for a in archs or [cfg.default_arch]:
-                cfg.network(a)  # clear error when the architecture is not planned
-                pairs.append((c, a))
-    run_dirs: list[Path] = []
-    for c, a in pairs:
-        trained = {name: run.path for name, run in wd.fold_runs(c, a).items() if run.checkpoint(checkpoint).is_file()}
-        if folds is not None:
-            wanted = [fold_name(f) for f in folds]
-            missing = [w for w in wanted if w not in trained]
-            if missing:
-                raise MedsegError(
-                    f"{wd.arch_runs(c, a)}: no {RunDir.checkpoint_file(checkpoint)} for {', '.join(missing)}"
-                    f" (trained: {sorted(trained) or 'none'}); train it with `medseg train {work_dir} "
-                    f"--config {c} --arch {a} --fold N`"
-                )
-            chosen = [trained[w] for w in wanted]
-        else:
-            every = fold_name(ALL)
-            chosen = [d for name, d in sorted(trained.items()) if name != every] or (
-                [trained[every]] if every in trained else [])
-        if not chosen:
-            raise MedsegError(
-                f"{wd.arch_runs(c, a)}: no trained model (no fold folder holds {RunDir.checkpoint_file(checkpoint)}); "
-                f"train one with `medseg train {work_dir} --config {c} --arch {a} --fold 0`"
-            )
-        run_dirs.extend(chosen)
-    rules = None
-    pp_path = wd.postprocessing
-    if postprocessing and pp_path.is_file():
-        candidate = load_rules(pp_path)
-        fitted = {tuple(m) for m in candidate.get("fitted_on", {}).get("members", [])}
-        if fitted == set(pairs):
-            rules = candidate
-            logger.info("postprocessing: %s (fitted by find-best, %s)", describe_rules(rules), pp_path)
-        else:
-            logger.info("%s was fitted on %s, not on the chosen ensemble; not applied", pp_path,
-                        sorted(fitted) or "an unknown ensemble")
-    if postprocessing and rules is None:  # no cross-validation evidence: the reference labels' topology
-        rules, source = ensemble_prior(work_dir, run_dirs, region_based=plan.is_region_based)
-        logger.info("postprocessing: %s (from the %s)", describe_prior(rules) if rules else "none", source)
-    logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
-        wd.run_label(d) for d in run_dirs))
-    return run_dirs, rules
-
-
-def previous_stage_runs(work_dir: str | Path, run_dirs: Sequence[Path], checkpoint: str) -> dict[str, list[Path]]:
-    """The previous stages the cascades among ``run_dirs`` need: previous-stage configuration -> its run folders.
-
-    A cascade (``3d_cascade_fullres``) predicts from the segmentation of its previous stage (``3d_lowres``),
-    made by every trained fold of that configuration with the cascade members' architectures.
-
-    Raises:
-        MedsegError: a previous stage has no trained fold.
-    """
-    work_dir = Path(work_dir)
-    plan = Plan.load(WorkDir(work_dir).plans)
-    wanted: dict[str, list[str]] = {}
-    for d in run_dirs:
-        config, arch = RunDir(d).configuration, RunDir(d).arch
-        prev = plan.configurations[config].previous_stage if config in plan.configurations else None
-        if prev is not None and arch not in wanted.setdefault(prev, []):
-            wanted[prev].append(arch)
-    return {prev: select_work_dir_runs(work_dir, [prev], archs, None, checkpoint, False)[0]
-            for prev, archs in wanted.items()}
-
-
 def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> None:
     """Refuse ``what`` (e.g. ``"a model bundle"``) for cascade configurations, whose networks need their
     previous stage's segmentation as input.
@@ -271,8 +142,6 @@ def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> Non
     Raises:
         ConfigError: naming the cascades and what to do instead.
     """
-    from medseg.errors import ConfigError
-
     cascades = sorted({c for c in configurations if plan.configuration(c).previous_stage is not None})
     if cascades:
         prev = plan.configuration(cascades[0]).previous_stage
@@ -280,16 +149,3 @@ def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> Non
             f"{what} of the cascade {', '.join(cascades)} is not supported: its networks take the {prev} "
             f"segmentation as input channels. Choose other configurations (--config 3d_fullres {prev}), or predict "
             f"with the cascade from the work folder (`medseg predict -m WORK --config {cascades[0]}`)")
-
-
-def _read_best(work_dir: Path) -> dict[str, Any] | None:
-    path = WorkDir(work_dir).best
-    if not path.is_file():
-        return None
-    try:
-        best = json.loads(path.read_text())
-        if not best.get("members"):
-            raise ValueError("no members")
-        return best
-    except (ValueError, AttributeError) as exc:
-        raise MedsegError(f"{path}: unreadable find-best result ({exc}); re-run `medseg find-best`") from None

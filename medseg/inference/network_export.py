@@ -1,8 +1,8 @@
 """Exporting trained networks to ONNX or TorchScript, with the settings needed to reproduce medseg's prediction.
 
 ``medseg export WORK --format onnx -o DIR`` writes, for every network of the ensemble medseg would predict
-with (find-best's choice by default, see :func:`~medseg.inference.members.select_work_dir_runs`; a model
-bundle works as the source too)::
+with (chosen by :func:`medseg.ensembling.bundle_export.export_networks`: find-best's choice by default; a
+model bundle works as the source too), with :func:`write_networks`::
 
     DIR/<config>/<arch>/fold_<k>.onnx             (or fold_<k>.torchscript.pt)
     DIR/inference.json
@@ -34,7 +34,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import ConfigError, MedsegError
-from medseg.inference.members import EnsembleMember, RunSelection, load_member, refuse_cascades, select_work_dir_runs
+from medseg.inference.members import EnsembleMember
 from medseg.inference.sliding_window import GAUSSIAN_MIN, gaussian_importance_map, tta_variants
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import dumps_readable
@@ -52,28 +52,11 @@ CHECK_TOLERANCE = 1e-3
 DEFAULT_STEP = 0.5
 
 
-def export_networks(
-    source: str | Path,
-    output_dir: str | Path,
-    fmt: NetworkFormat,
-    selection: RunSelection | None = None,
-) -> Path:
-    """Write every network of an ensemble in ``fmt`` plus ``inference.json`` into ``output_dir``.
-
-    Args:
-        source: a work folder, or a model bundle (``.zip`` from ``medseg export``).
-        output_dir: folder to write into (created; files of the same names are replaced).
-        fmt: ``onnx`` or ``torchscript``.
-        selection: which networks, as for ``medseg predict`` (:class:`~medseg.inference.members.RunSelection`;
-            its ``postprocessing`` records the rules fitted on this ensemble).
-
-    Returns:
-        The path of ``inference.json``.
+def check_format(fmt: str) -> None:
+    """Refuse an unknown network format, and ONNX without the ``onnx`` package.
 
     Raises:
-        ConfigError: unknown format, or ONNX export without the ``onnx`` package.
-        MedsegError: nothing trained / no such run, or a network that cannot be exported (naming the
-            architecture and why) or whose export does not reproduce its logits.
+        ConfigError: naming the formats, or how to install ``onnx``.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"export format must be one of {['bundle', *FORMATS]}, got {fmt!r}")
@@ -83,35 +66,46 @@ def export_networks(
         except ImportError:
             raise ConfigError("ONNX export needs the onnx package: pip install 'medseg[onnx]' "
                               "(or pip install onnx onnxruntime)") from None
-    source, output_dir = Path(source), Path(output_dir)
-    members, folds_of, rules = _members(source, selection or RunSelection())
-    refuse_cascades(members[0].plan, [m.configuration for m in members], f"{fmt} export")
+
+
+def write_networks(
+    members: Sequence[EnsembleMember],
+    folds: Sequence[str],
+    rules: dict[str, Any] | None,
+    output_dir: str | Path,
+    fmt: NetworkFormat,
+) -> Path:
+    """Write every network of an ensemble in ``fmt`` plus ``inference.json`` into ``output_dir``.
+
+    Args:
+        members: the networks (not cascades: their input holds the previous stage's segmentation).
+        folds: each member's fold name (``fold_0``, ``fold_all``), for the file names.
+        rules: the postprocessing rules to record in ``inference.json`` (as given), or None.
+        output_dir: folder to write into (created; files of the same names are replaced).
+        fmt: ``onnx`` or ``torchscript``.
+
+    Returns:
+        The path of ``inference.json``.
+
+    Raises:
+        ConfigError: unknown format, or ONNX export without the ``onnx`` package.
+        MedsegError: a network that cannot be exported (naming the architecture and why) or whose export
+            does not reproduce its logits.
+    """
+    check_format(fmt)
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    for member, fold in zip(members, folds_of):
+    for member, fold in zip(members, folds):
         rel = f"{member.configuration}/{member.arch}/{fold}{SUFFIXES[fmt]}"
         data = _export_one(member, fmt, f"{member.configuration}/{member.arch}/{fold}")
         atomic_write_bytes(output_dir / rel, data)
         files.append(rel)
         logger.info("wrote %s (%.1f MB)", output_dir / rel, len(data) / 1e6)
-    info = inference_description(members, folds_of, files, fmt, rules)
+    info = inference_description(members, folds, files, fmt, rules)
     path = output_dir / "inference.json"
     atomic_write_text(path, dumps_readable(info) + "\n")
     return path
-
-
-def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], list[str], dict[str, Any] | None]:
-    """The members (with their fold names) and rules of a work folder or a bundle."""
-    configs, archs, folds, checkpoint, postprocessing = sel.configs, sel.archs, sel.folds, sel.checkpoint, \
-        sel.postprocessing
-    if source.is_file():
-        from medseg.inference.bundle import load_bundle, read_manifest, select_entries
-
-        chosen = select_entries(read_manifest(source), configs, archs, folds, source)
-        members, rules = load_bundle(source, configs, archs, folds, postprocessing)
-        return members, [m["fold"] for m in chosen], rules
-    run_dirs, rules = select_work_dir_runs(source, configs, archs, folds, checkpoint, postprocessing)
-    return [load_member(d, checkpoint) for d in run_dirs], [d.name for d in run_dirs], rules
 
 
 def _example(member: EnsembleMember, batch: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,11 @@ network each: a fold of a configuration and an architecture). For one raw image 
    the crop) and averages over configurations, weighting each by its number of members - i.e. the
    result is the mean softmax over all members,
 4. takes the argmax, maps class indices to the plan's original label ids and applies the postprocessing
-   rules.
+   it was handed (``postprocess``, a callable on the label map; the rules are chosen above inference,
+   :mod:`medseg.ensembling.selection`).
+
+Steps 1 and 3 are :mod:`medseg.inference.case_grid`; the choices per network (compiling, channels-last,
+batch size, precision) :mod:`medseg.inference.network_runner`.
 
 A cascade configuration (``3d_cascade_fullres``) first needs its previous stage's segmentation: the
 predictor of that stage (``previous_stages``, e.g. every trained ``3d_lowres`` fold) segments the image,
@@ -24,9 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,53 +37,30 @@ import SimpleITK as sitk
 import torch
 
 from medseg.errors import MedsegError
-from medseg.inference.members import EnsembleMember, load_member, previous_stage_runs, select_work_dir_runs
+from medseg.inference.case_grid import Inferred, PreparedCase, combine_classes, combine_probabilities
+from medseg.inference.ensemble_timing import EnsembleTiming
+from medseg.inference.members import EnsembleMember, load_member
+from medseg.inference.network_runner import (
+    CHANNELS_LAST_ARCHS,
+    CompiledOrEager,
+    auto_precision,
+    inference_batch_size,
+)
 from medseg.inference.sliding_window import predict_sliding_window, tta_variants
-from medseg.inference.time_budget import CaseSetting, NetworkJob, pass_options, reduction_order
+from medseg.inference.time_budget import CaseSetting
 from medseg.io.image import ImageGeometry
-from medseg.machine import cpu_has_fast_bf16
-from medseg.postprocessing.operations import apply_postprocessing, load_rules
+from medseg.preprocessing import classes_to_labels, preprocess_case
 from medseg.preprocessing.previous_stage import append_previous_stage, to_preprocessed_grid
+from medseg.preprocessing.regions import probabilities_to_classes
 
 logger = logging.getLogger(__name__)
 
-#: Architectures whose CPU inference measured faster channels-last (unet 3D at the hippocampus plan: ~12 %
-#: less CPU time; deeplab 2D/3D 5-12 %); psp and fcn measured slower (scripts/bench_predict.py --variants).
-CHANNELS_LAST_ARCHS = frozenset({"unet", "deeplab"})
+#: What a :class:`Predictor` applies to each ``(Z, Y, X)`` map of original label ids before it is returned or
+#: written (e.g. :class:`medseg.postprocessing.operations.RulesPostprocess`); returns a map of the same shape.
+Postprocess = Callable[[np.ndarray], np.ndarray]
 
 
-@dataclass
-class _Prepared:
-    """A case preprocessed for every configuration of the ensemble."""
-
-    case_id: str
-    geometry: ImageGeometry
-    per_config: dict[str, tuple[np.ndarray, Any]]  # config -> (data (C,z,y,x), CaseProperties)
-    previous: dict[str, _Prepared] = field(default_factory=dict)  # previous stage -> its preparation
-
-
-class _CompiledOrEager(torch.nn.Module):
-    """``torch.compile``'d forward that falls back to the eager module (with a warning) if compiling fails,
-    e.g. on a machine without a C++ compiler."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.compiled: Any = torch.compile(model, dynamic=False)
-        self.failed = False
-
-    def forward(self, x: torch.Tensor) -> Any:
-        if not self.failed:
-            try:
-                return self.compiled(x)
-            except Exception as exc:  # noqa: BLE001 - any compiler problem: run eagerly instead
-                self.failed = True
-                logger.warning("torch.compile failed (%s: %s); running the network eagerly",
-                               type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-        return self.model(x)
-
-
-class Predictor:
+class Predictor(EnsembleTiming):
     """Ensemble inference from raw images to label maps in the original geometry.
 
     Args:
@@ -102,7 +81,9 @@ class Predictor:
         batch_size: network inputs (patches, or mirrored copies of one with TTA) per forward pass;
             None = 2 for 3D networks (measured ~10 % less CPU time per patch than 1 or 4 on the CPU) and 8
             slices for 2D networks.
-        postprocessing: rules dict (see :mod:`medseg.postprocessing`) or None for none.
+        postprocess: applied to every label map of original label ids (:data:`Postprocess`), or None for
+            none; built by the caller from the postprocessing rules
+            (:func:`medseg.ensembling.selection.postprocess_of`).
         channels_last: run convolutions channels-last (models are converted). None: on the CPU for the
             architectures where it measured faster (:data:`CHANNELS_LAST_ARCHS`), else off.
         compile: run the networks through ``torch.compile`` (compiles once per network and input shape,
@@ -126,7 +107,7 @@ class Predictor:
         step: float = 0.5,
         precision: str | None = None,
         batch_size: int | None = None,
-        postprocessing: dict[str, Any] | None = None,
+        postprocess: Postprocess | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
         progress: bool = False,
@@ -152,7 +133,7 @@ class Predictor:
         self.step = step
         self.precision = precision
         self.batch_size = batch_size
-        self.postprocessing = postprocessing
+        self.postprocess = postprocess
         self.progress = progress
         self._lock = threading.Lock()
         self._window_seconds: dict[str, float] = {}
@@ -167,77 +148,24 @@ class Predictor:
                 dims = len(m.plan.configuration(m.configuration).network(m.arch).patch_size)
                 m.model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
             self._channels_last.append(cl)
-            self._runners.append(_CompiledOrEager(m.model) if compile else m.model)
+            self._runners.append(CompiledOrEager(m.model) if compile else m.model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_run_dirs(cls, run_dirs: Sequence[str | Path], checkpoint: str = "final", device: str = "cpu",
-                      postprocessing: dict[str, Any] | str | Path | None = None, **kwargs: Any) -> Predictor:
-        """Ensemble of the given run folders (``WORK/runs/<config>/<arch>/fold_<k>``).
-
-        ``postprocessing`` may be a rules dict or a path to a ``postprocessing.json``; other keyword
-        arguments go to :class:`Predictor`.
-        """
+                      **kwargs: Any) -> Predictor:
+        """Ensemble of the given run folders (``WORK/runs/<config>/<arch>/fold_<k>``); other keyword
+        arguments (``postprocess``, ...) go to :class:`Predictor`."""
         if not run_dirs:
             raise MedsegError("no run folders given")
         members = [load_member(d, checkpoint) for d in run_dirs]
-        if isinstance(postprocessing, (str, Path)):
-            postprocessing = load_rules(postprocessing)
-        return cls(members, device=device, postprocessing=postprocessing, **kwargs)
+        return cls(members, device=device, **kwargs)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, checkpoint: str = "final", device: str = "cpu",
                      **kwargs: Any) -> Predictor:
         """A single trained run as a predictor (see :meth:`from_run_dirs`)."""
         return cls.from_run_dirs([run_dir], checkpoint=checkpoint, device=device, **kwargs)
-
-    @classmethod
-    def from_work_dir(
-        cls,
-        work_dir: str | Path,
-        configs: Sequence[str] | None = None,
-        archs: Sequence[str] | None = None,
-        folds: Sequence[int | str] | None = None,
-        checkpoint: str = "final",
-        device: str = "cpu",
-        postprocessing: bool = True,
-        **kwargs: Any,
-    ) -> Predictor:
-        """The ensemble to use for a work folder.
-
-        Defaults (no ``configs``/``archs``): the configurations/architectures and folds ``medseg find-best``
-        recorded in ``WORK/best.json``; without it, every trained fold of the plan's default configuration
-        and architecture (``fold_all`` only when no numbered fold is trained). Given ``configs``/``archs``,
-        every planned (configuration, architecture) pair. ``folds`` selects folds (``"all"`` = the
-        ``fold_all`` run). ``WORK/postprocessing.json`` is applied when
-        ``postprocessing`` is True and it was fitted on exactly the chosen configurations/architectures;
-        otherwise the rules the runs decided from their training labels' component statistics
-        (``RUN/postprocessing_prior.json``, :mod:`medseg.postprocessing.prior`).
-        A cascade configuration brings the predictor of its previous stage (every trained fold of it).
-
-        Raises:
-            MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
-        """
-        run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
-        previous = {prev: cls.from_run_dirs(dirs, checkpoint=checkpoint, device=device, **kwargs)
-                    for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()}
-        return cls.from_run_dirs(run_dirs, checkpoint=checkpoint, device=device, postprocessing=rules,
-                                 previous_stages=previous, **kwargs)
-
-    @classmethod
-    def from_bundle(cls, path: str | Path, configs: Sequence[str] | None = None, archs: Sequence[str] | None = None,
-                    folds: Sequence[int | str] | None = None, device: str = "cpu", postprocessing: bool = True,
-                    **kwargs: Any) -> Predictor:
-        """The ensemble of a model bundle written by ``medseg export`` (see :mod:`medseg.inference.bundle`);
-        the same labels as :meth:`from_work_dir` on the work folder it was exported from.
-
-        Raises:
-            BundleError: the bundle is missing, truncated, corrupt, incomplete or of a newer format.
-        """
-        from medseg.inference.bundle import load_bundle
-
-        members, rules = load_bundle(path, configs, archs, folds, postprocessing)
-        return cls(members, device=device, postprocessing=rules, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -265,84 +193,6 @@ class Predictor:
             counts[key] = counts.get(key, 0) + 1
         return ", ".join(f"{n} x {k}" for k, n in counts.items())
 
-    # ------------------------------------------------------------------ time budget
-    def _stages(self) -> list[Predictor]:
-        """This predictor and those of its previous stages (recursively), each once."""
-        out: list[Predictor] = [self]
-        for stage in self.previous_stages.values():
-            out += [s for s in stage._stages() if all(s is not o for o in out)]
-        return out
-
-    @staticmethod
-    def _timing_key(member: EnsembleMember) -> str:
-        return f"{member.configuration}/{member.arch}"  # folds of one network run equally fast
-
-    def _pass_options(self, member: EnsembleMember) -> list[int]:
-        """TTA passes ``member`` can run here, most first (its full TTA within :attr:`tta_passes`, down to 1)."""
-        cfg_plan = member.plan.configuration(member.configuration)
-        options = pass_options(cfg_plan.resolved_mirror_axes(), cfg_plan.network(member.arch).total_stride(),
-                               self.use_tta)
-        return sorted({min(p, self.tta_passes) if self.tta_passes else p for p in options}, reverse=True)
-
-    def budget_options(self) -> list[CaseSetting]:
-        """The settings a per-case time budget tries, fullest first
-        (:func:`~medseg.inference.time_budget.reduction_order`): TTA passes of every member (and previous
-        stage) down to 1, then less window overlap than :attr:`step`."""
-        passes = {p for stage in self._stages() for m in stage.members for p in stage._pass_options(m)}
-        return reduction_order(sorted(passes, reverse=True), self.step)
-
-    def case_jobs(self, prepared: _Prepared) -> list[NetworkJob]:
-        """The networks that predict a preprocessed case and what each covers (one per member, previous
-        stages included)."""
-        jobs = []
-        for c, (data, _) in prepared.per_config.items():
-            for m in self.members:
-                if m.configuration != c:
-                    continue
-                cfg_plan = m.plan.configuration(c)
-                net = cfg_plan.network(m.arch)
-                jobs.append(NetworkJob(self._timing_key(m), tuple(int(s) for s in data.shape[1:]),
-                                       tuple(net.patch_size), cfg_plan.resolved_mirror_axes(),
-                                       tuple(net.total_stride()), self._pass_options(m)[0]))
-        for prev, stage in self.previous_stages.items():
-            if prev in prepared.previous:
-                jobs += stage.case_jobs(prepared.previous[prev])
-        return jobs
-
-    def seconds_per_window(self, keys: set[str] | Sequence[str]) -> dict[str, float]:
-        """Seconds per sliding-window position of each network (timing key of :meth:`case_jobs`), measured
-        once per network: one warm-up and one timed batch of windows through the sliding window (no TTA)."""
-        measured: dict[str, float] = {}
-        for stage in self._stages():
-            for i, m in enumerate(stage.members):
-                key = self._timing_key(m)
-                if key in keys and key not in stage._window_seconds:
-                    stage._window_seconds[key] = stage._measure_window(i)
-            measured.update((k, v) for k, v in stage._window_seconds.items() if k in keys)
-        missing = sorted(k for k in keys if k not in measured)
-        if missing:
-            raise MedsegError(f"no ensemble member is the network {missing[0]!r}")
-        return measured
-
-    def _measure_window(self, index: int) -> float:
-        member = self.members[index]
-        net = member.plan.configuration(member.configuration).network(member.arch)
-        batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
-                                                        self.device)
-        patch = tuple(int(p) for p in net.patch_size)
-        # `batch` windows side by side at step 1: one network batch (2D: `batch` slices)
-        shape = (batch, *patch) if len(patch) == 2 else (*patch[:-1], patch[-1] * batch)
-        generator = torch.Generator().manual_seed(0)
-        data = torch.randn((self.plan.network_in_channels(member.configuration), *shape), generator=generator)
-        seconds = []
-        for _ in range(2):  # the first forward of a network and shape is slower (kernels chosen, memory mapped)
-            start = time.perf_counter()
-            self._member_probabilities(index, data, setting=CaseSetting(1, 1.0)).cpu()
-            seconds.append(time.perf_counter() - start)
-        logger.debug("%s: %.3f s per window (first batch %.3f s)", self._timing_key(member), seconds[1] / batch,
-                     seconds[0])
-        return seconds[1] / batch
-
     # ------------------------------------------------------------------ core
     def _member_probabilities(self, index: int, data: torch.Tensor, should_stop: Callable[[], bool] | None = None,
                               setting: CaseSetting | None = None) -> torch.Tensor:
@@ -351,7 +201,7 @@ class Predictor:
         net = cfg_plan.network(member.arch)
         batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
                                                         self.device)
-        precision = self.precision or _auto_precision(net.precision, self.device)
+        precision = self.precision or auto_precision(net.precision, self.device)
         passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(member)[0])
         with self._lock:  # one network at a time: they share the CPU cores / GPU
             mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride(),
@@ -403,11 +253,9 @@ class Predictor:
             total /= len(members)
         return total.cpu().numpy()
 
-    def preprocess(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "") -> _Prepared:
+    def preprocess(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "") -> PreparedCase:
         """Preprocess a raw image ``(C, Z, Y, X)`` for every configuration of the ensemble (and of the
         previous stages of its cascades)."""
-        from medseg.preprocessing import preprocess_case
-
         per_config = {}
         for c in self.configurations:
             data, _, props = preprocess_case(image, geometry, None, self.plan, c, case_id)
@@ -419,9 +267,9 @@ class Predictor:
                               f"{missing[0]} predictor was given (train it: `medseg train WORK --config "
                               f"{missing[0]} --fold N`; predict from the work folder)")
         previous = {p: self.previous_stages[p].preprocess(image, geometry, case_id) for p in sorted(needed)}
-        return _Prepared(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
+        return PreparedCase(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
-    def _infer(self, prepared: _Prepared, setting: CaseSetting | None = None) -> list[tuple[np.ndarray, Any, int]]:
+    def _infer(self, prepared: PreparedCase, setting: CaseSetting | None = None) -> Inferred:
         out = []
         for c, (data, props) in prepared.per_config.items():
             prev = self.plan.configuration(c).previous_stage
@@ -433,54 +281,13 @@ class Predictor:
             out.append((self.predict_preprocessed(data, c, setting=setting), props, n))
         return out
 
-    def _combine(self, inferred: list[tuple[np.ndarray, Any, int]]) -> np.ndarray:
-        from medseg.preprocessing import revert_to_original
+    def _combine(self, inferred: Inferred) -> np.ndarray:
+        """Mean probabilities over all members on the original grid (:func:`~medseg.inference.case_grid.combine_probabilities`)."""
+        return combine_probabilities(inferred, self.plan)
 
-        total: np.ndarray | None = None
-        count = 0
-        for probs, props, n in inferred:
-            orig = revert_to_original(probs, props, background_outside=not self.plan.is_region_based)
-            if total is None:
-                total = orig * n if n != 1 else orig
-            else:
-                total += orig * n
-            count += n
-        assert total is not None
-        if count != 1:
-            total /= count
-        return total
-
-    def _combine_labels(self, inferred: list[tuple[np.ndarray, Any, int]]) -> np.ndarray:
-        """Argmax of the mean probabilities on the original grid, one class at a time.
-
-        Equal to ``_combine(inferred).argmax(0)`` but holds ~3 original-grid volumes instead of ``K``
-        (matters for many classes on large scans). Returns ``(Z, Y, X)`` class indices.
-        """
-        from medseg.preprocessing import revert_to_original
-
-        if self.plan.is_region_based:  # thresholds need the mean of every region: no one-class-at-a-time argmax
-            return self.probabilities_to_classes(self._combine(inferred))
-        best: np.ndarray | None = None
-        arg: np.ndarray | None = None
-        for k in range(self.num_classes):
-            acc: np.ndarray | None = None
-            for probs, props, n in inferred:
-                p = revert_to_original(probs[k:k + 1], props)[0]  # a new array
-                if k > 0:  # revert pads a single channel as if it were background
-                    _zero_outside(p, props.bbox)
-                if n != 1:
-                    p *= n
-                acc = p if acc is None else np.add(acc, p, out=acc)
-            assert acc is not None
-            if best is None:
-                best = acc
-                arg = np.zeros(acc.shape, dtype=np.uint8 if self.num_classes <= 256 else np.int32)
-            else:
-                better = acc > best
-                arg[better] = k
-                np.maximum(best, acc, out=best)
-        assert arg is not None
-        return arg
+    def _combine_labels(self, inferred: Inferred) -> np.ndarray:
+        """Class indices ``(Z, Y, X)`` of the mean probabilities (:func:`~medseg.inference.case_grid.combine_classes`)."""
+        return combine_classes(inferred, self.plan)
 
     def predict_labels(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "",
                        postprocess: bool = True) -> np.ndarray:
@@ -508,17 +315,14 @@ class Predictor:
 
     def probabilities_to_classes(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices ``(Z, Y, X)`` of the probabilities (see :func:`~medseg.preprocessing.regions.probabilities_to_classes`)."""
-        from medseg.preprocessing.regions import probabilities_to_classes
-
         return probabilities_to_classes(probabilities, self.plan)
 
     def indices_to_labels(self, seg: np.ndarray, postprocess: bool = True) -> np.ndarray:
-        """Class indices ``(Z, Y, X)`` -> original label ids (uint8/uint16), postprocessing applied."""
-        from medseg.preprocessing import classes_to_labels
-
+        """Class indices ``(Z, Y, X)`` -> original label ids (uint8/uint16), :attr:`postprocess` applied
+        (unless ``postprocess`` is False)."""
         out = classes_to_labels(seg, self.label_ids)
-        if postprocess and self.postprocessing:
-            out = apply_postprocessing(out, self.postprocessing)
+        if postprocess and self.postprocess is not None:
+            out = self.postprocess(out)
         return out
 
     def predict_array(self, image: np.ndarray, spacing_or_geometry: ImageGeometry | Sequence[float]) -> np.ndarray:
@@ -560,46 +364,3 @@ class Predictor:
         out = sitk.GetImageFromArray(seg)
         out.CopyInformation(images[0])
         return out
-
-
-def _zero_outside(array: np.ndarray, bbox: Sequence[tuple[int, int]]) -> None:
-    """Set ``array`` to 0 outside the box ``bbox`` ((start, stop) per axis; a leading Z entry is ignored
-    for a 2D array), in place."""
-    bbox = list(bbox)[-array.ndim:]
-    for axis, (start, stop) in enumerate(bbox):
-        index: list[Any] = [slice(None)] * array.ndim
-        index[axis] = slice(0, start)
-        array[tuple(index)] = 0
-        index[axis] = slice(stop, None)
-        array[tuple(index)] = 0
-
-
-
-
-#: Forward-pass memory one CPU inference batch may take (activations + logits, see inference_batch_size).
-CPU_INFERENCE_BATCH_BYTES = 2**30
-
-
-def inference_batch_size(patch_size: Sequence[int], base_features: int, num_classes: int,
-                         device: torch.device) -> int:
-    """Patches per forward pass: on a GPU 2 (3D) / 8 (2D); on a CPU as many of 4 (3D) / 8 (2D) as fit
-    :data:`CPU_INFERENCE_BATCH_BYTES`, at least 1.
-
-    A forward pass holds about ``patch voxels x 4 B x (classes + 6 x base features)`` per patch (measured:
-    1.22 GB for a 32-feature 128x112x96 UNet with 46 classes, fp32). Larger batches are faster on a CPU
-    (16f 64x48x96: 15.3 s at 4, 20.0 s at 2, 30.4 s at 1 per volume), until they cost memory that a
-    many-class scan needs for its probabilities.
-    """
-    dims = len(patch_size)
-    cap = 8 if dims == 2 else (2 if device.type == "cuda" else 4)
-    if device.type != "cpu":
-        return cap
-    per_patch = float(np.prod(patch_size)) * 4.0 * (num_classes + 6 * base_features)
-    return max(1, min(cap, int(CPU_INFERENCE_BATCH_BYTES // per_patch)))
-
-
-def _auto_precision(planned: str, device: torch.device) -> str:
-    """The plan's precision, except reduced precision on a CPU without native bf16 (emulated: far slower)."""
-    if device.type == "cpu" and planned != "fp32" and not cpu_has_fast_bf16():
-        return "fp32"
-    return planned

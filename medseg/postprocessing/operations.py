@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,18 @@ def load_rules(path: str | Path) -> dict[str, Any]:
             if step["op"] == "remove_small" and not 0 < float(step.get("fraction", -1)) <= 1:
                 raise MedsegError(f"{path}: label {label}: remove_small needs 0 < fraction <= 1")
     return rules
+
+
+@dataclass(frozen=True)
+class RulesPostprocess:
+    """Rules as the callable a :class:`~medseg.inference.predictor.Predictor` applies to each label map.
+
+    Attributes:
+        rules: the rules dict (the format of this module).
+    """
+
+    rules: Mapping[str, Any]
+
+    def __call__(self, seg_ids: np.ndarray) -> np.ndarray:
+        """:func:`apply_postprocessing` of a ``(Z, Y, X)`` map of original label ids (a new array)."""
+        return apply_postprocessing(seg_ids, self.rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import medseg.ensembling
 import medseg.inference
 from medseg.cli.main import main
 from medseg.inference import PredictionResult
@@ -13,7 +14,7 @@ from medseg.inference import PredictionResult
                                             ("7.5", 7.5)])
 def test_time_budget_per_case_flag(tmp_path, monkeypatch, capsys, flag, expected):
     seen = []
-    monkeypatch.setattr(medseg.inference.Predictor, "from_work_dir", classmethod(lambda cls, *a, **k: object()))
+    monkeypatch.setattr(medseg.ensembling, "work_dir_predictor", lambda *a, **k: object())
     monkeypatch.setattr(medseg.inference, "predict_folder",
                         lambda inp, out, predictor, **kwargs: seen.append(kwargs) or PredictionResult(out))
     args = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from medseg.errors import BundleError, MedsegError
-from medseg.inference import Predictor
-from medseg.inference.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, export_bundle, load_bundle, read_manifest
+from medseg.ensembling import bundle_predictor, export_bundle, work_dir_predictor
+from medseg.inference.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, read_manifest
 from medseg.io.checkpoint import save_checkpoint
 
 from .conftest import bright_box_image, build_plan
@@ -66,15 +66,15 @@ def _image():
 
 
 def test_bundle_predicts_exactly_what_the_work_folder_predicts(work, bundle, tmp_path):
-    from_work = Predictor.from_work_dir(work)
+    from_work = work_dir_predictor(work)
     moved = tmp_path / "elsewhere.zip"
     bundle.rename(moved)
     import shutil
 
     shutil.rmtree(work)  # the bundle alone is enough
-    from_zip = Predictor.from_bundle(moved)
+    from_zip = bundle_predictor(moved)
     assert from_zip.describe() == from_work.describe() == "2 x 3d_fullres/unet"
-    assert from_zip.postprocessing["per_label"] == RULES["per_label"]
+    assert from_zip.postprocess.rules["per_label"] == RULES["per_label"]
     for a, b in zip(from_zip.members, from_work.members):
         assert a.plan == b.plan
         for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
@@ -82,10 +82,10 @@ def test_bundle_predicts_exactly_what_the_work_folder_predicts(work, bundle, tmp
     image = _image()
     np.testing.assert_array_equal(from_zip.predict_array(image, (3.0, 0.8, 1.2)),
                                   from_work.predict_array(image, (3.0, 0.8, 1.2)))
-    assert len(Predictor.from_bundle(moved, folds=[1]).members) == 1
-    assert Predictor.from_bundle(moved, postprocessing=False).postprocessing is None
+    assert len(bundle_predictor(moved, folds=[1]).members) == 1
+    assert bundle_predictor(moved, postprocessing=False).postprocess is None
     with pytest.raises(MedsegError, match="holds"):
-        Predictor.from_bundle(moved, folds=[3])
+        bundle_predictor(moved, folds=[3])
 
 
 def test_bundle_holds_weights_only_labels_and_a_versioned_manifest(work, bundle):
@@ -116,9 +116,9 @@ def test_bundle_carries_the_rules_decided_from_the_labels(work, tmp_path):
     bundle = export_bundle(work, tmp_path / "prior.zip")
     assert read_manifest(bundle)["postprocessing"] == "postprocessing.json"
     for folds in (None, [1]):  # decided from labels, not fitted on an ensemble: any subset of members keeps it
-        rules = Predictor.from_bundle(bundle, folds=folds).postprocessing
+        rules = bundle_predictor(bundle, folds=folds).postprocess.rules
         assert rules["source"] == "label_statistics" and rules["per_label"] == {"1": [{"op": "largest_component"}]}
-    assert Predictor.from_bundle(bundle, postprocessing=False).postprocessing is None
+    assert bundle_predictor(bundle, postprocessing=False).postprocess is None
 
 
 def _rewrite(src, dst, drop=(), replace=None):
@@ -134,7 +134,7 @@ def test_broken_bundles_are_refused_naming_the_file(bundle, tmp_path):
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="truncated.zip.*truncated or corrupt"):
-        Predictor.from_bundle(truncated)
+        bundle_predictor(truncated)
 
     corrupt = tmp_path / "corrupt.zip"
     with zipfile.ZipFile(bundle) as zf:
@@ -143,17 +143,17 @@ def test_broken_bundles_are_refused_naming_the_file(bundle, tmp_path):
     flipped[info.header_offset + 200] ^= 0xFF  # inside the stored weights: the CRC no longer matches
     corrupt.write_bytes(bytes(flipped))
     with pytest.raises(BundleError, match=r"corrupt.zip: members/3d_fullres/unet/fold_0/model.pt .*corrupt"):
-        Predictor.from_bundle(corrupt)
+        bundle_predictor(corrupt)
 
     missing = _rewrite(bundle, tmp_path / "missing.zip", drop={"members/3d_fullres/unet/fold_1/model.pt"})
     with pytest.raises(BundleError, match="missing.zip: members/3d_fullres/unet/fold_1/model.pt .*missing"):
-        Predictor.from_bundle(missing)
+        bundle_predictor(missing)
 
     manifest = json.loads(zipfile.ZipFile(bundle).read(MANIFEST))
     newer = _rewrite(bundle, tmp_path / "newer.zip", replace={
         MANIFEST: json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1, "medseg_version": "9.0"})})
     with pytest.raises(BundleError, match=r"newer.zip: bundle format version 2 \(written by medseg 9.0\).*upgrade"):
-        Predictor.from_bundle(newer)
+        bundle_predictor(newer)
 
     no_manifest = _rewrite(bundle, tmp_path / "plain.zip", drop={MANIFEST})
     with pytest.raises(BundleError, match="plain.zip: no manifest.json found: .*not a medseg model bundle"):

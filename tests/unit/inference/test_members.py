@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medseg.errors import CheckpointError, MedsegError
+from medseg.ensembling import work_dir_predictor
 from medseg.inference import Predictor, predict_folder
 from medseg.io.checkpoint import save_checkpoint
 
@@ -48,17 +49,17 @@ def work(tmp_path):
 
 
 def test_default_is_every_trained_fold_and_weights_are_restored(work):
-    pred = Predictor.from_work_dir(work)
+    pred = work_dir_predictor(work)
     assert len(pred.members) == 2 and pred.describe() == "2 x 3d_fullres/unet"
     ref = _train_fake_run(work / "other", _tiny_plan(), 1, seed=1).eval()
     x = torch.randn(1, 1, 8, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(pred.members[1].model(x), ref(x))
-    assert len(Predictor.from_work_dir(work, folds=[1]).members) == 1
+    assert len(work_dir_predictor(work, folds=[1]).members) == 1
     with pytest.raises(MedsegError, match="fold_3"):
-        Predictor.from_work_dir(work, folds=[3])
+        work_dir_predictor(work, folds=[3])
     with pytest.raises(MedsegError, match="not planned"):
-        Predictor.from_work_dir(work, archs=["psp"])
+        work_dir_predictor(work, archs=["psp"])
 
 
 def test_best_json_and_matching_postprocessing_are_used(work):
@@ -67,13 +68,13 @@ def test_best_json_and_matching_postprocessing_are_used(work):
     rules = {"format": "medseg-postprocessing-v1", "per_label": {"1": [{"op": "largest_component"}]},
              "fitted_on": {"members": [["3d_fullres", "unet"]]}}
     (work / "postprocessing.json").write_text(json.dumps(rules))
-    pred = Predictor.from_work_dir(work)
+    pred = work_dir_predictor(work)
     assert len(pred.members) == 1 and pred.members[0].source.endswith("fold_1/checkpoint_final.pt")
-    assert pred.postprocessing["per_label"] == rules["per_label"]
-    assert Predictor.from_work_dir(work, postprocessing=False).postprocessing is None
+    assert pred.postprocess.rules["per_label"] == rules["per_label"]
+    assert work_dir_predictor(work, postprocessing=False).postprocess is None
     rules["fitted_on"]["members"] = [["2d", "unet"]]
     (work / "postprocessing.json").write_text(json.dumps(rules))
-    assert Predictor.from_work_dir(work).postprocessing is None  # fitted on another ensemble
+    assert work_dir_predictor(work).postprocess is None  # fitted on another ensemble
 
 
 def _single_component_fingerprint(path, num_cases=12):
@@ -89,26 +90,26 @@ def test_without_find_best_the_label_statistics_rules_apply_and_find_best_wins(w
 
     _single_component_fingerprint(work / "fingerprint.json")
     caplog.set_level("INFO", logger="medseg")
-    pred = Predictor.from_work_dir(work)  # no record in the runs: decided from the fingerprint
-    assert pred.postprocessing["source"] == "label_statistics"
-    assert pred.postprocessing["per_label"] == {"1": [{"op": "largest_component"}]}
+    pred = work_dir_predictor(work)  # no record in the runs: decided from the fingerprint
+    assert pred.postprocess.rules["source"] == "label_statistics"
+    assert pred.postprocess.rules["per_label"] == {"1": [{"op": "largest_component"}]}
     assert "label 1: largest_component (from the label statistics of all 12 references" in caplog.text
     seg = np.zeros((10, 24, 20), np.uint8)
     seg[2:6, 3:12, 3:12], seg[8, 20, 17] = 1, 1  # a stray voxel far from the structure
     out = pred.indices_to_labels(seg)
     assert out[8, 20, 17] == 0 and out.sum() == seg.sum() - 1
-    assert Predictor.from_work_dir(work, postprocessing=False).postprocessing is None
+    assert work_dir_predictor(work, postprocessing=False).postprocess is None
     # recorded in the runs at the end of training: the records are used
     for fold in (0, 1):
         record_prior(work, work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}", [f"c{i}" for i in range(10)])
     caplog.clear()
-    assert Predictor.from_work_dir(work).postprocessing["num_cases"] == 10
+    assert work_dir_predictor(work).postprocess.rules["num_cases"] == 10
     assert f"2 runs' {PRIOR_FILE}" in caplog.text
     # find-best's rules fitted on this ensemble win, even when they remove nothing
     (work / "postprocessing.json").write_text(json.dumps({
         "format": "medseg-postprocessing-v1", "per_label": {}, "fitted_on": {"members": [["3d_fullres", "unet"]]}}))
-    assert Predictor.from_work_dir(work).postprocessing["per_label"] == {}
-    assert "source" not in Predictor.from_work_dir(work).postprocessing
+    assert work_dir_predictor(work).postprocess.rules["per_label"] == {}
+    assert "source" not in work_dir_predictor(work).postprocess.rules
 
 
 def test_nothing_trained_and_bad_checkpoints(work, tmp_path):
@@ -116,10 +117,10 @@ def test_nothing_trained_and_bad_checkpoints(work, tmp_path):
     empty.mkdir()
     _tiny_plan().save(empty / "plans.json")
     with pytest.raises(MedsegError, match="no trained model"):
-        Predictor.from_work_dir(empty)
+        work_dir_predictor(empty)
     (work / "runs" / "3d_fullres" / "unet" / "fold_0" / "checkpoint_final.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="fold_0"):
-        Predictor.from_work_dir(work)
+        work_dir_predictor(work)
     with pytest.raises(CheckpointError, match="not found"):
         Predictor.from_run_dir(work / "runs" / "3d_fullres" / "unet" / "fold_1", checkpoint="best")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.inference.bundle import export_bundle
+from medseg.ensembling.bundle_export import export_bundle, export_networks
 from medseg.inference.members import load_member
-from medseg.inference.network_export import export_networks, run_exported
+from medseg.inference.network_export import run_exported
 from medseg.io.checkpoint import save_checkpoint
 from medseg.networks.layers import _adaptive_avg_pool_matmul
 from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan

@@ -12,6 +12,7 @@ import torch
 
 from medseg.errors import MedsegError
 from medseg.inference import EnsembleMember, Predictor
+from medseg.postprocessing.operations import RulesPostprocess
 from medseg.io.image import ImageGeometry
 
 from .conftest import OBLIQUE, Threshold, bright_box_image, build_plan, conv_net, write_oblique
@@ -83,7 +84,7 @@ def test_postprocessing_is_applied():
     rules = {"format": "medseg-postprocessing-v1", "per_label": {"1": [{"op": "largest_component"}]}}
     member = EnsembleMember(Threshold(), plan, "3d_fullres", "unet")
     raw = Predictor([member]).predict_array(image, (3.0, 1.0, 1.2))
-    post = Predictor([member], postprocessing=rules).predict_array(image, (3.0, 1.0, 1.2))
+    post = Predictor([member], postprocess=RulesPostprocess(rules)).predict_array(image, (3.0, 1.0, 1.2))
     assert raw[8:10, 20:23, 16:19].all() and not post[8:10, 20:23, 16:19].any()
     np.testing.assert_array_equal(post == 1, box)
 

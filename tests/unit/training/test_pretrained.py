@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medseg.errors import MedsegError
-from medseg.inference.bundle import export_bundle
+from medseg.ensembling.bundle_export import export_bundle
 from medseg.planning.plan import Plan
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget
