@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+
+from medseg.ensembling import work_dir_predictor
+from medseg.evaluation import evaluate_folders
+from medseg.inference import predict_folder
+from medseg.io.image import atomic_write_bytes, read_image
+from medseg.io.synthetic import generate_synthetic_dataset
+from medseg.pipeline import plan_and_preprocess, record_postprocessing_prior
+from medseg.planning.planner import PlannerOptions
+from medseg.training import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +65,6 @@ class DemoResult:
 
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run generate -> plan -> train -> predict -> evaluate -> overlay. Returns the test Dice."""
-    from medseg.evaluation import evaluate_folders
-    from medseg.ensembling import work_dir_predictor
-    from medseg.inference import predict_folder
-    from medseg.io.synthetic import generate_synthetic_dataset
-    from medseg.pipeline import plan_and_preprocess, record_postprocessing_prior
-    from medseg.planning.planner import PlannerOptions
-    from medseg.training import TrainConfig, train
-
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = generate_synthetic_dataset(out / "data", num_cases=options.num_cases, seed=options.seed)
@@ -103,13 +105,6 @@ def write_overlay_png(image_path: Path, seg_path: Path, png_path: Path, referenc
     Panels: the image, the prediction ``seg_path`` overlaid and, when given, the reference
     ``reference_path`` overlaid. Written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medseg.io.image import atomic_write_bytes, read_image
-
     img, geo = read_image(image_path)
     seg, _ = read_image(seg_path)
     # pick the slice with the most foreground
@@ -118,7 +113,8 @@ def write_overlay_png(image_path: Path, seg_path: Path, png_path: Path, referenc
     panels: list[tuple[str, np.ndarray | None]] = [("image", None), ("prediction", seg)]
     if reference_path is not None:
         panels.append(("reference", read_image(reference_path)[0]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    fig = Figure(figsize=(4 * len(panels), 4))  # no pyplot: the Agg canvas, no global backend state
+    axes = fig.subplots(1, len(panels))
     for ax, (title, labels) in zip(axes, panels):
         ax.imshow(img[z], cmap="gray", aspect=aspect)
         if labels is not None:
@@ -129,6 +125,5 @@ def write_overlay_png(image_path: Path, seg_path: Path, png_path: Path, referenc
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(png_path, buf.getvalue())
     return png_path

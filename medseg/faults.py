@@ -41,7 +41,9 @@ Points (``NAME`` in brackets):
 from __future__ import annotations
 
 import errno
+import faulthandler
 import os
+import resource
 import signal
 import sys
 import threading
@@ -119,9 +121,6 @@ def maybe_fail(point: str, name: str = "") -> None:
     if fired == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fired == "segv":
-        import faulthandler
-        import resource
-
         faulthandler.disable()
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         signal.signal(signal.SIGSEGV, signal.SIG_DFL)

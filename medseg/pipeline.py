@@ -16,8 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.fingerprint import extract_fingerprint
+from medseg.io.dataset import load_dataset
+from medseg.io.image import atomic_write_text
+from medseg.io.validation import validate_dataset
 from medseg.io.workdir import WorkDir
+from medseg.planning import budget, resolution
 from medseg.planning.plan import Plan
+from medseg.planning.planner import PlannerOptions, plan_dataset
+from medseg.postprocessing.prior import record_prior
+from medseg.preprocessing import preprocess_dataset
+from medseg.preprocessing.resolution import dataset_roundtrip_dice
+from medseg.training.distributed import launch_rank
+from medseg.training.splits import read_splits
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +76,6 @@ def plan_and_preprocess(
     Raises:
         DatasetError: listing every problem of the dataset; nothing is written in that case.
     """
-    from medseg.fingerprint import extract_fingerprint
-    from medseg.io.dataset import load_dataset
-    from medseg.io.validation import validate_dataset
-    from medseg.planning.planner import PlannerOptions, plan_dataset
-    from medseg.preprocessing import preprocess_dataset
-
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     _check_output_not_inside_input(data_dir, work_dir)
     options = options or PlannerOptions()
@@ -106,9 +111,9 @@ def plan_and_preprocess(
         preprocess_dataset(ds, plan, work_dir, configs=configs, num_workers=num_workers)
         seconds["preprocess"] = time.perf_counter() - t
         if options.time_budget_minutes is not None:  # the fit's share of the budget includes building the cache
-            budget = {**plan.notes["budget"], "preprocess_seconds": round(seconds["preprocess"], 2),
-                      "fit_and_preprocess_seconds": round(seconds["budget"] + seconds["preprocess"], 2)}
-            plan = dataclasses.replace(plan, notes={**plan.notes, "budget": budget})
+            budget_note = {**plan.notes["budget"], "preprocess_seconds": round(seconds["preprocess"], 2),
+                           "fit_and_preprocess_seconds": round(seconds["budget"] + seconds["preprocess"], 2)}
+            plan = dataclasses.replace(plan, notes={**plan.notes, "budget": budget_note})
             plan.save(plan_path)
     _write_dataset_reference(work_dir, ds)
     return PlanResult(plan=plan, plan_path=plan_path, fingerprint_path=fp_path, seconds=seconds)
@@ -122,28 +127,21 @@ PLANNED_SPACING_SHARE = 0.6
 def _fit_to_budget(plan: Plan, ds, fp, options) -> Plan:
     """The time-budget fit: network, patch and batch at the planned spacing, then the resolution lever
     (:mod:`medseg.planning.resolution`), both within :func:`~medseg.planning.budget.fit_seconds_limit`."""
-    from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit
-    from medseg.planning.planner import plan_dataset
-    from medseg.planning.resolution import fit_resolution
-    from medseg.preprocessing.resolution import dataset_roundtrip_dice
-
     t0 = time.perf_counter()
-    limit = fit_seconds_limit(options.time_budget_minutes)
-    plan = fit_plan_to_budget(plan, options.device, options.time_budget_minutes,
-                              max_seconds=PLANNED_SPACING_SHARE * limit)
+    limit = budget.fit_seconds_limit(options.time_budget_minutes)
+    plan = budget.fit_plan_to_budget(plan, options.device, options.time_budget_minutes,
+                                     max_seconds=PLANNED_SPACING_SHARE * limit)
 
     def plan_at(spacing: tuple[float, ...]):
         return plan_dataset(ds, fp, dataclasses.replace(options, target_spacing=spacing)).configuration("3d_fullres")
 
-    return fit_resolution(plan, options.device, options.time_budget_minutes,
-                          roundtrip=lambda spacings: dataset_roundtrip_dice(ds, spacings), plan_at=plan_at,
-                          max_seconds=max(0.0, limit - (time.perf_counter() - t0)))
+    return resolution.fit_resolution(plan, options.device, options.time_budget_minutes,
+                                     roundtrip=lambda spacings: dataset_roundtrip_dice(ds, spacings), plan_at=plan_at,
+                                     max_seconds=max(0.0, limit - (time.perf_counter() - t0)))
 
 
 def _write_dataset_reference(work_dir: Path, ds) -> None:
     """Remember where the raw dataset lives (evaluation and postprocessing need the reference labels)."""
-    from medseg.io.image import atomic_write_text
-
     info = {"root": str(Path(ds.root).resolve()), "cases": [c.case_id for c in ds.cases]}
     atomic_write_text(WorkDir(work_dir).dataset_ref, json.dumps(info, indent=1) + "\n")
 
@@ -165,10 +163,6 @@ def record_postprocessing_prior(work_dir: str | Path, run_dir: str | Path, fold:
         The rules, or None when not recorded (no fingerprint, not rank 0, or a problem, logged as a
         warning: the finished training does not fail).
     """
-    from medseg.postprocessing.prior import record_prior
-    from medseg.training.distributed import launch_rank
-    from medseg.training.splits import read_splits
-
     if launch_rank() != 0:
         return None
     work_dir = Path(work_dir)

@@ -30,6 +30,7 @@ from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
 from medseg.postprocessing.operations import RULES_FORMAT, save_rules
+from medseg.preprocessing import classes_to_labels, load_case, revert_to_original
 from medseg.preprocessing.regions import dice_per_region, region_key, regions_to_labels
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,6 @@ def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = N
         raise MedsegError(f"{data_dir}: no labelsTr folder with the reference labels")
     logger.warning("the dataset's labelsTr folder was not found (%s); using the preprocessed labels mapped back "
                    "to the original grid as references", labels_dir)
-    from medseg.preprocessing import classes_to_labels, load_case, revert_to_original
 
     def load_preprocessed(case_id: str) -> np.ndarray:
         _, seg, props = load_case(work_dir, plan, plan.default_configuration, case_id)

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.evaluation.metrics import case_metrics
+from medseg.io.dataset import load_dataset
 from medseg.io.image import (
     ImageGeometry,
     atomic_write_text,
@@ -110,8 +111,6 @@ def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, i
 def _dataset_ignore_label(ref_dir: Path) -> int | None:
     """The ignore label declared by the ``dataset.json`` of ``ref_dir`` (a dataset root) or of its parent
     (``ref_dir`` = ``DATA/labelsTr``); None when there is none or no readable dataset.json."""
-    from medseg.io.dataset import load_dataset
-
     for root in (ref_dir, ref_dir.parent):
         if (root / "dataset.json").is_file():
             try:
@@ -124,8 +123,6 @@ def _dataset_ignore_label(ref_dir: Path) -> int | None:
 def _dataset_regions(ref_dir: Path) -> tuple[tuple[int, ...], ...]:
     """The regions declared by the ``dataset.json`` of ``ref_dir`` or its parent (see
     :func:`_dataset_ignore_label`); empty for ordinary labels or without a readable dataset.json."""
-    from medseg.io.dataset import load_dataset
-
     for root in (ref_dir, ref_dir.parent):
         if (root / "dataset.json").is_file():
             try:

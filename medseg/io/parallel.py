@@ -10,6 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.context import BaseContext
 from typing import TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -35,8 +37,6 @@ def map_cases(
     Raises:
         whatever ``fn`` raises, for the first failing item in order.
     """
-    from tqdm import tqdm
-
     workers = max(1, min(int(num_workers), len(items)))
     bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress)
     results: list[R] = []
