@@ -11,7 +11,8 @@ Two layouts are accepted:
   ``file_ending``; without a ``training`` list the cases are discovered from the folders.
 
 Images are read through SimpleITK (.nii, .nii.gz, .nrrd, .mha, .mhd). :func:`load_dataset` only
-parses the description and locates files (nothing is read); :func:`validate_dataset` reads every file
+parses the description (channels and labels: :mod:`medseg.io.dataset_json`, regions:
+:mod:`medseg.io.regions`) and locates files (nothing is read); :func:`validate_dataset` reads every file
 and reports every problem at once, each naming the case and the file (see :mod:`medseg.io.validation`).
 """
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import DatasetError, MedsegError
+from medseg.io.dataset_json import parse_channels, parse_labels
 from medseg.io.image import IMAGE_SUFFIXES, has_image_suffix, strip_suffix
 from medseg.io.regions import is_region_based, parse_region_labels
 
@@ -88,104 +89,6 @@ class DatasetInfo:
     def declared_label_ids(self) -> tuple[int, ...]:
         """Every id a label map may hold: ``label_ids`` plus the ignore label (when declared)."""
         return self.label_ids + (() if self.ignore_label is None else (self.ignore_label,))
-
-
-# --------------------------------------------------------------------------------------------------
-# dataset.json parsing
-# --------------------------------------------------------------------------------------------------
-
-
-def _as_int(value: Any) -> int | None:
-    """``value`` as an int when it is an integer (int, integral float, or integer string), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    return None
-
-
-def _parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
-    key = "channel_names" if "channel_names" in meta else "modality" if "modality" in meta else None
-    if key is None:
-        problems.append("neither 'channel_names' nor 'modality' is given (e.g. \"channel_names\": {\"0\": \"CT\"})")
-        return ()
-    src = meta[key]
-    if not isinstance(src, dict) or not src:
-        problems.append(f"'{key}' must be a non-empty mapping of channel index to name, e.g. {{\"0\": \"MRI\"}}")
-        return ()
-    indexed: dict[int, str] = {}
-    for k, v in src.items():
-        idx = _as_int(k)
-        if idx is None or idx < 0:
-            problems.append(f"'{key}' has key {k!r}; keys must be channel indices 0, 1, ...")
-            return ()
-        indexed[idx] = str(v)
-    if sorted(indexed) != list(range(len(indexed))):
-        problems.append(f"'{key}' channel indices {sorted(indexed)} must be 0..{len(indexed) - 1} without gaps")
-        return ()
-    return tuple(indexed[i] for i in range(len(indexed)))
-
-
-def _parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
-    """``(label_ids, label_names, ignore_label)`` of ``meta["labels"]``; ids and names without the ignore label."""
-    labels = meta.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        problems.append("'labels' is missing or empty; give e.g. {\"0\": \"background\", \"1\": \"tumour\"}")
-        return (), (), None
-    form_hint = ("'labels' must map ids to names ({\"0\": \"background\", ...}) "
-                 "or names to ids ({\"background\": 0, ...})")
-    region = [k for k, v in labels.items() if isinstance(v, (list, tuple, dict))]
-    if region:
-        problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: give one integer id per class, or a "
-                        "list of ids per region with 'regions_class_order' (region-based labels)")
-        return (), (), None
-    pairs: list[tuple[int, str]] = []
-    if all(isinstance(v, str) for v in labels.values()) and not all(_as_int(v) is not None for v in labels.values()):
-        # id -> name
-        for k, v in labels.items():
-            idx = _as_int(k)
-            if idx is None:
-                problems.append(f"label id {k!r} (named {v!r}) is not an integer; {form_hint}")
-                continue
-            pairs.append((idx, v))
-    else:
-        # name -> id
-        for k, v in labels.items():
-            idx = _as_int(v)
-            if idx is None:
-                problems.append(f"label {k!r} has id {v!r}, which is not an integer; {form_hint}")
-                continue
-            pairs.append((idx, str(k)))
-    if problems:
-        return (), (), None
-    ids = [i for i, _ in pairs]
-    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
-    if dup:
-        problems.append(f"label id(s) {dup} declared more than once")
-    neg = sorted(i for i in ids if i < 0)
-    if neg:
-        problems.append(f"negative label id(s) {neg}; ids must be >= 0")
-    if 0 not in ids:
-        problems.append("no background label with id 0 is declared")
-    ignore = [i for i, n in pairs if n.strip().lower() == "ignore"]
-    if len(ignore) > 1:
-        problems.append(f"'labels' declares {len(ignore)} labels named 'ignore' (ids {sorted(ignore)}); "
-                        "at most one is allowed")
-    elif ignore and ignore[0] != max(ids):
-        problems.append(f"'labels': ignore must be the highest label id; 'ignore' has id {ignore[0]} but "
-                        f"id {max(ids)} is declared too (give 'ignore' an id above every class, e.g. {max(ids) + 1})")
-    elif ignore and ignore[0] == 0:
-        problems.append("'labels': 'ignore' cannot be the background id 0")
-    if problems:
-        return (), (), None
-    pairs.sort()
-    ignore_id = ignore[0] if ignore else None
-    kept = [(i, n) for i, n in pairs if i != ignore_id]
-    return tuple(i for i, _ in kept), tuple(n for _, n in kept), ignore_id
 
 
 def _suffix_of(name: str) -> str:
@@ -322,13 +225,13 @@ def load_dataset(root: str | Path) -> DatasetInfo:
         raise DatasetError([f"{json_path}: must hold a JSON object"], header="cannot load dataset")
 
     problems: list[str] = []
-    channel_names = _parse_channels(meta, problems)
+    channel_names = parse_channels(meta, problems)
     regions: tuple[tuple[int, ...], ...] = ()
     regions_class_order: tuple[int, ...] = ()
     if is_region_based(meta):
         label_ids, label_names, ignore_label, regions, regions_class_order = parse_region_labels(meta, problems)
     else:
-        label_ids, label_names, ignore_label = _parse_labels(meta, problems)
+        label_ids, label_names, ignore_label = parse_labels(meta, problems)
 
     ending = meta.get("file_ending")
     if ending is not None and ending not in IMAGE_SUFFIXES:
