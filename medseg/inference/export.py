@@ -13,12 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.faults import maybe_fail
-from medseg.io.image import (
-    ImageGeometry,
-    atomic_write_bytes,
-    temp_file_beside,
-    write_image,
-)
+from medseg.io.image import ImageGeometry, atomic_write_bytes, temp_file_beside, write_image
 
 logger = logging.getLogger(__name__)
 
