@@ -24,6 +24,7 @@ from medseg.inference.members import EnsembleMember
 from medseg.inference.predictor import Predictor
 from medseg.io.workdir import ALL, BundleLayout, RunDir, WorkDir, fold_name
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.postprocessing.fit import describe_rules
 from medseg.postprocessing.operations import RulesPostprocess, load_rules
 from medseg.postprocessing.prior import describe_prior, ensemble_prior, is_prior
@@ -196,10 +197,9 @@ def select_work_dir_runs(
     else:
         pairs = []
         for c in configs or [plan.default_configuration]:
-            cfg = plan.configuration(c)
-            for a in archs or [cfg.default_arch]:
-                cfg.network(a)  # clear error when the architecture is not planned
-                pairs.append((c, a))
+            for a in archs or [plan.configuration(c).default_arch]:
+                stage = Stage.resolve(plan, c, a)  # clear error when not planned
+                pairs.append((stage.config_name, stage.arch))
     run_dirs: list[Path] = []
     for c, a in pairs:
         trained = {name: run.path for name, run in wd.fold_runs(c, a).items() if run.checkpoint(checkpoint).is_file()}

@@ -40,6 +40,7 @@ from medseg.inference.members import EnsembleMember, load_member
 from medseg.io.image import atomic_write_stream
 from medseg.io.workdir import BundleLayout, RunDir, fold_name
 from medseg.planning.plan import Plan, dumps_readable
+from medseg.planning.stage import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -304,15 +305,14 @@ def load_bundle(
             plan = plans[m["plan"]]
             state = reader.weights(m["weights"])
             try:
-                net = plan.configuration(m["configuration"]).network(m["arch"])
-                model = net.build(plan.num_channels, plan.num_classes)
+                stage = Stage.resolve(plan, m["configuration"], m["arch"])
+                model = stage.network.build(plan.num_channels, plan.num_classes)
                 model.load_state_dict(state["model"])
             except (MedsegError, RuntimeError) as exc:
                 first = str(exc).splitlines()[0]
                 raise reader.error(m["weights"], f"does not fit the {m['arch']} network of its plan ({first})") from None
             model.eval()
-            members.append(EnsembleMember(model=model, plan=plan, configuration=m["configuration"], arch=m["arch"],
-                                          source=f"{path}:{m['weights']}"))
+            members.append(EnsembleMember.of_stage(model, stage, source=f"{path}:{m['weights']}"))
         rules = None
         if postprocessing and manifest.get("postprocessing"):
             name = manifest["postprocessing"]

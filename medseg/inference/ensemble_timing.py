@@ -52,13 +52,11 @@ class EnsembleTiming:
 
     @staticmethod
     def _timing_key(member: EnsembleMember) -> str:
-        return f"{member.configuration}/{member.arch}"  # folds of one network run equally fast
+        return member.stage.key  # folds of one network run equally fast
 
     def _pass_options(self, member: EnsembleMember) -> list[int]:
         """TTA passes ``member`` can run here, most first (its full TTA within :attr:`tta_passes`, down to 1)."""
-        cfg_plan = member.plan.configuration(member.configuration)
-        options = pass_options(cfg_plan.resolved_mirror_axes(), cfg_plan.network(member.arch).total_stride(),
-                               self.use_tta)
+        options = pass_options(member.stage.mirror_axes, member.stage.total_stride, self.use_tta)
         return sorted({min(p, self.tta_passes) if self.tta_passes else p for p in options}, reverse=True)
 
     def budget_options(self) -> list[CaseSetting]:
@@ -76,11 +74,10 @@ class EnsembleTiming:
             for m in self.members:
                 if m.configuration != c:
                     continue
-                cfg_plan = m.plan.configuration(c)
-                net = cfg_plan.network(m.arch)
+                stage = m.stage
                 jobs.append(NetworkJob(self._timing_key(m), tuple(int(s) for s in data.shape[1:]),
-                                       tuple(net.patch_size), cfg_plan.resolved_mirror_axes(),
-                                       tuple(net.total_stride()), self._pass_options(m)[0]))
+                                       stage.patch_size, stage.mirror_axes, stage.total_stride,
+                                       self._pass_options(m)[0]))
         for prev, stage in self.previous_stages.items():
             if prev in prepared.previous:
                 jobs += stage.case_jobs(prepared.previous[prev])
@@ -103,14 +100,14 @@ class EnsembleTiming:
 
     def _measure_window(self, index: int) -> float:
         member = self.members[index]
-        net = member.plan.configuration(member.configuration).network(member.arch)
+        net = member.stage.network
         batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.plan.num_classes,
                                                         self.device)
         patch = tuple(int(p) for p in net.patch_size)
         # `batch` windows side by side at step 1: one network batch (2D: `batch` slices)
         shape = (batch, *patch) if len(patch) == 2 else (*patch[:-1], patch[-1] * batch)
         generator = torch.Generator().manual_seed(0)
-        data = torch.randn((self.plan.network_in_channels(member.configuration), *shape), generator=generator)
+        data = torch.randn((member.stage.in_channels, *shape), generator=generator)
         seconds = []
         for _ in range(2):  # the first forward of a network and shape is slower (kernels chosen, memory mapped)
             start = time.perf_counter()

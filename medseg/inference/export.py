@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -40,8 +41,6 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
             and no temporary file remains.
     """
     if reference is not None and _is_nifti(reference) and _is_nifti(path) and seg.ndim == 3:
-        import nibabel as nib
-
         try:
             ref = nib.load(str(reference))
             header = ref.header.copy()

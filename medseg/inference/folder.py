@@ -10,25 +10,28 @@ every case used and took is recorded in ``OUT/prediction_record.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import re
-import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from medseg.errors import DatasetError, MedsegError
+from medseg.errors import MedsegError
 from medseg.faults import maybe_fail
 from medseg.inference.case_grid import PreparedCase
 from medseg.inference.export import write_probabilities, write_segmentation
+from medseg.inference.folder_cases import (
+    case_suffix,
+    check_folders,
+    check_writable,
+    find_cases_tolerant,
+    spacing_warning,
+)
 from medseg.inference.predictor import Predictor
 from medseg.inference.time_budget import (
     PREDICTION_SHARE,
@@ -43,7 +46,7 @@ from medseg.inference.time_budget import (
     write_record,
 )
 from medseg.io.image import has_image_suffix, read_channels
-from medseg.planning.plan import Plan
+from medseg.io.validation import nifti_raw_check
 
 logger = logging.getLogger(__name__)
 
@@ -101,90 +104,6 @@ class PredictionResult:
         mean = sum(r.seconds for r in recs) / len(recs)
         return (f"time budget {self.time_budget:g} s per case ({self.budget_rule}): held in {held} of {len(recs)} "
                 f"case(s), mean {mean:.1f} s; used {settings}")
-
-
-def _case_suffix(path: Path) -> str:
-    from medseg.io.image import IMAGE_SUFFIXES
-
-    return next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), ".nii.gz")
-
-
-def _check_folders(input_dir: Path, output_dir: Path) -> None:
-    if not input_dir.is_dir():
-        raise MedsegError(f"{input_dir}: input folder not found")
-    inp, out = input_dir.resolve(), output_dir.resolve()
-    if out == inp or inp in out.parents:
-        raise MedsegError(
-            f"{output_dir}: the output folder must not be the input folder or inside it ({input_dir}); "
-            "medseg never writes next to your input images"
-        )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise MedsegError(f"{output_dir}: the output folder is a file; choose another output folder")
-
-
-def _check_writable(output_dir: Path) -> None:
-    """Create ``output_dir`` and prove a file can be written in it (before any case is predicted)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(prefix=".tmp_", dir=output_dir) as fh:
-            fh.write(b"medseg")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise MedsegError(f"{output_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
-
-
-def spacing_warning(case_id: str, spacing: Sequence[float], plan: Plan) -> str | None:
-    """A message when ``spacing`` (mm) is > 2x or < 0.5x the plan's median training spacing on any axis."""
-    ref = tuple(plan.original_median_spacing)[-len(spacing):]
-    ratios = [s / r for s, r in zip(spacing, ref) if r > 0]
-    if any(q > 2.0 or q < 0.5 for q in ratios):
-        return (f"{case_id}: spacing {[round(float(s), 3) for s in spacing]} mm is far from the training data's "
-                f"median {[round(float(r), 3) for r in ref]} mm; the segmentation may be poor")
-    return None
-
-
-_PROBLEM_RE = re.compile(r"^case (?P<case>.+?): ")
-
-
-def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], dict[str, str]]:
-    """Cases to predict plus the cases that cannot be formed (wrong channel files), without giving up.
-
-    :func:`medseg.io.dataset.find_prediction_cases` refuses the whole folder when one case is malformed;
-    here the malformed cases are reported (case id -> message) and every other case is still returned,
-    found by the same function on a temporary folder of links to the remaining files.
-
-    Raises:
-        MedsegError: the folder is missing or has no images at all.
-    """
-    from medseg.io.dataset import find_prediction_cases
-    from medseg.io.image import has_image_suffix, strip_suffix
-
-    try:
-        return find_prediction_cases(input_dir, num_channels), {}
-    except DatasetError as exc:
-        failed: dict[str, str] = {}
-        for problem in exc.problems:
-            m = _PROBLEM_RE.match(problem)
-            if m is None:
-                raise
-            failed.setdefault(m.group("case"), problem[m.end():])
-    channel_re = re.compile(r"^(?P<case>.+)_\d{4}$")
-    with tempfile.TemporaryDirectory(prefix="medseg_cases_") as tmp:
-        for f in sorted(input_dir.iterdir()):
-            if not f.is_file() or f.name.startswith(".") or not has_image_suffix(f.name):
-                continue
-            stem = strip_suffix(f.name)
-            m = channel_re.match(stem)
-            if stem in failed or (m is not None and m.group("case") in failed):
-                continue
-            os.symlink(f.resolve(), Path(tmp) / f.name)
-        try:
-            linked = find_prediction_cases(Path(tmp), num_channels) if any(Path(tmp).iterdir()) else []
-        except DatasetError:
-            linked = []
-    cases = [dataclasses.replace(c, image_files=tuple(input_dir / p.name for p in c.image_files)) for c in linked]
-    return cases, failed
 
 
 def resolve_time_budget(time_budget_per_case: float | str | None, predictor: Predictor) -> tuple[float | None, str]:
@@ -255,20 +174,16 @@ def predict_folder(
         MedsegError: missing input folder, output inside input or not writable, no images in the folder,
             or a budget that is not a positive number.
     """
-    from tqdm import tqdm
-
-    from medseg.io.validation import nifti_raw_check
-
     t0 = time.perf_counter()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    _check_folders(input_dir, output_dir)
+    check_folders(input_dir, output_dir)
     plan = predictor.plan
     budget_seconds, budget_rule = resolve_time_budget(time_budget_per_case, predictor)
     clock = CaseBudget(budget_seconds, predictor.budget_options())
     cases, bad_cases = find_cases_tolerant(input_dir, plan.num_channels)
     if not cases and not bad_cases:
         raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
-    _check_writable(output_dir)
+    check_writable(output_dir)
     result = PredictionResult(output_dir=output_dir, time_budget=budget_seconds, budget_rule=budget_rule)
     result.failed.update(bad_cases)
     if budget_seconds is not None:
@@ -285,7 +200,7 @@ def predict_folder(
 
     todo = []
     for case in cases:
-        target = output_dir / f"{case.case_id}{_case_suffix(case.image_files[0])}"
+        target = output_dir / f"{case.case_id}{case_suffix(case.image_files[0])}"
         if target.exists() and not overwrite:
             result.skipped.append(case.case_id)
         else:

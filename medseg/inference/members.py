@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from medseg.io.checkpoint import load_checkpoint
 from medseg.io.workdir import RunDir
 from medseg.options import CheckpointName, choices
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.preprocessing.case import preprocessing_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class EnsembleMember:
         configuration: configuration name (selects the preprocessing and the patch size).
         arch: architecture name.
         source: where it came from (checkpoint path), for messages.
+        stage: ``(plan, configuration, arch)`` resolved once (:class:`~medseg.planning.stage.Stage`).
+
+    Raises:
+        PlanError: the configuration or architecture is not in the plan.
     """
 
     model: torch.nn.Module
@@ -46,6 +51,15 @@ class EnsembleMember:
     configuration: str
     arch: str
     source: str = ""
+    stage: Stage = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.stage = Stage.resolve(self.plan, self.configuration, self.arch)
+
+    @classmethod
+    def of_stage(cls, model: torch.nn.Module, stage: Stage, source: str = "") -> EnsembleMember:
+        """The member of ``model`` trained as ``stage``."""
+        return cls(model=model, plan=stage.plan, configuration=stage.config_name, arch=stage.arch, source=source)
 
 
 def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
@@ -91,15 +105,15 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
     except MedsegError as exc:
         raise CheckpointError(f"{path}: the plan stored in the checkpoint is invalid: {exc}") from None
     _check_belongs_to_run(path, run_dir, plan, configuration, arch)
-    net = plan.configuration(configuration).network(arch)
-    model = net.build(plan.network_in_channels(configuration), plan.num_classes)
+    stage = Stage.resolve(plan, configuration, arch)
+    model = stage.network.build(stage.in_channels, stage.num_classes)
     try:
         model.load_state_dict(_strip_prefixes(state))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({first})") from None
     model.eval()
-    return EnsembleMember(model=model, plan=plan, configuration=configuration, arch=arch, source=str(path))
+    return EnsembleMember.of_stage(model, stage, source=str(path))
 
 
 #: Plan fields that identify the dataset a network was trained on.

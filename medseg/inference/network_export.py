@@ -109,7 +109,7 @@ def write_networks(
 
 
 def _example(member: EnsembleMember, batch: int, seed: int) -> torch.Tensor:
-    net = member.plan.configuration(member.configuration).network(member.arch)
+    net = member.stage.network
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch, member.plan.num_channels, *net.patch_size), generator=gen)
 
@@ -181,9 +181,8 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
     sigma = inspect.signature(gaussian_importance_map).parameters["sigma_scale"].default
     entries = []
     for member, fold, file in zip(members, folds, files):
-        cfg = member.plan.configuration(member.configuration)
-        net = cfg.network(member.arch)
-        mirror_axes, shifts = tta_variants(cfg.resolved_mirror_axes(), net.total_stride())
+        cfg, net = member.stage.configuration, member.stage.network
+        mirror_axes, shifts = tta_variants(member.stage.mirror_axes, member.stage.total_stride)
         entries.append({
             "file": file, "configuration": member.configuration, "arch": member.arch, "fold": fold,
             "dims": cfg.dims,

@@ -145,7 +145,7 @@ class Predictor(EnsembleTiming):
             cl = channels_last if channels_last is not None else (
                 self.device.type == "cpu" and m.arch in CHANNELS_LAST_ARCHS)
             if cl:
-                dims = len(m.plan.configuration(m.configuration).network(m.arch).patch_size)
+                dims = m.stage.dims
                 m.model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
             self._channels_last.append(cl)
             self._runners.append(CompiledOrEager(m.model) if compile else m.model)
@@ -197,14 +197,14 @@ class Predictor(EnsembleTiming):
     def _member_probabilities(self, index: int, data: torch.Tensor, should_stop: Callable[[], bool] | None = None,
                               setting: CaseSetting | None = None) -> torch.Tensor:
         member = self.members[index]
-        cfg_plan = member.plan.configuration(member.configuration)
-        net = cfg_plan.network(member.arch)
+        stage = member.stage
+        net = stage.network
         batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
                                                         self.device)
         precision = self.precision or auto_precision(net.precision, self.device)
         passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(member)[0])
         with self._lock:  # one network at a time: they share the CPU cores / GPU
-            mirror_axes, shifts = tta_variants(cfg_plan.resolved_mirror_axes(), net.total_stride(),
+            mirror_axes, shifts = tta_variants(stage.mirror_axes, stage.total_stride,
                                                passes=passes) if self.use_tta else (None, None)
             return predict_sliding_window(
                 self._runners[index], data, net.patch_size, self.num_classes,

@@ -33,6 +33,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from medseg.machine import autocast_dtype
 
@@ -256,8 +257,6 @@ def predict_sliding_window(
                          autocast_dtype(precision, device.type), channels_last, max(1, int(batch_size)), should_stop)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
         bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from medseg.training.config import AugmentationConfig
 
@@ -366,8 +367,6 @@ def perturb_previous_stage(onehot: torch.Tensor, rng: np.random.Generator) -> No
         onehot: ``(L, *spatial)`` float one-hot foreground channels of one sample (modified in place).
         rng: the sample's generator.
     """
-    from scipy import ndimage
-
     for k in range(onehot.shape[0]):
         morph = rng.random() < PREVIOUS_STAGE_P_MORPHOLOGY
         remove = rng.random() < PREVIOUS_STAGE_P_REMOVE_COMPONENT

@@ -23,7 +23,9 @@ import time
 from typing import Any
 
 from medseg.errors import PlanError
+from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -32,20 +34,20 @@ logger = logging.getLogger(__name__)
 BUDGET_TOLERANCE = 0.1
 
 
-def refit_reason(plan: Plan, configuration: str, arch: str, device_type: str, minutes: float) -> str | None:
-    """Why ``plan`` is not fitted to a run of ``minutes`` on ``device_type``, or None when it is.
+def refit_reason(stage: Stage, device_type: str, minutes: float) -> str | None:
+    """Why the stage's plan is not fitted to a run of ``minutes`` on ``device_type``, or None when it is.
 
     Args:
-        plan: the work folder's plan.
-        configuration / arch: what the run trains.
+        stage: what the run trains, in the work folder's plan.
         device_type: ``cpu`` or ``cuda``.
         minutes: the run's time budget.
     """
+    plan, configuration, arch = stage.plan, stage.config_name, stage.arch
     notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
     if plan.time_budget_minutes is None or not isinstance(notes, dict):
         return "the plan is not fitted to a time budget"
     fitted_cfg = notes.get("configuration")
-    fitted_arch = notes.get("arch", plan.configuration(configuration).default_arch)
+    fitted_arch = notes.get("arch", stage.configuration.default_arch)
     if fitted_cfg != configuration or fitted_arch != arch:
         return f"the plan's budget fit is for {fitted_cfg}/{fitted_arch}, not {configuration}/{arch}"
     fitted_on = str(notes.get("device", plan.device)).split(":")[0]
@@ -57,8 +59,8 @@ def refit_reason(plan: Plan, configuration: str, arch: str, device_type: str, mi
     return None
 
 
-def _net_summary(plan: Plan, configuration: str, arch: str) -> dict[str, Any]:
-    net = plan.configuration(configuration).network(arch)
+def _net_summary(stage: Stage) -> dict[str, Any]:
+    net = stage.network
     return {"base_features": net.spec.base_features, "max_features": net.spec.max_features,
             "patch_size": list(net.patch_size), "batch_size": net.batch_size, "precision": net.precision}
 
@@ -73,33 +75,31 @@ def _check_same_preprocessing(old: Plan, new: Plan, configuration: str) -> None:
         raise PlanError(f"the budget refit changed the preprocessing of {configuration}; this is a bug")
 
 
-def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: str, *,
-                      distributed: bool = False) -> tuple[Plan, dict[str, Any] | None]:
-    """The plan a time-budgeted run trains, and its ``budget_fit`` record (see the module docstring).
+def fit_run_to_budget(stage: Stage, cfg: TrainConfig, *,
+                      distributed: bool = False) -> tuple[Stage, dict[str, Any] | None]:
+    """The stage a time-budgeted run trains, and its ``budget_fit`` record (see the module docstring).
 
     Args:
-        plan: the work folder's plan.
+        stage: what the run trains, in the work folder's plan.
         cfg: the run's resolved settings (``time_budget_minutes`` set).
-        configuration / arch: what the run trains.
         distributed: several processes train together (each would measure alone: no refit).
 
     Returns:
-        ``(plan, budget_fit)``: the plan unchanged and None when the plan is fitted to the run; else the
-        refitted plan (or the plan as it is, with ``keep_plan``) and the record of what was done
+        ``(stage, budget_fit)``: the stage unchanged and None when its plan is fitted to the run; else the
+        stage of the refitted plan (or the stage as it is, with ``keep_plan``) and the record of what was done
         (:attr:`medseg.training.run_record.RunRecord.budget_fit`).
 
     Raises:
         PlanError: the fit failed (e.g. no candidate could be measured).
     """
-    from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit
-
+    plan, configuration, arch = stage.plan, stage.config_name, stage.arch
     minutes = cfg.time_budget_minutes
     assert minutes is not None
     device_type = cfg.device.split(":")[0]
-    reason = refit_reason(plan, configuration, arch, device_type, minutes)
+    reason = refit_reason(stage, device_type, minutes)
     if reason is None:
-        return plan, None
-    before = _net_summary(plan, configuration, arch)
+        return stage, None
+    before = _net_summary(stage)
     if cfg.keep_plan or distributed or cfg.pretrained is not None:
         if cfg.pretrained is not None:
             kept_by = "--pretrained: a refit could change the network's width, and the pretrained weights would not fit"
@@ -107,7 +107,7 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
             kept_by = "--keep-plan" if cfg.keep_plan else "a run of several processes (each would measure alone)"
         record = {"refit": False, "reason": reason, "kept_by": kept_by, "network": before}
         logger.info("%s; training it as it is (%s)", reason, kept_by)
-        return plan, record
+        return stage, record
     limit = fit_seconds_limit(minutes)
     logger.info("%s: refitting %s/%s (%s) to the %g-minute budget on %s, measuring for at most %.0f s",
                 reason, configuration, arch, _label(before), minutes, device_type, limit)
@@ -116,7 +116,8 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
                                   max_seconds=limit)
     seconds = time.perf_counter() - t
     _check_same_preprocessing(plan, new_plan, configuration)
-    after = _net_summary(new_plan, configuration, arch)
+    new_stage = stage.with_plan(new_plan)
+    after = _net_summary(new_stage)
     chosen = new_plan.notes["budget"]["chosen"]
     record = {
         "refit": True,
@@ -133,7 +134,7 @@ def fit_run_to_budget(plan: Plan, cfg: TrainConfig, configuration: str, arch: st
     logger.info("refitted %s/%s to the %g-minute budget in %.1f s: %s -> %s (%s s per step, ~%s iterations "
                 "predicted; the run's plans.json has the fit's measurements)", configuration, arch, minutes, seconds,
                 _label(before), _label(after), chosen.get("step_time_s"), chosen.get("iterations"))
-    return new_plan, record
+    return new_stage, record
 
 
 __all__ = ["BUDGET_TOLERANCE", "fit_run_to_budget", "refit_reason"]

@@ -2,8 +2,8 @@
 
 Every option that changes what a run learns lives here, so a run folder records how it was trained.
 Variants are made with :func:`dataclasses.replace`; the command line only fills fields in.
-:func:`run_plan` applies the settings that override the plan (batch size, deep supervision, mirrored
-axes) to the plan a run stores.
+:func:`medseg.training.run_stage.run_plan` applies the settings that override the plan (batch size, deep
+supervision, mirrored axes) to the plan a run stores.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medseg.errors import ConfigError
 from medseg.io.workdir import fold_name
 from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
 from medseg.training.run_record import RUN_RECORD_KEYS
-
-if TYPE_CHECKING:
-    from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
 
 #: ``weight_averaging`` of a time-budgeted run when it is ``auto``. On the hippocampus data (AVX2 path, 16
 #: features, fold 0 of 180 cases + 20 held-out cases, two budgets, three runs), the average against the raw
@@ -376,48 +373,3 @@ class TrainConfig:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: cannot read the training configuration ({exc})") from None
         return cls.from_dict(d, where=str(path))
-
-
-def resolve_mirror_axes(aug: AugmentationConfig, cfg_plan: ConfigurationPlan) -> tuple[int, ...] | None:
-    """Patch axes a run mirrors: ``aug.mirror_axes`` when set (checked against the patch), else the plan's.
-
-    Raises:
-        ConfigError: an axis outside the configuration's patch.
-    """
-    if aug.mirror_axes is None:
-        return cfg_plan.mirror_axes
-    axes = tuple(sorted(set(int(a) for a in aug.mirror_axes)))
-    bad = [a for a in axes if not 0 <= a < cfg_plan.dims]
-    if bad:
-        raise ConfigError(f"augmentation.mirror_axes {list(aug.mirror_axes)}: axes {bad} are not axes of the "
-                          f"{cfg_plan.dims}D patch of configuration {cfg_plan.name!r} (0..{cfg_plan.dims - 1})")
-    return axes
-
-
-def run_plan(plan: Plan, cfg: TrainConfig, configuration: str, arch: str) -> tuple[Plan, NetworkPlan]:
-    """The plan of the network a run actually trains (stored in every checkpoint), and that network's plan.
-
-    The run's own settings replace the planned ones: deep supervision switched off, another batch size,
-    the mirrored axes (:func:`resolve_mirror_axes`; stored in the run's plan, so that mirror TTA at
-    prediction flips exactly the axes the network was trained to see flipped).
-
-    Raises:
-        ConfigError: mirror axes outside the configuration's patch.
-    """
-    cfg_plan = plan.configuration(configuration)
-    net = cfg_plan.network(arch)
-    changes: dict[str, Any] = {}
-    if not cfg.deep_supervision and net.spec.deep_supervision:
-        changes["spec"] = dataclasses.replace(net.spec, deep_supervision=False)
-    if cfg.batch_size is not None and cfg.batch_size != net.batch_size:
-        changes["batch_size"] = cfg.batch_size
-    mirror_axes = resolve_mirror_axes(cfg.augmentation, cfg_plan)
-    if changes or mirror_axes != cfg_plan.mirror_axes:
-        net = dataclasses.replace(net, **changes)
-        networks = dict(cfg_plan.networks)
-        networks[arch] = net
-        cfg_plan = dataclasses.replace(cfg_plan, networks=networks, mirror_axes=mirror_axes)
-        configs = dict(plan.configurations)
-        configs[configuration] = cfg_plan
-        plan = dataclasses.replace(plan, configurations=configs)
-    return plan, net

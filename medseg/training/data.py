@@ -30,7 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from medseg.planning.plan import Plan
+from medseg.errors import MedsegError
+from medseg.planning.stage import Stage
+from medseg.preprocessing import preprocessed_folder
 from medseg.training.augmentation import (
     SpatialParams,
     apply_intensity,
@@ -111,9 +113,9 @@ def _unpacked(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray) -> 
     return out[0], out[1]
 
 
-def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, case_ids: Sequence[str],
+def load_training_cases(work_dir: str | Path, stage: Stage, case_ids: Sequence[str],
                         progress: bool = True) -> list[CaseData]:
-    """Read the preprocessed cases ``case_ids`` of ``configuration`` (a cascade's ``data`` holds the one-hot
+    """Read the preprocessed cases ``case_ids`` of the stage's configuration (a cascade's ``data`` holds the one-hot
     previous-stage channels after the image channels, :func:`medseg.training.previous_stage.load_network_input`).
 
     Small datasets are held in memory; datasets whose uncompressed arrays exceed
@@ -123,9 +125,7 @@ def load_training_cases(work_dir: str | Path, plan: Plan, configuration: str, ca
     Raises:
         MedsegError: a case is missing, unreadable or stale (from ``load_case``), or has no label.
     """
-    from medseg.errors import MedsegError
-    from medseg.preprocessing import preprocessed_folder
-
+    plan, configuration = stage.plan, stage.config_name
     folder = preprocessed_folder(work_dir, plan, configuration)
     total = sum(_uncompressed_bytes(folder / f"{c}.npz") for c in case_ids)
     limit = min(IN_MEMORY_LIMIT_GB * 1024**3, 0.4 * _available_memory_bytes())

@@ -20,7 +20,9 @@ import torch
 from medseg.errors import ConfigError
 from medseg.machine import cpu_has_fast_bf16
 from medseg.options import DeviceKind, Precision, parse_option
-from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.plan import NetworkPlan
+from medseg.planning.stage import Stage
+from medseg.planning.step_timing import StepSetting, probe_step_in_child
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import DistContext
 
@@ -87,8 +89,6 @@ def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_
     """
     if device.type != "cpu" or precision == "fp32":
         return precision, None
-    from medseg.planning.step_timing import StepSetting, probe_step_in_child
-
     t0 = time.perf_counter()
     timing = probe_step_in_child(StepSetting(net, in_channels, num_classes, "cpu", precision, channels_last), seed=seed)
     crashes = dist_ctx.all_reduce_sum(torch.tensor([1.0 if timing.crashed else 0.0], dtype=torch.float64))
@@ -165,8 +165,7 @@ def workers_and_threads(cfg: TrainConfig, device: torch.device, world_size: int)
     return num_workers, cfg.num_threads or threads
 
 
-def planned_precision_and_layout(cfg: TrainConfig, plan: Plan, configuration: str, arch: str,
-                                 device: torch.device) -> tuple[str, bool]:
+def planned_precision_and_layout(cfg: TrainConfig, stage: Stage, device: torch.device) -> tuple[str, bool]:
     """``(precision, channels_last)`` of a run on ``device``.
 
     A time-budget plan records the precision and memory format it measured fastest on its device;
@@ -176,11 +175,11 @@ def planned_precision_and_layout(cfg: TrainConfig, plan: Plan, configuration: st
     Raises:
         ConfigError: an explicit precision the device cannot use (see :func:`resolve_precision`).
     """
-    cfg_plan = plan.configuration(configuration)
+    plan, configuration = stage.plan, stage.config_name
     budget_notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
     measured_here = (isinstance(budget_notes, dict) and budget_notes.get("configuration") == configuration
                      and str(budget_notes.get("device", plan.device)).split(":")[0] == device.type)
-    planned_precision = cfg_plan.network(arch).precision if plan.device.split(":")[0] == device.type else None
+    planned_precision = stage.precision if plan.device.split(":")[0] == device.type else None
     precision = resolve_precision(cfg.precision, device, planned_precision)
     planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") if measured_here else None
     if cfg.channels_last is not None:

@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 from medseg.errors import CheckpointError, MedsegError
+from medseg.inference.bundle import load_bundle, read_manifest
+from medseg.io.checkpoint import load_checkpoint
 from medseg.io.workdir import BundleLayout, RunDir, fold_name, parse_fold
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +147,7 @@ def _net_words(plan: Plan, configuration: str, arch: str) -> str:
             f"{plan.num_channels} channel(s), {plan.num_classes} classes")
 
 
-def check_match(match: WeightMatch, source: PretrainedSource, plan: Plan, configuration: str, arch: str,
-                warn: bool = True) -> None:
+def check_match(match: WeightMatch, source: PretrainedSource, stage: Stage, warn: bool = True) -> None:
     """Refuse a pretrained network of which no tensor fits; warn (``warn``) when less than half of the weights do.
 
     Raises:
@@ -159,15 +161,15 @@ def check_match(match: WeightMatch, source: PretrainedSource, plan: Plan, config
         raise MedsegError(
             f"{source.path}: {what} of {match.total} tensors match{none}: the pretrained network is a different "
             f"architecture/width ({source.member}: {_net_words(source.plan, source.configuration, source.arch)}; "
-            f"this run: {_net_words(plan, configuration, arch)}); train without --pretrained, or give "
-            f"WORK/plans.json the pretrained network's {arch} fields (base_features, max_features, kernel_sizes, "
+            f"this run: {_net_words(stage.plan, stage.config_name, stage.arch)}); train without --pretrained, or "
+            f"give WORK/plans.json the pretrained network's {stage.arch} fields (base_features, max_features, kernel_sizes, "
             "strides)")
     fraction = match.fraction
     if warn and fraction < LOW_MATCH_FRACTION:
         logger.warning("pretrained: only %.0f%% of the network's weights match %s; the rest is freshly initialised "
                        "(pretrained %s; this run %s)", 100 * fraction, source.member,
                        _net_words(source.plan, source.configuration, source.arch),
-                       _net_words(plan, configuration, arch))
+                       _net_words(stage.plan, stage.config_name, stage.arch))
 
 
 def read_pretrained(path: str | Path, configuration: str, arch: str) -> PretrainedSource:
@@ -195,8 +197,6 @@ def read_pretrained(path: str | Path, configuration: str, arch: str) -> Pretrain
         raise MedsegError(f"{path}: not a medseg checkpoint or model bundle (not a zip archive, or truncated); "
                           f"{_HINT}")
     try:
-        from medseg.io.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
         raise MedsegError(f"{exc}; {_HINT}") from None
@@ -219,8 +219,6 @@ def _has_manifest(path: Path) -> bool:
 
 
 def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
-    from medseg.inference.bundle import load_bundle, read_manifest
-
     members = read_manifest(path)["members"]
     same = [m for m in members if m["configuration"] == configuration and m["arch"] == arch]
     candidates = same or [m for m in members if m["arch"] == arch]
@@ -249,29 +247,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _meta_network_state(plan: Plan, configuration: str, arch: str) -> dict[str, torch.Tensor]:
+def _meta_network_state(stage: Stage) -> dict[str, torch.Tensor]:
     """The state dict of the run's network built on the meta device (shapes only, no memory, no RNG use)."""
     with torch.device("meta"):
-        model = plan.configuration(configuration).network(arch).build(plan.network_in_channels(configuration),
-                                                                      plan.num_classes)
+        model = stage.network.build(stage.in_channels, stage.num_classes)
     return model.state_dict()
 
 
-def prepare_pretrained(path: str | Path, plan: Plan, configuration: str, arch: str) -> PretrainedSource:
+def prepare_pretrained(path: str | Path, stage: Stage) -> PretrainedSource:
     """Read the pretrained weights and check that they fit the run's network before any data is loaded.
 
     Args:
         path: ``model.zip`` or ``checkpoint_*.pt``.
-        plan: the plan the run trains (after :func:`~medseg.training.config.run_plan`).
-        configuration / arch: what the run trains.
+        stage: what the run trains (after :func:`~medseg.training.run_stage.run_plan`).
 
     Raises:
         MedsegError: see :func:`read_pretrained` and :func:`check_match`.
     """
-    source = read_pretrained(path, configuration, arch)
-    check_match(match_weights(_meta_network_state(plan, configuration, arch), source.state), source, plan,
-                configuration, arch, warn=False)  # load_pretrained warns, into the run's log
-    _note_differences(source.plan, plan)
+    source = read_pretrained(path, stage.config_name, stage.arch)
+    check_match(match_weights(_meta_network_state(stage), source.state), source, stage,
+                warn=False)  # load_pretrained warns, into the run's log
+    _note_differences(source.plan, stage.plan)
     return source
 
 
@@ -285,14 +281,13 @@ def _note_differences(old: Plan, new: Plan) -> None:
                     list(new.channel_names))
 
 
-def load_pretrained(model: nn.Module, source: PretrainedSource, plan: Plan, configuration: str,
-                    arch: str) -> dict[str, Any]:
+def load_pretrained(model: nn.Module, source: PretrainedSource, stage: Stage) -> dict[str, Any]:
     """Copy the matching pretrained tensors into ``model`` and describe what was done.
 
     Args:
         model: the freshly initialised network of the run (unwrapped from DDP).
         source: from :func:`prepare_pretrained`.
-        plan / configuration / arch: the run's plan and what it trains (for messages).
+        stage: what the run trains (for messages).
 
     Returns:
         The record stored as ``RunRecord.pretrained_report``: ``source`` (absolute path), ``sha256``,
@@ -304,7 +299,7 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, plan: Plan, conf
         MedsegError: no tensor matches (:func:`check_match`).
     """
     match = match_weights(model.state_dict(), source.state)
-    check_match(match, source, plan, configuration, arch)
+    check_match(match, source, stage)
     result = model.load_state_dict({n: source.state[n] for n in match.loaded}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     fraction = match.fraction

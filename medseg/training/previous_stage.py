@@ -27,6 +27,7 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.io.image import atomic_write_bytes, atomic_write_text, read_image
 from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.preprocessing import CaseProperties, labels_to_classes, load_case, load_case_properties
 from medseg.preprocessing.previous_stage import append_previous_stage, to_preprocessed_grid
 from medseg.preprocessing.storage import npz_bytes
@@ -103,17 +104,15 @@ def _lowres_predictions(wd: WorkDir, prev: str, arch: str) -> dict[str, Path]:
     return sources
 
 
-def prepare_previous_stage(work_dir: str | Path, plan: Plan, configuration: str, arch: str,
-                           case_ids: Sequence[str]) -> Path:
+def prepare_previous_stage(work_dir: str | Path, stage: Stage, case_ids: Sequence[str]) -> Path:
     """Store the previous stage's cross-validated segmentation of ``case_ids`` on the cascade's grid.
 
     Cases already stored from the same (unchanged) prediction file are skipped.
 
     Args:
         work_dir: the work folder.
-        plan: the plan; ``configuration`` must be a cascade.
-        configuration: the cascade configuration.
-        arch: architecture whose previous-stage runs (``runs/<previous stage>/<arch>/fold_<k>``) are used.
+        stage: the cascade configuration and the architecture whose previous-stage runs
+            (``runs/<previous stage>/<arch>/fold_<k>``) are used.
         case_ids: the cases to train and validate on.
 
     Returns:
@@ -124,6 +123,7 @@ def prepare_previous_stage(work_dir: str | Path, plan: Plan, configuration: str,
         MedsegError: a prediction is unreadable or does not fit its case.
     """
     work_dir = Path(work_dir)
+    plan, configuration, arch = stage.plan, stage.config_name, stage.arch
     prev = _previous_stage(plan, configuration)
     sources = _lowres_predictions(WorkDir(work_dir), prev, arch)
     missing = [c for c in case_ids if c not in sources]

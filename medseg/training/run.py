@@ -30,16 +30,24 @@ from typing import Any
 import torch
 
 from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
+from medseg.inference.members import load_member
 from medseg.io.checkpoint import load_checkpoint
 from medseg.io.image import atomic_write_text
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
+from medseg.preprocessing import list_preprocessed_cases
+from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.config import TrainConfig
-from medseg.training.distributed import init_distributed, launch_rank
+from medseg.training.run_stage import run_plan
+from medseg.training.distributed import init_distributed, launch_rank, unwrap
 from medseg.training.lock import RunLock
+from medseg.training.pretrained import load_pretrained, prepare_pretrained
 from medseg.training.previous_stage import prepare_previous_stage
 from medseg.training.run_record import RunRecord
 from medseg.training.splits import fold_cases
+from medseg.training.trainer import Trainer
+from medseg.training.validation import validate_run
 
 logger = logging.getLogger(__name__)
 
@@ -146,24 +154,15 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
         raise PlanError(f"{plan_path}: no plan found; run `medseg plan DATA -o {work_dir}` first")
     plan = Plan.load(plan_path)
     cfg.validate()
-    configuration = cfg.configuration or plan.default_configuration
-    arch = cfg.arch or plan.configuration(configuration).default_arch
-    plan.configuration(configuration).network(arch)  # clear error when not planned
-    run_dir = run_dir_for(work_dir, configuration, arch, cfg.fold)
+    stage = Stage.resolve(plan, cfg.configuration, cfg.arch)  # clear error when not planned
+    run_dir = run_dir_for(work_dir, stage.config_name, stage.arch, cfg.fold)
     with RunLock(run_dir, enabled=launch_rank() == 0):  # a second `medseg train` of this run is refused
-        return _train_locked(work_dir, plan, cfg, configuration, arch, run_dir, resume)
+        return _train_locked(work_dir, stage, cfg, run_dir, resume)
 
 
-def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: str, arch: str, run_dir: Path,
-                  resume: bool) -> Path:
+def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path, resume: bool) -> Path:
     """:func:`train` once this process holds the run folder's lock (:mod:`medseg.training.lock`)."""
-    from medseg.preprocessing import list_preprocessed_cases
-    from medseg.training.budget_refit import fit_run_to_budget
-    from medseg.training.config import run_plan
-    from medseg.training.distributed import unwrap
-    from medseg.training.pretrained import load_pretrained, prepare_pretrained
-    from medseg.training.trainer import Trainer
-
+    configuration, arch = stage.config_name, stage.arch
     started = time.perf_counter()  # a time budget counts from here, a refit of the plan included
 
     run = RunDir(run_dir)
@@ -177,7 +176,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
                 f"{latest}: belongs to {checkpoint['configuration']}/{checkpoint['arch']}, not {configuration}/{arch}")
         try:
             stored = TrainConfig.from_dict(checkpoint["train_config"], where=f"{latest} (train_config)")
-            plan = Plan.from_dict(checkpoint["plan"])
+            stage = stage.with_plan(Plan.from_dict(checkpoint["plan"]))
         except (ConfigError, PlanError) as exc:
             raise CheckpointError(f"{latest}: unreadable stored settings: {exc}") from None
         cfg = _merge_for_resume(stored, cfg)
@@ -189,39 +188,39 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
             raise ConfigError(
                 f"{run_dir}: already holds a training run; continue it with --resume, or delete the folder to start over"
             )
-        if cfg.epochs is None and cfg.time_budget_minutes is None and plan.time_budget_minutes is not None:
-            cfg = dataclasses.replace(cfg, time_budget_minutes=float(plan.time_budget_minutes))
-            logger.info("the plan was made for a %.0f-minute budget; training for that budget", plan.time_budget_minutes)
+        budget = stage.plan.time_budget_minutes
+        if cfg.epochs is None and cfg.time_budget_minutes is None and budget is not None:
+            cfg = dataclasses.replace(cfg, time_budget_minutes=float(budget))
+            logger.info("the plan was made for a %.0f-minute budget; training for that budget", budget)
     # concrete optimizer, lr and momentum (time-budgeted runs get the short-schedule ones), stored in config.json
     cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).resolved().validate()
     pretrained = None
     if checkpoint is None and cfg.pretrained is not None:  # read and checked before any data is loaded
-        pretrained = prepare_pretrained(cfg.pretrained, run_plan(plan, cfg, configuration, arch)[0], configuration,
-                                        arch)
+        pretrained = prepare_pretrained(cfg.pretrained, run_plan(stage, cfg))
 
     dist_ctx = init_distributed(cfg.device)
     try:
-        case_ids = list_preprocessed_cases(work_dir, plan, configuration)
+        case_ids = list_preprocessed_cases(work_dir, stage.plan, configuration)
         if not case_ids:
             raise MedsegError(
                 f"{WorkDir(work_dir).preprocessed_root}: no preprocessed cases for configuration {configuration!r}; "
                 f"run `medseg plan` (with preprocessing) first")
         # every rank derives the same folds; only rank 0 writes a new splits.json
         train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
-        if plan.configuration(configuration).previous_stage is not None:  # refused until the folds exist
-            prepare_previous_stage(work_dir, plan, configuration, arch, sorted({*train_ids, *val_ids}))
+        if stage.previous_stage is not None:  # refused until the folds exist
+            prepare_previous_stage(work_dir, stage, sorted({*train_ids, *val_ids}))
         if dist_ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run.training_log if dist_ctx.is_main else None
         with _RunLogFile(log_path):
             if checkpoint is None and cfg.time_budget_minutes is not None:
-                plan, budget_fit = fit_run_to_budget(plan, cfg, configuration, arch, distributed=dist_ctx.enabled)
+                stage, budget_fit = fit_run_to_budget(stage, cfg, distributed=dist_ctx.enabled)
                 record = dataclasses.replace(record, budget_fit=budget_fit)
-            trainer = Trainer(work_dir, plan, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started,
+            trainer = Trainer(work_dir, stage, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started,
                               run_record=record)
             cfg = trainer.cfg  # with the trainer's fp32 fallback (trainer.run_record: the precision_check)
             if pretrained is not None:
-                report = load_pretrained(unwrap(trainer.model), pretrained, trainer.plan, configuration, arch)
+                report = load_pretrained(unwrap(trainer.model), pretrained, trainer.stage)
                 trainer.run_record = dataclasses.replace(trainer.run_record, pretrained_report=report)
                 pretrained = None  # the copied weights are the model's now
             elif checkpoint is not None and cfg.pretrained is not None:
@@ -246,10 +245,7 @@ def _train_locked(work_dir: Path, plan: Plan, cfg: TrainConfig, configuration: s
     return run_dir
 
 
-def _final_validation(trainer: Any) -> None:
-    from medseg.training.distributed import unwrap
-    from medseg.training.validation import validate_run
-
+def _final_validation(trainer: Trainer) -> None:
     cfg = trainer.cfg
     if not cfg.final_validation:
         return
@@ -267,7 +263,7 @@ def _final_validation(trainer: Any) -> None:
             return
     trainer.write_progress("validating")
     validate_run(
-        unwrap(trainer.model), trainer.plan, trainer.configuration, trainer.arch, trainer.work_dir, trainer.run_dir,
+        unwrap(trainer.model), trainer.stage, trainer.work_dir, trainer.run_dir,
         trainer.val_ids, device=trainer.device, precision=trainer.precision, channels_last=trainer.channels_last,
         use_tta=cfg.validation_tta, save_probabilities=cfg.save_probabilities,
         extra={"iteration": trainer.iteration, "epoch": trainer.epoch, "fold": cfg.fold},
@@ -291,7 +287,5 @@ def load_model_from_run(run_dir: str | Path, checkpoint: str = "final",
     Raises:
         CheckpointError: missing, corrupt or foreign checkpoint, or weights that do not fit the plan.
     """
-    from medseg.inference.members import load_member
-
     member = load_member(run_dir, checkpoint)
     return member.model.to(device).eval(), member.plan, member.configuration, member.arch

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from medseg.planning.plan import NetworkPlan, Plan
+from medseg.planning.stage import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ class StepTimeCheck:
     result: dict[str, Any] | None = None
 
     @classmethod
-    def for_run(cls, plan: Plan, configuration: str, arch: str, net: NetworkPlan) -> StepTimeCheck | None:
-        """The check of a run, or None when the plan's budget fit did not time this network."""
+    def for_run(cls, stage: Stage) -> StepTimeCheck | None:
+        """The check of a run training ``stage`` (its run plan), or None when the plan's budget fit did not
+        time this network."""
+        plan, configuration, arch, net = stage.plan, stage.config_name, stage.arch, stage.network
         notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
         if not isinstance(notes, dict) or notes.get("configuration") != configuration or notes.get("arch", arch) != arch:
             return None

@@ -16,8 +16,8 @@ that estimate and the last checkpoints are the clock's reserve; the per-epoch ps
 it would cross the training deadline. The learning rate follows the schedule over elapsed training time,
 so training always ends annealed.
 
-State (:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`, the checkpoints, ``progress.json``) is
-in :mod:`medseg.training.trainer_state`, pseudo Dice and the final validation's time in
+State (:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`, the checkpoints, ``progress.json``) and
+what the clock says (elapsed time, progress, deadline) are in :mod:`medseg.training.trainer_state`, pseudo Dice and the final validation's time in
 :mod:`medseg.training.trainer_validation`, the step in :mod:`medseg.training.step`.
 """
 
@@ -41,8 +41,9 @@ from medseg.clock import BudgetClock, EpochClock, TrainingClock
 from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
 from medseg.machine import autocast_dtype, keep_freed_cpu_memory
-from medseg.planning.plan import Plan
-from medseg.training.config import TrainConfig, run_plan
+from medseg.planning.stage import Stage
+from medseg.training.config import TrainConfig
+from medseg.training.run_stage import run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
 from medseg.training.device import (
     ThreadTuner,
@@ -86,8 +87,9 @@ class Trainer(TrainerState, TrainerValidation):
 
     Args:
         work_dir: the work folder (plans, preprocessed data, splits, runs).
-        plan: the plan (already validated).
-        cfg: resolved configuration (``configuration`` and ``arch`` set).
+        stage: what the run trains: the (validated) plan, configuration and architecture, before the run's
+            own settings (:func:`~medseg.training.run_stage.run_plan`) are applied.
+        cfg: resolved configuration (``configuration`` and ``arch`` set, naming ``stage``).
         run_dir: the run folder.
         dist_ctx: distributed context (single process by default).
         checkpoint: a loaded ``checkpoint_latest`` to continue from (:meth:`load_state_dict`), or None.
@@ -102,15 +104,15 @@ class Trainer(TrainerState, TrainerValidation):
         CheckpointError: ``checkpoint`` does not fit the network or the optimizer.
     """
 
-    def __init__(self, work_dir: Path, plan: Plan, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
+    def __init__(self, work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
                  train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
                  started: float | None = None, run_record: RunRecord | None = None) -> None:
         started = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
         self.run_record = run_record if run_record is not None else RunRecord()
-        assert cfg.configuration is not None and cfg.arch is not None
-        self.configuration, self.arch = cfg.configuration, cfg.arch
+        assert (cfg.configuration, cfg.arch) == (stage.config_name, stage.arch)
+        self.configuration, self.arch = stage.config_name, stage.arch
 
         # -------- device, threads, determinism
         self.device = resolve_device(cfg.device, dist_ctx)
@@ -128,38 +130,36 @@ class Trainer(TrainerState, TrainerValidation):
         np.random.seed(cfg.seed % 2**32)
 
         # a time-budget plan records the precision and memory format it measured fastest on its device
-        self.precision, self.channels_last = planned_precision_and_layout(cfg, plan, self.configuration, self.arch,
-                                                                          self.device)
+        self.precision, self.channels_last = planned_precision_and_layout(cfg, stage, self.device)
         self.amp_dtype = autocast_dtype(self.precision)
 
         # -------- plan of the network actually trained (stored in every checkpoint)
-        plan, net = run_plan(plan, cfg, self.configuration, self.arch)
-        cfg_plan = plan.configuration(self.configuration)
+        self.stage = stage = run_plan(stage, cfg)
+        plan, net = stage.plan, stage.network
         self.plan, self.net_plan = plan, net
-        self.patch_size = tuple(net.patch_size)
+        self.patch_size = stage.patch_size
         self.dims = len(self.patch_size)
-        self.batch_size = net.batch_size
+        self.batch_size = stage.batch_size
         self.batch_lo, self.batch_hi = dist_ctx.batch_slice(self.batch_size)
         self.local_batch = self.batch_hi - self.batch_lo
         if self.device.type == "cpu" and self.precision != "fp32":  # one step in a child process: does it crash?
             self.precision, check = checked_precision(
                 self.precision, self.channels_last, dataclasses.replace(net, batch_size=self.local_batch),
-                plan.network_in_channels(self.configuration), plan.num_classes, self.device, dist_ctx, cfg.seed)
+                stage.in_channels, stage.num_classes, self.device, dist_ctx, cfg.seed)
             self.amp_dtype = autocast_dtype(self.precision)
             fallback = {"precision": "fp32"} if check is not None and check.get("fallback") else {}
             self.cfg = cfg = dataclasses.replace(cfg, **fallback)
             self.run_record = dataclasses.replace(self.run_record, precision_check=check)
-        spacing = cfg_plan.spacing
+        spacing = stage.spacing
         self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
             and spacing[0] == max(spacing)
 
         # -------- data
         all_ids = sorted(set(self.train_ids) | set(self.val_ids))
-        loaded = {c.case_id: c for c in load_training_cases(work_dir, plan, self.configuration, all_ids,
-                                                            progress=dist_ctx.is_main)}
+        loaded = {c.case_id: c for c in load_training_cases(work_dir, stage, all_ids, progress=dist_ctx.is_main)}
         self.train_cases = [loaded[c] for c in self.train_ids]
         self.val_cases = [loaded[c] for c in self.val_ids]
-        self.mirror_axes = cfg_plan.resolved_mirror_axes()
+        self.mirror_axes = stage.mirror_axes
         augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=self.mirror_axes)
         self.sampler = PatchSampler(self.train_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
                                     augmentation, seed=cfg.seed, anisotropic=self.anisotropic,
@@ -169,8 +169,8 @@ class Trainer(TrainerState, TrainerValidation):
                                         None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
 
         # -------- model, loss, optimizer, step
-        self.num_classes = plan.num_classes
-        model = net.build(plan.network_in_channels(self.configuration), self.num_classes).to(self.device)
+        self.num_classes = stage.num_classes
+        model = net.build(stage.in_channels, self.num_classes).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=channels_last_format(self.dims))
         self.model: nn.Module = model
@@ -201,11 +201,11 @@ class Trainer(TrainerState, TrainerValidation):
         self.pseudo_dice_seconds: float | None = None
         self.final_estimate = FinalValidationEstimate(
             {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}, self.patch_size, self.num_classes,
-            self.mirror_axes, net.total_stride(), cfg.validation_tta)
+            self.mirror_axes, stage.total_stride, cfg.validation_tta)
         self._param_count: int | None = None
         budget_fit = self.run_record.budget_fit
         self._warn_kept_plan = bool(budget_fit) and not budget_fit.get("refit", True)
-        self.step_check = StepTimeCheck.for_run(plan, self.configuration, self.arch, net)
+        self.step_check = StepTimeCheck.for_run(stage)
         self.clock: TrainingClock = self._make_clock(started)
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
@@ -220,26 +220,6 @@ class Trainer(TrainerState, TrainerValidation):
         return EpochClock(self.cfg.epochs if self.cfg.epochs is not None else DEFAULT_EPOCHS, self.cfg.iters_per_epoch,
                           started=started)
 
-    @property
-    def time_budget_seconds(self) -> float | None:
-        return None if self.budget is None else self.budget.budget_seconds
-
-    @property
-    def max_epochs(self) -> int | None:
-        return self.clock.max_epochs if isinstance(self.clock, (BudgetClock, EpochClock)) else None
-
-    def elapsed(self) -> float:
-        """Seconds this run has spent, over all its sessions (each counted from its start)."""
-        return self.clock.elapsed()
-
-    def training_deadline(self) -> float | None:
-        """Elapsed seconds at which training iterations must stop (time-budget runs), else None."""
-        return self.clock.deadline()
-
-    def progress(self) -> float:
-        """Training progress in [0, 1] driving the learning-rate schedule."""
-        return self.clock.progress(self.iteration)
-
     def training_done(self) -> bool:
         return self.clock.should_stop(self.epoch, self.iteration)
 
@@ -248,7 +228,7 @@ class Trainer(TrainerState, TrainerValidation):
         implies (a time-budgeted run reserves that validation)."""
         assert self.budget is not None
         self.fwd_seconds_per_sample = measure_forward_seconds(
-            unwrap(self.model), self.plan.network_in_channels(self.configuration), self.patch_size,
+            unwrap(self.model), self.stage.in_channels, self.patch_size,
             2 if self.dims == 3 else 8, self.device, self.amp_dtype, self.channels_last,
             max_seconds=self.budget.share(MEASURE_SHARE))
         plan = self.final_validation_plan()

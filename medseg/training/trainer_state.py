@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.clock import TrainingClock
+from medseg.clock import BudgetClock, EpochClock, TrainingClock
 from medseg.errors import CheckpointError
 from medseg.io.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -65,22 +65,27 @@ class TrainerState:
     history: list[dict[str, Any]]
     fwd_seconds_per_sample: float | None
 
-    def progress(self) -> float:
-        raise NotImplementedError
-
-    def elapsed(self) -> float:
-        raise NotImplementedError
-
-    def training_deadline(self) -> float | None:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ what the clock says
+    @property
+    def time_budget_seconds(self) -> float | None:
+        """The run's time budget in seconds (None for an epoch-based run)."""
+        return self.clock.budget_seconds if isinstance(self.clock, BudgetClock) else None
 
     @property
     def max_epochs(self) -> int | None:
-        raise NotImplementedError
+        return self.clock.max_epochs if isinstance(self.clock, (BudgetClock, EpochClock)) else None
 
-    @property
-    def time_budget_seconds(self) -> float | None:
-        raise NotImplementedError
+    def elapsed(self) -> float:
+        """Seconds this run has spent, over all its sessions (each counted from its start)."""
+        return self.clock.elapsed()
+
+    def training_deadline(self) -> float | None:
+        """Elapsed seconds at which training iterations must stop (time-budget runs), else None."""
+        return self.clock.deadline()
+
+    def progress(self) -> float:
+        """Training progress in [0, 1] driving the learning-rate schedule."""
+        return self.clock.progress(self.iteration)
 
     def state_dict(self, finished: bool = False) -> dict[str, Any]:
         """What a checkpoint holds: weights, optimizer, schedule, progress, clock, RNG states, settings, plan.

@@ -31,10 +31,14 @@ import torch
 from tqdm import tqdm
 
 from medseg.faults import maybe_fail
+from medseg.inference import EnsembleMember, Predictor
 from medseg.inference.sliding_window import PredictionStopped
-from medseg.io.image import atomic_write_bytes, atomic_write_text
+from medseg.io.dataset import load_dataset
+from medseg.io.image import atomic_write_bytes, atomic_write_text, read_image
 from medseg.io.workdir import RunDir, WorkDir
-from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
+from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
+from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
 from medseg.training.distributed import DistContext
@@ -52,8 +56,6 @@ def _reference_label_files(work_dir: Path) -> dict[str, Path]:
     if not ref.is_file():
         return {}
     try:
-        from medseg.io.dataset import load_dataset
-
         root = Path(json.loads(ref.read_text())["root"])
         ds = load_dataset(root)
     except Exception as exc:  # the raw data may have moved; fall back to the preprocessed labels
@@ -68,16 +70,12 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, label_ids: list[int],
 
     Voxels where ``ref`` holds ``ignore_label`` are left out of prediction and reference.
     """
-    from medseg.preprocessing.regions import dice_per_region
-
     return dice_per_region(pred, ref, [(lab,) for lab in label_ids], ignore_label)
 
 
 def validate_run(
     model: torch.nn.Module,
-    plan: Plan,
-    configuration: str,
-    arch: str,
+    stage: Stage,
     work_dir: Path,
     run_dir: Path,
     case_ids: list[str],
@@ -94,7 +92,7 @@ def validate_run(
 
     Args:
         model: the trained network (put in eval mode here).
-        plan / configuration / arch: what it was trained with.
+        stage: what it was trained with (the run's plan, configuration and architecture).
         work_dir: the work folder (preprocessed cases, ``dataset_ref.json``).
         run_dir: the run folder.
         case_ids: held-out cases.
@@ -109,16 +107,12 @@ def validate_run(
         The metrics dict written to ``validation/metrics.json`` (with ``validation_seconds``, and
         ``time_budget`` when a budget was given).
     """
-    from medseg.inference import EnsembleMember, Predictor
-    from medseg.io.image import read_image
-    from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
-    from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
-
+    plan, configuration = stage.plan, stage.config_name
     run = RunDir(run_dir)
     out_dir = run.validation
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    member = EnsembleMember(model=model, plan=plan, configuration=configuration, arch=arch, source=str(run_dir))
+    member = EnsembleMember.of_stage(model, stage, source=str(run_dir))
     predictor = Predictor([member], device=device, use_tta=use_tta, precision=precision, channels_last=channels_last)
     references = _reference_label_files(work_dir)
     label_ids = [int(v) for v in plan.label_ids]
@@ -126,10 +120,8 @@ def validate_run(
     per_case: dict[str, dict[str, float | None]] = {}
     clock = None
     if budget is not None:
-        cfg_plan = plan.configuration(configuration)
-        net = cfg_plan.network(arch)
-        clock = ValidationClock(budget, case_ids, net.patch_size, plan.num_classes, cfg_plan.resolved_mirror_axes(),
-                                net.total_stride(), use_tta)
+        clock = ValidationClock(budget, case_ids, stage.patch_size, stage.num_classes, stage.mirror_axes,
+                                stage.total_stride, use_tta)
         if clock.plan.shortened:
             logger.warning("final validation %s", clock.plan.note())
     t_start = time.perf_counter()
@@ -183,7 +175,7 @@ def validate_run(
     valid = [v for v in mean.values() if v is not None]
     metrics = {
         "configuration": configuration,
-        "arch": arch,
+        "arch": stage.arch,
         "label_ids": label_ids,
         "label_names": list(plan.label_names),
         **({"regions": [list(r) for r in plan.regions], "regions_class_order": list(plan.regions_class_order or ())}

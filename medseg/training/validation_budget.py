@@ -38,6 +38,7 @@ import torch
 
 from medseg.clock import Deadline
 from medseg.inference.time_budget import case_seconds, pass_options
+from medseg.training.device import autocast, channels_last_format
 
 logger = logging.getLogger(__name__)
 
@@ -283,8 +284,6 @@ def measure_forward_seconds(model: torch.nn.Module, in_channels: int, patch_size
     one); the fastest counts: the first passes of a new network and shape are slower than the steady state
     (memory being mapped, kernels chosen). The model is put back in train mode afterwards.
     """
-    from medseg.training.device import autocast, channels_last_format
-
     x = torch.randn((batch_size, in_channels, *patch_size), device=device)
     if channels_last:
         x = x.contiguous(memory_format=channels_last_format(len(patch_size)))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medseg.preprocessing.previous_stage import append_previous_stage, onehot_previous_stage, to_preprocessed_grid
+from medseg.planning.stage import Stage
 from medseg.training.previous_stage import load_network_input, prepare_previous_stage, previous_stage_folder
 from medseg.errors import ConfigError, MedsegError, PlanError
 from medseg.io.image import ImageGeometry, write_image
@@ -136,18 +137,18 @@ def _write_fold_predictions(work: Path, fold: int, ids: list[str], value: int | 
 def test_training_is_refused_until_every_lowres_fold_has_predicted(tmp_path):
     work, plan, ids = _work(tmp_path)
     with pytest.raises(ConfigError) as err:
-        prepare_previous_stage(work, plan, CASCADE, "unet", ids)
+        prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
     msg = str(err.value)
     for fold in (0, 1):
         assert f"3d_lowres fold {fold}" in msg and f"medseg train {work} --config 3d_lowres --arch unet --fold {fold}" in msg
     _write_fold_predictions(work, 0, ids[:2])
     with pytest.raises(ConfigError) as err:
-        prepare_previous_stage(work, plan, CASCADE, "unet", ids)
+        prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
     assert "fold 1 (c2, c3)" in str(err.value) and "fold 0" not in str(err.value)
     assert not previous_stage_folder(work, plan, CASCADE).exists()
 
     _write_fold_predictions(work, 1, ids[2:])
-    folder = prepare_previous_stage(work, plan, CASCADE, "unet", ids)
+    folder = prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
     assert sorted(p.name for p in folder.glob("*.npz")) == [f"{c}.npz" for c in ids]
     data, seg, _ = load_network_input(work, plan, CASCADE, "c3")
     assert data.shape[0] == plan.network_in_channels(CASCADE) == 3
@@ -157,7 +158,7 @@ def test_training_is_refused_until_every_lowres_fold_has_predicted(tmp_path):
     # a retrained fold's new prediction is mapped again; the others are kept
     before = (folder / "c0.npz").stat().st_mtime_ns
     _write_fold_predictions(work, 1, ["c3"], value=1)
-    prepare_previous_stage(work, plan, CASCADE, "unet", ids)
+    prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
     assert (folder / "c0.npz").stat().st_mtime_ns == before
     data, _, _ = load_network_input(work, plan, CASCADE, "c3")
     assert data[1].all() and not data[2].any()

@@ -11,6 +11,7 @@ import pytest
 
 from medseg.planning.plan import Plan
 from medseg.training import TrainConfig, load_checkpoint, train
+from medseg.planning.stage import Stage
 from medseg.training.budget_refit import fit_run_to_budget, refit_reason
 
 QUICK = dict(iters_per_epoch=5, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3)
@@ -24,33 +25,36 @@ def _fitted(plan: Plan, minutes=4.0, device="cpu", configuration="3d_fullres", a
 
 def test_refit_decision(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
-    assert refit_reason(plan, "3d_fullres", "unet", "cpu", 4.0) == "the plan is not fitted to a time budget"
+    stage = Stage.resolve(plan, "3d_fullres", "unet")
+    assert refit_reason(stage, "cpu", 4.0) == "the plan is not fitted to a time budget"
     fitted = _fitted(plan)
-    assert refit_reason(fitted, "3d_fullres", "unet", "cpu", 4.0) is None
-    assert refit_reason(fitted, "3d_fullres", "unet", "cpu", 4.3) is None  # within 10 %
-    assert "fitted for a 4-minute budget, this run has 10 minutes" in refit_reason(fitted, "3d_fullres", "unet",
-                                                                                 "cpu", 10.0)
-    assert "fitted on cuda, this run trains on cpu" in refit_reason(_fitted(plan, device="cuda"), "3d_fullres",
-                                                                    "unet", "cpu", 4.0)
-    assert "is for 3d_fullres/unet, not 2d/unet" in refit_reason(fitted, "2d", "unet", "cpu", 4.0)
+    assert refit_reason(Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 4.0) is None
+    assert refit_reason(Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 4.3) is None  # within 10 %
+    assert "fitted for a 4-minute budget, this run has 10 minutes" in refit_reason(
+        Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 10.0)
+    assert "fitted on cuda, this run trains on cpu" in refit_reason(
+        Stage.resolve(_fitted(plan, device="cuda"), "3d_fullres", "unet"), "cpu", 4.0)
+    assert "is for 3d_fullres/unet, not 2d/unet" in refit_reason(Stage.resolve(fitted, "2d", "unet"), "cpu", 4.0)
 
 
 def test_keep_plan_and_several_processes_train_the_plan_as_it_is(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=4.0, keep_plan=True, configuration="3d_fullres", arch="unet")
-    same, kept = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
-    assert same is plan and kept["refit"] is False and kept["kept_by"] == "--keep-plan"
-    same, kept = fit_run_to_budget(plan, dataclasses.replace(cfg, keep_plan=False), "3d_fullres", "unet",
+    same, kept = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), cfg)
+    assert same.plan is plan and kept["refit"] is False and kept["kept_by"] == "--keep-plan"
+    same, kept = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), dataclasses.replace(cfg, keep_plan=False),
                                    distributed=True)
-    assert same is plan and "several processes" in kept["kept_by"]
+    assert same.plan is plan and "several processes" in kept["kept_by"]
     fitted = _fitted(plan)
-    assert fit_run_to_budget(fitted, cfg, "3d_fullres", "unet") == (fitted, None)
+    stage = Stage.resolve(fitted, "3d_fullres", "unet")
+    assert fit_run_to_budget(stage, cfg) == (stage, None)
 
 
 def test_a_real_refit_changes_only_the_network(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=0.3, configuration="3d_fullres", arch="unet")
-    new, rec = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
+    new_stage, rec = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), cfg)
+    new = new_stage.plan
     # the probe always runs, and the first step of a process also sets its kernels up: a few seconds over
     assert rec["refit"] is True and rec["fit_seconds"] <= rec["fit_limit_seconds"] + 10.0
     assert rec["from"]["base_features"] == 4 and rec["to"]["base_features"] in (16, 24, 32)
@@ -69,7 +73,7 @@ def test_a_real_refit_changes_only_the_network(tiny_work):
 
 
 def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monkeypatch):
-    from medseg.planning import budget
+    from medseg.training import budget_refit
 
     before = (tiny_work / "plans.json").read_text()
     calls = []
@@ -85,7 +89,7 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
         return dataclasses.replace(plan, configurations={**plan.configurations, configuration: new}, notes=notes,
                                    time_budget_minutes=minutes, device=device).validate()
 
-    monkeypatch.setattr(budget, "fit_plan_to_budget", fake_fit)
+    monkeypatch.setattr(budget_refit, "fit_plan_to_budget", fake_fit)
     run = train(tiny_work, TrainConfig(time_budget_minutes=0.1, fold="all", **QUICK))
     assert calls == [("cpu", 0.1, "3d_fullres", "unet", pytest.approx(0.6))]
     rec = json.loads((run / "run_record.json").read_text())["budget_fit"]

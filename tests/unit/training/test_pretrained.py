@@ -12,6 +12,7 @@ import torch
 from medseg.errors import MedsegError
 from medseg.ensembling.bundle_export import export_bundle
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.pretrained import check_match, load_pretrained, match_weights, read_pretrained
@@ -68,7 +69,7 @@ def test_load_copies_the_matching_tensors_and_keeps_the_fresh_heads(tiny_work):
     old, new = _net(classes=4), _net(classes=2)
     fresh = {k: v.clone() for k, v in new.state_dict().items()}
     source = _source(tiny_work, old)
-    report = load_pretrained(new, source, plan, "3d_fullres", "unet")
+    report = load_pretrained(new, source, Stage.resolve(plan, "3d_fullres", "unet"))
     state = new.state_dict()
     for name in report["skipped"]:
         assert torch.equal(state[name], fresh[name]), name
@@ -86,13 +87,13 @@ def test_a_network_of_another_width_is_refused(tiny_work):
     assert match.loaded == ("heads.0.bias", "heads.1.bias") and match.loaded_kernels == 0
     with pytest.raises(MedsegError, match=rf"2 of {match.total} tensors match, none of them a convolution or "
                                           r"linear weight: the pretrained network is a different architecture/width"):
-        check_match(match, _source(tiny_work, old), plan, "3d_fullres", "unet")
+        check_match(match, _source(tiny_work, old), Stage.resolve(plan, "3d_fullres", "unet"))
     other = _net(base_features=8, max_features=32, classes=2)
     match = match_weights(new.state_dict(), other.state_dict())
     assert match.loaded == ()
     with pytest.raises(MedsegError, match=rf"0 of {match.total} tensors match: the pretrained network is a "
                                           r"different architecture/width \(checkpoint of 3d_fullres/unet"):
-        check_match(match, _source(tiny_work, other), plan, "3d_fullres", "unet")
+        check_match(match, _source(tiny_work, other), Stage.resolve(plan, "3d_fullres", "unet"))
 
 
 def _source(work, model):
@@ -147,7 +148,7 @@ def test_train_from_a_bundle_records_what_was_loaded_and_resume_does_not_reload(
     name = "encoder.1.0.conv.weight"  # one step at lr 1e-9 barely moves the pretrained weights
     assert torch.allclose(trained[name], pretrained_weights[name], atol=1e-6)
 
-    import medseg.training.pretrained as pretrained_module
+    import medseg.training.run as pretrained_module  # where train() calls them
 
     def fail(*args, **kwargs):
         raise AssertionError("a resumed run loaded the pretrained weights again")
@@ -163,8 +164,8 @@ def test_train_from_a_bundle_records_what_was_loaded_and_resume_does_not_reload(
 def test_a_time_budget_with_pretrained_weights_keeps_the_plan(tiny_work):
     plan = Plan.load(tiny_work / "plans.json")
     cfg = TrainConfig(time_budget_minutes=4.0, pretrained="model.zip", configuration="3d_fullres", arch="unet")
-    same, kept = fit_run_to_budget(plan, cfg, "3d_fullres", "unet")
-    assert same is plan and kept["refit"] is False and "--pretrained" in kept["kept_by"]
+    same, kept = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), cfg)
+    assert same.plan is plan and kept["refit"] is False and "--pretrained" in kept["kept_by"]
 
 
 def test_pretrained_must_be_a_path():

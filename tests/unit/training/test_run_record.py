@@ -8,7 +8,8 @@ import json
 import pytest
 
 from medseg.errors import ConfigError
-from medseg.inference.bundle import export_bundle, load_bundle
+from medseg.ensembling.bundle_export import export_bundle
+from medseg.inference.bundle import load_bundle
 from medseg.io.checkpoint import save_checkpoint
 from medseg.training import TrainConfig, load_checkpoint, load_model_from_run, train
 from medseg.training.run import read_run_record

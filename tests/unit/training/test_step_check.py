@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from medseg.planning.stage import Stage
 from medseg.training.step_check import STEPS, TOLERANCE, WARMUP, StepTimeCheck
 
 
@@ -40,7 +41,8 @@ def test_only_for_the_fitted_network():
               "step_time_s": 0.5}
     fitted = replace(plan, notes={**plan.notes, "budget": {"configuration": "3d_fullres", "arch": "unet",
                                                             "chosen": chosen}})
-    assert StepTimeCheck.for_run(fitted, "3d_fullres", "unet", net).fitted_seconds == 0.5
-    assert StepTimeCheck.for_run(fitted, "2d", "unet", net) is None
-    assert StepTimeCheck.for_run(fitted, "3d_fullres", "unet", replace(net, batch_size=net.batch_size + 1)) is None
-    assert StepTimeCheck.for_run(plan, "3d_fullres", "unet", net) is None
+    assert StepTimeCheck.for_run(Stage(fitted, fitted.configuration("3d_fullres"), net)).fitted_seconds == 0.5
+    assert StepTimeCheck.for_run(Stage(fitted, fitted.configuration("2d"), net)) is None
+    bigger = replace(net, batch_size=net.batch_size + 1)
+    assert StepTimeCheck.for_run(Stage(fitted, fitted.configuration("3d_fullres"), bigger)) is None
+    assert StepTimeCheck.for_run(Stage(plan, plan.configuration("3d_fullres"), net)) is None

@@ -11,6 +11,7 @@ import torch
 from medseg.clock import Deadline
 from medseg.inference import time_budget as tb
 from medseg.inference.time_budget import case_seconds
+from medseg.planning.stage import Stage
 from medseg.training import validation_budget as vb
 from medseg.training.validation_budget import ValidationBudget, ValidationClock, plan_validation
 
@@ -109,7 +110,8 @@ def test_validate_run_stops_at_the_deadline_and_records_what_it_skipped(tiny_wor
     # the deadline comes during its prediction, which is abandoned; the rest is skipped; nothing raises
     budget = ValidationBudget(Deadline.after(4.0), 0.01, shapes)
     t = time.perf_counter()
-    metrics = validate_run(_Slow(plan.num_classes, 0.1), plan, "3d_fullres", "unet", tiny_work, run, ids,
+    stage = Stage.resolve(plan, "3d_fullres", "unet")
+    metrics = validate_run(_Slow(plan.num_classes, 0.1), stage, tiny_work, run, ids,
                            save_probabilities=False, budget=budget)
     assert time.perf_counter() - t < 4.0 + 1.5
     rec = metrics["time_budget"]
