@@ -1,9 +1,9 @@
 """Plan dataclasses: the single, human-editable description of how a dataset is processed and trained.
 
 A :class:`Plan` is a frozen dataclass tree written to ``WORK/plans.json``. ``to_json``/``from_json``
-round-trip exactly and write only Python builtins (conversion and schema migration:
-:mod:`medseg.planning.plan_json`; plans of schema version 1 load, migrated). Unknown keys, missing keys
-and inconsistent values (e.g. a patch size not divisible by the network's pooling) are refused with a
+round-trip exactly and write only Python builtins (conversion: :mod:`medseg.io.codec`; schema history
+and migration: :mod:`medseg.planning.plan_json`; plans of schema version 1 load, migrated). Unknown keys,
+missing keys and inconsistent values (e.g. a patch size not divisible by the network's pooling) are refused with a
 :class:`PlanError`.
 
 Conventions: every shape, spacing and patch size is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D
@@ -24,14 +24,8 @@ from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
 from medseg.networks.spec import NetworkSpec
-from medseg.planning.plan_json import (
-    SCHEMA_VERSION,
-    NestedTable,
-    dumps_readable,
-    from_builtin,
-    migrate_plan_dict,
-    to_builtin,
-)
+from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.planning.plan_json import SCHEMA_VERSION, dumps_readable, migrate_plan_dict
 
 __all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
            "dumps_readable"]
@@ -336,7 +330,7 @@ class Plan:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        d = to_builtin(self)
+        d: dict[str, Any] = to_json_dict(self)
         if self.regions is None and self.regions_class_order is None:  # plans without regions stay as before
             d.pop("regions")
             d.pop("regions_class_order")
@@ -353,7 +347,7 @@ class Plan:
         Raises:
             PlanError: malformed, inconsistent, or a version-1 plan that cannot be migrated.
         """
-        return from_builtin(cls, migrate_plan_dict(d), "plan", _NESTED).validate()
+        return from_json_dict(cls, migrate_plan_dict(d), "plan", PlanError).validate()
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -407,11 +401,3 @@ def _region_problems(plan: Plan) -> list[str]:
         problems.append(f"regions_class_order {list(order)} must hold nonzero ids of label_ids {sorted(ids)}")
     return problems
 
-
-#: the plan's nested dataclasses, for :func:`medseg.planning.plan_json.from_builtin`
-_NESTED: NestedTable = {
-    ("Plan", "configurations"): ("dict", ConfigurationPlan),
-    ("ConfigurationPlan", "networks"): ("dict", NetworkPlan),
-    ("ConfigurationPlan", "normalization"): ("tuple", NormalizationSpec),
-    ("NetworkPlan", "spec"): ("one", NetworkSpec),
-}
