@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.networks.spec import NetworkSpec
+from medseg.options import DeviceKind, NormLayer
 
 #: Negative slope of every LeakyReLU.
 LEAKY_SLOPE = 0.01
@@ -93,7 +94,7 @@ class InstanceNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.device.type == DeviceKind.CPU
             and x.dim() in (4, 5)
             and torch.is_grad_enabled()
             and not x.is_contiguous()
@@ -158,11 +159,11 @@ def make_norm(kind: str, channels: int, dims: int, groups: int = 8) -> nn.Module
     Raises:
         ValueError: unknown ``kind``.
     """
-    if kind == "instance":
+    if kind == NormLayer.INSTANCE:
         return InstanceNorm(channels)
-    if kind == "batch":
+    if kind == NormLayer.BATCH:
         return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](channels)
-    if kind == "group":
+    if kind == NormLayer.GROUP:
         g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
         return nn.GroupNorm(g, channels, eps=1e-5, affine=True)
     raise ValueError(f"norm must be one of instance, batch, group; got {kind!r}")
@@ -206,7 +207,7 @@ class ConvNormAct(nn.Sequential):
         kernel: int | Sequence[int],
         stride: int | Sequence[int] = 1,
         dilation: int | Sequence[int] = 1,
-        norm: str = "instance",
+        norm: str = NormLayer.INSTANCE,
         dropout: float = 0.0,
         separable: bool = False,
         act: bool = True,
@@ -243,7 +244,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(
         self, dims: int, in_channels: int, out_channels: int, kernel: int | Sequence[int],
-        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = "instance",
+        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = NormLayer.INSTANCE,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()

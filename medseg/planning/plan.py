@@ -24,14 +24,12 @@ from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
 from medseg.networks.spec import NetworkSpec
+from medseg.options import PRECISIONS, DeviceKind, NormalizationScheme, Precision, choices
 from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.planning.plan_json import SCHEMA_VERSION, dumps_readable, migrate_plan_dict
 
 __all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
            "dumps_readable"]
-
-NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class NetworkPlan:
     spec: NetworkSpec
     patch_size: tuple[int, ...]
     batch_size: int
-    precision: str = "fp32"
+    precision: str = Precision.FP32
     estimated_memory_gb: float | None = None
 
     @property
@@ -192,11 +190,11 @@ class ConfigurationPlan:
                 f"{where}.normalization has {len(self.normalization)} entries but the dataset has {num_channels} channels"
             )
         for i, n in enumerate(self.normalization):
-            if n.scheme not in NORMALIZATION_SCHEMES:
+            if n.scheme not in choices(NormalizationScheme):
                 problems.append(
-                    f"{where}.normalization[{i}].scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {n.scheme!r}"
+                    f"{where}.normalization[{i}].scheme must be one of {choices(NormalizationScheme)}, got {n.scheme!r}"
                 )
-            if n.scheme == "ct" and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
+            if n.scheme == NormalizationScheme.CT and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
                 problems.append(f"{where}.normalization[{i}]: scheme 'ct' needs clip_low, clip_high, mean and std")
         if self.mirror_axes is not None:
             axes = list(self.mirror_axes)
@@ -246,7 +244,7 @@ class Plan:
     original_median_shape: tuple[int, ...]
     configurations: dict[str, ConfigurationPlan]
     default_configuration: str = "3d_fullres"
-    device: str = "cuda"
+    device: str = DeviceKind.CUDA
     gpu_memory_gb: float = 8.0
     time_budget_minutes: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)

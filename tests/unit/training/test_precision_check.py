@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medseg import faults
-from medseg.planning import step_timing
+from medseg.planning import step_child
 from medseg.planning.step_timing import StepTiming
 from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.device import checked_precision
@@ -32,7 +32,7 @@ def probes(monkeypatch):
         Probes.calls.append(setting)
         return Probes.answer
 
-    monkeypatch.setattr(step_timing, "probe_step_in_child", fake)
+    monkeypatch.setattr(step_child, "probe_step_in_child", fake)
     return Probes
 
 
