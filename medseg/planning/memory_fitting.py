@@ -273,7 +273,7 @@ def fit_3d(
     if order == [0, 1, 2]:
         return net, notes
 
-    def un(seq: Sequence) -> tuple:
+    def un(seq: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(seq[i] for i in back)
 
     spec = replace(net.spec, kernel_sizes=tuple(un(k) for k in net.spec.kernel_sizes),

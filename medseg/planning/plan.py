@@ -26,6 +26,7 @@ from medseg.networks.registry import build_network
 from medseg.networks.spec import NetworkSpec
 from medseg.options import PRECISIONS, DeviceKind, NormalizationScheme, Precision, choices
 from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.planning.plan_checks import previous_stage_problems, region_problems
 from medseg.planning.plan_json import SCHEMA_VERSION, dumps_readable, migrate_plan_dict
 
 __all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
@@ -309,7 +310,7 @@ class Plan:
                                    or ignore <= max(self.label_ids, default=0)):
             problems.append(f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
                             f"got {self.ignore_label!r}")
-        problems += _region_problems(self)
+        problems += region_problems(self.label_ids, self.regions, self.regions_class_order)
         if not self.configurations:
             problems.append("plan has no configurations")
         if self.default_configuration not in self.configurations:
@@ -318,7 +319,7 @@ class Plan:
             if cfg.name != name:
                 problems.append(f"configurations.{name}.name is {cfg.name!r}; it must equal its key")
             problems += cfg.check(self.num_channels)
-            problems += _previous_stage_problems(self, cfg)
+            problems += previous_stage_problems(cfg, self.configurations)
         return problems
 
     def validate(self) -> Plan:
@@ -359,43 +360,3 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return load_json_file(path, cls.from_json, "plan file not found (run `medseg plan` first)", PlanError)
-
-
-def _previous_stage_problems(plan: Plan, cfg: ConfigurationPlan) -> list[str]:
-    """Inconsistencies of a cascade's ``previous_stage`` (another 3D configuration of the plan, no chain)."""
-    prev = cfg.previous_stage
-    if prev is None:
-        return []
-    where = f"configurations.{cfg.name}.previous_stage"
-    if prev == cfg.name or prev not in plan.configurations:
-        return [f"{where} {prev!r} must name another configuration of the plan "
-                f"({sorted(set(plan.configurations) - {cfg.name})})"]
-    other = plan.configurations[prev]
-    problems = []
-    if cfg.dims != 3 or other.dims != 3:
-        problems.append(f"{where}: a cascade needs a 3D configuration and a 3D previous stage")
-    if other.previous_stage is not None:
-        problems.append(f"{where} {prev!r} is itself a cascade; cascades of more than two stages are not supported")
-    return problems
-
-
-def _region_problems(plan: Plan) -> list[str]:
-    """Inconsistencies of a plan's ``regions`` / ``regions_class_order``."""
-    regions, order = plan.regions, plan.regions_class_order
-    if regions is None and order is None:
-        return []
-    if not regions or order is None:
-        return ["regions and regions_class_order must be given together (region-based plans), "
-                f"got {regions!r} and {order!r}"]
-    problems = []
-    ids = set(int(v) for v in plan.label_ids)
-    if len(order) != len(regions):
-        problems.append(f"regions_class_order has {len(order)} entries but there are {len(regions)} regions")
-    for r, reg in enumerate(regions):
-        if not reg or not set(reg) <= ids - {0}:
-            problems.append(f"regions[{r}] = {list(reg)} must be a non-empty list of nonzero ids of label_ids "
-                            f"{sorted(ids)}")
-    if not set(order) <= ids - {0}:
-        problems.append(f"regions_class_order {list(order)} must hold nonzero ids of label_ids {sorted(ids)}")
-    return problems
-

@@ -139,7 +139,7 @@ def plan_dataset(
     notes["mirroring"] = MIRROR_RULE
 
     def make_config(name: str, dims: int, spacing3: tuple[float, ...], median3: np.ndarray, total: float,
-                    fixed: dict[str, tuple[NetworkPlan, dict]] | None = None) -> ConfigurationPlan:
+                    fixed: dict[str, tuple[NetworkPlan, dict[str, Any]]] | None = None) -> ConfigurationPlan:
         """Plan every arch for one configuration; ``fixed`` holds archs already fitted."""
         nets: dict[str, NetworkPlan] = {}
         cnotes: dict[str, Any] = {"median_shape": [float(v) for v in median3], "total_voxels": total}
@@ -229,7 +229,7 @@ def _plan_lowres(
     median_shape: np.ndarray,
     total_voxels: float,
     notes: dict[str, Any],
-) -> tuple[tuple[float, ...], np.ndarray, float, tuple[NetworkPlan, dict]] | None:
+) -> tuple[tuple[float, ...], np.ndarray, float, tuple[NetworkPlan, dict[str, Any]]] | None:
     """Coarsen the spacing until the patch covers a quarter of the median image; None when not needed."""
     full_spacing = np.asarray(full.spacing, dtype=np.float64)
     median_vox_full = float(np.prod(median_shape, dtype=np.float64))
@@ -243,7 +243,7 @@ def _plan_lowres(
         )
         return None
     spacing = full_spacing.copy()
-    fitted: tuple[NetworkPlan, dict] | None = None
+    fitted: tuple[NetworkPlan, dict[str, Any]] | None = None
     low_median = median_shape.astype(np.float64)
     steps = 0
     while coverage < LOWRES_CREATION_THRESHOLD and steps < 1000:
@@ -272,3 +272,6 @@ def _plan_lowres(
     )
     rounded = np.array([round(v) for v in low_median], dtype=np.float64)
     return tuple(float(s) for s in spacing), rounded, total_voxels / shrink, fitted
+
+
+__all__ = ["CASCADE_CONFIGURATION", "PlannerOptions", "plan_dataset"]

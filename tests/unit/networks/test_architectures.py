@@ -247,7 +247,7 @@ def test_fcn_fuses_the_three_deepest_stages():
 
 @pytest.mark.parametrize("shape", [(2, 6, 5, 6, 7), (3, 4, 9, 10)])
 def test_channels_last_instance_norm_gradients(shape):
-    from medseg.networks.layers import InstanceNorm, _ChannelsLastInstanceNorm
+    from medseg.networks.norms import InstanceNorm, _ChannelsLastInstanceNorm
 
     fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
     c = shape[1]
