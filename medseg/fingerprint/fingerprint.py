@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import atomic_write_text, read_channels, read_image
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.io.parallel import map_cases
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 FINGERPRINT_SCHEMA_VERSION = 1
 DEFAULT_SAMPLES_PER_CASE = 10_000
 DEFAULT_SEED = 1234
+
+#: top-level keys of fingerprint.json, in the order they are written
+_JSON_ORDER = ("schema_version", "dataset_name", "channel_names", "label_ids", "ignore_label", "samples_per_case",
+               "seed", "intensity", "cases")
 
 
 @dataclass(frozen=True)
@@ -64,35 +69,6 @@ class CaseFingerprint:
     class_voxel_counts: dict[int, int] = field(default_factory=dict)
     class_component_sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     class_centroids: dict[int, tuple[float, ...]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "case_id": self.case_id,
-            "spacing": [float(s) for s in self.spacing],
-            "shape": [int(s) for s in self.shape],
-            "shape_after_crop": [int(s) for s in self.shape_after_crop],
-            "relative_size_after_crop": float(self.relative_size_after_crop),
-            "class_voxel_counts": {str(k): int(v) for k, v in self.class_voxel_counts.items()},
-            "class_component_sizes": {str(k): [int(s) for s in v] for k, v in self.class_component_sizes.items()},
-            "class_centroids": {str(k): [float(c) for c in v] for k, v in self.class_centroids.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CaseFingerprint:
-        return cls(
-            case_id=str(d["case_id"]),
-            spacing=tuple(float(s) for s in d["spacing"]),
-            shape=tuple(int(s) for s in d["shape"]),
-            shape_after_crop=tuple(int(s) for s in d["shape_after_crop"]),
-            relative_size_after_crop=float(d["relative_size_after_crop"]),
-            class_voxel_counts={int(k): int(v) for k, v in d.get("class_voxel_counts", {}).items()},
-            class_component_sizes={
-                int(k): tuple(int(s) for s in v) for k, v in d.get("class_component_sizes", {}).items()
-            },
-            class_centroids={
-                int(k): tuple(float(c) for c in v) for k, v in d.get("class_centroids", {}).items()
-            },
-        )
 
 
 @dataclass(frozen=True)
@@ -131,25 +107,14 @@ class IntensityStats:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        # JSON has no NaN: write null for "no foreground"
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
+        """The statistics as JSON builtins; JSON has no NaN, so "no foreground" is written as null."""
+        d: dict[str, Any] = to_json_dict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> IntensityStats:
-        def f(key: str) -> float:
-            v = d.get(key)
-            return float("nan") if v is None else float(v)
-
-        return cls(
-            mean=f("mean"),
-            std=f("std"),
-            median=f("median"),
-            min=f("min"),
-            max=f("max"),
-            percentile_00_5=f("percentile_00_5"),
-            percentile_99_5=f("percentile_99_5"),
-            num_samples=int(d.get("num_samples", 0)),
-        )
+    @staticmethod
+    def nan_for_null(d: Any) -> Any:
+        """``d`` (builtins of :meth:`to_dict`) with null values read back as NaN (other values unchanged)."""
+        return {k: float("nan") if v is None else v for k, v in d.items()} if isinstance(d, dict) else d
 
 
 @dataclass(frozen=True)
@@ -206,23 +171,22 @@ class Fingerprint:
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "dataset_name": self.dataset_name,
-            "channel_names": list(self.channel_names),
-            "label_ids": [int(v) for v in self.label_ids],
-            "ignore_label": None if self.ignore_label is None else int(self.ignore_label),
-            "samples_per_case": int(self.samples_per_case),
-            "seed": int(self.seed),
-            "intensity": [s.to_dict() for s in self.intensity],
-            "cases": [c.to_dict() for c in self.cases],
-        }
+        """The fingerprint as JSON builtins (:mod:`medseg.io.codec`), keys in the order fingerprint.json has."""
+        d: dict[str, Any] = to_json_dict(self)
+        d["intensity"] = [s.to_dict() for s in self.intensity]
+        return {k: d[k] for k in _JSON_ORDER}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fingerprint:
+        """Fingerprint from the builtins of :meth:`to_dict`.
+
+        Raises:
+            MedsegError: not an object, an unsupported ``schema_version``, or malformed entries (unknown
+                or missing keys, values of the wrong type), each named by its path.
+        """
         if not isinstance(d, dict):
             raise MedsegError(f"fingerprint: expected a JSON object, got {type(d).__name__}")
         version = d.get("schema_version")
@@ -231,20 +195,10 @@ class Fingerprint:
                 f"fingerprint schema_version {version!r} is not supported (expected {FINGERPRINT_SCHEMA_VERSION}); "
                 "delete fingerprint.json and re-run `medseg plan`"
             )
-        try:
-            return cls(
-                dataset_name=str(d["dataset_name"]),
-                channel_names=tuple(str(c) for c in d["channel_names"]),
-                label_ids=tuple(int(v) for v in d["label_ids"]),
-                cases=tuple(CaseFingerprint.from_dict(c) for c in d["cases"]),
-                intensity=tuple(IntensityStats.from_dict(s) for s in d["intensity"]),
-                samples_per_case=int(d.get("samples_per_case", DEFAULT_SAMPLES_PER_CASE)),
-                seed=int(d.get("seed", DEFAULT_SEED)),
-                schema_version=int(version),
-                ignore_label=None if d.get("ignore_label") is None else int(d["ignore_label"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MedsegError(f"fingerprint: malformed entry ({type(exc).__name__}: {exc})") from None
+        data = dict(d)
+        if isinstance(data.get("intensity"), list):
+            data["intensity"] = [IntensityStats.nan_for_null(s) for s in data["intensity"]]
+        return from_json_dict(cls, data, "fingerprint", MedsegError)
 
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:

@@ -3,8 +3,9 @@
 The number of spatial dimensions (2 or 3, the length of each ``spec.strides`` entry) picks the
 convolution, transposed convolution and dropout classes; everything else is written once. Tensors are
 ``(B, C, Y, X)`` or ``(B, C, Z, Y, X)``. All blocks work with ``torch.channels_last``/``torch.channels_last_3d`` inputs and
-under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and CUDA autocast). The normalisation layers are in
-:mod:`medseg.networks.norms`.
+under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and CUDA autocast).
+
+The normalisation layers are :mod:`medseg.networks.norms`'s.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from medseg.networks.norms import make_norm
 from medseg.networks.spec import NetworkSpec
+from medseg.options import NormLayer
 
 #: Negative slope of every LeakyReLU.
 LEAKY_SLOPE = 0.01
@@ -117,7 +119,7 @@ class ConvNormAct(nn.Sequential):
         kernel: int | Sequence[int],
         stride: int | Sequence[int] = 1,
         dilation: int | Sequence[int] = 1,
-        norm: str = "instance",
+        norm: str = NormLayer.INSTANCE,
         dropout: float = 0.0,
         separable: bool = False,
         act: bool = True,
@@ -154,7 +156,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(
         self, dims: int, in_channels: int, out_channels: int, kernel: int | Sequence[int],
-        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = "instance",
+        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = NormLayer.INSTANCE,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()

@@ -1,9 +1,7 @@
-"""Normalisation layers of the building blocks: instance (the default), batch and group norm, by name.
+"""Normalisation layers of the networks' convolution blocks (instance, batch, group), 2D and 3D.
 
-:class:`InstanceNorm` is instance normalisation written as one-channel-per-group ``GroupNorm``, which keeps
-channels-last CPU tensors channels-last and accepts bfloat16 under autocast; for channels-last float32 CPU
-inputs its backward pass is :class:`_ChannelsLastInstanceNorm`'s. Tensors are ``(B, C, Y, X)`` or
-``(B, C, Z, Y, X)``.
+Tensors are ``(B, C, Y, X)`` or ``(B, C, Z, Y, X)``; :class:`InstanceNorm` also takes channels-last inputs
+on the CPU through its own autograd function, and works under autocast.
 """
 
 from __future__ import annotations
@@ -13,6 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medseg.options import DeviceKind, NormLayer
+
+__all__ = ["InstanceNorm", "make_norm"]
 
 
 class InstanceNorm(nn.GroupNorm):
@@ -31,7 +33,7 @@ class InstanceNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.device.type == DeviceKind.CPU
             and x.dim() in (4, 5)
             and torch.is_grad_enabled()
             and not x.is_contiguous()
@@ -96,11 +98,11 @@ def make_norm(kind: str, channels: int, dims: int, groups: int = 8) -> nn.Module
     Raises:
         ValueError: unknown ``kind``.
     """
-    if kind == "instance":
+    if kind == NormLayer.INSTANCE:
         return InstanceNorm(channels)
-    if kind == "batch":
+    if kind == NormLayer.BATCH:
         return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](channels)
-    if kind == "group":
+    if kind == NormLayer.GROUP:
         g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
         return nn.GroupNorm(g, channels, eps=1e-5, affine=True)
     raise ValueError(f"norm must be one of instance, batch, group; got {kind!r}")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-NORM_LAYERS = ("instance", "batch", "group")
+from medseg.options import NormLayer, choices
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class NetworkSpec:
         base_features: channels of the first stage; doubled per stage up to ``max_features``.
         max_features: cap on channels per stage.
         n_conv_per_stage: convolutions per encoder stage.
-        norm: normalisation layer (``instance``, ``batch``, ``group``).
+        norm: normalisation layer, a :class:`~medseg.options.NormLayer` value (``instance``, ``batch``, ``group``).
         deep_supervision: whether training uses auxiliary lower-resolution outputs.
         options: architecture-specific settings (e.g. ``{"output_stride": 8}``), builtins only.
     """
@@ -41,7 +41,7 @@ class NetworkSpec:
     base_features: int = 32
     max_features: int = 320
     n_conv_per_stage: int = 2
-    norm: str = "instance"
+    norm: str = NormLayer.INSTANCE
     deep_supervision: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -90,8 +90,8 @@ class NetworkSpec:
                     problems.append(f"{where}: {name}[{i}] = {list(s)} has entries < 1")
         if self.strides and any(v != 1 for v in self.strides[0]):
             problems.append(f"{where}: strides[0] must be all ones (the first stage does not downsample)")
-        if self.norm not in NORM_LAYERS:
-            problems.append(f"{where}: norm must be one of {list(NORM_LAYERS)}, got {self.norm!r}")
+        if self.norm not in choices(NormLayer):
+            problems.append(f"{where}: norm must be one of {choices(NormLayer)}, got {self.norm!r}")
         if self.base_features < 1 or self.max_features < self.base_features:
             problems.append(f"{where}: need 1 <= base_features <= max_features")
         return problems

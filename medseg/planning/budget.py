@@ -46,7 +46,7 @@ runs, so only a cheapest candidate slower than the limit itself makes the fit ov
 limit the fit measures as described above.
 
 **Native crashes**: every measurement runs in a child process
-(:func:`medseg.planning.step_timing.measure_in_child`), so a step that kills its process (issue 42: torch 2.13's
+(:func:`medseg.planning.step_child.measure_in_child`), so a step that kills its process (issue 42: torch 2.13's
 bf16 backward at 12x256x256 on a CPU with AMX dies of SIGSEGV) costs the fit one child, not the ``medseg plan``
 that runs it. A setting that crashed is never chosen, like one out of memory: a crashed probe is repeated
 at another precision (bf16 -> fp32, :func:`_fallback_lever`) and its setting is not measured as a lever; a
@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from medseg.errors import PlanError
+from medseg.options import DeviceKind, Precision, choices, valid_values
 from medseg.planning.budget_measure import (
     FitClock,
     Levers,
@@ -103,14 +104,13 @@ from medseg.planning.budget_rules import (
 from medseg.planning.candidates import Candidate, default_candidates
 from medseg.planning.memory import estimate_training_memory_gb
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
+from medseg.planning.step_child import CHILD_START_SECONDS, measure_in_child
 from medseg.planning.step_timing import (
     CHEAP_ROUNDS_SECONDS,
-    CHILD_START_SECONDS,
     DEFAULT_MEASURE_STEPS,
     StepSetting,
     StepTiming,
     lever_settings,
-    measure_in_child,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def fit_plan_to_budget(
             setting in this process, returning seconds per step (``math.inf`` = out of memory) or a
             :class:`~medseg.planning.step_timing.StepTiming` (e.g. a ``crashed (SIGSEGV)`` one). Default:
             interleaved real measurement, one child process per batch of settings
-            (:func:`~medseg.planning.step_timing.measure_in_child`).
+            (:func:`~medseg.planning.step_child.measure_in_child`).
         max_seconds: time limit of the measuring (see the module docstring); None = no limit.
         levers: ``(precision, channels_last)`` already chosen (e.g. by the fit at another spacing): the levers
             are not measured again.
@@ -184,13 +184,13 @@ def fit_plan_to_budget(
         raise PlanError(f"the time budget must be a positive number of minutes, got {minutes!r}") from None
     if not (math.isfinite(minutes) and minutes > 0):
         raise PlanError(f"the time budget must be a positive number of minutes, got {minutes!r}")
-    if device not in ("cpu", "cuda"):
-        raise PlanError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device not in choices(DeviceKind):
+        raise PlanError(f"device must be {valid_values(DeviceKind)}, got {device!r}")
     if measure_steps < 1:
         raise PlanError(f"measure_steps must be >= 1, got {measure_steps}")
     if max_seconds is not None and not max_seconds >= 0:
         raise PlanError(f"max_seconds must be >= 0 (or None for no limit), got {max_seconds!r}")
-    if device == "cuda" and measure_fn is None and not torch.cuda.is_available():
+    if device == DeviceKind.CUDA and measure_fn is None and not torch.cuda.is_available():
         raise PlanError(
             "cannot fit the plan to a CUDA time budget: no CUDA device is available here to measure on; "
             "plan on the training machine, or use --device cpu"
@@ -207,7 +207,7 @@ def fit_plan_to_budget(
     need = MIN_SAMPLES[cfg.dims]
     excluded: dict[Candidate, str] = {}
 
-    if device == "cuda":
+    if device == DeviceKind.CUDA:
         grid, excluded = _filter_by_memory(grid, template, plan, cin, k)
         if not grid:
             raise PlanError(
@@ -332,7 +332,7 @@ def _filter_by_memory(
     """Drop candidates whose training step would not fit the plan's GPU memory budget (at fp16)."""
     keep, excluded = [], {}
     for c in grid:
-        gb = _estimate_memory(c.network(template, "fp16"), cin, k, "cuda")
+        gb = _estimate_memory(c.network(template, Precision.FP16), cin, k, DeviceKind.CUDA)
         if gb is not None and gb > plan.gpu_memory_gb:
             excluded[c] = f"excluded: needs ~{gb:.2f} GB > the {plan.gpu_memory_gb:g} GB GPU memory budget"
         else:

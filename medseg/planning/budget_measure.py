@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from medseg.errors import PlanError
+from medseg.options import DeviceKind, Precision
 from medseg.planning.budget_rules import (
     LEVER_SHARE,
     SETUP_SECONDS,
@@ -24,10 +25,10 @@ from medseg.planning.budget_rules import (
     scaled_step_time,
 )
 from medseg.planning.candidates import Candidate
+from medseg.planning.step_child import ChildMeasurement
 from medseg.planning.step_timing import (
     CHEAP_ROUNDS_SECONDS,
     WARMUP_STEPS,
-    ChildMeasurement,
     StepSetting,
     StepTiming,
     lever_settings,
@@ -48,7 +49,7 @@ class FitClock:
     """What is left of the fit's time limit, and what measuring would cost (``max_seconds`` None: no limit).
 
     ``per_call`` is what one measurement costs besides its steps: for the real measurement a child process
-    (:data:`~medseg.planning.step_timing.CHILD_START_SECONDS` until :meth:`observe` saw one) and the extra
+    (:data:`~medseg.planning.step_child.CHILD_START_SECONDS` until :meth:`observe` saw one) and the extra
     rounds of a cheap batch (:data:`~medseg.planning.step_timing.CHEAP_ROUNDS_SECONDS`); 0 for a ``measure_fn``.
     """
 
@@ -210,7 +211,7 @@ def _fallback_lever(pair: tuple[str, bool], pairs: Sequence[tuple[str, bool]],
                     crashed: Collection[tuple[str, bool]]) -> tuple[str, bool] | None:
     """The setting to try after ``pair`` crashed: another precision first (bf16 -> fp32; fp32 always counts as a
     choice, also on CUDA), the same memory format first; None when every one crashed."""
-    options = dict.fromkeys([*pairs, ("fp32", pair[1]), ("fp32", not pair[1])])
+    options = dict.fromkeys([*pairs, (Precision.FP32, pair[1]), (Precision.FP32, not pair[1])])
     left = [p for p in options if p not in crashed and p != pair]
     return min(left, key=lambda p: (p[0] == pair[0], p[1] != pair[1]), default=None)
 
@@ -244,9 +245,9 @@ def _default_lever(device: str, pairs: Sequence[tuple[str, bool]]) -> tuple[str,
     """The ``(precision, channels_last)`` a run uses on ``device`` without measurements: on the CPU bf16 where it
     is native (else fp32) and channels-last; on CUDA fp16 without channels-last (``TrainConfig`` defaults)."""
     precisions = [p for p, _ in pairs]
-    if torch.device(device).type == "cuda":
-        return ("fp16", False) if ("fp16", False) in pairs else pairs[0]
-    want = ("bf16" if "bf16" in precisions else "fp32", True)
+    if torch.device(device).type == DeviceKind.CUDA:
+        return (Precision.FP16, False) if (Precision.FP16, False) in pairs else pairs[0]
+    want = (Precision.BF16 if Precision.BF16 in precisions else Precision.FP32, True)
     return want if want in pairs else pairs[0]
 
 

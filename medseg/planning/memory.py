@@ -43,6 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from medseg.options import DeviceKind
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.reference_step import make_optimizer, training_step
 
@@ -57,7 +58,7 @@ _MAX_CACHED_PLANS = 256
 
 
 def estimate_training_memory_gb(
-    net: NetworkPlan, in_channels: int, num_classes: int, *, device: str = "cpu", threads: int | None = None
+    net: NetworkPlan, in_channels: int, num_classes: int, *, device: str = DeviceKind.CPU, threads: int | None = None
 ) -> float:
     """Estimated peak memory of one training step of ``net`` at ``net.patch_size``/``net.batch_size``.
 
@@ -83,7 +84,7 @@ def estimate_training_memory_gb(
         ConfigError: the network cannot be built (unknown arch, inconsistent plan).
     """
     device_type = torch.device(device).type
-    threads = 1 if device_type != "cpu" else (threads or torch.get_num_threads())
+    threads = 1 if device_type != DeviceKind.CPU else (threads or torch.get_num_threads())
     key = _cache_key(net, in_channels, num_classes, device_type, threads)
     batch = net.batch_size
     with _LOCK:
@@ -105,7 +106,7 @@ def estimate_training_memory_gb(
 
 
 def measure_training_peak_gb(
-    net: NetworkPlan, in_channels: int, num_classes: int, device: str | torch.device = "cpu",
+    net: NetworkPlan, in_channels: int, num_classes: int, device: str | torch.device = DeviceKind.CPU,
     channels_last: bool = False,
 ) -> float:
     """Run one real training step (after a warm-up step) and return its measured peak memory in GiB.
@@ -136,7 +137,7 @@ def measure_training_peak_gb(
         x = x.contiguous(memory_format=fmt)
     optimizer = make_optimizer(model)
     training_step(model, optimizer, x, target, num_classes, net.precision)  # momentum buffers, kernel caches
-    if device.type == "cuda":
+    if device.type == DeviceKind.CUDA:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         training_step(model, optimizer, x, target, num_classes, net.precision)

@@ -17,17 +17,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from medseg.errors import PlanError
 from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan import NetworkPlan
+from medseg.planning.planner_options import PlannerOptions
 from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology
-
-if TYPE_CHECKING:
-    from medseg.planning.planner import PlannerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +273,7 @@ def fit_3d(
     if order == [0, 1, 2]:
         return net, notes
 
-    def un(seq: Sequence) -> tuple:
+    def un(seq: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(seq[i] for i in back)
 
     spec = replace(net.spec, kernel_sizes=tuple(un(k) for k in net.spec.kernel_sizes),

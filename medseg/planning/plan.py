@@ -1,9 +1,9 @@
 """Plan dataclasses: the single, human-editable description of how a dataset is processed and trained.
 
 A :class:`Plan` is a frozen dataclass tree written to ``WORK/plans.json``. ``to_json``/``from_json``
-round-trip exactly and write only Python builtins (conversion and schema migration:
-:mod:`medseg.planning.plan_json`; plans of schema version 1 load, migrated). Unknown keys, missing keys
-and inconsistent values (e.g. a patch size not divisible by the network's pooling) are refused with a
+round-trip exactly and write only Python builtins (conversion: :mod:`medseg.io.codec`; schema history
+and migration: :mod:`medseg.planning.plan_json`; plans of schema version 1 load, migrated). Unknown keys,
+missing keys and inconsistent values (e.g. a patch size not divisible by the network's pooling) are refused with a
 :class:`PlanError`.
 
 Conventions: every shape, spacing and patch size is in array order ``(Z, Y, X)`` (``(Y, X)`` for 2D
@@ -24,20 +24,13 @@ from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
 from medseg.networks.spec import NetworkSpec
-from medseg.planning.plan_json import (
-    SCHEMA_VERSION,
-    NestedTable,
-    dumps_readable,
-    from_builtin,
-    migrate_plan_dict,
-    to_builtin,
-)
+from medseg.options import PRECISIONS, DeviceKind, NormalizationScheme, Precision, choices
+from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.planning.plan_checks import previous_stage_problems, region_problems
+from medseg.planning.plan_json import SCHEMA_VERSION, dumps_readable, migrate_plan_dict
 
 __all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
            "dumps_readable"]
-
-NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,7 @@ class NetworkPlan:
     spec: NetworkSpec
     patch_size: tuple[int, ...]
     batch_size: int
-    precision: str = "fp32"
+    precision: str = Precision.FP32
     estimated_memory_gb: float | None = None
 
     @property
@@ -198,11 +191,11 @@ class ConfigurationPlan:
                 f"{where}.normalization has {len(self.normalization)} entries but the dataset has {num_channels} channels"
             )
         for i, n in enumerate(self.normalization):
-            if n.scheme not in NORMALIZATION_SCHEMES:
+            if n.scheme not in choices(NormalizationScheme):
                 problems.append(
-                    f"{where}.normalization[{i}].scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {n.scheme!r}"
+                    f"{where}.normalization[{i}].scheme must be one of {choices(NormalizationScheme)}, got {n.scheme!r}"
                 )
-            if n.scheme == "ct" and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
+            if n.scheme == NormalizationScheme.CT and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
                 problems.append(f"{where}.normalization[{i}]: scheme 'ct' needs clip_low, clip_high, mean and std")
         if self.mirror_axes is not None:
             axes = list(self.mirror_axes)
@@ -252,7 +245,7 @@ class Plan:
     original_median_shape: tuple[int, ...]
     configurations: dict[str, ConfigurationPlan]
     default_configuration: str = "3d_fullres"
-    device: str = "cuda"
+    device: str = DeviceKind.CUDA
     gpu_memory_gb: float = 8.0
     time_budget_minutes: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -317,7 +310,7 @@ class Plan:
                                    or ignore <= max(self.label_ids, default=0)):
             problems.append(f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
                             f"got {self.ignore_label!r}")
-        problems += _region_problems(self)
+        problems += region_problems(self.label_ids, self.regions, self.regions_class_order)
         if not self.configurations:
             problems.append("plan has no configurations")
         if self.default_configuration not in self.configurations:
@@ -326,7 +319,7 @@ class Plan:
             if cfg.name != name:
                 problems.append(f"configurations.{name}.name is {cfg.name!r}; it must equal its key")
             problems += cfg.check(self.num_channels)
-            problems += _previous_stage_problems(self, cfg)
+            problems += previous_stage_problems(cfg, self.configurations)
         return problems
 
     def validate(self) -> Plan:
@@ -336,7 +329,7 @@ class Plan:
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        d = to_builtin(self)
+        d: dict[str, Any] = to_json_dict(self)
         if self.regions is None and self.regions_class_order is None:  # plans without regions stay as before
             d.pop("regions")
             d.pop("regions_class_order")
@@ -353,7 +346,7 @@ class Plan:
         Raises:
             PlanError: malformed, inconsistent, or a version-1 plan that cannot be migrated.
         """
-        return from_builtin(cls, migrate_plan_dict(d), "plan", _NESTED).validate()
+        return from_json_dict(cls, migrate_plan_dict(d), "plan", PlanError).validate()
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -367,51 +360,3 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return load_json_file(path, cls.from_json, "plan file not found (run `medseg plan` first)", PlanError)
-
-
-def _previous_stage_problems(plan: Plan, cfg: ConfigurationPlan) -> list[str]:
-    """Inconsistencies of a cascade's ``previous_stage`` (another 3D configuration of the plan, no chain)."""
-    prev = cfg.previous_stage
-    if prev is None:
-        return []
-    where = f"configurations.{cfg.name}.previous_stage"
-    if prev == cfg.name or prev not in plan.configurations:
-        return [f"{where} {prev!r} must name another configuration of the plan "
-                f"({sorted(set(plan.configurations) - {cfg.name})})"]
-    other = plan.configurations[prev]
-    problems = []
-    if cfg.dims != 3 or other.dims != 3:
-        problems.append(f"{where}: a cascade needs a 3D configuration and a 3D previous stage")
-    if other.previous_stage is not None:
-        problems.append(f"{where} {prev!r} is itself a cascade; cascades of more than two stages are not supported")
-    return problems
-
-
-def _region_problems(plan: Plan) -> list[str]:
-    """Inconsistencies of a plan's ``regions`` / ``regions_class_order``."""
-    regions, order = plan.regions, plan.regions_class_order
-    if regions is None and order is None:
-        return []
-    if not regions or order is None:
-        return ["regions and regions_class_order must be given together (region-based plans), "
-                f"got {regions!r} and {order!r}"]
-    problems = []
-    ids = set(int(v) for v in plan.label_ids)
-    if len(order) != len(regions):
-        problems.append(f"regions_class_order has {len(order)} entries but there are {len(regions)} regions")
-    for r, reg in enumerate(regions):
-        if not reg or not set(reg) <= ids - {0}:
-            problems.append(f"regions[{r}] = {list(reg)} must be a non-empty list of nonzero ids of label_ids "
-                            f"{sorted(ids)}")
-    if not set(order) <= ids - {0}:
-        problems.append(f"regions_class_order {list(order)} must hold nonzero ids of label_ids {sorted(ids)}")
-    return problems
-
-
-#: the plan's nested dataclasses, for :func:`medseg.planning.plan_json.from_builtin`
-_NESTED: NestedTable = {
-    ("Plan", "configurations"): ("dict", ConfigurationPlan),
-    ("ConfigurationPlan", "networks"): ("dict", NetworkPlan),
-    ("ConfigurationPlan", "normalization"): ("tuple", NormalizationSpec),
-    ("NetworkPlan", "spec"): ("one", NetworkSpec),
-}

@@ -1,8 +1,7 @@
-"""plans.json <-> plan dataclasses: builtins conversion, readable JSON and the schema migration.
+"""plans.json's schema: version history, the version-1 migration and the readable JSON layout.
 
-The converter is driven by small tables (which fields nest which dataclass, which are integer, float,
-string or nested-integer tuples); :mod:`medseg.planning.plan` passes its classes in, so this module does
-not import it. Schema history:
+Conversion between the plan dataclasses and builtins is the one annotation-driven codec
+(:mod:`medseg.io.codec`); this module holds what is particular to plans.json. Schema history:
 
 * version 1: a network entry holds its topology fields flat next to ``patch_size``/``batch_size``/
   ``precision``/``estimated_memory_gb``; a configuration repeats its default network's ``patch_size``
@@ -16,9 +15,7 @@ version 2 before conversion.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from medseg.errors import PlanError
@@ -28,15 +25,6 @@ SCHEMA_VERSION = 2
 #: NetworkSpec's fields as written flat into a version-1 network entry
 _V1_SPEC_KEYS = ("arch", "kernel_sizes", "strides", "base_features", "max_features", "n_conv_per_stage", "norm",
                  "deep_supervision", "options")
-
-_INT_TUPLES = {"patch_size", "median_shape", "original_median_shape", "label_ids"}
-_OPTIONAL_INT_TUPLES = {"mirror_axes"}
-_FLOAT_TUPLES = {"spacing", "original_median_spacing"}
-_NESTED_INT_TUPLES = {"kernel_sizes", "strides", "regions"}
-_STR_TUPLES = {"channel_names", "label_names"}
-
-#: (class name, field name) -> ("dict" | "tuple" | "one", nested dataclass)
-NestedTable = Mapping[tuple[str, str], tuple[str, type]]
 
 
 def migrate_plan_dict(d: Any) -> Any:
@@ -110,86 +98,3 @@ def dumps_readable(obj: Any, indent: int = 2, _level: int = 0) -> str:
         items = [pad + dumps_readable(v, indent, _level + 1) for v in obj]
         return "[\n" + ",\n".join(items) + "\n" + end + "]"
     return json.dumps(obj)
-
-
-def to_builtin(obj: Any) -> Any:
-    """Dataclasses, dicts, tuples and numpy scalars as plain dicts, lists and Python scalars."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_builtin(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_builtin(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_builtin(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
-        return obj.item()
-    return obj
-
-
-def from_builtin(cls: type, d: Any, where: str, nested: NestedTable) -> Any:
-    """Build dataclass ``cls`` from builtins ``d``, refusing unknown and missing keys.
-
-    Args:
-        cls: the dataclass to build.
-        d: its builtins (a dict).
-        where: path of ``d`` in the plan, for messages.
-        nested: which fields hold nested dataclasses (see :data:`NestedTable`).
-
-    Raises:
-        PlanError: ``d`` is no object, has unknown or missing keys, or a value of the wrong kind.
-    """
-    if not isinstance(d, dict):
-        raise PlanError(f"{where}: expected an object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in d:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise PlanError(f"{where}: missing key {name!r}")
-            continue
-        kwargs[name] = _convert(cls, name, d[name], f"{where}.{name}", nested)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise PlanError(f"{where}: {exc}") from None
-
-
-def _convert(cls: type, name: str, value: Any, where: str, nested: NestedTable) -> Any:
-    key = (cls.__name__, name)
-    try:
-        if key in nested:
-            kind, sub_cls = nested[key]
-            if kind == "one":
-                return from_builtin(sub_cls, value, where, nested)
-            if kind == "dict":
-                if not isinstance(value, dict):
-                    raise PlanError(f"{where}: expected an object")
-                return {k: from_builtin(sub_cls, v, f"{where}.{k}", nested) for k, v in value.items()}
-            return tuple(from_builtin(sub_cls, v, f"{where}[{i}]", nested) for i, v in enumerate(value))
-        if name in _INT_TUPLES:
-            return tuple(_as_int(v, where) for v in value)
-        if key == ("Plan", "ignore_label"):
-            return None if value is None else _as_int(value, where)
-        if key in (("Plan", "regions"), ("Plan", "regions_class_order")) and value is None:
-            return None
-        if key == ("Plan", "regions_class_order"):
-            return tuple(_as_int(v, where) for v in value)
-        if name in _OPTIONAL_INT_TUPLES:
-            return None if value is None else tuple(_as_int(v, where) for v in value)
-        if name in _FLOAT_TUPLES:
-            return tuple(float(v) for v in value)
-        if name in _NESTED_INT_TUPLES:
-            return tuple(tuple(_as_int(v, where) for v in row) for row in value)
-        if name in _STR_TUPLES:
-            return tuple(str(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"{where}: {exc}") from None
-    return value
-
-
-def _as_int(v: Any, where: str) -> int:
-    if isinstance(v, bool) or not float(v).is_integer():
-        raise PlanError(f"{where}: expected integers, got {v!r}")
-    return int(v)

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +34,7 @@ from medseg.planning.memory_fitting import Fitter, MemoryEstimator, fit_3d
 from medseg.planning.mirroring import RULE as MIRROR_RULE
 from medseg.planning.mirroring import plan_mirror_axes
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
+from medseg.planning.planner_options import PlannerOptions
 from medseg.planning.preprocessing_rules import (
     ANISOTROPY_THRESHOLD,
     data_identifier,
@@ -57,56 +56,6 @@ LOWRES_MIN_SHRINK = 2.0  # drop 3d_lowres when it shrinks the median image by le
 CASCADE_CONFIGURATION = "3d_cascade_fullres"
 #: placeholder spacing (mm) of the missing Z axis of 2D images
 SPACING_2D_PLACEHOLDER = 1.0
-
-
-@dataclass(frozen=True)
-class PlannerOptions:
-    """What the plan is sized for.
-
-    Attributes:
-        gpu_memory_gb: memory one training step may use (GB) on the training device.
-        archs: architectures to plan (registry names); the first is the default unless ``unet`` is among them.
-        device: device the plan is sized for (``cuda`` or ``cpu``), recorded in the plan.
-        time_budget_minutes: training time budget recorded in the plan (None = full schedule).
-        precision: training precision the memory is estimated for (``fp32``, ``bf16``, ``fp16``).
-        base_features: channels of the first stage.
-        max_features: cap on channels per stage; None = 320 for 3D, 512 for 2D.
-        max_poolings: cap on poolings per axis; None = limited only by the minimum feature map size (4).
-        target_spacing: ``(Z, Y, X)`` spacing in mm that replaces the spacing rule's (3D datasets; the
-            time-budget fit plans coarser spacings with it); None = the rule's.
-    """
-
-    gpu_memory_gb: float = 8.0
-    archs: tuple[str, ...] = ("unet",)
-    device: str = "cuda"
-    time_budget_minutes: float | None = None
-    precision: str = "fp32"
-    base_features: int = 32
-    max_features: int | None = None
-    max_poolings: int | None = None
-    target_spacing: tuple[float, ...] | None = None
-
-    def check(self) -> None:
-        problems = []
-        if not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
-            problems.append(f"gpu_memory_gb must be a positive number, got {self.gpu_memory_gb}")
-        if not self.archs:
-            problems.append("archs must name at least one architecture")
-        if len(set(self.archs)) != len(self.archs):
-            problems.append(f"archs has duplicates: {list(self.archs)}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.device not in ("cpu", "cuda"):
-            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.base_features < 1 or (self.max_features is not None and self.max_features < self.base_features):
-            problems.append("need 1 <= base_features <= max_features")
-        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
-            problems.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
-        if self.target_spacing is not None and (len(self.target_spacing) != 3
-                                                or not all(s > 0 and math.isfinite(s) for s in self.target_spacing)):
-            problems.append(f"target_spacing must be three positive spacings (Z, Y, X), got {self.target_spacing}")
-        if problems:
-            raise PlanError("invalid planner options: " + "; ".join(problems))
 
 
 def _as_3d(spacing: Sequence[float], shape: Sequence[int]) -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -190,7 +139,7 @@ def plan_dataset(
     notes["mirroring"] = MIRROR_RULE
 
     def make_config(name: str, dims: int, spacing3: tuple[float, ...], median3: np.ndarray, total: float,
-                    fixed: dict[str, tuple[NetworkPlan, dict]] | None = None) -> ConfigurationPlan:
+                    fixed: dict[str, tuple[NetworkPlan, dict[str, Any]]] | None = None) -> ConfigurationPlan:
         """Plan every arch for one configuration; ``fixed`` holds archs already fitted."""
         nets: dict[str, NetworkPlan] = {}
         cnotes: dict[str, Any] = {"median_shape": [float(v) for v in median3], "total_voxels": total}
@@ -280,7 +229,7 @@ def _plan_lowres(
     median_shape: np.ndarray,
     total_voxels: float,
     notes: dict[str, Any],
-) -> tuple[tuple[float, ...], np.ndarray, float, tuple[NetworkPlan, dict]] | None:
+) -> tuple[tuple[float, ...], np.ndarray, float, tuple[NetworkPlan, dict[str, Any]]] | None:
     """Coarsen the spacing until the patch covers a quarter of the median image; None when not needed."""
     full_spacing = np.asarray(full.spacing, dtype=np.float64)
     median_vox_full = float(np.prod(median_shape, dtype=np.float64))
@@ -294,7 +243,7 @@ def _plan_lowres(
         )
         return None
     spacing = full_spacing.copy()
-    fitted: tuple[NetworkPlan, dict] | None = None
+    fitted: tuple[NetworkPlan, dict[str, Any]] | None = None
     low_median = median_shape.astype(np.float64)
     steps = 0
     while coverage < LOWRES_CREATION_THRESHOLD and steps < 1000:
@@ -323,3 +272,6 @@ def _plan_lowres(
     )
     rounded = np.array([round(v) for v in low_median], dtype=np.float64)
     return tuple(float(s) for s in spacing), rounded, total_voxels / shrink, fitted
+
+
+__all__ = ["CASCADE_CONFIGURATION", "PlannerOptions", "plan_dataset"]

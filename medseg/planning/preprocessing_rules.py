@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.options import NormalizationScheme
 from medseg.planning.plan import NormalizationSpec
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def determine_normalization(
                 )
             specs.append(
                 NormalizationSpec(
-                    scheme="ct",
+                    scheme=NormalizationScheme.CT,
                     use_nonzero_mask=False,
                     clip_low=st.percentile_00_5,
                     clip_high=st.percentile_99_5,
@@ -112,10 +113,10 @@ def determine_normalization(
                 f"then (x - {st.mean:.5g}) / {st.std:.5g}"
             )
         elif key in ("nonorm", "none"):
-            specs.append(NormalizationSpec(scheme="none"))
+            specs.append(NormalizationSpec(scheme=NormalizationScheme.NONE))
             notes.append(f"channel {c} ({name}): no normalisation (channel name {name!r})")
         else:
-            specs.append(NormalizationSpec(scheme="zscore", use_nonzero_mask=use_mask))
+            specs.append(NormalizationSpec(scheme=NormalizationScheme.ZSCORE, use_nonzero_mask=use_mask))
             notes.append(
                 f"channel {c} ({name}): per-image z-score"
                 + (

@@ -27,7 +27,7 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def training_step(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor, target: torch.Tensor,
-    num_classes: int, precision: str = "fp32",
+    num_classes: int, precision: str = Precision.FP32,
 ) -> torch.Tensor:
     """One reference training step: forward (autocast at ``precision``), loss, backward, SGD step.
 

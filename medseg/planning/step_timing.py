@@ -16,22 +16,9 @@ off on a briefly busy machine). While rounds are cheap, more of them are taken (
 the extra rounds keep the timed total under :data:`CHEAP_ROUNDS_SECONDS`), so a brief burst of load has
 to cover more rounds to move the result. Settings are still compared round against round, interleaved.
 
-**Native crashes** (:func:`measure_in_child`): a training step can kill its process outright, e.g. torch
-2.13's oneDNN bf16 backward at 12x256x256 on a CPU with AMX (SIGSEGV, reported in issue 42), which no ``try`` catches. The
-planner therefore times every batch of settings in a child process, a fresh interpreter (``sys.executable
--c``, like ``multiprocessing``'s spawn and never a ``fork``: torch's OpenMP and oneDNN thread pools are not
-safe to use after a fork), with the parent's intra-op thread count. When the child dies, the setting it
-was building or stepping (it names each one on its pipe first) gets the status ``crashed (SIGSEGV)``
-(:class:`StepTiming`) and the other settings are measured again in a new child; the budget fit records the
-crash and never chooses that setting. A child costs one interpreter start and the imports of torch and
-medseg per batch: 2.2 s on 2 idle cores, 2.6-2.9 s with the cores busy (AMD EPYC, torch 2.13; a child's
-wall time less the time it spent in its own work, 5 repeats), against fits of 18-47 s; the fit counts it in
-its time limit (:data:`CHILD_START_SECONDS` until it has measured its own). The child also returns the
-steps' memory to the system when it exits.
-
-The test-only fault point ``step_probe`` of :mod:`medseg.faults` (NAME: the precision) fires before each
-step; the parent hands its armed faults to the child, so ``MEDSEG_FAULT_INJECT=step_probe:bf16=segv``
-makes every bf16 step's process die of SIGSEGV.
+**Native crashes**: the planner times its settings in a child process (:mod:`medseg.planning.step_child`)
+so that a step that kills its process natively takes only the child along; the test-only fault point
+``step_probe`` of :mod:`medseg.faults` (NAME: the precision) fires before each step.
 
 **Throughput levers** (:func:`lever_settings`): the ``(precision, channels_last)`` settings worth timing on
 a device:
@@ -48,23 +35,17 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
-import pickle
-import signal
 import statistics
-import subprocess
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from medseg import faults
 from medseg.machine import keep_freed_cpu_memory
+from medseg.options import DeviceKind, Precision
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.reference_step import make_optimizer, training_step
 
@@ -77,9 +58,6 @@ WARMUP_STEPS = 1
 CHEAP_ROUNDS_SECONDS = 1.0
 #: The most timed rounds a cheap batch gets.
 MAX_ROUNDS = 9
-#: Seconds a measuring child process costs before its first step (interpreter, torch and medseg imports),
-#: used until one has been measured: 2.2 s measured on 2 cores (AMD EPYC, torch 2.13), rounded up.
-CHILD_START_SECONDS = 2.5
 MEASURED = "measured"
 OUT_OF_MEMORY = "out of memory"
 
@@ -91,8 +69,8 @@ class StepSetting:
     net: NetworkPlan
     in_channels: int
     num_classes: int
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: str = DeviceKind.CPU
+    precision: str = Precision.FP32
     channels_last: bool = False
 
 
@@ -138,26 +116,6 @@ class StepTiming:
                 "median_s": round(statistics.median(self.rounds), 6), "max_s": round(max(self.rounds), 6)}
 
 
-@dataclass(frozen=True)
-class ChildMeasurement:
-    """:func:`measure_in_child`'s answer: one :class:`StepTiming` per setting, and what the isolation cost.
-
-    Attributes:
-        timings: per setting, in the order given.
-        children: processes started (one per batch, one more after each crash).
-        overhead_s: seconds of the children that answered outside their measuring (start, imports), summed.
-        crashes: statuses of the children that died.
-        threads: intra-op threads of the children (this process's ``torch.get_num_threads()``); None when
-            none answered.
-    """
-
-    timings: list[StepTiming]
-    children: int
-    overhead_s: float
-    crashes: tuple[str, ...] = ()
-    threads: int | None = None
-
-
 class _StepRunner:
     """A built model, optimizer and random batch, ready to run timed reference training steps."""
 
@@ -191,7 +149,7 @@ class _StepRunner:
         return time.perf_counter() - t0
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
+        if self.device.type == DeviceKind.CUDA:
             torch.cuda.synchronize(self.device)
 
 
@@ -215,7 +173,7 @@ def _time_settings(
     before setting ``i`` is built or stepped, ``mark(-1)`` once all are done."""
     from tqdm.auto import tqdm
 
-    if any(torch.device(s.device).type == "cpu" for s in settings):
+    if any(torch.device(s.device).type == DeviceKind.CPU for s in settings):
         keep_freed_cpu_memory()  # time the steps with the allocator setting the trainer uses
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
@@ -300,7 +258,7 @@ def measure_step_times(
     timed step of every setting in turn, so a machine whose load changes during the measurement slows
     every setting alike and their ratios stay fair; cheap batches get more rounds (see the module
     docstring). A step that crashes the process natively takes this process with it: the planner uses
-    :func:`measure_in_child`.
+    :func:`~medseg.planning.step_child.measure_in_child`.
 
     Args:
         settings: what to measure (all models are kept alive together; activations are not).
@@ -324,198 +282,8 @@ def measure_step_times(
     return [t.seconds for t in timings]
 
 
-def measure_in_child(
-    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
-    seed: int = 0, progress: bool = True, cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
-    fault_spec: str | None = None,
-) -> ChildMeasurement:
-    """:func:`measure_step_times` in a child process that may crash without taking this one along.
-
-    The child runs with this process's ``torch.get_num_threads()``. When it dies (a signal, a non-zero
-    exit) the setting it was building or stepping gets the status ``crashed (<signal>)``, and the others
-    are measured again in a new child; a child that dies outside any setting has its settings measured one
-    per child. A Python exception in the child (other than out of memory) is raised here.
-
-    Args:
-        settings, steps, warmup, seed, progress, cheap_seconds: as for :func:`measure_step_times`.
-        fault_spec: test-only faults to arm in the child (:mod:`medseg.faults`); None: those armed here.
-
-    Returns:
-        A :class:`ChildMeasurement`: per setting a :class:`StepTiming` (``seconds`` ``math.inf`` for out of
-        memory or crashed), the children started and their start-up overhead.
-
-    Raises:
-        ValueError: ``steps < 1`` or ``warmup < 0``.
-        ConfigError: a network that cannot be built (raised in the child, re-raised here).
-    """
-    _check_counts(steps, warmup)
-    if fault_spec is None:
-        fault_spec = faults.armed_spec()
-    results: list[StepTiming | None] = [None] * len(settings)
-    spent: dict[str, Any] = {"children": 0, "overhead": 0.0, "threads": None}
-    crashes: list[str] = []
-
-    def run(indices: list[int]) -> None:
-        while indices:
-            batch = [settings[i] for i in indices]
-            timings, culprit, status, overhead, threads = _run_child(batch, steps, warmup, seed, progress,
-                                                                     cheap_seconds, fault_spec)
-            spent["children"] += 1
-            spent["overhead"] += overhead
-            spent["threads"] = threads or spent["threads"]
-            if timings is not None:
-                for i, t in zip(indices, timings):
-                    results[i] = t
-                return
-            crashes.append(status)
-            if culprit is None and len(indices) > 1:
-                logger.warning("a measuring process died (%s) outside any one setting; measuring its %d settings "
-                               "one per process", status, len(indices))
-                for i in indices:
-                    run([i])
-                return
-            i = indices[culprit or 0]
-            results[i] = StepTiming(math.inf, status)
-            indices = [j for j in indices if j != i]
-
-    run(list(range(len(settings))))
-    timings = [t if t is not None else StepTiming(math.inf, "crashed (no answer)") for t in results]
-    _log_timings(settings, timings)
-    return ChildMeasurement(timings, spent["children"], round(spent["overhead"], 3), tuple(crashes), spent["threads"])
-
-
-def probe_step_in_child(setting: StepSetting, *, seed: int = 0, fault_spec: str | None = None) -> StepTiming:
-    """One training step of ``setting`` (no warm-up) in a child process: does it run, or crash its process?
-
-    For :mod:`medseg.training`, before a run trusts a reduced precision on the CPU. Costs the child's start
-    (:data:`CHILD_START_SECONDS`), building the network and one step.
-
-    Returns:
-        The :class:`StepTiming` (``crashed`` when the step killed the child, out of memory, or measured).
-    """
-    return measure_in_child([setting], 1, warmup=0, seed=seed, progress=False, cheap_seconds=0.0,
-                            fault_spec=fault_spec).timings[0]
-
-
-#: What the measuring child runs: the parent's ``sys.path`` (first pickle on stdin), then :func:`_child_main`.
-_CHILD_CODE = ("import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
-               "from medseg.planning.step_timing import _child_main; _child_main(int(sys.argv[1]))")
-
-
-def _run_child(
-    settings: Sequence[StepSetting], steps: int, warmup: int, seed: int, progress: bool, cheap_seconds: float,
-    fault_spec: str,
-) -> tuple[list[StepTiming] | None, int | None, str, float, int | None]:
-    """Time ``settings`` in one child process (a fresh interpreter: ``sys.executable -c``).
-
-    The child reads its arguments from stdin and answers on a pipe of its own: ``("at", i)`` before it
-    builds or steps setting ``i``, then ``("ok", (timings, threads), seconds busy)`` or ``("error",
-    exception, seconds busy)``. A fresh interpreter, not ``multiprocessing``'s spawn, so that the parent's main
-    module (a user's script without an ``if __name__ == "__main__"`` guard) is never run again in it.
-
-    Returns:
-        ``(timings, None, "", overhead seconds, the child's threads)`` when the child answered; ``(None, index
-        of the setting it died in or None, "crashed (...)", 0.0, None)`` when it died.
-
-    Raises:
-        Exception: the child's own exception (not a crash).
-    """
-    args = (list(settings), steps, warmup, seed, progress, cheap_seconds, torch.get_num_threads(), fault_spec)
-    read_fd, write_fd = os.pipe()
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(write_fd)], stdin=subprocess.PIPE,
-                                pass_fds=(write_fd,))
-    finally:
-        os.close(write_fd)
-    conn = Connection(read_fd, writable=False)
-    current, reply = -1, None
-    try:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(pickle.dumps(list(sys.path)) + pickle.dumps(args))
-            proc.stdin.close()
-        except BrokenPipeError:  # died before reading: its exit status says how
-            pass
-        while reply is None:
-            try:
-                msg = conn.recv()
-            except EOFError:
-                break
-            if msg[0] == "at":
-                current = msg[1]
-            else:
-                reply = msg
-        proc.wait()
-    finally:
-        conn.close()
-        if proc.poll() is None:  # interrupted while waiting
-            proc.kill()
-            proc.wait()
-    wall = time.perf_counter() - t0
-    if reply is not None:
-        kind, payload, busy = reply
-        if kind == "error":
-            raise payload
-        timings, threads = payload
-        return timings, None, "", max(0.0, wall - busy), threads
-    return None, (current if 0 <= current < len(settings) else None), _crash_status(proc.returncode), 0.0, None
-
-
-class _Marker:
-    """Tells the parent which setting the child is about to build or step (``("at", i)`` on its pipe)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn, self.last = conn, -2
-
-    def __call__(self, i: int) -> None:
-        if i != self.last:
-            self.conn.send(("at", i))
-            self.last = i
-
-
-def _child_main(fd: int) -> None:
-    """The measuring child: read the arguments from stdin, time the settings, answer on pipe ``fd`` (see
-    :func:`_run_child`)."""
-    import faulthandler
-
-    t0 = time.perf_counter()
-    faulthandler.enable()  # a native crash prints the Python stack of the step that died
-    conn = Connection(fd, readable=False)
-    settings, steps, warmup, seed, progress, cheap_seconds, threads, fault_spec = pickle.load(sys.stdin.buffer)
-    torch.set_num_threads(threads)
-    try:
-        faults.arm(fault_spec)
-        timings = _time_settings(settings, steps, warmup, seed, progress, cheap_seconds, _Marker(conn))
-        reply: tuple[str, Any, float] = ("ok", (timings, torch.get_num_threads()), time.perf_counter() - t0)
-    except Exception as exc:
-        reply = ("error", _picklable(exc), time.perf_counter() - t0)
-    conn.send(reply)
-    conn.close()
-
-
-def _picklable(exc: Exception) -> Exception:
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError("".join(traceback.format_exception(exc)).strip())
-
-
-def _crash_status(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        if name == "SIGKILL":
-            return "crashed (SIGKILL: killed, e.g. by the out-of-memory killer)"
-        return f"crashed ({name})"
-    return f"crashed (exit code {exitcode})"
-
-
 def measure_step_time(
-    net: NetworkPlan, in_channels: int, num_classes: int, device: str = "cpu", precision: str = "fp32",
+    net: NetworkPlan, in_channels: int, num_classes: int, device: str = DeviceKind.CPU, precision: str = Precision.FP32,
     channels_last: bool = False, steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS, seed: int = 0,
 ) -> float:
     """Wall time of one real training step of ``net`` on ``device`` (the fastest of the timed steps), in
@@ -545,7 +313,7 @@ def measure_step_time(
 
 def _free(device: str) -> None:
     gc.collect()
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == DeviceKind.CUDA:
         torch.cuda.empty_cache()
 
 
@@ -568,36 +336,32 @@ def lever_settings(device: str) -> tuple[list[tuple[str, bool]], str]:
     Returns:
         ``(pairs, reason)``.
     """
-    if torch.device(device).type == "cuda":
-        precisions = ["fp16"]
+    if torch.device(device).type == DeviceKind.CUDA:
+        precisions = [Precision.FP16]
         bf16 = False
         try:
             bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         except (AssertionError, RuntimeError):
             bf16 = False
         if bf16:
-            precisions.append("bf16")
+            precisions.append(Precision.BF16)
         reason = "CUDA: automatic mixed precision (fp16" + (", bf16" if bf16 else "; no bf16 on this GPU") + ")"
     elif cpu_bf16_supported():
-        precisions = ["fp32", "bf16"]
+        precisions = [Precision.FP32, Precision.BF16]
         reason = "CPU with native bf16 (oneDNN AVX512-BF16/AMX): fp32 and bf16 autocast"
     else:
-        precisions = ["fp32"]
+        precisions = [Precision.FP32]
         reason = (f"CPU without native bf16 (capability {torch.backends.cpu.get_cpu_capability()}): bf16 would run "
                   "on slow reference kernels, so only fp32 is measured")
     return [(p, cl) for p in precisions for cl in (False, True)], reason + "; channels-last off and on"
 
 
 __all__ = [
-    "CHILD_START_SECONDS",
     "DEFAULT_MEASURE_STEPS",
-    "ChildMeasurement",
     "StepSetting",
     "StepTiming",
     "cpu_bf16_supported",
     "lever_settings",
-    "measure_in_child",
     "measure_step_time",
     "measure_step_times",
-    "probe_step_in_child",
 ]

@@ -22,7 +22,8 @@ from medseg.machine import cpu_has_fast_bf16
 from medseg.options import DeviceKind, Precision, parse_option
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.stage import Stage
-from medseg.planning.step_timing import StepSetting, probe_step_in_child
+from medseg.planning.step_child import probe_step_in_child
+from medseg.planning.step_timing import StepSetting
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import DistContext
 
@@ -69,7 +70,7 @@ def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_
     A training step can kill its process natively, beyond any ``try`` (issue 42: torch 2.13's oneDNN bf16
     backward at 12x256x256 on a CPU with AMX dies of SIGSEGV, fp32 does not). A CPU run at bf16 (or fp16) therefore first
     runs one training step of its network, patch, batch (this rank's share), precision and memory format in
-    a child process (:func:`medseg.planning.step_timing.probe_step_in_child`; a few seconds: the child's
+    a child process (:func:`medseg.planning.step_child.probe_step_in_child`; a few seconds: the child's
     start, building the network, one step). When the child crashes (on any rank) the run trains in fp32,
     with a warning. fp32 and CUDA runs are not checked (no such crash is known there, and the check would
     slow every run).

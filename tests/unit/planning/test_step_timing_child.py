@@ -11,13 +11,12 @@ import torch
 from medseg import faults
 from medseg.errors import ConfigError
 from medseg.planning import step_timing
+from medseg.planning.step_child import measure_in_child, probe_step_in_child
 from medseg.planning.step_timing import (
     MAX_ROUNDS,
     StepSetting,
     StepTiming,
-    measure_in_child,
     measure_step_times,
-    probe_step_in_child,
 )
 from tests.helpers import network_plan
 
