@@ -10,7 +10,7 @@ the dataset (default: the shared hippocampus data), in turns before/after/before
 machine load affects both alike. Per round and checkout:
 
 - **plan**: wall seconds of ``medseg plan DATA -o WORK --num-workers N`` (validate, fingerprint, plan, preprocess);
-- **step**: ``medseg train WORK --fold 0 --epochs E --iters-per-epoch I --no-validation --device cpu
+- **step**: ``medseg train WORK --fold F --epochs E --iters-per-epoch I --no-validation --device cpu
   --precision fp32 --num-workers 0`` on that plan's default configuration; the step time is the median over the
   epochs after the first of the epoch's seconds per iteration (``progress.json``, the trainer's own figures).
 
@@ -39,9 +39,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 _SAME_PLAN = """
 import json, sys
 from medseg.planning.plan import Plan
-a = Plan.from_json(json.loads(open(sys.argv[1]).read()))
-b = Plan.from_json(json.loads(open(sys.argv[2]).read()))
-da, db = a.to_json(), b.to_json()
+a = Plan.from_dict(json.loads(open(sys.argv[1]).read()))
+b = Plan.from_dict(json.loads(open(sys.argv[2]).read()))
+da, db = a.to_dict(), b.to_dict()
 for d in (da, db):
     d.get("notes", {}).pop("timing", None)
 print(json.dumps({"same": da == db, "before": da, "after": db}))
@@ -58,8 +58,8 @@ def _run(checkout: Path, args: list[str], cwd: Path) -> float:
     return seconds
 
 
-def _step_seconds(work: Path) -> float:
-    runs = sorted(work.glob("runs/*/*/fold_0/progress.json"))
+def _step_seconds(work: Path, fold: str) -> float:
+    runs = sorted(work.glob(f"runs/*/*/fold_{fold}/progress.json"))
     if not runs:
         raise SystemExit(f"no progress.json under {work}/runs")
     history = json.loads(runs[0].read_text())["history"]
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters-per-epoch", type=int, default=15)
+    p.add_argument("--fold", default="0", help="fold to train (`all` for a dataset of fewer than 5 cases)")
     args = p.parse_args(argv)
     checkouts = {"before": args.before.resolve(), "after": args.after.resolve()}
     figures: dict[str, dict[str, list[float]]] = {k: {"plan": [], "step": []} for k in checkouts}
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 work = root / f"{name}_{r}"
                 figures[name]["plan"].append(_run(checkout, ["plan", str(data), "-o", str(work),
                                                              "--num-workers", str(args.num_workers)], root))
-                _run(checkout, ["train", str(work), "--fold", "0", "--epochs", str(args.epochs),
+                _run(checkout, ["train", str(work), "--fold", args.fold, "--epochs", str(args.epochs),
                                 "--iters-per-epoch", str(args.iters_per_epoch), "--no-validation", "--device", "cpu",
                                 "--precision", "fp32", "--num-workers", "0"], root)
-                figures[name]["step"].append(_step_seconds(work))
+                figures[name]["step"].append(_step_seconds(work, args.fold))
                 print(f"round {r} {name}: plan {figures[name]['plan'][-1]:.2f} s, "
                       f"step {figures[name]['step'][-1]:.3f} s", flush=True)
         env = {**os.environ, "PYTHONPATH": str(checkouts["after"])}
