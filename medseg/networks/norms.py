@@ -64,7 +64,6 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
     """
 
     # ctx is Any: torch's stubs leave save_for_backward unannotated and type saved_tensors as a 1-tuple
-
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         n, c = x.shape[:2]
