@@ -98,7 +98,8 @@ class ASPP(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.project(torch.cat([b(x) for b in self.branches], dim=1)))
+        y: torch.Tensor = self.dropout(self.project(torch.cat([b(x) for b in self.branches], dim=1)))
+        return y
 
 
 @register_network("deeplab")
@@ -139,4 +140,5 @@ class DeepLabV3Plus(DilatedSegmentationNetwork):
         """ASPP on the deepest features, fused with the low-level skip; logits at the skip's resolution."""
         y = self.aspp(bottom)
         y = torch.cat((upsample_to(y, low.shape[2:]), self.low_level(low)), dim=1)
-        return self.classifier(self.decoder(y))
+        logits: torch.Tensor = self.classifier(self.decoder(y))
+        return logits

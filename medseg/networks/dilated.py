@@ -10,7 +10,7 @@ never strides keeps stride 1 and dilation 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -149,6 +149,9 @@ class DilatedSegmentationNetwork(SegmentationNetwork):
     """
 
     head_stages: tuple[int, ...] = (-1,)
+    #: Logits ``(B, K, *spatial')`` from the feature maps of ``head_stages`` (one argument per stage, in that
+    #: order), at any resolution; each subclass defines it as a method with its own arity.
+    head: Callable[..., torch.Tensor]
 
     @staticmethod
     def read_encoder_options(net: NetworkSpec, head_options: Sequence[str], default_output_stride: int) -> int:
@@ -173,10 +176,6 @@ class DilatedSegmentationNetwork(SegmentationNetwork):
             self.output_scales = [(1,) * net.dims, self.encoder.accumulated_strides[-2]]
         init_weights(self)
 
-    def head(self, *features: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K, *spatial')`` from the feature maps of ``head_stages``, at any resolution."""
-        raise NotImplementedError
-
     def _forward(self, x: torch.Tensor, with_aux: bool) -> list[torch.Tensor]:
         size = x.shape[2:]
         feats = self.encoder(x)
@@ -184,6 +183,6 @@ class DilatedSegmentationNetwork(SegmentationNetwork):
         aux_in = feats[-2] if with_aux and self.aux is not None else None
         del feats  # let unused stage outputs go early when gradients are off
         outs = [upsample_to(self.head(*head_in), size)]
-        if aux_in is not None:
+        if aux_in is not None and self.aux is not None:
             outs.append(self.aux(aux_in))
         return outs

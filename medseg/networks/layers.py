@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +26,47 @@ from medseg.options import NormLayer
 #: Negative slope of every LeakyReLU.
 LEAKY_SLOPE = 0.01
 
+_T = TypeVar("_T")
 
-def conv_type(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+
+class ConvClass(Protocol):
+    """``nn.Conv2d``/``nn.Conv3d`` as :func:`conv_type` hands it out: per-axis sizes are an int or a tuple
+    with one entry per spatial axis (the class is picked to match ``dims``)."""
+
+    def __call__(
+        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = ..., padding: int | tuple[int, ...] = ...,
+        dilation: int | tuple[int, ...] = ..., groups: int = ..., bias: bool = ...,
+    ) -> nn.Conv2d | nn.Conv3d: ...
+
+
+class ConvTransposeClass(Protocol):
+    """``nn.ConvTranspose2d``/``nn.ConvTranspose3d`` as :func:`conv_transpose_type` hands it out (per-axis
+    sizes as in :class:`ConvClass`)."""
+
+    def __call__(
+        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = ..., bias: bool = ...,
+    ) -> nn.ConvTranspose2d | nn.ConvTranspose3d: ...
+
+
+def conv_type(dims: int) -> ConvClass:
     """``nn.Conv2d`` or ``nn.Conv3d``."""
-    return {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    # cast: torch's stubs want exact pairs for Conv2d and triples for Conv3d; which one a tuple is
+    # (its length is dims) is known only at run time
+    return cast(ConvClass, {2: nn.Conv2d, 3: nn.Conv3d}[dims])
 
 
-def conv_transpose_type(dims: int) -> type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d]:
+def conv_transpose_type(dims: int) -> ConvTransposeClass:
     """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
-    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    # cast: as in conv_type
+    return cast(ConvTransposeClass, {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims])
 
 
 def dropout_type(dims: int) -> type[nn.Dropout2d] | type[nn.Dropout3d]:
     """Channel dropout, ``nn.Dropout2d`` or ``nn.Dropout3d``."""
-    return {2: nn.Dropout2d, 3: nn.Dropout3d}[dims]
+    types: dict[int, type[nn.Dropout2d] | type[nn.Dropout3d]] = {2: nn.Dropout2d, 3: nn.Dropout3d}
+    return types[dims]
 
 
 def adaptive_avg_pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -50,7 +78,10 @@ def adaptive_avg_pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if torch.onnx.is_in_onnx_export() and any(int(n) % s for n, s in zip(x.shape[2:], size)):
         return _adaptive_avg_pool_matmul(x, size)
-    return F.adaptive_avg_pool3d(x, size) if x.dim() == 5 else F.adaptive_avg_pool2d(x, size)
+    # casts: size has one entry per spatial axis of x, which torch's stubs cannot tie to x.dim()
+    if x.dim() == 5:
+        return F.adaptive_avg_pool3d(x, cast(tuple[int, int, int], size))
+    return F.adaptive_avg_pool2d(x, cast(tuple[int, int], size))
 
 
 def _adaptive_avg_pool_matmul(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -179,7 +210,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.conv1(x))
         # in place: the norm's backward needs its input, not its output
-        return self.act(out.add_(self.shortcut(x)))
+        y: torch.Tensor = self.act(out.add_(self.shortcut(x)))
+        return y
 
 
 def plain_stage(
@@ -287,7 +319,9 @@ class SegmentationNetwork(nn.Module):
         raise NotImplementedError
 
 
-def options_get(net: NetworkSpec, key: str, default, kind: type, choices: Sequence | None = None):
+def options_get(
+    net: NetworkSpec, key: str, default: _T, kind: type[_T], choices: Sequence[_T] | None = None
+) -> _T:
     """Read ``net.options[key]`` checking its type (and value among ``choices``); ``ValueError`` otherwise."""
     value = net.options.get(key, default)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
@@ -296,7 +330,7 @@ def options_get(net: NetworkSpec, key: str, default, kind: type, choices: Sequen
     if not ok or (choices is not None and value not in choices):
         allowed = f" (one of {list(choices)})" if choices is not None else ""
         raise ValueError(f"options.{key} must be a {kind.__name__}{allowed}, got {value!r}")
-    return value
+    return cast(_T, value)  # an instance of kind: checked above (options hold builtins typed Any)
 
 
 def options_positive_ints(

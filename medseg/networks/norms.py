@@ -7,6 +7,7 @@ on the CPU through its own autograd function, and works under autocast.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,11 @@ class InstanceNorm(nn.GroupNorm):
             and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
         ):
-            return _ChannelsLastInstanceNorm.apply(x, self.weight, self.bias, self.eps)
+            # torch's Function.apply is unannotated (returns what forward returns: a tensor)
+            y: torch.Tensor = _ChannelsLastInstanceNorm.apply(  # type: ignore[no-untyped-call]
+                x, self.weight, self.bias, self.eps
+            )
+            return y
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -58,15 +63,18 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         d_x = weight * r * (g - mean_N(g) - x_hat * mean_N(g * x_hat))
     """
 
+    # ctx is Any: torch's stubs leave save_for_backward unannotated and type saved_tensors as a 1-tuple
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         n, c = x.shape[:2]
         y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), c, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
         x, weight, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
         voxels = math.prod(x.shape[2:])
@@ -78,7 +86,7 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         sum_gx = (grad * x_hat).sum(axes, keepdim=True)
         d_weight = sum_gx.sum(0).flatten()
         d_bias = sum_g.sum(0).flatten()
-        d_x = None
+        d_x: torch.Tensor | None = None
         if ctx.needs_input_grad[0]:
             correction = x_hat.mul_(sum_gx / voxels).add_(sum_g / voxels)  # reuses x_hat's memory
             d_x = torch.sub(grad, correction, out=correction).mul_(weight.view((1, c) + stats[2:]) * r)

@@ -77,4 +77,5 @@ class PSPNet(DilatedSegmentationNetwork):
 
     def head(self, bottom: torch.Tensor) -> torch.Tensor:
         """Pyramid pooling on the deepest features, fused and classified, at the deepest resolution."""
-        return self.classifier(self.dropout(self.fuse(self.ppm(bottom))))
+        logits: torch.Tensor = self.classifier(self.dropout(self.fuse(self.ppm(bottom))))
+        return logits

@@ -73,7 +73,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -118,6 +118,16 @@ logger = logging.getLogger(__name__)
 #: ``(net, in_channels, num_classes, device, precision, channels_last, steps) -> seconds per step`` (or a
 #: :class:`~medseg.planning.step_timing.StepTiming`, e.g. one whose status says the step crashed).
 MeasureFn = Callable[[NetworkPlan, int, int, str, str, bool, int], "float | StepTiming"]
+
+
+class _Isolation(TypedDict):
+    """The budget report's ``isolation``: where the steps ran; children started, their summed start-up
+    seconds and (once one answered) their intra-op threads."""
+
+    process: str
+    children: int
+    child_overhead_s: float
+    child_threads: NotRequired[int | None]
 
 
 def fit_plan_to_budget(
@@ -215,7 +225,7 @@ def fit_plan_to_budget(
             )
 
     crashes: list[dict[str, Any]] = []
-    isolation = {"process": "in this process (measure_fn)" if measure_fn is not None else
+    isolation: _Isolation = {"process": "in this process (measure_fn)" if measure_fn is not None else
                  "a child process per batch of settings (a native crash kills only the child)",
                  "children": 0, "child_overhead_s": 0.0}
 

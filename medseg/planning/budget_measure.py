@@ -168,7 +168,7 @@ def measure_levers(
             parts.append(f"{_pair_label(p)} {t.seconds:.3f} s")
         else:
             parts.append(f"{_pair_label(p)} {crashed.get(p) or (t.status if t else 'not measured')}")
-    notes = {
+    notes: dict[str, Any] = {
         "measured_on": candidate_dict(cand),
         "options": options,
         "results": [_lever_row(p, timings.get(p), crashed.get(p)) for p in pairs],
@@ -329,7 +329,8 @@ def measure_grid(
                     status[c] = f"measured at {pair} ({first} at {primary})"
                 else:
                     status[c] = f"{first} at {primary}; {t.status} at {pair}"
-    return [Measured(c, times[c], status[c], coverage(c), *own_levers.get(c, (None, None)), spreads.get(c))
+    no_levers: tuple[str | None, bool | None] = (None, None)  # measured at the fit's levers
+    return [Measured(c, times[c], status[c], coverage(c), *own_levers.get(c, no_levers), spreads.get(c))
             for c in grid]
 
 

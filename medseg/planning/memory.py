@@ -36,7 +36,8 @@ import json
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -133,7 +134,7 @@ def measure_training_peak_gb(
     target = torch.randint(0, num_classes, (net.batch_size, *net.patch_size), generator=gen).to(device)
     if channels_last:
         fmt = torch.channels_last_3d if net.dims == 3 else torch.channels_last
-        model = model.to(memory_format=fmt)
+        model = model.to(memory_format=fmt)  # type: ignore[call-overload]  # accepted at run time; not in the stubs
         x = x.contiguous(memory_format=fmt)
     optimizer = make_optimizer(model)
     training_step(model, optimizer, x, target, num_classes, net.precision)  # momentum buffers, kernel caches
@@ -151,7 +152,8 @@ def measure_training_peak_gb(
     events = sorted(
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        # DeviceType: torch.autograd re-exports it at run time without listing it in __all__
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU  # type: ignore[attr-defined]
     )
     live = peak = 0
     for _, nbytes in events:
@@ -165,7 +167,7 @@ _CONV = torch.ops.aten.convolution.default
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
 
-def conv_workspace_bytes(func, args: Sequence, threads: int) -> int:
+def conv_workspace_bytes(func: Callable[..., Any], args: Sequence[Any], threads: int) -> int:
     """Scratch memory a (transposed) convolution needs beyond its inputs and outputs, in bytes.
 
     Rules read off oneDNN on the CPU with ``torch.profiler`` (``convolution`` / ``convolution_backward``
@@ -215,12 +217,12 @@ def _conv_transpose_out_bytes(x: torch.Tensor, w: torch.Tensor, stride: Sequence
     return n * x.element_size()
 
 
-class _PeakTracker(TorchDispatchMode):
+class _PeakTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch's __init_subclass__ is unannotated
     """Dispatch mode counting the bytes of every storage an operator allocates while it is alive, plus
     the convolution workspaces of :func:`conv_workspace_bytes`."""
 
     def __init__(self, threads: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # TorchDispatchMode.__init__ is unannotated
         self.threads = threads
         self.live = 0
         self.trace: list[int] = []  # live bytes after each allocation (and during each workspace)
@@ -230,7 +232,10 @@ class _PeakTracker(TorchDispatchMode):
         self._seen.discard(key)
         self.live -= nbytes
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

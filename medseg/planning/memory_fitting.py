@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: (net, in_channels, num_classes) -> GB needed by one training step at ``net.batch_size``.
 MemoryEstimator = Callable[[NetworkPlan, int, int], float]
 
+#: A median image shape, one (possibly fractional) size per axis: a sequence, or the planner's 1-D array.
+MedianShape = Sequence[float] | np.ndarray
+
 MAX_DATASET_COVERED = 0.05  # one batch sees at most this fraction of the dataset's voxels
 MIN_BATCH_SIZE = 2
 MIN_PATCH_EDGE = 2 * MIN_FEATURE_MAP_SIZE  # the memory fitting never shrinks a patch axis below this
@@ -76,7 +79,7 @@ class Fitter:
         return self._cache[key]
 
     def fit(
-        self, arch: str, spacing: Sequence[float], median_shape: Sequence[float], total_voxels: float
+        self, arch: str, spacing: Sequence[float], median_shape: MedianShape, total_voxels: float
     ) -> tuple[NetworkPlan, dict[str, Any]]:
         """Largest patch (then batch) of ``arch`` that fits the budget.
 
@@ -149,7 +152,7 @@ class Fitter:
         return net, notes
 
     def _first_fitting(
-        self, arch: str, spacing: Sequence[float], topo: Topology, median_shape: Sequence[float], est0: float
+        self, arch: str, spacing: Sequence[float], topo: Topology, median_shape: MedianShape, est0: float
     ) -> tuple[Topology, int, bool]:
         """The first patch of the shrinking chain that fits at batch 2, its index, and whether it fits.
 
@@ -200,7 +203,7 @@ class Fitter:
     def _topology(self, spacing: Sequence[float], patch: Sequence[float]) -> Topology:
         return compute_topology(spacing, patch, MIN_FEATURE_MAP_SIZE, self.options.max_poolings)
 
-    def _shrink(self, spacing: Sequence[float], topo: Topology, median_shape: Sequence[float]) -> Topology | None:
+    def _shrink(self, spacing: Sequence[float], topo: Topology, median_shape: MedianShape) -> Topology | None:
         """Shrink the axis largest relative to the median image by one pooling multiple (None: cannot).
 
         No axis is shrunk below ``MIN_PATCH_EDGE`` voxels (a smaller patch cannot hold a useful network).
@@ -264,7 +267,7 @@ def _transpose_for(spacing: Sequence[float]) -> list[int]:
 
 
 def fit_3d(
-    fitter: Fitter, arch: str, spacing: Sequence[float], median_shape: Sequence[float], total: float
+    fitter: Fitter, arch: str, spacing: Sequence[float], median_shape: MedianShape, total: float
 ) -> tuple[NetworkPlan, dict[str, Any]]:
     """Fit a 3D network with the coarsest axis first (tie-breaking as nnU-Net), returned in (Z, Y, X) order."""
     order = _transpose_for(spacing)

@@ -60,8 +60,9 @@ def migrate_plan_dict(d: Any) -> Any:
                 spec = {k: net.pop(k) for k in _V1_SPEC_KEYS if k in net}
                 networks[arch] = {"spec": spec, **net}
         default = networks.get(cfg.get("default_arch", "unet"))
-        default_sizes = _plain(default.get("patch_size"), default.get("batch_size")) if isinstance(default, dict) else None
-        if default_sizes is not None and _plain(patch, batch) != default_sizes:
+        if not isinstance(default, dict):
+            continue
+        if _plain(patch, batch) != _plain(default.get("patch_size"), default.get("batch_size")):
             raise PlanError(
                 f"{where}: patch_size/batch_size ({patch}, {batch}) differ from those of its default network "
                 f"({default.get('patch_size')}, {default.get('batch_size')}); this schema-version-1 plan cannot be "

@@ -78,7 +78,8 @@ def resampled_shapes(spacings: np.ndarray, shapes: np.ndarray, target: Sequence[
     """Per-case shapes after resampling to ``target`` (rounded), ``(num_cases, 3)`` float64."""
     spacings = np.asarray(spacings, dtype=np.float64)
     shapes = np.asarray(shapes, dtype=np.float64)
-    return np.round(spacings / np.asarray(target, dtype=np.float64) * shapes)
+    out: np.ndarray = np.round(spacings / np.asarray(target, dtype=np.float64) * shapes)
+    return out
 
 
 def determine_normalization(

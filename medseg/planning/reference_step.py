@@ -47,7 +47,7 @@ def training_step(
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(x)
     loss = reference_loss(out if isinstance(out, list) else [out], target, num_classes)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -133,7 +133,7 @@ class _StepRunner:
         x, target = x.to(self.device), target.to(self.device)
         if s.channels_last:
             fmt = torch.channels_last_3d if net.dims == 3 else torch.channels_last
-            model = model.to(memory_format=fmt)
+            model = model.to(memory_format=fmt)  # type: ignore[call-overload]  # accepted at run time; not in the stubs
             x = x.contiguous(memory_format=fmt)
         self.model, self.x, self.target = model, x, target
         self.optimizer = make_optimizer(model)
@@ -325,7 +325,8 @@ def _setting_label(s: StepSetting) -> str:
 def cpu_bf16_supported() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # unannotated in torch
+        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
