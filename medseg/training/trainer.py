@@ -172,7 +172,8 @@ class Trainer(TrainerState, TrainerValidation):
         self.num_classes = stage.num_classes
         model = net.build(stage.in_channels, self.num_classes).to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=channels_last_format(self.dims))
+            # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+            model = model.to(memory_format=channels_last_format(self.dims))  # type: ignore[call-overload]
         self.model: nn.Module = model
         if dist_ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
