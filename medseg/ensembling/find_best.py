@@ -11,10 +11,12 @@ uses by default.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,18 @@ def _load_probabilities(path: Path) -> np.ndarray:
         raise MedsegError(f"{path}: unreadable validation probabilities ({exc})") from None
 
 
+def _summed(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The element-wise sum of one or more arrays, added left to right as ``sum()`` adds them.
+
+    Args:
+        arrays: at least one array, all of one shape.
+
+    Returns:
+        Their sum (the first array itself when there is only one).
+    """
+    return functools.reduce(operator.add, arrays)
+
+
 def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress: bool = True) -> FindBestResult:
     """Rank configurations/architectures and their ensembles on the cross-validation; save the best.
 
@@ -232,7 +246,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
                                   f"(K={k_out}, {list(ref.shape)})")
             probs[m] = p
         for i, combo in enumerate(candidates):
-            total = probs[combo[0]] if len(combo) == 1 else sum(probs[m] for m in combo)
+            total = _summed(probs[m] for m in combo)
             if regions:
                 dice_sums[i] += _region_dice(total / len(combo), ref, plan, ignored)
                 continue
@@ -249,7 +263,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     logger.info("best on cross-validation: %s (mean foreground Dice %.4f)", _name(winner), scores[best_i])
 
     def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
-        total = sum(_load_probabilities(preds[m][case]) for m in winner)
+        total = _summed(_load_probabilities(preds[m][case]) for m in winner)
         pred = regions_to_labels(total / len(winner), plan.regions_class_order or ()).astype(np.int32) if regions \
             else np.asarray(label_ids, dtype=np.int32)[total.argmax(0)]
         ref = load_ref(case)
@@ -261,7 +275,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     if regions:  # per-region postprocessing is not searched: the rules change nothing
         logger.info("region-based plan: no postprocessing is fitted (per-region postprocessing is not supported)")
         score = float(scores[best_i])
-        rules = {"format": RULES_FORMAT, "label_ids": label_ids, "foreground_largest_component": False,
+        rules: dict[str, Any] = {"format": RULES_FORMAT, "label_ids": label_ids, "foreground_largest_component": False,
                  "per_label": {}, "note": "region-based plan: postprocessing not fitted",
                  "scores": {"num_cases": len(common), "mean_foreground_dice_before": score,
                             "mean_foreground_dice_after": score}}

@@ -96,12 +96,13 @@ def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, i
         labels = tuple(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
     elif ignore_label is not None:
         labels = tuple(v for v in labels if v != ignore_label)
+    per_label: dict[Any, dict[str, Any]]
     if regions:  # region plans: metrics of each region's mask (voxels whose id is in the region)
         per_label = {region_key(r): case_metrics(np.isin(pred, r).astype(np.uint8), np.isin(ref, r).astype(np.uint8),
                                                  geo.spacing, (1,), tolerance)[1] for r in regions}
     else:
         per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
-    out = {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
+    out: dict[str, Any] = {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
            "labels": {str(k): v for k, v in per_label.items()}}
     if ignore_label is not None:
         out["ignored_voxels"] = ignored
@@ -265,10 +266,10 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
 
     labels: list[Any] = [region_key(r) for r in region_list] if region_list else list(labels_arg) \
         if labels_arg is not None else sorted({int(k) for c in cases for k in c["labels"]})
-    for c in cases:  # a label absent from both masks of a case is an empty-vs-empty match
+    for case in cases:  # a label absent from both masks of a case is an empty-vs-empty match
         for lab in labels:
-            c["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
-        c["labels"] = {str(lab): c["labels"][str(lab)] for lab in labels}
+            case["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
+        case["labels"] = {str(lab): case["labels"][str(lab)] for lab in labels}
     mean = _aggregate(cases, labels)
     fg: dict[str, Any] = {}
     for m in METRICS:

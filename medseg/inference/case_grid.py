@@ -70,7 +70,7 @@ def combine_classes(inferred: Inferred, plan: Plan) -> np.ndarray:
                 p *= n
             acc = p if acc is None else np.add(acc, p, out=acc)
         assert acc is not None
-        if best is None:
+        if best is None or arg is None:
             best = acc
             arg = np.zeros(acc.shape, dtype=np.uint8 if plan.num_classes <= 256 else np.int32)
         else:

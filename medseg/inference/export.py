@@ -43,6 +43,8 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
     if reference is not None and _is_nifti(reference) and _is_nifti(path) and seg.ndim == 3:
         try:
             ref = nib.load(str(reference))
+            if not isinstance(ref, nib.Nifti1Image):  # also Nifti2Image; caught below: re-encoded instead
+                raise ValueError(f"{reference} loads as a {type(ref).__name__}, not a NIfTI image")
             header = ref.header.copy()
             if tuple(header.get_data_shape()[:3]) == tuple(reversed(seg.shape)) and len(header.get_data_shape()) == 3:
                 header.set_data_dtype(seg.dtype)

@@ -116,7 +116,8 @@ def _example(member: EnsembleMember, batch: int, seed: int) -> torch.Tensor:
 
 def _export_one(member: EnsembleMember, fmt: str, name: str) -> bytes:
     """The exported network as bytes, checked against PyTorch on a batch of two."""
-    model = member.model.eval().float().to(memory_format=torch.contiguous_format)
+    # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+    model = member.model.eval().float().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     x = _example(member, 1, 0)
     with torch.no_grad():
         out = model(x)
@@ -128,7 +129,9 @@ def _export_one(member: EnsembleMember, fmt: str, name: str) -> bytes:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks turned into constants
             if fmt == "onnx":
-                torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=ONNX_OPSET,
+                # the TorchScript exporter (dynamo=False) writes to a file object; the stub allows paths only
+                torch.onnx.export(model, (x,), buf,  # type: ignore[arg-type]
+                                  dynamo=False, opset_version=ONNX_OPSET,
                                   input_names=["image"], output_names=["logits"],
                                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
             else:
@@ -195,7 +198,7 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
             "shift_variants": [list(s) for s in shifts],
             "total_stride": list(net.total_stride()),
         })
-    info = {
+    info: dict[str, Any] = {
         "format": INFERENCE_FORMAT,
         "medseg_version": __version__,
         "network_format": fmt,

@@ -146,7 +146,9 @@ class Predictor(EnsembleTiming):
                 self.device.type == "cpu" and m.arch in CHANNELS_LAST_ARCHS)
             if cl:
                 dims = m.stage.dims
-                m.model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+                # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+                m.model.to(memory_format=torch.channels_last if dims == 2  # type: ignore[call-overload]
+                           else torch.channels_last_3d)
             self._channels_last.append(cl)
             self._runners.append(CompiledOrEager(m.model) if compile else m.model)
 
@@ -260,7 +262,7 @@ class Predictor(EnsembleTiming):
         for c in self.configurations:
             data, _, props = preprocess_case(image, geometry, None, self.plan, c, case_id)
             per_config[c] = (data, props)
-        needed = {self.plan.configuration(c).previous_stage for c in self.configurations} - {None}
+        needed = {p for c in self.configurations if (p := self.plan.configuration(c).previous_stage) is not None}
         missing = sorted(p for p in needed if p not in self.previous_stages)
         if missing:
             raise MedsegError(f"the ensemble holds a cascade that refines the {missing[0]} segmentation, but no "

@@ -294,6 +294,7 @@ def _softmax_in_chunks(logits: torch.Tensor, weights: torch.Tensor, chunk: int =
     for k0 in range(0, k, chunk):
         m = logits[k0:k0 + chunk].float().div_(weights).amax(dim=0)
         peak = m if peak is None else torch.maximum(peak, m, out=peak)
+    assert peak is not None, "no classes"
     total = torch.zeros_like(weights)
     for k0 in range(0, k, chunk):
         c = logits[k0:k0 + chunk].float().div_(weights).sub_(peak).exp_()
@@ -323,7 +324,7 @@ class _WindowContext:
         return int(np.prod([len(tile_starts(max(s, t), t, self.step)) for s, t in zip(spatial, self.tile)]))
 
     def accumulate(self, data: torch.Tensor, before: Sequence[int], after: Sequence[int], logits: torch.Tensor,
-                   weights: torch.Tensor, bar: object | None) -> None:
+                   weights: torch.Tensor, bar: tqdm | None) -> None:
         """Add the Gaussian-weighted logits (and weights) of every patch of ``data`` padded by
         ``before``/``after`` (then centred in the tile where smaller) into ``logits``/``weights``."""
         tile, flips = self.tile, self.flips

@@ -286,7 +286,12 @@ class CaseBudget:
             seconds_per_window: measured seconds per window by job key.
             spent: seconds the case has taken already (reading and preprocessing, the measurement).
             write_raw: :func:`export_seconds` of the case.
+
+        Raises:
+            ValueError: there is no per-case budget (``seconds_per_case`` is None: use :attr:`full`).
         """
+        if self.seconds_per_case is None:
+            raise ValueError("no per-case time budget to choose a setting for")
         write = self.write_estimate(write_raw)
         correction = self.network_correction
         setting, net = choose_setting(jobs, seconds_per_window, self.options,

@@ -175,6 +175,7 @@ def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy (legacy global) and torch RNG states as tensors and builtins."""
     py = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy=True, the default: the tuple form, never the dict
     state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), int(np_state[2]),

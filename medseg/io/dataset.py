@@ -124,6 +124,7 @@ def _cases_from_training_list(root: Path, entries: Any, num_channels: int, endin
         image_rel = entry.get("image")
         label_rel = entry.get("label")
         if image_rel is None:
+            assert isinstance(label_rel, str)  # checked above: an entry without "image" names its "label"
             label_path = root / label_rel
             stem = strip_suffix(label_path.name)
             listed = root / "imagesTr" / f"{stem}{_suffix_of(label_path.name) or ending}"
@@ -354,8 +355,8 @@ def find_prediction_cases(folder: str | Path, num_channels: int) -> list[Case]:
                             f"{num_channels} channels; name the files {cid}_0000{_suffix_of(paths[0].name)}, "
                             f"{cid}_0001{_suffix_of(paths[0].name)}, ...")
         elif len(paths) > 1 or cid in grouped:
-            names = [p.name for p in paths] + [p.name for ps in grouped.get(cid, {}).values() for p in ps]
-            problems.append(f"case {cid}: several files for one case ({', '.join(names)})")
+            file_names = [p.name for p in paths] + [p.name for ps in grouped.get(cid, {}).values() for p in ps]
+            problems.append(f"case {cid}: several files for one case ({', '.join(file_names)})")
             cases.pop(cid, None)
         else:
             cases[cid] = Case(cid, (paths[0],), None)

@@ -251,6 +251,8 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, geome
     import nibabel as nib
 
     ref = nib.load(str(reference))
+    if not isinstance(ref, nib.Nifti1Image):  # also Nifti2Image
+        raise ValueError(f"{reference} loads as a {type(ref).__name__}, not a NIfTI image")
     expected = tuple(reversed(ref.shape[:3])) if len(ref.shape) >= 3 else tuple(reversed(ref.shape))
     if tuple(array.shape) != expected[: array.ndim] or array.ndim != len(expected):
         raise ValueError(f"array shape {array.shape} does not match {reference} (array order {expected})")

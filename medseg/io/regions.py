@@ -109,25 +109,26 @@ def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
                         "'regions_class_order' is missing; give the label id written for each region, in "
                         f"region order, e.g. \"regions_class_order\": {[max(r) for r in regions]}")
         return empty
-    order = [_int(v) for v in order_raw] if isinstance(order_raw, (list, tuple)) else None
-    if order is None or any(v is None for v in order):
+    order_ids = [_int(v) for v in order_raw] if isinstance(order_raw, (list, tuple)) else None
+    if order_ids is None or any(v is None for v in order_ids):
         problems.append(f"'regions_class_order' must be a list of integer label ids, got {order_raw!r}")
         return empty
+    order = [v for v in order_ids if v is not None]  # all of them (checked above)
     if len(problems) > n_before:
         return empty
     label_ids = tuple(sorted({0} | {i for reg in regions for i in reg}))
     if len(order) != len(regions):
         problems.append(f"'regions_class_order' has {len(order)} entries but 'labels' declares {len(regions)} "
                         f"region(s) ({', '.join(names)}); give one label id per region, in region order")
-    bad = sorted({int(v) for v in order if v not in label_ids or v == 0})  # type: ignore[operator]
+    bad = sorted({int(v) for v in order if v not in label_ids or v == 0})
     if bad:
         problems.append(f"'regions_class_order' holds id(s) {bad} that are not nonzero label ids of any region "
                         f"(ids in regions: {list(label_ids[1:])})")
-    if len(problems) > n_before:
+    if len(problems) > n_before or background is None:  # no background: a problem was recorded above
         return empty
     single = {reg[0]: n for n, reg in zip(names, regions) if len(reg) == 1}
-    label_names = tuple(background if i == 0 else single.get(i, f"label_{i}") for i in label_ids)  # type: ignore[misc]
-    return label_ids, label_names, ignore_id, tuple(regions), tuple(int(v) for v in order)  # type: ignore[arg-type]
+    label_names = tuple(background if i == 0 else single.get(i, f"label_{i}") for i in label_ids)
+    return label_ids, label_names, ignore_id, tuple(regions), tuple(int(v) for v in order)
 
 
 __all__ = ["is_region_based", "parse_region_labels"]

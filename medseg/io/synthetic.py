@@ -145,7 +145,7 @@ def generate_synthetic_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] = (20, 48, 40),
     spacing: tuple[float, float, float] = (3.0, 1.0, 1.2),
-    label_ids: tuple[int, int, int, int] = (0, 1, 2, 3),
+    label_ids: tuple[int, ...] = (0, 1, 2, 3),
 ) -> Path:
     """Write a synthetic MSD dataset (``imagesTr/``, ``labelsTr/``, ``dataset.json``) into ``out_dir``.
 

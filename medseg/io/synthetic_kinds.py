@@ -48,7 +48,7 @@ def _blob(coords: tuple[np.ndarray, ...], center: np.ndarray, radius: float, rng
     return mask
 
 
-def _tumour_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+def _tumour_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
                  num_channels: int) -> tuple[np.ndarray, np.ndarray]:
     """One case: images float32 ``(C, Z, Y, X)`` and a label ``(Z, Y, X)`` with ids 0-4."""
     coords, extent = _centred_coords(shape, spacing)

@@ -189,7 +189,7 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
         report(first, f"case has {len(case.image_files)} image file(s) but dataset.json declares "
                       f"{num_channels} channel(s)")
     ref_geo: ImageGeometry | None = None
-    ref_file: Path | None = None
+    ref_file = Path()  # channel 0's file: set with ref_geo, read only once ref_geo is set
     ndim: int | None = None
     for ch, path in enumerate(case.image_files):
         if not path.is_file():

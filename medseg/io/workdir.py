@@ -27,6 +27,7 @@ discovery methods (:meth:`WorkDir.fold_runs`, :meth:`WorkDir.run_pairs`, :meth:`
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,8 @@ class RunDir:
     POSTPROCESSING_PRIOR = "postprocessing_prior.json"
     VALIDATION_METRICS = "metrics.json"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "path", Path(path))
 
     @property
     def fold_name(self) -> str:
@@ -190,8 +191,8 @@ class WorkDir:
     FINGERPRINT = "fingerprint.json"
     POSTPROCESSING = "postprocessing.json"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "root", Path(root))
 
     @property
     def plans(self) -> Path:

@@ -206,12 +206,12 @@ def fit_postprocessing(
     for i, lab in enumerate(fg):
         candidates[str(lab)] = {_candidate_name(s): float(comp_scores[i, j]) for j, s in enumerate(comp_steps)}
         best = _best_candidate(comp_scores[i], min_improvement)
-        if best:
-            rules["per_label"][str(lab)] = [dict(comp_steps[best])]
+        if best and (chosen := comp_steps[best]) is not None:  # index 0, the only None, is never best
+            rules["per_label"][str(lab)] = [dict(chosen)]
 
     # stage 3: morphology per label
     if use_morphology:
-        morph_steps = [{"op": "opening", "radius": 1}, {"op": "closing", "radius": 1}]
+        morph_steps: list[dict[str, Any]] = [{"op": "opening", "radius": 1}, {"op": "closing", "radius": 1}]
         morph_scores = np.zeros((len(fg), 1 + len(morph_steps)))
         for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
             morph_scores[i, 0] += _mask_dice(mask, ref_mask, n_ref)

@@ -235,7 +235,7 @@ def _step_name(step: Mapping[str, Any] | None) -> str:
 
 def is_prior(rules: Mapping[str, Any] | None) -> bool:
     """Whether ``rules`` were decided from label statistics (not fitted by find-best)."""
-    return bool(rules) and rules.get("source") == PRIOR_SOURCE
+    return bool(rules and rules.get("source") == PRIOR_SOURCE)
 
 
 def describe_prior(rules: Mapping[str, Any]) -> str:

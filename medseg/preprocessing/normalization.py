@@ -33,7 +33,7 @@ def normalize_channel(channel: np.ndarray, spec: NormalizationSpec, mask: np.nda
     if spec.scheme == NormalizationScheme.NONE:
         return x
     if spec.scheme == NormalizationScheme.CT:
-        if None in (spec.clip_low, spec.clip_high, spec.mean, spec.std):
+        if spec.clip_low is None or spec.clip_high is None or spec.mean is None or spec.std is None:
             raise PlanError("normalization scheme 'ct' needs clip_low, clip_high, mean and std in the plan")
         np.clip(x, spec.clip_low, spec.clip_high, out=x)
         x -= np.float32(spec.mean)

@@ -72,14 +72,14 @@ def dataset_roundtrip_dice(ds: DatasetInfo, targets: Sequence[Sequence[float]], 
         One ``{label name: mean Dice over the cases holding it}`` per target; 2D images and cases without
         a label are skipped.
     """
-    cases = [c for c in ds.cases if c.label_file is not None]
-    if len(cases) > max_cases:
-        cases = [cases[int(round(i))] for i in np.linspace(0, len(cases) - 1, max_cases)]
+    label_files = [c.label_file for c in ds.cases if c.label_file is not None]
+    if len(label_files) > max_cases:
+        label_files = [label_files[int(round(i))] for i in np.linspace(0, len(label_files) - 1, max_cases)]
     names = dict(zip(ds.label_ids, ds.label_names))
     fg = [i for i in ds.label_ids if i != 0]
     scores: list[dict[int, list[float]]] = [{} for _ in targets]
-    for case in cases:
-        label, geometry = read_image(case.label_file)
+    for label_file in label_files:
+        label, geometry = read_image(label_file)
         if geometry.ndim != 3:
             continue
         label = np.rint(label).astype(np.int32) if label.dtype.kind == "f" else label

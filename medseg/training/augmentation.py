@@ -186,7 +186,8 @@ def extract_patch(
             img = np.flip(img, tuple(a + 1 for a in params.flips))
             lab = None if lab is None else np.flip(lab, params.flips)
         img_t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
-        lab_t = None if lab is None else torch.from_numpy(np.ascontiguousarray(lab, dtype=_label_np_dtype(seg)))
+        lab_t = None if lab is None or seg is None else torch.from_numpy(
+            np.ascontiguousarray(lab, dtype=_label_np_dtype(seg)))
         return img_t, lab_t
 
     a = params.matrix
@@ -195,7 +196,7 @@ def extract_patch(
     margin = (params.elastic_alpha if params.elastic_seed is not None else 0.0) + 1.0
     lo = [int(v) for v in np.floor(params.center + mapped.min(1) - margin)]
     hi = [int(v) + 1 for v in np.ceil(params.center + mapped.max(1) + margin)]
-    img = torch.from_numpy(np.ascontiguousarray(_crop_padded(image, lo, hi, 1), dtype=np.float32))
+    crop = torch.from_numpy(np.ascontiguousarray(_crop_padded(image, lo, hi, 1), dtype=np.float32))
     box = np.array([b - l for l, b in zip(lo, hi)], dtype=np.float64)
 
     # affine map from the output's normalised coordinates u in [-1, 1] (align_corners=True) to the
@@ -209,11 +210,11 @@ def extract_patch(
     if params.elastic_seed is not None:
         disp = _elastic_field(params.elastic_seed, patch, params.elastic_alpha, params.elastic_sigma)
         grid = grid + (disp * torch.as_tensor(scale_in, dtype=torch.float32)).flip(-1).unsqueeze(0)
-    out = F.grid_sample(img.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    out = F.grid_sample(crop.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     lab_t = None
     if seg is not None:
-        lab = torch.from_numpy(np.ascontiguousarray(_crop_padded(seg, lo, hi, 0))).to(torch.float32)
-        lab_t = F.grid_sample(lab[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
+        lab_crop = torch.from_numpy(np.ascontiguousarray(_crop_padded(seg, lo, hi, 0))).to(torch.float32)
+        lab_t = F.grid_sample(lab_crop[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
         lab_t = lab_t.to(_label_dtype(seg))
     return out, lab_t
 
@@ -302,35 +303,35 @@ def apply_intensity(batch: torch.Tensor, p: IntensityParams | None) -> torch.Ten
     b = batch.shape[0]
     for i in range(b):
         x = batch[i]
-        if p.noise_std[i] is not None and p.noise_std[i] > 0:
+        if (noise_std := p.noise_std[i]) is not None and noise_std > 0:
             g = torch.Generator().manual_seed(p.noise_seed[i])
-            x.add_(torch.randn(x.shape, generator=g) * p.noise_std[i])
-        if p.blur_sigma[i] is not None:
-            x.copy_(gaussian_blur(x, p.blur_sigma[i]))
+            x.add_(torch.randn(x.shape, generator=g) * noise_std)
+        if (blur_sigma := p.blur_sigma[i]) is not None:
+            x.copy_(gaussian_blur(x, blur_sigma))
     factors = torch.tensor(p.brightness, dtype=batch.dtype).reshape(b, *([1] * (batch.ndim - 1)))
     if (factors != 1).any():
         batch.mul_(factors)
     for i in range(b):
         x = batch[i]
-        if p.contrast[i] is not None:
+        if (contrast := p.contrast[i]) is not None:
             axes = tuple(a for a in range(1, x.ndim))
             mean = x.mean(axes, keepdim=True)
             lo = x.amin(axes, keepdim=True)
             hi = x.amax(axes, keepdim=True)
-            x.sub_(mean).mul_(p.contrast[i]).add_(mean)
+            x.sub_(mean).mul_(contrast).add_(mean)
             torch.maximum(x, lo, out=x)
             torch.minimum(x, hi, out=x)
-        if p.lowres_zoom[i] is not None:
+        if (zoom := p.lowres_zoom[i]) is not None:
             size = x.shape[1:]
-            small = [max(1, int(round(s * p.lowres_zoom[i]))) for s in size]
+            small = [max(1, int(round(s * zoom))) for s in size]
             if list(small) != list(size):
                 down = F.interpolate(x.unsqueeze(0), size=small, mode="nearest")
                 mode = "trilinear" if len(size) == 3 else "bilinear"
                 x.copy_(F.interpolate(down, size=tuple(size), mode=mode, align_corners=False)[0])
-        if p.gamma_inverted[i] is not None:
-            x.copy_(-_gamma(-x, p.gamma_inverted[i]))
-        if p.gamma[i] is not None:
-            x.copy_(_gamma(x, p.gamma[i][0]))
+        if (gamma_inverted := p.gamma_inverted[i]) is not None:
+            x.copy_(-_gamma(-x, gamma_inverted))
+        if (gamma := p.gamma[i]) is not None:
+            x.copy_(_gamma(x, gamma[0]))
     return batch
 
 

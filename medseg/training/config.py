@@ -342,7 +342,9 @@ class TrainConfig:
     @property
     def effective_lr(self) -> float:
         """The initial learning rate (explicit, or the default of the optimizer and schedule)."""
-        return float(self.resolved().lr)
+        lr = self.resolved().lr
+        assert lr is not None  # resolved() sets it
+        return float(lr)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -246,6 +246,7 @@ class PatchSampler:
                 img, lab = extract_patch(case.data, case.seg, params, self.patch_size)
             else:
                 img, lab = extract_patch(case.data[:, z], case.seg[z], params, self.patch_size)
+            assert lab is not None  # extract_patch crops a label whenever it is given one
             images.append(img)
             labels.append(lab)
             rngs.append(rng)

@@ -182,7 +182,8 @@ def planned_precision_and_layout(cfg: TrainConfig, stage: Stage, device: torch.d
                      and str(budget_notes.get("device", plan.device)).split(":")[0] == device.type)
     planned_precision = stage.precision if plan.device.split(":")[0] == device.type else None
     precision = resolve_precision(cfg.precision, device, planned_precision)
-    planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") if measured_here else None
+    planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") \
+        if measured_here and isinstance(budget_notes, dict) else None
     if cfg.channels_last is not None:
         channels_last = cfg.channels_last
     elif isinstance(planned_cl, bool):
@@ -259,7 +260,7 @@ class ThreadTuner:
         if self.queue:
             return
         medians = {n: statistics.median(t) for n, t in self.times.items() if t}
-        best = min(medians, key=medians.get)
+        best = min(medians, key=medians.__getitem__)
         logger.debug("thread probe at step %d: %s", self.steps,
                      ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())))
         if best != self.current and medians[best] < 0.9 * medians[self.current]:

@@ -43,8 +43,10 @@ def _read_owner(fd: int) -> dict:
 
 
 def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, (int, float, str)):  # a JSON value int() refuses: null, list, object
+        return False
     try:
-        os.kill(int(pid), 0)  # type: ignore[arg-type]
+        os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:  # exists, owned by someone else

@@ -92,6 +92,8 @@ class CrossEntropyLoss(nn.Module):
     of the mean (a batch with nothing but ignored voxels gives 0).
     """
 
+    class_weights: torch.Tensor | None  # a non-persistent buffer (register_buffer in __init__)
+
     def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
                  focal_gamma: float = 0.0, ignore_index: int | None = None) -> None:
         super().__init__()

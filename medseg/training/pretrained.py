@@ -227,8 +227,11 @@ def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
         raise MedsegError(f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; "
                           f"it holds {have}")
     entry = next((m for m in candidates if m["fold"] == fold_name(0)), candidates[0])
+    fold = parse_fold(entry["fold"])
+    if fold is None:
+        raise MedsegError(f"{path}: the bundle's manifest names fold {entry['fold']!r}, not fold_<k> or fold_all")
     loaded, _ = load_bundle(path, configs=[entry["configuration"]], archs=[entry["arch"]],
-                            folds=[parse_fold(entry["fold"])], postprocessing=False)
+                            folds=[fold], postprocessing=False)
     net = loaded[0]
     name = f"{entry['configuration']}/{entry['arch']}/{entry['fold']}"
     others = len(members) - 1

@@ -33,13 +33,13 @@ def build_loss(cfg: TrainConfig, plan: Plan) -> DeepSupervisionLoss:
     Raises:
         ConfigError: ``class_weights`` do not match the plan's classes.
     """
-    loss_options = dict(
+    loss_options: dict[str, Any] = dict(
         dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
         class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
         ignore_index=plan.ignore_class,
     )
     base_loss = region_loss(plan.region_classes, **loss_options) if plan.is_region_based \
-        else DiceCELoss(**loss_options)  # type: ignore[arg-type]
+        else DiceCELoss(**loss_options)
     if cfg.class_weights is not None and len(cfg.class_weights) != plan.num_classes:
         raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {plan.num_classes} classes")
     return DeepSupervisionLoss(base_loss)
@@ -48,10 +48,12 @@ def build_loss(cfg: TrainConfig, plan: Plan) -> DeepSupervisionLoss:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum) or AdamW at the resolved learning rate of ``cfg`` (``cfg.resolved()``)."""
     opt = cfg.resolved()
+    lr, momentum = opt.lr, opt.momentum
+    assert lr is not None and momentum is not None  # resolved() sets both
     if opt.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=float(opt.lr), momentum=opt.momentum,
-                               nesterov=cfg.nesterov and opt.momentum > 0, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=float(opt.lr), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=float(lr), momentum=momentum,
+                               nesterov=cfg.nesterov and momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=cfg.weight_decay)
 
 
 class OptimizerStep:
@@ -116,7 +118,8 @@ class OptimizerStep:
             return nn.utils.clip_grad_norm_(params, self.grad_clip)
         if not params:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for p in params
+                                                    if (g := p.grad) is not None]))
 
     def skip(self, norm: float, iteration: int) -> None:
         """Leave the weights untouched after a step with non-finite gradients (one bad batch, a numerical

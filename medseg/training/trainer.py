@@ -41,6 +41,7 @@ from medseg.clock import BudgetClock, EpochClock, TrainingClock
 from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
 from medseg.machine import autocast_dtype, keep_freed_cpu_memory
+from medseg.options import Precision
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.run_stage import run_plan
@@ -147,8 +148,8 @@ class Trainer(TrainerState, TrainerValidation):
                 self.precision, self.channels_last, dataclasses.replace(net, batch_size=self.local_batch),
                 stage.in_channels, stage.num_classes, self.device, dist_ctx, cfg.seed)
             self.amp_dtype = autocast_dtype(self.precision)
-            fallback = {"precision": "fp32"} if check is not None and check.get("fallback") else {}
-            self.cfg = cfg = dataclasses.replace(cfg, **fallback)
+            fallback = check is not None and bool(check.get("fallback"))
+            self.cfg = cfg = dataclasses.replace(cfg, precision=Precision.FP32 if fallback else cfg.precision)
             self.run_record = dataclasses.replace(self.run_record, precision_check=check)
         spacing = stage.spacing
         self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
@@ -172,14 +173,15 @@ class Trainer(TrainerState, TrainerValidation):
         self.num_classes = stage.num_classes
         model = net.build(stage.in_channels, self.num_classes).to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=channels_last_format(self.dims))
+            # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+            model = model.to(memory_format=channels_last_format(self.dims))  # type: ignore[call-overload]
         self.model: nn.Module = model
         if dist_ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.loss_fn = build_loss(cfg, plan).to(self.device)
         self.optimizer = build_optimizer(model, cfg)
-        self.lr0 = float(cfg.resolved().lr)
+        self.lr0 = cfg.effective_lr
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = OptimizerStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.device, self.amp_dtype,
                                   dist_ctx, self.local_batch, self.batch_size, cfg.grad_clip, self.precision,
@@ -204,7 +206,7 @@ class Trainer(TrainerState, TrainerValidation):
             self.mirror_axes, stage.total_stride, cfg.validation_tta)
         self._param_count: int | None = None
         budget_fit = self.run_record.budget_fit
-        self._warn_kept_plan = bool(budget_fit) and not budget_fit.get("refit", True)
+        self._warn_kept_plan = bool(budget_fit and not budget_fit.get("refit", True))
         self.step_check = StepTimeCheck.for_run(stage)
         self.clock: TrainingClock = self._make_clock(started)
         if checkpoint is not None:

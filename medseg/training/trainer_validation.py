@@ -19,6 +19,7 @@ from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.data import CaseData, PatchSampler
 from medseg.training.distributed import DistContext, unwrap
+from medseg.training.run_record import RunRecord
 from medseg.training.validation import pseudo_dice
 from medseg.training.validation_budget import (
     MAX_VALIDATION_SHARE,
@@ -55,6 +56,7 @@ class TrainerValidation:
     pseudo_dice_seconds: float | None
     end_epoch_seconds: float | None
     _param_count: int | None
+    run_record: RunRecord
 
     @property
     def budget(self) -> BudgetClock | None:

@@ -170,7 +170,7 @@ def validate_run(
     mean: dict[str, float | None] = {}
     keys = [region_key(r) for r in plan.regions] if plan.regions else [str(lab) for lab in fg]
     for key in keys:
-        vals = [d[key] for d in per_case.values() if d.get(key) is not None]
+        vals = [v for d in per_case.values() if (v := d.get(key)) is not None]
         mean[key] = float(np.mean(vals)) if vals else None
     valid = [v for v in mean.values() if v is not None]
     metrics = {
