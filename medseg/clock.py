@@ -132,8 +132,14 @@ class EpochClock(_RunTime):
         started / time_source: as for the elapsed time (:class:`BudgetClock`).
     """
 
-    def __init__(self, max_epochs: int, iters_per_epoch: int, *, started: float | None = None,
-                 time_source: TimeSource = time.perf_counter) -> None:
+    def __init__(
+        self,
+        max_epochs: int,
+        iters_per_epoch: int,
+        *,
+        started: float | None = None,
+        time_source: TimeSource = time.perf_counter,
+    ) -> None:
         super().__init__(started, time_source)
         self.max_epochs = int(max_epochs)
         self.iters_per_epoch = int(iters_per_epoch)
@@ -166,9 +172,15 @@ class BudgetClock(_RunTime):
 
     stops_mid_epoch = True
 
-    def __init__(self, budget_seconds: float, reserve: Callable[[], float] = lambda: 0.0, *,
-                 max_epochs: int | None = None, started: float | None = None,
-                 time_source: TimeSource = time.perf_counter) -> None:
+    def __init__(
+        self,
+        budget_seconds: float,
+        reserve: Callable[[], float] = lambda: 0.0,
+        *,
+        max_epochs: int | None = None,
+        started: float | None = None,
+        time_source: TimeSource = time.perf_counter,
+    ) -> None:
         super().__init__(started, time_source)
         self.budget_seconds = float(budget_seconds)
         self.reserve = reserve

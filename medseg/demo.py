@@ -94,8 +94,9 @@ def run_demo(options: DemoOptions) -> DemoResult:
     dice = {int(lab): float(v["dice"]) for lab, v in report["mean"].items() if v["dice"] is not None}
     mean = float(report["foreground_mean"]["dice"] or 0.0)
     first = sorted((test / "imagesTr").glob("*.nii.gz"))[0]
-    overlay = write_overlay_png(first, pred_dir / first.name, out / "overlay.png",
-                                reference_path=test / "labelsTr" / first.name)
+    overlay = write_overlay_png(
+        first, pred_dir / first.name, out / "overlay.png", reference_path=test / "labelsTr" / first.name
+    )
     return DemoResult(work_dir=work, prediction_dir=pred_dir, overlay_png=overlay, mean_dice=mean, dice_per_label=dice)
 
 

@@ -52,8 +52,15 @@ from dataclasses import dataclass
 from medseg.errors import ConfigError
 
 ENV_VAR = "MEDSEG_FAULT_INJECT"
-POINTS = ("checkpoint_write", "preprocess_write", "segmentation_write", "predict_written", "final_validation",
-          "train_step", "step_probe")
+POINTS = (
+    "checkpoint_write",
+    "preprocess_write",
+    "segmentation_write",
+    "predict_written",
+    "final_validation",
+    "train_step",
+    "step_probe",
+)
 ACTIONS = ("kill", "enospc", "stall", "segv")
 
 
@@ -82,10 +89,16 @@ def arm(spec: str | None) -> None:
             continue
         rest, _, action = part.partition("=")
         point, _, nth = rest.partition("@")
-        if point.partition(":")[0] not in POINTS or (action or "kill") not in ACTIONS or not (nth or "1").isdigit() \
-                or int(nth or "1") < 1:
-            raise ConfigError(f"{ENV_VAR}: cannot use {part!r}; expected POINT[:NAME][@N][=ACTION] with a point "
-                              f"of {list(POINTS)}, N >= 1 and an action of {list(ACTIONS)}")
+        if (
+            point.partition(":")[0] not in POINTS
+            or (action or "kill") not in ACTIONS
+            or not (nth or "1").isdigit()
+            or int(nth or "1") < 1
+        ):
+            raise ConfigError(
+                f"{ENV_VAR}: cannot use {part!r}; expected POINT[:NAME][@N][=ACTION] with a point "
+                f"of {list(POINTS)}, N >= 1 and an action of {list(ACTIONS)}"
+            )
         faults.append(_Fault(point, int(nth or "1"), action or "kill"))
     with _lock:
         _armed[:] = faults

@@ -49,8 +49,6 @@ def autocast_dtype(precision: str, device_type: str | None = None) -> torch.dtyp
     raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
 
 
-
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

@@ -132,6 +132,18 @@ def parse_option(enum: type[E], value: object, what: str, error: type[MedsegErro
 
 
 __all__ = [
-    "PRECISIONS", "CheckpointName", "DeviceKind", "ExportFormat", "LRSchedule", "NormLayer", "NormalizationScheme",
-    "Optimizer", "Precision", "Switch", "WeightAveraging", "choices", "parse_option", "valid_values",
+    "PRECISIONS",
+    "CheckpointName",
+    "DeviceKind",
+    "ExportFormat",
+    "LRSchedule",
+    "NormLayer",
+    "NormalizationScheme",
+    "Optimizer",
+    "Precision",
+    "Switch",
+    "WeightAveraging",
+    "choices",
+    "parse_option",
+    "valid_values",
 ]

@@ -85,7 +85,9 @@ def plan_and_preprocess(
     ds = load_dataset(data_dir)
     validate_dataset(ds, num_workers=num_workers)
     seconds["validate"] = time.perf_counter() - t
-    logger.info("dataset %s: %d cases, %d channel(s), labels %s", ds.name, len(ds.cases), ds.num_channels, list(ds.label_ids))
+    logger.info(
+        "dataset %s: %d cases, %d channel(s), labels %s", ds.name, len(ds.cases), ds.num_channels, list(ds.label_ids)
+    )
 
     t = time.perf_counter()
     fp = extract_fingerprint(ds, num_workers=num_workers)
@@ -111,8 +113,11 @@ def plan_and_preprocess(
         preprocess_dataset(ds, plan, work_dir, configs=configs, num_workers=num_workers)
         seconds["preprocess"] = time.perf_counter() - t
         if options.time_budget_minutes is not None:  # the fit's share of the budget includes building the cache
-            budget_note = {**plan.notes["budget"], "preprocess_seconds": round(seconds["preprocess"], 2),
-                           "fit_and_preprocess_seconds": round(seconds["budget"] + seconds["preprocess"], 2)}
+            budget_note = {
+                **plan.notes["budget"],
+                "preprocess_seconds": round(seconds["preprocess"], 2),
+                "fit_and_preprocess_seconds": round(seconds["budget"] + seconds["preprocess"], 2),
+            }
             plan = dataclasses.replace(plan, notes={**plan.notes, "budget": budget_note})
             plan.save(plan_path)
     _write_dataset_reference(work_dir, ds)
@@ -129,15 +134,21 @@ def _fit_to_budget(plan: Plan, ds, fp, options) -> Plan:
     (:mod:`medseg.planning.resolution`), both within :func:`~medseg.planning.budget.fit_seconds_limit`."""
     t0 = time.perf_counter()
     limit = budget.fit_seconds_limit(options.time_budget_minutes)
-    plan = budget.fit_plan_to_budget(plan, options.device, options.time_budget_minutes,
-                                     max_seconds=PLANNED_SPACING_SHARE * limit)
+    plan = budget.fit_plan_to_budget(
+        plan, options.device, options.time_budget_minutes, max_seconds=PLANNED_SPACING_SHARE * limit
+    )
 
     def plan_at(spacing: tuple[float, ...]):
         return plan_dataset(ds, fp, dataclasses.replace(options, target_spacing=spacing)).configuration("3d_fullres")
 
-    return resolution.fit_resolution(plan, options.device, options.time_budget_minutes,
-                                     roundtrip=lambda spacings: dataset_roundtrip_dice(ds, spacings), plan_at=plan_at,
-                                     max_seconds=max(0.0, limit - (time.perf_counter() - t0)))
+    return resolution.fit_resolution(
+        plan,
+        options.device,
+        options.time_budget_minutes,
+        roundtrip=lambda spacings: dataset_roundtrip_dice(ds, spacings),
+        plan_at=plan_at,
+        max_seconds=max(0.0, limit - (time.perf_counter() - t0)),
+    )
 
 
 def _write_dataset_reference(work_dir: Path, ds) -> None:

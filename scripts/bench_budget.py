@@ -51,10 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median used)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--work", default=None, help="work folder for planning/training (default: a temp folder)")
-    p.add_argument("--report", action="store_true",
-                   help="only print the training table of an earlier run in --work (nothing is planned or trained)")
-    p.add_argument("--plan-only", action="store_true",
-                   help="only fit the plans; skip training fold 0 per budget (which takes the budgets' sum)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the training table of an earlier run in --work (nothing is planned or trained)",
+    )
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="only fit the plans; skip training fold 0 per budget (which takes the budgets' sum)",
+    )
     return p.parse_args(argv)
 
 
@@ -77,16 +83,35 @@ class CachedMeasure:
     def add_notes(self, notes: dict) -> None:
         on = notes["levers"]["measured_on"]
         for r in notes["levers"]["results"]:
-            self.table[self.key(on["base_features"], on["max_features"], on["patch_size"], on["batch_size"],
-                                r["precision"], r["channels_last"])] = r["step_time_s"] or math.inf
+            self.table[
+                self.key(
+                    on["base_features"],
+                    on["max_features"],
+                    on["patch_size"],
+                    on["batch_size"],
+                    r["precision"],
+                    r["channels_last"],
+                )
+            ] = r["step_time_s"] or math.inf
         for r in notes["candidates"]:
             if r["step_time_s"] is not None:
-                self.table[self.key(r["base_features"], r["max_features"], r["patch_size"], r["batch_size"],
-                                    r["precision"], r["channels_last"])] = r["step_time_s"]
+                self.table[
+                    self.key(
+                        r["base_features"],
+                        r["max_features"],
+                        r["patch_size"],
+                        r["batch_size"],
+                        r["precision"],
+                        r["channels_last"],
+                    )
+                ] = r["step_time_s"]
 
-    def __call__(self, net: NetworkPlan, cin: int, k: int, device: str, precision: str, channels_last: bool,
-                 steps: int) -> float:
-        key = self.key(net.spec.base_features, net.spec.max_features, net.patch_size, net.batch_size, precision, channels_last)
+    def __call__(
+        self, net: NetworkPlan, cin: int, k: int, device: str, precision: str, channels_last: bool, steps: int
+    ) -> float:
+        key = self.key(
+            net.spec.base_features, net.spec.max_features, net.patch_size, net.batch_size, precision, channels_last
+        )
         if key not in self.table:
             self.extra += 1
             self.table[key] = measure_step_time(net, cin, k, device, precision, channels_last, steps)
@@ -100,23 +125,32 @@ def get_plan(args: argparse.Namespace, work: Path, preprocess: bool) -> tuple[Pl
     if args.plan:
         return Plan.load(args.plan), Path(args.plan).parent
     t0 = time.perf_counter()
-    res = plan_and_preprocess(args.data, work, PlannerOptions(device=args.device), preprocess=preprocess,
-                              configs=[args.config] if args.config else None)
+    res = plan_and_preprocess(
+        args.data,
+        work,
+        PlannerOptions(device=args.device),
+        preprocess=preprocess,
+        configs=[args.config] if args.config else None,
+    )
     print(f"planned {args.data} in {time.perf_counter() - t0:.0f} s -> {res.plan_path}")
     return res.plan, work
 
 
 def print_choices(results: list[tuple[float, Plan]]) -> None:
-    header = (f"{'budget':>7s} {'feat':>4s} {'max':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} "
-              f"{'step s':>7s} {'iters':>6s} {'samples':>7s} {'conv':4s} {'fit s':>9s}")
+    header = (
+        f"{'budget':>7s} {'feat':>4s} {'max':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} "
+        f"{'step s':>7s} {'iters':>6s} {'samples':>7s} {'conv':4s} {'fit s':>9s}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for minutes, plan in results:
         b = plan.notes["budget"]
         c = b["chosen"]
-        print(f"{minutes:5g} m {c['base_features']:4d} {c['max_features']:4d} {'x'.join(map(str, c['patch_size'])):>10s} "
-              f"{c['batch_size']:2d} {c['precision']:5s} {'on' if c['channels_last'] else 'off':3s} "
-              f"{c['step_time_s']:7.3f} {c['iterations']:6d} {c['samples']:7d} {'yes' if c['converges'] else 'no':4s} "
-              f"{b['measure_seconds']:9.1f}")
+        print(
+            f"{minutes:5g} m {c['base_features']:4d} {c['max_features']:4d} {'x'.join(map(str, c['patch_size'])):>10s} "
+            f"{c['batch_size']:2d} {c['precision']:5s} {'on' if c['channels_last'] else 'off':3s} "
+            f"{c['step_time_s']:7.3f} {c['iterations']:6d} {c['samples']:7d} {'yes' if c['converges'] else 'no':4s} "
+            f"{b['measure_seconds']:9.1f}"
+        )
     for minutes, plan in results:
         print(f"\n[{minutes:g} min] {plan.notes['budget']['reasoning']}")
 
@@ -125,8 +159,10 @@ def print_measurements(plan: Plan) -> None:
     """Every setting the (largest-budget) fit measured: the levers, then the candidates."""
     notes = plan.notes["budget"]
     header = f"{'feat':>4s} {'patch':>10s} {'B':>2s} {'prec':5s} {'CL':3s} {'step s':>7s} {'samples/s':>9s}  status"
-    print(f"\nmeasured settings ({notes['measure_steps']} timed steps each, median; "
-          f"{notes['torch_threads']} threads, {notes['cpu_capability']})\n" + header + "\n" + "-" * len(header))
+    print(
+        f"\nmeasured settings ({notes['measure_steps']} timed steps each, median; "
+        f"{notes['torch_threads']} threads, {notes['cpu_capability']})\n" + header + "\n" + "-" * len(header)
+    )
     on = notes["levers"]["measured_on"]
     rows = [({**on, **r}, "lever") for r in notes["levers"]["results"]]
     rows += [(r, r["status"]) for r in notes["candidates"] if not r["status"].startswith("measured (lever")]
@@ -134,8 +170,10 @@ def print_measurements(plan: Plan) -> None:
         t = r["step_time_s"]
         sps = f"{r['batch_size'] / t:9.2f}" if t else f"{'-':>9s}"
         ts = f"{t:7.3f}" if t else f"{'-':>7s}"
-        print(f"{r['base_features']:4d} {'x'.join(map(str, r['patch_size'])):>10s} {r['batch_size']:2d} "
-              f"{r['precision']:5s} {'on' if r['channels_last'] else 'off':3s} {ts} {sps}  {status[:100]}")
+        print(
+            f"{r['base_features']:4d} {'x'.join(map(str, r['patch_size'])):>10s} {r['batch_size']:2d} "
+            f"{r['precision']:5s} {'on' if r['channels_last'] else 'off':3s} {ts} {sps}  {status[:100]}"
+        )
 
 
 def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str) -> None:
@@ -153,8 +191,22 @@ def train_and_report(base: Path, results: list[tuple[float, Plan]], device: str)
         cfg = plan.default_configuration
         arch = plan.configuration(cfg).default_arch
         t0 = time.perf_counter()
-        rc = cli_main(["train", str(work), "--config", cfg, "--arch", arch, "--fold", "0",
-                       "--time-budget", f"{minutes:g}", "--device", device])
+        rc = cli_main(
+            [
+                "train",
+                str(work),
+                "--config",
+                cfg,
+                "--arch",
+                arch,
+                "--fold",
+                "0",
+                "--time-budget",
+                f"{minutes:g}",
+                "--device",
+                device,
+            ]
+        )
         wall = time.perf_counter() - t0
         rows.append(report_row(minutes, plan, work, rc, wall))
         print(f"[{minutes:g} min] {rows[-1][-1]} (run folder {work})", flush=True)
@@ -167,8 +219,10 @@ def report_row(minutes: float, plan: Plan, work: Path, rc: int = 0, wall: float 
     run = WorkDir(work).run(cfg, plan.configuration(cfg).default_arch, 0)
     metrics, progress = run.validation_metrics, run.progress
     c = plan.notes["budget"]["chosen"]
-    setting = (f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
-               f"{c['precision']}{' CL' if c['channels_last'] else ''}")
+    setting = (
+        f"{c['base_features']}f {'x'.join(map(str, c['patch_size']))} b{c['batch_size']} "
+        f"{c['precision']}{' CL' if c['channels_last'] else ''}"
+    )
     prog = json.loads(progress.read_text()) if progress.is_file() else {}
     if wall is None:  # re-reported run: the trainer's own elapsed time (includes the final validation)
         wall = prog.get("elapsed_seconds")
@@ -197,7 +251,7 @@ def budget_folder(base: Path, minutes: float) -> Path:
 def report_existing(work: Path) -> int:
     """Print the training table of an earlier run whose per-budget folders sit beside ``work``."""
     prefix, suffix = (work.name + BUDGET_FOLDER_SUFFIX).split("{minutes}")
-    found = {float(f.name[len(prefix):-len(suffix)]): f for f in work.parent.glob(f"{prefix}*{suffix}")}
+    found = {float(f.name[len(prefix) : -len(suffix)]): f for f in work.parent.glob(f"{prefix}*{suffix}")}
     if not found:
         print(f"error: no {prefix}*{suffix} folders beside {work}", file=sys.stderr)
         return 2
@@ -239,14 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp) / "work"
     try:
         plan, base = get_plan(args, work, preprocess=args.train)
-        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-              f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+        print(
+            f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        )
         cache = CachedMeasure()
         results = []
         for i, minutes in enumerate(sorted(args.budgets, reverse=True)):  # largest first: it measures the most
             print(f"fitting to {minutes:g} min", flush=True)
-            fitted = fit_plan_to_budget(plan, args.device, minutes, configuration=args.config,
-                                        measure_steps=args.steps, measure_fn=cache if i else None)
+            fitted = fit_plan_to_budget(
+                plan,
+                args.device,
+                minutes,
+                configuration=args.config,
+                measure_steps=args.steps,
+                measure_fn=cache if i else None,
+            )
             cache.add_notes(fitted.notes["budget"])
             results.append((minutes, fitted))
         results.sort(key=lambda r: r[0])

@@ -95,8 +95,9 @@ def bench(name: str, root: Path, minutes: float) -> dict:
         return row
     fold = "0" if cases >= MIN_CASES_FOR_FOLDS else "all"
     keep = ["--keep-plan"] if name.endswith("_keep") else []
-    rc, wall = run_cli(["train", str(work), "--fold", fold, "--time-budget", f"{minutes:g}", "--device", "cpu", *keep],
-                       log)
+    rc, wall = run_cli(
+        ["train", str(work), "--fold", fold, "--time-budget", f"{minutes:g}", "--device", "cpu", *keep], log
+    )
     row.update(fold=fold, train_rc=rc, wall_s=round(wall, 1))
     (root / f"{name}.json").write_text(json.dumps(row, indent=1))
     return row
@@ -112,8 +113,10 @@ def describe(root: Path, row: dict) -> dict:
     record_path = run.run_record  # older runs kept budget_fit in config.json
     if cfg_path.is_file():
         fit = json.loads((record_path if record_path.is_file() else cfg_path).read_text()).get("budget_fit") or {}
-        label = (lambda d: f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} "
-                 f"{d['precision']}")
+
+        def label(d: dict) -> str:
+            return f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} {d['precision']}"
+
         if fit.get("refit"):
             out["network"] = f"{label(fit['from'])} -> {label(fit['to'])}"
             out["fit_s"] = fit["fit_seconds"]
@@ -129,8 +132,9 @@ def describe(root: Path, row: dict) -> dict:
         tb = m.get("time_budget") or {}
         held_out = len(tb.get("tta_passes", {})) + len(tb.get("skipped_cases", {})) or m.get("num_cases")
         passes = sorted(set((tb.get("tta_passes") or {}).values()))
-        out["validation"] = (f"{m.get('validation_seconds', 0):.0f} s, {m.get('num_cases')}/{held_out} cases"
-                             + (f", TTA {'/'.join(map(str, passes))} of {tb.get('full_tta_passes')}" if passes else ""))
+        out["validation"] = f"{m.get('validation_seconds', 0):.0f} s, {m.get('num_cases')}/{held_out} cases" + (
+            f", TTA {'/'.join(map(str, passes))} of {tb.get('full_tta_passes')}" if passes else ""
+        )
     elif row.get("fold") == "all":
         out["validation"] = "none (fold all)"
     limit = row["minutes"] * 60 * (1 + TOLERANCE)
@@ -139,15 +143,19 @@ def describe(root: Path, row: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| dataset | cases | fold | budget | network (plan -> run) | fit | iterations | final validation "
-          "| train wall | within +5% |")
+    print(
+        "\n| dataset | cases | fold | budget | network (plan -> run) | fit | iterations | final validation "
+        "| train wall | within +5% |"
+    )
     print("| --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | --- |")
     for r in rows:
         fit = f"{r['fit_s']:.1f} s" if "fit_s" in r else "-"
         wall = f"{r['wall_s']:.1f} s" if "wall_s" in r else f"plan exited {r.get('plan_rc')}"
-        print(f"| {r['dataset']} | {r['cases']} | {r.get('fold', '-')} | {r['minutes']:g} min "
-              f"| {r.get('network', '-')} | {fit} | {r.get('iterations', '-')} | {r.get('validation', '-')} "
-              f"| {wall} | {r['within']} |")
+        print(
+            f"| {r['dataset']} | {r['cases']} | {r.get('fold', '-')} | {r['minutes']:g} min "
+            f"| {r.get('network', '-')} | {fit} | {r.get('iterations', '-')} | {r.get('validation', '-')} "
+            f"| {wall} | {r['within']} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

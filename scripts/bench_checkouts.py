@@ -9,7 +9,7 @@ Each checkout runs as its own child process (``PYTHONPATH=<checkout> python -m m
 the dataset (default: the shared hippocampus data), in turns before/after/before/after... so that a drifting
 machine load affects both alike. Per round and checkout:
 
-- **plan**: wall seconds of ``medseg plan DATA -o WORK --num-workers N`` (validate, fingerprint, plan, preprocess);
+- **plan**: wall seconds of ``medseg plan DATA -o WORK --num-workers N --gpu-memory-gb G`` (validate, fingerprint, plan, preprocess);
 - **step**: ``medseg train WORK --fold F --epochs E --iters-per-epoch I --no-validation --device cpu
   --precision fp32 --num-workers 0`` on that plan's default configuration; the step time is the median over the
   epochs after the first of the epoch's seconds per iteration (``progress.json``, the trainer's own figures).
@@ -63,8 +63,11 @@ def _step_seconds(work: Path, fold: str) -> float:
     if not runs:
         raise SystemExit(f"no progress.json under {work}/runs")
     history = json.loads(runs[0].read_text())["history"]
-    per_step = [e["epoch_seconds"] / e["iterations"] if "epoch_seconds" in e else 1.0 / e["it_per_s"]
-                for e in history[1:] if e.get("iterations")]
+    per_step = [
+        e["epoch_seconds"] / e["iterations"] if "epoch_seconds" in e else 1.0 / e["it_per_s"]
+        for e in history[1:]
+        if e.get("iterations")
+    ]
     if not per_step:
         raise SystemExit(f"{runs[0]}: no timed epoch after the first: {history}")
     return statistics.median(per_step)
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters-per-epoch", type=int, default=15)
+    p.add_argument(
+        "--gpu-memory-gb", default="8", help="`medseg plan --gpu-memory-gb` (a smaller network: faster rounds)"
+    )
     p.add_argument("--fold", default="0", help="fold to train (`all` for a dataset of fewer than 5 cases)")
     args = p.parse_args(argv)
     checkouts = {"before": args.before.resolve(), "after": args.after.resolve()}
@@ -94,27 +100,75 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, checkout in checkouts.items():
                 work = root / f"{name}_{r}"
-                figures[name]["plan"].append(_run(checkout, ["plan", str(data), "-o", str(work),
-                                                             "--num-workers", str(args.num_workers)], root))
-                _run(checkout, ["train", str(work), "--fold", args.fold, "--epochs", str(args.epochs),
-                                "--iters-per-epoch", str(args.iters_per_epoch), "--no-validation", "--device", "cpu",
-                                "--precision", "fp32", "--num-workers", "0"], root)
+                figures[name]["plan"].append(
+                    _run(
+                        checkout,
+                        [
+                            "plan",
+                            str(data),
+                            "-o",
+                            str(work),
+                            "--num-workers",
+                            str(args.num_workers),
+                            "--gpu-memory-gb",
+                            args.gpu_memory_gb,
+                        ],
+                        root,
+                    )
+                )
+                _run(
+                    checkout,
+                    [
+                        "train",
+                        str(work),
+                        "--fold",
+                        args.fold,
+                        "--epochs",
+                        str(args.epochs),
+                        "--iters-per-epoch",
+                        str(args.iters_per_epoch),
+                        "--no-validation",
+                        "--device",
+                        "cpu",
+                        "--precision",
+                        "fp32",
+                        "--num-workers",
+                        "0",
+                    ],
+                    root,
+                )
                 figures[name]["step"].append(_step_seconds(work, args.fold))
-                print(f"round {r} {name}: plan {figures[name]['plan'][-1]:.2f} s, "
-                      f"step {figures[name]['step'][-1]:.3f} s", flush=True)
+                print(
+                    f"round {r} {name}: plan {figures[name]['plan'][-1]:.2f} s, step {figures[name]['step'][-1]:.3f} s",
+                    flush=True,
+                )
         env = {**os.environ, "PYTHONPATH": str(checkouts["after"])}
-        cmp = subprocess.run([sys.executable, "-c", _SAME_PLAN, str(root / "before_0" / "plans.json"),
-                              str(root / "after_0" / "plans.json")], env=env, capture_output=True, text=True)
+        cmp = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _SAME_PLAN,
+                str(root / "before_0" / "plans.json"),
+                str(root / "after_0" / "plans.json"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if cmp.returncode != 0:
             raise SystemExit(f"comparing the plans failed:\n{cmp.stderr[-3000:]}")
         same = json.loads(cmp.stdout)
-    print(f"\ndata {args.data}, {args.rounds} rounds, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\ndata {args.data}, --gpu-memory-gb {args.gpu_memory_gb}, {args.epochs} x {args.iters_per_epoch} "
+        f"iterations, {args.rounds} rounds, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
     print("| figure | before (median, min-max) | after (median, min-max) | after / before |")
     print("|---|---|---|---|")
     for fig, unit in (("plan", "s"), ("step", "s/iteration")):
         b, a = figures["before"][fig], figures["after"][fig]
-        print(f"| {fig} ({unit}) | {_describe(b)} | {_describe(a)} | "
-              f"{statistics.median(a) / statistics.median(b):.3f} |")
+        print(
+            f"| {fig} ({unit}) | {_describe(b)} | {_describe(a)} | {statistics.median(a) / statistics.median(b):.3f} |"
+        )
     print(f"\nplans describe the same thing: {same['same']}")
     if not same["same"]:
         before, after = same["before"], same["after"]

@@ -61,8 +61,10 @@ def _run_facts(work: Path) -> dict:
 
     facts: dict = {}
     wd = WorkDir(work)
-    runs = sorted((r for r in (wd.run(c, a, 0) for c, a in wd.run_pairs()) if r.path.is_dir()),
-                  key=lambda r: r.path.stat().st_mtime)
+    runs = sorted(
+        (r for r in (wd.run(c, a, 0) for c, a in wd.run_pairs()) if r.path.is_dir()),
+        key=lambda r: r.path.stat().st_mtime,
+    )
     if not runs:
         return facts
     run = runs[-1]
@@ -70,8 +72,10 @@ def _run_facts(work: Path) -> dict:
     cfg_name = run.configuration
     try:
         net = plan["configurations"][cfg_name]["networks"][run.arch]
-        facts["network"] = (f"{net['spec']['base_features']}f {'x'.join(map(str, net['patch_size']))} "
-                            f"b{net['batch_size']} {net['precision']}")
+        facts["network"] = (
+            f"{net['spec']['base_features']}f {'x'.join(map(str, net['patch_size']))} "
+            f"b{net['batch_size']} {net['precision']}"
+        )
     except (KeyError, TypeError):
         pass
     chosen = plan.get("notes", {}).get("budget", {}).get("chosen", {}) if isinstance(plan, dict) else {}
@@ -109,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--test-cases", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variant", action="append", default=None,
-                   help="NAME=extra `medseg train` arguments (repeatable; default: baseline=)")
-    p.add_argument("--net-options", action="append", default=[],
-                   help='NAME=JSON: merged into the network options of variant NAME after planning, e.g. '
-                        'narrow={"full_res_features": 8}')
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="NAME=extra `medseg train` arguments (repeatable; default: baseline=)",
+    )
+    p.add_argument(
+        "--net-options",
+        action="append",
+        default=[],
+        help="NAME=JSON: merged into the network options of variant NAME after planning, e.g. "
+        'narrow={"full_res_features": 8}',
+    )
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--workdir", type=Path, default=Path("bench_cpu_budget_work"))
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -148,11 +160,23 @@ def main(argv: list[str] | None = None) -> int:
             work, pred, logs = root / tag / "work", root / tag / "pred", root / tag / "logs"
             row: dict = {"variant": name, "seed": seed, "train_args": extra}
             stages = [
-                ("plan", [args.medseg_bin, "plan", str(raw), "-o", str(work), "--device", "cpu",
-                          "--time-budget", m]),
+                ("plan", [args.medseg_bin, "plan", str(raw), "-o", str(work), "--device", "cpu", "--time-budget", m]),
                 ("train", [args.medseg_bin, "train", str(work), "--fold", "0", "--seed", str(seed), *extra]),
-                ("predict", [args.medseg_bin, "predict", "-i", str(test_images), "-o", str(pred), "-m", str(work),
-                             "--folds", "0"]),
+                (
+                    "predict",
+                    [
+                        args.medseg_bin,
+                        "predict",
+                        "-i",
+                        str(test_images),
+                        "-o",
+                        str(pred),
+                        "-m",
+                        str(work),
+                        "--folds",
+                        "0",
+                    ],
+                ),
             ]
             for stage, cmd in stages:
                 if stage == "train" and name in net_options:
@@ -171,13 +195,22 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
-    head = ["variant", "seed", "network", "fit step s", "iterations", "train s"] + [f"fold-0 {n}" for n in fg] + \
-        [f"test {n}" for n in fg]
+    head = (
+        ["variant", "seed", "network", "fit step s", "iterations", "train s"]
+        + [f"fold-0 {n}" for n in fg]
+        + [f"test {n}" for n in fg]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         val, test = r.get("val_dice", {}), r.get("test_dice", {})
-        cells = [r["variant"], r["seed"], r.get("network", r.get("failed", "-")), r.get("fit_step_s"), r.get("iterations"),
-                 r.get("train_s")]
+        cells = [
+            r["variant"],
+            r["seed"],
+            r.get("network", r.get("failed", "-")),
+            r.get("fit_step_s"),
+            r.get("iterations"),
+            r.get("train_s"),
+        ]
         cells += [val.get(n) for n in fg] + [test.get(n) for n in fg]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     table = "\n".join(lines)
@@ -185,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, isa={args.isa}"
     args.out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(args.out / "bench_cpu_budget.md", f"{machine}, {time.strftime('%Y-%m-%d')}\n\n{table}\n")
-    _atomic_write_text(args.out / "bench_cpu_budget.json", json.dumps(
-        {"machine": machine, "minutes": args.minutes, "test_ids": test_ids, "rows": rows}, indent=1, default=str))
+    _atomic_write_text(
+        args.out / "bench_cpu_budget.json",
+        json.dumps(
+            {"machine": machine, "minutes": args.minutes, "test_ids": test_ids, "rows": rows}, indent=1, default=str
+        ),
+    )
     return 0
 
 

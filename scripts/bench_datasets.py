@@ -41,9 +41,11 @@ GENERATED = ("tumour", "multichannel", "anisotropic")
 DATASETS = REAL + GENERATED
 
 # a child's peak RSS: run the command in a small wrapper process that reports RUSAGE_CHILDREN
-_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
+_WRAPPER = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(rc)"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +67,9 @@ def generate(name: str, dst: Path) -> Path:
 
 
 def _case_files(data: Path, case_id: str) -> tuple[list[Path], Path]:
-    images = sorted((data / "imagesTr").glob(f"{case_id}_[0-9][0-9][0-9][0-9].nii.gz")) or \
-        [data / "imagesTr" / f"{case_id}.nii.gz"]
+    images = sorted((data / "imagesTr").glob(f"{case_id}_[0-9][0-9][0-9][0-9].nii.gz")) or [
+        data / "imagesTr" / f"{case_id}.nii.gz"
+    ]
     return images, data / "labelsTr" / f"{case_id}.nii.gz"
 
 
@@ -84,8 +87,11 @@ def split_off_last_case(data: Path, held: Path) -> tuple[list[Path], Path] | Non
     meta_path = data / "dataset.json"
     meta = json.loads(meta_path.read_text())
     if isinstance(meta.get("training"), list):
-        meta["training"] = [e for e in meta["training"]
-                            if Path(str(e.get("label", "") if isinstance(e, dict) else e)).name != last.label_file.name]
+        meta["training"] = [
+            e
+            for e in meta["training"]
+            if Path(str(e.get("label", "") if isinstance(e, dict) else e)).name != last.label_file.name
+        ]
         meta["numTraining"] = len(meta["training"])
     elif "numTraining" in meta:
         meta["numTraining"] = int(meta["numTraining"]) - 1
@@ -99,8 +105,12 @@ def run(args: list[str], log: Path) -> tuple[int, float, float]:
     with log.open("a") as f:
         f.write(f"\n$ medseg {' '.join(args)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, "-c", _WRAPPER, sys.executable, "-m", "medseg", *args],
-                              stdout=f, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "medseg", *args],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     wall = time.perf_counter() - t
     rss = float("nan")
     with log.open("a") as f:
@@ -142,17 +152,25 @@ def bench(name: str, root: Path, minutes: float) -> dict:
         if p.exists():
             shutil.rmtree(p)
     row: dict = {"dataset": name}
-    rc, row["plan_s"], row["plan_gb"] = run(["plan", str(data), "-o", str(work), "--device", "cpu",
-                                             "--time-budget", f"{minutes:g}"], log)
+    rc, row["plan_s"], row["plan_gb"] = run(
+        ["plan", str(data), "-o", str(work), "--device", "cpu", "--time-budget", f"{minutes:g}"], log
+    )
     if rc != 0:
         return {**row, "error": f"plan exited {rc} (see {log})"}
     plan = json.loads(WorkDir(work).plans.read_text())
     cfg = plan["configurations"]["3d_fullres"]
     net = cfg["networks"]["unet"]
-    row.update(spacing=cfg["spacing"], patch=net["patch_size"], batch=net["batch_size"], mirror=cfg["mirror_axes"],
-               features=net["spec"]["base_features"])
-    rc, row["train_s"], row["train_gb"] = run(["train", str(work), "--fold", "all", "--time-budget", f"{minutes:g}",
-                                               "--device", "cpu", "--no-validation"], log)
+    row.update(
+        spacing=cfg["spacing"],
+        patch=net["patch_size"],
+        batch=net["batch_size"],
+        mirror=cfg["mirror_axes"],
+        features=net["spec"]["base_features"],
+    )
+    rc, row["train_s"], row["train_gb"] = run(
+        ["train", str(work), "--fold", "all", "--time-budget", f"{minutes:g}", "--device", "cpu", "--no-validation"],
+        log,
+    )
     if rc != 0:
         return {**row, "error": f"train exited {rc} (see {log})"}
     progress = json.loads(WorkDir(work).run("3d_fullres", "unet", "all").progress.read_text())
@@ -168,14 +186,16 @@ def bench(name: str, root: Path, minutes: float) -> dict:
         images, label = _case_files(data, case)
     for p in images:
         shutil.copy(p, inp / p.name)
-    rc, row["predict_s"], row["predict_gb"] = run(["predict", "-i", str(inp), "-o", str(pred), "-m", str(work),
-                                                   "--device", "cpu"], log)
+    rc, row["predict_s"], row["predict_gb"] = run(
+        ["predict", "-i", str(inp), "-o", str(pred), "-m", str(work), "--device", "cpu"], log
+    )
     if rc != 0:
         return {**row, "error": f"predict exited {rc} (see {log})"}
     if held is not None:
         out = sorted(pred.glob("*.nii.gz"))[0]
-        per_class = dice_per_class(sitk.GetArrayFromImage(sitk.ReadImage(str(out))),
-                                   sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
+        per_class = dice_per_class(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out))), sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+        )
         row["dice"] = float(np.mean(list(per_class.values()))) if per_class else float("nan")
         with log.open("a") as f:
             f.write(f"Dice per class of {out.name}: {per_class}\n")
@@ -191,10 +211,22 @@ def _fmt(v: object) -> str:
 
 
 def print_table(rows: list[dict], minutes: float) -> None:
-    cols = [("dataset", "dataset"), ("plan_s", "plan s"), ("spacing", "spacing mm"), ("patch", "patch"),
-            ("features", "feat"), ("batch", "batch"), ("mirror", "mirror"), ("train_s", "train s"),
-            ("iterations", "iters"), ("predict_s", "predict s"), ("plan_gb", "plan GB"), ("train_gb", "train GB"),
-            ("predict_gb", "predict GB"), ("dice", "Dice held-back")]
+    cols = [
+        ("dataset", "dataset"),
+        ("plan_s", "plan s"),
+        ("spacing", "spacing mm"),
+        ("patch", "patch"),
+        ("features", "feat"),
+        ("batch", "batch"),
+        ("mirror", "mirror"),
+        ("train_s", "train s"),
+        ("iterations", "iters"),
+        ("predict_s", "predict s"),
+        ("plan_gb", "plan GB"),
+        ("train_gb", "train GB"),
+        ("predict_gb", "predict GB"),
+        ("dice", "Dice held-back"),
+    ]
     print(f"\nbudget {minutes:g} min for plan and train; peak RSS per command; Dice of the held-back case")
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("|" + "|".join(" --- " for _ in cols) + "|")
@@ -202,8 +234,11 @@ def print_table(rows: list[dict], minutes: float) -> None:
         if "error" in r:
             print(f"| {r['dataset']} | {r['error']} |" + " |" * (len(cols) - 2))
             continue
-        print("| " + " | ".join(str(r.get(k)).replace(" ", "") if k == "mirror" else _fmt(r.get(k))
-                                for k, _ in cols) + " |")
+        print(
+            "| "
+            + " | ".join(str(r.get(k)).replace(" ", "") if k == "mirror" else _fmt(r.get(k)) for k, _ in cols)
+            + " |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

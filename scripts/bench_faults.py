@@ -69,15 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append((scenario.__name__, time.perf_counter() - t))
     total = time.perf_counter() - t0
 
-    print(f"Machine: {machine()}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
-          f"python {platform.python_version()}")
-    print(f"Command: python scripts/bench_faults.py ({total:.0f} s: setup {setup:.0f} s, "
-          + ", ".join(f"{name} {s:.0f} s" for name, s in seconds) + ")\n")
+    print(
+        f"Machine: {machine()}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"Command: python scripts/bench_faults.py ({total:.0f} s: setup {setup:.0f} s, "
+        + ", ".join(f"{name} {s:.0f} s" for name, s in seconds)
+        + ")\n"
+    )
     print("| fault | exit code | message (first line) | data lost | recovery |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {_cell(r.fault)} | {_cell(r.exit_code)} | {_cell(r.message)} | {_cell(r.data_lost)} | "
-              f"{_cell(r.recovery)} |")
+        print(
+            f"| {_cell(r.fault)} | {_cell(r.exit_code)} | {_cell(r.message)} | {_cell(r.data_lost)} | "
+            f"{_cell(r.recovery)} |"
+        )
     if not args.keep and args.root is None:
         shutil.rmtree(root, ignore_errors=True)
     if failed:

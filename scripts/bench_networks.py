@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", default=None, help="plans.json: use each architecture's planned network instead")
     p.add_argument("--config", default=None, help="configuration of --plan (default: the plan's default)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--memory-formats", nargs="+", default=["contiguous", "channels_last"],
-                   choices=["contiguous", "channels_last"])
+    p.add_argument(
+        "--memory-formats", nargs="+", default=["contiguous", "channels_last"], choices=["contiguous", "channels_last"]
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -69,9 +70,21 @@ def networks(args: argparse.Namespace) -> list[tuple[NetworkPlan, int, int]]:
     if tuple(patch) != tuple(args.patch):
         print(f"note: patch {args.patch} rounded up to {list(patch)} (divisible by the total stride)")
     return [
-        (NetworkPlan(NetworkSpec(arch=a, kernel_sizes=kernels, strides=strides, base_features=args.base_features,
-                                 max_features=args.max_features), patch_size=patch, batch_size=args.batch),
-         args.in_channels, args.num_classes)
+        (
+            NetworkPlan(
+                NetworkSpec(
+                    arch=a,
+                    kernel_sizes=kernels,
+                    strides=strides,
+                    base_features=args.base_features,
+                    max_features=args.max_features,
+                ),
+                patch_size=patch,
+                batch_size=args.batch,
+            ),
+            args.in_channels,
+            args.num_classes,
+        )
         for a in archs
     ]
 
@@ -107,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bf16_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 (oneDNN) {bf16_native}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 (oneDNN) {bf16_native}"
+    )
     if "bf16" in args.precisions and args.device == "cpu" and not bf16_native:
         print("warning: no native bf16 on this CPU; bf16 convolutions use slow reference kernels")
-    header = (f"{'arch':8s} {'patch':>12s} {'B':>2s} {'params':>8s} {'prec':5s} {'layout':13s} "
-              f"{'step s':>7s} {'cpu s':>7s} {'vox/s':>7s} {'peak MiB':>8s} {'est MiB':>7s} {'est/peak':>8s}")
+    header = (
+        f"{'arch':8s} {'patch':>12s} {'B':>2s} {'params':>8s} {'prec':5s} {'layout':13s} "
+        f"{'step s':>7s} {'cpu s':>7s} {'vox/s':>7s} {'peak MiB':>8s} {'est MiB':>7s} {'est/peak':>8s}"
+    )
     print(header)
     print("-" * len(header))
     for net0, cin, k in networks(args):
@@ -125,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 step, cpu = time_steps(net, cin, k, precision, cl, args)
                 peak = measure_training_peak_gb(net, cin, k, args.device, channels_last=cl) * GIB / 2**20
                 voxels = net.batch_size * torch.Size(net.patch_size).numel()
-                print(f"{net.arch:8s} {'x'.join(map(str, net.patch_size)):>12s} {net.batch_size:2d} "
-                      f"{n_params / 1e6:7.2f}M {precision:5s} {layout:13s} {step:7.2f} {cpu:7.2f} {voxels / step:7.0f} "
-                      f"{peak:8.1f} {est:7.1f} {est / peak:8.2f}", flush=True)
+                print(
+                    f"{net.arch:8s} {'x'.join(map(str, net.patch_size)):>12s} {net.batch_size:2d} "
+                    f"{n_params / 1e6:7.2f}M {precision:5s} {layout:13s} {step:7.2f} {cpu:7.2f} {voxels / step:7.0f} "
+                    f"{peak:8.1f} {est:7.1f} {est / peak:8.2f}",
+                    flush=True,
+                )
     return 0
 
 

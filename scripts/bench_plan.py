@@ -35,9 +35,9 @@ NNUNET_DATASET_ID = 987
 
 def run_medseg(data: Path, work: Path, num_workers: int, gpu_memory_gb: float) -> dict:
     from medseg.fingerprint import extract_fingerprint
-    from medseg.io.workdir import WorkDir
     from medseg.io.dataset import load_dataset
     from medseg.io.validation import validate_dataset
+    from medseg.io.workdir import WorkDir
     from medseg.planning.planner import PlannerOptions, plan_dataset
     from medseg.preprocessing import preprocess_dataset
 
@@ -113,9 +113,19 @@ def run_nnunet(exe: Path, data: Path, tmp: Path, num_workers: int, gpu_memory_gb
         env[var] = str(tmp / var)
     raw = convert_to_nnunet(data, tmp / "nnUNet_raw")
     cmd = [
-        str(exe), "-d", str(NNUNET_DATASET_ID), "-c", "2d", "3d_fullres",
-        "-npfp", str(num_workers), "-np", str(num_workers), str(num_workers),
-        "-gpu_memory_target", str(gpu_memory_gb),
+        str(exe),
+        "-d",
+        str(NNUNET_DATASET_ID),
+        "-c",
+        "2d",
+        "3d_fullres",
+        "-npfp",
+        str(num_workers),
+        "-np",
+        str(num_workers),
+        str(num_workers),
+        "-gpu_memory_target",
+        str(gpu_memory_gb),
     ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

@@ -37,8 +37,11 @@ from medseg.postprocessing.prior import describe_prior
 
 
 def _images(folder: Path) -> dict[str, Path]:
-    return {strip_suffix(p.name): p for p in sorted(folder.iterdir())
-            if p.is_file() and has_image_suffix(p.name) and not p.name.startswith(".")}
+    return {
+        strip_suffix(p.name): p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and has_image_suffix(p.name) and not p.name.startswith(".")
+    }
 
 
 def _variants(rules: dict[str, Any], label_ids: list[int]) -> dict[str, dict[str, Any] | None]:
@@ -46,13 +49,13 @@ def _variants(rules: dict[str, Any], label_ids: list[int]) -> dict[str, dict[str
     out: dict[str, dict[str, Any] | None] = {"none": None, "decided": rules}
     out["all largest_component"] = {"per_label": {str(k): [{"op": "largest_component"}] for k in fg}}
     for f in sorted(DEFAULT_FRACTIONS, reverse=True):
-        out[f"all remove_small {f:.3g}"] = {"per_label": {str(k): [{"op": "remove_small", "fraction": f}]
-                                                           for k in fg}}
+        out[f"all remove_small {f:.3g}"] = {"per_label": {str(k): [{"op": "remove_small", "fraction": f}] for k in fg}}
     return out
 
 
-def _case(item: tuple[str, Path, Path], variants: dict[str, Any], label_ids: list[int],
-          ignore_label: int | None) -> dict[str, Any]:
+def _case(
+    item: tuple[str, Path, Path], variants: dict[str, Any], label_ids: list[int], ignore_label: int | None
+) -> dict[str, Any]:
     case, pred_path, ref_path = item
     pred, geo = read_image(pred_path)
     ref, _ = read_image(ref_path)
@@ -74,9 +77,12 @@ def _case(item: tuple[str, Path, Path], variants: dict[str, Any], label_ids: lis
 def _summary(results: list[dict[str, Any]], name: str, label: int) -> dict[str, Any]:
     entries = [r[name][label] for r in results]
     hd = [e["hd95"] for e in entries if math.isfinite(e["hd95"])]
-    return {"dice": float(np.mean([e["dice"] for e in entries])),
-            "hd95_mean": float(np.mean(hd)) if hd else None, "hd95_max": float(np.max(hd)) if hd else None,
-            "hd95_undefined": len(entries) - len(hd)}
+    return {
+        "dice": float(np.mean([e["dice"] for e in entries])),
+        "hd95_mean": float(np.mean(hd)) if hd else None,
+        "hd95_max": float(np.max(hd)) if hd else None,
+        "hd95_undefined": len(entries) - len(hd),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     label_ids = [int(v) for v in fp.label_ids]
     print(f"decided from {rules.get('num_cases', '?')} references: {describe_prior(rules)}")
     for lab, ev in sorted((rules.get("evidence") or {}).items(), key=lambda kv: int(kv[0])):
-        print(f"  label {lab}: {ev['single_component_cases']}/{ev['num_cases']} cases one component "
-              f"(largest share min {ev['min_largest_share']}), needed ratio min {ev['needed_ratio_min']} "
-              f"q05 {ev['needed_ratio_q05']} -> {ev['decision']}")
+        print(
+            f"  label {lab}: {ev['single_component_cases']}/{ev['num_cases']} cases one component "
+            f"(largest share min {ev['min_largest_share']}), needed ratio min {ev['needed_ratio_min']} "
+            f"q05 {ev['needed_ratio_q05']} -> {ev['decision']}"
+        )
 
     preds, refs = _images(args.pred), _images(args.labels)
     cases = sorted(set(preds) & set(refs))
@@ -106,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(cases) < len(preds):
         print(f"warning: {len(preds) - len(cases)} prediction(s) without a reference are skipped", file=sys.stderr)
     variants = _variants(rules, label_ids)
-    results = map_cases(functools.partial(_case, variants=variants, label_ids=label_ids,
-                                          ignore_label=fp.ignore_label),
-                        [(c, preds[c], refs[c]) for c in cases], args.num_workers, desc="bench")
+    results = map_cases(
+        functools.partial(_case, variants=variants, label_ids=label_ids, ignore_label=fp.ignore_label),
+        [(c, preds[c], refs[c]) for c in cases],
+        args.num_workers,
+        desc="bench",
+    )
     if rules.get("per_label") and not any(r["changed"]["decided"] for r in results):
-        print("warning: the decided rules change no prediction; were these predictions postprocessed already? "
-              "(predict with --no-postprocessing)", file=sys.stderr)
+        print(
+            "warning: the decided rules change no prediction; were these predictions postprocessed already? "
+            "(predict with --no-postprocessing)",
+            file=sys.stderr,
+        )
 
     fg = [k for k in label_ids if k != 0]
     summary: dict[str, Any] = {"num_cases": len(cases), "rules": rules.get("per_label"), "variants": {}}

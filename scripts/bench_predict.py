@@ -62,8 +62,9 @@ def _predictor(args: argparse.Namespace, **kwargs):
 
 
 def _link_cases(data: Path, n: int, dst: Path) -> None:
-    images = sorted(p for p in (data / "imagesTr").iterdir()
-                    if p.name.endswith(".nii.gz") and not p.name.startswith("."))
+    images = sorted(
+        p for p in (data / "imagesTr").iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")
+    )
     dst.mkdir(parents=True)
     for p in images[:n]:
         os.symlink(p.resolve(), dst / p.name)
@@ -77,22 +78,48 @@ def _child(args: argparse.Namespace) -> None:
     from medseg.inference import predict_folder
 
     t0 = time.perf_counter()
-    predictor = _predictor(args, channels_last=_CHANNELS_LAST[args.channels_last], compile=args.compile,
-                           step=args.step)
+    predictor = _predictor(args, channels_last=_CHANNELS_LAST[args.channels_last], compile=args.compile, step=args.step)
     m = predictor.members[0]
     net = m.plan.configuration(m.configuration).network(m.arch)
     res = predict_folder(args.input, args.output, predictor, num_workers=2, progress=False, overwrite=True)
-    row = {"cases": len(res.written), "failed": len(res.failed), "predict_seconds": time.perf_counter() - t0,
-           "model": f"{predictor.describe()}, patch {list(net.patch_size)}, features {list(net.features_per_stage())}",
-           "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {
+        "cases": len(res.written),
+        "failed": len(res.failed),
+        "predict_seconds": time.perf_counter() - t0,
+        "model": f"{predictor.describe()}, patch {list(net.patch_size)}, features {list(net.features_per_stage())}",
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     print(json.dumps(row))
 
 
-def _medseg(args: argparse.Namespace, tmp: Path, tag: str, input_dir: Path, *, tta: bool, step: float,
-            channels_last: str = "auto", compile_: bool = False, evaluate: bool = True) -> dict:
+def _medseg(
+    args: argparse.Namespace,
+    tmp: Path,
+    tag: str,
+    input_dir: Path,
+    *,
+    tta: bool,
+    step: float,
+    channels_last: str = "auto",
+    compile_: bool = False,
+    evaluate: bool = True,
+) -> dict:
     """Run one medseg variant as its own process (imports and model building included, like nnU-Net)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", args.data, "--input", str(input_dir),
-           "--output", str(tmp / f"out_{tag}"), "--channels-last", channels_last, "--step", str(step)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--data",
+        args.data,
+        "--input",
+        str(input_dir),
+        "--output",
+        str(tmp / f"out_{tag}"),
+        "--channels-last",
+        channels_last,
+        "--step",
+        str(step),
+    ]
     cmd += ["--run-dir", args.run_dir] if args.run_dir else ["--plan", str(args.plan)]
     cmd += [] if tta else ["--no-tta"]
     cmd += ["--compile"] if compile_ else []
@@ -212,18 +239,30 @@ def _nnunet_random_model(data: Path, tmp: Path) -> tuple[Path, dict, dict]:
     if all(str(k).isdigit() for k in labels):  # MSD: id -> name
         labels = {name: int(i) for i, name in labels.items()}
     channels = meta.get("channel_names") or meta.get("modality")
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": channels, "labels": labels, "numTraining": n,
-                                                  "file_ending": ".nii.gz"}))
-    env = dict(os.environ, nnUNet_raw=str(tmp / "nnUNet_raw"), nnUNet_preprocessed=str(tmp / "nnUNet_preprocessed"),
-               nnUNet_results=str(tmp / "nnUNet_results"))
+    (raw / "dataset.json").write_text(
+        json.dumps({"channel_names": channels, "labels": labels, "numTraining": n, "file_ending": ".nii.gz"})
+    )
+    env = dict(
+        os.environ,
+        nnUNet_raw=str(tmp / "nnUNet_raw"),
+        nnUNet_preprocessed=str(tmp / "nnUNet_preprocessed"),
+        nnUNet_results=str(tmp / "nnUNet_results"),
+    )
     bin_ = NNUNET_VENV / "bin"
-    for cmd in ([str(bin_ / "nnUNetv2_extract_fingerprint"), "-d", "987", "-np", "2"],
-                [str(bin_ / "nnUNetv2_plan_experiment"), "-d", "987"]):
+    for cmd in (
+        [str(bin_ / "nnUNetv2_extract_fingerprint"), "-d", "987", "-np", "2"],
+        [str(bin_ / "nnUNetv2_plan_experiment"), "-d", "987"],
+    ):
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     model = tmp / "nnUNet_results" / "Dataset987_Bench" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     pre = tmp / "nnUNet_preprocessed" / "Dataset987_Bench"
-    out = subprocess.run([str(bin_ / "python"), "-c", _NNUNET_SETUP, str(pre), str(model)],
-                         env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(bin_ / "python"), "-c", _NNUNET_SETUP, str(pre), str(model)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return model, json.loads(out.stdout.strip().splitlines()[-1]), env
 
 
@@ -236,27 +275,61 @@ def _nnunet_setup(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict | Non
         return model, env
     if exe.exists() and args.nnunet_model_folder:
         return Path(args.nnunet_model_folder), None
-    print("\nnnU-Net comparison skipped. To run it side by side:\n"
-          f"  python -m venv {NNUNET_VENV} && {NNUNET_VENV}/bin/pip install nnunetv2\n"
-          "  then rerun (random weights, nnU-Net's own plan), or pass a trained model folder with\n"
-          "  --nnunet-model-folder nnUNet_results/DatasetXXX_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres "
-          "--nnunet-fold 0")
+    print(
+        "\nnnU-Net comparison skipped. To run it side by side:\n"
+        f"  python -m venv {NNUNET_VENV} && {NNUNET_VENV}/bin/pip install nnunetv2\n"
+        "  then rerun (random weights, nnU-Net's own plan), or pass a trained model folder with\n"
+        "  --nnunet-model-folder nnUNet_results/DatasetXXX_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres "
+        "--nnunet-fold 0"
+    )
     return None
 
 
-def _nnunet(args: argparse.Namespace, tmp: Path, model: Path, env: dict | None, tag: str, input_dir: Path, *,
-            tta: bool, step: float, workers: int, evaluate: bool = True) -> dict:
+def _nnunet(
+    args: argparse.Namespace,
+    tmp: Path,
+    model: Path,
+    env: dict | None,
+    tag: str,
+    input_dir: Path,
+    *,
+    tta: bool,
+    step: float,
+    workers: int,
+    evaluate: bool = True,
+) -> dict:
     nn_in = tmp / f"nn_in_{tag}"
     nn_in.mkdir()
     for p in sorted(input_dir.iterdir()):
         os.symlink(p.resolve(), nn_in / p.name.replace(".nii.gz", "_0000.nii.gz"))
-    cmd = [str(NNUNET_VENV / "bin" / "nnUNetv2_predict_from_modelfolder"), "-i", str(nn_in),
-           "-o", str(tmp / f"nn_out_{tag}"), "-m", str(model), "-f", str(args.nnunet_fold), "-device", "cpu",
-           "-npp", str(workers), "-nps", str(workers), "-step_size", str(step)]
+    cmd = [
+        str(NNUNET_VENV / "bin" / "nnUNetv2_predict_from_modelfolder"),
+        "-i",
+        str(nn_in),
+        "-o",
+        str(tmp / f"nn_out_{tag}"),
+        "-m",
+        str(model),
+        "-f",
+        str(args.nnunet_fold),
+        "-device",
+        "cpu",
+        "-npp",
+        str(workers),
+        "-nps",
+        str(workers),
+        "-step_size",
+        str(step),
+    ]
     cmd += [] if tta else ["--disable_tta"]
     seconds, cpu, pss, _ = _run_measured(cmd, env=env)
-    row = {"name": f"nnU-Net v2 ({tag})", "seconds": seconds, "cpu": cpu, "peak_mb": pss,
-           "cases": len(list((tmp / f"nn_out_{tag}").glob("*.nii.gz")))}
+    row = {
+        "name": f"nnU-Net v2 ({tag})",
+        "seconds": seconds,
+        "cpu": cpu,
+        "peak_mb": pss,
+        "cases": len(list((tmp / f"nn_out_{tag}").glob("*.nii.gz"))),
+    }
     if evaluate and args.nnunet_model_folder and row["cases"]:
         row["dice"] = _dice(args, tmp / f"nn_out_{tag}")
     return row
@@ -267,14 +340,18 @@ def _print_table(title: str, rows: list[dict]) -> None:
     print(f"  {'':26s} {'wall (s)':>9s} {'CPU (s)':>9s} {'CPU s/case':>10s} {'peak RAM (MB)':>13s} {'Dice':>7s}")
     for r in rows:
         dice = f"{r['dice']:.4f}" if r.get("dice") is not None else "-"
-        print(f"  {r['name']:26s} {r['seconds']:9.1f} {r['cpu']:9.1f} {r['cpu'] / max(r['cases'], 1):10.2f} "
-              f"{r['peak_mb']:13.0f} {dice:>7s}")
+        print(
+            f"  {r['name']:26s} {r['seconds']:9.1f} {r['cpu']:9.1f} {r['cpu'] / max(r['cases'], 1):10.2f} "
+            f"{r['peak_mb']:13.0f} {dice:>7s}"
+        )
     med = rows[0]
     for r in rows[1:]:
         if r["name"].startswith("nnU-Net"):
-            print(f"  ratio nnU-Net / medseg: wall {r['seconds'] / med['seconds']:.2f}x, CPU time "
-                  f"{r['cpu'] / max(med['cpu'], 1e-9):.2f}x; medseg peak RAM = "
-                  f"{med['peak_mb'] / max(r['peak_mb'], 1e-9):.2f}x nnU-Net's")
+            print(
+                f"  ratio nnU-Net / medseg: wall {r['seconds'] / med['seconds']:.2f}x, CPU time "
+                f"{r['cpu'] / max(med['cpu'], 1e-9):.2f}x; medseg peak RAM = "
+                f"{med['peak_mb'] / max(r['peak_mb'], 1e-9):.2f}x nnU-Net's"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,13 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="trained run folder (default: random weights, planned size)")
     p.add_argument("--num-cases", type=int, default=20)
     p.add_argument("--no-tta", action="store_true")
-    p.add_argument("--variants", action="store_true",
-                   help="also time contiguous vs channels-last memory format and torch.compile")
+    p.add_argument(
+        "--variants", action="store_true", help="also time contiguous vs channels-last memory format and torch.compile"
+    )
     p.add_argument("--ram-shape", type=int, nargs=3, default=[155, 240, 240], metavar=("Z", "Y", "X"))
     p.add_argument("--ram-tta", action="store_true", help="mirror TTA in the large-volume run (slow on CPU)")
-    p.add_argument("--ram-step", type=float, default=1.0,
-                   help="sliding-window step of the large-volume run (default 1.0 to keep it short; peak memory "
-                        "does not depend on it)")
+    p.add_argument(
+        "--ram-step",
+        type=float,
+        default=1.0,
+        help="sliding-window step of the large-volume run (default 1.0 to keep it short; peak memory "
+        "does not depend on it)",
+    )
     p.add_argument("--skip-ram", action="store_true")
     p.add_argument("--skip-nnunet", action="store_true")
     p.add_argument("--nnunet-model-folder", default=None)
@@ -314,8 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.run_dir:
             args.plan = _plan_path(args, tmp)
         _link_cases(Path(args.data), args.num_cases, tmp / "in")
-        print(f"{args.num_cases} cases from {args.data}; torch {torch.__version__}, {os.cpu_count()} CPUs; "
-              f"TTA {'off' if args.no_tta else 'on (8 mirrorings)'}; each tool timed as a whole process", flush=True)
+        print(
+            f"{args.num_cases} cases from {args.data}; torch {torch.__version__}, {os.cpu_count()} CPUs; "
+            f"TTA {'off' if args.no_tta else 'on (8 mirrorings)'}; each tool timed as a whole process",
+            flush=True,
+        )
         tta = not args.no_tta
         rows = [_medseg(args, tmp, "default", tmp / "in", tta=tta, step=0.5)]
         print(f"  medseg network: {rows[0].get('model')}", flush=True)
@@ -332,11 +417,24 @@ def main(argv: list[str] | None = None) -> int:
             big = _big_volume(tmp, tuple(args.ram_shape))
             ram_rows = [_medseg(args, tmp, "large", big, tta=args.ram_tta, step=args.ram_step, evaluate=False)]
             if nn:
-                ram_rows.append(_nnunet(args, tmp, nn[0], nn[1], "large", big, tta=args.ram_tta, step=args.ram_step,
-                                        workers=1, evaluate=False))
+                ram_rows.append(
+                    _nnunet(
+                        args,
+                        tmp,
+                        nn[0],
+                        nn[1],
+                        "large",
+                        big,
+                        tta=args.ram_tta,
+                        step=args.ram_step,
+                        workers=1,
+                        evaluate=False,
+                    )
+                )
             shape = " x ".join(map(str, args.ram_shape))
-            _print_table(f"one {shape} (Z, Y, X) volume, TTA {'on' if args.ram_tta else 'off'}, "
-                         f"step {args.ram_step}", ram_rows)
+            _print_table(
+                f"one {shape} (Z, Y, X) volume, TTA {'on' if args.ram_tta else 'off'}, step {args.ram_step}", ram_rows
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

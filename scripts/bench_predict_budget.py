@@ -60,8 +60,17 @@ def _predictor(args: argparse.Namespace):
     model = Path(args.model)
     build = bundle_predictor if model.is_file() else work_dir_predictor
     extra = {} if model.is_file() else {"checkpoint": args.checkpoint}
-    return build(model, configs=args.config, archs=args.arch, folds=folds, device=args.device, step=args.step,
-                 use_tta=not args.no_tta, postprocessing=not args.no_postprocessing, **extra)
+    return build(
+        model,
+        configs=args.config,
+        archs=args.arch,
+        folds=folds,
+        device=args.device,
+        step=args.step,
+        use_tta=not args.no_tta,
+        postprocessing=not args.no_postprocessing,
+        **extra,
+    )
 
 
 def _usage(records: dict[str, Any], key: str) -> str:
@@ -76,8 +85,15 @@ def run_budget(args: argparse.Namespace, budget: float | str | None, out: Path) 
 
     predictor = _predictor(args)
     start = time.perf_counter()
-    res = predict_folder(args.images, out, predictor, overwrite=True, progress=False, num_workers=args.num_workers,
-                         time_budget_per_case=budget)
+    res = predict_folder(
+        args.images,
+        out,
+        predictor,
+        overwrite=True,
+        progress=False,
+        num_workers=args.num_workers,
+        time_budget_per_case=budget,
+    )
     wall = time.perf_counter() - start
     if not res.written:
         raise SystemExit(f"budget {budget_name(budget)}: no case was predicted ({res.summary()})")
@@ -109,18 +125,36 @@ def _num(value: float | None, fmt: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`run_budget` as a markdown table (labels from the first row)."""
     labels = list(rows[0]["per_label"]) if rows else []
-    head = ["budget (s/case)", "rule", "mean s/case", "wall s/case", "held", "TTA passes x cases",
-            "overlap x cases", "mean Dice", *[f"Dice {lab}" for lab in labels], *[f"HD95 {lab} (mm)" for lab in labels]]
+    head = [
+        "budget (s/case)",
+        "rule",
+        "mean s/case",
+        "wall s/case",
+        "held",
+        "TTA passes x cases",
+        "overlap x cases",
+        "mean Dice",
+        *[f"Dice {lab}" for lab in labels],
+        *[f"HD95 {lab} (mm)" for lab in labels],
+    ]
     align = "|".join(" --- " if i < 2 else " ---: " for i in range(len(head)))
     lines = ["| " + " | ".join(head) + " |", f"|{align}|"]
     for r in rows:
         budget = r["budget"]
         if budget == "default" and r["seconds_per_case"] is not None:
             budget += f" ({r['seconds_per_case']:.3g})"
-        cells = [budget, r["rule"], _num(r["mean_seconds"], ".2f"), _num(r["wall_seconds_per_case"], ".2f"), r["held"],
-                 r["tta_passes"], r["overlap"], _num(r["dice"], ".4f"),
-                 *[_num(r["per_label"].get(lab, (None, None))[0], ".4f") for lab in labels],
-                 *[_num(r["per_label"].get(lab, (None, None))[1], ".2f") for lab in labels]]
+        cells = [
+            budget,
+            r["rule"],
+            _num(r["mean_seconds"], ".2f"),
+            _num(r["wall_seconds_per_case"], ".2f"),
+            r["held"],
+            r["tta_passes"],
+            r["overlap"],
+            _num(r["dice"], ".4f"),
+            *[_num(r["per_label"].get(lab, (None, None))[0], ".4f") for lab in labels],
+            *[_num(r["per_label"].get(lab, (None, None))[1], ".2f") for lab in labels],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -146,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", required=True, help="work folder with trained runs, or a model bundle (.zip)")
     parser.add_argument("-i", "--images", required=True, type=Path, help="folder of test images")
     parser.add_argument("--labels", required=True, type=Path, help="reference segmentations (or a dataset root)")
-    parser.add_argument("--budgets", nargs="+", type=parse_budget, default=[None, "auto", 9.0, 4.0, 2.0],
-                        help="per-case budgets: seconds, 'none' (no limit) or 'default' (default: none default 9 4 2); "
-                             "'none' is always run")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="folder for the predictions (default: a temporary folder, removed afterwards)")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=parse_budget,
+        default=[None, "auto", 9.0, 4.0, 2.0],
+        help="per-case budgets: seconds, 'none' (no limit) or 'default' (default: none default 9 4 2); "
+        "'none' is always run",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="folder for the predictions (default: a temporary folder, removed afterwards)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", nargs="+", default=None)
@@ -177,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             _warm_up(args, root / "scratch")
         for b in budgets:
             row = run_budget(args, b, root / f"budget_{budget_name(b)}")
-            print(f"budget {row['budget']}: {row['mean_seconds']:.2f} s/case, Dice {_num(row['dice'], '.4f')}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"budget {row['budget']}: {row['mean_seconds']:.2f} s/case, Dice {_num(row['dice'], '.4f')}",
+                file=sys.stderr,
+                flush=True,
+            )
             rows.append(row)
     finally:
         shutil.rmtree(root / "scratch", ignore_errors=True)

@@ -33,17 +33,36 @@ AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_EN
 
 def _levers(base, bf16: bool, with_compile: bool):
     """(name, network plan, precision, channels_last, mkldnn, compiled) of every timed setting."""
-    rows = [("baseline: 16f b4 fp32 channels-last", base, "fp32", True, True, False),
-            ("channels-last off", base, "fp32", False, True, False),
-            ("oneDNN off (ATen's own convolutions)", base, "fp32", True, False, False),
-            ("batch 2", replace(base, batch_size=2), "fp32", True, True, False),
-            ("12 base features", replace(base, spec=replace(base.spec, base_features=12, max_features=120)), "fp32",
-             True, True, False),
-            ("full-resolution stage 8 channels",
-             replace(base, spec=replace(base.spec, options={**base.spec.options, "full_res_features": 8})),
-             "fp32", True, True, False),
-            ("deep supervision off", replace(base, spec=replace(base.spec, deep_supervision=False)), "fp32", True, True,
-             False)]
+    rows = [
+        ("baseline: 16f b4 fp32 channels-last", base, "fp32", True, True, False),
+        ("channels-last off", base, "fp32", False, True, False),
+        ("oneDNN off (ATen's own convolutions)", base, "fp32", True, False, False),
+        ("batch 2", replace(base, batch_size=2), "fp32", True, True, False),
+        (
+            "12 base features",
+            replace(base, spec=replace(base.spec, base_features=12, max_features=120)),
+            "fp32",
+            True,
+            True,
+            False,
+        ),
+        (
+            "full-resolution stage 8 channels",
+            replace(base, spec=replace(base.spec, options={**base.spec.options, "full_res_features": 8})),
+            "fp32",
+            True,
+            True,
+            False,
+        ),
+        (
+            "deep supervision off",
+            replace(base, spec=replace(base.spec, deep_supervision=False)),
+            "fp32",
+            True,
+            True,
+            False,
+        ),
+    ]
     if with_compile:
         rows.append(("torch.compile", base, "fp32", True, True, True))
     if bf16:
@@ -61,8 +80,12 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
     plan = Plan.from_json(plan_path.read_text())
     cfg = plan.configurations["3d_fullres"]
     default = cfg.networks[cfg.default_arch]
-    base = replace(default, spec=replace(default.spec, base_features=16, max_features=160), batch_size=4,
-                   patch_size=tuple(cfg.patch_size))
+    base = replace(
+        default,
+        spec=replace(default.spec, base_features=16, max_features=160),
+        batch_size=4,
+        patch_size=tuple(cfg.patch_size),
+    )
     K = plan.num_classes
     built = []
     for name, net, precision, cl, mkldnn, compiled in _levers(base, cpu_has_fast_bf16(), with_compile):
@@ -74,8 +97,9 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
             model = model.to(memory_format=torch.channels_last_3d)
             x = x.contiguous(memory_format=torch.channels_last_3d)
         opt = make_optimizer(model)
-        built.append([name, torch.compile(model) if compiled else model, opt, x, t, precision, mkldnn,
-                      net.batch_size, []])
+        built.append(
+            [name, torch.compile(model) if compiled else model, opt, x, t, precision, mkldnn, net.batch_size, []]
+        )
     for _ in range(rounds + 1):  # the first round warms up (and compiles)
         for row in built:
             _, model, opt, x, t, precision, mkldnn, _, times = row
@@ -85,10 +109,12 @@ def _table(plan_path: Path, rounds: int, with_compile: bool) -> str:
             times.append(time.perf_counter() - t0)
     torch.backends.mkldnn.enabled = True
     ref_rate = built[0][7] / statistics.median(built[0][8][1:])  # the baseline's samples/s
-    lines = [f"capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-             f"median of {rounds} steps",
-             "| lever | s/step | samples/s | vs baseline (samples/s) | first step s |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+        f"median of {rounds} steps",
+        "| lever | s/step | samples/s | vs baseline (samples/s) | first step s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, *_, b, times in built:
         med = statistics.median(times[1:])
         lines.append(f"| {name} | {med:.3f} | {b / med:.2f} | {(b / med) / ref_rate:.2f}x | {times[0]:.1f} |")

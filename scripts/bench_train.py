@@ -67,8 +67,8 @@ os._exit(0)
 
 def prepare_medseg(data: Path, work: Path, num_workers: int) -> None:
     """``medseg plan`` (3d_fullres only) into ``work`` unless it is already there."""
-    from medseg.pipeline import plan_and_preprocess
     from medseg.io.workdir import WorkDir
+    from medseg.pipeline import plan_and_preprocess
     from medseg.planning.planner import PlannerOptions
 
     if WorkDir(work).plans.is_file() and WorkDir(work).preprocessed_root.is_dir():
@@ -88,12 +88,18 @@ def set_network(work: Path, patch: list[int], batch: int, base_features: int | N
     if base_features is not None:
         spec = net.spec
         changes["spec"] = dataclasses.replace(
-            spec, base_features=base_features,
-            max_features=max(base_features, spec.max_features * base_features // spec.base_features))
+            spec,
+            base_features=base_features,
+            max_features=max(base_features, spec.max_features * base_features // spec.base_features),
+        )
     net = dataclasses.replace(net, **changes)
     cfg = dataclasses.replace(cfg, networks={**cfg.networks, cfg.default_arch: net})
-    plan = dataclasses.replace(plan, configurations={**plan.configurations, "3d_fullres": cfg},
-                               default_configuration="3d_fullres", time_budget_minutes=None)
+    plan = dataclasses.replace(
+        plan,
+        configurations={**plan.configurations, "3d_fullres": cfg},
+        default_configuration="3d_fullres",
+        time_budget_minutes=None,
+    )
     plan.validate().save(WorkDir(work).plans)
 
 
@@ -105,9 +111,18 @@ def time_medseg(work: Path, iters: int, precision: str, channels_last: bool, thr
     runs = WorkDir(work).runs_root
     if runs.exists():
         shutil.rmtree(runs)
-    cfg = TrainConfig(configuration="3d_fullres", fold=0, epochs=2, iters_per_epoch=iters, val_iters=0,
-                      precision=precision, channels_last=channels_last, num_threads=threads, num_workers=workers,
-                      final_validation=False)
+    cfg = TrainConfig(
+        configuration="3d_fullres",
+        fold=0,
+        epochs=2,
+        iters_per_epoch=iters,
+        val_iters=0,
+        precision=precision,
+        channels_last=channels_last,
+        num_threads=threads,
+        num_workers=workers,
+        final_validation=False,
+    )
     run = train(work, cfg)
     history = json.loads(RunDir(run).progress.read_text())["history"]
     return float(history[-1]["it_per_s"])
@@ -126,28 +141,58 @@ def convert_to_nnunet(data: Path, raw_root: Path) -> Path:
             os.symlink(Path(src).resolve(), out / "imagesTr" / f"{case.case_id}_{c:04d}{ds.file_ending}")
         if case.label_file is not None:
             os.symlink(Path(case.label_file).resolve(), out / "labelsTr" / f"{case.case_id}{ds.file_ending}")
-    meta = {"channel_names": {str(i): n for i, n in enumerate(ds.channel_names)},
-            "labels": {n: int(i) for n, i in zip(ds.label_names, ds.label_ids)},
-            "numTraining": len(ds.cases), "file_ending": ds.file_ending}
+    meta = {
+        "channel_names": {str(i): n for i, n in enumerate(ds.channel_names)},
+        "labels": {n: int(i) for n, i in zip(ds.label_names, ds.label_ids)},
+        "numTraining": len(ds.cases),
+        "file_ending": ds.file_ending,
+    }
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
-def time_nnunet(bin_dir: Path, data: Path, tmp: Path, batch: int, patch: list[int], warmup: int, iters: int,
-                threads: int, da_procs: int) -> dict:
+def time_nnunet(
+    bin_dir: Path,
+    data: Path,
+    tmp: Path,
+    batch: int,
+    patch: list[int],
+    warmup: int,
+    iters: int,
+    threads: int,
+    da_procs: int,
+) -> dict:
     env = dict(os.environ, nnUNet_n_proc_DA=str(da_procs))
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp / var).mkdir(parents=True, exist_ok=True)
         env[var] = str(tmp / var)
     convert_to_nnunet(data, tmp / "nnUNet_raw")
-    prep = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "3d_fullres",
-            "-np", "2", "-npfp", "2"]
+    prep = [
+        str(bin_dir / "nnUNetv2_plan_and_preprocess"),
+        "-d",
+        str(NNUNET_DATASET_ID),
+        "-c",
+        "3d_fullres",
+        "-np",
+        "2",
+        "-npfp",
+        "2",
+    ]
     proc = subprocess.run(prep, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(prep)} failed:\n{proc.stderr[-3000:]}")
     python = bin_dir / "python"
-    cmd = [str(python), "-c", NNUNET_SNIPPET, str(NNUNET_DATASET_ID), str(batch), str(warmup), str(iters),
-           str(threads), ",".join(map(str, patch))]
+    cmd = [
+        str(python),
+        "-c",
+        NNUNET_SNIPPET,
+        str(NNUNET_DATASET_ID),
+        str(batch),
+        str(warmup),
+        str(iters),
+        str(threads),
+        ",".join(map(str, patch)),
+    ]
     # nnU-Net's augmentation worker processes can outlive its main process and would keep a pipe open
     # forever: collect the output in files and end the whole process group once the main process exits.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -161,7 +206,7 @@ def time_nnunet(bin_dir: Path, data: Path, tmp: Path, batch: int, patch: list[in
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"nnU-Net trainer run failed ({returncode}):\n{stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def budget_run(work: Path, minutes: float, threads: int | None, workers: int | None) -> dict:
@@ -172,14 +217,27 @@ def budget_run(work: Path, minutes: float, threads: int | None, workers: int | N
     if runs.exists():
         shutil.rmtree(runs)
     t = time.perf_counter()
-    run = train(work, TrainConfig(configuration="3d_fullres", fold=0, time_budget_minutes=minutes, keep_plan=True,
-                                  num_threads=threads, num_workers=workers))
+    run = train(
+        work,
+        TrainConfig(
+            configuration="3d_fullres",
+            fold=0,
+            time_budget_minutes=minutes,
+            keep_plan=True,
+            num_threads=threads,
+            num_workers=workers,
+        ),
+    )
     wall = time.perf_counter() - t
     metrics = json.loads(RunDir(run).validation_metrics.read_text())
     ckpt_history = json.loads(RunDir(run).progress.read_text())["history"]
-    return {"wall_s": wall, "iterations": ckpt_history[-1]["iteration"] if ckpt_history else 0,
-            "mean_dice": metrics["mean_dice"], "label_names": metrics["label_names"],
-            "num_cases": metrics["num_cases"]}
+    return {
+        "wall_s": wall,
+        "iterations": ckpt_history[-1]["iteration"] if ckpt_history else 0,
+        "mean_dice": metrics["mean_dice"],
+        "label_names": metrics["label_names"],
+        "num_cases": metrics["num_cases"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="medseg work folder to reuse (default: temporary)")
     parser.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40], help="patch (Z Y X)")
     parser.add_argument("--batch", type=int, default=9)
-    parser.add_argument("--base-features", type=int, default=None, help="override the plan's width (both tools: "
-                        "medseg only; nnU-Net always uses its plan)")
+    parser.add_argument(
+        "--base-features",
+        type=int,
+        default=None,
+        help="override the plan's width (both tools: medseg only; nnU-Net always uses its plan)",
+    )
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per setting")
     parser.add_argument("--warmup", type=int, default=2, help="nnU-Net warm-up iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -200,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native CPU support")
     parser.add_argument("--nnunet-bin-dir", type=Path, default=None, help="folder of the nnU-Net venv's bin/")
     parser.add_argument("--skip-nnunet", action="store_true")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                        help="also train fold 0 for this budget and report the validation Dice")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="also train fold 0 for this budget and report the validation Dice",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -234,8 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         if bin_dir is None and shutil.which("nnUNetv2_plan_and_preprocess"):
             bin_dir = Path(shutil.which("nnUNetv2_plan_and_preprocess")).parent
         if not args.skip_nnunet and bin_dir is not None and (bin_dir / "nnUNetv2_plan_and_preprocess").is_file():
-            nn = time_nnunet(bin_dir, args.data, tmp / "nnunet", args.batch, args.patch, args.warmup, args.iters,
-                             threads, args.nnunet_da_procs)
+            nn = time_nnunet(
+                bin_dir,
+                args.data,
+                tmp / "nnunet",
+                args.batch,
+                args.patch,
+                args.warmup,
+                args.iters,
+                threads,
+                args.nnunet_da_procs,
+            )
             print(f"nnU-Net fp32: {nn['it_per_s']:.3f} it/s", flush=True)
         budget = None
         if args.time_budget is not None:
@@ -244,25 +320,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tmp_ctx.cleanup()
 
-    print(f"\nbench_train: {args.data.name}, patch {args.patch}, batch {args.batch}, {threads} thread(s), "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_fast_bf16()}")
+    print(
+        f"\nbench_train: {args.data.name}, patch {args.patch}, batch {args.batch}, {threads} thread(s), "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_fast_bf16()}"
+    )
     print(f"{'setting':<64}{'it/s':>8}{'vs nnU-Net':>12}")
     for label, ips in rows:
         ratio = f"{ips / nn['it_per_s']:.2f}x" if (nn and ips) else "-"
         print(f"{label:<64}{(f'{ips:.3f}' if ips else '-'):>8}{ratio:>12}")
     if nn is not None:
-        print(f"{'nnU-Net v2 nnUNetTrainer fp32 (its own loader, ' + str(args.nnunet_da_procs) + ' DA procs)':<64}"
-              f"{nn['it_per_s']:>8.3f}{'1.00x':>12}")
+        print(
+            f"{'nnU-Net v2 nnUNetTrainer fp32 (its own loader, ' + str(args.nnunet_da_procs) + ' DA procs)':<64}"
+            f"{nn['it_per_s']:>8.3f}{'1.00x':>12}"
+        )
     elif not args.skip_nnunet:
-        print("\nnnU-Net v2 not found; to compare, install it in its own environment:\n"
-              "  python3 -m venv /work/nnunet_venv && /work/nnunet_venv/bin/pip install torch==2.13.0 && "
-              "/work/nnunet_venv/bin/pip install nnunetv2\n"
-              "  then: python scripts/bench_train.py --nnunet-bin-dir /work/nnunet_venv/bin")
+        print(
+            "\nnnU-Net v2 not found; to compare, install it in its own environment:\n"
+            "  python3 -m venv /work/nnunet_venv && /work/nnunet_venv/bin/pip install torch==2.13.0 && "
+            "/work/nnunet_venv/bin/pip install nnunetv2\n"
+            "  then: python scripts/bench_train.py --nnunet-bin-dir /work/nnunet_venv/bin"
+        )
     if budget is not None:
         names = budget["label_names"][1:]
         dice = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, budget["mean_dice"].values()) if v is not None)
-        print(f"\n--time-budget {args.time_budget:g}: {budget['iterations']} iterations, wall {budget['wall_s'] / 60:.1f} "
-              f"min, fold-0 validation Dice ({budget['num_cases']} cases): {dice}")
+        print(
+            f"\n--time-budget {args.time_budget:g}: {budget['iterations']} iterations, wall {budget['wall_s'] / 60:.1f} "
+            f"min, fold-0 validation Dice ({budget['num_cases']} cases): {dice}"
+        )
     return 0
 
 

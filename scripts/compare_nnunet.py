@@ -75,9 +75,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -153,8 +154,10 @@ def _parse_labels(meta: dict, path: Path) -> dict[str, int]:
         elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: "Anterior": 1
             ident, name = value, str(key)
         else:
-            raise CompareError(f"{path}: label {key!r}: {value!r} is neither id->name nor name->id "
-                               "(region-based labels are not supported)")
+            raise CompareError(
+                f"{path}: label {key!r}: {value!r} is neither id->name nor name->id "
+                "(region-based labels are not supported)"
+            )
         if ident in ids:
             raise CompareError(f"{path}: label id {ident} is declared twice")
         ids[ident] = name
@@ -217,8 +220,9 @@ def read_source_dataset(root: str | Path) -> SourceDataset:
                 groups.setdefault(stem, {})[0] = f
         for cid, chans in sorted(groups.items()):
             if sorted(chans) != list(range(len(channels))) and len(chans) != 1:
-                raise CompareError(f"{images_dir}: case {cid} has channel files {sorted(chans)}, "
-                                   f"expected 0..{len(channels) - 1}")
+                raise CompareError(
+                    f"{images_dir}: case {cid} has channel files {sorted(chans)}, expected 0..{len(channels) - 1}"
+                )
             fe = _ending_of(chans[0].name) or ""
             cases.append(SourceCase(cid, tuple(chans[i] for i in sorted(chans)), root / "labelsTr" / f"{cid}{fe}"))
     missing = [str(p) for c in cases for p in (*c.images, c.label) if not p.is_file()]
@@ -233,8 +237,9 @@ def read_source_dataset(root: str | Path) -> SourceDataset:
     return SourceDataset(root, name, channels, labels, tuple(sorted(cases, key=lambda c: c.case_id)))
 
 
-def split_cases(case_ids: list[str], num_test: int, seed: int = SPLIT_SEED,
-                max_train: int | None = None, min_train: int = 5) -> tuple[list[str], list[str]]:
+def split_cases(
+    case_ids: list[str], num_test: int, seed: int = SPLIT_SEED, max_train: int | None = None, min_train: int = 5
+) -> tuple[list[str], list[str]]:
     """Deterministic split into (training ids, test ids), both sorted.
 
     The ids are sorted, shuffled with ``random.Random(seed)``; the first ``num_test`` are the test cases,
@@ -251,8 +256,10 @@ def split_cases(case_ids: list[str], num_test: int, seed: int = SPLIT_SEED,
     if max_train is not None:
         train = train[:max_train]
     if len(train) < min_train:
-        raise CompareError(f"{len(case_ids)} cases with {num_test} test case(s) leave {len(train)} for "
-                           f"training; need at least {min_train} (5-fold cross-validation, fold 0)")
+        raise CompareError(
+            f"{len(case_ids)} cases with {num_test} test case(s) leave {len(train)} for "
+            f"training; need at least {min_train} (5-fold cross-validation, fold 0)"
+        )
     return sorted(train), sorted(test)
 
 
@@ -455,11 +462,15 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, case_ids: list[str], labels: 
             try:
                 pred_img = sitk.ReadImage(str(path))
                 pred = sitk.GetArrayFromImage(pred_img)
-                if pred.shape != ref.shape or not np.allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), atol=1e-4) \
-                        or not np.allclose(pred_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-3) \
-                        or not np.allclose(pred_img.GetDirection(), ref_img.GetDirection(), atol=1e-4):
-                    problems.append(f"{cid}: prediction grid differs from the reference "
-                                    f"(shape {pred.shape} vs {ref.shape})")
+                if (
+                    pred.shape != ref.shape
+                    or not np.allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), atol=1e-4)
+                    or not np.allclose(pred_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-3)
+                    or not np.allclose(pred_img.GetDirection(), ref_img.GetDirection(), atol=1e-4)
+                ):
+                    problems.append(
+                        f"{cid}: prediction grid differs from the reference (shape {pred.shape} vs {ref.shape})"
+                    )
                     pred = None
             except RuntimeError as exc:
                 problems.append(f"{cid}: unreadable prediction ({str(exc).strip().splitlines()[-1][:120]})")
@@ -515,7 +526,7 @@ def _proc_children_map() -> dict[int, list[int]]:
                 stat = f.read().decode("ascii", "replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
     return children
@@ -574,8 +585,14 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-              timeout_s: float | None = None, cwd: Path | None = None) -> StageResult:
+def run_stage(
+    name: str,
+    cmd: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    cwd: Path | None = None,
+) -> StageResult:
     """Run ``cmd``, logging its output to ``log_path``; never raises for a failing command."""
     import resource
 
@@ -588,8 +605,7 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | N
         with open(log_path, "w") as log:
             log.write(f"$ {cmd_text}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
             sampler = TreeMemorySampler(proc.pid) if use_proc else None
             if sampler:
                 sampler.start()
@@ -612,8 +628,9 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | N
                 if sampler:
                     sampler.stop()
     except OSError as exc:
-        return StageResult(name, False, reason=f"failed: cannot start {cmd[0]}: {exc}", command=cmd_text,
-                           log=str(log_path))
+        return StageResult(
+            name, False, reason=f"failed: cannot start {cmd[0]}: {exc}", command=cmd_text, log=str(log_path)
+        )
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is a running maximum over every child so far: it names this stage's largest
@@ -621,8 +638,11 @@ def run_stage(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | N
     largest_child = after * 1024 if after > before else 0
     tree = sampler.peak if sampler else 0
     peak = max(tree, largest_child) or None
-    method = ("process-tree PSS sampled every 0.5 s" if tree >= largest_child else
-              "largest single process RSS (getrusage)") if peak else None
+    method = (
+        ("process-tree PSS sampled every 0.5 s" if tree >= largest_child else "largest single process RSS (getrusage)")
+        if peak
+        else None
+    )
     result = StageResult(name, rc == 0 and not timed_out, seconds, peak, method, rc, None, cmd_text, str(log_path))
     if timed_out:
         result.reason = f"failed: timed out after {timeout_s / 60:.0f} min"
@@ -705,8 +725,12 @@ def trainer_source() -> str:
 
 def install_trainer(nnunet_python: Path) -> Path:
     """Write the budget trainer into the nnU-Net package of ``nnunet_python``; returns the file written."""
-    proc = subprocess.run([str(nnunet_python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(nnunet_python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"cannot import nnunetv2 with {nnunet_python}: {_last_line(proc.stderr)}")
     folder = Path(proc.stdout.strip()) / "training" / "nnUNetTrainer" / "variants" / "medseg_compare"
@@ -726,10 +750,15 @@ def parse_nnunet_log(fold_dir: Path) -> dict:
     """Iterations done and training-loop seconds from the budget trainer's line in nnU-Net's training log."""
     found: dict = {}
     for log in sorted(fold_dir.glob("training_log_*.txt")):
-        for m in re.finditer(r"medseg-budget: iterations_done=(\d+) train_seconds=([\d.]+) epochs_completed=(\d+)",
-                             log.read_text(errors="replace")):
-            found = {"iterations": int(m.group(1)), "train_loop_seconds": float(m.group(2)),
-                     "epochs_completed": int(m.group(3))}
+        for m in re.finditer(
+            r"medseg-budget: iterations_done=(\d+) train_seconds=([\d.]+) epochs_completed=(\d+)",
+            log.read_text(errors="replace"),
+        ):
+            found = {
+                "iterations": int(m.group(1)),
+                "train_loop_seconds": float(m.group(2)),
+                "epochs_completed": int(m.group(3)),
+            }
     return found
 
 
@@ -768,9 +797,24 @@ def run_nnunet(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
         stages["plan"] = StageResult("plan", False, reason=f"failed: {exc}")
     w = str(args.num_workers)
     if "plan" not in stages:
-        stages["plan"] = run_stage("plan", [str(exe["nnUNetv2_plan_and_preprocess"]), "-d", str(DATASET_ID), "-c",
-                                            NNUNET_CONFIG, "--verify_dataset_integrity", "-npfp", w, "-np", w],
-                                   logs / "nnunet_plan.log", env, timeout_s=args.stage_timeout_minutes * 60)
+        stages["plan"] = run_stage(
+            "plan",
+            [
+                str(exe["nnUNetv2_plan_and_preprocess"]),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                NNUNET_CONFIG,
+                "--verify_dataset_integrity",
+                "-npfp",
+                w,
+                "-np",
+                w,
+            ],
+            logs / "nnunet_plan.log",
+            env,
+            timeout_s=args.stage_timeout_minutes * 60,
+        )
     if stages["plan"].ok:
         try:
             plans = json.loads((roots["nnUNet_preprocessed"] / raw_dataset.name / "nnUNetPlans.json").read_text())
@@ -778,10 +822,13 @@ def run_nnunet(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
             tool["batch_patch"] = f"{c['batch_size']} x {c['patch_size']}"
         except (OSError, KeyError, json.JSONDecodeError):
             pass
-        stages["train"] = run_stage("train", [str(exe["nnUNetv2_train"]), str(DATASET_ID), NNUNET_CONFIG, "0",
-                                              "-tr", TRAINER_NAME, "-device", dev],
-                                    logs / "nnunet_train.log", env,
-                                    timeout_s=args.budget_minutes * 60 + args.stage_timeout_minutes * 60)
+        stages["train"] = run_stage(
+            "train",
+            [str(exe["nnUNetv2_train"]), str(DATASET_ID), NNUNET_CONFIG, "0", "-tr", TRAINER_NAME, "-device", dev],
+            logs / "nnunet_train.log",
+            env,
+            timeout_s=args.budget_minutes * 60 + args.stage_timeout_minutes * 60,
+        )
         trained = f"{TRAINER_NAME}__nnUNetPlans__{NNUNET_CONFIG}"
         fold_dir = roots["nnUNet_results"] / raw_dataset.name / trained / "fold_0"
         tool.update(parse_nnunet_log(fold_dir))
@@ -791,11 +838,35 @@ def run_nnunet(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
         pred = work / "predictions" / "nnunet"
         if pred.exists():
             shutil.rmtree(pred)
-        stages["predict"] = run_stage("predict", [str(exe["nnUNetv2_predict"]), "-i", str(test_images), "-o", str(pred),
-                                                  "-d", str(DATASET_ID), "-c", NNUNET_CONFIG, "-f", "0", "-tr",
-                                                  TRAINER_NAME, "-chk", "checkpoint_final.pth", "-device", dev,
-                                                  "-npp", w, "-nps", w],
-                                      logs / "nnunet_predict.log", env, timeout_s=args.stage_timeout_minutes * 60)
+        stages["predict"] = run_stage(
+            "predict",
+            [
+                str(exe["nnUNetv2_predict"]),
+                "-i",
+                str(test_images),
+                "-o",
+                str(pred),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                NNUNET_CONFIG,
+                "-f",
+                "0",
+                "-tr",
+                TRAINER_NAME,
+                "-chk",
+                "checkpoint_final.pth",
+                "-device",
+                dev,
+                "-npp",
+                w,
+                "-nps",
+                w,
+            ],
+            logs / "nnunet_predict.log",
+            env,
+            timeout_s=args.stage_timeout_minutes * 60,
+        )
         tool["predictions"] = str(pred)
     else:
         stages["predict"] = not_run("predict", "training failed")
@@ -837,8 +908,10 @@ def parse_medseg_run(work: Path, fold: int = 0) -> dict:
     from medseg.io.workdir import WorkDir
 
     wd = WorkDir(work)
-    runs = sorted((r for r in (wd.run(c, a, fold) for c, a in wd.run_pairs()) if r.path.is_dir()),
-                  key=lambda r: r.path.stat().st_mtime)
+    runs = sorted(
+        (r for r in (wd.run(c, a, fold) for c, a in wd.run_pairs()) if r.path.is_dir()),
+        key=lambda r: r.path.stat().st_mtime,
+    )
     if not runs:
         return {}
     run = runs[-1]
@@ -896,15 +969,22 @@ def run_medseg(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
     env = dict(os.environ)
     if mwork.exists():
         shutil.rmtree(mwork)
-    stages["plan"] = run_stage("plan", [exe, "plan", str(raw_dataset), "-o", str(mwork), "--device", dev,
-                                        "--time-budget", m, "--num-workers", w],
-                               logs / "medseg_plan.log", env, timeout_s=args.stage_timeout_minutes * 60)
+    stages["plan"] = run_stage(
+        "plan",
+        [exe, "plan", str(raw_dataset), "-o", str(mwork), "--device", dev, "--time-budget", m, "--num-workers", w],
+        logs / "medseg_plan.log",
+        env,
+        timeout_s=args.stage_timeout_minutes * 60,
+    )
     if stages["plan"].ok:
         tool["batch_patch"] = _medseg_batch_patch(mwork)
-        stages["train"] = run_stage("train", [exe, "train", str(mwork), "--fold", "0", "--time-budget", m,
-                                              "--device", dev, "--no-validation"],
-                                    logs / "medseg_train.log", env,
-                                    timeout_s=args.budget_minutes * 60 + args.stage_timeout_minutes * 60)
+        stages["train"] = run_stage(
+            "train",
+            [exe, "train", str(mwork), "--fold", "0", "--time-budget", m, "--device", dev, "--no-validation"],
+            logs / "medseg_train.log",
+            env,
+            timeout_s=args.budget_minutes * 60 + args.stage_timeout_minutes * 60,
+        )
         run_info = parse_medseg_run(mwork)
         if run_info.get("batch_patch"):
             tool["batch_patch"] = run_info.pop("batch_patch")
@@ -915,9 +995,28 @@ def run_medseg(args: argparse.Namespace, raw_dataset: Path, work: Path, test_ima
         pred = work / "predictions" / "medseg"
         if pred.exists():
             shutil.rmtree(pred)
-        stages["predict"] = run_stage("predict", [exe, "predict", "-i", str(test_images), "-o", str(pred), "-m",
-                                                  str(mwork), "--folds", "0", "--device", dev, "--num-workers", w],
-                                      logs / "medseg_predict.log", env, timeout_s=args.stage_timeout_minutes * 60)
+        stages["predict"] = run_stage(
+            "predict",
+            [
+                exe,
+                "predict",
+                "-i",
+                str(test_images),
+                "-o",
+                str(pred),
+                "-m",
+                str(mwork),
+                "--folds",
+                "0",
+                "--device",
+                dev,
+                "--num-workers",
+                w,
+            ],
+            logs / "medseg_predict.log",
+            env,
+            timeout_s=args.stage_timeout_minutes * 60,
+        )
         tool["predictions"] = str(pred)
     else:
         stages["predict"] = not_run("predict", "training failed")
@@ -965,8 +1064,14 @@ def _cell(tool: dict | None, needs: tuple[str, ...], get: Callable[[dict], Any],
 def _ratio(a: Any, b: Any) -> float | None:
     """medseg / nnU-Net when both are finite numbers and nnU-Net's is non-zero."""
     num = (int, float)
-    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and math.isfinite(a) \
-            and math.isfinite(b) and a != 0:
+    if (
+        isinstance(a, num)
+        and isinstance(b, num)
+        and not isinstance(a, bool)
+        and math.isfinite(a)
+        and math.isfinite(b)
+        and a != 0
+    ):
         return float(b) / float(a)
     return None
 
@@ -979,10 +1084,12 @@ def _throughput(tool: dict) -> float | None:
 
 def build_rows(nnunet: dict | None, medseg: dict | None, labels: dict[str, int], num_test: int) -> list[Row]:
     """The comparison table's rows from two tool results (either may be None = skipped)."""
+
     def gib(stage: str) -> Callable[[dict], float | None]:
         def get(t: dict) -> float | None:
             peak = t["stages"][stage].peak_ram_bytes
             return peak / GIB if peak else None
+
         return get
 
     detailed = {"plan + preprocess time (s)", "training wall time (s)", f"prediction time, {num_test} cases, TTA (s)"}
@@ -992,8 +1099,12 @@ def build_rows(nnunet: dict | None, medseg: dict | None, labels: dict[str, int],
         ("training iterations done", ("plan", "train"), lambda t: t.get("iterations"), "{:d}"),
         ("training throughput (it/s)", ("plan", "train"), _throughput, "{:.3f}"),
         ("batch x patch", ("plan",), lambda t: t.get("batch_patch"), "{}"),
-        (f"prediction time, {num_test} cases, TTA (s)", ("plan", "train", "predict"),
-         lambda t: t["stages"]["predict"].seconds, "{:.1f}"),
+        (
+            f"prediction time, {num_test} cases, TTA (s)",
+            ("plan", "train", "predict"),
+            lambda t: t["stages"]["predict"].seconds,
+            "{:.1f}",
+        ),
         ("peak RAM plan + preprocess (GiB)", ("plan",), gib("plan"), "{:.2f}"),
         ("peak RAM training (GiB)", ("plan", "train"), gib("train"), "{:.2f}"),
         ("peak RAM prediction (GiB)", ("plan", "train", "predict"), gib("predict"), "{:.2f}"),
@@ -1033,21 +1144,26 @@ def render_markdown(rows: list[Row]) -> str:
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["| metric | nnU-Net | medseg | ratio (medseg / nnU-Net) |", "| --- | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {esc(r.metric)} | {esc(format_value(r.nnunet, r.fmt))} | {esc(format_value(r.medseg, r.fmt))} "
-                     f"| {format_value(r.ratio, '{:.2f}')} |")
+        lines.append(
+            f"| {esc(r.metric)} | {esc(format_value(r.nnunet, r.fmt))} | {esc(format_value(r.medseg, r.fmt))} "
+            f"| {format_value(r.ratio, '{:.2f}')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def render_text(rows: list[Row], width: int = 34) -> str:
     """A fixed-width text table for the terminal (long failure reasons are shortened)."""
+
     def cut(s: str, n: int) -> str:
         return s if len(s) <= n else s[: n - 1] + "~"
 
     header = f"{'metric':<42} {'nnU-Net':>{width}} {'medseg':>{width}} {'ratio':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{cut(r.metric, 42):<42} {cut(format_value(r.nnunet, r.fmt), width):>{width}} "
-                     f"{cut(format_value(r.medseg, r.fmt), width):>{width}} {format_value(r.ratio, '{:.2f}'):>8}")
+        lines.append(
+            f"{cut(r.metric, 42):<42} {cut(format_value(r.nnunet, r.fmt), width):>{width}} "
+            f"{cut(format_value(r.medseg, r.fmt), width):>{width}} {format_value(r.ratio, '{:.2f}'):>8}"
+        )
     return "\n".join(lines)
 
 
@@ -1069,8 +1185,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def machine_description(device: str) -> dict:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
     try:
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -1087,8 +1206,12 @@ def machine_description(device: str) -> dict:
     except OSError:
         pass
     if device == "cuda" and shutil.which("nvidia-smi"):
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         info["gpu"] = proc.stdout.strip() or None
     return info
 
@@ -1103,8 +1226,12 @@ def _versions(args: argparse.Namespace) -> dict:
         out["medseg"] = None
     py = Path(args.nnunet_bin_dir) / "python"
     if py.is_file():
-        proc = subprocess.run([str(py), "-c", "from importlib.metadata import version as v; "
-                               "print(v('nnunetv2'), v('torch'))"], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [str(py), "-c", "from importlib.metadata import version as v; print(v('nnunetv2'), v('torch'))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         parts = proc.stdout.split()
         if proc.returncode == 0 and len(parts) == 2:
             out["nnunetv2"], out["nnunet_torch"] = parts
@@ -1125,26 +1252,40 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("data", type=Path, help="dataset folder (MSD or nnU-Net v2 layout); only read")
     p.add_argument("--budget-minutes", type=float, default=45.0, help="training wall-clock budget for each tool")
     p.add_argument("--test-cases", type=int, default=20, help="held-out test cases")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="work folder (kept); default: a temporary folder removed at the end")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="work folder (kept); default: a temporary folder removed at the end"
+    )
     p.add_argument("--nnunet-bin-dir", default="/work/nnunet_venv/bin", help="folder with nnUNetv2_* and python")
     p.add_argument("--medseg-bin", default=_default_medseg_bin(), help="medseg console script")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for compare_nnunet.json/.md")
-    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 2,
-                   help="worker processes for both tools' preprocessing and export, and nnU-Net's data loading "
-                        "(nnUNet_n_proc_DA); medseg's trainer picks its own data workers (none on 2 cores)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="worker processes for both tools' preprocessing and export, and nnU-Net's data loading "
+        "(nnUNet_n_proc_DA); medseg's trainer picks its own data workers (none on 2 cores)",
+    )
     p.add_argument("--max-train-cases", type=int, default=None, help="use only this many training cases (smoke runs)")
     p.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the train/test split")
-    p.add_argument("--nnunet-schedule", choices=("default", "budget"), default="default",
-                   help="nnU-Net learning rate: its own poly schedule over 1000 epochs, or annealed over the budget")
-    p.add_argument("--stage-timeout-minutes", type=float, default=60.0,
-                   help="limit for plan and predict, and the grace beyond the budget for training")
+    p.add_argument(
+        "--nnunet-schedule",
+        choices=("default", "budget"),
+        default="default",
+        help="nnU-Net learning rate: its own poly schedule over 1000 epochs, or annealed over the budget",
+    )
+    p.add_argument(
+        "--stage-timeout-minutes",
+        type=float,
+        default=60.0,
+        help="limit for plan and predict, and the grace beyond the budget for training",
+    )
     p.add_argument("--skip-nnunet", action="store_true")
     p.add_argument("--skip-medseg", action="store_true")
     args = p.parse_args(argv)
@@ -1172,8 +1313,11 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.workdir is not None
     work = args.workdir.resolve() if keep else Path(tempfile.mkdtemp(prefix="compare_nnunet_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"compare_nnunet: {ds.name}: {len(train_ids)} training + {len(test_ids)} test cases, budget "
-          f"{args.budget_minutes:g} min, device {args.device}, work folder {work}", flush=True)
+    print(
+        f"compare_nnunet: {ds.name}: {len(train_ids)} training + {len(test_ids)} test cases, budget "
+        f"{args.budget_minutes:g} min, device {args.device}, work folder {work}",
+        flush=True,
+    )
     try:
         t = time.perf_counter()
         raw = write_nnunet_raw(ds, train_ids, work / "data", DATASET_ID)
@@ -1200,14 +1344,16 @@ def main(argv: list[str] | None = None) -> int:
         text = render_text(rows)
         command = "python scripts/compare_nnunet.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         machine = machine_description(args.device)
-        md = (f"# medseg vs nnU-Net v2: {ds.name}\n\n"
-              f"Command: `{command}`\n\n"
-              f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_affinity', machine['cpu_count'])} cores, "
-              f"{machine.get('ram_gib', '?')} GiB RAM, device {args.device}"
-              f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}\n\n"
-              f"Split: {len(train_ids)} training cases (fold 0 of 5 trains on ~80% of them), {len(test_ids)} test "
-              f"cases (seed {args.seed}); training budget {args.budget_minutes:g} min per tool; nnU-Net schedule "
-              f"`{args.nnunet_schedule}`.\n\n" + render_markdown(rows))
+        md = (
+            f"# medseg vs nnU-Net v2: {ds.name}\n\n"
+            f"Command: `{command}`\n\n"
+            f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_affinity', machine['cpu_count'])} cores, "
+            f"{machine.get('ram_gib', '?')} GiB RAM, device {args.device}"
+            f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}\n\n"
+            f"Split: {len(train_ids)} training cases (fold 0 of 5 trains on ~80% of them), {len(test_ids)} test "
+            f"cases (seed {args.seed}); training budget {args.budget_minutes:g} min per tool; nnU-Net schedule "
+            f"`{args.nnunet_schedule}`.\n\n" + render_markdown(rows)
+        )
         report = {
             "command": command,
             "machine": machine,
@@ -1223,8 +1369,10 @@ def main(argv: list[str] | None = None) -> int:
         _atomic_write_text(args.out / "compare_nnunet.md", md)
         print()
         print(text)
-        print(f"\nwrote {args.out / 'compare_nnunet.json'} and {args.out / 'compare_nnunet.md'}"
-              + (f"; work folder kept: {work}" if keep else ""))
+        print(
+            f"\nwrote {args.out / 'compare_nnunet.json'} and {args.out / 'compare_nnunet.md'}"
+            + (f"; work folder kept: {work}" if keep else "")
+        )
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

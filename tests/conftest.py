@@ -21,7 +21,9 @@ def synthetic_dataset(tmp_path: Path) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     """Root of the read-only real data (``../shared/data``); fails (never skips) when it is missing."""
-    assert SHARED_DATA.is_dir(), f"real data folder {SHARED_DATA} is missing (expected ../shared/data beside the checkout)"
+    assert SHARED_DATA.is_dir(), (
+        f"real data folder {SHARED_DATA} is missing (expected ../shared/data beside the checkout)"
+    )
     return SHARED_DATA
 
 

@@ -34,8 +34,9 @@ def assert_prediction_like_input(pred: Path, src: Path, allowed_ids: set[int]) -
     assert values <= allowed_ids, f"{pred.name}: ids {sorted(values - allowed_ids)} not allowed"
 
 
-def network_plan(arch: str, patch_size: tuple[int, ...], batch_size: int, kernel_sizes: tuple, strides: tuple,
-                 **fields: Any) -> NetworkPlan:
+def network_plan(
+    arch: str, patch_size: tuple[int, ...], batch_size: int, kernel_sizes: tuple, strides: tuple, **fields: Any
+) -> NetworkPlan:
     """A :class:`NetworkPlan` from the flat fields of plan schema version 1 (topology next to patch and
     batch): ``precision`` and ``estimated_memory_gb`` go to the plan, every other field to its spec."""
     plan_fields = {k: fields.pop(k) for k in ("precision", "estimated_memory_gb") if k in fields}

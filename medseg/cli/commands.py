@@ -140,8 +140,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.output) if args.output else Path(args.pred) / "metrics.json"
     report = evaluate_folders(
-        Path(args.pred), Path(args.ref), label_ids=args.labels, output=out,
-        num_workers=args.num_workers or default_num_workers(), ignore_label=args.ignore_label,
+        Path(args.pred),
+        Path(args.ref),
+        label_ids=args.labels,
+        output=out,
+        num_workers=args.num_workers or default_num_workers(),
+        ignore_label=args.ignore_label,
     )
     print(report.summary())
     print(f"metrics written to {out} and {out.with_suffix('.csv')}")

@@ -11,13 +11,24 @@ from medseg.options import CheckpointName, ExportFormat, choices
 
 def add_export_parser(sub: argparse._SubParsersAction, add_common) -> None:
     """Register the ``export`` subcommand on ``sub`` (``add_common`` adds ``--verbose``/``--quiet``)."""
-    p = sub.add_parser("export", help="write a model bundle (zip) for `medseg predict -m`, or the networks "
-                                      "as ONNX / TorchScript with inference.json")
+    p = sub.add_parser(
+        "export",
+        help="write a model bundle (zip) for `medseg predict -m`, or the networks "
+        "as ONNX / TorchScript with inference.json",
+    )
     p.add_argument("work", help="work folder with trained runs (or, for --format onnx/torchscript, a bundle)")
-    p.add_argument("-o", "--output", required=True,
-                   help="the zip to write (--format bundle), or the folder for the networks and inference.json")
-    p.add_argument("--format", choices=choices(ExportFormat), default="bundle",
-                   help="default bundle: plan, weights, postprocessing and labels in one zip")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the zip to write (--format bundle), or the folder for the networks and inference.json",
+    )
+    p.add_argument(
+        "--format",
+        choices=choices(ExportFormat),
+        default="bundle",
+        help="default bundle: plan, weights, postprocessing and labels in one zip",
+    )
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) (default: find-best's choice)")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) (default: find-best's choice)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
@@ -34,8 +45,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
     from medseg.ensembling.selection import RunSelection
 
-    selection = RunSelection(configs=args.config, archs=args.arch, folds=folds, checkpoint=args.checkpoint,
-                             postprocessing=not args.no_postprocessing)
+    selection = RunSelection(
+        configs=args.config,
+        archs=args.arch,
+        folds=folds,
+        checkpoint=args.checkpoint,
+        postprocessing=not args.no_postprocessing,
+    )
     if args.format == ExportFormat.BUNDLE:
         from medseg.ensembling.bundle_export import export_bundle
 

@@ -57,11 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory budget for one training step (default 8)")
     p.add_argument("--archs", nargs="+", default=["unet"], help="architectures to plan (default: unet)")
     p.add_argument("--configs", nargs="+", default=None, help="configurations to preprocess (default: all planned)")
-    p.add_argument("--device", choices=choices(DeviceKind), default=None,
-                   help="device training will use (default: cuda if available else cpu)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="plan for a training time budget: measure real step times and pick what learns most "
-                        "(the measuring takes at most 10%% of the budget)")
+    p.add_argument(
+        "--device",
+        choices=choices(DeviceKind),
+        default=None,
+        help="device training will use (default: cuda if available else cpu)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="plan for a training time budget: measure real step times and pick what learns most "
+        "(the measuring takes at most 10%% of the budget)",
+    )
     p.add_argument("--num-workers", type=int, default=None, help="parallel processes (default: CPU count)")
     p.add_argument("--no-preprocess", action="store_true", help="write the plan only")
     _add_common(p)
@@ -74,31 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", default="0", help="fold 0-4, or 'all' to train on every case")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters-per-epoch", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="the whole command (refitting the plan when it is not fitted to this budget and device, "
-                        "training, checkpoints, final validation) finishes within this many minutes; the learning "
-                        "rate is annealed over time")
-    p.add_argument("--keep-plan", action="store_true",
-                   help="with --time-budget: train the plan as it is even when it is not fitted to the budget "
-                        "(a warning gives the iterations to expect)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="the whole command (refitting the plan when it is not fitted to this budget and device, "
+        "training, checkpoints, final validation) finishes within this many minutes; the learning "
+        "rate is annealed over time",
+    )
+    p.add_argument(
+        "--keep-plan",
+        action="store_true",
+        help="with --time-budget: train the plan as it is even when it is not fitted to the budget "
+        "(a warning gives the iterations to expect)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
-    p.add_argument("--pretrained", default=None, metavar="MODEL",
-                   help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt; tensors "
-                        "whose name and shape match are loaded (a first layer for other channels and heads for "
-                        "other classes start fresh); with --time-budget the plan's network is kept (no refit)")
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="MODEL",
+        help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt; tensors "
+        "whose name and shape match are loaded (a first layer for other channels and heads for "
+        "other classes start fresh); with --time-budget the plan's network is kept (no refit)",
+    )
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--num-workers", type=int, default=None, help="data-loading workers")
     p.add_argument("--precision", choices=choices(Precision), default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=choices(Optimizer), default=None,
-                   help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise")
+    p.add_argument(
+        "--optimizer",
+        choices=choices(Optimizer),
+        default=None,
+        help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise",
+    )
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--intensity-augmentation", choices=choices(Switch), default="auto",
-                   help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
-                        "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)")
-    p.add_argument("--weight-averaging", choices=choices(WeightAveraging), default=None,
-                   help="ema: checkpoint_final holds an exponential moving average of the weights over the last "
-                        "part of the run; default auto: ema for time-budgeted runs, off otherwise")
+    p.add_argument(
+        "--intensity-augmentation",
+        choices=choices(Switch),
+        default="auto",
+        help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
+        "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)",
+    )
+    p.add_argument(
+        "--weight-averaging",
+        choices=choices(WeightAveraging),
+        default=None,
+        help="ema: checkpoint_final holds an exponential moving average of the weights over the last "
+        "part of the run; default auto: ema for time-budgeted runs, off otherwise",
+    )
     p.add_argument("--no-validation", action="store_true", help="skip the final sliding-window validation")
     _add_common(p)
     p.set_defaults(func=c.cmd_train)
@@ -106,20 +139,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment every image of a folder")
     p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations (not inside the input)")
-    p.add_argument("-m", "--model", required=True, help="work folder with trained runs, or a model bundle (.zip) "
-                                                        "from `medseg export`")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        help="work folder with trained runs, or a model bundle (.zip) from `medseg export`",
+    )
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) to ensemble")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
     p.add_argument("--checkpoint", choices=choices(CheckpointName), default="final")
-    p.add_argument("--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)")
+    p.add_argument(
+        "--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)"
+    )
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
-    p.add_argument("--time-budget-per-case", type=_seconds_per_case, default="auto", metavar="SECONDS",
-                   help="seconds one case may take (reading, network, export): where a case's estimate exceeds "
-                        "it, fewer TTA passes (8 -> 4 -> 2 -> 1), then less window overlap (0.5 -> 0.33 -> 0.25 "
-                        "-> 0); 'none': no limit. Default (auto): on the CPU, a plan with a training time budget "
-                        "gets 10%% of it over 20 cases (30 minutes: 9 s per case), otherwise no limit. "
-                        "OUT/prediction_record.json records what each case used and took")
+    p.add_argument(
+        "--time-budget-per-case",
+        type=_seconds_per_case,
+        default="auto",
+        metavar="SECONDS",
+        help="seconds one case may take (reading, network, export): where a case's estimate exceeds "
+        "it, fewer TTA passes (8 -> 4 -> 2 -> 1), then less window overlap (0.5 -> 0.33 -> 0.25 "
+        "-> 0); 'none': no limit. Default (auto): on the CPU, a plan with a training time budget "
+        "gets 10%% of it over 20 cases (30 minutes: 9 s per case), otherwise no limit. "
+        "OUT/prediction_record.json records what each case used and took",
+    )
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
@@ -133,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="folder of reference segmentations")
     p.add_argument("-o", "--output", default=None, help="metrics JSON path (a CSV is written beside it)")
     p.add_argument("--labels", nargs="+", type=int, default=None, help="label ids to evaluate (default: all found)")
-    p.add_argument("--ignore-label", type=int, default=None,
-                   help="reference id of unannotated voxels, left out of both maps (default: the 'ignore' label "
-                        "of the reference dataset's dataset.json, if any)")
+    p.add_argument(
+        "--ignore-label",
+        type=int,
+        default=None,
+        help="reference id of unannotated voxels, left out of both maps (default: the 'ignore' label "
+        "of the reference dataset's dataset.json, if any)",
+    )
     p.add_argument("--num-workers", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=c.cmd_evaluate)

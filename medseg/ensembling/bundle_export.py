@@ -51,8 +51,9 @@ def export_bundle(
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; give the zip file to write, e.g. {output / 'model.zip'}")
     sel = selection or RunSelection()
-    run_dirs, rules = select_work_dir_runs(work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint,
-                                           sel.postprocessing)
+    run_dirs, rules = select_work_dir_runs(
+        work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint, sel.postprocessing
+    )
     wd = WorkDir(work_dir)
     refuse_cascades(Plan.load(wd.plans), [RunDir(d).configuration for d in run_dirs], "a model bundle")
     best = wd.best.read_bytes() if wd.best.is_file() else None
@@ -91,8 +92,13 @@ def export_networks(
 
 def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], list[str], dict[str, Any] | None]:
     """The members (with their fold names) and rules of a work folder or a bundle."""
-    configs, archs, folds, checkpoint, postprocessing = sel.configs, sel.archs, sel.folds, sel.checkpoint, \
-        sel.postprocessing
+    configs, archs, folds, checkpoint, postprocessing = (
+        sel.configs,
+        sel.archs,
+        sel.folds,
+        sel.checkpoint,
+        sel.postprocessing,
+    )
     if source.is_file():
         chosen = select_entries(read_manifest(source), configs, archs, folds, source)
         members, rules = bundle_ensemble(source, configs, archs, folds, postprocessing)

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
-from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
 from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
@@ -95,8 +95,10 @@ class FindBestResult:
         width = max(len(n) for n, _ in self.ranking)
         for i, (name, score) in enumerate(self.ranking):
             lines.append(f"  {'*' if i == 0 else ' '} {name:<{width}}  {score:.4f}")
-        lines.append(f"best: {_name(self.members)} (folds {self.folds}); postprocessing: "
-                     f"{describe_rules(self.postprocessing)} -> {self.score_postprocessed:.4f}")
+        lines.append(
+            f"best: {_name(self.members)} (folds {self.folds}); postprocessing: "
+            f"{describe_rules(self.postprocessing)} -> {self.score_postprocessed:.4f}"
+        )
         lines.append(f"saved to {self.best_path}")
         return "\n".join(lines)
 
@@ -136,23 +138,30 @@ def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = N
             root = None
     labels_dir = root / "labelsTr" if root is not None else None
     if labels_dir is not None and labels_dir.is_dir():
+
         def load(case_id: str) -> np.ndarray:
             path = _find_label_file(labels_dir, case_id)
             if path is None:
                 raise MedsegError(f"{labels_dir}: no reference label for case {case_id}")
             return read_image(path)[0]
+
         return load
     if data_dir is not None:
         raise MedsegError(f"{data_dir}: no labelsTr folder with the reference labels")
-    logger.warning("the dataset's labelsTr folder was not found (%s); using the preprocessed labels mapped back "
-                   "to the original grid as references", labels_dir)
+    logger.warning(
+        "the dataset's labelsTr folder was not found (%s); using the preprocessed labels mapped back "
+        "to the original grid as references",
+        labels_dir,
+    )
 
     def load_preprocessed(case_id: str) -> np.ndarray:
         _, seg, props = load_case(work_dir, plan, plan.default_configuration, case_id)
         if seg is None:
             raise MedsegError(f"case {case_id}: the preprocessed cache has no label")
-        return classes_to_labels(revert_to_original(seg, props, is_seg=True), plan.label_ids,
-                                 ignore_label=plan.ignore_label)
+        return classes_to_labels(
+            revert_to_original(seg, props, is_seg=True), plan.label_ids, ignore_label=plan.ignore_label
+        )
+
     return load_preprocessed
 
 
@@ -218,8 +227,12 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         )
     for m in members:
         if len(preds[m]) > len(common):
-            logger.info("%s: ranking uses %d of its %d validation cases (those every candidate has)",
-                        _name([m]), len(common), len(preds[m]))
+            logger.info(
+                "%s: ranking uses %d of its %d validation cases (those every candidate has)",
+                _name([m]),
+                len(common),
+                len(preds[m]),
+            )
     label_ids = [int(v) for v in plan.label_ids]
     k = len(label_ids)
     lut = np.zeros(max(label_ids) + 1, dtype=np.int64)
@@ -242,8 +255,10 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         for m in members:
             p = _load_probabilities(preds[m][case])
             if p.shape != (k_out, *ref.shape):
-                raise MedsegError(f"{preds[m][case]}: probabilities of shape {list(p.shape)} do not fit the reference "
-                                  f"(K={k_out}, {list(ref.shape)})")
+                raise MedsegError(
+                    f"{preds[m][case]}: probabilities of shape {list(p.shape)} do not fit the reference "
+                    f"(K={k_out}, {list(ref.shape)})"
+                )
             probs[m] = p
         for i, combo in enumerate(candidates):
             total = _summed(probs[m] for m in combo)
@@ -264,8 +279,11 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
 
     def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
         total = _summed(_load_probabilities(preds[m][case]) for m in winner)
-        pred = regions_to_labels(total / len(winner), plan.regions_class_order or ()).astype(np.int32) if regions \
+        pred = (
+            regions_to_labels(total / len(winner), plan.regions_class_order or ()).astype(np.int32)
+            if regions
             else np.asarray(label_ids, dtype=np.int32)[total.argmax(0)]
+        )
         ref = load_ref(case)
         if ignore is not None:
             ignored = ref == ignore
@@ -275,10 +293,18 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     if regions:  # per-region postprocessing is not searched: the rules change nothing
         logger.info("region-based plan: no postprocessing is fitted (per-region postprocessing is not supported)")
         score = float(scores[best_i])
-        rules: dict[str, Any] = {"format": RULES_FORMAT, "label_ids": label_ids, "foreground_largest_component": False,
-                 "per_label": {}, "note": "region-based plan: postprocessing not fitted",
-                 "scores": {"num_cases": len(common), "mean_foreground_dice_before": score,
-                            "mean_foreground_dice_after": score}}
+        rules: dict[str, Any] = {
+            "format": RULES_FORMAT,
+            "label_ids": label_ids,
+            "foreground_largest_component": False,
+            "per_label": {},
+            "note": "region-based plan: postprocessing not fitted",
+            "scores": {
+                "num_cases": len(common),
+                "mean_foreground_dice_before": score,
+                "mean_foreground_dice_after": score,
+            },
+        }
     else:
         rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
@@ -291,7 +317,8 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         score=float(scores[best_i]),
         score_postprocessed=float(rules["scores"]["mean_foreground_dice_after"]),
         ranking=ranking,
-        dice_per_label={region_key(r): float(dice_means[best_i, j]) for j, r in enumerate(regions)} if regions
+        dice_per_label={region_key(r): float(dice_means[best_i, j]) for j, r in enumerate(regions)}
+        if regions
         else {str(label_ids[j]): float(dice_means[best_i, j]) for j in range(1, k)},
         postprocessing=rules,
         num_cases=len(common),

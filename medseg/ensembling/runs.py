@@ -17,15 +17,19 @@ logger = logging.getLogger(__name__)
 _PROBABILITIES = ".npz"
 
 
-def find_trained_runs(work_dir: str | Path, configuration: str, arch: str,
-                      checkpoint: str = "final") -> dict[str, Path]:
+def find_trained_runs(
+    work_dir: str | Path, configuration: str, arch: str, checkpoint: str = "final"
+) -> dict[str, Path]:
     """Run folders of ``configuration``/``arch`` that hold the checkpoint ``checkpoint`` (``final``, ...).
 
     Returns:
         ``{"fold_0": path, ..., "fold_all": path}`` (only those present), sorted by fold.
     """
-    return {name: run.path for name, run in WorkDir(work_dir).fold_runs(configuration, arch).items()
-            if run.checkpoint(checkpoint).is_file()}
+    return {
+        name: run.path
+        for name, run in WorkDir(work_dir).fold_runs(configuration, arch).items()
+        if run.checkpoint(checkpoint).is_file()
+    }
 
 
 def find_validation_predictions(work_dir: str | Path) -> dict[tuple[str, str], dict[str, Path]]:
@@ -46,8 +50,9 @@ def find_validation_predictions(work_dir: str | Path) -> dict[tuple[str, str], d
                 continue
             for case_id, npz in run.validation_files(_PROBABILITIES).items():
                 if case_id in cases:
-                    logger.warning("%s: case %s is also predicted by %s; keeping that one", npz, case_id,
-                                   cases[case_id])
+                    logger.warning(
+                        "%s: case %s is also predicted by %s; keeping that one", npz, case_id, cases[case_id]
+                    )
                     continue
                 cases[case_id] = npz
         if cases:

@@ -81,10 +81,18 @@ def work_dir_predictor(
         MedsegError: no plan, nothing trained, or a requested run has no checkpoint.
     """
     run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
-    previous = {prev: Predictor.from_run_dirs(dirs, checkpoint=checkpoint, device=device, **kwargs)
-                for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()}
-    return Predictor.from_run_dirs(run_dirs, checkpoint=checkpoint, device=device, postprocess=postprocess_of(rules),
-                                   previous_stages=previous, **kwargs)
+    previous = {
+        prev: Predictor.from_run_dirs(dirs, checkpoint=checkpoint, device=device, **kwargs)
+        for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()
+    }
+    return Predictor.from_run_dirs(
+        run_dirs,
+        checkpoint=checkpoint,
+        device=device,
+        postprocess=postprocess_of(rules),
+        previous_stages=previous,
+        **kwargs,
+    )
 
 
 def bundle_ensemble(
@@ -116,12 +124,16 @@ def bundle_ensemble(
         rules = _bundled_rules(stored)
         fitted = {tuple(p) for p in rules.get("fitted_on", {}).get("members", [])}
         if not is_prior(rules) and fitted != {(m.configuration, m.arch) for m in members}:
-            logger.info("%s: its postprocessing was fitted on %s, not on the chosen members; not applied",
-                        path, sorted(fitted))
+            logger.info(
+                "%s: its postprocessing was fitted on %s, not on the chosen members; not applied", path, sorted(fitted)
+            )
             rules = None
         else:
-            logger.info("postprocessing: %s (%s, from the bundle)", describe_rules(rules),
-                        "decided from the training labels" if is_prior(rules) else "fitted by find-best")
+            logger.info(
+                "postprocessing: %s (%s, from the bundle)",
+                describe_rules(rules),
+                "decided from the training labels" if is_prior(rules) else "fitted by find-best",
+            )
     return members, rules
 
 
@@ -216,7 +228,8 @@ def select_work_dir_runs(
         else:
             every = fold_name(ALL)
             chosen = [d for name, d in sorted(trained.items()) if name != every] or (
-                [trained[every]] if every in trained else [])
+                [trained[every]] if every in trained else []
+            )
         if not chosen:
             raise MedsegError(
                 f"{wd.arch_runs(c, a)}: no trained model (no fold folder holds {RunDir.checkpoint_file(checkpoint)}); "
@@ -232,13 +245,15 @@ def select_work_dir_runs(
             rules = candidate
             logger.info("postprocessing: %s (fitted by find-best, %s)", describe_rules(rules), pp_path)
         else:
-            logger.info("%s was fitted on %s, not on the chosen ensemble; not applied", pp_path,
-                        sorted(fitted) or "an unknown ensemble")
+            logger.info(
+                "%s was fitted on %s, not on the chosen ensemble; not applied",
+                pp_path,
+                sorted(fitted) or "an unknown ensemble",
+            )
     if postprocessing and rules is None:  # no cross-validation evidence: the reference labels' topology
         rules, source = ensemble_prior(work_dir, run_dirs, region_based=plan.is_region_based)
         logger.info("postprocessing: %s (from the %s)", describe_prior(rules) if rules else "none", source)
-    logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(
-        wd.run_label(d) for d in run_dirs))
+    logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(wd.run_label(d) for d in run_dirs))
     return run_dirs, rules
 
 
@@ -259,8 +274,10 @@ def previous_stage_runs(work_dir: str | Path, run_dirs: Sequence[Path], checkpoi
         prev = plan.configurations[config].previous_stage if config in plan.configurations else None
         if prev is not None and arch not in wanted.setdefault(prev, []):
             wanted[prev].append(arch)
-    return {prev: select_work_dir_runs(work_dir, [prev], archs, None, checkpoint, False)[0]
-            for prev, archs in wanted.items()}
+    return {
+        prev: select_work_dir_runs(work_dir, [prev], archs, None, checkpoint, False)[0]
+        for prev, archs in wanted.items()
+    }
 
 
 def _read_best(work_dir: Path) -> dict[str, Any] | None:

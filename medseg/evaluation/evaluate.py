@@ -44,8 +44,15 @@ from medseg.preprocessing.regions import region_key
 logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "iou", "hd95", "surface_dice")
-EMPTY_EMPTY = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd95_undefined": False, "surface_dice": 1.0,
-               "n_pred": 0, "n_ref": 0}
+EMPTY_EMPTY = {
+    "dice": 1.0,
+    "iou": 1.0,
+    "hd95": 0.0,
+    "hd95_undefined": False,
+    "surface_dice": 1.0,
+    "n_pred": 0,
+    "n_ref": 0,
+}
 
 
 class EvaluationReport(dict):
@@ -74,15 +81,18 @@ def _header_geometry(path: Path) -> ImageGeometry:
     return ImageGeometry.from_sitk(reader)
 
 
-def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None,
-                                 tuple[tuple[int, ...], ...]]) -> dict[str, Any]:
+def _evaluate_case(
+    args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None, tuple[tuple[int, ...], ...]],
+) -> dict[str, Any]:
     case_id, pred_path, ref_path, label_ids, tolerance, ignore_label, regions = args
     pred, geo = read_image(pred_path)
     ref, _ = read_image(ref_path)
     for name, arr in (("prediction", pred), ("reference", ref)):
         if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
-            raise MedsegError(f"case {case_id}: {name} {pred_path if name == 'prediction' else ref_path} "
-                              "has non-integer values; is it a segmentation?")
+            raise MedsegError(
+                f"case {case_id}: {name} {pred_path if name == 'prediction' else ref_path} "
+                "has non-integer values; is it a segmentation?"
+            )
     pred = pred.astype(np.int64, copy=False)
     ref = ref.astype(np.int64, copy=False)
     ignored = 0
@@ -98,12 +108,20 @@ def _evaluate_case(args: tuple[str, Path, Path, tuple[int, ...] | None, float, i
         labels = tuple(v for v in labels if v != ignore_label)
     per_label: dict[Any, dict[str, Any]]
     if regions:  # region plans: metrics of each region's mask (voxels whose id is in the region)
-        per_label = {region_key(r): case_metrics(np.isin(pred, r).astype(np.uint8), np.isin(ref, r).astype(np.uint8),
-                                                 geo.spacing, (1,), tolerance)[1] for r in regions}
+        per_label = {
+            region_key(r): case_metrics(
+                np.isin(pred, r).astype(np.uint8), np.isin(ref, r).astype(np.uint8), geo.spacing, (1,), tolerance
+            )[1]
+            for r in regions
+        }
     else:
         per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
-    out: dict[str, Any] = {"case": case_id, "prediction": str(pred_path), "reference": str(ref_path),
-           "labels": {str(k): v for k, v in per_label.items()}}
+    out: dict[str, Any] = {
+        "case": case_id,
+        "prediction": str(pred_path),
+        "reference": str(ref_path),
+        "labels": {str(k): v for k, v in per_label.items()},
+    }
     if ignore_label is not None:
         out["ignored_voxels"] = ignored
     return out
@@ -167,8 +185,10 @@ def summary_line(result: dict) -> str:
     hd = f"{fg['hd95']:.2f} mm" if fg.get("hd95") is not None else "n/a"
     nsd = f"{fg['surface_dice']:.4f}" if fg.get("surface_dice") is not None else "n/a"
     dice = f"{fg['dice']:.4f}" if fg.get("dice") is not None else "n/a"
-    line = (f"{result['num_cases']} cases: mean foreground Dice {dice} (per label {per}); HD95 {hd}; "
-            f"surface Dice@{result['tolerance_mm']:g}mm {nsd}")
+    line = (
+        f"{result['num_cases']} cases: mean foreground Dice {dice} (per label {per}); HD95 {hd}; "
+        f"surface Dice@{result['tolerance_mm']:g}mm {nsd}"
+    )
     undefined = sum(v["hd95_undefined_cases"] for v in result["mean"].values())
     if undefined:
         line += f"; HD95 undefined (one side empty) in {undefined} case-labels"
@@ -187,20 +207,35 @@ def write_results(result: dict, json_path: str | Path) -> Path:
     for c in result["cases"]:
         for lab, e in c["labels"].items():
             hd = e["hd95"]
-            writer.writerow([c["case"], lab, f"{e['dice']:.6f}", f"{e['iou']:.6f}",
-                             "" if hd is None or not math.isfinite(hd) else f"{hd:.4f}",
-                             int(bool(e["hd95_undefined"])),
-                             "" if e["surface_dice"] is None else f"{e['surface_dice']:.6f}", e["n_pred"], e["n_ref"]])
+            writer.writerow(
+                [
+                    c["case"],
+                    lab,
+                    f"{e['dice']:.6f}",
+                    f"{e['iou']:.6f}",
+                    "" if hd is None or not math.isfinite(hd) else f"{hd:.4f}",
+                    int(bool(e["hd95_undefined"])),
+                    "" if e["surface_dice"] is None else f"{e['surface_dice']:.6f}",
+                    e["n_pred"],
+                    e["n_ref"],
+                ]
+            )
     csv_path = json_path.with_suffix(".csv")
     atomic_write_text(csv_path, buf.getvalue())
     return csv_path
 
 
-def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[int] | None = None,
-                     num_workers: int = 1, output: str | Path | None = None,
-                     tolerance_mm: float = 1.0, progress: bool = True,
-                     ignore_label: int | None = None,
-                     regions: list[tuple[int, ...]] | None = None) -> EvaluationReport:
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    label_ids: list[int] | None = None,
+    num_workers: int = 1,
+    output: str | Path | None = None,
+    tolerance_mm: float = 1.0,
+    progress: bool = True,
+    ignore_label: int | None = None,
+    regions: list[tuple[int, ...]] | None = None,
+) -> EvaluationReport:
     """Dice, IoU, HD95 (mm) and surface Dice per case and label, with means and standard deviations.
 
     Args:
@@ -236,7 +271,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
             raise MedsegError(f"{d}: {name} folder not found")
     if ignore_label is None:
         ignore_label = _dataset_ignore_label(ref_dir)
-    region_list = tuple(tuple(int(i) for i in r) for r in (regions if regions is not None else _dataset_regions(ref_dir)))
+    region_list = tuple(
+        tuple(int(i) for i in r) for r in (regions if regions is not None else _dataset_regions(ref_dir))
+    )
     if not _list_images(ref_dir) and (ref_dir / "labelsTr").is_dir():
         ref_dir = ref_dir / "labelsTr"
     preds = _list_images(pred_dir)
@@ -249,8 +286,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
         g_pred, g_ref = _header_geometry(preds[c]), _header_geometry(refs[c])
         diffs = g_pred.matches(g_ref)
         if diffs:
-            problems.append(f"case {c}: prediction {preds[c].name} and reference {refs[c]} differ in geometry: "
-                            + "; ".join(diffs))
+            problems.append(
+                f"case {c}: prediction {preds[c].name} and reference {refs[c]} differ in geometry: " + "; ".join(diffs)
+            )
     if problems:
         raise DatasetError(problems, header="cannot evaluate")
     missing = sorted(c for c in refs if c not in preds)
@@ -261,11 +299,22 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
     if labels_arg is not None and ignore_label is not None:
         labels_arg = tuple(v for v in labels_arg if v != ignore_label)
     jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label, region_list) for c in case_ids]
-    cases = map_cases(_evaluate_case, jobs, num_workers, desc="evaluate", progress=progress,
-                      mp_context=multiprocessing.get_context("spawn"))
+    cases = map_cases(
+        _evaluate_case,
+        jobs,
+        num_workers,
+        desc="evaluate",
+        progress=progress,
+        mp_context=multiprocessing.get_context("spawn"),
+    )
 
-    labels: list[Any] = [region_key(r) for r in region_list] if region_list else list(labels_arg) \
-        if labels_arg is not None else sorted({int(k) for c in cases for k in c["labels"]})
+    labels: list[Any] = (
+        [region_key(r) for r in region_list]
+        if region_list
+        else list(labels_arg)
+        if labels_arg is not None
+        else sorted({int(k) for c in cases for k in c["labels"]})
+    )
     for case in cases:  # a label absent from both masks of a case is an empty-vs-empty match
         for lab in labels:
             case["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
@@ -275,15 +324,23 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, label_ids: list[
     for m in METRICS:
         vals = [v[m] for v in mean.values() if v[m] is not None]
         fg[m] = float(np.mean(vals)) if vals else None
-    result = EvaluationReport({
-        "prediction_dir": str(pred_dir), "reference_dir": str(ref_dir), "label_ids": labels,
-        "ignore_label": ignore_label,
-        **({"regions": [list(r) for r in region_list]} if region_list else {}),
-        "tolerance_mm": float(tolerance_mm), "num_cases": len(cases), "missing_predictions": missing,
-        "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
-                       "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",
-        "mean": mean, "foreground_mean": fg, "cases": cases,
-    })
+    result = EvaluationReport(
+        {
+            "prediction_dir": str(pred_dir),
+            "reference_dir": str(ref_dir),
+            "label_ids": labels,
+            "ignore_label": ignore_label,
+            **({"regions": [list(r) for r in region_list]} if region_list else {}),
+            "tolerance_mm": float(tolerance_mm),
+            "num_cases": len(cases),
+            "missing_predictions": missing,
+            "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
+            "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",
+            "mean": mean,
+            "foreground_mean": fg,
+            "cases": cases,
+        }
+    )
     result["summary"] = summary_line(result)
     if output is not None:
         write_results(result, output)

@@ -73,8 +73,9 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     return dist_to_ref[sp], dist_to_pred[sr]
 
 
-def hd95_and_surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                          tolerance_mm: float = 1.0) -> tuple[float, float]:
+def hd95_and_surface_dice(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float = 1.0
+) -> tuple[float, float]:
     """95th percentile Hausdorff distance (mm) and surface Dice at ``tolerance_mm``.
 
     Both empty -> ``(0.0, 1.0)``; one empty -> ``(inf, 0.0)`` (see the module docstring).
@@ -91,8 +92,14 @@ def hd95_and_surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
     return hd95, float(nsd)
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], label_ids: Sequence[int],
-                 tolerance_mm: float = 1.0, surface: bool = True) -> dict[int, dict]:
+def case_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    label_ids: Sequence[int],
+    tolerance_mm: float = 1.0,
+    surface: bool = True,
+) -> dict[int, dict]:
     """Per-label metrics of one case.
 
     Args:

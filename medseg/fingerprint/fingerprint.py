@@ -39,8 +39,17 @@ DEFAULT_SAMPLES_PER_CASE = 10_000
 DEFAULT_SEED = 1234
 
 #: top-level keys of fingerprint.json, in the order they are written
-_JSON_ORDER = ("schema_version", "dataset_name", "channel_names", "label_ids", "ignore_label", "samples_per_case",
-               "seed", "intensity", "cases")
+_JSON_ORDER = (
+    "schema_version",
+    "dataset_name",
+    "channel_names",
+    "label_ids",
+    "ignore_label",
+    "samples_per_case",
+    "seed",
+    "intensity",
+    "cases",
+)
 
 
 @dataclass(frozen=True)
@@ -358,8 +367,7 @@ def extract_fingerprint(
 
     num_channels = ds.num_channels
     intensity = tuple(
-        IntensityStats.from_samples(np.concatenate([samples[c] for _, samples in results]))
-        for c in range(num_channels)
+        IntensityStats.from_samples(np.concatenate([samples[c] for _, samples in results])) for c in range(num_channels)
     )
     fp = Fingerprint(
         dataset_name=ds.name,

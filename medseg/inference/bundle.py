@@ -28,7 +28,7 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -96,17 +96,37 @@ def write_bundle(
             plan_name = BundleLayout.member_plans(base)
             files[plan_name] = member.plan.to_json().encode()
         buf = io.BytesIO()
-        torch.save({"format": WEIGHTS_FORMAT, "model": member.model.state_dict(),
-                    "configuration": member.configuration, "arch": member.arch}, buf)
+        torch.save(
+            {
+                "format": WEIGHTS_FORMAT,
+                "model": member.model.state_dict(),
+                "configuration": member.configuration,
+                "arch": member.arch,
+            },
+            buf,
+        )
         weights = BundleLayout.member_weights(base)
         files[weights] = buf.getvalue()
-        entries.append({"configuration": member.configuration, "arch": member.arch,
-                        "fold": RunDir(run_dir).fold_name, "weights": weights, "plan": plan_name})
+        entries.append(
+            {
+                "configuration": member.configuration,
+                "arch": member.arch,
+                "fold": RunDir(run_dir).fold_name,
+                "weights": weights,
+                "plan": plan_name,
+            }
+        )
     assert first_plan is not None
     plan = Plan.from_dict(first_plan)
-    files[BundleLayout.PREPROCESSING] = _dump({c: {"spacing_zyx_mm": list(plan.configuration(c).spacing),
-                                             "normalization": [asdict(n) for n in plan.configuration(c).normalization]}
-                                         for c in dict.fromkeys(e["configuration"] for e in entries)})
+    files[BundleLayout.PREPROCESSING] = _dump(
+        {
+            c: {
+                "spacing_zyx_mm": list(plan.configuration(c).spacing),
+                "normalization": [asdict(n) for n in plan.configuration(c).normalization],
+            }
+            for c in dict.fromkeys(e["configuration"] for e in entries)
+        }
+    )
     if postprocessing is not None:
         files[BundleLayout.POSTPROCESSING] = (json.dumps(postprocessing, indent=2) + "\n").encode()
     if best is not None:
@@ -115,7 +135,7 @@ def write_bundle(
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
         "medseg_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset_name": plan.dataset_name,
         "channel_names": list(plan.channel_names),
         "labels": {str(i): n for i, n in zip(plan.label_ids, plan.label_names)},
@@ -131,6 +151,7 @@ def write_bundle(
 
 def _write_zip(path: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes) as a zip at ``path`` atomically; weights stored, JSON deflated."""
+
     def write(fh: BinaryIO) -> None:
         with zipfile.ZipFile(fh, "w") as zf:
             for name, data in files.items():
@@ -142,8 +163,9 @@ def _write_zip(path: Path, files: dict[str, bytes]) -> None:
 
 def bundle_file_error(path: Path, name: str, problem: str) -> BundleError:
     """The error for a file ``name`` of the bundle ``path`` that has ``problem`` (e.g. ``"is missing"``)."""
-    return BundleError(f"{path}: {name} in the bundle {problem}; export the bundle again with "
-                       "`medseg export WORK -o BUNDLE.zip`")
+    return BundleError(
+        f"{path}: {name} in the bundle {problem}; export the bundle again with `medseg export WORK -o BUNDLE.zip`"
+    )
 
 
 @dataclass(frozen=True)
@@ -222,16 +244,20 @@ def _open(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise BundleError(f"{path}: not a medseg model bundle, or the zip is truncated or corrupt ({exc}); "
-                          "export it again with `medseg export WORK -o BUNDLE.zip`") from None
+        raise BundleError(
+            f"{path}: not a medseg model bundle, or the zip is truncated or corrupt ({exc}); "
+            "export it again with `medseg export WORK -o BUNDLE.zip`"
+        ) from None
 
 
 def _manifest(reader: _Reader) -> dict[str, Any]:
     path = reader.path
     if MANIFEST not in reader.names:
         # a truncated bundle may still open: the zip reader then finds the directory of a stored model.pt
-        raise BundleError(f"{path}: no {MANIFEST} found: the zip is truncated or corrupt, or not a medseg model "
-                          "bundle; export it again with `medseg export WORK -o BUNDLE.zip`")
+        raise BundleError(
+            f"{path}: no {MANIFEST} found: the zip is truncated or corrupt, or not a medseg model "
+            "bundle; export it again with `medseg export WORK -o BUNDLE.zip`"
+        )
     manifest = reader.json(MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a medseg model bundle ({MANIFEST} format is not {BUNDLE_FORMAT!r})")
@@ -241,10 +267,16 @@ def _manifest(reader: _Reader) -> dict[str, Any]:
     if version > BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format version {version} (written by medseg {manifest.get('medseg_version', '?')}) "
-            f"is newer than this medseg {__version__} reads (up to {BUNDLE_FORMAT_VERSION}); upgrade medseg")
+            f"is newer than this medseg {__version__} reads (up to {BUNDLE_FORMAT_VERSION}); upgrade medseg"
+        )
     members = manifest.get("members")
-    if not isinstance(members, list) or not members or not all(
-            isinstance(m, dict) and {"configuration", "arch", "fold", "weights", "plan"} <= set(m) for m in members):
+    if (
+        not isinstance(members, list)
+        or not members
+        or not all(
+            isinstance(m, dict) and {"configuration", "arch", "fold", "weights", "plan"} <= set(m) for m in members
+        )
+    ):
         raise reader.error(MANIFEST, "lists no members, or members without configuration/arch/fold/weights/plan")
     missing = sorted(set(manifest.get("files", [])) - reader.names)
     if missing:
@@ -252,16 +284,26 @@ def _manifest(reader: _Reader) -> dict[str, Any]:
     return manifest
 
 
-def select_entries(manifest: dict[str, Any], configs: Sequence[str] | None, archs: Sequence[str] | None,
-                   folds: Sequence[int | str] | None, path: Path) -> list[dict[str, Any]]:
+def select_entries(
+    manifest: dict[str, Any],
+    configs: Sequence[str] | None,
+    archs: Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    path: Path,
+) -> list[dict[str, Any]]:
     """The manifest's member entries of the given configurations, architectures and folds (None: all).
 
     Raises:
         MedsegError: none matches (the message lists what the bundle holds).
     """
     wanted_folds = None if folds is None else {fold_name(f) for f in folds}
-    chosen = [m for m in manifest["members"] if (configs is None or m["configuration"] in configs)
-              and (archs is None or m["arch"] in archs) and (wanted_folds is None or m["fold"] in wanted_folds)]
+    chosen = [
+        m
+        for m in manifest["members"]
+        if (configs is None or m["configuration"] in configs)
+        and (archs is None or m["arch"] in archs)
+        and (wanted_folds is None or m["fold"] in wanted_folds)
+    ]
     if not chosen:
         have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in manifest["members"]]
         raise MedsegError(f"{path}: no network of the bundle matches the selection; it holds {have}")
@@ -310,7 +352,9 @@ def load_bundle(
                 model.load_state_dict(state["model"])
             except (MedsegError, RuntimeError) as exc:
                 first = str(exc).splitlines()[0]
-                raise reader.error(m["weights"], f"does not fit the {m['arch']} network of its plan ({first})") from None
+                raise reader.error(
+                    m["weights"], f"does not fit the {m['arch']} network of its plan ({first})"
+                ) from None
             model.eval()
             members.append(EnsembleMember.of_stage(model, stage, source=f"{path}:{m['weights']}"))
         rules = None

@@ -63,7 +63,7 @@ def combine_classes(inferred: Inferred, plan: Plan) -> np.ndarray:
     for k in range(plan.num_classes):
         acc: np.ndarray | None = None
         for probs, props, n in inferred:
-            p = revert_to_original(probs[k:k + 1], props)[0]  # a new array
+            p = revert_to_original(probs[k : k + 1], props)[0]  # a new array
             if k > 0:  # revert pads a single channel as if it were background
                 _zero_outside(p, props.bbox)
             if n != 1:
@@ -84,7 +84,7 @@ def combine_classes(inferred: Inferred, plan: Plan) -> np.ndarray:
 def _zero_outside(array: np.ndarray, bbox: Sequence[tuple[int, int]]) -> None:
     """Set ``array`` to 0 outside the box ``bbox`` ((start, stop) per axis; a leading Z entry is ignored
     for a 2D array), in place."""
-    bbox = list(bbox)[-array.ndim:]
+    bbox = list(bbox)[-array.ndim :]
     for axis, (start, stop) in enumerate(bbox):
         index: list[Any] = [slice(None)] * array.ndim
         index[axis] = slice(0, start)

@@ -75,9 +75,16 @@ class EnsembleTiming:
                 if m.configuration != c:
                     continue
                 stage = m.stage
-                jobs.append(NetworkJob(self._timing_key(m), tuple(int(s) for s in data.shape[1:]),
-                                       stage.patch_size, stage.mirror_axes, stage.total_stride,
-                                       self._pass_options(m)[0]))
+                jobs.append(
+                    NetworkJob(
+                        self._timing_key(m),
+                        tuple(int(s) for s in data.shape[1:]),
+                        stage.patch_size,
+                        stage.mirror_axes,
+                        stage.total_stride,
+                        self._pass_options(m)[0],
+                    )
+                )
         for prev, stage in self.previous_stages.items():
             if prev in prepared.previous:
                 jobs += stage.case_jobs(prepared.previous[prev])
@@ -101,8 +108,9 @@ class EnsembleTiming:
     def _measure_window(self, index: int) -> float:
         member = self.members[index]
         net = member.stage.network
-        batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.plan.num_classes,
-                                                        self.device)
+        batch = self.batch_size or inference_batch_size(
+            net.patch_size, net.spec.base_features, self.plan.num_classes, self.device
+        )
         patch = tuple(int(p) for p in net.patch_size)
         # `batch` windows side by side at step 1: one network batch (2D: `batch` slices)
         shape = (batch, *patch) if len(patch) == 2 else (*patch[:-1], patch[-1] * batch)
@@ -113,6 +121,7 @@ class EnsembleTiming:
             start = time.perf_counter()
             self._member_probabilities(index, data, setting=CaseSetting(1, 1.0)).cpu()
             seconds.append(time.perf_counter() - start)
-        logger.debug("%s: %.3f s per window (first batch %.3f s)", self._timing_key(member), seconds[1] / batch,
-                     seconds[0])
+        logger.debug(
+            "%s: %.3f s per window (first batch %.3f s)", self._timing_key(member), seconds[1] / batch, seconds[0]
+        )
         return seconds[1] / batch

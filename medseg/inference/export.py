@@ -60,8 +60,12 @@ def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path, ref
                     reader = sitk.ImageFileReader()
                     reader.SetFileName(str(tmp))
                     reader.ReadImageInformation()
-                    written = ImageGeometry(tuple(reversed(reader.GetSize())), tuple(reversed(reader.GetSpacing())),
-                                            reader.GetOrigin(), reader.GetDirection())
+                    written = ImageGeometry(
+                        tuple(reversed(reader.GetSize())),
+                        tuple(reversed(reader.GetSpacing())),
+                        reader.GetOrigin(),
+                        reader.GetDirection(),
+                    )
                     if written == geometry:
                         maybe_fail("segmentation_write", path.name)
                         os.replace(tmp, path)

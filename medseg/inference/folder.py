@@ -102,8 +102,10 @@ class PredictionResult:
             used[(r.tta_passes, r.overlap)] = used.get((r.tta_passes, r.overlap), 0) + 1
         settings = ", ".join(f"{n} x (TTA {p}, overlap {o:g})" for (p, o), n in sorted(used.items(), reverse=True))
         mean = sum(r.seconds for r in recs) / len(recs)
-        return (f"time budget {self.time_budget:g} s per case ({self.budget_rule}): held in {held} of {len(recs)} "
-                f"case(s), mean {mean:.1f} s; used {settings}")
+        return (
+            f"time budget {self.time_budget:g} s per case ({self.budget_rule}): held in {held} of {len(recs)} "
+            f"case(s), mean {mean:.1f} s; used {settings}"
+        )
 
 
 def resolve_time_budget(time_budget_per_case: float | str | None, predictor: Predictor) -> tuple[float | None, str]:
@@ -124,11 +126,15 @@ def resolve_time_budget(time_budget_per_case: float | str | None, predictor: Pre
         if seconds is None:
             why = "the plan has no training time budget" if minutes is None else f"on {predictor.device.type}"
             return None, f"no limit by default: {why}"
-        return seconds, (f"default: {PREDICTION_SHARE:.0%} of the {minutes:g}-minute training budget over "
-                         f"{REFERENCE_TEST_CASES} cases")
+        return seconds, (
+            f"default: {PREDICTION_SHARE:.0%} of the {minutes:g}-minute training budget over "
+            f"{REFERENCE_TEST_CASES} cases"
+        )
     if isinstance(time_budget_per_case, str) or not time_budget_per_case > 0:
-        raise MedsegError(f"the time budget per case must be a positive number of seconds, None or 'auto', "
-                          f"got {time_budget_per_case!r}")
+        raise MedsegError(
+            f"the time budget per case must be a positive number of seconds, None or 'auto', "
+            f"got {time_budget_per_case!r}"
+        )
     return float(time_budget_per_case), "given"
 
 
@@ -187,15 +193,23 @@ def predict_folder(
     result = PredictionResult(output_dir=output_dir, time_budget=budget_seconds, budget_rule=budget_rule)
     result.failed.update(bad_cases)
     if budget_seconds is not None:
-        logger.info("time budget %.1f s per case (%s): fewer TTA passes, then less window overlap, where a "
-                    "case's estimate exceeds it", budget_seconds, budget_rule)
+        logger.info(
+            "time budget %.1f s per case (%s): fewer TTA passes, then less window overlap, where a "
+            "case's estimate exceeds it",
+            budget_seconds,
+            budget_rule,
+        )
     record_path = output_dir / RECORD_NAME
     earlier_records = read_record_cases(record_path)
-    ignored = sorted(f.name for f in input_dir.iterdir() if f.is_file() and not f.name.startswith(".")
-                     and not has_image_suffix(f.name))
+    ignored = sorted(
+        f.name
+        for f in input_dir.iterdir()
+        if f.is_file() and not f.name.startswith(".") and not has_image_suffix(f.name)
+    )
     if ignored:
-        result.warnings.append(f"{input_dir}: ignoring {len(ignored)} file(s) that are not images: "
-                               + ", ".join(ignored))
+        result.warnings.append(
+            f"{input_dir}: ignoring {len(ignored)} file(s) that are not images: " + ", ".join(ignored)
+        )
         logger.warning(result.warnings[-1])
 
     todo = []
@@ -206,15 +220,19 @@ def predict_folder(
         else:
             todo.append((case, target))
     if result.skipped:
-        logger.info("%d case(s) already predicted in %s; skipping them (use --overwrite to redo)",
-                    len(result.skipped), output_dir)
+        logger.info(
+            "%d case(s) already predicted in %s; skipping them (use --overwrite to redo)",
+            len(result.skipped),
+            output_dir,
+        )
 
     def load(case: Any) -> tuple[PreparedCase, float]:
         start = time.perf_counter()
         files = list(case.image_files)
         if len(files) != plan.num_channels:
             raise MedsegError(
-                f"{files[0]}: case has {len(files)} channel file(s), the model expects {plan.num_channels}")
+                f"{files[0]}: case has {len(files)} channel file(s), the model expects {plan.num_channels}"
+            )
         for f in files:  # SimpleITK reads truncated NIfTI silently (garbage voxels) and NaN as 0
             problem, nonfinite = nifti_raw_check(Path(f))
             if problem:
@@ -230,9 +248,11 @@ def predict_folder(
                     raise MedsegError(_nonfinite_message(f, int(np.isnan(channel).sum()), int(np.isinf(channel).sum())))
         three_d = [c for c in predictor.configurations if plan.configuration(c).dims == 3]
         if geometry.ndim == 2 and three_d:
-            raise MedsegError(f"{files[0]}: a 2D image (shape {list(geometry.shape)}), but configuration "
-                              f"{three_d[0]!r} of the model is 3D; predict 2D images with a 2D configuration "
-                              "(--config 2d)")
+            raise MedsegError(
+                f"{files[0]}: a 2D image (shape {list(geometry.shape)}), but configuration "
+                f"{three_d[0]!r} of the model is 3D; predict 2D images with a 2D configuration "
+                "(--config 2d)"
+            )
         warning = spacing_warning(case.case_id, geometry.spacing, plan)
         if warning:
             logger.warning(warning)
@@ -254,8 +274,14 @@ def predict_folder(
             setting, record, raw_network = clock.choose(jobs, per_window, load_seconds + measure, raw_write)
             record.load_seconds, record.measure_seconds = load_seconds, measure
             if setting != clock.full:
-                logger.info("%s: TTA %d pass(es), overlap %g to fit %.1f s (estimated %.1f s)", prepared.case_id,
-                            setting.passes, setting.overlap, clock.seconds_per_case, record.estimated_seconds)
+                logger.info(
+                    "%s: TTA %d pass(es), overlap %g to fit %.1f s (estimated %.1f s)",
+                    prepared.case_id,
+                    setting.passes,
+                    setting.overlap,
+                    clock.seconds_per_case,
+                    record.estimated_seconds,
+                )
         start = time.perf_counter()
         inferred = predictor._infer(prepared, setting)
         record.network_seconds = time.perf_counter() - start
@@ -293,8 +319,10 @@ def predict_folder(
 
     workers = max(1, int(num_workers))
     bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as readers, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-write") as writers:
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as readers,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-write") as writers,
+    ):
         pending_reads: deque[tuple[Any, Path, Future]] = deque()
         pending_writes: deque[tuple[str, Future, CaseRecord, float]] = deque()
         queue = iter(todo)
@@ -346,8 +374,10 @@ def predict_folder(
 
 
 def _nonfinite_message(path: Path, n_nan: int, n_inf: int) -> str:
-    return (f"{path}: holds {n_nan} NaN and {n_inf} Inf voxel(s); replace them (e.g. by the background "
-            "intensity) and predict the case again")
+    return (
+        f"{path}: holds {n_nan} NaN and {n_inf} Inf voxel(s); replace them (e.g. by the background "
+        "intensity) and predict the case again"
+    )
 
 
 def _message(exc: BaseException) -> str:

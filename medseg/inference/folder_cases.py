@@ -65,11 +65,13 @@ def check_writable(output_dir: Path) -> None:
 
 def spacing_warning(case_id: str, spacing: Sequence[float], plan: Plan) -> str | None:
     """A message when ``spacing`` (mm) is > 2x or < 0.5x the plan's median training spacing on any axis."""
-    ref = tuple(plan.original_median_spacing)[-len(spacing):]
+    ref = tuple(plan.original_median_spacing)[-len(spacing) :]
     ratios = [s / r for s, r in zip(spacing, ref) if r > 0]
     if any(q > 2.0 or q < 0.5 for q in ratios):
-        return (f"{case_id}: spacing {[round(float(s), 3) for s in spacing]} mm is far from the training data's "
-                f"median {[round(float(r), 3) for r in ref]} mm; the segmentation may be poor")
+        return (
+            f"{case_id}: spacing {[round(float(s), 3) for s in spacing]} mm is far from the training data's "
+            f"median {[round(float(r), 3) for r in ref]} mm; the segmentation may be poor"
+        )
     return None
 
 
@@ -94,7 +96,7 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
             m = _PROBLEM_RE.match(problem)
             if m is None:
                 raise
-            failed.setdefault(m.group("case"), problem[m.end():])
+            failed.setdefault(m.group("case"), problem[m.end() :])
     channel_re = re.compile(r"^(?P<case>.+)_\d{4}$")
     with tempfile.TemporaryDirectory(prefix="medseg_cases_") as tmp:
         for f in sorted(input_dir.iterdir()):

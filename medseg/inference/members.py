@@ -67,7 +67,7 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     for k, v in state.items():
         for prefix in ("_orig_mod.", "module."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -138,15 +138,22 @@ def _check_belongs_to_run(path: Path, run_dir: Path, plan: Plan, configuration: 
     run_plan_path = run.plans
     if run_plan_path.is_file():
         run_plan = Plan.load(run_plan_path)
-        diffs += [f"{k} {getattr(plan, k)!r} vs {getattr(run_plan, k)!r}" for k in _DATASET_FIELDS
-                  if getattr(plan, k) != getattr(run_plan, k)]
-        if not diffs and configuration in run_plan.configurations and preprocessing_fingerprint(
-                plan, configuration) != preprocessing_fingerprint(run_plan, configuration):
+        diffs += [
+            f"{k} {getattr(plan, k)!r} vs {getattr(run_plan, k)!r}"
+            for k in _DATASET_FIELDS
+            if getattr(plan, k) != getattr(run_plan, k)
+        ]
+        if (
+            not diffs
+            and configuration in run_plan.configurations
+            and preprocessing_fingerprint(plan, configuration) != preprocessing_fingerprint(run_plan, configuration)
+        ):
             diffs.append(f"the preprocessing (spacing, normalisation) of {configuration}")
     if diffs:
         raise CheckpointError(
             f"{path}: belongs to another plan than its run folder {run_dir} ({'; '.join(diffs)}); it was "
-            "copied from another run or dataset: put this run's checkpoint back or train the run again")
+            "copied from another run or dataset: put this run's checkpoint back or train the run again"
+        )
 
 
 def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> None:
@@ -162,4 +169,5 @@ def refuse_cascades(plan: Plan, configurations: Sequence[str], what: str) -> Non
         raise ConfigError(
             f"{what} of the cascade {', '.join(cascades)} is not supported: its networks take the {prev} "
             f"segmentation as input channels. Choose other configurations (--config 3d_fullres {prev}), or predict "
-            f"with the cascade from the work folder (`medseg predict -m WORK --config {cascades[0]}`)")
+            f"with the cascade from the work folder (`medseg predict -m WORK --config {cascades[0]}`)"
+        )

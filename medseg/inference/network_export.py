@@ -64,8 +64,9 @@ def check_format(fmt: str) -> None:
         try:
             import onnx  # noqa: F401  (torch.onnx.export needs it)
         except ImportError:
-            raise ConfigError("ONNX export needs the onnx package: pip install 'medseg[onnx]' "
-                              "(or pip install onnx onnxruntime)") from None
+            raise ConfigError(
+                "ONNX export needs the onnx package: pip install 'medseg[onnx]' (or pip install onnx onnxruntime)"
+            ) from None
 
 
 def write_networks(
@@ -122,24 +123,34 @@ def _export_one(member: EnsembleMember, fmt: str, name: str) -> bytes:
     with torch.no_grad():
         out = model(x)
     if not isinstance(out, torch.Tensor):
-        raise MedsegError(f"cannot export {name}: the {member.arch} network returns {type(out).__name__} in eval "
-                          "mode, not one logits tensor")
+        raise MedsegError(
+            f"cannot export {name}: the {member.arch} network returns {type(out).__name__} in eval "
+            "mode, not one logits tensor"
+        )
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape checks turned into constants
             if fmt == "onnx":
                 # the TorchScript exporter (dynamo=False) writes to a file object; the stub allows paths only
-                torch.onnx.export(model, (x,), buf,  # type: ignore[arg-type]
-                                  dynamo=False, opset_version=ONNX_OPSET,
-                                  input_names=["image"], output_names=["logits"],
-                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    buf,  # type: ignore[arg-type]
+                    dynamo=False,
+                    opset_version=ONNX_OPSET,
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                )
             else:
                 torch.jit.save(torch.jit.trace(model, x, check_trace=False), buf)
     except Exception as exc:  # noqa: BLE001 - any exporter failure: name the architecture and why
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise MedsegError(f"cannot export {name} to {fmt}: the {member.arch} network uses an operation the "
-                          f"exporter does not support ({type(exc).__name__}: {first})") from None
+        raise MedsegError(
+            f"cannot export {name} to {fmt}: the {member.arch} network uses an operation the "
+            f"exporter does not support ({type(exc).__name__}: {first})"
+        ) from None
     data = buf.getvalue()
     _check(model, data, fmt, name, _example(member, 2, 1))
     return data
@@ -173,12 +184,19 @@ def _check(model: torch.nn.Module, data: bytes, fmt: str, name: str, x: torch.Te
     scale = max(1.0, float(np.abs(ref).max()))
     logger.info("%s: %s logits differ from PyTorch's by at most %.2e", name, fmt, err)
     if not err <= CHECK_TOLERANCE * scale:
-        raise MedsegError(f"cannot export {name} to {fmt}: the exported {model.__class__.__name__} network's logits "
-                          f"differ from PyTorch's by {err:.3g} (shape {list(got.shape)} vs {list(ref.shape)})")
+        raise MedsegError(
+            f"cannot export {name} to {fmt}: the exported {model.__class__.__name__} network's logits "
+            f"differ from PyTorch's by {err:.3g} (shape {list(got.shape)} vs {list(ref.shape)})"
+        )
 
 
-def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str], files: Sequence[str],
-                          fmt: str, rules: dict[str, Any] | None) -> dict[str, Any]:
+def inference_description(
+    members: Sequence[EnsembleMember],
+    folds: Sequence[str],
+    files: Sequence[str],
+    fmt: str,
+    rules: dict[str, Any] | None,
+) -> dict[str, Any]:
     """What ``inference.json`` holds: everything medseg does around the exported networks, as builtins."""
     plan = members[0].plan
     sigma = inspect.signature(gaussian_importance_map).parameters["sigma_scale"].default
@@ -186,26 +204,40 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
     for member, fold, file in zip(members, folds, files):
         cfg, net = member.stage.configuration, member.stage.network
         mirror_axes, shifts = tta_variants(member.stage.mirror_axes, member.stage.total_stride)
-        entries.append({
-            "file": file, "configuration": member.configuration, "arch": member.arch, "fold": fold,
-            "dims": cfg.dims,
-            "input_layout": "(B, C, Z, Y, X)" if cfg.dims == 3 else "(B, C, Y, X), one Z slice per sample",
-            "patch_size": list(net.patch_size),
-            "spacing_zyx_mm": list(cfg.spacing),
-            "normalization": [{"channel": ch, **asdict(n)} for ch, n in zip(member.plan.channel_names,
-                                                                            cfg.normalization)],
-            "mirror_axes": list(mirror_axes),
-            "shift_variants": [list(s) for s in shifts],
-            "total_stride": list(net.total_stride()),
-        })
+        entries.append(
+            {
+                "file": file,
+                "configuration": member.configuration,
+                "arch": member.arch,
+                "fold": fold,
+                "dims": cfg.dims,
+                "input_layout": "(B, C, Z, Y, X)" if cfg.dims == 3 else "(B, C, Y, X), one Z slice per sample",
+                "patch_size": list(net.patch_size),
+                "spacing_zyx_mm": list(cfg.spacing),
+                "normalization": [
+                    {"channel": ch, **asdict(n)} for ch, n in zip(member.plan.channel_names, cfg.normalization)
+                ],
+                "mirror_axes": list(mirror_axes),
+                "shift_variants": [list(s) for s in shifts],
+                "total_stride": list(net.total_stride()),
+            }
+        )
     info: dict[str, Any] = {
         "format": INFERENCE_FORMAT,
         "medseg_version": __version__,
         "network_format": fmt,
-        "input": {"name": "image", "dtype": "float32", "values": "normalised intensities on the configuration's "
-                  "grid (see preprocessing)", "dynamic_axes": ["batch"]},
-        "output": {"name": "logits", "dtype": "float32", "layout": "(B, K, *patch)", "values": "logits; softmax "
-                   "over axis 1 gives class probabilities, class index i is label_ids[i]"},
+        "input": {
+            "name": "image",
+            "dtype": "float32",
+            "values": "normalised intensities on the configuration's grid (see preprocessing)",
+            "dynamic_axes": ["batch"],
+        },
+        "output": {
+            "name": "logits",
+            "dtype": "float32",
+            "layout": "(B, K, *patch)",
+            "values": "logits; softmax over axis 1 gives class probabilities, class index i is label_ids[i]",
+        },
         "channel_names": list(plan.channel_names),
         "label_ids": list(plan.label_ids),
         "label_names": list(plan.label_names),
@@ -220,27 +252,33 @@ def inference_description(members: Sequence[EnsembleMember], folds: Sequence[str
         "sliding_window": {
             "step": DEFAULT_STEP,
             "step_meaning": "patch starts spread evenly from 0 to size - patch, at most step * patch apart "
-                            "(a volume smaller than the patch is zero-padded, centred)",
+            "(a volume smaller than the patch is zero-padded, centred)",
             "gaussian_sigma_scale": sigma,
             "gaussian_min": GAUSSIAN_MIN,
             "weighting": "logits of every patch (each TTA pass flipped back first, averaged) times a Gaussian "
-                         "(sigma = gaussian_sigma_scale * patch size per axis, divided by its maximum, at least "
-                         "gaussian_min); summed, divided by the summed weights, then softmax",
+            "(sigma = gaussian_sigma_scale * patch size per axis, divided by its maximum, at least "
+            "gaussian_min); summed, divided by the summed weights, then softmax",
             "tta": "every combination of flips over mirror_axes (patch axes), and the whole volume again "
-                   "moved by each of shift_variants (voxels per patch axis, zero padding)",
+            "moved by each of shift_variants (voxels per patch axis, zero padding)",
         },
         "ensemble": "mean of the softmax probabilities of all networks, each configuration's mapped back to the "
-                    "original grid (resampled, uncropped: background outside the crop) first; argmax; class "
-                    "index -> label id",
+        "original grid (resampled, uncropped: background outside the crop) first; argmax; class "
+        "index -> label id",
         "postprocessing": rules,
     }
     if plan.is_region_based:  # one sigmoid output per region (medseg.preprocessing.regions)
-        info["output"]["values"] = ("logits; sigmoid per channel gives region probabilities, channel r is region "
-                                    "regions[r] (a set of label ids)")
+        info["output"]["values"] = (
+            "logits; sigmoid per channel gives region probabilities, channel r is region "
+            "regions[r] (a set of label ids)"
+        )
         info["regions"] = [list(r) for r in plan.regions or ()]
         info["regions_class_order"] = list(plan.regions_class_order or ())
-        info["sliding_window"]["weighting"] = info["sliding_window"]["weighting"].replace("then softmax", "then sigmoid")
-        info["ensemble"] = ("mean of the sigmoid probabilities of all networks on the original grid (0 outside the "
-                            "crop); from 0, for each region r in order, voxels with probability > 0.5 get "
-                            "regions_class_order[r]")
+        info["sliding_window"]["weighting"] = info["sliding_window"]["weighting"].replace(
+            "then softmax", "then sigmoid"
+        )
+        info["ensemble"] = (
+            "mean of the sigmoid probabilities of all networks on the original grid (0 outside the "
+            "crop); from 0, for each region r in order, voxels with probability > 0.5 get "
+            "regions_class_order[r]"
+        )
     return info

@@ -38,8 +38,11 @@ class CompiledOrEager(torch.nn.Module):
                 return self.compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler problem: run eagerly instead
                 self.failed = True
-                logger.warning("torch.compile failed (%s: %s); running the network eagerly",
-                               type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                logger.warning(
+                    "torch.compile failed (%s: %s); running the network eagerly",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
         return self.model(x)
 
 
@@ -47,8 +50,7 @@ class CompiledOrEager(torch.nn.Module):
 CPU_INFERENCE_BATCH_BYTES = 2**30
 
 
-def inference_batch_size(patch_size: Sequence[int], base_features: int, num_classes: int,
-                         device: torch.device) -> int:
+def inference_batch_size(patch_size: Sequence[int], base_features: int, num_classes: int, device: torch.device) -> int:
     """Patches per forward pass: on a GPU 2 (3D) / 8 (2D); on a CPU as many of 4 (3D) / 8 (2D) as fit
     :data:`CPU_INFERENCE_BATCH_BYTES`, at least 1.
 

@@ -142,20 +142,27 @@ class Predictor(EnsembleTiming):
         for m in self.members:
             m.model.eval()
             m.model.to(self.device)
-            cl = channels_last if channels_last is not None else (
-                self.device.type == "cpu" and m.arch in CHANNELS_LAST_ARCHS)
+            cl = (
+                channels_last
+                if channels_last is not None
+                else (self.device.type == "cpu" and m.arch in CHANNELS_LAST_ARCHS)
+            )
             if cl:
                 dims = m.stage.dims
                 # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
-                m.model.to(memory_format=torch.channels_last if dims == 2  # type: ignore[call-overload]
-                           else torch.channels_last_3d)
+                m.model.to(
+                    memory_format=torch.channels_last
+                    if dims == 2  # type: ignore[call-overload]
+                    else torch.channels_last_3d
+                )
             self._channels_last.append(cl)
             self._runners.append(CompiledOrEager(m.model) if compile else m.model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_run_dirs(cls, run_dirs: Sequence[str | Path], checkpoint: str = "final", device: str = "cpu",
-                      **kwargs: Any) -> Predictor:
+    def from_run_dirs(
+        cls, run_dirs: Sequence[str | Path], checkpoint: str = "final", device: str = "cpu", **kwargs: Any
+    ) -> Predictor:
         """Ensemble of the given run folders (``WORK/runs/<config>/<arch>/fold_<k>``); other keyword
         arguments (``postprocess``, ...) go to :class:`Predictor`."""
         if not run_dirs:
@@ -164,8 +171,9 @@ class Predictor(EnsembleTiming):
         return cls(members, device=device, **kwargs)
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, checkpoint: str = "final", device: str = "cpu",
-                     **kwargs: Any) -> Predictor:
+    def from_run_dir(
+        cls, run_dir: str | Path, checkpoint: str = "final", device: str = "cpu", **kwargs: Any
+    ) -> Predictor:
         """A single trained run as a predictor (see :meth:`from_run_dirs`)."""
         return cls.from_run_dirs([run_dir], checkpoint=checkpoint, device=device, **kwargs)
 
@@ -196,29 +204,49 @@ class Predictor(EnsembleTiming):
         return ", ".join(f"{n} x {k}" for k, n in counts.items())
 
     # ------------------------------------------------------------------ core
-    def _member_probabilities(self, index: int, data: torch.Tensor, should_stop: Callable[[], bool] | None = None,
-                              setting: CaseSetting | None = None) -> torch.Tensor:
+    def _member_probabilities(
+        self,
+        index: int,
+        data: torch.Tensor,
+        should_stop: Callable[[], bool] | None = None,
+        setting: CaseSetting | None = None,
+    ) -> torch.Tensor:
         member = self.members[index]
         stage = member.stage
         net = stage.network
-        batch = self.batch_size or inference_batch_size(net.patch_size, net.spec.base_features, self.num_classes,
-                                                        self.device)
+        batch = self.batch_size or inference_batch_size(
+            net.patch_size, net.spec.base_features, self.num_classes, self.device
+        )
         precision = self.precision or auto_precision(net.precision, self.device)
         passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(member)[0])
         with self._lock:  # one network at a time: they share the CPU cores / GPU
-            mirror_axes, shifts = tta_variants(stage.mirror_axes, stage.total_stride,
-                                               passes=passes) if self.use_tta else (None, None)
+            mirror_axes, shifts = (
+                tta_variants(stage.mirror_axes, stage.total_stride, passes=passes) if self.use_tta else (None, None)
+            )
             return predict_sliding_window(
-                self._runners[index], data, net.patch_size, self.num_classes,
-                step=self.step if setting is None else setting.step, mirror_axes=mirror_axes, shifts=shifts,
-                device=self.device, precision=precision, batch_size=batch,
-                channels_last=self._channels_last[index], progress=self.progress, should_stop=should_stop,
+                self._runners[index],
+                data,
+                net.patch_size,
+                self.num_classes,
+                step=self.step if setting is None else setting.step,
+                mirror_axes=mirror_axes,
+                shifts=shifts,
+                device=self.device,
+                precision=precision,
+                batch_size=batch,
+                channels_last=self._channels_last[index],
+                progress=self.progress,
+                should_stop=should_stop,
                 activation="sigmoid" if member.plan.is_region_based else "softmax",
             )
 
-    def predict_preprocessed(self, data: np.ndarray | torch.Tensor, configuration: str | None = None,
-                             should_stop: Callable[[], bool] | None = None,
-                             setting: CaseSetting | None = None) -> np.ndarray:
+    def predict_preprocessed(
+        self,
+        data: np.ndarray | torch.Tensor,
+        configuration: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        setting: CaseSetting | None = None,
+    ) -> np.ndarray:
         """Mean softmax of the members of one configuration on an already preprocessed image.
 
         Args:
@@ -237,7 +265,8 @@ class Predictor(EnsembleTiming):
         if configuration is None:
             if len(configs) > 1:
                 raise MedsegError(
-                    f"the ensemble mixes configurations {configs}; name the one `data` is preprocessed for")
+                    f"the ensemble mixes configurations {configs}; name the one `data` is preprocessed for"
+                )
             configuration = configs[0]
         members = [i for i, m in enumerate(self.members) if m.configuration == configuration]
         if not members:
@@ -265,9 +294,11 @@ class Predictor(EnsembleTiming):
         needed = {p for c in self.configurations if (p := self.plan.configuration(c).previous_stage) is not None}
         missing = sorted(p for p in needed if p not in self.previous_stages)
         if missing:
-            raise MedsegError(f"the ensemble holds a cascade that refines the {missing[0]} segmentation, but no "
-                              f"{missing[0]} predictor was given (train it: `medseg train WORK --config "
-                              f"{missing[0]} --fold N`; predict from the work folder)")
+            raise MedsegError(
+                f"the ensemble holds a cascade that refines the {missing[0]} segmentation, but no "
+                f"{missing[0]} predictor was given (train it: `medseg train WORK --config "
+                f"{missing[0]} --fold N`; predict from the work folder)"
+            )
         previous = {p: self.previous_stages[p].preprocess(image, geometry, case_id) for p in sorted(needed)}
         return PreparedCase(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
@@ -291,8 +322,9 @@ class Predictor(EnsembleTiming):
         """Class indices ``(Z, Y, X)`` of the mean probabilities (:func:`~medseg.inference.case_grid.combine_classes`)."""
         return combine_classes(inferred, self.plan)
 
-    def predict_labels(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "",
-                       postprocess: bool = True) -> np.ndarray:
+    def predict_labels(
+        self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "", postprocess: bool = True
+    ) -> np.ndarray:
         """Segment a raw image ``(C, Z, Y, X)``: original label ids ``(Z, Y, X)``, postprocessed."""
         seg = self._combine_labels(self._infer(self.preprocess(image, geometry, case_id)))
         return self.indices_to_labels(seg, postprocess)
@@ -341,16 +373,19 @@ class Predictor(EnsembleTiming):
         if image.ndim == 3 and self.plan.num_channels == 1:
             image = image[None]
         if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
-            raise MedsegError(f"expected an image with {self.plan.num_channels} channel(s), (C, Z, Y, X), "
-                              f"got shape {list(image.shape)}")
+            raise MedsegError(
+                f"expected an image with {self.plan.num_channels} channel(s), (C, Z, Y, X), "
+                f"got shape {list(image.shape)}"
+            )
         if isinstance(spacing_or_geometry, ImageGeometry):
             geometry = spacing_or_geometry
         else:
             spacing = tuple(float(s) for s in spacing_or_geometry)
             if len(spacing) != 3:
                 raise MedsegError(f"spacing must have 3 entries (Z, Y, X) in mm, got {list(spacing)}")
-            geometry = ImageGeometry(tuple(image.shape[1:]), spacing, (0.0, 0.0, 0.0),
-                                     (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+            geometry = ImageGeometry(
+                tuple(image.shape[1:]), spacing, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+            )
         return self.predict_labels(image, geometry)
 
     def predict_sitk(self, image: sitk.Image | Sequence[sitk.Image]) -> sitk.Image:

@@ -66,8 +66,9 @@ def _gaussian_np(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
     return np.maximum(g, GAUSSIAN_MIN).astype(np.float32)
 
 
-def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8.0,
-                            device: torch.device | str = "cpu") -> torch.Tensor:
+def gaussian_importance_map(
+    patch_size: Sequence[int], sigma_scale: float = 1.0 / 8.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Gaussian weights for one patch.
 
     Args:
@@ -155,8 +156,9 @@ def shifted_shape(shape: Sequence[int], offset: Sequence[int]) -> tuple[int, ...
     return tuple(int(n) + (2 * abs(int(offset[i - lead])) if i >= lead else 0) for i, n in enumerate(shape))
 
 
-def tta_variants(mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
-                 passes: int | None = None) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+def tta_variants(
+    mirror_axes: Sequence[int] | None, total_stride: Sequence[int], passes: int | None = None
+) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """The test-time augmentation of a network: ``(mirror axes, shift variants)``.
 
     TTA spends the passes nnU-Net's mirroring of every axis would (``2**dims``: 8 in 3D, 4 in 2D) unless
@@ -175,7 +177,7 @@ def tta_variants(mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
     budget = 2 ** len(total_stride) if passes is None else max(1, int(passes))
     if 2 ** len(axes) > budget:
         keep = budget.bit_length() - 1  # floor(log2(budget))
-        axes = axes[len(axes) - keep:] if keep else ()
+        axes = axes[len(axes) - keep :] if keep else ()
     return axes, shift_variants(total_stride, min(MAX_SHIFT_VARIANTS, budget // 2 ** len(axes)))
 
 
@@ -253,14 +255,27 @@ def predict_sliding_window(
     acc_dtype = torch.float16 if num_classes * int(np.prod(spatial)) * 4 > HALF_ACCUMULATOR_BYTES else torch.float32
     logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=device)
     weights = torch.zeros(spatial, dtype=torch.float32, device=device)
-    ctx = _WindowContext(model, patch, tile, num_classes, step, mirror_combinations(mirror_axes), device,
-                         autocast_dtype(precision, device.type), channels_last, max(1, int(batch_size)), should_stop)
+    ctx = _WindowContext(
+        model,
+        patch,
+        tile,
+        num_classes,
+        step,
+        mirror_combinations(mirror_axes),
+        device,
+        autocast_dtype(precision, device.type),
+        channels_last,
+        max(1, int(batch_size)),
+        should_stop,
+    )
     bar = None
     if progress:
         total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
         bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16,
-                                                 enabled=ctx.amp_dtype is not None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp_dtype is not None),
+    ):
         for offset in variants:
             vol_offset = (0, *offset) if is_2d else offset
             # the volume moves by o against the patch grid: 2|o| zeros are padded before it (o > 0) or after
@@ -273,7 +288,7 @@ def predict_sliding_window(
         bar.close()
     if activation == "sigmoid":
         for k0 in range(0, num_classes, 4):  # float32 a few channels at a time (a float16 buffer stays float16)
-            logits[k0:k0 + 4] = logits[k0:k0 + 4].float().div_(weights).sigmoid_()
+            logits[k0 : k0 + 4] = logits[k0 : k0 + 4].float().div_(weights).sigmoid_()
         return logits.contiguous()
     if logits.dtype != torch.float32:
         _softmax_in_chunks(logits, weights)
@@ -292,24 +307,35 @@ def _softmax_in_chunks(logits: torch.Tensor, weights: torch.Tensor, chunk: int =
     k = logits.shape[0]
     peak: torch.Tensor | None = None
     for k0 in range(0, k, chunk):
-        m = logits[k0:k0 + chunk].float().div_(weights).amax(dim=0)
+        m = logits[k0 : k0 + chunk].float().div_(weights).amax(dim=0)
         peak = m if peak is None else torch.maximum(peak, m, out=peak)
     assert peak is not None, "no classes"
     total = torch.zeros_like(weights)
     for k0 in range(0, k, chunk):
-        c = logits[k0:k0 + chunk].float().div_(weights).sub_(peak).exp_()
+        c = logits[k0 : k0 + chunk].float().div_(weights).sub_(peak).exp_()
         total += c.sum(dim=0)
-        logits[k0:k0 + chunk] = c
+        logits[k0 : k0 + chunk] = c
     for k0 in range(0, k, chunk):
-        logits[k0:k0 + chunk] = logits[k0:k0 + chunk].float().div_(total)
+        logits[k0 : k0 + chunk] = logits[k0 : k0 + chunk].float().div_(total)
 
 
 class _WindowContext:
     """The network and settings of one :func:`predict_sliding_window` call; runs one shift variant."""
 
-    def __init__(self, model: torch.nn.Module, patch: tuple[int, ...], tile: tuple[int, ...], num_classes: int,
-                 step: float, flips: list[tuple[int, ...]], device: torch.device, amp_dtype: torch.dtype | None,
-                 channels_last: bool, batch_size: int, should_stop: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        patch: tuple[int, ...],
+        tile: tuple[int, ...],
+        num_classes: int,
+        step: float,
+        flips: list[tuple[int, ...]],
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        channels_last: bool,
+        batch_size: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         self.model, self.patch, self.tile, self.num_classes, self.step = model, patch, tile, num_classes, step
         self.flips, self.device, self.amp_dtype, self.batch_size = flips, device, amp_dtype, batch_size
         self.should_stop = should_stop
@@ -323,8 +349,15 @@ class _WindowContext:
     def num_positions(self, spatial: Sequence[int]) -> int:
         return int(np.prod([len(tile_starts(max(s, t), t, self.step)) for s, t in zip(spatial, self.tile)]))
 
-    def accumulate(self, data: torch.Tensor, before: Sequence[int], after: Sequence[int], logits: torch.Tensor,
-                   weights: torch.Tensor, bar: tqdm | None) -> None:
+    def accumulate(
+        self,
+        data: torch.Tensor,
+        before: Sequence[int],
+        after: Sequence[int],
+        logits: torch.Tensor,
+        weights: torch.Tensor,
+        bar: tqdm | None,
+    ) -> None:
         """Add the Gaussian-weighted logits (and weights) of every patch of ``data`` padded by
         ``before``/``after`` (then centred in the tile where smaller) into ``logits``/``weights``."""
         tile, flips = self.tile, self.flips
@@ -356,7 +389,7 @@ class _WindowContext:
         for b0 in range(0, len(items), bs):
             if self.should_stop is not None and self.should_stop():
                 raise PredictionStopped("prediction stopped: the time budget's deadline was reached")
-            chunk = items[b0:b0 + bs]
+            chunk = items[b0 : b0 + bs]
             inputs = []
             for ti, fi in chunk:
                 t = x[(slice(None), *tile_slices[ti])]

@@ -85,22 +85,29 @@ def pass_options(mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
         return [1]
     axes, shifts = tta_variants(mirror_axes, total_stride)
     full = 2 ** len(axes) * len(shifts)
-    return sorted({full, *(2 ** k for k in range(len(axes) + 1))}, reverse=True)
+    return sorted({full, *(2**k for k in range(len(axes) + 1))}, reverse=True)
 
 
-def windows_per_pass(shape: Sequence[int], patch_size: Sequence[int], shifts: Sequence[Sequence[int]],
-                     step: float = STEP) -> int:
+def windows_per_pass(
+    shape: Sequence[int], patch_size: Sequence[int], shifts: Sequence[Sequence[int]], step: float = STEP
+) -> int:
     """Network inputs of one flip of one case: positions summed over the shift variants (2D: per slice)."""
     windows = 0
     for offset in shifts:
-        grown = shifted_shape(shape, offset)[-len(patch_size):]
+        grown = shifted_shape(shape, offset)[-len(patch_size) :]
         tiles = int(np.prod([num_tiles(s, p, step) for s, p in zip(grown, patch_size)]))
         windows += tiles * (int(shape[0]) if len(patch_size) == 2 else 1)
     return windows
 
 
-def network_windows(shape: Sequence[int], patch_size: Sequence[int], passes: int, mirror_axes: Sequence[int] | None,
-                    total_stride: Sequence[int], step: float = STEP) -> int:
+def network_windows(
+    shape: Sequence[int],
+    patch_size: Sequence[int],
+    passes: int,
+    mirror_axes: Sequence[int] | None,
+    total_stride: Sequence[int],
+    step: float = STEP,
+) -> int:
     """Network inputs (windows x flips, over the shift variants) of one case at ``passes`` TTA passes at most."""
     zero = [tuple(0 for _ in patch_size)]
     axes, shifts = tta_variants(mirror_axes, total_stride, passes=passes) if passes > 1 else ((), zero)
@@ -112,9 +119,16 @@ def export_seconds(voxels: int, num_classes: int) -> float:
     return CASE_SECONDS + float(voxels) * num_classes * VOXEL_CLASS_SECONDS
 
 
-def case_seconds(shape: Sequence[int], patch_size: Sequence[int], num_classes: int, seconds_per_window: float,
-                 passes: int, mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
-                 step: float = STEP) -> float:
+def case_seconds(
+    shape: Sequence[int],
+    patch_size: Sequence[int],
+    num_classes: int,
+    seconds_per_window: float,
+    passes: int,
+    mirror_axes: Sequence[int] | None,
+    total_stride: Sequence[int],
+    step: float = STEP,
+) -> float:
     """Estimated seconds of predicting one case with one network at ``passes`` TTA passes (module docstring)."""
     windows = network_windows(shape, patch_size, passes, mirror_axes, total_stride, step)
     return windows * seconds_per_window * WINDOW_OVERHEAD + export_seconds(int(np.prod(shape)), num_classes)
@@ -141,8 +155,14 @@ class NetworkJob:
     max_passes: int
 
     def windows(self, setting: CaseSetting) -> int:
-        return network_windows(self.shape, self.patch_size, min(setting.passes, self.max_passes), self.mirror_axes,
-                               self.total_stride, setting.step)
+        return network_windows(
+            self.shape,
+            self.patch_size,
+            min(setting.passes, self.max_passes),
+            self.mirror_axes,
+            self.total_stride,
+            setting.step,
+        )
 
 
 @dataclass(frozen=True)
@@ -176,8 +196,13 @@ def network_seconds(jobs: Sequence[NetworkJob], seconds_per_window: Mapping[str,
     return sum(j.windows(setting) * seconds_per_window[j.key] for j in jobs) * WINDOW_OVERHEAD
 
 
-def choose_setting(jobs: Sequence[NetworkJob], seconds_per_window: Mapping[str, float],
-                   options: Sequence[CaseSetting], limit: float, correction: float = 1.0) -> tuple[CaseSetting, float]:
+def choose_setting(
+    jobs: Sequence[NetworkJob],
+    seconds_per_window: Mapping[str, float],
+    options: Sequence[CaseSetting],
+    limit: float,
+    correction: float = 1.0,
+) -> tuple[CaseSetting, float]:
     """The first of ``options`` whose network estimate (x ``correction``) fits ``limit`` seconds, else the last.
 
     Returns:
@@ -276,8 +301,9 @@ class CaseBudget:
         ratio = self.write_measured / self.write_estimated if self.write_estimated > 0 else 1.0
         return raw * ratio
 
-    def choose(self, jobs: Sequence[NetworkJob], seconds_per_window: Mapping[str, float], spent: float,
-               write_raw: float) -> tuple[CaseSetting, CaseRecord, float]:
+    def choose(
+        self, jobs: Sequence[NetworkJob], seconds_per_window: Mapping[str, float], spent: float, write_raw: float
+    ) -> tuple[CaseSetting, CaseRecord, float]:
         """The setting for one case, the case's record (setting and estimate filled in) and the uncorrected
         network estimate of that setting (for :meth:`network_done`).
 
@@ -294,10 +320,17 @@ class CaseBudget:
             raise ValueError("no per-case time budget to choose a setting for")
         write = self.write_estimate(write_raw)
         correction = self.network_correction
-        setting, net = choose_setting(jobs, seconds_per_window, self.options,
-                                      self.seconds_per_case - spent - write, correction)
-        record = CaseRecord(setting.passes, setting.overlap, self.full.passes, self.full.overlap,
-                            budget_seconds=self.seconds_per_case, estimated_seconds=spent + net + write)
+        setting, net = choose_setting(
+            jobs, seconds_per_window, self.options, self.seconds_per_case - spent - write, correction
+        )
+        record = CaseRecord(
+            setting.passes,
+            setting.overlap,
+            self.full.passes,
+            self.full.overlap,
+            budget_seconds=self.seconds_per_case,
+            estimated_seconds=spent + net + write,
+        )
         return setting, record, network_seconds(jobs, seconds_per_window, setting)
 
     def network_done(self, raw_estimate: float, seconds: float) -> None:
@@ -311,8 +344,12 @@ class CaseBudget:
         self.write_measured += seconds
 
 
-def record_document(records: Mapping[str, CaseRecord | Mapping[str, Any]], seconds_per_case: float | None,
-                    rule: str, options: Sequence[CaseSetting]) -> dict[str, Any]:
+def record_document(
+    records: Mapping[str, CaseRecord | Mapping[str, Any]],
+    seconds_per_case: float | None,
+    rule: str,
+    options: Sequence[CaseSetting],
+) -> dict[str, Any]:
     """The JSON document of ``prediction_record.json``: the budget, the reduction order, per case what was
     used and took (records of earlier runs may be given as their dicts) and a summary."""
     cases = {c: (r.to_dict() if isinstance(r, CaseRecord) else dict(r)) for c, r in sorted(records.items())}

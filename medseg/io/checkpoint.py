@@ -139,7 +139,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty (truncated); delete it or resume from another checkpoint")
+        raise CheckpointError(
+            f"{path}: checkpoint file is empty (truncated); delete it or resume from another checkpoint"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -151,9 +153,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path}: not a medseg checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})"
-        )
+        raise CheckpointError(f"{path}: not a medseg checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: incomplete medseg checkpoint, missing key(s) {missing}")
@@ -178,8 +178,13 @@ def capture_rng_state() -> dict[str, Any]:
     assert isinstance(np_state, tuple)  # legacy=True, the default: the tuple form, never the dict
     state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -193,6 +198,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
     ns = state["numpy"]
     np.random.set_state((str(ns[0]), np.asarray(ns[1], dtype=np.uint32), int(ns[2]), int(ns[3]), float(ns[4])))
-    torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else torch.tensor(state["torch"]))
+    torch.set_rng_state(
+        state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else torch.tensor(state["torch"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

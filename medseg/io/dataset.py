@@ -101,25 +101,27 @@ def _suffix_of(name: str) -> str:
 def _image_files_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and has_image_suffix(p.name))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and has_image_suffix(p.name)
+    )
 
 
 def _channel_paths(folder: Path, stem: str, ending: str, num_channels: int) -> tuple[Path, ...]:
     return tuple(folder / f"{stem}_{i:04d}{ending}" for i in range(num_channels))
 
 
-def _cases_from_training_list(root: Path, entries: Any, num_channels: int, ending: str,
-                              problems: list[str]) -> list[Case]:
+def _cases_from_training_list(
+    root: Path, entries: Any, num_channels: int, ending: str, problems: list[str]
+) -> list[Case]:
     if not isinstance(entries, list):
-        problems.append("'training' must be a list of {\"image\": ..., \"label\": ...} entries")
+        problems.append('\'training\' must be a list of {"image": ..., "label": ...} entries')
         return []
     cases: list[Case] = []
     for n, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"image": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("image", entry.get("label")), str):
-            problems.append(f"'training' entry {n} is not of the form {{\"image\": ..., \"label\": ...}}: {entry!r}")
+            problems.append(f'\'training\' entry {n} is not of the form {{"image": ..., "label": ...}}: {entry!r}')
             continue
         image_rel = entry.get("image")
         label_rel = entry.get("label")
@@ -132,8 +134,10 @@ def _cases_from_training_list(root: Path, entries: Any, num_channels: int, endin
             listed = root / image_rel
             stem = strip_suffix(listed.name)
             m = _CHANNEL_RE.match(stem)
-            if m and m.group("channel") == "0000" and (
-                not isinstance(label_rel, str) or strip_suffix(Path(label_rel).name) == m.group("case")
+            if (
+                m
+                and m.group("channel") == "0000"
+                and (not isinstance(label_rel, str) or strip_suffix(Path(label_rel).name) == m.group("case"))
             ):
                 stem = m.group("case")  # the entry names the first channel file (nnU-Net naming)
         folder = listed.parent
@@ -152,7 +156,7 @@ def _cases_from_training_list(root: Path, entries: Any, num_channels: int, endin
 def _cases_from_explicit_mapping(root: Path, mapping: Any, problems: list[str]) -> list[Case]:
     """nnU-Net v2's optional ``"dataset": {case: {"images": [...], "label": ...}}`` listing."""
     if not isinstance(mapping, dict):
-        problems.append("'dataset' must map case ids to {\"images\": [...], \"label\": ...}")
+        problems.append('\'dataset\' must map case ids to {"images": [...], "label": ...}')
         return []
     cases = []
     for cid, entry in mapping.items():
@@ -161,8 +165,7 @@ def _cases_from_explicit_mapping(root: Path, mapping: Any, problems: list[str]) 
             problems.append(f"'dataset' entry {cid!r} has no list of 'images'")
             continue
         label = entry.get("label")
-        cases.append(Case(str(cid), tuple(root / p for p in images),
-                          root / label if isinstance(label, str) else None))
+        cases.append(Case(str(cid), tuple(root / p for p in images), root / label if isinstance(label, str) else None))
     return cases
 
 
@@ -215,8 +218,9 @@ def load_dataset(root: str | Path) -> DatasetInfo:
     if not root.is_dir():
         raise DatasetError([f"{root}: dataset folder not found"], header="cannot load dataset")
     if not json_path.is_file():
-        raise DatasetError([f"{json_path}: not found; a dataset folder needs a dataset.json"],
-                           header="cannot load dataset")
+        raise DatasetError(
+            [f"{json_path}: not found; a dataset folder needs a dataset.json"], header="cannot load dataset"
+        )
 
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
@@ -312,8 +316,10 @@ def find_prediction_cases(folder: str | Path, num_channels: int) -> list[Case]:
         raise ValueError(f"num_channels must be >= 1, got {num_channels}")
     files = _image_files_in(folder)
     if not files:
-        raise MedsegError(f"{folder}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz "
-                          f"..., with one of {', '.join(IMAGE_SUFFIXES)})")
+        raise MedsegError(
+            f"{folder}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz "
+            f"..., with one of {', '.join(IMAGE_SUFFIXES)})"
+        )
     grouped: dict[str, dict[int, list[Path]]] = {}
     single: dict[str, list[Path]] = {}
     for p in files:
@@ -338,22 +344,29 @@ def find_prediction_cases(folder: str | Path, num_channels: int) -> list[Case]:
         dup = sorted(c for c, ps in chans.items() if len(ps) > 1)
         if extra:
             names = ", ".join(p.name for c in sorted(chans) for p in chans[c])
-            problems.append(f"case {cid}: {len(chans)} channel files ({names}) "
-                            f"but the model expects {num_channels} channel(s)")
+            problems.append(
+                f"case {cid}: {len(chans)} channel files ({names}) but the model expects {num_channels} channel(s)"
+            )
         if missing:
-            problems.append(f"case {cid}: missing channel file(s) "
-                            + ", ".join(f"{cid}_{c:04d}{suffix}" for c in missing)
-                            + f" in {folder} (the model expects {num_channels} channel(s))")
+            problems.append(
+                f"case {cid}: missing channel file(s) "
+                + ", ".join(f"{cid}_{c:04d}{suffix}" for c in missing)
+                + f" in {folder} (the model expects {num_channels} channel(s))"
+            )
         if dup:
-            problems.append(f"case {cid}: channel(s) {dup} present with several file endings "
-                            f"({', '.join(p.name for c in dup for p in chans[c])})")
+            problems.append(
+                f"case {cid}: channel(s) {dup} present with several file endings "
+                f"({', '.join(p.name for c in dup for p in chans[c])})"
+            )
         if not (extra or missing or dup):
             cases[cid] = Case(cid, tuple(chans[c][0] for c in range(num_channels)), None)
     for cid, paths in single.items():
         if num_channels > 1:
-            problems.append(f"case {cid}: {paths[0].name} has no channel suffix but the model expects "
-                            f"{num_channels} channels; name the files {cid}_0000{_suffix_of(paths[0].name)}, "
-                            f"{cid}_0001{_suffix_of(paths[0].name)}, ...")
+            problems.append(
+                f"case {cid}: {paths[0].name} has no channel suffix but the model expects "
+                f"{num_channels} channels; name the files {cid}_0000{_suffix_of(paths[0].name)}, "
+                f"{cid}_0001{_suffix_of(paths[0].name)}, ..."
+            )
         elif len(paths) > 1 or cid in grouped:
             file_names = [p.name for p in paths] + [p.name for ps in grouped.get(cid, {}).values() for p in ps]
             problems.append(f"case {cid}: several files for one case ({', '.join(file_names)})")

@@ -36,11 +36,11 @@ def parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
     """
     key = "channel_names" if "channel_names" in meta else "modality" if "modality" in meta else None
     if key is None:
-        problems.append("neither 'channel_names' nor 'modality' is given (e.g. \"channel_names\": {\"0\": \"CT\"})")
+        problems.append('neither \'channel_names\' nor \'modality\' is given (e.g. "channel_names": {"0": "CT"})')
         return ()
     src = meta[key]
     if not isinstance(src, dict) or not src:
-        problems.append(f"'{key}' must be a non-empty mapping of channel index to name, e.g. {{\"0\": \"MRI\"}}")
+        problems.append(f'\'{key}\' must be a non-empty mapping of channel index to name, e.g. {{"0": "MRI"}}')
         return ()
     indexed: dict[int, str] = {}
     for k, v in src.items():
@@ -71,14 +71,15 @@ def parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tupl
     """
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
-        problems.append("'labels' is missing or empty; give e.g. {\"0\": \"background\", \"1\": \"tumour\"}")
+        problems.append('\'labels\' is missing or empty; give e.g. {"0": "background", "1": "tumour"}')
         return (), (), None
-    form_hint = ("'labels' must map ids to names ({\"0\": \"background\", ...}) "
-                 "or names to ids ({\"background\": 0, ...})")
+    form_hint = '\'labels\' must map ids to names ({"0": "background", ...}) or names to ids ({"background": 0, ...})'
     region = [k for k, v in labels.items() if isinstance(v, (list, tuple, dict))]
     if region:
-        problems.append(f"label {region[0]!r} maps to {labels[region[0]]!r}: give one integer id per class, or a "
-                        "list of ids per region with 'regions_class_order' (region-based labels)")
+        problems.append(
+            f"label {region[0]!r} maps to {labels[region[0]]!r}: give one integer id per class, or a "
+            "list of ids per region with 'regions_class_order' (region-based labels)"
+        )
         return (), (), None
     pairs: list[tuple[int, str]] = []
     if all(isinstance(v, str) for v in labels.values()) and not all(_as_int(v) is not None for v in labels.values()):
@@ -110,11 +111,14 @@ def parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tupl
         problems.append("no background label with id 0 is declared")
     ignore = [i for i, n in pairs if n.strip().lower() == "ignore"]
     if len(ignore) > 1:
-        problems.append(f"'labels' declares {len(ignore)} labels named 'ignore' (ids {sorted(ignore)}); "
-                        "at most one is allowed")
+        problems.append(
+            f"'labels' declares {len(ignore)} labels named 'ignore' (ids {sorted(ignore)}); at most one is allowed"
+        )
     elif ignore and ignore[0] != max(ids):
-        problems.append(f"'labels': ignore must be the highest label id; 'ignore' has id {ignore[0]} but "
-                        f"id {max(ids)} is declared too (give 'ignore' an id above every class, e.g. {max(ids) + 1})")
+        problems.append(
+            f"'labels': ignore must be the highest label id; 'ignore' has id {ignore[0]} but "
+            f"id {max(ids)} is declared too (give 'ignore' an id above every class, e.g. {max(ids) + 1})"
+        )
     elif ignore and ignore[0] == 0:
         problems.append("'labels': 'ignore' cannot be the background id 0")
     if problems:

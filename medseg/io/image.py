@@ -150,7 +150,9 @@ def read_channels(paths: list[Path]) -> tuple[np.ndarray, ImageGeometry]:
         if geometry is None:
             geometry = geo
         elif arr.shape != geometry.shape:
-            raise MedsegError(f"{p}: shape {list(arr.shape)} differs from the case's first channel {list(geometry.shape)}")
+            raise MedsegError(
+                f"{p}: shape {list(arr.shape)} differs from the case's first channel {list(geometry.shape)}"
+            )
         arrays.append(arr.astype(np.float32, copy=False))
     assert geometry is not None
     return np.stack(arrays, 0), geometry
@@ -232,7 +234,9 @@ def _is_nifti(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
 
-def write_like(array: np.ndarray, reference: str | Path, path: str | Path, geometry: ImageGeometry | None = None) -> None:
+def write_like(
+    array: np.ndarray, reference: str | Path, path: str | Path, geometry: ImageGeometry | None = None
+) -> None:
     """Write ``array`` (``(Z, Y, X)``) with exactly the header geometry of the file ``reference``.
 
     NIfTI stores orientation as float32 quaternions/affines; re-deriving them from doubles (as a plain
@@ -264,8 +268,18 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, geome
     # keep qform/sform exactly as stored in the reference
     img.header["qform_code"] = ref.header["qform_code"]
     img.header["sform_code"] = ref.header["sform_code"]
-    for key in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y",
-                "srow_z", "pixdim"):
+    for key in (
+        "quatern_b",
+        "quatern_c",
+        "quatern_d",
+        "qoffset_x",
+        "qoffset_y",
+        "qoffset_z",
+        "srow_x",
+        "srow_y",
+        "srow_z",
+        "pixdim",
+    ):
         img.header[key] = ref.header[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"

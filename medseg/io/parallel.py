@@ -17,7 +17,11 @@ R = TypeVar("R")
 
 
 def map_cases(
-    fn: Callable[[T], R], items: Sequence[T], num_workers: int = 1, desc: str = "", progress: bool = True,
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    num_workers: int = 1,
+    desc: str = "",
+    progress: bool = True,
     mp_context: BaseContext | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]``, computed by up to ``num_workers`` processes.

@@ -40,8 +40,9 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
-        tuple[int, ...], tuple[str, ...], int | None, tuple[tuple[int, ...], ...], tuple[int, ...]]:
+def parse_region_labels(
+    meta: dict, problems: list[str]
+) -> tuple[tuple[int, ...], tuple[str, ...], int | None, tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """Parse region-based ``labels`` + ``regions_class_order`` of a dataset.json.
 
     Args:
@@ -58,7 +59,7 @@ def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
     empty: tuple = ((), (), None, (), ())
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
-        problems.append("'labels' is missing or empty; give e.g. {\"background\": 0, \"whole\": [1, 2], \"core\": 2}")
+        problems.append('\'labels\' is missing or empty; give e.g. {"background": 0, "whole": [1, 2], "core": 2}')
         return empty
     n_before = len(problems)
     background: str | None = None
@@ -69,8 +70,10 @@ def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
         raw = list(value) if isinstance(value, (list, tuple)) else [value]
         ids = [_int(v) for v in raw]
         if not raw or any(i is None or i < 0 for i in ids):
-            problems.append(f"'labels': region {name!r} maps to {value!r}; give a label id >= 0 or a non-empty "
-                            "list of them (region-based labels are name -> id(s))")
+            problems.append(
+                f"'labels': region {name!r} maps to {value!r}; give a label id >= 0 or a non-empty "
+                "list of them (region-based labels are name -> id(s))"
+            )
             continue
         clean = tuple(sorted(set(int(i) for i in ids if i is not None)))
         if str(name).strip().lower() == "ignore":
@@ -96,18 +99,24 @@ def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
             problems.append("'labels': 'ignore' cannot be the background id 0")
         for name, reg in zip(names, regions):
             if ignore_id in reg:
-                problems.append(f"'labels': region {name!r} {list(reg)} contains the ignore label id {ignore_id}; "
-                                "the ignore label marks unannotated voxels and cannot be part of a region")
+                problems.append(
+                    f"'labels': region {name!r} {list(reg)} contains the ignore label id {ignore_id}; "
+                    "the ignore label marks unannotated voxels and cannot be part of a region"
+                )
         top = max((i for reg in regions for i in reg), default=0)
         if ignore_id <= top and not any(ignore_id in reg for reg in regions):
-            problems.append(f"'labels': ignore must be the highest label id; 'ignore' has id {ignore_id} but "
-                            f"id {top} is used by a region (give 'ignore' an id above every class, e.g. {top + 1})")
+            problems.append(
+                f"'labels': ignore must be the highest label id; 'ignore' has id {ignore_id} but "
+                f"id {top} is used by a region (give 'ignore' an id above every class, e.g. {top + 1})"
+            )
     order_raw = meta.get("regions_class_order")
     if order_raw is None:
         listed = [n for n, v in labels.items() if isinstance(v, (list, tuple))]
-        problems.append(f"'labels': region {listed[0]!r} is a list of label ids (region-based labels, regions may overlap) but "
-                        "'regions_class_order' is missing; give the label id written for each region, in "
-                        f"region order, e.g. \"regions_class_order\": {[max(r) for r in regions]}")
+        problems.append(
+            f"'labels': region {listed[0]!r} is a list of label ids (region-based labels, regions may overlap) but "
+            "'regions_class_order' is missing; give the label id written for each region, in "
+            f'region order, e.g. "regions_class_order": {[max(r) for r in regions]}'
+        )
         return empty
     order_ids = [_int(v) for v in order_raw] if isinstance(order_raw, (list, tuple)) else None
     if order_ids is None or any(v is None for v in order_ids):
@@ -118,12 +127,16 @@ def parse_region_labels(meta: dict, problems: list[str]) -> tuple[
         return empty
     label_ids = tuple(sorted({0} | {i for reg in regions for i in reg}))
     if len(order) != len(regions):
-        problems.append(f"'regions_class_order' has {len(order)} entries but 'labels' declares {len(regions)} "
-                        f"region(s) ({', '.join(names)}); give one label id per region, in region order")
+        problems.append(
+            f"'regions_class_order' has {len(order)} entries but 'labels' declares {len(regions)} "
+            f"region(s) ({', '.join(names)}); give one label id per region, in region order"
+        )
     bad = sorted({int(v) for v in order if v not in label_ids or v == 0})
     if bad:
-        problems.append(f"'regions_class_order' holds id(s) {bad} that are not nonzero label ids of any region "
-                        f"(ids in regions: {list(label_ids[1:])})")
+        problems.append(
+            f"'regions_class_order' holds id(s) {bad} that are not nonzero label ids of any region "
+            f"(ids in regions: {list(label_ids[1:])})"
+        )
     if len(problems) > n_before or background is None:  # no background: a problem was recorded above
         return empty
     single = {reg[0]: n for n, reg in zip(names, regions) if len(reg) == 1}

@@ -83,9 +83,7 @@ def _start_dataset(out: Path, name: str, description: str | None = None) -> Path
     return json_path
 
 
-def _centred_coords(
-    shape: tuple[int, ...], spacing: tuple[float, ...]
-) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+def _centred_coords(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """Voxel-centre coordinates in mm relative to the volume centre, broadcastable ``(Z, 1, 1)``,
     ``(1, Y, 1)``, ``(1, 1, X)``, and the volume's extent in mm per axis."""
     sp = np.asarray(spacing, dtype=np.float64)
@@ -96,8 +94,9 @@ def _centred_coords(
     return coords, np.asarray(shape) * sp
 
 
-def _make_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
-               label_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _make_case(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], label_ids: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """One case: image float32 ``(Z, Y, X)`` and label ``(Z, Y, X)`` with ids from ``label_ids``."""
     coords, extent = _centred_coords(shape, spacing)
 
@@ -179,8 +178,12 @@ def generate_synthetic_dataset(
         image, label = _make_case(rng, case_shape, spacing, label_ids)
         rot = _rotation(rng)
         origin = tuple(float(v) for v in np.round(rng.uniform(-120.0, 120.0, size=3), 3))
-        geometry = ImageGeometry(shape=case_shape, spacing=tuple(float(s) for s in spacing), origin=origin,
-                                 direction=tuple(float(v) for v in rot.ravel()))
+        geometry = ImageGeometry(
+            shape=case_shape,
+            spacing=tuple(float(s) for s in spacing),
+            origin=origin,
+            direction=tuple(float(v) for v in rot.ravel()),
+        )
         case_id = f"case_{i:03d}"
         write_image(image, geometry, out / "imagesTr" / f"{case_id}.nii.gz")
         write_image(label, geometry, out / "labelsTr" / f"{case_id}.nii.gz")

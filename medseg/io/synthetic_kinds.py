@@ -28,17 +28,20 @@ TUMOUR_DATASET_NAME = "MedsegSyntheticTumour"
 TUMOUR_LABELS = {"background": 0, "necrosis": 1, "edema": 2, "non_enhancing": 3, "enhancing": 4}
 TUMOUR_CHANNELS = ("T1", "T1ce", "T2", "FLAIR")
 #: Mean intensity per channel (rows) of brain, necrosis, edema, non-enhancing, enhancing (columns).
-_CONTRAST = np.array([
-    [100.0, 60.0, 80.0, 90.0, 95.0],    # T1: lesion darker than brain
-    [100.0, 50.0, 90.0, 85.0, 220.0],   # T1ce: enhancing rim bright
-    [100.0, 230.0, 190.0, 150.0, 140.0],  # T2: fluid and edema bright
-    [100.0, 70.0, 210.0, 160.0, 150.0],  # FLAIR: edema bright, necrosis dark
-])
+_CONTRAST = np.array(
+    [
+        [100.0, 60.0, 80.0, 90.0, 95.0],  # T1: lesion darker than brain
+        [100.0, 50.0, 90.0, 85.0, 220.0],  # T1ce: enhancing rim bright
+        [100.0, 230.0, 190.0, 150.0, 140.0],  # T2: fluid and edema bright
+        [100.0, 70.0, 210.0, 160.0, 150.0],  # FLAIR: edema bright, necrosis dark
+    ]
+)
 _NOISE_STD = 10.0
 
 
-def _blob(coords: tuple[np.ndarray, ...], center: np.ndarray, radius: float, rng: np.random.Generator,
-          lobes: int = 3) -> np.ndarray:
+def _blob(
+    coords: tuple[np.ndarray, ...], center: np.ndarray, radius: float, rng: np.random.Generator, lobes: int = 3
+) -> np.ndarray:
     """An irregular blob: the union of ``lobes`` ellipsoids of about ``radius`` mm around ``center``."""
     mask = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=bool)
     for _ in range(lobes):
@@ -48,8 +51,9 @@ def _blob(coords: tuple[np.ndarray, ...], center: np.ndarray, radius: float, rng
     return mask
 
 
-def _tumour_case(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...],
-                 num_channels: int) -> tuple[np.ndarray, np.ndarray]:
+def _tumour_case(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One case: images float32 ``(C, Z, Y, X)`` and a label ``(Z, Y, X)`` with ids 0-4."""
     coords, extent = _centred_coords(shape, spacing)
     brain_r = extent * rng.uniform(0.38, 0.44, size=3)
@@ -115,11 +119,14 @@ def generate_tumour_dataset(
     json_path = _start_dataset(out, TUMOUR_DATASET_NAME)
     for i in range(num_cases):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 4])
-        images, label = _tumour_case(rng, tuple(int(s) for s in shape), tuple(float(s) for s in spacing),
-                                     num_channels)
+        images, label = _tumour_case(rng, tuple(int(s) for s in shape), tuple(float(s) for s in spacing), num_channels)
         origin = tuple(float(v) for v in np.round(rng.uniform(-100.0, 100.0, size=3), 3))
-        geometry = ImageGeometry(shape=tuple(int(s) for s in shape), spacing=tuple(float(s) for s in spacing),
-                                 origin=origin, direction=tuple(float(v) for v in np.eye(3).ravel()))
+        geometry = ImageGeometry(
+            shape=tuple(int(s) for s in shape),
+            spacing=tuple(float(s) for s in spacing),
+            origin=origin,
+            direction=tuple(float(v) for v in np.eye(3).ravel()),
+        )
         case_id = f"tumour_{i:03d}"
         for ch in range(num_channels):
             write_image(images[ch], geometry, out / "imagesTr" / f"{case_id}_{ch:04d}.nii.gz")

@@ -48,8 +48,13 @@ def _sitk_error_detail(exc: Exception) -> str:
     return detail[:200]
 
 
-_IMAGE_IO = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO",
-              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+_IMAGE_IO = {
+    ".nii.gz": "NiftiImageIO",
+    ".nii": "NiftiImageIO",
+    ".nrrd": "NrrdImageIO",
+    ".mha": "MetaImageIO",
+    ".mhd": "MetaImageIO",
+}
 
 
 @dataclass
@@ -131,12 +136,16 @@ def _mismatch(geo: ImageGeometry, ref: ImageGeometry, shape_problem: str, geomet
 
 def _dim_problem(read: _FileRead) -> str | None:
     if read.components != 1:
-        return (f"has {read.components} components per voxel (vector/RGB image); "
-                "store each channel as its own file (CASE_0000, CASE_0001, ...)")
+        return (
+            f"has {read.components} components per voxel (vector/RGB image); "
+            "store each channel as its own file (CASE_0000, CASE_0001, ...)"
+        )
     if read.ndim not in (2, 3):
         shape = list(reversed(read.size_xyz))
-        return (f"wrong dimensionality: {read.ndim}D image of shape {shape}; medseg reads 2D or 3D "
-                "images, one file per channel (split a 4D multi-channel file into CASE_0000, CASE_0001, ...)")
+        return (
+            f"wrong dimensionality: {read.ndim}D image of shape {shape}; medseg reads 2D or 3D "
+            "images, one file per channel (split a 4D multi-channel file into CASE_0000, CASE_0001, ...)"
+        )
     return None
 
 
@@ -151,8 +160,11 @@ def _label_values_problems(arr: np.ndarray, declared: frozenset[int]) -> list[st
         bad = as_int != arr
         if bad.any():
             examples = np.unique(arr[bad])[:5]
-            problems.append("non-integer label values (e.g. " + ", ".join(f"{v:g}" for v in examples)
-                            + f"; {int(bad.sum())} voxels); label maps must hold integer class ids")
+            problems.append(
+                "non-integer label values (e.g. "
+                + ", ".join(f"{v:g}" for v in examples)
+                + f"; {int(bad.sum())} voxels); label maps must hold integer class ids"
+            )
             as_int = as_int[~bad]
         arr = as_int
     elif arr.dtype.kind not in "iub":
@@ -170,8 +182,11 @@ def _label_values_problems(arr: np.ndarray, declared: frozenset[int]) -> list[st
         shown = undeclared[:_MAX_IDS_IN_MESSAGE]
         more = f" and {len(undeclared) - len(shown)} more" if len(undeclared) > len(shown) else ""
         dec = sorted(declared)
-        dec_txt = ", ".join(map(str, dec)) if len(dec) <= _MAX_IDS_IN_MESSAGE else \
-            ", ".join(map(str, dec[:_MAX_IDS_IN_MESSAGE])) + f", ... ({len(dec)} ids)"
+        dec_txt = (
+            ", ".join(map(str, dec))
+            if len(dec) <= _MAX_IDS_IN_MESSAGE
+            else ", ".join(map(str, dec[:_MAX_IDS_IN_MESSAGE])) + f", ... ({len(dec)} ids)"
+        )
         problems.append(f"label values {shown}{more} are not declared in dataset.json (declared: {dec_txt})")
     return problems
 
@@ -186,8 +201,9 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
 
     if len(case.image_files) != num_channels:
         first = case.image_files[0] if case.image_files else root
-        report(first, f"case has {len(case.image_files)} image file(s) but dataset.json declares "
-                      f"{num_channels} channel(s)")
+        report(
+            first, f"case has {len(case.image_files)} image file(s) but dataset.json declares {num_channels} channel(s)"
+        )
     ref_geo: ImageGeometry | None = None
     ref_file = Path()  # channel 0's file: set with ref_geo, read only once ref_geo is set
     ndim: int | None = None
@@ -196,8 +212,10 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
             msg = f"missing channel file (channel {ch})"
             single = path.parent / f"{cid}{_suffix_of(path.name)}"
             if num_channels > 1 and single.is_file():
-                msg += (f"; found {single.name}, which looks like one multi-channel file: split it into one file per "
-                        f"channel ({cid}_0000{_suffix_of(path.name)}, {cid}_0001{_suffix_of(path.name)}, ...)")
+                msg += (
+                    f"; found {single.name}, which looks like one multi-channel file: split it into one file per "
+                    f"channel ({cid}_0000{_suffix_of(path.name)}, {cid}_0001{_suffix_of(path.name)}, ...)"
+                )
             report(path, msg)
             continue
         read, err = _read_for_validation(path, need_voxels=False)
@@ -217,7 +235,8 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
         elif geo.ndim != ref_geo.ndim:
             report(path, f"channel {ch} is {geo.ndim}D but channel 0 ({ref_file.name}) is {ref_geo.ndim}D")
         elif problem := _mismatch(
-            geo, ref_geo,
+            geo,
+            ref_geo,
             f"channel {ch} shape {list(geo.shape)} differs from channel 0 ({ref_file.name}) "
             f"shape {list(ref_geo.shape)}",
             f"geometry mismatch between channel {ch} and channel 0 ({ref_file.name})",
@@ -236,16 +255,22 @@ def _check_case(case: Case, root: Path, label_ids: tuple[int, ...], num_channels
                 report(lpath, dim_err)
             else:
                 if any(label.nonfinite):
-                    report(lpath, f"label map contains {label.nonfinite[0]} NaN and {label.nonfinite[1]} Inf "
-                                  "voxel(s); label maps must hold integer class ids")
+                    report(
+                        lpath,
+                        f"label map contains {label.nonfinite[0]} NaN and {label.nonfinite[1]} Inf "
+                        "voxel(s); label maps must hold integer class ids",
+                    )
                 lgeo = label.geometry
                 assert lgeo is not None and label.array is not None
-                if ref_geo is not None and (problem := _mismatch(
-                    lgeo, ref_geo,
-                    f"image/label shape mismatch: label {list(lgeo.shape)} vs image {list(ref_geo.shape)} "
-                    f"({ref_file.name})",
-                    f"geometry mismatch between image ({ref_file.name}) and label",
-                )):
+                if ref_geo is not None and (
+                    problem := _mismatch(
+                        lgeo,
+                        ref_geo,
+                        f"image/label shape mismatch: label {list(lgeo.shape)} vs image {list(ref_geo.shape)} "
+                        f"({ref_file.name})",
+                        f"geometry mismatch between image ({ref_file.name}) and label",
+                    )
+                ):
                     report(lpath, problem)
                 for msg in _label_values_problems(label.array, frozenset(label_ids)):
                     report(lpath, msg)
@@ -264,8 +289,10 @@ def _stray_channel_files(ds: DatasetInfo) -> list[str]:
                 continue
             ch = int(m.group("channel"))
             if ch >= ds.num_channels:
-                problems.append(f"case {m.group('case')}: {_rel(p, ds.root)}: channel file {ch} but dataset.json "
-                                f"declares {ds.num_channels} channel(s) ({', '.join(ds.channel_names)})")
+                problems.append(
+                    f"case {m.group('case')}: {_rel(p, ds.root)}: channel file {ch} but dataset.json "
+                    f"declares {ds.num_channels} channel(s) ({', '.join(ds.channel_names)})"
+                )
     return sorted(problems)
 
 
@@ -289,8 +316,10 @@ def validate_dataset(ds: DatasetInfo, num_workers: int = 1, progress: bool = Tru
     root = Path(ds.root)
     if not ds.cases:
         raise DatasetError(
-            [f"{root}: no training cases found (dataset.json has no 'training' entries and labelsTr/ and "
-             "imagesTr/ hold no image files)"],
+            [
+                f"{root}: no training cases found (dataset.json has no 'training' entries and labelsTr/ and "
+                "imagesTr/ hold no image files)"
+            ],
             header=f"dataset {root} failed validation",
         )
     problems: list[str] = []

@@ -262,8 +262,11 @@ class WorkDir:
         """``(configuration, arch)`` of every network folder under ``WORK/runs``, sorted."""
         if not self.runs_root.is_dir():
             return []
-        return [(c.name, a.name) for c in sorted(p for p in self.runs_root.iterdir() if p.is_dir())
-                for a in sorted(p for p in c.iterdir() if p.is_dir())]
+        return [
+            (c.name, a.name)
+            for c in sorted(p for p in self.runs_root.iterdir() if p.is_dir())
+            for a in sorted(p for p in c.iterdir() if p.is_dir())
+        ]
 
     def run_label(self, run: RunDir | Path) -> str:
         """``<configuration>/<arch>/fold_<k>``: a run folder relative to ``WORK/runs``, for messages."""

@@ -84,8 +84,16 @@ class ASPP(nn.Module):
     """Atrous spatial pyramid pooling with rates adapted per axis to the feature size."""
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, feature_size: Sequence[int], kernel: Sequence[int],
-        rates: Sequence[int], norm: str, separable: bool, dropout: float,
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        feature_size: Sequence[int],
+        kernel: Sequence[int],
+        rates: Sequence[int],
+        norm: str,
+        separable: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.geometry = aspp_branch_geometry(rates, feature_size, kernel)
@@ -125,8 +133,17 @@ class DeepLabV3Plus(DilatedSegmentationNetwork):
 
         self.low_level_stage = low_stage
         self.head_stages = (-1, low_stage)
-        self.aspp = ASPP(d, feats[-1], aspp_c, bottleneck_size(patch_size, self.size_divisor),
-                         net.kernel_sizes[-1], rates, net.norm, separable, dropout)
+        self.aspp = ASPP(
+            d,
+            feats[-1],
+            aspp_c,
+            bottleneck_size(patch_size, self.size_divisor),
+            net.kernel_sizes[-1],
+            rates,
+            net.norm,
+            separable,
+            dropout,
+        )
         self.low_level = ConvNormAct(d, feats[low_stage], low_c, 1, norm=net.norm)
         k_low = net.kernel_sizes[low_stage]
         self.decoder = nn.Sequential(

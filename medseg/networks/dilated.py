@@ -81,8 +81,15 @@ class DilatedResidualEncoder(nn.Module):
         n_blocks = blocks_per_stage(net)
         self.stages = nn.ModuleList(
             residual_stage(
-                d, in_channels if s == 0 else self.features[s - 1], self.features[s], net.kernel_sizes[s],
-                eff[s], n_blocks[s], net.norm, dilation=self.dilations[s], stem=(s == 0),
+                d,
+                in_channels if s == 0 else self.features[s - 1],
+                self.features[s],
+                net.kernel_sizes[s],
+                eff[s],
+                n_blocks[s],
+                net.norm,
+                dilation=self.dilations[s],
+                stem=(s == 0),
             )
             for s in range(net.num_stages)
         )

@@ -47,8 +47,16 @@ class FCN(SegmentationNetwork):
             raise ValueError(f"options.fused_stages must be >= 1, got {n_fused}")
         dropout = options_get(net, "dropout", 0.0, float)
         self.encoder = nn.ModuleList(
-            plain_stage(d, in_channels if s == 0 else feats[s - 1], feats[s], net.kernel_sizes[s], net.strides[s],
-                        net.n_conv_per_stage, net.norm, dropout)
+            plain_stage(
+                d,
+                in_channels if s == 0 else feats[s - 1],
+                feats[s],
+                net.kernel_sizes[s],
+                net.strides[s],
+                net.n_conv_per_stage,
+                net.norm,
+                dropout,
+            )
             for s in range(S)
         )
         #: scored stages, deepest first

@@ -34,9 +34,15 @@ class ConvClass(Protocol):
     with one entry per spatial axis (the class is picked to match ``dims``)."""
 
     def __call__(
-        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...] = ..., padding: int | tuple[int, ...] = ...,
-        dilation: int | tuple[int, ...] = ..., groups: int = ..., bias: bool = ...,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = ...,
+        padding: int | tuple[int, ...] = ...,
+        dilation: int | tuple[int, ...] = ...,
+        groups: int = ...,
+        bias: bool = ...,
     ) -> nn.Conv2d | nn.Conv3d: ...
 
 
@@ -45,8 +51,12 @@ class ConvTransposeClass(Protocol):
     sizes as in :class:`ConvClass`)."""
 
     def __call__(
-        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...] = ..., bias: bool = ...,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = ...,
+        bias: bool = ...,
     ) -> nn.ConvTranspose2d | nn.ConvTranspose3d: ...
 
 
@@ -186,8 +196,14 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, kernel: int | Sequence[int],
-        stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1, norm: str = NormLayer.INSTANCE,
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        dilation: int | Sequence[int] = 1,
+        norm: str = NormLayer.INSTANCE,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -215,8 +231,14 @@ class ResidualBlock(nn.Module):
 
 
 def plain_stage(
-    dims: int, in_channels: int, out_channels: int, kernel: Sequence[int], stride: Sequence[int], n_conv: int,
-    norm: str, dropout: float = 0.0,
+    dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    n_conv: int,
+    norm: str,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """``n_conv`` :class:`ConvNormAct` layers, the first one strided."""
     layers = [ConvNormAct(dims, in_channels, out_channels, kernel, stride, norm=norm, dropout=dropout)]
@@ -227,8 +249,16 @@ def plain_stage(
 
 
 def residual_stage(
-    dims: int, in_channels: int, out_channels: int, kernel: Sequence[int], stride: Sequence[int], n_blocks: int,
-    norm: str, dilation: Sequence[int] | int = 1, stem: bool = False, dropout: float = 0.0,
+    dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    n_blocks: int,
+    norm: str,
+    dilation: Sequence[int] | int = 1,
+    stem: bool = False,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """``n_blocks`` :class:`ResidualBlock` s, the first one strided; with ``stem`` a plain convolution
     ``in_channels -> out_channels`` comes first (for the input stage, whose input is the image)."""
@@ -238,8 +268,16 @@ def residual_stage(
         in_channels, stride = out_channels, (1,) * dims
     for i in range(n_blocks):
         layers.append(
-            ResidualBlock(dims, in_channels if i == 0 else out_channels, out_channels, kernel,
-                          stride if i == 0 else 1, dilation, norm, dropout)
+            ResidualBlock(
+                dims,
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                kernel,
+                stride if i == 0 else 1,
+                dilation,
+                norm,
+                dropout,
+            )
         )
     return nn.Sequential(*layers)
 
@@ -319,9 +357,7 @@ class SegmentationNetwork(nn.Module):
         raise NotImplementedError
 
 
-def options_get(
-    net: NetworkSpec, key: str, default: _T, kind: type[_T], choices: Sequence[_T] | None = None
-) -> _T:
+def options_get(net: NetworkSpec, key: str, default: _T, kind: type[_T], choices: Sequence[_T] | None = None) -> _T:
     """Read ``net.options[key]`` checking its type (and value among ``choices``); ``ValueError`` otherwise."""
     value = net.options.get(key, default)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))

@@ -72,9 +72,7 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
         x, weight, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
         voxels = math.prod(x.shape[2:])

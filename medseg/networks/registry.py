@@ -116,7 +116,8 @@ def build_network(
         raise ConfigError(f"cannot build network {spec.arch!r}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"the builder of network {spec.arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+            f"the builder of network {spec.arch!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 

@@ -73,14 +73,31 @@ class UNet(SegmentationNetwork):
             n_blocks = blocks_per_stage(net)
             for s in range(S):
                 self.encoder.append(
-                    residual_stage(d, in_channels if s == 0 else feats[s - 1], feats[s], net.kernel_sizes[s],
-                                   net.strides[s], n_blocks[s], net.norm, stem=(s == 0), dropout=dropout)
+                    residual_stage(
+                        d,
+                        in_channels if s == 0 else feats[s - 1],
+                        feats[s],
+                        net.kernel_sizes[s],
+                        net.strides[s],
+                        n_blocks[s],
+                        net.norm,
+                        stem=(s == 0),
+                        dropout=dropout,
+                    )
                 )
         else:
             for s in range(S):
                 self.encoder.append(
-                    plain_stage(d, in_channels if s == 0 else feats[s - 1], feats[s], net.kernel_sizes[s],
-                                net.strides[s], net.n_conv_per_stage, net.norm, dropout)
+                    plain_stage(
+                        d,
+                        in_channels if s == 0 else feats[s - 1],
+                        feats[s],
+                        net.kernel_sizes[s],
+                        net.strides[s],
+                        net.n_conv_per_stage,
+                        net.norm,
+                        dropout,
+                    )
                 )
 
         # decoder modules indexed by the level they produce: level l = s - 1 upsampled from stage s

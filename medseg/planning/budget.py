@@ -209,7 +209,7 @@ def fit_plan_to_budget(
     cfg = plan.configuration(cfg_name)
     arch = arch or cfg.default_arch
     template = cfg.network(arch)
-    median = tuple(cfg.median_shape[-cfg.dims:])
+    median = tuple(cfg.median_shape[-cfg.dims :])
     grid = list(candidates) if candidates is not None else default_candidates(template, median)
     _check_candidates(grid, template)
     budget_s = float(minutes) * 60.0
@@ -225,14 +225,20 @@ def fit_plan_to_budget(
             )
 
     crashes: list[dict[str, Any]] = []
-    isolation: _Isolation = {"process": "in this process (measure_fn)" if measure_fn is not None else
-                 "a child process per batch of settings (a native crash kills only the child)",
-                 "children": 0, "child_overhead_s": 0.0}
+    isolation: _Isolation = {
+        "process": "in this process (measure_fn)"
+        if measure_fn is not None
+        else "a child process per batch of settings (a native crash kills only the child)",
+        "children": 0,
+        "child_overhead_s": 0.0,
+    }
 
     def measure(settings: list[StepSetting], steps: int) -> list[StepTiming]:
         if measure_fn is not None:
-            out = [measure_fn(s.net, s.in_channels, s.num_classes, s.device, s.precision, s.channels_last, steps)
-                   for s in settings]
+            out = [
+                measure_fn(s.net, s.in_channels, s.num_classes, s.device, s.precision, s.channels_last, steps)
+                for s in settings
+            ]
             timings = [t if isinstance(t, StepTiming) else StepTiming.from_seconds(t) for t in out]
         else:
             m = measure_in_child(settings, steps, seed=seed)
@@ -241,66 +247,119 @@ def fit_plan_to_budget(
             isolation["child_overhead_s"] = round(isolation["child_overhead_s"] + m.overhead_s, 2)
             isolation["child_threads"] = m.threads
             timings = m.timings
-        crashes.extend({**_cand_dict_of(s.net), "precision": s.precision, "channels_last": s.channels_last,
-                        "status": t.status} for s, t in zip(settings, timings) if t.crashed)
+        crashes.extend(
+            {**_cand_dict_of(s.net), "precision": s.precision, "channels_last": s.channels_last, "status": t.status}
+            for s, t in zip(settings, timings)
+            if t.crashed
+        )
         return timings
 
     def setting(c: Candidate, precision: str, channels_last: bool) -> StepSetting:
         return StepSetting(c.network(template, precision), cin, k, device, precision, channels_last)
 
-    clock = FitClock(max_seconds, t_start, measure_steps,
-                      0.0 if measure_fn is not None else CHILD_START_SECONDS + CHEAP_ROUNDS_SECONDS)
+    clock = FitClock(
+        max_seconds,
+        t_start,
+        measure_steps,
+        0.0 if measure_fn is not None else CHILD_START_SECONDS + CHEAP_ROUNDS_SECONDS,
+    )
     if levers is None:
         lev = measure_levers(grid, device, setting, measure, clock)
     else:
-        lev = Levers(*levers, None, StepTiming(math.inf, "not measured"),
-                      {"chosen": {"precision": levers[0], "channels_last": levers[1]},
-                       "reason": f"Levers given ({levers[0]}, channels-last {'on' if levers[1] else 'off'})."})
+        lev = Levers(
+            *levers,
+            None,
+            StepTiming(math.inf, "not measured"),
+            {
+                "chosen": {"precision": levers[0], "channels_last": levers[1]},
+                "reason": f"Levers given ({levers[0]}, channels-last {'on' if levers[1] else 'off'}).",
+            },
+        )
     precision, channels_last = lev.precision, lev.channels_last
-    fallback = grid_fallback(lev, lever_settings(device)[0], lambda cs, n, pair: measure(
-        [setting(c, *pair) for c in cs], n))
-    measured = measure_grid(grid, budget_s, need, lev.candidate, lev.timing.seconds,
-                             lambda cs, n: measure([setting(c, precision, channels_last) for c in cs], n), clock,
-                             coverage=lambda c: patch_coverage(c.patch_size, median), reference=reference_times,
-                             fallback=fallback, lever_spread=lev.timing.spread())
+    fallback = grid_fallback(
+        lev, lever_settings(device)[0], lambda cs, n, pair: measure([setting(c, *pair) for c in cs], n)
+    )
+    measured = measure_grid(
+        grid,
+        budget_s,
+        need,
+        lev.candidate,
+        lev.timing.seconds,
+        lambda cs, n: measure([setting(c, precision, channels_last) for c in cs], n),
+        clock,
+        coverage=lambda c: patch_coverage(c.patch_size, median),
+        reference=reference_times,
+        fallback=fallback,
+        lever_spread=lev.timing.spread(),
+    )
     best_i, reasoning = choose_candidate(measured, budget_s, cfg.dims)
     chosen = measured[best_i]
 
     def levers_of(m: Measured) -> dict[str, Any]:
-        return {"precision": m.precision or precision,
-                "channels_last": channels_last if m.channels_last is None else m.channels_last}
+        return {
+            "precision": m.precision or precision,
+            "channels_last": channels_last if m.channels_last is None else m.channels_last,
+        }
 
     new_net = chosen.candidate.network(template, levers_of(chosen)["precision"])
     new_net = replace(new_net, estimated_memory_gb=_estimate_memory(new_net, cin, k, device))
     new_cfg: ConfigurationPlan = replace(cfg, networks={**cfg.networks, arch: new_net})
     fit_levers = {"precision": precision, "channels_last": channels_last}
-    rows = [{**candidate_dict(m.candidate), **levers_of(m), **prediction(m, budget_s, need), "score": m.candidate.score,
-             "status": m.status, "spread": m.spread} for m in measured]
-    rows += [{**candidate_dict(c), **fit_levers, **prediction(Measured(c, None), budget_s, need), "score": c.score,
-              "status": why, "spread": None} for c, why in excluded.items()]
+    rows = [
+        {
+            **candidate_dict(m.candidate),
+            **levers_of(m),
+            **prediction(m, budget_s, need),
+            "score": m.candidate.score,
+            "status": m.status,
+            "spread": m.spread,
+        }
+        for m in measured
+    ]
+    rows += [
+        {
+            **candidate_dict(c),
+            **fit_levers,
+            **prediction(Measured(c, None), budget_s, need),
+            "score": c.score,
+            "status": why,
+            "spread": None,
+        }
+        for c, why in excluded.items()
+    ]
     if chosen.precision is not None:
-        reasoning += (f" It trains at {chosen.precision}{' channels-last' if chosen.channels_last else ''}: its step "
-                      f"crashed at {precision}{' channels-last' if channels_last else ''}.")
+        reasoning += (
+            f" It trains at {chosen.precision}{' channels-last' if chosen.channels_last else ''}: its step "
+            f"crashed at {precision}{' channels-last' if channels_last else ''}."
+        )
     notes = {
         "device": device,
         "minutes": float(minutes),
         "configuration": cfg_name,
         "arch": arch,
-        "replaced": {"base_features": template.spec.base_features, "max_features": template.spec.max_features,
-                     "patch_size": list(template.patch_size), "batch_size": template.batch_size,
-                     "precision": template.precision},
+        "replaced": {
+            "base_features": template.spec.base_features,
+            "max_features": template.spec.max_features,
+            "patch_size": list(template.patch_size),
+            "batch_size": template.batch_size,
+            "precision": template.precision,
+        },
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "measure_steps": measure_steps,
-        "statistic": ("step_time_s is the fastest of at least measure_steps timed rounds (more while they are "
-                      f"cheap, up to {CHEAP_ROUNDS_SECONDS:g} s): load only slows steps; 'spread' has min/median/max"),
+        "statistic": (
+            "step_time_s is the fastest of at least measure_steps timed rounds (more while they are "
+            f"cheap, up to {CHEAP_ROUNDS_SECONDS:g} s): load only slows steps; 'spread' has min/median/max"
+        ),
         "isolation": isolation,
         "crashes": crashes,
         "time_limit_seconds": None if max_seconds is None else round(float(max_seconds), 2),
-        "rule": (f"iterations = floor(budget_s x {USABLE_FRACTION} / step_time_s); converging when iterations x "
-                 f"batch >= {need}; among converging candidates the largest base_features x patch voxels, ties to "
-                 "more samples; when none converges the most samples per second (patch_coverage and "
-                 "image_samples = samples x coverage are recorded, not used)"),
+        "rule": (
+            f"iterations = floor(budget_s x {USABLE_FRACTION} / step_time_s); converging when iterations x "
+            f"batch >= {need}; among converging candidates the largest base_features x patch voxels, ties to "
+            "more samples; when none converges the most samples per second (patch_coverage and "
+            "image_samples = samples x coverage are recorded, not used)"
+        ),
         "levers": lev.notes,
         "candidates": rows,
         "chosen": {**candidate_dict(chosen.candidate), **levers_of(chosen), **prediction(chosen, budget_s, need)},
@@ -309,9 +368,13 @@ def fit_plan_to_budget(
     }
     logger.info("budget fit of %s: %s", cfg_name, notes["reasoning"])
     if max_seconds is not None and notes["measure_seconds"] > max_seconds:
-        logger.warning("the budget fit took %.1f s, over its %.0f s limit: one step of the cheapest candidate "
-                       "alone takes %s s here", notes["measure_seconds"], max_seconds,
-                       (lev.notes.get("probe") or {}).get("step_time_s"))
+        logger.warning(
+            "the budget fit took %.1f s, over its %.0f s limit: one step of the cheapest candidate "
+            "alone takes %s s here",
+            notes["measure_seconds"],
+            max_seconds,
+            (lev.notes.get("probe") or {}).get("step_time_s"),
+        )
     new_plan = replace(
         plan,
         configurations={**plan.configurations, cfg_name: new_cfg},
@@ -358,8 +421,12 @@ def _estimate_memory(net: NetworkPlan, cin: int, k: int, device: str) -> float |
 
 
 def _cand_dict_of(net: NetworkPlan) -> dict[str, Any]:
-    return {"base_features": net.spec.base_features, "max_features": net.spec.max_features,
-            "patch_size": list(net.patch_size), "batch_size": net.batch_size}
+    return {
+        "base_features": net.spec.base_features,
+        "max_features": net.spec.max_features,
+        "patch_size": list(net.patch_size),
+        "batch_size": net.batch_size,
+    }
 
 
 __all__ = [

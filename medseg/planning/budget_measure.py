@@ -103,8 +103,11 @@ def _pair_label(pair: tuple[str, bool]) -> str:
 
 
 def measure_levers(
-    grid: Sequence[Candidate], device: str, setting: Callable[[Candidate, str, bool], StepSetting],
-    measure: Callable[[list[StepSetting], int], list[StepTiming]], clock: FitClock,
+    grid: Sequence[Candidate],
+    device: str,
+    setting: Callable[[Candidate, str, bool], StepSetting],
+    measure: Callable[[list[StepSetting], int], list[StepTiming]],
+    clock: FitClock,
 ) -> Levers:
     """Time every lever setting on the lever candidate (widest, smallest patch, smallest batch); keep the fastest.
 
@@ -133,11 +136,17 @@ def measure_levers(
             tried.append({"precision": pair[0], "channels_last": pair[1], "status": probe_timing.status})
             pair = _fallback_lever(pair, pairs, crashed)
             if pair is None:
-                raise PlanError(f"every training step setting crashed its process on {device} when probing "
-                                f"{probe.label}: " + ", ".join(f"{t['precision']}: {t['status']}" for t in tried))
+                raise PlanError(
+                    f"every training step setting crashed its process on {device} when probing "
+                    f"{probe.label}: " + ", ".join(f"{t['precision']}: {t['status']}" for t in tried)
+                )
         t_probe = probe_timing.seconds
-        probe_notes = {**candidate_dict(probe), "precision": pair[0], "channels_last": pair[1],
-                       "step_time_s": finite_or_none(t_probe)}
+        probe_notes = {
+            **candidate_dict(probe),
+            "precision": pair[0],
+            "channels_last": pair[1],
+            "step_time_s": finite_or_none(t_probe),
+        }
         if tried:
             probe_notes["crashed"] = tried
         live = [p for p in pairs if p not in crashed]
@@ -147,19 +156,35 @@ def measure_levers(
                 cand = probe
                 steps = clock.steps_for([t_probe] * len(live), LEVER_SHARE)
             if steps == 0 or not live:
-                return _kept_probe(probe, pair, probe_timing, probe_notes, options, crashed,
-                                   f"after probing {probe.label} ({t_probe:.3f} s per step) the fit's "
-                                   f"{clock.max_seconds:.0f} s time limit left no room")
+                return _kept_probe(
+                    probe,
+                    pair,
+                    probe_timing,
+                    probe_notes,
+                    options,
+                    crashed,
+                    f"after probing {probe.label} ({t_probe:.3f} s per step) the fit's "
+                    f"{clock.max_seconds:.0f} s time limit left no room",
+                )
     live = [p for p in pairs if p not in crashed]
     timings = dict(zip(live, measure([setting(cand, *p) for p in live], steps)))
     crashed.update({p: t.status for p, t in timings.items() if t.crashed})
     ok = [(t.seconds, i, p) for i, (p, t) in enumerate(timings.items()) if t.ok]
     if not ok:
         if probe_timing is not None and probe_timing.ok and probe_notes is not None:
-            return _kept_probe(probe, (probe_notes["precision"], probe_notes["channels_last"]), probe_timing,
-                               probe_notes, options, crashed, f"no setting could be measured on {cand.label}")
-        raise PlanError(f"{cand.label} could not be measured on {device} with any setting: " + ", ".join(
-            f"{_pair_label(p)} {crashed.get(p) or timings[p].status}" for p in pairs))
+            return _kept_probe(
+                probe,
+                (probe_notes["precision"], probe_notes["channels_last"]),
+                probe_timing,
+                probe_notes,
+                options,
+                crashed,
+                f"no setting could be measured on {cand.label}",
+            )
+        raise PlanError(
+            f"{cand.label} could not be measured on {device} with any setting: "
+            + ", ".join(f"{_pair_label(p)} {crashed.get(p) or timings[p].status}" for p in pairs)
+        )
     best_t, _, (precision, channels_last) = min(ok)
     parts = []
     for p in pairs:
@@ -173,42 +198,66 @@ def measure_levers(
         "options": options,
         "results": [_lever_row(p, timings.get(p), crashed.get(p)) for p in pairs],
         "chosen": {"precision": precision, "channels_last": channels_last},
-        "reason": (f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} "
-                   f"with channels-last {'on' if channels_last else 'off'}, for every candidate"
-                   + (" (a setting that crashed its process is never kept)." if crashed else ".")),
+        "reason": (
+            f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} "
+            f"with channels-last {'on' if channels_last else 'off'}, for every candidate"
+            + (" (a setting that crashed its process is never kept)." if crashed else ".")
+        ),
     }
     if probe_notes is not None:
         notes["probe"] = probe_notes
         notes["steps"] = steps
-    return Levers(precision, channels_last, cand, timings[(precision, channels_last)], notes, frozenset(crashed),
-                   tuple((p, t.seconds) for p, t in timings.items() if t.ok))
+    return Levers(
+        precision,
+        channels_last,
+        cand,
+        timings[(precision, channels_last)],
+        notes,
+        frozenset(crashed),
+        tuple((p, t.seconds) for p, t in timings.items() if t.ok),
+    )
 
 
-def _kept_probe(probe: Candidate, pair: tuple[str, bool], timing: StepTiming, probe_notes: dict[str, Any],
-                options: str, crashed: dict[tuple[str, bool], str], why: str) -> Levers:
+def _kept_probe(
+    probe: Candidate,
+    pair: tuple[str, bool],
+    timing: StepTiming,
+    probe_notes: dict[str, Any],
+    options: str,
+    crashed: dict[tuple[str, bool], str],
+    why: str,
+) -> Levers:
     """Levers not measured: the probe's setting (the default one, or its fallback after a crash) is kept."""
     precision, channels_last = pair
     notes = {
-        "measured_on": candidate_dict(probe), "options": options, "probe": probe_notes,
+        "measured_on": candidate_dict(probe),
+        "options": options,
+        "probe": probe_notes,
         "results": [_lever_row(pair, timing, None)] + [_lever_row(p, None, st) for p, st in crashed.items()],
         "chosen": {"precision": precision, "channels_last": channels_last},
-        "reason": (f"Levers not measured: {why}; kept {precision} with channels-last "
-                   f"{'on' if channels_last else 'off'}"
-                   + (" (" + ", ".join(f"{_pair_label(p)} {st}" for p, st in crashed.items()) + ")." if crashed
-                      else ".")),
+        "reason": (
+            f"Levers not measured: {why}; kept {precision} with channels-last "
+            f"{'on' if channels_last else 'off'}"
+            + (" (" + ", ".join(f"{_pair_label(p)} {st}" for p, st in crashed.items()) + ")." if crashed else ".")
+        ),
     }
     return Levers(precision, channels_last, probe, timing, notes, frozenset(crashed), ((pair, timing.seconds),))
 
 
 def _lever_row(pair: tuple[str, bool], t: StepTiming | None, crash: str | None) -> dict[str, Any]:
     status = crash or (t.status if t is not None else "not measured")
-    return {"precision": pair[0], "channels_last": pair[1],
-            "step_time_s": finite_or_none(t.seconds) if t is not None and t.ok else None, "status": status,
-            "spread": t.spread() if t is not None else None}
+    return {
+        "precision": pair[0],
+        "channels_last": pair[1],
+        "step_time_s": finite_or_none(t.seconds) if t is not None and t.ok else None,
+        "status": status,
+        "spread": t.spread() if t is not None else None,
+    }
 
 
-def _fallback_lever(pair: tuple[str, bool], pairs: Sequence[tuple[str, bool]],
-                    crashed: Collection[tuple[str, bool]]) -> tuple[str, bool] | None:
+def _fallback_lever(
+    pair: tuple[str, bool], pairs: Sequence[tuple[str, bool]], crashed: Collection[tuple[str, bool]]
+) -> tuple[str, bool] | None:
     """The setting to try after ``pair`` crashed: another precision first (bf16 -> fp32; fp32 always counts as a
     choice, also on CUDA), the same memory format first; None when every one crashed."""
     options = dict.fromkeys([*pairs, (Precision.FP32, pair[1]), (Precision.FP32, not pair[1])])
@@ -226,8 +275,11 @@ class _Fallback:
     measure: Callable[[list[Candidate], int], list[StepTiming]]
 
 
-def grid_fallback(lev: Levers, pairs: Sequence[tuple[str, bool]],
-                   measure: Callable[[list[Candidate], int, tuple[str, bool]], list[StepTiming]]) -> _Fallback | None:
+def grid_fallback(
+    lev: Levers,
+    pairs: Sequence[tuple[str, bool]],
+    measure: Callable[[list[Candidate], int, tuple[str, bool]], list[StepTiming]],
+) -> _Fallback | None:
     """The fit's fallback setting for grid candidates that crash at its levers: the fastest measured setting
     of another precision, else :func:`_fallback_lever`."""
     primary = (lev.precision, lev.channels_last)
@@ -252,10 +304,17 @@ def _default_lever(device: str, pairs: Sequence[tuple[str, bool]]) -> tuple[str,
 
 
 def measure_grid(
-    grid: Sequence[Candidate], budget_s: float, need: int, lever_cand: Candidate | None, lever_time: float,
-    measure: Callable[[list[Candidate], int], list[StepTiming]], clock: FitClock,
-    coverage: Callable[[Candidate], float] = lambda c: 1.0, reference: dict[Candidate, float] | None = None,
-    fallback: _Fallback | None = None, lever_spread: dict[str, Any] | None = None,
+    grid: Sequence[Candidate],
+    budget_s: float,
+    need: int,
+    lever_cand: Candidate | None,
+    lever_time: float,
+    measure: Callable[[list[Candidate], int], list[StepTiming]],
+    clock: FitClock,
+    coverage: Callable[[Candidate], float] = lambda c: 1.0,
+    reference: dict[Candidate, float] | None = None,
+    fallback: _Fallback | None = None,
+    lever_spread: dict[str, Any] | None = None,
 ) -> list[Measured]:
     """Measure the grid cheapest first, in waves, skipping what a non-converging cheaper candidate dominates.
 
@@ -296,8 +355,10 @@ def measure_grid(
             if blocker is not None:
                 pending.remove(c)
                 times[c] = None
-                status[c] = (f"skipped: the cheaper {blocker.label} already cannot reach {need} samples in the "
-                             "budget, so this one cannot either and has fewer samples per second")
+                status[c] = (
+                    f"skipped: the cheaper {blocker.label} already cannot reach {need} samples in the "
+                    "budget, so this one cannot either and has fewer samples per second"
+                )
         wave = [c for c in pending if not any(d.dominates(c) for d in pending)]
         wave, steps, left_out = _fit_in_limit(wave, {c: predicted(c) for c in wave} if clock.limited else {}, clock)
         if not wave and left_out and not any(t is not None for t in times.values()):
@@ -330,12 +391,12 @@ def measure_grid(
                 else:
                     status[c] = f"{first} at {primary}; {t.status} at {pair}"
     no_levers: tuple[str | None, bool | None] = (None, None)  # measured at the fit's levers
-    return [Measured(c, times[c], status[c], coverage(c), *own_levers.get(c, no_levers), spreads.get(c))
-            for c in grid]
+    return [Measured(c, times[c], status[c], coverage(c), *own_levers.get(c, no_levers), spreads.get(c)) for c in grid]
 
 
-def _fit_in_limit(cands: list[Candidate], est: dict[Candidate, float],
-                  clock: FitClock) -> tuple[list[Candidate], int, dict[Candidate, str]]:
+def _fit_in_limit(
+    cands: list[Candidate], est: dict[Candidate, float], clock: FitClock
+) -> tuple[list[Candidate], int, dict[Candidate, str]]:
     """The candidates (cheapest first by predicted step time ``est``) whose measurement fits what is left of
     the fit's time limit, their timed steps, and why each other one is left out. Without a limit: all of them."""
     if not clock.limited or not cands:
@@ -345,6 +406,12 @@ def _fit_in_limit(cands: list[Candidate], est: dict[Candidate, float],
         if clock.steps_for([est[d] for d in (*kept, c)]) > 0:
             kept.append(c)
     steps = clock.steps_for([est[d] for d in kept]) if kept else 0
-    return (kept, steps,
-            {c: (f"its ~{est[c]:.2f} s steps do not fit what is left of the fit's {clock.max_seconds:.0f} s time "
-                 "limit") for c in cands if c not in kept})
+    return (
+        kept,
+        steps,
+        {
+            c: (f"its ~{est[c]:.2f} s steps do not fit what is left of the fit's {clock.max_seconds:.0f} s time limit")
+            for c in cands
+            if c not in kept
+        },
+    )

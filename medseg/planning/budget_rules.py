@@ -51,8 +51,12 @@ def scaled_step_time(step_time: float, measured: Candidate, other: Candidate) ->
     of the channels) and linear downwards (the cheaper per-channel operations shrink only linearly).
     """
     f = other.base_features / measured.base_features
-    return step_time * (f * f if f > 1 else f) * (other.patch_voxels / measured.patch_voxels) * (
-        other.batch_size / measured.batch_size)
+    return (
+        step_time
+        * (f * f if f > 1 else f)
+        * (other.patch_voxels / measured.patch_voxels)
+        * (other.batch_size / measured.batch_size)
+    )
 
 
 def patch_coverage(patch_size: Sequence[int], median_shape: Sequence[float] | None) -> float:
@@ -121,46 +125,72 @@ def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: 
         raise PlanError("no budget candidate could be measured (all ran out of memory, crashed or were skipped)")
     need = MIN_SAMPLES[dims]
     usable = budget_seconds * USABLE_FRACTION
-    head = (f"{budget_seconds / 60:g} min budget, {USABLE_FRACTION:.0%} = {usable:.0f} s of training steps; "
-            f"a candidate converges when iterations x batch >= {need} samples. ")
+    head = (
+        f"{budget_seconds / 60:g} min budget, {USABLE_FRACTION:.0%} = {usable:.0f} s of training steps; "
+        f"a candidate converges when iterations x batch >= {need} samples. "
+    )
     converging = [i for i in ok if measured[i].samples(budget_seconds) >= need]
     if converging:
         best = max(converging, key=lambda i: (measured[i].candidate.score, measured[i].samples(budget_seconds)))
         m = measured[best]
         rivals = [measured[i] for i in converging if i != best and measured[i].candidate.score == m.candidate.score]
-        why = (f"{len(converging)} of {len(ok)} measured candidates converge; {m.candidate.label} has the largest "
-               f"capacity x context (base features x patch voxels = {m.candidate.score})")
+        why = (
+            f"{len(converging)} of {len(ok)} measured candidates converge; {m.candidate.label} has the largest "
+            f"capacity x context (base features x patch voxels = {m.candidate.score})"
+        )
         if rivals:
-            why += (f", and more samples ({m.samples(budget_seconds)}) than "
-                    + ", ".join(f"{r.candidate.label} ({r.samples(budget_seconds)})" for r in rivals))
+            why += f", and more samples ({m.samples(budget_seconds)}) than " + ", ".join(
+                f"{r.candidate.label} ({r.samples(budget_seconds)})" for r in rivals
+            )
         not_conv = [measured[i] for i in ok if i not in converging and measured[i].candidate.score > m.candidate.score]
         if not_conv:
             big = max(not_conv, key=lambda r: r.candidate.score)
-            why += (f"; the larger {big.candidate.label} would reach only {big.samples(budget_seconds)} samples")
+            why += f"; the larger {big.candidate.label} would reach only {big.samples(budget_seconds)} samples"
     else:
         best = max(ok, key=lambda i: (measured[i].samples_per_second, measured[i].candidate.score))
         m = measured[best]
-        why = (f"no candidate converges in the budget; {m.candidate.label} processes the most samples per second "
-               f"({m.samples_per_second:.2f}/s, {m.samples(budget_seconds)} samples in the budget), so it gets "
-               "closest to convergence")
-    why += (f": {m.step_time_s:.3f} s/step, {m.iterations(budget_seconds)} iterations, "
-            f"{m.samples(budget_seconds)} samples (patch coverage {m.coverage:.2f}).")
+        why = (
+            f"no candidate converges in the budget; {m.candidate.label} processes the most samples per second "
+            f"({m.samples_per_second:.2f}/s, {m.samples(budget_seconds)} samples in the budget), so it gets "
+            "closest to convergence"
+        )
+    why += (
+        f": {m.step_time_s:.3f} s/step, {m.iterations(budget_seconds)} iterations, "
+        f"{m.samples(budget_seconds)} samples (patch coverage {m.coverage:.2f})."
+    )
     return best, head + why
 
 
 def prediction(m: Measured, budget_s: float, need: int) -> dict[str, Any]:
     """The notes' per-candidate numbers: step time, iterations, samples, coverage, whole-image samples, converges."""
     if m.step_time_s is None:
-        return {"step_time_s": None, "iterations": None, "samples": None, "samples_per_s": None,
-                "patch_coverage": round(m.coverage, 4), "image_samples": None, "converges": False}
-    return {"step_time_s": m.step_time_s, "iterations": m.iterations(budget_s), "samples": m.samples(budget_s),
-            "samples_per_s": round(m.samples_per_second, 4), "patch_coverage": round(m.coverage, 4),
-            "image_samples": m.image_samples(budget_s), "converges": m.samples(budget_s) >= need}
+        return {
+            "step_time_s": None,
+            "iterations": None,
+            "samples": None,
+            "samples_per_s": None,
+            "patch_coverage": round(m.coverage, 4),
+            "image_samples": None,
+            "converges": False,
+        }
+    return {
+        "step_time_s": m.step_time_s,
+        "iterations": m.iterations(budget_s),
+        "samples": m.samples(budget_s),
+        "samples_per_s": round(m.samples_per_second, 4),
+        "patch_coverage": round(m.coverage, 4),
+        "image_samples": m.image_samples(budget_s),
+        "converges": m.samples(budget_s) >= need,
+    }
 
 
 def candidate_dict(c: Candidate) -> dict[str, Any]:
-    return {"base_features": c.base_features, "max_features": c.max_features, "patch_size": list(c.patch_size),
-            "batch_size": c.batch_size}
+    return {
+        "base_features": c.base_features,
+        "max_features": c.max_features,
+        "patch_size": list(c.patch_size),
+        "batch_size": c.batch_size,
+    }
 
 
 def finite_or_none(t: float) -> float | None:

@@ -101,13 +101,17 @@ def estimate_training_memory_gb(
         if len(_TRACES) >= _MAX_CACHED_PLANS:
             _TRACES.clear()
         _TRACES.setdefault(key, {})[batch] = trace
-    logger.debug("simulated training step of %s %s batch %d: %.3f GiB", net.arch, list(net.patch_size), batch,
-                 max(trace) / GIB)
+    logger.debug(
+        "simulated training step of %s %s batch %d: %.3f GiB", net.arch, list(net.patch_size), batch, max(trace) / GIB
+    )
     return max(trace) / GIB
 
 
 def measure_training_peak_gb(
-    net: NetworkPlan, in_channels: int, num_classes: int, device: str | torch.device = DeviceKind.CPU,
+    net: NetworkPlan,
+    in_channels: int,
+    num_classes: int,
+    device: str | torch.device = DeviceKind.CPU,
     channels_last: bool = False,
 ) -> float:
     """Run one real training step (after a warm-up step) and return its measured peak memory in GiB.
@@ -152,8 +156,7 @@ def measure_training_peak_gb(
     events = sorted(
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
-        # DeviceType: torch.autograd re-exports it at run time without listing it in __all__
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU  # type: ignore[attr-defined]
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     )
     live = peak = 0
     for _, nbytes in events:
@@ -233,7 +236,10 @@ class _PeakTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         self.live -= nbytes
 
     def __torch_dispatch__(
-        self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))

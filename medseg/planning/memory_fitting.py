@@ -118,7 +118,10 @@ class Fitter:
             if not fits:
                 logger.warning(
                     "%s: even the smallest patch %s needs %.2f GB at batch 2 (> %.2f GB budget)",
-                    arch, list(topo.patch_size), est, budget,
+                    arch,
+                    list(topo.patch_size),
+                    est,
+                    budget,
                 )
         notes.update(shrink_steps=shrink_steps, fits_budget=fits, estimate_gb_at_batch_2=round(est, 4))
         cap = cap_of(topo)
@@ -169,8 +172,12 @@ class Fitter:
             return topo, 0, False
 
         def fits(i: int) -> bool:
-            return i == 0 and est0 <= budget or i > 0 and self.estimate(
-                self.network(arch, chain[i], MIN_BATCH_SIZE)) <= budget
+            return (
+                i == 0
+                and est0 <= budget
+                or i > 0
+                and self.estimate(self.network(arch, chain[i], MIN_BATCH_SIZE)) <= budget
+            )
 
         vox0 = float(np.prod(topo.patch_size, dtype=np.float64))
         guess = next(
@@ -279,8 +286,11 @@ def fit_3d(
     def un(seq: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(seq[i] for i in back)
 
-    spec = replace(net.spec, kernel_sizes=tuple(un(k) for k in net.spec.kernel_sizes),
-                   strides=tuple(un(s) for s in net.spec.strides))
+    spec = replace(
+        net.spec,
+        kernel_sizes=tuple(un(k) for k in net.spec.kernel_sizes),
+        strides=tuple(un(s) for s in net.spec.strides),
+    )
     net = replace(net, spec=spec, patch_size=un(net.patch_size))
     for key in ("initial_patch", "first_topology_patch"):
         if isinstance(notes.get(key), list):

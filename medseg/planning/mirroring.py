@@ -102,8 +102,9 @@ class AxisOrder:
         }
 
 
-def order_evidence(fp: Fingerprint, alpha: float = ALPHA, consistency: float = ORDER_CONSISTENCY,
-                   min_effect: float = MIN_EFFECT) -> dict[int, AxisOrder]:
+def order_evidence(
+    fp: Fingerprint, alpha: float = ALPHA, consistency: float = ORDER_CONSISTENCY, min_effect: float = MIN_EFFECT
+) -> dict[int, AxisOrder]:
     """The strongest class-order evidence along each array axis, whether or not it passes the rule.
 
     Args:
@@ -136,7 +137,7 @@ def order_evidence(fp: Fingerprint, alpha: float = ALPHA, consistency: float = O
     voxel_mm = np.median(np.stack(spacings), axis=0)
     candidates = []
     for i in range(len(ids) - 1):
-        diff = centres[:, i + 1:, :] - centres[:, i:i + 1, :]  # (cases, pairs, axes): second - first, mm
+        diff = centres[:, i + 1 :, :] - centres[:, i : i + 1, :]  # (cases, pairs, axes): second - first, mm
         n = (~np.isnan(diff)).sum(axis=0)
         signed = np.nan_to_num(diff)  # absent pairs count as neither order
         pos = (signed > 0).sum(axis=0)
@@ -150,30 +151,45 @@ def order_evidence(fp: Fingerprint, alpha: float = ALPHA, consistency: float = O
             j = i + 1 + int(p)
             first, second = (ids[i], ids[j]) if median >= 0 else (ids[j], ids[i])
             effect = abs(median) / spread if spread > 0 else (math.inf if median != 0 else 0.0)
-            candidates.append((int(axis), first, second, int(n[p, axis]), agree / int(n[p, axis]), abs(median),
-                               effect, sign_test_p(agree, int(n[p, axis]))))
+            candidates.append(
+                (
+                    int(axis),
+                    first,
+                    second,
+                    int(n[p, axis]),
+                    agree / int(n[p, axis]),
+                    abs(median),
+                    effect,
+                    sign_test_p(agree, int(n[p, axis])),
+                )
+            )
     tests = len(candidates)
     best: dict[int, AxisOrder] = {}
     for axis, first, second, cases, frac, offset, effect, p_value in candidates:
         p_corr = min(1.0, p_value * tests)
-        ordered = (p_corr <= alpha and frac >= consistency and effect >= min_effect
-                   and offset >= voxel_mm[axis])
+        ordered = p_corr <= alpha and frac >= consistency and effect >= min_effect and offset >= voxel_mm[axis]
         cand = AxisOrder(axis, first, second, cases, frac, offset, effect, p_corr, tests, ordered)
         old = best.get(axis)
         if old is None or (cand.ordered, -cand.p_corrected, cand.cases, cand.median_offset_mm) > (
-                old.ordered, -old.p_corrected, old.cases, old.median_offset_mm):
+            old.ordered,
+            -old.p_corrected,
+            old.cases,
+            old.median_offset_mm,
+        ):
             best[axis] = cand
     return best
 
 
-def ordered_axes(fp: Fingerprint, alpha: float = ALPHA, consistency: float = ORDER_CONSISTENCY,
-                 min_effect: float = MIN_EFFECT) -> dict[int, AxisOrder]:
+def ordered_axes(
+    fp: Fingerprint, alpha: float = ALPHA, consistency: float = ORDER_CONSISTENCY, min_effect: float = MIN_EFFECT
+) -> dict[int, AxisOrder]:
     """Array axes with an established class order, each with its strongest evidence (see the module rule)."""
     return {a: o for a, o in order_evidence(fp, alpha, consistency, min_effect).items() if o.ordered}
 
 
-def plan_mirror_axes(fp: Fingerprint, patch_axes: Sequence[int],
-                     label_names: dict[int, str] | None = None) -> tuple[tuple[int, ...], dict[str, Any]]:
+def plan_mirror_axes(
+    fp: Fingerprint, patch_axes: Sequence[int], label_names: dict[int, str] | None = None
+) -> tuple[tuple[int, ...], dict[str, Any]]:
     """Patch axes to mirror for one configuration, and the reasoning for ``plans.json``.
 
     Args:
@@ -192,14 +208,17 @@ def plan_mirror_axes(fp: Fingerprint, patch_axes: Sequence[int],
     fixed = {str(p): orders[a].to_dict(label_names) for p, a in enumerate(patch_axes) if a in orders}
     if fixed:
         notes["not_mirrored"] = fixed
-    weak = {str(p): evidence[a].to_dict(label_names) for p, a in enumerate(patch_axes)
-            if a in evidence and a not in orders}
+    weak = {
+        str(p): evidence[a].to_dict(label_names) for p, a in enumerate(patch_axes) if a in evidence and a not in orders
+    }
     if weak:
         notes["order_not_established"] = weak
     return keep, notes
 
 
-RULE = ("a patch axis is not mirrored (in training or TTA) only when two foreground classes lie in the same "
-        f"order along it (centres of mass, array index order) with sign-test p x tests <= {ALPHA} (Bonferroni "
-        f"over pair x axis tests), in >= {ORDER_CONSISTENCY:.0%} of the cases, and with a median offset of "
-        f">= {MIN_EFFECT:g} robust SD and >= 1 voxel; otherwise every axis is mirrored, as in nnU-Net")
+RULE = (
+    "a patch axis is not mirrored (in training or TTA) only when two foreground classes lie in the same "
+    f"order along it (centres of mass, array index order) with sign-test p x tests <= {ALPHA} (Bonferroni "
+    f"over pair x axis tests), in >= {ORDER_CONSISTENCY:.0%} of the cases, and with a median offset of "
+    f">= {MIN_EFFECT:g} robust SD and >= 1 voxel; otherwise every axis is mirrored, as in nnU-Net"
+)

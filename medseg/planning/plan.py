@@ -20,17 +20,24 @@ from typing import Any
 from torch import nn
 
 from medseg.errors import ConfigError, PlanError, raise_for_problems
+from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
 from medseg.networks.registry import build_network
 from medseg.networks.spec import NetworkSpec
 from medseg.options import PRECISIONS, DeviceKind, NormalizationScheme, Precision, choices
-from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.planning.plan_checks import previous_stage_problems, region_problems
 from medseg.planning.plan_json import SCHEMA_VERSION, dumps_readable, migrate_plan_dict
 
-__all__ = ["SCHEMA_VERSION", "ConfigurationPlan", "NetworkPlan", "NetworkSpec", "NormalizationSpec", "Plan",
-           "dumps_readable"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ConfigurationPlan",
+    "NetworkPlan",
+    "NetworkSpec",
+    "NormalizationSpec",
+    "Plan",
+    "dumps_readable",
+]
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,10 @@ class NetworkPlan:
             problems.append(f"{where}: batch_size must be >= 1, got {self.batch_size}")
         spec_problems = self.spec.check(where)
         if self.spec.dims in (2, 3) and self.spec.dims != self.dims:
-            spec_problems.append(f"{where}: kernel_sizes/strides entries do not have {self.dims} entries like "
-                                 f"patch_size {list(self.patch_size)}")
+            spec_problems.append(
+                f"{where}: kernel_sizes/strides entries do not have {self.dims} entries like "
+                f"patch_size {list(self.patch_size)}"
+            )
         problems += spec_problems
         if not problems:
             problems += self.spec.patch_problems(self.patch_size, where)
@@ -195,20 +204,26 @@ class ConfigurationPlan:
                 problems.append(
                     f"{where}.normalization[{i}].scheme must be one of {choices(NormalizationScheme)}, got {n.scheme!r}"
                 )
-            if n.scheme == NormalizationScheme.CT and (n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None):
+            if n.scheme == NormalizationScheme.CT and (
+                n.mean is None or n.std is None or n.clip_low is None or n.clip_high is None
+            ):
                 problems.append(f"{where}.normalization[{i}]: scheme 'ct' needs clip_low, clip_high, mean and std")
         if self.mirror_axes is not None:
             axes = list(self.mirror_axes)
             if len(set(axes)) != len(axes) or any(a < 0 or a >= self.dims for a in axes):
-                problems.append(f"{where}.mirror_axes must be distinct patch axes in 0..{self.dims - 1} "
-                                f"(or null for every axis), got {axes}")
+                problems.append(
+                    f"{where}.mirror_axes must be distinct patch axes in 0..{self.dims - 1} "
+                    f"(or null for every axis), got {axes}"
+                )
         if self.default_arch not in self.networks:
             problems.append(f"{where}.default_arch {self.default_arch!r} is not among networks {sorted(self.networks)}")
         for arch, net in self.networks.items():
             if net.arch != arch:
                 problems.append(f"{where}.networks.{arch}.arch is {net.arch!r}; it must equal its key")
             if net.dims != self.dims:
-                problems.append(f"{where}.networks.{arch}.patch_size has {net.dims} entries, configuration dims is {self.dims}")
+                problems.append(
+                    f"{where}.networks.{arch}.patch_size has {net.dims} entries, configuration dims is {self.dims}"
+                )
             problems += net.check(f"{where}.networks.{arch}")
         return problems
 
@@ -306,15 +321,20 @@ class Plan:
         if len(self.label_names) != len(self.label_ids):
             problems.append("label_names and label_ids must have the same length")
         ignore = self.ignore_label
-        if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)
-                                   or ignore <= max(self.label_ids, default=0)):
-            problems.append(f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
-                            f"got {self.ignore_label!r}")
+        if ignore is not None and (
+            isinstance(ignore, bool) or not isinstance(ignore, int) or ignore <= max(self.label_ids, default=0)
+        ):
+            problems.append(
+                f"ignore_label must be an integer id above every label id {list(self.label_ids)}, "
+                f"got {self.ignore_label!r}"
+            )
         problems += region_problems(self.label_ids, self.regions, self.regions_class_order)
         if not self.configurations:
             problems.append("plan has no configurations")
         if self.default_configuration not in self.configurations:
-            problems.append(f"default_configuration {self.default_configuration!r} is not among {sorted(self.configurations)}")
+            problems.append(
+                f"default_configuration {self.default_configuration!r} is not among {sorted(self.configurations)}"
+            )
         for name, cfg in self.configurations.items():
             if cfg.name != name:
                 problems.append(f"configurations.{name}.name is {cfg.name!r}; it must equal its key")

@@ -40,8 +40,9 @@ def previous_stage_problems(cfg: Stage, configurations: Mapping[str, Stage]) -> 
         return []
     where = f"configurations.{cfg.name}.previous_stage"
     if prev == cfg.name or prev not in configurations:
-        return [f"{where} {prev!r} must name another configuration of the plan "
-                f"({sorted(set(configurations) - {cfg.name})})"]
+        return [
+            f"{where} {prev!r} must name another configuration of the plan ({sorted(set(configurations) - {cfg.name})})"
+        ]
     other = configurations[prev]
     problems = []
     if cfg.dims != 3 or other.dims != 3:
@@ -51,8 +52,9 @@ def previous_stage_problems(cfg: Stage, configurations: Mapping[str, Stage]) -> 
     return problems
 
 
-def region_problems(label_ids: Sequence[int], regions: Sequence[Sequence[int]] | None,
-                    order: Sequence[int] | None) -> list[str]:
+def region_problems(
+    label_ids: Sequence[int], regions: Sequence[Sequence[int]] | None, order: Sequence[int] | None
+) -> list[str]:
     """Inconsistencies of a plan's ``regions`` / ``regions_class_order``.
 
     Args:
@@ -66,16 +68,19 @@ def region_problems(label_ids: Sequence[int], regions: Sequence[Sequence[int]] |
     if regions is None and order is None:
         return []
     if not regions or order is None:
-        return ["regions and regions_class_order must be given together (region-based plans), "
-                f"got {regions!r} and {order!r}"]
+        return [
+            "regions and regions_class_order must be given together (region-based plans), "
+            f"got {regions!r} and {order!r}"
+        ]
     problems = []
     ids = set(int(v) for v in label_ids)
     if len(order) != len(regions):
         problems.append(f"regions_class_order has {len(order)} entries but there are {len(regions)} regions")
     for r, reg in enumerate(regions):
         if not reg or not set(reg) <= ids - {0}:
-            problems.append(f"regions[{r}] = {list(reg)} must be a non-empty list of nonzero ids of label_ids "
-                            f"{sorted(ids)}")
+            problems.append(
+                f"regions[{r}] = {list(reg)} must be a non-empty list of nonzero ids of label_ids {sorted(ids)}"
+            )
     if not set(order) <= ids - {0}:
         problems.append(f"regions_class_order {list(order)} must hold nonzero ids of label_ids {sorted(ids)}")
     return problems

@@ -23,8 +23,17 @@ from medseg.errors import PlanError
 SCHEMA_VERSION = 2
 
 #: NetworkSpec's fields as written flat into a version-1 network entry
-_V1_SPEC_KEYS = ("arch", "kernel_sizes", "strides", "base_features", "max_features", "n_conv_per_stage", "norm",
-                 "deep_supervision", "options")
+_V1_SPEC_KEYS = (
+    "arch",
+    "kernel_sizes",
+    "strides",
+    "base_features",
+    "max_features",
+    "n_conv_per_stage",
+    "norm",
+    "deep_supervision",
+    "options",
+)
 
 
 def migrate_plan_dict(d: Any) -> Any:

@@ -138,8 +138,14 @@ def plan_dataset(
     label_names = {int(i): str(n) for i, n in zip(ds.label_ids, ds.label_names)}
     notes["mirroring"] = MIRROR_RULE
 
-    def make_config(name: str, dims: int, spacing3: tuple[float, ...], median3: np.ndarray, total: float,
-                    fixed: dict[str, tuple[NetworkPlan, dict[str, Any]]] | None = None) -> ConfigurationPlan:
+    def make_config(
+        name: str,
+        dims: int,
+        spacing3: tuple[float, ...],
+        median3: np.ndarray,
+        total: float,
+        fixed: dict[str, tuple[NetworkPlan, dict[str, Any]]] | None = None,
+    ) -> ConfigurationPlan:
         """Plan every arch for one configuration; ``fixed`` holds archs already fitted."""
         nets: dict[str, NetworkPlan] = {}
         cnotes: dict[str, Any] = {"median_shape": [float(v) for v in median3], "total_voxels": total}
@@ -177,13 +183,14 @@ def plan_dataset(
                 "3d_lowres", 3, low_spacing, low_median, low_total, fixed={default_arch: fitted}
             )
             configurations[CASCADE_CONFIGURATION] = dataclasses.replace(
-                full, name=CASCADE_CONFIGURATION, previous_stage="3d_lowres")
+                full, name=CASCADE_CONFIGURATION, previous_stage="3d_lowres"
+            )
             config_notes[CASCADE_CONFIGURATION] = {
                 "rule": "3d_fullres (spacing, patch, networks, preprocessed data) refining the 3d_lowres "
-                        "segmentation: its one-hot foreground labels are extra input channels "
-                        f"({len(ds.label_ids) - 1} after the {ds.num_channels} image channel(s)); training uses "
-                        "each case's prediction by the 3d_lowres fold that held it out; memory estimate of "
-                        "3d_fullres (the extra input channels add little)",
+                "segmentation: its one-hot foreground labels are extra input channels "
+                f"({len(ds.label_ids) - 1} after the {ds.num_channels} image channel(s)); training uses "
+                "each case's prediction by the 3d_lowres fold that held it out; memory estimate of "
+                "3d_fullres (the extra input channels add little)",
             }
     configurations["2d"] = make_config("2d", 2, target, median_shape, total_voxels)
     coarsest = int(np.argmax(target))
@@ -216,7 +223,11 @@ def plan_dataset(
         net = cfg.network()
         logger.info(
             "%s: spacing %s, patch %s, batch %d, %d stages, ~%.2f GB",
-            name, [round(s, 4) for s in cfg.spacing], list(cfg.patch_size), cfg.batch_size, net.spec.num_stages,
+            name,
+            [round(s, 4) for s in cfg.spacing],
+            list(cfg.patch_size),
+            cfg.batch_size,
+            net.spec.num_stages,
             net.estimated_memory_gb or float("nan"),
         )
     return plan.validate()
@@ -259,8 +270,12 @@ def _plan_lowres(
         fitted = fit_3d(fitter, arch, tuple(spacing), rounded, total_voxels * low_vox / median_vox_full)
         coverage = float(np.prod(fitted[0].patch_size, dtype=np.float64)) / low_vox
     shrink = median_vox_full / float(np.prod(low_median, dtype=np.float64))
-    lnotes.update(steps=steps, spacing=[float(s) for s in spacing], median_shape=[float(v) for v in low_median],
-                  image_shrink_factor=round(shrink, 3))
+    lnotes.update(
+        steps=steps,
+        spacing=[float(s) for s in spacing],
+        median_shape=[float(v) for v in low_median],
+        image_shrink_factor=round(shrink, 3),
+    )
     if fitted is None or shrink < LOWRES_MIN_SHRINK:
         lnotes["decision"] = (
             f"dropped: the low-resolution images would be only {shrink:.2f}x smaller than at full resolution"

@@ -58,8 +58,9 @@ class PlannerOptions:
             problems.append("need 1 <= base_features <= max_features")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             problems.append(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
-        if self.target_spacing is not None and (len(self.target_spacing) != 3
-                                                or not all(s > 0 and math.isfinite(s) for s in self.target_spacing)):
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in self.target_spacing)
+        ):
             problems.append(f"target_spacing must be three positive spacings (Z, Y, X), got {self.target_spacing}")
         if problems:
             raise PlanError("invalid planner options: " + "; ".join(problems))

@@ -21,13 +21,16 @@ from medseg.options import Precision, parse_option
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """The reference optimizer: SGD, Nesterov momentum 0.99, weight decay 3e-5 (one buffer per parameter)."""
-    return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5,
-                           foreach=False)
+    return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5, foreach=False)
 
 
 def training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor, target: torch.Tensor,
-    num_classes: int, precision: str = Precision.FP32,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    precision: str = Precision.FP32,
 ) -> torch.Tensor:
     """One reference training step: forward (autocast at ``precision``), loss, backward, SGD step.
 

@@ -118,7 +118,7 @@ def predict_best(cfg: ConfigurationPlan, reference: dict[Candidate, float], budg
     ref = [(c, t) for c, t in reference.items() if t is not None and math.isfinite(t) and t > 0]
     if not ref:
         return None
-    median = tuple(cfg.median_shape[-cfg.dims:])
+    median = tuple(cfg.median_shape[-cfg.dims :])
     out = []
     for c in default_candidates(cfg.network(), median):
         d, t = min(ref, key=lambda dt: abs(math.log(c.cost / dt[0].cost)))
@@ -139,19 +139,30 @@ def choose_spacing(options: Sequence[SpacingOption], budget_s: float, need: int)
     pick = reaching[0] if reaching else max(ok, key=lambda i: (options[i].samples(budget_s), -i))
     o = options[pick]
     if pick != 0 and o.samples(budget_s) < MIN_GAIN * e0:
-        return 0, (f"kept the planned spacing: the best coarser one ({_fmt(o.spacing)} mm) promises "
-                   f"{o.samples(budget_s)} samples, less than {MIN_GAIN}x the planned "
-                   f"spacing's {e0}")
+        return 0, (
+            f"kept the planned spacing: the best coarser one ({_fmt(o.spacing)} mm) promises "
+            f"{o.samples(budget_s)} samples, less than {MIN_GAIN}x the planned "
+            f"spacing's {e0}"
+        )
     if pick == 0:
-        return 0, (f"kept the planned spacing: no admissible coarser spacing promises more than its {e0} "
-                   "samples")
-    return pick, (f"{_fmt(o.spacing)} mm: {o.samples(budget_s)} samples "
-                  f"({'reaches' if pick in reaching else 'closest to'} the {need} bar) against {e0} at the planned "
-                  f"{_fmt(base.spacing)} mm; worst round-trip Dice {o.worst_dice:.3f} >= {MIN_ROUNDTRIP_DICE}")
+        return 0, (f"kept the planned spacing: no admissible coarser spacing promises more than its {e0} samples")
+    return pick, (
+        f"{_fmt(o.spacing)} mm: {o.samples(budget_s)} samples "
+        f"({'reaches' if pick in reaching else 'closest to'} the {need} bar) against {e0} at the planned "
+        f"{_fmt(base.spacing)} mm; worst round-trip Dice {o.worst_dice:.3f} >= {MIN_ROUNDTRIP_DICE}"
+    )
 
 
-def fit_resolution(plan: Plan, device: str, minutes: float, *, roundtrip: RoundTripFn, plan_at: PlanAtFn,
-                   max_seconds: float | None = None, **fit_kwargs: Any) -> Plan:
+def fit_resolution(
+    plan: Plan,
+    device: str,
+    minutes: float,
+    *,
+    roundtrip: RoundTripFn,
+    plan_at: PlanAtFn,
+    max_seconds: float | None = None,
+    **fit_kwargs: Any,
+) -> Plan:
     """Apply the resolution lever to a plan fitted by :func:`fit_plan_to_budget` (see the module docstring).
 
     Args:
@@ -171,21 +182,36 @@ def fit_resolution(plan: Plan, device: str, minutes: float, *, roundtrip: RoundT
     cfg = plan.configuration(notes.get("configuration") or plan.default_configuration)
     budget_s, need = float(minutes) * 60.0, MIN_SAMPLES[cfg.dims]
     chosen = notes.get("chosen") or {}
-    record: dict[str, Any] = {"rule": (f"only when the planned spacing does not converge: fine axes x {list(FACTORS)}; "
-                                       f"admissible when every label's mean round-trip Dice >= {MIN_ROUNDTRIP_DICE}; "
-                                       "the finest reaching the whole-image sample bar, else the most; a coarser "
-                                       f"spacing must promise >= {MIN_GAIN}x the planned one's, and its measured "
-                                       "fit must confirm it")}
+    record: dict[str, Any] = {
+        "rule": (
+            f"only when the planned spacing does not converge: fine axes x {list(FACTORS)}; "
+            f"admissible when every label's mean round-trip Dice >= {MIN_ROUNDTRIP_DICE}; "
+            "the finest reaching the whole-image sample bar, else the most; a coarser "
+            f"spacing must promise >= {MIN_GAIN}x the planned one's, and its measured "
+            "fit must confirm it"
+        )
+    }
     if cfg.dims != 3 or chosen.get("converges") or cfg.previous_stage is not None:
-        record["decision"] = ("kept the planned spacing: its chosen candidate converges" if chosen.get("converges")
-                              else "kept the planned spacing: only a 3D configuration's spacing is a lever")
+        record["decision"] = (
+            "kept the planned spacing: its chosen candidate converges"
+            if chosen.get("converges")
+            else "kept the planned spacing: only a 3D configuration's spacing is a lever"
+        )
         return _with_record(plan, record)
     levers = (str(chosen.get("precision")), bool(chosen.get("channels_last")))
-    reference = {Candidate(r["base_features"], r["max_features"], tuple(r["patch_size"]), r["batch_size"]):
-                 float(r["step_time_s"]) for r in notes.get("candidates", []) if r.get("step_time_s")}
-    base_best = Measured(Candidate(chosen["base_features"], chosen["max_features"], tuple(chosen["patch_size"]),
-                                   chosen["batch_size"]), chosen.get("step_time_s"), "measured",
-                         chosen.get("patch_coverage", 1.0))
+    reference = {
+        Candidate(r["base_features"], r["max_features"], tuple(r["patch_size"]), r["batch_size"]): float(
+            r["step_time_s"]
+        )
+        for r in notes.get("candidates", [])
+        if r.get("step_time_s")
+    }
+    base_best = Measured(
+        Candidate(chosen["base_features"], chosen["max_features"], tuple(chosen["patch_size"]), chosen["batch_size"]),
+        chosen.get("step_time_s"),
+        "measured",
+        chosen.get("patch_coverage", 1.0),
+    )
     spacings = coarser_spacings(cfg.spacing)
     dice = roundtrip([tuple(cfg.spacing), *spacings])
     options = [SpacingOption(tuple(cfg.spacing), dice[0], True, base_best, cfg)]
@@ -206,21 +232,33 @@ def fit_resolution(plan: Plan, device: str, minutes: float, *, roundtrip: RoundT
     coarse_cfg = replace(o.configuration, name=COARSE_CONFIGURATION, previous_stage=None)
     trial = replace(plan, configurations={**plan.configurations, COARSE_CONFIGURATION: coarse_cfg})
     left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - t0))
-    fitted = fit_plan_to_budget(trial, device, minutes, configuration=COARSE_CONFIGURATION, max_seconds=left,
-                                levers=levers, reference_times=reference, **fit_kwargs)
+    fitted = fit_plan_to_budget(
+        trial,
+        device,
+        minutes,
+        configuration=COARSE_CONFIGURATION,
+        max_seconds=left,
+        levers=levers,
+        reference_times=reference,
+        **fit_kwargs,
+    )
     got = fitted.notes["budget"]["chosen"]
-    record["measured_at_chosen"] = {k: got.get(k) for k in ("base_features", "patch_size", "batch_size",
-                                                            "step_time_s", "iterations", "samples",
-                                                            "image_samples")}
+    record["measured_at_chosen"] = {
+        k: got.get(k)
+        for k in ("base_features", "patch_size", "batch_size", "step_time_s", "iterations", "samples", "image_samples")
+    }
     if (got.get("samples") or 0) < MIN_GAIN * options[0].samples(budget_s):
-        record["decision"] = (f"kept the planned spacing: measured at {_fmt(o.spacing)} mm the best candidate gets "
-                              f"{got.get('samples')} samples, not {MIN_GAIN}x the planned "
-                              f"spacing's {options[0].samples(budget_s)} (predicted: {o.samples(budget_s)})")
+        record["decision"] = (
+            f"kept the planned spacing: measured at {_fmt(o.spacing)} mm the best candidate gets "
+            f"{got.get('samples')} samples, not {MIN_GAIN}x the planned "
+            f"spacing's {options[0].samples(budget_s)} (predicted: {o.samples(budget_s)})"
+        )
         logger.info("resolution lever: %s", record["decision"])
         return _with_record(plan, record)
     record["decision"] = f"trains {COARSE_CONFIGURATION} at " + why
-    record["planned_spacing_fit"] = {k: notes.get(k) for k in ("configuration", "levers", "candidates", "chosen",
-                                                               "reasoning", "measure_seconds")}
+    record["planned_spacing_fit"] = {
+        k: notes.get(k) for k in ("configuration", "levers", "candidates", "chosen", "reasoning", "measure_seconds")
+    }
     logger.info("resolution lever: %s", record["decision"])
     out_notes = {**fitted.notes["budget"], "resolution": record}
     return replace(fitted, notes={**fitted.notes, "budget": out_notes}).validate()
@@ -232,16 +270,24 @@ def _with_record(plan: Plan, record: dict[str, Any]) -> Plan:
 
 
 def _option_dict(o: SpacingOption, budget_s: float, need: int) -> dict[str, Any]:
-    d: dict[str, Any] = {"spacing": [round(s, 4) for s in o.spacing], "roundtrip_dice": o.roundtrip_dice,
-                         "admissible": o.admissible}
+    d: dict[str, Any] = {
+        "spacing": [round(s, 4) for s in o.spacing],
+        "roundtrip_dice": o.roundtrip_dice,
+        "admissible": o.admissible,
+    }
     if o.configuration is not None:
         d["median_shape"] = list(o.configuration.median_shape)
     if o.best is not None:
         c = o.best.candidate
-        d["best"] = {"label": c.label, "step_time_s": None if o.best.step_time_s is None else round(o.best.step_time_s, 4),
-                     "status": o.best.status, "patch_coverage": round(o.best.coverage, 4),
-                     "samples": o.samples(budget_s), "image_samples": o.best.image_samples(budget_s),
-                     "converges": o.samples(budget_s) >= need}
+        d["best"] = {
+            "label": c.label,
+            "step_time_s": None if o.best.step_time_s is None else round(o.best.step_time_s, 4),
+            "status": o.best.status,
+            "patch_coverage": round(o.best.coverage, 4),
+            "samples": o.samples(budget_s),
+            "image_samples": o.best.image_samples(budget_s),
+            "converges": o.samples(budget_s) >= need,
+        }
     return d
 
 

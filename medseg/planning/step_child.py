@@ -80,8 +80,13 @@ class ChildMeasurement:
 
 
 def measure_in_child(
-    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
-    seed: int = 0, progress: bool = True, cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
+    settings: Sequence[StepSetting],
+    steps: int = DEFAULT_MEASURE_STEPS,
+    *,
+    warmup: int = WARMUP_STEPS,
+    seed: int = 0,
+    progress: bool = True,
+    cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
     fault_spec: str | None = None,
 ) -> ChildMeasurement:
     """:func:`measure_step_times` in a child process that may crash without taking this one along.
@@ -113,8 +118,9 @@ def measure_in_child(
     def run(indices: list[int]) -> None:
         while indices:
             batch = [settings[i] for i in indices]
-            timings, culprit, status, overhead, threads = _run_child(batch, steps, warmup, seed, progress,
-                                                                     cheap_seconds, fault_spec)
+            timings, culprit, status, overhead, threads = _run_child(
+                batch, steps, warmup, seed, progress, cheap_seconds, fault_spec
+            )
             spent["children"] += 1
             spent["overhead"] += overhead
             spent["threads"] = threads or spent["threads"]
@@ -124,8 +130,11 @@ def measure_in_child(
                 return
             crashes.append(status)
             if culprit is None and len(indices) > 1:
-                logger.warning("a measuring process died (%s) outside any one setting; measuring its %d settings "
-                               "one per process", status, len(indices))
+                logger.warning(
+                    "a measuring process died (%s) outside any one setting; measuring its %d settings one per process",
+                    status,
+                    len(indices),
+                )
                 for i in indices:
                     run([i])
                 return
@@ -148,17 +157,25 @@ def probe_step_in_child(setting: StepSetting, *, seed: int = 0, fault_spec: str 
     Returns:
         The :class:`StepTiming` (``crashed`` when the step killed the child, out of memory, or measured).
     """
-    return measure_in_child([setting], 1, warmup=0, seed=seed, progress=False, cheap_seconds=0.0,
-                            fault_spec=fault_spec).timings[0]
+    return measure_in_child(
+        [setting], 1, warmup=0, seed=seed, progress=False, cheap_seconds=0.0, fault_spec=fault_spec
+    ).timings[0]
 
 
 #: What the measuring child runs: the parent's ``sys.path`` (first pickle on stdin), then :func:`_child_main`.
-_CHILD_CODE = ("import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
-               "from medseg.planning.step_child import _child_main; _child_main(int(sys.argv[1]))")
+_CHILD_CODE = (
+    "import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
+    "from medseg.planning.step_child import _child_main; _child_main(int(sys.argv[1]))"
+)
 
 
 def _run_child(
-    settings: Sequence[StepSetting], steps: int, warmup: int, seed: int, progress: bool, cheap_seconds: float,
+    settings: Sequence[StepSetting],
+    steps: int,
+    warmup: int,
+    seed: int,
+    progress: bool,
+    cheap_seconds: float,
     fault_spec: str,
 ) -> tuple[list[StepTiming] | None, int | None, str, float, int | None]:
     """Time ``settings`` in one child process (a fresh interpreter: ``sys.executable -c``).
@@ -179,8 +196,9 @@ def _run_child(
     read_fd, write_fd = os.pipe()
     t0 = time.perf_counter()
     try:
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(write_fd)], stdin=subprocess.PIPE,
-                                pass_fds=(write_fd,))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+        )
     finally:
         os.close(write_fd)
     conn = Connection(read_fd, writable=False)

@@ -112,8 +112,12 @@ class StepTiming:
         """``{"rounds", "min_s", "median_s", "max_s"}`` of the timed steps, or None without rounds."""
         if not self.rounds:
             return None
-        return {"rounds": len(self.rounds), "min_s": round(min(self.rounds), 6),
-                "median_s": round(statistics.median(self.rounds), 6), "max_s": round(max(self.rounds), 6)}
+        return {
+            "rounds": len(self.rounds),
+            "min_s": round(min(self.rounds), 6),
+            "median_s": round(statistics.median(self.rounds), 6),
+            "max_s": round(max(self.rounds), 6),
+        }
 
 
 class _StepRunner:
@@ -166,7 +170,12 @@ def _check_counts(steps: int, warmup: int) -> None:
 
 
 def _time_settings(
-    settings: Sequence[StepSetting], steps: int, warmup: int, seed: int, progress: bool, cheap_seconds: float,
+    settings: Sequence[StepSetting],
+    steps: int,
+    warmup: int,
+    seed: int,
+    progress: bool,
+    cheap_seconds: float,
     mark: Callable[[int], None] = lambda i: None,
 ) -> list[StepTiming]:
     """Interleaved timing of ``settings`` in this process (see :func:`measure_step_times`); ``mark(i)`` is called
@@ -178,8 +187,13 @@ def _time_settings(
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
     oom: set[int] = set()
-    bar = tqdm(total=len(settings) * (warmup + steps), desc="timing training steps", unit="step",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(settings) * (warmup + steps),
+        desc="timing training steps",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
 
     def out_of_memory(i: int, exc: BaseException) -> None:
         if not _is_out_of_memory(exc):
@@ -230,27 +244,43 @@ def _time_settings(
         bar.close()
         runners.clear()
         gc.collect()
-    return [StepTiming(math.inf, OUT_OF_MEMORY) if i in oom or not t else StepTiming.from_rounds(t)
-            for i, t in enumerate(times)]
+    return [
+        StepTiming(math.inf, OUT_OF_MEMORY) if i in oom or not t else StepTiming.from_rounds(t)
+        for i, t in enumerate(times)
+    ]
 
 
 def _log_timings(settings: Sequence[StepSetting], timings: Sequence[StepTiming]) -> None:
     for s, t in zip(settings, timings):
         if t.ok:
             spread = t.spread() or {}
-            logger.info("%s: %.4f s/step (fastest of %d; median %.4f s, slowest %.4f s)", _setting_label(s),
-                        t.seconds, spread.get("rounds", 1), spread.get("median_s", t.seconds),
-                        spread.get("max_s", t.seconds))
+            logger.info(
+                "%s: %.4f s/step (fastest of %d; median %.4f s, slowest %.4f s)",
+                _setting_label(s),
+                t.seconds,
+                spread.get("rounds", 1),
+                spread.get("median_s", t.seconds),
+                spread.get("max_s", t.seconds),
+            )
         elif t.crashed:
-            logger.warning("%s: %s (the step killed its measuring process on %s); this setting is never chosen",
-                           _setting_label(s), t.status, s.device)
+            logger.warning(
+                "%s: %s (the step killed its measuring process on %s); this setting is never chosen",
+                _setting_label(s),
+                t.status,
+                s.device,
+            )
         else:
             logger.warning("%s: %s on %s", _setting_label(s), t.status, s.device)
 
 
 def measure_step_times(
-    settings: Sequence[StepSetting], steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS,
-    seed: int = 0, progress: bool = True, cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
+    settings: Sequence[StepSetting],
+    steps: int = DEFAULT_MEASURE_STEPS,
+    *,
+    warmup: int = WARMUP_STEPS,
+    seed: int = 0,
+    progress: bool = True,
+    cheap_seconds: float = CHEAP_ROUNDS_SECONDS,
 ) -> list[float]:
     """Training-step time of several settings, measured interleaved (round robin), in this process.
 
@@ -283,8 +313,16 @@ def measure_step_times(
 
 
 def measure_step_time(
-    net: NetworkPlan, in_channels: int, num_classes: int, device: str = DeviceKind.CPU, precision: str = Precision.FP32,
-    channels_last: bool = False, steps: int = DEFAULT_MEASURE_STEPS, *, warmup: int = WARMUP_STEPS, seed: int = 0,
+    net: NetworkPlan,
+    in_channels: int,
+    num_classes: int,
+    device: str = DeviceKind.CPU,
+    precision: str = Precision.FP32,
+    channels_last: bool = False,
+    steps: int = DEFAULT_MEASURE_STEPS,
+    *,
+    warmup: int = WARMUP_STEPS,
+    seed: int = 0,
 ) -> float:
     """Wall time of one real training step of ``net`` on ``device`` (the fastest of the timed steps), in
     this process.
@@ -318,8 +356,10 @@ def _free(device: str) -> None:
 
 
 def _setting_label(s: StepSetting) -> str:
-    return (f"{s.net.arch} {s.net.spec.base_features}f {'x'.join(map(str, s.net.patch_size))} b{s.net.batch_size} "
-            f"{s.precision}{' channels-last' if s.channels_last else ''}")
+    return (
+        f"{s.net.arch} {s.net.spec.base_features}f {'x'.join(map(str, s.net.patch_size))} b{s.net.batch_size} "
+        f"{s.precision}{' channels-last' if s.channels_last else ''}"
+    )
 
 
 def cpu_bf16_supported() -> bool:
@@ -352,8 +392,10 @@ def lever_settings(device: str) -> tuple[list[tuple[str, bool]], str]:
         reason = "CPU with native bf16 (oneDNN AVX512-BF16/AMX): fp32 and bf16 autocast"
     else:
         precisions = [Precision.FP32]
-        reason = (f"CPU without native bf16 (capability {torch.backends.cpu.get_cpu_capability()}): bf16 would run "
-                  "on slow reference kernels, so only fp32 is measured")
+        reason = (
+            f"CPU without native bf16 (capability {torch.backends.cpu.get_cpu_capability()}): bf16 would run "
+            "on slow reference kernels, so only fp32 is measured"
+        )
     return [(p, cl) for p in precisions for cl in (False, True)], reason + "; channels-last off and on"
 
 

@@ -53,8 +53,9 @@ class _Cases:
         self.progress = progress
 
     def __iter__(self):
-        for case in tqdm(self.case_ids, desc="postprocessing search", unit="case", leave=False,
-                         disable=not self.progress):
+        for case in tqdm(
+            self.case_ids, desc="postprocessing search", unit="case", leave=False, disable=not self.progress
+        ):
             if case in self.cache:
                 yield self.cache[case]
                 continue
@@ -152,8 +153,12 @@ def fit_postprocessing(
     lut[label_ids] = np.arange(k)
     cases = _Cases(case_ids, load_case, cache_limit_bytes, progress)
     n = len(case_ids)
-    rules: dict[str, Any] = {"format": RULES_FORMAT, "label_ids": label_ids,
-                             "foreground_largest_component": False, "per_label": {}}
+    rules: dict[str, Any] = {
+        "format": RULES_FORMAT,
+        "label_ids": label_ids,
+        "foreground_largest_component": False,
+        "per_label": {},
+    }
     candidates: dict[str, Any] = {}
 
     def fg_mean(per_label: np.ndarray) -> float:
@@ -184,7 +189,7 @@ def fit_postprocessing(
     comp_steps: list[dict | None] = [None] + [{"op": "remove_small", "fraction": float(f)} for f in fractions]
     comp_steps.append({"op": "largest_component"})
     comp_scores = np.zeros((len(fg), len(comp_steps)))
-    for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
+    for i, _seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
         if not mask.any():
             comp_scores[i] += 1.0 if n_ref == 0 else 0.0
             continue
@@ -250,8 +255,9 @@ def fit_postprocessing(
         "mean_foreground_dice_after": fg_mean(final),
     }
     rules["candidates"] = candidates
-    logger.info("postprocessing: mean foreground Dice %.4f -> %.4f (%s)", fg_mean(base), fg_mean(final),
-                describe_rules(rules))
+    logger.info(
+        "postprocessing: mean foreground Dice %.4f -> %.4f (%s)", fg_mean(base), fg_mean(final), describe_rules(rules)
+    )
     return rules
 
 

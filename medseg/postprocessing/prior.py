@@ -136,20 +136,30 @@ def class_evidence(component_sizes: Iterable[Sequence[int]], speck_fraction: flo
                 ratios.append(v / s[0])
                 break
     single = sum(share >= 1.0 - speck_fraction - 1e-12 for share in shares)  # not ratio 1: two equal halves
-    return ClassEvidence(num_cases=len(shares), single_component_cases=single,
-                         min_largest_share=min(shares, default=1.0), needed_ratios=tuple(sorted(ratios)))
+    return ClassEvidence(
+        num_cases=len(shares),
+        single_component_cases=single,
+        min_largest_share=min(shares, default=1.0),
+        needed_ratios=tuple(sorted(ratios)),
+    )
 
 
 def candidate_steps(fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[dict[str, Any]]:
     """Candidate steps, most aggressive first: ``largest_component``, then ``remove_small`` by fraction
     from the largest down."""
-    return [{"op": "largest_component"}] + [{"op": "remove_small", "fraction": float(f)}
-                                             for f in sorted(fractions, reverse=True)]
+    return [{"op": "largest_component"}] + [
+        {"op": "remove_small", "fraction": float(f)} for f in sorted(fractions, reverse=True)
+    ]
 
 
-def decide_class(evidence: ClassEvidence, *, min_cases: int = MIN_CASES, coverage: float = COVERAGE,
-                 margin: float = MARGIN, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 ) -> tuple[dict[str, Any] | None, str]:
+def decide_class(
+    evidence: ClassEvidence,
+    *,
+    min_cases: int = MIN_CASES,
+    coverage: float = COVERAGE,
+    margin: float = MARGIN,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> tuple[dict[str, Any] | None, str]:
     """The step for one class (see the module docstring), or None, and the reason in words."""
     n = evidence.num_cases
     if n < min_cases:
@@ -161,11 +171,12 @@ def decide_class(evidence: ClassEvidence, *, min_cases: int = MIN_CASES, coverag
             if step["op"] == "largest_component":
                 why = "the largest component holds >= 99 % of the voxels"
             else:
-                why = (f"components >= {margin:g} x {step['fraction']:.4g} of the largest hold >= 99 % of the "
-                       "voxels")
+                why = f"components >= {margin:g} x {step['fraction']:.4g} of the largest hold >= 99 % of the voxels"
             return step, f"{why} in {kept} of {n} cases (>= {coverage * 100:.0f} % needed)"
-    return None, (f"genuine components as small as {evidence.needed_ratios[0]:.3g} of the largest: no size "
-                  f"threshold keeps >= 99 % of the voxels in {coverage * 100:.0f} % of the {n} cases")
+    return None, (
+        f"genuine components as small as {evidence.needed_ratios[0]:.3g} of the largest: no size "
+        f"threshold keeps >= 99 % of the voxels in {coverage * 100:.0f} % of the {n} cases"
+    )
 
 
 def prior_rules(
@@ -203,24 +214,37 @@ def prior_rules(
         cases = [by_id[c] for c in sorted(set(case_ids))]
     label_ids = [int(v) for v in fingerprint.label_ids]
     rules: dict[str, Any] = {
-        "format": RULES_FORMAT, "label_ids": label_ids, "foreground_largest_component": False, "per_label": {},
-        "source": PRIOR_SOURCE, "num_cases": len(cases),
-        "thresholds": {"speck_fraction": SPECK_FRACTION, "coverage": coverage, "min_cases": min_cases,
-                       "margin": margin},
+        "format": RULES_FORMAT,
+        "label_ids": label_ids,
+        "foreground_largest_component": False,
+        "per_label": {},
+        "source": PRIOR_SOURCE,
+        "num_cases": len(cases),
+        "thresholds": {
+            "speck_fraction": SPECK_FRACTION,
+            "coverage": coverage,
+            "min_cases": min_cases,
+            "margin": margin,
+        },
         "evidence": {},
     }
     skip = None
     if region_based:
         skip = "region-based plan: per-label rules do not apply"
     elif fingerprint.ignore_label is not None:
-        skip = (f"partially annotated dataset (ignore label {fingerprint.ignore_label}): the references' "
-                "topology is not the structures'")
+        skip = (
+            f"partially annotated dataset (ignore label {fingerprint.ignore_label}): the references' "
+            "topology is not the structures'"
+        )
     for lab in label_ids:
         if lab == 0:
             continue
         ev = class_evidence(c.class_component_sizes.get(lab, ()) for c in cases)
-        step, reason = (None, skip) if skip else decide_class(ev, min_cases=min_cases, coverage=coverage,
-                                                               margin=margin, fractions=fractions)
+        step, reason = (
+            (None, skip)
+            if skip
+            else decide_class(ev, min_cases=min_cases, coverage=coverage, margin=margin, fractions=fractions)
+        )
         if step is not None:
             rules["per_label"][str(lab)] = [step]
         rules["evidence"][str(lab)] = {**ev.to_dict(), "decision": _step_name(step), "reason": reason}
@@ -246,8 +270,9 @@ def describe_prior(rules: Mapping[str, Any]) -> str:
     return "; ".join(parts) or describe_rules(dict(rules))
 
 
-def record_prior(work_dir: str | Path, run_dir: str | Path, case_ids: Sequence[str] | None = None,
-                 region_based: bool = False) -> dict[str, Any] | None:
+def record_prior(
+    work_dir: str | Path, run_dir: str | Path, case_ids: Sequence[str] | None = None, region_based: bool = False
+) -> dict[str, Any] | None:
     """Decide the rules of a run from ``WORK/fingerprint.json`` and write them to ``run_dir/``:data:`PRIOR_FILE`.
 
     Args:
@@ -265,8 +290,12 @@ def record_prior(work_dir: str | Path, run_dir: str | Path, case_ids: Sequence[s
         return None
     rules = prior_rules(Fingerprint.load(fp_path), case_ids, region_based=region_based)
     save_rules(rules, RunDir(run_dir).postprocessing_prior)
-    logger.info("postprocessing without cross-validation, from the components of %d training references: %s "
-                "(recorded in %s)", rules["num_cases"], describe_prior(rules), RunDir(run_dir).postprocessing_prior)
+    logger.info(
+        "postprocessing without cross-validation, from the components of %d training references: %s (recorded in %s)",
+        rules["num_cases"],
+        describe_prior(rules),
+        RunDir(run_dir).postprocessing_prior,
+    )
     return rules
 
 
@@ -278,19 +307,23 @@ def merge_priors(all_rules: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         raise ValueError("no rules to merge")
     first = all_rules[0]
     merged: dict[str, Any] = {**json.loads(json.dumps(first)), "per_label": {}}
-    labels = set.intersection(*(set((r.get("per_label") or {})) for r in all_rules))
+    labels = set.intersection(*(set(r.get("per_label") or {}) for r in all_rules))
     for lab in sorted(labels, key=int):
         steps = [r["per_label"][lab][0] for r in all_rules]
         fractions = [float(s["fraction"]) for s in steps if s["op"] == "remove_small"]
-        merged["per_label"][lab] = ([{"op": "remove_small", "fraction": min(fractions)}] if fractions
-                                    else [{"op": "largest_component"}])
+        merged["per_label"][lab] = (
+            [{"op": "remove_small", "fraction": min(fractions)}] if fractions else [{"op": "largest_component"}]
+        )
     if any(dict(r.get("per_label") or {}) != merged["per_label"] for r in all_rules):
         merged["merged_from_runs"] = len(all_rules)
     return merged
 
 
-def ensemble_prior(work_dir: str | Path, run_dirs: Sequence[Path], region_based: bool = False,
-                   ) -> tuple[dict[str, Any] | None, str]:
+def ensemble_prior(
+    work_dir: str | Path,
+    run_dirs: Sequence[Path],
+    region_based: bool = False,
+) -> tuple[dict[str, Any] | None, str]:
     """The label-statistics rules of an ensemble and where they came from, for ``medseg predict``.
 
     Each run's recorded :data:`PRIOR_FILE` when every run has one (merged by :func:`merge_priors` when

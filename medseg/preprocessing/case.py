@@ -154,14 +154,19 @@ def preprocess_case_arrays(
     elif geometry.ndim != 3:
         raise MedsegError(f"{where}: only 2D and 3D images are supported, got {geometry.ndim}D")
 
-    classes = None if label is None else labels_to_classes(label, plan.label_ids, source=where,
-                                                           ignore_label=plan.ignore_label)
+    classes = (
+        None
+        if label is None
+        else labels_to_classes(label, plan.label_ids, source=where, ignore_label=plan.ignore_label)
+    )
     data, seg, mask, bbox = crop_to_nonzero(image, classes)
     if classes is not None and seg is not None:
         k = plan.num_classes  # the ignore class K is no label
         lost = int(np.count_nonzero((classes > 0) & (classes < k))) - int(np.count_nonzero((seg > 0) & (seg < k)))
         if lost:
-            logger.warning("%s: %d labelled voxels lie outside the image's nonzero region and are cropped away", where, lost)
+            logger.warning(
+                "%s: %d labelled voxels lie outside the image's nonzero region and are cropped away", where, lost
+            )
     shape_after_crop = tuple(int(s) for s in data.shape[1:])
 
     data = normalize(data, cfg.normalization, mask)

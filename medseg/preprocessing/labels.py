@@ -37,8 +37,9 @@ def label_dtype(label_ids: Sequence[int]) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def labels_to_classes(label: np.ndarray, label_ids: Sequence[int], source: str = "label",
-                      ignore_label: int | None = None) -> np.ndarray:
+def labels_to_classes(
+    label: np.ndarray, label_ids: Sequence[int], source: str = "label", ignore_label: int | None = None
+) -> np.ndarray:
     """Map original label ids to class indices ``0..K-1`` (and the ignore label to ``K``).
 
     Args:

@@ -52,7 +52,8 @@ def normalize_channel(channel: np.ndarray, spec: NormalizationSpec, mask: np.nda
         x /= np.float32(max(std, _EPS))
         return x
     raise PlanError(
-        f"unknown normalization scheme {spec.scheme!r}; expected one of {valid_values(NormalizationScheme)}")
+        f"unknown normalization scheme {spec.scheme!r}; expected one of {valid_values(NormalizationScheme)}"
+    )
 
 
 def normalize(image: np.ndarray, specs: Sequence[NormalizationSpec], mask: np.ndarray | None = None) -> np.ndarray:

@@ -56,8 +56,10 @@ def append_previous_stage(data: np.ndarray, classes: np.ndarray, plan: Plan) -> 
         MedsegError: the segmentation's grid differs from the image's.
     """
     if tuple(classes.shape) != tuple(data.shape[1:]):
-        raise MedsegError(f"the previous stage's segmentation has shape {list(classes.shape)}, the image "
-                          f"{list(data.shape[1:])}; they must lie on the same grid")
+        raise MedsegError(
+            f"the previous stage's segmentation has shape {list(classes.shape)}, the image "
+            f"{list(data.shape[1:])}; they must lie on the same grid"
+        )
     onehot = onehot_previous_stage(classes, plan.previous_stage_channels)
     return np.concatenate([np.asarray(data, dtype=np.float32), onehot], axis=0)
 
@@ -80,8 +82,10 @@ def to_preprocessed_grid(classes: np.ndarray, props: CaseProperties) -> np.ndarr
         MedsegError: ``classes`` does not have the original image's shape.
     """
     if tuple(classes.shape) != tuple(props.geometry.shape):
-        raise MedsegError(f"{props.case_id}: previous-stage segmentation of shape {list(classes.shape)}, but the "
-                          f"image has shape {list(props.geometry.shape)}")
+        raise MedsegError(
+            f"{props.case_id}: previous-stage segmentation of shape {list(classes.shape)}, but the "
+            f"image has shape {list(props.geometry.shape)}"
+        )
     arr = classes[None] if props.geometry.ndim == 2 else classes
     cropped = np.ascontiguousarray(arr[tuple(slice(a, b) for a, b in props.bbox)])
     spacing = spacing_3d(props.geometry, props.spacing_after_resample)

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 REGION_THRESHOLD = 0.5
 
 
-def regions_to_labels(probs: np.ndarray, regions_class_order: Sequence[int],
-                      threshold: float = REGION_THRESHOLD) -> np.ndarray:
+def regions_to_labels(
+    probs: np.ndarray, regions_class_order: Sequence[int], threshold: float = REGION_THRESHOLD
+) -> np.ndarray:
     """Region probabilities ``(R, *spatial)`` (sigmoid, not logits) -> label ids ``(*spatial)``.
 
     Args:
@@ -37,16 +38,18 @@ def regions_to_labels(probs: np.ndarray, regions_class_order: Sequence[int],
         the last region (in order) predicted there.
     """
     if probs.shape[0] != len(regions_class_order):
-        raise ValueError(f"{probs.shape[0]} region probability maps but regions_class_order has "
-                         f"{len(regions_class_order)} entries")
+        raise ValueError(
+            f"{probs.shape[0]} region probability maps but regions_class_order has {len(regions_class_order)} entries"
+        )
     out = np.zeros(probs.shape[1:], dtype=label_dtype([0, *regions_class_order]))
     for p, lab in zip(probs, regions_class_order):
         out[p > threshold] = lab
     return out
 
 
-def regions_to_classes(probs: np.ndarray, label_ids: Sequence[int], regions_class_order: Sequence[int],
-                       threshold: float = REGION_THRESHOLD) -> np.ndarray:
+def regions_to_classes(
+    probs: np.ndarray, label_ids: Sequence[int], regions_class_order: Sequence[int], threshold: float = REGION_THRESHOLD
+) -> np.ndarray:
     """Like :func:`regions_to_labels` but writes class indices (positions in ``label_ids``), the form
     :func:`~medseg.preprocessing.revert.export_segmentation` and ``Predictor.indices_to_labels`` take."""
     index = {int(v): i for i, v in enumerate(label_ids)}
@@ -74,8 +77,9 @@ def region_key(region: Sequence[int]) -> str:
     return str(ids[0]) if len(ids) == 1 else str(ids)
 
 
-def dice_per_region(pred: np.ndarray, ref: np.ndarray, regions: Sequence[Sequence[int]],
-                    ignore_label: int | None = None) -> dict[str, float | None]:
+def dice_per_region(
+    pred: np.ndarray, ref: np.ndarray, regions: Sequence[Sequence[int]], ignore_label: int | None = None
+) -> dict[str, float | None]:
     """Dice of each region between label maps (None when a region is empty in both).
 
     Voxels where ``ref`` holds ``ignore_label`` are left out of prediction and reference.
@@ -91,5 +95,12 @@ def dice_per_region(pred: np.ndarray, ref: np.ndarray, regions: Sequence[Sequenc
     return out
 
 
-__all__ = ["REGION_THRESHOLD", "dice_per_region", "probabilities_to_classes", "region_key", "region_masks",
-           "regions_to_classes", "regions_to_labels"]
+__all__ = [
+    "REGION_THRESHOLD",
+    "dice_per_region",
+    "probabilities_to_classes",
+    "region_key",
+    "region_masks",
+    "regions_to_classes",
+    "regions_to_labels",
+]

@@ -31,15 +31,15 @@ from scipy import ndimage
 ANISOTROPY_THRESHOLD = 3.0
 
 
-def compute_new_shape(
-    shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]
-) -> tuple[int, ...]:
+def compute_new_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
     """Shape of ``shape`` voxels at ``spacing`` once resampled to ``new_spacing`` (mm, same axis order).
 
     ``round(shape * spacing / new_spacing)``, at least 1 per axis.
     """
     if not (len(shape) == len(spacing) == len(new_spacing)):
-        raise ValueError(f"shape {list(shape)}, spacing {list(spacing)} and new spacing {list(new_spacing)} differ in length")
+        raise ValueError(
+            f"shape {list(shape)}, spacing {list(spacing)} and new spacing {list(new_spacing)} differ in length"
+        )
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
 
 

@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 MAX_CASES = 16
 
 
-def roundtrip_dice(label: np.ndarray, spacing: Sequence[float], target: Sequence[float],
-                   label_ids: Sequence[int]) -> dict[int, float]:
+def roundtrip_dice(
+    label: np.ndarray, spacing: Sequence[float], target: Sequence[float], label_ids: Sequence[int]
+) -> dict[int, float]:
     """Dice of each foreground label id after resampling ``label`` to ``target`` spacing and back.
 
     Args:
@@ -59,8 +60,9 @@ def roundtrip_dice(label: np.ndarray, spacing: Sequence[float], target: Sequence
     return out
 
 
-def dataset_roundtrip_dice(ds: DatasetInfo, targets: Sequence[Sequence[float]], max_cases: int = MAX_CASES
-                           ) -> list[dict[str, float]]:
+def dataset_roundtrip_dice(
+    ds: DatasetInfo, targets: Sequence[Sequence[float]], max_cases: int = MAX_CASES
+) -> list[dict[str, float]]:
     """Mean round-trip Dice per foreground label (by name) of ``ds``'s labels at each spacing of ``targets``.
 
     Args:

@@ -18,8 +18,9 @@ def _full_shape_3d(props: CaseProperties) -> tuple[int, ...]:
     return (1,) + shape if len(shape) == 2 else shape
 
 
-def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool = False,
-                       background_outside: bool = True) -> np.ndarray:
+def revert_to_original(
+    values: np.ndarray, props: CaseProperties, is_seg: bool = False, background_outside: bool = True
+) -> np.ndarray:
     """Map a prediction on the preprocessed grid back onto the original image grid.
 
     Resamples from ``props.shape_after_resample`` to ``props.shape_after_crop`` (probabilities: linear,
@@ -62,9 +63,7 @@ def revert_to_original(values: np.ndarray, props: CaseProperties, is_seg: bool =
     return out[:, 0] if props.geometry.ndim == 2 else out
 
 
-def export_segmentation(
-    seg: np.ndarray, props: CaseProperties, label_ids: Sequence[int], path: str | Path
-) -> None:
+def export_segmentation(seg: np.ndarray, props: CaseProperties, label_ids: Sequence[int], path: str | Path) -> None:
     """Write a segmentation in the original grid with the original label ids and exact geometry.
 
     Args:

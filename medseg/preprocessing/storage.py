@@ -63,7 +63,9 @@ def _read_props(json_path: Path) -> CaseProperties:
     try:
         return CaseProperties.from_dict(json.loads(json_path.read_text()))
     except (OSError, ValueError, KeyError, TypeError, MedsegError) as exc:
-        raise MedsegError(f"{json_path}: unreadable preprocessed case properties ({exc}); delete it and re-run") from None
+        raise MedsegError(
+            f"{json_path}: unreadable preprocessed case properties ({exc}); delete it and re-run"
+        ) from None
 
 
 def _is_done(folder: Path, case_id: str, fingerprint: str) -> bool:
@@ -154,7 +156,9 @@ def _run_job(job: _Job, plan: Plan) -> str | None:
                     f"{list(geometry.shape)}"
                 )
         for config, folders in zip(job.configs, job.folders):
-            data, seg, props, locations = preprocess_case_arrays(image, geometry, label, plan, config, case_id=job.case_id)
+            data, seg, props, locations = preprocess_case_arrays(
+                image, geometry, label, plan, config, case_id=job.case_id
+            )
             write_case(folders[0], data, seg, props, locations)
             for extra in folders[1:]:
                 _link_case(folders[0], extra, job.case_id)
@@ -248,7 +252,12 @@ def preprocess_dataset(
             )
     skipped = len(ds.cases) - len(jobs)
     if skipped:
-        logger.info("%d of %d cases already preprocessed (%d linked from an identical configuration)", skipped, len(ds.cases), linked)
+        logger.info(
+            "%d of %d cases already preprocessed (%d linked from an identical configuration)",
+            skipped,
+            len(ds.cases),
+            linked,
+        )
     if not jobs:
         return
 
@@ -274,7 +283,8 @@ def preprocess_dataset(
                     raise MedsegError(
                         f"a preprocessing worker process was killed (by a signal, e.g. the out-of-memory killer) "
                         f"after {bar.n} of {len(jobs)} cases; the finished cases are kept: run `medseg plan` again "
-                        f"to continue, with fewer --num-workers if memory is short") from None
+                        f"to continue, with fewer --num-workers if memory is short"
+                    ) from None
     if problems:
         raise DatasetError(sorted(problems), header="preprocessing failed")
 
@@ -320,8 +330,10 @@ def load_case_properties(work_dir: str | Path, plan: Plan, config: str, case_id:
         raise MedsegError(f"{js}: preprocessed case {case_id!r} not found; run preprocessing (`medseg plan`) first")
     props = _read_props(js)
     if props.fingerprint != preprocessing_fingerprint(plan, config):
-        raise PlanError(f"{js}: preprocessed with different settings than configuration {config!r} of the plan "
-                        "now has (spacing, normalization or label ids changed); re-run preprocessing")
+        raise PlanError(
+            f"{js}: preprocessed with different settings than configuration {config!r} of the plan "
+            "now has (spacing, normalization or label ids changed); re-run preprocessing"
+        )
     return props
 
 

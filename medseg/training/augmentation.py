@@ -116,8 +116,13 @@ def draw_spatial(
         return SpatialParams(center=center, flips=flips)
     for a in flips:
         matrix[:, a] *= -1
-    return SpatialParams(center=center, matrix=matrix, elastic_seed=elastic_seed,
-                         elastic_alpha=aug.elastic_alpha, elastic_sigma=max(aug.elastic_sigma, 1.0))
+    return SpatialParams(
+        center=center,
+        matrix=matrix,
+        elastic_seed=elastic_seed,
+        elastic_alpha=aug.elastic_alpha,
+        elastic_sigma=max(aug.elastic_sigma, 1.0),
+    )
 
 
 def _crop_padded(arr: np.ndarray, lo: Sequence[int], hi: Sequence[int], lead: int) -> np.ndarray:
@@ -141,7 +146,9 @@ def _label_np_dtype(seg: np.ndarray) -> np.dtype:
 
 
 def _label_dtype(seg: np.ndarray) -> torch.dtype:
-    return {np.dtype(np.int8): torch.int8, np.dtype(np.int16): torch.int16}.get(np.dtype(_label_np_dtype(seg)), torch.int32)
+    return {np.dtype(np.int8): torch.int8, np.dtype(np.int16): torch.int16}.get(
+        np.dtype(_label_np_dtype(seg)), torch.int32
+    )
 
 
 def _elastic_field(seed: int, patch: Sequence[int], alpha: float, sigma: float) -> torch.Tensor:
@@ -186,8 +193,11 @@ def extract_patch(
             img = np.flip(img, tuple(a + 1 for a in params.flips))
             lab = None if lab is None else np.flip(lab, params.flips)
         img_t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
-        lab_t = None if lab is None or seg is None else torch.from_numpy(
-            np.ascontiguousarray(lab, dtype=_label_np_dtype(seg)))
+        lab_t = (
+            None
+            if lab is None or seg is None
+            else torch.from_numpy(np.ascontiguousarray(lab, dtype=_label_np_dtype(seg)))
+        )
         return img_t, lab_t
 
     a = params.matrix
@@ -197,7 +207,7 @@ def extract_patch(
     lo = [int(v) for v in np.floor(params.center + mapped.min(1) - margin)]
     hi = [int(v) + 1 for v in np.ceil(params.center + mapped.max(1) + margin)]
     crop = torch.from_numpy(np.ascontiguousarray(_crop_padded(image, lo, hi, 1), dtype=np.float32))
-    box = np.array([b - l for l, b in zip(lo, hi)], dtype=np.float64)
+    box = np.array([b - a for a, b in zip(lo, hi)], dtype=np.float64)
 
     # affine map from the output's normalised coordinates u in [-1, 1] (align_corners=True) to the
     # crop's: v = D (A diag(half) u + c) - 1 with D = diag(2 / (box - 1)); grid_sample wants (x, y[, z])
@@ -214,7 +224,9 @@ def extract_patch(
     lab_t = None
     if seg is not None:
         lab_crop = torch.from_numpy(np.ascontiguousarray(_crop_padded(seg, lo, hi, 0))).to(torch.float32)
-        lab_t = F.grid_sample(lab_crop[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
+        lab_t = F.grid_sample(lab_crop[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[
+            0, 0
+        ]
         lab_t = lab_t.to(_label_dtype(seg))
     return out, lab_t
 
@@ -234,7 +246,9 @@ class IntensityParams:
     noise_seed: list[int]
 
 
-def draw_intensity(rngs: Sequence[np.random.Generator], aug: AugmentationConfig | None, dims: int) -> IntensityParams | None:
+def draw_intensity(
+    rngs: Sequence[np.random.Generator], aug: AugmentationConfig | None, dims: int
+) -> IntensityParams | None:
     """Draw the intensity augmentation of each sample (one generator per sample); None when disabled
     (``aug.enabled`` or ``aug.intensity`` False; an unresolved ``intensity=None`` counts as on)."""
     if aug is None or not aug.enabled or aug.intensity is False:
@@ -377,9 +391,10 @@ def perturb_previous_stage(onehot: torch.Tensor, rng: np.random.Generator) -> No
         if morph:
             radius = int(rng.integers(1, PREVIOUS_STAGE_MAX_RADIUS + 1))
             grid = np.indices((2 * radius + 1,) * mask.ndim) - radius
-            ball = (grid ** 2).sum(axis=0) <= radius ** 2
-            op = (ndimage.binary_dilation, ndimage.binary_erosion, ndimage.binary_opening,
-                  ndimage.binary_closing)[int(rng.integers(4))]
+            ball = (grid**2).sum(axis=0) <= radius**2
+            op = (ndimage.binary_dilation, ndimage.binary_erosion, ndimage.binary_opening, ndimage.binary_closing)[
+                int(rng.integers(4))
+            ]
             mask = op(mask, structure=ball)
         if remove and mask.any():
             components, n = ndimage.label(mask)

@@ -61,8 +61,13 @@ def refit_reason(stage: Stage, device_type: str, minutes: float) -> str | None:
 
 def _net_summary(stage: Stage) -> dict[str, Any]:
     net = stage.network
-    return {"base_features": net.spec.base_features, "max_features": net.spec.max_features,
-            "patch_size": list(net.patch_size), "batch_size": net.batch_size, "precision": net.precision}
+    return {
+        "base_features": net.spec.base_features,
+        "max_features": net.spec.max_features,
+        "patch_size": list(net.patch_size),
+        "batch_size": net.batch_size,
+        "precision": net.precision,
+    }
 
 
 def _label(d: dict[str, Any]) -> str:
@@ -75,8 +80,9 @@ def _check_same_preprocessing(old: Plan, new: Plan, configuration: str) -> None:
         raise PlanError(f"the budget refit changed the preprocessing of {configuration}; this is a bug")
 
 
-def fit_run_to_budget(stage: Stage, cfg: TrainConfig, *,
-                      distributed: bool = False) -> tuple[Stage, dict[str, Any] | None]:
+def fit_run_to_budget(
+    stage: Stage, cfg: TrainConfig, *, distributed: bool = False
+) -> tuple[Stage, dict[str, Any] | None]:
     """The stage a time-budgeted run trains, and its ``budget_fit`` record (see the module docstring).
 
     Args:
@@ -109,11 +115,18 @@ def fit_run_to_budget(stage: Stage, cfg: TrainConfig, *,
         logger.info("%s; training it as it is (%s)", reason, kept_by)
         return stage, record
     limit = fit_seconds_limit(minutes)
-    logger.info("%s: refitting %s/%s (%s) to the %g-minute budget on %s, measuring for at most %.0f s",
-                reason, configuration, arch, _label(before), minutes, device_type, limit)
+    logger.info(
+        "%s: refitting %s/%s (%s) to the %g-minute budget on %s, measuring for at most %.0f s",
+        reason,
+        configuration,
+        arch,
+        _label(before),
+        minutes,
+        device_type,
+        limit,
+    )
     t = time.perf_counter()
-    new_plan = fit_plan_to_budget(plan, device_type, minutes, configuration=configuration, arch=arch,
-                                  max_seconds=limit)
+    new_plan = fit_plan_to_budget(plan, device_type, minutes, configuration=configuration, arch=arch, max_seconds=limit)
     seconds = time.perf_counter() - t
     _check_same_preprocessing(plan, new_plan, configuration)
     new_stage = stage.with_plan(new_plan)
@@ -131,9 +144,18 @@ def fit_run_to_budget(stage: Stage, cfg: TrainConfig, *,
         "fit_seconds": round(seconds, 2),
         "fit_limit_seconds": round(limit, 2),
     }
-    logger.info("refitted %s/%s to the %g-minute budget in %.1f s: %s -> %s (%s s per step, ~%s iterations "
-                "predicted; the run's plans.json has the fit's measurements)", configuration, arch, minutes, seconds,
-                _label(before), _label(after), chosen.get("step_time_s"), chosen.get("iterations"))
+    logger.info(
+        "refitted %s/%s to the %g-minute budget in %.1f s: %s -> %s (%s s per step, ~%s iterations "
+        "predicted; the run's plans.json has the fit's measurements)",
+        configuration,
+        arch,
+        minutes,
+        seconds,
+        _label(before),
+        _label(after),
+        chosen.get("step_time_s"),
+        chosen.get("iterations"),
+    )
     return new_stage, record
 
 

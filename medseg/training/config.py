@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError
-from medseg.io.workdir import fold_name
 from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.io.workdir import fold_name
 from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
 from medseg.training.run_record import RUN_RECORD_KEYS
 
@@ -246,7 +246,9 @@ class TrainConfig:
     def check(self) -> list[str]:
         """Every invalid value, one message each (empty when the configuration is valid)."""
         p: list[str] = []
-        if not (self.fold == "all" or (isinstance(self.fold, int) and not isinstance(self.fold, bool) and self.fold >= 0)):
+        if not (
+            self.fold == "all" or (isinstance(self.fold, int) and not isinstance(self.fold, bool) and self.fold >= 0)
+        ):
             p.append(f"fold must be a non-negative integer or 'all', got {self.fold!r}")
         if self.epochs is not None and self.epochs < 1:
             p.append(f"epochs must be >= 1, got {self.epochs}")
@@ -325,19 +327,31 @@ class TrainConfig:
         :data:`SHORT_SCHEDULE_WEIGHT_AVERAGING` for a time-budgeted run, else ``off``.
         """
         short = self.short_schedule
-        optimizer = self.optimizer if self.optimizer != Optimizer.AUTO else (
-            SHORT_SCHEDULE_OPTIMIZER if short else Optimizer.SGD)
+        optimizer = (
+            self.optimizer
+            if self.optimizer != Optimizer.AUTO
+            else (SHORT_SCHEDULE_OPTIMIZER if short else Optimizer.SGD)
+        )
         lr = self.lr if self.lr is not None else (SHORT_SCHEDULE_LR if short else LONG_SCHEDULE_LR)[optimizer]
-        momentum = self.momentum if self.momentum is not None else (
-            SHORT_SCHEDULE_MOMENTUM if short else LONG_SCHEDULE_MOMENTUM)
+        momentum = (
+            self.momentum
+            if self.momentum is not None
+            else (SHORT_SCHEDULE_MOMENTUM if short else LONG_SCHEDULE_MOMENTUM)
+        )
         aug = self.augmentation
         if aug.intensity is None:
             aug = dataclasses.replace(aug, intensity=SHORT_SCHEDULE_INTENSITY_AUGMENTATION if short else True)
         averaging = self.weight_averaging
         if averaging == WeightAveraging.AUTO:
             averaging = SHORT_SCHEDULE_WEIGHT_AVERAGING if short else WeightAveraging.OFF
-        return dataclasses.replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum), augmentation=aug,
-                                   weight_averaging=averaging)
+        return dataclasses.replace(
+            self,
+            optimizer=optimizer,
+            lr=float(lr),
+            momentum=float(momentum),
+            augmentation=aug,
+            weight_averaging=averaging,
+        )
 
     @property
     def effective_lr(self) -> float:

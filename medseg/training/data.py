@@ -113,8 +113,9 @@ def _unpacked(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray) -> 
     return out[0], out[1]
 
 
-def load_training_cases(work_dir: str | Path, stage: Stage, case_ids: Sequence[str],
-                        progress: bool = True) -> list[CaseData]:
+def load_training_cases(
+    work_dir: str | Path, stage: Stage, case_ids: Sequence[str], progress: bool = True
+) -> list[CaseData]:
     """Read the preprocessed cases ``case_ids`` of the stage's configuration (a cascade's ``data`` holds the one-hot
     previous-stage channels after the image channels, :func:`medseg.training.previous_stage.load_network_input`).
 
@@ -131,13 +132,19 @@ def load_training_cases(work_dir: str | Path, stage: Stage, case_ids: Sequence[s
     limit = min(IN_MEMORY_LIMIT_GB * 1024**3, 0.4 * _available_memory_bytes())
     in_memory = total <= limit
     if not in_memory:
-        logger.info("training data: %.1f GB uncompressed > %.1f GB; memory-mapping unpacked copies in %s",
-                    total / 1024**3, limit / 1024**3, folder / "unpacked")
+        logger.info(
+            "training data: %.1f GB uncompressed > %.1f GB; memory-mapping unpacked copies in %s",
+            total / 1024**3,
+            limit / 1024**3,
+            folder / "unpacked",
+        )
     cases = []
     for cid in tqdm(case_ids, desc="loading cases", unit="case", disable=not progress or len(case_ids) < 20):
         data, seg, props = load_network_input(work_dir, plan, configuration, cid)  # + a cascade's previous stage
         if seg is None:
-            raise MedsegError(f"{folder / (cid + '.npz')}: preprocessed case {cid!r} has no segmentation; cannot train on it")
+            raise MedsegError(
+                f"{folder / (cid + '.npz')}: preprocessed case {cid!r} has no segmentation; cannot train on it"
+            )
         if not in_memory:
             data, seg = _unpacked(folder / "unpacked", cid, data, seg)
         cases.append(CaseData(cid, data, seg, _locations_to_arrays(props.class_locations)))
@@ -170,9 +177,17 @@ class PatchSampler:
             one-hot previous-stage channels after them only move with the spatial augmentation.
     """
 
-    def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int,
-                 foreground_oversample: float = 0.33, augmentation: AugmentationConfig | None = None,
-                 seed: int = 0, anisotropic: bool = False, image_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        cases: Sequence[CaseData],
+        patch_size: Sequence[int],
+        batch_size: int,
+        foreground_oversample: float = 0.33,
+        augmentation: AugmentationConfig | None = None,
+        seed: int = 0,
+        anisotropic: bool = False,
+        image_channels: int | None = None,
+    ) -> None:
         if not cases:
             raise ValueError("no cases to sample patches from")
         self.cases = list(cases)
@@ -213,12 +228,12 @@ class PatchSampler:
                 z, point = int(voxel[0]), voxel[1:]
             else:
                 z, point = None, voxel
-            spatial = case.seg.shape[-self.dims:]
+            spatial = case.seg.shape[-self.dims :]
             lo, hi = self._valid_center_range(spatial)
             return case, np.clip(point, lo, hi), z
         case = self.cases[int(rng.integers(len(self.cases)))]
         z = int(rng.integers(case.seg.shape[0])) if self.dims == 2 else None
-        lo, hi = self._valid_center_range(case.seg.shape[-self.dims:])
+        lo, hi = self._valid_center_range(case.seg.shape[-self.dims :])
         return case, rng.uniform(lo, hi), z
 
     def sample_rng(self, iteration: int, index: int) -> np.random.Generator:
@@ -252,11 +267,15 @@ class PatchSampler:
             rngs.append(rng)
         x = torch.stack(images)
         y = torch.stack(labels)
-        if (self.augmentation is not None and self.augmentation.previous_stage_perturbation
-                and self.image_channels is not None and x.shape[1] > self.image_channels):
+        if (
+            self.augmentation is not None
+            and self.augmentation.previous_stage_perturbation
+            and self.image_channels is not None
+            and x.shape[1] > self.image_channels
+        ):
             for i, rng in enumerate(rngs):  # a cascade's previous-stage channels
-                perturb_previous_stage(x[i, self.image_channels:], rng)
-        apply_intensity(x[:, :self.image_channels], draw_intensity(rngs, self.augmentation, self.dims))
+                perturb_previous_stage(x[i, self.image_channels :], rng)
+        apply_intensity(x[:, : self.image_channels], draw_intensity(rngs, self.augmentation, self.dims))
         return x, y
 
 
@@ -308,8 +327,9 @@ class _InlineBatches:
             return next(self._it)
 
 
-def batch_iterator(sampler: PatchSampler, start: int, lo: int = 0, hi: int | None = None,
-                   num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batch_iterator(
+    sampler: PatchSampler, start: int, lo: int = 0, hi: int | None = None, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``start, start + 1, ...`` (rank slice ``lo..hi``), produced by ``num_workers`` processes.
 
     With ``num_workers == 0`` batches are made in the calling thread when requested (single-threaded).
@@ -320,10 +340,23 @@ def batch_iterator(sampler: PatchSampler, start: int, lo: int = 0, hi: int | Non
     if num_workers <= 0:
         return _InlineBatches(stream)
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
-                        prefetch_factor=2, persistent_workers=False, multiprocessing_context=ctx)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        worker_init_fn=_init_worker,
+        prefetch_factor=2,
+        persistent_workers=False,
+        multiprocessing_context=ctx,
+    )
     return iter(loader)
 
 
-__all__ = ["CaseData", "PatchSampler", "SpatialParams", "batch_iterator", "load_training_cases",
-           "num_foreground_samples"]
+__all__ = [
+    "CaseData",
+    "PatchSampler",
+    "SpatialParams",
+    "batch_iterator",
+    "load_training_cases",
+    "num_foreground_samples",
+]

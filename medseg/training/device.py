@@ -58,13 +58,23 @@ def _resolve_precision(precision: Precision, device: torch.device, planned: str 
     if precision == Precision.BF16 and device.type == DeviceKind.CUDA and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
     if precision == Precision.BF16 and device.type == DeviceKind.CPU and not cpu_has_fast_bf16():
-        logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
-                       "much slower than fp32; consider --precision fp32")
+        logger.warning(
+            "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and usually "
+            "much slower than fp32; consider --precision fp32"
+        )
     return precision
 
 
-def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_channels: int, num_classes: int,
-                      device: torch.device, dist_ctx: DistContext, seed: int = 0) -> tuple[str, dict[str, Any] | None]:
+def checked_precision(
+    precision: str,
+    channels_last: bool,
+    net: NetworkPlan,
+    in_channels: int,
+    num_classes: int,
+    device: torch.device,
+    dist_ctx: DistContext,
+    seed: int = 0,
+) -> tuple[str, dict[str, Any] | None]:
     """The precision a run trains at once a reduced precision on the CPU has shown that its step does not crash.
 
     A training step can kill its process natively, beyond any ``try`` (issue 42: torch 2.13's oneDNN bf16
@@ -93,21 +103,37 @@ def checked_precision(precision: str, channels_last: bool, net: NetworkPlan, in_
     t0 = time.perf_counter()
     timing = probe_step_in_child(StepSetting(net, in_channels, num_classes, "cpu", precision, channels_last), seed=seed)
     crashes = dist_ctx.all_reduce_sum(torch.tensor([1.0 if timing.crashed else 0.0], dtype=torch.float64))
-    record: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "status": timing.status,
-                              "seconds": round(time.perf_counter() - t0, 2), "threads": torch.get_num_threads()}
+    record: dict[str, Any] = {
+        "precision": precision,
+        "channels_last": channels_last,
+        "status": timing.status,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "threads": torch.get_num_threads(),
+    }
     if timing.ok:
         record["step_time_s"] = round(timing.seconds, 4)
     if float(crashes.item()) == 0:
-        logger.info("a %s training step of this run ran in a check process (%.1f s): training at %s", precision,
-                    record["seconds"], precision)
+        logger.info(
+            "a %s training step of this run ran in a check process (%.1f s): training at %s",
+            precision,
+            record["seconds"],
+            precision,
+        )
         return precision, record
     if not timing.crashed:
         record["status"] = "crashed on another rank"
     record["fallback"] = "fp32"
-    logger.warning("a %s%s training step of this run's network (patch %s, batch %d) %s its check process: this "
-                   "build of torch cannot train it at %s on this CPU, so the run trains in fp32 (run_record.json: "
-                   "precision_check)", precision, " channels-last" if channels_last else "",
-                   "x".join(map(str, net.patch_size)), net.batch_size, record["status"], precision)
+    logger.warning(
+        "a %s%s training step of this run's network (patch %s, batch %d) %s its check process: this "
+        "build of torch cannot train it at %s on this CPU, so the run trains in fp32 (run_record.json: "
+        "precision_check)",
+        precision,
+        " channels-last" if channels_last else "",
+        "x".join(map(str, net.patch_size)),
+        net.batch_size,
+        record["status"],
+        precision,
+    )
     return "fp32", record
 
 
@@ -178,12 +204,18 @@ def planned_precision_and_layout(cfg: TrainConfig, stage: Stage, device: torch.d
     """
     plan, configuration = stage.plan, stage.config_name
     budget_notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
-    measured_here = (isinstance(budget_notes, dict) and budget_notes.get("configuration") == configuration
-                     and str(budget_notes.get("device", plan.device)).split(":")[0] == device.type)
+    measured_here = (
+        isinstance(budget_notes, dict)
+        and budget_notes.get("configuration") == configuration
+        and str(budget_notes.get("device", plan.device)).split(":")[0] == device.type
+    )
     planned_precision = stage.precision if plan.device.split(":")[0] == device.type else None
     precision = resolve_precision(cfg.precision, device, planned_precision)
-    planned_cl = (budget_notes.get("chosen") or {}).get("channels_last") \
-        if measured_here and isinstance(budget_notes, dict) else None
+    planned_cl = (
+        (budget_notes.get("chosen") or {}).get("channels_last")
+        if measured_here and isinstance(budget_notes, dict)
+        else None
+    )
     if cfg.channels_last is not None:
         channels_last = cfg.channels_last
     elif isinstance(planned_cl, bool):
@@ -200,8 +232,9 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
-              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device(
+    x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch (images ``x``, labels ``y``) on ``device``; ``x`` in channels_last when asked, ``y`` as long."""
     non_blocking = device.type == "cuda"
     x = x.to(device, non_blocking=non_blocking)
@@ -261,12 +294,21 @@ class ThreadTuner:
             return
         medians = {n: statistics.median(t) for n, t in self.times.items() if t}
         best = min(medians, key=medians.__getitem__)
-        logger.debug("thread probe at step %d: %s", self.steps,
-                     ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())))
+        logger.debug(
+            "thread probe at step %d: %s",
+            self.steps,
+            ", ".join(f"{n} thread(s) {m:.3f} s" for n, m in sorted(medians.items())),
+        )
         if best != self.current and medians[best] < 0.9 * medians[self.current]:
-            logger.info("intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
-                        if best < self.current else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
-                        self.current, best, medians[best], medians[self.current])
+            logger.info(
+                "intra-op threads: %d -> %d (step %.2f s vs %.2f s; the cores are shared with other work)"
+                if best < self.current
+                else "intra-op threads: %d -> %d (step %.2f s vs %.2f s)",
+                self.current,
+                best,
+                medians[best],
+                medians[self.current],
+            )
             self.current = best
             self.interval = self.base_interval
         else:

@@ -93,8 +93,9 @@ def init_distributed(device: str) -> DistContext:
     """
     if dist.is_available() and dist.is_initialized():  # the caller set the process group up
         rank = dist.get_rank()
-        return DistContext(rank=rank, world_size=dist.get_world_size(),
-                           local_rank=int(os.environ.get("LOCAL_RANK", str(rank))))
+        return DistContext(
+            rank=rank, world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", str(rank)))
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
@@ -105,5 +106,6 @@ def init_distributed(device: str) -> DistContext:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=4))
     logger.info("distributed training: rank %d of %d (%s)", rank, world, backend)
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       initialized_here=True)
+    return DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, initialized_here=True
+    )

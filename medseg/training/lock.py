@@ -85,7 +85,8 @@ class RunLock:
                 os.close(fd)
                 raise ConfigError(
                     f"{self.path.parent}: another `medseg train` is training this run ({_describe(owner)}); "
-                    f"wait for it to finish or stop it (lock file {self.path})") from None
+                    f"wait for it to finish or stop it (lock file {self.path})"
+                ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -95,12 +96,22 @@ class RunLock:
             os.close(fd)  # the previous holder removed the file between our open and flock: try again
         previous = _read_owner(fd)
         if previous:
-            state = "no longer running" if previous.get("host") == socket.gethostname() and not _pid_alive(
-                previous.get("pid")) else "not holding it"
-            logger.warning("%s: taking over the lock left by a run that did not finish (%s, %s)", self.path,
-                           _describe(previous), state)
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds")}
+            state = (
+                "no longer running"
+                if previous.get("host") == socket.gethostname() and not _pid_alive(previous.get("pid"))
+                else "not holding it"
+            )
+            logger.warning(
+                "%s: taking over the lock left by a run that did not finish (%s, %s)",
+                self.path,
+                _describe(previous),
+                state,
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))

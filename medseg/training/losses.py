@@ -58,8 +58,13 @@ class SoftDiceLoss(nn.Module):
         ignore_index: target value of voxels left out of TP/FP/FN (the ignore class), or None.
     """
 
-    def __init__(self, batch_dice: bool = False, smooth: float = 1e-5, include_background: bool = False,
-                 ignore_index: int | None = None) -> None:
+    def __init__(
+        self,
+        batch_dice: bool = False,
+        smooth: float = 1e-5,
+        include_background: bool = False,
+        ignore_index: int | None = None,
+    ) -> None:
         super().__init__()
         self.batch_dice = batch_dice
         self.smooth = smooth
@@ -94,8 +99,13 @@ class CrossEntropyLoss(nn.Module):
 
     class_weights: torch.Tensor | None  # a non-persistent buffer (register_buffer in __init__)
 
-    def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 focal_gamma: float = 0.0, ignore_index: int | None = None) -> None:
+    def __init__(
+        self,
+        class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 0.0,
+        ignore_index: int | None = None,
+    ) -> None:
         super().__init__()
         w = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
@@ -108,7 +118,9 @@ class CrossEntropyLoss(nn.Module):
         target = target.long()
         w = self.class_weights
         if w is not None and w.numel() != logits.shape[1]:
-            raise ValueError(f"class_weights has {w.numel()} entries but the network predicts {logits.shape[1]} classes")
+            raise ValueError(
+                f"class_weights has {w.numel()} entries but the network predicts {logits.shape[1]} classes"
+            )
         keep = None
         if self.ignore_index is not None:
             keep = target != self.ignore_index
@@ -145,9 +157,17 @@ class DiceCELoss(nn.Module):
         ignore_index: target value left out of both terms (the plan's ``ignore_class``), or None.
     """
 
-    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, batch_dice: bool = False,
-                 smooth: float = 1e-5, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 focal_gamma: float = 0.0, ignore_index: int | None = None) -> None:
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        batch_dice: bool = False,
+        smooth: float = 1e-5,
+        class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 0.0,
+        ignore_index: int | None = None,
+    ) -> None:
         super().__init__()
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)

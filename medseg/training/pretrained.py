@@ -129,8 +129,15 @@ def match_weights(network: Mapping[str, torch.Tensor], pretrained: Mapping[str, 
             loaded_elements += t.numel()
             loaded_kernels += t.dim() >= 2
     unused = tuple(n for n in pretrained if n not in network)
-    return WeightMatch(names=tuple(network), loaded=tuple(loaded), mismatched=mismatched, unused=unused,
-                       loaded_elements=loaded_elements, total_elements=total_elements, loaded_kernels=loaded_kernels)
+    return WeightMatch(
+        names=tuple(network),
+        loaded=tuple(loaded),
+        mismatched=mismatched,
+        unused=unused,
+        loaded_elements=loaded_elements,
+        total_elements=total_elements,
+        loaded_kernels=loaded_kernels,
+    )
 
 
 def _shape(s: tuple[int, ...]) -> str:
@@ -143,8 +150,10 @@ def _net_words(plan: Plan, configuration: str, arch: str) -> str:
     except MedsegError:
         return f"{configuration}/{arch}"
     spec = net.spec
-    return (f"{configuration}/{arch}, {spec.base_features}-{spec.max_features} features, {spec.num_stages} stages, "
-            f"{plan.num_channels} channel(s), {plan.num_classes} classes")
+    return (
+        f"{configuration}/{arch}, {spec.base_features}-{spec.max_features} features, {spec.num_stages} stages, "
+        f"{plan.num_channels} channel(s), {plan.num_classes} classes"
+    )
 
 
 def check_match(match: WeightMatch, source: PretrainedSource, stage: Stage, warn: bool = True) -> None:
@@ -163,13 +172,18 @@ def check_match(match: WeightMatch, source: PretrainedSource, stage: Stage, warn
             f"architecture/width ({source.member}: {_net_words(source.plan, source.configuration, source.arch)}; "
             f"this run: {_net_words(stage.plan, stage.config_name, stage.arch)}); train without --pretrained, or "
             f"give WORK/plans.json the pretrained network's {stage.arch} fields (base_features, max_features, kernel_sizes, "
-            "strides)")
+            "strides)"
+        )
     fraction = match.fraction
     if warn and fraction < LOW_MATCH_FRACTION:
-        logger.warning("pretrained: only %.0f%% of the network's weights match %s; the rest is freshly initialised "
-                       "(pretrained %s; this run %s)", 100 * fraction, source.member,
-                       _net_words(source.plan, source.configuration, source.arch),
-                       _net_words(stage.plan, stage.config_name, stage.arch))
+        logger.warning(
+            "pretrained: only %.0f%% of the network's weights match %s; the rest is freshly initialised "
+            "(pretrained %s; this run %s)",
+            100 * fraction,
+            source.member,
+            _net_words(source.plan, source.configuration, source.arch),
+            _net_words(stage.plan, stage.config_name, stage.arch),
+        )
 
 
 def read_pretrained(path: str | Path, configuration: str, arch: str) -> PretrainedSource:
@@ -194,8 +208,7 @@ def read_pretrained(path: str | Path, configuration: str, arch: str) -> Pretrain
     if path.suffix == ".zip" or _has_manifest(path):
         return _from_bundle(path, configuration, arch)
     if not zipfile.is_zipfile(path):  # torch.save and medseg export both write zip archives
-        raise MedsegError(f"{path}: not a medseg checkpoint or model bundle (not a zip archive, or truncated); "
-                          f"{_HINT}")
+        raise MedsegError(f"{path}: not a medseg checkpoint or model bundle (not a zip archive, or truncated); {_HINT}")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
@@ -206,8 +219,14 @@ def read_pretrained(path: str | Path, configuration: str, arch: str) -> Pretrain
         raise MedsegError(f"{path}: the checkpoint's plan is unreadable ({exc})") from None
     fold = (ckpt.get("train_config") or {}).get("fold", "?")
     member = f"checkpoint of {ckpt['configuration']}/{ckpt['arch']} fold {fold}, iteration {ckpt['iteration']}"
-    return PretrainedSource(path=path, member=member, state=dict(ckpt["model"]), plan=plan,
-                            configuration=str(ckpt["configuration"]), arch=str(ckpt["arch"]))
+    return PretrainedSource(
+        path=path,
+        member=member,
+        state=dict(ckpt["model"]),
+        plan=plan,
+        configuration=str(ckpt["configuration"]),
+        arch=str(ckpt["arch"]),
+    )
 
 
 def _has_manifest(path: Path) -> bool:
@@ -224,22 +243,30 @@ def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
     candidates = same or [m for m in members if m["arch"] == arch]
     if not candidates:
         have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in members]
-        raise MedsegError(f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; "
-                          f"it holds {have}")
+        raise MedsegError(
+            f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; it holds {have}"
+        )
     entry = next((m for m in candidates if m["fold"] == fold_name(0)), candidates[0])
     fold = parse_fold(entry["fold"])
     if fold is None:
         raise MedsegError(f"{path}: the bundle's manifest names fold {entry['fold']!r}, not fold_<k> or fold_all")
-    loaded, _ = load_bundle(path, configs=[entry["configuration"]], archs=[entry["arch"]],
-                            folds=[fold], postprocessing=False)
+    loaded, _ = load_bundle(
+        path, configs=[entry["configuration"]], archs=[entry["arch"]], folds=[fold], postprocessing=False
+    )
     net = loaded[0]
     name = f"{entry['configuration']}/{entry['arch']}/{entry['fold']}"
     others = len(members) - 1
     member = f"{name} of the bundle" + (f" (of its {len(members)} networks)" if others else "")
     if not same:
         logger.warning("pretrained: %s holds no %s/%s network; using %s", path, configuration, arch, name)
-    return PretrainedSource(path=path, member=member, state=net.model.state_dict(), plan=net.plan,
-                            configuration=entry["configuration"], arch=entry["arch"])
+    return PretrainedSource(
+        path=path,
+        member=member,
+        state=net.model.state_dict(),
+        plan=net.plan,
+        configuration=entry["configuration"],
+        arch=entry["arch"],
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -268,8 +295,9 @@ def prepare_pretrained(path: str | Path, stage: Stage) -> PretrainedSource:
         MedsegError: see :func:`read_pretrained` and :func:`check_match`.
     """
     source = read_pretrained(path, stage.config_name, stage.arch)
-    check_match(match_weights(_meta_network_state(stage), source.state), source, stage,
-                warn=False)  # load_pretrained warns, into the run's log
+    check_match(
+        match_weights(_meta_network_state(stage), source.state), source, stage, warn=False
+    )  # load_pretrained warns, into the run's log
     _note_differences(source.plan, stage.plan)
     return source
 
@@ -277,11 +305,13 @@ def prepare_pretrained(path: str | Path, stage: Stage) -> PretrainedSource:
 def _note_differences(old: Plan, new: Plan) -> None:
     """Log what the pretrained network saw differently (labels, channels): the weights still load by shape."""
     if old.label_names != new.label_names:
-        logger.info("pretrained: trained for labels %s, this dataset has %s", list(old.label_names),
-                    list(new.label_names))
+        logger.info(
+            "pretrained: trained for labels %s, this dataset has %s", list(old.label_names), list(new.label_names)
+        )
     if old.channel_names != new.channel_names:
-        logger.info("pretrained: trained on channels %s, this dataset has %s", list(old.channel_names),
-                    list(new.channel_names))
+        logger.info(
+            "pretrained: trained on channels %s, this dataset has %s", list(old.channel_names), list(new.channel_names)
+        )
 
 
 def load_pretrained(model: nn.Module, source: PretrainedSource, stage: Stage) -> dict[str, Any]:
@@ -306,16 +336,30 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, stage: Stage) ->
     result = model.load_state_dict({n: source.state[n] for n in match.loaded}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     fraction = match.fraction
-    logger.info("pretrained: loaded %d of %d tensors (%.2f%% of the weights) from %s (%s)", len(match.loaded),
-                match.total, 100 * fraction, source.path, source.member)
+    logger.info(
+        "pretrained: loaded %d of %d tensors (%.2f%% of the weights) from %s (%s)",
+        len(match.loaded),
+        match.total,
+        100 * fraction,
+        source.path,
+        source.member,
+    )
     if match.skipped:
-        reasons = [f"{n} ({_shape(match.mismatched[n][0])} pretrained, {_shape(match.mismatched[n][1])} here)"
-                   if n in match.mismatched else f"{n} (not in the pretrained network)" for n in match.skipped]
-        logger.info("pretrained: %d tensor(s) keep their fresh initialisation: %s", len(match.skipped),
-                    ", ".join(reasons))
+        reasons = [
+            f"{n} ({_shape(match.mismatched[n][0])} pretrained, {_shape(match.mismatched[n][1])} here)"
+            if n in match.mismatched
+            else f"{n} (not in the pretrained network)"
+            for n in match.skipped
+        ]
+        logger.info(
+            "pretrained: %d tensor(s) keep their fresh initialisation: %s", len(match.skipped), ", ".join(reasons)
+        )
     if match.unused:
-        logger.info("pretrained: %d pretrained tensor(s) have no place in this network: %s", len(match.unused),
-                    ", ".join(match.unused))
+        logger.info(
+            "pretrained: %d pretrained tensor(s) have no place in this network: %s",
+            len(match.unused),
+            ", ".join(match.unused),
+        )
     return {
         "source": str(source.path.resolve()),
         "sha256": _sha256(source.path),
@@ -329,5 +373,12 @@ def load_pretrained(model: nn.Module, source: PretrainedSource, stage: Stage) ->
     }
 
 
-__all__ = ["PretrainedSource", "WeightMatch", "check_match", "load_pretrained", "match_weights", "prepare_pretrained",
-           "read_pretrained"]
+__all__ = [
+    "PretrainedSource",
+    "WeightMatch",
+    "check_match",
+    "load_pretrained",
+    "match_weights",
+    "prepare_pretrained",
+    "read_pretrained",
+]

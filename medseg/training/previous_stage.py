@@ -68,28 +68,35 @@ def _fold_of_cases(work_dir: Path, case_ids: Sequence[str]) -> dict[str, int]:
     return {c: k for k, fold in enumerate(folds) for c in fold["val"]}
 
 
-def _missing_message(work_dir: Path, configuration: str, prev: str, arch: str, missing: list[str],
-                     fold_of: dict[str, int]) -> str:
+def _missing_message(
+    work_dir: Path, configuration: str, prev: str, arch: str, missing: list[str], fold_of: dict[str, int]
+) -> str:
     wd = WorkDir(work_dir)
     by_fold: dict[int | None, list[str]] = {}
     for c in missing:
         by_fold.setdefault(fold_of.get(c), []).append(c)
-    lines = [f"{configuration}/{arch} trains on the cross-validated {prev} predictions of its cases, but "
-             f"{len(missing)} case(s) have none yet:"]
+    lines = [
+        f"{configuration}/{arch} trains on the cross-validated {prev} predictions of its cases, but "
+        f"{len(missing)} case(s) have none yet:"
+    ]
     for fold in sorted(by_fold, key=lambda f: -1 if f is None else f):
         cases = by_fold[fold]
         shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
         if fold is None:
-            why = (f"held out by no fold of {wd.splits}" if wd.splits.is_file()
-                   else "no cross-validation folds (fewer cases than folds): a cascade cannot be trained")
+            why = (
+                f"held out by no fold of {wd.splits}"
+                if wd.splits.is_file()
+                else "no cross-validation folds (fewer cases than folds): a cascade cannot be trained"
+            )
             lines.append(f"  - {shown}: {why}")
             continue
         run = wd.run(prev, arch, fold)
         done = run.checkpoint("final").is_file()
-        how = (f"its final validation did not write them: delete {run.path} and train it again"
-               if done else "train it")
-        lines.append(f"  - {prev} fold {fold} ({shown}); {how}: "
-                     f"`medseg train {work_dir} --config {prev} --arch {arch} --fold {fold}`")
+        how = f"its final validation did not write them: delete {run.path} and train it again" if done else "train it"
+        lines.append(
+            f"  - {prev} fold {fold} ({shown}); {how}: "
+            f"`medseg train {work_dir} --config {prev} --arch {arch} --fold {fold}`"
+        )
     return "\n".join(lines)
 
 
@@ -128,8 +135,9 @@ def prepare_previous_stage(work_dir: str | Path, stage: Stage, case_ids: Sequenc
     sources = _lowres_predictions(WorkDir(work_dir), prev, arch)
     missing = [c for c in case_ids if c not in sources]
     if missing:
-        raise ConfigError(_missing_message(work_dir, configuration, prev, arch, sorted(missing),
-                                           _fold_of_cases(work_dir, case_ids)))
+        raise ConfigError(
+            _missing_message(work_dir, configuration, prev, arch, sorted(missing), _fold_of_cases(work_dir, case_ids))
+        )
     folder = previous_stage_folder(work_dir, plan, configuration)
     folder.mkdir(parents=True, exist_ok=True)
     converted = 0
@@ -163,8 +171,10 @@ def load_previous_stage(work_dir: str | Path, plan: Plan, configuration: str, ca
     folder = previous_stage_folder(work_dir, plan, configuration)
     npz = folder / f"{case_id}.npz"
     if not (folder / f"{case_id}.json").is_file() or not npz.is_file():
-        raise MedsegError(f"{npz}: no previous-stage segmentation of case {case_id!r}; `medseg train --config "
-                          f"{configuration}` prepares it from the {_previous_stage(plan, configuration)} folds")
+        raise MedsegError(
+            f"{npz}: no previous-stage segmentation of case {case_id!r}; `medseg train --config "
+            f"{configuration}` prepares it from the {_previous_stage(plan, configuration)} folds"
+        )
     try:
         with np.load(npz) as f:
             return f["seg"]
@@ -172,8 +182,9 @@ def load_previous_stage(work_dir: str | Path, plan: Plan, configuration: str, ca
         raise MedsegError(f"{npz}: unreadable previous-stage segmentation ({exc}); delete it and train again") from None
 
 
-def load_network_input(work_dir: str | Path, plan: Plan, configuration: str,
-                       case_id: str) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+def load_network_input(
+    work_dir: str | Path, plan: Plan, configuration: str, case_id: str
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """:func:`~medseg.preprocessing.load_case`, with a cascade's previous-stage channels appended to ``data``.
 
     Returns:
@@ -183,4 +194,3 @@ def load_network_input(work_dir: str | Path, plan: Plan, configuration: str,
     if plan.configuration(configuration).previous_stage is not None:
         data = append_previous_stage(data, load_previous_stage(work_dir, plan, configuration, case_id), plan)
     return data, seg, props
-

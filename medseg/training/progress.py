@@ -40,9 +40,11 @@ def epoch_line(entry: dict[str, Any], val: dict[str, Any], ema_metric: float | N
         per_class = " [" + ", ".join("-" if v is None else f"{v:.3f}" for v in val["dice_per_class"]) + "]"
     dice = f"{val['val_dice']:.4f}" if val else "-"
     ema = f"{ema_metric:.4f}" if ema_metric is not None else "-"
-    return (f"epoch {entry['epoch']:d}: loss {entry['train_loss']:.4f}, pseudo Dice {dice} (EMA {ema}){per_class}, "
-            f"lr {entry['lr']:.2e}, {entry['it_per_s']:.1f} it/s, {entry['epoch_seconds']:.0f} s (data wait "
-            f"{entry['data_wait_seconds']:.1f} s), elapsed {entry['elapsed_seconds'] / 60:.1f} min")
+    return (
+        f"epoch {entry['epoch']:d}: loss {entry['train_loss']:.4f}, pseudo Dice {dice} (EMA {ema}){per_class}, "
+        f"lr {entry['lr']:.2e}, {entry['it_per_s']:.1f} it/s, {entry['epoch_seconds']:.0f} s (data wait "
+        f"{entry['data_wait_seconds']:.1f} s), elapsed {entry['elapsed_seconds'] / 60:.1f} min"
+    )
 
 
 def write_progress_files(run_dir: Path, progress: dict[str, Any], title: str) -> None:

@@ -25,8 +25,9 @@ from medseg.errors import ConfigError
 from medseg.training.losses import soft_dice_per_class
 
 
-def region_targets(target: torch.Tensor, region_classes: Sequence[Sequence[int]],
-                   ignore_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def region_targets(
+    target: torch.Tensor, region_classes: Sequence[Sequence[int]], ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Binary region targets of a class-index map.
 
     Args:
@@ -56,8 +57,15 @@ class RegionDiceBCELoss(nn.Module):
         ignore_index: class index of voxels left out of both terms (``plan.ignore_class``), or None.
     """
 
-    def __init__(self, region_classes: Sequence[Sequence[int]], dice_weight: float = 1.0, bce_weight: float = 1.0,
-                 batch_dice: bool = False, smooth: float = 1e-5, ignore_index: int | None = None) -> None:
+    def __init__(
+        self,
+        region_classes: Sequence[Sequence[int]],
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        batch_dice: bool = False,
+        smooth: float = 1e-5,
+        ignore_index: int | None = None,
+    ) -> None:
         super().__init__()
         if not region_classes:
             raise ValueError("RegionDiceBCELoss needs at least one region")
@@ -68,8 +76,9 @@ class RegionDiceBCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if logits.shape[1] != len(self.region_classes):
-            raise ValueError(f"the network predicts {logits.shape[1]} channels but there are "
-                             f"{len(self.region_classes)} regions")
+            raise ValueError(
+                f"the network predicts {logits.shape[1]} channels but there are {len(self.region_classes)} regions"
+            )
         y, keep = region_targets(target, self.region_classes, self.ignore_index)
         loss = logits.new_zeros(())
         if self.dice_weight:
@@ -91,25 +100,47 @@ class RegionDiceBCELoss(nn.Module):
         return loss
 
 
-def region_loss(region_classes: Sequence[Sequence[int]], *, dice_weight: float, ce_weight: float, batch_dice: bool,
-                smooth: float, ignore_index: int | None, class_weights: Sequence[float] | None = None,
-                label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> RegionDiceBCELoss:
+def region_loss(
+    region_classes: Sequence[Sequence[int]],
+    *,
+    dice_weight: float,
+    ce_weight: float,
+    batch_dice: bool,
+    smooth: float,
+    ignore_index: int | None,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+) -> RegionDiceBCELoss:
     """The training loss of a region-based plan; ``ce_weight`` weights the BCE term.
 
     Raises:
         ConfigError: class weights, label smoothing or focal loss were asked for (softmax-only options).
     """
-    unsupported = [name for name, on in (("class_weights", class_weights is not None),
-                                         ("label_smoothing", label_smoothing != 0),
-                                         ("focal_gamma", focal_gamma != 0)) if on]
+    unsupported = [
+        name
+        for name, on in (
+            ("class_weights", class_weights is not None),
+            ("label_smoothing", label_smoothing != 0),
+            ("focal_gamma", focal_gamma != 0),
+        )
+        if on
+    ]
     if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} apply to softmax training only; the plan is region-based "
-                          "(one sigmoid output per region, Dice + BCE)")
+        raise ConfigError(
+            f"{', '.join(unsupported)} apply to softmax training only; the plan is region-based "
+            "(one sigmoid output per region, Dice + BCE)"
+        )
     return RegionDiceBCELoss(region_classes, dice_weight, ce_weight, batch_dice, smooth, ignore_index)
 
 
-def region_dice_counts(logits: torch.Tensor, target: torch.Tensor, region_classes: Sequence[Sequence[int]],
-                       ignore_index: int | None = None, threshold: float = 0.5) -> torch.Tensor:
+def region_dice_counts(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region_classes: Sequence[Sequence[int]],
+    ignore_index: int | None = None,
+    threshold: float = 0.5,
+) -> torch.Tensor:
     """TP, FP and FN per region of the prediction ``sigmoid(logits) > threshold``.
 
     Args:

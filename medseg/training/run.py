@@ -39,12 +39,12 @@ from medseg.planning.stage import Stage
 from medseg.preprocessing import list_preprocessed_cases
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.config import TrainConfig
-from medseg.training.run_stage import run_plan
 from medseg.training.distributed import init_distributed, launch_rank, unwrap
 from medseg.training.lock import RunLock
 from medseg.training.pretrained import load_pretrained, prepare_pretrained
 from medseg.training.previous_stage import prepare_previous_stage
 from medseg.training.run_record import RunRecord
+from medseg.training.run_stage import run_plan
 from medseg.training.splits import fold_cases
 from medseg.training.trainer import Trainer
 from medseg.training.validation import validate_run
@@ -52,8 +52,16 @@ from medseg.training.validation import validate_run
 logger = logging.getLogger(__name__)
 
 #: Fields a resumed run may change; everything else comes from the run's stored configuration.
-RESUMABLE_FIELDS = ("epochs", "time_budget_minutes", "device", "num_workers", "num_threads", "final_validation",
-                    "validation_tta", "save_probabilities")
+RESUMABLE_FIELDS = (
+    "epochs",
+    "time_budget_minutes",
+    "device",
+    "num_workers",
+    "num_threads",
+    "final_validation",
+    "validation_tta",
+    "save_probabilities",
+)
 
 
 def run_dir_for(work_dir: str | Path, configuration: str, arch: str, fold: int | str) -> Path:
@@ -90,13 +98,19 @@ def _merge_for_resume(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
         value = getattr(given, name)
         if value != getattr(defaults, name) and value != getattr(stored, name):
             changes[name] = value
-    ignored = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUMABLE_FIELDS and f.name not in ("configuration", "arch", "fold")
-               and getattr(given, f.name) != getattr(defaults, f.name)
-               and getattr(given, f.name) != getattr(stored, f.name)]
+    ignored = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUMABLE_FIELDS
+        and f.name not in ("configuration", "arch", "fold")
+        and getattr(given, f.name) != getattr(defaults, f.name)
+        and getattr(given, f.name) != getattr(stored, f.name)
+    ]
     if ignored:
-        logger.warning("resuming with the run's stored settings; ignoring changed %s (start a new run to change them)",
-                       ", ".join(ignored))
+        logger.warning(
+            "resuming with the run's stored settings; ignoring changed %s (start a new run to change them)",
+            ", ".join(ignored),
+        )
     if stored.time_budget_minutes is not None and "time_budget_minutes" not in changes and "epochs" in changes:
         changes["time_budget_minutes"] = None  # an explicit epoch count turns a budgeted run into an epoch run
     return dataclasses.replace(stored, **changes)
@@ -173,7 +187,8 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
         checkpoint = load_checkpoint(latest)
         if checkpoint["configuration"] != configuration or checkpoint["arch"] != arch:
             raise CheckpointError(
-                f"{latest}: belongs to {checkpoint['configuration']}/{checkpoint['arch']}, not {configuration}/{arch}")
+                f"{latest}: belongs to {checkpoint['configuration']}/{checkpoint['arch']}, not {configuration}/{arch}"
+            )
         try:
             stored = TrainConfig.from_dict(checkpoint["train_config"], where=f"{latest} (train_config)")
             stage = stage.with_plan(Plan.from_dict(checkpoint["plan"]))
@@ -204,7 +219,8 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
         if not case_ids:
             raise MedsegError(
                 f"{WorkDir(work_dir).preprocessed_root}: no preprocessed cases for configuration {configuration!r}; "
-                f"run `medseg plan` (with preprocessing) first")
+                f"run `medseg plan` (with preprocessing) first"
+            )
         # every rank derives the same folds; only rank 0 writes a new splits.json
         train_ids, val_ids = fold_cases(work_dir, case_ids, cfg.fold, write=dist_ctx.is_main)
         if stage.previous_stage is not None:  # refused until the folds exist
@@ -216,16 +232,30 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
             if checkpoint is None and cfg.time_budget_minutes is not None:
                 stage, budget_fit = fit_run_to_budget(stage, cfg, distributed=dist_ctx.enabled)
                 record = dataclasses.replace(record, budget_fit=budget_fit)
-            trainer = Trainer(work_dir, stage, cfg, run_dir, dist_ctx, train_ids, val_ids, checkpoint, started=started,
-                              run_record=record)
+            trainer = Trainer(
+                work_dir,
+                stage,
+                cfg,
+                run_dir,
+                dist_ctx,
+                train_ids,
+                val_ids,
+                checkpoint,
+                started=started,
+                run_record=record,
+            )
             cfg = trainer.cfg  # with the trainer's fp32 fallback (trainer.run_record: the precision_check)
             if pretrained is not None:
                 report = load_pretrained(unwrap(trainer.model), pretrained, trainer.stage)
                 trainer.run_record = dataclasses.replace(trainer.run_record, pretrained_report=report)
                 pretrained = None  # the copied weights are the model's now
             elif checkpoint is not None and cfg.pretrained is not None:
-                logger.info("resuming from %s: the pretrained weights (%s) were loaded when the run started and "
-                            "are not loaded again", latest.name, cfg.pretrained)
+                logger.info(
+                    "resuming from %s: the pretrained weights (%s) were loaded when the run started and "
+                    "are not loaded again",
+                    latest.name,
+                    cfg.pretrained,
+                )
             if dist_ctx.is_main:
                 atomic_write_text(run.config, cfg.to_json())
                 atomic_write_text(run.run_record, trainer.run_record.to_json())
@@ -263,17 +293,25 @@ def _final_validation(trainer: Trainer) -> None:
             return
     trainer.write_progress("validating")
     validate_run(
-        unwrap(trainer.model), trainer.stage, trainer.work_dir, trainer.run_dir,
-        trainer.val_ids, device=trainer.device, precision=trainer.precision, channels_last=trainer.channels_last,
-        use_tta=cfg.validation_tta, save_probabilities=cfg.save_probabilities,
+        unwrap(trainer.model),
+        trainer.stage,
+        trainer.work_dir,
+        trainer.run_dir,
+        trainer.val_ids,
+        device=trainer.device,
+        precision=trainer.precision,
+        channels_last=trainer.channels_last,
+        use_tta=cfg.validation_tta,
+        save_probabilities=cfg.save_probabilities,
         extra={"iteration": trainer.iteration, "epoch": trainer.epoch, "fold": cfg.fold},
         budget=trainer.validation_budget(),
     )
     trainer.write_progress("finished")
 
 
-def load_model_from_run(run_dir: str | Path, checkpoint: str = "final",
-                        device: str = "cpu") -> tuple[torch.nn.Module, Plan, str, str]:
+def load_model_from_run(
+    run_dir: str | Path, checkpoint: str = "final", device: str = "cpu"
+) -> tuple[torch.nn.Module, Plan, str, str]:
     """Rebuild a trained network from its run folder alone.
 
     Args:

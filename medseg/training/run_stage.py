@@ -29,8 +29,10 @@ def resolve_mirror_axes(aug: AugmentationConfig, cfg_plan: ConfigurationPlan) ->
     axes = tuple(sorted(set(int(a) for a in aug.mirror_axes)))
     bad = [a for a in axes if not 0 <= a < cfg_plan.dims]
     if bad:
-        raise ConfigError(f"augmentation.mirror_axes {list(aug.mirror_axes)}: axes {bad} are not axes of the "
-                          f"{cfg_plan.dims}D patch of configuration {cfg_plan.name!r} (0..{cfg_plan.dims - 1})")
+        raise ConfigError(
+            f"augmentation.mirror_axes {list(aug.mirror_axes)}: axes {bad} are not axes of the "
+            f"{cfg_plan.dims}D patch of configuration {cfg_plan.name!r} (0..{cfg_plan.dims - 1})"
+        )
     return axes
 
 

@@ -25,7 +25,9 @@ NUM_FOLDS = 5
 SPLIT_SEED = 12345
 
 
-def make_splits(case_ids: Sequence[str], num_folds: int = NUM_FOLDS, seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
+def make_splits(
+    case_ids: Sequence[str], num_folds: int = NUM_FOLDS, seed: int = SPLIT_SEED
+) -> list[dict[str, list[str]]]:
     """Deterministic ``num_folds``-fold split of ``case_ids``.
 
     Args:
@@ -59,8 +61,9 @@ def make_splits(case_ids: Sequence[str], num_folds: int = NUM_FOLDS, seed: int =
     return folds
 
 
-def load_or_create_splits(work_dir: str | Path, case_ids: Sequence[str], num_folds: int = NUM_FOLDS,
-                          write: bool = True) -> list[dict[str, list[str]]]:
+def load_or_create_splits(
+    work_dir: str | Path, case_ids: Sequence[str], num_folds: int = NUM_FOLDS, write: bool = True
+) -> list[dict[str, list[str]]]:
     """Read ``WORK/splits.json``, or create it from ``case_ids`` when it does not exist.
 
     Args:
@@ -99,12 +102,16 @@ def read_splits(path: str | Path, case_ids: Sequence[str] | None = None) -> list
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the cross-validation splits ({exc}); fix or delete the file") from None
     if not isinstance(folds, list) or not folds:
-        raise ConfigError(f"{path}: expected a non-empty list of folds {{\"train\": [...], \"val\": [...]}}")
+        raise ConfigError(f'{path}: expected a non-empty list of folds {{"train": [...], "val": [...]}}')
     known = set(case_ids) if case_ids is not None else None
     problems: list[str] = []
     for k, fold in enumerate(folds):
-        if not isinstance(fold, dict) or not isinstance(fold.get("train"), list) or not isinstance(fold.get("val"), list):
-            problems.append(f"fold {k}: expected {{\"train\": [...], \"val\": [...]}}")
+        if (
+            not isinstance(fold, dict)
+            or not isinstance(fold.get("train"), list)
+            or not isinstance(fold.get("val"), list)
+        ):
+            problems.append(f'fold {k}: expected {{"train": [...], "val": [...]}}')
             continue
         both = sorted(set(map(str, fold["train"])) & set(map(str, fold["val"])))
         if both:
@@ -114,15 +121,22 @@ def read_splits(path: str | Path, case_ids: Sequence[str] | None = None) -> list
         if known is not None:
             unknown = sorted({str(c) for c in fold["train"] + fold["val"]} - known)
             if unknown:
-                problems.append(f"fold {k}: case(s) not in the preprocessed data: {unknown[:5]}"
-                                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+                problems.append(
+                    f"fold {k}: case(s) not in the preprocessed data: {unknown[:5]}"
+                    + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                )
     if problems:
-        raise ConfigError(f"{path}: invalid splits:\n" + "\n".join(f"  - {p}" for p in problems)
-                          + "\nfix the file or delete it to have it recreated")
+        raise ConfigError(
+            f"{path}: invalid splits:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nfix the file or delete it to have it recreated"
+        )
     return [{"train": [str(c) for c in f["train"]], "val": [str(c) for c in f["val"]]} for f in folds]
 
 
-def fold_cases(work_dir: str | Path, case_ids: Sequence[str], fold: int | str, write: bool = True) -> tuple[list[str], list[str]]:
+def fold_cases(
+    work_dir: str | Path, case_ids: Sequence[str], fold: int | str, write: bool = True
+) -> tuple[list[str], list[str]]:
     """Training and held-out case ids of ``fold`` (``"all"``: every case trains, none is held out).
 
     Raises:

@@ -34,14 +34,20 @@ def build_loss(cfg: TrainConfig, plan: Plan) -> DeepSupervisionLoss:
         ConfigError: ``class_weights`` do not match the plan's classes.
     """
     loss_options: dict[str, Any] = dict(
-        dice_weight=cfg.dice_weight, ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice, smooth=cfg.dice_smooth,
-        class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing, focal_gamma=cfg.focal_gamma,
+        dice_weight=cfg.dice_weight,
+        ce_weight=cfg.ce_weight,
+        batch_dice=cfg.batch_dice,
+        smooth=cfg.dice_smooth,
+        class_weights=cfg.class_weights,
+        label_smoothing=cfg.label_smoothing,
+        focal_gamma=cfg.focal_gamma,
         ignore_index=plan.ignore_class,
     )
-    base_loss = region_loss(plan.region_classes, **loss_options) if plan.is_region_based \
-        else DiceCELoss(**loss_options)
+    base_loss = region_loss(plan.region_classes, **loss_options) if plan.is_region_based else DiceCELoss(**loss_options)
     if cfg.class_weights is not None and len(cfg.class_weights) != plan.num_classes:
-        raise ConfigError(f"class_weights has {len(cfg.class_weights)} values but the plan has {plan.num_classes} classes")
+        raise ConfigError(
+            f"class_weights has {len(cfg.class_weights)} values but the plan has {plan.num_classes} classes"
+        )
     return DeepSupervisionLoss(base_loss)
 
 
@@ -51,8 +57,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     lr, momentum = opt.lr, opt.momentum
     assert lr is not None and momentum is not None  # resolved() sets both
     if opt.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=float(lr), momentum=momentum,
-                               nesterov=cfg.nesterov and momentum > 0, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=float(lr),
+            momentum=momentum,
+            nesterov=cfg.nesterov and momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=cfg.weight_decay)
 
 
@@ -69,10 +80,21 @@ class OptimizerStep:
         latest: the run's ``checkpoint_latest.pt`` (for the divergence message).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, device: torch.device, amp_dtype: torch.dtype | None,
-                 dist: DistContext, local_batch: int, batch_size: int, grad_clip: float, precision: str,
-                 latest: Path) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        dist: DistContext,
+        local_batch: int,
+        batch_size: int,
+        grad_clip: float,
+        precision: str,
+        latest: Path,
+    ) -> None:
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, scaler
         self.device, self.amp_dtype, self.grad_clip = device, amp_dtype, grad_clip
         # DDP averages gradients over ranks; weight by the rank's share so uneven splits stay exact
@@ -118,8 +140,9 @@ class OptimizerStep:
             return nn.utils.clip_grad_norm_(params, self.grad_clip)
         if not params:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for p in params
-                                                    if (g := p.grad) is not None]))
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for p in params if (g := p.grad) is not None])
+        )
 
     def skip(self, norm: float, iteration: int) -> None:
         """Leave the weights untouched after a step with non-finite gradients (one bad batch, a numerical
@@ -130,15 +153,20 @@ class OptimizerStep:
         """
         self.skipped += 1
         self.skipped_in_a_row += 1
-        logger.warning("iteration %d: gradient norm %s, the optimizer step was skipped (%d skipped so far)",
-                       iteration + 1, norm, self.skipped)
+        logger.warning(
+            "iteration %d: gradient norm %s, the optimizer step was skipped (%d skipped so far)",
+            iteration + 1,
+            norm,
+            self.skipped,
+        )
         if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             hint = " or train with --precision fp32" if self.precision != "fp32" else ""
             raise TrainingError(
                 f"training diverged: {self.skipped_in_a_row} optimizer steps in a row had non-finite gradients "
                 f"(iteration {iteration + 1}, precision {self.precision}, learning rate "
                 f"{self.optimizer.param_groups[0]['lr']:.3g}); {self.latest} holds the "
-                f"last finite weights: lower the learning rate{hint}")
+                f"last finite weights: lower the learning rate{hint}"
+            )
 
 
 __all__ = ["MAX_SKIPPED_IN_A_ROW", "OptimizerStep", "build_loss", "build_optimizer"]

@@ -42,11 +42,18 @@ class StepTimeCheck:
         time this network."""
         plan, configuration, arch, net = stage.plan, stage.config_name, stage.arch, stage.network
         notes = plan.notes.get("budget") if isinstance(plan.notes, dict) else None
-        if not isinstance(notes, dict) or notes.get("configuration") != configuration or notes.get("arch", arch) != arch:
+        if (
+            not isinstance(notes, dict)
+            or notes.get("configuration") != configuration
+            or notes.get("arch", arch) != arch
+        ):
             return None
         chosen = notes.get("chosen") or {}
-        same = (chosen.get("base_features") == net.spec.base_features and chosen.get("batch_size") == net.batch_size
-                and list(chosen.get("patch_size") or []) == list(net.patch_size))
+        same = (
+            chosen.get("base_features") == net.spec.base_features
+            and chosen.get("batch_size") == net.batch_size
+            and list(chosen.get("patch_size") or []) == list(net.patch_size)
+        )
         t = chosen.get("step_time_s")
         return cls(float(t)) if same and isinstance(t, (int, float)) and t > 0 else None
 
@@ -60,17 +67,32 @@ class StepTimeCheck:
         run = statistics.median(self.steps[WARMUP:])
         ratio = run / self.fitted_seconds
         off = ratio > TOLERANCE or ratio < 1.0 / TOLERANCE
-        self.result = {"fitted_step_seconds": round(self.fitted_seconds, 4), "run_step_seconds": round(run, 4),
-                       "ratio": round(ratio, 3), "steps": STEPS, "off": off}
+        self.result = {
+            "fitted_step_seconds": round(self.fitted_seconds, 4),
+            "run_step_seconds": round(run, 4),
+            "ratio": round(ratio, 3),
+            "steps": STEPS,
+            "off": off,
+        }
         if off:
             logger.warning(
                 "the budget fit timed this network at %.2f s per step, but its first %d training steps took %.2f s "
-                "(%.1fx): the fit %s; re-run `medseg plan` on a quiet machine to refit", self.fitted_seconds, STEPS,
-                run, ratio, "measured on a busy machine, so it chose a smaller network than the budget allows"
-                if ratio < 1 else "was too optimistic (or this machine is busy now), so fewer iterations will fit")
+                "(%.1fx): the fit %s; re-run `medseg plan` on a quiet machine to refit",
+                self.fitted_seconds,
+                STEPS,
+                run,
+                ratio,
+                "measured on a busy machine, so it chose a smaller network than the budget allows"
+                if ratio < 1
+                else "was too optimistic (or this machine is busy now), so fewer iterations will fit",
+            )
         else:
-            logger.info("step time check: %.2f s per step in training, %.2f s in the budget fit (%.2fx)", run,
-                        self.fitted_seconds, ratio)
+            logger.info(
+                "step time check: %.2f s per step in training, %.2f s in the budget fit (%.2fx)",
+                run,
+                self.fitted_seconds,
+                ratio,
+            )
 
     def record(self) -> dict[str, Any] | None:
         return self.result

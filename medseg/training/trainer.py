@@ -44,7 +44,6 @@ from medseg.machine import autocast_dtype, keep_freed_cpu_memory
 from medseg.options import Precision
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
-from medseg.training.run_stage import run_plan
 from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
 from medseg.training.device import (
     ThreadTuner,
@@ -58,6 +57,7 @@ from medseg.training.device import (
 from medseg.training.distributed import DistContext, unwrap
 from medseg.training.progress import augmentation_summary, epoch_line
 from medseg.training.run_record import RunRecord
+from medseg.training.run_stage import run_plan
 from medseg.training.schedule import lr_factor
 from medseg.training.step import (
     MAX_SKIPPED_IN_A_ROW,
@@ -105,9 +105,19 @@ class Trainer(TrainerState, TrainerValidation):
         CheckpointError: ``checkpoint`` does not fit the network or the optimizer.
     """
 
-    def __init__(self, work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path, dist_ctx: DistContext,
-                 train_ids: list[str], val_ids: list[str], checkpoint: dict[str, Any] | None = None,
-                 started: float | None = None, run_record: RunRecord | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        stage: Stage,
+        cfg: TrainConfig,
+        run_dir: Path,
+        dist_ctx: DistContext,
+        train_ids: list[str],
+        val_ids: list[str],
+        checkpoint: dict[str, Any] | None = None,
+        started: float | None = None,
+        run_record: RunRecord | None = None,
+    ) -> None:
         started = time.perf_counter() if started is None else started
         self.work_dir, self.run_dir, self.cfg, self.dist = Path(work_dir), Path(run_dir), cfg, dist_ctx
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
@@ -120,8 +130,13 @@ class Trainer(TrainerState, TrainerValidation):
         self.num_workers, self.num_threads = workers_and_threads(cfg, self.device, dist_ctx.world_size)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
-        self.thread_tuner = ThreadTuner(self.num_threads, enabled=cfg.num_threads is None and not cfg.deterministic
-                                        and self.device.type == "cpu" and not dist_ctx.enabled)
+        self.thread_tuner = ThreadTuner(
+            self.num_threads,
+            enabled=cfg.num_threads is None
+            and not cfg.deterministic
+            and self.device.type == "cpu"
+            and not dist_ctx.enabled,
+        )
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -145,15 +160,25 @@ class Trainer(TrainerState, TrainerValidation):
         self.local_batch = self.batch_hi - self.batch_lo
         if self.device.type == "cpu" and self.precision != "fp32":  # one step in a child process: does it crash?
             self.precision, check = checked_precision(
-                self.precision, self.channels_last, dataclasses.replace(net, batch_size=self.local_batch),
-                stage.in_channels, stage.num_classes, self.device, dist_ctx, cfg.seed)
+                self.precision,
+                self.channels_last,
+                dataclasses.replace(net, batch_size=self.local_batch),
+                stage.in_channels,
+                stage.num_classes,
+                self.device,
+                dist_ctx,
+                cfg.seed,
+            )
             self.amp_dtype = autocast_dtype(self.precision)
             fallback = check is not None and bool(check.get("fallback"))
             self.cfg = cfg = dataclasses.replace(cfg, precision=Precision.FP32 if fallback else cfg.precision)
             self.run_record = dataclasses.replace(self.run_record, precision_check=check)
         spacing = stage.spacing
-        self.anisotropic = self.dims == 3 and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold \
+        self.anisotropic = (
+            self.dims == 3
+            and max(spacing) / max(min(spacing[1:]), 1e-8) >= cfg.augmentation.anisotropy_threshold
             and spacing[0] == max(spacing)
+        )
 
         # -------- data
         all_ids = sorted(set(self.train_ids) | set(self.val_ids))
@@ -162,12 +187,26 @@ class Trainer(TrainerState, TrainerValidation):
         self.val_cases = [loaded[c] for c in self.val_ids]
         self.mirror_axes = stage.mirror_axes
         augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=self.mirror_axes)
-        self.sampler = PatchSampler(self.train_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
-                                    augmentation, seed=cfg.seed, anisotropic=self.anisotropic,
-                                    image_channels=plan.num_channels)
+        self.sampler = PatchSampler(
+            self.train_cases,
+            self.patch_size,
+            self.batch_size,
+            cfg.foreground_oversample,
+            augmentation,
+            seed=cfg.seed,
+            anisotropic=self.anisotropic,
+            image_channels=plan.num_channels,
+        )
         pseudo_cases = self.val_cases or self.train_cases
-        self.val_sampler = PatchSampler(pseudo_cases, self.patch_size, self.batch_size, cfg.foreground_oversample,
-                                        None, seed=cfg.seed + 1, anisotropic=self.anisotropic)
+        self.val_sampler = PatchSampler(
+            pseudo_cases,
+            self.patch_size,
+            self.batch_size,
+            cfg.foreground_oversample,
+            None,
+            seed=cfg.seed + 1,
+            anisotropic=self.anisotropic,
+        )
 
         # -------- model, loss, optimizer, step
         self.num_classes = stage.num_classes
@@ -178,14 +217,26 @@ class Trainer(TrainerState, TrainerValidation):
         self.model: nn.Module = model
         if dist_ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.loss_fn = build_loss(cfg, plan).to(self.device)
         self.optimizer = build_optimizer(model, cfg)
         self.lr0 = cfg.effective_lr
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.step = OptimizerStep(self.model, self.loss_fn, self.optimizer, self.scaler, self.device, self.amp_dtype,
-                                  dist_ctx, self.local_batch, self.batch_size, cfg.grad_clip, self.precision,
-                                  RunDir(self.run_dir).checkpoint("latest"))
+        self.step = OptimizerStep(
+            self.model,
+            self.loss_fn,
+            self.optimizer,
+            self.scaler,
+            self.device,
+            self.amp_dtype,
+            dist_ctx,
+            self.local_batch,
+            self.batch_size,
+            cfg.grad_clip,
+            self.precision,
+            RunDir(self.run_dir).checkpoint("latest"),
+        )
         self.weight_average = WeightAverage(model) if cfg.resolved().weight_averaging == "ema" else None
         #: called with the iteration count after every completed iteration (a test fault, when armed)
         self.step_hooks: list[Callable[[int], None]] = []
@@ -202,8 +253,13 @@ class Trainer(TrainerState, TrainerValidation):
         self.end_epoch_seconds: float | None = None  # checkpoint + log + plot time at the end of an epoch
         self.pseudo_dice_seconds: float | None = None
         self.final_estimate = FinalValidationEstimate(
-            {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases}, self.patch_size, self.num_classes,
-            self.mirror_axes, stage.total_stride, cfg.validation_tta)
+            {c.case_id: tuple(c.data.shape[1:]) for c in self.val_cases},
+            self.patch_size,
+            self.num_classes,
+            self.mirror_axes,
+            stage.total_stride,
+            cfg.validation_tta,
+        )
         self._param_count: int | None = None
         budget_fit = self.run_record.budget_fit
         self._warn_kept_plan = bool(budget_fit and not budget_fit.get("refit", True))
@@ -217,10 +273,14 @@ class Trainer(TrainerState, TrainerValidation):
         """A :class:`~medseg.clock.BudgetClock` under a time budget (its reserve: :meth:`_reserved_seconds`),
         else an :class:`~medseg.clock.EpochClock`."""
         if self.cfg.time_budget_minutes is not None:
-            return BudgetClock(60.0 * self.cfg.time_budget_minutes, self._reserved_seconds,
-                               max_epochs=self.cfg.epochs, started=started)
-        return EpochClock(self.cfg.epochs if self.cfg.epochs is not None else DEFAULT_EPOCHS, self.cfg.iters_per_epoch,
-                          started=started)
+            return BudgetClock(
+                60.0 * self.cfg.time_budget_minutes, self._reserved_seconds, max_epochs=self.cfg.epochs, started=started
+            )
+        return EpochClock(
+            self.cfg.epochs if self.cfg.epochs is not None else DEFAULT_EPOCHS,
+            self.cfg.iters_per_epoch,
+            started=started,
+        )
 
     def training_done(self) -> bool:
         return self.clock.should_stop(self.epoch, self.iteration)
@@ -230,13 +290,23 @@ class Trainer(TrainerState, TrainerValidation):
         implies (a time-budgeted run reserves that validation)."""
         assert self.budget is not None
         self.fwd_seconds_per_sample = measure_forward_seconds(
-            unwrap(self.model), self.stage.in_channels, self.patch_size,
-            2 if self.dims == 3 else 8, self.device, self.amp_dtype, self.channels_last,
-            max_seconds=self.budget.share(MEASURE_SHARE))
+            unwrap(self.model),
+            self.stage.in_channels,
+            self.patch_size,
+            2 if self.dims == 3 else 8,
+            self.device,
+            self.amp_dtype,
+            self.channels_last,
+            max_seconds=self.budget.share(MEASURE_SHARE),
+        )
         plan = self.final_validation_plan()
         if plan is not None:
-            logger.info("final validation estimated at %.0f s (%.3f s per patch forward)%s", plan.seconds,
-                        self.fwd_seconds_per_sample, f"; {plan.note()}" if plan.shortened else "")
+            logger.info(
+                "final validation estimated at %.0f s (%.3f s per patch forward)%s",
+                plan.seconds,
+                self.fwd_seconds_per_sample,
+                f"; {plan.note()}" if plan.shortened else "",
+            )
 
     # ------------------------------------------------------------------ steps
     def _set_lr(self, progress: float) -> float:
@@ -267,8 +337,14 @@ class Trainer(TrainerState, TrainerValidation):
         wait = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         t_start = time.perf_counter()
-        bar = tqdm(total=self.cfg.iters_per_epoch, desc=f"epoch {self.epoch}", unit="it", leave=False,
-                   disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.iters_per_epoch,
+            desc=f"epoch {self.epoch}",
+            unit="it",
+            leave=False,
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
         try:
             for _ in range(self.cfg.iters_per_epoch):
                 stop, progress = self._sync_stop_and_progress()
@@ -307,8 +383,14 @@ class Trainer(TrainerState, TrainerValidation):
         stats = torch.tensor([loss_sum * self.local_batch, float(n * self.local_batch)], dtype=torch.float64)
         self.dist.all_reduce_sum(stats)
         mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
-        return {"iterations": n, "train_loss": mean_loss, "lr": lr, "epoch_seconds": seconds,
-                "data_wait_seconds": wait, "it_per_s": n / seconds if seconds > 0 else 0.0}
+        return {
+            "iterations": n,
+            "train_loss": mean_loss,
+            "lr": lr,
+            "epoch_seconds": seconds,
+            "data_wait_seconds": wait,
+            "it_per_s": n / seconds if seconds > 0 else 0.0,
+        }
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:
@@ -322,20 +404,37 @@ class Trainer(TrainerState, TrainerValidation):
         logger.info(
             "training %s/%s %s: %d train / %d held-out cases, patch %s, batch %d%s, %s, channels_last=%s, "
             "%d thread(s), %d data worker(s), %s, augmentation %s",
-            self.configuration, self.arch, self.cfg.fold_name, len(self.train_cases), len(self.val_cases),
-            list(self.patch_size), self.batch_size,
+            self.configuration,
+            self.arch,
+            self.cfg.fold_name,
+            len(self.train_cases),
+            len(self.val_cases),
+            list(self.patch_size),
+            self.batch_size,
             f" ({self.local_batch} per rank x {self.dist.world_size})" if self.dist.enabled else "",
-            self.precision, self.channels_last, self.num_threads, self.num_workers,
-            f"time budget {self.cfg.time_budget_minutes:g} min" if self.budget is not None
+            self.precision,
+            self.channels_last,
+            self.num_threads,
+            self.num_workers,
+            f"time budget {self.cfg.time_budget_minutes:g} min"
+            if self.budget is not None
             else f"{self.max_epochs} epochs x {self.cfg.iters_per_epoch} iterations",
             augmentation_summary(self.cfg.augmentation),
         )
         if self.training_done():
-            logger.info("training of %s is already complete (epoch %d); pass a larger --epochs or "
-                        "--time-budget to extend it", self.run_dir, self.epoch)
+            logger.info(
+                "training of %s is already complete (epoch %d); pass a larger --epochs or --time-budget to extend it",
+                self.run_dir,
+                self.epoch,
+            )
             return False
-        if (self.budget is not None and self.fwd_seconds_per_sample is None and self.dist.is_main
-                and self.cfg.final_validation and self.val_cases):
+        if (
+            self.budget is not None
+            and self.fwd_seconds_per_sample is None
+            and self.dist.is_main
+            and self.cfg.final_validation
+            and self.val_cases
+        ):
             self._measure_forward()  # the final validation is estimated (and reserved) before the first step
         stream = batch_iterator(self.sampler, self.iteration, self.batch_lo, self.batch_hi, self.num_workers)
         try:

@@ -133,11 +133,15 @@ class TrainerState:
             unwrap(self.model).load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{where}: weights do not fit the {self.arch} network of the plan ({first})") from None
+            raise CheckpointError(
+                f"{where}: weights do not fit the {self.arch} network of the plan ({first})"
+            ) from None
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{where}: optimizer state does not fit ({exc}); was the optimizer changed?") from None
+            raise CheckpointError(
+                f"{where}: optimizer state does not fit ({exc}); was the optimizer changed?"
+            ) from None
         if self.scaler is not None and ckpt.get("grad_scaler"):
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.epoch = int(ckpt["epoch"])
@@ -146,8 +150,9 @@ class TrainerState:
         self.ema_metric = ckpt.get("ema_metric")
         self.history = list(ckpt.get("history", []))
         timing = ckpt.get("timing") or {}
-        self.clock.load_state_dict({"elapsed_seconds": ckpt.get("elapsed_seconds", 0.0),
-                                    "step_seconds": timing.get("iter_seconds")})
+        self.clock.load_state_dict(
+            {"elapsed_seconds": ckpt.get("elapsed_seconds", 0.0), "step_seconds": timing.get("iter_seconds")}
+        )
         self.fwd_seconds_per_sample = timing.get("fwd_seconds_per_sample")
         if self.weight_average is not None and ckpt.get("weight_average"):
             try:
@@ -156,39 +161,47 @@ class TrainerState:
                 raise CheckpointError(f"{where}: {exc}") from None
         if "rng" in ckpt:
             restore_rng_state(ckpt["rng"])
-        logger.info("resuming %s at epoch %d, iteration %d (%.1f min trained)", self.run_dir, self.epoch,
-                    self.iteration, float(ckpt.get("elapsed_seconds", 0.0)) / 60)
+        logger.info(
+            "resuming %s at epoch %d, iteration %d (%.1f min trained)",
+            self.run_dir,
+            self.epoch,
+            self.iteration,
+            float(ckpt.get("elapsed_seconds", 0.0)) / 60,
+        )
 
     def write_progress(self, status: str) -> None:
         if not self.dist.is_main:
             return
         deadline = self.training_deadline()
-        write_progress_files(self.run_dir, {
-            "status": status,
-            "configuration": self.configuration,
-            "arch": self.arch,
-            "fold": self.cfg.fold,
-            "epoch": self.epoch,
-            "max_epochs": self.max_epochs,
-            "iteration": self.iteration,
-            "elapsed_seconds": round(self.elapsed(), 2),
-            "time_budget_seconds": self.time_budget_seconds,
-            "training_deadline_seconds": None if deadline is None else round(deadline, 2),
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "num_threads": self.num_threads,
-            "threads_in_use": self.thread_tuner.current,
-            "num_workers": self.num_workers,
-            "world_size": self.dist.world_size,
-            "best_ema_pseudo_dice": self.best_metric,
-            "step_time_check": None if self.step_check is None else self.step_check.record(),
-            "history": self.history,
-        }, f"{self.configuration}/{self.arch} {self.cfg.fold_name}")
+        write_progress_files(
+            self.run_dir,
+            {
+                "status": status,
+                "configuration": self.configuration,
+                "arch": self.arch,
+                "fold": self.cfg.fold,
+                "epoch": self.epoch,
+                "max_epochs": self.max_epochs,
+                "iteration": self.iteration,
+                "elapsed_seconds": round(self.elapsed(), 2),
+                "time_budget_seconds": self.time_budget_seconds,
+                "training_deadline_seconds": None if deadline is None else round(deadline, 2),
+                "precision": self.precision,
+                "channels_last": self.channels_last,
+                "num_threads": self.num_threads,
+                "threads_in_use": self.thread_tuner.current,
+                "num_workers": self.num_workers,
+                "world_size": self.dist.world_size,
+                "best_ema_pseudo_dice": self.best_metric,
+                "step_time_check": None if self.step_check is None else self.step_check.record(),
+                "history": self.history,
+            },
+            f"{self.configuration}/{self.arch} {self.cfg.fold_name}",
+        )
 
     def save(self, name: str, finished: bool = False) -> None:
         if self.dist.is_main:
             save_checkpoint(self.state_dict(finished=finished), RunDir(self.run_dir).checkpoint(name))
-
 
     def use_averaged_weights(self) -> None:
         """Put the weight average (``--weight-averaging ema``) into the network for ``checkpoint_final``."""
@@ -196,12 +209,16 @@ class TrainerState:
         if wa is None:
             return
         if not wa.active:
-            logger.info("weight averaging had not started (progress < %.2f): checkpoint_final holds the last "
-                        "weights", wa.start)
+            logger.info(
+                "weight averaging had not started (progress < %.2f): checkpoint_final holds the last weights", wa.start
+            )
             return
         wa.copy_to_model()
-        logger.info("checkpoint_final holds the weight average of the last %d steps (EMA over %.0f%% of the run)",
-                    wa.updates, 100 * wa.horizon)
+        logger.info(
+            "checkpoint_final holds the weight average of the last %d steps (EMA over %.0f%% of the run)",
+            wa.updates,
+            100 * wa.horizon,
+        )
 
 
 __all__ = ["TrainerState"]

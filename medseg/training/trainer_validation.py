@@ -119,25 +119,38 @@ class TrainerValidation:
     def _pseudo_dice(self) -> dict[str, Any]:
         """This epoch's pseudo Dice on ``val_iters`` held-out batches (:func:`~medseg.training.validation.pseudo_dice`)."""
         first = self.epoch * self.cfg.val_iters
-        val, per_sample = pseudo_dice(unwrap(self.model), self.val_sampler, range(first, first + self.cfg.val_iters),
-                                      self.batch_lo, self.batch_hi, self.num_classes, self.dist, device=self.device,
-                                      amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                                      regions=self.plan.region_classes, ignore_index=self.plan.ignore_class)
+        val, per_sample = pseudo_dice(
+            unwrap(self.model),
+            self.val_sampler,
+            range(first, first + self.cfg.val_iters),
+            self.batch_lo,
+            self.batch_hi,
+            self.num_classes,
+            self.dist,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            regions=self.plan.region_classes,
+            ignore_index=self.plan.ignore_class,
+        )
         if per_sample is not None:
             old = self.fwd_seconds_per_sample
             self.fwd_seconds_per_sample = per_sample if old is None else 0.5 * (old + per_sample)
         return val
-
-
 
     def _warn_about_kept_plan(self, step_seconds: float) -> None:
         """One warning, after the first step, for a plan kept although it is not fitted to the budget."""
         self._warn_kept_plan = False
         expected = self.iteration + (0 if self.budget is None else self.budget.iterations_left(step_seconds))
         fit = self.run_record.budget_fit or {}
-        logger.warning("%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute "
-                       "budget", fit.get("reason", "the plan is not fitted to the time budget"), fit.get("kept_by"),
-                       step_seconds, expected, self.cfg.time_budget_minutes)
+        logger.warning(
+            "%s (kept: %s): one training step takes %.1f s, so about %d iterations fit in the %g-minute budget",
+            fit.get("reason", "the plan is not fitted to the time budget"),
+            fit.get("kept_by"),
+            step_seconds,
+            expected,
+            self.cfg.time_budget_minutes,
+        )
 
 
 __all__ = ["TrainerValidation"]

@@ -64,8 +64,9 @@ def _reference_label_files(work_dir: Path) -> dict[str, Path]:
     return {c.case_id: c.label_file for c in ds.cases if c.label_file is not None}
 
 
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, label_ids: list[int],
-                   ignore_label: int | None = None) -> dict[str, float | None]:
+def dice_per_label(
+    pred: np.ndarray, ref: np.ndarray, label_ids: list[int], ignore_label: int | None = None
+) -> dict[str, float | None]:
     """Dice of each label id (None when the label is absent from both prediction and reference).
 
     Voxels where ``ref`` holds ``ignore_label`` are left out of prediction and reference.
@@ -120,8 +121,9 @@ def validate_run(
     per_case: dict[str, dict[str, float | None]] = {}
     clock = None
     if budget is not None:
-        clock = ValidationClock(budget, case_ids, stage.patch_size, stage.num_classes, stage.mirror_axes,
-                                stage.total_stride, use_tta)
+        clock = ValidationClock(
+            budget, case_ids, stage.patch_size, stage.num_classes, stage.mirror_axes, stage.total_stride, use_tta
+        )
         if clock.plan.shortened:
             logger.warning("final validation %s", clock.plan.note())
     t_start = time.perf_counter()
@@ -135,8 +137,9 @@ def validate_run(
         t_case = time.perf_counter()
         data, seg_pp, props = load_network_input(work_dir, plan, configuration, cid)  # + a cascade's previous stage
         try:
-            probs = predictor.predict_preprocessed(data, configuration,
-                                                   should_stop=None if clock is None else clock.over)
+            probs = predictor.predict_preprocessed(
+                data, configuration, should_stop=None if clock is None else clock.over
+            )
         except PredictionStopped:
             assert clock is not None
             clock.interrupted(cid)
@@ -158,11 +161,15 @@ def validate_run(
             except Exception:  # unreadable reference: fall back below
                 ref = None
         if ref is None and seg_pp is not None:
-            ref = classes_to_labels(revert_to_original(seg_pp, props, is_seg=True), label_ids,
-                                    ignore_label=plan.ignore_label)
+            ref = classes_to_labels(
+                revert_to_original(seg_pp, props, is_seg=True), label_ids, ignore_label=plan.ignore_label
+            )
         if ref is not None:
-            per_case[cid] = dice_per_region(pred_labels, ref, plan.regions or (), plan.ignore_label) \
-                if plan.is_region_based else dice_per_label(pred_labels, ref, fg, ignore_label=plan.ignore_label)
+            per_case[cid] = (
+                dice_per_region(pred_labels, ref, plan.regions or (), plan.ignore_label)
+                if plan.is_region_based
+                else dice_per_label(pred_labels, ref, fg, ignore_label=plan.ignore_label)
+            )
         if clock is not None:
             assert passes is not None
             clock.done(cid, passes, time.perf_counter() - t_case)
@@ -178,8 +185,11 @@ def validate_run(
         "arch": stage.arch,
         "label_ids": label_ids,
         "label_names": list(plan.label_names),
-        **({"regions": [list(r) for r in plan.regions], "regions_class_order": list(plan.regions_class_order or ())}
-           if plan.regions else {}),
+        **(
+            {"regions": [list(r) for r in plan.regions], "regions_class_order": list(plan.regions_class_order or ())}
+            if plan.regions
+            else {}
+        ),
         "num_cases": len(per_case),
         "mean_dice": mean,
         "mean_foreground_dice": float(np.mean(valid)) if valid else None,
@@ -190,23 +200,39 @@ def validate_run(
     if clock is not None:
         metrics["time_budget"] = clock.record()
         if clock.skipped:
-            logger.warning("final validation skipped %d held-out case(s) to meet the time budget: %s",
-                           len(clock.skipped), ", ".join(f"{c} ({why})" for c, why in clock.skipped.items()))
+            logger.warning(
+                "final validation skipped %d held-out case(s) to meet the time budget: %s",
+                len(clock.skipped),
+                ", ".join(f"{c} ({why})" for c, why in clock.skipped.items()),
+            )
     atomic_write_text(run.validation_metrics, json.dumps(metrics, indent=1) + "\n")
     names = {str(k): n for k, n in zip(label_ids, plan.label_names)}
-    logger.info("final validation on %d cases: %s (mean %s)", len(per_case),
-                ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in mean.items() if v is not None),
-                f"{metrics['mean_foreground_dice']:.4f}" if metrics["mean_foreground_dice"] is not None else "-")
+    logger.info(
+        "final validation on %d cases: %s (mean %s)",
+        len(per_case),
+        ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in mean.items() if v is not None),
+        f"{metrics['mean_foreground_dice']:.4f}" if metrics["mean_foreground_dice"] is not None else "-",
+    )
     return metrics
 
 
 # ---------------------------------------------------------------------- during training
 @torch.no_grad()
-def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence[int], batch_lo: int, batch_hi: int,
-                num_classes: int, dist_ctx: DistContext, *, device: torch.device,
-                amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                regions: Sequence[Sequence[int]] = (), ignore_index: int | None = None,
-                ) -> tuple[dict[str, Any], float | None]:
+def pseudo_dice(
+    model: torch.nn.Module,
+    sampler: PatchSampler,
+    batches: Sequence[int],
+    batch_lo: int,
+    batch_hi: int,
+    num_classes: int,
+    dist_ctx: DistContext,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    regions: Sequence[Sequence[int]] = (),
+    ignore_index: int | None = None,
+) -> tuple[dict[str, Any], float | None]:
     """Dice of the argmax (region plans: of each region's ``sigmoid > 0.5``) on held-out patches (no augmentation).
 
     TP/FP/FN are summed over all batches (and ranks) per class before the Dice is taken.
@@ -255,4 +281,7 @@ def pseudo_dice(model: torch.nn.Module, sampler: PatchSampler, batches: Sequence
     dice = dice if regions else dice[1:]  # regions have no background channel
     valid = dice[~torch.isnan(dice)]
     mean = float(valid.mean()) if valid.numel() else float("nan")
-    return {"val_dice": mean, "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()]}, per_sample
+    return {
+        "val_dice": mean,
+        "dice_per_class": [None if math.isnan(v) else float(v) for v in dice.tolist()],
+    }, per_sample

@@ -79,20 +79,32 @@ class ValidationPlan:
         if not self.shortened:
             return None
         if not self.cases:
-            return (f"skipped to fit the time budget: not even one held-out case fits without TTA in the "
-                    f"{self.limit:.0f} s available (the full validation was estimated at {self.full_seconds:.0f} s)")
+            return (
+                f"skipped to fit the time budget: not even one held-out case fits without TTA in the "
+                f"{self.limit:.0f} s available (the full validation was estimated at {self.full_seconds:.0f} s)"
+            )
         what = []
         if self.passes < self.full_passes:
             what.append(f"{self.passes} TTA pass(es) per window instead of {self.full_passes}")
         if self.skipped:
             what.append(f"{len(self.cases)} of {len(self.cases) + len(self.skipped)} held-out cases")
-        return (f"shortened to fit the time budget: {' and '.join(what)} (the full validation was estimated at "
-                f"{self.full_seconds:.0f} s, {self.limit:.0f} s were available)")
+        return (
+            f"shortened to fit the time budget: {' and '.join(what)} (the full validation was estimated at "
+            f"{self.full_seconds:.0f} s, {self.limit:.0f} s were available)"
+        )
 
 
-def plan_validation(shapes: Mapping[str, Sequence[int]], patch_size: Sequence[int], num_classes: int,
-                    seconds_per_window: float, *, mirror_axes: Sequence[int] | None, total_stride: Sequence[int],
-                    use_tta: bool = True, limit: float | None = None) -> ValidationPlan:
+def plan_validation(
+    shapes: Mapping[str, Sequence[int]],
+    patch_size: Sequence[int],
+    num_classes: int,
+    seconds_per_window: float,
+    *,
+    mirror_axes: Sequence[int] | None,
+    total_stride: Sequence[int],
+    use_tta: bool = True,
+    limit: float | None = None,
+) -> ValidationPlan:
     """The most complete validation whose estimate fits ``limit`` seconds (see the module docstring).
 
     Args:
@@ -110,8 +122,10 @@ def plan_validation(shapes: Mapping[str, Sequence[int]], patch_size: Sequence[in
     options = pass_options(mirror_axes, total_stride, use_tta)
 
     def total(passes: int, ids: Sequence[str]) -> float:
-        return sum(case_seconds(shapes[c], patch_size, num_classes, seconds_per_window, passes, mirror_axes,
-                                total_stride) for c in ids)
+        return sum(
+            case_seconds(shapes[c], patch_size, num_classes, seconds_per_window, passes, mirror_axes, total_stride)
+            for c in ids
+        )
 
     ids = tuple(shapes)
     if not ids:
@@ -144,8 +158,15 @@ class FinalValidationEstimate:
         use_tta: whether the full validation uses TTA.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], patch_size: Sequence[int], num_classes: int,
-                 mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool) -> None:
+    def __init__(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        patch_size: Sequence[int],
+        num_classes: int,
+        mirror_axes: Sequence[int] | None,
+        total_stride: Sequence[int],
+        use_tta: bool,
+    ) -> None:
         self.shapes = dict(shapes)
         self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride), bool(use_tta))
         self._cached: tuple[tuple[float, float | None], ValidationPlan] | None = None
@@ -155,8 +176,19 @@ class FinalValidationEstimate:
         key = (seconds_per_window, limit)
         if self._cached is None or self._cached[0] != key:
             patch, k, axes, stride, tta = self.net
-            self._cached = (key, plan_validation(self.shapes, patch, k, seconds_per_window, mirror_axes=axes,
-                                                 total_stride=stride, use_tta=tta, limit=limit))
+            self._cached = (
+                key,
+                plan_validation(
+                    self.shapes,
+                    patch,
+                    k,
+                    seconds_per_window,
+                    mirror_axes=axes,
+                    total_stride=stride,
+                    use_tta=tta,
+                    limit=limit,
+                ),
+            )
         return self._cached[1]
 
 
@@ -191,16 +223,31 @@ class ValidationClock:
         use_tta: whether the full validation uses TTA.
     """
 
-    def __init__(self, budget: ValidationBudget, case_ids: Sequence[str], patch_size: Sequence[int], num_classes: int,
-                 mirror_axes: Sequence[int] | None, total_stride: Sequence[int], use_tta: bool) -> None:
+    def __init__(
+        self,
+        budget: ValidationBudget,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        num_classes: int,
+        mirror_axes: Sequence[int] | None,
+        total_stride: Sequence[int],
+        use_tta: bool,
+    ) -> None:
         self.budget = budget
         self.order = list(case_ids)
         self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride))
         self.available = budget.deadline.remaining()  # seconds the validation has, from its start
         shapes = {c: tuple(budget.shapes[c]) for c in case_ids}
-        self.plan = plan_validation(shapes, patch_size, num_classes, budget.seconds_per_window,
-                                    mirror_axes=mirror_axes, total_stride=total_stride, use_tta=use_tta,
-                                    limit=max(0.0, self.available))
+        self.plan = plan_validation(
+            shapes,
+            patch_size,
+            num_classes,
+            budget.seconds_per_window,
+            mirror_axes=mirror_axes,
+            total_stride=total_stride,
+            use_tta=use_tta,
+            limit=max(0.0, self.available),
+        )
         self.options = pass_options(mirror_axes, total_stride, use_tta)
         self.skipped: dict[str, str] = {}
         self.passes: dict[str, int] = {}
@@ -226,14 +273,15 @@ class ValidationClock:
     def passes_for(self, cid: str) -> int | None:
         """TTA passes for ``cid`` (see the class docstring), or None: skip the case (recorded)."""
         left = self.left()
-        later = self.order[self.order.index(cid) + 1:]
+        later = self.order[self.order.index(cid) + 1 :]
         for passes in self.options:
             if self._estimate(cid, passes) + sum(self._estimate(c, passes) for c in later) <= left:
                 return passes
         if self._estimate(cid, 1) <= left:
             return 1
-        self.skipped[cid] = (f"not enough time left (~{self._estimate(cid, 1):.0f} s needed without TTA, "
-                             f"{max(left, 0.0):.0f} s left)")
+        self.skipped[cid] = (
+            f"not enough time left (~{self._estimate(cid, 1):.0f} s needed without TTA, {max(left, 0.0):.0f} s left)"
+        )
         return None
 
     def done(self, cid: str, passes: int, seconds: float) -> None:
@@ -255,13 +303,19 @@ class ValidationClock:
         if shortened:
             what = []
             if fewer:
-                what.append(f"{len([p for p in self.passes.values() if p < full])} case(s) with "
-                            f"{'/'.join(map(str, fewer))} TTA pass(es) per window instead of {full}")
+                what.append(
+                    f"{len([p for p in self.passes.values() if p < full])} case(s) with "
+                    f"{'/'.join(map(str, fewer))} TTA pass(es) per window instead of {full}"
+                )
             if self.skipped:
-                what.append(f"{len(self.passes)} of {len(self.order)} held-out cases validated (skipped_cases says "
-                            "why the others were not)")
-            note = (f"shortened to fit the time budget: {' and '.join(what)}; {self.available:.0f} s "
-                    f"were available, the full validation was estimated at {self.plan.full_seconds:.0f} s")
+                what.append(
+                    f"{len(self.passes)} of {len(self.order)} held-out cases validated (skipped_cases says "
+                    "why the others were not)"
+                )
+            note = (
+                f"shortened to fit the time budget: {' and '.join(what)}; {self.available:.0f} s "
+                f"were available, the full validation was estimated at {self.plan.full_seconds:.0f} s"
+            )
         return {
             "seconds_available": round(self.available, 2),
             "estimated_full_seconds": round(self.plan.full_seconds, 2),
@@ -275,9 +329,17 @@ class ValidationClock:
 
 
 @torch.no_grad()
-def measure_forward_seconds(model: torch.nn.Module, in_channels: int, patch_size: Sequence[int], batch_size: int,
-                            device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                            max_seconds: float = math.inf, repeats: int = 3) -> float:
+def measure_forward_seconds(
+    model: torch.nn.Module,
+    in_channels: int,
+    patch_size: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    max_seconds: float = math.inf,
+    repeats: int = 3,
+) -> float:
     """Eval forward seconds per patch of ``model`` on a random ``(B, C, *patch)`` batch.
 
     One untimed pass, then up to ``repeats`` timed ones (fewer once ``max_seconds`` have passed, at least

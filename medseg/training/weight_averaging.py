@@ -82,9 +82,13 @@ class WeightAverage:
                 p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "horizon": self.horizon, "last_progress": self.last_progress,
-                "updates": self.updates,
-                "shadow": None if self.shadow is None else dict(zip(self.names, (s.cpu() for s in self.shadow)))}
+        return {
+            "start": self.start,
+            "horizon": self.horizon,
+            "last_progress": self.last_progress,
+            "updates": self.updates,
+            "shadow": None if self.shadow is None else dict(zip(self.names, (s.cpu() for s in self.shadow))),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (a checkpoint's ``weight_average``).

@@ -70,16 +70,22 @@ def _env(fault: str | None) -> dict[str, str]:
 
 def medseg(*args: str | Path, fault: str | None = None, timeout: float = 300) -> Result:
     """Run ``python -m medseg ARGS`` to completion (fault armed via ``MEDSEG_FAULT_INJECT`` when given)."""
-    proc = subprocess.run([sys.executable, "-m", "medseg", *map(str, args)], capture_output=True, text=True,
-                          env=_env(fault), timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medseg", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(fault),
+        timeout=timeout,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def medseg_background(log: Path, *args: str | Path, fault: str | None = None) -> subprocess.Popen:
     """Start ``python -m medseg ARGS`` with stdout and stderr going to ``log`` (fault armed when given)."""
     with log.open("w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "medseg", *map(str, args)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=_env(fault))
+        return subprocess.Popen(
+            [sys.executable, "-m", "medseg", *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=_env(fault)
+        )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -176,9 +182,13 @@ def two_channel_dataset(out: Path, num_cases: int = 5, seed: int = 0) -> Path:
         inverted.CopyInformation(img)
         sitk.WriteImage(inverted, str(out / "imagesTr" / f"{case}_0001.nii.gz"))
         shutil.copy(src / "labelsTr" / image.name, out / "labelsTr" / image.name)
-    meta = {"name": "MedsegTwoChannel", "channel_names": {"0": "T1", "1": "T1inv"},
-            "labels": {name: i for i, name in enumerate(STRUCTURE_NAMES)}, "numTraining": num_cases,
-            "file_ending": ".nii.gz"}
+    meta = {
+        "name": "MedsegTwoChannel",
+        "channel_names": {"0": "T1", "1": "T1inv"},
+        "labels": {name: i for i, name in enumerate(STRUCTURE_NAMES)},
+        "numTraining": num_cases,
+        "file_ending": ".nii.gz",
+    }
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(src)
     return out
@@ -208,8 +218,9 @@ def prepare(root: Path) -> Env:
 
     other = generate_synthetic_dataset(root / "other_data", num_cases=5, seed=1, shape=(12, 24, 24))
     foreign = root / "foreign"
-    assert_clean_error(medseg("plan", other, "-o", foreign, "--num-workers", "1", "--device", "cpu",
-                              "--configs", "3d_fullres"), 0)
+    assert_clean_error(
+        medseg("plan", other, "-o", foreign, "--num-workers", "1", "--device", "cpu", "--configs", "3d_fullres"), 0
+    )
     shrink_networks(foreign)
     assert_clean_error(medseg("train", foreign, "--no-validation", *TRAIN[:-1], "1"), 0)
     return Env(root, data, work, trained, images, reference, foreign)
@@ -249,14 +260,18 @@ def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
     log = env.root / "t_epoch.log"
     first = medseg_background(log, *args, "--epochs", "50", fault=f"train_step:{stop}=stall")
     try:
-        wait_for(lambda: (run / "checkpoint_latest.pt").is_file() or first.poll() is not None, 120,
-                 "the first checkpoint_latest.pt")
+        wait_for(
+            lambda: (run / "checkpoint_latest.pt").is_file() or first.poll() is not None,
+            120,
+            "the first checkpoint_latest.pt",
+        )
         assert first.poll() is None, log.read_text()[-2000:]
         owner = json.loads((run / ".lock").read_text())
         assert owner["pid"] == first.pid, owner
         second = medseg(*args, "--epochs", "50", "--resume")
-        wait_for(lambda: f"train_step:{stop} stalls" in log.read_text() or first.poll() is not None, 120,
-                 f"iteration {stop}")
+        wait_for(
+            lambda: f"train_step:{stop} stalls" in log.read_text() or first.poll() is not None, 120, f"iteration {stop}"
+        )
         assert first.poll() is None, log.read_text()[-2000:]
         os.kill(first.pid, signal.SIGKILL)
         assert first.wait(30) == KILLED
@@ -272,21 +287,36 @@ def train_concurrent_and_kill_during_epoch(env: Env) -> list[Outcome]:
     assert (run / ".lock").exists()  # the killed run could not remove it
     epochs = ckpt["epoch"] + 1
     res = medseg(*args, "--epochs", str(epochs), "--resume")
-    assert_clean_error(res, 0, "taking over the lock left by a run that did not finish", f"pid {first.pid}",
-                        "no longer running")
+    assert_clean_error(
+        res, 0, "taking over the lock left by a run that did not finish", f"pid {first.pid}", "no longer running"
+    )
     start = _resume_point(res.stderr)
     assert start == (ckpt["epoch"], ckpt["iteration"]), start
     _assert_complete_run(run, epochs, ipe)
     warning = next(line for line in res.stderr.splitlines() if "taking over the lock" in line)
-    return [Outcome("train: a second `medseg train` of a fold being trained", "2",
-                    second.message.replace(str(work), "WORK"), "nothing (the running training is untouched)", "-"),
-            Outcome("train: kill -9 during an epoch", "-9 (SIGKILL); resume 0",
-                    f"(killed: no message); resume: resuming at epoch {start[0]}, iteration {start[1]}",
-                    f"{into} iteration(s) of the current epoch (of {ipe})",
-                    f"--resume continues from epoch {start[0]} (checkpoint_latest)"),
-            Outcome("train: stale lock of the killed run", "0 (with a warning)",
-                    re.sub(r"^.*?WARNING", "WARNING", warning).replace(str(work), "WORK"), "nothing",
-                    "--resume takes the lock over")]
+    return [
+        Outcome(
+            "train: a second `medseg train` of a fold being trained",
+            "2",
+            second.message.replace(str(work), "WORK"),
+            "nothing (the running training is untouched)",
+            "-",
+        ),
+        Outcome(
+            "train: kill -9 during an epoch",
+            "-9 (SIGKILL); resume 0",
+            f"(killed: no message); resume: resuming at epoch {start[0]}, iteration {start[1]}",
+            f"{into} iteration(s) of the current epoch (of {ipe})",
+            f"--resume continues from epoch {start[0]} (checkpoint_latest)",
+        ),
+        Outcome(
+            "train: stale lock of the killed run",
+            "0 (with a warning)",
+            re.sub(r"^.*?WARNING", "WARNING", warning).replace(str(work), "WORK"),
+            "nothing",
+            "--resume takes the lock over",
+        ),
+    ]
 
 
 def train_checkpoint_and_validation_faults(env: Env) -> list[Outcome]:
@@ -300,21 +330,36 @@ def train_checkpoint_and_validation_faults(env: Env) -> list[Outcome]:
     assert len(partial) == 1, _tmp_files(run)  # the interrupted write stayed under its temporary name
     size = (run / partial[0]).stat().st_size
     assert _ckpt(run / "checkpoint_latest.pt")["epoch"] == 1  # the previous checkpoint, complete
-    rows = [Outcome("train: kill -9 while writing checkpoint_latest.pt", "-9; resume 0",
-                    "(killed: no message); resume: removed 1 unfinished checkpoint file(s)",
-                    f"epoch 2 (2 iterations); the partial file ({size // 1024} KiB) never had the final name",
-                    "--resume continues from epoch 1 (previous checkpoint intact)")]
+    rows = [
+        Outcome(
+            "train: kill -9 while writing checkpoint_latest.pt",
+            "-9; resume 0",
+            "(killed: no message); resume: removed 1 unfinished checkpoint file(s)",
+            f"epoch 2 (2 iterations); the partial file ({size // 1024} KiB) never had the final name",
+            "--resume continues from epoch 1 (previous checkpoint intact)",
+        )
+    ]
 
     res = medseg("train", work, *TRAIN, "--resume", fault="checkpoint_write:checkpoint_latest.pt=enospc")
-    assert_clean_error(res, 2, "removed 1 unfinished checkpoint file", "checkpoint_latest.pt: cannot write the "
-                       "checkpoint (No space left on device); the previous checkpoint is kept")
+    assert_clean_error(
+        res,
+        2,
+        "removed 1 unfinished checkpoint file",
+        "checkpoint_latest.pt: cannot write the checkpoint (No space left on device); the previous checkpoint is kept",
+    )
     assert _resume_point(res.stderr) == (1, 2)
     assert not _tmp_files(run), _tmp_files(run)
     assert _ckpt(run / "checkpoint_latest.pt")["epoch"] == 1
     assert not (run / ".lock").exists()
-    rows.append(Outcome("train: disk full writing a checkpoint (injected ENOSPC)", "2; resume 0",
-                        res.message.replace(str(work), "WORK"), "epoch 2 again; no partial file left",
-                        "--resume continues from epoch 1"))
+    rows.append(
+        Outcome(
+            "train: disk full writing a checkpoint (injected ENOSPC)",
+            "2; resume 0",
+            res.message.replace(str(work), "WORK"),
+            "epoch 2 again; no partial file left",
+            "--resume continues from epoch 1",
+        )
+    )
 
     res = medseg("train", work, *TRAIN, "--resume", fault="final_validation@1")
     assert res.rc == KILLED, res.stderr[-3000:]
@@ -325,10 +370,15 @@ def train_checkpoint_and_validation_faults(env: Env) -> list[Outcome]:
     assert_clean_error(res, 0, "already complete")
     assert not _epoch_lines(res.stderr)  # nothing retrained
     _assert_complete_run(run, 2, 2)
-    rows.append(Outcome("train: kill -9 during the final validation", "-9; resume 0",
-                        "(killed: no message); resume: training of ... is already complete",
-                        "the validation outputs so far (redone); no training",
-                        "--resume runs only the final validation"))
+    rows.append(
+        Outcome(
+            "train: kill -9 during the final validation",
+            "-9; resume 0",
+            "(killed: no message); resume: training of ... is already complete",
+            "the validation outputs so far (redone); no training",
+            "--resume runs only the final validation",
+        )
+    )
     return rows
 
 
@@ -365,17 +415,33 @@ def plan_kill_then_disk_full(env: Env) -> list[Outcome]:
     usable = list_preprocessed_cases(work, Plan.load(work / "plans.json"), "3d_fullres")
     assert usable == ["case_000", "case_001"], usable  # the interrupted case is not used
     full = medseg(*plan_args, fault="preprocess_write=enospc")
-    assert_clean_error(full, 2, "2 of 5 cases already preprocessed", "preprocessing failed (3 problems)",
-                       "case_002: No space left on device")
+    assert_clean_error(
+        full,
+        2,
+        "2 of 5 cases already preprocessed",
+        "preprocessing failed (3 problems)",
+        "case_002: No space left on device",
+    )
     assert not (folder / "case_002.json").exists() and not _tmp_files(folder)
     res = medseg(*plan_args)
     assert_clean_error(res, 0, "2 of 5 cases already preprocessed")
     _assert_same_cache(work, env.work)
-    return [Outcome("plan: kill -9 mid-preprocessing (after a case's .npz, before its .json)", "-9; rerun 0",
-                    "(killed: no message); rerun: 2 of 5 cases already preprocessed",
-                    "the interrupted case (never used: no .json), redone", "rerun resumes; cache equals a clean run"),
-            Outcome("plan: disk full while preprocessing (injected ENOSPC)", "2; rerun 0", full.message,
-                    "the 3 cases not written (no .json: not used)", "rerun resumes; cache equals a clean run")]
+    return [
+        Outcome(
+            "plan: kill -9 mid-preprocessing (after a case's .npz, before its .json)",
+            "-9; rerun 0",
+            "(killed: no message); rerun: 2 of 5 cases already preprocessed",
+            "the interrupted case (never used: no .json), redone",
+            "rerun resumes; cache equals a clean run",
+        ),
+        Outcome(
+            "plan: disk full while preprocessing (injected ENOSPC)",
+            "2; rerun 0",
+            full.message,
+            "the 3 cases not written (no .json: not used)",
+            "rerun resumes; cache equals a clean run",
+        ),
+    ]
 
 
 def plan_worker_killed(env: Env) -> list[Outcome]:
@@ -387,14 +453,22 @@ def plan_worker_killed(env: Env) -> list[Outcome]:
     res2 = medseg(*plan_args)
     assert_clean_error(res2, 0)
     _assert_same_cache(work, env.work)
-    return [Outcome("plan: a preprocessing worker killed (OOM killer), --num-workers 2", "2; rerun 0", res.message,
-                    "the cases in flight (no .json: not used), redone", "rerun resumes; cache equals a clean run")]
+    return [
+        Outcome(
+            "plan: a preprocessing worker killed (OOM killer), --num-workers 2",
+            "2; rerun 0",
+            res.message,
+            "the cases in flight (no .json: not used), redone",
+            "rerun resumes; cache equals a clean run",
+        )
+    ]
 
 
 # ---------------------------------------------------------------------- prediction
 def _predict(env: Env, images: Path, out: Path, model: Path | None = None, fault: str | None = None) -> Result:
-    return medseg("predict", "-i", images, "-o", out, "-m", model or env.trained, "--device", "cpu", "--no-tta",
-                  fault=fault)
+    return medseg(
+        "predict", "-i", images, "-o", out, "-m", model or env.trained, "--device", "cpu", "--no-tta", fault=fault
+    )
 
 
 def _assert_like_reference(env: Env, out: Path, names: list[str]) -> None:
@@ -420,14 +494,23 @@ def predict_kill_then_disk_full(env: Env) -> list[Outcome]:
     names = _outputs(env.reference)
     assert _outputs(out) == names
     _assert_like_reference(env, out, names)
-    return [Outcome("predict: kill -9 mid-folder (after 2 of 4 outputs)", "-9; rerun 0",
-                    f"(killed: no message); rerun: predicted ...; {len(written)} skipped (output exists)",
-                    f"nothing: {len(written)} outputs complete, the case in flight absent"
-                    + (f"; {len(left)} hidden .tmp_ file left behind" if left else ""),
-                    "rerun predicts only the missing cases; all equal an uninterrupted run"),
-            Outcome("predict: disk full while writing (injected ENOSPC)", "1; rerun 0",
-                    full.message.replace(str(env.root), "..."), "nothing: no partial file under any name",
-                    "rerun writes the missing cases")]
+    return [
+        Outcome(
+            "predict: kill -9 mid-folder (after 2 of 4 outputs)",
+            "-9; rerun 0",
+            f"(killed: no message); rerun: predicted ...; {len(written)} skipped (output exists)",
+            f"nothing: {len(written)} outputs complete, the case in flight absent"
+            + (f"; {len(left)} hidden .tmp_ file left behind" if left else ""),
+            "rerun predicts only the missing cases; all equal an uninterrupted run",
+        ),
+        Outcome(
+            "predict: disk full while writing (injected ENOSPC)",
+            "1; rerun 0",
+            full.message.replace(str(env.root), "..."),
+            "nothing: no partial file under any name",
+            "rerun writes the missing cases",
+        ),
+    ]
 
 
 def _bad_folder(env: Env, folder: Path) -> dict[str, str]:
@@ -461,10 +544,15 @@ def _bad_folder(env: Env, folder: Path) -> dict[str, str]:
     shutil.copy(src0, folder / "text_0000.nii.gz")
     (folder / "text_0001.nii.gz").write_text("not an image\n")  # non-image file with an image name
     (folder / "README.txt").write_text("notes about these scans\n")  # non-image file: ignored with a warning
-    return {"extra": "wrong channel count (3 files for a 2-channel model)",
-            "nochan": "wrong channel count (CASE.nii.gz, no channel suffix)",
-            "missing": "missing _0001 channel", "flat": "2D image for a 3D model",
-            "nan": "NaN/Inf voxels", "trunc": "truncated .nii.gz", "text": "non-image file named .nii.gz"}
+    return {
+        "extra": "wrong channel count (3 files for a 2-channel model)",
+        "nochan": "wrong channel count (CASE.nii.gz, no channel suffix)",
+        "missing": "missing _0001 channel",
+        "flat": "2D image for a 3D model",
+        "nan": "NaN/Inf voxels",
+        "trunc": "truncated .nii.gz",
+        "text": "non-image file named .nii.gz",
+    }
 
 
 def predict_bad_inputs(env: Env) -> list[Outcome]:
@@ -483,17 +571,37 @@ def predict_bad_inputs(env: Env) -> list[Outcome]:
         if m:
             failed[m.group(1)] = m.group(2)
     assert sorted(failed) == sorted(kinds), failed
-    expected = {"extra": "extra_0000.nii.gz", "nochan": "nochan.nii.gz", "missing": "missing_0001.nii.gz",
-                "flat": "flat_0000.nii.gz", "nan": "nan_0000.nii.gz", "trunc": "trunc_0001.nii.gz",
-                "text": "text_0001.nii.gz"}
+    expected = {
+        "extra": "extra_0000.nii.gz",
+        "nochan": "nochan.nii.gz",
+        "missing": "missing_0001.nii.gz",
+        "flat": "flat_0000.nii.gz",
+        "nan": "nan_0000.nii.gz",
+        "trunc": "trunc_0001.nii.gz",
+        "text": "text_0001.nii.gz",
+    }
     for case, name in expected.items():
         assert name in failed[case], (case, failed[case])  # the message names the file
-    rows = [Outcome(f"predict: {kinds[c]}", "1 (other cases written)", f"{c}: {failed[c].replace(str(folder), 'IN')}",
-                    "nothing (valid cases of the folder written)", "fix the file, rerun (written cases skipped)")
-            for c in kinds]
+    rows = [
+        Outcome(
+            f"predict: {kinds[c]}",
+            "1 (other cases written)",
+            f"{c}: {failed[c].replace(str(folder), 'IN')}",
+            "nothing (valid cases of the folder written)",
+            "fix the file, rerun (written cases skipped)",
+        )
+        for c in kinds
+    ]
     warn = next(line for line in res.stderr.splitlines() if "README.txt" in line)
-    rows.append(Outcome("predict: non-image file (README.txt) in the folder", "unaffected",
-                        warn.replace(str(folder), "IN").strip(), "nothing", "-"))
+    rows.append(
+        Outcome(
+            "predict: non-image file (README.txt) in the folder",
+            "unaffected",
+            warn.replace(str(folder), "IN").strip(),
+            "nothing",
+            "-",
+        )
+    )
     return rows
 
 
@@ -508,9 +616,16 @@ def predict_empty_and_nested(env: Env) -> list[Outcome]:
     res2 = _predict(env, nested_in, nested_in / "out")
     assert_clean_error(res2, 2, "must not be the input folder or inside it")
     assert not (nested_in / "out").exists()
-    return [Outcome("predict: empty input folder", "2", res.message.replace(str(env.root), "..."), "nothing", "-"),
-            Outcome("predict: output folder inside the input folder", "2",
-                    res2.message.replace(str(env.root), "..."), "nothing", "-")]
+    return [
+        Outcome("predict: empty input folder", "2", res.message.replace(str(env.root), "..."), "nothing", "-"),
+        Outcome(
+            "predict: output folder inside the input folder",
+            "2",
+            res2.message.replace(str(env.root), "..."),
+            "nothing",
+            "-",
+        ),
+    ]
 
 
 class _CodeOnLoad:
@@ -537,8 +652,15 @@ def predict_bad_checkpoints(env: Env) -> list[Outcome]:
     res = _predict(env, env.images, out, model=work)
     assert_clean_error(res, 2, target, "belongs to another plan")
     assert not out.exists()
-    rows.append(Outcome("predict: checkpoint from another plan (copied from another dataset's run)", "2",
-                        res.message.replace(str(env.root), "..."), "nothing", "put the right checkpoint back"))
+    rows.append(
+        Outcome(
+            "predict: checkpoint from another plan (copied from another dataset's run)",
+            "2",
+            res.message.replace(str(env.root), "..."),
+            "nothing",
+            "put the right checkpoint back",
+        )
+    )
 
     work = env.copy(env.trained, "ck_tampered")
     target = work / RUN / "checkpoint_final.pt"
@@ -549,8 +671,15 @@ def predict_bad_checkpoints(env: Env) -> list[Outcome]:
     res = _predict(env, env.images, out, model=work)
     assert_clean_error(res, 2, target, "cannot be loaded safely")
     assert not marker.exists() and not out.exists()
-    rows.append(Outcome("predict: tampered checkpoint (pickle that runs code)", "2",
-                        res.message.replace(str(env.root), "..."), "nothing; the code did not run", "-"))
+    rows.append(
+        Outcome(
+            "predict: tampered checkpoint (pickle that runs code)",
+            "2",
+            res.message.replace(str(env.root), "..."),
+            "nothing; the code did not run",
+            "-",
+        )
+    )
 
     work = env.copy(env.trained, "ck_trunc")
     target = work / RUN / "checkpoint_final.pt"
@@ -559,8 +688,9 @@ def predict_bad_checkpoints(env: Env) -> list[Outcome]:
     res = _predict(env, env.images, out, model=work)
     assert_clean_error(res, 2, target, "corrupt or truncated checkpoint")
     assert not out.exists()
-    rows.append(Outcome("predict: truncated checkpoint", "2", res.message.replace(str(env.root), "..."),
-                        "nothing", "-"))
+    rows.append(
+        Outcome("predict: truncated checkpoint", "2", res.message.replace(str(env.root), "..."), "nothing", "-")
+    )
     return rows
 
 
@@ -584,8 +714,9 @@ def predict_unwritable_output(env: Env) -> list[Outcome]:
             out.chmod(0o700)
     assert_clean_error(res, 2, out, needle)
     assert not out.is_dir() or not list(out.iterdir())
-    return [Outcome(f"predict: unwritable output ({how})", "2", res.message.replace(str(env.root), "..."),
-                    "nothing", "-")]
+    return [
+        Outcome(f"predict: unwritable output ({how})", "2", res.message.replace(str(env.root), "..."), "nothing", "-")
+    ]
 
 
 SCENARIOS: tuple[Callable[[Env], list[Outcome]], ...] = (

@@ -20,13 +20,45 @@ STARTUP_SECONDS = 10.0
 
 def test_train_time_budget_refits_an_unfitted_plan_and_keeps_its_promise(tmp_path, synthetic_dataset):
     work = tmp_path / "work"
-    assert main(["plan", str(synthetic_dataset), "-o", str(work), "--device", "cpu", "--configs", "3d_fullres",
-                 "--num-workers", "1", "-q"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(synthetic_dataset),
+                "-o",
+                str(work),
+                "--device",
+                "cpu",
+                "--configs",
+                "3d_fullres",
+                "--num-workers",
+                "1",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert json.loads((work / "plans.json").read_text())["time_budget_minutes"] is None
     minutes = 0.5
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "medseg", "train", str(work), "--fold", "0", "--time-budget",
-                           f"{minutes}", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medseg",
+            "train",
+            str(work),
+            "--fold",
+            "0",
+            "--time-budget",
+            f"{minutes}",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wall = time.perf_counter() - t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert wall <= minutes * 60 * 1.05 + STARTUP_SECONDS, wall

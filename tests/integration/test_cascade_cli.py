@@ -27,8 +27,27 @@ def test_cascade_end_to_end(tmp_path, capsys):
 
     data = generate_synthetic_dataset(tmp_path / "data", num_cases=6, seed=4, shape=(24, 64, 64))
     work = tmp_path / "work"
-    assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q",
-                 "--gpu-memory-gb", "0.03", "--configs", "3d_lowres", "3d_cascade_fullres"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(data),
+                "-o",
+                str(work),
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+                "-q",
+                "--gpu-memory-gb",
+                "0.03",
+                "--configs",
+                "3d_lowres",
+                "3d_cascade_fullres",
+            ]
+        )
+        == 0
+    )
     plan = json.loads((work / "plans.json").read_text())
     cascade = plan["configurations"]["3d_cascade_fullres"]
     full = plan["configurations"]["3d_fullres"]
@@ -36,8 +55,9 @@ def test_cascade_end_to_end(tmp_path, capsys):
     assert cascade["data_identifier"] == full["data_identifier"] and cascade["networks"] == full["networks"]
     shrink_networks(work, 4)
     ids = sorted(p.name[: -len(".nii.gz")] for p in (data / "labelsTr").glob("*.nii.gz"))
-    (work / "splits.json").write_text(json.dumps([{"train": ids[3:], "val": ids[:3]},
-                                                  {"train": ids[:3], "val": ids[3:]}]))
+    (work / "splits.json").write_text(
+        json.dumps([{"train": ids[3:], "val": ids[:3]}, {"train": ids[:3], "val": ids[3:]}])
+    )
 
     assert main(["train", str(work), "--config", "3d_lowres", "--fold", "0", *TRAIN]) == 0
     capsys.readouterr()
@@ -63,11 +83,45 @@ def test_cascade_end_to_end(tmp_path, capsys):
     images = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
     for p in images:
         shutil.copy(p, inp / p.name)
-    assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--config", "3d_cascade_fullres",
-                 "--device", "cpu", "--no-tta", "-q"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(inp),
+                "-o",
+                str(out),
+                "-m",
+                str(work),
+                "--config",
+                "3d_cascade_fullres",
+                "--device",
+                "cpu",
+                "--no-tta",
+                "-q",
+            ]
+        )
+        == 0
+    )
     # find-best's choice (whichever of lowres, cascade or both won)
-    assert main(["predict", "-i", str(inp), "-o", str(tmp_path / "pred_best"), "-m", str(work), "--device", "cpu",
-                 "--no-tta", "-q"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(inp),
+                "-o",
+                str(tmp_path / "pred_best"),
+                "-m",
+                str(work),
+                "--device",
+                "cpu",
+                "--no-tta",
+                "-q",
+            ]
+        )
+        == 0
+    )
     for src in images:
         assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
         assert_prediction_like_input(tmp_path / "pred_best" / src.name, src, {0, 1, 2, 3})
@@ -77,6 +131,5 @@ def test_cascade_end_to_end(tmp_path, capsys):
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / images[0].name)))
     assert np.isin(seg, [0, 1, 2, 3]).all()
 
-    assert main(["export", str(work), "-o", str(tmp_path / "model.zip"), "--config", "3d_cascade_fullres",
-                 "-q"]) == 2
+    assert main(["export", str(work), "-o", str(tmp_path / "model.zip"), "--config", "3d_cascade_fullres", "-q"]) == 2
     assert "cascade" in capsys.readouterr().err and not (tmp_path / "model.zip").exists()

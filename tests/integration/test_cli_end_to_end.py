@@ -20,13 +20,27 @@ def _geometry(path: Path):
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
 
 
-def _run_pipeline(data: Path, test_images: Path, tmp_path: Path, extra_train: list[str] | None = None) -> tuple[Path, Path]:
+def _run_pipeline(
+    data: Path, test_images: Path, tmp_path: Path, extra_train: list[str] | None = None
+) -> tuple[Path, Path]:
     work = tmp_path / "work"
     assert main(["plan", str(data), "-o", str(work), "--num-workers", "2", "--device", "cpu"]) == 0
     plan = json.loads((work / "plans.json").read_text())
     assert "3d_fullres" in plan["configurations"]
-    train_args = ["train", str(work), "--fold", "0", "--epochs", "2", "--iters-per-epoch", "3", "--device", "cpu",
-                  "--num-workers", "0"] + (extra_train or [])
+    train_args = [
+        "train",
+        str(work),
+        "--fold",
+        "0",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "3",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    ] + (extra_train or [])
     assert main(train_args) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     for name in ("config.json", "plans.json", "checkpoint_final.pt", "checkpoint_latest.pt"):

@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import assert_prediction_like_input, shrink_networks
 from tests.conftest import shared_dataset
+from tests.helpers import assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,24 @@ def _plan(data: Path, work: Path) -> dict:
 
 
 def _train(work: Path, fold: str, *extra: str) -> int:
-    return main(["train", str(work), "--fold", fold, "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0", "-q", *extra])
+    return main(
+        [
+            "train",
+            str(work),
+            "--fold",
+            fold,
+            "--epochs",
+            "1",
+            "--iters-per-epoch",
+            "2",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "-q",
+            *extra,
+        ]
+    )
 
 
 def _predict_and_check(work: Path, images: list[Path], out: Path, declared: set[int]) -> None:
@@ -56,8 +72,7 @@ def _is_extra_channel(p: Path) -> bool:
 
 def _declared(data: Path) -> set[int]:
     labels = json.loads((data / "dataset.json").read_text())["labels"]
-    return {int(v) for v in labels.values()} if all(not str(k).isdigit() for k in labels) \
-        else {int(k) for k in labels}
+    return {int(v) for v in labels.values()} if all(not str(k).isdigit() for k in labels) else {int(k) for k in labels}
 
 
 def _copy(name: str, tmp_path: Path) -> Path:
@@ -119,5 +134,6 @@ def test_anisotropic_set_keeps_the_coarse_axis(tmp_path):
     assert cfg["spacing"][0] == pytest.approx(6.5)  # no resampling of 6.5 mm slices to in-plane spacing
     assert cfg["networks"]["unet"]["spec"]["kernel_sizes"][0] == [1, 3, 3]  # in-plane convolutions first
     assert _train(tmp_path / "work", "0") == 0
-    _predict_and_check(tmp_path / "work", sorted((data / "imagesTr").glob("case_00[01].nii.gz")), tmp_path / "pred",
-                       _declared(data))
+    _predict_and_check(
+        tmp_path / "work", sorted((data / "imagesTr").glob("case_00[01].nii.gz")), tmp_path / "pred", _declared(data)
+    )

@@ -22,11 +22,43 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def trained(tmp_path, synthetic_dataset):
     work = tmp_path / "work"
-    assert main(["plan", str(synthetic_dataset), "-o", str(work), "--num-workers", "1", "--device", "cpu",
-                 "--configs", "3d_fullres"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(synthetic_dataset),
+                "-o",
+                str(work),
+                "--num-workers",
+                "1",
+                "--device",
+                "cpu",
+                "--configs",
+                "3d_fullres",
+            ]
+        )
+        == 0
+    )
     shrink_networks(work)
-    assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work),
+                "--fold",
+                "0",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "2",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert main(["find-best", str(work)]) == 0
     images = tmp_path / "images"
     images.mkdir()
@@ -45,8 +77,13 @@ def test_predict_from_the_bundle_alone_equals_predict_from_work(trained, tmp_pat
     assert main(["export", str(work), "-o", str(bundle)]) == 0
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
-    assert {"manifest.json", "plans.json", "best.json", "postprocessing.json",
-            "members/3d_fullres/unet/fold_0/model.pt"} <= names
+    assert {
+        "manifest.json",
+        "plans.json",
+        "best.json",
+        "postprocessing.json",
+        "members/3d_fullres/unet/fold_0/model.pt",
+    } <= names
     from_work = tmp_path / "pred_work"
     assert main(["predict", "-i", str(images), "-o", str(from_work), "-m", str(work), "--device", "cpu"]) == 0
 
@@ -55,8 +92,10 @@ def test_predict_from_the_bundle_alone_equals_predict_from_work(trained, tmp_pat
     shutil.copy(bundle, fresh / "model.zip")
     shutil.rmtree(work)
     from_zip = fresh / "pred"
-    assert main(["predict", "-i", str(images), "-o", str(from_zip), "-m", str(fresh / "model.zip"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["predict", "-i", str(images), "-o", str(from_zip), "-m", str(fresh / "model.zip"), "--device", "cpu"])
+        == 0
+    )
     a, b = _labels(from_work), _labels(from_zip)
     assert list(a) == list(b) == [p.name for p in sorted(images.glob("*.nii.gz"))]
     for name in a:

@@ -57,8 +57,26 @@ def test_ignore_label_end_to_end(tmp_path):
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3, 4} and 4 in seg  # ignored voxels kept as class K
     assert set(props.class_locations) == {1, 2, 3}
     shrink_networks(work, 4)
-    assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0", "-q"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work),
+                "--fold",
+                "0",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "2",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "-q",
+            ]
+        )
+        == 0
+    )
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     progress = json.loads((run / "progress.json").read_text())
     assert progress["history"] and all(np.isfinite(e["train_loss"]) for e in progress["history"])
@@ -73,8 +91,7 @@ def test_ignore_label_end_to_end(tmp_path):
     images = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
     for p in images:
         shutil.copy(p, inp / p.name)
-    assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta",
-                 "-q"]) == 0
+    assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta", "-q"]) == 0
     for src in images:  # never the ignore id, never an undeclared id
         assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
 

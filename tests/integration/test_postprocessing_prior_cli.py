@@ -28,8 +28,25 @@ def test_fold_all_run_records_the_rule_and_predict_applies_it(tmp_path, caplog):
     data = generate_synthetic_dataset(tmp_path / "data", num_cases=10, seed=0)  # every structure one piece
     work = tmp_path / "work"
     assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--device", "cpu"]) == 0
-    assert main(["train", str(work), "--fold", "all", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work),
+                "--fold",
+                "all",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "2",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     run = work / "runs" / "3d_fullres" / "unet" / "fold_all"
     rules = load_rules(run / PRIOR_FILE)
     assert rules["source"] == "label_statistics" and rules["num_cases"] == 10
@@ -54,9 +71,15 @@ def test_fold_all_run_records_the_rule_and_predict_applies_it(tmp_path, caplog):
         changed |= bool((post != raw).any())
     assert changed  # a network trained 2 iterations scatters hundreds of blobs per class: they were removed
     # find-best's rules, fitted on this ensemble, win over the label statistics
-    (work / "postprocessing.json").write_text(json.dumps({
-        "format": "medseg-postprocessing-v1", "per_label": {},
-        "fitted_on": {"members": [["3d_fullres", "unet"]], "num_cases": 5}}))
+    (work / "postprocessing.json").write_text(
+        json.dumps(
+            {
+                "format": "medseg-postprocessing-v1",
+                "per_label": {},
+                "fitted_on": {"members": [["3d_fullres", "unet"]], "num_cases": 5},
+            }
+        )
+    )
     assert main(["predict", "-o", str(tmp_path / "fitted"), *common]) == 0
     for src in sorted(images.glob("*.nii.gz")):
         np.testing.assert_array_equal(_read(tmp_path / "fitted" / src.name), _read(tmp_path / "raw" / src.name))

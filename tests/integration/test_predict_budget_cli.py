@@ -16,11 +16,44 @@ pytestmark = pytest.mark.slow
 
 def test_time_budget_per_case_writes_the_record_and_keeps_the_geometry(tmp_path, synthetic_dataset, capsys):
     work = tmp_path / "work"
-    assert main(["plan", str(synthetic_dataset), "-o", str(work), "--num-workers", "1", "--device", "cpu",
-                 "--configs", "3d_fullres"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(synthetic_dataset),
+                "-o",
+                str(work),
+                "--num-workers",
+                "1",
+                "--device",
+                "cpu",
+                "--configs",
+                "3d_fullres",
+            ]
+        )
+        == 0
+    )
     shrink_networks(work)
-    assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0", "--no-validation"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work),
+                "--fold",
+                "0",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "2",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "--no-validation",
+            ]
+        )
+        == 0
+    )
     images = tmp_path / "images"
     images.mkdir()
     sources = sorted((synthetic_dataset / "imagesTr").glob("*.nii.gz"))[:2]
@@ -30,8 +63,24 @@ def test_time_budget_per_case_writes_the_record_and_keeps_the_geometry(tmp_path,
     capsys.readouterr()
 
     tiny, full = tmp_path / "tiny", tmp_path / "full"
-    assert main(["predict", "-i", str(images), "-o", str(tiny), "-m", str(work), "--device", "cpu",
-                 "--time-budget-per-case", "0.001"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(images),
+                "-o",
+                str(tiny),
+                "-m",
+                str(work),
+                "--device",
+                "cpu",
+                "--time-budget-per-case",
+                "0.001",
+            ]
+        )
+        == 0
+    )
     assert "time budget 0.001 s per case (given): held in 0 of 2 case(s)" in capsys.readouterr().out
     # the plan has no training time budget: no limit by default
     assert main(["predict", "-i", str(images), "-o", str(full), "-m", str(work), "--device", "cpu"]) == 0
@@ -53,7 +102,18 @@ def test_time_budget_per_case_writes_the_record_and_keeps_the_geometry(tmp_path,
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_a_budget_that_is_not_positive_seconds_or_none_is_refused(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as info:
-        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path),
-              "--time-budget-per-case", value])
+        main(
+            [
+                "predict",
+                "-i",
+                str(tmp_path),
+                "-o",
+                str(tmp_path / "out"),
+                "-m",
+                str(tmp_path),
+                "--time-budget-per-case",
+                value,
+            ]
+        )
     assert info.value.code == 2
     assert "--time-budget-per-case" in capsys.readouterr().err

@@ -36,8 +36,10 @@ def _merged(data: Path, out: Path) -> Path:
 
 
 def _plan(data: Path, work: Path) -> Path:
-    assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--device", "cpu",
-                 "--configs", "3d_fullres"]) == 0
+    assert (
+        main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--device", "cpu", "--configs", "3d_fullres"])
+        == 0
+    )
     shrink_networks(work)
     return work
 

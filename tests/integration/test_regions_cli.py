@@ -39,8 +39,25 @@ def _region_dataset(root: Path) -> Path:
 def test_region_based_end_to_end(tmp_path):
     data = _region_dataset(tmp_path)
     work = tmp_path / "work"
-    assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q",
-                 "--configs", "3d_fullres", "2d"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(data),
+                "-o",
+                str(work),
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+                "-q",
+                "--configs",
+                "3d_fullres",
+                "2d",
+            ]
+        )
+        == 0
+    )
     plan = json.loads((work / "plans.json").read_text())
     assert plan["regions"] == REGIONS and plan["regions_class_order"] == [1, 2, 3]
     assert plan["label_ids"] == [0, 1, 2, 3]
@@ -50,8 +67,28 @@ def test_region_based_end_to_end(tmp_path):
     assert Plan.load(work / "plans.json").num_classes == 3
 
     for config in ("3d_fullres", "2d"):
-        assert main(["train", str(work), "--config", config, "--fold", "0", "--epochs", "1", "--iters-per-epoch",
-                     "2", "--device", "cpu", "--num-workers", "0", "-q"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(work),
+                    "--config",
+                    config,
+                    "--fold",
+                    "0",
+                    "--epochs",
+                    "1",
+                    "--iters-per-epoch",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--num-workers",
+                    "0",
+                    "-q",
+                ]
+            )
+            == 0
+        )
         run = work / "runs" / config / "unet" / "fold_0"
         progress = json.loads((run / "progress.json").read_text())
         assert progress["history"] and all(np.isfinite(e["train_loss"]) for e in progress["history"])
@@ -74,15 +111,15 @@ def test_region_based_end_to_end(tmp_path):
     images = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
     for p in images:
         shutil.copy(p, inp / p.name)
-    assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta",
-                 "-q"]) == 0
+    assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta", "-q"]) == 0
     for src in images:
         assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
 
     bundle, out_b = tmp_path / "model.zip", tmp_path / "pred_bundle"
     assert main(["export", str(work), "-o", str(bundle), "-q"]) == 0
-    assert main(["predict", "-i", str(inp), "-o", str(out_b), "-m", str(bundle), "--device", "cpu", "--no-tta",
-                 "-q"]) == 0
+    assert (
+        main(["predict", "-i", str(inp), "-o", str(out_b), "-m", str(bundle), "--device", "cpu", "--no-tta", "-q"]) == 0
+    )
     for src in images:
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name)))
         np.testing.assert_array_equal(a, sitk.GetArrayFromImage(sitk.ReadImage(str(out_b / src.name))))
@@ -107,13 +144,47 @@ def test_regions_with_an_ignore_label(tmp_path):
         out.CopyInformation(img)
         sitk.WriteImage(out, str(path))
     work = tmp_path / "work"
-    assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q",
-                 "--configs", "3d_fullres"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(data),
+                "-o",
+                str(work),
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+                "-q",
+                "--configs",
+                "3d_fullres",
+            ]
+        )
+        == 0
+    )
     plan = json.loads((work / "plans.json").read_text())
     assert plan["ignore_label"] == 9 and plan["regions"] == REGIONS
     shrink_networks(work, 4)
-    assert main(["train", str(work), "--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
-                 "--num-workers", "0", "-q"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(work),
+                "--fold",
+                "0",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "2",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "-q",
+            ]
+        )
+        == 0
+    )
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     progress = json.loads((run / "progress.json").read_text())
     assert all(np.isfinite(e["train_loss"]) for e in progress["history"])

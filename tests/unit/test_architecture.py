@@ -20,8 +20,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "medseg"
 
 #: rank of each part; a module may import parts of a lower rank (and its own part)
 RANKS: dict[str, int] = {
-    "base": 0, "io": 1, "fingerprint": 2, "networks": 3, "planning": 4, "preprocessing": 5,
-    "inference": 6, "training": 7, "postprocessing": 8, "ensembling": 8, "evaluation": 8, "face": 9,
+    "base": 0,
+    "io": 1,
+    "fingerprint": 2,
+    "networks": 3,
+    "planning": 4,
+    "preprocessing": 5,
+    "inference": 6,
+    "training": 7,
+    "postprocessing": 8,
+    "ensembling": 8,
+    "evaluation": 8,
+    "face": 9,
 }
 BASE_MODULES = {"errors", "machine", "faults", "options", "clock", "__init__"}
 FACE_MODULES = {"cli", "pipeline", "demo", "__main__"}
@@ -97,8 +107,10 @@ def file_cycles(package: Path = PACKAGE) -> list[str]:
             name = name.rpartition(".")[0]
         return name or None
 
-    graph = {m: {r for i in imports_of(p, package) if (r := resolve(i)) and r != m and not r == "medseg"}
-             for m, p in modules.items()}
+    graph = {
+        m: {r for i in imports_of(p, package) if (r := resolve(i)) and r != m and not r == "medseg"}
+        for m, p in modules.items()
+    }
     # a package's __init__ re-exporting its own modules is not a cycle of the design: leave those edges out
     for m in graph:
         graph[m] = {t for t in graph[m] if not (modules[t].name == "__init__.py" and m.startswith(t + "."))}
@@ -109,7 +121,7 @@ def file_cycles(package: Path = PACKAGE) -> list[str]:
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == "open":
-                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+                cycles.append(" -> ".join(stack[stack.index(t) :] + [t]))
             elif t not in state:
                 visit(t)
         stack.pop()
@@ -156,5 +168,7 @@ def test_the_checker_sees_wrong_imports_and_loops(tmp_path):
         "medseg.io.image (io) imports medseg.training.trainer (training)",
         "medseg.networks.unet (networks) imports medseg.planning.plan (planning)",
     ]
-    assert file_cycles(pkg) == ["medseg.networks.unet -> medseg.planning.plan -> medseg.networks.unet",
-                                "medseg.planning.plan -> medseg.planning.planner -> medseg.planning.plan"]
+    assert file_cycles(pkg) == [
+        "medseg.networks.unet -> medseg.planning.plan -> medseg.networks.unet",
+        "medseg.planning.plan -> medseg.planning.planner -> medseg.planning.plan",
+    ]

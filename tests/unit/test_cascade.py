@@ -10,34 +10,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.preprocessing.previous_stage import append_previous_stage, onehot_previous_stage, to_preprocessed_grid
-from medseg.planning.stage import Stage
-from medseg.training.previous_stage import load_network_input, prepare_previous_stage, previous_stage_folder
 from medseg.errors import ConfigError, MedsegError, PlanError
 from medseg.io.image import ImageGeometry, write_image
 from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
+from medseg.planning.stage import Stage
 from medseg.preprocessing import labels_to_classes, preprocess_case, preprocessed_folder, write_case
+from medseg.preprocessing.previous_stage import append_previous_stage, onehot_previous_stage, to_preprocessed_grid
+from medseg.training.previous_stage import load_network_input, prepare_previous_stage, previous_stage_folder
 from tests.helpers import network_plan
 
-from .planning.conftest import BRATS, LIVERLIKE, plan as plan_fingerprint
+from .planning.conftest import BRATS, LIVERLIKE
+from .planning.conftest import plan as plan_fingerprint
 
 CASCADE = "3d_cascade_fullres"
 
 
 def _plan(label_ids=(0, 1, 2)) -> Plan:
-    net = network_plan("unet", (8, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)), base_features=4,
-                      max_features=8)
+    net = network_plan("unet", (8, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)), base_features=4, max_features=8)
     norm = (NormalizationSpec("zscore"),)
 
     def cfg(name, spacing, previous=None, ident=None):
-        return ConfigurationPlan(name, 3, spacing, (10, 12, 12), norm, {"unet": net},
-                                 data_identifier=ident or name, previous_stage=previous)
+        return ConfigurationPlan(
+            name, 3, spacing, (10, 12, 12), norm, {"unet": net}, data_identifier=ident or name, previous_stage=previous
+        )
 
-    configs = {"3d_fullres": cfg("3d_fullres", (2.0, 0.8, 0.8)),
-               "3d_lowres": cfg("3d_lowres", (4.0, 1.6, 1.6)),
-               CASCADE: cfg(CASCADE, (2.0, 0.8, 0.8), "3d_lowres", "3d_fullres")}
-    return Plan("t", ("MRI",), tuple(label_ids), tuple(f"l{i}" for i in label_ids), (3.0, 1.0, 1.0), (8, 14, 14),
-                configs).validate()
+    configs = {
+        "3d_fullres": cfg("3d_fullres", (2.0, 0.8, 0.8)),
+        "3d_lowres": cfg("3d_lowres", (4.0, 1.6, 1.6)),
+        CASCADE: cfg(CASCADE, (2.0, 0.8, 0.8), "3d_lowres", "3d_fullres"),
+    }
+    return Plan(
+        "t", ("MRI",), tuple(label_ids), tuple(f"l{i}" for i in label_ids), (3.0, 1.0, 1.0), (8, 14, 14), configs
+    ).validate()
 
 
 def _case(seed: int) -> tuple[np.ndarray, np.ndarray, ImageGeometry]:
@@ -59,7 +63,11 @@ def test_cascade_is_planned_exactly_when_lowres_is():
     full, cascade = p.configuration("3d_fullres"), p.configuration(CASCADE)
     assert "3d_lowres" in p.configurations and cascade.previous_stage == "3d_lowres"
     assert (cascade.spacing, cascade.patch_size, cascade.networks, cascade.data_identifier) == (
-        full.spacing, full.patch_size, full.networks, full.data_identifier)  # same cache, same networks
+        full.spacing,
+        full.patch_size,
+        full.networks,
+        full.data_identifier,
+    )  # same cache, same networks
     assert p.network_in_channels(CASCADE) == p.num_channels + len(p.label_ids) - 1
     assert p.network_in_channels("3d_fullres") == p.network_in_channels("3d_lowres") == p.num_channels
     assert "3d_lowres" in p.notes["configurations"][CASCADE]["rule"]
@@ -68,10 +76,13 @@ def test_cascade_is_planned_exactly_when_lowres_is():
     assert "3d_lowres" not in brats.configurations and CASCADE not in brats.configurations
 
 
-@pytest.mark.parametrize("previous, message", [
-    ("3d_cascade_fullres", "another configuration"),
-    ("3d_midres", "another configuration"),
-])
+@pytest.mark.parametrize(
+    "previous, message",
+    [
+        ("3d_cascade_fullres", "another configuration"),
+        ("3d_midres", "another configuration"),
+    ],
+)
 def test_inconsistent_previous_stage_is_refused(previous, message):
     d = _plan().to_dict()
     d["configurations"][CASCADE]["previous_stage"] = previous
@@ -121,8 +132,9 @@ def _work(tmp_path: Path) -> tuple[Path, Plan, list[str]]:
         image, label, geometry = _case(i)
         data, seg, props = preprocess_case(image, geometry, label, plan, CASCADE, cid)
         write_case(preprocessed_folder(work, plan, CASCADE), data, seg, props)
-    (work / "splits.json").write_text(json.dumps([{"train": ids[2:], "val": ids[:2]},
-                                                  {"train": ids[:2], "val": ids[2:]}]))
+    (work / "splits.json").write_text(
+        json.dumps([{"train": ids[2:], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:]}])
+    )
     return work, plan, ids
 
 
@@ -131,7 +143,9 @@ def _write_fold_predictions(work: Path, fold: int, ids: list[str], value: int | 
         _, label, geometry = _case(int(cid[1:]))
         if value is not None:
             label = np.full_like(label, value)
-        write_image(label, geometry, work / "runs" / "3d_lowres" / "unet" / f"fold_{fold}" / "validation" / f"{cid}.nii.gz")
+        write_image(
+            label, geometry, work / "runs" / "3d_lowres" / "unet" / f"fold_{fold}" / "validation" / f"{cid}.nii.gz"
+        )
 
 
 def test_training_is_refused_until_every_lowres_fold_has_predicted(tmp_path):
@@ -140,7 +154,10 @@ def test_training_is_refused_until_every_lowres_fold_has_predicted(tmp_path):
         prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
     msg = str(err.value)
     for fold in (0, 1):
-        assert f"3d_lowres fold {fold}" in msg and f"medseg train {work} --config 3d_lowres --arch unet --fold {fold}" in msg
+        assert (
+            f"3d_lowres fold {fold}" in msg
+            and f"medseg train {work} --config 3d_lowres --arch unet --fold {fold}" in msg
+        )
     _write_fold_predictions(work, 0, ids[:2])
     with pytest.raises(ConfigError) as err:
         prepare_previous_stage(work, Stage.resolve(plan, CASCADE, "unet"), ids)
@@ -170,11 +187,20 @@ def test_intensity_augmentation_leaves_the_previous_stage_channels_alone():
 
     rng = np.random.default_rng(0)
     seg = (rng.random((12, 12, 12)) > 0.5).astype(np.int8)
-    data = np.concatenate([rng.normal(size=(1, 12, 12, 12)).astype(np.float32),
-                           onehot_previous_stage(seg, 1)])
+    data = np.concatenate([rng.normal(size=(1, 12, 12, 12)).astype(np.float32), onehot_previous_stage(seg, 1)])
     case = CaseData("c", data, seg, {1: np.argwhere(seg == 1)})
-    aug = AugmentationConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, mirror_axes=(0, 1, 2), p_noise=1.0, p_blur=1.0,
-                             p_brightness=1.0, p_contrast=1.0, p_gamma=1.0, previous_stage_perturbation=False)
+    aug = AugmentationConfig(
+        p_rotation=0.0,
+        p_scale=0.0,
+        p_elastic=0.0,
+        mirror_axes=(0, 1, 2),
+        p_noise=1.0,
+        p_blur=1.0,
+        p_brightness=1.0,
+        p_contrast=1.0,
+        p_gamma=1.0,
+        previous_stage_perturbation=False,
+    )
     sampler = PatchSampler([case], (8, 8, 8), 2, augmentation=aug, image_channels=1)
     x, y = sampler.batch(0)
     assert x.shape == (2, 2, 8, 8, 8)

@@ -59,6 +59,10 @@ def test_the_base_module_imports_only_the_standard_library():
     import medseg.options
 
     tree = ast.parse(Path(medseg.options.__file__).read_text())
-    roots = {n.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-             for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])}
+    roots = {
+        n.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+    }
     assert roots - {"medseg"} <= set(sys.stdlib_module_names) | {"__future__"}

@@ -10,13 +10,17 @@ from medseg.cli.main import main
 from medseg.inference import PredictionResult
 
 
-@pytest.mark.parametrize("flag, expected", [(None, "auto"), ("auto", "auto"), ("none", None), ("NONE", None),
-                                            ("7.5", 7.5)])
+@pytest.mark.parametrize(
+    "flag, expected", [(None, "auto"), ("auto", "auto"), ("none", None), ("NONE", None), ("7.5", 7.5)]
+)
 def test_time_budget_per_case_flag(tmp_path, monkeypatch, capsys, flag, expected):
     seen = []
     monkeypatch.setattr(medseg.ensembling, "work_dir_predictor", lambda *a, **k: object())
-    monkeypatch.setattr(medseg.inference, "predict_folder",
-                        lambda inp, out, predictor, **kwargs: seen.append(kwargs) or PredictionResult(out))
+    monkeypatch.setattr(
+        medseg.inference,
+        "predict_folder",
+        lambda inp, out, predictor, **kwargs: seen.append(kwargs) or PredictionResult(out),
+    )
     args = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
     if flag is not None:
         args += ["--time-budget-per-case", flag]

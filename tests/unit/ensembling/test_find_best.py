@@ -21,17 +21,20 @@ GEO = ImageGeometry(SHAPE, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 
 
 def _plan() -> Plan:
     cfgs = {}
-    for name, net in (("3d_fullres", network_plan("unet", (4, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))),
-                      ("2d", network_plan("unet", (8, 8), 2, ((3, 3),) * 2, ((1, 1), (2, 2))))):
-        cfgs[name] = ConfigurationPlan(name, net.dims, (2.0, 1.0, 1.0), SHAPE,
-                                       (NormalizationSpec("zscore"),), {"unet": net})
+    for name, net in (
+        ("3d_fullres", network_plan("unet", (4, 8, 8), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))),
+        ("2d", network_plan("unet", (8, 8), 2, ((3, 3),) * 2, ((1, 1), (2, 2)))),
+    ):
+        cfgs[name] = ConfigurationPlan(
+            name, net.dims, (2.0, 1.0, 1.0), SHAPE, (NormalizationSpec("zscore"),), {"unet": net}
+        )
     return Plan("t", ("MRI",), (0, 1, 5), ("bg", "a", "b"), (2.0, 1.0, 1.0), SHAPE, cfgs).validate()
 
 
 def _reference(i: int) -> np.ndarray:
     ref = np.zeros(SHAPE, np.uint8)
     ref[1:5, 2:8, 2:8] = 1
-    ref[1:4, 10:14, 9 + i % 2:14] = 5
+    ref[1:4, 10:14, 9 + i % 2 : 14] = 5
     return ref
 
 
@@ -65,10 +68,13 @@ def work(tmp_path: Path) -> Path:
         pred3[5, 12:14, 0:2] = 1
         pred2 = ref.copy()
         pred2[3, 10:14, 9:14] = 0
-        _save_npz(work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}" / "validation" / f"{case}.npz",
-                  _onehot(pred3, 0.3, i))
-        _save_npz(work / "runs" / "2d" / "unet" / f"fold_{fold}" / "validation" / f"{case}.npz",
-                  _onehot(pred2, 0.3, 100 + i))
+        _save_npz(
+            work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}" / "validation" / f"{case}.npz",
+            _onehot(pred3, 0.3, i),
+        )
+        _save_npz(
+            work / "runs" / "2d" / "unet" / f"fold_{fold}" / "validation" / f"{case}.npz", _onehot(pred2, 0.3, 100 + i)
+        )
     (work / "runs" / "2d" / "unet" / "fold_0" / "checkpoint_final.pt").write_bytes(b"x")
     (work / "runs" / "2d" / "unet" / "fold_all").mkdir()
     (work / "runs" / "2d" / "unet" / "fold_all" / "checkpoint_final.pt").write_bytes(b"x")

@@ -60,9 +60,15 @@ def test_ignore_label_is_read_from_the_reference_dataset_json(tmp_path):
     _write(tmp_path / "pred", "c", pred)
     _write(data / "labelsTr", "c", ref)
     _write(data / "imagesTr", "c", np.ones(GEO.shape, np.float32))
-    (data / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {
-        "0": "background", "1": "a", "2": "b", "3": "ignore"}, "training": [
-        {"image": "./imagesTr/c.nii.gz", "label": "./labelsTr/c.nii.gz"}]}))
+    (data / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": {"0": "MRI"},
+                "labels": {"0": "background", "1": "a", "2": "b", "3": "ignore"},
+                "training": [{"image": "./imagesTr/c.nii.gz", "label": "./labelsTr/c.nii.gz"}],
+            }
+        )
+    )
     for ref_dir in (data, data / "labelsTr"):
         res = evaluate_folders(tmp_path / "pred", ref_dir, progress=False)
         assert res["ignore_label"] == IGNORE and res["label_ids"] == [1, 2]

@@ -39,8 +39,15 @@ def test_empty_conventions():
     assert math.isinf(hd) and nsd == 0.0
     m = case_metrics(np.zeros((3, 5, 5), np.uint8), some.astype(np.uint8), (1, 1, 1), [1, 2])
     assert m[1]["hd95_undefined"] and m[1]["dice"] == 0.0
-    assert m[2] == {"dice": 1.0, "iou": 1.0, "n_pred": 0, "n_ref": 0, "hd95": 0.0, "hd95_undefined": False,
-                    "surface_dice": 1.0}
+    assert m[2] == {
+        "dice": 1.0,
+        "iou": 1.0,
+        "n_pred": 0,
+        "n_ref": 0,
+        "hd95": 0.0,
+        "hd95_undefined": False,
+        "surface_dice": 1.0,
+    }
 
 
 def test_hd95_uses_anisotropic_spacing_in_mm():
@@ -77,8 +84,9 @@ def test_matches_monai_on_random_blobs(seed):
     hd, nsd = hd95_and_surface_dice(a, b, spacing, tolerance_mm=1.5)
     ta, tb = torch.from_numpy(a)[None, None].float(), torch.from_numpy(b)[None, None].float()
     ref_hd = compute_hausdorff_distance(ta, tb, percentile=95, spacing=spacing).item()
-    ref_nsd = compute_surface_dice(torch.cat([1 - ta, ta], 1), torch.cat([1 - tb, tb], 1),
-                                   class_thresholds=[1.5], spacing=spacing).item()
+    ref_nsd = compute_surface_dice(
+        torch.cat([1 - ta, ta], 1), torch.cat([1 - tb, tb], 1), class_thresholds=[1.5], spacing=spacing
+    ).item()
     assert hd == pytest.approx(ref_hd, rel=1e-5)
     assert nsd == pytest.approx(ref_nsd, rel=1e-5)
 

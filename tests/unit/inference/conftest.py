@@ -19,8 +19,12 @@ _kx = np.array([[0, -_k[2], _k[1]], [_k[2], 0, -_k[0]], [-_k[1], _k[0], 0]])
 OBLIQUE = tuple(float(v) for v in (np.eye(3) + np.sin(0.4) * _kx + (1 - np.cos(0.4)) * _kx @ _kx).ravel())
 
 
-def build_plan(spacings: dict[str, Sequence[float]] | None = None, label_ids: Sequence[int] = (0, 1),
-               median_spacing: Sequence[float] = (3.0, 1.0, 1.2), channels: int = 1) -> Plan:
+def build_plan(
+    spacings: dict[str, Sequence[float]] | None = None,
+    label_ids: Sequence[int] = (0, 1),
+    median_spacing: Sequence[float] = (3.0, 1.0, 1.2),
+    channels: int = 1,
+) -> Plan:
     """Plan with ``3d_fullres`` (patch 8x16x16) and, when in ``spacings``, ``2d`` (patch 16x16)."""
     spacings = spacings or {"3d_fullres": median_spacing}
     net3 = network_plan("unet", (8, 16, 16), 2, ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)))
@@ -29,13 +33,22 @@ def build_plan(spacings: dict[str, Sequence[float]] | None = None, label_ids: Se
     for name, sp in spacings.items():
         net = net2 if name == "2d" else net3
         cfgs[name] = ConfigurationPlan(
-            name=name, dims=net.dims, spacing=tuple(float(s) for s in sp), median_shape=(10, 24, 20),
-            normalization=(NormalizationSpec("zscore"),) * channels, networks={"unet": net},
+            name=name,
+            dims=net.dims,
+            spacing=tuple(float(s) for s in sp),
+            median_shape=(10, 24, 20),
+            normalization=(NormalizationSpec("zscore"),) * channels,
+            networks={"unet": net},
         )
     return Plan(
-        dataset_name="test", channel_names=tuple(f"ch{i}" for i in range(channels)), label_ids=tuple(label_ids),
-        label_names=tuple(f"l{i}" for i in label_ids), original_median_spacing=tuple(float(s) for s in median_spacing),
-        original_median_shape=(10, 24, 20), configurations=cfgs, default_configuration=next(iter(spacings)),
+        dataset_name="test",
+        channel_names=tuple(f"ch{i}" for i in range(channels)),
+        label_ids=tuple(label_ids),
+        label_names=tuple(f"l{i}" for i in label_ids),
+        original_median_spacing=tuple(float(s) for s in median_spacing),
+        original_median_shape=(10, 24, 20),
+        configurations=cfgs,
+        default_configuration=next(iter(spacings)),
     ).validate()
 
 
@@ -49,7 +62,9 @@ class Threshold(torch.nn.Module):
 def conv_net(dims: int = 3, classes: int = 2, seed: int = 0, channels: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
     conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
-    return torch.nn.Sequential(conv(channels, 4, 3, padding=1), torch.nn.LeakyReLU(), conv(4, classes, 3, padding=1)).eval()
+    return torch.nn.Sequential(
+        conv(channels, 4, 3, padding=1), torch.nn.LeakyReLU(), conv(4, classes, 3, padding=1)
+    ).eval()
 
 
 def bright_box_image(shape=(10, 24, 20), seed=0) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +76,9 @@ def bright_box_image(shape=(10, 24, 20), seed=0) -> tuple[np.ndarray, np.ndarray
     return image.astype(np.float32), box
 
 
-def write_oblique(path: Path, array: np.ndarray, spacing_zyx=(3.0, 0.8, 1.2), origin=(10.0, -20.5, 31.25)) -> sitk.Image:
+def write_oblique(
+    path: Path, array: np.ndarray, spacing_zyx=(3.0, 0.8, 1.2), origin=(10.0, -20.5, 31.25)
+) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
     img.SetOrigin(origin)

@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.errors import BundleError, MedsegError
 from medseg.ensembling import bundle_predictor, export_bundle, work_dir_predictor
+from medseg.errors import BundleError, MedsegError
 from medseg.inference.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, read_manifest
 from medseg.io.checkpoint import save_checkpoint
 
 from .conftest import bright_box_image, build_plan
 
-RULES = {"format": "medseg-postprocessing-v1", "per_label": {"1": [{"op": "largest_component"}]},
-         "fitted_on": {"members": [["3d_fullres", "unet"]], "num_cases": 2}}
+RULES = {
+    "format": "medseg-postprocessing-v1",
+    "per_label": {"1": [{"op": "largest_component"}]},
+    "fitted_on": {"members": [["3d_fullres", "unet"]], "num_cases": 2},
+}
 
 
 def _plan():
@@ -39,9 +42,19 @@ def _fake_run(work, plan, fold):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 1, 8, 16, 16))[0].mean().backward()
     opt.step()  # optimizer state (momentum buffers) that must not end up in the bundle
-    save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "iteration": 10,
-                     "train_config": {}, "plan": plan.to_dict(), "configuration": "3d_fullres", "arch": "unet"},
-                    work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}" / "checkpoint_final.pt")
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": 1,
+            "iteration": 10,
+            "train_config": {},
+            "plan": plan.to_dict(),
+            "configuration": "3d_fullres",
+            "arch": "unet",
+        },
+        work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}" / "checkpoint_final.pt",
+    )
 
 
 @pytest.fixture
@@ -80,8 +93,9 @@ def test_bundle_predicts_exactly_what_the_work_folder_predicts(work, bundle, tmp
         for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
             assert ka == kb and torch.equal(va, vb)
     image = _image()
-    np.testing.assert_array_equal(from_zip.predict_array(image, (3.0, 0.8, 1.2)),
-                                  from_work.predict_array(image, (3.0, 0.8, 1.2)))
+    np.testing.assert_array_equal(
+        from_zip.predict_array(image, (3.0, 0.8, 1.2)), from_work.predict_array(image, (3.0, 0.8, 1.2))
+    )
     assert len(bundle_predictor(moved, folds=[1]).members) == 1
     assert bundle_predictor(moved, postprocessing=False).postprocess is None
     with pytest.raises(MedsegError, match="holds"):
@@ -110,8 +124,10 @@ def test_bundle_carries_the_rules_decided_from_the_labels(work, tmp_path):
     from medseg.fingerprint import CaseFingerprint, Fingerprint
 
     (work / "postprocessing.json").unlink()  # no find-best: a --fold all or README-style run
-    cases = tuple(CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
-                  for i in range(12))
+    cases = tuple(
+        CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
+        for i in range(12)
+    )
     Fingerprint("test", ("ch0",), (0, 1), cases, ()).save(work / "fingerprint.json")
     bundle = export_bundle(work, tmp_path / "prior.zip")
     assert read_manifest(bundle)["postprocessing"] == "postprocessing.json"
@@ -150,8 +166,13 @@ def test_broken_bundles_are_refused_naming_the_file(bundle, tmp_path):
         bundle_predictor(missing)
 
     manifest = json.loads(zipfile.ZipFile(bundle).read(MANIFEST))
-    newer = _rewrite(bundle, tmp_path / "newer.zip", replace={
-        MANIFEST: json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1, "medseg_version": "9.0"})})
+    newer = _rewrite(
+        bundle,
+        tmp_path / "newer.zip",
+        replace={
+            MANIFEST: json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1, "medseg_version": "9.0"})
+        },
+    )
     with pytest.raises(BundleError, match=r"newer.zip: bundle format version 2 \(written by medseg 9.0\).*upgrade"):
         bundle_predictor(newer)
 

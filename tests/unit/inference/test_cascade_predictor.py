@@ -37,8 +37,12 @@ def test_cascade_predicts_from_the_previous_stage_segmentation():
     assert plan.network_in_channels(CASCADE) == 2
     image, box = bright_box_image()
     lowres = Predictor([EnsembleMember(Threshold(), plan, "3d_lowres", "unet")], use_tta=False, precision="fp32")
-    cascade = Predictor([EnsembleMember(FromPreviousStage(), plan, CASCADE, "unet")], use_tta=False,
-                        precision="fp32", previous_stages={"3d_lowres": lowres})
+    cascade = Predictor(
+        [EnsembleMember(FromPreviousStage(), plan, CASCADE, "unet")],
+        use_tta=False,
+        precision="fp32",
+        previous_stages={"3d_lowres": lowres},
+    )
     seg = cascade.predict_array(image, (3.0, 0.8, 1.2))
     low = lowres.predict_array(image, (3.0, 0.8, 1.2))
     assert seg.shape == image.shape and set(np.unique(seg)) <= {0, 1}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.errors import CheckpointError, MedsegError
 from medseg.ensembling import work_dir_predictor
+from medseg.errors import CheckpointError, MedsegError
 from medseg.inference import Predictor, predict_folder
 from medseg.io.checkpoint import save_checkpoint
 
@@ -31,9 +31,18 @@ def _train_fake_run(work, plan, fold, seed):
     model = net.build(plan.num_channels, plan.num_classes)
     run = work / "runs" / "3d_fullres" / "unet" / f"fold_{fold}"
     run.mkdir(parents=True)
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "iteration": 10, "train_config": {},
-                     "plan": plan.to_dict(), "configuration": "3d_fullres", "arch": "unet"},
-                    run / "checkpoint_final.pt")
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "epoch": 1,
+            "iteration": 10,
+            "train_config": {},
+            "plan": plan.to_dict(),
+            "configuration": "3d_fullres",
+            "arch": "unet",
+        },
+        run / "checkpoint_final.pt",
+    )
     return model
 
 
@@ -63,10 +72,14 @@ def test_default_is_every_trained_fold_and_weights_are_restored(work):
 
 
 def test_best_json_and_matching_postprocessing_are_used(work):
-    (work / "best.json").write_text(json.dumps({"members": [{"configuration": "3d_fullres", "arch": "unet"}],
-                                                "folds": [1]}))
-    rules = {"format": "medseg-postprocessing-v1", "per_label": {"1": [{"op": "largest_component"}]},
-             "fitted_on": {"members": [["3d_fullres", "unet"]]}}
+    (work / "best.json").write_text(
+        json.dumps({"members": [{"configuration": "3d_fullres", "arch": "unet"}], "folds": [1]})
+    )
+    rules = {
+        "format": "medseg-postprocessing-v1",
+        "per_label": {"1": [{"op": "largest_component"}]},
+        "fitted_on": {"members": [["3d_fullres", "unet"]]},
+    }
     (work / "postprocessing.json").write_text(json.dumps(rules))
     pred = work_dir_predictor(work)
     assert len(pred.members) == 1 and pred.members[0].source.endswith("fold_1/checkpoint_final.pt")
@@ -80,8 +93,10 @@ def test_best_json_and_matching_postprocessing_are_used(work):
 def _single_component_fingerprint(path, num_cases=12):
     from medseg.fingerprint import CaseFingerprint, Fingerprint
 
-    cases = tuple(CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
-                  for i in range(num_cases))
+    cases = tuple(
+        CaseFingerprint(f"c{i}", (3.0, 0.8, 1.2), (10, 24, 20), (10, 24, 20), 1.0, {1: 100}, {1: (100,)})
+        for i in range(num_cases)
+    )
     Fingerprint("test", ("ch0",), (0, 1), cases, ()).save(path)
 
 
@@ -106,8 +121,11 @@ def test_without_find_best_the_label_statistics_rules_apply_and_find_best_wins(w
     assert work_dir_predictor(work).postprocess.rules["num_cases"] == 10
     assert f"2 runs' {PRIOR_FILE}" in caplog.text
     # find-best's rules fitted on this ensemble win, even when they remove nothing
-    (work / "postprocessing.json").write_text(json.dumps({
-        "format": "medseg-postprocessing-v1", "per_label": {}, "fitted_on": {"members": [["3d_fullres", "unet"]]}}))
+    (work / "postprocessing.json").write_text(
+        json.dumps(
+            {"format": "medseg-postprocessing-v1", "per_label": {}, "fitted_on": {"members": [["3d_fullres", "unet"]]}}
+        )
+    )
     assert work_dir_predictor(work).postprocess.rules["per_label"] == {}
     assert "source" not in work_dir_predictor(work).postprocess.rules
 

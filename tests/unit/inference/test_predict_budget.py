@@ -67,7 +67,14 @@ def test_a_tiny_budget_drops_tta_then_overlap_and_the_record_says_so(input_dir, 
     rec_full, rec_tiny = _record(tmp_path / "full"), _record(tmp_path / "tiny")
     assert rec_tiny["time_budget_per_case"] == 0.0 and rec_tiny["rule"] == "given"
     assert [(o["tta_passes"], o["overlap"]) for o in rec_tiny["reduction_order"]] == [
-        (8, 0.5), (4, 0.5), (2, 0.5), (1, 0.5), (1, 0.333), (1, 0.25), (1, 0.0)]
+        (8, 0.5),
+        (4, 0.5),
+        (2, 0.5),
+        (1, 0.5),
+        (1, 0.333),
+        (1, 0.25),
+        (1, 0.0),
+    ]
     for case in ("case_0", "case_1"):
         f, t = rec_full["cases"][case], rec_tiny["cases"][case]
         assert (f["tta_passes"], f["overlap"], f["held"], f["reduced"]) == (8, 0.5, True, False)
@@ -76,8 +83,12 @@ def test_a_tiny_budget_drops_tta_then_overlap_and_the_record_says_so(input_dir, 
         assert t["network_seconds"] > 0 and t["load_seconds"] > 0 and t["write_seconds"] > 0
     assert rec_tiny["cases"]["case_0"]["measure_seconds"] > 0  # measured once, on the first case
     assert rec_tiny["cases"]["case_1"]["measure_seconds"] < rec_tiny["cases"]["case_0"]["measure_seconds"]
-    assert rec_tiny["summary"] == {"cases": 2, "mean_seconds": pytest.approx(rec_tiny["summary"]["mean_seconds"]),
-                                   "held": 0, "reduced": 2}
+    assert rec_tiny["summary"] == {
+        "cases": 2,
+        "mean_seconds": pytest.approx(rec_tiny["summary"]["mean_seconds"]),
+        "held": 0,
+        "reduced": 2,
+    }
     # 14x40x36 voxels, patch 8x16x16: 3x4x4 windows at overlap 0.5, 2x3x3 at 0; the measurement 2 x 2 windows
     assert _inputs(full) == 2 * 8 * 48 + 4 and _inputs(tiny) == 2 * 18 + 4
     assert "held in 0 of 2 case(s)" in res_tiny.summary() and "TTA 1, overlap 0" in res_tiny.summary()
@@ -132,15 +143,21 @@ def test_folds_of_an_ensemble_share_the_budget_and_one_measurement(input_dir, tm
 
 
 def test_no_tta_and_a_larger_step_are_kept_as_the_fullest_setting():
-    assert _predictor(use_tta=False).budget_options() == [CaseSetting(1, 0.5), CaseSetting(1, 0.666667),
-                                                         CaseSetting(1, 0.75), CaseSetting(1, 1.0)]
+    assert _predictor(use_tta=False).budget_options() == [
+        CaseSetting(1, 0.5),
+        CaseSetting(1, 0.666667),
+        CaseSetting(1, 0.75),
+        CaseSetting(1, 1.0),
+    ]
     assert _predictor(step=0.75).budget_options()[0] == CaseSetting(8, 0.75)
     assert _predictor(tta_passes=2).budget_options()[:2] == [CaseSetting(2, 0.5), CaseSetting(1, 0.5)]
 
 
 def test_default_budget_rule(tmp_path):
     assert resolve_time_budget("auto", _predictor(minutes=30)) == (
-        pytest.approx(9.0), "default: 10% of the 30-minute training budget over 20 cases")
+        pytest.approx(9.0),
+        "default: 10% of the 30-minute training budget over 20 cases",
+    )
     seconds, why = resolve_time_budget("auto", _predictor())
     assert seconds is None and "no training time budget" in why
     assert resolve_time_budget(None, _predictor(minutes=30)) == (None, "no limit")
@@ -155,8 +172,11 @@ def test_a_cascade_counts_its_previous_stage_into_the_budget(input_dir, tmp_path
 
     plan = cascade_plan()
     lowres = Predictor([EnsembleMember(Threshold(), plan, "3d_lowres", "unet")], precision="fp32")
-    cascade = Predictor([EnsembleMember(FromPreviousStage(), plan, CASCADE, "unet")], precision="fp32",
-                        previous_stages={"3d_lowres": lowres})
+    cascade = Predictor(
+        [EnsembleMember(FromPreviousStage(), plan, CASCADE, "unet")],
+        precision="fp32",
+        previous_stages={"3d_lowres": lowres},
+    )
     prepared = cascade.preprocess(*read_channels([input_dir / "case_0.nii.gz"]), "case_0")
     assert sorted(j.key for j in cascade.case_jobs(prepared)) == [f"{CASCADE}/unet", "3d_lowres/unet"]
     res = predict_folder(input_dir, tmp_path / "out", cascade, progress=False, time_budget_per_case=1e-4)

@@ -13,8 +13,9 @@ from .conftest import Threshold, bright_box_image, build_plan, write_oblique
 
 
 def _predictor(channels: int = 1) -> Predictor:
-    plan = build_plan(label_ids=(0, 5), channels=channels, spacings={"3d_fullres": (3.0, 0.8, 1.2)},
-                      median_spacing=(3.0, 0.8, 1.2))
+    plan = build_plan(
+        label_ids=(0, 5), channels=channels, spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2)
+    )
     return Predictor([EnsembleMember(Threshold(), plan, "3d_fullres", "unet")], use_tta=False)
 
 

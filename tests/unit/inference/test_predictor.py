@@ -12,8 +12,8 @@ import torch
 
 from medseg.errors import MedsegError
 from medseg.inference import EnsembleMember, Predictor
-from medseg.postprocessing.operations import RulesPostprocess
 from medseg.io.image import ImageGeometry
+from medseg.postprocessing.operations import RulesPostprocess
 
 from .conftest import OBLIQUE, Threshold, bright_box_image, build_plan, conv_net, write_oblique
 
@@ -52,8 +52,12 @@ def test_ensemble_of_identical_models_equals_single_model():
     geo = ImageGeometry(image.shape, (3.0, 1.0, 1.2), (0.0, 0.0, 0.0), OBLIQUE)
     net = conv_net()
     single = Predictor([EnsembleMember(net, plan, "3d_fullres", "unet")])
-    double = Predictor([EnsembleMember(net, plan, "3d_fullres", "unet"),
-                        EnsembleMember(copy.deepcopy(net), plan, "3d_fullres", "unet")])
+    double = Predictor(
+        [
+            EnsembleMember(net, plan, "3d_fullres", "unet"),
+            EnsembleMember(copy.deepcopy(net), plan, "3d_fullres", "unet"),
+        ]
+    )
     p1 = single.predict_probabilities(image[None], geo)
     p2 = double.predict_probabilities(image[None], geo)
     assert p1.shape == (2, *image.shape)
@@ -106,6 +110,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     def broken_compile(model, **kwargs):
         def run(x):
             raise RuntimeError("no C++ compiler")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -123,9 +128,13 @@ def test_streamed_argmax_equals_argmax_of_mean_probabilities():
     image[:, :3] = 0  # zero frame -> cropped away, must come back as background
     image[:, :, -2:] = 0
     geo = ImageGeometry(image.shape, (3.0, 1.0, 1.2), (0.0, 0.0, 0.0), OBLIQUE)
-    predictor = Predictor([EnsembleMember(conv_net(3, classes=3, seed=4), plan, "3d_fullres", "unet"),
-                           EnsembleMember(conv_net(3, classes=3, seed=5), plan, "3d_fullres", "unet"),
-                           EnsembleMember(conv_net(2, classes=3, seed=6), plan, "2d", "unet")])
+    predictor = Predictor(
+        [
+            EnsembleMember(conv_net(3, classes=3, seed=4), plan, "3d_fullres", "unet"),
+            EnsembleMember(conv_net(3, classes=3, seed=5), plan, "3d_fullres", "unet"),
+            EnsembleMember(conv_net(2, classes=3, seed=6), plan, "2d", "unet"),
+        ]
+    )
     inferred = predictor._infer(predictor.preprocess(image[None], geo))
     probs = predictor._combine(inferred)
     streamed = predictor._combine_labels(inferred)
@@ -174,8 +183,9 @@ def test_tta_adds_grid_shifts_when_the_plan_mirrors_fewer_axes():
     plan = build_plan()
     cfg = plan.configuration("3d_fullres")
     net = cfg.network("unet")
-    spec = dataclasses.replace(net.spec, kernel_sizes=((3, 3, 3),) * 4,
-                               strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)))  # total stride (4, 8, 8)
+    spec = dataclasses.replace(
+        net.spec, kernel_sizes=((3, 3, 3),) * 4, strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2))
+    )  # total stride (4, 8, 8)
     net = dataclasses.replace(net, spec=spec)
     cfg = dataclasses.replace(cfg, mirror_axes=(2,), networks={"unet": net})
     plan = dataclasses.replace(plan, configurations={"3d_fullres": cfg}).validate()
@@ -188,8 +198,9 @@ def test_tta_adds_grid_shifts_when_the_plan_mirrors_fewer_axes():
         # (8, 16, 16) patch outgrows it and needs 2 x 2 x 2 patches
         assert len(recorder.inputs) == 2 * 2 * patches
         np.testing.assert_array_equal(seg == 1, box)
-    no_tta = Predictor([EnsembleMember(_FlipRecorder(), plan, "3d_fullres", "unet")], precision="fp32",
-                       batch_size=1, use_tta=False)
+    no_tta = Predictor(
+        [EnsembleMember(_FlipRecorder(), plan, "3d_fullres", "unet")], precision="fp32", batch_size=1, use_tta=False
+    )
     no_tta.predict_array(image, (3.0, 1.0, 1.2))
     assert len(no_tta.members[0].model.inputs) == 1
 

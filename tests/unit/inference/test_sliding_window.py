@@ -60,7 +60,9 @@ def test_identity_2d_slicewise_reproduces_input(shape, mirror):
 
 def test_probabilities_sum_to_one_and_bf16_close_to_fp32():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 3, padding=1)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 3, padding=1)
+    ).eval()
     x = torch.randn(1, 10, 11, 9)
     fp32 = predict_sliding_window(net, x, (8, 8, 8), 3, mirror_axes=(1,))
     bf16 = predict_sliding_window(net, x, (8, 8, 8), 3, mirror_axes=(1,), precision="bf16", batch_size=4)
@@ -111,14 +113,16 @@ def test_gaussian_map_properties():
     assert g1[16 + 4] == pytest.approx(np.exp(-0.5) * g1[16] / 1.0, rel=0.05)
 
 
-@pytest.mark.parametrize("size,patch,step", [(10, 10, 0.5), (11, 10, 0.5), (100, 16, 0.5), (37, 8, 0.25), (50, 20, 1.0)])
+@pytest.mark.parametrize(
+    "size,patch,step", [(10, 10, 0.5), (11, 10, 0.5), (100, 16, 0.5), (37, 8, 0.25), (50, 20, 1.0)]
+)
 def test_tile_starts_cover_axis(size, patch, step):
     starts = tile_starts(size, patch, step)
     assert starts[0] == 0 and starts[-1] == size - patch
     assert all(b - a <= patch * step + 1e-9 for a, b in zip(starts, starts[1:]))
     covered = np.zeros(size, bool)
     for s in starts:
-        covered[s:s + patch] = True
+        covered[s : s + patch] = True
     assert covered.all()
 
 
@@ -179,8 +183,8 @@ def test_shifts_average_the_weighted_logits_of_each_grid_position():
     # the 8-voxel volume sits at patch offset 4 unshifted; the variants put it at 2 and at 6
     g = gaussian_importance_map((16, 16, 16))
     ramp = torch.linspace(-2.0, 2.0, 16)
-    weights = [g[o:o + 8, o:o + 8, o:o + 8] for o in (2, 6)]
-    logits = [x[0] + ramp[o:o + 8] for o in (2, 6)]
+    weights = [g[o : o + 8, o : o + 8, o : o + 8] for o in (2, 6)]
+    logits = [x[0] + ramp[o : o + 8] for o in (2, 6)]
     mean = (weights[0] * logits[0] + weights[1] * logits[1]) / (weights[0] + weights[1])
     torch.testing.assert_close(out[1], torch.sigmoid(mean), atol=1e-5, rtol=0)
     unshifted = predict_sliding_window(PositionBias3d(), x, (16, 16, 16), 2)
@@ -194,8 +198,9 @@ def test_half_accumulator_for_large_outputs_matches_float32(shape, monkeypatch):
     import medseg.inference.sliding_window as sw
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv3d(8, 9, 3, padding=1)).eval()  # 9 classes: several chunks
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 9, 3, padding=1)
+    ).eval()  # 9 classes: several chunks
     x = torch.randn(1, *shape)
     full = predict_sliding_window(net, x, (8, 8, 8), 9, mirror_axes=(0, 2))
     monkeypatch.setattr(sw, "HALF_ACCUMULATOR_BYTES", 0)  # every output counts as large

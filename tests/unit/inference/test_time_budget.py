@@ -44,7 +44,11 @@ def test_case_estimate_is_windows_times_passes_times_forward_time():
     assert windows_per_pass(SHAPE, (20, 20), [(0, 0)]) == 40 * 9
     # less overlap: 60 voxels over a 20-voxel patch take 5 positions at step 0.5, 4 at 2/3 or 3/4, 3 at 1
     assert [windows_per_pass((60, 60, 60), PATCH, [(0, 0, 0)], s) for s in (0.5, 0.666667, 0.75, 1.0)] == [
-        125, 64, 64, 27]
+        125,
+        64,
+        64,
+        27,
+    ]
 
 
 def _settings(options):
@@ -52,13 +56,28 @@ def _settings(options):
 
 
 def test_reduction_order_is_tta_passes_first_then_window_overlap():
-    assert _settings(reduction_order([8, 4, 2, 1])) == [(8, 0.5), (4, 0.5), (2, 0.5), (1, 0.5), (1, 0.333),
-                                                        (1, 0.25), (1, 0.0)]
+    assert _settings(reduction_order([8, 4, 2, 1])) == [
+        (8, 0.5),
+        (4, 0.5),
+        (2, 0.5),
+        (1, 0.5),
+        (1, 0.333),
+        (1, 0.25),
+        (1, 0.0),
+    ]
     # --no-tta: only the overlap is left to reduce; a step asked for above 0.5 starts there
     assert _settings(reduction_order([1])) == [(1, 0.5), (1, 0.333), (1, 0.25), (1, 0.0)]
     assert _settings(reduction_order([4, 2, 1], step=0.75)) == [(4, 0.25), (2, 0.25), (1, 0.25), (1, 0.0)]
-    assert _settings(reduction_order([8, 4, 2, 1], step=0.25)) == [(8, 0.75), (4, 0.75), (2, 0.75), (1, 0.75),
-                                                                   (1, 0.5), (1, 0.333), (1, 0.25), (1, 0.0)]
+    assert _settings(reduction_order([8, 4, 2, 1], step=0.25)) == [
+        (8, 0.75),
+        (4, 0.75),
+        (2, 0.75),
+        (1, 0.75),
+        (1, 0.5),
+        (1, 0.333),
+        (1, 0.25),
+        (1, 0.0),
+    ]
 
 
 def _job(key="3d/unet", shape=(60, 60, 60)):
@@ -115,10 +134,29 @@ def test_default_budget_is_a_tenth_of_the_training_budget_over_20_cases_on_the_c
 
 
 def test_record_says_what_was_used_and_whether_the_budget_held():
-    held = CaseRecord(8, 0.5, 8, 0.5, budget_seconds=9.0, estimated_seconds=8.0, load_seconds=1.0,
-                      network_seconds=6.0, write_seconds=1.0)
-    over = CaseRecord(1, 0.0, 8, 0.5, budget_seconds=9.0, estimated_seconds=8.5, load_seconds=1.0,
-                      measure_seconds=0.5, network_seconds=7.0, write_seconds=1.0)
+    held = CaseRecord(
+        8,
+        0.5,
+        8,
+        0.5,
+        budget_seconds=9.0,
+        estimated_seconds=8.0,
+        load_seconds=1.0,
+        network_seconds=6.0,
+        write_seconds=1.0,
+    )
+    over = CaseRecord(
+        1,
+        0.0,
+        8,
+        0.5,
+        budget_seconds=9.0,
+        estimated_seconds=8.5,
+        load_seconds=1.0,
+        measure_seconds=0.5,
+        network_seconds=7.0,
+        write_seconds=1.0,
+    )
     assert (held.seconds, held.held, held.reduced) == (8.0, True, False)
     assert (over.seconds, over.held, over.reduced) == (9.5, False, True)
     assert CaseRecord(8, 0.5, 8, 0.5).held is None

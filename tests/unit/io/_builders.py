@@ -39,8 +39,9 @@ def write(path: Path, arr: np.ndarray, spacing=SPACING_XYZ, origin=ORIGIN, direc
     return path
 
 
-def write_msd(root: Path, n: int = 3, ending: str = ".nii.gz", labels: dict | None = None,
-              modality: dict | None = None) -> Path:
+def write_msd(
+    root: Path, n: int = 3, ending: str = ".nii.gz", labels: dict | None = None, modality: dict | None = None
+) -> Path:
     """A valid single-channel MSD dataset ``case_000 ...`` with a ``training`` list."""
     root.mkdir(parents=True, exist_ok=True)
     training = []

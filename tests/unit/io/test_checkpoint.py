@@ -21,9 +21,18 @@ from medseg.io.checkpoint import (
 
 
 def _state() -> dict:
-    return {"format": CHECKPOINT_FORMAT, "model": {"w": torch.arange(6.0)}, "epoch": 3, "iteration": 30,
-            "train_config": {"fold": 0}, "plan": {}, "configuration": "3d_fullres", "arch": "unet",
-            "rng": capture_rng_state(), "history": [{"epoch": 1, "train_loss": 0.5}]}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"w": torch.arange(6.0)},
+        "epoch": 3,
+        "iteration": 30,
+        "train_config": {"fold": 0},
+        "plan": {},
+        "configuration": "3d_fullres",
+        "arch": "unet",
+        "rng": capture_rng_state(),
+        "history": [{"epoch": 1, "train_loss": 0.5}],
+    }
 
 
 def test_round_trip_with_weights_only(tmp_path):

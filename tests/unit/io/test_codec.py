@@ -38,9 +38,18 @@ class Outer:
 
 
 FULL = Outer(
-    schema_version=2, inner=Inner("a", (1, 2, 3), 0.5), kernels=((3, 3, 3), (1, 3, 3)), pair=(1.5, "x"),
-    items={"3d": Inner("b", (4,))}, by_class={1: [[0, 1, 2]], 2: []}, order=(2, 1), precision=Precision.BF16,
-    fold="all", flag=True, notes={"budget": {"chosen": [1, 2]}}, tags=["t"],
+    schema_version=2,
+    inner=Inner("a", (1, 2, 3), 0.5),
+    kernels=((3, 3, 3), (1, 3, 3)),
+    pair=(1.5, "x"),
+    items={"3d": Inner("b", (4,))},
+    by_class={1: [[0, 1, 2]], 2: []},
+    order=(2, 1),
+    precision=Precision.BF16,
+    fold="all",
+    flag=True,
+    notes={"budget": {"chosen": [1, 2]}},
+    tags=["t"],
 )
 
 
@@ -65,19 +74,29 @@ def test_defaults_none_numbers_and_numpy():
 
 
 def test_every_problem_is_reported_at_once_with_its_dotted_path():
-    bad = {"schema_version": "2", "inner": {"name": "a", "bogus": 1}, "kernels": [[3, 3]], "pair": [1.0, "x"],
-           "items": {"2d": {"name": 5, "size": [1]}}, "precision": "fp8", "flag": 1, "extra": 0}
+    bad = {
+        "schema_version": "2",
+        "inner": {"name": "a", "bogus": 1},
+        "kernels": [[3, 3]],
+        "pair": [1.0, "x"],
+        "items": {"2d": {"name": 5, "size": [1]}},
+        "precision": "fp8",
+        "flag": 1,
+        "extra": 0,
+    }
     with pytest.raises(PlanError) as info:
         from_json_dict(Outer, bad, "plan", PlanError)
     lines = str(info.value).splitlines()
     assert lines[0].startswith("plan: unknown key(s) ['extra']; allowed: [")
-    expected = ["plan.schema_version: expected integers, got '2'",
-                "plan.inner: unknown key(s) ['bogus']; allowed: ['name', 'size', 'weight']",
-                "plan.inner: missing key 'size'",
-                "plan.kernels[0]: expected 3 values, got 2",
-                "plan.items.2d.name: expected a string, got 5",
-                "plan.precision: expected one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'",
-                "plan.flag: expected true or false, got 1"]
+    expected = [
+        "plan.schema_version: expected integers, got '2'",
+        "plan.inner: unknown key(s) ['bogus']; allowed: ['name', 'size', 'weight']",
+        "plan.inner: missing key 'size'",
+        "plan.kernels[0]: expected 3 values, got 2",
+        "plan.items.2d.name: expected a string, got 5",
+        "plan.precision: expected one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'",
+        "plan.flag: expected true or false, got 1",
+    ]
     for line in expected:
         assert line in lines, (line, lines)
     assert len(lines) == 1 + len(expected)

@@ -57,8 +57,9 @@ def test_nnunet_v2_two_channels_discovered_from_folders(nnunet):
 def test_msd_training_list_resolves_to_channel_files(tmp_path):
     """An MSD training list naming CASE.nii.gz while the folder holds CASE_0000.nii.gz, CASE_0001.nii.gz."""
     root = write_nnunet(tmp_path / "d", n=2, channels=2)
-    edit_json(root, training=[{"image": f"./imagesTr/pat{i}.nii.gz", "label": f"./labelsTr/pat{i}.nii.gz"}
-                              for i in (1, 0)])
+    edit_json(
+        root, training=[{"image": f"./imagesTr/pat{i}.nii.gz", "label": f"./labelsTr/pat{i}.nii.gz"} for i in (1, 0)]
+    )
     ds = load_dataset(root)
     assert [c.case_id for c in ds.cases] == ["pat1", "pat0"]  # dataset.json order
     assert [p.name for p in ds.cases[0].image_files] == ["pat1_0000.nii.gz", "pat1_0001.nii.gz"]
@@ -69,9 +70,15 @@ def test_single_channel_training_list_falls_back_to_0000_file(tmp_path):
     root = tmp_path / "d"
     write(root / "imagesTr" / "a_0000.nii.gz", image_array())
     write(root / "labelsTr" / "a.nii.gz", label_array())
-    (root / "dataset.json").write_text(json.dumps({
-        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "x", "2": "y"},
-        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": {"0": "CT"},
+                "labels": {"0": "background", "1": "x", "2": "y"},
+                "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+            }
+        )
+    )
     ds = load_dataset(root)
     assert ds.cases[0].image_files == (root / "imagesTr" / "a_0000.nii.gz",)
     validate_dataset(ds, progress=False)
@@ -178,8 +185,10 @@ def test_real_totalseg_ct_loads_with_many_label_ids():
 
 def test_training_entries_naming_the_first_channel_file(tmp_path):
     root = write_nnunet(tmp_path / "d", n=2, channels=2)
-    edit_json(root, training=[{"image": f"./imagesTr/pat{i}_0000.nii.gz", "label": f"./labelsTr/pat{i}.nii.gz"}
-                              for i in range(2)])
+    edit_json(
+        root,
+        training=[{"image": f"./imagesTr/pat{i}_0000.nii.gz", "label": f"./labelsTr/pat{i}.nii.gz"} for i in range(2)],
+    )
     ds = load_dataset(root)
     assert [c.case_id for c in ds.cases] == ["pat0", "pat1"]
     assert [p.name for p in ds.cases[1].image_files] == ["pat1_0000.nii.gz", "pat1_0001.nii.gz"]
@@ -188,15 +197,21 @@ def test_training_entries_naming_the_first_channel_file(tmp_path):
 
 def test_explicit_nnunet_dataset_mapping(tmp_path):
     root = write_nnunet(tmp_path / "d", n=2, channels=2)
-    edit_json(root, dataset={
-        "first": {"images": ["imagesTr/pat1_0000.nii.gz", "imagesTr/pat1_0001.nii.gz"],
-                  "label": "labelsTr/pat1.nii.gz"},
-        "second": {"images": ["imagesTr/pat0_0000.nii.gz"], "label": "labelsTr/pat0.nii.gz"},
-    })
+    edit_json(
+        root,
+        dataset={
+            "first": {
+                "images": ["imagesTr/pat1_0000.nii.gz", "imagesTr/pat1_0001.nii.gz"],
+                "label": "labelsTr/pat1.nii.gz",
+            },
+            "second": {"images": ["imagesTr/pat0_0000.nii.gz"], "label": "labelsTr/pat0.nii.gz"},
+        },
+    )
     ds = load_dataset(root)
     assert [c.case_id for c in ds.cases] == ["first", "second"]
     assert ds.cases[0].image_files[1] == root / "imagesTr" / "pat1_0001.nii.gz"
     with pytest.raises(DatasetError) as err:
         validate_dataset(ds, progress=False)
     assert err.value.problems == [
-        "case second: imagesTr/pat0_0000.nii.gz: case has 1 image file(s) but dataset.json declares 2 channel(s)"]
+        "case second: imagesTr/pat0_0000.nii.gz: case has 1 image file(s) but dataset.json declares 2 channel(s)"
+    ]

@@ -28,7 +28,9 @@ def test_nnunet_naming_single_channel(tmp_path):
     folder = make(tmp_path / "in", "x_0000.nii.gz", "y_0000.nrrd")
     cases = find_prediction_cases(folder, 1)
     assert [(c.case_id, c.image_files) for c in cases] == [
-        ("x", (folder / "x_0000.nii.gz",)), ("y", (folder / "y_0000.nrrd",))]
+        ("x", (folder / "x_0000.nii.gz",)),
+        ("y", (folder / "y_0000.nrrd",)),
+    ]
 
 
 def test_nnunet_naming_two_channels_in_channel_order(tmp_path):

@@ -18,10 +18,13 @@ def _with_labels(tmp_path, labels, n=2):
     return write_msd(tmp_path / "ds", n=n, labels=labels)
 
 
-@pytest.mark.parametrize("labels", [
-    {"0": "background", "1": "left", "2": "right", "3": "ignore"},  # MSD id -> name
-    {"background": 0, "left": 1, "right": 2, "Ignore": 3},  # nnU-Net v2 name -> id, any case
-])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"0": "background", "1": "left", "2": "right", "3": "ignore"},  # MSD id -> name
+        {"background": 0, "left": 1, "right": 2, "Ignore": 3},  # nnU-Net v2 name -> id, any case
+    ],
+)
 def test_ignore_label_is_kept_out_of_the_classes(tmp_path, labels):
     ds = load_dataset(_with_labels(tmp_path, labels))
     assert ds.label_ids == (0, 1, 2)

@@ -29,8 +29,9 @@ def test_regions_are_parsed_in_dataset_json_order(tmp_path):
 
 
 def test_region_dataset_with_ignore_label(tmp_path):
-    ds = load_dataset(_dataset(tmp_path, {"background": 0, "all": [1, 2], "inner": 2, "ignore": 3},
-                               regions_class_order=[1, 2]))
+    ds = load_dataset(
+        _dataset(tmp_path, {"background": 0, "all": [1, 2], "inner": 2, "ignore": 3}, regions_class_order=[1, 2])
+    )
     assert ds.regions == ((1, 2), (2,)) and ds.ignore_label == 3 and ds.label_ids == (0, 1, 2)
 
 
@@ -46,8 +47,11 @@ def test_region_dataset_label_files_validate(tmp_path):
         (BRATS, {}, "'regions_class_order' is missing"),
         (BRATS, {"regions_class_order": [1, 2]}, "'regions_class_order' has 2 entries but 'labels' declares 3"),
         (BRATS, {"regions_class_order": [1, 2, 3, 3]}, "'regions_class_order' has 4 entries"),
-        ({"background": 0, "whole": [1, 2, 3], "ignore": 3}, {"regions_class_order": [1]},
-         "region 'whole' [1, 2, 3] contains the ignore label id 3"),
+        (
+            {"background": 0, "whole": [1, 2, 3], "ignore": 3},
+            {"regions_class_order": [1]},
+            "region 'whole' [1, 2, 3] contains the ignore label id 3",
+        ),
         (BRATS, {"regions_class_order": [1, 2, 7]}, "'regions_class_order' holds id(s) [7]"),
         (BRATS, {"regions_class_order": "123"}, "'regions_class_order' must be a list"),
         ({"whole": [1, 2], "core": 2}, {"regions_class_order": [1, 2]}, "no background label"),

@@ -9,9 +9,9 @@ import pytest
 
 from medseg.errors import MedsegError
 from medseg.io.dataset import load_dataset
-from medseg.io.validation import validate_dataset
 from medseg.io.image import read_image
 from medseg.io.synthetic import generate_synthetic_dataset
+from medseg.io.validation import validate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,16 @@ def test_overwrites_its_own_dataset_but_refuses_others(tmp_path):
     assert json.loads((tmp_path / "user" / "dataset.json").read_text()) == {"name": "MyStudy"}
 
 
-@pytest.mark.parametrize("kwargs", [{"label_ids": (1, 2, 3, 4)}, {"label_ids": (0, 1, 1, 2)}, {"num_cases": 0},
-                                    {"shape": (20, 48)}, {"spacing": (0.0, 1.0, 1.0)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"label_ids": (1, 2, 3, 4)},
+        {"label_ids": (0, 1, 1, 2)},
+        {"num_cases": 0},
+        {"shape": (20, 48)},
+        {"spacing": (0.0, 1.0, 1.0)},
+    ],
+)
 def test_invalid_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate_synthetic_dataset(tmp_path / "d", **kwargs)

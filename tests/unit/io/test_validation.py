@@ -53,8 +53,12 @@ def test_geometry_mismatch_between_image_and_label(msd, kwargs, what):
 
 def test_tiny_geometry_differences_are_tolerated(msd):
     origin = tuple(o + 1e-4 for o in ORIGIN)
-    write(msd / "labelsTr" / "case_002.nii.gz", label_array(), origin=origin,
-          spacing=tuple(s * (1 + 1e-5) for s in SPACING_XYZ))
+    write(
+        msd / "labelsTr" / "case_002.nii.gz",
+        label_array(),
+        origin=origin,
+        spacing=tuple(s * (1 + 1e-5) for s in SPACING_XYZ),
+    )
     validate_dataset(load_dataset(msd), progress=False)
 
 

@@ -20,7 +20,8 @@ LAYOUT = re.compile(
     r"\b(plans|splits|best|postprocessing|postprocessing_prior|progress|config|run_record|fingerprint|dataset_ref|manifest"
     r"|preprocessing)\.json\b|training_log\.txt|training_curves\.png|\bmodel\.pt\b"
     r"|^checkpoint_$|checkpoint_(latest|best|final)\b|checkpoint_\*|^fold_$|\bfold_(\d|all\b|\*)"
-    r"|^(runs|preprocessed|validation|_from_|\.lock)$|\b(runs|preprocessed|validation|members)/")
+    r"|^(runs|preprocessed|validation|_from_|\.lock)$|\b(runs|preprocessed|validation|members)/"
+)
 #: The start of a name that an f-string completes (``f"... checkpoint_{name}.pt"``), also inside prose.
 PREFIX = re.compile(r"(checkpoint_|fold_|_from_)$")
 
@@ -69,6 +70,8 @@ def test_only_workdir_spells_the_layout():
 def test_the_scan_sees_the_owner_and_ignores_docstrings(tmp_path):
     assert layout_literals(PACKAGE / OWNER)  # the scan would find what workdir.py spells
     probe = tmp_path / "probe.py"
-    probe.write_text('"""WORK/runs/<c>/<a>/fold_0/plans.json"""\nx = 1\ny = f"{x}/checkpoint_{x}.pt"\n'
-                     'z = f"no plans.json in {x}"\nw = f"{x}: no checkpoint_{x}.pt"\nv = "runs"\n')
+    probe.write_text(
+        '"""WORK/runs/<c>/<a>/fold_0/plans.json"""\nx = 1\ny = f"{x}/checkpoint_{x}.pt"\n'
+        'z = f"no plans.json in {x}"\nw = f"{x}: no checkpoint_{x}.pt"\nv = "runs"\n'
+    )
     assert layout_literals(probe) == [(3, "/checkpoint_"), (5, ": no checkpoint_"), (6, "runs")]

@@ -208,8 +208,11 @@ def test_dilated_topology_is_per_axis():
 
 
 def test_deeplab_output_stride_keeps_resolution():
-    topo = dict(patch_size=(8, 32, 32), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
-                kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 4)
+    topo = dict(
+        patch_size=(8, 32, 32),
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
+        kernel_sizes=((1, 3, 3),) + ((3, 3, 3),) * 4,
+    )
     model = tiny_plan("deeplab", topo, options={"output_stride": 8}).build(1, K)
     assert model.size_divisor == (4, 8, 8)
     dilated = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv3d) and max(m.dilation) > 1]

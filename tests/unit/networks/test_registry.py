@@ -46,13 +46,15 @@ def test_register_and_build_a_custom_network(monkeypatch):
 
 
 def test_entry_point_is_loaded_lazily(tmp_path, monkeypatch):
-    (tmp_path / "medseg_plugin_test.py").write_text(textwrap.dedent("""
+    (tmp_path / "medseg_plugin_test.py").write_text(
+        textwrap.dedent("""
         import torch
         LOADED = []
         def build(net, in_channels, num_classes):
             LOADED.append(net.arch)
             return torch.nn.Conv3d(in_channels, num_classes, 1)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     eps = {

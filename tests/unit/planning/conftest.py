@@ -95,26 +95,57 @@ PATCH = (40, 56, 40)
 
 def hippocampus_like_plan() -> Plan:
     net = network_plan(
-        arch="unet", patch_size=PATCH, batch_size=7, kernel_sizes=((3, 3, 3),) * 4,
-        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), base_features=32, max_features=320,
+        arch="unet",
+        patch_size=PATCH,
+        batch_size=7,
+        kernel_sizes=((3, 3, 3),) * 4,
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        base_features=32,
+        max_features=320,
         estimated_memory_gb=1.2,
     )
     deeplab = network_plan(
-        arch="deeplab", patch_size=PATCH, batch_size=5, kernel_sizes=((3, 3, 3),) * 4,
+        arch="deeplab",
+        patch_size=PATCH,
+        batch_size=5,
+        kernel_sizes=((3, 3, 3),) * 4,
         strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
     )
-    net2d = network_plan(arch="unet", patch_size=(56, 40), batch_size=64, kernel_sizes=((3, 3),) * 4,
-                        strides=((1, 1), (2, 2), (2, 2), (2, 2)), max_features=512)
+    net2d = network_plan(
+        arch="unet",
+        patch_size=(56, 40),
+        batch_size=64,
+        kernel_sizes=((3, 3),) * 4,
+        strides=((1, 1), (2, 2), (2, 2), (2, 2)),
+        max_features=512,
+    )
     norm = (NormalizationSpec("zscore"),)
     cfgs = {
-        "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), norm,
-                                        {"unet": net, "deeplab": deeplab}, data_identifier="spacing_1x1x1_zscore"),
-        "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net2d},
-                                data_identifier="spacing_1x1x1_zscore"),
+        "3d_fullres": ConfigurationPlan(
+            "3d_fullres",
+            3,
+            (1.0, 1.0, 1.0),
+            (36, 50, 35),
+            norm,
+            {"unet": net, "deeplab": deeplab},
+            data_identifier="spacing_1x1x1_zscore",
+        ),
+        "2d": ConfigurationPlan(
+            "2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net2d}, data_identifier="spacing_1x1x1_zscore"
+        ),
     }
-    return Plan("Hippocampus", ("MRI",), (0, 1, 2), ("background", "Anterior", "Posterior"), (1.0, 1.0, 1.0),
-                (36, 50, 35), cfgs, default_configuration="2d", device="cuda",
-                notes={"planner": "test"}).validate()
+    return Plan(
+        "Hippocampus",
+        ("MRI",),
+        (0, 1, 2),
+        ("background", "Anterior", "Posterior"),
+        (1.0, 1.0, 1.0),
+        (36, 50, 35),
+        cfgs,
+        default_configuration="2d",
+        device="cuda",
+        notes={"planner": "test"},
+    ).validate()
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ class FakeClock:
         t = (self.overhead + self.per_unit * features * VOX * batch) * 0.9
         return int(math.floor(minutes * 60 * USABLE_FRACTION / round(t, 6))) * batch
 
+
 @pytest.fixture
 def no_bf16(monkeypatch):
     monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
@@ -190,8 +191,9 @@ def test_2d_configuration_uses_its_own_grid(no_bf16):
 def test_bad_arguments_are_refused(kwargs, needle):
     args = {"device": "cpu", "minutes": 10.0, "configuration": "3d_fullres", **kwargs}
     with pytest.raises(PlanError) as info:
-        fit_plan_to_budget(hippocampus_like_plan(), args.pop("device"), args.pop("minutes"), measure_fn=FakeClock(),
-                           **args)
+        fit_plan_to_budget(
+            hippocampus_like_plan(), args.pop("device"), args.pop("minutes"), measure_fn=FakeClock(), **args
+        )
     assert needle in str(info.value)
 
 

@@ -34,7 +34,9 @@ class CrashingClock:
         self.calls: list[tuple[int, tuple[int, ...], int, str, bool, int]] = []
 
     def __call__(self, net, cin, k, device, precision, channels_last, steps):
-        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
+        self.calls.append(
+            (net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps)
+        )
         self.now += 1.0
         if self.crash(net, precision, channels_last):
             return SEGV
@@ -59,8 +61,12 @@ def _net(plan: Plan):
 
 def _chosen_row(notes):
     c = notes["chosen"]
-    return next(r for r in notes["candidates"] if (r["base_features"], r["patch_size"], r["batch_size"])
-                == (c["base_features"], c["patch_size"], c["batch_size"]))
+    return next(
+        r
+        for r in notes["candidates"]
+        if (r["base_features"], r["patch_size"], r["batch_size"])
+        == (c["base_features"], c["patch_size"], c["batch_size"])
+    )
 
 
 def test_crashed_bf16_levers_fall_back_to_fp32(bf16_cpu):
@@ -81,8 +87,9 @@ def test_a_crashing_probe_is_repeated_at_fp32_and_never_chosen(bf16_cpu, monkeyp
     """The issue's case: the time-limited fit's first probe (bf16, channels-last: the CPU default) dies."""
     clock = CrashingClock(lambda net, p, cl: p == "bf16" and cl)
     monkeypatch.setattr(budget_measure, "_clock", lambda: clock.now)
-    plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres", measure_fn=clock,
-                              max_seconds=180.0)
+    plan = fit_plan_to_budget(
+        hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres", measure_fn=clock, max_seconds=180.0
+    )
     notes = plan.notes["budget"]
     assert clock.calls[0][3:5] == ("bf16", True) and clock.calls[1][3:5] == ("fp32", True)  # probe, then again
     probe = notes["levers"]["probe"]
@@ -99,8 +106,9 @@ def test_a_grid_candidate_that_crashes_at_the_levers_is_measured_at_the_fallback
     big = math.prod((40, 56, 40))
     clock = CrashingClock(lambda net, p, cl: p == "bf16" and math.prod(net.patch_size) >= big)
     cands = [Candidate(16, 160, (40, 56, 40), 2), Candidate(32, 320, (24, 32, 24), 2)]
-    plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 60, configuration="3d_fullres", candidates=cands,
-                              measure_fn=clock)
+    plan = fit_plan_to_budget(
+        hippocampus_like_plan(), "cpu", 60, configuration="3d_fullres", candidates=cands, measure_fn=clock
+    )
     notes = plan.notes["budget"]
     assert notes["levers"]["chosen"]["precision"] == "bf16"
     rows = {r["base_features"]: r for r in notes["candidates"]}
@@ -124,14 +132,22 @@ def test_real_fit_survives_a_probe_that_kills_its_process(bf16_cpu, armed, one_t
     valid plan, at fp32, and records the crashes."""
     armed("step_probe:bf16=segv")
     cands = [Candidate(4, 16, (8, 16, 16), 2), Candidate(8, 32, (8, 16, 16), 2)]
-    plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 1.0, configuration="3d_fullres", candidates=cands,
-                              measure_steps=1, max_seconds=120.0)
+    plan = fit_plan_to_budget(
+        hippocampus_like_plan(),
+        "cpu",
+        1.0,
+        configuration="3d_fullres",
+        candidates=cands,
+        measure_steps=1,
+        max_seconds=120.0,
+    )
     notes = plan.notes["budget"]
     assert Plan.from_json(plan.to_json()) == plan
     assert _net(plan).precision == "fp32" and notes["chosen"]["precision"] == "fp32"
     assert notes["levers"]["probe"]["crashed"][0]["status"] == "crashed (SIGSEGV)"
-    assert notes["crashes"] and all(c["precision"] == "bf16" and c["status"] == "crashed (SIGSEGV)"
-                                    for c in notes["crashes"])
+    assert notes["crashes"] and all(
+        c["precision"] == "bf16" and c["status"] == "crashed (SIGSEGV)" for c in notes["crashes"]
+    )
     assert all(r["status"].startswith("measured") and r["precision"] == "fp32" for r in notes["candidates"])
     assert notes["isolation"]["children"] >= 3 and notes["torch_threads"] == 1
     spread = _chosen_row(notes)["spread"]

@@ -25,7 +25,9 @@ class VirtualClock:
         t = self.overhead + self.per_unit * net.spec.base_features * math.prod(net.patch_size) * net.batch_size
         t *= 0.9 if channels_last else 1.0
         self.now += (step_timing.WARMUP_STEPS + steps) * t
-        self.calls.append((net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps))
+        self.calls.append(
+            (net.spec.base_features, tuple(net.patch_size), net.batch_size, precision, channels_last, steps)
+        )
         return t
 
 
@@ -38,8 +40,9 @@ def virtual(monkeypatch):
 
 
 def _fit(clock, limit, minutes=10.0):
-    return fit_plan_to_budget(hippocampus_like_plan(), "cpu", minutes, configuration="3d_fullres",
-                              measure_fn=clock, max_seconds=limit)
+    return fit_plan_to_budget(
+        hippocampus_like_plan(), "cpu", minutes, configuration="3d_fullres", measure_fn=clock, max_seconds=limit
+    )
 
 
 def test_the_limit_is_a_tenth_of_the_budget():
@@ -61,8 +64,13 @@ def test_a_limited_fit_stays_inside_its_limit_and_chooses_a_measured_candidate(v
     statuses = [r["status"] for r in notes["candidates"]]
     assert any(s.startswith("not measured") for s in statuses)
     chosen = notes["chosen"]
-    row = next(r for r in notes["candidates"] if r["base_features"] == chosen["base_features"]
-               and r["batch_size"] == chosen["batch_size"] and r["patch_size"] == chosen["patch_size"])
+    row = next(
+        r
+        for r in notes["candidates"]
+        if r["base_features"] == chosen["base_features"]
+        and r["batch_size"] == chosen["batch_size"]
+        and r["patch_size"] == chosen["patch_size"]
+    )
     assert row["status"].startswith("measured") and row["step_time_s"] is not None
     assert "probe" in notes["levers"]
 
@@ -86,10 +94,14 @@ def test_no_limit_measures_as_before(virtual):
 
 def test_only_the_fitted_architecture_changes(virtual):
     before = hippocampus_like_plan()
-    plan = fit_plan_to_budget(before, "cpu", 10.0, configuration="3d_fullres", arch="deeplab", measure_fn=virtual,
-                              max_seconds=60.0)
+    plan = fit_plan_to_budget(
+        before, "cpu", 10.0, configuration="3d_fullres", arch="deeplab", measure_fn=virtual, max_seconds=60.0
+    )
     cfg, old = plan.configuration("3d_fullres"), before.configuration("3d_fullres")
     assert cfg.network("unet") == old.network("unet") and cfg.patch_size == old.patch_size
     assert cfg.network("deeplab").spec.base_features in (16, 24, 32) and plan.notes["budget"]["arch"] == "deeplab"
-    assert (cfg.spacing, cfg.normalization, cfg.data_identifier) == (old.spacing, old.normalization,
-                                                                     old.data_identifier)
+    assert (cfg.spacing, cfg.normalization, cfg.data_identifier) == (
+        old.spacing,
+        old.normalization,
+        old.data_identifier,
+    )

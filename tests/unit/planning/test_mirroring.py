@@ -6,14 +6,28 @@ import numpy as np
 import pytest
 
 from medseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from medseg.planning.mirroring import ALPHA, ORDER_CONSISTENCY, order_evidence, ordered_axes, plan_mirror_axes, sign_test_p
+from medseg.planning.mirroring import (
+    ALPHA,
+    ORDER_CONSISTENCY,
+    order_evidence,
+    ordered_axes,
+    plan_mirror_axes,
+    sign_test_p,
+)
 
 
 def fingerprint(centroids: list[dict[int, tuple[float, ...]]], spacing=(1.0, 1.0, 1.0)) -> Fingerprint:
     ndim = len(spacing)
     cases = tuple(
-        CaseFingerprint(case_id=f"c{i}", spacing=tuple(spacing), shape=(20,) * ndim, shape_after_crop=(20,) * ndim,
-                        relative_size_after_crop=1.0, class_voxel_counts={k: 10 for k in c}, class_centroids=c)
+        CaseFingerprint(
+            case_id=f"c{i}",
+            spacing=tuple(spacing),
+            shape=(20,) * ndim,
+            shape_after_crop=(20,) * ndim,
+            relative_size_after_crop=1.0,
+            class_voxel_counts={k: 10 for k in c},
+            class_centroids=c,
+        )
         for i, c in enumerate(centroids)
     )
     labels = tuple(sorted({0, *(k for c in centroids for k in c)}))
@@ -75,8 +89,10 @@ def test_random_order_single_class_and_too_few_cases_keep_every_axis():
 @pytest.mark.parametrize("exceptions, ordered", [(1, True), (3, False)])
 def test_consistency_threshold(exceptions, ordered):
     n = 40  # 1 of 40 reversed = 97.5 % agree (>= 95 %); 3 of 40 = 92.5 % (< 95 %)
-    cases = [{1: (5.0, 5.0, 5.0), 2: (2.0 if i < exceptions else 8.0, 5.0 + (-1) ** i, 5.0 + (-1) ** (i // 2))}
-             for i in range(n)]
+    cases = [
+        {1: (5.0, 5.0, 5.0), 2: (2.0 if i < exceptions else 8.0, 5.0 + (-1) ** i, 5.0 + (-1) ** (i // 2))}
+        for i in range(n)
+    ]
     assert (1 - exceptions / n >= ORDER_CONSISTENCY) == ordered
     assert (0 in ordered_axes(fingerprint(cases))) == ordered
 
@@ -90,13 +106,13 @@ def test_pairs_are_compared_only_where_both_classes_are_present():
 
 
 def test_sign_test_needs_ten_cases_for_two_classes_in_3d():
-    assert sign_test_p(6, 6) == pytest.approx(2 / 2 ** 6)
+    assert sign_test_p(6, 6) == pytest.approx(2 / 2**6)
     assert sign_test_p(5, 10) == 1.0
     assert sign_test_p(0, 10) == sign_test_p(10, 10)  # two-sided
     assert sign_test_p(10_000, 10_000) == 0.0  # no overflow for large datasets
     assert 0 not in ordered_axes(two_classes_ordered_along_z(n=9))
     z = ordered_axes(two_classes_ordered_along_z(n=10))[0]
-    assert z.tests == 3 and z.p_corrected == pytest.approx(3 * 2 / 2 ** 10) and z.p_corrected <= ALPHA
+    assert z.tests == 3 and z.p_corrected == pytest.approx(3 * 2 / 2**10) and z.p_corrected <= ALPHA
 
 
 def test_six_tumour_cases_with_chance_orderings_keep_every_axis():
@@ -113,7 +129,7 @@ def test_six_tumour_cases_with_chance_orderings_keep_every_axis():
     assert set(weak) == {"0", "1", "2"}
     for axis in weak.values():
         assert axis["consistency"] == 1.0 and axis["cases"] == 6 and axis["tests"] == 18
-        assert axis["sign_test_p_bonferroni"] == pytest.approx(18 * 2 / 2 ** 6, rel=1e-2)  # > ALPHA
+        assert axis["sign_test_p_bonferroni"] == pytest.approx(18 * 2 / 2**6, rel=1e-2)  # > ALPHA
     # the same geometry in 40 cases is an established order along every axis
     many = fingerprint(cases * 7)
     assert set(ordered_axes(many)) == {0, 1, 2}
@@ -127,7 +143,11 @@ def test_consistent_but_tiny_or_noisy_offsets_are_not_an_order():
     assert ev.consistency == 1.0 and ev.p_corrected <= ALPHA and not ev.ordered
     assert plan_mirror_axes(tiny, (0, 1, 2))[0] == (0, 1, 2)
     # offsets of 1-30 mm, always positive: consistent, but the median is under 2 robust SD of the spread
-    noisy = fingerprint([{1: (0.0, 5.0, 5.0), 2: (float(d), 5.0 + (-1) ** i, 5.0 + (-1) ** (i // 2))}
-                         for i, d in enumerate(np.geomspace(1, 30, 40))])
+    noisy = fingerprint(
+        [
+            {1: (0.0, 5.0, 5.0), 2: (float(d), 5.0 + (-1) ** i, 5.0 + (-1) ** (i // 2))}
+            for i, d in enumerate(np.geomspace(1, 30, 40))
+        ]
+    )
     ev = order_evidence(noisy)[0]
     assert ev.consistency == 1.0 and ev.effect < 2.0 and not ev.ordered

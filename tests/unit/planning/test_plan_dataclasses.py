@@ -22,7 +22,10 @@ def make_plan() -> Plan:
         estimated_memory_gb=1.25,
     )
     net2d = network_plan(
-        arch="unet", patch_size=(56, 40), batch_size=32, kernel_sizes=((3, 3),) * 4,
+        arch="unet",
+        patch_size=(56, 40),
+        batch_size=32,
+        kernel_sizes=((3, 3),) * 4,
         strides=((1, 1), (2, 2), (2, 2), (2, 2)),
     )
     norm = (NormalizationSpec("ct", clip_low=-100.0, clip_high=300.0, mean=50.0, std=80.5),)
@@ -30,8 +33,16 @@ def make_plan() -> Plan:
         "3d_fullres": ConfigurationPlan("3d_fullres", 3, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net}),
         "2d": ConfigurationPlan("2d", 2, (1.0, 1.0, 1.0), (36, 50, 35), norm, {"unet": net2d}),
     }
-    return Plan("demo", ("CT",), (0, 1, 5, 117), ("background", "a", "b", "c"), (1.0, 1.0, 1.0), (36, 50, 35), cfgs,
-                notes={"why": ["median spacing"]})
+    return Plan(
+        "demo",
+        ("CT",),
+        (0, 1, 5, 117),
+        ("background", "a", "b", "c"),
+        (1.0, 1.0, 1.0),
+        (36, 50, 35),
+        cfgs,
+        notes={"why": ["median spacing"]},
+    )
 
 
 def test_json_round_trip_is_exact():
@@ -67,21 +78,39 @@ def _edited(mutate) -> dict:
 @pytest.mark.parametrize(
     "mutate, needle",
     [
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [42, 56, 40]),
-         "not divisible"),
+        (
+            lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [42, 56, 40]),
+            "not divisible",
+        ),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("batch_size", 7), "unknown key(s) ['batch_size']"),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("bogus", 1), "unknown key"),
         (lambda d: d["configurations"]["3d_fullres"].pop("spacing"), "missing key 'spacing'"),
-        (lambda d: d["configurations"]["2d"]["normalization"][0].__setitem__("scheme", "minmax"), "scheme must be one of"),
+        (
+            lambda d: d["configurations"]["2d"]["normalization"][0].__setitem__("scheme", "minmax"),
+            "scheme must be one of",
+        ),
         (lambda d: d.__setitem__("label_ids", [1, 2, 3, 4]), "background 0"),
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"]["strides"][0].__setitem__(0, 2), "strides[0]"),
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [40.5, 56, 40]),
-         "expected integers"),
+        (
+            lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"]["strides"][0].__setitem__(0, 2),
+            "strides[0]",
+        ),
+        (
+            lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"].__setitem__("patch_size", [40.5, 56, 40]),
+            "expected integers",
+        ),
         (lambda d: d.__setitem__("default_configuration", "3d_lowres"), "default_configuration"),
-        (lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"].__setitem__("norm", "layer"),
-         "norm must be"),
-        (lambda d: d["configurations"]["2d"].__setitem__("mirror_axes", [0, 2]), "mirror_axes must be distinct patch axes in 0..1"),
-        (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [1, 1]), "mirror_axes must be distinct"),
+        (
+            lambda d: d["configurations"]["3d_fullres"]["networks"]["unet"]["spec"].__setitem__("norm", "layer"),
+            "norm must be",
+        ),
+        (
+            lambda d: d["configurations"]["2d"].__setitem__("mirror_axes", [0, 2]),
+            "mirror_axes must be distinct patch axes in 0..1",
+        ),
+        (
+            lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [1, 1]),
+            "mirror_axes must be distinct",
+        ),
         (lambda d: d["configurations"]["3d_fullres"].__setitem__("mirror_axes", [0.5]), "expected integers"),
     ],
 )

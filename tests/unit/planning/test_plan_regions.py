@@ -15,8 +15,9 @@ from .test_plan_dataclasses import make_plan
 
 def _region_plan(**kw) -> Plan:
     # make_plan's label_ids are (0, 1, 5, 117)
-    return dataclasses.replace(make_plan(), regions=((1, 5, 117), (5, 117), (117,)),
-                               regions_class_order=(1, 5, 117), **kw).validate()
+    return dataclasses.replace(
+        make_plan(), regions=((1, 5, 117), (5, 117), (117,)), regions_class_order=(1, 5, 117), **kw
+    ).validate()
 
 
 def test_regions_round_trip_and_set_the_outputs():
@@ -36,12 +37,15 @@ def test_plans_without_regions_keep_their_json_and_old_plans_load():
     assert not plan.is_region_based and plan.num_classes == 4 and plan.region_classes == ()
 
 
-@pytest.mark.parametrize("regions, order, expected", [
-    ([[1, 5]], None, "together"),
-    ([[1, 5], [5]], [1], "2 regions"),
-    ([[1, 2]], [1], r"regions\[0\]"),
-    ([[1]], [0], "regions_class_order"),
-])
+@pytest.mark.parametrize(
+    "regions, order, expected",
+    [
+        ([[1, 5]], None, "together"),
+        ([[1, 5], [5]], [1], "2 regions"),
+        ([[1, 2]], [1], r"regions\[0\]"),
+        ([[1]], [0], "regions_class_order"),
+    ],
+)
 def test_inconsistent_regions_are_refused(regions, order, expected):
     d = json.loads(make_plan().to_json())
     d["regions"], d["regions_class_order"] = regions, order

@@ -21,8 +21,17 @@ from medseg.planning.plan import SCHEMA_VERSION, Plan
 HERE = Path(__file__).resolve().parent
 V1_PLAN = HERE / "data" / "hippocampus_plan_v1.json"
 V2_PLAN = HERE.parents[2] / "plans" / "hippocampus.json"
-SPEC_KEYS = ("arch", "kernel_sizes", "strides", "base_features", "max_features", "n_conv_per_stage", "norm",
-             "deep_supervision", "options")
+SPEC_KEYS = (
+    "arch",
+    "kernel_sizes",
+    "strides",
+    "base_features",
+    "max_features",
+    "n_conv_per_stage",
+    "norm",
+    "deep_supervision",
+    "options",
+)
 
 
 def _v1() -> dict:
@@ -41,9 +50,14 @@ def test_v1_plan_file_loads_and_resaves_as_v2_with_the_same_content(tmp_path):
         for arch, net_v1 in cfg_v1["networks"].items():
             net = cfg.network(arch)
             assert {k: json.loads(json.dumps(getattr(net.spec, k))) for k in SPEC_KEYS} == {
-                k: net_v1[k] for k in SPEC_KEYS}
+                k: net_v1[k] for k in SPEC_KEYS
+            }
             assert [list(net.patch_size), net.batch_size, net.precision, net.estimated_memory_gb] == [
-                net_v1["patch_size"], net_v1["batch_size"], net_v1["precision"], net_v1["estimated_memory_gb"]]
+                net_v1["patch_size"],
+                net_v1["batch_size"],
+                net_v1["precision"],
+                net_v1["estimated_memory_gb"],
+            ]
     assert plan.notes == v1["notes"]
 
     plan.save(tmp_path / "plans.json")
@@ -57,8 +71,11 @@ def test_v1_plan_file_loads_and_resaves_as_v2_with_the_same_content(tmp_path):
 def test_v1_configuration_whose_patch_differs_from_its_default_network_is_refused():
     v1 = _v1()
     v1["configurations"]["3d_fullres"]["batch_size"] = 3
-    with pytest.raises(PlanError, match=r"configurations\.3d_fullres: patch_size/batch_size .* differ from those of "
-                                        r"its default network"):
+    with pytest.raises(
+        PlanError,
+        match=r"configurations\.3d_fullres: patch_size/batch_size .* differ from those of "
+        r"its default network",
+    ):
         Plan.from_dict(v1)
     v1 = _v1()
     v1["configurations"]["2d"]["patch_size"] = [64, 64]
@@ -79,8 +96,18 @@ def test_v1_plan_embedded_in_a_checkpoint_loads(tmp_path):
     run = tmp_path / "runs" / "2d" / "unet" / "fold_0"
     run.mkdir(parents=True)
     (tmp_path / "plans.json").write_text(V1_PLAN.read_text())
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "iteration": 10, "train_config": {}, "plan": _v1(),
-                     "configuration": "2d", "arch": "unet"}, run / "checkpoint_final.pt")
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "epoch": 1,
+            "iteration": 10,
+            "train_config": {},
+            "plan": _v1(),
+            "configuration": "2d",
+            "arch": "unet",
+        },
+        run / "checkpoint_final.pt",
+    )
     member = load_member(run, "final")
     assert member.plan == plan
     for a, b in zip(member.model.state_dict().values(), model.state_dict().values()):

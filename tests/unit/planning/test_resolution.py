@@ -62,8 +62,11 @@ def test_choose_spacing_takes_the_finest_that_reaches_the_bar():
 
 
 def test_choose_spacing_without_convergence_takes_the_most_and_skips_inadmissible():
-    options = [_option((1, 1, 1), 2.0, 0.1), _option((1.5, 1.5, 1.5), 1.0, 0.5),
-               _option((2, 2, 2), 0.5, 1.0, worst=0.9, admissible=False)]
+    options = [
+        _option((1, 1, 1), 2.0, 0.1),
+        _option((1.5, 1.5, 1.5), 1.0, 0.5),
+        _option((2, 2, 2), 0.5, 1.0, worst=0.9, admissible=False),
+    ]
     pick, why = choose_spacing(options, BUDGET_S, MIN_SAMPLES_3D)
     assert pick == 1 and "closest to" in why
 
@@ -83,8 +86,10 @@ def _large_image_setup(spacing=(0.625, 0.625, 0.625), shape=(88, 150, 190)):
     plan = plan_dataset(ds, fp, options, memory_estimator=reference_estimator)
 
     def plan_at(spacing):
-        return plan_dataset(ds, fp, replace(options, target_spacing=spacing),
-                            memory_estimator=reference_estimator).configuration("3d_fullres")
+        return plan_dataset(
+            ds, fp, replace(options, target_spacing=spacing), memory_estimator=reference_estimator
+        ).configuration("3d_fullres")
+
     return plan, plan_at
 
 
@@ -126,8 +131,9 @@ def test_thick_slice_abdominal_mri_keeps_its_spacing(no_bf16):
     the planned spacing's smallest patch, so they promise fewer samples (the measured A/B agrees)."""
     plan, plan_at = _large_image_setup((7.7, 1.25, 1.25), (36, 256, 256))
     fitted = fit_plan_to_budget(plan, "cpu", 30, measure_fn=step_time)
-    out = fit_resolution(fitted, "cpu", 30, roundtrip=lambda sps: [{"label1": 0.99}] * len(sps), plan_at=plan_at,
-                         measure_fn=step_time)
+    out = fit_resolution(
+        fitted, "cpu", 30, roundtrip=lambda sps: [{"label1": 0.99}] * len(sps), plan_at=plan_at, measure_fn=step_time
+    )
     record = out.notes["budget"]["resolution"]
     assert out.configurations == fitted.configurations
     assert all(o["admissible"] for o in record["options"])
@@ -137,8 +143,9 @@ def test_thick_slice_abdominal_mri_keeps_its_spacing(no_bf16):
 
 
 def test_a_converging_plan_keeps_its_spacing(no_bf16):
-    fitted = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres",
-                                measure_fn=lambda *a: 0.05)
+    fitted = fit_plan_to_budget(
+        hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres", measure_fn=lambda *a: 0.05
+    )
     assert fitted.notes["budget"]["chosen"]["converges"]
 
     def never(*_):
@@ -158,8 +165,15 @@ def test_no_time_left_still_probes_the_coarser_spacing(no_bf16):
         calls.append(tuple(net.patch_size))
         return step_time(net, *args)
 
-    out = fit_resolution(fitted, "cpu", 30, roundtrip=lambda sps: [{"label1": 0.99}] * len(sps), plan_at=plan_at,
-                         max_seconds=0.0, measure_fn=counting)
+    out = fit_resolution(
+        fitted,
+        "cpu",
+        30,
+        roundtrip=lambda sps: [{"label1": 0.99}] * len(sps),
+        plan_at=plan_at,
+        max_seconds=0.0,
+        measure_fn=counting,
+    )
     assert out.default_configuration == COARSE_CONFIGURATION
     assert len(calls) == 1  # one probe step of the cheapest candidate, not a choice from predictions alone
     rows = out.notes["budget"]["candidates"]

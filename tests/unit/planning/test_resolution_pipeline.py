@@ -11,9 +11,9 @@ from functools import partial
 import pytest
 
 from medseg.io.synthetic import generate_synthetic_dataset
+from medseg.pipeline import plan_and_preprocess
 from medseg.planning import budget, resolution, step_timing
 from medseg.planning.planner import PlannerOptions
-from medseg.pipeline import plan_and_preprocess
 
 
 def _slow_steps(net, cin, k, device, precision, channels_last, steps):

@@ -20,8 +20,15 @@ from medseg.planning.step_timing import (
 )
 from tests.helpers import network_plan
 
-NET = network_plan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
-                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), base_features=4, max_features=16)
+NET = network_plan(
+    arch="unet",
+    patch_size=(8, 16, 16),
+    batch_size=2,
+    kernel_sizes=((3, 3, 3),) * 3,
+    strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+    base_features=4,
+    max_features=16,
+)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,7 +78,7 @@ def test_fit_removes_spurious_components_and_keeps_good_labels(tmp_path):
         ref[8:10, 14:16, 2:4] = 2  # label 2 truly has a second, smaller part (1/9 of the first)
         pred = ref.copy()
         z, y = rng.integers(9, 11), rng.integers(12, 20)
-        pred[z:z + 2, y:y + 2, 20:22] = 1  # spurious label-1 blob
+        pred[z : z + 2, y : y + 2, 20:22] = 1  # spurious label-1 blob
         cases[f"c{i}"] = (pred, ref)
     rules = fit_postprocessing(list(cases), cases.__getitem__, [0, 1, 2], progress=False)
     assert rules["format"] == RULES_FORMAT
@@ -105,7 +107,7 @@ def test_load_rules_rejects_bad_files(tmp_path):
     (tmp_path / "x.json").write_text('{"format": "other"}')
     with pytest.raises(MedsegError, match="not a medseg postprocessing file"):
         load_rules(tmp_path / "x.json")
-    (tmp_path / "y.json").write_text('{"format": "%s", "per_label": {"1": [{"op": "explode"}]}}' % RULES_FORMAT)
+    (tmp_path / "y.json").write_text(json.dumps({"format": RULES_FORMAT, "per_label": {"1": [{"op": "explode"}]}}))
     with pytest.raises(MedsegError, match="unknown operation"):
         load_rules(tmp_path / "y.json")
     with pytest.raises(MedsegError, match="not found"):

@@ -25,13 +25,25 @@ from medseg.postprocessing.prior import (
 
 def _fingerprint(per_case: list[dict[int, tuple[int, ...]]], label_ids=(0, 1, 2), ignore_label=None) -> Fingerprint:
     cases = tuple(
-        CaseFingerprint(case_id=f"case_{i:03d}", spacing=(3.0, 1.0, 1.0), shape=(10, 20, 20),
-                        shape_after_crop=(10, 20, 20), relative_size_after_crop=1.0,
-                        class_voxel_counts={k: sum(v) for k, v in comps.items()},
-                        class_component_sizes=comps)
-        for i, comps in enumerate(per_case))
-    return Fingerprint(dataset_name="t", channel_names=("mr",), label_ids=tuple(label_ids), cases=cases,
-                       intensity=(), ignore_label=ignore_label)
+        CaseFingerprint(
+            case_id=f"case_{i:03d}",
+            spacing=(3.0, 1.0, 1.0),
+            shape=(10, 20, 20),
+            shape_after_crop=(10, 20, 20),
+            relative_size_after_crop=1.0,
+            class_voxel_counts={k: sum(v) for k, v in comps.items()},
+            class_component_sizes=comps,
+        )
+        for i, comps in enumerate(per_case)
+    )
+    return Fingerprint(
+        dataset_name="t",
+        channel_names=("mr",),
+        label_ids=tuple(label_ids),
+        cases=cases,
+        intensity=(),
+        ignore_label=ignore_label,
+    )
 
 
 def test_evidence_specks_do_not_veto_and_genuine_parts_do():
@@ -44,15 +56,18 @@ def test_evidence_specks_do_not_veto_and_genuine_parts_do():
     assert class_evidence([(50, 30, 10, 10)]).needed_ratios == (pytest.approx(0.2),)
 
 
-@pytest.mark.parametrize(("cases", "expected"), [
-    ([(800,)] * 10, {"op": "largest_component"}),
-    ([(800,)] * 9, None),  # thin evidence
-    ([(800,)] * 19 + [(500, 400)], {"op": "largest_component"}),  # one case of 20 may break it
-    ([(800,)] * 18 + [(500, 400)] * 2, {"op": "remove_small", "fraction": pytest.approx(1 / 3)}),  # 0.8 >= 2/3
-    ([(500, 250)] * 12, {"op": "remove_small", "fraction": 0.2}),  # 0.5: 1/3 judged at 2/3 fails, 0.2 at 0.4 holds
-    ([(500, 20)] * 12, None),  # genuine parts at 4 % of the largest: no threshold is safe
-    ([(400, 400)] * 12, {"op": "remove_small", "fraction": 0.5}),  # two equal halves: never the largest alone
-])
+@pytest.mark.parametrize(
+    ("cases", "expected"),
+    [
+        ([(800,)] * 10, {"op": "largest_component"}),
+        ([(800,)] * 9, None),  # thin evidence
+        ([(800,)] * 19 + [(500, 400)], {"op": "largest_component"}),  # one case of 20 may break it
+        ([(800,)] * 18 + [(500, 400)] * 2, {"op": "remove_small", "fraction": pytest.approx(1 / 3)}),  # 0.8 >= 2/3
+        ([(500, 250)] * 12, {"op": "remove_small", "fraction": 0.2}),  # 0.5: 1/3 judged at 2/3 fails, 0.2 at 0.4 holds
+        ([(500, 20)] * 12, None),  # genuine parts at 4 % of the largest: no threshold is safe
+        ([(400, 400)] * 12, {"op": "remove_small", "fraction": 0.5}),  # two equal halves: never the largest alone
+    ],
+)
 def test_decision(cases, expected):
     step, reason = decide_class(class_evidence(cases))
     assert step == expected, reason
@@ -87,8 +102,15 @@ def test_no_rule_for_region_plans_and_partial_annotation():
 
 
 def test_merge_takes_the_mildest_decision_every_run_supports():
-    a = {"format": "medseg-postprocessing-v1", "source": PRIOR_SOURCE, "per_label": {
-        "1": [{"op": "largest_component"}], "2": [{"op": "largest_component"}], "3": [{"op": "largest_component"}]}}
+    a = {
+        "format": "medseg-postprocessing-v1",
+        "source": PRIOR_SOURCE,
+        "per_label": {
+            "1": [{"op": "largest_component"}],
+            "2": [{"op": "largest_component"}],
+            "3": [{"op": "largest_component"}],
+        },
+    }
     b = {**a, "per_label": {"1": [{"op": "largest_component"}], "2": [{"op": "remove_small", "fraction": 0.2}]}}
     merged = merge_priors([a, b])
     assert merged["per_label"] == {"1": [{"op": "largest_component"}], "2": [{"op": "remove_small", "fraction": 0.2}]}

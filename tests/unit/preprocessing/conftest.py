@@ -14,7 +14,6 @@ from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
 from tests.helpers import network_plan
 
 
-
 def _rotation(axis, angle: float) -> tuple[float, ...]:
     """Row-major rotation matrix about ``axis`` by ``angle`` radians (Rodrigues)."""
     k = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
@@ -100,7 +99,9 @@ def blob_case(shape=(12, 20, 18), seed=0, label_ids=(0, 1, 2), margin=2) -> tupl
     return image.astype(np.float32), label
 
 
-def write_nifti(path: Path, array: np.ndarray, spacing_zyx, origin=(10.0, -20.0, 30.5), direction=OBLIQUE_DIRECTION) -> Path:
+def write_nifti(
+    path: Path, array: np.ndarray, spacing_zyx, origin=(10.0, -20.0, 30.5), direction=OBLIQUE_DIRECTION
+) -> Path:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
     img.SetOrigin(origin)
@@ -121,7 +122,11 @@ def tiny_dataset(tmp_path: Path) -> Callable[..., FakeDataset]:
             image, label = blob_case(seed=i, label_ids=label_ids)
             cid = f"case_{i:03d}"
             img = write_nifti(root / "imagesTr" / f"{cid}.nii.gz", image, spacing)
-            lab = write_nifti(root / "labelsTr" / f"{cid}.nii.gz", label.astype(np.uint8 if max(label_ids) < 256 else np.int16), spacing)
+            lab = write_nifti(
+                root / "labelsTr" / f"{cid}.nii.gz",
+                label.astype(np.uint8 if max(label_ids) < 256 else np.int16),
+                spacing,
+            )
             cases.append(FakeCase(cid, (img,), lab))
         return FakeDataset(root, tuple(cases))
 

@@ -51,8 +51,9 @@ def test_preprocessing_keeps_the_ignore_class_through_crop_and_resampling():
     label = label.astype(np.uint8)
     label[4:6][label[4:6] == 0] = 3  # two slices' background unannotated (inside the nonzero image region)
     label[7, 5:12, 4:12] = 3  # and a block overlapping the labels
-    geo = ImageGeometry(shape=label.shape, spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                        direction=tuple(np.eye(3).ravel()))
+    geo = ImageGeometry(
+        shape=label.shape, spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel())
+    )
     plan = _ignore_plan(spacing=(1.0, 0.8, 0.8))  # upsample on every axis (one-hot linear)
     data, seg, props = preprocess_case(image[None], geo, label, plan, "3d_fullres", case_id="c")
     assert set(np.unique(seg).tolist()) == {0, 1, 2, 3}
@@ -68,6 +69,8 @@ def test_preprocessing_keeps_the_ignore_class_through_crop_and_resampling():
 def test_preprocessing_fingerprint_changes_only_with_an_ignore_label():
     plan = build_plan()
     assert preprocessing_fingerprint(plan, "3d_fullres") == preprocessing_fingerprint(
-        dataclasses.replace(plan, ignore_label=None), "3d_fullres")
+        dataclasses.replace(plan, ignore_label=None), "3d_fullres"
+    )
     assert preprocessing_fingerprint(plan, "3d_fullres") != preprocessing_fingerprint(
-        dataclasses.replace(plan, ignore_label=3), "3d_fullres")
+        dataclasses.replace(plan, ignore_label=3), "3d_fullres"
+    )

@@ -27,9 +27,13 @@ REGIONS = ((1, 2, 3), (2, 3), (3,))
 
 
 def test_later_regions_overwrite_earlier_ones():
-    probs = np.array([[0.9, 0.9, 0.9, 0.2, 0.5],   # all
-                      [0.1, 0.8, 0.8, 0.9, 0.1],   # inner
-                      [0.0, 0.0, 0.7, 0.6, 0.0]])  # small
+    probs = np.array(
+        [
+            [0.9, 0.9, 0.9, 0.2, 0.5],  # all
+            [0.1, 0.8, 0.8, 0.9, 0.1],  # inner
+            [0.0, 0.0, 0.7, 0.6, 0.0],
+        ]
+    )  # small
     assert regions_to_labels(probs, (1, 2, 3)).tolist() == [1, 2, 3, 3, 0]  # 0.5 is not > 0.5
     assert regions_to_labels(probs, (3, 2, 1)).tolist() == [3, 2, 1, 1, 0]
     assert regions_to_labels(probs, (1, 2, 3)).dtype == np.uint8
@@ -50,8 +54,11 @@ def test_probabilities_to_classes_argmax_or_regions():
 def test_region_masks_and_dice():
     labels = np.array([0, 1, 2, 3, 3])
     masks = region_masks(labels, REGIONS)
-    assert masks.tolist() == [[False, True, True, True, True], [False, False, True, True, True],
-                              [False, False, False, True, True]]
+    assert masks.tolist() == [
+        [False, True, True, True, True],
+        [False, False, True, True, True],
+        [False, False, False, True, True],
+    ]
     pred = np.array([0, 1, 1, 3, 0])
     d = dice_per_region(pred, labels, REGIONS)
     assert list(d) == ["(1, 2, 3)", "(2, 3)", "3"]

@@ -150,7 +150,9 @@ def test_onehot_fast_path_equals_full_argmax():
     for shape in [(20, 9, 26), (7, 30, 5), (13, 17, 31)]:
         onehot = np.stack(
             [
-                ndimage.zoom((seg == k).astype(np.float64), np.divide(shape, seg.shape), order=1, grid_mode=True, mode="nearest")
+                ndimage.zoom(
+                    (seg == k).astype(np.float64), np.divide(shape, seg.shape), order=1, grid_mode=True, mode="nearest"
+                )
                 for k in range(6)
             ]
         )

@@ -10,7 +10,7 @@ from medseg.preprocessing.resolution import roundtrip_dice
 
 def _ball(shape, centre, radius):
     zz, yy, xx = np.indices(shape)
-    return ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) <= radius ** 2
+    return ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) <= radius**2
 
 
 def test_same_spacing_is_exact_and_absent_labels_are_left_out():

@@ -46,7 +46,9 @@ def test_cases_are_written_and_load_back_identically(tmp_path, tiny_dataset):
     folder = preprocessed_folder(tmp_path / "work", plan, "3d_fullres")
     assert folder == tmp_path / "work" / "preprocessed" / "3d_fullres"
     assert list_preprocessed_cases(tmp_path / "work", plan, "3d_fullres") == ["case_000", "case_001", "case_002"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"case_00{i}.{e}" for i in range(3) for e in ("json", "npz"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"case_00{i}.{e}" for i in range(3) for e in ("json", "npz")
+    )
     case = ds.cases[1]
     image, geometry = read_channels(list(case.image_files))
     label, _ = read_image(case.label_file)
@@ -116,12 +118,16 @@ def test_identical_configurations_are_computed_once(tmp_path, tiny_dataset, monk
     for name in ("case_000.npz", "case_000.json"):
         assert os.path.samefile(full / name, flat / name)
     assert load_case(work, plan, "2d", "case_001")[0].shape == load_case(work, plan, "3d_fullres", "case_001")[0].shape
-    assert load_case(work, plan, "3d_lowres", "case_001")[0].shape[2] < load_case(work, plan, "2d", "case_001")[0].shape[2]
+    assert (
+        load_case(work, plan, "3d_lowres", "case_001")[0].shape[2] < load_case(work, plan, "2d", "case_001")[0].shape[2]
+    )
 
 
 def test_shared_data_identifier_gives_one_folder(tmp_path, tiny_dataset):
     ident = "spacing_2x1x1_zscore"
-    plan = build_plan(configs=("3d_fullres", "2d"), spacing=(2.0, 1.0, 1.0), data_identifiers={"3d_fullres": ident, "2d": ident})
+    plan = build_plan(
+        configs=("3d_fullres", "2d"), spacing=(2.0, 1.0, 1.0), data_identifiers={"3d_fullres": ident, "2d": ident}
+    )
     preprocess_dataset(tiny_dataset(1), plan, tmp_path / "work")
     assert [p.name for p in (tmp_path / "work" / "preprocessed").iterdir()] == [ident]
 

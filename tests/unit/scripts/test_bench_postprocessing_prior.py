@@ -29,8 +29,10 @@ def _write(path: Path, array: np.ndarray) -> None:
 
 
 def test_rule_removes_a_far_blob_and_the_table_shows_it(tmp_path, capsys):
-    cases = tuple(CaseFingerprint(f"c{i}", (3.0, 1.0, 1.0), (10, 30, 30), (10, 30, 30), 1.0, {1: 200}, {1: (200,)})
-                  for i in range(12))
+    cases = tuple(
+        CaseFingerprint(f"c{i}", (3.0, 1.0, 1.0), (10, 30, 30), (10, 30, 30), 1.0, {1: 200}, {1: (200,)})
+        for i in range(12)
+    )
     (tmp_path / "work").mkdir()
     Fingerprint("t", ("mr",), (0, 1), cases, ()).save(tmp_path / "work" / "fingerprint.json")
     for case in ("a", "b"):
@@ -41,8 +43,20 @@ def test_rule_removes_a_far_blob_and_the_table_shows_it(tmp_path, capsys):
         _write(tmp_path / "labels" / f"{case}.nii.gz", ref)
         _write(tmp_path / "pred" / f"{case}.nii.gz", pred)
     out = tmp_path / "summary.json"
-    assert _load().main([str(tmp_path / "pred"), str(tmp_path / "labels"), str(tmp_path / "work"),
-                         "--num-workers", "1", "--json", str(out)]) == 0
+    assert (
+        _load().main(
+            [
+                str(tmp_path / "pred"),
+                str(tmp_path / "labels"),
+                str(tmp_path / "work"),
+                "--num-workers",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(out.read_text())
     assert summary["rules"] == {"1": [{"op": "largest_component"}]} and summary["num_cases"] == 2
     none, decided = summary["variants"]["none"]["1"], summary["variants"]["decided"]["1"]

@@ -205,16 +205,27 @@ def _stage(name, seconds, peak=None, ok=True, reason=None):
 def test_table_rows_ratios_and_failures():
     labels = {"background": 0, "Anterior": 1, "Posterior": 2}
     nn = {
-        "stages": {"plan": _stage("plan", 100.0, 2 * cn.GIB), "train": _stage("train", 600.0, 4 * cn.GIB),
-                   "predict": _stage("predict", 50.0, cn.GIB)},
-        "iterations": 120, "train_loop_seconds": 480.0, "batch_patch": "9 x [40, 56, 40]",
-        "metrics": {"dice": {"Anterior": 0.5, "Posterior": 0.8}, "mean_dice": 0.65, "mean_hd95_mm": 4.0,
-                    "num_problems": 0},
+        "stages": {
+            "plan": _stage("plan", 100.0, 2 * cn.GIB),
+            "train": _stage("train", 600.0, 4 * cn.GIB),
+            "predict": _stage("predict", 50.0, cn.GIB),
+        },
+        "iterations": 120,
+        "train_loop_seconds": 480.0,
+        "batch_patch": "9 x [40, 56, 40]",
+        "metrics": {
+            "dice": {"Anterior": 0.5, "Posterior": 0.8},
+            "mean_dice": 0.65,
+            "mean_hd95_mm": 4.0,
+            "num_problems": 0,
+        },
     }
     ms = {
-        "stages": {"plan": _stage("plan", 25.0, cn.GIB),
-                   "train": _stage("train", 610.0, ok=False, reason="failed: exit 1: ImportError: no train"),
-                   "predict": cn.not_run("predict", "training failed")},
+        "stages": {
+            "plan": _stage("plan", 25.0, cn.GIB),
+            "train": _stage("train", 610.0, ok=False, reason="failed: exit 1: ImportError: no train"),
+            "predict": cn.not_run("predict", "training failed"),
+        },
         "batch_patch": "4 x [32, 48, 32]",
     }
     rows = {r.metric: r for r in cn.build_rows(nn, ms, labels, 3)}
@@ -267,22 +278,27 @@ def test_parse_nnunet_log(tmp_path):
     (tmp_path / "training_log_2025_1_1_10_00_00.txt").write_text(
         "2025-01-01 10:00:00.000: Epoch 0\n"
         "2025-01-01 10:30:00.000: medseg-budget: iterations_done=187 train_seconds=1801.25 epochs_completed=0 "
-        "budget_seconds=1800 schedule=default\n")
+        "budget_seconds=1800 schedule=default\n"
+    )
     assert cn.parse_nnunet_log(tmp_path) == {"iterations": 187, "train_loop_seconds": 1801.25, "epochs_completed": 0}
     assert cn.parse_nnunet_log(tmp_path / "nothing") == {}
 
 
-@pytest.mark.parametrize("progress, expected", [
-    ({"iteration": 412, "elapsed_seconds": 1200.5}, (412, 1200.5)),
-    ([{"epoch": 0, "iterations": 50}, {"epoch": 1, "iterations": 100, "elapsed": 60.0}], (100, 60.0)),
-    ({"history": [{"iteration": 7}]}, (7, None)),
-])
+@pytest.mark.parametrize(
+    "progress, expected",
+    [
+        ({"iteration": 412, "elapsed_seconds": 1200.5}, (412, 1200.5)),
+        ([{"epoch": 0, "iterations": 50}, {"epoch": 1, "iterations": 100, "elapsed": 60.0}], (100, 60.0)),
+        ({"history": [{"iteration": 7}]}, (7, None)),
+    ],
+)
 def test_parse_medseg_run_is_tolerant(tmp_path, progress, expected):
     run = tmp_path / "runs" / "3d_fullres" / "unet" / "fold_0"
     run.mkdir(parents=True)
     (run / "progress.json").write_text(json.dumps(progress))
-    (tmp_path / "plans.json").write_text(json.dumps(
-        {"configurations": {"3d_fullres": {"batch_size": 4, "patch_size": [32, 48, 32]}}}))
+    (tmp_path / "plans.json").write_text(
+        json.dumps({"configurations": {"3d_fullres": {"batch_size": 4, "patch_size": [32, 48, 32]}}})
+    )
     info = cn.parse_medseg_run(tmp_path)
     assert (info.get("iterations"), info.get("train_loop_seconds")) == expected
     assert info["configuration"] == "3d_fullres" and info["batch_patch"] == "4 x [32, 48, 32]"
@@ -292,14 +308,17 @@ def test_parse_medseg_run_is_tolerant(tmp_path, progress, expected):
 def test_run_stage_times_measures_memory_and_reports_failures(tmp_path):
     # two children holding 40 MB each at the same time: the tree's peak counts both
     child = "import time; x = b'1' * 40_000_000; time.sleep(1.2)"
-    parent = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]; "
-              "[p.wait() for p in ps]; print('done')")
+    parent = (
+        f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]; "
+        "[p.wait() for p in ps]; print('done')"
+    )
     ok = cn.run_stage("ok", [sys.executable, "-c", parent], tmp_path / "ok.log")
     assert ok.ok and ok.seconds > 1.0 and ok.reason is None
     assert ok.peak_ram_bytes is not None and ok.peak_ram_bytes > 75_000_000
     assert "done" in (tmp_path / "ok.log").read_text()
-    bad = cn.run_stage("bad", [sys.executable, "-c", "import sys; print('ValueError: boom'); sys.exit(3)"],
-                       tmp_path / "bad.log")
+    bad = cn.run_stage(
+        "bad", [sys.executable, "-c", "import sys; print('ValueError: boom'); sys.exit(3)"], tmp_path / "bad.log"
+    )
     assert not bad.ok and bad.returncode == 3 and bad.reason == "failed: exit 3: ValueError: boom"
     missing = cn.run_stage("missing", [str(tmp_path / "no-such-program")], tmp_path / "m.log")
     assert not missing.ok and missing.reason.startswith("failed: cannot start")

@@ -19,13 +19,21 @@ def shrink_plan(plan):
         net = cfg.network()
         if cfg.dims == 3:
             spec = dataclasses.replace(
-                net.spec, kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
-                base_features=4, max_features=16)
+                net.spec,
+                kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)),
+                strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+                base_features=4,
+                max_features=16,
+            )
             tiny = dataclasses.replace(net, spec=spec, patch_size=(8, 16, 16), batch_size=2)
         else:
             spec = dataclasses.replace(
-                net.spec, kernel_sizes=((3, 3), (3, 3), (3, 3)), strides=((1, 1), (2, 2), (2, 2)), base_features=4,
-                max_features=16)
+                net.spec,
+                kernel_sizes=((3, 3), (3, 3), (3, 3)),
+                strides=((1, 1), (2, 2), (2, 2)),
+                base_features=4,
+                max_features=16,
+            )
             tiny = dataclasses.replace(net, spec=spec, patch_size=(16, 16), batch_size=4)
         configs[name] = dataclasses.replace(cfg, networks={cfg.default_arch: tiny})
     return dataclasses.replace(plan, configurations=configs, device="cpu").validate()

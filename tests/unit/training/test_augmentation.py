@@ -99,8 +99,16 @@ def test_anisotropic_rotation_is_in_plane_only():
 
 
 def _params(b, **kw):
-    base = dict(noise_std=[None] * b, blur_sigma=[None] * b, brightness=[1.0] * b, contrast=[None] * b,
-                lowres_zoom=[None] * b, gamma=[None] * b, gamma_inverted=[None] * b, noise_seed=list(range(b)))
+    base = dict(
+        noise_std=[None] * b,
+        blur_sigma=[None] * b,
+        brightness=[1.0] * b,
+        contrast=[None] * b,
+        lowres_zoom=[None] * b,
+        gamma=[None] * b,
+        gamma_inverted=[None] * b,
+        noise_seed=list(range(b)),
+    )
     base.update(kw)
     return IntensityParams(**base)
 

@@ -10,16 +10,18 @@ import logging
 import pytest
 
 from medseg.planning.plan import Plan
-from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.planning.stage import Stage
+from medseg.training import TrainConfig, load_checkpoint, train
 from medseg.training.budget_refit import fit_run_to_budget, refit_reason
 
 QUICK = dict(iters_per_epoch=5, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3)
 
 
 def _fitted(plan: Plan, minutes=4.0, device="cpu", configuration="3d_fullres", arch="unet") -> Plan:
-    notes = {**plan.notes, "budget": {"configuration": configuration, "arch": arch, "device": device,
-                                      "minutes": minutes}}
+    notes = {
+        **plan.notes,
+        "budget": {"configuration": configuration, "arch": arch, "device": device, "minutes": minutes},
+    }
     return dataclasses.replace(plan, time_budget_minutes=minutes, device=device, notes=notes)
 
 
@@ -31,9 +33,11 @@ def test_refit_decision(tiny_work):
     assert refit_reason(Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 4.0) is None
     assert refit_reason(Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 4.3) is None  # within 10 %
     assert "fitted for a 4-minute budget, this run has 10 minutes" in refit_reason(
-        Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 10.0)
+        Stage.resolve(fitted, "3d_fullres", "unet"), "cpu", 10.0
+    )
     assert "fitted on cuda, this run trains on cpu" in refit_reason(
-        Stage.resolve(_fitted(plan, device="cuda"), "3d_fullres", "unet"), "cpu", 4.0)
+        Stage.resolve(_fitted(plan, device="cuda"), "3d_fullres", "unet"), "cpu", 4.0
+    )
     assert "is for 3d_fullres/unet, not 2d/unet" in refit_reason(Stage.resolve(fitted, "2d", "unet"), "cpu", 4.0)
 
 
@@ -42,8 +46,9 @@ def test_keep_plan_and_several_processes_train_the_plan_as_it_is(tiny_work):
     cfg = TrainConfig(time_budget_minutes=4.0, keep_plan=True, configuration="3d_fullres", arch="unet")
     same, kept = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), cfg)
     assert same.plan is plan and kept["refit"] is False and kept["kept_by"] == "--keep-plan"
-    same, kept = fit_run_to_budget(Stage.resolve(plan, "3d_fullres", "unet"), dataclasses.replace(cfg, keep_plan=False),
-                                   distributed=True)
+    same, kept = fit_run_to_budget(
+        Stage.resolve(plan, "3d_fullres", "unet"), dataclasses.replace(cfg, keep_plan=False), distributed=True
+    )
     assert same.plan is plan and "several processes" in kept["kept_by"]
     fitted = _fitted(plan)
     stage = Stage.resolve(fitted, "3d_fullres", "unet")
@@ -84,10 +89,23 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
         net = cfg.network(arch)
         net = dataclasses.replace(net, spec=dataclasses.replace(net.spec, base_features=8, max_features=32))
         new = dataclasses.replace(cfg, networks={**cfg.networks, arch: net})
-        notes = {**plan.notes, "budget": {"configuration": configuration, "arch": arch, "device": device,
-                                          "minutes": minutes, "chosen": {"step_time_s": 0.01, "iterations": 9}}}
-        return dataclasses.replace(plan, configurations={**plan.configurations, configuration: new}, notes=notes,
-                                   time_budget_minutes=minutes, device=device).validate()
+        notes = {
+            **plan.notes,
+            "budget": {
+                "configuration": configuration,
+                "arch": arch,
+                "device": device,
+                "minutes": minutes,
+                "chosen": {"step_time_s": 0.01, "iterations": 9},
+            },
+        }
+        return dataclasses.replace(
+            plan,
+            configurations={**plan.configurations, configuration: new},
+            notes=notes,
+            time_budget_minutes=minutes,
+            device=device,
+        ).validate()
 
     monkeypatch.setattr(budget_refit, "fit_plan_to_budget", fake_fit)
     run = train(tiny_work, TrainConfig(time_budget_minutes=0.1, fold="all", **QUICK))
@@ -95,8 +113,12 @@ def test_train_records_the_refit_and_leaves_the_work_plan_alone(tiny_work, monke
     rec = json.loads((run / "run_record.json").read_text())["budget_fit"]
     assert rec["refit"] is True and rec["to"]["base_features"] == 8 and rec["from"]["base_features"] == 4
     assert Plan.load(run / "plans.json").configuration("3d_fullres").network().spec.base_features == 8
-    assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["networks"][
-        "unet"]["spec"]["base_features"] == 8
+    assert (
+        load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["networks"]["unet"][
+            "spec"
+        ]["base_features"]
+        == 8
+    )
     assert (tiny_work / "plans.json").read_text() == before
 
 
@@ -123,6 +145,7 @@ def test_a_validation_too_long_for_the_budget_is_shortened_not_overrun(tiny_work
     rec = metrics["time_budget"]
     assert rec["shortened"] and rec["estimated_full_seconds"] > 0.25 * budget_min * 60
     assert rec["note"] and set(rec["skipped_cases"]) | set(rec["tta_passes"]) == set(
-        json.loads((tiny_work / "splits.json").read_text())[0]["val"])
+        json.loads((tiny_work / "splits.json").read_text())[0]["val"]
+    )
     progress = json.loads((run / "progress.json").read_text())
     assert progress["status"] == "finished" and progress["elapsed_seconds"] <= budget_min * 60 * 1.05 + 1.0

@@ -13,8 +13,13 @@ from medseg.training.schedule import cosine_restarts_factor, lr_factor, poly_fac
 
 
 def test_round_trip_through_json(tmp_path):
-    cfg = TrainConfig(fold="all", epochs=7, class_weights=(1.0, 2.0, 3.0), time_budget_minutes=2.5,
-                      augmentation=AugmentationConfig(p_elastic=0.3, mirror_axes=(1, 2), scale_range=(0.8, 1.2)))
+    cfg = TrainConfig(
+        fold="all",
+        epochs=7,
+        class_weights=(1.0, 2.0, 3.0),
+        time_budget_minutes=2.5,
+        augmentation=AugmentationConfig(p_elastic=0.3, mirror_axes=(1, 2), scale_range=(0.8, 1.2)),
+    )
     text = cfg.to_json()
     assert isinstance(json.loads(text)["augmentation"]["scale_range"], list)
     (tmp_path / "config.json").write_text(text)
@@ -26,8 +31,9 @@ def test_round_trip_through_json(tmp_path):
 def test_unknown_keys_and_bad_values_are_reported_together():
     with pytest.raises(ConfigError, match="unknown key"):
         TrainConfig.from_dict({"epochz": 3})
-    bad = TrainConfig(optimizer="adam", precision="fp8", foreground_oversample=2.0,
-                      augmentation=AugmentationConfig(p_scale=1.5))
+    bad = TrainConfig(
+        optimizer="adam", precision="fp8", foreground_oversample=2.0, augmentation=AugmentationConfig(p_scale=1.5)
+    )
     with pytest.raises(ConfigError) as info:
         bad.validate()
     msg = str(info.value)

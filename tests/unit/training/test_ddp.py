@@ -12,8 +12,17 @@ import torch.multiprocessing as mp
 
 from medseg.training import TrainConfig, load_checkpoint, train
 
-CFG = TrainConfig(epochs=3, iters_per_epoch=1, val_iters=1, batch_size=4, num_workers=0, num_threads=1,
-                  precision="fp32", final_validation=False, seed=5)
+CFG = TrainConfig(
+    epochs=3,
+    iters_per_epoch=1,
+    val_iters=1,
+    batch_size=4,
+    num_workers=0,
+    num_threads=1,
+    precision="fp32",
+    final_validation=False,
+    seed=5,
+)
 
 
 def _free_port() -> int:
@@ -23,8 +32,9 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, work: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     train(work, CFG)
 
 
@@ -46,5 +56,15 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(tiny_work, tmp_
         assert torch.allclose(ddp["model"][k].float(), v.float(), rtol=1e-4, atol=1e-5), k
     # only rank 0 wrote: one set of outputs, no stray files
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "run_record.json", "plans.json", "checkpoint_latest.pt", "checkpoint_best.pt",
-         "checkpoint_final.pt", "training_log.txt", "training_curves.png", "progress.json"])
+        [
+            "config.json",
+            "run_record.json",
+            "plans.json",
+            "checkpoint_latest.pt",
+            "checkpoint_best.pt",
+            "checkpoint_final.pt",
+            "training_log.txt",
+            "training_curves.png",
+            "progress.json",
+        ]
+    )

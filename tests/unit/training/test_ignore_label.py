@@ -36,11 +36,17 @@ def _kept(logits, target, ignore):
     return logits.movedim(1, -1)[keep].T.unsqueeze(0), target[keep].unsqueeze(0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, {"class_weights": [0.2, 1.0, 3.0]}, {"label_smoothing": 0.1},
-    {"class_weights": [0.2, 1.0, 3.0], "label_smoothing": 0.1}, {"focal_gamma": 2.0},
-    {"focal_gamma": 2.0, "class_weights": [0.2, 1.0, 3.0], "label_smoothing": 0.1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"class_weights": [0.2, 1.0, 3.0]},
+        {"label_smoothing": 0.1},
+        {"class_weights": [0.2, 1.0, 3.0], "label_smoothing": 0.1},
+        {"focal_gamma": 2.0},
+        {"focal_gamma": 2.0, "class_weights": [0.2, 1.0, 3.0], "label_smoothing": 0.1},
+    ],
+)
 def test_cross_entropy_with_ignore_equals_the_loss_on_the_other_voxels(kwargs):
     logits, target, ignore = _batch()
     got = CrossEntropyLoss(**kwargs, ignore_index=K)(logits, target)
@@ -128,9 +134,12 @@ def test_oversampling_never_centres_on_ignored_voxels():
 def test_augmented_patches_keep_the_ignore_index_and_pad_with_background():
     case = _ignore_case("c", 0)
     rot = np.array([[1.0, 0, 0], [0, np.cos(0.5), -np.sin(0.5)], [0, np.sin(0.5), np.cos(0.5)]])
-    for params in (SpatialParams(center=np.array([2.0, 2.0, 2.0]), flips=(2,)),
-                   SpatialParams(center=np.array([2.0, 2.0, 2.0]), matrix=rot * 0.9, elastic_seed=1,
-                                 elastic_alpha=2.0, elastic_sigma=4.0)):
+    for params in (
+        SpatialParams(center=np.array([2.0, 2.0, 2.0]), flips=(2,)),
+        SpatialParams(
+            center=np.array([2.0, 2.0, 2.0]), matrix=rot * 0.9, elastic_seed=1, elastic_alpha=2.0, elastic_sigma=4.0
+        ),
+    ):
         _, lab = extract_patch(case.data, case.seg, params, (12, 12, 12))
         assert set(torch.unique(lab).tolist()) == {0, 2}  # patch corner lies outside the case: padded with 0
         assert int(lab[0, 0, 0]) == 0 and int(lab[8, 8, 8]) == 2

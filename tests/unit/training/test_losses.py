@@ -81,14 +81,17 @@ def test_focal_class_weights_and_label_smoothing():
     w_ce = (3 * 2 * -math.log(0.75) + 1 * 2 * -math.log(0.25)) / (3 * 2 + 1 * 2)
     assert CrossEntropyLoss(class_weights=[1.0, 3.0])(logits, target).item() == pytest.approx(w_ce, abs=1e-6)
     assert CrossEntropyLoss(class_weights=[1.0, 3.0], focal_gamma=2.0)(logits, target).item() == pytest.approx(
-        (3 * 2 * f1 + 2 * f0) / 8, abs=1e-6)
+        (3 * 2 * f1 + 2 * f0) / 8, abs=1e-6
+    )
     # label smoothing eps: (1 - eps) * nll + eps * mean_k(-log p_k); mean_k(-log p) = -(ln .25 + ln .75) / 2
     eps = 0.2
     smooth_term = -(math.log(0.25) + math.log(0.75)) / 2
     expected = ((1 - eps) * (2 * -math.log(0.75) + 2 * -math.log(0.25)) / 4) + eps * smooth_term
     assert CrossEntropyLoss(label_smoothing=eps)(logits, target).item() == pytest.approx(expected, abs=1e-6)
     # the focal implementation with gamma -> 0 limit must agree with torch's label-smoothed CE
-    assert CrossEntropyLoss(label_smoothing=eps, focal_gamma=1e-9)(logits, target).item() == pytest.approx(expected, abs=1e-5)
+    assert CrossEntropyLoss(label_smoothing=eps, focal_gamma=1e-9)(logits, target).item() == pytest.approx(
+        expected, abs=1e-5
+    )
 
 
 def test_deep_supervision_weights_and_target_downsampling():

@@ -10,14 +10,20 @@ import torch
 
 from medseg import faults
 from medseg.planning.step_timing import StepTiming
-from medseg.training import TrainConfig, load_checkpoint, train
-from medseg.training import device
+from medseg.training import TrainConfig, device, load_checkpoint, train
 from medseg.training.device import checked_precision
 from medseg.training.distributed import DistContext
 from tests.helpers import network_plan
 
-NET = network_plan(arch="unet", patch_size=(8, 16, 16), batch_size=2, kernel_sizes=((3, 3, 3),) * 3,
-                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), base_features=4, max_features=16)
+NET = network_plan(
+    arch="unet",
+    patch_size=(8, 16, 16),
+    batch_size=2,
+    kernel_sizes=((3, 3, 3),) * 3,
+    strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+    base_features=4,
+    max_features=16,
+)
 
 
 @pytest.fixture
@@ -59,8 +65,19 @@ def test_a_run_whose_bf16_step_kills_its_process_trains_in_fp32(tiny_work):
     child first, trains in fp32, and records why."""
     faults.arm("step_probe:bf16=segv")
     try:
-        run = train(tiny_work, TrainConfig(epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1,
-                                           precision="bf16", seed=3, final_validation=False))
+        run = train(
+            tiny_work,
+            TrainConfig(
+                epochs=1,
+                iters_per_epoch=2,
+                val_iters=1,
+                num_workers=0,
+                num_threads=1,
+                precision="bf16",
+                seed=3,
+                final_validation=False,
+            ),
+        )
     finally:
         faults.arm(None)
     cfg = json.loads((run / "config.json").read_text())

@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from medseg.errors import MedsegError
 from medseg.ensembling.bundle_export import export_bundle
+from medseg.errors import MedsegError
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
 from medseg.training import TrainConfig, load_checkpoint, train
@@ -19,16 +19,21 @@ from medseg.training.pretrained import check_match, load_pretrained, match_weigh
 from medseg.training.run_record import RunRecord
 from tests.helpers import network_plan
 
-FAST = dict(iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
-            final_validation=False)
-ANISO3 = dict(patch_size=(8, 32, 24), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
-              kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)))
+FAST = dict(
+    iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3, final_validation=False
+)
+ANISO3 = dict(
+    patch_size=(8, 32, 24),
+    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
+    kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+)
 
 
 def _net(arch: str = "unet", channels: int = 1, classes: int = 3, **overrides) -> torch.nn.Module:
     torch.manual_seed(len(overrides) + 7 * channels + 13 * classes)
-    plan = network_plan(**{"arch": arch, "batch_size": 2, "base_features": 4, "max_features": 16, **ANISO3,
-                          **overrides})
+    plan = network_plan(
+        **{"arch": arch, "batch_size": 2, "base_features": 4, "max_features": 16, **ANISO3, **overrides}
+    )
     return plan.build(channels, classes)
 
 
@@ -85,14 +90,20 @@ def test_a_network_of_another_width_is_refused(tiny_work):
     match = match_weights(new.state_dict(), old.state_dict())
     # the heads' biases match whenever the classes do: alone they are no reason to fine-tune
     assert match.loaded == ("heads.0.bias", "heads.1.bias") and match.loaded_kernels == 0
-    with pytest.raises(MedsegError, match=rf"2 of {match.total} tensors match, none of them a convolution or "
-                                          r"linear weight: the pretrained network is a different architecture/width"):
+    with pytest.raises(
+        MedsegError,
+        match=rf"2 of {match.total} tensors match, none of them a convolution or "
+        r"linear weight: the pretrained network is a different architecture/width",
+    ):
         check_match(match, _source(tiny_work, old), Stage.resolve(plan, "3d_fullres", "unet"))
     other = _net(base_features=8, max_features=32, classes=2)
     match = match_weights(new.state_dict(), other.state_dict())
     assert match.loaded == ()
-    with pytest.raises(MedsegError, match=rf"0 of {match.total} tensors match: the pretrained network is a "
-                                          r"different architecture/width \(checkpoint of 3d_fullres/unet"):
+    with pytest.raises(
+        MedsegError,
+        match=rf"0 of {match.total} tensors match: the pretrained network is a "
+        r"different architecture/width \(checkpoint of 3d_fullres/unet",
+    ):
         check_match(match, _source(tiny_work, other), Stage.resolve(plan, "3d_fullres", "unet"))
 
 
@@ -101,9 +112,18 @@ def _source(work, model):
     from medseg.io.checkpoint import save_checkpoint
 
     path = work / "source.pt"
-    save_checkpoint({"model": model.state_dict(), "epoch": 1, "iteration": 2, "train_config": {"fold": 0},
-                     "plan": Plan.load(work / "plans.json").to_dict(), "configuration": "3d_fullres",
-                     "arch": "unet"}, path)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "epoch": 1,
+            "iteration": 2,
+            "train_config": {"fold": 0},
+            "plan": Plan.load(work / "plans.json").to_dict(),
+            "configuration": "3d_fullres",
+            "arch": "unet",
+        },
+        path,
+    )
     return read_pretrained(path, "3d_fullres", "unet")
 
 

@@ -7,18 +7,22 @@ import json
 
 import pytest
 
-from medseg.errors import ConfigError
 from medseg.ensembling.bundle_export import export_bundle
+from medseg.errors import ConfigError
 from medseg.inference.bundle import load_bundle
 from medseg.io.checkpoint import save_checkpoint
 from medseg.training import TrainConfig, load_checkpoint, load_model_from_run, train
 from medseg.training.run import read_run_record
 from medseg.training.run_record import RUN_RECORD_KEYS, RunRecord
 
-FAST = dict(iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
-            final_validation=False)
-OLD = {"budget_fit": {"refit": True, "reason": "r", "fit_seconds": 1.5},
-       "pretrained_report": {"loaded": 3, "tensors": 4}, "precision_check": None}
+FAST = dict(
+    iters_per_epoch=2, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3, final_validation=False
+)
+OLD = {
+    "budget_fit": {"refit": True, "reason": "r", "fit_seconds": 1.5},
+    "pretrained_report": {"loaded": 3, "tensors": 4},
+    "precision_check": None,
+}
 
 
 def test_record_round_trip_and_errors(tmp_path):

@@ -37,10 +37,15 @@ def test_only_for_the_fitted_network():
 
     plan = hippocampus_like_plan()
     net = plan.configuration("3d_fullres").network("unet")
-    chosen = {"base_features": net.spec.base_features, "patch_size": list(net.patch_size), "batch_size": net.batch_size,
-              "step_time_s": 0.5}
-    fitted = replace(plan, notes={**plan.notes, "budget": {"configuration": "3d_fullres", "arch": "unet",
-                                                            "chosen": chosen}})
+    chosen = {
+        "base_features": net.spec.base_features,
+        "patch_size": list(net.patch_size),
+        "batch_size": net.batch_size,
+        "step_time_s": 0.5,
+    }
+    fitted = replace(
+        plan, notes={**plan.notes, "budget": {"configuration": "3d_fullres", "arch": "unet", "chosen": chosen}}
+    )
     assert StepTimeCheck.for_run(Stage(fitted, fitted.configuration("3d_fullres"), net)).fitted_seconds == 0.5
     assert StepTimeCheck.for_run(Stage(fitted, fitted.configuration("2d"), net)) is None
     bigger = replace(net, batch_size=net.batch_size + 1)

@@ -26,8 +26,17 @@ def _weights(run_dir, name="latest"):
 def test_train_writes_a_complete_run_folder(tiny_work):
     run = train(tiny_work, TrainConfig(epochs=2, **FAST))
     assert run == tiny_work / "runs" / "3d_fullres" / "unet" / "fold_0"
-    for name in ("config.json", "plans.json", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt",
-                 "training_log.txt", "training_curves.png", "progress.json", "validation/metrics.json"):
+    for name in (
+        "config.json",
+        "plans.json",
+        "checkpoint_latest.pt",
+        "checkpoint_best.pt",
+        "checkpoint_final.pt",
+        "training_log.txt",
+        "training_curves.png",
+        "progress.json",
+        "validation/metrics.json",
+    ):
         assert (run / name).is_file(), name
     cfg = TrainConfig.load(run / "config.json")
     assert cfg.epochs == 2 and cfg.configuration == "3d_fullres" and cfg.arch == "unet"
@@ -126,8 +135,19 @@ def test_time_budget_anneals_over_elapsed_time(tiny_work, monkeypatch):
     monkeypatch.setattr("medseg.training.data.draw_intensity", spy)
     budget_min = 0.15  # 9 seconds
     # keep_plan: this test is about the schedule of the tiny network, not about refitting it to the budget
-    run = train(tiny_work, TrainConfig(time_budget_minutes=budget_min, iters_per_epoch=20, val_iters=1, num_workers=0,
-                                       num_threads=1, precision="fp32", fold="all", keep_plan=True))
+    run = train(
+        tiny_work,
+        TrainConfig(
+            time_budget_minutes=budget_min,
+            iters_per_epoch=20,
+            val_iters=1,
+            num_workers=0,
+            num_threads=1,
+            precision="fp32",
+            fold="all",
+            keep_plan=True,
+        ),
+    )
     ckpt = load_checkpoint(run / "checkpoint_final.pt")
     assert run.name == "fold_all"
     assert ckpt["iteration"] >= 5
@@ -158,10 +178,23 @@ def test_time_budget_anneals_over_elapsed_time(tiny_work, monkeypatch):
 
 
 def test_2d_configuration_with_workers_adamw_and_cosine(tiny_work):
-    run = train(tiny_work, TrainConfig(configuration="2d", epochs=1, iters_per_epoch=2, val_iters=1, num_workers=1,
-                                       num_threads=1,
-                                       optimizer="adamw", lr_schedule="cosine_restarts", focal_gamma=2.0,
-                                       batch_dice=True, final_validation=False, fold=1))
+    run = train(
+        tiny_work,
+        TrainConfig(
+            configuration="2d",
+            epochs=1,
+            iters_per_epoch=2,
+            val_iters=1,
+            num_workers=1,
+            num_threads=1,
+            optimizer="adamw",
+            lr_schedule="cosine_restarts",
+            focal_gamma=2.0,
+            batch_dice=True,
+            final_validation=False,
+            fold=1,
+        ),
+    )
     assert run == tiny_work / "runs" / "2d" / "unet" / "fold_1"
     ckpt = load_checkpoint(run / "checkpoint_final.pt")
     assert ckpt["iteration"] == 2 and "exp_avg" in str(ckpt["optimizer"]["state"][0].keys())
@@ -196,7 +229,9 @@ def test_training_mirrors_the_planned_axes_and_records_them_for_tta(tiny_work, m
 
     # the run's own setting wins over the plan's, and is what the checkpoint tells prediction to flip
     seen.clear()
-    cfg = TrainConfig(epochs=1, final_validation=False, fold=1, augmentation=AugmentationConfig(mirror_axes=(0,)), **FAST)
+    cfg = TrainConfig(
+        epochs=1, final_validation=False, fold=1, augmentation=AugmentationConfig(mirror_axes=(0,)), **FAST
+    )
     run = train(tiny_work, cfg)
     assert seen == {0}
     assert load_checkpoint(run / "checkpoint_final.pt")["plan"]["configurations"]["3d_fullres"]["mirror_axes"] == [0]
@@ -259,9 +294,12 @@ def test_training_that_diverges_stops_with_a_clear_error_and_finite_checkpoint(t
     unchanged: list[bool] = []
     _poison_gradients(monkeypatch, lambda it: it >= 3, unchanged)  # from the second epoch on
     epochs = MAX_SKIPPED_IN_A_ROW // 3 + 3
-    with pytest.raises(TrainingError, match=rf"training diverged: {MAX_SKIPPED_IN_A_ROW} optimizer steps in a row "
-                                            r"had non-finite gradients \(iteration 23, precision fp32.*"
-                                            r"checkpoint_latest.pt holds the last finite weights"):
+    with pytest.raises(
+        TrainingError,
+        match=rf"training diverged: {MAX_SKIPPED_IN_A_ROW} optimizer steps in a row "
+        r"had non-finite gradients \(iteration 23, precision fp32.*"
+        r"checkpoint_latest.pt holds the last finite weights",
+    ):
         train(tiny_work, TrainConfig(epochs=epochs, final_validation=False, **FAST))
     assert unchanged == [True] * (MAX_SKIPPED_IN_A_ROW - 1)  # the last skipped step raised
     run = tiny_work / "runs" / "3d_fullres" / "unet" / "fold_0"

@@ -5,13 +5,33 @@ from __future__ import annotations
 from medseg.io.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from medseg.training import TrainConfig, train
 
-FAST = dict(iters_per_epoch=3, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3,
-            final_validation=False)
+FAST = dict(
+    iters_per_epoch=3, val_iters=1, num_workers=0, num_threads=1, precision="fp32", seed=3, final_validation=False
+)
 
 # the keys the checkpoint writer before the Trainer owned its state (trainer_state.checkpoint_state) wrote
-OLD_KEYS = ("format", "model", "optimizer", "scheduler", "grad_scaler", "epoch", "iteration", "elapsed_seconds",
-            "rng", "train_config", "plan", "configuration", "arch", "best_metric", "ema_metric", "history",
-            "finished", "precision", "timing", "weight_average")
+OLD_KEYS = (
+    "format",
+    "model",
+    "optimizer",
+    "scheduler",
+    "grad_scaler",
+    "epoch",
+    "iteration",
+    "elapsed_seconds",
+    "rng",
+    "train_config",
+    "plan",
+    "configuration",
+    "arch",
+    "best_metric",
+    "ema_metric",
+    "history",
+    "finished",
+    "precision",
+    "timing",
+    "weight_average",
+)
 
 
 def _old_checkpoint(ckpt, *, minimal=False):
@@ -63,8 +83,15 @@ def test_a_checkpoint_written_by_the_old_code_resumes(tiny_work):
 
     def spy(self, ckpt):
         original(self, ckpt)
-        seen.update(epoch=self.epoch, iteration=self.iteration, elapsed=self.elapsed(), best=self.best_metric,
-                    step=self.clock.step_seconds, fwd=self.fwd_seconds_per_sample, history=len(self.history))
+        seen.update(
+            epoch=self.epoch,
+            iteration=self.iteration,
+            elapsed=self.elapsed(),
+            best=self.best_metric,
+            step=self.clock.step_seconds,
+            fwd=self.fwd_seconds_per_sample,
+            history=len(self.history),
+        )
 
     Trainer.load_state_dict = spy
     try:

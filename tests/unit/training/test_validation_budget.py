@@ -28,8 +28,13 @@ def _plan(limit, n=3):
 
 def test_the_full_validation_is_kept_when_it_fits():
     full = _plan(None)
-    assert (full.passes, full.cases, full.skipped, full.shortened, full.note()) == (8, ("c0", "c1", "c2"), (), False,
-                                                                                     None)
+    assert (full.passes, full.cases, full.skipped, full.shortened, full.note()) == (
+        8,
+        ("c0", "c1", "c2"),
+        (),
+        False,
+        None,
+    )
     assert full.seconds == pytest.approx(vb.SETUP_SECONDS + 3 * (8 * 2.7 + OVERHEAD))
     assert _plan(full.seconds + 0.01).passes == 8
 
@@ -111,8 +116,9 @@ def test_validate_run_stops_at_the_deadline_and_records_what_it_skipped(tiny_wor
     budget = ValidationBudget(Deadline.after(4.0), 0.01, shapes)
     t = time.perf_counter()
     stage = Stage.resolve(plan, "3d_fullres", "unet")
-    metrics = validate_run(_Slow(plan.num_classes, 0.1), stage, tiny_work, run, ids,
-                           save_probabilities=False, budget=budget)
+    metrics = validate_run(
+        _Slow(plan.num_classes, 0.1), stage, tiny_work, run, ids, save_probabilities=False, budget=budget
+    )
     assert time.perf_counter() - t < 4.0 + 1.5
     rec = metrics["time_budget"]
     assert rec["shortened"] and set(rec["skipped_cases"]) | set(rec["tta_passes"]) == set(ids)
