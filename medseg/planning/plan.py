@@ -145,7 +145,8 @@ class ConfigurationPlan:
         previous_stage: for a cascade (``3d_cascade_fullres``), the configuration whose prediction this one
             refines (``3d_lowres``): its segmentation, mapped onto this configuration's grid, enters the
             network as one one-hot channel per foreground label after the image channels
-            (:meth:`Plan.network_in_channels`, :mod:`medseg.cascade`). None for ordinary configurations.
+            (:meth:`Plan.network_in_channels`, :mod:`medseg.preprocessing.previous_stage`). None for ordinary
+            configurations.
         mirror_axes: axes of the *patch* (``(Z, Y, X)``, or ``(Y, X)`` for 2D) that training mirrors and
             mirror test-time augmentation flips; None = every axis. The planner leaves out an axis along
             which two foreground classes lie in the same order in (nearly) every case (see

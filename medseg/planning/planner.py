@@ -10,7 +10,7 @@ memory model replaced by medseg's measured estimate of one training step:
    median image; it is dropped when it would shrink the median image by less than 2x. With
    ``3d_lowres`` comes ``3d_cascade_fullres``: ``3d_fullres`` (same spacing, patch, networks and
    preprocessed cache) with ``previous_stage = "3d_lowres"``, whose networks also take the one-hot
-   low-resolution segmentation (one channel per foreground label, :mod:`medseg.cascade`).
+   low-resolution segmentation (one channel per foreground label, :mod:`medseg.preprocessing.previous_stage`).
 4. **Patch and batch**, per configuration and architecture: :mod:`medseg.planning.memory_fitting`.
 5. **Mirroring** (a medseg rule, not nnU-Net's): patch axes along which two foreground classes always lie
    in the same order are not mirrored in training or test-time augmentation
