@@ -17,6 +17,7 @@ training cases, then a case containing it, then one of its sampled voxel locatio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from medseg.training.augmentation import (
     extract_patch,
     perturb_previous_stage,
 )
-from medseg.training.config import AugmentationConfig
+from medseg.training.config import AugmentationConfig, TrainConfig
 from medseg.training.previous_stage import load_network_input
 
 logger = logging.getLogger(__name__)
@@ -360,3 +361,37 @@ __all__ = [
     "load_training_cases",
     "num_foreground_samples",
 ]
+
+
+def make_samplers(
+    train_cases: list[CaseData],
+    val_cases: list[CaseData],
+    stage: Stage,
+    cfg: TrainConfig,
+    mirror_axes: tuple[int, ...],
+    anisotropic: bool,
+) -> tuple[PatchSampler, PatchSampler]:
+    """The run's training sampler (augmented, mirroring ``mirror_axes``) and its pseudo-Dice sampler (no
+    augmentation; the held-out cases, or the training cases when there are none), both at the stage's patch and
+    batch size."""
+    augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=mirror_axes)
+    sampler = PatchSampler(
+        train_cases,
+        stage.patch_size,
+        stage.batch_size,
+        cfg.foreground_oversample,
+        augmentation,
+        seed=cfg.seed,
+        anisotropic=anisotropic,
+        image_channels=stage.plan.num_channels,
+    )
+    val_sampler = PatchSampler(
+        val_cases or train_cases,
+        stage.patch_size,
+        stage.batch_size,
+        cfg.foreground_oversample,
+        None,
+        seed=cfg.seed + 1,
+        anisotropic=anisotropic,
+    )
+    return sampler, val_sampler

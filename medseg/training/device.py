@@ -15,10 +15,11 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from medseg.errors import ConfigError
-from medseg.machine import cpu_has_fast_bf16
+from medseg.machine import cpu_has_fast_bf16, keep_freed_cpu_memory
 from medseg.options import DeviceKind, Precision, parse_option
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.stage import Stage
@@ -160,6 +161,27 @@ def default_num_workers(device: torch.device, world_size: int = 1) -> int:
     if cores <= 2:
         return 0
     return max(1, min(4, cores // 4))
+
+
+def prepare_device(cfg: TrainConfig, dist_ctx: DistContext) -> tuple[torch.device, int, int, ThreadTuner]:
+    """The run's device, data workers, intra-op threads and thread tuner; seeds torch and numpy with ``cfg.seed``
+    and sets the deterministic / cuDNN benchmark switches ``cfg`` asks for."""
+    device = resolve_device(cfg.device, dist_ctx)
+    num_workers, num_threads = workers_and_threads(cfg, device, dist_ctx.world_size)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
+    tuner = ThreadTuner(
+        num_threads,
+        enabled=cfg.num_threads is None and not cfg.deterministic and device.type == "cpu" and not dist_ctx.enabled,
+    )
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    return device, num_workers, num_threads, tuner
 
 
 def channels_last_format(dims: int) -> torch.memory_format:

@@ -16,8 +16,9 @@ from torch import nn
 
 from medseg.errors import ConfigError, TrainingError
 from medseg.planning.plan import Plan
+from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
-from medseg.training.device import autocast
+from medseg.training.device import autocast, channels_last_format
 from medseg.training.distributed import DistContext
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.region_losses import region_loss
@@ -49,6 +50,21 @@ def build_loss(cfg: TrainConfig, plan: Plan) -> DeepSupervisionLoss:
             f"class_weights has {len(cfg.class_weights)} values but the plan has {plan.num_classes} classes"
         )
     return DeepSupervisionLoss(base_loss)
+
+
+def build_model(
+    stage: Stage, device: torch.device, channels_last: bool, dist_ctx: DistContext
+) -> tuple[nn.Module, nn.Module]:
+    """The stage's network on ``device`` (channels-last when asked) and the module the run trains: the network
+    itself, or its ``DistributedDataParallel`` wrapper under DDP."""
+    model = stage.network.build(stage.in_channels, stage.num_classes).to(device)
+    if channels_last:
+        # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+        model = model.to(memory_format=channels_last_format(len(stage.patch_size)))  # type: ignore[call-overload]
+    if not dist_ctx.enabled:
+        return model, model
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, wrapped
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -31,28 +31,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
 from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
-from medseg.machine import autocast_dtype, keep_freed_cpu_memory
+from medseg.machine import autocast_dtype
 from medseg.options import Precision
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
-from medseg.training.data import PatchSampler, batch_iterator, load_training_cases
+from medseg.training.data import batch_iterator, load_training_cases, make_samplers
 from medseg.training.device import (
-    ThreadTuner,
-    channels_last_format,
     checked_precision,
     planned_precision_and_layout,
-    resolve_device,
+    prepare_device,
     to_device,
-    workers_and_threads,
 )
 from medseg.training.distributed import DistContext, unwrap
 from medseg.training.progress import augmentation_summary, epoch_line
@@ -63,6 +58,7 @@ from medseg.training.step import (
     MAX_SKIPPED_IN_A_ROW,
     OptimizerStep,
     build_loss,
+    build_model,
     build_optimizer,
 )
 from medseg.training.step_check import StepTimeCheck
@@ -126,24 +122,7 @@ class Trainer(TrainerState, TrainerValidation):
         self.configuration, self.arch = stage.config_name, stage.arch
 
         # -------- device, threads, determinism
-        self.device = resolve_device(cfg.device, dist_ctx)
-        self.num_workers, self.num_threads = workers_and_threads(cfg, self.device, dist_ctx.world_size)
-        if self.device.type == "cpu":
-            keep_freed_cpu_memory()  # activations reuse freed memory instead of faulting in fresh pages
-        self.thread_tuner = ThreadTuner(
-            self.num_threads,
-            enabled=cfg.num_threads is None
-            and not cfg.deterministic
-            and self.device.type == "cpu"
-            and not dist_ctx.enabled,
-        )
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        self.device, self.num_workers, self.num_threads, self.thread_tuner = prepare_device(cfg, dist_ctx)
 
         # a time-budget plan records the precision and memory format it measured fastest on its device
         self.precision, self.channels_last = planned_precision_and_layout(cfg, stage, self.device)
@@ -186,39 +165,13 @@ class Trainer(TrainerState, TrainerValidation):
         self.train_cases = [loaded[c] for c in self.train_ids]
         self.val_cases = [loaded[c] for c in self.val_ids]
         self.mirror_axes = stage.mirror_axes
-        augmentation = dataclasses.replace(cfg.augmentation, mirror_axes=self.mirror_axes)
-        self.sampler = PatchSampler(
-            self.train_cases,
-            self.patch_size,
-            self.batch_size,
-            cfg.foreground_oversample,
-            augmentation,
-            seed=cfg.seed,
-            anisotropic=self.anisotropic,
-            image_channels=plan.num_channels,
-        )
-        pseudo_cases = self.val_cases or self.train_cases
-        self.val_sampler = PatchSampler(
-            pseudo_cases,
-            self.patch_size,
-            self.batch_size,
-            cfg.foreground_oversample,
-            None,
-            seed=cfg.seed + 1,
-            anisotropic=self.anisotropic,
+        self.sampler, self.val_sampler = make_samplers(
+            self.train_cases, self.val_cases, stage, cfg, self.mirror_axes, self.anisotropic
         )
 
         # -------- model, loss, optimizer, step
         self.num_classes = stage.num_classes
-        model = net.build(stage.in_channels, self.num_classes).to(self.device)
-        if self.channels_last:
-            # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
-            model = model.to(memory_format=channels_last_format(self.dims))  # type: ignore[call-overload]
-        self.model: nn.Module = model
-        if dist_ctx.enabled:
-            self.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        model, self.model = build_model(stage, self.device, self.channels_last, dist_ctx)
         self.loss_fn = build_loss(cfg, plan).to(self.device)
         self.optimizer = build_optimizer(model, cfg)
         self.lr0 = cfg.effective_lr
