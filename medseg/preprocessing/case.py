@@ -16,6 +16,7 @@ from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import ConfigurationPlan, Plan
 from medseg.preprocessing.cropping import crop_to_nonzero
+from medseg.preprocessing.intensity import class_intensity_stats
 from medseg.preprocessing.labels import case_seed, labels_to_classes, locations_to_dict, sample_class_locations_array
 from medseg.preprocessing.normalization import normalize
 from medseg.preprocessing.resampling import compute_new_shape, resample_image, resample_segmentation
@@ -45,6 +46,9 @@ class CaseProperties:
         class_locations: class index -> up to 10000 sampled voxel coordinates ``[z, y, x]`` in the
             preprocessed grid (empty list when the class is absent; empty dict without a label).
         fingerprint: :func:`preprocessing_fingerprint` of the configuration that produced the case.
+        class_intensity: foreground class index -> ``[mean, std]`` per channel of the normalised intensities
+            inside the class (:func:`~medseg.preprocessing.intensity.class_intensity_stats`; empty without a
+            label, and in caches written before the field existed).
     """
 
     case_id: str
@@ -55,6 +59,7 @@ class CaseProperties:
     spacing_after_resample: tuple[float, ...]
     class_locations: dict[int, list[list[int]]] = field(default_factory=dict)
     fingerprint: str = ""
+    class_intensity: dict[int, list[list[float]]] = field(default_factory=dict)
 
     def to_dict(self, include_class_locations: bool = True) -> dict[str, Any]:
         """JSON-ready dict of Python builtins (``class_locations`` left out when not ``include_class_locations``)."""
@@ -186,6 +191,7 @@ def preprocess_case_arrays(
         shape_after_resample=tuple(int(s) for s in new_shape),
         spacing_after_resample=effective,
         fingerprint=preprocessing_fingerprint(plan, cfg),
+        class_intensity={} if seg is None else class_intensity_stats(data, seg, plan.num_classes),
     )
     seg = None if seg is None else np.ascontiguousarray(seg)
     return np.ascontiguousarray(data, dtype=np.float32), seg, props, locations

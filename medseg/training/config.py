@@ -40,7 +40,9 @@ SHORT_SCHEDULE_MOMENTUM = 0.9
 LONG_SCHEDULE_LR = {Optimizer.SGD: 1e-2, Optimizer.ADAMW: 1e-3}
 LONG_SCHEDULE_MOMENTUM = 0.99
 #: Intensity augmentation (noise, blur, brightness, contrast, low resolution, gamma) of a time-budgeted run
-#: when ``AugmentationConfig.intensity`` is None. These transforms regularise a model that would otherwise
+#: when ``AugmentationConfig.intensity`` is None and the run's training data decide nothing (a configuration
+#: resolved on its own; :func:`medseg.training.train` decides from the data with
+#: :mod:`medseg.training.intensity_rule`, which keeps this choice only for homogeneous data). These transforms regularise a model that would otherwise
 #: overfit in nnU-Net's 250k iterations; a budget of one or two thousand iterations ends long before that,
 #: and there they cost fit. Measured on the hippocampus data (30 minutes, 24 base features, batch 4, bf16,
 #: fold 0, 40 validation cases; spatial transforms and mirroring kept; shift TTA): mean final validation
@@ -316,14 +318,15 @@ class TrainConfig:
         """Whether this is a time-budgeted run (a few thousand iterations at most)."""
         return self.time_budget_minutes is not None
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self, short_schedule_intensity: bool | None = None) -> TrainConfig:
         """This configuration with a concrete ``optimizer``, ``lr``, ``momentum``, intensity augmentation and
         weight averaging (idempotent).
 
         ``optimizer="auto"`` becomes :data:`SHORT_SCHEDULE_OPTIMIZER` for a time-budgeted run, else
         ``sgd``; an unset ``lr``/``momentum`` becomes the default of that optimizer and schedule; an unset
-        ``augmentation.intensity`` becomes :data:`SHORT_SCHEDULE_INTENSITY_AUGMENTATION` for a
-        time-budgeted run, else True; ``weight_averaging="auto"`` becomes
+        ``augmentation.intensity`` becomes ``short_schedule_intensity`` for a time-budgeted run (the
+        training data's choice, :func:`medseg.training.intensity_rule.decide_intensity_augmentation`; when
+        None, :data:`SHORT_SCHEDULE_INTENSITY_AUGMENTATION`), else True; ``weight_averaging="auto"`` becomes
         :data:`SHORT_SCHEDULE_WEIGHT_AVERAGING` for a time-budgeted run, else ``off``.
         """
         short = self.short_schedule
@@ -340,7 +343,13 @@ class TrainConfig:
         )
         aug = self.augmentation
         if aug.intensity is None:
-            aug = dataclasses.replace(aug, intensity=SHORT_SCHEDULE_INTENSITY_AUGMENTATION if short else True)
+            if not short:
+                intensity = True
+            elif short_schedule_intensity is not None:
+                intensity = short_schedule_intensity
+            else:
+                intensity = SHORT_SCHEDULE_INTENSITY_AUGMENTATION
+            aug = dataclasses.replace(aug, intensity=intensity)
         averaging = self.weight_averaging
         if averaging == WeightAveraging.AUTO:
             averaging = SHORT_SCHEDULE_WEIGHT_AVERAGING if short else WeightAveraging.OFF

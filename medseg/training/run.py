@@ -36,10 +36,11 @@ from medseg.io.image import atomic_write_text
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
-from medseg.preprocessing import list_preprocessed_cases
+from medseg.preprocessing import list_preprocessed_cases, load_case_properties
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.config import TrainConfig
 from medseg.training.distributed import init_distributed, launch_rank, unwrap
+from medseg.training.intensity_rule import decide_intensity_augmentation
 from medseg.training.lock import RunLock
 from medseg.training.pretrained import load_pretrained, prepare_pretrained
 from medseg.training.previous_stage import prepare_previous_stage
@@ -208,6 +209,7 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
             cfg = dataclasses.replace(cfg, time_budget_minutes=float(budget))
             logger.info("the plan was made for a %.0f-minute budget; training for that budget", budget)
     # concrete optimizer, lr and momentum (time-budgeted runs get the short-schedule ones), stored in config.json
+    intensity_requested = cfg.augmentation.intensity
     cfg = dataclasses.replace(cfg, configuration=configuration, arch=arch).resolved().validate()
     pretrained = None
     if checkpoint is None and cfg.pretrained is not None:  # read and checked before any data is loaded
@@ -229,6 +231,8 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
             run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run.training_log if dist_ctx.is_main else None
         with _RunLogFile(log_path):
+            if checkpoint is None and cfg.short_schedule and intensity_requested is None:
+                cfg, record = _decide_intensity(work_dir, stage, cfg, record, train_ids)
             if checkpoint is None and cfg.time_budget_minutes is not None:
                 stage, budget_fit = fit_run_to_budget(stage, cfg, distributed=dist_ctx.enabled)
                 record = dataclasses.replace(record, budget_fit=budget_fit)
@@ -273,6 +277,19 @@ def _train_locked(work_dir: Path, stage: Stage, cfg: TrainConfig, run_dir: Path,
     finally:
         dist_ctx.shutdown()
     return run_dir
+
+
+def _decide_intensity(
+    work_dir: Path, stage: Stage, cfg: TrainConfig, record: RunRecord, train_ids: list[str]
+) -> tuple[TrainConfig, RunRecord]:
+    """A time-budgeted run's intensity augmentation from its training cases (recorded in the run record)."""
+    props = [load_case_properties(work_dir, stage.plan, stage.config_name, case_id) for case_id in train_ids]
+    decision = decide_intensity_augmentation(props)
+    logger.info("intensity augmentation %s", decision["reason"])
+    augmentation = dataclasses.replace(cfg.augmentation, intensity=bool(decision["intensity"]))
+    return dataclasses.replace(cfg, augmentation=augmentation), dataclasses.replace(
+        record, intensity_augmentation=decision
+    )
 
 
 def _final_validation(trainer: Trainer) -> None:

@@ -37,11 +37,15 @@ class RunRecord:
             channels_last, status, seconds and threads, and ``fallback: "fp32"`` when the step crashed its
             process (the run then trains in fp32 and ``TrainConfig.precision`` says so). None when nothing
             was checked.
+        intensity_augmentation: how a time-budgeted run that left ``augmentation.intensity`` unset chose it
+            from its training cases (:func:`~medseg.training.intensity_rule.decide_intensity_augmentation`:
+            the choice, the across-case spread of the label intensities and the reason). None otherwise.
     """
 
     budget_fit: dict[str, Any] | None = None
     pretrained_report: dict[str, Any] | None = None
     precision_check: dict[str, Any] | None = None
+    intensity_augmentation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of Python builtins."""

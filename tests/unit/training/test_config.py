@@ -69,6 +69,12 @@ def test_intensity_augmentation_depends_on_the_schedule():
     assert short.resolved() == short
     forced = TrainConfig(time_budget_minutes=30, augmentation=AugmentationConfig(intensity=True)).resolved()
     assert forced.augmentation.intensity is True
+    # the training data's choice (medseg.training.intensity_rule) applies to a short schedule left unset ...
+    assert TrainConfig(time_budget_minutes=30).resolved(short_schedule_intensity=True).augmentation.intensity is True
+    # ... never over the user's setting, nor to an epoch-based run
+    off = TrainConfig(time_budget_minutes=30, augmentation=AugmentationConfig(intensity=False))
+    assert off.resolved(short_schedule_intensity=True).augmentation.intensity is False
+    assert TrainConfig().resolved(short_schedule_intensity=False).augmentation.intensity is True
     assert TrainConfig(augmentation=AugmentationConfig(intensity=False)).resolved().augmentation.intensity is False
     # a config.json written before the field existed loads, and resolves by its schedule
     d = TrainConfig(time_budget_minutes=5).to_dict()
