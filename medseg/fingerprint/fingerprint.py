@@ -219,7 +219,7 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
-        return load_json_file(path, cls.from_json, "fingerprint file not found")
+        return load_json_file(path, cls.from_dict, "fingerprint", missing="fingerprint file not found")
 
 
 # ---------------------------------------------------------------- extraction
