@@ -333,7 +333,9 @@ def _fingerprint_case(
     return fp, samples
 
 
-def _fingerprint_case_star(args: tuple) -> tuple[CaseFingerprint, list[np.ndarray]]:
+def _fingerprint_case_star(
+    args: tuple[Case, int, int, int, int | None],
+) -> tuple[CaseFingerprint, list[np.ndarray]]:
     return _fingerprint_case(*args)
 
 
