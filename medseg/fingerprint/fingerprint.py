@@ -219,7 +219,7 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
-        return load_json_file(path, cls.from_json, "fingerprint file not found")
+        return load_json_file(path, cls.from_dict, "fingerprint", missing="fingerprint file not found")
 
 
 # ---------------------------------------------------------------- extraction
@@ -333,7 +333,9 @@ def _fingerprint_case(
     return fp, samples
 
 
-def _fingerprint_case_star(args: tuple) -> tuple[CaseFingerprint, list[np.ndarray]]:
+def _fingerprint_case_star(
+    args: tuple[Case, int, int, int, int | None],
+) -> tuple[CaseFingerprint, list[np.ndarray]]:
     return _fingerprint_case(*args)
 
 

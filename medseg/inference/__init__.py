@@ -6,7 +6,8 @@ from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.folder import PredictionResult, predict_folder
 from medseg.inference.members import EnsembleMember, load_member
 from medseg.inference.predictor import Predictor
-from medseg.inference.sliding_window import gaussian_importance_map, predict_sliding_window
+from medseg.inference.sliding_window import predict_sliding_window
+from medseg.inference.tiling import gaussian_importance_map
 
 __all__ = [
     "EnsembleMember",

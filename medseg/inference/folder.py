@@ -32,18 +32,20 @@ from medseg.inference.folder_cases import (
     find_cases_tolerant,
     spacing_warning,
 )
-from medseg.inference.predictor import Predictor
-from medseg.inference.time_budget import (
-    PREDICTION_SHARE,
+from medseg.inference.prediction_record import (
     RECORD_NAME,
-    REFERENCE_TEST_CASES,
-    CaseBudget,
     CaseRecord,
-    default_seconds_per_case,
-    export_seconds,
     read_record_cases,
     record_document,
     write_record,
+)
+from medseg.inference.predictor import Predictor
+from medseg.inference.time_budget import (
+    PREDICTION_SHARE,
+    REFERENCE_TEST_CASES,
+    CaseBudget,
+    default_seconds_per_case,
+    export_seconds,
 )
 from medseg.io.image import has_image_suffix, read_channels
 from medseg.io.validation import nifti_raw_check
@@ -63,7 +65,7 @@ class PredictionResult:
         warnings: messages worth the user's attention (e.g. unusual spacing).
         seconds: wall time.
         records: per written case, the TTA passes and overlap used and its seconds
-            (:class:`~medseg.inference.time_budget.CaseRecord`; also in ``OUT/prediction_record.json``).
+            (:class:`~medseg.inference.prediction_record.CaseRecord`; also in ``OUT/prediction_record.json``).
         time_budget: the per-case budget in seconds (None = no limit) and :attr:`budget_rule`, where it came from.
     """
 

@@ -35,7 +35,8 @@ import torch
 from medseg import __version__
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.members import EnsembleMember
-from medseg.inference.sliding_window import GAUSSIAN_MIN, gaussian_importance_map, tta_variants
+from medseg.inference.sliding_window import tta_variants
+from medseg.inference.tiling import GAUSSIAN_MIN, gaussian_importance_map
 from medseg.io.image import atomic_write_bytes, atomic_write_text
 from medseg.planning.plan import dumps_readable
 

@@ -1,7 +1,8 @@
 """Running one ensemble member's network: compiled or eager, channels-last, batch size and precision.
 
 The choices :class:`~medseg.inference.predictor.Predictor` makes for each member before it hands the network
-to the sliding window (:func:`~medseg.inference.sliding_window.predict_sliding_window`).
+to the sliding window (:func:`~medseg.inference.sliding_window.predict_sliding_window`): once, when it is
+built (:func:`prepare_network`), and per call (:func:`inference_batch_size`, :func:`auto_precision`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,41 @@ class CompiledOrEager(torch.nn.Module):
                     str(exc).splitlines()[0][:200] if str(exc) else "",
                 )
         return self.model(x)
+
+
+def prepare_network(
+    model: torch.nn.Module,
+    arch: str,
+    dims: int,
+    device: torch.device,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> tuple[torch.nn.Module, bool]:
+    """Ready one member's network for the sliding window: eval mode on ``device``, channels-last where chosen,
+    compiled if asked.
+
+    Args:
+        model: the member's network; converted in place (eval mode, moved, channels-last memory format).
+        arch: its architecture name (channels-last by default on the CPU for :data:`CHANNELS_LAST_ARCHS`).
+        dims: 2 or 3, the dimensions of its patch.
+        device: where it runs.
+        channels_last: run its convolutions channels-last; None = on the CPU for :data:`CHANNELS_LAST_ARCHS`.
+        compile: wrap it in :class:`CompiledOrEager`.
+
+    Returns:
+        ``(the module to call, whether its inputs are to be fed channels-last)``.
+    """
+    model.eval()
+    model.to(device)
+    cl = channels_last if channels_last is not None else (device.type == "cpu" and arch in CHANNELS_LAST_ARCHS)
+    if cl:
+        # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
+        model.to(
+            memory_format=torch.channels_last
+            if dims == 2  # type: ignore[call-overload]
+            else torch.channels_last_3d
+        )
+    return (CompiledOrEager(model) if compile else model), cl
 
 
 #: Forward-pass memory one CPU inference batch may take (activations + logits, see inference_batch_size).

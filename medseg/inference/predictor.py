@@ -40,12 +40,7 @@ from medseg.errors import MedsegError
 from medseg.inference.case_grid import Inferred, PreparedCase, combine_classes, combine_probabilities
 from medseg.inference.ensemble_timing import EnsembleTiming
 from medseg.inference.members import EnsembleMember, load_member
-from medseg.inference.network_runner import (
-    CHANNELS_LAST_ARCHS,
-    CompiledOrEager,
-    auto_precision,
-    inference_batch_size,
-)
+from medseg.inference.network_runner import auto_precision, inference_batch_size, prepare_network
 from medseg.inference.sliding_window import predict_sliding_window, tta_variants
 from medseg.inference.time_budget import CaseSetting
 from medseg.io.image import ImageGeometry
@@ -85,9 +80,11 @@ class Predictor(EnsembleTiming):
             none; built by the caller from the postprocessing rules
             (:func:`medseg.ensembling.selection.postprocess_of`).
         channels_last: run convolutions channels-last (models are converted). None: on the CPU for the
-            architectures where it measured faster (:data:`CHANNELS_LAST_ARCHS`), else off.
+            architectures where it measured faster
+            (:data:`~medseg.inference.network_runner.CHANNELS_LAST_ARCHS`), else off.
         compile: run the networks through ``torch.compile`` (compiles once per network and input shape,
             typically 20-60 s on a CPU, then faster forward passes; falls back to eager on failure).
+            Both: :func:`~medseg.inference.network_runner.prepare_network`.
         progress: per-case tqdm bar over the patches.
         previous_stages: for cascade members (a configuration with ``previous_stage``), the predictor of
             each previous stage, by configuration name (e.g. ``{"3d_lowres": Predictor(...)}``); needed to
@@ -140,23 +137,9 @@ class Predictor(EnsembleTiming):
         self._runners: list[torch.nn.Module] = []
         self._channels_last: list[bool] = []
         for m in self.members:
-            m.model.eval()
-            m.model.to(self.device)
-            cl = (
-                channels_last
-                if channels_last is not None
-                else (self.device.type == "cpu" and m.arch in CHANNELS_LAST_ARCHS)
-            )
-            if cl:
-                dims = m.stage.dims
-                # Module.to takes memory_format at run time; torch's overloads of Module.to leave it out
-                m.model.to(
-                    memory_format=torch.channels_last
-                    if dims == 2  # type: ignore[call-overload]
-                    else torch.channels_last_3d
-                )
+            runner, cl = prepare_network(m.model, m.arch, m.stage.dims, self.device, channels_last, compile)
             self._channels_last.append(cl)
-            self._runners.append(CompiledOrEager(m.model) if compile else m.model)
+            self._runners.append(runner)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -5,7 +5,8 @@ patch). Each patch's *logits* are weighted with a Gaussian importance map (centr
 border voxels, whose receptive field is truncated) and accumulated into one ``(K, Z, Y, X)`` float32
 buffer on the compute device, together with the sum of the weights. After the last patch the weighted
 mean of the logits is turned into softmax probabilities in place (a region plan's network, with one
-sigmoid output per region: ``activation="sigmoid"``, each channel's sigmoid).
+sigmoid output per region: ``activation="sigmoid"``, each channel's sigmoid). Where the patches go and the
+Gaussian map are :mod:`medseg.inference.tiling`.
 
 Mirror test-time augmentation (TTA) runs the network on every combination of flips over ``mirror_axes``
 (``2**n`` passes, the unflipped one included), flips each output back and averages the *logits* before
@@ -28,13 +29,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from medseg.inference.tiling import gaussian_importance_map, tile_starts
 from medseg.machine import autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -43,60 +44,10 @@ logger = logging.getLogger(__name__)
 #: (README, "Shift TTA"), so more only cost time.
 MAX_SHIFT_VARIANTS = 2
 
-#: Smallest value of the (max-normalised) Gaussian importance map; keeps far corners strictly positive.
-GAUSSIAN_MIN = 1e-4
 #: Above this many bytes a float32 ``(K, Z, Y, X)`` accumulator is kept in float16 instead (as nnU-Net
 #: does always): many classes on a large scan (45 classes x 191x171x155 voxels: 0.93 GB in float32).
 #: Logit sums stay far inside float16's range; its 11-bit mantissa leaves argmax ties at ~1e-3.
 HALF_ACCUMULATOR_BYTES = 512 * 2**20
-
-
-@lru_cache(maxsize=16)
-def _gaussian_np(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
-    grids = []
-    for p in patch_size:
-        centre = (p - 1) / 2.0
-        sigma = max(p * sigma_scale, 1e-6)
-        coords = np.arange(p, dtype=np.float64)
-        grids.append(np.exp(-((coords - centre) ** 2) / (2.0 * sigma**2)))
-    g = grids[0]
-    for axis_values in grids[1:]:
-        g = np.multiply.outer(g, axis_values)
-    g = g / g.max()
-    return np.maximum(g, GAUSSIAN_MIN).astype(np.float32)
-
-
-def gaussian_importance_map(
-    patch_size: Sequence[int], sigma_scale: float = 1.0 / 8.0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Gaussian weights for one patch.
-
-    Args:
-        patch_size: patch shape (any number of axes).
-        sigma_scale: standard deviation as a fraction of the patch size, per axis (default 1/8).
-        device: where to put the map.
-
-    Returns:
-        float32 tensor of shape ``patch_size``, maximum 1 at the centre, symmetric, every value
-        ``>= GAUSSIAN_MIN`` (never zero, so every voxel a patch covers gets a weight).
-    """
-    return torch.from_numpy(_gaussian_np(tuple(int(p) for p in patch_size), float(sigma_scale))).to(device)
-
-
-def tile_starts(size: int, patch: int, step: float) -> list[int]:
-    """Start indices of the patches along one axis of length ``size`` (``size >= patch``).
-
-    Patches are spread evenly between ``0`` and ``size - patch`` so that the first and the last patch
-    touch the borders and consecutive patches are at most ``step * patch`` apart.
-    """
-    if size < patch:
-        raise ValueError(f"axis of size {size} is smaller than the patch ({patch}); pad first")
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got {step}")
-    if size == patch:
-        return [0]
-    n = int(np.ceil((size - patch) / (patch * step))) + 1
-    return sorted({int(round(v)) for v in np.linspace(0, size - patch, n)})
 
 
 def mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:

@@ -24,7 +24,7 @@ warm-up and one timed batch of windows through the sliding window itself; its ti
 case); later estimates are corrected by the ratio of measured to estimated network time of the cases
 done. Reading and export run on worker threads beside the network, so the sum is an upper bound on the
 case's share of the wall time. ``OUT/prediction_record.json`` records per case the passes and overlap
-used, estimated and measured seconds and whether the budget held (:func:`write_record`).
+used, estimated and measured seconds and whether the budget held (:mod:`medseg.inference.prediction_record`).
 
 **Default** (:func:`default_seconds_per_case`): on the CPU, a plan with a training time budget predicts
 a :data:`REFERENCE_TEST_CASES`-case test set in at most :data:`PREDICTION_SHARE` of that budget (30
@@ -36,17 +36,15 @@ seconds.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from medseg.inference.prediction_record import CaseRecord
 from medseg.inference.sliding_window import shifted_shape, tta_variants
-from medseg.io.image import atomic_write_text
 
 #: Time of a sliding-window patch relative to the measured eval forward (weighting, flips, copies). On the
 #: 2-core Xeon, a 16-feature 96x64x64 network measured 0.82 s per patch up front and took 0.65 s per window
@@ -67,8 +65,6 @@ BUDGET_OVERLAPS = (0.5, 1 / 3, 0.25, 0.0)
 PREDICTION_SHARE = 0.1
 #: Test-set size the default per-case budget is computed for.
 REFERENCE_TEST_CASES = 20
-#: Name of the per-case record ``medseg predict`` writes into its output folder.
-RECORD_NAME = "prediction_record.json"
 
 
 def num_tiles(size: int, patch: int, step: float = STEP) -> int:
@@ -226,49 +222,6 @@ def default_seconds_per_case(training_minutes: float | None, device_type: str) -
     return float(training_minutes) * 60.0 * PREDICTION_SHARE / REFERENCE_TEST_CASES
 
 
-@dataclass
-class CaseRecord:
-    """What one case of a folder prediction used and took (one entry of ``prediction_record.json``).
-
-    Attributes:
-        tta_passes / overlap: the setting used (TTA passes per window at most, window overlap).
-        full_tta_passes / full_overlap: the setting without a budget.
-        budget_seconds: the case's budget (None = no limit).
-        estimated_seconds: estimate of the case under the setting used (None without a budget).
-        seconds: measured, the sum of ``load_seconds``, ``measure_seconds``, ``network_seconds`` and
-            ``write_seconds``.
-        held: whether ``seconds`` stayed within the budget (None without a budget).
-    """
-
-    tta_passes: int
-    overlap: float
-    full_tta_passes: int
-    full_overlap: float
-    budget_seconds: float | None = None
-    estimated_seconds: float | None = None
-    load_seconds: float = 0.0
-    measure_seconds: float = 0.0
-    network_seconds: float = 0.0
-    write_seconds: float = 0.0
-
-    @property
-    def seconds(self) -> float:
-        return self.load_seconds + self.measure_seconds + self.network_seconds + self.write_seconds
-
-    @property
-    def held(self) -> bool | None:
-        return None if self.budget_seconds is None else self.seconds <= self.budget_seconds
-
-    @property
-    def reduced(self) -> bool:
-        return self.tta_passes < self.full_tta_passes or self.overlap < self.full_overlap
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
-        d.update(seconds=round(self.seconds, 3), held=self.held, reduced=self.reduced)
-        return d
-
-
 class CaseBudget:
     """Chooses each case's :class:`CaseSetting` within ``seconds_per_case`` (None: the full setting always).
 
@@ -344,56 +297,15 @@ class CaseBudget:
         self.write_measured += seconds
 
 
-def record_document(
-    records: Mapping[str, CaseRecord | Mapping[str, Any]],
-    seconds_per_case: float | None,
-    rule: str,
-    options: Sequence[CaseSetting],
-) -> dict[str, Any]:
-    """The JSON document of ``prediction_record.json``: the budget, the reduction order, per case what was
-    used and took (records of earlier runs may be given as their dicts) and a summary."""
-    cases = {c: (r.to_dict() if isinstance(r, CaseRecord) else dict(r)) for c, r in sorted(records.items())}
-    seconds = [float(r["seconds"]) for r in cases.values() if r.get("seconds") is not None]
-    held = [r["held"] for r in cases.values() if r.get("held") is not None]
-    return {
-        "time_budget_per_case": None if seconds_per_case is None else round(float(seconds_per_case), 3),
-        "rule": rule,
-        "reduction_order": [o.to_dict() for o in options],
-        "summary": {
-            "cases": len(cases),
-            "mean_seconds": round(float(np.mean(seconds)), 3) if seconds else None,
-            "held": sum(bool(h) for h in held) if held else None,
-            "reduced": sum(bool(r.get("reduced")) for r in cases.values()),
-        },
-        "cases": cases,
-    }
-
-
-def read_record_cases(path: Path) -> dict[str, dict[str, Any]]:
-    """The per-case entries of an existing ``prediction_record.json`` (empty when missing or unreadable)."""
-    try:
-        cases = json.loads(Path(path).read_text()).get("cases", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k): v for k, v in cases.items() if isinstance(v, dict)} if isinstance(cases, dict) else {}
-
-
-def write_record(path: Path, document: Mapping[str, Any]) -> None:
-    """Write ``document`` (:func:`record_document`) as JSON at ``path``, atomically."""
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
-
-
 __all__ = [
     "BUDGET_OVERLAPS",
     "CASE_SECONDS",
     "PREDICTION_SHARE",
-    "RECORD_NAME",
     "REFERENCE_TEST_CASES",
     "STEP",
     "VOXEL_CLASS_SECONDS",
     "WINDOW_OVERHEAD",
     "CaseBudget",
-    "CaseRecord",
     "CaseSetting",
     "NetworkJob",
     "case_seconds",
@@ -404,9 +316,6 @@ __all__ = [
     "network_windows",
     "num_tiles",
     "pass_options",
-    "read_record_cases",
-    "record_document",
     "reduction_order",
     "windows_per_pass",
-    "write_record",
 ]

@@ -82,9 +82,10 @@ def from_json_dict(cls: type[T], data: Any, where: str, error: type[MedsegError]
         error: ``data`` does not fit ``cls``: one line per problem, each naming its dotted path.
     """
     problems: list[str] = []
-    value = _read_dataclass(cls, data, where, problems)
+    value: T | None = _read_dataclass(cls, data, where, problems)
     if problems:
         raise error(problems[0] if len(problems) == 1 else "\n".join(problems))
+    assert value is not None  # a dataclass not read comes with a problem
     return value
 
 

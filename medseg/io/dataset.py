@@ -272,7 +272,7 @@ def load_dataset(root: str | Path) -> DatasetInfo:
     return ds
 
 
-def _infer_ending(root: Path, meta: dict) -> str:
+def _infer_ending(root: Path, meta: dict[str, Any]) -> str:
     training = meta.get("training")
     if isinstance(training, list):
         for entry in training:

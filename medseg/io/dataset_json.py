@@ -24,7 +24,7 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
+def parse_channels(meta: dict[str, Any], problems: list[str]) -> tuple[str, ...]:
     """The channel names of ``meta["channel_names"]`` (nnU-Net v2) or ``meta["modality"]`` (MSD).
 
     Args:
@@ -55,7 +55,7 @@ def parse_channels(meta: dict, problems: list[str]) -> tuple[str, ...]:
     return tuple(indexed[i] for i in range(len(indexed)))
 
 
-def parse_labels(meta: dict, problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
+def parse_labels(meta: dict[str, Any], problems: list[str]) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
     """``(label_ids, label_names, ignore_label)`` of ``meta["labels"]``; ids and names without the ignore label.
 
     Both forms are read: id -> name (``{"0": "background"}``) and name -> id (``{"background": 0}``).

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,6 +38,16 @@ def has_image_suffix(name: str) -> bool:
     return any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
+class SitkGeometry(Protocol):
+    """What :meth:`ImageGeometry.from_sitk` reads: a ``sitk.Image``, or a ``sitk.ImageFileReader`` after
+    ``ReadImageInformation``; sizes, spacings and origins in SimpleITK's ``(X, Y, Z)`` order."""
+
+    def GetSize(self) -> Sequence[int]: ...
+    def GetSpacing(self) -> Sequence[float]: ...
+    def GetOrigin(self) -> Sequence[float]: ...
+    def GetDirection(self) -> Sequence[float]: ...
+
+
 @dataclass(frozen=True)
 class ImageGeometry:
     """Where an image lies in physical space.
@@ -60,7 +70,8 @@ class ImageGeometry:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of Python builtins (:func:`medseg.io.codec.to_json_dict`)."""
-        return to_json_dict(self)
+        d: dict[str, Any] = to_json_dict(self)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "geometry") -> ImageGeometry:
@@ -72,7 +83,7 @@ class ImageGeometry:
         return from_json_dict(cls, d, where, MedsegError)
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> ImageGeometry:
+    def from_sitk(cls, image: SitkGeometry) -> ImageGeometry:
         """Geometry of a SimpleITK image, or of a reader after ``ReadImageInformation`` (header only)."""
         size = image.GetSize()
         return cls(

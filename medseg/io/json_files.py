@@ -1,4 +1,4 @@
-"""Reading JSON documents (plans, fingerprints) with errors that name what failed and where."""
+"""Reading JSON documents (plans, fingerprints, training settings) with errors that name what failed and where."""
 
 from __future__ import annotations
 
@@ -25,18 +25,40 @@ def parse_json(text: str, what: str, error: type[MedsegError] = MedsegError) -> 
 
 
 def load_json_file(
-    path: str | Path, parse: Callable[[str], T], missing: str, error: type[MedsegError] = MedsegError
+    path: str | Path,
+    parse: Callable[[Any], T],
+    what: str,
+    error: type[MedsegError] = MedsegError,
+    missing: str | None = None,
 ) -> T:
-    """``parse`` the text of ``path`` (e.g. a ``from_json`` class method).
+    """Read the JSON document ``path`` and ``parse`` its value (e.g. a ``from_dict`` class method).
+
+    Args:
+        path: the file.
+        parse: the parsed JSON value (dict, list, ...) -> the object; an ``error`` it raises is raised again
+            with ``"<path>: "`` in front of its message.
+        what: the document in words (``"plan"``, ``"training configuration"``), for the messages.
+        error: the error type raised.
+        missing: the message when ``path`` is not a file (e.g. ``"plan file not found (run `medseg plan`
+            first)"``); None = reported like any file that cannot be read.
+
+    Returns:
+        What ``parse`` returns.
 
     Raises:
-        error: ``"<path>: <missing>"`` when the file does not exist; an ``error`` raised by ``parse`` again,
-            with ``"<path>: "`` in front of its message.
+        error: ``"<path>: <missing>"``; ``"<path>: cannot read the <what> (<reason>)"`` when the file cannot be
+            read or is not valid JSON; an ``error`` of ``parse`` with ``"<path>: "`` in front.
     """
     path = Path(path)
-    if not path.is_file():
+    if missing is not None and not path.is_file():
         raise error(f"{path}: {missing}")
     try:
-        return parse(path.read_text())
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: cannot read the {what} (not valid JSON: {exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the {what} ({exc})") from None
+    try:
+        return parse(value)
     except error as exc:
         raise error(f"{path}: {exc}") from None

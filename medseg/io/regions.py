@@ -19,8 +19,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+#: ``(label_ids, label_names, ignore_label, regions, regions_class_order)`` of :func:`parse_region_labels`.
+RegionLabels = tuple[tuple[int, ...], tuple[str, ...], int | None, tuple[tuple[int, ...], ...], tuple[int, ...]]
 
-def is_region_based(meta: dict) -> bool:
+
+def is_region_based(meta: dict[str, Any]) -> bool:
     """True when ``meta`` (a parsed dataset.json) declares region-based labels: a list-valued label or a
     ``regions_class_order`` entry."""
     labels = meta.get("labels")
@@ -40,9 +43,7 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def parse_region_labels(
-    meta: dict, problems: list[str]
-) -> tuple[tuple[int, ...], tuple[str, ...], int | None, tuple[tuple[int, ...], ...], tuple[int, ...]]:
+def parse_region_labels(meta: dict[str, Any], problems: list[str]) -> RegionLabels:
     """Parse region-based ``labels`` + ``regions_class_order`` of a dataset.json.
 
     Args:
@@ -56,7 +57,7 @@ def parse_region_labels(
         tuple of sorted label ids per region in dataset.json order, ``regions_class_order`` the label id
         written for each region. All empty after a problem.
     """
-    empty: tuple = ((), (), None, (), ())
+    empty: RegionLabels = ((), (), None, (), ())
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         problems.append('\'labels\' is missing or empty; give e.g. {"background": 0, "whole": [1, 2], "core": 2}')
@@ -144,4 +145,4 @@ def parse_region_labels(
     return label_ids, label_names, ignore_id, tuple(regions), tuple(int(v) for v in order)
 
 
-__all__ = ["is_region_based", "parse_region_labels"]
+__all__ = ["RegionLabels", "is_region_based", "parse_region_labels"]

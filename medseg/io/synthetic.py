@@ -40,13 +40,15 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     axis /= np.linalg.norm(axis)
     angle = np.deg2rad(rng.uniform(15.0, 35.0))
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+    rotation: np.ndarray = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+    return rotation
 
 
 def _ellipsoid(coords: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Boolean mask of an axis-aligned ellipsoid; coords/center/radii in mm, (Z, Y, X) order."""
     d = sum(((c - m) / r) ** 2 for c, m, r in zip(coords, center, radii))
-    return d <= 1.0
+    inside: np.ndarray = d <= 1.0
+    return inside
 
 
 def _check_sizes(num_cases: int, shape: tuple[int, ...], spacing: tuple[float, ...], min_size: int) -> None:

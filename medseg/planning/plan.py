@@ -380,4 +380,6 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return load_json_file(path, cls.from_json, "plan file not found (run `medseg plan` first)", PlanError)
+        return load_json_file(
+            path, cls.from_dict, "plan", PlanError, missing="plan file not found (run `medseg plan` first)"
+        )

@@ -10,9 +10,10 @@ Public API::
     make_splits / load_or_create_splits / fold_cases   # WORK/splits.json
 
 Losses (:mod:`medseg.training.losses`), patch sampling (:mod:`medseg.training.data`), augmentation
-(:mod:`medseg.training.augmentation`), the loop (:mod:`medseg.training.trainer`) and its device, precision
-and thread defaults (:mod:`medseg.training.device`) are importable on their own; so is fine-tuning from
-pretrained weights (``TrainConfig(pretrained="model.zip")``, :mod:`medseg.training.pretrained`).
+(spatial: :mod:`medseg.training.augmentation`, intensity: :mod:`medseg.training.intensity_augmentation`), the
+loop (:mod:`medseg.training.trainer`, its epochs in :mod:`medseg.training.trainer_epoch`) and its device,
+precision and thread defaults (:mod:`medseg.training.device`) are importable on their own; so is fine-tuning
+from pretrained weights (``TrainConfig(pretrained="model.zip")``, :mod:`medseg.training.pretrained`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 from medseg.errors import ConfigError
 from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.io.json_files import load_json_file
 from medseg.io.workdir import fold_name
 from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
 from medseg.training.run_record import RUN_RECORD_KEYS
@@ -392,9 +393,4 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read ``config.json``; a missing or malformed file raises :class:`ConfigError` naming it."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the training configuration ({exc})") from None
-        return cls.from_dict(d, where=str(path))
+        return load_json_file(path, cls.from_dict, "training configuration", ConfigError)

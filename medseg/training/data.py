@@ -34,15 +34,9 @@ from tqdm import tqdm
 from medseg.errors import MedsegError
 from medseg.planning.stage import Stage
 from medseg.preprocessing import preprocessed_folder
-from medseg.training.augmentation import (
-    SpatialParams,
-    apply_intensity,
-    draw_intensity,
-    draw_spatial,
-    extract_patch,
-    perturb_previous_stage,
-)
+from medseg.training.augmentation import SpatialParams, draw_spatial, extract_patch, perturb_previous_stage
 from medseg.training.config import AugmentationConfig, TrainConfig
+from medseg.training.intensity_augmentation import apply_intensity, draw_intensity
 from medseg.training.previous_stage import load_network_input
 
 logger = logging.getLogger(__name__)

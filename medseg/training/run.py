@@ -33,6 +33,7 @@ from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
 from medseg.inference.members import load_member
 from medseg.io.checkpoint import load_checkpoint
 from medseg.io.image import atomic_write_text
+from medseg.io.json_files import load_json_file
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
@@ -84,11 +85,7 @@ def read_run_record(run_dir: str | Path) -> RunRecord:
     config = run.config
     if not config.is_file():
         return RunRecord()
-    try:
-        d = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{config}: cannot read the training configuration ({exc})") from None
-    return RunRecord.from_config_dict(d, where=str(config))
+    return load_json_file(config, RunRecord.from_config_dict, "training configuration", ConfigError)
 
 
 def _merge_for_resume(stored: TrainConfig, given: TrainConfig) -> TrainConfig:

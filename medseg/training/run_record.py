@@ -18,6 +18,7 @@ from typing import Any
 
 from medseg.errors import ConfigError
 from medseg.io.codec import from_json_dict, to_json_dict
+from medseg.io.json_files import load_json_file
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,7 @@ class RunRecord:
     @classmethod
     def load(cls, path: str | Path) -> RunRecord:
         """Read a run record file; a missing or malformed file raises :class:`ConfigError` naming it."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: cannot read the run record ({exc})") from None
-        return cls.from_dict(d, where=str(path))
+        return load_json_file(path, cls.from_dict, "run record", ConfigError)
 
 
 #: Keys of the run record, which ``config.json`` held before the record had a file of its own.

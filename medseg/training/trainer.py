@@ -18,21 +18,20 @@ so training always ends annealed.
 
 State (:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict`, the checkpoints, ``progress.json``) and
 what the clock says (elapsed time, progress, deadline) are in :mod:`medseg.training.trainer_state`, pseudo Dice and the final validation's time in
-:mod:`medseg.training.trainer_validation`, the step in :mod:`medseg.training.step`.
+:mod:`medseg.training.trainer_validation`, an epoch's iterations and its end (log line, checkpoints) in
+:mod:`medseg.training.trainer_epoch`, the step in :mod:`medseg.training.step`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
@@ -43,17 +42,11 @@ from medseg.options import Precision
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.data import batch_iterator, load_training_cases, make_samplers
-from medseg.training.device import (
-    checked_precision,
-    planned_precision_and_layout,
-    prepare_device,
-    to_device,
-)
+from medseg.training.device import checked_precision, planned_precision_and_layout, prepare_device
 from medseg.training.distributed import DistContext, unwrap
-from medseg.training.progress import augmentation_summary, epoch_line
+from medseg.training.progress import augmentation_summary
 from medseg.training.run_record import RunRecord
 from medseg.training.run_stage import run_plan
-from medseg.training.schedule import lr_factor
 from medseg.training.step import (
     MAX_SKIPPED_IN_A_ROW,
     OptimizerStep,
@@ -62,8 +55,7 @@ from medseg.training.step import (
     build_optimizer,
 )
 from medseg.training.step_check import StepTimeCheck
-from medseg.training.trainer_state import TrainerState
-from medseg.training.trainer_validation import TrainerValidation
+from medseg.training.trainer_epoch import TrainerEpoch
 from medseg.training.validation_budget import (
     FinalValidationEstimate,
     measure_forward_seconds,
@@ -79,7 +71,7 @@ MEASURE_SHARE = 0.01
 
 
 # ---------------------------------------------------------------------- the trainer
-class Trainer(TrainerState, TrainerValidation):
+class Trainer(TrainerEpoch):
     """Trains one network of one configuration on one fold; see the module docstring.
 
     Args:
@@ -261,90 +253,6 @@ class Trainer(TrainerState, TrainerValidation):
                 f"; {plan.note()}" if plan.shortened else "",
             )
 
-    # ------------------------------------------------------------------ steps
-    def _set_lr(self, progress: float) -> float:
-        lr = self.lr0 * lr_factor(self.cfg.lr_schedule, progress, self.cfg.poly_power, self.cfg.cosine_cycles)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on a batch (:class:`~medseg.training.step.OptimizerStep`); returns the loss."""
-        return self.step(x, y, self.iteration)
-
-    def _sync_stop_and_progress(self) -> tuple[bool, float]:
-        """Rank 0's decision whether to stop and its progress, on every rank."""
-        stop = self.training_done()
-        progress = self.progress()
-        if self.dist.enabled and self.clock.stops_mid_epoch:
-            t = torch.tensor([1.0 if stop else 0.0, progress], dtype=torch.float64)
-            self.dist.broadcast(t)
-            stop, progress = bool(t[0] > 0.5), float(t[1])
-        return stop, progress
-
-    def train_epoch(self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-        """Up to ``iters_per_epoch`` iterations (fewer when the clock stops the run mid-epoch)."""
-        self.model.train()
-        n = 0
-        loss_sum = 0.0
-        wait = 0.0
-        lr = self.optimizer.param_groups[0]["lr"]
-        t_start = time.perf_counter()
-        bar = tqdm(
-            total=self.cfg.iters_per_epoch,
-            desc=f"epoch {self.epoch}",
-            unit="it",
-            leave=False,
-            disable=not self.dist.is_main,
-            dynamic_ncols=True,
-        )
-        try:
-            for _ in range(self.cfg.iters_per_epoch):
-                stop, progress = self._sync_stop_and_progress()
-                if stop and self.clock.stops_mid_epoch:
-                    break
-                lr = self._set_lr(progress)
-                t0 = time.perf_counter()
-                x, y = next(stream)
-                t1 = time.perf_counter()
-                wait += t1 - t0
-                x, y = to_device(x, y, self.device, self.channels_last)
-                self.thread_tuner.before_step()
-                t_step = time.perf_counter()
-                loss = self.train_step(x, y)
-                self.thread_tuner.after_step(time.perf_counter() - t_step)
-                if self.step_check is not None and self.dist.is_main:
-                    self.step_check.add(time.perf_counter() - t_step)
-                if self.weight_average is not None:
-                    self.weight_average.update(progress)
-                if not math.isfinite(loss):
-                    logger.warning("iteration %d: non-finite loss %s", self.iteration, loss)
-                loss_sum += loss
-                n += 1
-                self.iteration += 1
-                dt = time.perf_counter() - t0
-                self.clock.step_done(dt)
-                if self._warn_kept_plan:
-                    self._warn_about_kept_plan(dt)
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                for hook in self.step_hooks:
-                    hook(self.iteration)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t_start
-        stats = torch.tensor([loss_sum * self.local_batch, float(n * self.local_batch)], dtype=torch.float64)
-        self.dist.all_reduce_sum(stats)
-        mean_loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
-        return {
-            "iterations": n,
-            "train_loss": mean_loss,
-            "lr": lr,
-            "epoch_seconds": seconds,
-            "data_wait_seconds": wait,
-            "it_per_s": n / seconds if seconds > 0 else 0.0,
-        }
-
     # ------------------------------------------------------------------ main loop
     def fit(self) -> bool:
         """Train until the clock says stop (epochs or time budget used up); write checkpoints and logs.
@@ -410,27 +318,6 @@ class Trainer(TrainerState, TrainerValidation):
                 close()
         self.write_progress("trained")
         return True
-
-    def _end_epoch(self, stats: dict[str, Any], val: dict[str, Any]) -> None:
-        entry: dict[str, Any] = {"epoch": self.epoch, "iteration": self.iteration, **stats}
-        improved = False
-        if val and not math.isnan(val["val_dice"]):
-            d = val["val_dice"]
-            a = self.cfg.ema_alpha
-            self.ema_metric = d if self.ema_metric is None else a * self.ema_metric + (1 - a) * d
-            entry.update(val)
-            entry["ema_dice"] = self.ema_metric
-            if self.best_metric is None or self.ema_metric > self.best_metric:
-                self.best_metric = self.ema_metric
-                improved = True
-        entry["elapsed_seconds"] = self.elapsed()
-        self.history.append(entry)
-        logger.info("%s", epoch_line(entry, val, self.ema_metric))
-        if improved:
-            self.save("best")
-            logger.info("new best EMA pseudo Dice %.4f -> checkpoint_best.pt", self.best_metric)
-        self.save("latest")
-        self.write_progress("training")
 
 
 __all__ = ["DEFAULT_EPOCHS", "MAX_SKIPPED_IN_A_ROW", "Trainer"]

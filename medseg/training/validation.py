@@ -45,7 +45,7 @@ from medseg.training.distributed import DistContext
 from medseg.training.losses import hard_dice_counts
 from medseg.training.previous_stage import load_network_input
 from medseg.training.region_losses import region_dice_counts
-from medseg.training.validation_budget import ValidationBudget, ValidationClock
+from medseg.training.validation_budget import ValidationBudget, ValidationClock, ValidationNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def validate_run(
     per_case: dict[str, dict[str, float | None]] = {}
     clock = None
     if budget is not None:
-        clock = ValidationClock(
-            budget, case_ids, stage.patch_size, stage.num_classes, stage.mirror_axes, stage.total_stride, use_tta
-        )
+        clock = ValidationClock(budget, case_ids, ValidationNetwork.of_stage(stage, use_tta))
         if clock.plan.shortened:
             logger.warning("final validation %s", clock.plan.note())
     t_start = time.perf_counter()

@@ -38,6 +38,7 @@ import torch
 
 from medseg.clock import Deadline
 from medseg.inference.time_budget import case_seconds, pass_options
+from medseg.planning.stage import Stage
 from medseg.training.device import autocast, channels_last_format
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,41 @@ logger = logging.getLogger(__name__)
 MAX_VALIDATION_SHARE = 0.25
 #: Once per validation: the reference labels' dataset, the predictor.
 SETUP_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ValidationNetwork:
+    """The network as the final validation's time estimates see it: its patch, outputs and TTA.
+
+    Attributes:
+        patch_size: the network's patch, ``(Z, Y, X)`` or ``(Y, X)`` voxels.
+        num_classes: classes of the network output.
+        mirror_axes / total_stride: the network's TTA (:func:`~medseg.inference.sliding_window.tta_variants`).
+        use_tta: whether the full validation uses TTA.
+    """
+
+    patch_size: tuple[int, ...]
+    num_classes: int
+    mirror_axes: tuple[int, ...] | None
+    total_stride: tuple[int, ...]
+    use_tta: bool = True
+
+    @classmethod
+    def of_stage(cls, stage: Stage, use_tta: bool) -> ValidationNetwork:
+        """The network of a trained ``stage``."""
+        return cls(stage.patch_size, stage.num_classes, stage.mirror_axes, stage.total_stride, use_tta)
+
+    def pass_options(self) -> list[int]:
+        """TTA passes per window a shortened validation can run, most first
+        (:func:`~medseg.inference.time_budget.pass_options`)."""
+        return pass_options(self.mirror_axes, self.total_stride, self.use_tta)
+
+    def case_seconds(self, shape: Sequence[int], seconds_per_window: float, passes: int) -> float:
+        """Estimated seconds of one case of spatial ``shape`` at ``passes`` TTA passes
+        (:func:`~medseg.inference.time_budget.case_seconds`)."""
+        return case_seconds(
+            shape, self.patch_size, self.num_classes, seconds_per_window, passes, self.mirror_axes, self.total_stride
+        )
 
 
 @dataclass(frozen=True)
@@ -96,36 +132,25 @@ class ValidationPlan:
 
 def plan_validation(
     shapes: Mapping[str, Sequence[int]],
-    patch_size: Sequence[int],
-    num_classes: int,
+    network: ValidationNetwork,
     seconds_per_window: float,
-    *,
-    mirror_axes: Sequence[int] | None,
-    total_stride: Sequence[int],
-    use_tta: bool = True,
     limit: float | None = None,
 ) -> ValidationPlan:
     """The most complete validation whose estimate fits ``limit`` seconds (see the module docstring).
 
     Args:
         shapes: case id -> preprocessed spatial shape ``(Z, Y, X)``, in validation order.
-        patch_size: the network's patch.
-        num_classes: classes of the network output.
+        network: the network validated (its patch, outputs and TTA).
         seconds_per_window: measured eval forward time of one patch.
-        mirror_axes / total_stride: the network's TTA (:func:`~medseg.inference.sliding_window.tta_variants`).
-        use_tta: whether the full validation uses TTA.
         limit: seconds available; None = no limit (the full validation).
 
     Returns:
         The plan; with a limit below even one case without TTA, no case is validated.
     """
-    options = pass_options(mirror_axes, total_stride, use_tta)
+    options = network.pass_options()
 
     def total(passes: int, ids: Sequence[str]) -> float:
-        return sum(
-            case_seconds(shapes[c], patch_size, num_classes, seconds_per_window, passes, mirror_axes, total_stride)
-            for c in ids
-        )
+        return sum(network.case_seconds(shapes[c], seconds_per_window, passes) for c in ids)
 
     ids = tuple(shapes)
     if not ids:
@@ -168,27 +193,15 @@ class FinalValidationEstimate:
         use_tta: bool,
     ) -> None:
         self.shapes = dict(shapes)
-        self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride), bool(use_tta))
+        axes = None if mirror_axes is None else tuple(mirror_axes)
+        self.network = ValidationNetwork(tuple(patch_size), int(num_classes), axes, tuple(total_stride), bool(use_tta))
         self._cached: tuple[tuple[float, float | None], ValidationPlan] | None = None
 
     def plan(self, seconds_per_window: float, limit: float | None) -> ValidationPlan:
         """The validation that fits ``limit`` seconds (None = the full one) at ``seconds_per_window``."""
         key = (seconds_per_window, limit)
         if self._cached is None or self._cached[0] != key:
-            patch, k, axes, stride, tta = self.net
-            self._cached = (
-                key,
-                plan_validation(
-                    self.shapes,
-                    patch,
-                    k,
-                    seconds_per_window,
-                    mirror_axes=axes,
-                    total_stride=stride,
-                    use_tta=tta,
-                    limit=limit,
-                ),
-            )
+            self._cached = (key, plan_validation(self.shapes, self.network, seconds_per_window, limit))
         return self._cached[1]
 
 
@@ -219,36 +232,17 @@ class ValidationClock:
     Args:
         budget: deadline, forward time and case shapes.
         case_ids: the held-out cases, in order.
-        patch_size / num_classes / mirror_axes / total_stride: the network.
-        use_tta: whether the full validation uses TTA.
+        network: the network validated (its patch, outputs and TTA).
     """
 
-    def __init__(
-        self,
-        budget: ValidationBudget,
-        case_ids: Sequence[str],
-        patch_size: Sequence[int],
-        num_classes: int,
-        mirror_axes: Sequence[int] | None,
-        total_stride: Sequence[int],
-        use_tta: bool,
-    ) -> None:
+    def __init__(self, budget: ValidationBudget, case_ids: Sequence[str], network: ValidationNetwork) -> None:
         self.budget = budget
         self.order = list(case_ids)
-        self.net = (tuple(patch_size), int(num_classes), mirror_axes, tuple(total_stride))
+        self.network = network
         self.available = budget.deadline.remaining()  # seconds the validation has, from its start
         shapes = {c: tuple(budget.shapes[c]) for c in case_ids}
-        self.plan = plan_validation(
-            shapes,
-            patch_size,
-            num_classes,
-            budget.seconds_per_window,
-            mirror_axes=mirror_axes,
-            total_stride=total_stride,
-            use_tta=use_tta,
-            limit=max(0.0, self.available),
-        )
-        self.options = pass_options(mirror_axes, total_stride, use_tta)
+        self.plan = plan_validation(shapes, network, budget.seconds_per_window, max(0.0, self.available))
+        self.options = network.pass_options()
         self.skipped: dict[str, str] = {}
         self.passes: dict[str, int] = {}
         self.estimated = 0.0
@@ -263,8 +257,7 @@ class ValidationClock:
         return self.budget.deadline.expired()
 
     def _raw(self, cid: str, passes: int) -> float:
-        patch, k, axes, stride = self.net
-        return case_seconds(self.budget.shapes[cid], patch, k, self.budget.seconds_per_window, passes, axes, stride)
+        return self.network.case_seconds(self.budget.shapes[cid], self.budget.seconds_per_window, passes)
 
     def _estimate(self, cid: str, passes: int) -> float:
         ratio = self.measured / self.estimated if self.estimated > 0 else 1.0
@@ -373,6 +366,7 @@ __all__ = [
     "FinalValidationEstimate",
     "ValidationBudget",
     "ValidationClock",
+    "ValidationNetwork",
     "ValidationPlan",
     "measure_forward_seconds",
     "plan_validation",

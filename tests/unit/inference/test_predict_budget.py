@@ -14,7 +14,8 @@ import torch
 from medseg.errors import MedsegError
 from medseg.inference import EnsembleMember, Predictor, predict_folder
 from medseg.inference.folder import resolve_time_budget
-from medseg.inference.time_budget import RECORD_NAME, CaseSetting
+from medseg.inference.prediction_record import RECORD_NAME
+from medseg.inference.time_budget import CaseSetting
 from medseg.io.image import read_channels
 
 from .conftest import Threshold, bright_box_image, build_plan, conv_net, write_oblique

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from medseg.inference.sliding_window import (
-    GAUSSIAN_MIN,
-    gaussian_importance_map,
     mirror_combinations,
     predict_sliding_window,
     shift_variants,
     shifted_shape,
-    tile_starts,
     tta_variants,
 )
+from medseg.inference.tiling import GAUSSIAN_MIN, gaussian_importance_map, tile_starts
 
 
 class Identity3d(torch.nn.Module):

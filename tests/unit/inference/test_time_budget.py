@@ -8,9 +8,9 @@ import json
 import pytest
 
 from medseg.inference import time_budget as tb
+from medseg.inference.prediction_record import CaseRecord, record_document
 from medseg.inference.time_budget import (
     CaseBudget,
-    CaseRecord,
     CaseSetting,
     NetworkJob,
     case_seconds,
@@ -160,7 +160,7 @@ def test_record_says_what_was_used_and_whether_the_budget_held():
     assert (held.seconds, held.held, held.reduced) == (8.0, True, False)
     assert (over.seconds, over.held, over.reduced) == (9.5, False, True)
     assert CaseRecord(8, 0.5, 8, 0.5).held is None
-    doc = tb.record_document({"b": over, "a": held.to_dict()}, 9.0, "given", reduction_order([8, 4, 2, 1]))
+    doc = record_document({"b": over, "a": held.to_dict()}, 9.0, "given", reduction_order([8, 4, 2, 1]))
     doc = json.loads(json.dumps(doc))
     assert list(doc["cases"]) == ["a", "b"] and doc["cases"]["b"]["tta_passes"] == 1
     assert doc["cases"]["b"]["held"] is False and doc["cases"]["b"]["overlap"] == 0.0

@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.training.augmentation import (
-    IntensityParams,
-    SpatialParams,
-    apply_intensity,
-    draw_intensity,
-    draw_spatial,
-    extract_patch,
-    gaussian_blur,
-    rotation_matrix,
-)
+from medseg.training.augmentation import SpatialParams, draw_spatial, extract_patch, rotation_matrix
 from medseg.training.config import AugmentationConfig
+from medseg.training.intensity_augmentation import IntensityParams, apply_intensity, draw_intensity, gaussian_blur
 
 
 def _volume(shape=(10, 14, 12), seed=0):

@@ -63,3 +63,16 @@ def test_an_old_run_folder_resumes_predicts_and_exports(tiny_work):
     assert load_checkpoint(run / "checkpoint_final.pt")["epoch"] == 2
     assert RunRecord.load(run / "run_record.json") == RunRecord(**OLD)  # migrated into its own file
     assert not set(RUN_RECORD_KEYS) & set(json.loads((run / "config.json").read_text()))
+
+
+def test_training_settings_and_run_records_use_it(tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config\.json: cannot read the training configuration \(not valid JSON"):
+        TrainConfig.load(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match=r"config\.json: cannot read the training configuration \(not valid JSON"):
+        read_run_record(tmp_path)  # a run folder from before the run record: its keys are read from config.json
+    with pytest.raises(ConfigError, match=r"run_record\.json: cannot read the run record \(.*No such file"):
+        RunRecord.load(tmp_path / "run_record.json")
+    (tmp_path / "config.json").write_text('{"epochs": "two"}')
+    with pytest.raises(ConfigError, match=r"config\.json: training configuration\.epochs"):
+        TrainConfig.load(tmp_path / "config.json")

@@ -123,10 +123,10 @@ def test_resume_extends_a_finished_run_and_rejects_corrupt_checkpoints(tiny_work
 
 
 def test_time_budget_anneals_over_elapsed_time(tiny_work, monkeypatch):
-    from medseg.training import augmentation
+    from medseg.training import intensity_augmentation
 
     intensity_draws = []
-    draw = augmentation.draw_intensity
+    draw = intensity_augmentation.draw_intensity
 
     def spy(rngs, aug, dims):
         intensity_draws.append(draw(rngs, aug, dims))

@@ -13,17 +13,18 @@ from medseg.inference import time_budget as tb
 from medseg.inference.time_budget import case_seconds
 from medseg.planning.stage import Stage
 from medseg.training import validation_budget as vb
-from medseg.training.validation_budget import ValidationBudget, ValidationClock, plan_validation
+from medseg.training.validation_budget import ValidationBudget, ValidationClock, ValidationNetwork, plan_validation
 
 PATCH = (20, 20, 20)
 STRIDE = (8, 8, 8)
 SHAPE = (40, 40, 40)  # 3 positions per axis at step 0.5: 27 windows
 OVERHEAD = tb.CASE_SECONDS + 40**3 * 4 * tb.VOXEL_CLASS_SECONDS  # per case, 4 classes
+NET = ValidationNetwork(PATCH, 4, (0, 1, 2), STRIDE, use_tta=True)
 
 
 def _plan(limit, n=3):
     shapes = {f"c{i}": SHAPE for i in range(n)}
-    return plan_validation(shapes, PATCH, 4, 0.1, mirror_axes=(0, 1, 2), total_stride=STRIDE, limit=limit)
+    return plan_validation(shapes, NET, 0.1, limit=limit)
 
 
 def test_the_full_validation_is_kept_when_it_fits():
@@ -53,7 +54,7 @@ def test_fewer_tta_passes_first_then_fewer_cases():
 
 def _clock(seconds_left, n=2, spw=0.1):
     budget = ValidationBudget(Deadline.after(seconds_left), spw, {f"c{i}": SHAPE for i in range(n)})
-    return ValidationClock(budget, [f"c{i}" for i in range(n)], PATCH, 4, (0, 1, 2), STRIDE, use_tta=True)
+    return ValidationClock(budget, [f"c{i}" for i in range(n)], NET)
 
 
 def test_the_clock_lowers_the_passes_to_the_time_left_and_skips_what_does_not_fit():
