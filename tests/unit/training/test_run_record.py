@@ -29,7 +29,7 @@ def test_record_round_trip_and_errors(tmp_path):
     record = RunRecord(budget_fit={"refit": True, "to": {"patch_size": [8, 8, 8]}}, precision_check={"status": "ok"})
     (tmp_path / "r.json").write_text(record.to_json())
     assert RunRecord.load(tmp_path / "r.json") == record
-    assert RUN_RECORD_KEYS == ("budget_fit", "pretrained_report", "precision_check")
+    assert RUN_RECORD_KEYS == ("budget_fit", "pretrained_report", "precision_check", "intensity_augmentation")
     with pytest.raises(ConfigError, match="unknown key"):
         RunRecord.from_dict({"budget_fits": {}})
     assert "budget_fit" not in TrainConfig().to_dict()
