@@ -37,8 +37,8 @@ fewer samples per second, and the rule could never choose it.
 pass :func:`fit_seconds_limit`, :data:`FIT_FRACTION` of the budget): the cheapest candidate is *probed*
 first (one warm-up and one timed step, at the setting a run uses without measurements,
 :func:`medseg.planning.levers._default_lever`); every later measurement is predicted from the nearest
-measured candidate (:func:`scaled_step_time`, which errs on the slow side) and only run when it fits what is left of the
-limit: the levers on the lever candidate when they fit half of it, else on the probed candidate, else
+measured candidate (:func:`scaled_step_time`, which errs on the slow side) and only run when it fits what is
+left of the limit: the levers on the lever candidate when they fit half of it, else on the probed candidate, else
 not at all (the probe's setting is kept); the candidates of a wave cheapest first, with fewer timed
 steps when that is what fits. The candidates not measured for time are never chosen. The probe always
 runs, so only a cheapest candidate slower than the limit itself makes the fit overrun it. Without a
@@ -48,11 +48,11 @@ limit the fit measures as described above.
 (:func:`medseg.planning.step_child.measure_in_child`), so a step that kills its process (issue 42: torch 2.13's
 bf16 backward at 12x256x256 on a CPU with AMX dies of SIGSEGV) costs the fit one child, not the ``medseg plan``
 that runs it. A setting that crashed is never chosen, like one out of memory: a crashed probe is repeated
-at another precision (bf16 -> fp32, :func:`medseg.planning.levers._fallback_lever`) and its setting is not measured as a lever; a
-crashed lever setting is not kept; a grid candidate that crashed at the kept levers is measured again at the
-fastest other precision and, when chosen, trains at that one. Every crash is listed in
-``notes["budget"]["crashes"]`` and in the status of its lever result or candidate row. Each child costs
-its start (about 2-3 s on 2 cores), which the time limit counts (:class:`~medseg.planning.fit_clock.FitClock`).
+at another precision (bf16 -> fp32, :func:`medseg.planning.levers._fallback_lever`) and its setting is not
+measured as a lever; a crashed lever setting is not kept; a grid candidate that crashed at the kept levers is
+measured again at the fastest other precision and, when chosen, trains at that one. Every crash is listed in
+``notes["budget"]["crashes"]`` and in the status of its lever result or candidate row. Each child costs its
+start (about 2-3 s on 2 cores), which the time limit counts (:class:`~medseg.planning.fit_clock.FitClock`).
 
 **Step time** is the fastest timed round of a setting (load only slows steps; see
 :mod:`medseg.planning.step_timing`), with the rounds' min/median/max in each row's ``spread``.
