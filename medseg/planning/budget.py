@@ -12,7 +12,7 @@ candidate that maximises what can be learned in the budget.
 and the smallest batch: wide layers are where bf16 and channels-last pay or not, and the smallest batch
 halves the cost of timing every setting on it), interleaved round-robin so that a changing machine load
 affects every setting alike; the fastest setting is kept for every candidate. The settings tried per
-device are those of :func:`medseg.planning.step_timing.lever_settings`.
+device are those of :func:`medseg.planning.levers.lever_settings`.
 
 **Choice rule** (:func:`choose_candidate`):
 
@@ -36,10 +36,9 @@ fewer samples per second, and the rule could never choose it.
 **Time limit** (``max_seconds``; ``medseg plan --time-budget M`` and ``medseg train --time-budget M``
 pass :func:`fit_seconds_limit`, :data:`FIT_FRACTION` of the budget): the cheapest candidate is *probed*
 first (one warm-up and one timed step, at the setting a run uses without measurements,
-:func:`medseg.planning.budget_measure._default_lever`); every later measurement is predicted from the nearest
-measured candidate
-(:func:`scaled_step_time`, which errs on the slow side) and only run when it fits what is left of the
-limit: the levers on the lever candidate when they fit half of it, else on the probed candidate, else
+:func:`medseg.planning.levers._default_lever`); every later measurement is predicted from the nearest
+measured candidate (:func:`scaled_step_time`, which errs on the slow side) and only run when it fits what is
+left of the limit: the levers on the lever candidate when they fit half of it, else on the probed candidate, else
 not at all (the probe's setting is kept); the candidates of a wave cheapest first, with fewer timed
 steps when that is what fits. The candidates not measured for time are never chosen. The probe always
 runs, so only a cheapest candidate slower than the limit itself makes the fit overrun it. Without a
@@ -49,11 +48,11 @@ limit the fit measures as described above.
 (:func:`medseg.planning.step_child.measure_in_child`), so a step that kills its process (issue 42: torch 2.13's
 bf16 backward at 12x256x256 on a CPU with AMX dies of SIGSEGV) costs the fit one child, not the ``medseg plan``
 that runs it. A setting that crashed is never chosen, like one out of memory: a crashed probe is repeated
-at another precision (bf16 -> fp32, :func:`_fallback_lever`) and its setting is not measured as a lever; a
-crashed lever setting is not kept; a grid candidate that crashed at the kept levers is measured again at the
-fastest other precision and, when chosen, trains at that one. Every crash is listed in
-``notes["budget"]["crashes"]`` and in the status of its lever result or candidate row. Each child costs
-its start (about 2-3 s on 2 cores), which the time limit counts (:class:`FitClock`).
+at another precision (bf16 -> fp32, :func:`medseg.planning.levers._fallback_lever`) and its setting is not
+measured as a lever; a crashed lever setting is not kept; a grid candidate that crashed at the kept levers is
+measured again at the fastest other precision and, when chosen, trains at that one. Every crash is listed in
+``notes["budget"]["crashes"]`` and in the status of its lever result or candidate row. Each child costs its
+start (about 2-3 s on 2 cores), which the time limit counts (:class:`~medseg.planning.fit_clock.FitClock`).
 
 **Step time** is the fastest timed round of a setting (load only slows steps; see
 :mod:`medseg.planning.step_timing`), with the rounds' min/median/max in each row's ``spread``.
@@ -63,30 +62,26 @@ reading ``plans.json`` can see the reasoning. The chosen channels-last setting i
 (``notes["budget"]["chosen"]["channels_last"]``); the precision goes into ``NetworkPlan.precision``.
 Patch sizes are ``(Z, Y, X)`` (``(Y, X)`` for 2D), times in seconds.
 
-Modules: the rule and its constants (:mod:`medseg.planning.budget_rules`), measuring the levers and the grid
-under the time limit (:mod:`medseg.planning.budget_measure`), and the fit itself (here).
+Modules: the rule and its constants (:mod:`medseg.planning.budget_rules`), the candidate grid
+(:mod:`medseg.planning.candidates`), the throughput levers (:mod:`medseg.planning.levers`), measuring the grid
+(:mod:`medseg.planning.budget_measure`) within the time limit (:mod:`medseg.planning.fit_clock`), the
+``notes["budget"]`` record (:mod:`medseg.planning.budget_notes`), and the fit itself (here).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import torch
 
 from medseg.errors import PlanError
-from medseg.options import DeviceKind, Precision, choices, valid_values
-from medseg.planning.budget_measure import (
-    FitClock,
-    Levers,
-    grid_fallback,
-    measure_grid,
-    measure_levers,
-    now,
-)
+from medseg.options import DeviceKind, choices, valid_values
+from medseg.planning.budget_measure import measure_grid
+from medseg.planning.budget_notes import Isolation, budget_notes, crash_record
 from medseg.planning.budget_rules import (
     FIT_FRACTION,
     MIN_SAMPLES,
@@ -94,15 +89,20 @@ from medseg.planning.budget_rules import (
     MIN_SAMPLES_3D,
     USABLE_FRACTION,
     Measured,
-    candidate_dict,
     choose_candidate,
     fit_seconds_limit,
     patch_coverage,
-    prediction,
     scaled_step_time,
 )
-from medseg.planning.candidates import Candidate, default_candidates
-from medseg.planning.memory import estimate_training_memory_gb
+from medseg.planning.candidates import (
+    Candidate,
+    check_candidates,
+    default_candidates,
+    filter_by_memory,
+    network_memory_gb,
+)
+from medseg.planning.fit_clock import FitClock, now
+from medseg.planning.levers import Levers, grid_fallback, lever_settings, measure_levers
 from medseg.planning.plan import ConfigurationPlan, NetworkPlan, Plan
 from medseg.planning.step_child import CHILD_START_SECONDS, measure_in_child
 from medseg.planning.step_timing import (
@@ -110,7 +110,6 @@ from medseg.planning.step_timing import (
     DEFAULT_MEASURE_STEPS,
     StepSetting,
     StepTiming,
-    lever_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,16 +117,6 @@ logger = logging.getLogger(__name__)
 #: ``(net, in_channels, num_classes, device, precision, channels_last, steps) -> seconds per step`` (or a
 #: :class:`~medseg.planning.step_timing.StepTiming`, e.g. one whose status says the step crashed).
 MeasureFn = Callable[[NetworkPlan, int, int, str, str, bool, int], "float | StepTiming"]
-
-
-class _Isolation(TypedDict):
-    """The budget report's ``isolation``: where the steps ran; children started, their summed start-up
-    seconds and (once one answered) their intra-op threads."""
-
-    process: str
-    children: int
-    child_overhead_s: float
-    child_threads: NotRequired[int | None]
 
 
 def fit_plan_to_budget(
@@ -211,21 +200,21 @@ def fit_plan_to_budget(
     template = cfg.network(arch)
     median = tuple(cfg.median_shape[-cfg.dims :])
     grid = list(candidates) if candidates is not None else default_candidates(template, median)
-    _check_candidates(grid, template)
+    check_candidates(grid, template)
     budget_s = float(minutes) * 60.0
     cin, k = plan.network_in_channels(cfg_name), plan.num_classes
     need = MIN_SAMPLES[cfg.dims]
     excluded: dict[Candidate, str] = {}
 
     if device == DeviceKind.CUDA:
-        grid, excluded = _filter_by_memory(grid, template, plan, cin, k)
+        grid, excluded = filter_by_memory(grid, template, plan.gpu_memory_gb, cin, k)
         if not grid:
             raise PlanError(
                 f"no budget candidate of {cfg_name} fits {plan.gpu_memory_gb} GB of GPU memory; raise --gpu-memory-gb"
             )
 
     crashes: list[dict[str, Any]] = []
-    isolation: _Isolation = {
+    isolation: Isolation = {
         "process": "in this process (measure_fn)"
         if measure_fn is not None
         else "a child process per batch of settings (a native crash kills only the child)",
@@ -247,11 +236,7 @@ def fit_plan_to_budget(
             isolation["child_overhead_s"] = round(isolation["child_overhead_s"] + m.overhead_s, 2)
             isolation["child_threads"] = m.threads
             timings = m.timings
-        crashes.extend(
-            {**_cand_dict_of(s.net), "precision": s.precision, "channels_last": s.channels_last, "status": t.status}
-            for s, t in zip(settings, timings)
-            if t.crashed
-        )
+        crashes.extend(crash_record(s, t) for s, t in zip(settings, timings) if t.crashed)
         return timings
 
     def setting(c: Candidate, precision: str, channels_last: bool) -> StepSetting:
@@ -294,78 +279,29 @@ def fit_plan_to_budget(
     )
     best_i, reasoning = choose_candidate(measured, budget_s, cfg.dims)
     chosen = measured[best_i]
-
-    def levers_of(m: Measured) -> dict[str, Any]:
-        return {
-            "precision": m.precision or precision,
-            "channels_last": channels_last if m.channels_last is None else m.channels_last,
-        }
-
-    new_net = chosen.candidate.network(template, levers_of(chosen)["precision"])
-    new_net = replace(new_net, estimated_memory_gb=_estimate_memory(new_net, cin, k, device))
+    # the winner trains at its own precision where its step crashed at the fit's levers
+    new_net = chosen.candidate.network(template, chosen.precision or precision)
+    new_net = replace(new_net, estimated_memory_gb=network_memory_gb(new_net, cin, k, device))
     new_cfg: ConfigurationPlan = replace(cfg, networks={**cfg.networks, arch: new_net})
-    fit_levers = {"precision": precision, "channels_last": channels_last}
-    rows = [
-        {
-            **candidate_dict(m.candidate),
-            **levers_of(m),
-            **prediction(m, budget_s, need),
-            "score": m.candidate.score,
-            "status": m.status,
-            "spread": m.spread,
-        }
-        for m in measured
-    ]
-    rows += [
-        {
-            **candidate_dict(c),
-            **fit_levers,
-            **prediction(Measured(c, None), budget_s, need),
-            "score": c.score,
-            "status": why,
-            "spread": None,
-        }
-        for c, why in excluded.items()
-    ]
-    if chosen.precision is not None:
-        reasoning += (
-            f" It trains at {chosen.precision}{' channels-last' if chosen.channels_last else ''}: its step "
-            f"crashed at {precision}{' channels-last' if channels_last else ''}."
-        )
-    notes = {
-        "device": device,
-        "minutes": float(minutes),
-        "configuration": cfg_name,
-        "arch": arch,
-        "replaced": {
-            "base_features": template.spec.base_features,
-            "max_features": template.spec.max_features,
-            "patch_size": list(template.patch_size),
-            "batch_size": template.batch_size,
-            "precision": template.precision,
-        },
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "measure_steps": measure_steps,
-        "statistic": (
-            "step_time_s is the fastest of at least measure_steps timed rounds (more while they are "
-            f"cheap, up to {CHEAP_ROUNDS_SECONDS:g} s): load only slows steps; 'spread' has min/median/max"
-        ),
-        "isolation": isolation,
-        "crashes": crashes,
-        "time_limit_seconds": None if max_seconds is None else round(float(max_seconds), 2),
-        "rule": (
-            f"iterations = floor(budget_s x {USABLE_FRACTION} / step_time_s); converging when iterations x "
-            f"batch >= {need}; among converging candidates the largest base_features x patch voxels, ties to "
-            "more samples; when none converges the most samples per second (patch_coverage and "
-            "image_samples = samples x coverage are recorded, not used)"
-        ),
-        "levers": lev.notes,
-        "candidates": rows,
-        "chosen": {**candidate_dict(chosen.candidate), **levers_of(chosen), **prediction(chosen, budget_s, need)},
-        "reasoning": lev.notes["reason"] + " " + reasoning,
-        "measure_seconds": round(now() - t_start, 2),
-    }
+    notes = budget_notes(
+        device=device,
+        minutes=float(minutes),
+        configuration=cfg_name,
+        arch=arch,
+        replaced=template,
+        measure_steps=measure_steps,
+        isolation=isolation,
+        crashes=crashes,
+        max_seconds=max_seconds,
+        lev=lev,
+        measured=measured,
+        excluded=excluded,
+        chosen=chosen,
+        reasoning=reasoning,
+        budget_s=budget_s,
+        need=need,
+        measure_seconds=round(now() - t_start, 2),
+    )
     logger.info("budget fit of %s: %s", cfg_name, notes["reasoning"])
     if max_seconds is not None and notes["measure_seconds"] > max_seconds:
         logger.warning(
@@ -384,49 +320,6 @@ def fit_plan_to_budget(
         notes={**plan.notes, "budget": notes},
     )
     return new_plan.validate()
-
-
-def _check_candidates(grid: Sequence[Candidate], template: NetworkPlan) -> None:
-    if not grid:
-        raise PlanError("no budget candidates given")
-    problems = []
-    for c in grid:
-        net = c.network(template, template.precision)
-        problems += net.check(f"candidate {c.label}")
-    if len(set(grid)) != len(grid):
-        problems.append("candidates contain duplicates")
-    if problems:
-        raise PlanError("invalid budget candidates:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _filter_by_memory(
-    grid: list[Candidate], template: NetworkPlan, plan: Plan, cin: int, k: int
-) -> tuple[list[Candidate], dict[Candidate, str]]:
-    """Drop candidates whose training step would not fit the plan's GPU memory budget (at fp16)."""
-    keep, excluded = [], {}
-    for c in grid:
-        gb = _estimate_memory(c.network(template, Precision.FP16), cin, k, DeviceKind.CUDA)
-        if gb is not None and gb > plan.gpu_memory_gb:
-            excluded[c] = f"excluded: needs ~{gb:.2f} GB > the {plan.gpu_memory_gb:g} GB GPU memory budget"
-        else:
-            keep.append(c)
-    return keep, excluded
-
-
-def _estimate_memory(net: NetworkPlan, cin: int, k: int, device: str) -> float | None:
-    try:
-        return round(float(estimate_training_memory_gb(net, cin, k, device=device)), 4)
-    except TypeError:  # an estimator without the device argument
-        return round(float(estimate_training_memory_gb(net, cin, k)), 4)
-
-
-def _cand_dict_of(net: NetworkPlan) -> dict[str, Any]:
-    return {
-        "base_features": net.spec.base_features,
-        "max_features": net.spec.max_features,
-        "patch_size": list(net.patch_size),
-        "batch_size": net.batch_size,
-    }
 
 
 __all__ = [

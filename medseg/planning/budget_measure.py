@@ -1,306 +1,24 @@
-"""Measuring for the budget fit under its time limit: the throughput levers, then the candidate grid in waves.
+"""Measuring the candidate grid for the budget fit: cheapest first, in waves, within what is left of its time limit.
 
-See :mod:`medseg.planning.budget` for the rule of the fit and how the time limit is spent. Times in seconds.
+The throughput levers are measured before (:mod:`medseg.planning.levers`); the time limit is kept by
+:class:`~medseg.planning.fit_clock.FitClock`. See :mod:`medseg.planning.budget` for the rule of the fit and how
+the time limit is spent. Times in seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
-from medseg.errors import PlanError
-from medseg.options import DeviceKind, Precision
-from medseg.planning.budget_rules import (
-    LEVER_SHARE,
-    SETUP_SECONDS,
-    Measured,
-    candidate_dict,
-    finite_or_none,
-    scaled_step_time,
-)
+from medseg.planning.budget_rules import Measured, finite_or_none, scaled_step_time
 from medseg.planning.candidates import Candidate
-from medseg.planning.step_child import ChildMeasurement
-from medseg.planning.step_timing import (
-    CHEAP_ROUNDS_SECONDS,
-    WARMUP_STEPS,
-    StepSetting,
-    StepTiming,
-    lever_settings,
-)
+from medseg.planning.fit_clock import FitClock
+from medseg.planning.levers import GridFallback, pair_label
+from medseg.planning.step_timing import StepTiming
 
 logger = logging.getLogger(__name__)
-
-#: Wall clock of the fit's time limit (tests replace it).
-_clock = time.perf_counter
-
-
-def now() -> float:
-    """The fit's wall clock in seconds (:data:`_clock`, which tests replace)."""
-    return _clock()
-
-
-class FitClock:
-    """What is left of the fit's time limit, and what measuring would cost (``max_seconds`` None: no limit).
-
-    ``per_call`` is what one measurement costs besides its steps: for the real measurement a child process
-    (:data:`~medseg.planning.step_child.CHILD_START_SECONDS` until :meth:`observe` saw one) and the extra
-    rounds of a cheap batch (:data:`~medseg.planning.step_timing.CHEAP_ROUNDS_SECONDS`); 0 for a ``measure_fn``.
-    """
-
-    def __init__(self, max_seconds: float | None, start: float, most_steps: int, per_call: float = 0.0) -> None:
-        self.max_seconds, self.start, self.most_steps, self.per_call = max_seconds, start, most_steps, per_call
-        self._children, self._overhead = 0, 0.0
-
-    def observe(self, m: ChildMeasurement) -> None:
-        """Count the start-up of the children of a real measurement into :attr:`per_call` from now on."""
-        self._children += m.children
-        self._overhead += m.overhead_s
-        if self._children:
-            self.per_call = self._overhead / self._children + CHEAP_ROUNDS_SECONDS
-
-    @property
-    def limited(self) -> bool:
-        return self.max_seconds is not None
-
-    def left(self) -> float:
-        if self.max_seconds is None:
-            return math.inf
-        return self.max_seconds - (_clock() - self.start)
-
-    def cost(self, step_times: Sequence[float], steps: int) -> float:
-        return self.per_call + sum((WARMUP_STEPS + steps) * t + SETUP_SECONDS for t in step_times)
-
-    def steps_for(self, step_times: Sequence[float], share: float = 1.0) -> int:
-        """The most timed steps (up to ``most_steps``) measuring ``step_times`` can take in ``share`` of
-        what is left; 0 when not even one fits."""
-        if not self.limited:
-            return self.most_steps
-        room = share * self.left()
-        return next((n for n in range(self.most_steps, 0, -1) if self.cost(step_times, n) <= room), 0)
-
-
-@dataclass(frozen=True)
-class Levers:
-    """What :func:`measure_levers` decided: the setting, where it was measured, and what crashed."""
-
-    precision: str
-    channels_last: bool
-    candidate: Candidate | None  # the grid candidate measured at the setting (None: none)
-    timing: StepTiming  # of ``candidate`` at the setting
-    notes: dict[str, Any]
-    crashed: frozenset[tuple[str, bool]] = frozenset()
-    times: tuple[tuple[tuple[str, bool], float], ...] = ()  # step time of each setting measured on ``candidate``
-
-
-def _pair_label(pair: tuple[str, bool]) -> str:
-    return f"{pair[0]}{' channels-last' if pair[1] else ''}"
-
-
-def measure_levers(
-    grid: Sequence[Candidate],
-    device: str,
-    setting: Callable[[Candidate, str, bool], StepSetting],
-    measure: Callable[[list[StepSetting], int], list[StepTiming]],
-    clock: FitClock,
-) -> Levers:
-    """Time every lever setting on the lever candidate (widest, smallest patch, smallest batch); keep the fastest.
-
-    Under a time limit the cheapest candidate is probed first and the levers are measured where they fit
-    (see the module docstring). A setting whose step crashed its process (the probe's included) is never
-    kept: a crashed probe is repeated at :func:`_fallback_lever` (bf16 -> fp32) and the crashed setting is
-    not measured again.
-
-    Raises:
-        PlanError: every setting crashed, or none could be measured at all.
-    """
-    pairs, options = lever_settings(device)
-    cand = max(grid, key=lambda c: (c.base_features, c.max_features, -c.patch_voxels, -c.batch_size))
-    steps, probe_notes, probe_timing = clock.most_steps, None, None
-    crashed: dict[tuple[str, bool], str] = {}
-    if clock.limited:
-        probe = min(grid, key=lambda c: (c.cost, c.base_features))
-        pair: tuple[str, bool] | None = _default_lever(device, pairs)
-        tried: list[dict[str, Any]] = []
-        while True:
-            assert pair is not None
-            probe_timing = measure([setting(probe, *pair)], 1)[0]
-            if not probe_timing.crashed:
-                break
-            crashed[pair] = probe_timing.status
-            tried.append({"precision": pair[0], "channels_last": pair[1], "status": probe_timing.status})
-            pair = _fallback_lever(pair, pairs, crashed)
-            if pair is None:
-                raise PlanError(
-                    f"every training step setting crashed its process on {device} when probing "
-                    f"{probe.label}: " + ", ".join(f"{t['precision']}: {t['status']}" for t in tried)
-                )
-        t_probe = probe_timing.seconds
-        probe_notes = {
-            **candidate_dict(probe),
-            "precision": pair[0],
-            "channels_last": pair[1],
-            "step_time_s": finite_or_none(t_probe),
-        }
-        if tried:
-            probe_notes["crashed"] = tried
-        live = [p for p in pairs if p not in crashed]
-        if probe_timing.ok:
-            steps = clock.steps_for([scaled_step_time(t_probe, probe, cand)] * len(live), LEVER_SHARE)
-            if steps == 0:
-                cand = probe
-                steps = clock.steps_for([t_probe] * len(live), LEVER_SHARE)
-            if steps == 0 or not live:
-                return _kept_probe(
-                    probe,
-                    pair,
-                    probe_timing,
-                    probe_notes,
-                    options,
-                    crashed,
-                    f"after probing {probe.label} ({t_probe:.3f} s per step) the fit's "
-                    f"{clock.max_seconds:.0f} s time limit left no room",
-                )
-    live = [p for p in pairs if p not in crashed]
-    timings = dict(zip(live, measure([setting(cand, *p) for p in live], steps)))
-    crashed.update({p: t.status for p, t in timings.items() if t.crashed})
-    ok = [(t.seconds, i, p) for i, (p, t) in enumerate(timings.items()) if t.ok]
-    if not ok:
-        if probe_timing is not None and probe_timing.ok and probe_notes is not None:
-            return _kept_probe(
-                probe,
-                (probe_notes["precision"], probe_notes["channels_last"]),
-                probe_timing,
-                probe_notes,
-                options,
-                crashed,
-                f"no setting could be measured on {cand.label}",
-            )
-        raise PlanError(
-            f"{cand.label} could not be measured on {device} with any setting: "
-            + ", ".join(f"{_pair_label(p)} {crashed.get(p) or timings[p].status}" for p in pairs)
-        )
-    best_t, _, (precision, channels_last) = min(ok)
-    parts = []
-    for p in pairs:
-        t = timings.get(p)
-        if t is not None and t.ok:
-            parts.append(f"{_pair_label(p)} {t.seconds:.3f} s")
-        else:
-            parts.append(f"{_pair_label(p)} {crashed.get(p) or (t.status if t else 'not measured')}")
-    notes: dict[str, Any] = {
-        "measured_on": candidate_dict(cand),
-        "options": options,
-        "results": [_lever_row(p, timings.get(p), crashed.get(p)) for p in pairs],
-        "chosen": {"precision": precision, "channels_last": channels_last},
-        "reason": (
-            f"Levers measured on {cand.label}: " + ", ".join(parts) + f"; kept the fastest, {precision} "
-            f"with channels-last {'on' if channels_last else 'off'}, for every candidate"
-            + (" (a setting that crashed its process is never kept)." if crashed else ".")
-        ),
-    }
-    if probe_notes is not None:
-        notes["probe"] = probe_notes
-        notes["steps"] = steps
-    return Levers(
-        precision,
-        channels_last,
-        cand,
-        timings[(precision, channels_last)],
-        notes,
-        frozenset(crashed),
-        tuple((p, t.seconds) for p, t in timings.items() if t.ok),
-    )
-
-
-def _kept_probe(
-    probe: Candidate,
-    pair: tuple[str, bool],
-    timing: StepTiming,
-    probe_notes: dict[str, Any],
-    options: str,
-    crashed: dict[tuple[str, bool], str],
-    why: str,
-) -> Levers:
-    """Levers not measured: the probe's setting (the default one, or its fallback after a crash) is kept."""
-    precision, channels_last = pair
-    notes = {
-        "measured_on": candidate_dict(probe),
-        "options": options,
-        "probe": probe_notes,
-        "results": [_lever_row(pair, timing, None)] + [_lever_row(p, None, st) for p, st in crashed.items()],
-        "chosen": {"precision": precision, "channels_last": channels_last},
-        "reason": (
-            f"Levers not measured: {why}; kept {precision} with channels-last "
-            f"{'on' if channels_last else 'off'}"
-            + (" (" + ", ".join(f"{_pair_label(p)} {st}" for p, st in crashed.items()) + ")." if crashed else ".")
-        ),
-    }
-    return Levers(precision, channels_last, probe, timing, notes, frozenset(crashed), ((pair, timing.seconds),))
-
-
-def _lever_row(pair: tuple[str, bool], t: StepTiming | None, crash: str | None) -> dict[str, Any]:
-    status = crash or (t.status if t is not None else "not measured")
-    return {
-        "precision": pair[0],
-        "channels_last": pair[1],
-        "step_time_s": finite_or_none(t.seconds) if t is not None and t.ok else None,
-        "status": status,
-        "spread": t.spread() if t is not None else None,
-    }
-
-
-def _fallback_lever(
-    pair: tuple[str, bool], pairs: Sequence[tuple[str, bool]], crashed: Collection[tuple[str, bool]]
-) -> tuple[str, bool] | None:
-    """The setting to try after ``pair`` crashed: another precision first (bf16 -> fp32; fp32 always counts as a
-    choice, also on CUDA), the same memory format first; None when every one crashed."""
-    options = dict.fromkeys([*pairs, (Precision.FP32, pair[1]), (Precision.FP32, not pair[1])])
-    left = [p for p in options if p not in crashed and p != pair]
-    return min(left, key=lambda p: (p[0] == pair[0], p[1] != pair[1]), default=None)
-
-
-@dataclass(frozen=True)
-class _Fallback:
-    """Where a grid candidate whose step crashed at the fit's levers is measured again."""
-
-    primary: tuple[str, bool]
-    pair: tuple[str, bool]
-    ratio: float  # expected step time at ``pair`` / at ``primary`` (for the time limit)
-    measure: Callable[[list[Candidate], int], list[StepTiming]]
-
-
-def grid_fallback(
-    lev: Levers,
-    pairs: Sequence[tuple[str, bool]],
-    measure: Callable[[list[Candidate], int, tuple[str, bool]], list[StepTiming]],
-) -> _Fallback | None:
-    """The fit's fallback setting for grid candidates that crash at its levers: the fastest measured setting
-    of another precision, else :func:`_fallback_lever`."""
-    primary = (lev.precision, lev.channels_last)
-    times = dict(lev.times)
-    other = [p for p in times if p[0] != primary[0]]
-    pair = min(other, key=lambda p: times[p]) if other else _fallback_lever(primary, pairs, lev.crashed)
-    if pair is None:
-        return None
-    t0 = times.get(primary)
-    ratio = times[pair] / t0 if pair in times and t0 else 2.0
-    return _Fallback(primary, pair, ratio, lambda cs, n: measure(cs, n, pair))
-
-
-def _default_lever(device: str, pairs: Sequence[tuple[str, bool]]) -> tuple[str, bool]:
-    """The ``(precision, channels_last)`` a run uses on ``device`` without measurements: on the CPU bf16 where it
-    is native (else fp32) and channels-last; on CUDA fp16 without channels-last (``TrainConfig`` defaults)."""
-    precisions = [p for p, _ in pairs]
-    if torch.device(device).type == DeviceKind.CUDA:
-        return (Precision.FP16, False) if (Precision.FP16, False) in pairs else pairs[0]
-    want = (Precision.BF16 if Precision.BF16 in precisions else Precision.FP32, True)
-    return want if want in pairs else pairs[0]
 
 
 def measure_grid(
@@ -313,7 +31,7 @@ def measure_grid(
     clock: FitClock,
     coverage: Callable[[Candidate], float] = lambda c: 1.0,
     reference: dict[Candidate, float] | None = None,
-    fallback: _Fallback | None = None,
+    fallback: GridFallback | None = None,
     lever_spread: dict[str, Any] | None = None,
 ) -> list[Measured]:
     """Measure the grid cheapest first, in waves, skipping what a non-converging cheaper candidate dominates.
@@ -378,7 +96,7 @@ def measure_grid(
             if t.crashed:
                 crashed.append(c)
         if crashed and fallback is not None:
-            primary, pair = _pair_label(fallback.primary), _pair_label(fallback.pair)
+            primary, pair = pair_label(fallback.primary), pair_label(fallback.pair)
             est = {c: predicted(c) * fallback.ratio for c in crashed} if clock.limited else {}
             again, steps, left_out = _fit_in_limit(crashed, est, clock)
             for c, why in left_out.items():

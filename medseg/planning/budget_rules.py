@@ -161,29 +161,6 @@ def choose_candidate(measured: Sequence[Measured], budget_seconds: float, dims: 
     return best, head + why
 
 
-def prediction(m: Measured, budget_s: float, need: int) -> dict[str, Any]:
-    """The notes' per-candidate numbers: step time, iterations, samples, coverage, whole-image samples, converges."""
-    if m.step_time_s is None:
-        return {
-            "step_time_s": None,
-            "iterations": None,
-            "samples": None,
-            "samples_per_s": None,
-            "patch_coverage": round(m.coverage, 4),
-            "image_samples": None,
-            "converges": False,
-        }
-    return {
-        "step_time_s": m.step_time_s,
-        "iterations": m.iterations(budget_s),
-        "samples": m.samples(budget_s),
-        "samples_per_s": round(m.samples_per_second, 4),
-        "patch_coverage": round(m.coverage, 4),
-        "image_samples": m.image_samples(budget_s),
-        "converges": m.samples(budget_s) >= need,
-    }
-
-
 def candidate_dict(c: Candidate) -> dict[str, Any]:
     return {
         "base_features": c.base_features,

@@ -10,6 +10,10 @@ batches are tried.
   stride, keeping a bottleneck of at least :data:`MIN_BOTTLENECK` voxels);
 * batch sizes :data:`BATCH_GRID` (2 and 4 for 3D; never below 2).
 
+A grid (the default one or one given) is checked against the planned topology (:func:`check_candidates`); for
+a CUDA fit the candidates whose training step would not fit the GPU memory budget are dropped before any is
+measured (:func:`filter_by_memory`, with the estimate of :mod:`medseg.planning.memory`).
+
 Patch sizes are ``(Z, Y, X)`` (``(Y, X)`` for 2D).
 """
 
@@ -19,6 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from medseg.errors import PlanError
+from medseg.options import DeviceKind, Precision
+from medseg.planning.memory import estimate_training_memory_gb
 from medseg.planning.plan import NetworkPlan
 
 #: Widths tried (channels of the first stage).
@@ -149,11 +156,59 @@ def default_candidates(net: NetworkPlan, median_shape: Sequence[float]) -> list[
     ]
 
 
+def check_candidates(grid: Sequence[Candidate], template: NetworkPlan) -> None:
+    """Check that every candidate makes a valid network of ``template``'s topology, without duplicates.
+
+    Raises:
+        PlanError: an empty grid, a candidate whose network is invalid (e.g. a patch not divisible by the
+            total stride), or duplicates.
+    """
+    if not grid:
+        raise PlanError("no budget candidates given")
+    problems = []
+    for c in grid:
+        net = c.network(template, template.precision)
+        problems += net.check(f"candidate {c.label}")
+    if len(set(grid)) != len(grid):
+        problems.append("candidates contain duplicates")
+    if problems:
+        raise PlanError("invalid budget candidates:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def filter_by_memory(
+    grid: list[Candidate], template: NetworkPlan, gpu_memory_gb: float, cin: int, k: int
+) -> tuple[list[Candidate], dict[Candidate, str]]:
+    """Drop candidates whose training step would not fit the plan's GPU memory budget (at fp16).
+
+    Returns:
+        ``(kept candidates, {dropped candidate: why})``.
+    """
+    keep, excluded = [], {}
+    for c in grid:
+        gb = network_memory_gb(c.network(template, Precision.FP16), cin, k, DeviceKind.CUDA)
+        if gb is not None and gb > gpu_memory_gb:
+            excluded[c] = f"excluded: needs ~{gb:.2f} GB > the {gpu_memory_gb:g} GB GPU memory budget"
+        else:
+            keep.append(c)
+    return keep, excluded
+
+
+def network_memory_gb(net: NetworkPlan, cin: int, k: int, device: str) -> float | None:
+    """Estimated training memory of ``net`` on ``device`` in GB, rounded to 4 decimals."""
+    try:
+        return round(float(estimate_training_memory_gb(net, cin, k, device=device)), 4)
+    except TypeError:  # an estimator without the device argument
+        return round(float(estimate_training_memory_gb(net, cin, k)), 4)
+
+
 __all__ = [
     "BATCH_GRID",
     "FEATURE_GRID",
     "Candidate",
+    "check_candidates",
     "default_candidates",
+    "filter_by_memory",
+    "network_memory_gb",
     "scaled_max_features",
     "smaller_patches",
 ]

@@ -20,12 +20,8 @@ to cover more rounds to move the result. Settings are still compared round again
 so that a step that kills its process natively takes only the child along; the test-only fault point
 ``step_probe`` of :mod:`medseg.faults` (NAME: the precision) fires before each step.
 
-**Throughput levers** (:func:`lever_settings`): the ``(precision, channels_last)`` settings worth timing on
-a device:
-
-* CPU: ``fp32``, plus ``bf16`` autocast when oneDNN has native bf16 kernels (AVX512-BF16 / AMX;
-  without them bf16 runs on slow reference kernels and is not tried); channels-last on and off.
-* CUDA: ``fp16`` AMP, plus ``bf16`` AMP where the GPU supports it; channels-last on and off.
+**Throughput levers**: which ``(precision, channels_last)`` settings are worth timing on a device is
+:func:`medseg.planning.levers.lever_settings`'s choice; this module times whatever settings it is given.
 
 Patch sizes are ``(Z, Y, X)`` (``(Y, X)`` for 2D), times in seconds.
 """
@@ -362,49 +358,10 @@ def _setting_label(s: StepSetting) -> str:
     )
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # unannotated in torch
-        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def lever_settings(device: str) -> tuple[list[tuple[str, bool]], str]:
-    """The ``(precision, channels_last)`` pairs worth measuring on ``device``, and why those.
-
-    Returns:
-        ``(pairs, reason)``.
-    """
-    if torch.device(device).type == DeviceKind.CUDA:
-        precisions = [Precision.FP16]
-        bf16 = False
-        try:
-            bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        except (AssertionError, RuntimeError):
-            bf16 = False
-        if bf16:
-            precisions.append(Precision.BF16)
-        reason = "CUDA: automatic mixed precision (fp16" + (", bf16" if bf16 else "; no bf16 on this GPU") + ")"
-    elif cpu_bf16_supported():
-        precisions = [Precision.FP32, Precision.BF16]
-        reason = "CPU with native bf16 (oneDNN AVX512-BF16/AMX): fp32 and bf16 autocast"
-    else:
-        precisions = [Precision.FP32]
-        reason = (
-            f"CPU without native bf16 (capability {torch.backends.cpu.get_cpu_capability()}): bf16 would run "
-            "on slow reference kernels, so only fp32 is measured"
-        )
-    return [(p, cl) for p in precisions for cl in (False, True)], reason + "; channels-last off and on"
-
-
 __all__ = [
     "DEFAULT_MEASURE_STEPS",
     "StepSetting",
     "StepTiming",
-    "cpu_bf16_supported",
-    "lever_settings",
     "measure_step_time",
     "measure_step_times",
 ]

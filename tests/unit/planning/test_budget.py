@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medseg.errors import PlanError
-from medseg.planning import candidates, step_timing
+from medseg.planning import candidates
+from medseg.planning import levers as lever_module
 from medseg.planning.budget import (
     MIN_SAMPLES_3D,
     USABLE_FRACTION,
@@ -47,7 +48,7 @@ class FakeClock:
 
 @pytest.fixture
 def no_bf16(monkeypatch):
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(lever_module, "cpu_bf16_supported", lambda: False)
 
 
 def chosen(plan: Plan) -> tuple[int, tuple[int, ...], int]:
@@ -115,7 +116,7 @@ def test_notes_record_every_candidate_and_the_levers(no_bf16):
 
 
 def test_bf16_is_kept_when_native_and_faster(monkeypatch):
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(lever_module, "cpu_bf16_supported", lambda: True)
     plan = fit_plan_to_budget(hippocampus_like_plan(), "cpu", 15, configuration="3d_fullres", measure_fn=FakeClock())
     net = plan.configuration("3d_fullres").network()
     assert net.precision == "bf16"

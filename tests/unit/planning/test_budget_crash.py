@@ -14,7 +14,7 @@ import pytest
 
 from medseg import faults
 from medseg.errors import PlanError
-from medseg.planning import budget_measure, step_timing
+from medseg.planning import fit_clock, levers
 from medseg.planning.budget import fit_plan_to_budget
 from medseg.planning.candidates import Candidate
 from medseg.planning.plan import Plan
@@ -46,7 +46,7 @@ class CrashingClock:
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(levers, "cpu_bf16_supported", lambda: True)
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_crashed_bf16_levers_fall_back_to_fp32(bf16_cpu):
 def test_a_crashing_probe_is_repeated_at_fp32_and_never_chosen(bf16_cpu, monkeypatch):
     """The issue's case: the time-limited fit's first probe (bf16, channels-last: the CPU default) dies."""
     clock = CrashingClock(lambda net, p, cl: p == "bf16" and cl)
-    monkeypatch.setattr(budget_measure, "_clock", lambda: clock.now)
+    monkeypatch.setattr(fit_clock, "_clock", lambda: clock.now)
     plan = fit_plan_to_budget(
         hippocampus_like_plan(), "cpu", 30, configuration="3d_fullres", measure_fn=clock, max_seconds=180.0
     )

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medseg.planning import budget_measure, step_timing
+from medseg.planning import fit_clock, levers, step_timing
 from medseg.planning.budget import fit_plan_to_budget, fit_seconds_limit, scaled_step_time
 from medseg.planning.candidates import Candidate
 
@@ -33,9 +33,9 @@ class VirtualClock:
 
 @pytest.fixture
 def virtual(monkeypatch):
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(levers, "cpu_bf16_supported", lambda: False)
     clock = VirtualClock()
-    monkeypatch.setattr(budget_measure, "_clock", lambda: clock.now)
+    monkeypatch.setattr(fit_clock, "_clock", lambda: clock.now)
     return clock
 
 

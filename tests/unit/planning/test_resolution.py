@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from medseg.planning import step_timing
+from medseg.planning import levers
 from medseg.planning.budget import MIN_SAMPLES_3D, Measured, fit_plan_to_budget, patch_coverage
 from medseg.planning.candidates import Candidate
 from medseg.planning.planner import PlannerOptions, plan_dataset
@@ -33,7 +33,7 @@ def step_time(net, cin, k, device, precision, channels_last, steps):
 
 @pytest.fixture
 def no_bf16(monkeypatch):
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(levers, "cpu_bf16_supported", lambda: False)
 
 
 def test_coarser_spacings_keep_the_coarse_axis_of_anisotropic_data():

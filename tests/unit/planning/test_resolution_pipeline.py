@@ -12,7 +12,7 @@ import pytest
 
 from medseg.io.synthetic import generate_synthetic_dataset
 from medseg.pipeline import plan_and_preprocess
-from medseg.planning import budget, resolution, step_timing
+from medseg.planning import budget, levers, resolution
 from medseg.planning.planner import PlannerOptions
 
 
@@ -24,7 +24,7 @@ def _slow_steps(net, cin, k, device, precision, channels_last, steps):
 @pytest.mark.parametrize("min_dice, coarse", [(0.5, True), (0.999, False)])
 def test_plan_with_a_time_budget_trains_a_coarser_spacing(tmp_path, monkeypatch, min_dice, coarse):
     data = generate_synthetic_dataset(tmp_path / "data", num_cases=4, shape=(12, 96, 96), spacing=(4.0, 1.0, 1.0))
-    monkeypatch.setattr(step_timing, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(levers, "cpu_bf16_supported", lambda: False)
     fit = budget.fit_plan_to_budget
     monkeypatch.setattr(budget, "fit_plan_to_budget", partial(fit, measure_fn=_slow_steps))
     monkeypatch.setattr(resolution, "fit_plan_to_budget", partial(fit, measure_fn=_slow_steps))
