@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--intensity-augmentation",
         choices=choices(Switch),
         default="auto",
-        help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: "
-        "off for time-budgeted runs, on otherwise (spatial transforms and mirroring stay on)",
+        help="noise, blur, brightness, contrast, low-resolution and gamma transforms; default auto: on, except "
+        "in a time-budgeted run whose training cases show alike label intensities (>= 10 cases, across-case "
+        "spread < 0.4; recorded in run_record.json); spatial transforms and mirroring stay on",
     )
     p.add_argument(
         "--weight-averaging",

@@ -64,7 +64,8 @@ class AugmentationConfig:
     Attributes:
         enabled: False switches every augmentation off (mirroring included).
         intensity: the intensity transforms (``p_noise`` ... ``p_gamma_inverted``) on or off; None = on
-            for epoch-based runs, off for time-budgeted ones (:data:`SHORT_SCHEDULE_INTENSITY_AUGMENTATION`);
+            for epoch-based runs; a time-budgeted one decides from its training cases
+            (:mod:`medseg.training.intensity_rule`: off only where label intensities are alike across cases);
             :meth:`TrainConfig.resolved` makes it concrete. Spatial transforms and mirroring are not
             affected.
         p_scale: probability of random zoom; ``scale_range`` is the zoom factor of the content
