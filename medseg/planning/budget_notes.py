@@ -33,16 +33,7 @@ class Isolation(TypedDict):
 
 def crash_record(s: StepSetting, t: StepTiming) -> dict[str, Any]:
     """The ``crashes`` entry of a setting whose step crashed its process: network, levers and status."""
-    net = s.net
-    return {
-        "base_features": net.spec.base_features,
-        "max_features": net.spec.max_features,
-        "patch_size": list(net.patch_size),
-        "batch_size": net.batch_size,
-        "precision": s.precision,
-        "channels_last": s.channels_last,
-        "status": t.status,
-    }
+    return {**s.net.summary(), "precision": s.precision, "channels_last": s.channels_last, "status": t.status}
 
 
 def fitted_levers(m: Measured, precision: str, channels_last: bool) -> dict[str, Any]:

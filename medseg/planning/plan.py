@@ -89,6 +89,16 @@ class NetworkPlan:
         """Product of the strides per axis (the factor the patch must be divisible by)."""
         return self.spec.total_stride()
 
+    def summary(self) -> dict[str, Any]:
+        """Width, patch, batch and precision as JSON builtins (how budget notes and run records name a network)."""
+        return {
+            "base_features": self.spec.base_features,
+            "max_features": self.spec.max_features,
+            "patch_size": list(self.patch_size),
+            "batch_size": self.batch_size,
+            "precision": str(self.precision),
+        }
+
     def build(self, in_channels: int, num_classes: int) -> nn.Module:
         """Build this network for its patch (:func:`medseg.networks.build_network`).
 

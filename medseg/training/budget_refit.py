@@ -59,17 +59,6 @@ def refit_reason(stage: Stage, device_type: str, minutes: float) -> str | None:
     return None
 
 
-def _net_summary(stage: Stage) -> dict[str, Any]:
-    net = stage.network
-    return {
-        "base_features": net.spec.base_features,
-        "max_features": net.spec.max_features,
-        "patch_size": list(net.patch_size),
-        "batch_size": net.batch_size,
-        "precision": net.precision,
-    }
-
-
 def _label(d: dict[str, Any]) -> str:
     return f"{d['base_features']}f {'x'.join(map(str, d['patch_size']))} b{d['batch_size']} {d['precision']}"
 
@@ -105,7 +94,7 @@ def fit_run_to_budget(
     reason = refit_reason(stage, device_type, minutes)
     if reason is None:
         return stage, None
-    before = _net_summary(stage)
+    before = stage.network.summary()
     if cfg.keep_plan or distributed or cfg.pretrained is not None:
         if cfg.pretrained is not None:
             kept_by = "--pretrained: a refit could change the network's width, and the pretrained weights would not fit"
@@ -130,7 +119,7 @@ def fit_run_to_budget(
     seconds = time.perf_counter() - t
     _check_same_preprocessing(plan, new_plan, configuration)
     new_stage = stage.with_plan(new_plan)
-    after = _net_summary(new_stage)
+    after = new_stage.network.summary()
     chosen = new_plan.notes["budget"]["chosen"]
     record = {
         "refit": True,
