@@ -139,9 +139,9 @@ def _evaluate_case(
     else:
         per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
     if lesion_opts is not None:
-        masks = {region_key(r): (np.isin(pred, r), np.isin(ref, r)) for r in regions} or {
-            lab: (pred == lab, ref == lab) for lab in labels
-        }
+        masks: dict[Any, tuple[np.ndarray, np.ndarray]] = {
+            region_key(r): (np.isin(pred, r), np.isin(ref, r)) for r in regions
+        } or {lab: (pred == lab, ref == lab) for lab in labels}
         for key, (p_mask, r_mask) in masks.items():
             per_label[key]["lesion_wise"] = lesion_wise_scores(p_mask, r_mask, geo.spacing, lesion_opts).to_dict()
     out: dict[str, Any] = {
@@ -360,7 +360,7 @@ def evaluate_folders(
         if labels_arg is not None
         else sorted({int(k) for c in cases for k in c["labels"]})
     )
-    empty = dict(EMPTY_EMPTY)
+    empty: dict[str, Any] = dict(EMPTY_EMPTY)
     if lesion_wise is not None:
         empty["lesion_wise"] = lesion_wise_scores(np.zeros(1, bool), np.zeros(1, bool), (1.0,)).to_dict()
     for case in cases:  # a label absent from both masks of a case is an empty-vs-empty match

@@ -187,8 +187,7 @@ def _brats_matches(ref_c: np.ndarray, pred_c: np.ndarray, n_ref: int, dilation: 
             continue
         grown = tuple(slice(max(0, s.start - dilation), min(n, s.stop + dilation)) for s, n in zip(box, ref_c.shape))
         dilated = ndimage.binary_dilation(ref_c[grown] == r, structure=structure, iterations=dilation)
-        hits = np.unique(pred_c[grown][dilated])
-        hits = [int(p) for p in hits if p]
+        hits = [int(p) for p in np.unique(pred_c[grown][dilated]) if p]
         if hits:
             out.append((r, hits))
     return out
