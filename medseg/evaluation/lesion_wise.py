@@ -13,8 +13,10 @@ Matching of predicted to reference lesions (:class:`~medseg.options.LesionMatchi
   true positives (tp); unmatched predicted lesions are false positives (fp), unmatched reference
   lesions false negatives (fn). With a threshold >= 0.5 a lesion can overlap only one partner above the
   threshold, so the matching is unique.
-- ``brats``: the BraTS 2023 rule. Each reference lesion is dilated (``brats_dilation`` iterations,
-  default 3, of the 18-neighbour 3D structure / 8-neighbour 2D structure); every predicted lesion that
+- ``brats``: the BraTS 2023 rule. Reference lesions closer to each other than the dilation reach are one
+  lesion (the reference voxels of one connected component of the dilated reference). Each reference
+  lesion is dilated (``brats_dilation`` iterations, default 3, of the 18-neighbour 3D structure /
+  8-neighbour 2D structure); every predicted lesion that
   overlaps the dilated lesion counts toward it, and the lesion's prediction is the union of those
   predicted lesions (one predicted lesion may count toward several reference lesions). A reference
   lesion with at least one such predicted lesion is a tp, one without is a fn; a predicted lesion that
@@ -35,8 +37,10 @@ precision = recall = f1 = lesion_dice = pq = 1, lesion_hd95 = 0, tp = fp = fn = 
 denominator is 0 in a case with errors is 0 (no reference lesion but a false one: recall 0; reference
 lesions but no predicted lesion: precision 0), as medseg's voxel Dice gives 0 when one mask is empty.
 
-Minimum lesion volume (``min_volume_ml``, off = 0): lesions (reference *and* predicted) smaller than it are
-left out before matching, as the BraTS 2023 evaluation removes small components from both.
+Minimum lesion volume (``min_volume_ml``, off = 0: every reference lesion counts): reference lesions smaller
+than it are left out (neither tp nor fn), and so are the predicted lesions that were matched to them or,
+unmatched, overlap them (``iou``) / count toward them (``brats``); every other predicted lesion counts,
+however small, as in the BraTS 2023 evaluation (which drops reference lesions of at most its threshold).
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class LesionWiseOptions:
         matching: ``iou`` (one-to-one Hungarian on IoU) or ``brats`` (dilated-reference overlap).
         iou_threshold: least IoU of a matched pair (``iou`` matching).
         connectivity: 1..ndim neighbourhood of a lesion's voxels; None = ndim (full).
-        min_volume_ml: lesions smaller than this (mL) are left out of both masks; 0 = every lesion counts.
+        min_volume_ml: reference lesions smaller than this (mL) are left out, with the predicted lesions
+            that belong to them (see the module docstring); 0 = every reference lesion counts.
         brats_dilation: dilation iterations of a reference lesion (``brats`` matching), voxels.
     """
 
@@ -178,6 +183,15 @@ def _iou_matches(overlap: dict[tuple[int, int], int], ref_sz: np.ndarray, pred_s
     return [(rows[i], [cols[j]]) for i, j in zip(a, b) if (rows[i], cols[j]) in cand]
 
 
+def _brats_reference_lesions(ref: np.ndarray, dilation: int) -> tuple[np.ndarray, int]:
+    """BraTS 2023 reference lesions: the reference voxels of each connected component of the dilated
+    reference (lesions closer than the dilation reach are one lesion)."""
+    structure = ndimage.generate_binary_structure(ref.ndim, min(2, ref.ndim))
+    grown = ndimage.binary_dilation(ref, structure=structure, iterations=dilation) if dilation > 0 else ref
+    groups, n = ndimage.label(grown, structure=ndimage.generate_binary_structure(ref.ndim, ref.ndim))
+    return np.where(ref, groups, 0).astype(np.int32), int(n)
+
+
 def _brats_matches(ref_c: np.ndarray, pred_c: np.ndarray, n_ref: int, dilation: int) -> list:
     """``[(reference id, [predicted ids overlapping the dilated reference lesion])]`` for detected lesions."""
     structure = ndimage.generate_binary_structure(ref_c.ndim, min(2, ref_c.ndim))
@@ -186,7 +200,9 @@ def _brats_matches(ref_c: np.ndarray, pred_c: np.ndarray, n_ref: int, dilation: 
         if box is None:
             continue
         grown = tuple(slice(max(0, s.start - dilation), min(n, s.stop + dilation)) for s, n in zip(box, ref_c.shape))
-        dilated = ndimage.binary_dilation(ref_c[grown] == r, structure=structure, iterations=dilation)
+        dilated = ref_c[grown] == r
+        if dilation > 0:
+            dilated = ndimage.binary_dilation(dilated, structure=structure, iterations=dilation)
         hits = [int(p) for p in np.unique(pred_c[grown][dilated]) if p]
         if hits:
             out.append((r, hits))
@@ -214,18 +230,27 @@ def lesion_wise_scores(
     opts = options or LesionWiseOptions()
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    ref_c, n_ref = label_lesions(ref.astype(bool), spacing, opts.connectivity, opts.min_volume_ml)
-    pred_c, n_pred = label_lesions(pred.astype(bool), spacing, opts.connectivity, opts.min_volume_ml)
+    brats = opts.matching == LesionMatching.BRATS
+    if brats:
+        ref_c, n_ref = _brats_reference_lesions(ref.astype(bool), opts.brats_dilation)
+    else:
+        ref_c, n_ref = label_lesions(ref.astype(bool), spacing, opts.connectivity)
+    pred_c, n_pred = label_lesions(pred.astype(bool), spacing, opts.connectivity)
     ref_sz = np.bincount(ref_c.ravel(), minlength=n_ref + 1)
     pred_sz = np.bincount(pred_c.ravel(), minlength=n_pred + 1)
+    small = ref_sz * (float(np.prod(spacing)) / 1000.0) < opts.min_volume_ml  # reference lesions left out
+    small[0] = False
     overlap = _overlaps(ref_c, pred_c, n_pred)
-    if opts.matching == LesionMatching.BRATS:
-        matches = _brats_matches(ref_c, pred_c, n_ref, opts.brats_dilation)
-        used = {p for _, ps in matches for p in ps}
-        tp, fn, fp = len(matches), n_ref - len(matches), n_pred - len(used)
+    if brats:
+        found = _brats_matches(ref_c, pred_c, n_ref, opts.brats_dilation)
+        used = {p for _, ps in found for p in ps}  # counting toward a left-out lesion is no fp either
     else:
-        matches = _iou_matches(overlap, ref_sz, pred_sz, opts.iou_threshold)
-        tp, fn, fp = len(matches), n_ref - len(matches), n_pred - len(matches)
+        found = _iou_matches(overlap, ref_sz, pred_sz, opts.iou_threshold)
+        used = {p for r, ps in found if not small[r] for p in ps}
+        ignored = {p for (r, p) in overlap if small[r]} - used
+        used |= ignored
+    matches = [(r, ps) for r, ps in found if not small[r]]
+    tp, fn, fp = len(matches), n_ref - int(small.sum()) - len(matches), n_pred - len(used)
     diagonal = image_diagonal_mm(ref.shape, spacing)
     ref_boxes = ndimage.find_objects(ref_c, max_label=n_ref) if hd95 and matches else []
     pred_boxes = ndimage.find_objects(pred_c, max_label=n_pred) if hd95 and matches else []

@@ -79,15 +79,29 @@ def test_brats_rule_counts_a_near_miss_within_the_dilation():
     assert (far.tp, far.fp, far.fn) == (0, 1, 1)
 
 
-def test_minimum_lesion_volume_leaves_small_lesions_out_of_both_masks():
+def test_minimum_lesion_volume_leaves_small_reference_lesions_out():
     spacing = (2.0, 1.0, 1.0)  # 2 mm^3 voxels
     ref = _boxes((0, 10), (20, 22))  # 90 voxels = 0.18 mL and 18 voxels = 0.036 mL
-    pred = _boxes((0, 10), (30, 32))  # misses the small lesion, adds a small false one
-    assert lesion_wise_scores(pred, ref, spacing).recall == 0.5
+    pred = _boxes((0, 10), (21, 25), (30, 32))  # the small lesion poorly hit (IoU 0.2), a small false lesion
+    s = lesion_wise_scores(pred, ref, spacing)
+    assert (s.tp, s.fp, s.fn) == (1, 2, 1)
     s = lesion_wise_scores(pred, ref, spacing, LesionWiseOptions(min_volume_ml=0.05))
-    assert (s.tp, s.fp, s.fn) == (1, 0, 0) and s.f1 == 1.0
+    assert (s.tp, s.fp, s.fn) == (1, 1, 0)  # the small lesion and the blob over it are left out; the false one counts
+    b = lesion_wise_scores(pred, ref, spacing, LesionWiseOptions(matching="brats", min_volume_ml=0.05))
+    assert (b.tp, b.fp, b.fn) == (1, 1, 0)
     comps, n = label_lesions(ref, spacing, min_volume_ml=0.05)
     assert n == 1 and int(np.count_nonzero(comps)) == 90
+
+
+def test_brats_rule_joins_reference_lesions_within_the_dilation_reach():
+    ref, pred = _boxes((0, 10), (12, 20)), _boxes((0, 10))  # two reference boxes 2 voxels apart
+    iou = lesion_wise_scores(pred, ref, (1.0, 1.0, 1.0))
+    assert (iou.tp, iou.fp, iou.fn) == (1, 0, 1)
+    brats = lesion_wise_scores(pred, ref, (1.0, 1.0, 1.0), LesionWiseOptions(matching="brats"))
+    assert (brats.tp, brats.fp, brats.fn) == (1, 0, 0)  # one lesion of 18 columns, 10 of them predicted
+    assert brats.lesion_dice == pytest.approx(2 * 10 / (18 + 10))
+    apart = lesion_wise_scores(pred, ref, (1.0, 1.0, 1.0), LesionWiseOptions(matching="brats", brats_dilation=0))
+    assert (apart.tp, apart.fp, apart.fn) == (1, 0, 1)
 
 
 def test_empty_case_conventions():
