@@ -11,14 +11,14 @@ Matching of predicted to reference lesions (:class:`~medseg.options.LesionMatchi
   IoU >= ``iou_threshold`` (default 0.5) are candidates; the assignment maximising the summed IoU of the
   candidates is taken (Hungarian matching, ``scipy.optimize.linear_sum_assignment``). Matched pairs are
   true positives (tp); unmatched predicted lesions are false positives (fp), unmatched reference
-  lesions false negatives (fn). With a threshold >= 0.5 a lesion can overlap only one partner above the
-  threshold, so the matching is unique.
+  lesions false negatives (fn). Above 0.5 a lesion can reach the threshold with one partner only, so the
+  matching is unique; panoptica's ``MaxBipartiteMatching`` gives the same pairs (docs/evaluation.md).
 - ``brats``: the BraTS 2023 rule. Reference lesions closer to each other than the dilation reach are one
   lesion (the reference voxels of one connected component of the dilated reference). Each reference
   lesion is dilated (``brats_dilation`` iterations, default 3, of the 18-neighbour 3D structure /
-  8-neighbour 2D structure); every predicted lesion that
-  overlaps the dilated lesion counts toward it, and the lesion's prediction is the union of those
-  predicted lesions (one predicted lesion may count toward several reference lesions). A reference
+  8-neighbour 2D structure); every predicted lesion that overlaps the dilated lesion counts toward it,
+  and the lesion's prediction is the union of those predicted lesions (one predicted lesion may count
+  toward several reference lesions). A reference
   lesion with at least one such predicted lesion is a tp, one without is a fn; a predicted lesion that
   overlaps no dilated reference lesion is a fp. Dice, IoU and HD95 of a tp are those of the (undilated)
   reference lesion against the union.
