@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -154,3 +155,21 @@ def test_postprocessing_is_fitted_to_the_lesion_wise_metric(work):
     best = json.loads((work / "best.json").read_text())
     assert best["metric"] == "pq" and best["metric_per_label"]["1"] == pytest.approx(2 / 3)
     assert "mean foreground pq" in res.summary()
+
+
+def test_region_plan_ranks_by_the_lesion_wise_metric_of_each_region(tmp_path):
+    work, data = tmp_path / "work", tmp_path / "data"
+    work.mkdir()
+    plan = dataclasses.replace(_plan(), regions=((1, 5), (5,)), regions_class_order=(1, 5)).validate()
+    plan.save(work / "plans.json")
+    (work / "dataset_ref.json").write_text(json.dumps({"root": str(data)}))
+    for i in range(4):
+        ref = _reference(i)
+        write_image(ref, GEO, data / "labelsTr" / f"c{i}.nii.gz")
+        pred = ref.copy()
+        pred[5, 12:14, 0:2] = 1  # a false lesion of region (1, 5), which has 2 reference lesions
+        probs = np.stack([np.isin(pred, r) for r in plan.regions]).astype(np.float16)
+        _save_npz(work / "runs" / "3d_fullres" / "unet" / f"fold_{i % 2}" / "validation" / f"c{i}.npz", probs)
+    res = find_best(work, progress=False, metric="lesion_f1")
+    assert res.metric_per_label == {"(1, 5)": pytest.approx(0.8), "5": 1.0}  # F1 = 2 x 2 / (2 x 2 + 1)
+    assert res.score == pytest.approx(0.9) and res.dice_per_label["5"] == 1.0
