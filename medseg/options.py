@@ -99,6 +99,22 @@ class ExportFormat(StrEnum):
     TORCHSCRIPT = "torchscript"
 
 
+class LesionMatching(StrEnum):
+    """How predicted lesions are matched to reference lesions (see :mod:`medseg.evaluation.lesion_wise`)."""
+
+    IOU = "iou"
+    BRATS = "brats"
+
+
+class SelectionMetric(StrEnum):
+    """The metric ``medseg find-best`` ranks candidates and fits postprocessing by."""
+
+    DICE = "dice"
+    LESION_F1 = "lesion_f1"
+    LESION_DICE = "lesion_dice"
+    PQ = "pq"
+
+
 def choices(enum: type[StrEnum]) -> list[str]:
     """The values of ``enum`` as plain strings, in declaration order (for ``argparse`` ``choices``)."""
     return [m.value for m in enum]
@@ -137,10 +153,12 @@ __all__ = [
     "DeviceKind",
     "ExportFormat",
     "LRSchedule",
+    "LesionMatching",
     "NormLayer",
     "NormalizationScheme",
     "Optimizer",
     "Precision",
+    "SelectionMetric",
     "Switch",
     "WeightAveraging",
     "choices",

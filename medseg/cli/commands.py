@@ -136,9 +136,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medseg.evaluation import evaluate_folders
+    from medseg.evaluation import LesionWiseOptions, evaluate_folders
 
     out = Path(args.output) if args.output else Path(args.pred) / "metrics.json"
+    if args.min_lesion_volume < 0:
+        raise ConfigError(f"--min-lesion-volume must be >= 0 mL, got {args.min_lesion_volume}")
+    lesion_wise = (
+        LesionWiseOptions(matching=args.lesion_matching, min_volume_ml=args.min_lesion_volume)
+        if args.lesion_wise
+        else None
+    )
     report = evaluate_folders(
         Path(args.pred),
         Path(args.ref),
@@ -146,6 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         output=out,
         num_workers=args.num_workers or default_num_workers(),
         ignore_label=args.ignore_label,
+        lesion_wise=lesion_wise,
     )
     print(report.summary())
     print(f"metrics written to {out} and {out.with_suffix('.csv')}")
@@ -155,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_find_best(args: argparse.Namespace) -> int:
     from medseg.ensembling import find_best
 
-    best = find_best(Path(args.work))
+    best = find_best(Path(args.work), metric=args.metric)
     print(best.summary())
     print("predict with:\n  " + best.predict_command)
     return 0

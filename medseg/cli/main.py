@@ -14,7 +14,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from medseg.errors import MedsegError
-from medseg.options import CheckpointName, DeviceKind, Optimizer, Precision, Switch, WeightAveraging, choices
+from medseg.options import (
+    CheckpointName,
+    DeviceKind,
+    LesionMatching,
+    Optimizer,
+    Precision,
+    SelectionMetric,
+    Switch,
+    WeightAveraging,
+    choices,
+)
 
 logger = logging.getLogger("medseg")
 
@@ -185,12 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference id of unannotated voxels, left out of both maps (default: the 'ignore' label "
         "of the reference dataset's dataset.json, if any)",
     )
+    p.add_argument(
+        "--lesion-wise",
+        action="store_true",
+        help="also lesion-wise metrics per class: TP/FP/FN, precision, recall, F1, lesion Dice, lesion HD95, PQ",
+    )
+    p.add_argument(
+        "--lesion-matching",
+        choices=choices(LesionMatching),
+        default=LesionMatching.IOU.value,
+        help="iou: one-to-one Hungarian matching at IoU >= 0.5; brats: BraTS 2023 dilated-reference overlap",
+    )
+    p.add_argument(
+        "--min-lesion-volume",
+        type=float,
+        default=0.0,
+        metavar="ML",
+        help="leave lesions smaller than this many mL out of prediction and reference (default 0: all count)",
+    )
     p.add_argument("--num-workers", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=c.cmd_evaluate)
 
     p = sub.add_parser("find-best", help="pick the best configuration/ensemble and postprocessing on CV")
     p.add_argument("work", help="work folder with trained runs")
+    p.add_argument(
+        "--metric",
+        choices=choices(SelectionMetric),
+        default=SelectionMetric.DICE.value,
+        help="rank candidates and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric",
+    )
     _add_common(p)
     p.set_defaults(func=c.cmd_find_best)
 

@@ -7,6 +7,10 @@ foreground labels; a label absent from both prediction and reference counts as D
 smaller ensemble. Postprocessing is then fitted on the winner's predictions; the choice is saved as
 ``WORK/best.json`` and the rules as ``WORK/postprocessing.json`` (both atomic), which ``medseg predict``
 uses by default.
+
+``metric`` (:class:`~medseg.options.SelectionMetric`) ranks by and fits the postprocessing to a lesion-wise
+metric instead (``lesion_f1``, ``lesion_dice`` or ``pq`` per foreground label, IoU matching, see
+:mod:`medseg.evaluation.lesion_wise`), averaged the same way; Dice per label is still reported.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from tqdm import tqdm
 
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
+from medseg.evaluation.lesion_wise import selection_score
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
 from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
 from medseg.io.workdir import WorkDir
+from medseg.options import SelectionMetric, parse_option
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
 from medseg.postprocessing.operations import RULES_FORMAT, save_rules
@@ -50,7 +56,7 @@ class FindBestResult:
     Attributes:
         members: the winning (configuration, architecture) pairs.
         folds: folds whose networks form the ensemble.
-        score: its mean foreground Dice on the cross-validation (before postprocessing).
+        score: its mean foreground Dice (or ``metric``) on the cross-validation (before postprocessing).
         score_postprocessed: the same after postprocessing.
         ranking: every candidate's name and score, best first.
         dice_per_label: the winner's mean Dice per label id.
@@ -58,6 +64,8 @@ class FindBestResult:
         num_cases: cases the ranking used.
         predict_command: the command that predicts with this choice.
         best_path: where the choice was saved.
+        metric: what ranked the candidates (``dice`` or a lesion-wise metric).
+        metric_per_label: the winner's mean ``metric`` per label id (lesion-wise metrics only).
     """
 
     members: list[Member]
@@ -71,6 +79,8 @@ class FindBestResult:
     predict_command: str
     best_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    metric: str = SelectionMetric.DICE.value
+    metric_per_label: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The content of ``best.json``."""
@@ -84,14 +94,16 @@ class FindBestResult:
             "score_postprocessed": self.score_postprocessed,
             "dice_per_label": self.dice_per_label,
             "num_cases": self.num_cases,
-            "ranking": [{"candidate": n, "mean_foreground_dice": s} for n, s in self.ranking],
+            **({"metric": self.metric, "metric_per_label": self.metric_per_label} if self.metric_per_label else {}),
+            "ranking": [{"candidate": n, f"mean_foreground_{self.metric}": s} for n, s in self.ranking],
             "postprocessing": WorkDir.POSTPROCESSING,
             "postprocessing_summary": describe_rules(self.postprocessing),
             "predict_command": self.predict_command,
         }
 
     def summary(self) -> str:
-        lines = [f"cross-validation ranking over {self.num_cases} cases (mean foreground Dice):"]
+        what = "Dice" if self.metric == SelectionMetric.DICE else self.metric
+        lines = [f"cross-validation ranking over {self.num_cases} cases (mean foreground {what}):"]
         width = max(len(n) for n, _ in self.ranking)
         for i, (name, score) in enumerate(self.ranking):
             lines.append(f"  {'*' if i == 0 else ' '} {name:<{width}}  {score:.4f}")
@@ -192,13 +204,33 @@ def _summed(arrays: Iterable[np.ndarray]) -> np.ndarray:
     return functools.reduce(operator.add, arrays)
 
 
-def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress: bool = True) -> FindBestResult:
+def _lesion_scores(
+    pred_ids: np.ndarray, ref_ids: np.ndarray, keys: Sequence[Any], metric: SelectionMetric
+) -> np.ndarray:
+    """``metric`` per key: a label id (mask ``== id``) or a region (mask: id in the region)."""
+    return np.asarray(
+        [
+            selection_score(np.isin(pred_ids, k), np.isin(ref_ids, k), metric)
+            if isinstance(k, tuple)
+            else selection_score(pred_ids == k, ref_ids == k, metric)
+            for k in keys
+        ]
+    )
+
+
+def find_best(
+    work_dir: str | Path,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    metric: SelectionMetric | str = SelectionMetric.DICE,
+) -> FindBestResult:
     """Rank configurations/architectures and their ensembles on the cross-validation; save the best.
 
     Args:
         work_dir: the work folder (``plans.json``, ``runs/``).
         data_dir: dataset folder with ``labelsTr`` (default: the one ``medseg plan`` recorded).
         progress: tqdm bars.
+        metric: rank and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric.
 
     Returns:
         :class:`FindBestResult`; ``WORK/best.json`` and ``WORK/postprocessing.json`` are written.
@@ -208,6 +240,8 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
             prediction that does not fit its reference.
     """
     work_dir = Path(work_dir)
+    metric = parse_option(SelectionMetric, metric, "metric")
+    lesion = metric != SelectionMetric.DICE
     wd = WorkDir(work_dir)
     plan = Plan.load(wd.plans)
     preds = find_validation_predictions(work_dir)
@@ -242,6 +276,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
     regions = plan.regions or ()  # region plans: sigmoid probabilities per region, Dice per region
     k_out = plan.num_classes
     dice_sums = np.zeros((len(candidates), len(regions) or k))
+    metric_sums = np.zeros_like(dice_sums)  # lesion-wise metric per region / label index (lesion metrics)
 
     ignore = plan.ignore_label  # unannotated reference voxels: left out of prediction and reference
 
@@ -264,18 +299,27 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
             total = _summed(probs[m] for m in combo)
             if regions:
                 dice_sums[i] += _region_dice(total / len(combo), ref, plan, ignored)
+                if lesion:
+                    pred_r = regions_to_labels(total / len(combo), plan.regions_class_order or ())
+                    ref_r = ref if ignored is None else np.where(ignored, 0, ref)
+                    if ignored is not None:
+                        pred_r[ignored] = 0
+                    metric_sums[i] += _lesion_scores(pred_r, ref_r, list(regions), metric)
                 continue
             pred_idx = total.argmax(0)
             if ignored is not None:
                 pred_idx[ignored] = 0
             dice_sums[i] += dice_from_counts(overlap_counts(pred_idx, ref_idx, k))
+            if lesion:
+                metric_sums[i, 1:] += _lesion_scores(pred_idx, ref_idx, range(1, k), metric)
     dice_means = dice_sums / len(common)
-    scores = dice_means.mean(1) if regions else dice_means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
+    means = metric_sums / len(common) if lesion else dice_means
+    scores = means.mean(1) if regions else means[:, 1:].mean(1) if k > 1 else np.ones(len(candidates))
     order = sorted(range(len(candidates)), key=lambda i: (-round(float(scores[i]), 10), len(candidates[i]), i))
     ranking = [(_name(candidates[i]), float(scores[i])) for i in order]
     best_i = order[0]
     winner = list(candidates[best_i])
-    logger.info("best on cross-validation: %s (mean foreground Dice %.4f)", _name(winner), scores[best_i])
+    logger.info("best on cross-validation: %s (mean foreground %s %.4f)", _name(winner), metric, scores[best_i])
 
     def load_pair(case: str) -> tuple[np.ndarray, np.ndarray]:
         total = _summed(_load_probabilities(preds[m][case]) for m in winner)
@@ -301,12 +345,12 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
             "note": "region-based plan: postprocessing not fitted",
             "scores": {
                 "num_cases": len(common),
-                "mean_foreground_dice_before": score,
-                "mean_foreground_dice_after": score,
+                f"mean_foreground_{metric}_before": score,
+                f"mean_foreground_{metric}_after": score,
             },
         }
     else:
-        rules = fit_postprocessing(common, load_pair, label_ids, progress=progress)
+        rules = fit_postprocessing(common, load_pair, label_ids, progress=progress, metric=metric)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, wd.postprocessing)
 
@@ -315,7 +359,7 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         members=winner,
         folds=folds,
         score=float(scores[best_i]),
-        score_postprocessed=float(rules["scores"]["mean_foreground_dice_after"]),
+        score_postprocessed=float(rules["scores"][f"mean_foreground_{metric}_after"]),
         ranking=ranking,
         dice_per_label={region_key(r): float(dice_means[best_i, j]) for j, r in enumerate(regions)}
         if regions
@@ -324,6 +368,14 @@ def find_best(work_dir: str | Path, data_dir: str | Path | None = None, progress
         num_cases=len(common),
         predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",
         best_path=wd.best,
+        metric=str(metric),
+        metric_per_label=(
+            {region_key(r): float(means[best_i, j]) for j, r in enumerate(regions)}
+            if regions
+            else {str(label_ids[j]): float(means[best_i, j]) for j in range(1, k)}
+        )
+        if lesion
+        else {},
     )
     atomic_write_text(result.best_path, json.dumps(result.to_dict(), indent=2) + "\n")
     return result

@@ -11,6 +11,11 @@ Ignore label (partial annotation): reference voxels holding the ignore id are le
 and reference alike (both are set to background there before any metric), so Dice and IoU count only
 annotated voxels; surface metrics see the annotated region only. The ignore id is given explicitly or
 read from the ``dataset.json`` of a dataset used as reference (``DATA`` or ``DATA/labelsTr``).
+
+Lesion-wise evaluation (``lesion_wise`` options given): every case, label (or region) and mean gets a
+``"lesion_wise"`` object with the keys of :data:`medseg.evaluation.lesion_wise.LESION_KEYS` (definitions,
+matching and empty-case conventions in :mod:`medseg.evaluation.lesion_wise`); in the means tp, fp and fn
+are summed over cases, the other keys averaged over cases.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import DatasetError, MedsegError
+from medseg.evaluation.lesion_wise import (
+    LESION_KEYS,
+    LesionWiseOptions,
+    csv_number,
+    lesion_summary,
+    lesion_wise_scores,
+    mean_lesion_wise,
+)
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.dataset import load_dataset
 from medseg.io.image import (
@@ -82,9 +95,18 @@ def _header_geometry(path: Path) -> ImageGeometry:
 
 
 def _evaluate_case(
-    args: tuple[str, Path, Path, tuple[int, ...] | None, float, int | None, tuple[tuple[int, ...], ...]],
+    args: tuple[
+        str,
+        Path,
+        Path,
+        tuple[int, ...] | None,
+        float,
+        int | None,
+        tuple[tuple[int, ...], ...],
+        LesionWiseOptions | None,
+    ],
 ) -> dict[str, Any]:
-    case_id, pred_path, ref_path, label_ids, tolerance, ignore_label, regions = args
+    case_id, pred_path, ref_path, label_ids, tolerance, ignore_label, regions, lesion_opts = args
     pred, geo = read_image(pred_path)
     ref, _ = read_image(ref_path)
     for name, arr in (("prediction", pred), ("reference", ref)):
@@ -116,6 +138,12 @@ def _evaluate_case(
         }
     else:
         per_label = case_metrics(pred, ref, geo.spacing, labels, tolerance)
+    if lesion_opts is not None:
+        masks: dict[Any, tuple[np.ndarray, np.ndarray]] = {
+            region_key(r): (np.isin(pred, r), np.isin(ref, r)) for r in regions
+        } or {lab: (pred == lab, ref == lab) for lab in labels}
+        for key, (p_mask, r_mask) in masks.items():
+            per_label[key]["lesion_wise"] = lesion_wise_scores(p_mask, r_mask, geo.spacing, lesion_opts).to_dict()
     out: dict[str, Any] = {
         "case": case_id,
         "prediction": str(pred_path),
@@ -174,6 +202,8 @@ def _aggregate(cases: list[dict], labels: list[int]) -> dict[str, dict]:
             stats[f"{m}_std"] = float(np.std(values)) if values else None
         stats["hd95_undefined_cases"] = sum(bool(e["hd95_undefined"]) for e in entries)
         stats["num_cases"] = len(entries)
+        if entries and "lesion_wise" in entries[0]:
+            stats["lesion_wise"] = mean_lesion_wise([e["lesion_wise"] for e in entries])
         mean[str(lab)] = stats
     return mean
 
@@ -194,6 +224,8 @@ def summary_line(result: dict) -> str:
         line += f"; HD95 undefined (one side empty) in {undefined} case-labels"
     if result.get("missing_predictions"):
         line += f"; {len(result['missing_predictions'])} references without prediction"
+    if fg.get("lesion_wise") is not None:
+        line += "; " + lesion_summary(fg["lesion_wise"], result["lesion_wise_options"]["matching"])
     return line
 
 
@@ -203,10 +235,15 @@ def write_results(result: dict, json_path: str | Path) -> Path:
     atomic_write_text(json_path, json.dumps(_json_safe(result), indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case", "label", "dice", "iou", "hd95_mm", "hd95_undefined", "surface_dice", "n_pred", "n_ref"])
+    lesion = "lesion_wise_options" in result
+    header = ["case", "label", "dice", "iou", "hd95_mm", "hd95_undefined", "surface_dice", "n_pred", "n_ref"]
+    writer.writerow(
+        header + ([f"lesion_{k}" if not k.startswith("lesion") else k for k in LESION_KEYS] if lesion else [])
+    )
     for c in result["cases"]:
         for lab, e in c["labels"].items():
             hd = e["hd95"]
+            lw = [csv_number(e["lesion_wise"][k]) for k in LESION_KEYS] if lesion else []
             writer.writerow(
                 [
                     c["case"],
@@ -218,6 +255,7 @@ def write_results(result: dict, json_path: str | Path) -> Path:
                     "" if e["surface_dice"] is None else f"{e['surface_dice']:.6f}",
                     e["n_pred"],
                     e["n_ref"],
+                    *lw,
                 ]
             )
     csv_path = json_path.with_suffix(".csv")
@@ -235,6 +273,7 @@ def evaluate_folders(
     progress: bool = True,
     ignore_label: int | None = None,
     regions: list[tuple[int, ...]] | None = None,
+    lesion_wise: LesionWiseOptions | None = None,
 ) -> EvaluationReport:
     """Dice, IoU, HD95 (mm) and surface Dice per case and label, with means and standard deviations.
 
@@ -253,12 +292,15 @@ def evaluate_folders(
             mask (voxels whose id is in it) is evaluated instead of each label, keyed ``"3"`` /
             ``"(1, 2, 3)"``. Default the regions the reference dataset's ``dataset.json`` declares, if any;
             ``label_ids`` is then not used.
+        lesion_wise: also lesion-wise metrics with these options (see
+            :mod:`medseg.evaluation.lesion_wise`); None (default) computes none.
 
     Returns:
         :class:`EvaluationReport`, a JSON-ready dict: ``cases`` (per case ``labels -> {dice, iou, hd95,
         hd95_undefined, surface_dice, n_pred, n_ref}``), ``mean`` (per label means, ``*_std``,
         ``hd95_undefined_cases``), ``foreground_mean`` (mean over labels of the per-label means),
-        ``summary`` (one line),
+        ``summary`` (one line), and with ``lesion_wise`` a ``"lesion_wise"`` object per case-label and mean
+        and ``lesion_wise_options``,
         ``missing_predictions``. Undefined HD95 values are ``inf`` in memory and ``null`` in the JSON.
 
     Raises:
@@ -298,7 +340,10 @@ def evaluate_folders(
     labels_arg = tuple(int(v) for v in label_ids) if label_ids is not None else None
     if labels_arg is not None and ignore_label is not None:
         labels_arg = tuple(v for v in labels_arg if v != ignore_label)
-    jobs = [(c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label, region_list) for c in case_ids]
+    jobs = [
+        (c, preds[c], refs[c], labels_arg, float(tolerance_mm), ignore_label, region_list, lesion_wise)
+        for c in case_ids
+    ]
     cases = map_cases(
         _evaluate_case,
         jobs,
@@ -315,15 +360,20 @@ def evaluate_folders(
         if labels_arg is not None
         else sorted({int(k) for c in cases for k in c["labels"]})
     )
+    empty: dict[str, Any] = dict(EMPTY_EMPTY)
+    if lesion_wise is not None:
+        empty["lesion_wise"] = lesion_wise_scores(np.zeros(1, bool), np.zeros(1, bool), (1.0,)).to_dict()
     for case in cases:  # a label absent from both masks of a case is an empty-vs-empty match
         for lab in labels:
-            case["labels"].setdefault(str(lab), dict(EMPTY_EMPTY))
+            case["labels"].setdefault(str(lab), dict(empty))
         case["labels"] = {str(lab): case["labels"][str(lab)] for lab in labels}
     mean = _aggregate(cases, labels)
     fg: dict[str, Any] = {}
     for m in METRICS:
         vals = [v[m] for v in mean.values() if v[m] is not None]
         fg[m] = float(np.mean(vals)) if vals else None
+    if lesion_wise is not None:
+        fg["lesion_wise"] = mean_lesion_wise([v["lesion_wise"] for v in mean.values()])
     result = EvaluationReport(
         {
             "prediction_dir": str(pred_dir),
@@ -336,6 +386,7 @@ def evaluate_folders(
             "missing_predictions": missing,
             "conventions": "both masks empty: dice=iou=surface_dice=1, hd95=0; exactly one empty: dice=iou="
             "surface_dice=0, hd95 undefined (null, hd95_undefined=true, excluded from means)",
+            **({"lesion_wise_options": lesion_wise.to_dict()} if lesion_wise is not None else {}),
             "mean": mean,
             "foreground_mean": fg,
             "cases": cases,

@@ -13,6 +13,11 @@ Steps of stages 2-3 only change their own label's mask (removed voxels become ba
 claims background), so no other label can get worse; a final pass verifies this on the chained result
 and drops a label's steps if its Dice fell below the unprocessed one. Dice per case follows
 :mod:`medseg.evaluation.metrics` (both empty = 1); scores are means over cases.
+
+With a lesion-wise ``metric`` (``lesion_f1``, ``lesion_dice`` or ``pq``, see
+:mod:`medseg.evaluation.lesion_wise`, default IoU matching) every stage scores its candidates by that
+metric per label instead of Dice (slower: components are labelled per candidate), and the scores are
+recorded under the metric's name (``lesion_f1_before``, ``mean_foreground_lesion_f1_after``, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.evaluation.lesion_wise import selection_score
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
+from medseg.options import SelectionMetric, parse_option
 from medseg.postprocessing.operations import (
     RULES_FORMAT,
     apply_postprocessing,
@@ -72,6 +79,15 @@ class _Cases:
 
 def _label_dice(pred: np.ndarray, ref: np.ndarray, lut: np.ndarray, k: int) -> np.ndarray:
     return dice_from_counts(overlap_counts(lut[pred], lut[ref], k))
+
+
+def _label_scores(
+    pred: np.ndarray, ref: np.ndarray, lut: np.ndarray, label_ids: Sequence[int], metric: SelectionMetric
+) -> np.ndarray:
+    """Score per label index (Dice, or ``metric`` per foreground label with 1.0 for background)."""
+    if metric == SelectionMetric.DICE:
+        return _label_dice(pred, ref, lut, len(label_ids))
+    return np.asarray([1.0 if lab == 0 else selection_score(pred == lab, ref == lab, metric) for lab in label_ids])
 
 
 def _mask_dice(mask: np.ndarray, ref_mask: np.ndarray, n_ref: int) -> float:
@@ -123,6 +139,7 @@ def fit_postprocessing(
     min_improvement: float = 1e-4,
     cache_limit_bytes: int = 2 * 1024**3,
     progress: bool = True,
+    metric: SelectionMetric | str = SelectionMetric.DICE,
 ) -> dict[str, Any]:
     """Search postprocessing rules on cross-validation predictions.
 
@@ -136,6 +153,7 @@ def fit_postprocessing(
         min_improvement: a step is kept only if it raises the mean Dice by more than this.
         cache_limit_bytes: keep loaded cases in memory up to this size (else they are reloaded per stage).
         progress: tqdm bars.
+        metric: what each candidate is scored by (see the module docstring; default Dice).
 
     Returns:
         Rules dict (see :mod:`medseg.postprocessing.operations`) with ``scores`` (mean Dice per label
@@ -147,6 +165,8 @@ def fit_postprocessing(
     if not case_ids:
         raise ValueError("no cases to fit postprocessing on")
     label_ids = [int(v) for v in label_ids]
+    metric = parse_option(SelectionMetric, metric, "metric")
+    lesion = metric != SelectionMetric.DICE
     fg = [v for v in label_ids if v != 0]
     k = len(label_ids)
     lut = np.zeros(max(label_ids) + 1, dtype=np.int64)
@@ -169,12 +189,12 @@ def fit_postprocessing(
     base = np.zeros(k)
     with_fg = np.zeros(k)
     for pred, ref in cases:
-        base += _label_dice(pred, ref, lut, k)
+        base += _label_scores(pred, ref, lut, label_ids, metric)
         if try_fg:
             m = pred != 0
             seg = pred.copy()
             seg[m & ~keep_components(m, None)] = 0
-            with_fg += _label_dice(seg, ref, lut, k)
+            with_fg += _label_scores(seg, ref, lut, label_ids, metric)
     base /= n
     current = base.copy()
     if try_fg:
@@ -183,7 +203,7 @@ def fit_postprocessing(
         if fg_mean(with_fg) > fg_mean(base) + min_improvement and np.all(with_fg[1:] >= base[1:] - 1e-12):
             rules["foreground_largest_component"] = True
             current = with_fg
-    logger.info("postprocessing: unprocessed mean foreground Dice %.4f", fg_mean(base))
+    logger.info("postprocessing: unprocessed mean foreground %s %.4f", metric, fg_mean(base))
 
     # stage 2: connected components per label (Dice from per-component overlaps, no mask rebuilding)
     comp_steps: list[dict | None] = [None] + [{"op": "remove_small", "fraction": float(f)} for f in fractions]
@@ -205,6 +225,9 @@ def fit_postprocessing(
             else:
                 keep = sizes >= step["fraction"] * sizes.max()
                 keep[0] = False
+            if lesion:
+                comp_scores[i, j] += selection_score(keep[comps], ref_mask, metric)
+                continue
             denom = int(sizes[keep].sum()) + n_ref
             comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
     comp_scores /= n
@@ -218,13 +241,14 @@ def fit_postprocessing(
     if use_morphology:
         morph_steps: list[dict[str, Any]] = [{"op": "opening", "radius": 1}, {"op": "closing", "radius": 1}]
         morph_scores = np.zeros((len(fg), 1 + len(morph_steps)))
+        score = (lambda m, r, _n: selection_score(m, r, metric)) if lesion else _mask_dice
         for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
-            morph_scores[i, 0] += _mask_dice(mask, ref_mask, n_ref)
+            morph_scores[i, 0] += score(mask, ref_mask, n_ref)
             for j, step in enumerate(morph_steps, start=1):
                 new = morphology(mask, step["op"], step["radius"])
                 if step["op"] == "closing":
                     new = mask | (new & (seg == 0))
-                morph_scores[i, j] += _mask_dice(new, ref_mask, n_ref)
+                morph_scores[i, j] += score(new, ref_mask, n_ref)
         morph_scores /= n
         for i, lab in enumerate(fg):
             candidates[str(lab)].update({s["op"]: float(morph_scores[i, j + 1]) for j, s in enumerate(morph_steps)})
@@ -239,7 +263,7 @@ def fit_postprocessing(
             break
         final = np.zeros(k)
         for pred, ref in cases:
-            final += _label_dice(apply_postprocessing(pred, rules), ref, lut, k)
+            final += _label_scores(apply_postprocessing(pred, rules), ref, lut, label_ids, metric)
         final /= n
         worse = [lab for i, lab in enumerate(label_ids) if lab != 0 and final[i] < base[i] - 1e-12]
         if not worse:
@@ -247,16 +271,22 @@ def fit_postprocessing(
         for lab in worse:
             logger.info("postprocessing: dropping steps of label %d (chained result worse than none)", lab)
             rules["per_label"].pop(str(lab), None)
+    name = str(metric)
     rules["scores"] = {
         "num_cases": n,
-        "dice_before": {str(lab): float(base[i]) for i, lab in enumerate(label_ids) if lab != 0},
-        "dice_after": {str(lab): float(final[i]) for i, lab in enumerate(label_ids) if lab != 0},
-        "mean_foreground_dice_before": fg_mean(base),
-        "mean_foreground_dice_after": fg_mean(final),
+        **({"metric": name} if lesion else {}),
+        f"{name}_before": {str(lab): float(base[i]) for i, lab in enumerate(label_ids) if lab != 0},
+        f"{name}_after": {str(lab): float(final[i]) for i, lab in enumerate(label_ids) if lab != 0},
+        f"mean_foreground_{name}_before": fg_mean(base),
+        f"mean_foreground_{name}_after": fg_mean(final),
     }
     rules["candidates"] = candidates
     logger.info(
-        "postprocessing: mean foreground Dice %.4f -> %.4f (%s)", fg_mean(base), fg_mean(final), describe_rules(rules)
+        "postprocessing: mean foreground %s %.4f -> %.4f (%s)",
+        name,
+        fg_mean(base),
+        fg_mean(final),
+        describe_rules(rules),
     )
     return rules
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medseg.cli.main import main
 from medseg.ensembling import find_best, find_trained_runs, find_validation_predictions
 from medseg.errors import MedsegError
 from medseg.io.image import ImageGeometry, write_image
@@ -127,3 +129,47 @@ def test_errors(tmp_path, work):
         p.unlink()
     with pytest.raises(MedsegError, match="no case has a validation prediction from every"):
         find_best(work, progress=False)
+
+
+def test_find_best_by_a_lesion_wise_metric_ranks_and_fits_postprocessing_by_it(work):
+    # 3d: perfect voxels but a false label-1 lesion per case (lesion F1 2/3); 2d: a thinner label 5, no false lesion
+    res = find_best(work, progress=False, metric="lesion_f1")
+    scores = dict(res.ranking)
+    assert res.metric == "lesion_f1" and res.members == [("2d", "unet")]
+    assert scores["2d/unet"] == pytest.approx(1.0) and scores["3d_fullres/unet"] == pytest.approx((2 / 3 + 1) / 2)
+    assert find_best(work, progress=False).members == [("3d_fullres", "unet")]  # Dice prefers 3d
+    best = json.loads((work / "best.json").read_text())
+    assert "metric" not in best and "mean_foreground_dice" in best["ranking"][0]  # Dice: best.json as before
+    assert main(["find-best", str(work), "--metric", "lesion_dice", "-q"]) == 0
+    assert json.loads((work / "best.json").read_text())["metric"] == "lesion_dice"
+
+
+def test_postprocessing_is_fitted_to_the_lesion_wise_metric(work):
+    for p in (work / "runs" / "2d").rglob("*.npz"):  # only 3d left: its false lesions are removed
+        p.unlink()
+    res = find_best(work, progress=False, metric="pq")
+    assert res.score == pytest.approx((2 / 3 + 1) / 2) and res.score_postprocessed == pytest.approx(1.0)
+    assert res.postprocessing["per_label"]["1"][0]["op"] in ("largest_component", "remove_small")
+    assert res.postprocessing["scores"]["metric"] == "pq"
+    assert res.postprocessing["scores"]["pq_after"]["1"] == pytest.approx(1.0)
+    best = json.loads((work / "best.json").read_text())
+    assert best["metric"] == "pq" and best["metric_per_label"]["1"] == pytest.approx(2 / 3)
+    assert "mean foreground pq" in res.summary()
+
+
+def test_region_plan_ranks_by_the_lesion_wise_metric_of_each_region(tmp_path):
+    work, data = tmp_path / "work", tmp_path / "data"
+    work.mkdir()
+    plan = dataclasses.replace(_plan(), regions=((1, 5), (5,)), regions_class_order=(1, 5)).validate()
+    plan.save(work / "plans.json")
+    (work / "dataset_ref.json").write_text(json.dumps({"root": str(data)}))
+    for i in range(4):
+        ref = _reference(i)
+        write_image(ref, GEO, data / "labelsTr" / f"c{i}.nii.gz")
+        pred = ref.copy()
+        pred[5, 12:14, 0:2] = 1  # a false lesion of region (1, 5), which has 2 reference lesions
+        probs = np.stack([np.isin(pred, r) for r in plan.regions]).astype(np.float16)
+        _save_npz(work / "runs" / "3d_fullres" / "unet" / f"fold_{i % 2}" / "validation" / f"c{i}.npz", probs)
+    res = find_best(work, progress=False, metric="lesion_f1")
+    assert res.metric_per_label == {"(1, 5)": pytest.approx(0.8), "5": 1.0}  # F1 = 2 x 2 / (2 x 2 + 1)
+    assert res.score == pytest.approx(0.9) and res.dice_per_label["5"] == 1.0

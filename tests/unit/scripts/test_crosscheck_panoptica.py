@@ -1,0 +1,62 @@
+"""scripts/crosscheck_panoptica.py without panoptica: test pairs, perturbation, comparison, worker syntax."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medseg.evaluation import lesion_wise_scores
+
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "crosscheck_panoptica.py"
+
+
+def _load():
+    name = "crosscheck_panoptica_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _as_panoptica(s) -> dict[str, float]:
+    """The row panoptica would give for medseg's scores where the definitions agree."""
+    n_pred, n_ref = s.tp + s.fp, s.tp + s.fn
+    return {
+        "tp": s.tp,
+        "fp": s.fp,
+        "fn": s.fn,
+        "prec": s.tp / n_pred if n_pred else float("nan"),
+        "rec": s.tp / n_ref if n_ref else float("nan"),
+        "rq": s.f1,
+        "sq": s.pq / s.f1 if s.f1 else 0.0,
+        "sq_dsc": s.lesion_dice * (s.tp + s.fp + s.fn) / s.tp if s.tp else 0.0,
+        "sq_hd95": 0.0,
+        "pq": s.pq,
+    }
+
+
+def test_pairs_perturbation_and_comparison():
+    mod = _load()
+    ast.parse(mod.PANOPTICA_WORKER)
+    pairs = mod.synthetic_pairs(seed=1, n_random=3)
+    assert [p[0] for p in pairs[:3]] == ["missed_small", "false_small", "two_preds_one_ref"] and len(pairs) == 9
+    rows = [_as_panoptica(lesion_wise_scores(p, r, s)) for _, p, r, s in pairs]
+    stats = mod.compare(pairs, rows)
+    assert all(stats[k]["max_abs_diff"] <= mod.TOL for k in ("tp", "fp", "fn", "precision", "recall", "f1", "pq"))
+    assert stats["lesion_dice"]["max_abs_diff"] <= mod.TOL and stats["precision"]["undefined_in_panoptica"] == 1
+    rows[0] = {**rows[0], "pq": rows[0]["pq"] + 0.01}
+    assert mod.compare(pairs, rows)["pq"]["max_abs_diff"] > mod.TOL  # a disagreement shows
+
+    seg = np.zeros((6, 12, 12), np.uint8)
+    seg[1:5, 1:5, 1:5] = 3
+    seg[1:5, 7:11, 7:11] = 3
+    seg[1:3, 7:11, 1:4] = 8
+    out = mod.perturb_labels(seg, np.random.default_rng(0))
+    assert set(np.unique(out)) <= {0, 3, 8} and not np.array_equal(out, seg)
