@@ -88,7 +88,7 @@ class Instance:
         id: its value in the instance map (1, 2, ...).
         label: the original label id of its class.
         voxels: its number of voxels.
-        volume_ml: its volume in mL (= cm³).
+        volume_ml: its volume in mL (= cm³); for a 2D image its area in mm² / 1000 (a 1 mm thick slab).
         centroid_mm: mean world position of its voxel centres, mm, (x, y, z) (SimpleITK physical space).
         bbox_min_mm: lower corner of its world bounding box, mm, (x, y, z).
         bbox_max_mm: upper corner, mm, (x, y, z).

@@ -116,3 +116,31 @@ def test_class_probability_is_one_row_of_the_combined_probabilities():
 def test_instance_map_path():
     assert instance_map_path(Path("/o/c.nii.gz")) == Path("/o/c_instances.nii.gz")
     assert instance_map_path(Path("/o/c.mha")) == Path("/o/c_instances.mha")
+
+
+def test_a_2d_image_gets_a_2d_instance_map(tmp_path):
+    plan = build_plan(spacings={"2d": (1.0, 0.8, 1.2)}, label_ids=(0, 3), median_spacing=(1.0, 0.8, 1.2))
+    predictor = Predictor([EnsembleMember(Threshold(), plan, "2d", "unet")])
+    box = np.zeros((30, 26), bool)
+    box[6:16, 5:14] = True
+    box[20:24, 18:22] = True
+    image = (100.0 + 100.0 * box + np.random.default_rng(0).normal(0, 1, box.shape)).astype(np.float32)
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing((1.2, 0.8))
+    img.SetOrigin((4.0, -2.0))
+    img.SetDirection((0.0, 1.0, -1.0, 0.0))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "in" / "slice.nii.gz"))
+    writer = InstanceWriter(tmp_path / "out")
+    res = predict_folder(tmp_path / "in", tmp_path / "out", predictor, progress=False, case_hook=writer)
+    assert res.ok, res.summary()
+    inst_img = sitk.ReadImage(str(tmp_path / "out" / "slice_instances.nii.gz"))
+    assert inst_img.GetDimension() == 2 and inst_img.GetSize() == img.GetSize()
+    assert inst_img.GetOrigin() == img.GetOrigin() and inst_img.GetDirection() == img.GetDirection()
+    rows = writer.cases["slice"]["instances"]
+    assert sorted(r["voxels"] for r in rows) == [16, 90] and {r["label"] for r in rows} == {3}
+    inst = sitk.GetArrayFromImage(inst_img)
+    for r in rows:
+        points = [img.TransformIndexToPhysicalPoint((int(x), int(y))) for y, x in np.argwhere(inst == r["id"])]
+        np.testing.assert_allclose(r["centroid_mm"], np.mean(points, axis=0), atol=1e-9)
+        assert len(r["bbox_min_mm"]) == 2 and r["volume_ml"] == pytest.approx(r["voxels"] * 1.2 * 0.8 / 1000)
