@@ -32,7 +32,7 @@ def test_predict_instances_writes_maps_and_the_table(tmp_path, synthetic_dataset
     capsys.readouterr()
 
     out = tmp_path / "out"
-    predict = ["predict", "-i", str(images), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta"]
+    predict = ["predict", "-i", str(images), "-o", str(out), "-m", str(work), "--device", "cpu"]
     flags = ["--instances", "--instance-connectivity", "2", "--split-touching", "--min-separation-mm", "6"]
     assert main([*predict, *flags]) == 0
     assert f"instances of 2 case(s) written to {out / 'instances.json'}" in capsys.readouterr().out
