@@ -7,9 +7,13 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg.errors import ConfigError
 from medseg.options import Switch
+
+if TYPE_CHECKING:
+    from medseg.postprocessing import InstanceWriter
 
 logger = logging.getLogger("medseg")
 
@@ -107,6 +111,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.ensembling import bundle_predictor, work_dir_predictor
     from medseg.inference import predict_folder
 
+    instances = _instance_writer(args)
     folds = None
     if args.folds is not None:
         folds = [f if f == "all" else int(f) for f in args.folds]
@@ -130,9 +135,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
+        case_hook=instances,
     )
     print(result.summary())
+    if instances is not None:
+        print(f"instances of {len(instances.written)} case(s) written to {instances.path}")
+        stale = [c for c in result.skipped if c not in instances.cases]
+        if stale:
+            print(f"  {len(stale)} skipped case(s) have no instances (predict them again with --overwrite)")
     return 0 if result.ok else 1
+
+
+def _instance_writer(args: argparse.Namespace) -> InstanceWriter | None:
+    """The instance writer of ``predict --instances`` (None without it).
+
+    Raises:
+        ConfigError: instance options without ``--instances``, or ``--min-separation-mm`` without
+            ``--split-touching``.
+    """
+    from medseg.postprocessing import InstanceOptions, InstanceWriter
+
+    given = [
+        flag
+        for flag, value in (
+            ("--instance-connectivity", args.instance_connectivity),
+            ("--split-touching", args.split_touching or None),
+            ("--min-separation-mm", args.min_separation_mm),
+        )
+        if value is not None
+    ]
+    if not args.instances:
+        if given:
+            raise ConfigError(f"{given[0]} needs --instances")
+        return None
+    if args.min_separation_mm is not None and not args.split_touching:
+        raise ConfigError("--min-separation-mm needs --split-touching")
+    options = InstanceOptions(
+        connectivity=args.instance_connectivity or 3,
+        split_touching=args.split_touching,
+        **({} if args.min_separation_mm is None else {"min_separation_mm": args.min_separation_mm}),
+    )
+    return InstanceWriter(Path(args.output), options)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

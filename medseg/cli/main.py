@@ -177,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument(
+        "--instances",
+        action="store_true",
+        help="also write OUT/CASE_instances.nii.gz (one id per object: connected components per class) and "
+        "OUT/instances.json (per object: label, volume in mL, centroid and bounding box in world mm, mean "
+        "probability as score)",
+    )
+    p.add_argument(
+        "--instance-connectivity",
+        type=int,
+        choices=(1, 2, 3),
+        default=None,
+        help="with --instances: voxels sharing a face (1), also an edge (2) or also a vertex (3, default) connect",
+    )
+    p.add_argument(
+        "--split-touching",
+        action="store_true",
+        help="with --instances: split touching objects (distance-transform watershed, on the probabilities)",
+    )
+    p.add_argument(
+        "--min-separation-mm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="with --split-touching: the smallest distance between the centres of split objects (default 10)",
+    )
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--num-workers", type=int, default=None)

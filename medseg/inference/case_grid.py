@@ -81,6 +81,28 @@ def combine_classes(inferred: Inferred, plan: Plan) -> np.ndarray:
     return arg
 
 
+def class_probability(inferred: Inferred, plan: Plan, k: int) -> np.ndarray:
+    """Mean probability of class index ``k`` over all members on the original grid: float32 ``(Z, Y, X)``.
+
+    Equal to ``combine_probabilities(inferred, plan)[k]`` but builds one class's volume only. Not for region
+    plans (their channels are regions, not classes).
+    """
+    acc: np.ndarray | None = None
+    count = 0
+    for probs, props, n in inferred:
+        p = revert_to_original(probs[k : k + 1], props)[0]  # a new array
+        if k > 0:  # revert pads a single channel as if it were background
+            _zero_outside(p, props.bbox)
+        if n != 1:
+            p *= n
+        acc = p if acc is None else np.add(acc, p, out=acc)
+        count += n
+    assert acc is not None
+    if count != 1:
+        acc /= count
+    return acc.astype(np.float32, copy=False)
+
+
 def _zero_outside(array: np.ndarray, bbox: Sequence[tuple[int, int]]) -> None:
     """Set ``array`` to 0 outside the box ``bbox`` ((start, stop) per axis; a leading Z entry is ignored
     for a 2D array), in place."""

@@ -24,12 +24,15 @@ from tqdm import tqdm
 from medseg.errors import MedsegError
 from medseg.faults import maybe_fail
 from medseg.inference.case_grid import PreparedCase
+from medseg.inference.case_output import CaseHook, finished_case
 from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.folder_cases import (
+    case_error_message,
     case_suffix,
     check_folders,
     check_writable,
     find_cases_tolerant,
+    nonfinite_message,
     spacing_warning,
 )
 from medseg.inference.prediction_record import (
@@ -149,6 +152,7 @@ def predict_folder(
     num_workers: int = 1,
     progress: bool = True,
     time_budget_per_case: float | str | None = None,
+    case_hook: CaseHook | None = None,
 ) -> PredictionResult:
     """Segment every case of a folder.
 
@@ -174,6 +178,8 @@ def predict_folder(
             the default of :func:`resolve_time_budget` (on the CPU 10% of the plan's training budget over
             20 cases, else no limit). Every written case is recorded in ``OUT/prediction_record.json``
             (earlier cases' entries are kept).
+        case_hook: called with every case's :class:`~medseg.inference.case_output.FinishedCase` (label map,
+            class probabilities on request) before its segmentation is written; an exception fails the case.
 
     Returns:
         :class:`PredictionResult` (``ok`` is False when any case failed).
@@ -240,14 +246,14 @@ def predict_folder(
             if problem:
                 raise MedsegError(f"{f}: unreadable or truncated image file ({problem})")
             if nonfinite and any(nonfinite):
-                raise MedsegError(_nonfinite_message(f, *nonfinite))
+                raise MedsegError(nonfinite_message(f, *nonfinite))
         image, geometry = read_channels(files)
         if image.ndim not in (3, 4):
             raise MedsegError(f"{files[0]}: expected a 2D or 3D image, got shape {list(image.shape[1:])}")
         if not np.isfinite(image.sum(dtype=np.float64)):  # formats other than NIfTI keep NaN/Inf
             for f, channel in zip(files, image):
                 if not np.isfinite(channel).all():
-                    raise MedsegError(_nonfinite_message(f, int(np.isnan(channel).sum()), int(np.isinf(channel).sum())))
+                    raise MedsegError(nonfinite_message(f, int(np.isnan(channel).sum()), int(np.isinf(channel).sum())))
         three_d = [c for c in predictor.configurations if plan.configuration(c).dims == 3]
         if geometry.ndim == 2 and three_d:
             raise MedsegError(
@@ -304,15 +310,19 @@ def predict_folder(
     def finish(case: Any, target: Path, inferred: list) -> float:
         start = time.perf_counter()
         geometry = inferred[0][1].geometry
+        probs = None
         if save_probabilities:
             probs = predictor._combine(inferred)
             del inferred[:]
             write_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
             seg = predictor.probabilities_to_labels(probs)
-            del probs
         else:
             seg = predictor.indices_to_labels(predictor._combine_labels(inferred))
-        del inferred[:]
+        if case_hook is not None:
+            case_hook(
+                finished_case(case.case_id, seg, geometry, target, case.image_files[0], predictor.plan, probs, inferred)
+            )
+        del inferred[:], probs
         try:
             write_segmentation(seg, geometry, target, reference=case.image_files[0])
         except OSError as exc:
@@ -346,7 +356,7 @@ def predict_folder(
                     if clock.seconds_per_case is not None:
                         clock.write_done(raw_write, record.write_seconds)
                 except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
-                    result.failed[case_id] = _message(exc)
+                    result.failed[case_id] = case_error_message(exc)
                     logger.debug("writing %s failed", case_id, exc_info=True)
                 bar.update()
                 if case_id in result.written:
@@ -361,7 +371,7 @@ def predict_folder(
                 prepared, load_seconds = fut.result()
                 inferred, record, raw_write = infer(prepared, load_seconds)
             except Exception as exc:  # noqa: BLE001
-                result.failed[case.case_id] = _message(exc)
+                result.failed[case.case_id] = case_error_message(exc)
                 logger.debug("predicting %s failed", case.case_id, exc_info=True)
                 bar.update()
                 continue
@@ -373,18 +383,3 @@ def predict_folder(
     for case_id, msg in result.failed.items():
         logger.error("%s: %s", case_id, msg)
     return result
-
-
-def _nonfinite_message(path: Path, n_nan: int, n_inf: int) -> str:
-    return (
-        f"{path}: holds {n_nan} NaN and {n_inf} Inf voxel(s); replace them (e.g. by the background "
-        "intensity) and predict the case again"
-    )
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, MedsegError):
-        return str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return f"{type(exc).__name__}: {exc}"

@@ -21,7 +21,15 @@ from medseg.io.dataset import find_prediction_cases
 from medseg.io.image import IMAGE_SUFFIXES, has_image_suffix, strip_suffix
 from medseg.planning.plan import Plan
 
-__all__ = ["case_suffix", "check_folders", "check_writable", "find_cases_tolerant", "spacing_warning"]
+__all__ = [
+    "case_error_message",
+    "case_suffix",
+    "check_folders",
+    "check_writable",
+    "find_cases_tolerant",
+    "nonfinite_message",
+    "spacing_warning",
+]
 
 
 def case_suffix(path: Path) -> str:
@@ -113,3 +121,20 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
             linked = []
     cases = [dataclasses.replace(c, image_files=tuple(input_dir / p.name for p in c.image_files)) for c in linked]
     return cases, failed
+
+
+def nonfinite_message(path: Path, n_nan: int, n_inf: int) -> str:
+    """The message for an image holding NaN or Inf voxels."""
+    return (
+        f"{path}: holds {n_nan} NaN and {n_inf} Inf voxel(s); replace them (e.g. by the background "
+        "intensity) and predict the case again"
+    )
+
+
+def case_error_message(exc: BaseException) -> str:
+    """One line for a case that failed with ``exc`` (MedsegError text; an OSError's file and reason)."""
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"

@@ -1,10 +1,13 @@
 """Postprocessing of predicted label maps: connected components and morphology, fitted on cross-validation
 (:mod:`~medseg.postprocessing.fit`) or, without it, decided from the training labels' component statistics
-(:mod:`~medseg.postprocessing.prior`)."""
+(:mod:`~medseg.postprocessing.prior`); instance maps, one id per object (:mod:`~medseg.postprocessing.instances`,
+written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`)."""
 
 from __future__ import annotations
 
 from medseg.postprocessing.fit import DEFAULT_FRACTIONS, describe_rules, fit_postprocessing
+from medseg.postprocessing.instance_output import INSTANCES_FILE, InstanceWriter, instance_map_path
+from medseg.postprocessing.instances import Instance, InstanceOptions, find_instances
 from medseg.postprocessing.operations import (
     RULES_FORMAT,
     apply_postprocessing,
@@ -16,11 +19,17 @@ from medseg.postprocessing.prior import PRIOR_FILE, prior_rules, record_prior
 
 __all__ = [
     "DEFAULT_FRACTIONS",
+    "INSTANCES_FILE",
+    "Instance",
+    "InstanceOptions",
+    "InstanceWriter",
     "PRIOR_FILE",
     "RULES_FORMAT",
     "apply_postprocessing",
     "describe_rules",
+    "find_instances",
     "fit_postprocessing",
+    "instance_map_path",
     "keep_components",
     "load_rules",
     "prior_rules",

@@ -33,3 +33,44 @@ def test_help_states_the_default_rule(capsys):
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--time-budget-per-case SECONDS" in text and "10% of it over 20 cases" in text and "'none'" in text
+
+
+def _capture_predict(monkeypatch) -> list[dict]:
+    seen: list[dict] = []
+    monkeypatch.setattr(medseg.ensembling, "work_dir_predictor", lambda *a, **k: object())
+    monkeypatch.setattr(
+        medseg.inference,
+        "predict_folder",
+        lambda inp, out, predictor, **kwargs: seen.append(kwargs) or PredictionResult(out),
+    )
+    return seen
+
+
+def test_instances_flags_reach_the_instance_writer(tmp_path, monkeypatch):
+    from medseg.postprocessing import InstanceOptions, InstanceWriter
+
+    seen = _capture_predict(monkeypatch)
+    base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
+    assert main(base) == 0
+    assert seen[-1]["case_hook"] is None
+    assert main([*base, "--instances"]) == 0
+    assert isinstance(seen[-1]["case_hook"], InstanceWriter) and seen[-1]["case_hook"].options == InstanceOptions()
+    flags = ["--instances", "--instance-connectivity", "1", "--split-touching", "--min-separation-mm", "4.5"]
+    assert main([*base, *flags]) == 0
+    assert seen[-1]["case_hook"].options == InstanceOptions(1, True, 4.5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--split-touching"], "--split-touching needs --instances"),
+        (["--instance-connectivity", "2"], "--instance-connectivity needs --instances"),
+        (["--instances", "--min-separation-mm", "3"], "--min-separation-mm needs --split-touching"),
+        (["--instances", "--split-touching", "--min-separation-mm", "0"], "must be > 0 mm"),
+    ],
+)
+def test_instance_options_without_their_prerequisite_are_refused(tmp_path, monkeypatch, capsys, flags, message):
+    seen = _capture_predict(monkeypatch)
+    base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
+    assert main([*base, *flags]) == 2
+    assert message in capsys.readouterr().err and not seen

@@ -1,0 +1,88 @@
+"""What :func:`~medseg.inference.folder.predict_folder` hands a caller for each finished case, before writing it.
+
+A :data:`CaseHook` lets a layer above inference derive more outputs from a case (e.g. the instance maps of
+:mod:`medseg.postprocessing.instance_output`) while the case's probabilities are still in memory, without
+inference knowing about them: the hook receives a :class:`FinishedCase`, one case at a time (on a writer
+thread), and nothing of it is kept afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.inference.case_grid import Inferred, class_probability
+from medseg.io.image import ImageGeometry
+from medseg.planning.plan import Plan
+
+__all__ = ["CaseHook", "FinishedCase", "finished_case"]
+
+
+@dataclass(frozen=True)
+class FinishedCase:
+    """A predicted case, about to be written.
+
+    Attributes:
+        case_id: the case's name.
+        labels: the label map that is written, original label ids ``(Z, Y, X)`` (postprocessed).
+        geometry: the input image's geometry (the label map's).
+        label_ids: the model's original label ids, in class-index order (background first).
+        class_probability: mean probability over the ensemble (and TTA) of one label id on the original
+            grid, float32 ``(Z, Y, X)`` in [0, 1] (computed on request, one class at a time); None for region
+            plans, whose outputs are regions rather than classes.
+        segmentation_path: where ``labels`` is written (``OUT/CASE<ending>``).
+        reference: the input image (first channel), whose NIfTI header outputs may copy.
+    """
+
+    case_id: str
+    labels: np.ndarray
+    geometry: ImageGeometry
+    label_ids: tuple[int, ...]
+    class_probability: Callable[[int], np.ndarray] | None
+    segmentation_path: Path
+    reference: Path
+
+
+#: Called with every finished case before its segmentation is written; an exception fails the case (its
+#: segmentation is then not written, so a rerun predicts it again).
+CaseHook = Callable[[FinishedCase], None]
+
+
+def finished_case(
+    case_id: str,
+    labels: np.ndarray,
+    geometry: ImageGeometry,
+    segmentation_path: Path,
+    reference: Path,
+    plan: Plan,
+    probabilities: np.ndarray | None,
+    inferred: Inferred,
+) -> FinishedCase:
+    """The :class:`FinishedCase` of a predicted case.
+
+    Args:
+        case_id, labels, geometry, segmentation_path, reference: as in :class:`FinishedCase`.
+        plan: the members' plan (label ids; region plans get no class probabilities).
+        probabilities: the combined probabilities ``(K, Z, Y, X)`` when they were computed anyway, else None.
+        inferred: the members' outputs per configuration (used when ``probabilities`` is None; must stay
+            alive until the hook returns).
+    """
+    label_ids = tuple(int(i) for i in plan.label_ids)
+    index = {label: k for k, label in enumerate(label_ids)}
+    probability: Callable[[int], np.ndarray] | None = None
+    if not plan.is_region_based:
+        if probabilities is not None:
+            probs = probabilities
+
+            def probability(label: int) -> np.ndarray:
+                return np.asarray(probs[index[label]], dtype=np.float32)
+
+        else:
+
+            def probability(label: int) -> np.ndarray:
+                return class_probability(inferred, plan, index[label])
+
+    return FinishedCase(case_id, labels, geometry, label_ids, probability, segmentation_path, reference)

@@ -1,0 +1,117 @@
+"""The instance outputs of ``medseg predict --instances``: an instance map per case and ``instances.json``.
+
+:class:`InstanceWriter` is a :data:`~medseg.inference.case_output.CaseHook` for
+:func:`~medseg.inference.folder.predict_folder`: for each finished case it builds the instance map of the
+(postprocessed) label map with :func:`~medseg.postprocessing.instances.find_instances`, scoring each object
+with the ensemble's mean probability of its class, and writes
+
+- ``OUT/CASE_instances<ending>`` (e.g. ``CASE_instances.nii.gz``): object ids (uint16, or uint32 beyond
+  65535 objects; 0 = background) with exactly the input's geometry, beside the semantic ``OUT/CASE<ending>``
+  and before it (so a written semantic map implies its instance map);
+- ``OUT/instances.json``, rewritten atomically after every case (earlier runs' cases are kept)::
+
+    {"format": "medseg-instances-v1",
+     "cases": {"CASE": {"instance_map": "CASE_instances.nii.gz", "segmentation": "CASE.nii.gz",
+                        "options": {"connectivity": 3, "split_touching": false, "min_separation_mm": 10.0,
+                                    "min_depth_mm": null},
+                        "instances": [{"id": 1, "label": 2, "voxels": 812, "volume_ml": 0.97,
+                                       "centroid_mm": [x, y, z], "bbox_min_mm": [x, y, z],
+                                       "bbox_max_mm": [x, y, z], "score": 0.93}, ...]}}}
+
+Positions are world coordinates in mm (SimpleITK/LPS physical space); ``score`` is null for region plans.
+Only the current case's probabilities are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError
+from medseg.inference.case_output import FinishedCase
+from medseg.inference.export import write_segmentation
+from medseg.io.codec import to_json_dict
+from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text
+from medseg.postprocessing.instances import InstanceOptions, find_instances
+
+__all__ = ["INSTANCES_FILE", "INSTANCES_FORMAT", "InstanceWriter", "instance_map_path"]
+
+logger = logging.getLogger(__name__)
+
+INSTANCES_FILE = "instances.json"
+INSTANCES_FORMAT = "medseg-instances-v1"
+
+
+def instance_map_path(segmentation_path: Path) -> Path:
+    """``OUT/CASE_instances<ending>`` beside the semantic map ``OUT/CASE<ending>``."""
+    name = segmentation_path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), segmentation_path.suffix)
+    return segmentation_path.with_name(f"{name[: len(name) - len(suffix)]}_instances{suffix}")
+
+
+class InstanceWriter:
+    """Writes each predicted case's instance map and keeps ``OUT/instances.json`` up to date.
+
+    Args:
+        output_dir: the prediction output folder.
+        options: how objects are separated (:class:`~medseg.postprocessing.instances.InstanceOptions`).
+
+    Attributes:
+        cases: case id -> its ``instances.json`` entry (this run's cases and the earlier ones kept).
+        written: case ids whose instances this run wrote.
+    """
+
+    def __init__(self, output_dir: Path, options: InstanceOptions | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.options = options or InstanceOptions()
+        self.path = self.output_dir / INSTANCES_FILE
+        self.cases: dict[str, Any] = _earlier_cases(self.path)
+        self.written: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, case: FinishedCase) -> None:
+        """Find, write and record the instances of ``case`` (called on a writer thread).
+
+        Raises:
+            MedsegError: the instance map or ``instances.json`` cannot be written.
+        """
+        ids, table = find_instances(case.labels, case.geometry, self.options, case.class_probability)
+        target = instance_map_path(case.segmentation_path)
+        try:
+            write_segmentation(ids, case.geometry, target, reference=case.reference)
+        except OSError as exc:
+            raise MedsegError(f"{target}: cannot write the instance map ({exc.strerror or exc})") from None
+        entry = {
+            "instance_map": target.name,
+            "segmentation": case.segmentation_path.name,
+            "options": to_json_dict(self.options),
+            "instances": [to_json_dict(i) for i in table],
+        }
+        with self._lock:
+            self.cases[case.case_id] = entry
+            self.written.append(case.case_id)
+            document = {"format": INSTANCES_FORMAT, "cases": dict(sorted(self.cases.items()))}
+            try:
+                atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
+            except OSError as exc:
+                raise MedsegError(f"{self.path}: cannot write the instance table ({exc.strerror or exc})") from None
+        logger.info("%s: %d instance(s) -> %s", case.case_id, len(table), target.name)
+
+
+def _earlier_cases(path: Path) -> dict[str, Any]:
+    """The cases of an earlier ``instances.json`` (empty when there is none; a warning when it is unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s: cannot read the earlier instance table (%s); starting a new one", path, exc)
+        return {}
+    if not isinstance(document, dict) or document.get("format") != INSTANCES_FORMAT:
+        logger.warning("%s: not a %s document; starting a new one", path, INSTANCES_FORMAT)
+        return {}
+    cases = document.get("cases")
+    return dict(cases) if isinstance(cases, dict) else {}
