@@ -1,11 +1,11 @@
 """Evaluate a folder of predicted segmentations against a folder of reference segmentations.
 
 Cases are matched by file name without the image suffix (``case.nii.gz`` <-> ``case.nii.gz`` or
-``case.nrrd``). Every prediction needs a reference; references without a prediction are reported as
-``missing_predictions`` (a warning, not an error). Prediction and reference must have the same shape,
-spacing, origin and direction (within 1e-3); every mismatch is reported at once, naming the case.
-
-Metric conventions (empty masks, undefined HD95) are those of :mod:`medseg.evaluation.metrics`.
+``case.nrrd``); instance maps beside the segmentations (``CASE_instances.nii.gz``) are not cases. Every
+prediction needs a reference; references without a prediction are reported as ``missing_predictions`` (a
+warning, not an error). Prediction and reference must have the same shape, spacing, origin and direction
+(within 1e-3); every mismatch is reported at once, naming the case. Metric conventions (empty masks,
+undefined HD95) are those of :mod:`medseg.evaluation.metrics`.
 
 Ignore label (partial annotation): reference voxels holding the ignore id are left out of prediction
 and reference alike (both are set to background there before any metric), so Dice and IoU count only
@@ -44,6 +44,7 @@ from medseg.evaluation.lesion_wise import (
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.dataset import load_dataset
 from medseg.io.image import (
+    INSTANCE_MAP_TAIL,
     ImageGeometry,
     atomic_write_text,
     has_image_suffix,
@@ -77,11 +78,8 @@ class EvaluationReport(dict):
 
 
 def _list_images(folder: Path) -> dict[str, Path]:
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and has_image_suffix(p.name) and not p.name.startswith("."):
-            files[strip_suffix(p.name)] = p
-    return files
+    names = (p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith("."))
+    return {strip_suffix(p.name): p for p in names if has_image_suffix(p.name)}
 
 
 def _header_geometry(path: Path) -> ImageGeometry:
@@ -299,9 +297,8 @@ def evaluate_folders(
         :class:`EvaluationReport`, a JSON-ready dict: ``cases`` (per case ``labels -> {dice, iou, hd95,
         hd95_undefined, surface_dice, n_pred, n_ref}``), ``mean`` (per label means, ``*_std``,
         ``hd95_undefined_cases``), ``foreground_mean`` (mean over labels of the per-label means),
-        ``summary`` (one line), and with ``lesion_wise`` a ``"lesion_wise"`` object per case-label and mean
-        and ``lesion_wise_options``,
-        ``missing_predictions``. Undefined HD95 values are ``inf`` in memory and ``null`` in the JSON.
+        ``summary`` (one line), ``missing_predictions``, and with ``lesion_wise`` a ``"lesion_wise"`` object
+        per case-label and mean and ``lesion_wise_options``. Undefined HD95: ``inf`` in memory, JSON ``null``.
 
     Raises:
         MedsegError: a folder is missing or holds no images, a prediction has no reference, or shapes /
@@ -318,8 +315,10 @@ def evaluate_folders(
     )
     if not _list_images(ref_dir) and (ref_dir / "labelsTr").is_dir():
         ref_dir = ref_dir / "labelsTr"
-    preds = _list_images(pred_dir)
     refs = _list_images(ref_dir)
+    preds = _list_images(pred_dir)
+    maps = [c for c in preds if c.endswith(INSTANCE_MAP_TAIL) and c.removesuffix(INSTANCE_MAP_TAIL) in preds]
+    preds = {c: p for c, p in preds.items() if c in refs or c not in maps}
     if not preds:
         raise MedsegError(f"{pred_dir}: no segmentation files (.nii.gz, .nii, .nrrd, .mha) found")
     problems = [f"case {c}: prediction {p} has no reference in {ref_dir}" for c, p in preds.items() if c not in refs]

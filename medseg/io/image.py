@@ -38,6 +38,17 @@ def has_image_suffix(name: str) -> bool:
     return any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
+#: what ``medseg predict --instances`` appends to a case's name for its instance map (``CASE_instances.nii.gz``)
+INSTANCE_MAP_TAIL = "_instances"
+
+
+def instance_map_path(segmentation_path: Path) -> Path:
+    """``OUT/CASE_instances<ending>`` beside the semantic map ``OUT/CASE<ending>``."""
+    name = segmentation_path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), segmentation_path.suffix)
+    return segmentation_path.with_name(f"{name[: len(name) - len(suffix)]}{INSTANCE_MAP_TAIL}{suffix}")
+
+
 class SitkGeometry(Protocol):
     """What :meth:`ImageGeometry.from_sitk` reads: a ``sitk.Image``, or a ``sitk.ImageFileReader`` after
     ``ReadImageInformation``; sizes, spacings and origins in SimpleITK's ``(X, Y, Z)`` order."""

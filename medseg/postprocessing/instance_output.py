@@ -34,7 +34,7 @@ from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.inference.export import write_segmentation
 from medseg.io.codec import to_json_dict
-from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text
+from medseg.io.image import atomic_write_text, instance_map_path
 from medseg.postprocessing.instances import InstanceOptions, find_instances
 
 __all__ = ["INSTANCES_FILE", "INSTANCES_FORMAT", "InstanceWriter", "instance_map_path"]
@@ -43,13 +43,6 @@ logger = logging.getLogger(__name__)
 
 INSTANCES_FILE = "instances.json"
 INSTANCES_FORMAT = "medseg-instances-v1"
-
-
-def instance_map_path(segmentation_path: Path) -> Path:
-    """``OUT/CASE_instances<ending>`` beside the semantic map ``OUT/CASE<ending>``."""
-    name = segmentation_path.name
-    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), segmentation_path.suffix)
-    return segmentation_path.with_name(f"{name[: len(name) - len(suffix)]}_instances{suffix}")
 
 
 class InstanceWriter:

@@ -68,3 +68,21 @@ def test_predict_instances_writes_maps_and_the_table(tmp_path, synthetic_dataset
             lo, c, hi = (np.array(r[k]) for k in ("bbox_min_mm", "centroid_mm", "bbox_max_mm"))
             assert np.all(lo - 1e-9 <= c) and np.all(c <= hi + 1e-9)  # world box around the voxel centres
     assert sorted(p.name for p in images.iterdir()) == sorted(s.name for s in sources)  # nothing beside the input
+
+    # the output folder evaluates as it is: the instance maps beside the segmentations are not cases
+    metrics = tmp_path / "metrics" / "metrics.json"
+    labels = ["evaluate", str(out), str(synthetic_dataset / "labelsTr"), "-o", str(metrics), "--lesion-wise"]
+    assert main(labels) == 0
+    report = json.loads(metrics.read_text())
+    assert report["num_cases"] == 2 and sorted(c["case"] for c in report["cases"]) == sorted(doc["cases"])
+    assert set(report["foreground_mean"]["lesion_wise"]) == {
+        "tp",
+        "fp",
+        "fn",
+        "precision",
+        "recall",
+        "f1",
+        "lesion_dice",
+        "lesion_hd95",
+        "pq",
+    }

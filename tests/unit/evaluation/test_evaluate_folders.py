@@ -83,3 +83,16 @@ def test_prediction_without_reference_and_empty_folder(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedsegError, match="no segmentation files"):
         evaluate_folders(tmp_path / "empty", ref, progress=False)
+
+
+def test_instance_maps_beside_the_segmentations_are_not_cases(folders):
+    pred, ref = folders
+    ids = np.zeros(GEO.shape, np.uint8)
+    ids[1:4, 2:6, 3:8] = 7  # object ids, not labels: scored as a case they would fail
+    _write(pred, "c1_instances", ids)  # `medseg predict --instances` beside c1
+    result = evaluate_folders(pred, ref, progress=False)
+    assert sorted(c["case"] for c in result["cases"]) == ["c1", "c2"]
+    # without its case beside it, a file named *_instances is a prediction like any other
+    _write(pred, "c5_instances", ids)
+    with pytest.raises(MedsegError, match="c5_instances"):
+        evaluate_folders(pred, ref, progress=False)
