@@ -61,15 +61,7 @@ def combine_classes(inferred: Inferred, plan: Plan) -> np.ndarray:
     best: np.ndarray | None = None
     arg: np.ndarray | None = None
     for k in range(plan.num_classes):
-        acc: np.ndarray | None = None
-        for probs, props, n in inferred:
-            p = revert_to_original(probs[k : k + 1], props)[0]  # a new array
-            if k > 0:  # revert pads a single channel as if it were background
-                _zero_outside(p, props.bbox)
-            if n != 1:
-                p *= n
-            acc = p if acc is None else np.add(acc, p, out=acc)
-        assert acc is not None
+        acc, _ = _weighted_class_sum(inferred, k)
         if best is None or arg is None:
             best = acc
             arg = np.zeros(acc.shape, dtype=np.uint8 if plan.num_classes <= 256 else np.int32)
@@ -87,6 +79,15 @@ def class_probability(inferred: Inferred, plan: Plan, k: int) -> np.ndarray:
     Equal to ``combine_probabilities(inferred, plan)[k]`` but builds one class's volume only. Not for region
     plans (their channels are regions, not classes).
     """
+    acc, count = _weighted_class_sum(inferred, k)
+    if count != 1:
+        acc /= count
+    return acc.astype(np.float32, copy=False)
+
+
+def _weighted_class_sum(inferred: Inferred, k: int) -> tuple[np.ndarray, int]:
+    """Sum over members of class ``k``'s probability on the original grid, each weighted by its count ``n``;
+    with the total count (the sum divided by it is the mean)."""
     acc: np.ndarray | None = None
     count = 0
     for probs, props, n in inferred:
@@ -98,9 +99,7 @@ def class_probability(inferred: Inferred, plan: Plan, k: int) -> np.ndarray:
         acc = p if acc is None else np.add(acc, p, out=acc)
         count += n
     assert acc is not None
-    if count != 1:
-        acc /= count
-    return acc.astype(np.float32, copy=False)
+    return acc, count
 
 
 def _zero_outside(array: np.ndarray, bbox: Sequence[tuple[int, int]]) -> None:
