@@ -9,6 +9,9 @@ from typing import Any
 from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan import NetworkPlan
 
+#: ``medseg train`` arguments of a one-epoch, two-iteration CPU run in the main process (after WORK and --fold)
+TINY_TRAIN = ["--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu", "--num-workers", "0"]
+
 
 def shrink_networks(work: Path, base_features: int = 8) -> None:
     """Edit ``WORK/plans.json`` as a user may: networks with ``base_features`` features (and 8x that at

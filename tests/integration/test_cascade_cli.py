@@ -16,10 +16,10 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import assert_prediction_like_input, shrink_networks
+from tests.helpers import TINY_TRAIN, assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
-TRAIN = ["--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu", "--num-workers", "0", "-q"]
+TRAIN = [*TINY_TRAIN, "-q"]
 
 
 def test_cascade_end_to_end(tmp_path, capsys):

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from medseg.cli.main import main
 from tests.conftest import shared_dataset
-from tests.helpers import assert_prediction_like_input, shrink_networks
+from tests.helpers import TINY_TRAIN, assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +30,7 @@ def _plan(data: Path, work: Path) -> dict:
 
 
 def _train(work: Path, fold: str, *extra: str) -> int:
-    return main(
-        [
-            "train",
-            str(work),
-            "--fold",
-            fold,
-            "--epochs",
-            "1",
-            "--iters-per-epoch",
-            "2",
-            "--device",
-            "cpu",
-            "--num-workers",
-            "0",
-            "-q",
-            *extra,
-        ]
-    )
+    return main(["train", str(work), "--fold", fold, *TINY_TRAIN, "-q", *extra])
 
 
 def _predict_and_check(work: Path, images: list[Path], out: Path, declared: set[int]) -> None:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from medseg.cli.main import main
-from tests.helpers import shrink_networks
+from tests.helpers import TINY_TRAIN, shrink_networks
 
 pytestmark = pytest.mark.slow
 
@@ -40,25 +40,7 @@ def trained(tmp_path, synthetic_dataset):
         == 0
     )
     shrink_networks(work)
-    assert (
-        main(
-            [
-                "train",
-                str(work),
-                "--fold",
-                "0",
-                "--epochs",
-                "1",
-                "--iters-per-epoch",
-                "2",
-                "--device",
-                "cpu",
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(work), "--fold", "0", *TINY_TRAIN]) == 0
     assert main(["find-best", str(work)]) == 0
     images = tmp_path / "images"
     images.mkdir()

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import assert_prediction_like_input, shrink_networks
+from tests.helpers import TINY_TRAIN, assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 IGNORE = 9  # gapped: the stored class index of ignored voxels is K = 4, not the id
@@ -57,26 +57,7 @@ def test_ignore_label_end_to_end(tmp_path):
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3, 4} and 4 in seg  # ignored voxels kept as class K
     assert set(props.class_locations) == {1, 2, 3}
     shrink_networks(work, 4)
-    assert (
-        main(
-            [
-                "train",
-                str(work),
-                "--fold",
-                "0",
-                "--epochs",
-                "1",
-                "--iters-per-epoch",
-                "2",
-                "--device",
-                "cpu",
-                "--num-workers",
-                "0",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(work), "--fold", "0", *TINY_TRAIN, "-q"]) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     progress = json.loads((run / "progress.json").read_text())
     assert progress["history"] and all(np.isfinite(e["train_loss"]) for e in progress["history"])

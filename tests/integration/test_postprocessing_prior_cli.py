@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from medseg.cli.main import main
 from medseg.postprocessing import PRIOR_FILE, apply_postprocessing, load_rules
 from medseg.postprocessing.operations import label_components
+from tests.helpers import TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -28,25 +29,7 @@ def test_fold_all_run_records_the_rule_and_predict_applies_it(tmp_path, caplog):
     data = generate_synthetic_dataset(tmp_path / "data", num_cases=10, seed=0)  # every structure one piece
     work = tmp_path / "work"
     assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--device", "cpu"]) == 0
-    assert (
-        main(
-            [
-                "train",
-                str(work),
-                "--fold",
-                "all",
-                "--epochs",
-                "1",
-                "--iters-per-epoch",
-                "2",
-                "--device",
-                "cpu",
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(work), "--fold", "all", *TINY_TRAIN]) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_all"
     rules = load_rules(run / PRIOR_FILE)
     assert rules["source"] == "label_statistics" and rules["num_cases"] == 10

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from medseg.cli.main import main
-from tests.helpers import assert_prediction_like_input, shrink_networks
+from tests.helpers import TINY_TRAIN, assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 
@@ -34,26 +34,7 @@ def test_time_budget_per_case_writes_the_record_and_keeps_the_geometry(tmp_path,
         == 0
     )
     shrink_networks(work)
-    assert (
-        main(
-            [
-                "train",
-                str(work),
-                "--fold",
-                "0",
-                "--epochs",
-                "1",
-                "--iters-per-epoch",
-                "2",
-                "--device",
-                "cpu",
-                "--num-workers",
-                "0",
-                "--no-validation",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(work), "--fold", "0", *TINY_TRAIN, "--no-validation"]) == 0
     images = tmp_path / "images"
     images.mkdir()
     sources = sorted((synthetic_dataset / "imagesTr").glob("*.nii.gz"))[:2]

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import shrink_networks
+from tests.helpers import TINY_TRAIN, shrink_networks
 
 pytestmark = pytest.mark.slow
-TRAIN = ["--fold", "0", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu", "--num-workers", "0"]
+TRAIN = ["--fold", "0", *TINY_TRAIN]
 
 
 def _merged(data: Path, out: Path) -> Path:

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
-from tests.helpers import assert_prediction_like_input, shrink_networks
+from tests.helpers import TINY_TRAIN, assert_prediction_like_input, shrink_networks
 
 pytestmark = pytest.mark.slow
 REGIONS = [[1, 2, 3], [2, 3], [3]]
@@ -67,28 +67,7 @@ def test_region_based_end_to_end(tmp_path):
     assert Plan.load(work / "plans.json").num_classes == 3
 
     for config in ("3d_fullres", "2d"):
-        assert (
-            main(
-                [
-                    "train",
-                    str(work),
-                    "--config",
-                    config,
-                    "--fold",
-                    "0",
-                    "--epochs",
-                    "1",
-                    "--iters-per-epoch",
-                    "2",
-                    "--device",
-                    "cpu",
-                    "--num-workers",
-                    "0",
-                    "-q",
-                ]
-            )
-            == 0
-        )
+        assert main(["train", str(work), "--config", config, "--fold", "0", *TINY_TRAIN, "-q"]) == 0
         run = work / "runs" / config / "unet" / "fold_0"
         progress = json.loads((run / "progress.json").read_text())
         assert progress["history"] and all(np.isfinite(e["train_loss"]) for e in progress["history"])
@@ -165,26 +144,7 @@ def test_regions_with_an_ignore_label(tmp_path):
     plan = json.loads((work / "plans.json").read_text())
     assert plan["ignore_label"] == 9 and plan["regions"] == REGIONS
     shrink_networks(work, 4)
-    assert (
-        main(
-            [
-                "train",
-                str(work),
-                "--fold",
-                "0",
-                "--epochs",
-                "1",
-                "--iters-per-epoch",
-                "2",
-                "--device",
-                "cpu",
-                "--num-workers",
-                "0",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(work), "--fold", "0", *TINY_TRAIN, "-q"]) == 0
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     progress = json.loads((run / "progress.json").read_text())
     assert all(np.isfinite(e["train_loss"]) for e in progress["history"])
