@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from medseg.inference import EnsembleMember, Predictor
 from medseg.planning.plan import ConfigurationPlan, NormalizationSpec, Plan
 from tests.helpers import network_plan
 
@@ -57,6 +58,14 @@ class Threshold(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.zeros_like(x[:, :1]), 10.0 * x[:, :1]], 1)
+
+
+def threshold_predictor(channels: int = 1) -> Predictor:
+    """A :class:`Threshold` predictor (label ids 0 and 5, 3d_fullres at 3.0 x 0.8 x 1.2 mm), no TTA."""
+    plan = build_plan(
+        label_ids=(0, 5), channels=channels, spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2)
+    )
+    return Predictor([EnsembleMember(Threshold(), plan, "3d_fullres", "unet")], use_tta=False)
 
 
 def conv_net(dims: int = 3, classes: int = 2, seed: int = 0, channels: int = 1) -> torch.nn.Module:

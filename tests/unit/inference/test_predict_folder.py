@@ -9,14 +9,7 @@ import SimpleITK as sitk
 from medseg.errors import MedsegError
 from medseg.inference import EnsembleMember, Predictor, predict_folder
 
-from .conftest import Threshold, bright_box_image, build_plan, write_oblique
-
-
-def _predictor(channels: int = 1) -> Predictor:
-    plan = build_plan(
-        label_ids=(0, 5), channels=channels, spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2)
-    )
-    return Predictor([EnsembleMember(Threshold(), plan, "3d_fullres", "unet")], use_tta=False)
+from .conftest import Threshold, bright_box_image, build_plan, threshold_predictor, write_oblique
 
 
 @pytest.fixture
@@ -30,7 +23,7 @@ def input_dir(tmp_path):
 
 def test_writes_every_case_with_input_geometry_and_label_ids(input_dir, tmp_path):
     out = tmp_path / "out"
-    res = predict_folder(input_dir, out, _predictor(), save_probabilities=True, num_workers=2, progress=False)
+    res = predict_folder(input_dir, out, threshold_predictor(), save_probabilities=True, num_workers=2, progress=False)
     assert res.ok and sorted(res.written) == ["case_0", "case_1", "case_2"] and not res.failed
     for i in range(3):
         src = sitk.ReadImage(str(input_dir / f"case_{i}.nii.gz"))
@@ -50,7 +43,7 @@ def test_bad_case_fails_alone_then_skip_and_overwrite(input_dir, tmp_path):
     good = (input_dir / "case_1.nii.gz").read_bytes()
     (input_dir / "case_1.nii.gz").write_bytes(good[: len(good) // 3])  # truncated
     out = tmp_path / "out"
-    res = predict_folder(input_dir, out, _predictor(), progress=False)
+    res = predict_folder(input_dir, out, threshold_predictor(), progress=False)
     assert not res.ok and list(res.failed) == ["case_1"]
     assert "case_1.nii.gz" in res.failed["case_1"]
     assert sorted(res.written) == ["case_0", "case_2"]
@@ -59,10 +52,10 @@ def test_bad_case_fails_alone_then_skip_and_overwrite(input_dir, tmp_path):
 
     (input_dir / "case_1.nii.gz").write_bytes(good)
     before = (out / "case_0.nii.gz").stat().st_mtime_ns
-    res2 = predict_folder(input_dir, out, _predictor(), progress=False)
+    res2 = predict_folder(input_dir, out, threshold_predictor(), progress=False)
     assert res2.ok and res2.written == ["case_1"] and sorted(res2.skipped) == ["case_0", "case_2"]
     assert (out / "case_0.nii.gz").stat().st_mtime_ns == before
-    res3 = predict_folder(input_dir, out, _predictor(), overwrite=True, progress=False)
+    res3 = predict_folder(input_dir, out, threshold_predictor(), overwrite=True, progress=False)
     assert sorted(res3.written) == ["case_0", "case_1", "case_2"] and not res3.skipped
 
 
@@ -72,7 +65,7 @@ def test_wrong_channel_files_fail_only_that_case(tmp_path):
         image, _ = bright_box_image(seed=i)
         for ch in range(2 if i != 1 else 1):  # case_1 lacks its second channel
             write_oblique(folder / f"case_{i}_{ch:04d}.nii.gz", image)
-    res = predict_folder(folder, tmp_path / "out", _predictor(channels=2), progress=False)
+    res = predict_folder(folder, tmp_path / "out", threshold_predictor(channels=2), progress=False)
     assert list(res.failed) == ["case_1"] and "case_1_0001" in res.failed["case_1"]
     assert sorted(res.written) == ["case_0", "case_2"]
     assert (tmp_path / "out" / "case_0.nii.gz").is_file()
@@ -80,21 +73,21 @@ def test_wrong_channel_files_fail_only_that_case(tmp_path):
 
 def test_output_inside_input_and_empty_input_refused(input_dir, tmp_path):
     with pytest.raises(MedsegError, match="must not be the input folder or inside it"):
-        predict_folder(input_dir, input_dir, _predictor(), progress=False)
+        predict_folder(input_dir, input_dir, threshold_predictor(), progress=False)
     with pytest.raises(MedsegError, match="must not be the input folder or inside it"):
-        predict_folder(input_dir, input_dir / "sub" / "out", _predictor(), progress=False)
+        predict_folder(input_dir, input_dir / "sub" / "out", threshold_predictor(), progress=False)
     assert not (input_dir / "sub").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedsegError, match="no images"):
-        predict_folder(tmp_path / "empty", tmp_path / "out", _predictor(), progress=False)
+        predict_folder(tmp_path / "empty", tmp_path / "out", threshold_predictor(), progress=False)
     with pytest.raises(MedsegError, match="not found"):
-        predict_folder(tmp_path / "missing", tmp_path / "out", _predictor(), progress=False)
+        predict_folder(tmp_path / "missing", tmp_path / "out", threshold_predictor(), progress=False)
 
 
 def test_unusual_spacing_warns(tmp_path):
     image, _ = bright_box_image()
     write_oblique(tmp_path / "in" / "thick.nii.gz", image, spacing_zyx=(7.0, 0.8, 1.2))
-    res = predict_folder(tmp_path / "in", tmp_path / "out", _predictor(), progress=False)
+    res = predict_folder(tmp_path / "in", tmp_path / "out", threshold_predictor(), progress=False)
     assert res.ok and len(res.warnings) == 1 and "far from the training data" in res.warnings[0]
 
 

@@ -15,12 +15,14 @@ from medseg.inference import EnsembleMember, Predictor, predict_folder
 from medseg.inference.case_grid import class_probability, combine_probabilities
 from medseg.io.image import ImageGeometry
 from medseg.postprocessing import INSTANCES_FILE, InstanceOptions, InstanceWriter, instance_map_path
-from tests.unit.inference.conftest import Threshold, bright_box_image, build_plan, conv_net, write_oblique
-
-
-def _predictor() -> Predictor:
-    plan = build_plan(label_ids=(0, 5), spacings={"3d_fullres": (3.0, 0.8, 1.2)}, median_spacing=(3.0, 0.8, 1.2))
-    return Predictor([EnsembleMember(Threshold(), plan, "3d_fullres", "unet")], use_tta=False)
+from tests.unit.inference.conftest import (
+    Threshold,
+    bright_box_image,
+    build_plan,
+    conv_net,
+    threshold_predictor,
+    write_oblique,
+)
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_instance_maps_and_table_beside_the_segmentations(input_dir, tmp_path, s
     out = tmp_path / "out"
     writer = InstanceWriter(out, InstanceOptions(connectivity=1))
     res = predict_folder(
-        input_dir, out, _predictor(), save_probabilities=save_probabilities, progress=False, case_hook=writer
+        input_dir, out, threshold_predictor(), save_probabilities=save_probabilities, progress=False, case_hook=writer
     )
     assert res.ok and sorted(writer.written) == ["case_0", "case_1"]
     doc = json.loads((out / INSTANCES_FILE).read_text())
@@ -74,7 +76,7 @@ def test_scores_agree_with_and_without_saved_probabilities(input_dir, tmp_path):
     for save in (False, True):
         out = tmp_path / f"out_{save}"
         writer = InstanceWriter(out)
-        predict_folder(input_dir, out, _predictor(), save_probabilities=save, progress=False, case_hook=writer)
+        predict_folder(input_dir, out, threshold_predictor(), save_probabilities=save, progress=False, case_hook=writer)
         scores.append([r["score"] for c in sorted(writer.cases) for r in writer.cases[c]["instances"]])
     np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)  # both float32 means
 
@@ -84,8 +86,8 @@ def test_a_second_run_keeps_the_earlier_cases(input_dir, tmp_path):
     first = tmp_path / "first"
     first.mkdir()
     (input_dir / "case_1.nii.gz").rename(first / "case_1.nii.gz")
-    predict_folder(input_dir, out, _predictor(), progress=False, case_hook=InstanceWriter(out))
-    predict_folder(first, out, _predictor(), progress=False, case_hook=InstanceWriter(out))
+    predict_folder(input_dir, out, threshold_predictor(), progress=False, case_hook=InstanceWriter(out))
+    predict_folder(first, out, threshold_predictor(), progress=False, case_hook=InstanceWriter(out))
     doc = json.loads((out / INSTANCES_FILE).read_text())
     assert sorted(doc["cases"]) == ["case_0", "case_1"]
 
@@ -96,7 +98,7 @@ def test_a_failing_instance_write_fails_the_case_and_not_its_segmentation_first(
     def broken(case):
         raise OSError(28, "No space left on device")
 
-    res = predict_folder(input_dir, out, _predictor(), progress=False, case_hook=broken)
+    res = predict_folder(input_dir, out, threshold_predictor(), progress=False, case_hook=broken)
     assert sorted(res.failed) == ["case_0", "case_1"] and not res.written
     assert not list(out.glob("case_*.nii.gz"))  # a rerun predicts them again
 
