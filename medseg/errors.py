@@ -42,6 +42,10 @@ class BundleError(MedsegError):
     """A model bundle (``medseg export``) is missing, truncated, corrupt, incomplete or of a newer format."""
 
 
+class DicomError(MedsegError):
+    """A DICOM file or series cannot be used (unreadable, not an image, inconsistent slices, wrong grid)."""
+
+
 def raise_for_problems(problems: Sequence[str], error: type[MedsegError], header: str) -> None:
     """Raise ``error`` with ``"<header>:"`` and one ``"  - <problem>"`` line per problem, unless there are none."""
     if problems:
