@@ -99,6 +99,15 @@ class ExportFormat(StrEnum):
     TORCHSCRIPT = "torchscript"
 
 
+class OutputFormat(StrEnum):
+    """What ``medseg predict`` writes per case besides its NIfTI label map (``dicom-seg``, ``rtstruct``: a DICOM
+    object of the input series, see :mod:`medseg.inference.dicom_output`)."""
+
+    NIFTI = "nifti"
+    DICOM_SEG = "dicom-seg"
+    RTSTRUCT = "rtstruct"
+
+
 class LesionMatching(StrEnum):
     """How predicted lesions are matched to reference lesions (see :mod:`medseg.evaluation.lesion_wise`)."""
 
@@ -157,6 +166,7 @@ __all__ = [
     "NormLayer",
     "NormalizationScheme",
     "Optimizer",
+    "OutputFormat",
     "Precision",
     "SelectionMetric",
     "Switch",

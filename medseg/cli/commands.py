@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.errors import ConfigError
-from medseg.options import Switch
+from medseg.options import OutputFormat, Switch
 
 if TYPE_CHECKING:
+    from medseg.inference.case_output import CaseHook, FinishedCase
+    from medseg.inference.dicom_output import DicomOutputWriter, SourceFiles
+    from medseg.inference.predictor import Predictor
     from medseg.postprocessing import InstanceWriter
 
 logger = logging.getLogger("medseg")
@@ -112,6 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.inference import predict_folder
 
     instances = _instance_writer(args)
+    sources = _dicom_sources(args)
     folds = None
     if args.folds is not None:
         folds = [f if f == "all" else int(f) for f in args.folds]
@@ -127,6 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         step=args.step,
         postprocessing=not args.no_postprocessing,
     )
+    dicom = _dicom_writer(args, sources, predictor)
     result = predict_folder(
         Path(args.input),
         Path(args.output),
@@ -135,15 +140,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
-        case_hook=instances,
+        case_hook=_all_hooks(instances, dicom),
     )
     print(result.summary())
+    if dicom is not None:
+        print(f"{args.output_format} of {len(dicom.written)} case(s) written to {args.output}")
+        if dicom.empty:
+            print(f"  {len(dicom.empty)} case(s) without foreground have none: {', '.join(sorted(dicom.empty))}")
     if instances is not None:
         print(f"instances of {len(instances.written)} case(s) written to {instances.path}")
         stale = [c for c in result.skipped if c not in instances.cases]
         if stale:
             print(f"  {len(stale)} skipped case(s) have no instances (predict them again with --overwrite)")
     return 0 if result.ok else 1
+
+
+def _dicom_sources(args: argparse.Namespace) -> SourceFiles | None:
+    """Case id -> the DICOM series files of ``predict -i`` (None for NIfTI output).
+
+    Raises:
+        ConfigError: a DICOM output format, but the input is no DICOM series (predict reads NIfTI images only
+            until DICOM input is connected here).
+    """
+    if args.output_format == OutputFormat.NIFTI:
+        return None
+    raise ConfigError(
+        f"--output-format {args.output_format} needs DICOM input series; {args.input} holds none that predict reads"
+    )
+
+
+def _dicom_writer(
+    args: argparse.Namespace, sources: SourceFiles | None, predictor: Predictor
+) -> DicomOutputWriter | None:
+    """The DICOM SEG / RTSTRUCT writer of ``predict --output-format`` (None for NIfTI output)."""
+    from medseg.inference.dicom_output import DicomOutputWriter
+
+    if sources is None:
+        return None
+    plan = predictor.plan
+    model_id = f"{plan.dataset_name} {predictor.describe()} ({Path(args.model).name})"
+    return DicomOutputWriter(args.output_format, sources, dict(zip(plan.label_ids, plan.label_names)), model_id)
+
+
+def _all_hooks(*hooks: CaseHook | None) -> CaseHook | None:
+    """One case hook calling each of ``hooks`` that is not None, in order (None when none is)."""
+    given = [h for h in hooks if h is not None]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def call_all(case: FinishedCase) -> None:
+        for hook in given:
+            hook(case)
+
+    return call_all
 
 
 def _instance_writer(args: argparse.Namespace) -> InstanceWriter | None:

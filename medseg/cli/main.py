@@ -19,6 +19,7 @@ from medseg.options import (
     DeviceKind,
     LesionMatching,
     Optimizer,
+    OutputFormat,
     Precision,
     SelectionMetric,
     Switch,
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MM",
         help="with --split-touching: the smallest distance between the centres of split objects (default 10)",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=choices(OutputFormat),
+        default=OutputFormat.NIFTI.value,
+        help="nifti (default): OUT/CASE.nii.gz only; dicom-seg / rtstruct: also OUT/CASE_seg.dcm (DICOM SEG) / "
+        "OUT/CASE_rtstruct.dcm (RTSTRUCT) referencing the case's input DICOM series (needs DICOM input)",
     )
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")

@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 import medseg
 from medseg.errors import DicomError
 from medseg.io.dicom_segments import describe_label
-from medseg.io.dicom_slices import read_source_slices
+from medseg.io.dicom_slices import SourceSlices, read_source_slices
 from medseg.io.image import atomic_write_stream
 
 __all__ = ["SegWritten", "write_dicom_seg"]
@@ -59,7 +59,7 @@ class SegWritten:
 
 def write_dicom_seg(
     labels: np.ndarray,
-    source_files: Sequence[Path | str],
+    source_files: Sequence[Path | str] | SourceSlices,
     label_names: Mapping[int, str],
     out_path: Path,
     *,
@@ -74,7 +74,7 @@ def write_dicom_seg(
     Args:
         labels: label map ``(Z, Y, X)`` of label ids (0 = background) on the source grid, ``Z`` in slice order
             along the normal, ``Y`` rows and ``X`` columns of the source pixel data.
-        source_files: the source series' single-frame image files (any order).
+        source_files: the source series' single-frame image files (any order), or the series already read.
         label_names: label id -> name (``dataset.json``); a present id without a name is called ``label <id>``.
         out_path: the SEG file to write (atomically: a temporary file renamed into place).
         algorithm_name, algorithm_version: the algorithm identification of every segment.
@@ -90,7 +90,7 @@ def write_dicom_seg(
         DicomError: the source files are not one single-frame series, the label map is not on their grid, or
             highdicom refuses the object.
     """
-    slices = read_source_slices(source_files)
+    slices = source_files if isinstance(source_files, SourceSlices) else read_source_slices(source_files)
     labels = np.asarray(labels)
     slices.check_labels(labels, str(out_path))
     present = [int(v) for v in np.unique(labels) if v != 0]

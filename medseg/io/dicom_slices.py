@@ -202,9 +202,11 @@ def _read_header(path: Path) -> Dataset:
         raise DicomError(f"{path}: not a DICOM file") from None
     except (OSError, ValueError, EOFError) as exc:
         raise DicomError(f"{path}: cannot read the DICOM file ({exc})") from None
-    missing = [k for k in ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if k not in ds]
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if k not in ds]
     if missing:
         raise DicomError(f"{path}: not a DICOM image (no {', '.join(missing)})")
+    if "Image" not in ds.SOPClassUID.name:
+        raise DicomError(f"{path}: not a DICOM image ({ds.SOPClassUID.name})")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise DicomError(f"{path}: a multi-frame image; DICOM output supports series of single-frame images only")
     return ds

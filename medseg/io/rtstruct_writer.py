@@ -78,7 +78,7 @@ class RtstructWritten:
 
 def write_rtstruct(
     labels: np.ndarray,
-    source_files: Sequence[Path | str],
+    source_files: Sequence[Path | str] | SourceSlices,
     label_names: Mapping[int, str],
     out_path: Path,
     *,
@@ -93,7 +93,7 @@ def write_rtstruct(
 
     Args:
         labels: label map ``(Z, Y, X)`` of label ids (0 = background) on the source grid, ``Z`` in slice order.
-        source_files: the source series' single-frame image files (any order).
+        source_files: the source series' single-frame image files (any order), or the series already read.
         label_names: label id -> ROI name; a present id without a name is called ``label <id>``.
         out_path: the RTSTRUCT file to write (atomically).
         algorithm_name, algorithm_version, model_id: recorded in each ROI's ``ROIGenerationDescription``, the
@@ -108,7 +108,7 @@ def write_rtstruct(
         medseg.errors.DicomError: the source files are not one single-frame series or the label map is not on
             their grid.
     """
-    slices = read_source_slices(source_files)
+    slices = source_files if isinstance(source_files, SourceSlices) else read_source_slices(source_files)
     labels = np.asarray(labels)
     slices.check_labels(labels, str(out_path))
     present = [int(v) for v in np.unique(labels) if v != 0]
