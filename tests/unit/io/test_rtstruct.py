@@ -15,10 +15,11 @@ import logging
 import numpy as np
 import pydicom
 import pytest
+import skimage.draw
 
 from medseg.errors import DicomError
 from medseg.io.dicom_slices import read_source_slices
-from medseg.io.rtstruct_reader import rasterise_rtstruct, rasterise_rtstruct_masks
+from medseg.io.rtstruct_reader import fill_polygon, rasterise_rtstruct, rasterise_rtstruct_masks
 from medseg.io.rtstruct_writer import write_rtstruct
 from tests.unit.io._dicom import copy_series, dicom_data, liver_reference, rotate_series, sorted_slices
 
@@ -151,3 +152,37 @@ def test_bad_input_is_named(tmp_path):
     ds.save_as(moved)
     with pytest.raises(DicomError, match=r"ROI 'ROI-1': a contour at 160.00 mm .* lies on no slice"):
         rasterise_rtstruct(moved, other)
+
+
+def test_fill_polygon_fills_the_pixels_skimage_fills():
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random, also self-intersecting, polygons partly outside the slice
+        n = int(rng.integers(3, 25))
+        rows, columns = rng.uniform(-5, 35, n), rng.uniform(-5, 45, n)
+        expected = np.zeros((30, 40), bool)
+        expected[skimage.draw.polygon(rows, columns, shape=(30, 40))] = True
+        np.testing.assert_array_equal(fill_polygon(rows, columns, 30, 40), expected)
+
+
+def test_contours_through_pixel_centres_give_back_the_pixels(tmp_path):
+    """Tools that trace the centres of boundary pixels (rt-utils, OpenCV) draw a ring as an outer contour through
+    its outer boundary pixels and a hole contour through its inner ones; both lines of pixels belong to the ROI."""
+    files = copy_series("ct_3slice", tmp_path / "ct")
+    labels = np.zeros((3, 512, 512), np.uint8)
+    labels[1, 100:120, 200:220] = 1
+    labels[1, 105:115, 205:215] = 0
+    written = write_rtstruct(labels, files, {1: "ring"}, tmp_path / "rt.dcm", model_id="m")
+    ds = pydicom.dcmread(written.path)
+    slices = read_source_slices(files)
+    template = ds.ROIContourSequence[0].ContourSequence[0]
+    contours = []
+    for (r0, c0), (r1, c1) in (((100, 200), (119, 219)), ((104, 204), (115, 215))):
+        contour = copy.deepcopy(template)
+        xyz = slices.to_patient(1, np.array([r0, r0, r1, r1]), np.array([c0, c1, c1, c0]))
+        contour.ContourData = [round(float(v), 4) for v in xyz.ravel()]
+        contour.NumberOfContourPoints = 4
+        contours.append(contour)
+    ds.ROIContourSequence[0].ContourSequence = pydicom.Sequence(contours)
+    ds.save_as(tmp_path / "centres.dcm")
+    back, _ = rasterise_rtstruct(tmp_path / "centres.dcm", files)
+    np.testing.assert_array_equal(back, labels)
