@@ -50,12 +50,19 @@ def rotate_series(files: list[Path], axis: tuple[float, float, float], angle: fl
         ds.save_as(path)
 
 
-def crop_series(files: list[Path], rows: int, columns: int) -> None:
-    """Keep the first ``rows`` x ``columns`` pixels of every slice in place (the position of pixel (0, 0) is kept)."""
+def crop_series(files: list[Path], rows: slice, columns: slice) -> None:
+    """Keep pixels ``[rows, columns]`` of every slice in place, moving ``ImagePositionPatient`` to the new first
+    pixel (a small series with real headers)."""
     for path in files:
         ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array[:rows, :columns].copy()
-        ds.Rows, ds.Columns = rows, columns
+        pixels = ds.pixel_array[rows, columns].copy()
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+        shift = columns.start * column_spacing * iop[:3] + rows.start * row_spacing * iop[3:]
+        ds.ImagePositionPatient = [
+            round(float(v), 5) for v in np.add([float(v) for v in ds.ImagePositionPatient], shift)
+        ]
+        ds.Rows, ds.Columns = pixels.shape
         ds.PixelData = pixels.tobytes()
         ds.save_as(path)
 
@@ -73,7 +80,8 @@ def decode_with_highdicom(path: Path, sop_uids: list[str], label_of: dict[str, i
 
 def decode_with_pydicom(path: Path, slices: list[pydicom.Dataset], label_of: dict[str, int]) -> np.ndarray:
     """The label map ``(Z, Y, X)`` of a BINARY SEG on ``slices`` from pydicom alone: the bit-packed frames are
-    unpacked here, each frame placed by its referenced source image and checked against its plane position."""
+    unpacked here, each frame placed by its referenced source image and checked against its plane position (the
+    segment of a frame is in its per-frame functional group, or in the shared one when there is one segment)."""
     ds = pydicom.dcmread(path)
     assert ds.SegmentationType == "BINARY" and ds.BitsAllocated == 1
     n, rows, columns = int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)
@@ -82,8 +90,10 @@ def decode_with_pydicom(path: Path, slices: list[pydicom.Dataset], label_of: dic
     segment_label = {int(s.SegmentNumber): label_of[str(s.SegmentLabel)] for s in ds.SegmentSequence}
     index = {str(s.SOPInstanceUID): k for k, s in enumerate(slices)}
     labels = np.zeros((len(slices), rows, columns), dtype=np.int64)
+    shared = ds.SharedFunctionalGroupsSequence[0]
     for frame, group in zip(frames, ds.PerFrameFunctionalGroupsSequence):
-        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        identification = group.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        number = int(identification[0].ReferencedSegmentNumber)
         uid = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         k = index[uid]
         position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
