@@ -11,7 +11,8 @@ before the NIfTI label map ``OUT/CASE<ending>`` (which is still written, and mar
 
 Segments/ROIs are named after the model's labels (``dataset.json``), and carry the algorithm (medseg and its
 version) and the model's identity. A case without foreground gets no DICOM object (neither format can hold zero
-segments); it is listed in :attr:`DicomOutputWriter.empty` and logged.
+segments); it is listed in :attr:`DicomOutputWriter.empty` and logged, and an earlier run's object of the case
+is removed.
 """
 
 from __future__ import annotations
@@ -123,4 +124,5 @@ class DicomOutputWriter:
             else:
                 self.written[case.case_id] = result.path
         if result is None:
+            target.unlink(missing_ok=True)  # an earlier run's object of this case no longer holds
             logger.warning("%s: no foreground predicted; no %s written", case.case_id, self.output_format)

@@ -95,6 +95,11 @@ def test_case_not_from_dicom_and_empty_case(tmp_path, caplog):
     with pytest.raises(DicomError, match="ct: --output-format rtstruct needs DICOM input series"):
         DicomOutputWriter("rtstruct", lambda case: None, {}, "m")(_case(tmp_path, labels, geometry))
     writer = DicomOutputWriter("rtstruct", lambda case: files, {}, "m")
+    labels[1, 3, 3] = 1
+    writer(_case(tmp_path, labels, geometry))
+    assert writer.written == {"ct": tmp_path / "out" / "ct_rtstruct.dcm"}
+    labels[1, 3, 3] = 0  # predicted again (--overwrite), now empty: the earlier object goes
+    writer = DicomOutputWriter("rtstruct", lambda case: files, {}, "m")
     writer(_case(tmp_path, labels, geometry))
     assert writer.empty == ["ct"] and not writer.written and "no foreground" in caplog.text
     assert not list((tmp_path / "out").iterdir())
