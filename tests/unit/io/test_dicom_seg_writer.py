@@ -142,4 +142,11 @@ def test_bad_input_is_named(tmp_path):
     shutil.copy(dicom_data() / "liver_seg.dcm", seg)
     with pytest.raises(DicomError, match=r"liver_seg.dcm: not a DICOM image \(Segmentation Storage\)"):
         write_dicom_seg(labels, [*files, seg], NAMES, tmp_path / "a.dcm", model_id="m")
+    multi = pydicom.dcmread(files[0])
+    multi.NumberOfFrames = 2
+    multi.save_as(tmp_path / "multi.dcm")
+    with pytest.raises(
+        DicomError, match="multi.dcm: a multi-frame image; DICOM output supports series of single-frame"
+    ):
+        write_dicom_seg(labels, [*files[1:], tmp_path / "multi.dcm"], NAMES, tmp_path / "a.dcm", model_id="m")
     assert not (tmp_path / "a.dcm").exists()
