@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.distributed import launch_rank
 from medseg.errors import MedsegError
 from medseg.fingerprint import extract_fingerprint
 from medseg.io.dataset import load_dataset
@@ -27,7 +28,6 @@ from medseg.planning.planner import PlannerOptions, plan_dataset
 from medseg.postprocessing.prior import record_prior
 from medseg.preprocessing import preprocess_dataset
 from medseg.preprocessing.resolution import dataset_roundtrip_dice
-from medseg.training.distributed import launch_rank
 from medseg.training.splits import read_splits
 
 logger = logging.getLogger(__name__)

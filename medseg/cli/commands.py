@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -13,12 +14,17 @@ from medseg.errors import ConfigError
 from medseg.options import OutputFormat, Switch
 
 if TYPE_CHECKING:
+    from medseg.distributed import DistContext
     from medseg.inference.case_output import CaseHook, FinishedCase
     from medseg.inference.dicom_output import DicomOutputWriter, SourceFiles
     from medseg.inference.predictor import Predictor
+    from medseg.inference.shards import Shard
     from medseg.postprocessing import InstanceWriter
 
 logger = logging.getLogger("medseg")
+
+#: How long ranks that finished their cases wait at the barrier for the slowest (then they leave the part files).
+PREDICT_BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def default_num_workers() -> int:
@@ -111,10 +117,45 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    shard, ranks = _predict_shard(args)
+    try:
+        return _predict(args, shard, ranks)
+    finally:
+        ranks.shutdown()
+
+
+def _predict_shard(args: argparse.Namespace) -> tuple[Shard | None, DistContext]:
+    """This process's share of the cases: ``--part K/N``, or its rank under ``torchrun`` (a gloo group, for
+    the barrier before rank 0 merges the folder files); None for a plain run.
+
+    Raises:
+        ConfigError: a malformed ``--part``, or ``--part`` under ``torchrun``.
+    """
+    from medseg.distributed import DistContext, init_distributed, launch_world_size
+    from medseg.inference.shards import Shard
+
+    if args.part is not None:
+        if launch_world_size() > 1:
+            raise ConfigError("--part splits the cases among separate commands; under torchrun the ranks split them")
+        shard = Shard.parse(args.part)
+        return (shard if shard.count > 1 else None), DistContext()
+    if launch_world_size() <= 1:
+        return None, DistContext()
+    ranks = init_distributed("cpu", backend="gloo", timeout=PREDICT_BARRIER_TIMEOUT)
+    return Shard(ranks.rank, ranks.world_size), ranks
+
+
+def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) -> int:
+    import torch
+
     from medseg.ensembling import bundle_predictor, work_dir_predictor
     from medseg.inference import predict_folder
+    from medseg.inference.prediction_record import RECORD_NAME, merge_record_parts
 
-    instances = _instance_writer(args)
+    device = _resolve_device(args.device)
+    if ranks.enabled and device == "cuda":  # one GPU per rank on its machine
+        device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"
+    instances = _instance_writer(args, shard)
     sources = _dicom_sources(args)
     folds = None
     if args.folds is not None:
@@ -126,7 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         archs=args.arch,
         folds=folds,
         **({} if bundle else {"checkpoint": args.checkpoint}),
-        device=_resolve_device(args.device),
+        device=device,
         use_tta=not args.no_tta,
         step=args.step,
         postprocessing=not args.no_postprocessing,
@@ -141,12 +182,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
         case_hook=_all_hooks(instances, dicom),
+        shard=shard,
     )
     print(result.summary())
     if dicom is not None:
         print(f"{args.output_format} of {len(dicom.written)} case(s) written to {args.output}")
         if dicom.empty:
             print(f"  {len(dicom.empty)} case(s) without foreground have none: {', '.join(sorted(dicom.empty))}")
+    if ranks.enabled:
+        try:
+            ranks.barrier()
+        except RuntimeError as exc:  # a rank died or the slowest took too long: a plain run merges later
+            logger.warning("the ranks did not all finish (%s); the folder's part files are left to merge", exc)
+        else:
+            if ranks.is_main:
+                merged = merge_record_parts(Path(args.output) / RECORD_NAME)
+                merged = (instances is not None and instances.merge_parts()) or merged
+                if merged:
+                    print(f"merged the folder records of {ranks.world_size} ranks in {args.output}")
     if instances is not None:
         print(f"instances of {len(instances.written)} case(s) written to {instances.path}")
         stale = [c for c in result.skipped if c not in instances.cases]
@@ -195,8 +248,8 @@ def _all_hooks(*hooks: CaseHook | None) -> CaseHook | None:
     return call_all
 
 
-def _instance_writer(args: argparse.Namespace) -> InstanceWriter | None:
-    """The instance writer of ``predict --instances`` (None without it).
+def _instance_writer(args: argparse.Namespace, shard: Shard | None) -> InstanceWriter | None:
+    """The instance writer of ``predict --instances`` (None without it); a shard writes its part of the table.
 
     Raises:
         ConfigError: instance options without ``--instances``, or ``--min-separation-mm`` without
@@ -224,7 +277,7 @@ def _instance_writer(args: argparse.Namespace) -> InstanceWriter | None:
         split_touching=args.split_touching,
         **({} if args.min_separation_mm is None else {"min_separation_mm": args.min_separation_mm}),
     )
-    return InstanceWriter(Path(args.output), options)
+    return InstanceWriter(Path(args.output), options, shard)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="predict only part K (1-based) of N of the cases, split by size (a Slurm array task: "
+        "--part $SLURM_ARRAY_TASK_ID/N with --array=1-N); a plain run afterwards merges the parts' records. "
+        "Under torchrun the ranks split the cases without it (docs/scale.md)",
+    )
     _add_common(p)
     p.set_defaults(func=c.cmd_predict)
 

@@ -5,7 +5,8 @@ reads/preprocesses upcoming cases and writes finished ones on worker threads whi
 writes each segmentation with exactly the input's origin, spacing and direction, and collects per-case
 errors instead of stopping at the first bad case (:class:`PredictionResult`). With a time budget per case it
 chooses each case's TTA passes and window overlap to fit it (:mod:`medseg.inference.time_budget`); what
-every case used and took is recorded in ``OUT/prediction_record.json``.
+every case used and took is recorded in ``OUT/prediction_record.json``. With a :class:`~medseg.inference.shards.Shard`
+it predicts only its share of the cases (``torchrun`` ranks, ``--part K/N``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from medseg.inference.folder_cases import (
 from medseg.inference.prediction_record import (
     RECORD_NAME,
     CaseRecord,
+    merge_record_parts,
     read_record_cases,
     record_document,
     write_record,
 )
 from medseg.inference.predictor import Predictor
+from medseg.inference.shards import Shard, select_shard
 from medseg.inference.time_budget import (
     PREDICTION_SHARE,
     REFERENCE_TEST_CASES,
@@ -70,6 +73,7 @@ class PredictionResult:
         records: per written case, the TTA passes and overlap used and its seconds
             (:class:`~medseg.inference.prediction_record.CaseRecord`; also in ``OUT/prediction_record.json``).
         time_budget: the per-case budget in seconds (None = no limit) and :attr:`budget_rule`, where it came from.
+        shard: the share of the folder's cases this run predicted (None = all).
     """
 
     output_dir: Path
@@ -81,6 +85,7 @@ class PredictionResult:
     records: dict[str, CaseRecord] = field(default_factory=dict)
     time_budget: float | None = None
     budget_rule: str = ""
+    shard: Shard | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,6 +94,7 @@ class PredictionResult:
 
     def summary(self) -> str:
         lines = [f"predicted {len(self.written)} case(s) into {self.output_dir} in {self.seconds:.1f} s"]
+        lines[0] += f" ({self.shard.label})" if self.shard else ""
         if self.skipped:
             lines[0] += f"; {len(self.skipped)} skipped (output exists; --overwrite to redo)"
         if self.failed:
@@ -153,6 +159,7 @@ def predict_folder(
     progress: bool = True,
     time_budget_per_case: float | str | None = None,
     case_hook: CaseHook | None = None,
+    shard: Shard | None = None,
 ) -> PredictionResult:
     """Segment every case of a folder.
 
@@ -180,6 +187,9 @@ def predict_folder(
             (earlier cases' entries are kept).
         case_hook: called with every case's :class:`~medseg.inference.case_output.FinishedCase` (label map,
             class probabilities on request) before its segmentation is written; an exception fails the case.
+        shard: predict only this share of the cases (:func:`~medseg.inference.shards.select_shard`; malformed
+            cases are reported by shard 0) and write ``prediction_record.part-K-of-N.json``; None = every case,
+            first merging the parts earlier shards left (:func:`~medseg.inference.prediction_record.merge_record_parts`).
 
     Returns:
         :class:`PredictionResult` (``ok`` is False when any case failed).
@@ -198,7 +208,9 @@ def predict_folder(
     if not cases and not bad_cases:
         raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
     check_writable(output_dir)
-    result = PredictionResult(output_dir=output_dir, time_budget=budget_seconds, budget_rule=budget_rule)
+    if shard is not None:
+        cases, bad_cases = select_shard(cases, shard), bad_cases if shard.index == 0 else {}
+    result = PredictionResult(output_dir=output_dir, time_budget=budget_seconds, budget_rule=budget_rule, shard=shard)
     result.failed.update(bad_cases)
     if budget_seconds is not None:
         logger.info(
@@ -207,7 +219,9 @@ def predict_folder(
             budget_seconds,
             budget_rule,
         )
-    record_path = output_dir / RECORD_NAME
+    record_path = output_dir / RECORD_NAME if shard is None else shard.part_path(output_dir / RECORD_NAME)
+    if shard is None:
+        merge_record_parts(record_path)
     earlier_records = read_record_cases(record_path)
     ignored = sorted(
         f.name

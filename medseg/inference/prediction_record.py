@@ -5,7 +5,9 @@
 goes through (:func:`~medseg.inference.time_budget.reduction_order`), and per case a :class:`CaseRecord`: the
 TTA passes and window overlap used and the full ones, the estimated and measured seconds of each stage
 (reading and preprocessing, the window measurement, the network, export) and whether the budget held. The
-settings themselves are chosen by :class:`~medseg.inference.time_budget.CaseBudget`. Times are in seconds.
+settings themselves are chosen by :class:`~medseg.inference.time_budget.CaseBudget`. Times are in seconds. A shard
+of a split prediction writes its part, ``prediction_record.part-K-of-N.json``, merged later
+(:func:`merge_record_parts`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from medseg.inference.shards import merge_parts
 from medseg.io.image import atomic_write_text
 
 #: Name of the per-case record ``medseg predict`` writes into its output folder.
@@ -82,20 +85,31 @@ def record_document(
     """The JSON document of ``prediction_record.json``: the budget, the reduction order, per case what was
     used and took (records of earlier runs may be given as their dicts) and a summary."""
     cases = {c: (r.to_dict() if isinstance(r, CaseRecord) else dict(r)) for c, r in sorted(records.items())}
-    seconds = [float(r["seconds"]) for r in cases.values() if r.get("seconds") is not None]
-    held = [r["held"] for r in cases.values() if r.get("held") is not None]
     return {
         "time_budget_per_case": None if seconds_per_case is None else round(float(seconds_per_case), 3),
         "rule": rule,
         "reduction_order": [o.to_dict() for o in options],
-        "summary": {
-            "cases": len(cases),
-            "mean_seconds": round(float(np.mean(seconds)), 3) if seconds else None,
-            "held": sum(bool(h) for h in held) if held else None,
-            "reduced": sum(bool(r.get("reduced")) for r in cases.values()),
-        },
+        "summary": _summary(cases),
         "cases": cases,
     }
+
+
+def _summary(cases: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``summary`` of a record's per-case entries: count, mean seconds, in how many the budget held."""
+    seconds = [float(r["seconds"]) for r in cases.values() if r.get("seconds") is not None]
+    held = [r["held"] for r in cases.values() if r.get("held") is not None]
+    return {
+        "cases": len(cases),
+        "mean_seconds": round(float(np.mean(seconds)), 3) if seconds else None,
+        "held": sum(bool(h) for h in held) if held else None,
+        "reduced": sum(bool(r.get("reduced")) for r in cases.values()),
+    }
+
+
+def merge_record_parts(path: Path) -> bool:
+    """Fold the shard parts ``prediction_record.part-K-of-N.json`` beside ``path`` into it
+    (:func:`~medseg.inference.shards.merge_parts`; the summary recomputed). True when there were parts."""
+    return merge_parts(path, lambda head, cases: {**head, "summary": _summary(cases), "cases": cases})
 
 
 def read_record_cases(path: Path) -> dict[str, dict[str, Any]]:
@@ -112,4 +126,12 @@ def write_record(path: Path, document: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(document, indent=1) + "\n")
 
 
-__all__ = ["RECORD_NAME", "CaseRecord", "RecordedSetting", "read_record_cases", "record_document", "write_record"]
+__all__ = [
+    "RECORD_NAME",
+    "CaseRecord",
+    "RecordedSetting",
+    "merge_record_parts",
+    "read_record_cases",
+    "record_document",
+    "write_record",
+]

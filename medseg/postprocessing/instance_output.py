@@ -18,7 +18,9 @@ with the ensemble's mean probability of its class, and writes
                                        "centroid_mm": [x, y, z], "bbox_min_mm": [x, y, z],
                                        "bbox_max_mm": [x, y, z], "score": 0.93}, ...]}}}
 
-Positions are world coordinates in mm (SimpleITK/LPS physical space); ``score`` is null for region plans.
+Positions are world coordinates in mm (SimpleITK/LPS physical space); ``score`` is null for region plans. A shard
+of a split prediction (:class:`~medseg.inference.shards.Shard`) writes ``instances.part-K-of-N.json`` instead,
+folded into ``instances.json`` by :meth:`InstanceWriter.merge_parts` (a writer without a shard merges on start).
 Only the current case's probabilities are in memory at any time.
 """
 
@@ -33,6 +35,7 @@ from typing import Any
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.inference.export import write_segmentation
+from medseg.inference.shards import Shard, merge_parts, merged_cases
 from medseg.io.codec import to_json_dict
 from medseg.io.image import atomic_write_text, instance_map_path
 from medseg.postprocessing.instances import InstanceOptions, find_instances
@@ -51,17 +54,25 @@ class InstanceWriter:
     Args:
         output_dir: the prediction output folder.
         options: how objects are separated (:class:`~medseg.postprocessing.instances.InstanceOptions`).
+        shard: the share of the cases this process predicts: its table is ``instances.part-K-of-N.json``;
+            None = ``instances.json``, after merging the parts earlier shards left there.
 
     Attributes:
-        cases: case id -> its ``instances.json`` entry (this run's cases and the earlier ones kept).
+        path: the table this writer keeps.
+        cases: case id -> its ``instances.json`` entry (this run's cases and the earlier ones kept, the other
+            shards' included).
         written: case ids whose instances this run wrote.
     """
 
-    def __init__(self, output_dir: Path, options: InstanceOptions | None = None) -> None:
+    def __init__(self, output_dir: Path, options: InstanceOptions | None = None, shard: Shard | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.options = options or InstanceOptions()
-        self.path = self.output_dir / INSTANCES_FILE
-        self.cases: dict[str, Any] = _earlier_cases(self.path)
+        main = self.output_dir / INSTANCES_FILE
+        self.path = main if shard is None else shard.part_path(main)
+        if shard is None:
+            self.merge_parts()
+        self._own: dict[str, Any] = _earlier_cases(self.path)
+        self.cases: dict[str, Any] = {**_earlier_cases(main), **merged_cases(main)} if shard else dict(self._own)
         self.written: list[str] = []
         self._lock = threading.Lock()
 
@@ -84,14 +95,24 @@ class InstanceWriter:
             "instances": [to_json_dict(i) for i in table],
         }
         with self._lock:
-            self.cases[case.case_id] = entry
+            self.cases[case.case_id] = self._own[case.case_id] = entry
             self.written.append(case.case_id)
-            document = {"format": INSTANCES_FORMAT, "cases": dict(sorted(self.cases.items()))}
+            document = {"format": INSTANCES_FORMAT, "cases": dict(sorted(self._own.items()))}
             try:
                 atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
             except OSError as exc:
                 raise MedsegError(f"{self.path}: cannot write the instance table ({exc.strerror or exc})") from None
         logger.info("%s: %d instance(s) -> %s", case.case_id, len(table), target.name)
+
+    def merge_parts(self) -> bool:
+        """Fold the shards' ``instances.part-K-of-N.json`` into ``instances.json`` (atomically) and remove them.
+
+        Returns:
+            True when there were parts to merge.
+        """
+        return merge_parts(
+            self.output_dir / INSTANCES_FILE, lambda _, cases: {"format": INSTANCES_FORMAT, "cases": cases}
+        )
 
 
 def _earlier_cases(path: Path) -> dict[str, Any]:

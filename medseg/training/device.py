@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.distributed import DistContext
 from medseg.errors import ConfigError
 from medseg.machine import cpu_has_fast_bf16, keep_freed_cpu_memory
 from medseg.options import DeviceKind, Precision, parse_option
@@ -26,7 +27,6 @@ from medseg.planning.stage import Stage
 from medseg.planning.step_child import probe_step_in_child
 from medseg.planning.step_timing import StepSetting
 from medseg.training.config import TrainConfig
-from medseg.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from medseg.distributed import init_distributed, launch_rank
 from medseg.errors import CheckpointError, ConfigError, MedsegError, PlanError
 from medseg.inference.members import load_member
 from medseg.io.checkpoint import load_checkpoint
@@ -40,7 +41,7 @@ from medseg.planning.stage import Stage
 from medseg.preprocessing import list_preprocessed_cases, load_case_properties
 from medseg.training.budget_refit import fit_run_to_budget
 from medseg.training.config import TrainConfig
-from medseg.training.distributed import init_distributed, launch_rank, unwrap
+from medseg.training.distributed import unwrap
 from medseg.training.intensity_rule import decide_intensity_augmentation
 from medseg.training.lock import RunLock
 from medseg.training.pretrained import load_pretrained, prepare_pretrained

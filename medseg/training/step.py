@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from medseg.distributed import DistContext
 from medseg.errors import ConfigError, TrainingError
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.device import autocast, channels_last_format
-from medseg.training.distributed import DistContext
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.region_losses import region_loss
 

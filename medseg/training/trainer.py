@@ -35,6 +35,7 @@ import torch
 
 from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
+from medseg.distributed import DistContext
 from medseg.io.checkpoint import remove_stale_temporaries
 from medseg.io.workdir import RunDir
 from medseg.machine import autocast_dtype
@@ -43,7 +44,7 @@ from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.data import batch_iterator, load_training_cases, make_samplers
 from medseg.training.device import checked_precision, planned_precision_and_layout, prepare_device
-from medseg.training.distributed import DistContext, unwrap
+from medseg.training.distributed import unwrap
 from medseg.training.progress import augmentation_summary
 from medseg.training.run_record import RunRecord
 from medseg.training.run_stage import run_plan

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
+from medseg.distributed import DistContext
 from medseg.errors import CheckpointError
 from medseg.io.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -29,7 +30,7 @@ from medseg.io.workdir import RunDir
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.device import ThreadTuner
-from medseg.training.distributed import DistContext, unwrap
+from medseg.training.distributed import unwrap
 from medseg.training.progress import write_progress_files
 from medseg.training.step_check import StepTimeCheck
 from medseg.training.weight_averaging import WeightAverage

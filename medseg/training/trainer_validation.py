@@ -15,10 +15,11 @@ from typing import Any
 from torch import nn
 
 from medseg.clock import BudgetClock, TrainingClock
+from medseg.distributed import DistContext
 from medseg.planning.plan import Plan
 from medseg.training.config import TrainConfig
 from medseg.training.data import CaseData, PatchSampler
-from medseg.training.distributed import DistContext, unwrap
+from medseg.training.distributed import unwrap
 from medseg.training.run_record import RunRecord
 from medseg.training.validation import pseudo_dice
 from medseg.training.validation_budget import (

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.distributed import DistContext
 from medseg.faults import maybe_fail
 from medseg.inference import EnsembleMember, Predictor
 from medseg.inference.sliding_window import PredictionStopped
@@ -41,7 +42,6 @@ from medseg.preprocessing import classes_to_labels, export_segmentation, revert_
 from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
 from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
-from medseg.training.distributed import DistContext
 from medseg.training.losses import hard_dice_counts
 from medseg.training.previous_stage import load_network_input
 from medseg.training.region_losses import region_dice_counts

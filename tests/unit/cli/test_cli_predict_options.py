@@ -74,3 +74,18 @@ def test_instance_options_without_their_prerequisite_are_refused(tmp_path, monke
     base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
     assert main([*base, *flags]) == 2
     assert message in capsys.readouterr().err and not seen
+
+
+def test_part_reaches_predict_folder_and_the_instance_writer_as_a_shard(tmp_path, monkeypatch, capsys):
+    from medseg.inference.shards import Shard
+
+    seen = _capture_predict(monkeypatch)
+    base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
+    assert main(base) == 0 and seen[-1]["shard"] is None
+    assert main([*base, "--part", "2/3", "--instances"]) == 0
+    assert seen[-1]["shard"] == Shard(1, 3)
+    assert seen[-1]["case_hook"].path == tmp_path / "out" / "instances.part-2-of-3.json"
+    assert main([*base, "--part", "1/1"]) == 0 and seen[-1]["shard"] is None  # one part: a plain run
+    calls = len(seen)
+    assert main([*base, "--part", "4/3"]) == 2
+    assert "K/N" in capsys.readouterr().err and len(seen) == calls

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from medseg import faults
+from medseg.distributed import DistContext
 from medseg.planning.step_timing import StepTiming
 from medseg.training import TrainConfig, device, load_checkpoint, train
 from medseg.training.device import checked_precision
-from medseg.training.distributed import DistContext
 from tests.helpers import network_plan
 
 NET = network_plan(
