@@ -13,7 +13,9 @@ from medseg.errors import ConfigError
 from medseg.options import Switch
 
 if TYPE_CHECKING:
-    from medseg.postprocessing import InstanceWriter
+    from medseg.inference.folder import PredictionResult
+    from medseg.inference.predictor import Predictor
+    from medseg.postprocessing import InstanceWriter, PreviewWriter, StatisticsWriter
 
 logger = logging.getLogger("medseg")
 
@@ -110,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.ensembling import bundle_predictor, work_dir_predictor
     from medseg.inference import predict_folder
+    from medseg.inference.case_output import combine_hooks
 
     instances = _instance_writer(args)
     folds = None
@@ -127,6 +130,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         step=args.step,
         postprocessing=not args.no_postprocessing,
     )
+    reports = _report_writers(args, predictor)
     result = predict_folder(
         Path(args.input),
         Path(args.output),
@@ -135,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
-        case_hook=instances,
+        case_hook=combine_hooks([instances, *reports]),
     )
     print(result.summary())
     if instances is not None:
@@ -143,7 +147,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
         stale = [c for c in result.skipped if c not in instances.cases]
         if stale:
             print(f"  {len(stale)} skipped case(s) have no instances (predict them again with --overwrite)")
-    return 0 if result.ok else 1
+    reported = _finish_reports(args, predictor, result, reports)
+    return 0 if result.ok and reported else 1
+
+
+def _report_writers(args: argparse.Namespace, predictor: Predictor) -> list[StatisticsWriter | PreviewWriter]:
+    """The case hooks of ``predict --statistics`` and ``--preview`` (label names from the model's plan)."""
+    from medseg.postprocessing import PreviewWriter, StatisticsWriter
+
+    names = {int(i): str(n) for i, n in zip(predictor.plan.label_ids, predictor.plan.label_names)}
+    writers: list[StatisticsWriter | PreviewWriter] = []
+    if args.statistics:
+        writers.append(StatisticsWriter(Path(args.output), names))
+    if args.preview:
+        writers.append(PreviewWriter(Path(args.output), names))
+    return writers
+
+
+def _finish_reports(
+    args: argparse.Namespace,
+    predictor: Predictor,
+    result: PredictionResult,
+    reports: list[StatisticsWriter | PreviewWriter],
+) -> bool:
+    """Report the skipped cases the writers lack from their existing segmentations, and say what was written.
+
+    Returns:
+        False when a skipped case could not be reported.
+    """
+    from medseg.postprocessing import StatisticsWriter, revisit_skipped
+
+    if not reports:
+        return True
+    plan = predictor.plan
+    revisited = revisit_skipped(
+        Path(args.input), Path(args.output), result.skipped, plan.num_channels, plan.label_ids, reports
+    )
+    for writer in reports:
+        if isinstance(writer, StatisticsWriter):
+            print(f"statistics of {len(writer.cases)} case(s) in {writer.path} and {writer.csv_path.name}")
+        else:
+            print(f"previews of {len(writer.written)} case(s) written to {writer.folder}")
+    if revisited.done:
+        print(f"  {len(revisited.done)} skipped case(s) reported from their existing segmentations")
+    for case, message in revisited.failed.items():
+        print(f"  {case}: not reported: {message}")
+    return not revisited.failed
 
 
 def _instance_writer(args: argparse.Namespace) -> InstanceWriter | None:

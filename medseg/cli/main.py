@@ -203,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MM",
         help="with --split-touching: the smallest distance between the centres of split objects (default 10)",
     )
+    p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="also write OUT/statistics.json and OUT/statistics.csv: per case and label the volume in mL, voxel "
+        "count, connected components (26-connectivity), world bounding box in mm and mean/std of the input "
+        "intensity inside the structure (HU for CT); skipped cases are computed from their existing segmentation",
+    )
+    p.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write OUT/previews/CASE.png: axial, coronal and sagittal slices through the largest "
+        "structure with a coloured, labelled overlay",
+    )
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--num-workers", type=int, default=None)
