@@ -155,6 +155,8 @@ def _report_writers(args: argparse.Namespace, predictor: Predictor) -> list[Stat
     """The case hooks of ``predict --statistics`` and ``--preview`` (label names from the model's plan)."""
     from medseg.postprocessing import PreviewWriter, StatisticsWriter
 
+    if not (args.statistics or args.preview):
+        return []
     names = {int(i): str(n) for i, n in zip(predictor.plan.label_ids, predictor.plan.label_names)}
     writers: list[StatisticsWriter | PreviewWriter] = []
     if args.statistics:
