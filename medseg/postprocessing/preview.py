@@ -215,7 +215,14 @@ def render_preview(
 
     Returns:
         PNG bytes, :func:`preview_size_px` pixels.
+
+    Raises:
+        MedsegError: image and labels differ in shape from each other or from ``geometry``.
     """
+    if not tuple(image.shape) == tuple(labels.shape) == tuple(geometry.shape):
+        raise MedsegError(
+            f"image {list(image.shape)}, labels {list(labels.shape)} and geometry {list(geometry.shape)} differ in shape"
+        )
     names = dict(names or {})
     view = patient_axes(image, labels, geometry)
     grey, seg, spacing = view.image, view.labels, view.spacing

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from matplotlib.image import imread
 
+from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.io.image import ImageGeometry, write_image
 from medseg.postprocessing import PREVIEW_DIR, PreviewWriter, render_preview
@@ -54,6 +55,8 @@ def test_a_preview_has_the_size_a_grey_image_and_a_coloured_overlay():
 
     flat = pixels(render_preview(np.zeros_like(image), labels, geo, "flat"))  # a constant image still draws
     assert flat.shape == rgba.shape and coloured(flat) > 1000
+    with pytest.raises(MedsegError, match="differ in shape"):
+        render_preview(image[:2], labels, geo, "bad")
 
 
 def test_a_2d_case_is_one_panel():
