@@ -4,10 +4,11 @@
 written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`); per-structure
 statistics and preview images (``--statistics``: :mod:`~medseg.postprocessing.structure_statistics`,
 :mod:`~medseg.postprocessing.statistics_output`; ``--preview``: :mod:`~medseg.postprocessing.preview`), also for
-cases skipped because their segmentation existed (:mod:`~medseg.postprocessing.skipped_cases`)."""
+cases skipped because their segmentation existed (:mod:`~medseg.postprocessing.case_reports`)."""
 
 from __future__ import annotations
 
+from medseg.postprocessing.case_reports import Revisited, revisit_skipped
 from medseg.postprocessing.fit import DEFAULT_FRACTIONS, describe_rules, fit_postprocessing
 from medseg.postprocessing.instance_output import INSTANCES_FILE, InstanceWriter, instance_map_path
 from medseg.postprocessing.instances import Instance, InstanceOptions, find_instances
@@ -20,7 +21,6 @@ from medseg.postprocessing.operations import (
 )
 from medseg.postprocessing.preview import PREVIEW_DIR, PreviewWriter, render_preview
 from medseg.postprocessing.prior import PRIOR_FILE, prior_rules, record_prior
-from medseg.postprocessing.skipped_cases import Revisited, revisit_skipped
 from medseg.postprocessing.statistics_output import STATISTICS_CSV, STATISTICS_FILE, StatisticsWriter
 from medseg.postprocessing.structure_statistics import StructureStatistics, structure_statistics
 

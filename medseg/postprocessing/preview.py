@@ -35,7 +35,8 @@ from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
-from medseg.io.image import ImageGeometry, atomic_write_bytes, read_image
+from medseg.io.image import ImageGeometry, atomic_write_bytes
+from medseg.postprocessing.case_reports import read_case_image
 from medseg.postprocessing.instances import index_to_world
 from medseg.postprocessing.structure_statistics import label_boxes
 
@@ -308,12 +309,7 @@ class PreviewWriter:
         Raises:
             MedsegError: the input image is unreadable or of another shape, or the PNG cannot be written.
         """
-        image, _ = read_image(case.reference)
-        if tuple(image.shape) != tuple(case.labels.shape):
-            raise MedsegError(
-                f"{case.reference}: image shape {list(image.shape)} differs from the segmentation's "
-                f"{list(case.labels.shape)}"
-            )
+        image = read_case_image(case)
         target = self.png_path(case.case_id)
         with self._lock:
             png = render_preview(image, case.labels, case.geometry, case.case_id, self.names)

@@ -36,7 +36,8 @@ from typing import Any
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.io.codec import to_json_dict
-from medseg.io.image import atomic_write_text, read_image
+from medseg.io.image import atomic_write_text
+from medseg.postprocessing.case_reports import read_case_image
 from medseg.postprocessing.structure_statistics import CONNECTIVITY, structure_statistics
 
 __all__ = [
@@ -118,12 +119,7 @@ class StatisticsWriter:
         Raises:
             MedsegError: as :meth:`__call__`.
         """
-        image, geometry = read_image(case.reference)
-        if tuple(image.shape) != tuple(case.labels.shape):
-            raise MedsegError(
-                f"{case.reference}: image shape {list(image.shape)} differs from the segmentation's "
-                f"{list(case.labels.shape)}"
-            )
+        image = read_case_image(case)
         rows = structure_statistics(case.labels, case.geometry, case.label_ids, self.names, image)
         entry = {
             "segmentation": case.segmentation_path.name,

@@ -1,4 +1,8 @@
-"""Reports for the cases a prediction skipped because their segmentation existed.
+"""What the per-case report writers (``--statistics``, ``--preview``) share: the case's input image, and the cases
+a prediction skipped because their segmentation existed.
+
+:func:`read_case_image` reads the input intensities of a :class:`~medseg.inference.case_output.FinishedCase`
+(its first channel, :attr:`~medseg.inference.case_output.FinishedCase.reference`) on the label map's grid.
 
 :func:`~medseg.inference.folder.predict_folder` skips a case whose ``OUT/CASE<ending>`` exists (unless
 ``--overwrite``), so the case hooks never see it. :func:`revisit_skipped` gives such a case to the report
@@ -15,14 +19,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.inference.folder_cases import case_suffix, find_cases_tolerant
 from medseg.io.image import read_image
 
-__all__ = ["Revisited", "ReportWriter", "revisit_skipped"]
+__all__ = ["ReportWriter", "Revisited", "read_case_image", "revisit_skipped"]
 
 logger = logging.getLogger(__name__)
+
+
+def read_case_image(case: FinishedCase) -> np.ndarray:
+    """The input image of ``case`` (first channel), ``(Z, Y, X)`` (or ``(Y, X)``) in the file's dtype.
+
+    Raises:
+        MedsegError: the image is unreadable, or its shape differs from the label map's.
+    """
+    image, _ = read_image(case.reference)
+    if tuple(image.shape) != tuple(case.labels.shape):
+        raise MedsegError(
+            f"{case.reference}: image shape {list(image.shape)} differs from the segmentation's "
+            f"{list(case.labels.shape)}"
+        )
+    return image
 
 
 class ReportWriter(Protocol):
