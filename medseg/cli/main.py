@@ -54,6 +54,7 @@ def _seconds_per_case(text: str) -> float | str | None:
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import commands as c
     from medseg.cli.export import add_export_parser
+    from medseg.cli.predict import cmd_predict
 
     parser = argparse.ArgumentParser(
         prog="medseg",
@@ -211,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="nifti (default): OUT/CASE.nii.gz only; dicom-seg / rtstruct: also OUT/CASE_seg.dcm (DICOM SEG) / "
         "OUT/CASE_rtstruct.dcm (RTSTRUCT) referencing the case's input DICOM series (needs DICOM input)",
     )
+    p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="also write OUT/statistics.json and OUT/statistics.csv: per case and label the volume in mL, voxel "
+        "count, connected components (26-connectivity), world bounding box in mm and mean/std of the input "
+        "intensity inside the structure (HU for CT); skipped cases are computed from their existing segmentation",
+    )
+    p.add_argument(
+        "--preview",
+        action="store_true",
+        help="also write OUT/previews/CASE.png: axial, coronal and sagittal slices through the largest "
+        "structure with a coloured, labelled overlay",
+    )
     p.add_argument("--device", choices=choices(DeviceKind), default=None)
     p.add_argument("--overwrite", action="store_true", help="re-predict cases whose output exists")
     p.add_argument("--num-workers", type=int, default=None)
@@ -223,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under torchrun the ranks split the cases without it (docs/scale.md)",
     )
     _add_common(p)
-    p.set_defaults(func=c.cmd_predict)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and surface Dice of predictions against references")
     p.add_argument("pred", help="folder of predicted segmentations")

@@ -8,7 +8,7 @@ thread), and nothing of it is kept afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from medseg.inference.case_grid import Inferred, class_probability
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import Plan
 
-__all__ = ["CaseHook", "FinishedCase", "finished_case"]
+__all__ = ["CaseHook", "FinishedCase", "combine_hooks", "finished_case"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,24 @@ class FinishedCase:
 #: Called with every finished case before its segmentation is written; an exception fails the case (its
 #: segmentation is then not written, so a rerun predicts it again).
 CaseHook = Callable[[FinishedCase], None]
+
+
+def combine_hooks(hooks: Sequence[CaseHook | None]) -> CaseHook | None:
+    """One :data:`CaseHook` calling each of ``hooks`` in turn (None entries left out).
+
+    Returns:
+        None when no hook is given, the hook itself when one is, else a hook calling them in order; the first
+        exception stops the others and fails the case.
+    """
+    chosen = [h for h in hooks if h is not None]
+    if len(chosen) <= 1:
+        return chosen[0] if chosen else None
+
+    def every_hook(case: FinishedCase) -> None:
+        for hook in chosen:
+            hook(case)
+
+    return every_hook
 
 
 def finished_case(

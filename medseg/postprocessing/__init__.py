@@ -1,10 +1,14 @@
 """Postprocessing of predicted label maps: connected components and morphology, fitted on cross-validation
 (:mod:`~medseg.postprocessing.fit`) or, without it, decided from the training labels' component statistics
 (:mod:`~medseg.postprocessing.prior`); instance maps, one id per object (:mod:`~medseg.postprocessing.instances`,
-written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`)."""
+written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`); per-structure
+statistics and preview images (``--statistics``: :mod:`~medseg.postprocessing.structure_statistics`,
+:mod:`~medseg.postprocessing.statistics_output`; ``--preview``: :mod:`~medseg.postprocessing.preview`), also for
+cases skipped because their segmentation existed (:mod:`~medseg.postprocessing.case_reports`)."""
 
 from __future__ import annotations
 
+from medseg.postprocessing.case_reports import Revisited, revisit_skipped
 from medseg.postprocessing.fit import DEFAULT_FRACTIONS, describe_rules, fit_postprocessing
 from medseg.postprocessing.instance_output import INSTANCES_FILE, InstanceWriter, instance_map_path
 from medseg.postprocessing.instances import Instance, InstanceOptions, find_instances
@@ -15,7 +19,10 @@ from medseg.postprocessing.operations import (
     load_rules,
     save_rules,
 )
+from medseg.postprocessing.preview import PREVIEW_DIR, PreviewWriter, render_preview
 from medseg.postprocessing.prior import PRIOR_FILE, prior_rules, record_prior
+from medseg.postprocessing.statistics_output import STATISTICS_CSV, STATISTICS_FILE, StatisticsWriter
+from medseg.postprocessing.structure_statistics import StructureStatistics, structure_statistics
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -23,8 +30,15 @@ __all__ = [
     "Instance",
     "InstanceOptions",
     "InstanceWriter",
+    "PREVIEW_DIR",
     "PRIOR_FILE",
+    "PreviewWriter",
     "RULES_FORMAT",
+    "Revisited",
+    "STATISTICS_CSV",
+    "STATISTICS_FILE",
+    "StatisticsWriter",
+    "StructureStatistics",
     "apply_postprocessing",
     "describe_rules",
     "find_instances",
@@ -34,5 +48,8 @@ __all__ = [
     "load_rules",
     "prior_rules",
     "record_prior",
+    "render_preview",
+    "revisit_skipped",
     "save_rules",
+    "structure_statistics",
 ]

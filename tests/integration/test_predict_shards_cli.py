@@ -51,15 +51,21 @@ def test_parts_and_torchrun_ranks_match_one_run(tmp_path, synthetic_dataset, cap
     assert main([*predict, "-o", str(whole)]) == 0
 
     split = tmp_path / "split"
-    assert main([*predict, "-o", str(split), "--part", "1/2"]) == 0
-    assert main([*predict, "-o", str(split), "--part", "2/2"]) == 0
+    assert main([*predict, "-o", str(split), "--part", "1/2", "--statistics"]) == 0
+    assert main([*predict, "-o", str(split), "--part", "2/2", "--statistics"]) == 0
+    assert not (split / "statistics.json").exists()  # each part wrote only its own statistics part
+    assert len(list(split.glob("statistics.part-*-of-2.json"))) == 2
     _assert_same(whole, split)
     parts = sorted(p.name for p in split.glob("prediction_record.part-*"))
     assert parts == ["prediction_record.part-1-of-2.json", "prediction_record.part-2-of-2.json"]
     capsys.readouterr()
-    assert main([*predict, "-o", str(split)]) == 0  # the plain run after the parts: nothing to do but merge
+    assert main([*predict, "-o", str(split), "--statistics"]) == 0  # after the parts: nothing to do but merge
     assert "predicted 0 case(s)" in capsys.readouterr().out and not list(split.glob("*.part-*"))
     assert len(json.loads((split / "prediction_record.json").read_text())["cases"]) == 4
+    statistics = json.loads((split / "statistics.json").read_text())["cases"]
+    assert len(statistics) == 4 and {e["source"] for e in statistics.values()} == {"predicted"}
+    rows = (split / "statistics.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[0] for r in rows} == set(statistics)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*predict, "-o", str(split), "--part", "1/2"]) == 2  # torchrun's ranks split already
@@ -67,7 +73,7 @@ def test_parts_and_torchrun_ranks_match_one_run(tmp_path, synthetic_dataset, cap
 
     ranks = tmp_path / "ranks"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "medseg"]
-    command += [*predict, "-o", str(ranks), "--instances"]
+    command += [*predict, "-o", str(ranks), "--instances", "--statistics"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(whole, ranks)
@@ -75,6 +81,7 @@ def test_parts_and_torchrun_ranks_match_one_run(tmp_path, synthetic_dataset, cap
     assert not list(ranks.glob("*.part-*"))  # rank 0 merged the parts after the barrier
     assert len(json.loads((ranks / "prediction_record.json").read_text())["cases"]) == 4
     assert len(json.loads((ranks / "instances.json").read_text())["cases"]) == 4
+    assert len(json.loads((ranks / "statistics.json").read_text())["cases"]) == 4
 
     stamps = {p.name: p.stat().st_mtime_ns for p in ranks.glob("*.nii.gz")}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
