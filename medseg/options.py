@@ -115,6 +115,13 @@ class SelectionMetric(StrEnum):
     PQ = "pq"
 
 
+class SegmentOverlaps(StrEnum):
+    """What ``medseg convert`` does with annotation segments that overlap: refuse them, or region-based labels."""
+
+    ERROR = "error"
+    REGIONS = "regions"
+
+
 def choices(enum: type[StrEnum]) -> list[str]:
     """The values of ``enum`` as plain strings, in declaration order (for ``argparse`` ``choices``)."""
     return [m.value for m in enum]
@@ -158,6 +165,7 @@ __all__ = [
     "NormalizationScheme",
     "Optimizer",
     "Precision",
+    "SegmentOverlaps",
     "SelectionMetric",
     "Switch",
     "WeightAveraging",
