@@ -269,7 +269,7 @@ def scan_dicom_folder(folder: str | Path) -> DicomScan:
             scan.failed[str(path)] = f"{path}: corrupt DICOM file ({type(exc).__name__}: {str(exc)[:160]})"
             continue
         if not uid:
-            scan.failed[str(path)] = f"{path}: DICOM file without a SeriesInstanceUID"
+            scan.failed[str(path)] = f"{path}: DICOM file without a SeriesInstanceUID (truncated or incomplete header)"
         elif _is_image(ds):
             by_series.setdefault(uid, []).append((path, ds))
         else:
@@ -308,13 +308,17 @@ def read_series_image(series: DicomSeries) -> tuple[np.ndarray, ImageGeometry]:
             has several components per voxel (colour), or SimpleITK's geometry disagrees with the headers.
     """
     label = f"series {series.case_id} ({series.series_uid})"
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in series.files])
     try:
-        image = reader.Execute()
+        if len(series.files) == 1:  # the series reader would give a multi-frame object a fourth axis
+            image = sitk.ReadImage(str(series.files[0]))
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames([str(f) for f in series.files])
+            image = reader.Execute()
     except RuntimeError as exc:
+        bad = next((p for p in (_pixel_problem(f) for f in series.files) if p), None)
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "ERROR" in ln or "xception" in ln), lines[-1] if lines else "")
+        detail = bad or next((ln for ln in lines if "ERROR" in ln or "xception" in ln), lines[-1] if lines else "")
         raise DicomSeriesError(f"{label}: cannot read the pixel data ({detail[:200]})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DicomSeriesError(
@@ -331,6 +335,22 @@ def read_series_image(series: DicomSeries) -> tuple[np.ndarray, ImageGeometry]:
         if position is None or not np.allclose(position, geometry.origin, atol=POSITION_TOL_MM):
             raise DicomSeriesError(f"{label}: SimpleITK's origin {geometry.origin} is not the first slice's position")
     return sitk.GetArrayFromImage(image), geometry
+
+
+def _pixel_problem(path: Path) -> str | None:
+    """What is wrong with a file's pixel data (unreadable, truncated), or None when nothing is found."""
+    try:
+        ds = pydicom.dcmread(path)
+        data = ds.PixelData
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
+        return f"{path.name}: {type(exc).__name__}: {str(exc)[:120]}"
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+    if len(data) < expected:
+        return f"{path.name}: truncated pixel data ({len(data)} of {expected} bytes)"
+    return None
 
 
 def read_series_datasets(series: DicomSeries, pixels: bool = True) -> list[pydicom.Dataset]:
