@@ -109,7 +109,8 @@ class DicomScan:
     Attributes:
         series: the image series that passed the header checks, sorted by case id.
         objects: the non-image objects, sorted by path.
-        failed: name (case id of a bad series, or a file path) -> message, one per bad series or file.
+        failed: name (the case id a bad series would have had, or a file path) -> message naming the series
+            (case id and UID) or file, one per bad series or file.
         not_dicom: files that are not DICOM (no ``DICM`` preamble), sorted.
         failed_series_uids: the ``SeriesInstanceUID`` of each bad series.
     """
@@ -204,10 +205,10 @@ def _order_slices(label: str, items: list[tuple[Path, pydicom.Dataset]]) -> list
         )
     median = float(np.median(gaps))
     if gaps.max() - gaps.min() > max(POSITION_TOL_MM, 0.01 * median):
-        k = int(np.argmax(np.abs(gaps - median)))
+        k = int(np.argmax(gaps))
         raise DicomSeriesError(
-            f"{label}: unevenly spaced slices (gaps {gaps.min():.3f} to {gaps.max():.3f} mm, e.g. "
-            f"{gaps[k]:.3f} mm after slice {k + 1} of {len(items)}); a slice is missing or the series mixes stacks"
+            f"{label}: unevenly spaced slices (gaps {gaps.min():.3f} to {gaps.max():.3f} mm, the largest after "
+            f"slice {k + 1} of {len(items)}); a slice is missing or the series mixes stacks"
         )
     drift = points - points[0] - np.outer(depth - depth[0], normal)
     if np.linalg.norm(drift, axis=1).max() > max(POSITION_TOL_MM, 0.01 * median):
@@ -284,7 +285,8 @@ def scan_dicom_folder(folder: str | Path) -> DicomScan:
         try:
             named.append(_build_series(uid, by_series[uid]))
         except DicomSeriesError as exc:
-            scan.failed[f"{_case_base(by_series[uid][0][1])} ({uid})"] = str(exc)
+            base = _case_base(by_series[uid][0][1])
+            scan.failed[base if base not in scan.failed else f"{base} ({uid})"] = str(exc)
             scan.failed_series_uids.add(uid)
     used: dict[str, int] = {}
     for base, series in named:
