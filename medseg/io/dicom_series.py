@@ -39,6 +39,9 @@ NON_IMAGE_MODALITIES = frozenset(
     {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SR", "PR", "KO", "REG", "RWV", "DOC", "FID"}
 )
 
+#: SOP class of a DICOMDIR (the index of a CD or export), listed as a non-image object.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
 #: Tolerances (mm) of the slice checks: positions closer than this are the same slice; spacing may vary by
 #: this much (or 1% of the median spacing, whichever is larger) before a series counts as unevenly spaced.
 POSITION_TOL_MM = 0.01
@@ -269,12 +272,12 @@ def scan_dicom_folder(folder: str | Path) -> DicomScan:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
             scan.failed[str(path)] = f"{path}: corrupt DICOM file ({type(exc).__name__}: {str(exc)[:160]})"
             continue
-        if not uid:
+        sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", pydicom.Dataset()).get("MediaStorageSOPClassUID")
+        if not uid and sop != MEDIA_STORAGE_DIRECTORY:
             scan.failed[str(path)] = f"{path}: DICOM file without a SeriesInstanceUID (truncated or incomplete header)"
-        elif _is_image(ds):
+        elif uid and _is_image(ds):
             by_series.setdefault(uid, []).append((path, ds))
         else:
-            sop = ds.get("SOPClassUID")
             kind = getattr(sop, "name", str(sop)) if sop is not None else "unknown SOP class"
             refs = _referenced_series(ds)
             scan.objects.append(

@@ -77,13 +77,21 @@ def test_mixed_folder_bad_series_named_and_the_others_kept(tmp_path):
     shutil.copy(DICOM / "liver_seg.dcm", tmp_path / "objects" / "seg.dcm")
     (tmp_path / "notes.txt").write_text("not DICOM")
     (tmp_path / "broken.dcm").write_bytes(TEMPLATE.read_bytes()[:300])  # header cut before the series UID
+    dicomdir = pydicom.Dataset()
+    dicomdir.file_meta = pydicom.dataset.FileMetaDataset()
+    dicomdir.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    dicomdir.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    dicomdir.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dicomdir.FileSetID = "EXPORT"
+    dicomdir.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
     gap_uid, _ = write_series(tmp_path / "gap", [0.0, 2.0, 6.0, 8.0], description="gap")  # slice z=4 missing
     tilt = (1.0, 0.0, 0.0, 0.0, 0.98, 0.2)
     mixed_uid, _ = write_series(tmp_path / "mixed", [0.0, 2.0, 4.0], orientations=[tilt, *[(1, 0, 0, 0, 1, 0)] * 2])
     dup_uid, _ = write_series(tmp_path / "dup", [0.0, 2.0, 2.0], description="dup")
     scan = scan_dicom_folder(tmp_path)
     assert [s.case_id for s in scan.series] == ["99000_s2"]
-    assert [o.path.name for o in scan.objects] == ["seg.dcm"] and scan.objects[0].modality == "SEG"
+    assert [o.path.name for o in scan.objects] == ["DICOMDIR", "seg.dcm"] and scan.objects[1].modality == "SEG"
+    assert scan.objects[0].kind == "Media Storage Directory Storage"
     assert [p.name for p in scan.not_dicom] == ["notes.txt"]
     messages = dict(scan.failed)
     assert len(messages) == 4
