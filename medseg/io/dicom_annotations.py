@@ -43,7 +43,7 @@ def read_seg_masks(path: Path, series: DicomSeries) -> SegmentMasks:
 
     Raises:
         MedsegError: the file is not a readable SEG, its frames do not lie on the series' grid (another size or
-            orientation), or its frames reference no instance of the series.
+            orientation), or reference no instance of the series (frames that name none are placed by position).
     """
     try:
         seg = hd.seg.segread(path)
@@ -56,12 +56,14 @@ def read_seg_masks(path: Path, series: DicomSeries) -> SegmentMasks:
         )
     numbers = [int(d.SegmentNumber) for d in seg.SegmentSequence]
     names = tuple(str(d.SegmentLabel) for d in seg.SegmentSequence)
-    uids = list(series.sop_instance_uids)
+    _check_orientation(path, seg, series)
+    if not _names_sources(seg):
+        return SegmentMasks(_masks_by_position(path, seg, series, numbers), names)
     try:
         # dcmqi and other writers often omit SpatialLocationsPreserved; the frames are matched to the source
-        # instances they name, after the grid (size above, orientation below) is checked to be the series'
+        # instances they name, after the grid (size above, orientation) is checked to be the series'
         pixels = seg.get_pixels_by_source_instance(
-            uids,
+            list(series.sop_instance_uids),
             segment_numbers=numbers,
             combine_segments=False,
             assert_missing_frames_are_empty=True,
@@ -71,9 +73,53 @@ def read_seg_masks(path: Path, series: DicomSeries) -> SegmentMasks:
         raise MedsegError(
             f"{path}: cannot place the SEG's frames on series {series.case_id} ({str(exc).splitlines()[0][:200]})"
         ) from None
-    _check_orientation(path, seg, series)
-    masks = pixels >= (0.5 if np.issubdtype(pixels.dtype, np.floating) else 1)
-    return SegmentMasks(masks, names)
+    return SegmentMasks(pixels >= (0.5 if np.issubdtype(pixels.dtype, np.floating) else 1), names)
+
+
+def _names_sources(seg: hd.seg.Segmentation) -> bool:
+    """True when every frame names its source image (``DerivationImageSequence``, per frame or shared)."""
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    return "DerivationImageSequence" in shared or all(
+        "DerivationImageSequence" in f for f in seg.get("PerFrameFunctionalGroupsSequence", [])
+    )
+
+
+def _frame_item(seg: hd.seg.Segmentation, k: int, keyword: str) -> pydicom.Dataset | None:
+    """Item ``keyword`` of frame ``k``'s functional groups (per-frame, else shared), or None."""
+    for groups in (seg.PerFrameFunctionalGroupsSequence[k], (seg.get("SharedFunctionalGroupsSequence") or [{}])[0]):
+        if keyword in groups:
+            item: pydicom.Dataset = groups[keyword].value[0]
+            return item
+    return None
+
+
+def _masks_by_position(path: Path, seg: hd.seg.Segmentation, series: DicomSeries, numbers: list[int]) -> np.ndarray:
+    """Masks ``(Z, Y, X, S)`` of a SEG whose frames name no source instance: each frame is placed on the slice of
+    ``series`` at its ``ImagePositionPatient`` (within 0.01 mm).
+
+    Raises:
+        MedsegError: a frame without a position or segment number, or at a position no slice of the series has.
+    """
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    positions = np.asarray([[float(v) for v in h.get("ImagePositionPatient", [np.nan] * 3)] for h in heads])
+    frames = np.asarray(seg.pixel_array).reshape(-1, int(seg.Rows), int(seg.Columns))
+    inside = frames >= (0.5 * float(seg.get("MaximumFractionalValue", 1)) if "MaximumFractionalValue" in seg else 1)
+    masks = np.zeros((len(heads), int(seg.Rows), int(seg.Columns), len(numbers)), dtype=bool)
+    for k in range(len(frames)):
+        plane, ident = (
+            _frame_item(seg, k, "PlanePositionSequence"),
+            _frame_item(seg, k, "SegmentIdentificationSequence"),
+        )
+        if plane is None or ident is None:
+            raise MedsegError(f"{path}: frame {k + 1} names neither a source image nor its position and segment")
+        where = np.asarray([float(v) for v in plane.ImagePositionPatient])
+        z = np.flatnonzero(np.linalg.norm(positions - where, axis=1) < 0.01)
+        if len(z) != 1:
+            raise MedsegError(
+                f"{path}: frame {k + 1} at {where.round(3).tolist()} mm lies on no slice of series {series.case_id}"
+            )
+        masks[int(z[0]), :, :, numbers.index(int(ident.ReferencedSegmentNumber))] |= inside[k]
+    return masks
 
 
 def _slice_size(series: DicomSeries) -> tuple[int, int]:

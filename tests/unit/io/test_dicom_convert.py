@@ -8,6 +8,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -49,6 +50,22 @@ def test_liver_seg_gives_the_reference_label_map_on_the_ct_grid(tmp_path):
         np.testing.assert_allclose(written.GetSpacing(), ref.GetSpacing(), atol=1e-6)
     hu, _ = read_series_image(scan_dicom_folder(tmp_path / "dicom").series[0])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), hu)
+
+
+def test_seg_without_source_references_is_placed_by_position(tmp_path):
+    src = _ct_with(tmp_path)
+    seg = pydicom.dcmread(DICOM / "liver_seg.dcm")
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence
+    seg.save_as(src / "liver_noref.dcm")
+    assert convert_dicom(src, tmp_path / "ds").ok
+    label = sitk.ReadImage(str(tmp_path / "ds" / "labelsTr" / "99000_s2.nii.gz"))
+    ref = sitk.ReadImage(str(DICOM / "liver_seg_reference.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(ref))
+    seg.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient[2] = -100.0
+    seg.save_as(src / "liver_noref.dcm")
+    with pytest.raises(MedsegError, match=r"frame 2 at .* lies on no slice of series 99000_s2"):
+        convert_dicom(src, tmp_path / "ds2")
 
 
 def _segments(path: Path, uids: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
