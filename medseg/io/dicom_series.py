@@ -42,9 +42,11 @@ NON_IMAGE_MODALITIES = frozenset(
 #: SOP class of a DICOMDIR (the index of a CD or export), listed as a non-image object.
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
-#: Tolerances (mm) of the slice checks: positions closer than this are the same slice; spacing may vary by
-#: this much (or 1% of the median spacing, whichever is larger) before a series counts as unevenly spaced.
+#: Slices closer than this (mm) along the normal share a position.
 POSITION_TOL_MM = 0.01
+#: Slice gaps may differ by this much (mm; or 1% of the median gap, whichever is larger) before a series counts as
+#: unevenly spaced: positions written with two decimals make gaps differ by up to 0.02 mm.
+SPACING_TOL_MM = 0.02
 
 
 class DicomSeriesError(MedsegError):
@@ -207,14 +209,14 @@ def _order_slices(label: str, items: list[tuple[Path, pydicom.Dataset]]) -> list
             "points in one series); split the series"
         )
     median = float(np.median(gaps))
-    if gaps.max() - gaps.min() > max(POSITION_TOL_MM, 0.01 * median):
+    if gaps.max() - gaps.min() > max(SPACING_TOL_MM, 0.01 * median):
         k = int(np.argmax(gaps))
         raise DicomSeriesError(
             f"{label}: unevenly spaced slices (gaps {gaps.min():.3f} to {gaps.max():.3f} mm, the largest after "
             f"slice {k + 1} of {len(items)}); a slice is missing or the series mixes stacks"
         )
     drift = points - points[0] - np.outer(depth - depth[0], normal)
-    if np.linalg.norm(drift, axis=1).max() > max(POSITION_TOL_MM, 0.01 * median):
+    if np.linalg.norm(drift, axis=1).max() > max(SPACING_TOL_MM, 0.01 * median):
         raise DicomSeriesError(
             f"{label}: slices are not stacked along the slice normal (gantry tilt or a sheared stack); "
             "resample the series to an orthogonal grid first"

@@ -117,3 +117,11 @@ def test_case_ids_unique_and_filesystem_safe(tmp_path):
         write_series(tmp_path / f"s{k}", [0.0, 1.0], patient="Doe^John", description="T1 / post", seed=k)
     ids = [s.case_id for s in scan_dicom_folder(tmp_path).series]
     assert sorted(ids) == ["Doe_John_T1_post_s7", "Doe_John_T1_post_s7_2", "Doe_John_T1_post_s7_3"]
+
+
+def test_rounded_positions_pass_and_a_real_spacing_change_fails(tmp_path):
+    write_series(tmp_path / "rounded", [0.0, 0.63, 1.25, 1.88, 2.5], description="rounded")  # 0.625 mm, 2 decimals
+    write_series(tmp_path / "stretched", [0.0, 1.0, 2.0, 3.1], description="stretched")
+    scan = scan_dicom_folder(tmp_path)
+    assert [s.case_id for s in scan.series] == ["P1_rounded_s7"]
+    assert list(scan.failed) == ["P1_stretched_s7"] and "gaps 1.000 to 1.100 mm" in scan.failed["P1_stretched_s7"]
