@@ -124,6 +124,13 @@ class SelectionMetric(StrEnum):
     PQ = "pq"
 
 
+class SegmentOverlaps(StrEnum):
+    """What ``medseg convert`` does with annotation segments that overlap: refuse them, or region-based labels."""
+
+    ERROR = "error"
+    REGIONS = "regions"
+
+
 def choices(enum: type[StrEnum]) -> list[str]:
     """The values of ``enum`` as plain strings, in declaration order (for ``argparse`` ``choices``)."""
     return [m.value for m in enum]
@@ -168,6 +175,7 @@ __all__ = [
     "Optimizer",
     "OutputFormat",
     "Precision",
+    "SegmentOverlaps",
     "SelectionMetric",
     "Switch",
     "WeightAveraging",

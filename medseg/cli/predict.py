@@ -15,7 +15,7 @@ from medseg.options import OutputFormat
 
 if TYPE_CHECKING:
     from medseg.distributed import DistContext
-    from medseg.inference.dicom_output import DicomOutputWriter, SourceFiles
+    from medseg.inference.dicom_output import DicomOutputWriter
     from medseg.inference.folder import PredictionResult
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
@@ -67,7 +67,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     if ranks.enabled and device == "cuda":  # one GPU per rank on its machine
         device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"
     instances = _instance_writer(args, shard)
-    sources = _dicom_sources(args)
+    _check_dicom_output(args)
     folds = None
     if args.folds is not None:
         folds = [f if f == "all" else int(f) for f in args.folds]
@@ -83,7 +83,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         step=args.step,
         postprocessing=not args.no_postprocessing,
     )
-    dicom = _dicom_writer(args, sources, predictor)
+    dicom = _dicom_writer(args, predictor)
     reports = _report_writers(args, predictor, shard)
     result = predict_folder(
         Path(args.input),
@@ -138,31 +138,33 @@ def _merge_rank_files(
         print(f"merged the folder records of {ranks.world_size} ranks in {output}")
 
 
-def _dicom_sources(args: argparse.Namespace) -> SourceFiles | None:
-    """Case id -> the DICOM series files of ``predict -i`` (None for NIfTI output).
+def _check_dicom_output(args: argparse.Namespace) -> None:
+    """Refuse a DICOM output format for an input folder of image files, before any model is loaded.
 
     Raises:
-        ConfigError: a DICOM output format, but the input is no DICOM series (predict reads NIfTI images only
-            until DICOM input is connected here).
+        ConfigError: ``--output-format dicom-seg|rtstruct`` with image files (not DICOM series) at the input's top.
     """
-    if args.output_format == OutputFormat.NIFTI:
-        return None
-    raise ConfigError(
-        f"--output-format {args.output_format} needs DICOM input series; {args.input} holds none that predict reads"
-    )
+    from medseg.io.image import has_image_suffix
+
+    if args.output_format == OutputFormat.NIFTI or not Path(args.input).is_dir():
+        return
+    if any(has_image_suffix(f.name) for f in Path(args.input).iterdir() if f.is_file()):
+        raise ConfigError(
+            f"--output-format {args.output_format} needs DICOM input series; {args.input} holds image files "
+            "(a DICOM SEG/RTSTRUCT references the DICOM images a case was read from)"
+        )
 
 
-def _dicom_writer(
-    args: argparse.Namespace, sources: SourceFiles | None, predictor: Predictor
-) -> DicomOutputWriter | None:
-    """The DICOM SEG / RTSTRUCT writer of ``predict --output-format`` (None for NIfTI output)."""
+def _dicom_writer(args: argparse.Namespace, predictor: Predictor) -> DicomOutputWriter | None:
+    """The DICOM SEG / RTSTRUCT writer of ``predict --output-format`` (None for NIfTI output); each case's series
+    comes with the case (DICOM input)."""
     from medseg.inference.dicom_output import DicomOutputWriter
 
-    if sources is None:
+    if args.output_format == OutputFormat.NIFTI:
         return None
     plan = predictor.plan
     model_id = f"{plan.dataset_name} {predictor.describe()} ({Path(args.model).name})"
-    return DicomOutputWriter(args.output_format, sources, dict(zip(plan.label_ids, plan.label_names)), model_id)
+    return DicomOutputWriter(args.output_format, None, dict(zip(plan.label_ids, plan.label_names)), model_id)
 
 
 def _report_writers(

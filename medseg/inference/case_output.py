@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.inference.case_grid import Inferred, class_probability
+from medseg.io.dicom_series import DicomSeries
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import Plan
 
@@ -34,7 +35,10 @@ class FinishedCase:
             grid, float32 ``(Z, Y, X)`` in [0, 1] (computed on request, one class at a time); None for region
             plans, whose outputs are regions rather than classes.
         segmentation_path: where ``labels`` is written (``OUT/CASE<ending>``).
-        reference: the input image (first channel), whose NIfTI header outputs may copy.
+        reference: the input image (first channel), whose NIfTI header outputs may copy (a DICOM case: the
+            series' first file).
+        source_series: for a DICOM input, the series (files and SOP instance UIDs in the order of ``labels``'
+            ``z`` axis) that a DICOM SEG/RTSTRUCT of the case references; None for image-file input.
     """
 
     case_id: str
@@ -44,6 +48,7 @@ class FinishedCase:
     class_probability: Callable[[int], np.ndarray] | None
     segmentation_path: Path
     reference: Path
+    source_series: DicomSeries | None = None
 
 
 #: Called with every finished case before its segmentation is written; an exception fails the case (its
@@ -78,11 +83,12 @@ def finished_case(
     plan: Plan,
     probabilities: np.ndarray | None,
     inferred: Inferred,
+    source_series: DicomSeries | None = None,
 ) -> FinishedCase:
     """The :class:`FinishedCase` of a predicted case.
 
     Args:
-        case_id, labels, geometry, segmentation_path, reference: as in :class:`FinishedCase`.
+        case_id, labels, geometry, segmentation_path, reference, source_series: as in :class:`FinishedCase`.
         plan: the members' plan (label ids; region plans get no class probabilities).
         probabilities: the combined probabilities ``(K, Z, Y, X)`` when they were computed anyway, else None.
         inferred: the members' outputs per configuration (used when ``probabilities`` is None; must stay
@@ -103,4 +109,4 @@ def finished_case(
             def probability(label: int) -> np.ndarray:
                 return class_probability(inferred, plan, index[label])
 
-    return FinishedCase(case_id, labels, geometry, label_ids, probability, segmentation_path, reference)
+    return FinishedCase(case_id, labels, geometry, label_ids, probability, segmentation_path, reference, source_series)

@@ -57,7 +57,8 @@ class DicomOutputWriter:
 
     Args:
         output_format: :attr:`OutputFormat.DICOM_SEG` or :attr:`OutputFormat.RTSTRUCT`.
-        source_files: case id -> its series' files (see :data:`SourceFiles`).
+        source_files: case id -> its series' files (see :data:`SourceFiles`), for cases that do not carry their
+            series (:attr:`FinishedCase.source_series`, set by ``predict_folder`` for DICOM input); None: only those.
         label_names: label id -> name (the model's ``dataset.json`` labels; background may be included).
         model_id: the model's identity, recorded in every object.
         algorithm_version: recorded with the algorithm name ``medseg``.
@@ -73,7 +74,7 @@ class DicomOutputWriter:
     def __init__(
         self,
         output_format: OutputFormat | str,
-        source_files: SourceFiles,
+        source_files: SourceFiles | None,
         label_names: Mapping[int, str],
         model_id: str,
         algorithm_version: str = medseg.__version__,
@@ -96,7 +97,10 @@ class DicomOutputWriter:
             DicomError: the case was not read from DICOM, its series cannot be read, its geometry is not the
                 series', or the object cannot be built (the case then fails and its NIfTI is not written).
         """
-        files = self.source_files(case.case_id)
+        if case.source_series is not None:
+            files: Sequence[Path] | None = list(case.source_series.files)
+        else:
+            files = self.source_files(case.case_id) if self.source_files is not None else None
         if files is None:
             raise DicomError(
                 f"{case.case_id}: --output-format {self.output_format} needs DICOM input series; this case was "

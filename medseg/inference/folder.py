@@ -28,12 +28,14 @@ from medseg.inference.case_grid import PreparedCase
 from medseg.inference.case_output import CaseHook, finished_case
 from medseg.inference.export import write_probabilities, write_segmentation
 from medseg.inference.folder_cases import (
+    DicomCase,
     case_error_message,
     case_suffix,
     check_folders,
     check_writable,
-    find_cases_tolerant,
+    find_input_cases,
     nonfinite_message,
+    read_case,
     spacing_warning,
 )
 from medseg.inference.prediction_record import (
@@ -53,8 +55,6 @@ from medseg.inference.time_budget import (
     default_seconds_per_case,
     export_seconds,
 )
-from medseg.io.image import has_image_suffix, read_channels
-from medseg.io.validation import nifti_raw_check
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,9 @@ def predict_folder(
     """Segment every case of a folder.
 
     Cases are found with :func:`medseg.io.dataset.find_prediction_cases` (MSD ``CASE.nii.gz`` or nnU-Net
-    ``CASE_0000.nii.gz`` naming). Output files are ``OUT/CASE<ending>`` (original label ids, the input's
+    ``CASE_0000.nii.gz`` naming) or, in a folder without such files, are the DICOM image series found under
+    it (:func:`~medseg.inference.folder_cases.find_input_cases`; output ``OUT/<case>.nii.gz``, the series'
+    geometry). Output files are ``OUT/CASE<ending>`` (original label ids, the input's
     geometry, NIfTI header copied from the input); with ``save_probabilities`` also ``OUT/CASE.npz``
     holding ``probabilities`` float16 ``(K, Z, Y, X)`` on the original grid and ``label_ids``. A case that
     fails (missing/extra channel files, unreadable or truncated file, NaN/Inf voxels, a 2D image for a 3D
@@ -204,9 +206,11 @@ def predict_folder(
     plan = predictor.plan
     budget_seconds, budget_rule = resolve_time_budget(time_budget_per_case, predictor)
     clock = CaseBudget(budget_seconds, predictor.budget_options())
-    cases, bad_cases = find_cases_tolerant(input_dir, plan.num_channels)
+    cases, bad_cases, input_warnings = find_input_cases(input_dir, plan.num_channels)
     if not cases and not bad_cases:
-        raise MedsegError(f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ...)")
+        raise MedsegError(
+            f"{input_dir}: no images found (expected CASE.nii.gz or CASE_0000.nii.gz, ..., or DICOM image series)"
+        )
     check_writable(output_dir)
     if shard is not None:
         cases, bad_cases = select_shard(cases, shard), bad_cases if shard.index == 0 else {}
@@ -223,16 +227,9 @@ def predict_folder(
     if shard is None:
         merge_record_parts(record_path)
     earlier_records = read_record_cases(record_path)
-    ignored = sorted(
-        f.name
-        for f in input_dir.iterdir()
-        if f.is_file() and not f.name.startswith(".") and not has_image_suffix(f.name)
-    )
-    if ignored:
-        result.warnings.append(
-            f"{input_dir}: ignoring {len(ignored)} file(s) that are not images: " + ", ".join(ignored)
-        )
-        logger.warning(result.warnings[-1])
+    for warning in input_warnings:
+        result.warnings.append(warning)
+        logger.warning(warning)
 
     todo = []
     for case in cases:
@@ -251,17 +248,7 @@ def predict_folder(
     def load(case: Any) -> tuple[PreparedCase, float]:
         start = time.perf_counter()
         files = list(case.image_files)
-        if len(files) != plan.num_channels:
-            raise MedsegError(
-                f"{files[0]}: case has {len(files)} channel file(s), the model expects {plan.num_channels}"
-            )
-        for f in files:  # SimpleITK reads truncated NIfTI silently (garbage voxels) and NaN as 0
-            problem, nonfinite = nifti_raw_check(Path(f))
-            if problem:
-                raise MedsegError(f"{f}: unreadable or truncated image file ({problem})")
-            if nonfinite and any(nonfinite):
-                raise MedsegError(nonfinite_message(f, *nonfinite))
-        image, geometry = read_channels(files)
+        image, geometry = read_case(case, plan.num_channels)
         if image.ndim not in (3, 4):
             raise MedsegError(f"{files[0]}: expected a 2D or 3D image, got shape {list(image.shape[1:])}")
         if not np.isfinite(image.sum(dtype=np.float64)):  # formats other than NIfTI keep NaN/Inf
@@ -334,7 +321,17 @@ def predict_folder(
             seg = predictor.indices_to_labels(predictor._combine_labels(inferred))
         if case_hook is not None:
             case_hook(
-                finished_case(case.case_id, seg, geometry, target, case.image_files[0], predictor.plan, probs, inferred)
+                finished_case(
+                    case.case_id,
+                    seg,
+                    geometry,
+                    target,
+                    case.image_files[0],
+                    predictor.plan,
+                    probs,
+                    inferred,
+                    source_series=case.series if isinstance(case, DicomCase) else None,
+                )
             )
         del inferred[:], probs
         try:

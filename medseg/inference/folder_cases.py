@@ -1,7 +1,10 @@
-"""The input and output folders of ``medseg predict``: checks, and finding the cases to predict.
+"""The input and output folders of ``medseg predict``: checks, and finding and reading the cases to predict.
 
-:func:`find_cases_tolerant` finds the cases of an input folder (one image file per channel,
-``<case>_<channel:04d>.<suffix>``) and reports the malformed ones instead of refusing the folder;
+:func:`find_input_cases` finds the cases of an input folder: image files (one per channel,
+``<case>_<channel:04d>.<suffix>``, :func:`find_cases_tolerant`, which reports the malformed ones instead of
+refusing the folder) or, when the folder holds no such files but DICOM, one :class:`DicomCase` per DICOM image
+series found under it (:mod:`medseg.io.dicom_series`; bad series reported, non-image objects skipped);
+:func:`read_case` reads a case of either kind;
 :func:`check_folders` / :func:`check_writable` refuse unusable folders before any case is predicted;
 :func:`spacing_warning` flags images whose spacing (mm) is far from the training data's.
 """
@@ -9,27 +12,49 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medseg.errors import DatasetError, MedsegError
-from medseg.io.dataset import find_prediction_cases
-from medseg.io.image import IMAGE_SUFFIXES, has_image_suffix, strip_suffix
+from medseg.io.dataset import Case, find_prediction_cases
+from medseg.io.dicom_series import DicomSeries, read_series_image, scan_dicom_folder
+from medseg.io.image import IMAGE_SUFFIXES, ImageGeometry, has_image_suffix, read_channels, strip_suffix
+from medseg.io.validation import nifti_raw_check
 from medseg.planning.plan import Plan
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "DicomCase",
     "case_error_message",
     "case_suffix",
     "check_folders",
     "check_writable",
     "find_cases_tolerant",
+    "find_input_cases",
     "nonfinite_message",
+    "read_case",
     "spacing_warning",
 ]
+
+
+@dataclass(frozen=True)
+class DicomCase(Case):
+    """A case that is one DICOM image series (``image_files``: its first file; ``label_file`` None).
+
+    Attributes:
+        series: the series (its files in volume order, UIDs); what a DICOM output writer references.
+    """
+
+    series: DicomSeries
 
 
 def case_suffix(path: Path) -> str:
@@ -121,6 +146,69 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
             linked = []
     cases = [dataclasses.replace(c, image_files=tuple(input_dir / p.name for p in c.image_files)) for c in linked]
     return cases, failed
+
+
+def find_input_cases(input_dir: Path, num_channels: int) -> tuple[list[Any], dict[str, str], list[str]]:
+    """The cases of a ``medseg predict`` input folder, the ones that cannot be predicted, and warnings.
+
+    A folder with image files (:data:`~medseg.io.image.IMAGE_SUFFIXES`) at its top is read as such
+    (:func:`find_cases_tolerant`; other top-level files are named in a warning). A folder without them is searched
+    for DICOM (recursively): each image series is a :class:`DicomCase` named by its
+    :attr:`~medseg.io.dicom_series.DicomSeries.case_id`; a bad series or corrupt file fails with one message;
+    non-image objects (SEG, RTSTRUCT, SR, ...) are skipped with one log line each; non-DICOM files are named in a
+    warning.
+
+    Returns:
+        ``(cases, failed, warnings)``: cases sorted by case id, case (or file) -> message, warning lines.
+
+    Raises:
+        MedsegError: no images and no DICOM in the folder; DICOM input for a model of several channels.
+    """
+    top = [f for f in sorted(input_dir.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if not any(has_image_suffix(f.name) for f in top):
+        scan = scan_dicom_folder(input_dir)
+        if scan.found_dicom:
+            if num_channels != 1:
+                raise MedsegError(
+                    f"{input_dir}: DICOM input gives one channel per series, the model expects {num_channels}; "
+                    "convert the series to channel files (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)"
+                )
+            for obj in scan.objects:
+                logger.info(
+                    "%s: skipped, a %s object (%s) is not an image to segment", obj.path, obj.kind, obj.modality
+                )
+            warnings = []
+            if scan.not_dicom:
+                names = ", ".join(str(p.relative_to(input_dir)) for p in scan.not_dicom)
+                warnings.append(f"{input_dir}: ignoring {len(scan.not_dicom)} file(s) that are not DICOM: {names}")
+            cases = [DicomCase(s.case_id, (s.files[0],), None, s) for s in scan.series]
+            return cases, dict(scan.failed), warnings
+    cases, failed = find_cases_tolerant(input_dir, num_channels)
+    ignored = [f.name for f in top if not has_image_suffix(f.name)]
+    warnings = [f"{input_dir}: ignoring {len(ignored)} file(s) that are not images: " + ", ".join(ignored)]
+    return cases, failed, warnings if ignored else []
+
+
+def read_case(case: Any, num_channels: int) -> tuple[np.ndarray, ImageGeometry]:
+    """Read a case's channels as float32 ``(C, Z, Y, X)`` (or ``(C, Y, X)``) and the first channel's geometry.
+
+    Raises:
+        MedsegError: the wrong number of channel files; a truncated NIfTI or one with NaN/Inf voxels; an
+            unreadable file or DICOM series (the message names it).
+    """
+    if isinstance(case, DicomCase):
+        image, geometry = read_series_image(case.series)
+        return image[None].astype(np.float32, copy=False), geometry
+    files = list(case.image_files)
+    if len(files) != num_channels:
+        raise MedsegError(f"{files[0]}: case has {len(files)} channel file(s), the model expects {num_channels}")
+    for f in files:  # SimpleITK reads truncated NIfTI silently (garbage voxels) and NaN as 0
+        problem, nonfinite = nifti_raw_check(Path(f))
+        if problem:
+            raise MedsegError(f"{f}: unreadable or truncated image file ({problem})")
+        if nonfinite and any(nonfinite):
+            raise MedsegError(nonfinite_message(f, *nonfinite))
+    return read_channels(files)
 
 
 def nonfinite_message(path: Path, n_nan: int, n_inf: int) -> str:

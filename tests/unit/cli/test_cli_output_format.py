@@ -10,7 +10,7 @@ import pytest
 
 import medseg.ensembling
 import medseg.inference
-from medseg.cli import commands
+from medseg.cli import predict as commands
 from medseg.cli.main import main
 from medseg.inference import PredictionResult
 from medseg.inference.dicom_output import DicomOutputWriter
@@ -32,6 +32,7 @@ def _capture(monkeypatch) -> tuple[list[dict], list[tuple]]:
 @pytest.mark.parametrize("output_format", ["dicom-seg", "rtstruct"])
 def test_dicom_output_needs_dicom_input(tmp_path, monkeypatch, capsys, output_format):
     seen, loaded = _capture(monkeypatch)
+    (tmp_path / "case_0000.nii.gz").touch()  # an image file: not a DICOM series
     base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
     assert main([*base, "--output-format", output_format]) == 2
     err = capsys.readouterr().err
@@ -49,19 +50,9 @@ def test_dicom_writer_carries_the_model_labels_and_identity(tmp_path):
     )
     predictor = SimpleNamespace(plan=plan, describe=lambda: "2 x 3d_fullres/unet")
     args = argparse.Namespace(output_format="dicom-seg", model=str(tmp_path / "work"))
-    sources = {"case": [tmp_path / "a.dcm"]}.get
-    writer = commands._dicom_writer(args, sources, predictor)
+    writer = commands._dicom_writer(args, predictor)
     assert isinstance(writer, DicomOutputWriter) and writer.output_format == OutputFormat.DICOM_SEG
     assert writer.label_names == {1: "liver", 2: "tumour"}
     assert writer.model_id == "Dataset7_Liver 2 x 3d_fullres/unet (work)"
-    assert writer.source_files("case") == [tmp_path / "a.dcm"] and writer.source_files("other") is None
-    assert commands._dicom_writer(args, None, predictor) is None
-
-
-def test_all_hooks_calls_each_in_order():
-    calls: list[tuple[str, object]] = []
-    first, second = (lambda case: calls.append(("a", case))), (lambda case: calls.append(("b", case)))
-    assert commands._all_hooks(None, None) is None
-    assert commands._all_hooks(None, first) is first
-    commands._all_hooks(first, None, second)("case")
-    assert calls == [("a", "case"), ("b", "case")]
+    assert writer.source_files is None  # each DICOM case brings its series (FinishedCase.source_series)
+    assert commands._dicom_writer(argparse.Namespace(output_format="nifti"), predictor) is None
