@@ -37,11 +37,14 @@ class DeviceKind(StrEnum):
 
 
 class Optimizer(StrEnum):
-    """Optimizer of a training run (``auto``: SGD for epoch-based runs, AdamW for time-budgeted ones)."""
+    """Optimizer of a training run (``auto``: SGD for epoch-based runs, AdamW for time-budgeted ones;
+    ``lookahead-*``: that optimizer inside Lookahead, :mod:`medseg.training.lookahead`)."""
 
     AUTO = "auto"
     SGD = "sgd"
     ADAMW = "adamw"
+    LOOKAHEAD_SGD = "lookahead-sgd"
+    LOOKAHEAD_ADAMW = "lookahead-adamw"
 
 
 class LRSchedule(StrEnum):
@@ -84,11 +87,13 @@ class NormalizationScheme(StrEnum):
 
 
 class CheckpointName(StrEnum):
-    """Checkpoint of a run that prediction and export load."""
+    """Checkpoint of a run that prediction and export load (``snapshots``: every
+    ``checkpoint_snapshot_<i>.pt`` of a run trained with ``--snapshots``, each a member; prediction only)."""
 
     FINAL = "final"
     BEST = "best"
     LATEST = "latest"
+    SNAPSHOTS = "snapshots"
 
 
 class ExportFormat(StrEnum):

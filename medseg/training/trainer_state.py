@@ -2,7 +2,7 @@
 
 :class:`TrainerState` is a base of :class:`~medseg.training.trainer.Trainer`: :meth:`~TrainerState.state_dict`
 is the checkpoint dict (``medseg-checkpoint-v1``: weights, optimizer and gradient-scaler state, schedule,
-progress counters, the clock's elapsed time and step time, the EMA and best pseudo Dice, the epoch
+progress counters (snapshots saved included), the clock's elapsed time and step time, the EMA and best pseudo Dice, the epoch
 history, the weight average and the RNG states), :meth:`~TrainerState.load_state_dict` continues the
 trainer from a loaded ``checkpoint_latest.pt`` (checkpoints of earlier versions included: entries they lack
 keep their fresh values).
@@ -63,6 +63,7 @@ class TrainerState:
     best_metric: float | None
     ema_metric: float | None
     history: list[dict[str, Any]]
+    snapshots_saved: int
     fwd_seconds_per_sample: float | None
 
     # ------------------------------------------------------------------ what the clock says
@@ -119,6 +120,7 @@ class TrainerState:
             "precision": self.precision,
             "timing": {"iter_seconds": clock["step_seconds"], "fwd_seconds_per_sample": self.fwd_seconds_per_sample},
             "weight_average": None if self.weight_average is None else self.weight_average.state_dict(),
+            "snapshots_saved": self.snapshots_saved,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -149,6 +151,7 @@ class TrainerState:
         self.best_metric = ckpt.get("best_metric")
         self.ema_metric = ckpt.get("ema_metric")
         self.history = list(ckpt.get("history", []))
+        self.snapshots_saved = int(ckpt.get("snapshots_saved", 0))
         timing = ckpt.get("timing") or {}
         self.clock.load_state_dict(
             {"elapsed_seconds": ckpt.get("elapsed_seconds", 0.0), "step_seconds": timing.get("iter_seconds")}
