@@ -120,6 +120,15 @@ class SelectionMetric(StrEnum):
     PQ = "pq"
 
 
+class EnsembleMethod(StrEnum):
+    """How an ensemble's members' probabilities become one segmentation (:mod:`medseg.ensembling.combine`)."""
+
+    MEAN = "mean"
+    WEIGHTED = "weighted"
+    VOTE = "vote"
+    STACKING = "stacking"
+
+
 def choices(enum: type[StrEnum]) -> list[str]:
     """The values of ``enum`` as plain strings, in declaration order (for ``argparse`` ``choices``)."""
     return [m.value for m in enum]
@@ -156,6 +165,7 @@ __all__ = [
     "PRECISIONS",
     "CheckpointName",
     "DeviceKind",
+    "EnsembleMethod",
     "ExportFormat",
     "LRSchedule",
     "LesionMatching",
