@@ -25,7 +25,7 @@ def test_a_run_saves_one_snapshot_per_cycle_and_predict_uses_each(tiny_work):
         assert run.snapshots_present() == ["snapshot_1", "snapshot_2", "snapshot_3"]
         ckpts = [load_checkpoint(run.checkpoint(name)) for name in run.snapshots_present()]
         assert [c["iteration"] for c in ckpts] == [2, 4, 6]  # the end of each cycle
-        assert load_checkpoint(run.checkpoint("latest"))["snapshots_saved"] == 3
+        assert load_checkpoint(run.checkpoint("latest"))["scheduler"]["snapshots_saved"] == 3
         final = load_checkpoint(run.checkpoint("final"))["model"]
         assert all(torch.equal(final[k], ckpts[-1]["model"][k]) for k in final)  # the last cycle ends the run
         assert not all(torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) for k in final)
