@@ -87,8 +87,11 @@ def work_dir_predictor(
         prev: Predictor(load_members(dirs, checkpoint), device=device, **kwargs)
         for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()
     }
+    members = load_members(run_dirs, checkpoint)
+    if checkpoint == CheckpointName.SNAPSHOTS:
+        logger.info("snapshot ensemble: %d members from %d run(s)", len(members), len(run_dirs))
     return Predictor(
-        load_members(run_dirs, checkpoint),
+        members,
         device=device,
         postprocess=postprocess_of(rules),
         previous_stages=previous,
