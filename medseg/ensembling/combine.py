@@ -13,7 +13,7 @@ Four rules (:class:`~medseg.options.EnsembleMethod`):
 The fitted rules are fitted on out-of-fold predictions only (``validation/<case>.npz`` of each run, predicted
 by the network that did not train on the case); to *score* a fitted rule on the same cross-validation,
 :func:`cross_fitted` fits it once per fold on the other folds' cases, so no case is scored by a rule that
-saw it. A member here is what has out-of-fold predictions: a (configuration, architecture) of find-best,
+saw it; :func:`cross_validated_scores` scores every rule so. A member here is what has out-of-fold predictions: a (configuration, architecture) of find-best,
 whose probabilities at prediction time are the mean over its folds (or snapshots).
 
 Layouts: a case's members' probabilities ``(M, K, *spatial)`` (float, each member's ``K`` classes summing to
@@ -242,12 +242,42 @@ def combine(
     raise ConfigError(f"ensemble method {method!r} needs its fitted weights or stacker (or is unknown)")
 
 
+def cross_validated_scores(
+    cases_by_fold: Mapping[Hashable, Sequence[Case]], score: Callable[[np.ndarray, np.ndarray], float]
+) -> dict[EnsembleMethod, float]:
+    """Each rule's mean ``score`` over every case, the fitted rules cross-fitted (:func:`cross_fitted`): what
+    find-best would report per rule for an ensemble whose members have out-of-fold predictions.
+
+    Args:
+        cases_by_fold: out-of-fold ``(probabilities (M, K, *spatial), labels (*spatial))`` of each case, by the
+            fold that held the case out (two folds at least).
+        score: ``score(predicted labels, reference labels)``, higher is better (e.g. mean foreground Dice).
+
+    Returns:
+        ``{method: mean score over the cases}`` for every :class:`~medseg.options.EnsembleMethod`.
+
+    Raises:
+        ConfigError: fewer than two folds.
+    """
+    weights, stackers = cross_fitted(cases_by_fold, fit_weights), cross_fitted(cases_by_fold, fit_stacker)
+    totals = dict.fromkeys(EnsembleMethod, 0.0)
+    count = 0
+    for fold, cases in cases_by_fold.items():
+        for probs, ref in cases:
+            count += 1
+            for method in EnsembleMethod:
+                labels = combine(method, probs, weights=weights[fold], stacker=stackers[fold])
+                totals[method] += float(score(labels, ref))
+    return {method: total / max(count, 1) for method, total in totals.items()}
+
+
 __all__ = [
     "MAX_VOXELS",
     "Case",
     "Stacker",
     "combine",
     "cross_fitted",
+    "cross_validated_scores",
     "fit_stacker",
     "fit_weights",
     "majority_vote",

@@ -9,6 +9,7 @@ from medseg.ensembling.combine import (
     Stacker,
     combine,
     cross_fitted,
+    cross_validated_scores,
     fit_stacker,
     fit_weights,
     majority_vote,
@@ -109,3 +110,14 @@ def test_cross_fitting_never_fits_on_the_fold_it_scores():
     assert all(w[0] > 0.9 for w in weights.values())
     with pytest.raises(ConfigError, match="two folds"):
         cross_fitted({0: cases[0]}, fit_weights)
+
+
+def test_cross_validated_scores_rank_the_rules_on_cases_they_were_not_fitted_on():
+    cases = {fold: _noisy_cases(10 + fold, n_cases=2) for fold in range(3)}
+    scores = cross_validated_scores(cases, lambda labels, ref: float((labels == ref).mean()))
+    assert set(scores) == {"mean", "weighted", "vote", "stacking"}
+    assert scores["weighted"] == 1.0 and scores["stacking"] == 1.0  # they learn to drop or flip the bad members
+    assert scores["mean"] < 0.9  # the inverted member cancels the good one
+    # vote: good and inverted always disagree and the useless member votes 0, so class 0 wins every voxel
+    ref_share = np.mean([(ref == 0).mean() for fold_cases in cases.values() for _, ref in fold_cases])
+    assert scores["vote"] == pytest.approx(ref_share)
