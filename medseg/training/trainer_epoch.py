@@ -8,9 +8,10 @@ body, building on its state (:class:`~medseg.training.trainer_state.TrainerState
 Per iteration (:meth:`TrainerEpoch.train_epoch`): rank 0's decision whether the clock stops the run, the
 learning rate of the schedule at the clock's progress, the next batch of the stream, one optimizer step
 (:class:`~medseg.training.step.OptimizerStep`), the weight average, the clock's step time, the step hooks.
-With ``snapshots``, the weights when a cosine cycle has ended
-(:meth:`TrainerEpoch.save_snapshots`, ``checkpoint_snapshot_<i>.pt``). At the end of an epoch (:meth:`TrainerEpoch._end_epoch`): the EMA of the pseudo Dice, the history entry,
-the epoch's log line, ``checkpoint_best`` when the EMA improved, ``checkpoint_latest`` and ``progress.json``.
+With ``snapshots``, the weights when a cosine cycle has ended (:meth:`TrainerEpoch.save_snapshots`,
+``checkpoint_snapshot_<i>.pt``). At the end of an epoch (:meth:`TrainerEpoch._end_epoch`): the EMA of the
+pseudo Dice, the history entry, the epoch's log line, ``checkpoint_best`` when the EMA improved,
+``checkpoint_latest`` and ``progress.json``.
 """
 
 from __future__ import annotations
