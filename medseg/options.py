@@ -37,11 +37,14 @@ class DeviceKind(StrEnum):
 
 
 class Optimizer(StrEnum):
-    """Optimizer of a training run (``auto``: SGD for epoch-based runs, AdamW for time-budgeted ones)."""
+    """Optimizer of a training run (``auto``: SGD for epoch-based runs, AdamW for time-budgeted ones;
+    ``lookahead-*``: that optimizer inside Lookahead, :mod:`medseg.training.lookahead`)."""
 
     AUTO = "auto"
     SGD = "sgd"
     ADAMW = "adamw"
+    LOOKAHEAD_SGD = "lookahead-sgd"
+    LOOKAHEAD_ADAMW = "lookahead-adamw"
 
 
 class LRSchedule(StrEnum):
@@ -84,11 +87,13 @@ class NormalizationScheme(StrEnum):
 
 
 class CheckpointName(StrEnum):
-    """Checkpoint of a run that prediction and export load."""
+    """Checkpoint of a run that prediction and export load (``snapshots``: every
+    ``checkpoint_snapshot_<i>.pt`` of a run trained with ``--snapshots``, each a member; prediction only)."""
 
     FINAL = "final"
     BEST = "best"
     LATEST = "latest"
+    SNAPSHOTS = "snapshots"
 
 
 class ExportFormat(StrEnum):
@@ -131,6 +136,15 @@ class SegmentOverlaps(StrEnum):
     REGIONS = "regions"
 
 
+class EnsembleMethod(StrEnum):
+    """How an ensemble's members' probabilities become one segmentation (:mod:`medseg.ensembling.combine`)."""
+
+    MEAN = "mean"
+    WEIGHTED = "weighted"
+    VOTE = "vote"
+    STACKING = "stacking"
+
+
 def choices(enum: type[StrEnum]) -> list[str]:
     """The values of ``enum`` as plain strings, in declaration order (for ``argparse`` ``choices``)."""
     return [m.value for m in enum]
@@ -167,6 +181,7 @@ __all__ = [
     "PRECISIONS",
     "CheckpointName",
     "DeviceKind",
+    "EnsembleMethod",
     "ExportFormat",
     "LRSchedule",
     "LesionMatching",

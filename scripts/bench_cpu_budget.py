@@ -5,9 +5,14 @@ Usage::
     .venv/bin/python scripts/bench_cpu_budget.py ../shared/data/hippocampus --minutes 30 --test-cases 20 \\
         --isa avx2 --seeds 0 1 --variant baseline= --variant ema=--weight-averaging=ema --out results
 
+    # Lookahead and a 3-snapshot ensemble (issue 37): the snapshots are predicted as 3 members of fold 0
+    ... --variant baseline= --variant la=--optimizer=lookahead-adamw --variant snap=--snapshots=3 \
+        --predict-args snap=--checkpoint=snapshots
+
 For every ``--variant NAME=TRAIN_ARGS`` and every seed, in order: ``medseg plan TRAIN -o WORK --device cpu
 --time-budget M``, ``medseg train WORK --fold 0 --seed S TRAIN_ARGS`` (the README's command: the plan's
-budget, final validation on the fold-0 held-out cases), ``medseg predict -i TEST -o PRED -m WORK``, then
+budget, final validation on the fold-0 held-out cases), ``medseg predict -i TEST -o PRED -m WORK`` (plus the
+variant's ``--predict-args``; its time is the table's ``predict s``), then
 Dice per class on the test cases with the metric code of ``scripts/compare_nnunet.py`` (independent of
 medseg). The split is that script's: ``--test-cases`` ids drawn with a fixed seed never reach medseg.
 
@@ -120,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME=extra `medseg train` arguments (repeatable; default: baseline=)",
     )
     p.add_argument(
+        "--predict-args",
+        action="append",
+        default=[],
+        help="NAME=extra `medseg predict` arguments of variant NAME, e.g. snap=--checkpoint=snapshots "
+        "(with --variant snap=--snapshots=3: a snapshot ensemble)",
+    )
+    p.add_argument(
         "--net-options",
         action="append",
         default=[],
@@ -136,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant or ["baseline="]:
         name, _, extra = v.partition("=")
         variants.append((name, shlex.split(extra)))
+    predict_args = {}
+    for v in args.predict_args:
+        name, _, extra = v.partition("=")
+        predict_args[name] = shlex.split(extra)
     net_options = {}
     for v in args.net_options:
         name, _, text = v.partition("=")
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             tag = f"{name}_seed{seed}"
             work, pred, logs = root / tag / "work", root / tag / "pred", root / tag / "logs"
-            row: dict = {"variant": name, "seed": seed, "train_args": extra}
+            row: dict = {"variant": name, "seed": seed, "train_args": extra, "predict_args": predict_args.get(name, [])}
             stages = [
                 ("plan", [args.medseg_bin, "plan", str(raw), "-o", str(work), "--device", "cpu", "--time-budget", m]),
                 ("train", [args.medseg_bin, "train", str(work), "--fold", "0", "--seed", str(seed), *extra]),
@@ -175,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(work),
                         "--folds",
                         "0",
+                        *predict_args.get(name, []),
                     ],
                 ),
             ]
@@ -196,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
     head = (
-        ["variant", "seed", "network", "fit step s", "iterations", "train s"]
+        ["variant", "seed", "network", "fit step s", "iterations", "train s", "predict s"]
         + [f"fold-0 {n}" for n in fg]
         + [f"test {n}" for n in fg]
     )
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             r.get("fit_step_s"),
             r.get("iterations"),
             r.get("train_s"),
+            r.get("predict_s"),
         ]
         cells += [val.get(n) for n in fg] + [test.get(n) for n in fg]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from medseg.errors import ConfigError
-from medseg.options import Switch
+from medseg.options import LRSchedule, Switch
 
 logger = logging.getLogger("medseg")
 
@@ -81,7 +81,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "pretrained": args.pretrained,
         "weight_averaging": args.weight_averaging,
+        "lookahead_k": args.lookahead_k,
+        "lookahead_alpha": args.lookahead_alpha,
     }
+    if args.snapshots is not None:
+        growth = 1.0 if args.cycle_growth is None else args.cycle_growth
+        overrides.update(
+            lr_schedule=LRSchedule.COSINE_RESTARTS,
+            cosine_cycles=args.snapshots,
+            snapshots=True,
+            cosine_cycle_growth=growth,
+        )
+    elif args.cycle_growth is not None:
+        raise ConfigError("--cycle-growth needs --snapshots N")
     fold = args.fold
     if fold != "all":
         try:

@@ -32,7 +32,11 @@ def add_export_parser(sub: argparse._SubParsersAction, add_common) -> None:
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) (default: find-best's choice)")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) (default: find-best's choice)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
-    p.add_argument("--checkpoint", choices=choices(CheckpointName), default="final")
+    p.add_argument(
+        "--checkpoint",
+        choices=[c for c in choices(CheckpointName) if c != CheckpointName.SNAPSHOTS],  # a bundle: one per run
+        default="final",
+    )
     p.add_argument("--no-postprocessing", action="store_true", help="leave find-best's postprocessing out")
     add_common(p)
     p.set_defaults(func=cmd_export)

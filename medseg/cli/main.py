@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default auto: AdamW (lr 3e-3) for time-budgeted runs, SGD (Nesterov 0.99, lr 1e-2) otherwise",
     )
+    p.add_argument("--lookahead-k", type=int, default=None, help="lookahead-*: inner steps per sync (default 5)")
+    p.add_argument(
+        "--lookahead-alpha", type=float, default=None, help="lookahead-*: slow-weight step size (default 0.5)"
+    )
+    p.add_argument(
+        "--snapshots",
+        type=int,
+        default=None,
+        metavar="N",
+        help="snapshot ensemble: N cosine cycles with warm restarts over the run (epochs or time budget), the "
+        "weights at the end of each saved as checkpoint_snapshot_<i>.pt; predict them with --checkpoint snapshots",
+    )
+    p.add_argument(
+        "--cycle-growth",
+        type=float,
+        default=None,
+        help="with --snapshots: length of a cycle over the previous one (default 1: equal cycles; 2: SGDR's doubling)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--intensity-augmentation",
@@ -162,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="+", default=None, help="configuration(s) to ensemble")
     p.add_argument("--arch", nargs="+", default=None, help="architecture(s) to ensemble")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
-    p.add_argument("--checkpoint", choices=choices(CheckpointName), default="final")
+    p.add_argument(
+        "--checkpoint",
+        choices=choices(CheckpointName),
+        default="final",
+        help="snapshots: every checkpoint_snapshot_<i>.pt of each run (`train --snapshots N`) is a member",
+    )
     p.add_argument(
         "--no-tta", action="store_true", help="disable test-time augmentation (mirroring and shifts of the patch grid)"
     )

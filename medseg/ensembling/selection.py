@@ -20,9 +20,10 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.inference.bundle import BundledFile, load_bundle
-from medseg.inference.members import EnsembleMember
+from medseg.inference.members import EnsembleMember, has_checkpoint, load_members
 from medseg.inference.predictor import Predictor
 from medseg.io.workdir import ALL, BundleLayout, RunDir, WorkDir, fold_name
+from medseg.options import CheckpointName
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
 from medseg.postprocessing.fit import describe_rules
@@ -70,7 +71,8 @@ def work_dir_predictor(
     recorded in ``WORK/best.json``; without it, every trained fold of the plan's default configuration
     and architecture (``fold_all`` only when no numbered fold is trained). Given ``configs``/``archs``,
     every planned (configuration, architecture) pair. ``folds`` selects folds (``"all"`` = the
-    ``fold_all`` run). ``WORK/postprocessing.json`` is applied when
+    ``fold_all`` run). ``checkpoint="snapshots"`` makes every snapshot of a chosen run (``train --snapshots``)
+    a member. ``WORK/postprocessing.json`` is applied when
     ``postprocessing`` is True and it was fitted on exactly the chosen configurations/architectures;
     otherwise the rules the runs decided from their training labels' component statistics
     (``RUN/postprocessing_prior.json``, :mod:`medseg.postprocessing.prior`).
@@ -82,12 +84,14 @@ def work_dir_predictor(
     """
     run_dirs, rules = select_work_dir_runs(work_dir, configs, archs, folds, checkpoint, postprocessing)
     previous = {
-        prev: Predictor.from_run_dirs(dirs, checkpoint=checkpoint, device=device, **kwargs)
+        prev: Predictor(load_members(dirs, checkpoint), device=device, **kwargs)
         for prev, dirs in previous_stage_runs(work_dir, run_dirs, checkpoint).items()
     }
-    return Predictor.from_run_dirs(
-        run_dirs,
-        checkpoint=checkpoint,
+    members = load_members(run_dirs, checkpoint)
+    if checkpoint == CheckpointName.SNAPSHOTS:
+        logger.info("snapshot ensemble: %d members from %d run(s)", len(members), len(run_dirs))
+    return Predictor(
+        members,
         device=device,
         postprocess=postprocess_of(rules),
         previous_stages=previous,
@@ -187,7 +191,7 @@ def select_work_dir_runs(
         archs: architectures to use; None: find-best's choice, else each configuration's default.
         folds: folds to use (``"all"`` = the ``fold_all`` run); None: find-best's folds, else every
             trained numbered fold.
-        checkpoint: ``final``, ``best`` or ``latest``.
+        checkpoint: ``final``, ``best``, ``latest`` or ``snapshots`` (runs with at least one snapshot).
         postprocessing: use ``postprocessing.json`` when it was fitted on the chosen ensemble, else the
             runs' rules decided from the training labels (:func:`medseg.postprocessing.prior.ensemble_prior`);
             False: none.
@@ -214,13 +218,13 @@ def select_work_dir_runs(
                 pairs.append((stage.config_name, stage.arch))
     run_dirs: list[Path] = []
     for c, a in pairs:
-        trained = {name: run.path for name, run in wd.fold_runs(c, a).items() if run.checkpoint(checkpoint).is_file()}
+        trained = {name: run.path for name, run in wd.fold_runs(c, a).items() if has_checkpoint(run.path, checkpoint)}
         if folds is not None:
             wanted = [fold_name(f) for f in folds]
             missing = [w for w in wanted if w not in trained]
             if missing:
                 raise MedsegError(
-                    f"{wd.arch_runs(c, a)}: no {RunDir.checkpoint_file(checkpoint)} for {', '.join(missing)}"
+                    f"{wd.arch_runs(c, a)}: no {_checkpoint_label(checkpoint)} for {', '.join(missing)}"
                     f" (trained: {sorted(trained) or 'none'}); train it with `medseg train {work_dir} "
                     f"--config {c} --arch {a} --fold N`"
                 )
@@ -232,7 +236,7 @@ def select_work_dir_runs(
             )
         if not chosen:
             raise MedsegError(
-                f"{wd.arch_runs(c, a)}: no trained model (no fold folder holds {RunDir.checkpoint_file(checkpoint)}); "
+                f"{wd.arch_runs(c, a)}: no trained model (no fold folder holds {_checkpoint_label(checkpoint)}); "
                 f"train one with `medseg train {work_dir} --config {c} --arch {a} --fold 0`"
             )
         run_dirs.extend(chosen)
@@ -255,6 +259,13 @@ def select_work_dir_runs(
         logger.info("postprocessing: %s (from the %s)", describe_prior(rules) if rules else "none", source)
     logger.info("ensemble of %d network(s): %s", len(run_dirs), ", ".join(wd.run_label(d) for d in run_dirs))
     return run_dirs, rules
+
+
+def _checkpoint_label(checkpoint: str) -> str:
+    """The file(s) ``checkpoint`` names, for messages: ``checkpoint_final.pt``, or the snapshots' pattern."""
+    if checkpoint == CheckpointName.SNAPSHOTS:
+        return f"{RunDir.checkpoint_file(RunDir.snapshot_name(1))}, ... (train with --snapshots N)"
+    return RunDir.checkpoint_file(checkpoint)
 
 
 def previous_stage_runs(work_dir: str | Path, run_dirs: Sequence[Path], checkpoint: str) -> dict[str, list[Path]]:

@@ -27,7 +27,8 @@ from medseg.preprocessing.case import preprocessing_fingerprint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAMES: tuple[str, ...] = tuple(choices(CheckpointName))
+#: The names of one checkpoint of a run (``snapshots`` names a set of them: :func:`member_checkpoints`).
+CHECKPOINT_NAMES: tuple[str, ...] = tuple(c for c in choices(CheckpointName) if c != CheckpointName.SNAPSHOTS)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
 
     Args:
         run_dir: ``WORK/runs/<config>/<arch>/fold_<k>``.
-        checkpoint: ``final``, ``best`` or ``latest``.
+        checkpoint: ``final``, ``best``, ``latest`` or a snapshot's name (``snapshot_1``, ...).
 
     Returns:
         The member, model on the CPU in eval mode.
@@ -86,8 +87,10 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         CheckpointError: the checkpoint is missing, unreadable, or its weights do not fit the network
             the recorded plan describes.
     """
-    if checkpoint not in CHECKPOINT_NAMES:
-        raise CheckpointError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)}, got {checkpoint!r}")
+    if checkpoint not in CHECKPOINT_NAMES and not RunDir.is_snapshot_name(checkpoint):
+        raise CheckpointError(
+            f"checkpoint must be one of {list(CHECKPOINT_NAMES)} or {RunDir.snapshot_name(1)}, ...; got {checkpoint!r}"
+        )
     run_dir = Path(run_dir)
     path = RunDir(run_dir).checkpoint(checkpoint)
     if not path.is_file():
@@ -114,6 +117,39 @@ def load_member(run_dir: str | Path, checkpoint: str = "final") -> EnsembleMembe
         raise CheckpointError(f"{path}: weights do not fit the {arch} network of its plan ({first})") from None
     model.eval()
     return EnsembleMember.of_stage(model, stage, source=str(path))
+
+
+def member_checkpoints(run_dir: str | Path, checkpoint: str) -> list[str]:
+    """The checkpoint names of ``run_dir`` that ``checkpoint`` selects: every snapshot present (by cycle) for
+    ``snapshots``, else ``[checkpoint]``; each becomes one ensemble member."""
+    if checkpoint == CheckpointName.SNAPSHOTS:
+        return RunDir(run_dir).snapshots_present()
+    return [checkpoint]
+
+
+def has_checkpoint(run_dir: str | Path, checkpoint: str) -> bool:
+    """Whether ``run_dir`` holds what ``checkpoint`` selects (for ``snapshots``: at least one snapshot)."""
+    names = member_checkpoints(run_dir, checkpoint)
+    return bool(names) and all(RunDir(run_dir).checkpoint(n).is_file() for n in names)
+
+
+def load_members(run_dirs: Sequence[str | Path], checkpoint: str = "final") -> list[EnsembleMember]:
+    """The members of ``run_dirs``: one per run, or one per snapshot of each run for ``snapshots``
+    (:func:`load_member` each).
+
+    Raises:
+        CheckpointError: a run lacks the checkpoint (for ``snapshots``: has no snapshot), or one does not load.
+    """
+    members = []
+    for run_dir in run_dirs:
+        names = member_checkpoints(run_dir, checkpoint)
+        if not names:
+            present = RunDir(run_dir).checkpoints_present()
+            raise CheckpointError(
+                f"{run_dir}: no snapshot checkpoints (present: {present or 'none'}); train it with --snapshots N"
+            )
+        members += [load_member(run_dir, name) for name in names]
+    return members
 
 
 #: Plan fields that identify the dataset a network was trained on.

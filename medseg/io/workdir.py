@@ -12,7 +12,8 @@ A work folder (``WORK``, written by ``medseg plan`` and filled by ``train``/``fi
     WORK/preprocessed/<cascade>_from_<previous>/      a cascade's previous-stage segmentations
     WORK/runs/<configuration>/<arch>/fold_<k>/        one training run (``fold_all``: every case)
 
-A run folder (:class:`RunDir`) holds ``checkpoint_{latest,best,final}.pt``, ``config.json``, ``plans.json``,
+A run folder (:class:`RunDir`) holds ``checkpoint_{latest,best,final}.pt`` (``checkpoint_snapshot_<i>.pt`` too
+after ``train --snapshots``), ``config.json``, ``plans.json``,
 ``progress.json``, ``training_log.txt``, ``training_curves.png``, ``postprocessing_prior.json``, ``.lock``
 and ``validation/`` (``<case>.nii.gz``, ``<case>.npz``, ``metrics.json``).
 
@@ -36,6 +37,7 @@ from pathlib import Path
 ALL = "all"
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _CHECKPOINT = re.compile(r"^checkpoint_(.+)\.pt$")
+_SNAPSHOT = re.compile(r"^snapshot_([1-9]\d*)$")
 
 
 def fold_name(fold: int | str) -> str:
@@ -107,6 +109,21 @@ class RunDir:
     def checkpoint(self, name: str) -> Path:
         """``checkpoint_<name>.pt`` (``name``: ``latest``, ``best``, ``final``)."""
         return self.path / self.checkpoint_file(name)
+
+    @staticmethod
+    def snapshot_name(index: int) -> str:
+        """The checkpoint name of the snapshot at the end of cosine cycle ``index`` (1, 2, ...): ``snapshot_<index>``."""
+        return f"snapshot_{index}"
+
+    @staticmethod
+    def is_snapshot_name(name: str) -> bool:
+        """Whether ``name`` is a snapshot's checkpoint name (``snapshot_1`` ...)."""
+        return _SNAPSHOT.match(name) is not None
+
+    def snapshots_present(self) -> list[str]:
+        """Checkpoint names of the snapshots in the folder (``snapshot_1``, ``snapshot_2``, ...), by cycle."""
+        names = [m.group(1) for f in self.checkpoints_present() if (m := _CHECKPOINT.match(f))]
+        return sorted((n for n in names if self.is_snapshot_name(n)), key=lambda n: int(n.split("_")[1]))
 
     def checkpoints_present(self) -> list[str]:
         """File names of the checkpoints in the folder, sorted (empty when the folder does not exist)."""

@@ -19,37 +19,17 @@ from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.json_files import load_json_file
 from medseg.io.workdir import fold_name
 from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
+from medseg.training.run_defaults import (
+    LONG_SCHEDULE_LR,
+    LONG_SCHEDULE_MOMENTUM,
+    SHORT_SCHEDULE_INTENSITY_AUGMENTATION,
+    SHORT_SCHEDULE_LR,
+    SHORT_SCHEDULE_MOMENTUM,
+    SHORT_SCHEDULE_OPTIMIZER,
+    SHORT_SCHEDULE_WEIGHT_AVERAGING,
+    base_optimizer,
+)
 from medseg.training.run_record import RUN_RECORD_KEYS
-
-#: ``weight_averaging`` of a time-budgeted run when it is ``auto``. On the hippocampus data (AVX2 path, 16
-#: features, fold 0 of 180 cases + 20 held-out cases, two budgets, three runs), the average against the raw
-#: weights of the same run: +0.0011 / +0.0011 and +0.0010 / -0.0002 (30 min, seed 0); over 112 case pairs of
-#: two 21.5-minute seeds +0.0008 / +0.0010 per case (paired t 1.7 / 2.1, 61 of 112 cases better); docs/
-#: benchmarks.md. Small but in 11 of 12 class means; an update takes 0.2 ms against a 330 ms step (16f, 1.4M
-#: weights), and an EMA over the annealed end of a run has no statistics to go stale (instance norm). Epoch-based runs keep nnU-Net's raw final weights.
-SHORT_SCHEDULE_WEIGHT_AVERAGING = WeightAveraging.EMA
-
-#: Optimizer settings of a time-budgeted run when ``optimizer="auto"``. nnU-Net's SGD (Nesterov momentum
-#: 0.99, lr 1e-2) is made for 250k iterations; a budget on a CPU allows one or two thousand. Measured on the
-#: hippocampus data (16 base features, batch 2, fp32, 300 iterations with the learning rate annealed to
-#: 0): SGD 0.99 / 1e-2 still predicted only background (pseudo Dice 0.00), AdamW 3e-3 reached 0.43 after
-#: 50 iterations and 0.81 after 300, SGD 0.9 / 3e-2 0.00 after 50 and 0.81 after 250.
-SHORT_SCHEDULE_OPTIMIZER = Optimizer.ADAMW
-SHORT_SCHEDULE_LR = {Optimizer.SGD: 3e-2, Optimizer.ADAMW: 3e-3}
-SHORT_SCHEDULE_MOMENTUM = 0.9
-#: The epoch-based (full-schedule) defaults: nnU-Net's.
-LONG_SCHEDULE_LR = {Optimizer.SGD: 1e-2, Optimizer.ADAMW: 1e-3}
-LONG_SCHEDULE_MOMENTUM = 0.99
-#: Intensity augmentation (noise, blur, brightness, contrast, low resolution, gamma) of a time-budgeted run
-#: when ``AugmentationConfig.intensity`` is None and the run's training data decide nothing (a configuration
-#: resolved on its own; :func:`medseg.training.train` decides from the data with
-#: :mod:`medseg.training.intensity_rule`, which keeps this choice only for homogeneous data). These transforms regularise a model that would otherwise
-#: overfit in nnU-Net's 250k iterations; a budget of one or two thousand iterations ends long before that,
-#: and there they cost fit. Measured on the hippocampus data (30 minutes, 24 base features, batch 4, bf16,
-#: fold 0, 40 validation cases; spatial transforms and mirroring kept; shift TTA): mean final validation
-#: Dice with these transforms -> without, 0.8862 -> 0.8901 (seed 12345) and 0.8866 -> 0.8869 (seed 7);
-#: the table is in README ("The laptop-CPU path").
-SHORT_SCHEDULE_INTENSITY_AUGMENTATION = False
 
 
 @dataclass(frozen=True)
@@ -160,15 +140,19 @@ class TrainConfig:
             initialisation (:mod:`medseg.training.pretrained`). With a time budget the plan's network is
             trained as it is (no refit). A resumed run continues from its checkpoint, never from these.
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
-            time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`). :meth:`resolved` makes it concrete;
-            a run's ``config.json`` holds the resolved value.
+            time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`); ``lookahead-sgd`` / ``lookahead-adamw``:
+            that optimizer inside Lookahead (:mod:`medseg.training.lookahead`; its defaults are the inner
+            optimizer's). :meth:`resolved` makes it concrete; a run's ``config.json`` holds the resolved value.
+        lookahead_k / lookahead_alpha: Lookahead's inner steps per synchronisation and slow-weight step size.
         lr: initial learning rate; None = 1e-2 for SGD, 1e-3 for AdamW in epoch-based runs, 3e-2 and 3e-3
             in time-budgeted runs.
         momentum: SGD momentum; None = 0.99 in epoch-based runs, 0.9 in time-budgeted runs.
         nesterov / weight_decay: optimizer settings.
         lr_schedule: ``poly`` (``lr0 * (1 - progress) ** poly_power``) or ``cosine_restarts`` (cosine
-            annealing with ``cosine_cycles`` warm restarts, each cycle twice as long as the previous
-            one, the last ending with the training).
+            annealing with ``cosine_cycles`` warm restarts, each cycle ``cosine_cycle_growth`` times as long
+            as the previous one (1: equal cycles), the last ending with the training).
+        snapshots: with ``cosine_restarts``, save the weights at the end of each cycle as
+            ``checkpoint_snapshot_<i>.pt`` (``i`` = 1 ... ``cosine_cycles``) for a snapshot ensemble.
         grad_clip: maximal gradient norm (0 = no clipping).
         dice_weight / ce_weight: weights of the soft Dice and cross-entropy terms.
         batch_dice: compute Dice over the whole batch instead of per sample.
@@ -221,6 +205,10 @@ class TrainConfig:
     lr_schedule: LRSchedule = LRSchedule.POLY
     poly_power: float = 0.9
     cosine_cycles: int = 3
+    cosine_cycle_growth: float = 2.0
+    snapshots: bool = False
+    lookahead_k: int = 5
+    lookahead_alpha: float = 0.5
     grad_clip: float = 12.0
     dice_weight: float = 1.0
     ce_weight: float = 1.0
@@ -274,8 +262,14 @@ class TrainConfig:
             p.append(f"lr must be positive, got {self.lr}")
         if self.lr_schedule not in choices(LRSchedule):
             p.append(f"lr_schedule must be one of {choices(LRSchedule)}, got {self.lr_schedule!r}")
-        if self.cosine_cycles < 1:
-            p.append(f"cosine_cycles must be >= 1, got {self.cosine_cycles}")
+        if self.cosine_cycles < 1 or not self.cosine_cycle_growth > 0:
+            p.append(
+                f"cosine_cycles must be >= 1, cosine_cycle_growth > 0: {self.cosine_cycles}, {self.cosine_cycle_growth}"
+            )
+        if self.snapshots and self.lr_schedule != LRSchedule.COSINE_RESTARTS:
+            p.append(f"snapshots need lr_schedule 'cosine_restarts' (a snapshot per cycle), got {self.lr_schedule!r}")
+        if self.lookahead_k < 1 or not 0 < self.lookahead_alpha <= 1:
+            p.append(f"lookahead_k must be >= 1, lookahead_alpha in (0, 1]: {self.lookahead_k}, {self.lookahead_alpha}")
         if self.precision not in choices(Precision):
             p.append(f"precision must be one of {choices(Precision)}, got {self.precision!r}")
         if self.grad_clip < 0:
@@ -337,7 +331,8 @@ class TrainConfig:
             if self.optimizer != Optimizer.AUTO
             else (SHORT_SCHEDULE_OPTIMIZER if short else Optimizer.SGD)
         )
-        lr = self.lr if self.lr is not None else (SHORT_SCHEDULE_LR if short else LONG_SCHEDULE_LR)[optimizer]
+        defaults = SHORT_SCHEDULE_LR if short else LONG_SCHEDULE_LR
+        lr = self.lr if self.lr is not None else defaults[base_optimizer(optimizer)]
         momentum = (
             self.momentum
             if self.momentum is not None

@@ -16,12 +16,15 @@ from torch import nn
 
 from medseg.distributed import DistContext
 from medseg.errors import ConfigError, TrainingError
+from medseg.options import Optimizer
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.device import autocast, channels_last_format
+from medseg.training.lookahead import Lookahead
 from medseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from medseg.training.region_losses import region_loss
+from medseg.training.run_defaults import LOOKAHEAD_INNER, base_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +71,26 @@ def build_model(
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum) or AdamW at the resolved learning rate of ``cfg`` (``cfg.resolved()``)."""
+    """SGD (Nesterov momentum) or AdamW at the resolved learning rate of ``cfg`` (``cfg.resolved()``), inside
+    :class:`~medseg.training.lookahead.Lookahead` (``lookahead_k``, ``lookahead_alpha``) for the
+    ``lookahead-*`` optimizers."""
     opt = cfg.resolved()
     lr, momentum = opt.lr, opt.momentum
     assert lr is not None and momentum is not None  # resolved() sets both
-    if opt.optimizer == "sgd":
-        return torch.optim.SGD(
+    inner: torch.optim.Optimizer
+    if base_optimizer(opt.optimizer) == Optimizer.SGD:
+        inner = torch.optim.SGD(
             model.parameters(),
             lr=float(lr),
             momentum=momentum,
             nesterov=cfg.nesterov and momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-    return torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=cfg.weight_decay)
+    else:
+        inner = torch.optim.AdamW(model.parameters(), lr=float(lr), weight_decay=cfg.weight_decay)
+    if opt.optimizer in LOOKAHEAD_INNER:
+        return Lookahead(inner, k=cfg.lookahead_k, alpha=cfg.lookahead_alpha)
+    return inner
 
 
 class OptimizerStep:

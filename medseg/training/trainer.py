@@ -195,6 +195,7 @@ class Trainer(TrainerEpoch):
         self.best_metric: float | None = None
         self.ema_metric: float | None = None
         self.history: list[dict[str, Any]] = []
+        self.snapshots_saved = 0  # checkpoint_snapshot_<i>.pt written (--snapshots)
         self.fwd_seconds_per_sample: float | None = None  # eval forward time of one patch
         self.end_epoch_seconds: float | None = None  # checkpoint + log + plot time at the end of an epoch
         self.pseudo_dice_seconds: float | None = None
@@ -317,6 +318,7 @@ class Trainer(TrainerEpoch):
             close = getattr(stream, "_shutdown_workers", None)
             if close is not None:
                 close()
+        self.save_snapshots(None)  # the last cycle ends with the training
         self.write_progress("trained")
         return True
 

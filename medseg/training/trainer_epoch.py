@@ -8,8 +8,10 @@ body, building on its state (:class:`~medseg.training.trainer_state.TrainerState
 Per iteration (:meth:`TrainerEpoch.train_epoch`): rank 0's decision whether the clock stops the run, the
 learning rate of the schedule at the clock's progress, the next batch of the stream, one optimizer step
 (:class:`~medseg.training.step.OptimizerStep`), the weight average, the clock's step time, the step hooks.
-At the end of an epoch (:meth:`TrainerEpoch._end_epoch`): the EMA of the pseudo Dice, the history entry,
-the epoch's log line, ``checkpoint_best`` when the EMA improved, ``checkpoint_latest`` and ``progress.json``.
+With ``snapshots``, the weights when a cosine cycle has ended (:meth:`TrainerEpoch.save_snapshots`,
+``checkpoint_snapshot_<i>.pt``). At the end of an epoch (:meth:`TrainerEpoch._end_epoch`): the EMA of the
+pseudo Dice, the history entry, the epoch's log line, ``checkpoint_best`` when the EMA improved,
+``checkpoint_latest`` and ``progress.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from medseg.io.workdir import RunDir
 from medseg.training.device import to_device
 from medseg.training.progress import epoch_line
-from medseg.training.schedule import lr_factor
+from medseg.training.schedule import completed_cycles, lr_factor
 from medseg.training.step import OptimizerStep
 from medseg.training.trainer_state import TrainerState
 from medseg.training.trainer_validation import TrainerValidation
@@ -40,10 +43,12 @@ class TrainerEpoch(TrainerState, TrainerValidation):
 
     step: OptimizerStep
     step_hooks: list[Callable[[int], None]]
+    snapshots_saved: int
 
     # ------------------------------------------------------------------ steps
     def _set_lr(self, progress: float) -> float:
-        lr = self.lr0 * lr_factor(self.cfg.lr_schedule, progress, self.cfg.poly_power, self.cfg.cosine_cycles)
+        cfg = self.cfg
+        lr = self.lr0 * lr_factor(cfg.lr_schedule, progress, cfg.poly_power, cfg.cosine_cycles, cfg.cosine_cycle_growth)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -84,6 +89,7 @@ class TrainerEpoch(TrainerState, TrainerValidation):
                 stop, progress = self._sync_stop_and_progress()
                 if stop and self.clock.stops_mid_epoch:
                     break
+                self.save_snapshots(progress)
                 lr = self._set_lr(progress)
                 t0 = time.perf_counter()
                 x, y = next(stream)
@@ -125,6 +131,27 @@ class TrainerEpoch(TrainerState, TrainerValidation):
             "data_wait_seconds": wait,
             "it_per_s": n / seconds if seconds > 0 else 0.0,
         }
+
+    def save_snapshots(self, progress: float | None) -> None:
+        """With ``snapshots``: save the weights as ``checkpoint_snapshot_<i>.pt`` for each cosine cycle ``i`` that
+        has ended since the last one saved, before the step at ``progress`` (None: training has ended, and with
+        it the last cycle). The weights are those after the last step of the cycle, at a learning rate near 0."""
+        cfg = self.cfg
+        if not cfg.snapshots:
+            return
+        ended = cfg.cosine_cycles
+        if progress is not None:  # the last cycle ends with the training, not at a progress value
+            ended = min(completed_cycles(progress, cfg.cosine_cycles, cfg.cosine_cycle_growth), cfg.cosine_cycles - 1)
+        while self.snapshots_saved < ended:
+            self.snapshots_saved += 1
+            self.save(RunDir.snapshot_name(self.snapshots_saved))
+            logger.info(
+                "cycle %d of %d ended at iteration %d -> %s",
+                self.snapshots_saved,
+                self.cfg.cosine_cycles,
+                self.iteration,
+                RunDir.checkpoint_file(RunDir.snapshot_name(self.snapshots_saved)),
+            )
 
     def _end_epoch(self, stats: dict[str, Any], val: dict[str, Any]) -> None:
         """Book an epoch that just ended (``self.epoch`` already counts it): EMA of the pseudo Dice, history

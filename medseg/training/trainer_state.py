@@ -1,9 +1,9 @@
 """A trainer's state: what its checkpoints hold, how a run continues from one, and ``progress.json``.
 
 :class:`TrainerState` is a base of :class:`~medseg.training.trainer.Trainer`: :meth:`~TrainerState.state_dict`
-is the checkpoint dict (``medseg-checkpoint-v1``: weights, optimizer and gradient-scaler state, schedule,
-progress counters, the clock's elapsed time and step time, the EMA and best pseudo Dice, the epoch
-history, the weight average and the RNG states), :meth:`~TrainerState.load_state_dict` continues the
+is the checkpoint dict (``medseg-checkpoint-v1``: weights, optimizer and gradient-scaler state, schedule (with
+the snapshots saved so far), progress counters, the clock's elapsed time and step time, the EMA and best
+pseudo Dice, the epoch history, the weight average and the RNG states), :meth:`~TrainerState.load_state_dict` continues the
 trainer from a loaded ``checkpoint_latest.pt`` (checkpoints of earlier versions included: entries they lack
 keep their fresh values).
 """
@@ -64,6 +64,7 @@ class TrainerState:
     best_metric: float | None
     ema_metric: float | None
     history: list[dict[str, Any]]
+    snapshots_saved: int
     fwd_seconds_per_sample: float | None
 
     # ------------------------------------------------------------------ what the clock says
@@ -103,7 +104,12 @@ class TrainerState:
             "format": CHECKPOINT_FORMAT,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"name": self.cfg.lr_schedule, "lr0": self.lr0, "progress": self.progress()},
+            "scheduler": {
+                "name": self.cfg.lr_schedule,
+                "lr0": self.lr0,
+                "progress": self.progress(),
+                "snapshots_saved": self.snapshots_saved,
+            },
             "grad_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "epoch": self.epoch,
             "iteration": self.iteration,
@@ -150,6 +156,7 @@ class TrainerState:
         self.best_metric = ckpt.get("best_metric")
         self.ema_metric = ckpt.get("ema_metric")
         self.history = list(ckpt.get("history", []))
+        self.snapshots_saved = int((ckpt.get("scheduler") or {}).get("snapshots_saved", 0))
         timing = ckpt.get("timing") or {}
         self.clock.load_state_dict(
             {"elapsed_seconds": ckpt.get("elapsed_seconds", 0.0), "step_seconds": timing.get("iter_seconds")}

@@ -26,13 +26,21 @@ def test_members_are_their_strings():
     assert Precision.BF16 == "bf16" and "bf16" == Precision.BF16 and {"bf16": 1}[Precision.BF16] == 1
     assert json.dumps({"p": Precision.FP16}) == '{"p": "fp16"}'
     assert PRECISIONS == ("fp32", "bf16", "fp16") and choices(Precision) == ["auto", "fp32", "bf16", "fp16"]
-    assert choices(DeviceKind) == ["cpu", "cuda"] and choices(CheckpointName) == ["final", "best", "latest"]
+    assert choices(DeviceKind) == ["cpu", "cuda"] and choices(CheckpointName) == [
+        "final",
+        "best",
+        "latest",
+        "snapshots",
+    ]
     assert valid_values(NormalizationScheme) == "'ct', 'zscore' or 'none'"
 
 
 def test_parse_option_names_the_valid_values():
     assert parse_option(Optimizer, "adamw", "optimizer") is Optimizer.ADAMW
-    with pytest.raises(ConfigError, match=r"optimizer must be one of \['auto', 'sgd', 'adamw'\], got 'adam'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optimizer must be one of \['auto', 'sgd', 'adamw', 'lookahead-sgd', 'lookahead-adamw'\], got 'adam'",
+    ):
         parse_option(Optimizer, "adam", "optimizer")
     with pytest.raises(PlanError, match="precision must be one of"):
         parse_option(Precision, "fp8", "precision", PlanError)

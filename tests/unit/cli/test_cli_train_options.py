@@ -41,3 +41,23 @@ def test_pretrained_flag_reaches_the_train_config(tmp_path, monkeypatch, capsys)
     assert main(["train", str(tmp_path), "--pretrained", "model.zip"]) == 0
     assert main(["train", str(tmp_path)]) == 0
     assert [c.pretrained for c in seen] == ["model.zip", None]
+
+
+def test_snapshot_and_lookahead_flags_reach_the_train_config(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(medseg.training, "train", lambda work, cfg, resume=False: seen.append(cfg) or work)
+    assert main(["train", str(tmp_path), "--snapshots", "4", "--optimizer", "lookahead-sgd", "--lookahead-k", "6"]) == 0
+    assert main(["train", str(tmp_path), "--snapshots", "3", "--cycle-growth", "2", "--lookahead-alpha", "0.8"]) == 0
+    assert main(["train", str(tmp_path)]) == 0
+    first, second, plain = seen
+    assert (first.lr_schedule, first.cosine_cycles, first.cosine_cycle_growth, first.snapshots) == (
+        "cosine_restarts",
+        4,
+        1.0,
+        True,
+    )
+    assert (first.optimizer, first.lookahead_k, first.lookahead_alpha) == ("lookahead-sgd", 6, 0.5)
+    assert (second.cosine_cycles, second.cosine_cycle_growth, second.lookahead_alpha) == (3, 2.0, 0.8)
+    assert (plain.lr_schedule, plain.snapshots, plain.optimizer) == ("poly", False, "auto")
+    assert main(["train", str(tmp_path), "--cycle-growth", "2"]) == 2
+    assert "--cycle-growth needs --snapshots" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 
 from medseg.errors import ConfigError
 from medseg.training.config import AugmentationConfig, TrainConfig
-from medseg.training.schedule import cosine_restarts_factor, lr_factor, poly_factor
+from medseg.training.schedule import completed_cycles, cosine_restarts_factor, cycle_ends, lr_factor, poly_factor
 
 
 def test_round_trip_through_json(tmp_path):
@@ -96,3 +96,28 @@ def test_schedules():
     assert lr_factor("cosine_restarts", 5 / 7, cosine_cycles=3) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         lr_factor("step", 0.1)
+
+
+def test_warm_restarts_happen_at_the_right_iterations():
+    total = 30  # an epoch-based run: progress = iteration / total
+    for growth, restarts in ((1.0, [10, 20]), (2.0, [30 * 1 // 7 + 1, 30 * 3 // 7 + 1])):
+        factors = [lr_factor("cosine_restarts", i / total, cosine_cycles=3, cycle_growth=growth) for i in range(total)]
+        found = [i for i in range(1, total) if factors[i] > factors[i - 1]]
+        assert found == restarts, growth
+        assert factors[0] == 1.0 and all(factors[i] > 0.95 for i in restarts)  # a restart starts near lr0
+        assert min(factors[r - 1] for r in restarts) < 0.05  # annealed before each restart
+    assert [lr_factor("cosine_restarts", i / 30, cosine_cycles=3, cycle_growth=1.0) for i in (10, 20)] == [1.0, 1.0]
+    assert cycle_ends(3, 1.0) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert cycle_ends(4, 2.0) == pytest.approx([1 / 15, 3 / 15, 7 / 15, 1.0])
+    assert [completed_cycles(i / 9, 3, 1.0) for i in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+
+
+def test_snapshots_and_lookahead_settings_are_checked():
+    with pytest.raises(ConfigError, match="snapshots need lr_schedule 'cosine_restarts'"):
+        TrainConfig(snapshots=True).validate()
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(cosine_cycles=0, lookahead_alpha=0.0).validate()
+    assert "cosine_cycles" in str(info.value) and "lookahead_alpha" in str(info.value)
+    cfg = TrainConfig(optimizer="lookahead-adamw", lr_schedule="cosine_restarts", snapshots=True, cosine_cycles=4)
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg.validate()
+    assert cfg.resolved().lr == 1e-3  # the inner AdamW's epoch-based default
