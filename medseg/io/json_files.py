@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -10,6 +11,8 @@ from typing import Any, TypeVar
 from medseg.errors import MedsegError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 def parse_json(text: str, what: str, error: type[MedsegError] = MedsegError) -> Any:
@@ -62,3 +65,30 @@ def load_json_file(
         return parse(value)
     except error as exc:
         raise error(f"{path}: {exc}") from None
+
+
+def read_case_table(path: Path, format_name: str, what: str) -> dict[str, Any]:
+    """The ``cases`` of an earlier per-folder table (``{"format": ..., "cases": {case id: {...}}}``), to extend.
+
+    A table that cannot be used is not an error: the run starts a new one, with one warning naming the file.
+
+    Args:
+        path: e.g. ``OUT/statistics.json``.
+        format_name: the ``format`` the document must declare.
+        what: the table in words, for the warning (``"statistics"``, ``"instance table"``).
+
+    Returns:
+        case id -> entry (entries that are not objects left out); empty when there is no usable file.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s: cannot read the earlier %s (%s); starting a new one", path, what, exc)
+        return {}
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        logger.warning("%s: not a %s document; starting a new %s", path, format_name, what)
+        return {}
+    cases = document.get("cases")
+    return {k: v for k, v in cases.items() if isinstance(v, dict)} if isinstance(cases, dict) else {}

@@ -38,6 +38,7 @@ from medseg.inference.export import write_segmentation
 from medseg.inference.shards import Shard, merge_parts, merged_cases
 from medseg.io.codec import to_json_dict
 from medseg.io.image import atomic_write_text, instance_map_path
+from medseg.io.json_files import read_case_table
 from medseg.postprocessing.instances import InstanceOptions, find_instances
 
 __all__ = ["INSTANCES_FILE", "INSTANCES_FORMAT", "InstanceWriter", "instance_map_path"]
@@ -116,16 +117,5 @@ class InstanceWriter:
 
 
 def _earlier_cases(path: Path) -> dict[str, Any]:
-    """The cases of an earlier ``instances.json`` (empty when there is none; a warning when it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("%s: cannot read the earlier instance table (%s); starting a new one", path, exc)
-        return {}
-    if not isinstance(document, dict) or document.get("format") != INSTANCES_FORMAT:
-        logger.warning("%s: not a %s document; starting a new one", path, INSTANCES_FORMAT)
-        return {}
-    cases = document.get("cases")
-    return dict(cases) if isinstance(cases, dict) else {}
+    """The cases of an earlier table at ``path`` (empty when there is none; a warning when it is unusable)."""
+    return read_case_table(path, INSTANCES_FORMAT, "instance table")

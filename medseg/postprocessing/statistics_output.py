@@ -38,6 +38,7 @@ from medseg.inference.case_output import FinishedCase
 from medseg.inference.shards import Shard, merge_parts, merged_cases
 from medseg.io.codec import to_json_dict
 from medseg.io.image import atomic_write_text
+from medseg.io.json_files import read_case_table
 from medseg.postprocessing.case_reports import read_case_image
 from medseg.postprocessing.structure_statistics import CONNECTIVITY, structure_statistics
 
@@ -219,16 +220,5 @@ def _cell(value: float | None) -> str:
 
 
 def _earlier_cases(path: Path) -> dict[str, Any]:
-    """The cases of an earlier ``statistics.json`` (empty when there is none; a warning when it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("%s: cannot read the earlier statistics (%s); starting a new file", path, exc)
-        return {}
-    if not isinstance(document, dict) or document.get("format") != STATISTICS_FORMAT:
-        logger.warning("%s: not a %s document; starting a new file", path, STATISTICS_FORMAT)
-        return {}
-    cases = document.get("cases")
-    return {k: v for k, v in cases.items() if isinstance(v, dict)} if isinstance(cases, dict) else {}
+    """The cases of an earlier table at ``path`` (empty when there is none; a warning when it is unusable)."""
+    return read_case_table(path, STATISTICS_FORMAT, "statistics")
