@@ -27,6 +27,7 @@ Sizes in GiB, times in seconds.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import torch
 
 from medseg.cli.main import main as medseg_main
 from medseg.inference.members import EnsembleMember
-from medseg.inference.network_runner import inference_batch_size
+from medseg.inference.network_runner import auto_precision, inference_batch_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.sliding_window import PredictionStopped, tta_variants
 from medseg.inference.tiling import tile_starts
@@ -119,7 +120,7 @@ def _predict_case(
             out["output"] = f"{tuple(probs.shape)} {probs.dtype}"
             del probs
     except Exception as e:  # noqa: BLE001 - recorded by the caller
-        exc = e
+        exc = e.with_traceback(None)  # its frames (and their tensors) go now
     finally:
         logging.getLogger().removeHandler(handler)
     out["seconds"] = time.perf_counter() - t0
@@ -133,6 +134,7 @@ def _predict_case(
     batch = inference_batch_size(stage.patch_size, stage.network.spec.base_features, stage.num_classes, device)
     out["forwards"], out["forwards_total"] = forwards[0], math.ceil(windows * out["passes"] / batch)
     del ballast, predictor, model
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return {**out, "exception": exc}
@@ -161,7 +163,10 @@ def prediction_part(
     rows = []
     for i, (name, stage, shape, tta, ballast) in enumerate(cases):
         row: dict[str, Any] = {"part": "prediction", "row": name}
-        row["setting"] = f"patch {'x'.join(map(str, stage.patch_size))}, {stage.network.spec.base_features} features"
+        row["setting"] = (
+            f"patch {'x'.join(map(str, stage.patch_size))}, {stage.network.spec.base_features} features, "
+            f"{auto_precision(stage.precision, device)} (the plan's)"
+        )
         rows.append(row)
         left = (deadline - time.perf_counter()) / (len(cases) - i)
         try:

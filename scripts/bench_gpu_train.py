@@ -29,6 +29,7 @@ Sizes in GiB (2**30 bytes), times in seconds.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -181,8 +182,8 @@ def train_steps(
     """
     cfg = TrainConfig(configuration=stage.config_name, arch=stage.arch, device=device.type, precision=precision)
     cuda = device.type == "cuda"
+    free_memory(device)
     if cuda:
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     dist = DistContext()
     model, _ = build_model(stage, device, channels_last, dist)
@@ -294,7 +295,11 @@ def memory_part(plans: dict[str, Plan], device: torch.device, target_gb: float, 
             )
             row["measured"] += f" GiB ({res['steps_done']} steps, {res['step_s']:.3f} s/step)"
             row["reference"] = f"plan {est:.3f} GiB ({net.precision}); {precision} {device.type} rules {est_run:.3f}"
-            row["check"] = f"{ratio:.2f}x of plan [{MEMORY_TARGET[0]}-{MEMORY_TARGET[1]}]"
+            row["values"]["ratio_at_run_precision"] = measured / est_run
+            row["check"] = (
+                f"{ratio:.2f}x of plan [{MEMORY_TARGET[0]}-{MEMORY_TARGET[1]}]; {measured / est_run:.2f}x of the "
+                f"{precision} {device.type} estimate"
+            )
             row["status"] = (
                 res["status"] if res["status"] != "ok" else memory_verdict(measured, est, reserved, target_gb)
             )
@@ -302,8 +307,15 @@ def memory_part(plans: dict[str, Plan], device: torch.device, target_gb: float, 
             row["status"] = error_status(exc)
             if device.type == "cuda":
                 row.setdefault("values", {})["reserved_gb_at_failure"] = torch.cuda.max_memory_reserved(device) / GIB
-                torch.cuda.empty_cache()
+        free_memory(device)  # after the except clause: a failed step's tensors die with its traceback
     return rows
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage (tensors in reference cycles) and hand cached CUDA blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def step_flops(stage: Stage, device: torch.device, batch: int) -> int:
@@ -366,8 +378,7 @@ def throughput_part(plans: dict[str, Plan], device: torch.device, batch: int, st
             row["status"] = res["status"]
         except Exception as exc:  # noqa: BLE001
             row["status"] = error_status(exc)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        free_memory(device)
     label = f"{chosen[0]}{' channels-last' if chosen[1] else ''}"
     row = {"part": "throughput", "row": f"run's choice: {label}", "setting": "planned_precision_and_layout"}
     if speeds:

@@ -9,7 +9,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-SITE=/tmp/site
+SITE=${GPU_CHECK_SITE:-/tmp/site}
 t0=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 3
@@ -21,7 +21,8 @@ done
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
 echo "wheels installed in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee "$OUT/gpu_check.log"
-python3 -c 'import SimpleITK, nibabel, torch, medseg; print("imports ok: torch", torch.__version__)' 2>&1 | tee -a "$OUT/gpu_check.log" || exit 4
+python3 -c 'import SimpleITK, nibabel, torch, medseg; print("imports ok: torch", torch.__version__, "SimpleITK", SimpleITK.__file__, "nibabel", nibabel.__file__)' 2>&1 | tee -a "$OUT/gpu_check.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 4
 timeout --kill-after=10 560 python3 scripts/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu_check.log"
