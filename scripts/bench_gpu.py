@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ PARTS = ("info", "memory", "throughput", "prediction", "real_run")
 BOX_S = {"info": 60, "memory": 150, "throughput": 60, "prediction": 120, "real_run": 300}
 MIN_S = {"info": 20, "memory": 60, "throughput": 25, "prediction": 40, "real_run": 235}
 DRY_BOX_S = 120
+_RUNNING: list[subprocess.Popen[bytes]] = []  # the part's child process while one runs
 COLUMNS = ("part", "row", "setting", "measured", "reference", "check", "status")
 
 
@@ -143,13 +146,27 @@ def _child(argv: list[str], part: str, scratch: Path, box: float, extra: list[st
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
+    # a process group of its own: at the time box the whole group goes (data workers, step probes included)
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    _RUNNING[:] = [proc]
     try:
-        rc = subprocess.run(cmd, env=env, timeout=box + 30).returncode
+        rc = proc.wait(timeout=box + 30)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return {}, f"killed at its time box ({box:.0f} s + 30 s)"
+    finally:
+        _RUNNING.clear()
     if rc != 0 or not result_path.is_file():
         return {}, f"crashed: exit {rc} after {time.perf_counter() - t0:.0f} s (see the log above)"
     return json.loads(result_path.read_text()), "ok"
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT of the parent (an outer ``timeout``): take the running part's process group along."""
+    for proc in _RUNNING:
+        os.killpg(proc.pid, signal.SIGKILL)
+    sys.exit(128 + signum)
 
 
 def _clean(v: Any) -> Any:
@@ -184,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         args.data = str(CARRIED_DATA if CARRIED_DATA.is_dir() else SHARED_DATA)
     if args.part is not None:  # a child: run one part, write its result
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import logging
-
         logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [{args.part}] %(name)s: %(message)s")
         result = run_part(args)
         path = Path(args.scratch) / f"{args.part}.result.json"
@@ -195,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _stop)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    base = [a for a in argv]
+    base = list(argv)
     try:
         info, status = _child(base, "info", scratch, part_box("info", [], args.time_limit, args.dry_run), [])
         info = info.get("info", {})
@@ -226,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu_check.json").write_text(json.dumps(_clean(report), indent=1, default=str) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

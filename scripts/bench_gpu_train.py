@@ -300,9 +300,9 @@ def memory_part(plans: dict[str, Plan], device: torch.device, target_gb: float, 
                 f"{ratio:.2f}x of plan [{MEMORY_TARGET[0]}-{MEMORY_TARGET[1]}]; {measured / est_run:.2f}x of the "
                 f"{precision} {device.type} estimate"
             )
-            row["status"] = (
-                res["status"] if res["status"] != "ok" else memory_verdict(measured, est, reserved, target_gb)
-            )
+            row["status"] = memory_verdict(measured, est, reserved, target_gb)
+            if res["status"] != "ok":  # fewer steps than asked: the peaks are those of the steps done
+                row["status"] += f" ({res['status']})"
         except Exception as exc:  # noqa: BLE001 - a row that fails records why; the others go on
             row["status"] = error_status(exc)
             if device.type == "cuda":
