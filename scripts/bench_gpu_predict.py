@@ -97,13 +97,17 @@ def _predict_case(
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     predictor = Predictor([EnsembleMember.of_stage(model, stage)], device=device, use_tta=use_tta)
     data = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    gc.collect()  # what an earlier case left in reference cycles
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         if ballast_free_gb:
             free, _ = torch.cuda.mem_get_info(device)
             extra = free - int(ballast_free_gb * GIB)
-            ballast = torch.empty(max(extra, 0), dtype=torch.uint8, device=device)
+            try:
+                ballast = torch.empty(max(extra, 0), dtype=torch.uint8, device=device)
+            except Exception as e:  # noqa: BLE001 - the check's own set-up, not medseg, failed
+                raise RuntimeError(f"a ballast of {extra / GIB:.1f} GiB could not be allocated: {e}") from None
             out["free_gb_after_ballast"] = torch.cuda.mem_get_info(device)[0] / GIB
         torch.cuda.reset_peak_memory_stats(device)
     handler = _Warnings()
@@ -171,8 +175,9 @@ def prediction_part(
         left = (deadline - time.perf_counter()) / (len(cases) - i)
         try:
             res = _predict_case(stage, shape, device, tta, left, ballast if device.type == "cuda" else 0)
-        except Exception as exc:  # noqa: BLE001 - building the case failed
-            res = {"exception": exc, "seconds": float("nan"), "warnings": []}
+        except Exception as exc:  # noqa: BLE001 - setting the case up failed (prediction errors come in ``res``)
+            row["status"] = f"set-up failed: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
         exc = res.pop("exception")
         row["values"] = res
         mem = f", peak alloc {res['alloc_gb']:.2f} / reserved {res['reserved_gb']:.2f} GiB" if "alloc_gb" in res else ""
