@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medseg.distributed import DistContext
 from medseg.fingerprint import CaseFingerprint, Fingerprint, extract_fingerprint
 from medseg.io.dataset import DatasetInfo, load_dataset
 from medseg.machine import autocast_dtype
@@ -51,7 +52,6 @@ from medseg.planning.planner import PlannerOptions, plan_dataset
 from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.device import planned_precision_and_layout, to_device
-from medseg.training.distributed import DistContext
 from medseg.training.step import OptimizerStep, build_loss, build_model, build_optimizer
 
 GIB = float(2**30)
