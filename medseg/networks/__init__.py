@@ -1,4 +1,5 @@
-"""Segmentation networks built from a topology (NetworkSpec): registry plus ``unet``, ``deeplab``, ``psp`` and ``fcn``.
+"""Segmentation networks built from a topology (NetworkSpec): registry plus ``unet``, ``deeplab``, ``psp``, ``fcn``
+and MONAI's ``segresnet``, ``swinunetr`` and ``dynunet`` (:mod:`medseg.networks.monai_nets`).
 
 Every architecture works in 2D and 3D from one code path (the patch size's length picks the layers),
 normalises with instance norm (affine) by default (``batch``/``group`` selectable in the spec),
@@ -16,10 +17,25 @@ this package and is never imported from it.
 
 from __future__ import annotations
 
-from medseg.networks.registry import ENTRY_POINT_GROUP, available_networks, build_network, register_network
+from medseg.networks.registry import (
+    ENTRY_POINT_GROUP,
+    accepted_spec,
+    available_networks,
+    build_network,
+    register_network,
+    topology_problems,
+)
 from medseg.networks.spec import NetworkSpec
 
 # importing the architectures registers them
-from medseg.networks import deeplab, fcn, psp, unet  # noqa: E402,F401  isort:skip
+from medseg.networks import deeplab, fcn, monai_nets, psp, unet  # noqa: E402,F401  isort:skip
 
-__all__ = ["ENTRY_POINT_GROUP", "NetworkSpec", "available_networks", "build_network", "register_network"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "NetworkSpec",
+    "accepted_spec",
+    "available_networks",
+    "build_network",
+    "register_network",
+    "topology_problems",
+]
