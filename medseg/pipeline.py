@@ -22,7 +22,7 @@ from medseg.io.dataset import load_dataset
 from medseg.io.image import atomic_write_text
 from medseg.io.validation import validate_dataset
 from medseg.io.workdir import WorkDir
-from medseg.planning import budget, resolution
+from medseg.planning import budget, budget_archs, resolution
 from medseg.planning.plan import Plan
 from medseg.planning.planner import PlannerOptions, plan_dataset
 from medseg.postprocessing.prior import record_prior
@@ -130,16 +130,20 @@ PLANNED_SPACING_SHARE = 0.6
 
 
 def _fit_to_budget(plan: Plan, ds, fp, options) -> Plan:
-    """The time-budget fit: network, patch and batch at the planned spacing, then the resolution lever
-    (:mod:`medseg.planning.resolution`), both within :func:`~medseg.planning.budget.fit_seconds_limit`."""
+    """The time-budget fit: network, patch and batch at the planned spacing (of every planned architecture, the
+    best one becoming the default: :mod:`medseg.planning.budget_archs`), then the resolution lever
+    (:mod:`medseg.planning.resolution`, for that architecture), both within
+    :func:`~medseg.planning.budget.fit_seconds_limit`."""
     t0 = time.perf_counter()
     limit = budget.fit_seconds_limit(options.time_budget_minutes)
-    plan = budget.fit_plan_to_budget(
+    plan = budget_archs.fit_archs_to_budget(
         plan, options.device, options.time_budget_minutes, max_seconds=PLANNED_SPACING_SHARE * limit
     )
+    arch = plan.configuration(plan.notes["budget"]["configuration"]).default_arch
 
     def plan_at(spacing: tuple[float, ...]):
-        return plan_dataset(ds, fp, dataclasses.replace(options, target_spacing=spacing)).configuration("3d_fullres")
+        cfg = plan_dataset(ds, fp, dataclasses.replace(options, target_spacing=spacing)).configuration("3d_fullres")
+        return dataclasses.replace(cfg, default_arch=arch)
 
     return resolution.fit_resolution(
         plan,

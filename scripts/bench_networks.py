@@ -24,10 +24,11 @@ import time
 
 import torch
 
-from medseg.networks import NetworkSpec, available_networks
+from medseg.networks import NetworkSpec, accepted_spec, available_networks
 from medseg.planning.memory import GIB, estimate_training_memory_gb, measure_training_peak_gb
 from medseg.planning.plan import NetworkPlan, Plan
 from medseg.planning.reference_step import make_optimizer, training_step
+from medseg.planning.topology import compute_topology, round_up
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,8 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def simple_topology(patch: list[int]) -> tuple[tuple[int, ...], tuple, tuple]:
     """(patch, kernel sizes, strides) the planner's topology rule gives ``patch`` at isotropic spacing."""
-    from medseg.planning.topology import compute_topology
-
     t = compute_topology((1.0,) * len(patch), tuple(patch))
     return t.patch_size, t.kernel_sizes, t.strides
 
@@ -69,24 +68,22 @@ def networks(args: argparse.Namespace) -> list[tuple[NetworkPlan, int, int]]:
     patch, kernels, strides = simple_topology(args.patch)
     if tuple(patch) != tuple(args.patch):
         print(f"note: patch {args.patch} rounded up to {list(patch)} (divisible by the total stride)")
-    return [
-        (
-            NetworkPlan(
-                NetworkSpec(
-                    arch=a,
-                    kernel_sizes=kernels,
-                    strides=strides,
-                    base_features=args.base_features,
-                    max_features=args.max_features,
-                ),
-                patch_size=patch,
-                batch_size=args.batch,
-            ),
-            args.in_channels,
-            args.num_classes,
+    nets = []
+    for a in archs:  # each architecture's nearest accepted topology (MONAI's networks), the patch rounded up to it
+        spec = accepted_spec(
+            NetworkSpec(
+                arch=a,
+                kernel_sizes=kernels,
+                strides=strides,
+                base_features=args.base_features,
+                max_features=args.max_features,
+            )
         )
-        for a in archs
-    ]
+        arch_patch = tuple(round_up(p, t) for p, t in zip(patch, spec.total_stride()))
+        nets.append(
+            (NetworkPlan(spec, patch_size=arch_patch, batch_size=args.batch), args.in_channels, args.num_classes)
+        )
+    return nets
 
 
 def time_steps(net: NetworkPlan, cin: int, k: int, precision: str, channels_last: bool, args) -> tuple[float, float]:

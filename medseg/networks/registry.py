@@ -18,6 +18,11 @@ A builder is any callable ``builder(spec: NetworkSpec, in_channels: int, num_cla
 heads for it). The module's ``forward`` takes ``x`` of shape ``(B, in_channels, *spatial)`` and returns
 logits ``(B, num_classes, *spatial)``; in training mode with ``spec.deep_supervision`` it returns a list
 of logits, full resolution first.
+
+A builder may also say which topologies it accepts (architectures with a fixed or constrained layout, e.g.
+MONAI's): a callable attribute ``accepted_spec(spec) -> NetworkSpec`` returning the accepted spec nearest to
+``spec`` (the planner records that one, :func:`accepted_spec`), and ``topology_problems(spec, patch_size, where) -> list[str]``
+saying why a spec (and training patch, or None) is refused (a plan's validation lists them, :func:`topology_problems`).
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def build_network(
     where = f"network {spec.arch!r}"
     problems = spec.check(where)
     if patch_size is not None and not problems:
-        problems = spec.patch_problems(patch_size, where)
+        problems = spec.patch_problems(patch_size, where) or topology_problems(spec, patch_size, where)
     raise_for_problems(problems, ConfigError, "inconsistent network plan")
     builder = _lookup(spec.arch)
     kwargs = {"patch_size": tuple(patch_size)} if patch_size is not None and _takes_patch_size(builder) else {}
@@ -119,6 +124,29 @@ def build_network(
             f"the builder of network {spec.arch!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def accepted_spec(spec: NetworkSpec) -> NetworkSpec:
+    """The spec nearest to ``spec`` that architecture ``spec.arch`` accepts (``spec`` when it takes any topology).
+
+    Raises:
+        ConfigError: unknown architecture.
+    """
+    adapt = getattr(_lookup(spec.arch), "accepted_spec", None)
+    return adapt(spec) if callable(adapt) else spec
+
+
+def topology_problems(spec: NetworkSpec, patch_size: Sequence[int] | None, where: str) -> list[str]:
+    """Why the registered architecture ``spec.arch`` cannot be built for ``spec`` and trained on ``patch_size``
+    (empty when it can, or when the architecture is not registered yet: building it reports that).
+
+    Args:
+        spec: a topology that passes ``spec.check``.
+        patch_size: the training patch ``(Z, Y, X)`` or ``(Y, X)``, divisible by ``spec.total_stride()``; None: any.
+        where: prefix of every message.
+    """
+    check = getattr(_REGISTRY.get(spec.arch), "topology_problems", None)
+    return list(check(spec, patch_size, where)) if callable(check) else []
 
 
 def _takes_patch_size(builder: NetworkBuilder) -> bool:

@@ -3,7 +3,8 @@ batches are tried.
 
 **Candidates** (:func:`default_candidates`), all with the planned topology (same kernels and strides):
 
-* ``base_features`` in :data:`FEATURE_GRID` (16, 24, 32); ``max_features`` scaled by the same factor as
+* ``base_features`` in :data:`FEATURE_GRID` (16, 24, 32; the nearest widths an architecture accepts,
+  :func:`candidate_widths`); ``max_features`` scaled by the same factor as
   the base (the planned 32/320 becomes 16/160);
 * the planned patch; when it does not cover the median image (large images) also up to
   :data:`MAX_PATCH_HALVINGS` smaller patches, each halving the largest axis (rounded to the total
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from medseg.errors import PlanError
+from medseg.networks.registry import accepted_spec
 from medseg.options import DeviceKind, Precision
 from medseg.planning.memory import estimate_training_memory_gb
 from medseg.planning.plan import NetworkPlan
@@ -150,10 +152,20 @@ def default_candidates(net: NetworkPlan, median_shape: Sequence[float]) -> list[
     batches = BATCH_GRID[net.dims]
     return [
         Candidate(f, scaled_max_features(net, f), patch, b)
-        for f in FEATURE_GRID
+        for f in candidate_widths(net)
         for patch in smaller_patches(net, median_shape)
         for b in batches
     ]
+
+
+def candidate_widths(net: NetworkPlan) -> list[int]:
+    """:data:`FEATURE_GRID` as the architecture accepts it (:func:`medseg.networks.accepted_spec`; e.g. SwinUNETR's
+    multiples of 12: 12, 24, 36), without duplicates, in increasing order."""
+    widths = {
+        accepted_spec(replace(net.spec, base_features=f, max_features=max(f, net.spec.max_features))).base_features
+        for f in FEATURE_GRID
+    }
+    return sorted(widths)
 
 
 def check_candidates(grid: Sequence[Candidate], template: NetworkPlan) -> None:
@@ -205,6 +217,7 @@ __all__ = [
     "BATCH_GRID",
     "FEATURE_GRID",
     "Candidate",
+    "candidate_widths",
     "check_candidates",
     "default_candidates",
     "filter_by_memory",

@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -260,8 +261,8 @@ class _PeakTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
 
 def _simulate_trace(net: NetworkPlan, in_channels: int, num_classes: int, threads: int) -> list[int]:
     """Total live bytes after every allocation of a simulated training step (last entry: the SGD step)."""
-    with FakeTensorMode():
-        model = net.build(in_channels, num_classes)
+    with FakeTensorMode() as mode:
+        model = _build_fake(net, in_channels, num_classes, mode)
         model.train()
         x = torch.empty((net.batch_size, in_channels, *net.patch_size), dtype=torch.float32)
         target = torch.zeros((net.batch_size, *net.patch_size), dtype=torch.int64)
@@ -276,6 +277,29 @@ def _simulate_trace(net: NetworkPlan, in_channels: int, num_classes: int, thread
             largest = max((p.numel() * p.element_size() for p in params), default=0)
             tracker.trace.append(tracker.live + 2 * largest)
     return [baseline + v for v in tracker.trace]
+
+
+def _build_fake(net: NetworkPlan, in_channels: int, num_classes: int, mode: FakeTensorMode) -> nn.Module:
+    """``net``'s module with fake parameters and buffers (``mode`` active).
+
+    Built directly under ``mode`` (no memory, no data) where the constructor allows; a constructor that reads a
+    tensor's value (MONAI's SwinUNETR turns a ``torch.linspace`` into Python floats) builds a real CPU module
+    first, whose parameters and buffers are then replaced by fake copies and freed.
+    """
+    try:
+        return net.build(in_channels, num_classes)
+    except DataDependentOutputException:
+        logger.debug("%s reads tensor values while it is built; building it for real to simulate it", net.arch)
+    with unset_fake_temporarily():
+        model = net.build(in_channels, num_classes)
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = mode.from_tensor(b)
+    return model
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 **Patch and batch**: start from a patch with the aspect ratio of ``1/spacing`` and the volume of
 256^3 (3D) / 2048^2 (2D) voxels, capped at the median image; derive the topology
-(:mod:`medseg.planning.topology`); while one training step at batch 2 needs more than the memory budget,
+(:mod:`medseg.planning.topology`, then the nearest one the architecture accepts: MONAI's networks take fewer
+layouts, :func:`medseg.networks.accepted_spec`); while one training step at batch 2 needs more than the memory budget,
 shrink the axis that is largest relative to the median image by one pooling multiple. Then the batch
 is the largest that fits the budget, but at most what covers 5% of the dataset's voxels, and at least 2.
 
@@ -22,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import PlanError
+from medseg.networks.registry import accepted_spec, topology_problems
 from medseg.networks.spec import NetworkSpec
 from medseg.planning.plan import NetworkPlan
 from medseg.planning.planner_options import PlannerOptions
-from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology
+from medseg.planning.topology import MIN_FEATURE_MAP_SIZE, Topology, compute_topology, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,15 @@ class Fitter:
 
     def network(self, arch: str, topo: Topology, batch: int) -> NetworkPlan:
         dims = len(topo.patch_size)
-        spec = NetworkSpec(
-            arch=arch,
-            kernel_sizes=topo.kernel_sizes,
-            strides=topo.strides,
-            base_features=self.options.base_features,
-            max_features=max(self.max_features(dims), self.options.base_features),
-            options=arch_options(arch),
+        spec = accepted_spec(
+            NetworkSpec(
+                arch=arch,
+                kernel_sizes=topo.kernel_sizes,
+                strides=topo.strides,
+                base_features=self.options.base_features,
+                max_features=max(self.max_features(dims), self.options.base_features),
+                options=arch_options(arch),
+            )
         )
         return NetworkPlan(spec, patch_size=topo.patch_size, batch_size=batch, precision=self.options.precision)
 
@@ -93,7 +97,7 @@ class Fitter:
         inv = 1.0 / np.asarray(spacing, dtype=np.float64)
         scale = (REFERENCE_PATCH_VOXELS[dims] / float(np.prod(inv))) ** (1.0 / dims)
         initial = [min(float(round(v * scale)), float(m)) for v, m in zip(inv, median_shape)]
-        topo = self._topology(spacing, initial)
+        topo = self._topology(arch, spacing, initial)
         notes: dict[str, Any] = {
             "initial_patch": [float(v) for v in initial],
             "first_topology_patch": list(topo.patch_size),
@@ -166,7 +170,7 @@ class Fitter:
         """
         budget = self.options.gpu_memory_gb
         chain = [topo]
-        while (smaller := self._shrink(spacing, chain[-1], median_shape)) is not None:
+        while (smaller := self._shrink(arch, spacing, chain[-1], median_shape)) is not None:
             chain.append(smaller)
         if len(chain) == 1:
             return topo, 0, False
@@ -207,10 +211,20 @@ class Fitter:
                 lo = mid
         return chain[hi], hi, True
 
-    def _topology(self, spacing: Sequence[float], patch: Sequence[float]) -> Topology:
-        return compute_topology(spacing, patch, MIN_FEATURE_MAP_SIZE, self.options.max_poolings)
+    def _topology(self, arch: str, spacing: Sequence[float], patch: Sequence[float]) -> Topology:
+        """The planned topology for ``patch``, as ``arch`` accepts it (:func:`medseg.networks.accepted_spec`: e.g.
+        fewer stages, or a fixed layout), the patch rounded up to its total stride."""
+        topo = compute_topology(spacing, patch, MIN_FEATURE_MAP_SIZE, self.options.max_poolings)
+        spec = self.network(arch, topo, MIN_BATCH_SIZE).spec
+        if spec.strides == topo.strides and spec.kernel_sizes == topo.kernel_sizes:
+            return topo
+        total = spec.total_stride()
+        rounded = tuple(round_up(p, t) for p, t in zip(patch, total))
+        return Topology(patch_size=rounded, kernel_sizes=spec.kernel_sizes, strides=spec.strides)
 
-    def _shrink(self, spacing: Sequence[float], topo: Topology, median_shape: MedianShape) -> Topology | None:
+    def _shrink(
+        self, arch: str, spacing: Sequence[float], topo: Topology, median_shape: MedianShape
+    ) -> Topology | None:
         """Shrink the axis largest relative to the median image by one pooling multiple (None: cannot).
 
         No axis is shrunk below ``MIN_PATCH_EDGE`` voxels (a smaller patch cannot hold a useful network).
@@ -225,13 +239,14 @@ class Fitter:
             probe[a] -= topo.total_stride[a]
             if probe[a] < MIN_PATCH_EDGE:
                 continue
-            step = self._topology(spacing, probe).total_stride[a]
+            step = self._topology(arch, spacing, probe).total_stride[a]
             new = list(patch)
             new[a] -= step
             if new[a] < MIN_PATCH_EDGE:
                 continue
-            candidate = self._topology(spacing, new)
-            if np.prod(candidate.patch_size, dtype=np.float64) < np.prod(patch, dtype=np.float64):
+            candidate = self._topology(arch, spacing, new)
+            refused = topology_problems(self.network(arch, candidate, MIN_BATCH_SIZE).spec, candidate.patch_size, "")
+            if not refused and np.prod(candidate.patch_size, dtype=np.float64) < np.prod(patch, dtype=np.float64):
                 return candidate
         return None
 

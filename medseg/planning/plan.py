@@ -23,7 +23,7 @@ from medseg.errors import ConfigError, PlanError, raise_for_problems
 from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import atomic_write_text
 from medseg.io.json_files import load_json_file, parse_json
-from medseg.networks.registry import build_network
+from medseg.networks.registry import build_network, topology_problems
 from medseg.networks.spec import NetworkSpec
 from medseg.options import PRECISIONS, DeviceKind, NormalizationScheme, Precision, choices
 from medseg.planning.plan_checks import previous_stage_problems, region_problems
@@ -133,7 +133,9 @@ class NetworkPlan:
             )
         problems += spec_problems
         if not problems:
-            problems += self.spec.patch_problems(self.patch_size, where)
+            problems += self.spec.patch_problems(self.patch_size, where) or topology_problems(
+                self.spec, self.patch_size, where
+            )
         if self.precision not in PRECISIONS:
             problems.append(f"{where}: precision must be fp32, bf16 or fp16, got {self.precision!r}")
         return problems

@@ -19,12 +19,15 @@ def _build(net, in_channels, num_classes):
 
 
 def test_builtin_architectures_are_available():
-    assert {"unet", "deeplab", "psp", "fcn"} <= set(available_networks())
+    assert {"unet", "deeplab", "psp", "fcn", "segresnet", "swinunetr", "dynunet"} <= set(available_networks())
     assert available_networks() == sorted(available_networks())
 
 
 def test_unknown_architecture_lists_the_valid_names():
-    with pytest.raises(ConfigError, match=r"unknown network architecture 'unte'; available: .*deeplab, fcn, psp, unet"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown network architecture 'unte'; available: .*deeplab, dynunet, fcn, psp, segresnet, swinunetr, unet",
+    ):
         _build(tiny_plan("unte", ISO3), 1, 2)
 
 
