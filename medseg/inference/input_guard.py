@@ -5,7 +5,7 @@
 image and returns its warnings. The guard never refuses an image: a model may still do well on it, and the
 only impossible input (a wrong channel count) is refused where the channels are read.
 
-Checks, each justified by its false-alarm rate on held-out training cases (docs/quality.md, "Input guard"):
+Checks, each justified by its false-alarm rate on held-out training cases (docs/reliability.md, "Input guard"):
 
 * **modality**: an image that looks like CT (at least :data:`CT_AIR_FRACTION` of its voxels at or below
   :data:`CT_AIR_HU`, as air is in Hounsfield units) given to a model whose channel is not CT, and a CT model
