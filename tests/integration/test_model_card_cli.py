@@ -9,10 +9,13 @@ import logging
 import zipfile
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from medseg.cli.main import main
 from tests.helpers import TINY_TRAIN, shrink_networks
+
+pytestmark = pytest.mark.slow
 
 
 def test_card_export_and_guard(tmp_path, synthetic_dataset, shared_data, capsys, caplog):
