@@ -67,3 +67,19 @@ def test_card_refuses_a_missing_folder(tmp_path, capsys):
     assert main(["card", str(tmp_path / "nothing")]) != 0
     err = capsys.readouterr().err
     assert "no such work folder or bundle" in err and "Traceback" not in err
+
+
+def test_card_shows_a_stored_fit(tmp_path, capsys):
+    """The calibration / quality-score fit is shown when find-best stored one in best.json, else a TODO line."""
+    from medseg.ensembling.model_card import model_card
+    from medseg.io.synthetic import generate_synthetic_dataset
+
+    work = tmp_path / "work"
+    data = generate_synthetic_dataset(tmp_path / "data", num_cases=3, seed=1)
+    assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--configs", "3d_fullres", "-q"]) == 0
+    before = model_card(work)
+    assert "TODO: find-best stored no calibration" in before and "no trained runs" in before
+    fit = {"temperature": 1.25, "members": [], "folds": [0], "score": 0.8, "score_postprocessed": 0.81, "num_cases": 3}
+    (work / "best.json").write_text(json.dumps({"calibration": fit}))
+    after = model_card(work)
+    assert '- calibration: `{"folds": [0], "members": [], "num_cases": 3' in after and "TODO" not in after
