@@ -10,7 +10,8 @@ Checks, each justified by its false-alarm rate on held-out training cases (docs/
 * **modality**: an image that looks like CT (at least :data:`CT_AIR_FRACTION` of its voxels at or below
   :data:`CT_AIR_HU`, as air is in Hounsfield units) given to a model whose channel is not CT, and a CT model
   given an image with no voxel that low and a non-negative 0.5th percentile (an MR image has no negative
-  intensities);
+  intensities); the training cases' own percentiles, where recorded, overrule the channel name (an offset-stored
+  CT whose training images never go below 0 gets no modality line);
 * **spacing**: on any axis more than :data:`SPACING_FACTOR` times the largest training spacing or less than
   1/:data:`SPACING_FACTOR` of the smallest;
 * **size**: the physical extent (shape x spacing, mm) on any axis outside the same factor of the training range;
@@ -224,9 +225,19 @@ def _beyond(values: tuple[float, ...], low: tuple[float, ...], high: tuple[float
     return any(x > factor * h or x < lo_ / factor for x, lo_, h in zip(v, lo, hi) if lo_ > 0 and h > 0)
 
 
-def _modality_warning(case_id: str, image: np.ndarray, modalities: tuple[str, ...]) -> str | None:
-    """The modality line: a CT-looking channel for a non-CT model channel, or the reverse."""
-    for c, modality in enumerate(modalities):
+def _modality_warning(case_id: str, image: np.ndarray, tr: TrainingRange) -> str | None:
+    """The modality line: a CT-looking channel for a non-CT model channel, or the reverse.
+
+    Where the training cases' percentiles are known they overrule the channel name: a non-CT channel whose
+    training images reach down to CT air, or a CT channel whose training images never go below 0 (CT stored
+    with an offset), gets no modality line.
+    """
+    for c, modality in enumerate(tr.modalities[: image.shape[0]]):
+        known = len(tr.percentiles_min) == image.shape[0]
+        if known and modality != "CT" and tr.percentiles_min[c][0] <= CT_AIR_HU:
+            continue
+        if known and modality == "CT" and tr.percentiles_max[c][0] >= 0.0:
+            continue
         values = np.asarray(image[c]).reshape(-1)
         values = values[:: max(1, values.size // 1_000_000)]
         air = float(np.mean(values <= CT_AIR_HU)) if values.size else 0.0
@@ -257,7 +268,7 @@ def check_input(image: np.ndarray, geometry: ImageGeometry, training_range: Trai
     """
     tr = training_range
     out: list[str] = []
-    modality = _modality_warning(case_id, image, tr.modalities[: image.shape[0]])
+    modality = _modality_warning(case_id, image, tr)
     if modality:
         out.append(modality)
     spacing = tuple(float(s) for s in geometry.spacing)

@@ -46,10 +46,18 @@ def test_ct_given_to_an_mr_model(hippocampus, shared_data):
     lines = check_input(image, geometry, tr, "ct")
     assert lines[0].startswith("ct: channel 0 looks like a CT") and "MR" in lines[0]
     assert all("\n" not in line and line.startswith("ct: ") for line in lines)
-    # ... and an MR image given to a CT model
-    ct_range = dataclasses.replace(tr, channel_names=("CT",))
+    # ... and an MR image given to a CT model (the totalseg_ct cases' range)
+    ct_range = TrainingRange.from_fingerprint(
+        extract_fingerprint(load_dataset(shared_data / "totalseg_ct"), progress=False)
+    )
+    assert ct_range.modalities == ("CT",) and ct_range.percentiles_max[0][0] < -500
     mr_image, mr_geometry = hippocampus[1][0]
-    assert "does not look like a CT" in check_input(mr_image, mr_geometry, ct_range, "mr")[0]
+    assert check_input(mr_image, mr_geometry, ct_range, "mr")[0].startswith("mr: channel 0 has no voxel below 0")
+    # training images that never go below 0 (a CT stored with an offset) overrule the channel name
+    offset_ct = dataclasses.replace(tr, channel_names=("CT",))
+    assert not [line for line in check_input(mr_image, mr_geometry, offset_ct, "mr") if "look like a CT" in line]
+    name_only = dataclasses.replace(offset_ct, percentiles_min=(), percentiles_max=())
+    assert "does not look like a CT" in check_input(mr_image, mr_geometry, name_only, "mr")[0]
 
 
 @pytest.mark.parametrize("factor", [4.0, 0.25])
