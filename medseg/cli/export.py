@@ -1,11 +1,12 @@
-"""``medseg export``: a portable model bundle (zip), or the networks as ONNX / TorchScript."""
+"""``medseg export``: a portable model bundle (zip), or the networks as ONNX / TorchScript; ``medseg card``: the
+model card of a work folder or bundle."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, MedsegError
 from medseg.options import CheckpointName, ExportFormat, choices
 
 
@@ -66,4 +67,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = export_networks(Path(args.work), Path(args.output), args.format, selection)
         print(f"{args.format} networks and {out.name} written to {out.parent}")
+    return 0
+
+
+def add_card_parser(sub: argparse._SubParsersAction, add_common) -> None:
+    """Register the ``card`` subcommand on ``sub`` (``add_common`` adds ``--verbose``/``--quiet``)."""
+    p = sub.add_parser(
+        "card",
+        help="print the model card (Markdown) of a work folder, or the MODEL_CARD.md a bundle carries",
+    )
+    p.add_argument("work", help="work folder (or a model bundle from `medseg export`)")
+    add_common(p)
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    path = Path(args.work)
+    if path.is_file():
+        from medseg.inference.bundle import read_bundle_text
+        from medseg.io.workdir import BundleLayout
+
+        text = read_bundle_text(path, BundleLayout.MODEL_CARD)
+        if text is None:
+            raise MedsegError(
+                f"{path}: the bundle carries no {BundleLayout.MODEL_CARD} (exported by an older medseg); "
+                "run `medseg card WORK` on its work folder"
+            )
+    else:
+        from medseg.ensembling.model_card import model_card
+
+        if not path.is_dir():
+            raise MedsegError(f"{path}: no such work folder or bundle")
+        text = model_card(path)
+    print(text, end="")
     return 0

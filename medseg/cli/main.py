@@ -54,7 +54,7 @@ def _seconds_per_case(text: str) -> float | str | None:
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import commands as c
     from medseg.cli.convert import add_convert_parser
-    from medseg.cli.export import add_export_parser
+    from medseg.cli.export import add_card_parser, add_export_parser
     from medseg.cli.predict import cmd_predict
 
     parser = argparse.ArgumentParser(
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=c.cmd_find_best)
 
     add_export_parser(sub, _add_common)
+    add_card_parser(sub, _add_common)
     add_convert_parser(sub, _add_common)
 
     p = sub.add_parser("demo", help="run the whole pipeline on a synthetic dataset generated on the fly")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from medseg.distributed import DistContext
     from medseg.inference.dicom_output import DicomOutputWriter
     from medseg.inference.folder import PredictionResult
+    from medseg.inference.input_guard import TrainingRange
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
     from medseg.postprocessing import InstanceWriter, PreviewWriter, StatisticsWriter
@@ -95,6 +96,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         time_budget_per_case=args.time_budget_per_case,
         case_hook=combine_hooks([instances, dicom, *reports]),
         shard=shard,
+        training_range=_training_range(Path(args.model), bundle),
     )
     print(result.summary())
     if dicom is not None:
@@ -110,6 +112,24 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     if ranks.enabled:
         _merge_rank_files(ranks, Path(args.output), instances, reports)
     return 0 if result.ok and reported else 1
+
+
+def _training_range(model: Path, bundle: bool) -> TrainingRange | None:
+    """What the input guard compares each image with: the bundle's ``training_range.json`` or the work folder's
+    fingerprint; None (the guard then checks only the plan's median spacing, said in one info line) without."""
+    from medseg.fingerprint import Fingerprint
+    from medseg.inference.bundle import read_training_range
+    from medseg.inference.input_guard import TrainingRange
+    from medseg.io.workdir import WorkDir
+
+    if bundle:
+        found = read_training_range(model)
+    else:
+        path = WorkDir(model).fingerprint
+        found = TrainingRange.from_fingerprint(Fingerprint.load(path)) if path.is_file() else None
+    if found is None:
+        logger.info("%s records no training range (older medseg): the input guard checks only the spacing", model)
+    return found
 
 
 def _merge_rank_files(

@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medseg.ensembling.model_card import model_card
 from medseg.ensembling.selection import RunSelection, bundle_ensemble, select_work_dir_runs
 from medseg.errors import ConfigError
+from medseg.fingerprint import Fingerprint
 from medseg.inference.bundle import read_manifest, select_entries, write_bundle
+from medseg.inference.input_guard import TrainingRange
 from medseg.inference.members import EnsembleMember, load_member, refuse_cascades
 from medseg.inference.network_export import NetworkFormat, check_format, write_networks
 from medseg.io.workdir import RunDir, WorkDir
@@ -28,7 +31,9 @@ def export_bundle(
 
     The bundle (:mod:`medseg.inference.bundle`) carries ``postprocessing.json`` when find-best's rules were
     fitted on the chosen ensemble, else the runs' rules from their labels' component statistics, and
-    ``best.json`` when the work folder has one.
+    ``best.json`` when the work folder has one, the training data's range for the input guard
+    (``training_range.json``, from ``fingerprint.json``) and the model card (``MODEL_CARD.md``,
+    :mod:`medseg.ensembling.model_card`).
 
     Args:
         work_dir: the work folder (``plans.json``, ``runs/``, optionally ``best.json``, ``postprocessing.json``).
@@ -57,7 +62,11 @@ def export_bundle(
     wd = WorkDir(work_dir)
     refuse_cascades(Plan.load(wd.plans), [RunDir(d).configuration for d in run_dirs], "a model bundle")
     best = wd.best.read_bytes() if wd.best.is_file() else None
-    return write_bundle(output, run_dirs, sel.checkpoint, rules, best)
+    training_range = (
+        TrainingRange.from_fingerprint(Fingerprint.load(wd.fingerprint)) if wd.fingerprint.is_file() else None
+    )
+    card = model_card(work_dir, members=[wd.run_label(d) for d in run_dirs])
+    return write_bundle(output, run_dirs, sel.checkpoint, rules, best, training_range, card)
 
 
 def export_networks(

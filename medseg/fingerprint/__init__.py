@@ -10,6 +10,7 @@ from medseg.fingerprint.fingerprint import (
     extract_fingerprint,
     nonzero_bbox,
 )
+from medseg.fingerprint.image_statistics import image_percentiles
 
 __all__ = [
     "CaseFingerprint",
@@ -17,5 +18,6 @@ __all__ = [
     "IntensityStats",
     "class_statistics",
     "extract_fingerprint",
+    "image_percentiles",
     "nonzero_bbox",
 ]

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.fingerprint.image_statistics import image_percentiles
 from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.image import atomic_write_text, read_channels, read_image
 from medseg.io.json_files import load_json_file, parse_json
@@ -68,6 +69,8 @@ class CaseFingerprint:
         class_centroids: original label id -> centre of mass of its voxels in voxel indices of the
             stored array, same order as ``shape`` (used to find axes along which classes always lie in
             the same order, see :mod:`medseg.planning.mirroring`).
+        image_percentiles: per channel, the whole image's 0.5/50/99.5th percentiles (:func:`image_percentiles`).
+        direction: direction cosines (SimpleITK order, row-major). Both empty in older fingerprints.
     """
 
     case_id: str
@@ -78,6 +81,8 @@ class CaseFingerprint:
     class_voxel_counts: dict[int, int] = field(default_factory=dict)
     class_component_sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     class_centroids: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    image_percentiles: tuple[tuple[float, float, float], ...] = ()
+    direction: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,8 @@ def _fingerprint_case(
         class_voxel_counts=counts,
         class_component_sizes=comps,
         class_centroids=centroids,
+        image_percentiles=image_percentiles(image),
+        direction=tuple(float(v) for v in geometry.direction),
     )
     return fp, samples
 

@@ -9,6 +9,8 @@ rules and find-best's result; which runs and which rules is chosen above inferen
     preprocessing.json                            its spacing and per-channel normalisation, for people to read
     postprocessing.json                           the rules given to :func:`write_bundle` (only when given)
     best.json                                     find-best's result (only when given)
+    training_range.json                           what the input guard checks inputs against (when given)
+    MODEL_CARD.md                                 the model card, for people to read (when given)
     members/<config>/<arch>/fold_<k>/model.pt     weights only (a state dict; no optimizer state)
     members/<config>/<arch>/fold_<k>/plans.json   only for a member trained with another plan than plans.json
 
@@ -36,6 +38,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import BundleError, MedsegError
+from medseg.inference.input_guard import TrainingRange
 from medseg.inference.members import EnsembleMember, load_member
 from medseg.io.image import atomic_write_stream
 from medseg.io.workdir import BundleLayout, RunDir, fold_name
@@ -61,6 +64,8 @@ def write_bundle(
     checkpoint: str = "final",
     postprocessing: dict[str, Any] | None = None,
     best: bytes | None = None,
+    training_range: TrainingRange | None = None,
+    model_card: str | None = None,
 ) -> Path:
     """Write the networks of ``run_dirs`` to one zip, atomically (temporary file, fsync, rename).
 
@@ -70,6 +75,8 @@ def write_bundle(
         checkpoint: ``final``, ``best`` or ``latest``.
         postprocessing: rules to carry as ``postprocessing.json`` (written as given), or None for none.
         best: the bytes of find-best's ``best.json`` to carry, or None.
+        training_range: the training data's range for the input guard (``training_range.json``), or None.
+        model_card: the text of ``MODEL_CARD.md``, or None.
 
     Returns:
         ``output``.
@@ -131,6 +138,10 @@ def write_bundle(
         files[BundleLayout.POSTPROCESSING] = (json.dumps(postprocessing, indent=2) + "\n").encode()
     if best is not None:
         files[BundleLayout.BEST] = best
+    if training_range is not None:
+        files[BundleLayout.TRAINING_RANGE] = training_range.to_json().encode()
+    if model_card is not None:
+        files[BundleLayout.MODEL_CARD] = model_card.encode()
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -236,6 +247,34 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with _open(path) as zf:
         return _manifest(_Reader(path, zf))
+
+
+def read_bundle_text(path: str | Path, name: str) -> str | None:
+    """The text of the file ``name`` of a bundle (e.g. ``MODEL_CARD.md``), or None when the bundle lacks it.
+
+    Raises:
+        BundleError: not a readable bundle, or the file is corrupt.
+    """
+    path = Path(path)
+    with _open(path) as zf:
+        reader = _Reader(path, zf)
+        _manifest(reader)
+        return reader.read(name).decode("utf-8", errors="replace") if name in reader.names else None
+
+
+def read_training_range(path: str | Path) -> TrainingRange | None:
+    """The bundle's training range (``training_range.json``), or None for a bundle written without one.
+
+    Raises:
+        BundleError: not a readable bundle, or a malformed ``training_range.json``.
+    """
+    text = read_bundle_text(path, BundleLayout.TRAINING_RANGE)
+    if text is None:
+        return None
+    try:
+        return TrainingRange.from_json(text, f"{path}:{BundleLayout.TRAINING_RANGE}")
+    except MedsegError as exc:
+        raise bundle_file_error(Path(path), BundleLayout.TRAINING_RANGE, f"is malformed ({exc})") from None
 
 
 def _open(path: Path) -> zipfile.ZipFile:

@@ -39,6 +39,7 @@ class FinishedCase:
             series' first file).
         source_series: for a DICOM input, the series (files and SOP instance UIDs in the order of ``labels``'
             ``z`` axis) that a DICOM SEG/RTSTRUCT of the case references; None for image-file input.
+        input_warnings: the input guard's one-line warnings for the case's image (:mod:`medseg.inference.input_guard`).
     """
 
     case_id: str
@@ -49,6 +50,7 @@ class FinishedCase:
     segmentation_path: Path
     reference: Path
     source_series: DicomSeries | None = None
+    input_warnings: tuple[str, ...] = ()
 
 
 #: Called with every finished case before its segmentation is written; an exception fails the case (its
@@ -84,11 +86,13 @@ def finished_case(
     probabilities: np.ndarray | None,
     inferred: Inferred,
     source_series: DicomSeries | None = None,
+    input_warnings: tuple[str, ...] = (),
 ) -> FinishedCase:
     """The :class:`FinishedCase` of a predicted case.
 
     Args:
-        case_id, labels, geometry, segmentation_path, reference, source_series: as in :class:`FinishedCase`.
+        case_id, labels, geometry, segmentation_path, reference, source_series, input_warnings: as in
+            :class:`FinishedCase`.
         plan: the members' plan (label ids; region plans get no class probabilities).
         probabilities: the combined probabilities ``(K, Z, Y, X)`` when they were computed anyway, else None.
         inferred: the members' outputs per configuration (used when ``probabilities`` is None; must stay
@@ -109,4 +113,6 @@ def finished_case(
             def probability(label: int) -> np.ndarray:
                 return class_probability(inferred, plan, index[label])
 
-    return FinishedCase(case_id, labels, geometry, label_ids, probability, segmentation_path, reference, source_series)
+    return FinishedCase(
+        case_id, labels, geometry, label_ids, probability, segmentation_path, reference, source_series, input_warnings
+    )

@@ -36,8 +36,8 @@ from medseg.inference.folder_cases import (
     find_input_cases,
     nonfinite_message,
     read_case,
-    spacing_warning,
 )
+from medseg.inference.input_guard import TrainingRange, guard_case
 from medseg.inference.prediction_record import (
     RECORD_NAME,
     CaseRecord,
@@ -160,6 +160,7 @@ def predict_folder(
     time_budget_per_case: float | str | None = None,
     case_hook: CaseHook | None = None,
     shard: Shard | None = None,
+    training_range: TrainingRange | None = None,
 ) -> PredictionResult:
     """Segment every case of a folder.
 
@@ -192,6 +193,7 @@ def predict_folder(
         shard: predict only this share of the cases (:func:`~medseg.inference.shards.select_shard`; malformed
             cases are reported by shard 0) and write ``prediction_record.part-K-of-N.json``; None = every case,
             first merging the parts earlier shards left (:func:`~medseg.inference.prediction_record.merge_record_parts`).
+        training_range: what the input guard compares each image with (None: the plan's median spacing).
 
     Returns:
         :class:`PredictionResult` (``ok`` is False when any case failed).
@@ -227,6 +229,7 @@ def predict_folder(
     if shard is None:
         merge_record_parts(record_path)
     earlier_records = read_record_cases(record_path)
+    guarded, warned = training_range or TrainingRange.from_plan(plan), dict[str, tuple[str, ...]]()
     for warning in input_warnings:
         result.warnings.append(warning)
         logger.warning(warning)
@@ -262,10 +265,7 @@ def predict_folder(
                 f"{three_d[0]!r} of the model is 3D; predict 2D images with a 2D configuration "
                 "(--config 2d)"
             )
-        warning = spacing_warning(case.case_id, geometry.spacing, plan)
-        if warning:
-            logger.warning(warning)
-            result.warnings.append(warning)
+        warned[case.case_id] = guard_case(case.case_id, image, geometry, guarded, result.warnings)
         return predictor.preprocess(image, geometry, case.case_id), time.perf_counter() - start
 
     def infer(prepared: PreparedCase, load_seconds: float) -> tuple[list, CaseRecord, float]:
@@ -331,6 +331,7 @@ def predict_folder(
                     probs,
                     inferred,
                     source_series=case.series if isinstance(case, DicomCase) else None,
+                    input_warnings=warned.pop(case.case_id, ()),
                 )
             )
         del inferred[:], probs

@@ -5,8 +5,8 @@
 refusing the folder) or, when the folder holds no such files but DICOM, one :class:`DicomCase` per DICOM image
 series found under it (:mod:`medseg.io.dicom_series`; bad series reported, non-image objects skipped);
 :func:`read_case` reads a case of either kind;
-:func:`check_folders` / :func:`check_writable` refuse unusable folders before any case is predicted;
-:func:`spacing_warning` flags images whose spacing (mm) is far from the training data's.
+:func:`check_folders` / :func:`check_writable` refuse unusable folders before any case is predicted (the
+input guard, :mod:`medseg.inference.input_guard`, flags images unlike the training data's).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from medseg.io.dataset import Case, find_prediction_cases
 from medseg.io.dicom_series import DicomSeries, read_series_image, scan_dicom_folder
 from medseg.io.image import IMAGE_SUFFIXES, ImageGeometry, has_image_suffix, read_channels, strip_suffix
 from medseg.io.validation import nifti_raw_check
-from medseg.planning.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +40,6 @@ __all__ = [
     "find_input_cases",
     "nonfinite_message",
     "read_case",
-    "spacing_warning",
 ]
 
 
@@ -94,18 +91,6 @@ def check_writable(output_dir: Path) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise MedsegError(f"{output_dir}: cannot write into the output folder ({exc.strerror or exc})") from None
-
-
-def spacing_warning(case_id: str, spacing: Sequence[float], plan: Plan) -> str | None:
-    """A message when ``spacing`` (mm) is > 2x or < 0.5x the plan's median training spacing on any axis."""
-    ref = tuple(plan.original_median_spacing)[-len(spacing) :]
-    ratios = [s / r for s, r in zip(spacing, ref) if r > 0]
-    if any(q > 2.0 or q < 0.5 for q in ratios):
-        return (
-            f"{case_id}: spacing {[round(float(s), 3) for s in spacing]} mm is far from the training data's "
-            f"median {[round(float(r), 3) for r in ref]} mm; the segmentation may be poor"
-        )
-    return None
 
 
 _PROBLEM_RE = re.compile(r"^case (?P<case>.+?): ")

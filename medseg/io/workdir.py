@@ -18,8 +18,8 @@ after ``train --snapshots``), ``config.json``, ``plans.json``,
 and ``validation/`` (``<case>.nii.gz``, ``<case>.npz``, ``metrics.json``).
 
 A model bundle (:class:`BundleLayout`, ``medseg export``) is a zip with ``manifest.json``, ``plans.json``,
-``preprocessing.json``, ``postprocessing.json``, ``best.json`` and ``members/<config>/<arch>/fold_<k>/``
-(``model.pt``, ``plans.json``).
+``preprocessing.json``, ``postprocessing.json``, ``best.json``, ``training_range.json``, ``MODEL_CARD.md``
+and ``members/<config>/<arch>/fold_<k>/`` (``model.pt``, ``plans.json``).
 
 Every path is a plain :class:`~pathlib.Path`; nothing here creates, reads or checks files except the
 discovery methods (:meth:`WorkDir.fold_runs`, :meth:`WorkDir.run_pairs`, :meth:`RunDir.checkpoints_present`,
@@ -299,6 +299,8 @@ class BundleLayout:
     PREPROCESSING = "preprocessing.json"
     POSTPROCESSING = "postprocessing.json"
     BEST = "best.json"
+    TRAINING_RANGE = "training_range.json"
+    MODEL_CARD = "MODEL_CARD.md"
     WEIGHTS = "model.pt"
 
     @staticmethod

@@ -15,7 +15,15 @@ import torch
 
 from medseg.ensembling import bundle_predictor, export_bundle, work_dir_predictor
 from medseg.errors import BundleError, MedsegError
-from medseg.inference.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, load_bundle, read_manifest
+from medseg.inference.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST,
+    load_bundle,
+    read_bundle_text,
+    read_manifest,
+    read_training_range,
+)
+from medseg.inference.input_guard import TrainingRange
 from medseg.io.checkpoint import save_checkpoint
 
 from .conftest import bright_box_image, build_plan
@@ -207,3 +215,24 @@ def test_export_refuses_a_folder_a_bundle_and_an_untrained_work(work, bundle, tm
     with pytest.raises(MedsegError, match="no trained model"):
         export_bundle(empty, tmp_path / "x.zip")
     assert not (tmp_path / "x.zip").exists() and not list(tmp_path.glob(".tmp_*"))
+
+
+def _with_file(src, dst, name, data):
+    dst.write_bytes(src.read_bytes())
+    with zipfile.ZipFile(dst, "a") as zf:
+        zf.writestr(name, data)
+    return dst
+
+
+def test_training_range_and_model_card_in_the_bundle(work, bundle, tmp_path):
+    # a work folder without fingerprint.json (like an older bundle): no range, a card saying so
+    assert read_training_range(bundle) is None
+    card = read_bundle_text(bundle, "MODEL_CARD.md")
+    assert card is not None and card.startswith("# Model card: ") and "no fingerprint.json" in card
+    assert "bundle networks: 3d_fullres/unet/fold_0, 3d_fullres/unet/fold_1" in card
+    tr = TrainingRange("d", ("CT",), 3, (1.0, 0.5, 0.5), (2.0, 0.8, 0.8), orientations=("LPS",))
+    with_range = _with_file(bundle, tmp_path / "range.zip", "training_range.json", tr.to_json().encode())
+    assert read_training_range(with_range) == tr
+    broken = _with_file(bundle, tmp_path / "broken.zip", "training_range.json", b'{"spacing_min": "x"}')
+    with pytest.raises(BundleError, match="training_range.json in the bundle is malformed"):
+        read_training_range(broken)

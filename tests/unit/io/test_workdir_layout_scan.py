@@ -18,7 +18,7 @@ OWNER = Path("io/workdir.py")
 #: Layout names, as they appear inside a string literal (or a literal part of an f-string).
 LAYOUT = re.compile(
     r"\b(plans|splits|best|postprocessing|postprocessing_prior|progress|config|run_record|fingerprint|dataset_ref|manifest"
-    r"|preprocessing)\.json\b|training_log\.txt|training_curves\.png|\bmodel\.pt\b"
+    r"|preprocessing|training_range)\.json\b|\bMODEL_CARD\.md\b|training_log\.txt|training_curves\.png|\bmodel\.pt\b"
     r"|^checkpoint_$|checkpoint_(latest|best|final)\b|checkpoint_\*|^fold_$|\bfold_(\d|all\b|\*)"
     r"|^(runs|preprocessed|validation|_from_|\.lock)$|\b(runs|preprocessed|validation|members)/"
 )
