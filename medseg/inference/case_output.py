@@ -39,6 +39,7 @@ class FinishedCase:
             series' first file).
         source_series: for a DICOM input, the series (files and SOP instance UIDs in the order of ``labels``'
             ``z`` axis) that a DICOM SEG/RTSTRUCT of the case references; None for image-file input.
+        input_warnings: the input guard's one-line warnings for the case (input outside the training range).
     """
 
     case_id: str
@@ -49,6 +50,7 @@ class FinishedCase:
     segmentation_path: Path
     reference: Path
     source_series: DicomSeries | None = None
+    input_warnings: tuple[str, ...] = ()
 
 
 #: Called with every finished case before its segmentation is written; an exception fails the case (its
