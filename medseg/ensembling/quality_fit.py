@@ -8,8 +8,8 @@ On the chosen ensemble's cross-validation probabilities (mean over its members, 
    and after is recorded (in-sample; ``scripts/bench_quality.py`` measures it on held-out cases).
 2. **Quality score** (:mod:`medseg.postprocessing.quality_features`): per case, the mean over foreground labels
    of the expected Dice of the postprocessed prediction under the calibrated probabilities, against its real
-   mean foreground Dice; a least-squares line maps one to the other (the identity when fewer than
-   :data:`MIN_CASES` cases or a non-positive slope). ``review_below`` is the cases' median real Dice minus
+   mean foreground Dice; a least-squares line maps one to the other (with a non-positive slope: the expected
+   Dice shifted by the mean difference; the identity with fewer than :data:`MIN_CASES` cases). ``review_below`` is the cases' median real Dice minus
    :data:`REVIEW_MARGIN` (at least :data:`REVIEW_FLOOR`): a case predicted that far below a typical
    cross-validation case is flagged, and so is every case of a poor model.
 3. **Label volumes** from the dataset fingerprint: per label, the log-volume distribution over the training
@@ -147,8 +147,9 @@ def fit_quality(
     x, y = np.asarray(expected), np.asarray(real)
     intercept, slope = 0.0, 1.0
     spearman = None
-    if len(cases) >= MIN_CASES and np.ptp(x) > 0:
-        slope_fit, intercept_fit = np.polyfit(x, y, 1)
+    if len(cases) >= MIN_CASES:
+        intercept = float(y.mean() - x.mean())  # the offset alone, when the spread does not support a slope
+        slope_fit, intercept_fit = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, 0.0)
         if slope_fit > 0:
             intercept, slope = float(intercept_fit), float(slope_fit)
         ranks_x, ranks_y = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))

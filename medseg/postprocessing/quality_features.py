@@ -4,8 +4,11 @@ Per foreground label ``l`` of a case, with ``M`` the predicted mask, ``q`` the c
 and ``H`` the normalised predictive entropy (:func:`entropy_terms`, 0 where every member and pass agrees with
 certainty, 1 where all classes are equally likely):
 
-- ``expected_dice``: ``2 sum_M q / (sum q + |M|)``, the Dice the prediction would have if the reference were
-  drawn from ``q`` (the soft Dice of the prediction against its own probabilities; 1 when both are empty);
+- ``expected_dice``: ``2 sum_M q / (sum_N q + |M|)`` with ``N`` the voxels within :data:`NEAR_MARGIN` of ``M``:
+  the Dice the prediction would have if the reference were drawn from ``q`` near the structure (the soft
+  Dice of the prediction against its own probabilities; the temperature is fitted on such voxels, the far
+  background's low probabilities are not); for an empty ``M``, 1 when ``q`` stays below
+  :data:`ABSENT_BELOW` everywhere, else 0;
 - ``uncertainty_inside`` / ``uncertainty_border``: mean ``H`` inside ``M`` / in the one-voxel band around
   its surface (dilated minus eroded mask);
 - ``components``: connected components of ``M`` (full connectivity);
@@ -46,6 +49,10 @@ DEFAULT_REVIEW_BELOW = 0.75
 VOLUME_Z = 3.0
 #: A label present in at least this fraction of the training cases is expected in every case.
 EXPECTED_PRESENT = 0.95
+#: ``expected_dice`` counts the probability mass within this many voxels of the predicted structure.
+NEAR_MARGIN = 3
+#: A label predicted nowhere is taken as rightly absent when its probability stays below this everywhere.
+ABSENT_BELOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,11 @@ def label_features(
     components = int(ndimage.label(mask, structure)[1]) if voxels else 0
     expected = inside = border = None
     if q is not None:
-        total = float(q.sum(dtype=np.float64)) + voxels
-        expected = 1.0 if total == 0 else 2.0 * float(q[mask].sum(dtype=np.float64)) / total
+        if voxels:  # the probability mass near the structure (the far background's specks are not its errors)
+            near = ndimage.binary_dilation(mask, structure, iterations=NEAR_MARGIN)
+            expected = 2.0 * float(q[mask].sum(dtype=np.float64)) / (float(q[near].sum(dtype=np.float64)) + voxels)
+        else:  # nothing predicted: right unless the label is likely somewhere
+            expected = 0.0 if bool((q >= ABSENT_BELOW).any()) else 1.0
     if entropy is not None and voxels:
         inside = float(entropy[mask].mean(dtype=np.float64))
         band = ndimage.binary_dilation(mask, structure) & ~ndimage.binary_erosion(mask, structure)
