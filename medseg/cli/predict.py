@@ -256,8 +256,9 @@ def _quality_writer(args: argparse.Namespace, predictor: Predictor, shard: Shard
     applies find-best's temperature and quality fit when the predictor's postprocessing rules carry them."""
     from medseg.postprocessing import QualityWriter
 
-    rules = getattr(predictor.postprocess, "rules", None)
-    names = {int(i): str(n) for i, n in zip(predictor.plan.label_ids, predictor.plan.label_names)}
+    rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess carries them
+    plan = getattr(predictor, "plan", None)
+    names = {} if plan is None else {int(i): str(n) for i, n in zip(plan.label_ids, plan.label_names)}
     return QualityWriter(
         Path(args.output),
         rules if isinstance(rules, dict) else None,
