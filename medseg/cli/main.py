@@ -201,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
         "gets 10%% of it over 20 cases (30 minutes: 9 s per case), otherwise no limit. "
         "OUT/prediction_record.json records what each case used and took",
     )
-    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write OUT/CASE.npz: the class probabilities (calibrated with find-best's temperature)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write OUT/uncertainty/CASE.nii.gz: per voxel the normalised predictive entropy (0-1) of the "
+        "calibrated mean probabilities over ensemble members and TTA passes, in the input geometry "
+        "(OUT/quality.json, a per-case quality score and ok/review verdict, is always written)",
+    )
     p.add_argument("--no-postprocessing", action="store_true")
     p.add_argument(
         "--instances",

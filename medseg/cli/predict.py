@@ -1,5 +1,6 @@
 """``medseg predict``: the predictor of a work folder or bundle, this process's share of the cases, and the
-per-case outputs beside the segmentations (instances, DICOM SEG/RTSTRUCT, statistics, previews)."""
+per-case outputs beside the segmentations (quality report and uncertainty maps, instances, DICOM SEG/RTSTRUCT,
+statistics, previews)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from medseg.inference.input_guard import TrainingRange
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
-    from medseg.postprocessing import InstanceWriter, PreviewWriter, StatisticsWriter
+    from medseg.postprocessing import InstanceWriter, PreviewWriter, QualityWriter, StatisticsWriter
 
 logger = logging.getLogger("medseg")
 
@@ -86,6 +87,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     )
     dicom = _dicom_writer(args, predictor)
     reports = _report_writers(args, predictor, shard)
+    quality = _quality_writer(args, predictor, shard)
     result = predict_folder(
         Path(args.input),
         Path(args.output),
@@ -94,7 +96,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
-        case_hook=combine_hooks([instances, dicom, *reports]),
+        case_hook=combine_hooks([quality, instances, dicom, *reports]),
         shard=shard,
         training_range=_training_range(Path(args.model), bundle),
     )
@@ -109,8 +111,9 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         if stale:
             print(f"  {len(stale)} skipped case(s) have no instances (predict them again with --overwrite)")
     reported = _finish_reports(args, predictor, result, reports)
+    _finish_quality(quality, result)
     if ranks.enabled:
-        _merge_rank_files(ranks, Path(args.output), instances, reports)
+        _merge_rank_files(ranks, Path(args.output), instances, [*reports, quality])
     return 0 if result.ok and reported else 1
 
 
@@ -136,12 +139,12 @@ def _merge_rank_files(
     ranks: DistContext,
     output: Path,
     instances: InstanceWriter | None,
-    reports: list[StatisticsWriter | PreviewWriter],
+    reports: list[StatisticsWriter | PreviewWriter | QualityWriter],
 ) -> None:
     """Wait for every rank, then let rank 0 fold the ranks' part files into the folder files (a rank that did
     not arrive leaves them for the next plain run to merge)."""
     from medseg.inference.prediction_record import RECORD_NAME, merge_record_parts
-    from medseg.postprocessing import StatisticsWriter
+    from medseg.postprocessing import QualityWriter, StatisticsWriter
 
     try:
         ranks.barrier()
@@ -153,7 +156,7 @@ def _merge_rank_files(
     merged = merge_record_parts(output / RECORD_NAME)
     merged = (instances is not None and instances.merge_parts()) or merged
     for writer in reports:
-        merged = (isinstance(writer, StatisticsWriter) and writer.merge_parts()) or merged
+        merged = (isinstance(writer, StatisticsWriter | QualityWriter) and writer.merge_parts()) or merged
     if merged:
         print(f"merged the folder records of {ranks.world_size} ranks in {output}")
 
@@ -266,3 +269,35 @@ def _instance_writer(args: argparse.Namespace, shard: Shard | None) -> InstanceW
         **({} if args.min_separation_mm is None else {"min_separation_mm": args.min_separation_mm}),
     )
     return InstanceWriter(Path(args.output), options, shard)
+
+
+def _quality_writer(args: argparse.Namespace, predictor: Predictor, shard: Shard | None) -> QualityWriter:
+    """The case hook writing ``OUT/quality.json`` (always) and, with ``--uncertainty``, the uncertainty maps; it
+    applies find-best's temperature and quality fit when the predictor's postprocessing rules carry them."""
+    from medseg.postprocessing import QualityWriter
+
+    rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess carries them
+    plan = getattr(predictor, "plan", None)
+    names = {} if plan is None else {int(i): str(n) for i, n in zip(plan.label_ids, plan.label_names)}
+    return QualityWriter(
+        Path(args.output),
+        rules if isinstance(rules, dict) else None,
+        names,
+        uncertainty=args.uncertainty,
+        save_probabilities=args.save_probabilities,
+        shard=shard,
+    )
+
+
+def _finish_quality(quality: QualityWriter, result: PredictionResult) -> None:
+    """List the skipped cases the quality report lacks (verdict review: not assessed) and summarise it."""
+    added = quality.list_skipped(result.skipped)
+    review = sorted(c for c in quality.written if quality.cases[c]["verdict"] == "review")
+    print(
+        f"quality of {len(quality.written)} case(s) in {quality.path} (temperature {quality.temperature:.3g}, "
+        f"{quality.model.source} score): {len(review)} to review" + (f": {', '.join(review[:10])}" if review else "")
+    )
+    if quality.uncertainty:
+        print(f"  uncertainty maps in {Path(quality.output_dir) / 'uncertainty'}")
+    if added:
+        print(f"  {len(added)} skipped case(s) listed as not assessed (predict them again with --overwrite)")

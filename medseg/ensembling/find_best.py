@@ -6,7 +6,8 @@ the mean foreground Dice over the cases every candidate predicted (mean over cas
 foreground labels; a label absent from both prediction and reference counts as Dice 1). Ties go to the
 smaller ensemble. Postprocessing is then fitted on the winner's predictions; the choice is saved as
 ``WORK/best.json`` and the rules as ``WORK/postprocessing.json`` (both atomic), which ``medseg predict``
-uses by default.
+uses by default. Beside the rules, the winner's probability temperature and quality-score fit are stored
+(:mod:`medseg.ensembling.quality_fit`).
 
 ``metric`` (:class:`~medseg.options.SelectionMetric`) ranks by and fits the postprocessing to a lesion-wise
 metric instead (``lesion_f1``, ``lesion_dice`` or ``pq`` per foreground label, IoU matching, see
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.ensembling.quality_fit import fit_quality
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
 from medseg.evaluation.lesion_wise import selection_score
@@ -351,6 +353,11 @@ def find_best(
         }
     else:
         rules = fit_postprocessing(common, load_pair, label_ids, progress=progress, metric=metric)
+
+        def mean_probs(case: str) -> np.ndarray:
+            return _summed(_load_probabilities(preds[m][case]) for m in winner) / len(winner)
+
+        rules.update(fit_quality(work_dir, common, mean_probs, load_ref, label_ids, rules, ignore))
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, wd.postprocessing)
 

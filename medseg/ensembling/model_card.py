@@ -30,8 +30,9 @@ __all__ = ["LOW_DICE", "FEW_CASES", "model_card"]
 LOW_DICE = 0.7
 #: a dataset with fewer training cases than this is listed under "Known limits"
 FEW_CASES = 30
-#: keys of ``best.json`` that hold the calibration / quality-score fit, when find-best stores them
-_FIT_KEYS = ("calibration", "temperature", "quality", "quality_score", "quality_fit")
+#: keys of ``postprocessing.json`` that hold find-best's calibration and quality-score fit
+#: (:mod:`medseg.ensembling.quality_fit`)
+_FIT_KEYS = ("calibration", "quality")
 
 
 def _read_json(path: Path) -> Any:
@@ -183,12 +184,13 @@ def _cv_section(runs: list[RunDir], plan: Plan, best: dict[str, Any] | None) -> 
     return out, limits
 
 
-def _fit_section(best: dict[str, Any] | None) -> list[str]:
-    fits = {k: best[k] for k in _FIT_KEYS if best and k in best}
+def _fit_section(rules: dict[str, Any] | None) -> list[str]:
+    fits = {k: rules[k] for k in _FIT_KEYS if rules and k in rules}
     out = ["## Calibration and quality score", ""]
     if not fits:
         return out + [
-            "TODO: find-best stored no calibration or quality-score fit in best.json; fill this in when it does.",
+            "no calibration or quality-score fit (run `medseg find-best` after cross-validation): predictions use "
+            "temperature 1 and quality.json's score is the plain expected Dice",
             "",
         ]
     for key, value in fits.items():
@@ -255,7 +257,8 @@ def model_card(work_dir: str | Path, members: Sequence[str] | None = None) -> st
         lines += ["## Dataset", "", "no fingerprint.json in the work folder", ""]
     lines += _plan_section(plan) + _training_section(runs)
     section, found = _cv_section(runs, plan, best if isinstance(best, dict) else None)
-    lines += section + _fit_section(best if isinstance(best, dict) else None)
+    rules = _read_json(wd.postprocessing)
+    lines += section + _fit_section(rules if isinstance(rules, dict) else None)
     limits += found
     section, found = _range_section(TrainingRange.from_fingerprint(fp) if fp is not None else None)
     lines += section

@@ -19,7 +19,7 @@ from medseg.io.dicom_series import DicomSeries
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import Plan
 
-__all__ = ["CaseHook", "FinishedCase", "combine_hooks", "finished_case"]
+__all__ = ["CaseHook", "CombinedHook", "FinishedCase", "combine_hooks", "finished_case"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +58,31 @@ class FinishedCase:
 CaseHook = Callable[[FinishedCase], None]
 
 
+@dataclass(frozen=True)
+class CombinedHook:
+    """A :data:`CaseHook` calling each of ``hooks`` in turn; the first exception stops the others and fails the case.
+
+    Attributes:
+        hooks: the hooks, in calling order.
+    """
+
+    hooks: tuple[CaseHook, ...]
+
+    def __call__(self, case: FinishedCase) -> None:
+        for hook in self.hooks:
+            hook(case)
+
+
 def combine_hooks(hooks: Sequence[CaseHook | None]) -> CaseHook | None:
     """One :data:`CaseHook` calling each of ``hooks`` in turn (None entries left out).
 
     Returns:
-        None when no hook is given, the hook itself when one is, else a hook calling them in order; the first
-        exception stops the others and fails the case.
+        None when no hook is given, the hook itself when one is, else a :class:`CombinedHook` of them in order.
     """
-    chosen = [h for h in hooks if h is not None]
+    chosen = tuple(h for h in hooks if h is not None)
     if len(chosen) <= 1:
         return chosen[0] if chosen else None
-
-    def every_hook(case: FinishedCase) -> None:
-        for hook in chosen:
-            hook(case)
-
-    return every_hook
+    return CombinedHook(chosen)
 
 
 def finished_case(

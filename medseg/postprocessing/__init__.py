@@ -4,7 +4,10 @@
 written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`); per-structure
 statistics and preview images (``--statistics``: :mod:`~medseg.postprocessing.structure_statistics`,
 :mod:`~medseg.postprocessing.statistics_output`; ``--preview``: :mod:`~medseg.postprocessing.preview`), also for
-cases skipped because their segmentation existed (:mod:`~medseg.postprocessing.case_reports`)."""
+cases skipped because their segmentation existed (:mod:`~medseg.postprocessing.case_reports`); calibrated
+probabilities, uncertainty maps and the per-case quality verdict of ``quality.json``
+(:mod:`~medseg.postprocessing.calibration`, :mod:`~medseg.postprocessing.quality_features`,
+:mod:`~medseg.postprocessing.quality_output`)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from medseg.postprocessing.operations import (
 )
 from medseg.postprocessing.preview import PREVIEW_DIR, PreviewWriter, render_preview
 from medseg.postprocessing.prior import PRIOR_FILE, prior_rules, record_prior
+from medseg.postprocessing.quality_output import QUALITY_FILE, UNCERTAINTY_DIR, QualityWriter, uncertainty_path
 from medseg.postprocessing.statistics_output import STATISTICS_CSV, STATISTICS_FILE, StatisticsWriter
 from medseg.postprocessing.structure_statistics import StructureStatistics, structure_statistics
 
@@ -33,12 +37,15 @@ __all__ = [
     "PREVIEW_DIR",
     "PRIOR_FILE",
     "PreviewWriter",
+    "QUALITY_FILE",
+    "QualityWriter",
     "RULES_FORMAT",
     "Revisited",
     "STATISTICS_CSV",
     "STATISTICS_FILE",
     "StatisticsWriter",
     "StructureStatistics",
+    "UNCERTAINTY_DIR",
     "apply_postprocessing",
     "describe_rules",
     "find_instances",
@@ -52,4 +59,5 @@ __all__ = [
     "revisit_skipped",
     "save_rules",
     "structure_statistics",
+    "uncertainty_path",
 ]

@@ -70,7 +70,8 @@ def test_card_refuses_a_missing_folder(tmp_path, capsys):
 
 
 def test_card_shows_a_stored_fit(tmp_path, capsys):
-    """The calibration / quality-score fit is shown when find-best stored one in best.json, else a TODO line."""
+    """The calibration / quality-score fit is shown when find-best stored one in postprocessing.json, else a line
+    saying that predictions are uncalibrated."""
     from medseg.ensembling.model_card import model_card
     from medseg.io.synthetic import generate_synthetic_dataset
 
@@ -78,8 +79,9 @@ def test_card_shows_a_stored_fit(tmp_path, capsys):
     data = generate_synthetic_dataset(tmp_path / "data", num_cases=3, seed=1)
     assert main(["plan", str(data), "-o", str(work), "--num-workers", "1", "--configs", "3d_fullres", "-q"]) == 0
     before = model_card(work)
-    assert "TODO: find-best stored no calibration" in before and "no trained runs" in before
-    fit = {"temperature": 1.25, "members": [], "folds": [0], "score": 0.8, "score_postprocessed": 0.81, "num_cases": 3}
-    (work / "best.json").write_text(json.dumps({"calibration": fit}))
+    assert "no calibration or quality-score fit" in before and "no trained runs" in before
+    fit = {"temperature": 1.25, "ece_before": 0.08, "ece_after": 0.02, "num_cases": 3}
+    (work / "postprocessing.json").write_text(json.dumps({"calibration": fit, "rules": {}}))
     after = model_card(work)
-    assert '- calibration: `{"folds": [0], "members": [], "num_cases": 3' in after and "TODO" not in after
+    assert '- calibration: `{"ece_after": 0.02, "ece_before": 0.08, "num_cases": 3, "temperature": 1.25}`' in after
+    assert "no calibration or quality-score fit" not in after

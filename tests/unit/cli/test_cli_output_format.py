@@ -15,6 +15,7 @@ from medseg.cli.main import main
 from medseg.inference import PredictionResult
 from medseg.inference.dicom_output import DicomOutputWriter
 from medseg.options import OutputFormat
+from medseg.postprocessing import QualityWriter
 
 
 def _capture(monkeypatch) -> tuple[list[dict], list[tuple]]:
@@ -39,7 +40,7 @@ def test_dicom_output_needs_dicom_input(tmp_path, monkeypatch, capsys, output_fo
     assert f"--output-format {output_format} needs DICOM input series" in err and "Traceback" not in err
     assert not seen and not loaded  # refused before loading a model
     assert main(base) == 0 and main([*base, "--output-format", "nifti"]) == 0
-    assert [s["case_hook"] for s in seen] == [None, None]
+    assert [type(s["case_hook"]) for s in seen] == [QualityWriter, QualityWriter]  # quality.json only, no DICOM
     with pytest.raises(SystemExit):
         main([*base, "--output-format", "dicom"])
 

@@ -47,17 +47,19 @@ def _capture_predict(monkeypatch) -> list[dict]:
 
 
 def test_instances_flags_reach_the_instance_writer(tmp_path, monkeypatch):
-    from medseg.postprocessing import InstanceOptions, InstanceWriter
+    from medseg.postprocessing import InstanceOptions, InstanceWriter, QualityWriter
 
     seen = _capture_predict(monkeypatch)
     base = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
     assert main(base) == 0
-    assert seen[-1]["case_hook"] is None
+    assert isinstance(seen[-1]["case_hook"], QualityWriter)  # quality.json is always written; no instances
     assert main([*base, "--instances"]) == 0
-    assert isinstance(seen[-1]["case_hook"], InstanceWriter) and seen[-1]["case_hook"].options == InstanceOptions()
+    quality, instances = seen[-1]["case_hook"].hooks
+    assert isinstance(quality, QualityWriter) and isinstance(instances, InstanceWriter)
+    assert instances.options == InstanceOptions()
     flags = ["--instances", "--instance-connectivity", "1", "--split-touching", "--min-separation-mm", "4.5"]
     assert main([*base, *flags]) == 0
-    assert seen[-1]["case_hook"].options == InstanceOptions(1, True, 4.5)
+    assert seen[-1]["case_hook"].hooks[1].options == InstanceOptions(1, True, 4.5)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +86,9 @@ def test_part_reaches_predict_folder_and_the_instance_writer_as_a_shard(tmp_path
     assert main(base) == 0 and seen[-1]["shard"] is None
     assert main([*base, "--part", "2/3", "--instances"]) == 0
     assert seen[-1]["shard"] == Shard(1, 3)
-    assert seen[-1]["case_hook"].path == tmp_path / "out" / "instances.part-2-of-3.json"
+    quality, instances = seen[-1]["case_hook"].hooks
+    assert instances.path == tmp_path / "out" / "instances.part-2-of-3.json"
+    assert quality.path == tmp_path / "out" / "quality.part-2-of-3.json"
     assert main([*base, "--part", "1/1"]) == 0 and seen[-1]["shard"] is None  # one part: a plain run
     calls = len(seen)
     assert main([*base, "--part", "4/3"]) == 2

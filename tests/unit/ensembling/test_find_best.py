@@ -173,3 +173,15 @@ def test_region_plan_ranks_by_the_lesion_wise_metric_of_each_region(tmp_path):
     res = find_best(work, progress=False, metric="lesion_f1")
     assert res.metric_per_label == {"(1, 5)": pytest.approx(0.8), "5": 1.0}  # F1 = 2 x 2 / (2 x 2 + 1)
     assert res.score == pytest.approx(0.9) and res.dice_per_label["5"] == 1.0
+
+
+def test_find_best_fits_a_temperature_and_the_quality_score(work):
+    """The fixture's probabilities are under-confident (one-hot plus noise, nearly always right): T < 1."""
+    find_best(work, progress=False)
+    pp = json.loads((work / "postprocessing.json").read_text())
+    calibration, quality = pp["calibration"], pp["quality"]
+    assert calibration["temperature"] < 1.0 and calibration["num_cases"] == 6
+    assert calibration["ece_after"] < calibration["ece_before"]
+    assert quality["source"] == "cross-validation" and quality["fit"]["num_cases"] == 6
+    assert 0.5 <= quality["review_below"] < quality["fit"]["median_real_dice"]
+    assert quality["volumes"] == {}  # no fingerprint in the work folder

@@ -1,0 +1,228 @@
+"""``OUT/quality.json`` of ``medseg predict``, the uncertainty maps of ``--uncertainty`` and calibrated probabilities.
+
+:class:`QualityWriter` is a :data:`~medseg.inference.case_output.CaseHook`. For each finished case it reads the
+mean class probabilities one class at a time (:attr:`~medseg.inference.case_output.FinishedCase.class_probability`),
+applies the temperature find-best fitted (:mod:`medseg.postprocessing.calibration`; 1 without it), accumulates
+the normalised predictive entropy (:func:`~medseg.postprocessing.quality_features.entropy_terms`: two passes
+over the classes, never all classes at once), computes the per-label features and the case's verdict
+(:mod:`medseg.postprocessing.quality_features`) and rewrites ``quality.json`` atomically::
+
+    {"format": "medseg-quality-v1", "temperature": 1.3, "score_model": {...},
+     "cases": {"CASE": {"segmentation": "CASE.nii.gz", "score": 0.87, "expected_dice": 0.88,
+                        "verdict": "ok" | "review", "reasons": [...], "warnings": [...],
+                        "uncertainty": "uncertainty/CASE.nii.gz" | null,
+                        "labels": {"1": {"name": "liver", "voxels": 812, "volume_ml": 0.97, "components": 1,
+                                         "expected_dice": 0.9, "uncertainty_inside": 0.02,
+                                         "uncertainty_border": 0.4, "volume_z": -0.3}, ...}}}}
+
+With ``uncertainty`` the entropy map (float32 in [0, 1], 0 where every member and TTA pass agrees with
+certainty) is written as ``OUT/uncertainty/CASE.nii.gz`` in the input's geometry; with ``save_probabilities``
+the predictor's ``OUT/CASE.npz`` is rewritten with the calibrated probabilities (when ``T != 1``). Cases of
+earlier runs are kept; a shard writes ``quality.part-K-of-N.json``, merged like ``statistics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.inference.case_output import FinishedCase
+from medseg.inference.export import write_probabilities
+from medseg.inference.shards import Shard, merge_parts, merged_cases
+from medseg.io.image import atomic_write_text, strip_suffix, write_like
+from medseg.postprocessing.quality_features import QualityModel, case_verdict, entropy_terms, label_features
+
+__all__ = ["QUALITY_FILE", "QUALITY_FORMAT", "UNCERTAINTY_DIR", "QualityWriter", "uncertainty_path"]
+
+logger = logging.getLogger(__name__)
+
+QUALITY_FILE = "quality.json"
+QUALITY_FORMAT = "medseg-quality-v1"
+#: Subfolder of the output folder holding the uncertainty maps (``CASE.nii.gz``).
+UNCERTAINTY_DIR = "uncertainty"
+_SKIPPED = "its segmentation existed and was not predicted again (rerun with --overwrite to assess it)"
+
+
+def uncertainty_path(output_dir: Path, case_id: str) -> Path:
+    """``OUT/uncertainty/CASE.nii.gz``, where ``--uncertainty`` writes a case's map."""
+    return Path(output_dir) / UNCERTAINTY_DIR / f"{case_id}.nii.gz"
+
+
+class QualityWriter:
+    """Scores each predicted case, keeps ``OUT/quality.json`` current, writes uncertainty maps on request.
+
+    Args:
+        output_dir: the prediction output folder.
+        calibration: find-best's stored fit (``postprocessing.json``'s ``calibration`` and ``quality``
+            entries), or None: temperature 1 and the heuristic score.
+        names: label id -> name.
+        uncertainty: write ``OUT/uncertainty/CASE.nii.gz``.
+        save_probabilities: rewrite the predictor's ``OUT/CASE.npz`` with calibrated probabilities.
+        shard: this process's share of the cases (it writes its part file), or None.
+
+    Attributes:
+        cases: case id -> its ``quality.json`` entry (this run's and earlier ones).
+        written: case ids this run scored.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        calibration: Mapping[str, Any] | None = None,
+        names: Mapping[int, str] | None = None,
+        uncertainty: bool = False,
+        save_probabilities: bool = False,
+        shard: Shard | None = None,
+    ) -> None:
+        fitted = dict(calibration or {})
+        self.output_dir = Path(output_dir)
+        self.temperature = float((fitted.get("calibration") or {}).get("temperature", 1.0))
+        self.model = QualityModel.from_dict(fitted.get("quality"))
+        self.names = dict(names or {})
+        self.uncertainty = uncertainty
+        self.save_probabilities = save_probabilities
+        self.shard = shard
+        main = self.output_dir / QUALITY_FILE
+        self.path = main if shard is None else shard.part_path(main)
+        if shard is None:
+            self.merge_parts()
+        self._own: dict[str, Any] = _earlier_cases(self.path)
+        self.cases: dict[str, Any] = {**_earlier_cases(main), **merged_cases(main)} if shard else dict(self._own)
+        self.written: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, case: FinishedCase) -> None:
+        """Score ``case``, write its uncertainty map / calibrated probabilities if asked, rewrite the file.
+
+        Raises:
+            MedsegError: a file cannot be written.
+        """
+        entropy = None
+        q_of: dict[int, np.ndarray] = {}
+        if case.class_probability is not None:
+            entropy, q_of = self._calibrated(case)
+        voxel_ml = float(np.prod(case.geometry.spacing)) / 1000.0
+        labels: dict[str, Any] = {}
+        for label in case.label_ids[1:]:
+            mask = case.labels == label
+            features = label_features(mask, q_of.get(label), entropy, voxel_ml, self.model.volumes.get(str(label)))
+            labels[str(label)] = {"name": self.names.get(label, ""), **features}
+        warnings = list(getattr(case, "input_warnings", ()) or ())
+        entry: dict[str, Any] = {"segmentation": case.segmentation_path.name}
+        entry.update(case_verdict(labels, self.model, warnings))
+        if case.class_probability is None:
+            entry["reasons"].append("no class probabilities (region-based plan): no score")
+            entry["verdict"] = "review"
+        entry["warnings"] = warnings
+        entry["uncertainty"] = None
+        if self.uncertainty and entropy is not None:
+            target = uncertainty_path(self.output_dir, case.case_id)
+            try:
+                write_like(entropy.astype(np.float32), case.reference, target, geometry=case.geometry)
+            except (OSError, ValueError) as exc:
+                raise MedsegError(f"{target}: cannot write the uncertainty map ({exc})") from None
+            entry["uncertainty"] = f"{UNCERTAINTY_DIR}/{target.name}"
+        if self.save_probabilities and q_of and self.temperature != 1.0:
+            npz = case.segmentation_path.with_name(strip_suffix(case.segmentation_path.name) + ".npz")
+            stacked = np.stack([q_of[label] for label in case.label_ids])
+            try:
+                write_probabilities(npz, stacked, case.label_ids)
+            except OSError as exc:
+                raise MedsegError(f"{npz}: cannot write the calibrated probabilities ({exc})") from None
+        entry["labels"] = labels
+        self._record(case.case_id, entry)
+        logger.info("%s: quality %s (%s)", case.case_id, entry["verdict"], "; ".join(entry["reasons"]) or "no reasons")
+
+    def _calibrated(self, case: FinishedCase) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The normalised entropy ``(Z, Y, X)`` in [0, 1] and the calibrated probabilities of the labels needed
+        (foreground; every label when the probabilities are saved)."""
+        assert case.class_probability is not None
+        norm = s1 = None
+        for label in case.label_ids:
+            powered, weighted = entropy_terms(case.class_probability(label), self.temperature)
+            norm = powered if norm is None else norm + powered
+            s1 = weighted if s1 is None else s1 + weighted
+        assert norm is not None and s1 is not None
+        norm = np.maximum(norm, np.float32(1e-30))
+        entropy = np.log(norm) - s1 / np.float32(self.temperature) / norm
+        entropy = np.clip(entropy / np.float32(math.log(len(case.label_ids))), 0.0, 1.0).astype(np.float32)
+        wanted = case.label_ids if self.save_probabilities and self.temperature != 1.0 else case.label_ids[1:]
+        q_of = {}
+        for label in wanted:
+            powered, _ = entropy_terms(case.class_probability(label), self.temperature)
+            q_of[label] = powered / norm
+        return entropy, q_of
+
+    def _record(self, case_id: str, entry: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.cases[case_id] = dict(entry)
+            self._own[case_id] = dict(entry)
+            self.written.append(case_id)
+            self._write()
+
+    def _write(self) -> None:
+        document = self._document(dict(sorted(self._own.items())))
+        try:
+            atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
+        except OSError as exc:
+            raise MedsegError(f"{self.path}: cannot write the quality report ({exc.strerror or exc})") from None
+
+    def list_skipped(self, case_ids: Iterable[str]) -> list[str]:
+        """Give every case of ``case_ids`` without an entry one (verdict ``review``: not assessed), so that
+        ``quality.json`` lists every case of the folder.
+
+        Returns:
+            The cases added.
+        """
+        added = [c for c in case_ids if c not in self.cases]
+        if not added:
+            return []
+        with self._lock:
+            for c in added:
+                entry: dict[str, Any] = {
+                    "score": None,
+                    "verdict": "review",
+                    "reasons": [_SKIPPED],
+                    "warnings": [],
+                    "labels": {},
+                }
+                self.cases[c] = entry
+                self._own[c] = entry
+            self._write()
+        return added
+
+    def merge_parts(self) -> bool:
+        """Fold the shards' ``quality.part-K-of-N.json`` into ``quality.json``; True when there were parts."""
+        return merge_parts(self.output_dir / QUALITY_FILE, lambda _, cases: self._document(cases))
+
+    def _document(self, cases: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "format": QUALITY_FORMAT,
+            "temperature": self.temperature,
+            "score_model": {k: v for k, v in self.model.to_dict().items() if k != "volumes"},
+            "cases": dict(cases),
+        }
+
+
+def _earlier_cases(path: Path) -> dict[str, Any]:
+    """The cases of an earlier ``quality.json`` (empty when there is none; a warning when it is unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s: cannot read the earlier quality report (%s); starting a new file", path, exc)
+        return {}
+    if not isinstance(document, dict) or document.get("format") != QUALITY_FORMAT:
+        logger.warning("%s: not a %s document; starting a new file", path, QUALITY_FORMAT)
+        return {}
+    cases = document.get("cases")
+    return {k: v for k, v in cases.items() if isinstance(v, dict)} if isinstance(cases, dict) else {}
