@@ -1,7 +1,8 @@
 """A/B of training settings on one plan: train each arm on the same work folder, predict a held-out set, score.
 
     python scripts/bench_arms.py WORK TEST_IMAGES TEST_LABELS -o OUT \\
-        --arm on="--intensity-augmentation on" --arm off="--intensity-augmentation off" [--concurrent]
+        --arm on="--intensity-augmentation on" --arm off="--intensity-augmentation off" [--concurrent] \\
+        [--predict-args NAME="--arch segresnet"]
 
 Each arm gets its own copy of ``WORK`` (plan and preprocessed cache; any ``runs/`` left out), trains with
 ``medseg train COPY --fold all <its arguments>``, predicts ``TEST_IMAGES`` with ``medseg predict`` (its
@@ -52,8 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("test_labels", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--arm", action="append", required=True, help='NAME="medseg train arguments"')
+    ap.add_argument(
+        "--predict-args",
+        action="append",
+        default=[],
+        help='NAME="medseg predict arguments" for an arm (e.g. --arch segresnet, --checkpoint snapshots)',
+    )
     ap.add_argument("--concurrent", action="store_true", help="train the arms at the same time")
     args = ap.parse_args(argv)
+    predict_args: dict[str, list[str]] = {}
+    for spec in args.predict_args:
+        name, _, extra = spec.partition("=")
+        predict_args[name] = shlex.split(extra)
 
     arms: dict[str, list[str]] = {}
     for spec in args.arm:
@@ -88,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         subprocess.run(
             _medseg(
-                "predict", "-i", str(args.test_images), "-o", str(pred), "-m", str(args.out / f"work_{name}"), "-q"
+                "predict",
+                "-i",
+                str(args.test_images),
+                "-o",
+                str(pred),
+                "-m",
+                str(args.out / f"work_{name}"),
+                "-q",
+                *predict_args.get(name, []),
             ),
             check=True,
         )
