@@ -26,19 +26,16 @@ Only the current case's probabilities are in memory at any time.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from pathlib import Path
-from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
+from medseg.inference.case_table import CaseTable
 from medseg.inference.export import write_segmentation
-from medseg.inference.shards import Shard, merge_parts, merged_cases
+from medseg.inference.shards import Shard
 from medseg.io.codec import to_json_dict
-from medseg.io.image import atomic_write_text, instance_map_path
-from medseg.io.json_files import read_case_table
+from medseg.io.image import instance_map_path
 from medseg.postprocessing.instances import InstanceOptions, find_instances
 
 __all__ = ["INSTANCES_FILE", "INSTANCES_FORMAT", "InstanceWriter", "instance_map_path"]
@@ -68,14 +65,9 @@ class InstanceWriter:
     def __init__(self, output_dir: Path, options: InstanceOptions | None = None, shard: Shard | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.options = options or InstanceOptions()
-        main = self.output_dir / INSTANCES_FILE
-        self.path = main if shard is None else shard.part_path(main)
-        if shard is None:
-            self.merge_parts()
-        self._own: dict[str, Any] = _earlier_cases(self.path)
-        self.cases: dict[str, Any] = {**_earlier_cases(main), **merged_cases(main)} if shard else dict(self._own)
+        self.table = CaseTable(self.output_dir / INSTANCES_FILE, INSTANCES_FORMAT, "instance table", shard)
+        self.path, self.cases = self.table.path, self.table.cases
         self.written: list[str] = []
-        self._lock = threading.Lock()
 
     def __call__(self, case: FinishedCase) -> None:
         """Find, write and record the instances of ``case`` (called on a writer thread).
@@ -95,14 +87,8 @@ class InstanceWriter:
             "options": to_json_dict(self.options),
             "instances": [to_json_dict(i) for i in table],
         }
-        with self._lock:
-            self.cases[case.case_id] = self._own[case.case_id] = entry
-            self.written.append(case.case_id)
-            document = {"format": INSTANCES_FORMAT, "cases": dict(sorted(self._own.items()))}
-            try:
-                atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
-            except OSError as exc:
-                raise MedsegError(f"{self.path}: cannot write the instance table ({exc.strerror or exc})") from None
+        self.table.record({case.case_id: entry})
+        self.written.append(case.case_id)
         logger.info("%s: %d instance(s) -> %s", case.case_id, len(table), target.name)
 
     def merge_parts(self) -> bool:
@@ -111,11 +97,4 @@ class InstanceWriter:
         Returns:
             True when there were parts to merge.
         """
-        return merge_parts(
-            self.output_dir / INSTANCES_FILE, lambda _, cases: {"format": INSTANCES_FORMAT, "cases": cases}
-        )
-
-
-def _earlier_cases(path: Path) -> dict[str, Any]:
-    """The cases of an earlier table at ``path`` (empty when there is none; a warning when it is unusable)."""
-    return read_case_table(path, INSTANCES_FORMAT, "instance table")
+        return self.table.merge_parts()

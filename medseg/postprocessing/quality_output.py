@@ -23,10 +23,8 @@ earlier runs are kept; a shard writes ``quality.part-K-of-N.json``, merged like 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,10 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
+from medseg.inference.case_table import CaseTable
 from medseg.inference.export import write_probabilities
-from medseg.inference.shards import Shard, merge_parts, merged_cases
-from medseg.io.image import atomic_write_text, strip_suffix, write_like
+from medseg.inference.shards import Shard
+from medseg.io.image import strip_suffix, write_like
 from medseg.postprocessing.quality_features import QualityModel, case_verdict, entropy_terms, label_features
 
 __all__ = ["QUALITY_FILE", "QUALITY_FORMAT", "UNCERTAINTY_DIR", "QualityWriter", "uncertainty_path"]
@@ -90,14 +89,11 @@ class QualityWriter:
         self.uncertainty = uncertainty
         self.save_probabilities = save_probabilities
         self.shard = shard
-        main = self.output_dir / QUALITY_FILE
-        self.path = main if shard is None else shard.part_path(main)
-        if shard is None:
-            self.merge_parts()
-        self._own: dict[str, Any] = _earlier_cases(self.path)
-        self.cases: dict[str, Any] = {**_earlier_cases(main), **merged_cases(main)} if shard else dict(self._own)
+        self.table = CaseTable(
+            self.output_dir / QUALITY_FILE, QUALITY_FORMAT, "quality report", shard, document=self._document
+        )
+        self.path, self.cases = self.table.path, self.table.cases
         self.written: list[str] = []
-        self._lock = threading.Lock()
 
     def __call__(self, case: FinishedCase) -> None:
         """Score ``case``, write its uncertainty map / calibrated probabilities if asked, rewrite the file.
@@ -162,18 +158,8 @@ class QualityWriter:
         return entropy, q_of
 
     def _record(self, case_id: str, entry: Mapping[str, Any]) -> None:
-        with self._lock:
-            self.cases[case_id] = dict(entry)
-            self._own[case_id] = dict(entry)
-            self.written.append(case_id)
-            self._write()
-
-    def _write(self) -> None:
-        document = self._document(dict(sorted(self._own.items())))
-        try:
-            atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
-        except OSError as exc:
-            raise MedsegError(f"{self.path}: cannot write the quality report ({exc.strerror or exc})") from None
+        self.table.record({case_id: dict(entry)})
+        self.written.append(case_id)
 
     def list_skipped(self, case_ids: Iterable[str]) -> list[str]:
         """Give every case of ``case_ids`` without an entry one (verdict ``review``: not assessed), so that
@@ -183,25 +169,20 @@ class QualityWriter:
             The cases added.
         """
         added = [c for c in case_ids if c not in self.cases]
-        if not added:
-            return []
-        with self._lock:
-            for c in added:
-                entry: dict[str, Any] = {
-                    "score": None,
-                    "verdict": "review",
-                    "reasons": [_SKIPPED],
-                    "warnings": [],
-                    "labels": {},
-                }
-                self.cases[c] = entry
-                self._own[c] = entry
-            self._write()
+        if added:
+            entry: dict[str, Any] = {
+                "score": None,
+                "verdict": "review",
+                "reasons": [_SKIPPED],
+                "warnings": [],
+                "labels": {},
+            }
+            self.table.record({c: dict(entry) for c in added})
         return added
 
     def merge_parts(self) -> bool:
         """Fold the shards' ``quality.part-K-of-N.json`` into ``quality.json``; True when there were parts."""
-        return merge_parts(self.output_dir / QUALITY_FILE, lambda _, cases: self._document(cases))
+        return self.table.merge_parts()
 
     def _document(self, cases: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -210,19 +191,3 @@ class QualityWriter:
             "score_model": {k: v for k, v in self.model.to_dict().items() if k != "volumes"},
             "cases": dict(cases),
         }
-
-
-def _earlier_cases(path: Path) -> dict[str, Any]:
-    """The cases of an earlier ``quality.json`` (empty when there is none; a warning when it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("%s: cannot read the earlier quality report (%s); starting a new file", path, exc)
-        return {}
-    if not isinstance(document, dict) or document.get("format") != QUALITY_FORMAT:
-        logger.warning("%s: not a %s document; starting a new file", path, QUALITY_FORMAT)
-        return {}
-    cases = document.get("cases")
-    return {k: v for k, v in cases.items() if isinstance(v, dict)} if isinstance(cases, dict) else {}

@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
-from medseg.inference.shards import Shard, merge_parts, merged_cases
+from medseg.inference.case_table import CaseTable
+from medseg.inference.shards import Shard
 from medseg.io.codec import to_json_dict
-from medseg.io.image import atomic_write_text
-from medseg.io.json_files import read_case_table
 from medseg.postprocessing.case_reports import read_case_image
 from medseg.postprocessing.structure_statistics import CONNECTIVITY, structure_statistics
 
@@ -92,17 +88,18 @@ class StatisticsWriter:
     def __init__(self, output_dir: Path, names: Mapping[int, str] | None = None, shard: Shard | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.names = dict(names or {})
-        main = self.output_dir / STATISTICS_FILE
-        self.path = main if shard is None else shard.part_path(main)
         self.csv_path = self.output_dir / STATISTICS_CSV
-        self.shard = shard
-        if shard is None:
-            self.merge_parts()
-        self._own: dict[str, Any] = _earlier_cases(self.path)
-        # what the folder holds, for missing(): the main file's and every part's cases
-        self.cases: dict[str, Any] = {**_earlier_cases(main), **merged_cases(main)} if shard else dict(self._own)
+        self.table = CaseTable(
+            self.output_dir / STATISTICS_FILE,
+            STATISTICS_FORMAT,
+            "statistics",
+            shard,
+            document=_document,
+            derived=lambda cases: [(self.csv_path, statistics_csv(cases))],  # a shard's CSV: when merged
+        )
+        # cases: what the folder holds, for missing(): the main file's and every part's
+        self.path, self.cases = self.table.path, self.table.cases
         self.written: list[str] = []
-        self._lock = threading.Lock()
 
     def __call__(self, case: FinishedCase) -> None:
         """Compute and record the statistics of a case this run predicted (called on a writer thread).
@@ -139,19 +136,8 @@ class StatisticsWriter:
             "spacing_mm": list(case.geometry.spacing),
             "structures": [to_json_dict(r) for r in rows],
         }
-        with self._lock:
-            self.cases[case.case_id] = entry
-            self._own[case.case_id] = entry
-            self.written.append(case.case_id)
-            cases = dict(sorted(self._own.items()))
-            files = [(self.path, json.dumps(_document(cases), indent=1) + "\n")]
-            if self.shard is None:  # a shard's CSV is made when its part is merged
-                files.append((self.csv_path, statistics_csv(cases)))
-            for path, text in files:
-                try:
-                    atomic_write_text(path, text)
-                except OSError as exc:
-                    raise MedsegError(f"{path}: cannot write the statistics ({exc.strerror or exc})") from None
+        self.table.record({case.case_id: entry})
+        self.written.append(case.case_id)
         present = sum(1 for r in rows if r.voxels)
         logger.info("%s: statistics of %d label(s), %d present", case.case_id, len(rows), present)
 
@@ -164,14 +150,7 @@ class StatisticsWriter:
         Raises:
             MedsegError: the CSV cannot be written.
         """
-        main = self.output_dir / STATISTICS_FILE
-        if not merge_parts(main, lambda _, cases: _document(cases)):
-            return False
-        try:
-            atomic_write_text(self.csv_path, statistics_csv(_earlier_cases(main)))
-        except OSError as exc:
-            raise MedsegError(f"{self.csv_path}: cannot write the statistics ({exc.strerror or exc})") from None
-        return True
+        return self.table.merge_parts()
 
 
 def _document(cases: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,8 +196,3 @@ def statistics_csv(cases: Mapping[str, Any]) -> str:
 
 def _cell(value: float | None) -> str:
     return "" if value is None else repr(float(value))
-
-
-def _earlier_cases(path: Path) -> dict[str, Any]:
-    """The cases of an earlier table at ``path`` (empty when there is none; a warning when it is unusable)."""
-    return read_case_table(path, STATISTICS_FORMAT, "statistics")
