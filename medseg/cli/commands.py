@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_find_best(args: argparse.Namespace) -> int:
     from medseg.ensembling import find_best
 
-    best = find_best(Path(args.work), metric=args.metric)
+    best = find_best(Path(args.work), data_dir=args.data, metric=args.metric, try_crf=args.try_crf)
     print(best.summary())
     print("predict with:\n  " + best.predict_command)
     return 0

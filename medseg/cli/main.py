@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
     p.add_argument(
+        "--postprocess",
+        choices=["auto", "crf"],
+        default="auto",
+        help="auto: the postprocessing find-best chose (a dense CRF only if it kept one); crf: always run a dense "
+        "CRF over the probabilities and the image before the component rules",
+    )
+    p.add_argument(
         "--instances",
         action="store_true",
         help="also write OUT/CASE_instances.nii.gz (one id per object: connected components per class) and "
@@ -305,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=SelectionMetric.DICE.value,
         help="rank candidates and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric",
     )
+    p.add_argument(
+        "--try-crf",
+        action="store_true",
+        help="also try a dense CRF after the component rules on the CV cases; kept only if it raises the mean Dice",
+    )
+    p.add_argument("--data", default=None, help="dataset folder (default: the one `medseg plan` recorded)")
     _add_common(p)
     p.set_defaults(func=c.cmd_find_best)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
     from medseg.postprocessing import InstanceWriter, PreviewWriter, StatisticsWriter
+    from medseg.postprocessing.crf_output import CrfPostprocess
 
 logger = logging.getLogger("medseg")
 
@@ -85,6 +86,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     )
     dicom = _dicom_writer(args, predictor)
     reports = _report_writers(args, predictor, shard)
+    crf = _crf_hook(args, predictor)
     result = predict_folder(
         Path(args.input),
         Path(args.output),
@@ -93,7 +95,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
-        case_hook=combine_hooks([instances, dicom, *reports]),
+        case_hook=combine_hooks([crf, instances, dicom, *reports]),  # the CRF first: it rewrites the labels
         shard=shard,
     )
     print(result.summary())
@@ -110,6 +112,18 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     if ranks.enabled:
         _merge_rank_files(ranks, Path(args.output), instances, reports)
     return 0 if result.ok and reported else 1
+
+
+def _crf_hook(args: argparse.Namespace, predictor: Predictor) -> CrfPostprocess | None:
+    """The dense-CRF case hook of ``--postprocess crf`` (or of the rules when find-best kept a CRF); else None."""
+    from medseg.postprocessing.crf import CrfParams
+    from medseg.postprocessing.crf_output import CrfPostprocess, crf_params_of
+
+    rules = getattr(predictor.postprocess, "rules", None)
+    params = crf_params_of(rules)
+    if args.postprocess == "crf":
+        params = params or CrfParams()
+    return None if params is None else CrfPostprocess(params, rules)
 
 
 def _merge_rank_files(

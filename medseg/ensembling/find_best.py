@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.ensembling.crf_selection import image_loader, select_crf
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
 from medseg.evaluation.lesion_wise import selection_score
@@ -223,6 +224,7 @@ def find_best(
     data_dir: str | Path | None = None,
     progress: bool = True,
     metric: SelectionMetric | str = SelectionMetric.DICE,
+    try_crf: bool = False,
 ) -> FindBestResult:
     """Rank configurations/architectures and their ensembles on the cross-validation; save the best.
 
@@ -231,6 +233,7 @@ def find_best(
         data_dir: dataset folder with ``labelsTr`` (default: the one ``medseg plan`` recorded).
         progress: tqdm bars.
         metric: rank and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric.
+        try_crf: also try the dense CRF after the rules (:mod:`medseg.ensembling.crf_selection`, by Dice).
 
     Returns:
         :class:`FindBestResult`; ``WORK/best.json`` and ``WORK/postprocessing.json`` are written.
@@ -351,6 +354,15 @@ def find_best(
         }
     else:
         rules = fit_postprocessing(common, load_pair, label_ids, progress=progress, metric=metric)
+        if try_crf:
+
+            def crf_case(case: str) -> tuple[np.ndarray, np.ndarray]:
+                ref = load_ref(case)
+                mean = _summed(_load_probabilities(preds[m][case]) for m in winner) / len(winner)
+                return mean, ref if ignore is None else np.where(ref == ignore, 0, ref)
+
+            load_image = image_loader(work_dir, data_dir)
+            rules = select_crf(common, crf_case, load_image, rules, label_ids, progress=progress)
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, wd.postprocessing)
 
