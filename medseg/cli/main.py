@@ -143,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "weights at the end of each saved as checkpoint_snapshot_<i>.pt; predict them with --checkpoint snapshots",
     )
     p.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="distillation: also learn the soft predictions of these trained run folders (the teacher ensemble, "
+        "same configuration) by temperature-scaled KL beside Dice+CE",
+    )
+    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation KL (default 1)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument(
+        "--distill-checkpoint",
+        choices=["final", "best", "snapshots"],
+        default="final",
+        help="the teachers' checkpoint (snapshots: every snapshot of each teacher run)",
+    )
+    p.add_argument(
         "--cycle-growth",
         type=float,
         default=None,
