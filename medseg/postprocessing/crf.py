@@ -84,7 +84,8 @@ class CrfParams:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise MedsegError(f"CRF settings: unknown keys {sorted(unknown)}")
-        return cls(**{k: (int(v) if k == "iterations" else float(v)) for k, v in d.items()})
+        values: dict[str, Any] = {k: (int(v) if k == "iterations" else float(v)) for k, v in d.items()}
+        return cls(**values)
 
 
 def _gaussian_taps(sigma: float) -> torch.Tensor | None:

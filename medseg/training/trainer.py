@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
@@ -172,7 +173,7 @@ class Trainer(TrainerEpoch):
         # -------- model, loss, optimizer, step
         self.num_classes = stage.num_classes
         model, self.model = build_model(stage, self.device, self.channels_last, dist_ctx)
-        self.loss_fn = build_loss(cfg, plan).to(self.device)
+        self.loss_fn: nn.Module = build_loss(cfg, plan).to(self.device)
         if cfg.distill is not None:
             self.loss_fn = DistillationLoss(self.loss_fn, cfg.distill.weight, cfg.distill.temperature)
         self.optimizer = build_optimizer(model, cfg)
