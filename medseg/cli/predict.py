@@ -119,7 +119,7 @@ def _crf_hook(args: argparse.Namespace, predictor: Predictor) -> CrfPostprocess 
     from medseg.postprocessing.crf import CrfParams
     from medseg.postprocessing.crf_output import CrfPostprocess, crf_params_of
 
-    rules = getattr(predictor.postprocess, "rules", None)
+    rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess holds its rules
     params = crf_params_of(rules)
     if args.postprocess == "crf":
         params = params or CrfParams()

@@ -33,11 +33,11 @@ __all__ = ["CRF_CANDIDATES", "image_loader", "select_crf"]
 
 logger = logging.getLogger(__name__)
 
-#: the settings find-best tries: the default, a weaker appearance term, a stronger one
+#: the settings find-best tries: the default, a weaker one, a stronger and wider one
 CRF_CANDIDATES: tuple[CrfParams, ...] = (
     CrfParams(),
-    CrfParams(bilateral_weight=1.5, spatial_weight=0.5),
-    CrfParams(bilateral_weight=5.0),
+    CrfParams(bilateral_weight=0.5, spatial_weight=0.25),
+    CrfParams(bilateral_weight=2.0, spatial_weight=1.0, bilateral_mm=5.0),
 )
 
 #: ``case_id -> (image (Z, Y, X) first channel, spacing (mm, same order))``
