@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.ensembling.crf_selection import image_loader, select_crf
+from medseg.ensembling.rule_report import ensemble_rule_report
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
 from medseg.evaluation.lesion_wise import selection_score
@@ -100,6 +101,7 @@ class FindBestResult:
             "postprocessing": WorkDir.POSTPROCESSING,
             "postprocessing_summary": describe_rules(self.postprocessing),
             "predict_command": self.predict_command,
+            **self.extra,
         }
 
     def summary(self) -> str:
@@ -367,6 +369,8 @@ def find_best(
     save_rules(rules, wd.postprocessing)
 
     folds = sorted(set.intersection(*(set(folds_of(preds[m])) for m in winner)))
+    rules_of = ensemble_rule_report  # mean/weighted/vote/stacking on the CV (label plans)
+    report = {} if regions else rules_of(winner, preds, common, _load_probabilities, load_ref, label_ids, ignore)
     result = FindBestResult(
         members=winner,
         folds=folds,
@@ -380,6 +384,7 @@ def find_best(
         num_cases=len(common),
         predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",
         best_path=wd.best,
+        extra=report,
         metric=str(metric),
         metric_per_label=(
             {region_key(r): float(means[best_i, j]) for j, r in enumerate(regions)}
