@@ -1,5 +1,6 @@
-"""Distillation through the real CLI: two tiny teacher folds, a student trained on their soft predictions in a
-work folder of its own (``train --distill-from``), then predicted like any other run."""
+"""Distillation and the dense CRF through the real CLI: two tiny teacher folds (find-best tries the CRF on their
+CV), a student trained on their soft predictions in a work folder of its own (``train --distill-from``), then
+predicted like any other run, with ``--postprocess crf``."""
 
 from __future__ import annotations
 
@@ -21,16 +22,23 @@ def test_distill_a_student_from_two_folds_and_predict(tmp_path, synthetic_datase
     assert main([*plan, "--configs", "3d_fullres"]) == 0
     shrink_networks(teachers)
     for fold in ("0", "1"):
-        assert main(["train", str(teachers), "--fold", fold, *TINY_TRAIN, "--no-validation"]) == 0
+        assert main(["train", str(teachers), "--fold", fold, *TINY_TRAIN]) == 0
     runs = teachers / "runs" / "3d_fullres" / "unet"
+
+    # find-best tries the dense CRF on the CV cases and records every setting's score
+    assert main(["find-best", str(teachers), "--try-crf"]) == 0
+    search = json.loads((teachers / "postprocessing.json").read_text())["crf_search"]
+    assert len(search["candidates"]) == 3 and search["seconds_per_case"] > 0
 
     # a run cannot be its own teacher
     own = ["train", str(teachers), "--fold", "0", *TINY_TRAIN, "--resume", "--distill-from", str(runs / "fold_0")]
     assert main(own) == 2
     assert "its own teacher" in capsys.readouterr().err
 
-    student = tmp_path / "student"  # the same plan and preprocessed cases, no runs
-    shutil.copytree(teachers, student, ignore=shutil.ignore_patterns("runs"))
+    student = tmp_path / "student"  # the same plan and preprocessed cases; no runs, no find-best choice
+    shutil.copytree(
+        teachers, student, ignore=shutil.ignore_patterns("runs", "best.json", "postprocessing.json", "soft_targets")
+    )
     distill = ["--distill-from", str(runs / "fold_0"), str(runs / "fold_1"), "--distill-temperature", "3"]
     assert main(["train", str(student), "--fold", "0", *TINY_TRAIN, "--no-validation", *distill]) == 0
     run = student / "runs" / "3d_fullres" / "unet" / "fold_0"
