@@ -66,6 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from medseg.pipeline import record_postprocessing_prior
     from medseg.training import AugmentationConfig, TrainConfig, train
+    from medseg.training.distill_config import DistillConfig
 
     overrides = {
         "configuration": args.config,
@@ -109,6 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         kwargs["final_validation"] = False
     if args.intensity_augmentation != Switch.AUTO:
         kwargs["augmentation"] = AugmentationConfig(intensity=args.intensity_augmentation == Switch.ON)
+    if args.distill_from:
+        teachers = tuple(str(Path(r).resolve()) for r in args.distill_from)
+        kwargs["distill"] = DistillConfig(
+            teachers, args.distill_weight, args.distill_temperature, args.distill_checkpoint
+        )
     run_dir = train(Path(args.work), TrainConfig(**kwargs), resume=args.resume)
     record_postprocessing_prior(Path(args.work), run_dir, fold)
     print(f"training finished: {run_dir}")
@@ -143,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_find_best(args: argparse.Namespace) -> int:
     from medseg.ensembling import find_best
 
-    best = find_best(Path(args.work), metric=args.metric)
+    best = find_best(Path(args.work), data_dir=args.data, metric=args.metric, try_crf=args.try_crf)
     print(best.summary())
     print("predict with:\n  " + best.predict_command)
     return 0

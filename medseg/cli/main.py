@@ -143,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "weights at the end of each saved as checkpoint_snapshot_<i>.pt; predict them with --checkpoint snapshots",
     )
     p.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="distillation: also learn the soft predictions of these trained run folders (the teacher ensemble, "
+        "same configuration) by temperature-scaled KL beside Dice+CE",
+    )
+    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation KL (default 1)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature (default 2)")
+    p.add_argument(
+        "--distill-checkpoint",
+        choices=["final", "best", "snapshots"],
+        default="final",
+        help="the teachers' checkpoint (snapshots: every snapshot of each teacher run)",
+    )
+    p.add_argument(
         "--cycle-growth",
         type=float,
         default=None,
@@ -214,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(OUT/quality.json, a per-case quality score and ok/review verdict, is always written)",
     )
     p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument(
+        "--postprocess",
+        choices=["auto", "crf"],
+        default="auto",
+        help="auto: the postprocessing find-best chose (a dense CRF only if it kept one); crf: always run a dense "
+        "CRF over the probabilities and the image before the component rules",
+    )
     p.add_argument(
         "--instances",
         action="store_true",
@@ -316,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=SelectionMetric.DICE.value,
         help="rank candidates and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric",
     )
+    p.add_argument(
+        "--try-crf",
+        action="store_true",
+        help="also try a dense CRF after the component rules on the CV cases; kept only if it raises the mean Dice",
+    )
+    p.add_argument("--data", default=None, help="dataset folder (default: the one `medseg plan` recorded)")
     _add_common(p)
     p.set_defaults(func=c.cmd_find_best)
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
     from medseg.postprocessing import InstanceWriter, PreviewWriter, QualityWriter, StatisticsWriter
+    from medseg.postprocessing.crf_output import CrfPostprocess
 
 logger = logging.getLogger("medseg")
 
@@ -88,6 +89,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     dicom = _dicom_writer(args, predictor)
     reports = _report_writers(args, predictor, shard)
     quality = _quality_writer(args, predictor, shard)
+    crf = _crf_hook(args, predictor)
     result = predict_folder(
         Path(args.input),
         Path(args.output),
@@ -96,7 +98,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         save_probabilities=args.save_probabilities,
         num_workers=args.num_workers or 1,
         time_budget_per_case=args.time_budget_per_case,
-        case_hook=combine_hooks([quality, instances, dicom, *reports]),
+        case_hook=combine_hooks([crf, quality, instances, dicom, *reports]),  # the CRF first: it rewrites the labels
         shard=shard,
         training_range=_training_range(Path(args.model), bundle),
     )
@@ -133,6 +135,18 @@ def _training_range(model: Path, bundle: bool) -> TrainingRange | None:
     if found is None:
         logger.info("%s records no training range (older medseg): the input guard checks only the spacing", model)
     return found
+
+
+def _crf_hook(args: argparse.Namespace, predictor: Predictor) -> CrfPostprocess | None:
+    """The dense-CRF case hook of ``--postprocess crf`` (or of the rules when find-best kept a CRF); else None."""
+    from medseg.postprocessing.crf import CrfParams
+    from medseg.postprocessing.crf_output import CrfPostprocess, crf_params_of
+
+    rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess holds its rules
+    params = crf_params_of(rules)
+    if args.postprocess == "crf":
+        params = params or CrfParams()
+    return None if params is None else CrfPostprocess(params, rules)
 
 
 def _merge_rank_files(

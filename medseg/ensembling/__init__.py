@@ -4,7 +4,8 @@ postprocessing) to predict with, and exporting it."""
 from __future__ import annotations
 
 from medseg.ensembling.bundle_export import export_bundle, export_networks
-from medseg.ensembling.find_best import FindBestResult, find_best, reference_loader
+from medseg.ensembling.find_best import FindBestResult, find_best
+from medseg.ensembling.references import reference_loader
 from medseg.ensembling.runs import find_trained_runs, find_validation_predictions
 from medseg.ensembling.selection import (
     RunSelection,

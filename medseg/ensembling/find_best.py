@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.ensembling.crf_selection import image_loader, select_crf
 from medseg.ensembling.quality_fit import fit_quality
+from medseg.ensembling.references import reference_loader
+from medseg.ensembling.rule_report import ensemble_rule_report
 from medseg.ensembling.runs import find_validation_predictions, folds_of
 from medseg.errors import MedsegError
 from medseg.evaluation.lesion_wise import selection_score
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
-from medseg.io.image import IMAGE_SUFFIXES, atomic_write_text, read_image
+from medseg.io.image import atomic_write_text
 from medseg.io.workdir import WorkDir
 from medseg.options import SelectionMetric, parse_option
 from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
 from medseg.postprocessing.operations import RULES_FORMAT, save_rules
-from medseg.preprocessing import classes_to_labels, load_case, revert_to_original
 from medseg.preprocessing.regions import dice_per_region, region_key, regions_to_labels
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class FindBestResult:
             "postprocessing": WorkDir.POSTPROCESSING,
             "postprocessing_summary": describe_rules(self.postprocessing),
             "predict_command": self.predict_command,
+            **self.extra,
         }
 
     def summary(self) -> str:
@@ -125,58 +128,6 @@ def _candidates(members: list[Member]) -> list[tuple[Member, ...]]:
     n = len(members)
     sizes = range(1, n + 1) if n <= MAX_EXHAUSTIVE else sorted({1, 2, n})
     return [combo for r in sizes for combo in itertools.combinations(members, r)]
-
-
-def _find_label_file(folder: Path, case_id: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        p = folder / f"{case_id}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
-def reference_loader(work_dir: Path, plan: Plan, data_dir: str | Path | None = None) -> Callable[[str], np.ndarray]:
-    """``case_id -> reference label ids (Z, Y, X)`` on the original grid.
-
-    Looks in ``data_dir/labelsTr`` (default: the dataset recorded in ``WORK/dataset_ref.json`` by
-    ``medseg plan``). If the dataset is no longer there, falls back to the preprocessed labels mapped back
-    to the original grid (exact when no resampling was needed, nearest-neighbour approximate otherwise),
-    with a warning.
-    """
-    root: Path | None = Path(data_dir) if data_dir is not None else None
-    ref_file = WorkDir(work_dir).dataset_ref
-    if root is None and ref_file.is_file():
-        try:
-            root = Path(json.loads(ref_file.read_text())["root"])
-        except (ValueError, KeyError, TypeError):
-            root = None
-    labels_dir = root / "labelsTr" if root is not None else None
-    if labels_dir is not None and labels_dir.is_dir():
-
-        def load(case_id: str) -> np.ndarray:
-            path = _find_label_file(labels_dir, case_id)
-            if path is None:
-                raise MedsegError(f"{labels_dir}: no reference label for case {case_id}")
-            return read_image(path)[0]
-
-        return load
-    if data_dir is not None:
-        raise MedsegError(f"{data_dir}: no labelsTr folder with the reference labels")
-    logger.warning(
-        "the dataset's labelsTr folder was not found (%s); using the preprocessed labels mapped back "
-        "to the original grid as references",
-        labels_dir,
-    )
-
-    def load_preprocessed(case_id: str) -> np.ndarray:
-        _, seg, props = load_case(work_dir, plan, plan.default_configuration, case_id)
-        if seg is None:
-            raise MedsegError(f"case {case_id}: the preprocessed cache has no label")
-        return classes_to_labels(
-            revert_to_original(seg, props, is_seg=True), plan.label_ids, ignore_label=plan.ignore_label
-        )
-
-    return load_preprocessed
 
 
 def _region_dice(probs: np.ndarray, ref: np.ndarray, plan: Plan, ignored: np.ndarray | None) -> np.ndarray:
@@ -225,6 +176,7 @@ def find_best(
     data_dir: str | Path | None = None,
     progress: bool = True,
     metric: SelectionMetric | str = SelectionMetric.DICE,
+    try_crf: bool = False,
 ) -> FindBestResult:
     """Rank configurations/architectures and their ensembles on the cross-validation; save the best.
 
@@ -233,6 +185,7 @@ def find_best(
         data_dir: dataset folder with ``labelsTr`` (default: the one ``medseg plan`` recorded).
         progress: tqdm bars.
         metric: rank and fit postprocessing by mean foreground Dice (default) or a lesion-wise metric.
+        try_crf: also try the dense CRF after the rules (:mod:`medseg.ensembling.crf_selection`, by Dice).
 
     Returns:
         :class:`FindBestResult`; ``WORK/best.json`` and ``WORK/postprocessing.json`` are written.
@@ -357,11 +310,22 @@ def find_best(
         def mean_probs(case: str) -> np.ndarray:
             return _summed(_load_probabilities(preds[m][case]) for m in winner) / len(winner)
 
+        if try_crf:
+
+            def crf_case(case: str) -> tuple[np.ndarray, np.ndarray]:
+                ref = load_ref(case)
+                return mean_probs(case), ref if ignore is None else np.where(ref == ignore, 0, ref)
+
+            rules = select_crf(common, crf_case, image_loader(work_dir, data_dir), rules, label_ids, progress=progress)
         rules.update(fit_quality(work_dir, common, mean_probs, load_ref, label_ids, rules, ignore))
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, wd.postprocessing)
 
     folds = sorted(set.intersection(*(set(folds_of(preds[m])) for m in winner)))
+    # mean/weighted/vote/stacking on the CV (label plans)
+    report = (
+        {} if regions else ensemble_rule_report(winner, preds, common, _load_probabilities, load_ref, label_ids, ignore)
+    )
     result = FindBestResult(
         members=winner,
         folds=folds,
@@ -375,6 +339,7 @@ def find_best(
         num_cases=len(common),
         predict_command=f"medseg predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m {work_dir}",
         best_path=wd.best,
+        extra=report,
         metric=str(metric),
         metric_per_label=(
             {region_key(r): float(means[best_i, j]) for j, r in enumerate(regions)}

@@ -11,6 +11,7 @@ A work folder (``WORK``, written by ``medseg plan`` and filled by ``train``/``fi
     WORK/preprocessed/<data_identifier>/              preprocessed cases of a configuration
     WORK/preprocessed/<cascade>_from_<previous>/      a cascade's previous-stage segmentations
     WORK/runs/<configuration>/<arch>/fold_<k>/        one training run (``fold_all``: every case)
+    WORK/soft_targets/<configuration>/<key>/<case>.npy  a teacher ensemble's float16 probabilities (distillation)
 
 A run folder (:class:`RunDir`) holds ``checkpoint_{latest,best,final}.pt`` (``checkpoint_snapshot_<i>.pt`` too
 after ``train --snapshots``), ``config.json``, ``plans.json``,
@@ -249,6 +250,11 @@ class WorkDir:
     def preprocessed(self, data_identifier: str) -> Path:
         """``WORK/preprocessed/<data_identifier>``: the preprocessed cases of a configuration."""
         return self.preprocessed_root / data_identifier
+
+    def soft_targets(self, configuration: str, key: str) -> Path:
+        """``WORK/soft_targets/<configuration>/<key>``: a teacher ensemble's probabilities on the preprocessed
+        training cases of ``configuration`` (``<case>.npy``), ``key`` naming the teachers (``train --distill-from``)."""
+        return self.root / "soft_targets" / configuration / key
 
     def previous_stage(self, configuration: str, previous: str) -> Path:
         """``WORK/preprocessed/<configuration>_from_<previous>``: a cascade's previous-stage segmentations."""

@@ -19,6 +19,7 @@ from medseg.io.codec import from_json_dict, to_json_dict
 from medseg.io.json_files import load_json_file
 from medseg.io.workdir import fold_name
 from medseg.options import DeviceKind, LRSchedule, Optimizer, Precision, WeightAveraging, choices
+from medseg.training.distill_config import DistillConfig
 from medseg.training.run_defaults import (
     LONG_SCHEDULE_LR,
     LONG_SCHEDULE_MOMENTUM,
@@ -186,6 +187,7 @@ class TrainConfig:
             run becomes ``checkpoint_final`` (:mod:`medseg.training.weight_averaging`); ``off``: the last
             weights do; ``auto``: :data:`SHORT_SCHEDULE_WEIGHT_AVERAGING` for a time-budgeted run, else
             ``off`` (:meth:`TrainConfig.resolved` makes it concrete).
+        distill: train on a teacher ensemble's soft predictions too (:mod:`medseg.training.distillation`).
     """
 
     configuration: str | None = None
@@ -233,6 +235,7 @@ class TrainConfig:
     save_probabilities: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     weight_averaging: WeightAveraging = WeightAveraging.AUTO
+    distill: DistillConfig | None = None
 
     # ------------------------------------------------------------------ checks
     def check(self) -> list[str]:
@@ -294,7 +297,7 @@ class TrainConfig:
             p.append(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
         if not (self.device == DeviceKind.CPU or self.device.startswith(DeviceKind.CUDA)):
             p.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        p += self.augmentation.check()
+        p += self.augmentation.check() + (self.distill.check() if self.distill else [])
         return p
 
     def validate(self) -> TrainConfig:

@@ -169,6 +169,8 @@ def train(work_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
     cfg.validate()
     stage = Stage.resolve(plan, cfg.configuration, cfg.arch)  # clear error when not planned
     run_dir = run_dir_for(work_dir, stage.config_name, stage.arch, cfg.fold)
+    if cfg.distill is not None and run_dir.resolve() in {Path(t).resolve() for t in cfg.distill.teachers}:
+        raise ConfigError(f"{run_dir}: a run cannot be its own teacher; train the student in another work folder")
     with RunLock(run_dir, enabled=launch_rank() == 0):  # a second `medseg train` of this run is refused
         return _train_locked(work_dir, stage, cfg, run_dir, resume)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from medseg import faults
 from medseg.clock import BudgetClock, EpochClock, TrainingClock
@@ -44,6 +45,7 @@ from medseg.planning.stage import Stage
 from medseg.training.config import TrainConfig
 from medseg.training.data import batch_iterator, load_training_cases, make_samplers
 from medseg.training.device import checked_precision, planned_precision_and_layout, prepare_device
+from medseg.training.distillation import DistillationLoss, attach_soft_targets
 from medseg.training.distributed import unwrap
 from medseg.training.progress import augmentation_summary
 from medseg.training.run_record import RunRecord
@@ -158,14 +160,22 @@ class Trainer(TrainerEpoch):
         self.train_cases = [loaded[c] for c in self.train_ids]
         self.val_cases = [loaded[c] for c in self.val_ids]
         self.mirror_axes = stage.mirror_axes
+        sampled, sampler_cfg = self.train_cases, cfg
+        if cfg.distill is not None:  # the teachers' probabilities ride along as extra channels
+            sampled = attach_soft_targets(work_dir, stage, self.train_cases, cfg.distill, str(self.device))
+            sampler_cfg = dataclasses.replace(
+                cfg, augmentation=dataclasses.replace(cfg.augmentation, previous_stage_perturbation=False)
+            )
         self.sampler, self.val_sampler = make_samplers(
-            self.train_cases, self.val_cases, stage, cfg, self.mirror_axes, self.anisotropic
+            sampled, self.val_cases or self.train_cases, stage, sampler_cfg, self.mirror_axes, self.anisotropic
         )
 
         # -------- model, loss, optimizer, step
         self.num_classes = stage.num_classes
         model, self.model = build_model(stage, self.device, self.channels_last, dist_ctx)
-        self.loss_fn = build_loss(cfg, plan).to(self.device)
+        self.loss_fn: nn.Module = build_loss(cfg, plan).to(self.device)
+        if cfg.distill is not None:
+            self.loss_fn = DistillationLoss(self.loss_fn, cfg.distill.weight, cfg.distill.temperature)
         self.optimizer = build_optimizer(model, cfg)
         self.lr0 = cfg.effective_lr
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None

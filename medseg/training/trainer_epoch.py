@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from medseg.io.workdir import RunDir
 from medseg.training.device import to_device
+from medseg.training.distillation import split_soft_targets
 from medseg.training.progress import epoch_line
 from medseg.training.schedule import completed_cycles, lr_factor
 from medseg.training.step import OptimizerStep
@@ -54,7 +55,11 @@ class TrainerEpoch(TrainerState, TrainerValidation):
         return lr
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on a batch (:class:`~medseg.training.step.OptimizerStep`); returns the loss."""
+        """One optimizer step on a batch (:class:`~medseg.training.step.OptimizerStep`); returns the loss.
+        A distillation batch's teacher channels are split off into the target first."""
+        if self.cfg.distill is not None:
+            x, target = split_soft_targets(x, y, self.plan.num_channels)
+            return self.step(x, target, self.iteration)
         return self.step(x, y, self.iteration)
 
     def _sync_stop_and_progress(self) -> tuple[bool, float]:
