@@ -126,6 +126,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         use_tta=not args.no_tta,
         step=args.step,
         postprocessing=not args.no_postprocessing,
+        max_ram_gb=args.max_ram,
     )
     result = predict_folder(
         Path(args.input),
