@@ -39,7 +39,7 @@ _live_lock = threading.Lock()
 
 def _drop(array: np.ndarray) -> None:
     """Give the resident pages of a mapped array back (its data stays in the file)."""
-    base = array
+    base: Any = array
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
     if isinstance(base, mmap.mmap):
@@ -118,21 +118,30 @@ def release_pages(array: np.ndarray | torch.Tensor) -> None:
             _drop(owner)
 
 
+#: Bytes of a ``(K, z, y, x)`` buffer that whole-buffer steps (softmax, the members' sum) process at once: Z slabs
+#: of at most this size (at least one slice), in memory and on a scratch space alike. The same slabs give the
+#: same floating-point results (a vectorised loop rounds its scalar tail differently, so slabs of another
+#: size could differ in the last bit), and on a scratch space at most this much is touched between releases.
+SLAB_BYTES = 64 * 2**20
+
+
+def z_slabs(buffer: torch.Tensor) -> list[slice]:
+    """The Z slabs (slices of axis 1) of a ``(K, Z, ...)`` buffer that :data:`SLAB_BYTES` allows."""
+    per_slice = max(1, buffer[:, :1].numel() * buffer.element_size())
+    rows = max(1, SLAB_BYTES // per_slice)
+    return [slice(z0, min(buffer.shape[1], z0 + rows)) for z0 in range(0, buffer.shape[1], rows)]
+
+
 def in_slabs(
     total: torch.Tensor, scratch: ScratchSpace | None, op: Callable[[torch.Tensor, Any], Any], other: Any
 ) -> torch.Tensor:
-    """``op(total, other)`` in place (``other`` a tensor of ``total``'s shape or a number); on a scratch space
-    Z slab by Z slab, giving the pages back (the same per-voxel arithmetic). Returns ``total``."""
-    if scratch is None:
-        op(total, other)
-        return total
-    per_slice = 2 * total[:, :1].numel() * total.element_size()
-    rows = max(1, scratch.window_bytes // per_slice)
-    for z0 in range(0, total.shape[1], rows):
-        z = slice(z0, z0 + rows)
+    """``op(total, other)`` in place, Z slab by Z slab (:func:`z_slabs`), ``other`` a tensor of ``total``'s
+    shape or a number; on a scratch space the pages touched are reported. Returns ``total``."""
+    for z in z_slabs(total):
         op(total[:, z], other[:, z] if isinstance(other, torch.Tensor) else other)
-        scratch.touched(total[:, z].numel() * total.element_size() * 2)
+        if scratch is not None:
+            scratch.touched(total[:, z].numel() * total.element_size() * 2)
     return total
 
 
-__all__ = ["ScratchSpace", "in_slabs", "release_pages"]
+__all__ = ["SLAB_BYTES", "ScratchSpace", "in_slabs", "release_pages", "z_slabs"]

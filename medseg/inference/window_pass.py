@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medseg.faults import is_armed, maybe_fail
-from medseg.inference.scratch import ScratchSpace
+from medseg.inference.scratch import ScratchSpace, z_slabs
 from medseg.inference.tiling import gaussian_importance_map, tile_starts
 
 #: Fault-injection point hit before every network batch when armed (:mod:`medseg.faults`), named after the
@@ -52,22 +52,21 @@ def activate(
         logits: ``(K, Z, Y, X)`` sums of Gaussian-weighted logits, float32 or float16.
         weights: ``(Z, Y, X)`` float32 sums of the weights.
         activation: ``"softmax"`` or ``"sigmoid"``.
-        scratch: the scratch space ``logits`` lives on, if any: then Z slabs of at most its window are
-            processed one after another and their pages given back.
+        scratch: the scratch space ``logits`` lives on, if any (the pages touched are reported to it).
+
+    Runs Z slab by Z slab (:func:`~medseg.inference.scratch.z_slabs`) in any case, so that a streamed case
+    and one in memory get bit-identical probabilities.
 
     Returns:
         ``logits``, now probabilities (contiguous).
     """
-    if scratch is None:
-        _activate(logits, weights, activation)
-        return logits.contiguous()
-    per_slice = max(1, logits[:, :1].numel() * logits.element_size())
-    slices = max(1, scratch.window_bytes // per_slice)
-    for z0 in range(0, logits.shape[1], slices):
-        _activate(logits[:, z0 : z0 + slices], weights[z0 : z0 + slices], activation)
-        scratch.touched(logits[:, z0 : z0 + slices].numel() * logits.element_size())
-    scratch.release()
-    return logits
+    for z in z_slabs(logits):
+        _activate(logits[:, z], weights[z], activation)
+        if scratch is not None:
+            scratch.touched(logits[:, z].numel() * logits.element_size())
+    if scratch is not None:
+        scratch.release()
+    return logits.contiguous()
 
 
 def _activate(logits: torch.Tensor, weights: torch.Tensor, activation: str) -> None:
@@ -237,14 +236,9 @@ class WindowPass:
                 if bar is not None:
                     bar.update(1)
         if own:
-            if self.scratch is None:
-                logits += acc_logits[(slice(None), *crop)]
-            else:  # slab by slab, giving pages back (the same per-voxel sums)
-                per_slice = 2 * acc_logits[:, :1].numel() * acc_logits.element_size()  # source and target
-                rows = max(1, self.scratch.window_bytes // per_slice)
-                for z0 in range(0, spatial[0], rows):
-                    z = slice(z0, min(spatial[0], z0 + rows))
-                    source = (slice(None), slice(crop[0].start + z.start, crop[0].start + z.stop), *crop[1:])
-                    logits[:, z] += acc_logits[source]
-                    self.scratch.touched((z.stop - z.start) * per_slice)
+            for z in z_slabs(logits):  # slab by slab, as in_slabs: the same sums in memory and streamed
+                source = (slice(None), slice(crop[0].start + z.start, crop[0].start + z.stop), *crop[1:])
+                logits[:, z] += acc_logits[source]
+                if self.scratch is not None:
+                    self.scratch.touched(2 * logits[:, z].numel() * logits.element_size())
             weights += acc_weights[crop]

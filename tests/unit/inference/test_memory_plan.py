@@ -32,7 +32,7 @@ def test_plan_counts_each_stage_from_the_shapes():
     big_v = 40 * 30 * 40
     assert plan.stages["read"] == PROCESS_BYTES + 2 * big_v * 4
     assert plan.stages["preprocess"] == PROCESS_BYTES + big_v * 4 + 2 * v * 4
-    forward = 2 * 8 * 16 * 16 * 4 * (k + 6 * 4)
+    forward = 2 * 8 * 16 * 16 * 4 * (2 * k + 8 * 4)
     # input, weights, forward pass, float32 accumulator, softmax's two float32 temporaries
     assert plan.stages["network"] == PROCESS_BYTES + v * 4 + v * 4 + forward + k * v * 4 + 2 * v * 4
     assert plan.stages["revert"] == PROCESS_BYTES + k * v * 4 + 4 * big_v * 4 + big_v + v * 4
@@ -94,7 +94,8 @@ def _many_class_predictor(max_ram_gb, members=1, tta=False) -> Predictor:
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_streamed_prediction_equals_the_unconstrained_one(members, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("medseg.inference.memory_plan.MIN_WINDOW_BYTES", 4096)  # one slice at a time
+    monkeypatch.setattr("medseg.inference.memory_plan.MIN_WINDOW_BYTES", 4096)  # pages given back often
+    monkeypatch.setattr("medseg.inference.scratch.SLAB_BYTES", 6 * 30 * 20 * 4 * 3)  # 3 slices per slab
     rng = np.random.default_rng(0)
     image = rng.normal(0, 1, (1, 10, 30, 20)).astype(np.float32)
     geometry = ImageGeometry((10, 30, 20), (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -112,14 +113,15 @@ def test_streamed_prediction_equals_the_unconstrained_one(members, tmp_path: Pat
 
 
 def test_streamed_float16_softmax_equals_the_whole_buffer(tmp_path: Path, monkeypatch):
-    """Large outputs accumulate in float16 (softmax computed a few classes at a time): slab by slab on the
-    scratch space gives the same probabilities."""
+    """Large outputs accumulate in float16 (softmax computed a few classes at a time): on the scratch space,
+    with shift TTA's padded accumulators, the same probabilities as in memory."""
     monkeypatch.setattr("medseg.inference.sliding_window.HALF_ACCUMULATOR_BYTES", 1)
     data = torch.from_numpy(np.random.default_rng(1).normal(0, 1, (1, 14, 20, 20)).astype(np.float32))
     model = conv_net(classes=7, seed=3)
     kwargs = dict(mirror_axes=(2,), shifts=[(-1, 0, 2), (1, 0, -2)], batch_size=4)
     whole = predict_sliding_window(model, data, (8, 16, 16), 7, **kwargs)
-    scratch = ScratchSpace(tmp_path, window_bytes=20 * 20 * 7 * 2 * 3)  # a few slices at a time
+    monkeypatch.setattr("medseg.inference.scratch.SLAB_BYTES", 20 * 20 * 7 * 2 * 3)  # 3 slices per slab
+    scratch = ScratchSpace(tmp_path, window_bytes=20 * 20 * 7 * 2 * 3)
     slabs = predict_sliding_window(model, data, (8, 16, 16), 7, scratch=scratch, **kwargs)
     assert whole.dtype == slabs.dtype == torch.float16
     assert torch.equal(whole, slabs)
