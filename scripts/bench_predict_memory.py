@@ -197,7 +197,7 @@ def main() -> None:
                 src = SHARED / sub
                 labels = json.loads((src / "dataset.json").read_text())["labels"]
                 images = sorted((src / "imagesTr").glob("*.nii.gz"))
-                image = next(p for p in images if case is None or p.name.startswith(case + "_0000"))
+                image = next(p for p in images if case is None or p.name == case + ".nii.gz")
                 case_dir = tmp / f"in_{name}"
                 case_dir.mkdir()
                 (case_dir / image.name).symlink_to(image.resolve())

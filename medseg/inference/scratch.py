@@ -40,8 +40,8 @@ _live_lock = threading.Lock()
 def _drop(array: np.ndarray) -> None:
     """Give the resident pages of a mapped array back (its data stays in the file)."""
     base: Any = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
+    while base is not None and not isinstance(base, mmap.mmap):  # ndarray views, then the buffer's memoryview
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if isinstance(base, mmap.mmap):
         try:
             base.madvise(mmap.MADV_DONTNEED)

@@ -81,6 +81,27 @@ def test_scratch_buffers_start_at_zero_and_give_pages_back(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []  # the files are unlinked: nothing is left beside the output
 
 
+def _resident_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_released_scratch_pages_leave_the_resident_set(tmp_path: Path):
+    scratch = ScratchSpace(tmp_path, window_bytes=2**40)  # released only when asked
+    t = scratch.zeros((64, 2**18), torch.float32)  # 64 MiB
+    before = _resident_file_bytes()
+    t += 1.0
+    assert _resident_file_bytes() - before > 48 * MB
+    scratch.release()
+    assert _resident_file_bytes() - before < 16 * MB
+    t[3] += 1.0
+    release_pages(t.numpy()[3])  # through an array view of the buffer
+    assert _resident_file_bytes() - before < 16 * MB
+    assert float(t[3, :5].sum()) == 10.0 and float(t[5, :5].sum()) == 5.0
+
+
 def _many_class_predictor(max_ram_gb, members=1, tta=False) -> Predictor:
     plan = build_plan(
         label_ids=tuple(range(6)), spacings={"3d_fullres": (2.0, 1.0, 1.0)}, median_spacing=(3.0, 1.0, 1.0)
