@@ -44,7 +44,7 @@ from medseg.errors import MedsegError
 from medseg.inference.case_grid import PreparedCase
 from medseg.inference.members import EnsembleMember
 from medseg.inference.network_runner import inference_batch_size
-from medseg.inference.scratch import ScratchSpace
+from medseg.inference.scratch import SLAB_BYTES, ScratchSpace
 from medseg.inference.sliding_window import HALF_ACCUMULATOR_BYTES, tta_variants
 from medseg.inference.time_budget import CaseSetting
 from medseg.machine import available_memory_bytes
@@ -226,8 +226,8 @@ def plan_case_memory(
         common = held_inputs + job.channels * v_pad * 4 + (v + v_pad) * 4 + _forward_bytes(job, k)
         network = max(network, common + accumulators + softmax_tmp + probs_held)
         # streamed: the accumulators' resident pages are the window (added below); the softmax's float32
-        # temporaries are those of a slab of at most the window's size
-        streamed_network = max(streamed_network, common + 4 * int(np.prod(job.shape[1:])) * 4)
+        # temporaries are those of one Z slab (at most twice its SLAB_BYTES)
+        streamed_network = max(streamed_network, common + 2 * SLAB_BYTES)
         probs_held += k * v * b
     stages["network"] = network
     streamed["network"] = streamed_network
