@@ -25,6 +25,7 @@ class InMemoryInput:
     def predict_labels(
         self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "", postprocess: bool = True
     ) -> np.ndarray:
+        """Segment a raw image ``(C, Z, Y, X)`` (the predictor's own method)."""
         raise NotImplementedError
 
     def predict_array(self, image: np.ndarray, spacing_or_geometry: ImageGeometry | Sequence[float]) -> np.ndarray:
