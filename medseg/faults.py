@@ -15,7 +15,9 @@ hit (default 1). Actions:
 * ``enospc``: raise ``OSError(ENOSPC)`` on the ``N``-th and every later hit, like a full disk;
 * ``stall``: print ``fault injected: POINT:NAME stalls`` to stderr and block forever, like a hung process
   (for an outside ``kill -9`` at a known moment, whatever the machine's speed);
-* ``segv``: ``SIGSEGV`` to this process (default handler, no core file), like a native crash in torch.
+* ``segv``: ``SIGSEGV`` to this process (default handler, no core file), like a native crash in torch;
+* ``oom``: raise :class:`InjectedOutOfMemory` on the ``N``-th and every later hit, like a GPU running out of
+  memory (the sliding window treats it as ``torch.OutOfMemoryError``).
 
 Points (``NAME`` in brackets):
 
@@ -35,7 +37,10 @@ Points (``NAME`` in brackets):
 * ``step_probe`` [precision: ``fp32``, ``bf16``, ``fp16``]: before every training step timed or probed by
   :mod:`medseg.planning.step_timing` (the budget fit's measurements, a run's check of its reduced precision).
   Those steps run in child processes, which arm the faults armed here (:func:`armed_spec`) and count their
-  own hits: ``step_probe:bf16=segv`` kills every child that steps at bf16.
+  own hits: ``step_probe:bf16=segv`` kills every child that steps at bf16;
+* ``window_batch`` [out-of-memory fallback step: ``as_asked``, ``batch_1``, ``cpu_accumulation``, ``cpu``]:
+  before every network batch of the sliding window (:mod:`medseg.inference.window_pass`), only when armed:
+  ``window_batch:as_asked=oom`` makes the first way run out of memory, so the next one finishes the case.
 """
 
 from __future__ import annotations
@@ -60,8 +65,13 @@ POINTS = (
     "final_validation",
     "train_step",
     "step_probe",
+    "window_batch",
 )
-ACTIONS = ("kill", "enospc", "stall", "segv")
+ACTIONS = ("kill", "enospc", "stall", "segv", "oom")
+
+
+class InjectedOutOfMemory(RuntimeError):
+    """The ``oom`` action's error: a stand-in for ``torch.OutOfMemoryError`` on a machine without a GPU."""
 
 
 @dataclass
@@ -140,6 +150,8 @@ def maybe_fail(point: str, name: str = "") -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif fired == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif fired == "oom":
+        raise InjectedOutOfMemory(f"CUDA out of memory (fault injected at {point}:{name})")
     elif fired == "stall":
         print(f"fault injected: {point}:{name} stalls", file=sys.stderr, flush=True)
         threading.Event().wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,22 @@ def autocast_dtype(precision: str, device_type: str | None = None) -> torch.dtyp
     raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give a new process now without swapping: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux), in bytes; None where that file does not exist or has no such line."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name == "MemAvailable":
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                return int(parts[0]) * 1024  # the file counts kB
+    return None
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -86,4 +103,4 @@ def keep_freed_cpu_memory() -> bool:
     return ok
 
 
-__all__ = ["autocast_dtype", "cpu_has_fast_bf16", "keep_freed_cpu_memory"]
+__all__ = ["autocast_dtype", "available_memory_bytes", "cpu_has_fast_bf16", "keep_freed_cpu_memory"]

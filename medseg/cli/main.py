@@ -51,6 +51,20 @@ def _seconds_per_case(text: str) -> float | str | None:
     return seconds
 
 
+def _gigabytes(text: str) -> float | str | None:
+    """``--max-ram``: positive GB, ``none`` (no limit) or ``auto`` (a share of the available memory)."""
+    word = text.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
+    try:
+        gb = float(word)
+    except ValueError:
+        gb = float("nan")
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"expected GB > 0, 'none' (no limit) or 'auto', got {text!r}")
+    return gb
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medseg.cli import commands as c
     from medseg.cli.convert import add_convert_parser
@@ -216,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-> 0); 'none': no limit. Default (auto): on the CPU, a plan with a training time budget "
         "gets 10%% of it over 20 cases (30 minutes: 9 s per case), otherwise no limit. "
         "OUT/prediction_record.json records what each case used and took",
+    )
+    p.add_argument(
+        "--max-ram",
+        type=_gigabytes,
+        default="auto",
+        metavar="GB",
+        help="RAM one case may take (GB = 10^9 bytes): a case whose memory plan exceeds it is streamed "
+        "(accumulators on a memory-mapped file in the output folder, resampled and argmaxed class by class; "
+        "the same segmentation). Default (auto): 80%% of the memory available at the start; 'none': no "
+        "limit. OUT/prediction_record.json records each case's plan",
     )
     p.add_argument(
         "--save-probabilities",

@@ -85,6 +85,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         use_tta=not args.no_tta,
         step=args.step,
         postprocessing=not args.no_postprocessing,
+        max_ram_gb=args.max_ram,
     )
     dicom = _dicom_writer(args, predictor)
     reports = _report_writers(args, predictor, shard)

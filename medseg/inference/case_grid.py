@@ -4,6 +4,8 @@ probabilities mapped onto the original grid and combined.
 Each configuration's mean probabilities ``(K, z, y, x)`` on its preprocessed grid are mapped back onto the
 original grid (resampled, uncropped: background probability 1 outside the crop, 0 for region plans) and
 averaged over configurations, each weighted by its number of members: the mean over all members.
+Probabilities of a streamed case live on a memory-mapped scratch file (:mod:`medseg.inference.scratch`);
+the pages each step read are given back after it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.inference.scratch import release_pages
 from medseg.io.image import ImageGeometry
 from medseg.planning.plan import Plan
 from medseg.preprocessing import revert_to_original
@@ -39,6 +42,7 @@ def combine_probabilities(inferred: Inferred, plan: Plan) -> np.ndarray:
     count = 0
     for probs, props, n in inferred:
         orig = revert_to_original(probs, props, background_outside=not plan.is_region_based)
+        release_pages(probs)
         if total is None:
             total = orig * n if n != 1 else orig
         else:
@@ -92,6 +96,7 @@ def _weighted_class_sum(inferred: Inferred, k: int) -> tuple[np.ndarray, int]:
     count = 0
     for probs, props, n in inferred:
         p = revert_to_original(probs[k : k + 1], props)[0]  # a new array
+        release_pages(probs)  # a streamed case's probabilities: give back the pages of class k
         if k > 0:  # revert pads a single channel as if it were background
             _zero_outside(p, props.bbox)
         if n != 1:

@@ -291,8 +291,18 @@ def predict_folder(
                     clock.seconds_per_case,
                     record.estimated_seconds,
                 )
+        memory = predictor.memory_plan(prepared, setting, save_probabilities)
+        record.memory = memory.to_dict()
+        if memory.stream:
+            logger.info(
+                "%s: streamed (estimated peak %.1f GB, budget %.1f GB): accumulators on a memory map in %s",
+                prepared.case_id,
+                memory.peak_bytes / 1e9,
+                (memory.budget_bytes or 0) / 1e9,
+                output_dir,
+            )
         start = time.perf_counter()
-        inferred = predictor._infer(prepared, setting)
+        inferred = predictor._infer(prepared, setting, memory, scratch_dir=output_dir)
         record.network_seconds = time.perf_counter() - start
         if setting is not None:
             clock.network_done(raw_network, record.network_seconds)

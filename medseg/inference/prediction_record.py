@@ -4,7 +4,8 @@
 :func:`read_record_cases`): the per-case time budget and where it came from, the order of reductions a budget
 goes through (:func:`~medseg.inference.time_budget.reduction_order`), and per case a :class:`CaseRecord`: the
 TTA passes and window overlap used and the full ones, the estimated and measured seconds of each stage
-(reading and preprocessing, the window measurement, the network, export) and whether the budget held. The
+(reading and preprocessing, the window measurement, the network, export), whether the budget held, and the
+case's memory plan (RAM budget, estimated peak, streamed or not; :mod:`medseg.inference.memory_plan`). The
 settings themselves are chosen by :class:`~medseg.inference.time_budget.CaseBudget`. Times are in seconds. A shard
 of a split prediction writes its part, ``prediction_record.part-K-of-N.json``, merged later
 (:func:`merge_record_parts`).
@@ -39,6 +40,8 @@ class CaseRecord:
         seconds: measured, the sum of ``load_seconds``, ``measure_seconds``, ``network_seconds`` and
             ``write_seconds``.
         held: whether ``seconds`` stayed within the budget (None without a budget).
+        memory: the case's memory plan (:meth:`~medseg.inference.memory_plan.MemoryPlan.to_dict`: the RAM
+            budget, the estimated peak, whether the case was streamed); None when not planned.
     """
 
     tta_passes: int
@@ -51,6 +54,7 @@ class CaseRecord:
     measure_seconds: float = 0.0
     network_seconds: float = 0.0
     write_seconds: float = 0.0
+    memory: dict[str, Any] | None = None
 
     @property
     def seconds(self) -> float:

@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from medseg.errors import MedsegError
+from medseg.inference.array_input import InMemoryInput
 from medseg.inference.case_grid import Inferred, PreparedCase, combine_classes, combine_probabilities
 from medseg.inference.ensemble_timing import EnsembleTiming
 from medseg.inference.members import EnsembleMember, load_member
+from medseg.inference.memory_plan import MemoryPlan, MemoryPlanning, budget_bytes
 from medseg.inference.network_runner import auto_precision, inference_batch_size, prepare_network
+from medseg.inference.scratch import ScratchSpace, in_slabs
 from medseg.inference.sliding_window import predict_sliding_window, tta_variants
 from medseg.inference.time_budget import CaseSetting
 from medseg.io.image import ImageGeometry
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 Postprocess = Callable[[np.ndarray], np.ndarray]
 
 
-class Predictor(EnsembleTiming):
+class Predictor(EnsembleTiming, MemoryPlanning, InMemoryInput):
     """Ensemble inference from raw images to label maps in the original geometry.
 
     Args:
@@ -89,6 +91,11 @@ class Predictor(EnsembleTiming):
         previous_stages: for cascade members (a configuration with ``previous_stage``), the predictor of
             each previous stage, by configuration name (e.g. ``{"3d_lowres": Predictor(...)}``); needed to
             predict raw images, not for :meth:`predict_preprocessed` (whose input holds the channels).
+        max_ram_gb: RAM one case may take, GB (10^9 bytes); ``"auto"`` = 80 %% of the memory available
+            when the predictor is built; None = no limit. A case whose memory plan exceeds it is streamed
+            (:mod:`medseg.inference.memory_plan`: accumulators on a memory-mapped file, the same results).
+        scratch_dir: where a streamed case's memory-mapped files go (None = the system's temporary folder;
+            :func:`~medseg.inference.folder.predict_folder` uses its output folder).
 
     Raises:
         MedsegError: no members, or members that disagree on label ids / channels.
@@ -109,6 +116,8 @@ class Predictor(EnsembleTiming):
         compile: bool = False,
         progress: bool = False,
         previous_stages: dict[str, Predictor] | None = None,
+        max_ram_gb: float | str | None = "auto",
+        scratch_dir: str | Path | None = None,
     ) -> None:
         if not members:
             raise MedsegError("the predictor needs at least one trained network")
@@ -132,6 +141,8 @@ class Predictor(EnsembleTiming):
         self.batch_size = batch_size
         self.postprocess = postprocess
         self.progress = progress
+        self.budget_bytes = budget_bytes(max_ram_gb)
+        self.scratch_dir = scratch_dir
         self._lock = threading.Lock()
         self._window_seconds: dict[str, float] = {}
         self._runners: list[torch.nn.Module] = []
@@ -193,6 +204,7 @@ class Predictor(EnsembleTiming):
         data: torch.Tensor,
         should_stop: Callable[[], bool] | None = None,
         setting: CaseSetting | None = None,
+        scratch: ScratchSpace | None = None,
     ) -> torch.Tensor:
         member = self.members[index]
         stage = member.stage
@@ -221,6 +233,7 @@ class Predictor(EnsembleTiming):
                 progress=self.progress,
                 should_stop=should_stop,
                 activation="sigmoid" if member.plan.is_region_based else "softmax",
+                scratch=scratch,
             )
 
     def predict_preprocessed(
@@ -229,6 +242,7 @@ class Predictor(EnsembleTiming):
         configuration: str | None = None,
         should_stop: Callable[[], bool] | None = None,
         setting: CaseSetting | None = None,
+        scratch: ScratchSpace | None = None,
     ) -> np.ndarray:
         """Mean softmax of the members of one configuration on an already preprocessed image.
 
@@ -240,9 +254,11 @@ class Predictor(EnsembleTiming):
                 :class:`~medseg.inference.sliding_window.PredictionStopped`.
             setting: TTA passes and window step for this call (a per-case time budget,
                 :mod:`medseg.inference.time_budget`); None = the predictor's own.
+            scratch: keep the probabilities on this disk-backed space (a streamed case); None = in memory.
 
         Returns:
-            float32 probabilities ``(K, z, y, x)`` (numpy, CPU), same grid as ``data``.
+            probabilities ``(K, z, y, x)`` (numpy, CPU; float16 for a large output, see
+            :func:`~medseg.inference.sliding_window.predict_sliding_window`), same grid as ``data``.
         """
         configs = self.configurations
         if configuration is None:
@@ -260,11 +276,11 @@ class Predictor(EnsembleTiming):
             raise MedsegError(f"expected preprocessed data (C={channels}, z, y, x), got {list(x.shape)}")
         total: torch.Tensor | None = None
         for m in members:
-            probs = self._member_probabilities(m, x, should_stop, setting)
-            total = probs if total is None else total.add_(probs)
+            probs = self._member_probabilities(m, x, should_stop, setting, scratch)
+            total = probs if total is None else in_slabs(total, scratch, torch.Tensor.add_, probs)
         assert total is not None
         if len(members) > 1:
-            total /= len(members)
+            total = in_slabs(total, scratch, torch.Tensor.div_, len(members))
         return total.cpu().numpy()
 
     def preprocess(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "") -> PreparedCase:
@@ -285,7 +301,17 @@ class Predictor(EnsembleTiming):
         previous = {p: self.previous_stages[p].preprocess(image, geometry, case_id) for p in sorted(needed)}
         return PreparedCase(case_id=case_id, geometry=geometry, per_config=per_config, previous=previous)
 
-    def _infer(self, prepared: PreparedCase, setting: CaseSetting | None = None) -> Inferred:
+    def _infer(
+        self,
+        prepared: PreparedCase,
+        setting: CaseSetting | None = None,
+        memory: MemoryPlan | None = None,
+        scratch_dir: str | Path | None = None,
+    ) -> Inferred:
+        """Every configuration's mean probabilities on its grid; streamed (:mod:`~medseg.inference.scratch`)
+        when the case's memory plan (``memory``, else :meth:`memory_plan`) says so."""
+        memory = memory or self.memory_plan(prepared, setting)
+        scratch = memory.scratch_space(prepared.case_id, scratch_dir or self.scratch_dir)
         out = []
         for c, (data, props) in prepared.per_config.items():
             prev = self.plan.configuration(c).previous_stage
@@ -294,7 +320,7 @@ class Predictor(EnsembleTiming):
                 classes = stage._combine_labels(stage._infer(prepared.previous[prev], setting))
                 data = append_previous_stage(data, to_preprocessed_grid(classes, props), self.plan)
             n = sum(m.configuration == c for m in self.members)
-            out.append((self.predict_preprocessed(data, c, setting=setting), props, n))
+            out.append((self.predict_preprocessed(data, c, setting=setting, scratch=scratch), props, n))
         return out
 
     def _combine(self, inferred: Inferred) -> np.ndarray:
@@ -340,47 +366,4 @@ class Predictor(EnsembleTiming):
         out = classes_to_labels(seg, self.label_ids)
         if postprocess and self.postprocess is not None:
             out = self.postprocess(out)
-        return out
-
-    def predict_array(self, image: np.ndarray, spacing_or_geometry: ImageGeometry | Sequence[float]) -> np.ndarray:
-        """Segment an in-memory image.
-
-        Args:
-            image: raw intensities, ``(C, Z, Y, X)``, or ``(Z, Y, X)`` for a single channel.
-            spacing_or_geometry: voxel spacing in mm ``(Z, Y, X)`` or a full :class:`ImageGeometry`.
-
-        Returns:
-            Original label ids ``(Z, Y, X)`` (uint8 / uint16), postprocessed.
-        """
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim == 3 and self.plan.num_channels == 1:
-            image = image[None]
-        if image.ndim != 4 or image.shape[0] != self.plan.num_channels:
-            raise MedsegError(
-                f"expected an image with {self.plan.num_channels} channel(s), (C, Z, Y, X), "
-                f"got shape {list(image.shape)}"
-            )
-        if isinstance(spacing_or_geometry, ImageGeometry):
-            geometry = spacing_or_geometry
-        else:
-            spacing = tuple(float(s) for s in spacing_or_geometry)
-            if len(spacing) != 3:
-                raise MedsegError(f"spacing must have 3 entries (Z, Y, X) in mm, got {list(spacing)}")
-            geometry = ImageGeometry(
-                tuple(image.shape[1:]), spacing, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-            )
-        return self.predict_labels(image, geometry)
-
-    def predict_sitk(self, image: sitk.Image | Sequence[sitk.Image]) -> sitk.Image:
-        """Segment SimpleITK image(s) (one per channel); the result has the input's exact geometry."""
-        images = [image] if isinstance(image, sitk.Image) else list(image)
-        if len(images) != self.plan.num_channels:
-            raise MedsegError(f"the model expects {self.plan.num_channels} channel image(s), got {len(images)}")
-        arrays = [sitk.GetArrayFromImage(im).astype(np.float32) for im in images]
-        if any(a.shape != arrays[0].shape for a in arrays):
-            raise MedsegError(f"channel images differ in shape: {[list(a.shape) for a in arrays]}")
-        geometry = ImageGeometry.from_sitk(images[0])
-        seg = self.predict_labels(np.stack(arrays), geometry)
-        out = sitk.GetImageFromArray(seg)
-        out.CopyInformation(images[0])
         return out

@@ -29,13 +29,15 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from medseg.inference.tiling import gaussian_importance_map, tile_starts
+from medseg.faults import InjectedOutOfMemory
+from medseg.inference.scratch import ScratchSpace
+from medseg.inference.window_pass import PredictionStopped, WindowPass, activate
 from medseg.machine import autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -57,13 +59,6 @@ def mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
     for r in range(len(axes) + 1):
         combos.extend(itertools.combinations(axes, r))
     return combos
-
-
-def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, (list, tuple)):  # deep supervision outputs: full resolution first
-        out = out[0]
-    return out
 
 
 def shift_variants(total_stride: Sequence[int], num_variants: int) -> list[tuple[int, ...]]:
@@ -132,10 +127,6 @@ def tta_variants(
     return axes, shift_variants(total_stride, min(MAX_SHIFT_VARIANTS, budget // 2 ** len(axes)))
 
 
-class PredictionStopped(RuntimeError):
-    """Raised by :func:`predict_sliding_window` when its ``should_stop`` callback asks it to stop."""
-
-
 def predict_sliding_window(
     model: torch.nn.Module,
     data: torch.Tensor,
@@ -152,6 +143,7 @@ def predict_sliding_window(
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
     activation: str = "softmax",
+    scratch: ScratchSpace | None = None,
 ) -> torch.Tensor:
     """Predict a whole preprocessed volume patch by patch.
 
@@ -177,15 +169,23 @@ def predict_sliding_window(
             deadline) with :class:`PredictionStopped`.
         activation: ``"softmax"`` over the channels (classes), or ``"sigmoid"`` per channel (region plans,
             :mod:`medseg.preprocessing.regions`); applied to the weighted mean of the logits.
+        scratch: keep the ``(K, Z, Y, X)`` accumulators on this disk-backed space (CPU accumulation only;
+            :mod:`medseg.inference.scratch`) with at most its window of pages resident; the same results.
 
     Returns:
-        softmax (or sigmoid) probabilities ``(K, Z, Y, X)`` on ``device``, same spatial shape as ``data``: float32, or
-        float16 when float32 would exceed :data:`HALF_ACCUMULATOR_BYTES`.
+        softmax (or sigmoid) probabilities ``(K, Z, Y, X)`` on ``device`` (on the CPU after an out-of-memory
+        fallback; on ``scratch`` when given), same spatial shape as ``data``: float32, or float16 when float32
+        would exceed :data:`HALF_ACCUMULATOR_BYTES`.
+
+    Out of GPU memory (``torch.OutOfMemoryError``) the prediction starts again with one input per batch,
+    then with the accumulators on the CPU, then all on the CPU (:func:`fallback_steps`), and one warning
+    says which way finished it.
 
     Raises:
         ValueError: ``data`` is not 4D, the patch does not have 2 or 3 entries, or a shift does not have
             one offset per patch axis.
         PredictionStopped: ``should_stop`` returned True.
+        torch.OutOfMemoryError: the last fallback ran out of memory too.
     """
     device = torch.device(device)
     if activation not in ("softmax", "sigmoid"):
@@ -199,185 +199,152 @@ def predict_sliding_window(
     bad = [list(v) for v in variants if len(v) != len(patch)]
     if bad:
         raise ValueError(f"each shift needs one offset per patch axis ({len(patch)}), got {bad}")
-    is_2d = len(patch) == 2
-    tile = (1, *patch) if is_2d else patch  # tile shape in the (Z, Y, X) volume
-    spatial = tuple(int(s) for s in data.shape[1:])
-    x = data.to(device=device, dtype=torch.float32)
-    acc_dtype = torch.float16 if num_classes * int(np.prod(spatial)) * 4 > HALF_ACCUMULATOR_BYTES else torch.float32
-    logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=device)
-    weights = torch.zeros(spatial, dtype=torch.float32, device=device)
-    ctx = _WindowContext(
-        model,
-        patch,
-        tile,
-        num_classes,
-        step,
-        mirror_combinations(mirror_axes),
-        device,
-        autocast_dtype(precision, device.type),
-        channels_last,
-        max(1, int(batch_size)),
-        should_stop,
-    )
-    bar = None
-    if progress:
-        total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
-        bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp_dtype is not None),
-    ):
-        for offset in variants:
-            vol_offset = (0, *offset) if is_2d else offset
-            # the volume moves by o against the patch grid: 2|o| zeros are padded before it (o > 0) or after
-            # it (o < 0), and the padded volume is centred in the tile where smaller; no voxel is lost, but a
-            # volume that grows past a multiple of the step gets one more patch along that axis
-            before = [2 * o if o > 0 else 0 for o in vol_offset]
-            after = [-2 * o if o < 0 else 0 for o in vol_offset]
-            ctx.accumulate(x, before, after, logits, weights, bar)
-    if bar is not None:
-        bar.close()
-    if activation == "sigmoid":
-        for k0 in range(0, num_classes, 4):  # float32 a few channels at a time (a float16 buffer stays float16)
-            logits[k0 : k0 + 4] = logits[k0 : k0 + 4].float().div_(weights).sigmoid_()
-        return logits.contiguous()
-    if logits.dtype != torch.float32:
-        _softmax_in_chunks(logits, weights)
-        return logits.contiguous()
-    # weighted mean of logits -> softmax, in place on the single (K, Z, Y, X) buffer
-    logits /= weights
-    logits -= logits.amax(dim=0, keepdim=True)
-    logits.exp_()
-    logits /= logits.sum(dim=0, keepdim=True)
-    return logits.contiguous()
+    steps = fallback_steps(max(1, int(batch_size)), device)
+    first_error: BaseException | None = None
+    for i, fallback in enumerate(steps):
+        try:
+            result = _predict_once(
+                model, data, patch, num_classes, step, mirror_axes, variants, fallback, precision,
+                channels_last, progress, should_stop, activation, scratch,
+            )  # fmt: skip
+        except (torch.OutOfMemoryError, InjectedOutOfMemory) as exc:
+            if i + 1 == len(steps):
+                raise
+            first_error = first_error or exc
+            if fallback.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if first_error is not None:
+            logger.warning(
+                "out of memory in the sliding window (%s: %s); continued with %s",
+                steps[0].describe(),
+                str(first_error).splitlines()[0][:160] if str(first_error) else type(first_error).__name__,
+                fallback.describe(),
+            )
+        return result
+    raise AssertionError("unreachable: the last fallback step re-raises")
 
 
-def _softmax_in_chunks(logits: torch.Tensor, weights: torch.Tensor, chunk: int = 4) -> None:
-    """Softmax over classes of ``logits / weights`` in place on a float16 buffer, computed in float32 a few
-    classes at a time (mixed-dtype in-place ops on the whole buffer would allocate float32 copies of it)."""
-    k = logits.shape[0]
-    peak: torch.Tensor | None = None
-    for k0 in range(0, k, chunk):
-        m = logits[k0 : k0 + chunk].float().div_(weights).amax(dim=0)
-        peak = m if peak is None else torch.maximum(peak, m, out=peak)
-    assert peak is not None, "no classes"
-    total = torch.zeros_like(weights)
-    for k0 in range(0, k, chunk):
-        c = logits[k0 : k0 + chunk].float().div_(weights).sub_(peak).exp_()
-        total += c.sum(dim=0)
-        logits[k0 : k0 + chunk] = c
-    for k0 in range(0, k, chunk):
-        logits[k0 : k0 + chunk] = logits[k0 : k0 + chunk].float().div_(total)
+@dataclass(frozen=True)
+class FallbackStep:
+    """One way to run the sliding window: the batch size, where the network runs and where the
+    accumulators live; ``name`` is the step's fault-injection name (:data:`FALLBACK_STEPS`)."""
+
+    name: str
+    batch_size: int
+    device: torch.device
+    accumulate_on: torch.device
+
+    def describe(self) -> str:
+        where = f"on {self.device.type}"
+        if self.accumulate_on != self.device:
+            where += f", accumulating on {self.accumulate_on.type}"
+        return f"batch {self.batch_size} {where}"
 
 
-class _WindowContext:
-    """The network and settings of one :func:`predict_sliding_window` call; runs one shift variant."""
+#: The out-of-memory fallback steps, in order: as asked, one input per batch, accumulators on the CPU, all on
+#: the CPU. Steps that change nothing on a device (a batch of 1 already, a CPU device) are left out.
+FALLBACK_STEPS = ("as_asked", "batch_1", "cpu_accumulation", "cpu")
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        patch: tuple[int, ...],
-        tile: tuple[int, ...],
-        num_classes: int,
-        step: float,
-        flips: list[tuple[int, ...]],
-        device: torch.device,
-        amp_dtype: torch.dtype | None,
-        channels_last: bool,
-        batch_size: int,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> None:
-        self.model, self.patch, self.tile, self.num_classes, self.step = model, patch, tile, num_classes, step
-        self.flips, self.device, self.amp_dtype, self.batch_size = flips, device, amp_dtype, batch_size
-        self.should_stop = should_stop
-        self.is_2d = len(patch) == 2
-        self.memory_format = None
-        if channels_last:
-            self.memory_format = torch.channels_last if self.is_2d else torch.channels_last_3d
-        weight_patch = gaussian_importance_map(patch, device=device)
-        self.weight_patch = weight_patch[None] if self.is_2d else weight_patch
 
-    def num_positions(self, spatial: Sequence[int]) -> int:
-        return int(np.prod([len(tile_starts(max(s, t), t, self.step)) for s, t in zip(spatial, self.tile)]))
+def fallback_steps(batch_size: int, device: torch.device | str) -> list[FallbackStep]:
+    """The ways :func:`predict_sliding_window` tries, in order, when one runs out of memory.
 
-    def accumulate(
-        self,
-        data: torch.Tensor,
-        before: Sequence[int],
-        after: Sequence[int],
-        logits: torch.Tensor,
-        weights: torch.Tensor,
-        bar: tqdm | None,
-    ) -> None:
-        """Add the Gaussian-weighted logits (and weights) of every patch of ``data`` padded by
-        ``before``/``after`` (then centred in the tile where smaller) into ``logits``/``weights``."""
-        tile, flips = self.tile, self.flips
+    Args:
+        batch_size: the batch size asked for.
+        device: the device asked for.
+    """
+    device = torch.device(device)
+    cpu = torch.device("cpu")
+    candidates = [
+        FallbackStep(FALLBACK_STEPS[0], batch_size, device, device),
+        FallbackStep(FALLBACK_STEPS[1], 1, device, device),
+        FallbackStep(FALLBACK_STEPS[2], 1, device, cpu),
+        FallbackStep(FALLBACK_STEPS[3], 1, cpu, cpu),
+    ]
+    steps: list[FallbackStep] = []
+    for c in candidates:
+        if not any(
+            (c.batch_size, c.device, c.accumulate_on) == (s.batch_size, s.device, s.accumulate_on) for s in steps
+        ):
+            steps.append(c)
+    return steps
+
+
+def _predict_once(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    patch: tuple[int, ...],
+    num_classes: int,
+    step: float,
+    mirror_axes: Sequence[int] | None,
+    variants: list[tuple[int, ...]],
+    fallback: FallbackStep,
+    precision: str,
+    channels_last: bool,
+    progress: bool,
+    should_stop: Callable[[], bool] | None,
+    activation: str,
+    scratch: ScratchSpace | None,
+) -> torch.Tensor:
+    """:func:`predict_sliding_window` in one way (``fallback``); the arguments are checked there."""
+    device, acc_device = fallback.device, fallback.accumulate_on
+    moved = device.type == "cpu" and next(model.parameters(), torch.empty(0)).device.type != "cpu"
+    home = next(model.parameters(), torch.empty(0)).device
+    if moved:  # the last fallback: the network on the CPU for this call
+        model.to(device)
+    try:
+        is_2d = len(patch) == 2
+        tile = (1, *patch) if is_2d else patch  # tile shape in the (Z, Y, X) volume
         spatial = tuple(int(s) for s in data.shape[1:])
-        shifted = [s + b + a for s, b, a in zip(spatial, before, after)]
-        # pad (centred) where the volume is smaller than the tile, crop back at the end
-        pad_before = [b + max(0, (t - s) // 2) for s, t, b in zip(shifted, tile, before)]
-        pad_after = [a + max(0, t - s) - max(0, (t - s) // 2) for s, t, a in zip(shifted, tile, after)]
-        x = data
-        if any(pad_before) or any(pad_after):
-            pads: list[int] = []
-            for b, a in zip(reversed(pad_before), reversed(pad_after)):
-                pads += [b, a]
-            x = F.pad(x, pads, mode="constant", value=0.0)
-        padded = tuple(int(s) for s in x.shape[1:])
-        crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
-        own = any(pad_before) or any(pad_after)
-        acc_logits = torch.zeros((self.num_classes, *padded), dtype=logits.dtype, device=self.device) if own else logits
-        acc_weights = torch.zeros(padded, dtype=torch.float32, device=self.device) if own else weights
+        x = data.to(device=device, dtype=torch.float32)
+        big = num_classes * int(np.prod(spatial)) * 4 > HALF_ACCUMULATOR_BYTES
+        acc_dtype = torch.float16 if big else torch.float32
+        if scratch is not None and acc_device.type == "cpu":
+            logits = scratch.zeros((num_classes, *spatial), acc_dtype)
+        else:
+            scratch = None
+            logits = torch.zeros((num_classes, *spatial), dtype=acc_dtype, device=acc_device)
+        weights = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+        ctx = WindowPass(
+            model, patch, tile, num_classes, step, mirror_combinations(mirror_axes), device,
+            autocast_dtype(precision, device.type), channels_last, fallback.batch_size, should_stop,
+            accumulate_on=acc_device, scratch=scratch, step_name=fallback.name,
+        )  # fmt: skip
+        bar = None
+        if progress:
+            total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
+            bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp_dtype is not None),
+        ):
+            for offset in variants:
+                vol_offset = (0, *offset) if is_2d else offset
+                # the volume moves by o against the patch grid: 2|o| zeros are padded before it (o > 0) or
+                # after it (o < 0), and the padded volume is centred in the tile where smaller; no voxel is
+                # lost, but a volume that grows past a multiple of the step gets one more patch along that axis
+                before = [2 * o if o > 0 else 0 for o in vol_offset]
+                after = [-2 * o if o < 0 else 0 for o in vol_offset]
+                ctx.accumulate(x, before, after, logits, weights, bar)
+        if bar is not None:
+            bar.close()
+        return activate(logits, weights, activation, scratch)
+    finally:
+        if moved:
+            model.to(home)
 
-        positions = list(itertools.product(*[tile_starts(s, t, self.step) for s, t in zip(padded, tile)]))
-        # mirror TTA: every (tile, flip) pair is one network input; batches mix tiles and flips, and a
-        # tile's logits go into the volume buffer once all its flips are in. Flip axes index the patch.
-        tile_slices = [tuple(slice(p, p + t) for p, t in zip(pos, tile)) for pos in positions]
-        items = [(ti, fi) for ti in range(len(positions)) for fi in range(len(flips))]
-        partial: dict[int, torch.Tensor] = {}
-        seen: dict[int, int] = {}
-        bs = self.batch_size
-        for b0 in range(0, len(items), bs):
-            if self.should_stop is not None and self.should_stop():
-                raise PredictionStopped("prediction stopped: the time budget's deadline was reached")
-            chunk = items[b0 : b0 + bs]
-            inputs = []
-            for ti, fi in chunk:
-                t = x[(slice(None), *tile_slices[ti])]
-                if self.is_2d:
-                    t = t[:, 0]
-                dims = [1 + a for a in flips[fi]]  # item layout (C, *patch)
-                inputs.append(torch.flip(t, dims) if dims else t)
-            batch = torch.stack(inputs)
-            if self.memory_format is not None:
-                batch = batch.contiguous(memory_format=self.memory_format)
-            out = _forward(self.model, batch).float()
-            if out.shape[0] != len(chunk) or out.shape[1] != self.num_classes or tuple(out.shape[2:]) != self.patch:
-                raise ValueError(
-                    f"network returned shape {tuple(out.shape)}, expected ({len(chunk)}, {self.num_classes}, "
-                    f"{', '.join(map(str, self.patch))})"
-                )
-            for j, (ti, fi) in enumerate(chunk):
-                dims = [1 + a for a in flips[fi]]
-                o = torch.flip(out[j], dims) if dims else out[j]
-                if ti in partial:
-                    partial[ti].add_(o)
-                else:
-                    partial[ti] = o.clone() if len(flips) > 1 else o
-                seen[ti] = seen.get(ti, 0) + 1
-                if seen[ti] < len(flips):
-                    continue
-                acc = partial.pop(ti)
-                if len(flips) > 1:
-                    acc /= len(flips)
-                if self.is_2d:
-                    acc = acc[:, None]
-                # weight in place, then add (cast to the accumulator's dtype: float16 for large outputs)
-                acc.mul_(self.weight_patch)
-                acc_logits[(slice(None), *tile_slices[ti])] += acc.to(acc_logits.dtype)
-                acc_weights[tile_slices[ti]] += self.weight_patch
-                if bar is not None:
-                    bar.update(1)
-        if own:
-            logits += acc_logits[(slice(None), *crop)]
-            weights += acc_weights[crop]
+
+__all__ = [
+    "FALLBACK_STEPS",
+    "HALF_ACCUMULATOR_BYTES",
+    "MAX_SHIFT_VARIANTS",
+    "FallbackStep",
+    "PredictionStopped",
+    "fallback_steps",
+    "mirror_combinations",
+    "predict_sliding_window",
+    "shift_variants",
+    "shifted_shape",
+    "tta_variants",
+]

@@ -93,3 +93,23 @@ def test_part_reaches_predict_folder_and_the_instance_writer_as_a_shard(tmp_path
     calls = len(seen)
     assert main([*base, "--part", "4/3"]) == 2
     assert "K/N" in capsys.readouterr().err and len(seen) == calls
+
+
+@pytest.mark.parametrize("flag, expected", [(None, "auto"), ("auto", "auto"), ("none", None), ("4", 4.0)])
+def test_max_ram_flag_reaches_the_predictor(tmp_path, monkeypatch, flag, expected):
+    built: list[dict] = []
+    _capture_predict(monkeypatch)
+    monkeypatch.setattr(medseg.ensembling, "work_dir_predictor", lambda *a, **k: built.append(k) or object())
+    args = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--device", "cpu"]
+    if flag is not None:
+        args += ["--max-ram", flag]
+    assert main(args) == 0
+    assert built[0]["max_ram_gb"] == expected
+
+
+@pytest.mark.parametrize("flag", ["0", "-2", "lots"])
+def test_max_ram_flag_refuses_what_is_not_a_budget(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--max-ram", flag])
+    assert exc.value.code == 2
+    assert "expected GB > 0, 'none' (no limit) or 'auto'" in capsys.readouterr().err
