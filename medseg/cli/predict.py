@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from medseg.distributed import DistContext
     from medseg.inference.dicom_output import DicomOutputWriter
     from medseg.inference.folder import PredictionResult
-    from medseg.inference.input_guard import TrainingRange
     from medseg.inference.predictor import Predictor
     from medseg.inference.shards import Shard
     from medseg.postprocessing import InstanceWriter, PreviewWriter, QualityWriter, StatisticsWriter
@@ -65,6 +64,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     from medseg.ensembling import bundle_predictor, work_dir_predictor
     from medseg.inference import predict_folder
     from medseg.inference.case_output import combine_hooks
+    from medseg.inference.training_range import model_training_range
 
     device = resolve_device(args.device)
     if ranks.enabled and device == "cuda":  # one GPU per rank on its machine
@@ -101,7 +101,7 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         time_budget_per_case=args.time_budget_per_case,
         case_hook=combine_hooks([crf, quality, instances, dicom, *reports]),  # the CRF first: it rewrites the labels
         shard=shard,
-        training_range=_training_range(Path(args.model), bundle),
+        training_range=model_training_range(Path(args.model)),
     )
     print(result.summary())
     if dicom is not None:
@@ -118,24 +118,6 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
     if ranks.enabled:
         _merge_rank_files(ranks, Path(args.output), instances, [*reports, quality])
     return 0 if result.ok and reported else 1
-
-
-def _training_range(model: Path, bundle: bool) -> TrainingRange | None:
-    """What the input guard compares each image with: the bundle's ``training_range.json`` or the work folder's
-    fingerprint; None (the guard then checks only the plan's median spacing, said in one info line) without."""
-    from medseg.fingerprint import Fingerprint
-    from medseg.inference.bundle import read_training_range
-    from medseg.inference.input_guard import TrainingRange
-    from medseg.io.workdir import WorkDir
-
-    if bundle:
-        found = read_training_range(model)
-    else:
-        path = WorkDir(model).fingerprint
-        found = TrainingRange.from_fingerprint(Fingerprint.load(path)) if path.is_file() else None
-    if found is None:
-        logger.info("%s records no training range (older medseg): the input guard checks only the spacing", model)
-    return found
 
 
 def _crf_hook(args: argparse.Namespace, predictor: Predictor) -> CrfPostprocess | None:

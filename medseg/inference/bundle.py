@@ -262,21 +262,6 @@ def read_bundle_text(path: str | Path, name: str) -> str | None:
         return reader.read(name).decode("utf-8", errors="replace") if name in reader.names else None
 
 
-def read_training_range(path: str | Path) -> TrainingRange | None:
-    """The bundle's training range (``training_range.json``), or None for a bundle written without one.
-
-    Raises:
-        BundleError: not a readable bundle, or a malformed ``training_range.json``.
-    """
-    text = read_bundle_text(path, BundleLayout.TRAINING_RANGE)
-    if text is None:
-        return None
-    try:
-        return TrainingRange.from_json(text, f"{path}:{BundleLayout.TRAINING_RANGE}")
-    except MedsegError as exc:
-        raise bundle_file_error(Path(path), BundleLayout.TRAINING_RANGE, f"is malformed ({exc})") from None
-
-
 def _open(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise BundleError(f"{path}: model bundle not found")

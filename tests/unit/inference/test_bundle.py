@@ -21,9 +21,9 @@ from medseg.inference.bundle import (
     load_bundle,
     read_bundle_text,
     read_manifest,
-    read_training_range,
 )
 from medseg.inference.input_guard import TrainingRange
+from medseg.inference.training_range import read_training_range
 from medseg.io.checkpoint import save_checkpoint
 
 from .conftest import bright_box_image, build_plan
