@@ -137,6 +137,11 @@ def _training_section(runs: list[RunDir]) -> list[str]:
     ]
 
 
+def _label_order(label: str) -> tuple[int, int, str]:
+    """Label ids in numeric order, then region keys (``"(1, 2, 3)"``, region-based plans) as written."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
 def _cv_section(runs: list[RunDir], plan: Plan, best: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     """Per (configuration, network) and class: Dice over every validation case of every fold."""
     names = dict(zip((str(i) for i in plan.label_ids), plan.label_names))
@@ -152,12 +157,12 @@ def _cv_section(runs: list[RunDir], plan: Plan, best: dict[str, Any] | None) -> 
         out += ["no validation results (train with final validation, then run `medseg find-best`)", ""]
     rows = []
     for candidate, per_label in pooled.items():
-        for label in sorted(per_label, key=int):
+        for label in sorted(per_label, key=_label_order):
             v = np.array(per_label[label])
             rows.append(
                 [
                     candidate,
-                    f"{label} {names.get(label, '?')}",
+                    f"{label} {names.get(label, 'region' if label.startswith('(') else '?')}",
                     v.size,
                     f"{v.mean():.3f}",
                     f"{v.std():.3f}",
