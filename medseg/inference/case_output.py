@@ -9,14 +9,14 @@ thread), and nothing of it is kept afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medseg.inference.case_grid import Inferred, class_probability
-from medseg.io.dicom_series import DicomSeries
-from medseg.io.image import ImageGeometry
+from medseg.io.dicom_series import DicomSeries, read_series_image
+from medseg.io.image import ImageGeometry, read_image
 from medseg.planning.plan import Plan
 
 __all__ = ["CaseHook", "CombinedHook", "FinishedCase", "combine_hooks", "finished_case"]
@@ -51,6 +51,23 @@ class FinishedCase:
     reference: Path
     source_series: DicomSeries | None = None
     input_warnings: tuple[str, ...] = ()
+    _image: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def input_image(self) -> np.ndarray:
+        """The input image (first channel; a DICOM case: its whole series, rescaled), ``(Z, Y, X)`` (or ``(Y, X)``)
+        in the file's dtype: read once for all the hooks of the case, and read-only, since they share it.
+
+        Raises:
+            MedsegError: the image or series is unreadable.
+        """
+        if not self._image:
+            if self.source_series is not None:  # the reference is only the series' first file
+                image, _ = read_series_image(self.source_series)
+            else:
+                image, _ = read_image(self.reference)
+            image.flags.writeable = False
+            self._image.append(image)
+        return self._image[0]
 
 
 #: Called with every finished case before its segmentation is written; an exception fails the case (its

@@ -24,7 +24,6 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
 from medseg.inference.folder_cases import case_suffix, find_cases_tolerant
-from medseg.io.dicom_series import read_series_image
 from medseg.io.image import read_image
 
 __all__ = ["ReportWriter", "Revisited", "read_case_image", "revisit_skipped"]
@@ -33,16 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 def read_case_image(case: FinishedCase) -> np.ndarray:
-    """The input image of ``case`` (first channel; the whole series for DICOM input), ``(Z, Y, X)`` (or ``(Y, X)``)
-    in the file's dtype (DICOM: rescaled, e.g. Hounsfield units).
+    """The input image of ``case`` (:meth:`FinishedCase.input_image`: first channel, the whole series for DICOM
+    input; read once for every hook of the case, read-only), ``(Z, Y, X)`` (or ``(Y, X)``) in the file's dtype.
 
     Raises:
         MedsegError: the image is unreadable, or its shape differs from the label map's.
     """
-    if case.source_series is not None:  # a DICOM series: its reference is only the first file
-        image, _ = read_series_image(case.source_series)
-    else:
-        image, _ = read_image(case.reference)
+    image = case.input_image()
     if tuple(image.shape) != tuple(case.labels.shape):
         raise MedsegError(
             f"{case.reference}: image shape {list(image.shape)} differs from the segmentation's "

@@ -179,3 +179,23 @@ def test_combined_hooks_run_in_order_and_the_first_failure_stops_the_rest():
     with pytest.raises(MedsegError, match="b"):
         combined(object())  # type: ignore[arg-type]
     assert calls == ["a", "b"]
+
+
+def test_the_hooks_of_a_case_share_one_read_of_its_image(tmp_path, monkeypatch):
+    import medseg.inference.case_output as case_output
+
+    geo = ImageGeometry((4, 5, 6), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    labels = np.zeros(geo.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    image_path = tmp_path / "in" / "c_0000.nii.gz"
+    write_image(np.arange(np.prod(geo.shape), dtype=np.int16).reshape(geo.shape), geo, image_path)
+    reads: list[Path] = []
+    real = case_output.read_image
+    monkeypatch.setattr(case_output, "read_image", lambda path: reads.append(path) or real(path))
+    case = FinishedCase("c", labels, geo, (0, 1), None, tmp_path / "out" / "c.nii.gz", image_path)
+    hooks = combine_hooks([StatisticsWriter(tmp_path / "out"), PreviewWriter(tmp_path / "out")])
+    assert hooks is not None
+    hooks(case)
+    assert reads == [image_path]  # statistics and preview: one read
+    assert not case.input_image().flags.writeable  # shared, so no hook may change it
+    assert (tmp_path / "out" / "previews" / "c.png").is_file()
