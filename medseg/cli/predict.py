@@ -164,11 +164,11 @@ def _check_dicom_output(args: argparse.Namespace) -> None:
     Raises:
         ConfigError: ``--output-format dicom-seg|rtstruct`` with image files (not DICOM series) at the input's top.
     """
-    from medseg.io.image import has_image_suffix
+    from medseg.inference.folder_cases import holds_image_files
 
     if args.output_format == OutputFormat.NIFTI or not Path(args.input).is_dir():
         return
-    if any(has_image_suffix(f.name) for f in Path(args.input).iterdir() if f.is_file()):
+    if holds_image_files(Path(args.input)):
         raise ConfigError(
             f"--output-format {args.output_format} needs DICOM input series; {args.input} holds image files "
             "(a DICOM SEG/RTSTRUCT references the DICOM images a case was read from)"

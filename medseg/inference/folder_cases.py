@@ -38,6 +38,7 @@ __all__ = [
     "check_writable",
     "find_cases_tolerant",
     "find_input_cases",
+    "holds_image_files",
     "nonfinite_message",
     "read_case",
 ]
@@ -133,6 +134,17 @@ def find_cases_tolerant(input_dir: Path, num_channels: int) -> tuple[list[Any], 
     return cases, failed
 
 
+def _top_files(input_dir: Path) -> list[Path]:
+    """The visible files at the top of ``input_dir``, sorted."""
+    return [f for f in sorted(input_dir.iterdir()) if f.is_file() and not f.name.startswith(".")]
+
+
+def holds_image_files(input_dir: Path) -> bool:
+    """Whether ``input_dir`` is read as image files (one at its top has an image suffix); else it is searched
+    for DICOM series (:func:`find_input_cases`)."""
+    return any(has_image_suffix(f.name) for f in _top_files(input_dir))
+
+
 def find_input_cases(input_dir: Path, num_channels: int) -> tuple[list[Any], dict[str, str], list[str]]:
     """The cases of a ``medseg predict`` input folder, the ones that cannot be predicted, and warnings.
 
@@ -149,8 +161,8 @@ def find_input_cases(input_dir: Path, num_channels: int) -> tuple[list[Any], dic
     Raises:
         MedsegError: no images and no DICOM in the folder; DICOM input for a model of several channels.
     """
-    top = [f for f in sorted(input_dir.iterdir()) if f.is_file() and not f.name.startswith(".")]
-    if not any(has_image_suffix(f.name) for f in top):
+    top = _top_files(input_dir)
+    if not holds_image_files(input_dir):
         scan = scan_dicom_folder(input_dir)
         if scan.found_dicom:
             if num_channels != 1:
