@@ -3,8 +3,10 @@
 :class:`QualityWriter` is a :data:`~medseg.inference.case_output.CaseHook`. For each finished case it reads the
 mean class probabilities one class at a time (:attr:`~medseg.inference.case_output.FinishedCase.class_probability`),
 applies the temperature find-best fitted (:mod:`medseg.postprocessing.calibration`; 1 without it), accumulates
-the normalised predictive entropy (:func:`~medseg.postprocessing.quality_features.entropy_terms`: two passes
-over the classes, never all classes at once), computes the per-label features and the case's verdict
+the normalised predictive entropy (:func:`~medseg.postprocessing.quality_features.entropy_terms`: one pass
+over the classes, each class's probability built once and never all classes at once; of each foreground label
+only a box around its mask is kept until the normaliser is complete), computes the per-label features and the
+case's verdict
 (:mod:`medseg.postprocessing.quality_features`) and rewrites ``quality.json`` atomically::
 
     {"format": "medseg-quality-v1", "temperature": 1.3, "score_model": {...},
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
@@ -37,7 +40,14 @@ from medseg.inference.case_table import CaseTable
 from medseg.inference.export import write_probabilities
 from medseg.inference.shards import Shard
 from medseg.io.image import strip_suffix, write_like
-from medseg.postprocessing.quality_features import QualityModel, case_verdict, entropy_terms, label_features
+from medseg.postprocessing.quality_features import (
+    ABSENT_BELOW,
+    NEAR_MARGIN,
+    QualityModel,
+    case_verdict,
+    entropy_terms,
+    label_features,
+)
 
 __all__ = ["QUALITY_FILE", "QUALITY_FORMAT", "UNCERTAINTY_DIR", "QualityWriter", "uncertainty_path"]
 
@@ -48,6 +58,21 @@ QUALITY_FORMAT = "medseg-quality-v1"
 #: Subfolder of the output folder holding the uncertainty maps (``CASE.nii.gz``).
 UNCERTAINTY_DIR = "uncertainty"
 _SKIPPED = "its segmentation existed and was not predicted again (rerun with --overwrite to assess it)"
+#: Where a label's calibrated probability is kept: a box of the grid (one slice per axis) or flat voxel indices.
+Box = tuple[slice, ...] | np.ndarray
+
+
+def _near_box(box: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` (a label's bounding box) widened by ``NEAR_MARGIN + 1`` voxels per side within ``shape``: every
+    voxel the features look at (the near band of the expected Dice, the surface band) lies inside it, and the
+    mask never touches its sides except at the grid's, so the morphology on the crop equals that on the grid."""
+    pad = NEAR_MARGIN + 1
+    return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(box, shape))
+
+
+def _crop(array: np.ndarray, box: Box) -> np.ndarray:
+    """``array`` (the grid ``(Z, Y, X)``) on ``box``: a crop for slices, a flat selection for indices."""
+    return array.reshape(-1)[box] if isinstance(box, np.ndarray) else array[box]
 
 
 def uncertainty_path(output_dir: Path, case_id: str) -> Path:
@@ -101,15 +126,20 @@ class QualityWriter:
         Raises:
             MedsegError: a file cannot be written.
         """
-        entropy = None
-        q_of: dict[int, np.ndarray] = {}
-        if case.class_probability is not None:
-            entropy, q_of = self._calibrated(case)
         voxel_ml = float(np.prod(case.geometry.spacing)) / 1000.0
+        if case.class_probability is not None:
+            entropy, calibrated = self._calibrated(case)
+        else:
+            entropy, calibrated = None, {}
         labels: dict[str, Any] = {}
         for label in case.label_ids[1:]:
-            mask = case.labels == label
-            features = label_features(mask, q_of.get(label), entropy, voxel_ml, self.model.volumes.get(str(label)))
+            volumes = self.model.volumes.get(str(label))
+            if label in calibrated:
+                box, q = calibrated[label]
+                assert entropy is not None
+                features = label_features(_crop(case.labels, box) == label, q, _crop(entropy, box), voxel_ml, volumes)
+            else:  # region plans: no probabilities
+                features = label_features(case.labels == label, None, None, voxel_ml, volumes)
             labels[str(label)] = {"name": self.names.get(label, ""), **features}
         warnings = list(getattr(case, "input_warnings", ()) or ())
         entry: dict[str, Any] = {"segmentation": case.segmentation_path.name}
@@ -126,36 +156,62 @@ class QualityWriter:
             except (OSError, ValueError) as exc:
                 raise MedsegError(f"{target}: cannot write the uncertainty map ({exc})") from None
             entry["uncertainty"] = f"{UNCERTAINTY_DIR}/{target.name}"
-        if self.save_probabilities and q_of and self.temperature != 1.0:
-            npz = case.segmentation_path.with_name(strip_suffix(case.segmentation_path.name) + ".npz")
-            stacked = np.stack([q_of[label] for label in case.label_ids])
-            try:
-                write_probabilities(npz, stacked, case.label_ids)
-            except OSError as exc:
-                raise MedsegError(f"{npz}: cannot write the calibrated probabilities ({exc})") from None
         entry["labels"] = labels
         self._record(case.case_id, entry)
         logger.info("%s: quality %s (%s)", case.case_id, entry["verdict"], "; ".join(entry["reasons"]) or "no reasons")
 
-    def _calibrated(self, case: FinishedCase) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """The normalised entropy ``(Z, Y, X)`` in [0, 1] and the calibrated probabilities of the labels needed
-        (foreground; every label when the probabilities are saved)."""
+    def _calibrated(self, case: FinishedCase) -> tuple[np.ndarray, dict[int, tuple[Box, np.ndarray]]]:
+        """The normalised entropy and what the features need of each foreground label's calibrated probability,
+        from one pass over the classes (each class's probability is built once on the original grid).
+
+        A present label keeps its tempered power ``p^(1/T)`` on a box around its mask (:func:`_near_box`), an
+        absent one on the voxels where its calibrated probability could reach
+        :data:`~medseg.postprocessing.quality_features.ABSENT_BELOW` (all its features need); both are divided
+        by the normaliser once every class has been added. With ``save_probabilities`` (and ``T != 1``) every
+        class is kept whole and ``OUT/CASE.npz`` is rewritten with the calibrated probabilities.
+
+        Returns:
+            The normalised entropy ``(Z, Y, X)`` in [0, 1]; foreground label -> (box, its calibrated probability
+            ``q`` on the box: a crop of the grid, or for an absent label a flat index array into it with ``q``
+            on those voxels).
+
+        Raises:
+            MedsegError: the calibrated probabilities cannot be written.
+        """
         assert case.class_probability is not None
+        save = self.save_probabilities and self.temperature != 1.0
+        boxes = ndimage.find_objects(case.labels, max_label=max(case.label_ids))
+        kept: dict[int, tuple[Box, np.ndarray]] = {}
+        whole: dict[int, np.ndarray] = {}
         norm = s1 = None
         for label in case.label_ids:
             powered, weighted = entropy_terms(case.class_probability(label), self.temperature)
             norm = powered if norm is None else norm + powered
             s1 = weighted if s1 is None else s1 + weighted
+            if save:
+                whole[label] = powered
+            if label == case.label_ids[0]:
+                continue
+            box = boxes[label - 1] if 0 < label <= len(boxes) else None
+            if box is not None:
+                box = _near_box(box, case.labels.shape)
+                kept[label] = (box, powered[box].copy())  # a copy: the class's full volume is freed
+            else:  # q = powered / final norm <= powered / norm so far: a superset of the voxels that may reach it
+                where = np.flatnonzero(powered >= np.float32(ABSENT_BELOW / 2) * norm)
+                kept[label] = (where, powered.reshape(-1)[where])
         assert norm is not None and s1 is not None
         norm = np.maximum(norm, np.float32(1e-30))
         entropy = np.log(norm) - s1 / np.float32(self.temperature) / norm
         entropy = np.clip(entropy / np.float32(math.log(len(case.label_ids))), 0.0, 1.0).astype(np.float32)
-        wanted = case.label_ids if self.save_probabilities and self.temperature != 1.0 else case.label_ids[1:]
-        q_of = {}
-        for label in wanted:
-            powered, _ = entropy_terms(case.class_probability(label), self.temperature)
-            q_of[label] = powered / norm
-        return entropy, q_of
+        calibrated = {label: (box, powered / _crop(norm, box)) for label, (box, powered) in kept.items()}
+        if save:
+            npz = case.segmentation_path.with_name(strip_suffix(case.segmentation_path.name) + ".npz")
+            stacked = np.stack([whole[label] / norm for label in case.label_ids])
+            try:
+                write_probabilities(npz, stacked, case.label_ids)
+            except OSError as exc:
+                raise MedsegError(f"{npz}: cannot write the calibrated probabilities ({exc})") from None
+        return entropy, calibrated
 
     def _record(self, case_id: str, entry: Mapping[str, Any]) -> None:
         self.table.record({case_id: dict(entry)})

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from medseg.inference import predict_folder
 from medseg.inference.case_output import FinishedCase
@@ -16,7 +17,14 @@ from medseg.inference.shards import Shard
 from medseg.io.image import ImageGeometry, read_image, write_image
 from medseg.postprocessing import QUALITY_FILE, QualityWriter, uncertainty_path
 from medseg.postprocessing.calibration import apply_temperature
-from medseg.postprocessing.quality_features import LabelVolumes, QualityModel, case_verdict, entropy_terms
+from medseg.postprocessing.quality_features import (
+    NEAR_MARGIN,
+    LabelVolumes,
+    QualityModel,
+    case_verdict,
+    entropy_terms,
+    label_features,
+)
 from tests.unit.inference.conftest import bright_box_image, threshold_predictor, write_oblique
 
 SHAPE = (4, 6, 8)
@@ -131,3 +139,66 @@ def test_every_case_listed_kept_on_rerun_and_shards_merged(tmp_path):
         entry = doc["cases"][case]
         assert entry["verdict"] in ("ok", "review") and 0 <= entry["score"] <= 1 and "5" in entry["labels"]
         assert entry["labels"]["5"]["voxels"] > 0
+
+
+def whole_grid_features(probs: np.ndarray, labels: np.ndarray, temperature: float, voxel_ml: float) -> dict:
+    """The features as the quality hook computed them before it kept crops: every calibrated probability
+    ``(K, Z, Y, X)`` on the whole grid, the entropy over all classes, :func:`label_features` on whole masks."""
+    norm = s1 = None
+    for p in probs:
+        powered, weighted = entropy_terms(p, temperature)
+        norm = powered if norm is None else norm + powered
+        s1 = weighted if s1 is None else s1 + weighted
+    norm = np.maximum(norm, np.float32(1e-30))
+    entropy = np.log(norm) - s1 / np.float32(temperature) / norm
+    entropy = np.clip(entropy / np.float32(math.log(len(probs))), 0.0, 1.0).astype(np.float32)
+    return {
+        str(k): label_features(labels == k, entropy_terms(probs[k], temperature)[0] / norm, entropy, voxel_ml, None)
+        for k in range(1, len(probs))
+    }
+
+
+def smooth_probs(seed: int) -> np.ndarray:
+    """Four classes ``(4, 16, 20, 24)``: background, two noisy balls (label 2 touches the grid's ``z = 0`` side) and
+    a label that is nowhere the argmax (probable only near label 1's surface)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((16, 20, 24)).astype(np.float64)
+    logits = np.zeros((4, 16, 20, 24))
+    for k, centre in ((1, (8, 8, 9)), (2, (0, 14, 16))):
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+        logits[k] = 2.0 * (3.5 - distance) + ndimage.gaussian_filter(rng.normal(size=distance.shape), 1) * 4
+    logits[3] = np.minimum(logits[:3].max(0) - 0.3 - 4 * rng.random(logits[0].shape), logits[1] + 1)
+    probs = np.exp(logits - logits.max(0))
+    return (probs / probs.sum(0)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("temperature", "absent_somewhere_likely"), [(1.0, True), (1.6, True), (0.7, False)])
+def test_one_pass_features_equal_the_whole_grid_ones(tmp_path, temperature, absent_somewhere_likely):
+    probs = smooth_probs(5)
+    if not absent_somewhere_likely:  # the absent label's calibrated probability stays below ABSENT_BELOW
+        probs[-1] = np.minimum(probs[-1], 1e-3)
+        probs /= probs.sum(0)
+    labels = probs.argmax(0)
+    assert set(np.unique(labels)) == {0, 1, 2} and (labels[0] > 0).any()  # a structure touching the grid's side
+    calls: list[int] = []
+
+    def probability(label: int) -> np.ndarray:
+        calls.append(label)
+        return probs[label].copy()
+
+    box = ndimage.find_objects(labels)[0]  # label 1 lies well inside the grid: its features' box is a crop
+    assert all(s.start >= NEAR_MARGIN + 1 and s.stop <= n - NEAR_MARGIN - 1 for s, n in zip(box, labels.shape))
+    geometry = ImageGeometry(labels.shape, (1.5, 1.0, 0.8), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    reference = tmp_path / "c_0000.nii.gz"
+    write_image(np.zeros(labels.shape, np.float32), geometry, reference)
+    case = FinishedCase("c", labels, geometry, (0, 1, 2, 3), probability, tmp_path / "out" / "c.nii.gz", reference)
+    QualityWriter(tmp_path / "out", {"calibration": {"temperature": temperature}})(case)
+    assert sorted(calls) == [0, 1, 2, 3]  # each class's probability built once
+    got = json.loads((tmp_path / "out" / QUALITY_FILE).read_text())["cases"]["c"]["labels"]
+    want = whole_grid_features(probs, labels, temperature, 1.5 * 0.8 / 1000.0)
+    assert set(got) == set(want) == {"1", "2", "3"}
+    for label, features in want.items():
+        for key, value in features.items():
+            expected = value if value is None else pytest.approx(value, abs=1e-6, rel=1e-6)
+            assert got[label][key] == expected, (label, key)
+    assert got["3"]["voxels"] == 0 and got["3"]["expected_dice"] == (0.0 if absent_somewhere_likely else 1.0)
