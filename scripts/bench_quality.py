@@ -1,24 +1,31 @@
 """Does medseg know when not to trust a segmentation? Calibration error, and the quality score against real Dice.
 
     python scripts/bench_quality.py -o OUT --model 3min=WORK3 --model 10min=WORK10 \\
-        --held IMAGES LABELS [--foreign IMAGES] [--foreign-model NAME] [--cases N]
+        --held IMAGES LABELS [--foreign IMAGES] [--foreign-model NAME] [--cases N] [--checkpoint [NAME=]CHECKPOINT]
 
 Each ``--model NAME=WORK`` (a work folder on which ``medseg find-best`` ran: its temperature and quality fit
 are in ``WORK/postprocessing.json``) predicts the held-out images ``IMAGES`` (``CASE_0000.nii.gz``; references
-``LABELS/CASE.nii.gz``) as ``medseg predict`` does (find-best's ensemble and postprocessing, the default
-prediction time budget) with the quality hook of ``medseg predict``
-(:class:`medseg.postprocessing.QualityWriter`; ``OUT/NAME/quality.json``). ``--foreign`` images (another
-dataset, none of the model's structures in them: their real Dice is that of the prediction against an empty
-reference, 0 when anything is predicted) go to ``--foreign-model`` (default: the last model).
+``LABELS/CASE.nii.gz``) as ``medseg predict -m WORK`` does: the members are chosen by
+:func:`medseg.ensembling.work_dir_predictor` (find-best's configurations, architectures and folds from
+``WORK/best.json``, so a work folder whose only run is ``3d_fullres/segresnet/fold_0`` predicts with that
+run; its postprocessing), with the default prediction time budget and the quality hook of ``medseg predict``
+(:class:`medseg.postprocessing.QualityWriter`; ``OUT/NAME/quality.json``). ``--checkpoint snapshots`` (all
+models) or ``--checkpoint NAME=snapshots`` (one) makes every snapshot of a ``train --snapshots`` run a member,
+as ``medseg predict --checkpoint snapshots`` does; find-best's temperature and score were fitted on the run's
+validation predictions, which its final weights made (``final``, the default, is the last snapshot).
+``--foreign`` images (another dataset, none of the model's structures in them: their real Dice is that of the
+prediction against an empty reference, 0 when anything is predicted) go to ``--foreign-model`` (default: the
+last model).
 
 Measured:
 
 - ECE (15 bins, top-class confidence, voxels within 3 voxels of predicted or reference foreground) of each
   model's mean probabilities on the held-out cases, before and after its temperature;
-- Spearman correlation of the per-case score with the real mean foreground Dice, over all cases pooled (and
-  per model);
-- the ``review`` verdict's hit rate on the cases whose real Dice is more than 0.1 below the pooled median,
-  and its false-alarm rate on the others.
+- Spearman correlation of the per-case score with the real mean foreground Dice, within each model (its
+  row: how well the score ranks one model's cases) and over all cases pooled (which mostly separates
+  models and foreign inputs);
+- the ``review`` verdict's hit rate on the cases whose real Dice is more than 0.1 below the median (of the
+  row's cases), and its false-alarm rate on the others.
 
 Prints a Markdown table and writes ``OUT/bench_quality.json``. Nothing is written next to the inputs.
 """
@@ -39,6 +46,7 @@ from medseg.ensembling import work_dir_predictor
 from medseg.inference import predict_folder
 from medseg.inference.case_output import FinishedCase, combine_hooks
 from medseg.io.image import read_image
+from medseg.options import CheckpointName
 from medseg.postprocessing import QualityWriter
 from medseg.postprocessing.calibration import apply_temperature, expected_calibration_error, relevant_voxels
 
@@ -81,9 +89,15 @@ class Collector:
 
 
 def _predict(
-    name: str, work: Path, images: Path, labels: Path | None, out: Path, cases: int | None
+    name: str,
+    work: Path,
+    images: Path,
+    labels: Path | None,
+    out: Path,
+    cases: int | None,
+    checkpoint: str = CheckpointName.FINAL,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    predictor = work_dir_predictor(work, device="cpu")
+    predictor = work_dir_predictor(work, checkpoint=checkpoint, device="cpu")
     rules = getattr(predictor.postprocess, "rules", None)
     writer = QualityWriter(out, rules if isinstance(rules, dict) else None)
     collector = Collector(labels)
@@ -110,6 +124,8 @@ def _predict(
     t = writer.temperature
     summary = {
         "model": name,
+        "members": [m.source or f"{m.configuration}/{m.arch}" for m in predictor.members],
+        "checkpoint": str(checkpoint),
         "cases": len(collector.dice),
         "temperature": t,
         "ece_before": expected_calibration_error(collector.samples, collector.targets) if collector.samples else None,
@@ -155,7 +171,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main() -> None:
+def _checkpoints(values: list[str], names: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint from ``--checkpoint CHECKPOINT`` (every model) / ``NAME=CHECKPOINT`` entries."""
+    chosen = dict.fromkeys(names, str(CheckpointName.FINAL))
+    for value in values:
+        name, _, checkpoint = value.rpartition("=")
+        if checkpoint not in {str(c) for c in CheckpointName}:
+            raise SystemExit(f"--checkpoint {value}: {checkpoint!r} is not one of {[str(c) for c in CheckpointName]}")
+        if name and name not in chosen:
+            raise SystemExit(f"--checkpoint {value}: no --model named {name!r}")
+        chosen.update({name: checkpoint} if name else dict.fromkeys(names, checkpoint))
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=WORK")
@@ -163,19 +192,29 @@ def main() -> None:
     parser.add_argument("--foreign", type=Path, default=None, metavar="IMAGES")
     parser.add_argument("--foreign-model", default=None)
     parser.add_argument("--cases", type=int, default=None, help="only the first N held-out cases")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[NAME=]CHECKPOINT",
+        help="final (default), best, latest or snapshots, for every model or the one named",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = [tuple(m.split("=", 1)) for m in args.model]
+    checkpoints = _checkpoints(args.checkpoint, [name for name, _ in models])
     summaries, rows = [], []
     for name, work in models:
-        summary, model_rows = _predict(name, Path(work), args.held[0], args.held[1], args.output / name, args.cases)
+        summary, model_rows = _predict(
+            name, Path(work), args.held[0], args.held[1], args.output / name, args.cases, checkpoints[name]
+        )
         summaries.append(summary)
         rows += model_rows
     if args.foreign is not None:
         name = args.foreign_model or models[-1][0]
         work = dict(models)[name]
         summary, foreign_rows = _predict(
-            f"{name}+foreign", Path(work), args.foreign, None, args.output / "foreign", None
+            f"{name}+foreign", Path(work), args.foreign, None, args.output / "foreign", None, checkpoints[name]
         )
         summaries.append(summary)
         rows += foreign_rows
@@ -199,7 +238,7 @@ def main() -> None:
     )
     held = _rates([r for r in rows if not r["foreign"]])
     lines.append(
-        f"| pooled, held-out hippocampus only | {held['cases']} | | | | median {_fmt(held['median_dice'])} | "
+        f"| pooled, held-out cases only | {held['cases']} | | | | median {_fmt(held['median_dice'])} | "
         f"{_fmt(held['spearman'], 2)} | {_fmt(held['hit_rate'], 2)} ({held['poor']}) | "
         f"{_fmt(held['false_alarm_rate'], 2)} |"
     )
