@@ -13,6 +13,8 @@ run; its postprocessing), with the default prediction time budget and the qualit
 models) or ``--checkpoint NAME=snapshots`` (one) makes every snapshot of a ``train --snapshots`` run a member,
 as ``medseg predict --checkpoint snapshots`` does; find-best's temperature and score were fitted on the run's
 validation predictions, which its final weights made (``final``, the default, is the last snapshot).
+``--time-budget-per-case none`` predicts with the full TTA (the default ``auto`` reduces TTA and overlap to fit
+a per-case budget, more on a loaded machine: the probabilities, and so the score, then vary with the load).
 ``--foreign`` images (another dataset, none of the model's structures in them: their real Dice is that of the
 prediction against an empty reference, 0 when anything is predicted) go to ``--foreign-model`` (default: the
 last model).
@@ -96,6 +98,7 @@ def _predict(
     out: Path,
     cases: int | None,
     checkpoint: str = CheckpointName.FINAL,
+    time_budget: str = "auto",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     predictor = work_dir_predictor(work, checkpoint=checkpoint, device="cpu")
     rules = getattr(predictor.postprocess, "rules", None)
@@ -116,7 +119,7 @@ def _predict(
         predictor,
         overwrite=True,
         progress=False,
-        time_budget_per_case="auto",
+        time_budget_per_case=_budget(time_budget),
         case_hook=combine_hooks([writer, collector]),
     )
     seconds = time.perf_counter() - start
@@ -126,6 +129,7 @@ def _predict(
         "model": name,
         "members": [m.source or f"{m.configuration}/{m.arch}" for m in predictor.members],
         "checkpoint": str(checkpoint),
+        "time_budget_per_case": time_budget,
         "cases": len(collector.dice),
         "temperature": t,
         "ece_before": expected_calibration_error(collector.samples, collector.targets) if collector.samples else None,
@@ -171,6 +175,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _budget(value: str) -> float | str | None:
+    """``--time-budget-per-case`` as :func:`medseg.inference.predict_folder` takes it."""
+    return None if value == "none" else value if value == "auto" else float(value)
+
+
 def _checkpoints(values: list[str], names: list[str]) -> dict[str, str]:
     """Model name -> checkpoint from ``--checkpoint CHECKPOINT`` (every model) / ``NAME=CHECKPOINT`` entries."""
     chosen = dict.fromkeys(names, str(CheckpointName.FINAL))
@@ -199,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="[NAME=]CHECKPOINT",
         help="final (default), best, latest or snapshots, for every model or the one named",
     )
+    parser.add_argument(
+        "--time-budget-per-case",
+        default="auto",
+        metavar="auto|none|SECONDS",
+        help="as medseg predict's (default auto: TTA and overlap reduced to fit; none: full TTA)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = [tuple(m.split("=", 1)) for m in args.model]
@@ -206,7 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     summaries, rows = [], []
     for name, work in models:
         summary, model_rows = _predict(
-            name, Path(work), args.held[0], args.held[1], args.output / name, args.cases, checkpoints[name]
+            name,
+            Path(work),
+            args.held[0],
+            args.held[1],
+            args.output / name,
+            args.cases,
+            checkpoints[name],
+            args.time_budget_per_case,
         )
         summaries.append(summary)
         rows += model_rows
@@ -214,7 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         name = args.foreign_model or models[-1][0]
         work = dict(models)[name]
         summary, foreign_rows = _predict(
-            f"{name}+foreign", Path(work), args.foreign, None, args.output / "foreign", None, checkpoints[name]
+            f"{name}+foreign",
+            Path(work),
+            args.foreign,
+            None,
+            args.output / "foreign",
+            None,
+            checkpoints[name],
+            args.time_budget_per_case,
         )
         summaries.append(summary)
         rows += foreign_rows

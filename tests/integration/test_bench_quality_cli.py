@@ -67,6 +67,8 @@ def test_snapshot_unet_and_segresnet_fold_0_work_folders(tmp_path, hippocampus_s
             f"seg={works['segresnet']}",
             "--checkpoint",
             "snap=snapshots",
+            "--time-budget-per-case",
+            "none",
             "--held",
             str(images),
             str(labels),
@@ -76,6 +78,7 @@ def test_snapshot_unet_and_segresnet_fold_0_work_folders(tmp_path, hippocampus_s
     models = {m["model"]: m for m in doc["models"]}
     assert [Path(s).name for s in models["snap"]["members"]] == ["checkpoint_snapshot_1.pt", "checkpoint_snapshot_2.pt"]
     assert models["snap"]["checkpoint"] == "snapshots" and models["seg"]["checkpoint"] == "final"
+    assert models["seg"]["time_budget_per_case"] == "none"
     assert [Path(s).parts[-4:] for s in models["seg"]["members"]] == [
         ("3d_fullres", "segresnet", "fold_0", "checkpoint_final.pt")
     ]
