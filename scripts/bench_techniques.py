@@ -78,10 +78,14 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
 
     def predict_cmd(self, arm: str, out: Path, *extra: str) -> list[str]:
-        a = self.args
+        """``medseg predict`` of an arm: its ``--predict-args``; without find-best's choice, the run's architecture."""
+        a, work = self.args, self.works[arm]
+        given = a.predict_args.get(arm, [])
+        run = arm_run(work, a.fold)
+        if "--arch" not in given and not WorkDir(work).best.is_file() and run is not None:
+            given = [*given, "--arch", run.parent.name]
         return medseg_cmd(
-            "predict", "-i", str(a.test_images), "-o", str(out), "-m", str(self.works[arm]), "-q",
-            *a.predict_args.get(arm, []), *extra,
+            "predict", "-i", str(a.test_images), "-o", str(out), "-m", str(work), "-q", *given, *extra
         )  # fmt: skip
 
     def heldout_probs(self, arm: str) -> tuple[dict[str, np.ndarray], float | None]:
@@ -114,7 +118,7 @@ class Bench:
                     "technique": name if a["train_args"] else f"{name} (no train options)",
                     "commands": [
                         show(medseg_cmd("train", str(work), "--fold", fold, *a["train_args"])),
-                        show(medseg_cmd("find-best", str(work), "-q")),
+                        *([show(medseg_cmd("find-best", str(work), "-q"))] if WorkDir(work).best.is_file() else []),
                         show(self.predict_cmd(name, self.dir / f"pred_{name}")),
                     ],
                     "iterations": a.get("iterations"),
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-labels", type=Path, required=True)
     ap.add_argument("-o", "--out", type=Path, default=None, help="results folder (default: FIRST_ARMS/techniques)")
     ap.add_argument("--plain", default="plain", help="the arm the others are compared with (default plain)")
-    ap.add_argument("--fold", type=int, default=0, help="the fold the arms trained (default 0)")
+    ap.add_argument("--fold", default="0", help="the fold the arms trained (default 0; all: no validation rows)")
     ap.add_argument("--predict-args", action="append", default=[], help='NAME="medseg predict arguments" of an arm')
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the derived steps (default 1)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["ensemble", "crf"], help="leave these rows out")

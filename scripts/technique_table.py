@@ -84,7 +84,7 @@ class Runner:
         return result
 
 
-def arm_run(work: Path, fold: int) -> Path | None:
+def arm_run(work: Path, fold: int | str) -> Path | None:
     """The fold-``fold`` run folder of a work folder (its first configuration/architecture), or None."""
     wd = WorkDir(work)
     for config, arch in wd.run_pairs():
@@ -141,7 +141,7 @@ def read_labels(folder: Path) -> dict[str, np.ndarray]:
     return {strip_suffix(p.name): read_image(p)[0] for p in sorted(folder.glob("*.nii*"))}
 
 
-def build_cross_work(arms: dict[str, Path], fold: int, dst: Path) -> None:
+def build_cross_work(arms: dict[str, Path], fold: int | str, dst: Path) -> None:
     """A work folder whose runs are the arms' fold-``fold`` validation predictions, as configuration ``<arm>``
     with the arm's architecture (plan, fingerprint, dataset reference and splits from the first arm)."""
     if dst.exists():
@@ -189,7 +189,12 @@ def header(threads: int) -> dict[str, Any]:
 
 
 def distill_row(
-    arms: Sequence[dict[str, Any]], runs: Sequence[Path], plan_work: str, student: str, tests: tuple[str, str]
+    arms: Sequence[dict[str, Any]],
+    runs: Sequence[Path],
+    fold: int | str,
+    plan_work: str,
+    student: str,
+    tests: tuple[str, str],
 ) -> dict[str, Any]:
     """The distillation row: the student command (teachers: ``runs``), filled by ``bench_techniques.student_row``."""
     teachers = " ".join(shlex.quote(str(r)) for r in runs)
@@ -197,7 +202,7 @@ def distill_row(
     return {
         "technique": f"distilled student of all {len(arms)} arms (not trained yet)",
         "commands": [
-            f"python scripts/bench_arms.py {plan_work} {tests[0]} {tests[1]} -o {student} --fold 0 --find-best "
+            f"python scripts/bench_arms.py {plan_work} {tests[0]} {tests[1]} -o {student} --fold {fold} --find-best "
             f'--arm student="--distill-from {teachers}"',
             f"scripts/bench_techniques.py ... --student {student}",
         ],
