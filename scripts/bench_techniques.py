@@ -338,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = [r for r in (arm_run(w, args.fold) for w in bench.works.values()) if r is not None]
         student_dir = args.student or arms_dir.parent / f"{arms_dir.name}_student"
         row = distill_row(
-            bench.arms, runs, args.plan_work, str(student_dir), (str(args.test_images), str(args.test_labels))
+            bench.arms,
+            runs,
+            args.fold,
+            args.plan_work,
+            str(student_dir),
+            (str(args.test_images), str(args.test_labels)),
         )
         teacher = next((r for r in bench.rows if r["technique"].endswith("rule mean")), {})
         if args.student is not None:
