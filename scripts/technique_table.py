@@ -26,7 +26,7 @@ import numpy as np
 from medseg.ensembling.combine import Case, combine, cross_validated_scores, fit_stacker, fit_weights
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
 from medseg.io.image import read_image, strip_suffix
-from medseg.io.workdir import WorkDir
+from medseg.io.workdir import RunDir, WorkDir
 
 RULES = ("mean", "weighted", "vote", "stacking")
 #: A difference below this needs a second seed (the issue's rule).
@@ -91,6 +91,16 @@ def arm_run(work: Path, fold: int | str) -> Path | None:
         if wd.run(config, arch, fold).path.is_dir():
             return wd.run(config, arch, fold).path
     return None
+
+
+def fold_dice(work: Path, fold: int | str) -> float | None:
+    """Mean foreground Dice of the run's final validation (its ``validation/metrics.json``), None without one."""
+    run = arm_run(work, fold)
+    metrics = None if run is None else RunDir(run).validation_metrics
+    if metrics is None or not metrics.is_file():
+        return None
+    value = json.loads(metrics.read_text()).get("mean_foreground_dice")
+    return None if value is None else float(value)
 
 
 def load_probs(npz: Path) -> np.ndarray:
