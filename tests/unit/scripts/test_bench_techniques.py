@@ -48,13 +48,16 @@ def _arms_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
         {"arm": "plain", "train_args": [], "iterations": 600, "train_s": 1800.0, "predict_s": 12.0, "dice": 0.8900,
          "hd95": 1.3, "fold_dice": 0.8850},
         {"arm": "lookahead", "train_args": ["--optimizer", "lookahead-adamw"], "iterations": 590, "train_s": 1800.0,
-         "predict_s": 12.5, "dice": 0.8930, "hd95": 1.2, "fold_dice": 0.8870},
+         "predict_s": 12.5, "dice": 0.8930, "hd95": 1.2, "fold_dice": None},
     ]  # fmt: skip
     arms.mkdir()
     (arms / "arms.json").write_text(json.dumps(rows))
     (arms / "metrics_plain.json").write_text(json.dumps({"label_ids": [1, 2]}))
     for row in rows:
         WorkDir(arms / f"work_{row['arm']}").run("3d_fullres", "unet", 0).path.mkdir(parents=True)
+    run = WorkDir(arms / "work_lookahead").run("3d_fullres", "unet", 0)
+    run.validation.mkdir()
+    run.validation_metrics.write_text(json.dumps({"mean_foreground_dice": 0.8870}))  # read when arms.json lacks it
     labels.mkdir()
     for case in ("c1", "c2"):
         sitk.WriteImage(sitk.GetImageFromArray(_labels(0)), str(labels / f"{case}.nii.gz"))
@@ -85,6 +88,7 @@ def test_dry_run_assembles_the_table_from_cached_results_and_runs_nothing(tmp_pa
     raw_look = float(look[6])
     assert 0.5 < raw_look < 1.0  # label 1 shifted by a voxel
     assert look[10] == "+0.0030" and "needs a second seed" in look[11]  # 0.8930 - 0.8900 < 0.005
+    assert look[4] == "0.8870"  # the run's validation summary
     assert look[9] == "1812"  # total compute: training + prediction seconds
     assert rows["all 2 arms, rule mean"][5:7] == ["-", "-"]  # not fitted in a dry run
     assert "would run:" in text and "find-best" in text and "--try-crf" in text
