@@ -50,6 +50,7 @@ from technique_table import (  # noqa: E402
     class_index,
     copy_work,
     distill_row,
+    fmt,
     fold_dice,
     header,
     load_probs,
@@ -269,6 +270,11 @@ class Bench:
                 find_best_s=res["seconds"][1],
             )
             row["total_s"] = row["train_s"] + row["predict_s"]
+            row["note"] = (
+                f"find-best {'kept' if row['crf_kept'] else 'did not keep'} a CRF (CV {fmt(row['fold_dice_without'])} "
+                f"without); CRF {fmt(row['crf_s_per_case'], '.2f')} s/case; the same copy without CRF, same "
+                f"threads: Dice {fmt(row['dice_same_threads_without'])}, {fmt(row['predict_s_without'], '.1f')} s"
+            )
         self.rows.append(row)
 
 
