@@ -237,10 +237,13 @@ def case_verdict(
             )
     distance = None if model.joint_volumes is None else volume_distance(labels, model.joint_volumes)
     if distance is not None and distance["mahalanobis2"] > distance["threshold"]:
+        named = [
+            label + (f" ({labels[label]['name']})" if labels[label].get("name") else "") for label in distance["labels"]
+        ]
         reasons.append(
             f"label volumes jointly unlike the training cases (squared Mahalanobis distance "
             f"{distance['mahalanobis2']:.1f} > {distance['threshold']:.1f}, the chi-square {QUANTILE} quantile "
-            f"for labels {', '.join(distance['labels'])})"
+            f"for labels {', '.join(named)})"
         )
     reasons.extend(f"input: {w}" for w in warnings)
     return {

@@ -69,6 +69,7 @@ def test_jointly_unlike_case_is_flagged_though_each_label_is_within_three_sd():
         "3": math.exp(v["3"].log_mean),
     }
     f = features(odd, model)
+    f["1"]["name"] = "liver"
     assert all(abs(x["volume_z"]) < 3 for x in f.values())
     verdict = case_verdict(f, model)
     record = verdict["volume_distance"]
@@ -77,6 +78,7 @@ def test_jointly_unlike_case_is_flagged_though_each_label_is_within_three_sd():
     assert record["mahalanobis2"] > record["threshold"]
     assert verdict["verdict"] == "review" and len(verdict["reasons"]) == 1
     assert verdict["reasons"][0].startswith("label volumes jointly unlike the training cases")
+    assert verdict["reasons"][0].endswith("for labels 1 (liver), 2, 3)")
     # the same |z| along the training cases' own correlation is a large patient, not an error
     large = {"1": odd["1"], "2": math.exp(v["2"].log_mean + 2.5 * v["2"].log_std), "3": odd["3"]}
     assert case_verdict(features(large, model), model)["verdict"] == "ok"
