@@ -50,7 +50,7 @@ class PretrainedSource:
     Attributes:
         path: the file given.
         member: what in it was used, for people (``3d_fullres/unet/fold_0 of the bundle``, ``checkpoint of
-            3d_fullres/unet fold 0, iteration 250``, ``plain state dict of 214 tensors (its 'state_dict' entry)``).
+            3d_fullres/unet fold 0, iteration 250``, ``plain state dict of 214 tensors: its 'state_dict' entry``).
         state: the network's state dict (name -> tensor, on the CPU), named as the run's network names them.
         plan: the plan the pretrained network was trained with; None for a plain state dict.
         configuration / arch: the pretrained network's configuration and architecture; None for a plain
@@ -142,7 +142,7 @@ def _from_state_dict(path: Path, saved: Any, arch: str, module_prefix: str | Non
             f"dicts are read for architectures that wrap a MONAI network, and this run trains {arch}; {_HINT}"
         )
     state = {(n if n.startswith(module_prefix) else module_prefix + n): t for n, t in state.items()}
-    member = f"plain state dict of {len(state)} tensors ({where})"
+    member = f"plain state dict of {len(state)} tensors: {where}"
     logger.info("pretrained: %s: %s, names given the prefix %r", path, member, module_prefix)
     return PretrainedSource(path=path, member=member, state=state, plan=None, configuration=None, arch=None)
 
@@ -160,7 +160,7 @@ def find_state_dict(saved: Any) -> tuple[dict[str, torch.Tensor], str] | None:
     if not isinstance(saved, Mapping):
         return None
     candidates = [(saved.get(key), f"its {key!r} entry") for key in STATE_DICT_ENTRIES]
-    for inner, where in [*candidates, (saved, "the file's dict")]:
+    for inner, where in [*candidates, (saved, "the whole file")]:
         state = (
             {str(n): t for n, t in inner.items() if isinstance(t, torch.Tensor)} if isinstance(inner, Mapping) else {}
         )
