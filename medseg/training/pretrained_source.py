@@ -155,7 +155,7 @@ def find_state_dict(saved: Any) -> tuple[dict[str, torch.Tensor], str] | None:
 
     Returns:
         ``(state, where)``: the tensors (entries that are not tensors dropped), with a
-        :data:`WRAPPER_PREFIXES` prefix shared by every name removed; None when ``saved`` holds no tensor.
+        :data:`WRAPPER_PREFIXES` prefixes shared by every name removed; None when ``saved`` holds no tensor.
     """
     if not isinstance(saved, Mapping):
         return None
@@ -165,9 +165,10 @@ def find_state_dict(saved: Any) -> tuple[dict[str, torch.Tensor], str] | None:
             {str(n): t for n, t in inner.items() if isinstance(t, torch.Tensor)} if isinstance(inner, Mapping) else {}
         )
         if state:
-            for prefix in WRAPPER_PREFIXES:
-                if all(n.startswith(prefix) for n in state):
-                    state = {n[len(prefix) :]: t for n, t in state.items()}
+            while (
+                wrap := next((w for w in WRAPPER_PREFIXES if all(n.startswith(w) for n in state)), None)
+            ) is not None:
+                state = {n[len(wrap) :]: t for n, t in state.items()}  # wrappers nest (a compiled DDP module)
             return state, where
     return None
 
