@@ -11,7 +11,8 @@
 3. ``find-best``: ``medseg find-best --metric lesion_f1`` (fits the minimum component volume among the rules).
 4. ``predict``: ``medseg predict --instances`` on the held-out images twice, with find-best's rules
    (``OUT/pred_rules``) and with ``--no-postprocessing`` (``OUT/pred_none``); when the rules hold steps other
-   than the minimum volume, ``OUT/pred_no_min_volume`` gets the rules without it (applied here, same code).
+   than the minimum volume, the evaluate stage applies (same code, each case's spacing) the minimum volume alone
+   (``OUT/pred_min_volume_only``) and the rules without it (``OUT/pred_no_min_volume``) to ``OUT/pred_none``.
 5. ``evaluate``: ``medseg evaluate --lesion-wise`` of each folder; prints the voxel-wise and lesion-wise tables
    (Markdown) and, with ``--panoptica-python``, runs ``scripts/crosscheck_panoptica.py --pred`` on the
    postprocessed folder and prints its largest differences.
@@ -25,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,12 +53,21 @@ def _medseg(*args: str) -> float:
     return seconds
 
 
-def _strip_min_volume(rules: dict[str, Any]) -> dict[str, Any]:
-    """The rules without their ``min_volume`` steps."""
+def _only(rules: dict[str, Any], min_volume: bool) -> dict[str, Any]:
+    """The rules with only their ``min_volume`` steps (``min_volume`` True) or without them."""
     per_label = {
-        lab: [s for s in steps if s.get("op") != "min_volume"] for lab, steps in (rules.get("per_label") or {}).items()
+        lab: [s for s in steps if (s.get("op") == "min_volume") == min_volume]
+        for lab, steps in (rules.get("per_label") or {}).items()
     }
     return {**rules, "per_label": {lab: steps for lab, steps in per_label.items() if steps}}
+
+
+def _derive(source: Path, target: Path, rules: dict[str, Any]) -> None:
+    """Apply ``rules`` (with each case's spacing) to every unpostprocessed prediction of ``source`` into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.nii.gz")):
+        seg, geometry = read_image(path)
+        write_image(apply_postprocessing(seg, rules, geometry.spacing), geometry, target / path.name)
 
 
 def _table(name: str, metrics: dict[str, Any]) -> list[str]:
@@ -85,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out
     data, test, work = out / "data", out / "test", out / "work"
-    folders = {"none": out / "pred_none", "rules": out / "pred_rules", "no_min_volume": out / "pred_no_min_volume"}
+    folders = {
+        "none": out / "pred_none",
+        "fitted rules": out / "pred_rules",
+        "min volume only": out / "pred_min_volume_only",
+        "rules without min volume": out / "pred_no_min_volume",
+    }
     if "data" in args.stages:
         generate_lesion_dataset(data, num_cases=args.cases, seed=0)
         generate_lesion_dataset(test, num_cases=args.test_cases, seed=1, prefix="test")
@@ -111,22 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     if "predict" in args.stages:
         images = str(test / "imagesTr")
         common = ["-m", str(work), "--device", "cpu", "--num-workers", "1", "--overwrite"]
-        _medseg("predict", "-i", images, "-o", str(folders["rules"]), "--instances", *common)
+        _medseg("predict", "-i", images, "-o", str(folders["fitted rules"]), "--instances", *common)
         _medseg("predict", "-i", images, "-o", str(folders["none"]), "--no-postprocessing", *common)
-        rules = load_rules(work / "postprocessing.json")
-        stripped = _strip_min_volume(rules)
-        if stripped["per_label"] and stripped["per_label"] != rules["per_label"]:
-            folders["no_min_volume"].mkdir(parents=True, exist_ok=True)
-            for path in sorted(folders["none"].glob("*.nii.gz")):
-                seg, geometry = read_image(path)
-                write_image(
-                    apply_postprocessing(seg, stripped, geometry.spacing),
-                    geometry,
-                    folders["no_min_volume"] / path.name,
-                )
     if "evaluate" in args.stages:
         rules = load_rules(work / "postprocessing.json")
         print("\nfitted rules:", json.dumps(rules.get("per_label")), json.dumps(rules.get("scores")))
+        for name, min_volume in (("min volume only", True), ("rules without min volume", False)):
+            variant = _only(rules, min_volume)
+            shutil.rmtree(folders[name], ignore_errors=True)
+            if variant["per_label"] != rules["per_label"]:  # else the same as the fitted rules
+                _derive(folders["none"], folders[name], variant)
         lines = [
             "| predictions | class | voxel Dice | HD95 mm | TP/FP/FN | precision | recall | F1 | lesion Dice "
             "| lesion HD95 mm | PQ |",
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in folders.items():
             if not folder.is_dir():
                 continue
-            metrics_path = out / f"metrics_{name}.json"
+            metrics_path = out / f"metrics_{folder.name}.json"
             _medseg("evaluate", str(folder), str(test / "labelsTr"), "-o", str(metrics_path), "--lesion-wise")
             lines += _table(name, json.loads(metrics_path.read_text()))
         print("\n".join(lines))
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--panoptica-python",
                     args.panoptica_python,
                     "--pred",
-                    str(folders["rules"]),
+                    str(folders["fitted rules"]),
                     "--ref",
                     str(test / "labelsTr"),
                     "--out",
