@@ -151,23 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         if args.panoptica_python:
             script = Path(__file__).resolve().parent / "crosscheck_panoptica.py"
-            check = out / "crosscheck"
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(script),
-                    "--panoptica-python",
-                    args.panoptica_python,
-                    "--pred",
-                    str(folders["fitted rules"]),
-                    "--ref",
-                    str(test / "labelsTr"),
-                    "--out",
-                    str(check),
-                ],
-                check=False,
-            )
-            print(json.dumps(json.loads((check / "crosscheck.json").read_text()), indent=1))
+            for name in ("none", "fitted rules"):
+                check = out / f"crosscheck_{folders[name].name}"
+                cmd = [sys.executable, str(script), "--panoptica-python", args.panoptica_python]
+                cmd += ["--pred", str(folders[name]), "--ref", str(test / "labelsTr"), "--out", str(check)]
+                subprocess.run(cmd, check=False)
+                report = json.loads((check / "crosscheck.json").read_text())["predictions"]
+                print(f"panoptica vs medseg on {folders[name].name} ({report['pairs']} class masks), max |diff|:")
+                for key, stat in report.items():
+                    if isinstance(stat, dict):
+                        print(f"  {key}: {stat['max_abs_diff']:.3g} over {stat['compared']}")
     return 0
 
 

@@ -189,9 +189,9 @@ def fit_postprocessing(
             comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
     comp_scores /= n
     for i, lab in enumerate(fg):
-        candidates.setdefault(str(lab), {}).update(
-            {candidate_name(s): float(comp_scores[i, j]) for j, s in enumerate(comp_steps)}
-        )
+        scored = candidates.setdefault(str(lab), {})  # "none" stays the score before every per-label step
+        for j, step in enumerate(comp_steps):
+            scored.setdefault(candidate_name(step), float(comp_scores[i, j]))
         best = best_candidate(comp_scores[i], min_improvement)
         if best and (chosen := comp_steps[best]) is not None:  # index 0, the only None, is never best
             rules["per_label"].setdefault(str(lab), []).append(dict(chosen))

@@ -93,7 +93,8 @@ def fit_min_volume(
             continue
         mean = scores[i] / len(cases.case_ids)
         steps = [{"op": "min_volume", "ml": t} for t in thresholds[i]]
-        candidates.setdefault(str(lab), {}).update({candidate_name(s): float(m) for s, m in zip(steps, mean[1:])})
+        scored = candidates.setdefault(str(lab), {"none": float(mean[0])})
+        scored.update({candidate_name(s): float(m) for s, m in zip(steps, mean[1:])})
         best = best_candidate(mean, min_improvement)
         if best:
             rules["per_label"].setdefault(str(lab), []).append(steps[best - 1])

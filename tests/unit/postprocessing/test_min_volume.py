@@ -107,6 +107,7 @@ def test_fit_keeps_a_min_volume_only_where_it_helps(metric):
     assert 0 < steps[0]["ml"] <= smallest_true_ml  # a candidate derived from the references
     assert "2" not in rules["per_label"]  # nothing to remove there: no step
     assert any(k.startswith("min_volume_") for k in rules["candidates"]["2"])  # it was tried
+    assert rules["candidates"]["1"]["none"] == pytest.approx(rules["scores"][f"{metric}_before"]["1"])
     scores = rules["scores"]
     assert scores[f"{metric}_after"]["1"] == pytest.approx(1.0) and scores[f"{metric}_before"]["1"] < 0.999
     for pred, ref, spacing in cases.values():
