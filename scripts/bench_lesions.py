@@ -35,6 +35,7 @@ from typing import Any
 
 from medseg.io.image import read_image, write_image
 from medseg.io.synthetic_lesions import generate_lesion_dataset
+from medseg.io.workdir import WorkDir
 from medseg.postprocessing import apply_postprocessing, load_rules
 
 logger = logging.getLogger("bench_lesions")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         _medseg("predict", "-i", images, "-o", str(folders["fitted rules"]), "--instances", *common)
         _medseg("predict", "-i", images, "-o", str(folders["none"]), "--no-postprocessing", *common)
     if "evaluate" in args.stages:
-        rules = load_rules(work / "postprocessing.json")
+        rules = load_rules(WorkDir(work).postprocessing)
         print("\nfitted rules:", json.dumps(rules.get("per_label")), json.dumps(rules.get("scores")))
         for name, min_volume in (("min volume only", True), ("rules without min volume", False)):
             variant = _only(rules, min_volume)
