@@ -69,6 +69,7 @@ def fit_quality(
     label_ids: Sequence[int],
     rules: Mapping[str, Any] | None,
     ignore_label: int | None = None,
+    spacing_of: Callable[[str], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature and the quality score on cross-validation cases.
 
@@ -80,6 +81,8 @@ def fit_quality(
         label_ids: the plan's label ids, class-index order (background first).
         rules: the fitted postprocessing (applied before the Dice and features), or None.
         ignore_label: reference voxels of this id are left out.
+        spacing_of: case -> voxel spacing (mm) of its label maps, for the rules' ``min_volume`` steps (needed
+            only when the rules have one).
 
     Returns:
         ``{"calibration": {...}, "quality": QualityModel.to_dict()}``.
@@ -115,8 +118,9 @@ def fit_quality(
     expected, real = [], []
     for case in cases:
         q = apply_temperature(load_probs(case), temperature)
-        pred = apply_postprocessing(ids[q.argmax(0)].astype(np.int32), rules)
         ref = load_ref(case)
+        spacing = None if spacing_of is None else spacing_of(case)
+        pred = apply_postprocessing(ids[q.argmax(0)].astype(np.int32), rules, spacing)
         if ignore_label is not None:
             ignored = ref == ignore_label
             pred, ref = np.where(ignored, 0, pred), np.where(ignored, 0, ref)
