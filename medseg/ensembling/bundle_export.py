@@ -65,8 +65,7 @@ def export_bundle(
     wd = WorkDir(work_dir)
     plan = Plan.load(wd.plans)
     refuse_cascades(plan, [RunDir(d).configuration for d in run_dirs], "a model bundle")
-    if rules is not None and not rules.get("quality"):  # no find-best fit: the volume rules still travel
-        rules = {**rules, "quality": reference_quality_model(work_dir, plan.label_ids).to_dict()}
+    rules = _with_quality(rules, work_dir, plan)
     best = wd.best.read_bytes() if wd.best.is_file() else None
     training_range = (
         TrainingRange.from_fingerprint(Fingerprint.load(wd.fingerprint)) if wd.fingerprint.is_file() else None
@@ -119,4 +118,13 @@ def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], lis
         members, rules = bundle_ensemble(source, configs, archs, folds, postprocessing)
         return members, [m["fold"] for m in chosen], rules
     run_dirs, rules = select_work_dir_runs(source, configs, archs, folds, checkpoint, postprocessing)
+    rules = _with_quality(rules, source, Plan.load(WorkDir(source).plans))
     return [load_member(d, checkpoint) for d in run_dirs], [d.name for d in run_dirs], rules
+
+
+def _with_quality(rules: dict[str, Any] | None, work_dir: Path, plan: Plan) -> dict[str, Any] | None:
+    """``rules`` with the heuristic quality model and the training volumes where find-best fitted none (the
+    volume rules travel with every export, as ``medseg predict`` builds them for a work folder)."""
+    if rules is None or rules.get("quality"):
+        return rules
+    return {**rules, "quality": reference_quality_model(work_dir, plan.label_ids).to_dict()}
