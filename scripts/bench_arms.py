@@ -50,7 +50,7 @@ def _iterations(run_root: Path, fold: str) -> int | None:
 def _fold_dice(run_root: Path, fold: str) -> float | None:
     """Mean foreground Dice of the run's final validation (``validation/metrics.json``), None for fold all."""
     for metrics in sorted(run_root.glob(f"runs/*/*/fold_{fold}/validation/metrics.json")):
-        value = json.loads(metrics.read_text()).get("mean_foreground_dice")  # the run's validation summary
+        value = json.loads(metrics.read_text()).get("mean_foreground_dice")
         return float(value) if value is not None else None
     return None
 
