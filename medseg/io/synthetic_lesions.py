@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.io.image import ImageGeometry, atomic_write_text, write_image
-from medseg.io.synthetic import _centred_coords, _check_sizes, _ellipsoid, _start_dataset
+from medseg.io.image import atomic_write_text
+from medseg.io.synthetic import _case_geometry, _centred_coords, _check_sizes, _ellipsoid, _start_dataset, _write_case
 
 __all__ = ["LESION_DATASET_NAME", "LESION_LABELS", "generate_lesion_dataset"]
 
@@ -96,17 +96,8 @@ def generate_lesion_dataset(
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 38])
         spacing = (float(rng.choice(np.asarray(z_spacings, dtype=np.float64))), 1.0, 1.0)
         image, label = _lesion_case(rng, tuple(int(s) for s in shape), spacing)
-        origin = tuple(float(v) for v in np.round(rng.uniform(-100.0, 100.0, size=3), 3))
-        geometry = ImageGeometry(
-            shape=tuple(int(s) for s in shape),
-            spacing=spacing,
-            origin=origin,
-            direction=tuple(float(v) for v in np.eye(3).ravel()),
-        )
-        case_id = f"{prefix}_{i:03d}"
-        write_image(image, geometry, out / "imagesTr" / f"{case_id}.nii.gz")
-        write_image(label, geometry, out / "labelsTr" / f"{case_id}.nii.gz")
-        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+        geometry = _case_geometry(rng, shape, spacing)
+        training.append(_write_case(out, f"{prefix}_{i:03d}", image, label, geometry))
     meta = {
         "name": LESION_DATASET_NAME,
         "description": "Synthetic volumes with many small lesions and unlabelled mimics (medseg.io.synthetic_lesions)",
