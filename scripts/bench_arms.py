@@ -5,7 +5,8 @@
         [--predict-args NAME="--arch segresnet"]
 
 Each arm gets its own copy of ``WORK`` (plan and preprocessed cache; any ``runs/`` left out), trains with
-``medseg train COPY --fold all <its arguments>``, predicts ``TEST_IMAGES`` with ``medseg predict`` (its
+``medseg train COPY --fold all <its arguments>`` (``--fold K``: that fold, whose final validation Dice
+is reported too; ``--find-best`` then fits each arm's postprocessing, temperature and quality score), predicts ``TEST_IMAGES`` with ``medseg predict`` (its
 defaults: postprocessing, prediction budget) and is scored by ``medseg evaluate`` against ``TEST_LABELS``.
 With ``--concurrent`` the arms train at the same time (they then share the machine alike, which is what
 makes a pair fair on a machine that other work also uses); predictions always run one after another.
@@ -37,12 +38,20 @@ def _copy_work(work: Path, dst: Path) -> None:
     shutil.copytree(work, dst, ignore=lambda folder, names: ["runs"] if Path(folder) == work else [])
 
 
-def _iterations(run_root: Path) -> int | None:
+def _iterations(run_root: Path, fold: str) -> int | None:
     """Iterations of the arm's run: the last epoch entry of its ``progress.json``."""
-    for progress in sorted(run_root.glob("runs/*/*/fold_all/progress.json")):
+    for progress in sorted(run_root.glob(f"runs/*/*/fold_{fold}/progress.json")):
         history = json.loads(progress.read_text()).get("history") or []
         if history and isinstance(history[-1].get("iteration"), int):
             return int(history[-1]["iteration"])
+    return None
+
+
+def _fold_dice(run_root: Path, fold: str) -> float | None:
+    """Mean foreground Dice of the run's final validation (``validation/metrics.json``), None for fold all."""
+    for metrics in sorted(run_root.glob(f"runs/*/*/fold_{fold}/validation/metrics.json")):
+        value = json.loads(metrics.read_text()).get("mean_foreground_dice")
+        return float(value) if value is not None else None
     return None
 
 
@@ -60,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         help='NAME="medseg predict arguments" for an arm (e.g. --arch segresnet, --checkpoint snapshots)',
     )
     ap.add_argument("--concurrent", action="store_true", help="train the arms at the same time")
+    ap.add_argument(
+        "--fold",
+        default="all",
+        help="fold to train (default all); with 0-4 the run's final validation Dice of that fold is reported too",
+    )
+    ap.add_argument(
+        "--find-best",
+        action="store_true",
+        help="run `medseg find-best` on each arm before predicting (needs a fold with validation)",
+    )
     args = ap.parse_args(argv)
     predict_args: dict[str, list[str]] = {}
     for spec in args.predict_args:
@@ -81,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         log = (args.out / f"train_{name}.log").open("wb")
         started[name] = time.perf_counter()
         procs[name] = subprocess.Popen(
-            _medseg("train", str(args.out / f"work_{name}"), "--fold", "all", *extra), stdout=log, stderr=log
+            _medseg("train", str(args.out / f"work_{name}"), "--fold", args.fold, *extra), stdout=log, stderr=log
         )
         if not args.concurrent:
             if procs[name].wait() != 0:
@@ -95,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for name in arms:
+        if args.find_best:
+            subprocess.run(_medseg("find-best", str(args.out / f"work_{name}"), "-q"), check=True)
         pred = args.out / f"pred_{name}"
         t = time.perf_counter()
         subprocess.run(
@@ -119,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "arm": name,
                 "train_args": arms[name],
-                "iterations": _iterations(args.out / f"work_{name}"),
+                "iterations": _iterations(args.out / f"work_{name}", args.fold),
+                "fold_dice": _fold_dice(args.out / f"work_{name}", args.fold),
                 "train_s": round(walls[name], 1),
                 "predict_s": round(predict_s, 1),
                 "dice": metrics["foreground_mean"]["dice"],
@@ -132,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     (args.out / "arms.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("| arm | iterations | train s | predict s | mean Dice | HD95 (mm) | Dice per label | Dice per case |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print(
+        "| arm | iterations | train s | predict s | fold Dice | mean Dice | HD95 (mm) | Dice per label | Dice per case |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         labels = ", ".join(f"{k}: {v:.3f}" for k, v in r["dice_per_label"].items())
         cases = ", ".join(f"{k}: {v:.3f}" for k, v in r["dice_per_case"].items())
         print(
-            f"| {r['arm']} | {r['iterations']} | {r['train_s']:.0f} | {r['predict_s']:.1f} | {r['dice']:.4f} | "
+            f"| {r['arm']} | {r['iterations']} | {r['train_s']:.0f} | {r['predict_s']:.1f} | "
+            f"{'-' if r['fold_dice'] is None else format(r['fold_dice'], '.4f')} | {r['dice']:.4f} | "
             f"{r['hd95']:.1f} | {labels} | {cases} |"
         )
     return 0

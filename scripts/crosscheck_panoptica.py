@@ -10,7 +10,9 @@ Compares, per binary mask pair (one class of one case), medseg's ``lesion_wise_s
 full connectivity) with panoptica (semantic input, cc3d connected components = 26-connectivity,
 ``MaxBipartiteMatching`` at IoU 0.5) on synthetic cases and, with ``--real``, on a prediction folder made by
 perturbing a dataset's labels (components dropped, eroded, dilated; written to ``OUT/pred``, reference =
-the dataset's ``labelsTr``). Where the definitions agree the numbers must be equal within 1e-6; the
+the dataset's ``labelsTr``), and with ``--pred FOLDER --ref FOLDER`` on an existing prediction folder (every class
+of every case with a reference of the same name, e.g. ``medseg predict`` output against held-out labels;
+``scripts/bench_lesions.py`` runs it on a trained model's predictions). Where the definitions agree the numbers must be equal within 1e-6; the
 definition differences (docs/evaluation.md) are reported separately. Exits 1 on a disagreement.
 """
 
@@ -140,6 +142,21 @@ def real_pairs(data: Path, out: Path, seed: int) -> list[tuple[str, np.ndarray, 
     return pairs
 
 
+def folder_pairs(pred_dir: Path, ref_dir: Path) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """Per-class pairs of every prediction in ``pred_dir`` that has a reference of the same name in ``ref_dir``."""
+    refs = {strip_suffix(p.name): p for p in ref_dir.iterdir() if p.is_file()}
+    pairs = []
+    for path in sorted(pred_dir.iterdir()):
+        case = strip_suffix(path.name)
+        if not path.is_file() or case not in refs or not path.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+            continue
+        pred, geo = read_image(path)
+        ref = read_image(refs[case])[0]
+        for lab in (int(v) for v in np.union1d(np.unique(ref), np.unique(pred)) if v != 0):
+            pairs.append((f"{case}:{lab}", pred == lab, ref == lab, tuple(geo.spacing)))
+    return pairs
+
+
 def run_panoptica(python: str, pairs: list) -> list[dict[str, float]]:
     """panoptica's numbers for every pair, computed by ``python`` (a venv with panoptica)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,12 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--panoptica-python", required=True, help="python of a venv with panoptica installed")
     ap.add_argument("--real", type=Path, default=None, help="dataset folder with labelsTr to perturb and compare")
     ap.add_argument("--out", type=Path, default=Path("lesion_crosscheck"), help="folder for the perturbed predictions")
+    ap.add_argument("--pred", type=Path, default=None, help="a prediction folder to compare (with --ref)")
+    ap.add_argument("--ref", type=Path, default=None, help="the reference label folder of --pred")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sets = {"synthetic": synthetic_pairs(args.seed)}
     if args.real is not None:
         sets["real"] = real_pairs(args.real, args.out, args.seed)
+    if args.pred is not None:
+        if args.ref is None:
+            ap.error("--pred needs --ref")
+        sets["predictions"] = folder_pairs(args.pred, args.ref)
     ok = True
     report = {}
     for name, pairs in sets.items():

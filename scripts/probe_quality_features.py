@@ -96,7 +96,13 @@ def tta_passes(work: Path, images: Path, cases: list[str], out: Path) -> None:
 
 
 def case_features(
-    passes: np.ndarray, image: np.ndarray, ref: np.ndarray, temperature: float, rules: Any, ids: list[int]
+    passes: np.ndarray,
+    image: np.ndarray,
+    ref: np.ndarray,
+    temperature: float,
+    rules: Any,
+    ids: list[int],
+    spacing: tuple[float, ...] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The real mean foreground Dice and the candidates (:data:`CANDIDATES`) of one case.
 
@@ -105,11 +111,12 @@ def case_features(
         image: the image ``(Z, Y, X)``; ref: its reference label ids ``(Z, Y, X)``.
         temperature, rules: find-best's temperature and postprocessing rules.
         ids: the plan's label ids (background first).
+        spacing: the voxel spacing (mm, the array's axis order), for rules that need it (``min_volume``).
     """
     passes = passes.astype(np.float32)
     p = passes.mean(0)
     q = apply_temperature(p / p.sum(0, keepdims=True), temperature)
-    pred = apply_postprocessing(np.asarray(ids)[q.argmax(0)].astype(np.int32), rules)
+    pred = apply_postprocessing(np.asarray(ids)[q.argmax(0)].astype(np.int32), rules, spacing)
     entropy = -(q * np.log(np.clip(q, 1e-12, 1.0))).sum(0) / np.log(len(ids))
     pass_classes = passes.argmax(1)
     real, per = [], {k: [] for k in CANDIDATES if k != "lowest_expected_dice"}
@@ -157,8 +164,10 @@ def _set_features(work: Path, passes_dir: Path, images: Path, labels: Path) -> d
         with np.load(npz) as f:
             passes = f["probs"]
         image = read_image(_image_path(images, npz.stem))[0].astype(np.float32)
-        ref = read_image(labels / f"{npz.stem}.nii.gz")[0].astype(np.int64)
-        dice, features = case_features(passes, image, ref, temperature, fitted, ids)
+        ref, geometry = read_image(labels / f"{npz.stem}.nii.gz")
+        dice, features = case_features(
+            passes, image, ref.astype(np.int64), temperature, fitted, ids, tuple(geometry.spacing)
+        )
         rows[npz.stem] = {"dice": dice, **features}
     return rows
 

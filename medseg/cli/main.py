@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained",
         default=None,
         metavar="MODEL",
-        help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt; tensors "
+        help="fine-tune: start from a model.zip (`medseg export`) or a run's checkpoint_*.pt (for MONAI-backed "
+        "architectures also a MONAI state dict .pt/.pth, e.g. a MONAI bundle's or Auto3DSeg's model.pt); tensors "
         "whose name and shape match are loaded (a first layer for other channels and heads for "
         "other classes start fresh); with --time-budget the plan's network is kept (no refit)",
     )

@@ -270,15 +270,21 @@ def _instance_writer(args: argparse.Namespace, shard: Shard | None) -> InstanceW
 
 def _quality_writer(args: argparse.Namespace, predictor: Predictor, shard: Shard | None) -> QualityWriter:
     """The case hook writing ``OUT/quality.json`` (always) and, with ``--uncertainty``, the uncertainty maps; it
-    applies find-best's temperature and quality fit when the predictor's postprocessing rules carry them."""
+    applies find-best's temperature and quality fit when the predictor's postprocessing rules carry them, else
+    the heuristic score with the training volumes of the work folder the predictor came from (its fingerprint;
+    every member of a work folder's ensemble shares it)."""
     from medseg.postprocessing import QualityWriter
+    from medseg.postprocessing.quality_reference import reference_quality_model
 
     rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess carries them
+    fitted = dict(rules) if isinstance(rules, dict) else {}
     plan = getattr(predictor, "plan", None)
     names = {} if plan is None else {int(i): str(n) for i, n in zip(plan.label_ids, plan.label_names)}
+    if not fitted.get("quality") and plan is not None and Path(args.model).is_dir():
+        fitted["quality"] = reference_quality_model(Path(args.model), plan.label_ids).to_dict()
     return QualityWriter(
         Path(args.output),
-        rules if isinstance(rules, dict) else None,
+        fitted or None,
         names,
         uncertainty=args.uncertainty,
         save_probabilities=args.save_probabilities,

@@ -20,6 +20,7 @@ from medseg.inference.members import EnsembleMember, load_member, refuse_cascade
 from medseg.inference.network_export import NetworkFormat, check_format, write_networks
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
+from medseg.postprocessing.quality_reference import reference_quality_model
 
 
 def export_bundle(
@@ -30,8 +31,10 @@ def export_bundle(
     """Write the ensemble of a work folder to one zip, atomically (temporary file, fsync, rename).
 
     The bundle (:mod:`medseg.inference.bundle`) carries ``postprocessing.json`` when find-best's rules were
-    fitted on the chosen ensemble, else the runs' rules from their labels' component statistics, and
-    ``best.json`` when the work folder has one, the training data's range for the input guard
+    fitted on the chosen ensemble, else the runs' rules from their labels' component statistics (rules without
+    find-best's quality fit get the heuristic quality model with the training volumes,
+    :func:`~medseg.postprocessing.quality_reference.reference_quality_model`, as ``medseg predict`` builds it
+    for a work folder), ``best.json`` when the work folder has one, the training data's range for the input guard
     (``training_range.json``, from ``fingerprint.json``) and the model card (``MODEL_CARD.md``,
     :mod:`medseg.ensembling.model_card`).
 
@@ -60,7 +63,9 @@ def export_bundle(
         work_dir, sel.configs, sel.archs, sel.folds, sel.checkpoint, sel.postprocessing
     )
     wd = WorkDir(work_dir)
-    refuse_cascades(Plan.load(wd.plans), [RunDir(d).configuration for d in run_dirs], "a model bundle")
+    plan = Plan.load(wd.plans)
+    refuse_cascades(plan, [RunDir(d).configuration for d in run_dirs], "a model bundle")
+    rules = _with_quality(rules, work_dir, plan)
     best = wd.best.read_bytes() if wd.best.is_file() else None
     training_range = (
         TrainingRange.from_fingerprint(Fingerprint.load(wd.fingerprint)) if wd.fingerprint.is_file() else None
@@ -113,4 +118,13 @@ def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], lis
         members, rules = bundle_ensemble(source, configs, archs, folds, postprocessing)
         return members, [m["fold"] for m in chosen], rules
     run_dirs, rules = select_work_dir_runs(source, configs, archs, folds, checkpoint, postprocessing)
+    rules = _with_quality(rules, source, Plan.load(WorkDir(source).plans))
     return [load_member(d, checkpoint) for d in run_dirs], [d.name for d in run_dirs], rules
+
+
+def _with_quality(rules: dict[str, Any] | None, work_dir: Path, plan: Plan) -> dict[str, Any] | None:
+    """``rules`` with the heuristic quality model and the training volumes where find-best fitted none (the
+    volume rules travel with every export, as ``medseg predict`` builds them for a work folder)."""
+    if rules is None or rules.get("quality"):
+        return rules
+    return {**rules, "quality": reference_quality_model(work_dir, plan.label_ids).to_dict()}

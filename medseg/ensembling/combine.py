@@ -129,6 +129,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` without overflow for large ``|z|``."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 @dataclass(frozen=True)
 class Stacker:
     """A per-class logistic regression on the members' log-odds of that class.
@@ -148,7 +153,7 @@ class Stacker:
             raise ConfigError(f"the stacker was fitted on {self.coef.shape[1]} members x {self.coef.shape[0]} classes")
         z = np.einsum("km,mk...->k...", self.coef, _logit(np.asarray(probs, dtype=np.float64)))
         z += self.bias.reshape((-1,) + (1,) * (probs.ndim - 2))
-        scores = 1.0 / (1.0 + np.exp(-z)) + EPS
+        scores = _sigmoid(z) + EPS
         return (scores / scores.sum(axis=0, keepdims=True)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,11 +169,19 @@ class Stacker:
         return cls(coef, bias)
 
 
+def _penalised_loss(design: np.ndarray, target: np.ndarray, penalty: np.ndarray, beta: np.ndarray) -> float:
+    """Logistic loss of ``target`` (0/1 per voxel) under ``sigmoid(design @ beta)``, plus ``beta' P beta / 2``."""
+    z = design @ beta
+    return float(np.sum(np.logaddexp(0.0, z) - target * z) + 0.5 * beta @ penalty @ beta)
+
+
 def fit_stacker(
     cases: Sequence[Case], l2: float = 1e-2, iterations: int = 30, max_voxels: int = MAX_VOXELS, seed: int = 0
 ) -> Stacker:
     """Fit a :class:`Stacker` on out-of-fold predictions: for each class, Newton steps on the logistic loss of
     "voxel is this class" against the members' log-odds of the class, from the plain mean of the log-odds.
+    Each step is halved until the penalised loss does not rise (a member whose probabilities saturate at
+    0 / 1 makes the Hessian nearly singular, and full Newton steps then diverge).
 
     Args:
         cases: out-of-fold ``(probabilities (M, K, *spatial), labels (*spatial))`` of each case.
@@ -189,13 +202,18 @@ def fit_stacker(
         design = np.concatenate([np.ones((n, 1)), _logit(x[:, k, :]).T], axis=1)  # (N, 1 + M)
         target = (y == k).astype(np.float64)
         beta = np.concatenate([[0.0], coef[k]])
+        current = _penalised_loss(design, target, penalty, beta)
         for _ in range(iterations):
-            p = 1.0 / (1.0 + np.exp(-(design @ beta)))
+            p = _sigmoid(design @ beta)
             grad = design.T @ (p - target) + penalty @ beta
             hess = (design * (p * (1.0 - p))[:, None]).T @ design + penalty + 1e-9 * np.eye(members + 1)
             step = np.linalg.solve(hess, grad)
-            beta = beta - step
-            if np.abs(step).max() < 1e-8:
+            scale = 1.0
+            while scale > 1e-6 and _penalised_loss(design, target, penalty, beta - scale * step) > current:
+                scale *= 0.5
+            beta = beta - scale * step
+            current = _penalised_loss(design, target, penalty, beta)
+            if np.abs(scale * step).max() < 1e-8:
                 break
         bias[k], coef[k] = beta[0], beta[1:]
     return Stacker(coef, bias)

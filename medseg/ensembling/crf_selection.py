@@ -96,11 +96,11 @@ def select_crf(
         probs, ref = load_case(case)
         image, spacing = load_image(case)
         ref_idx = lut[np.clip(ref.astype(np.int64), 0, lut.size - 1)]
-        plain = apply_postprocessing(np.asarray(label_ids, dtype=np.int32)[probs.argmax(0)], rules)
+        plain = apply_postprocessing(np.asarray(label_ids, dtype=np.int32)[probs.argmax(0)], rules, spacing)
         preds = [plain]
         for params in candidates:
             start = time.perf_counter()
-            preds.append(apply_postprocessing(crf_labels(probs, image, spacing, label_ids, params), rules))
+            preds.append(apply_postprocessing(crf_labels(probs, image, spacing, label_ids, params), rules, spacing))
             seconds += time.perf_counter() - start
         for i, pred in enumerate(preds):
             sums[i] += dice_from_counts(overlap_counts(lut[pred], ref_idx, k))

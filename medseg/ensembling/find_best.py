@@ -305,7 +305,9 @@ def find_best(
             },
         }
     else:
-        rules = fit_postprocessing(common, load_pair, label_ids, progress=progress, metric=metric)
+        rules = fit_postprocessing(
+            common, load_pair, label_ids, progress=progress, metric=metric, spacing_of=load_ref.spacing
+        )
 
         def mean_probs(case: str) -> np.ndarray:
             return _summed(_load_probabilities(preds[m][case]) for m in winner) / len(winner)
@@ -317,7 +319,7 @@ def find_best(
                 return mean_probs(case), ref if ignore is None else np.where(ref == ignore, 0, ref)
 
             rules = select_crf(common, crf_case, image_loader(work_dir, data_dir), rules, label_ids, progress=progress)
-        rules.update(fit_quality(work_dir, common, mean_probs, load_ref, label_ids, rules, ignore))
+        rules.update(fit_quality(work_dir, common, mean_probs, load_ref, label_ids, rules, ignore, load_ref.spacing))
     rules["fitted_on"] = {"members": [list(m) for m in winner], "num_cases": len(common)}
     save_rules(rules, wd.postprocessing)
 

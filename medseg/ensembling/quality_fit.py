@@ -12,8 +12,10 @@ On the chosen ensemble's cross-validation probabilities (mean over its members, 
    Dice shifted by the mean difference; the identity with fewer than :data:`MIN_CASES` cases). ``review_below`` is the cases' median real Dice minus
    :data:`REVIEW_MARGIN` (at least :data:`REVIEW_FLOOR`): a case predicted that far below a typical
    cross-validation case is flagged, and so is every case of a poor model.
-3. **Label volumes** from the dataset fingerprint: per label, the log-volume distribution over the training
-   cases that contain it, the fraction containing it and its most components.
+3. **Label volumes** from the dataset fingerprint (:mod:`medseg.postprocessing.quality_reference`): per label,
+   the log-volume distribution over the training cases that contain it, the fraction containing it and its most
+   components; and the joint log-volume mean and covariance of the labels nearly every case contains (the joint
+   volume rule, :mod:`medseg.postprocessing.volume_distance`).
 
 Stored as ``calibration`` and ``quality`` entries of ``WORK/postprocessing.json`` (so they travel with the rules
 into a bundle); ``medseg predict`` applies them (:class:`~medseg.postprocessing.quality_output.QualityWriter`).
@@ -22,15 +24,12 @@ into a bundle); ``medseg predict`` applies them (:class:`~medseg.postprocessing.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.fingerprint import Fingerprint
-from medseg.io.workdir import WorkDir
 from medseg.postprocessing.calibration import (
     ECE_BINS,
     MARGIN,
@@ -40,9 +39,10 @@ from medseg.postprocessing.calibration import (
     relevant_voxels,
 )
 from medseg.postprocessing.operations import apply_postprocessing
-from medseg.postprocessing.quality_features import LabelVolumes, QualityModel, label_features
+from medseg.postprocessing.quality_features import QualityModel, label_features
+from medseg.postprocessing.quality_reference import training_volumes
 
-__all__ = ["MIN_CASES", "REVIEW_FLOOR", "REVIEW_MARGIN", "SAMPLES_PER_CASE", "fit_quality", "label_volumes"]
+__all__ = ["MIN_CASES", "REVIEW_FLOOR", "REVIEW_MARGIN", "SAMPLES_PER_CASE", "fit_quality"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +54,6 @@ MIN_CASES = 5
 REVIEW_MARGIN = 0.07
 #: ... but at least this: a case predicted below it is always reviewed (also when the model itself is poor).
 REVIEW_FLOOR = 0.5
-
-
-def label_volumes(work_dir: Path, label_ids: Sequence[int]) -> dict[str, LabelVolumes]:
-    """Each foreground label's training volume distribution from ``WORK/fingerprint.json`` (empty without it)."""
-    path = WorkDir(work_dir).fingerprint
-    if not path.is_file():
-        return {}
-    fingerprint = Fingerprint.load(path)
-    out: dict[str, LabelVolumes] = {}
-    for label in label_ids[1:]:
-        logs, components = [], 0
-        for case in fingerprint.cases:
-            count = case.class_voxel_counts.get(int(label), 0)
-            if count:
-                logs.append(math.log(count * float(np.prod(case.spacing)) / 1000.0))
-                components = max(components, len(case.class_component_sizes.get(int(label), ())))
-        if logs:
-            out[str(label)] = LabelVolumes(
-                float(np.mean(logs)), float(np.std(logs)), len(logs) / max(1, fingerprint.num_cases), components
-            )
-    return out
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -90,6 +69,7 @@ def fit_quality(
     label_ids: Sequence[int],
     rules: Mapping[str, Any] | None,
     ignore_label: int | None = None,
+    spacing_of: Callable[[str], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature and the quality score on cross-validation cases.
 
@@ -101,6 +81,8 @@ def fit_quality(
         label_ids: the plan's label ids, class-index order (background first).
         rules: the fitted postprocessing (applied before the Dice and features), or None.
         ignore_label: reference voxels of this id are left out.
+        spacing_of: case -> voxel spacing (mm) of its label maps, for the rules' ``min_volume`` steps (needed
+            only when the rules have one).
 
     Returns:
         ``{"calibration": {...}, "quality": QualityModel.to_dict()}``.
@@ -132,12 +114,13 @@ def fit_quality(
         ece_before,
         ece_after,
     )
-    volumes = label_volumes(work_dir, label_ids)
+    volumes, joint_volumes = training_volumes(work_dir, label_ids)
     expected, real = [], []
     for case in cases:
         q = apply_temperature(load_probs(case), temperature)
-        pred = apply_postprocessing(ids[q.argmax(0)].astype(np.int32), rules)
         ref = load_ref(case)
+        spacing = None if spacing_of is None else spacing_of(case)
+        pred = apply_postprocessing(ids[q.argmax(0)].astype(np.int32), rules, spacing)
         if ignore_label is not None:
             ignored = ref == ignore_label
             pred, ref = np.where(ignored, 0, pred), np.where(ignored, 0, ref)
@@ -161,6 +144,7 @@ def fit_quality(
         review_below=max(REVIEW_FLOOR, median - REVIEW_MARGIN),
         source="cross-validation",
         volumes=volumes,
+        joint_volumes=joint_volumes,
         fit={
             "num_cases": len(cases),
             "median_real_dice": median,

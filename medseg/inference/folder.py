@@ -266,9 +266,9 @@ def predict_folder(
             probs = predictor._combine(inferred)
             del inferred[:]
             write_probabilities(output_dir / f"{case.case_id}.npz", probs, predictor.label_ids)
-            seg = predictor.probabilities_to_labels(probs)
+            seg = predictor.probabilities_to_labels(probs, geometry.spacing)
         else:
-            seg = predictor.indices_to_labels(predictor._combine_labels(inferred))
+            seg = predictor.indices_to_labels(predictor._combine_labels(inferred), geometry.spacing)
         if case_hook is not None:
             case_hook(
                 finished_case(

@@ -53,8 +53,9 @@ from medseg.preprocessing.regions import probabilities_to_classes
 logger = logging.getLogger(__name__)
 
 #: What a :class:`Predictor` applies to each ``(Z, Y, X)`` map of original label ids before it is returned or
-#: written (e.g. :class:`medseg.postprocessing.operations.RulesPostprocess`); returns a map of the same shape.
-Postprocess = Callable[[np.ndarray], np.ndarray]
+#: written (e.g. :class:`medseg.postprocessing.operations.RulesPostprocess`), called with the map and the case's
+#: voxel spacing (mm, the map's axis order, from the input image's geometry); returns a map of the same shape.
+Postprocess = Callable[[np.ndarray, Sequence[float]], np.ndarray]
 
 
 class Predictor(EnsembleTiming, MemoryPlanning, InMemoryInput):
@@ -336,7 +337,7 @@ class Predictor(EnsembleTiming, MemoryPlanning, InMemoryInput):
     ) -> np.ndarray:
         """Segment a raw image ``(C, Z, Y, X)``: original label ids ``(Z, Y, X)``, postprocessed."""
         seg = self._combine_labels(self._infer(self.preprocess(image, geometry, case_id)))
-        return self.indices_to_labels(seg, postprocess)
+        return self.indices_to_labels(seg, geometry.spacing, postprocess)
 
     def predict_probabilities(self, image: np.ndarray, geometry: ImageGeometry, case_id: str = "") -> np.ndarray:
         """Mean softmax over all members, on the original grid.
@@ -351,19 +352,22 @@ class Predictor(EnsembleTiming, MemoryPlanning, InMemoryInput):
         """
         return self._combine(self._infer(self.preprocess(image, geometry, case_id)))
 
-    def probabilities_to_labels(self, probabilities: np.ndarray, postprocess: bool = True) -> np.ndarray:
+    def probabilities_to_labels(
+        self, probabilities: np.ndarray, spacing: Sequence[float], postprocess: bool = True
+    ) -> np.ndarray:
         """Argmax over ``(K, Z, Y, X)`` probabilities (region plans: ``regions_class_order`` over the
-        ``(R, Z, Y, X)`` sigmoid probabilities) -> original label ids ``(Z, Y, X)``, postprocessed."""
-        return self.indices_to_labels(self.probabilities_to_classes(probabilities), postprocess)
+        ``(R, Z, Y, X)`` sigmoid probabilities) -> original label ids ``(Z, Y, X)``, postprocessed (with the
+        case's voxel ``spacing``, mm)."""
+        return self.indices_to_labels(self.probabilities_to_classes(probabilities), spacing, postprocess)
 
     def probabilities_to_classes(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices ``(Z, Y, X)`` of the probabilities (see :func:`~medseg.preprocessing.regions.probabilities_to_classes`)."""
         return probabilities_to_classes(probabilities, self.plan)
 
-    def indices_to_labels(self, seg: np.ndarray, postprocess: bool = True) -> np.ndarray:
-        """Class indices ``(Z, Y, X)`` -> original label ids (uint8/uint16), :attr:`postprocess` applied
-        (unless ``postprocess`` is False)."""
+    def indices_to_labels(self, seg: np.ndarray, spacing: Sequence[float], postprocess: bool = True) -> np.ndarray:
+        """Class indices ``(Z, Y, X)`` -> original label ids (uint8/uint16), :attr:`postprocess` applied with
+        the case's voxel ``spacing`` (mm, the map's axis order; its geometry's) unless ``postprocess`` is False."""
         out = classes_to_labels(seg, self.label_ids)
         if postprocess and self.postprocess is not None:
-            out = self.postprocess(out)
+            out = self.postprocess(out, spacing)
         return out

@@ -135,6 +135,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: the file is missing, truncated or corrupt, contains objects other than tensors
             and builtins, or is not a medseg checkpoint (foreign format or missing keys).
     """
+    return check_checkpoint(read_torch_file(path, map_location), path)
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load any ``torch.save``-d file with ``weights_only=True`` (tensors and Python builtins only).
+
+    Args:
+        path: the file.
+        map_location: device for the tensors.
+
+    Returns:
+        What the file holds (a medseg checkpoint, a foreign state dict, ...).
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated or corrupt, or contains objects other than
+            tensors and builtins (it is then not loaded).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -143,7 +160,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint file is empty (truncated); delete it or resume from another checkpoint"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint, cannot be read ({_detail(exc)})") from None
     except Exception as exc:  # the weights-only unpickler raises pickle.UnpicklingError for foreign objects
@@ -151,6 +168,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a medseg checkpoint or contains objects that cannot be loaded safely ({_detail(exc)}); "
             "it was not loaded"
         ) from None
+
+
+def check_checkpoint(ckpt: Any, path: str | Path) -> dict[str, Any]:
+    """``ckpt`` (read from ``path``) as a medseg checkpoint: the :data:`CHECKPOINT_FORMAT` and :data:`REQUIRED_KEYS`.
+
+    Raises:
+        CheckpointError: another format, or a key missing.
+    """
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a medseg checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")

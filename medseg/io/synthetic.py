@@ -96,6 +96,45 @@ def _centred_coords(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple
     return coords, np.asarray(shape) * sp
 
 
+def _case_geometry(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    direction: np.ndarray | None = None,
+    origin_range: float = 100.0,
+) -> ImageGeometry:
+    """A case's geometry: ``shape`` and ``spacing`` (x, y, z), a random origin within +-``origin_range`` mm
+    (drawn from ``rng``, rounded to 1e-3) and ``direction`` (3x3; identity when None)."""
+    origin = tuple(float(v) for v in np.round(rng.uniform(-origin_range, origin_range, size=3), 3))
+    return ImageGeometry(
+        shape=tuple(int(s) for s in shape),
+        spacing=tuple(float(s) for s in spacing),
+        origin=origin,
+        direction=tuple(float(v) for v in (np.eye(3) if direction is None else direction).ravel()),
+    )
+
+
+def _write_case(
+    out: Path, case_id: str, images: np.ndarray | list[np.ndarray], label: np.ndarray, geometry: ImageGeometry
+) -> dict[str, str]:
+    """Write a case's image(s) and label map (``labelsTr/CASE.nii.gz``) with ``geometry``.
+
+    Args:
+        images: one array (MSD layout: ``imagesTr/CASE.nii.gz``) or one array per channel
+            (``imagesTr/CASE_0000.nii.gz``, ``CASE_0001``, ...).
+
+    Returns:
+        The case's ``dataset.json`` ``training`` entry (MSD layout).
+    """
+    if isinstance(images, np.ndarray):
+        write_image(images, geometry, out / "imagesTr" / f"{case_id}.nii.gz")
+    else:
+        for ch, image in enumerate(images):
+            write_image(image, geometry, out / "imagesTr" / f"{case_id}_{ch:04d}.nii.gz")
+    write_image(label, geometry, out / "labelsTr" / f"{case_id}.nii.gz")
+    return {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
+
+
 def _make_case(
     rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], label_ids: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -178,18 +217,8 @@ def generate_synthetic_dataset(
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])
         case_shape = tuple(int(s + d) for s, d in zip(shape, rng.integers(-2, 3, size=3)))
         image, label = _make_case(rng, case_shape, spacing, label_ids)
-        rot = _rotation(rng)
-        origin = tuple(float(v) for v in np.round(rng.uniform(-120.0, 120.0, size=3), 3))
-        geometry = ImageGeometry(
-            shape=case_shape,
-            spacing=tuple(float(s) for s in spacing),
-            origin=origin,
-            direction=tuple(float(v) for v in rot.ravel()),
-        )
-        case_id = f"case_{i:03d}"
-        write_image(image, geometry, out / "imagesTr" / f"{case_id}.nii.gz")
-        write_image(label, geometry, out / "labelsTr" / f"{case_id}.nii.gz")
-        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+        geometry = _case_geometry(rng, case_shape, spacing, direction=_rotation(rng), origin_range=120.0)
+        training.append(_write_case(out, f"case_{i:03d}", image, label, geometry))
 
     meta = {
         "name": DATASET_NAME,

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.io.image import ImageGeometry, atomic_write_text, write_image
-from medseg.io.synthetic import _centred_coords, _check_sizes, _start_dataset, generate_synthetic_dataset
+from medseg.io.image import atomic_write_text
+from medseg.io.synthetic import (
+    _case_geometry,
+    _centred_coords,
+    _check_sizes,
+    _start_dataset,
+    _write_case,
+    generate_synthetic_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +127,8 @@ def generate_tumour_dataset(
     for i in range(num_cases):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 4])
         images, label = _tumour_case(rng, tuple(int(s) for s in shape), tuple(float(s) for s in spacing), num_channels)
-        origin = tuple(float(v) for v in np.round(rng.uniform(-100.0, 100.0, size=3), 3))
-        geometry = ImageGeometry(
-            shape=tuple(int(s) for s in shape),
-            spacing=tuple(float(s) for s in spacing),
-            origin=origin,
-            direction=tuple(float(v) for v in np.eye(3).ravel()),
-        )
-        case_id = f"tumour_{i:03d}"
-        for ch in range(num_channels):
-            write_image(images[ch], geometry, out / "imagesTr" / f"{case_id}_{ch:04d}.nii.gz")
-        write_image(label, geometry, out / "labelsTr" / f"{case_id}.nii.gz")
+        geometry = _case_geometry(rng, shape, spacing)
+        _write_case(out, f"tumour_{i:03d}", [images[ch] for ch in range(num_channels)], label, geometry)
     meta = {
         "name": TUMOUR_DATASET_NAME,
         "description": "Synthetic brain-tumour-like volumes with four sub-regions (medseg.io.synthetic_kinds)",

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from monai.networks.nets import DynUNet, SegResNetDS, SwinUNETR
@@ -78,6 +78,9 @@ class MonaiNetwork(SegmentationNetwork):
     ``(B, K, *spatial)``; in training mode with deep supervision the list of logits, full resolution first
     (``output_scales``).
     """
+
+    #: The MONAI module is ``self.monai``: a tensor MONAI names ``x`` is ``monai.x`` in this network's state dict.
+    MODULE_PREFIX: ClassVar[str] = "monai."
 
     def __init__(
         self, net: NetworkSpec, in_channels: int, num_classes: int, module: nn.Module, scales: list[tuple[int, ...]]

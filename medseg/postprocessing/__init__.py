@@ -1,5 +1,6 @@
-"""Postprocessing of predicted label maps: connected components and morphology, fitted on cross-validation
-(:mod:`~medseg.postprocessing.fit`) or, without it, decided from the training labels' component statistics
+"""Postprocessing of predicted label maps: connected components (also a minimum component volume in mL,
+:mod:`~medseg.postprocessing.volume_fit`) and morphology, fitted on cross-validation
+(:mod:`~medseg.postprocessing.fit`, :mod:`~medseg.postprocessing.search_cases`) or, without it, decided from the training labels' component statistics
 (:mod:`~medseg.postprocessing.prior`); instance maps, one id per object (:mod:`~medseg.postprocessing.instances`,
 written by ``medseg predict --instances``: :mod:`~medseg.postprocessing.instance_output`); per-structure
 statistics and preview images (``--statistics``: :mod:`~medseg.postprocessing.structure_statistics`,

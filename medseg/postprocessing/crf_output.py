@@ -71,6 +71,6 @@ class CrfPostprocess:
         probs = np.stack([case.class_probability(label) for label in case.label_ids])
         image = read_case_image(case).astype(np.float32)
         labels = crf_labels(probs, image, case.geometry.spacing, case.label_ids, self.params)
-        case.labels[...] = apply_postprocessing(labels, self.rules).astype(case.labels.dtype)
+        case.labels[...] = apply_postprocessing(labels, self.rules, case.geometry.spacing).astype(case.labels.dtype)
         self.seconds[case.case_id] = time.perf_counter() - start
         logger.info("%s: CRF %.2f s", case.case_id, self.seconds[case.case_id])

@@ -4,12 +4,16 @@ Greedy search, one stage after the other, each stage evaluated on the result of 
 
 1. ``foreground_largest_component`` (only with two or more foreground labels): kept when the mean
    foreground Dice improves and no label's mean Dice gets worse.
-2. Per label, connected components: none, remove components below ``f`` x the largest for each ``f`` in
-   ``fractions``, keep the largest component. The best candidate is kept when it improves that label's
-   mean Dice by more than ``min_improvement``.
-3. Per label, morphology: none, opening, closing (radius 1 voxel), same acceptance rule.
+2. Per label, a minimum component volume in mL (only with each case's voxel spacing, ``spacing_of``): none,
+   or remove the components below each candidate volume, derived from the label's reference components
+   (:mod:`medseg.postprocessing.volume_fit`). The best candidate is kept when it improves that label's
+   mean Dice by more than ``min_improvement``. It comes before the relative rules of stage 3: a physical
+   floor removes specks without touching small true lesions, which ``remove_small`` would drop with them.
+3. Per label, connected components: none, remove components below ``f`` x the largest for each ``f`` in
+   ``fractions``, keep the largest component; same acceptance rule.
+4. Per label, morphology: none, opening, closing (radius 1 voxel), same acceptance rule.
 
-Steps of stages 2-3 only change their own label's mask (removed voxels become background, closing only
+Steps of stages 2-4 only change their own label's mask (removed voxels become background, closing only
 claims background), so no other label can get worse; a final pass verifies this on the chained result
 and drops a label's steps if its Dice fell below the unprocessed one. Dice per case follows
 :mod:`medseg.evaluation.metrics` (both empty = 1); scores are means over cases.
@@ -23,11 +27,10 @@ recorded under the metric's name (``lesion_f1_before``, ``mean_foreground_lesion
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.evaluation.lesion_wise import selection_score
 from medseg.evaluation.metrics import dice_from_counts, overlap_counts
@@ -39,42 +42,19 @@ from medseg.postprocessing.operations import (
     label_components,
     morphology,
 )
+from medseg.postprocessing.search_cases import (
+    CaseLoader,
+    SearchCases,
+    SpacingLoader,
+    best_candidate,
+    candidate_name,
+    label_masks,
+)
+from medseg.postprocessing.volume_fit import DEFAULT_VOLUME_QUANTILES, fit_min_volume
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0 / 3.0, 0.5)
-
-#: loads one case: ``(prediction, reference)``, both ``(Z, Y, X)`` maps of original label ids.
-CaseLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
-
-
-class _Cases:
-    """Iterates (prediction, reference) pairs, keeping them in memory while they fit ``limit_bytes``."""
-
-    def __init__(self, case_ids: Sequence[str], load: CaseLoader, limit_bytes: int, progress: bool) -> None:
-        self.case_ids = list(case_ids)
-        self.load = load
-        self.limit = limit_bytes
-        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.used = 0
-        self.progress = progress
-
-    def __iter__(self):
-        for case in tqdm(
-            self.case_ids, desc="postprocessing search", unit="case", leave=False, disable=not self.progress
-        ):
-            if case in self.cache:
-                yield self.cache[case]
-                continue
-            pred, ref = self.load(case)
-            if pred.shape != ref.shape:
-                raise ValueError(f"case {case}: prediction shape {pred.shape} != reference shape {ref.shape}")
-            dtype = np.uint8 if max(int(pred.max(initial=0)), int(ref.max(initial=0))) < 256 else np.int32
-            pred, ref = pred.astype(dtype, copy=False), ref.astype(dtype, copy=False)
-            if self.used + pred.nbytes + ref.nbytes <= self.limit:
-                self.cache[case] = (pred, ref)
-                self.used += pred.nbytes + ref.nbytes
-            yield pred, ref
 
 
 def _label_dice(pred: np.ndarray, ref: np.ndarray, lut: np.ndarray, k: int) -> np.ndarray:
@@ -97,37 +77,6 @@ def _mask_dice(mask: np.ndarray, ref_mask: np.ndarray, n_ref: int) -> float:
     return 2.0 * int(np.count_nonzero(mask & ref_mask)) / (n + n_ref)
 
 
-def _label_masks(
-    cases: _Cases, rules: dict[str, Any], fg: Sequence[int]
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """For every case, after the current ``rules``, and every foreground label ``fg[i]``:
-    ``(i, seg, mask, ref_mask, n_ref)``, ``seg`` the postprocessed prediction, ``mask``/``ref_mask`` the
-    label's voxels in it and in the reference, ``n_ref`` the reference's voxel count."""
-    for pred, ref in cases:
-        seg = apply_postprocessing(pred, rules)
-        for i, lab in enumerate(fg):
-            ref_mask = ref == lab
-            yield i, seg, seg == lab, ref_mask, int(np.count_nonzero(ref_mask))
-
-
-def _best_candidate(scores: np.ndarray, min_improvement: float) -> int:
-    """Index of the best of ``scores`` (mean Dice per candidate, index 0 = no step); a step must beat
-    "none" by more than ``min_improvement``, and a later step an earlier one by any margin."""
-    best = 0
-    for j in range(1, len(scores)):
-        if scores[j] > scores[best] + (min_improvement if best == 0 else 0.0):
-            best = j
-    return best
-
-
-def _candidate_name(step: dict | None) -> str:
-    if step is None:
-        return "none"
-    if step["op"] == "remove_small":
-        return f"remove_small_{step['fraction']:.4g}"
-    return step["op"]
-
-
 def fit_postprocessing(
     case_ids: Sequence[str],
     load_case: CaseLoader,
@@ -140,6 +89,8 @@ def fit_postprocessing(
     cache_limit_bytes: int = 2 * 1024**3,
     progress: bool = True,
     metric: SelectionMetric | str = SelectionMetric.DICE,
+    spacing_of: SpacingLoader | None = None,
+    volume_quantiles: Sequence[float] = DEFAULT_VOLUME_QUANTILES,
 ) -> dict[str, Any]:
     """Search postprocessing rules on cross-validation predictions.
 
@@ -154,6 +105,8 @@ def fit_postprocessing(
         cache_limit_bytes: keep loaded cases in memory up to this size (else they are reloaded per stage).
         progress: tqdm bars.
         metric: what each candidate is scored by (see the module docstring; default Dice).
+        spacing_of: each case's voxel spacing (mm); None skips the minimum-volume stage.
+        volume_quantiles: quantiles of the reference component volumes tried as minimum volumes (stage 2).
 
     Returns:
         Rules dict (see :mod:`medseg.postprocessing.operations`) with ``scores`` (mean Dice per label
@@ -171,7 +124,7 @@ def fit_postprocessing(
     k = len(label_ids)
     lut = np.zeros(max(label_ids) + 1, dtype=np.int64)
     lut[label_ids] = np.arange(k)
-    cases = _Cases(case_ids, load_case, cache_limit_bytes, progress)
+    cases = SearchCases(case_ids, load_case, cache_limit_bytes, progress, spacing_of)
     n = len(case_ids)
     rules: dict[str, Any] = {
         "format": RULES_FORMAT,
@@ -188,7 +141,7 @@ def fit_postprocessing(
     try_fg = foreground_step and len(fg) > 1
     base = np.zeros(k)
     with_fg = np.zeros(k)
-    for pred, ref in cases:
+    for pred, ref, _spacing in cases:
         base += _label_scores(pred, ref, lut, label_ids, metric)
         if try_fg:
             m = pred != 0
@@ -205,11 +158,15 @@ def fit_postprocessing(
             current = with_fg
     logger.info("postprocessing: unprocessed mean foreground %s %.4f", metric, fg_mean(base))
 
-    # stage 2: connected components per label (Dice from per-component overlaps, no mask rebuilding)
+    # stage 2: minimum component volume per label (mL at each case's spacing)
+    if spacing_of is not None:
+        fit_min_volume(cases, rules, fg, volume_quantiles, metric, min_improvement, candidates)
+
+    # stage 3: connected components per label (Dice from per-component overlaps, no mask rebuilding)
     comp_steps: list[dict | None] = [None] + [{"op": "remove_small", "fraction": float(f)} for f in fractions]
     comp_steps.append({"op": "largest_component"})
     comp_scores = np.zeros((len(fg), len(comp_steps)))
-    for i, _seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
+    for i, _seg, mask, ref_mask, n_ref, _spacing in label_masks(cases, rules, fg):
         if not mask.any():
             comp_scores[i] += 1.0 if n_ref == 0 else 0.0
             continue
@@ -232,17 +189,19 @@ def fit_postprocessing(
             comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
     comp_scores /= n
     for i, lab in enumerate(fg):
-        candidates[str(lab)] = {_candidate_name(s): float(comp_scores[i, j]) for j, s in enumerate(comp_steps)}
-        best = _best_candidate(comp_scores[i], min_improvement)
+        scored = candidates.setdefault(str(lab), {})  # "none" stays the score before every per-label step
+        for j, step in enumerate(comp_steps):
+            scored.setdefault(candidate_name(step), float(comp_scores[i, j]))
+        best = best_candidate(comp_scores[i], min_improvement)
         if best and (chosen := comp_steps[best]) is not None:  # index 0, the only None, is never best
-            rules["per_label"][str(lab)] = [dict(chosen)]
+            rules["per_label"].setdefault(str(lab), []).append(dict(chosen))
 
-    # stage 3: morphology per label
+    # stage 4: morphology per label
     if use_morphology:
         morph_steps: list[dict[str, Any]] = [{"op": "opening", "radius": 1}, {"op": "closing", "radius": 1}]
         morph_scores = np.zeros((len(fg), 1 + len(morph_steps)))
         score = (lambda m, r, _n: selection_score(m, r, metric)) if lesion else _mask_dice
-        for i, seg, mask, ref_mask, n_ref in _label_masks(cases, rules, fg):
+        for i, seg, mask, ref_mask, n_ref, _spacing in label_masks(cases, rules, fg):
             morph_scores[i, 0] += score(mask, ref_mask, n_ref)
             for j, step in enumerate(morph_steps, start=1):
                 new = morphology(mask, step["op"], step["radius"])
@@ -252,7 +211,7 @@ def fit_postprocessing(
         morph_scores /= n
         for i, lab in enumerate(fg):
             candidates[str(lab)].update({s["op"]: float(morph_scores[i, j + 1]) for j, s in enumerate(morph_steps)})
-            best = _best_candidate(morph_scores[i], min_improvement)
+            best = best_candidate(morph_scores[i], min_improvement)
             if best:
                 rules["per_label"].setdefault(str(lab), []).append(dict(morph_steps[best - 1]))
 
@@ -262,8 +221,8 @@ def fit_postprocessing(
         if not rules["per_label"]:
             break
         final = np.zeros(k)
-        for pred, ref in cases:
-            final += _label_scores(apply_postprocessing(pred, rules), ref, lut, label_ids, metric)
+        for pred, ref, spacing in cases:
+            final += _label_scores(apply_postprocessing(pred, rules, spacing), ref, lut, label_ids, metric)
         final /= n
         worse = [lab for i, lab in enumerate(label_ids) if lab != 0 and final[i] < base[i] - 1e-12]
         if not worse:
@@ -299,5 +258,5 @@ def describe_rules(rules: dict[str, Any] | None) -> str:
     if rules.get("foreground_largest_component"):
         parts.append("foreground largest component")
     for lab, steps in sorted((rules.get("per_label") or {}).items(), key=lambda kv: int(kv[0])):
-        parts.append(f"label {lab}: " + ", ".join(_candidate_name(s) for s in steps))
+        parts.append(f"label {lab}: " + ", ".join(candidate_name(s) for s in steps))
     return "; ".join(parts) or "none"

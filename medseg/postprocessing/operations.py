@@ -7,7 +7,8 @@ Rules (the content of ``WORK/postprocessing.json``)::
       "label_ids": [0, 1, 2],
       "foreground_largest_component": false,
       "per_label": {"1": [{"op": "largest_component"}],
-                    "2": [{"op": "remove_small", "fraction": 0.2}, {"op": "closing", "radius": 1}]},
+                    "2": [{"op": "remove_small", "fraction": 0.2}, {"op": "closing", "radius": 1}],
+                    "3": [{"op": "min_volume", "ml": 0.05}]},
       ...   (fit scores and provenance, ignored by apply)
     }
 
@@ -15,6 +16,9 @@ Operations act on one label's mask of a ``(Z, Y, X)`` map of *original label ids
 
 - ``largest_component``: keep only the largest connected component.
 - ``remove_small``: remove components smaller than ``fraction`` times the largest one.
+- ``min_volume``: remove components whose volume is below ``ml`` millilitres (1 mL = 1000 mm^3), measured with
+  the case's own voxel spacing, so the rule means the same at any resolution (a 2D map's pixels count as
+  1 mm thick). Only this step needs the spacing; applying it without one is a ``ValueError``.
 - ``opening`` / ``closing``: binary morphological opening / closing with a face-connected (6-neighbour
   in 3D) structuring element iterated ``radius`` times, in voxels.
 
@@ -28,7 +32,8 @@ ascending id order with its steps in list order.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from medseg.errors import MedsegError
 from medseg.io.image import atomic_write_text
 
 RULES_FORMAT = "medseg-postprocessing-v1"
-OPS = ("largest_component", "remove_small", "opening", "closing")
+OPS = ("largest_component", "remove_small", "min_volume", "opening", "closing")
 
 
 def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
@@ -79,6 +84,32 @@ def keep_components(mask: np.ndarray, min_fraction: float | None) -> np.ndarray:
     return keep_ids[comps]
 
 
+def remove_below_volume(mask: np.ndarray, min_ml: float, spacing: Sequence[float]) -> np.ndarray:
+    """Boolean mask without the components (full connectivity) of fewer than ``min_ml`` millilitres.
+
+    Args:
+        mask: boolean ``(Z, Y, X)`` (or 2D) mask.
+        min_ml: smallest volume kept, mL; a component of exactly this volume stays.
+        spacing: voxel size in mm per axis of ``mask``.
+
+    Raises:
+        ValueError: ``spacing`` does not have one value per axis of ``mask``.
+    """
+    if len(spacing) != mask.ndim:
+        raise ValueError(f"spacing {list(spacing)} does not fit a {mask.ndim}D mask")
+    if not mask.any():
+        return mask.copy()
+    comps, sizes = label_components(mask)
+    keep = sizes * voxel_ml(spacing) >= min_ml
+    keep[0] = False
+    return keep[comps]
+
+
+def voxel_ml(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mL (product of the spacing in mm / 1000)."""
+    return float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
 def morphology(mask: np.ndarray, op: str, radius: int = 1) -> np.ndarray:
     """Binary opening or closing of ``mask`` (cropped to its bounding box plus a margin for speed)."""
     box = _bbox(mask, margin=2 * radius + 1)
@@ -97,14 +128,23 @@ def morphology(mask: np.ndarray, op: str, radius: int = 1) -> np.ndarray:
     return out
 
 
-def apply_step(seg: np.ndarray, label: int, step: Mapping[str, Any]) -> None:
-    """Apply one step to label ``label`` of ``seg`` in place (see the module docstring)."""
+def apply_step(seg: np.ndarray, label: int, step: Mapping[str, Any], spacing: Sequence[float] | None = None) -> None:
+    """Apply one step to label ``label`` of ``seg`` in place (see the module docstring).
+
+    Raises:
+        MedsegError: an unknown operation.
+        ValueError: a ``min_volume`` step without ``spacing`` (mm per axis of ``seg``).
+    """
     op = step.get("op")
     mask = seg == label
     if op == "largest_component":
         new = keep_components(mask, None)
     elif op == "remove_small":
         new = keep_components(mask, float(step["fraction"]))
+    elif op == "min_volume":
+        if spacing is None:
+            raise ValueError("the min_volume postprocessing step needs the voxel spacing of the label map")
+        new = remove_below_volume(mask, float(step["ml"]), spacing)
     elif op in ("opening", "closing"):
         new = morphology(mask, op, int(step.get("radius", 1)))
     else:
@@ -115,15 +155,21 @@ def apply_step(seg: np.ndarray, label: int, step: Mapping[str, Any]) -> None:
         seg[mask & ~new] = 0
 
 
-def apply_postprocessing(seg_ids: np.ndarray, rules: Mapping[str, Any] | None) -> np.ndarray:
+def apply_postprocessing(
+    seg_ids: np.ndarray, rules: Mapping[str, Any] | None, spacing: Sequence[float] | None = None
+) -> np.ndarray:
     """Apply postprocessing rules to a label map.
 
     Args:
         seg_ids: ``(Z, Y, X)`` (or any-D) integer map of original label ids.
         rules: a rules dict (see module docstring), or None for no change.
+        spacing: voxel size in mm per axis of ``seg_ids``; needed by ``min_volume`` steps only.
 
     Returns:
         A new array of the same shape and dtype.
+
+    Raises:
+        ValueError: the rules hold a ``min_volume`` step and ``spacing`` is None.
     """
     seg = np.array(seg_ids, copy=True)
     if not rules:
@@ -134,8 +180,16 @@ def apply_postprocessing(seg_ids: np.ndarray, rules: Mapping[str, Any] | None) -
     per_label = rules.get("per_label", {}) or {}
     for label in sorted(per_label, key=int):
         for step in per_label[label]:
-            apply_step(seg, int(label), step)
+            apply_step(seg, int(label), step, spacing)
     return seg
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float, NaN when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def save_rules(rules: Mapping[str, Any], path: str | Path) -> None:
@@ -164,6 +218,8 @@ def load_rules(path: str | Path) -> dict[str, Any]:
                 raise MedsegError(f"{path}: label {label}: unknown operation {step.get('op')!r}; known: {list(OPS)}")
             if step["op"] == "remove_small" and not 0 < float(step.get("fraction", -1)) <= 1:
                 raise MedsegError(f"{path}: label {label}: remove_small needs 0 < fraction <= 1")
+            if step["op"] == "min_volume" and not 0 <= _number(step.get("ml")) < math.inf:
+                raise MedsegError(f"{path}: label {label}: min_volume needs a volume ml >= 0 (mL)")
     return rules
 
 
@@ -177,6 +233,7 @@ class RulesPostprocess:
 
     rules: Mapping[str, Any]
 
-    def __call__(self, seg_ids: np.ndarray) -> np.ndarray:
-        """:func:`apply_postprocessing` of a ``(Z, Y, X)`` map of original label ids (a new array)."""
-        return apply_postprocessing(seg_ids, self.rules)
+    def __call__(self, seg_ids: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """:func:`apply_postprocessing` of a ``(Z, Y, X)`` map of original label ids of voxel size ``spacing``
+        (mm, same axis order) (a new array)."""
+        return apply_postprocessing(seg_ids, self.rules, spacing)

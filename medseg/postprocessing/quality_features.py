@@ -18,7 +18,8 @@ certainty, 1 where all classes are equally likely):
 The case's score is the predicted mean foreground Dice: a monotone map of the mean ``expected_dice``
 (:class:`QualityModel`; identity without find-best, a linear fit of real vs expected Dice on the
 cross-validation cases with it). The verdict is ``review`` when the score is below the model's threshold, a
-label's volume is far outside the training range (``|z| > VOLUME_Z``), a label present in nearly every
+label's volume is far outside the training range (``|z| > VOLUME_Z``), the labels' volumes are jointly unlike the
+training cases' (:mod:`medseg.postprocessing.volume_distance`), a label present in nearly every
 training case is missing, a label breaks into more components than the training references ever had, or
 the input guard warned about the input; else ``ok``. Each reason is a sentence in ``reasons``.
 """
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from medseg.postprocessing.volume_distance import QUANTILE, JointVolumes, volume_distance
 
 __all__ = [
     "DEFAULT_REVIEW_BELOW",
@@ -82,6 +85,8 @@ class QualityModel:
         source: ``heuristic`` (no cross-validation) or ``cross-validation``.
         volumes: label id (str) -> its training volume distribution.
         fit: what the fit saw (cases, correlation), for the record.
+        joint_volumes: the joint log-volume statistics of the labels nearly every training case contains, or
+            None (no joint volume rule: too few such labels or cases, or a model stored before it existed).
     """
 
     intercept: float = 0.0
@@ -90,6 +95,7 @@ class QualityModel:
     source: str = "heuristic"
     volumes: Mapping[str, LabelVolumes] = field(default_factory=dict)
     fit: Mapping[str, Any] = field(default_factory=dict)
+    joint_volumes: JointVolumes | None = None
 
     def score(self, expected_dice: float) -> float:
         """The predicted mean foreground Dice of a case whose mean expected Dice is ``expected_dice``."""
@@ -104,6 +110,7 @@ class QualityModel:
             "source": self.source,
             "volumes": {k: vars(v) for k, v in self.volumes.items()},
             "fit": dict(self.fit),
+            "joint_volumes": None if self.joint_volumes is None else self.joint_volumes.to_dict(),
         }
 
     @classmethod
@@ -119,6 +126,7 @@ class QualityModel:
             str(data.get("source", "heuristic")),
             volumes,
             dict(data.get("fit") or {}),
+            JointVolumes.from_dict(data.get("joint_volumes")),
         )
 
 
@@ -203,8 +211,9 @@ def case_verdict(
         warnings: the input guard's lines for the case (each makes the verdict ``review``).
 
     Returns:
-        ``{"score", "expected_dice", "verdict", "reasons"}``; ``score`` is None when no label has probabilities
-        (then the verdict rests on the other reasons).
+        ``{"score", "expected_dice", "verdict", "reasons", "volume_distance"}``; ``score`` is None when no label
+        has probabilities (then the verdict rests on the other reasons); ``volume_distance`` is
+        :func:`~medseg.postprocessing.volume_distance.volume_distance`'s record, None without the joint rule.
     """
     reasons: list[str] = []
     expected = [f["expected_dice"] for f in labels.values() if f.get("expected_dice") is not None]
@@ -226,10 +235,21 @@ def case_verdict(
             reasons.append(
                 f"{name} has {f['components']} components (training references: at most {volumes.max_components})"
             )
+    distance = None if model.joint_volumes is None else volume_distance(labels, model.joint_volumes)
+    if distance is not None and distance["mahalanobis2"] > distance["threshold"]:
+        named = [
+            label + (f" ({labels[label]['name']})" if labels[label].get("name") else "") for label in distance["labels"]
+        ]
+        reasons.append(
+            f"label volumes jointly unlike the training cases (squared Mahalanobis distance "
+            f"{distance['mahalanobis2']:.1f} > {distance['threshold']:.1f}, the chi-square {QUANTILE} quantile "
+            f"for labels {', '.join(named)})"
+        )
     reasons.extend(f"input: {w}" for w in warnings)
     return {
         "score": score,
         "expected_dice": mean_expected,
         "verdict": "review" if reasons else "ok",
         "reasons": reasons,
+        "volume_distance": distance,
     }

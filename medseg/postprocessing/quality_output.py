@@ -13,6 +13,7 @@ case's verdict
      "cases": {"CASE": {"segmentation": "CASE.nii.gz", "score": 0.87, "expected_dice": 0.88,
                         "verdict": "ok" | "review", "reasons": [...], "warnings": [...],
                         "uncertainty": "uncertainty/CASE.nii.gz" | null,
+                        "volume_distance": {"mahalanobis2": 3.1, "threshold": 18.5, "labels": ["1", ...]} | null,
                         "labels": {"1": {"name": "liver", "voxels": 812, "volume_ml": 0.97, "components": 1,
                                          "expected_dice": 0.9, "uncertainty_inside": 0.02,
                                          "uncertainty_border": 0.4, "volume_z": -0.3}, ...}}}}
@@ -244,6 +245,6 @@ class QualityWriter:
         return {
             "format": QUALITY_FORMAT,
             "temperature": self.temperature,
-            "score_model": {k: v for k, v in self.model.to_dict().items() if k != "volumes"},
+            "score_model": {k: v for k, v in self.model.to_dict().items() if k not in ("volumes", "joint_volumes")},
             "cases": dict(cases),
         }

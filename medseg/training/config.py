@@ -136,10 +136,12 @@ class TrainConfig:
             budget and device (default: refit it, :mod:`medseg.training.budget_refit`); a warning then gives
             the iterations to expect.
         pretrained: start from these weights: a model bundle (``model.zip`` from ``medseg export``) or a
-            medseg run checkpoint (``checkpoint_*.pt``); every tensor whose name and shape match the network
-            is loaded, the rest (a first layer for other channels, heads for other classes) keeps its fresh
-            initialisation (:mod:`medseg.training.pretrained`). With a time budget the plan's network is
-            trained as it is (no refit). A resumed run continues from its checkpoint, never from these.
+            medseg run checkpoint (``checkpoint_*.pt``), or for an architecture wrapping a MONAI network a
+            plain state dict of it (:mod:`medseg.training.pretrained_source`); every tensor whose name and
+            shape match the network is loaded, the rest (a first layer for other channels, heads for other
+            classes) keeps its fresh initialisation (:mod:`medseg.training.pretrained`). With a time budget
+            the plan's network is trained as it is (no refit). A resumed run continues from its checkpoint,
+            never from these.
         optimizer: ``sgd`` (Nesterov), ``adamw`` or ``auto``: SGD for epoch-based runs, AdamW for
             time-budgeted runs (see :data:`SHORT_SCHEDULE_OPTIMIZER`); ``lookahead-sgd`` / ``lookahead-adamw``:
             that optimizer inside Lookahead (:mod:`medseg.training.lookahead`; its defaults are the inner

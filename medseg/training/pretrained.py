@@ -1,9 +1,8 @@
-"""Fine-tuning from pretrained weights: ``medseg train WORK --pretrained model.zip|checkpoint.pt``.
+"""Fine-tuning from pretrained weights: ``medseg train WORK --pretrained model.zip|checkpoint.pt|state_dict.pt``.
 
-The source is a model bundle from ``medseg export`` (one member is used: the one of the run's
-configuration and architecture, fold 0 when it has one, else the first; failing that the first of the
-run's architecture) or a medseg run checkpoint (``checkpoint_{final,best,latest}.pt``). Both are read with
-``torch.load(weights_only=True)``.
+The source is a model bundle from ``medseg export``, a medseg run checkpoint, or, for an architecture that
+wraps a MONAI network, a plain state dict of the MONAI module (MONAI bundles, Auto3DSeg); reading it is
+:mod:`medseg.training.pretrained_source` (always ``torch.load(weights_only=True)``).
 
 Every tensor of the new network whose name and shape match a pretrained tensor is loaded
 (:func:`match_weights`); the others keep their fresh initialisation. That re-initialises exactly what
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,39 +28,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.errors import CheckpointError, MedsegError
-from medseg.inference.bundle import load_bundle, read_manifest
-from medseg.io.checkpoint import load_checkpoint
-from medseg.io.workdir import BundleLayout, RunDir, fold_name, parse_fold
+from medseg.errors import MedsegError
+from medseg.networks.monai_nets import MonaiNetwork
 from medseg.planning.plan import Plan
 from medseg.planning.stage import Stage
+from medseg.training.pretrained_source import PretrainedSource, read_pretrained
 
 logger = logging.getLogger(__name__)
 
 #: Below this fraction of the network's weights loaded, a warning says the network is mostly freshly initialised.
 LOW_MATCH_FRACTION = 0.5
-_HINT = f"give a {RunDir.checkpoint_file('final')} of a medseg run or a model.zip from `medseg export`"
-
-
-@dataclass(frozen=True)
-class PretrainedSource:
-    """Weights read from a bundle member or a run checkpoint.
-
-    Attributes:
-        path: the file given.
-        member: what in it was used, for people (``3d_fullres/unet/fold_0 of the bundle``, ``checkpoint of
-            3d_fullres/unet fold 0, iteration 250``).
-        state: the network's state dict (name -> tensor, on the CPU).
-        plan: the plan the pretrained network was trained with.
-        configuration / arch: the pretrained network's configuration and architecture.
-    """
-
-    path: Path
-    member: str
-    state: dict[str, torch.Tensor]
-    plan: Plan
-    configuration: str
-    arch: str
 
 
 @dataclass(frozen=True)
@@ -156,6 +131,14 @@ def _net_words(plan: Plan, configuration: str, arch: str) -> str:
     )
 
 
+def _source_words(source: PretrainedSource) -> str:
+    """The pretrained network for people: its plan's network, or a plain state dict's first tensors."""
+    if source.plan is not None and source.configuration is not None and source.arch is not None:
+        return f"{source.member}: {_net_words(source.plan, source.configuration, source.arch)}"
+    first = ", ".join(f"{n} {_shape(tuple(t.shape))}" for n, t in list(source.state.items())[:3])
+    return f"{source.member}: {first}, ..."
+
+
 def check_match(match: WeightMatch, source: PretrainedSource, stage: Stage, warn: bool = True) -> None:
     """Refuse a pretrained network of which no tensor fits; warn (``warn``) when less than half of the weights do.
 
@@ -164,109 +147,27 @@ def check_match(match: WeightMatch, source: PretrainedSource, stage: Stage, warn
             can match by chance: the heads' biases whenever the classes agree); the message describes
             both networks.
     """
+    here = _net_words(stage.plan, stage.config_name, stage.arch)
+    if source.plan is None:  # a plain state dict: show the names on both sides
+        here += f": {', '.join(match.names[:3])}, ..."
     if not match.loaded_kernels:
         what = f"{len(match.loaded)}" if match.loaded else "0"
         none = ", none of them a convolution or linear weight" if match.loaded else ""
         raise MedsegError(
             f"{source.path}: {what} of {match.total} tensors match{none}: the pretrained network is a different "
-            f"architecture/width ({source.member}: {_net_words(source.plan, source.configuration, source.arch)}; "
-            f"this run: {_net_words(stage.plan, stage.config_name, stage.arch)}); train without --pretrained, or "
-            f"give WORK/plans.json the pretrained network's {stage.arch} fields (base_features, max_features, kernel_sizes, "
-            "strides)"
+            f"architecture/width ({_source_words(source)}; this run: {here}); train without --pretrained, or give "
+            f"WORK/plans.json the pretrained network's {stage.arch} fields (base_features, max_features, "
+            "kernel_sizes, strides)"
         )
     fraction = match.fraction
     if warn and fraction < LOW_MATCH_FRACTION:
         logger.warning(
-            "pretrained: only %.0f%% of the network's weights match %s; the rest is freshly initialised "
+            "pretrained: only %.0f%% of the network's weights match; the rest is freshly initialised "
             "(pretrained %s; this run %s)",
             100 * fraction,
-            source.member,
-            _net_words(source.plan, source.configuration, source.arch),
-            _net_words(stage.plan, stage.config_name, stage.arch),
+            _source_words(source),
+            here,
         )
-
-
-def read_pretrained(path: str | Path, configuration: str, arch: str) -> PretrainedSource:
-    """Read the weights of a model bundle member or of a run checkpoint (see the module docstring).
-
-    Args:
-        path: ``model.zip`` from ``medseg export`` or a medseg ``checkpoint_*.pt``.
-        configuration / arch: what the run trains (selects the bundle member).
-
-    Returns:
-        The :class:`PretrainedSource`.
-
-    Raises:
-        MedsegError: the file is missing or a folder, or neither a medseg checkpoint nor a model bundle
-            (:class:`~medseg.errors.BundleError` for a broken bundle), or a bundle without a network of ``arch``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MedsegError(f"{path}: pretrained weights not found; {_HINT}")
-    if path.is_dir():
-        raise MedsegError(f"{path}: is a folder; {_HINT} (e.g. {RunDir(path).checkpoint('final')})")
-    if path.suffix == ".zip" or _has_manifest(path):
-        return _from_bundle(path, configuration, arch)
-    if not zipfile.is_zipfile(path):  # torch.save and medseg export both write zip archives
-        raise MedsegError(f"{path}: not a medseg checkpoint or model bundle (not a zip archive, or truncated); {_HINT}")
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise MedsegError(f"{exc}; {_HINT}") from None
-    try:
-        plan = Plan.from_dict(ckpt["plan"])
-    except MedsegError as exc:
-        raise MedsegError(f"{path}: the checkpoint's plan is unreadable ({exc})") from None
-    fold = (ckpt.get("train_config") or {}).get("fold", "?")
-    member = f"checkpoint of {ckpt['configuration']}/{ckpt['arch']} fold {fold}, iteration {ckpt['iteration']}"
-    return PretrainedSource(
-        path=path,
-        member=member,
-        state=dict(ckpt["model"]),
-        plan=plan,
-        configuration=str(ckpt["configuration"]),
-        arch=str(ckpt["arch"]),
-    )
-
-
-def _has_manifest(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return BundleLayout.MANIFEST in zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return False
-
-
-def _from_bundle(path: Path, configuration: str, arch: str) -> PretrainedSource:
-    members = read_manifest(path)["members"]
-    same = [m for m in members if m["configuration"] == configuration and m["arch"] == arch]
-    candidates = same or [m for m in members if m["arch"] == arch]
-    if not candidates:
-        have = [f"{m['configuration']}/{m['arch']}/{m['fold']}" for m in members]
-        raise MedsegError(
-            f"{path}: the bundle holds no {arch} network to start {configuration}/{arch} from; it holds {have}"
-        )
-    entry = next((m for m in candidates if m["fold"] == fold_name(0)), candidates[0])
-    fold = parse_fold(entry["fold"])
-    if fold is None:
-        raise MedsegError(f"{path}: the bundle's manifest names fold {entry['fold']!r}, not fold_<k> or fold_all")
-    loaded, _ = load_bundle(
-        path, configs=[entry["configuration"]], archs=[entry["arch"]], folds=[fold], postprocessing=False
-    )
-    net = loaded[0]
-    name = f"{entry['configuration']}/{entry['arch']}/{entry['fold']}"
-    others = len(members) - 1
-    member = f"{name} of the bundle" + (f" (of its {len(members)} networks)" if others else "")
-    if not same:
-        logger.warning("pretrained: %s holds no %s/%s network; using %s", path, configuration, arch, name)
-    return PretrainedSource(
-        path=path,
-        member=member,
-        state=net.model.state_dict(),
-        plan=net.plan,
-        configuration=entry["configuration"],
-        arch=entry["arch"],
-    )
 
 
 def _sha256(path: Path) -> str:
@@ -277,28 +178,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _meta_network_state(stage: Stage) -> dict[str, torch.Tensor]:
-    """The state dict of the run's network built on the meta device (shapes only, no memory, no RNG use)."""
+def _meta_network(stage: Stage) -> nn.Module:
+    """The run's network built on the meta device (shapes only, no memory, no RNG use)."""
     with torch.device("meta"):
-        model = stage.network.build(stage.in_channels, stage.num_classes)
-    return model.state_dict()
+        return stage.network.build(stage.in_channels, stage.num_classes)
 
 
 def prepare_pretrained(path: str | Path, stage: Stage) -> PretrainedSource:
     """Read the pretrained weights and check that they fit the run's network before any data is loaded.
 
     Args:
-        path: ``model.zip`` or ``checkpoint_*.pt``.
+        path: ``model.zip``, ``checkpoint_*.pt``, or (for a network wrapping a MONAI module) a plain state dict.
         stage: what the run trains (after :func:`~medseg.training.run_stage.run_plan`).
 
     Raises:
-        MedsegError: see :func:`read_pretrained` and :func:`check_match`.
+        MedsegError: see :func:`~medseg.training.pretrained_source.read_pretrained` and :func:`check_match`.
     """
-    source = read_pretrained(path, stage.config_name, stage.arch)
+    network = _meta_network(stage)
+    prefix = network.MODULE_PREFIX if isinstance(network, MonaiNetwork) else None
+    source = read_pretrained(path, stage.config_name, stage.arch, module_prefix=prefix)
     check_match(
-        match_weights(_meta_network_state(stage), source.state), source, stage, warn=False
+        match_weights(network.state_dict(), source.state), source, stage, warn=False
     )  # load_pretrained warns, into the run's log
-    _note_differences(source.plan, stage.plan)
+    if source.plan is not None:
+        _note_differences(source.plan, stage.plan)
     return source
 
 

@@ -121,3 +121,23 @@ def test_cross_validated_scores_rank_the_rules_on_cases_they_were_not_fitted_on(
     # vote: good and inverted always disagree and the useless member votes 0, so class 0 wins every voxel
     ref_share = np.mean([(ref == 0).mean() for fold_cases in cases.values() for _, ref in fold_cases])
     assert scores["vote"] == pytest.approx(ref_share)
+
+
+def test_stacking_stays_finite_beside_a_saturated_member():
+    """A member whose probabilities are exactly 0 or 1 (an under-trained network: background everywhere but one
+    slice) has log-odds at the clipping bounds; full Newton steps then diverged (intercepts ~1e12)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(6):
+        ref = np.zeros((6, 12, 12), np.int64)
+        ref[1:5, 2:7, 2:7], ref[1:5, 7:11, 3:9] = 1, 2
+        logits = 4.0 * np.eye(3)[ref].transpose(3, 0, 1, 2) + rng.normal(0, 1.5, (3, *ref.shape))
+        good = np.exp(logits) / np.exp(logits).sum(0)
+        flat = np.zeros_like(good)
+        flat[0], flat[0, 0], flat[1, 0] = 1.0, 0.0, 1.0
+        cases.append((np.stack([good, flat]).astype(np.float32), ref))
+    stacker = fit_stacker(cases)
+    assert np.isfinite(stacker.coef).all() and np.abs(stacker.bias).max() < 100
+    stacked = np.mean([(combine("stacking", p, stacker=stacker) == r).mean() for p, r in cases])
+    mean = np.mean([(combine("mean", p) == r).mean() for p, r in cases])
+    assert stacked > 0.9 and stacked > mean

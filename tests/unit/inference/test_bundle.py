@@ -142,6 +142,7 @@ def test_bundle_carries_the_rules_decided_from_the_labels(work, tmp_path):
     for folds in (None, [1]):  # decided from labels, not fitted on an ensemble: any subset of members keeps it
         rules = bundle_predictor(bundle, folds=folds).postprocess.rules
         assert rules["source"] == "label_statistics" and rules["per_label"] == {"1": [{"op": "largest_component"}]}
+        assert rules["quality"]["volumes"]["1"]["present_fraction"] == 1.0  # the volume rules travel too
     assert bundle_predictor(bundle, postprocessing=False).postprocess is None
 
 

@@ -111,7 +111,7 @@ def test_without_find_best_the_label_statistics_rules_apply_and_find_best_wins(w
     assert "label 1: largest_component (from the label statistics of all 12 references" in caplog.text
     seg = np.zeros((10, 24, 20), np.uint8)
     seg[2:6, 3:12, 3:12], seg[8, 20, 17] = 1, 1  # a stray voxel far from the structure
-    out = pred.indices_to_labels(seg)
+    out = pred.indices_to_labels(seg, (3.0, 0.8, 1.2))
     assert out[8, 20, 17] == 0 and out.sum() == seg.sum() - 1
     assert work_dir_predictor(work, postprocessing=False).postprocess is None
     # recorded in the runs at the end of training: the records are used

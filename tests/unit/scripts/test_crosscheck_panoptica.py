@@ -60,3 +60,25 @@ def test_pairs_perturbation_and_comparison():
     seg[1:3, 7:11, 1:4] = 8
     out = mod.perturb_labels(seg, np.random.default_rng(0))
     assert set(np.unique(out)) <= {0, 3, 8} and not np.array_equal(out, seg)
+
+
+def test_folder_pairs_match_predictions_to_references_by_name(tmp_path):
+    from medseg.io.image import ImageGeometry, write_image
+
+    mod = _load()
+    geo = ImageGeometry((6, 12, 12), (2.0, 0.75, 0.75), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ref = np.zeros((6, 12, 12), np.uint8)
+    ref[1:5, 1:5, 1:5] = 1
+    pred = ref.copy()
+    pred[1:3, 8:11, 8:11] = 2
+    for folder, seg in (("pred", pred), ("ref", ref)):
+        write_image(seg, geo, tmp_path / folder / "a.nii.gz")
+    write_image(pred, geo, tmp_path / "pred" / "no_reference.nii.gz")
+    (tmp_path / "pred" / "quality.json").write_text("{}")
+    pairs = mod.folder_pairs(tmp_path / "pred", tmp_path / "ref")
+    assert [(name, spacing) for name, _, _, spacing in pairs] == [
+        ("a:1", (2.0, 0.75, 0.75)),
+        ("a:2", (2.0, 0.75, 0.75)),
+    ]
+    np.testing.assert_array_equal(pairs[1][1], pred == 2)
+    assert not pairs[1][2].any()  # label 2 is absent from the reference: an empty reference mask
