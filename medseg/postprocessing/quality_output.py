@@ -6,8 +6,7 @@ applies the temperature find-best fitted (:mod:`medseg.postprocessing.calibratio
 the normalised predictive entropy (:func:`~medseg.postprocessing.quality_features.entropy_terms`: one pass
 over the classes, each class's probability built once and never all classes at once; of each foreground label
 only a box around its mask is kept until the normaliser is complete), computes the per-label features and the
-case's verdict
-(:mod:`medseg.postprocessing.quality_features`) and rewrites ``quality.json`` atomically::
+case's verdict (:mod:`medseg.postprocessing.quality_features`) and rewrites ``quality.json`` atomically::
 
     {"format": "medseg-quality-v1", "temperature": 1.3, "score_model": {...},
      "cases": {"CASE": {"segmentation": "CASE.nii.gz", "score": 0.87, "expected_dice": 0.88,
