@@ -184,7 +184,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout: float,
         while proc.poll() is None:
             peak.update(*_sample_tree(proc.pid))
             if stopped is None and peak.rss > max_tree_bytes:
-                stopped = f"stopped: tree RSS over {max_tree_bytes / 1e9:.0f} GB"
+                stopped = f"stopped: tree RSS over {max_tree_bytes / 1e9:g} GB"
             elif stopped is None and time.perf_counter() - t0 > timeout:
                 stopped = f"stopped: over {timeout:.0f} s"
             if stopped:
