@@ -8,7 +8,8 @@ case's dataset and a model whose prediction cost is what is measured (not its ac
 
 * medseg: ``medseg plan DATA -o WORK`` (``default``) and ``medseg plan DATA -o WORK --device cpu
   --time-budget 30`` (``cpu-budget``: planning only, no 30-minute training), each trained for one
-  iteration (``medseg train WORK --fold all --epochs 1 --iters-per-epoch 1 --no-validation``), then
+  iteration (what ``medseg train WORK --fold all --epochs 1 --iters-per-epoch 1 --no-validation`` does,
+  without the per-epoch pseudo Dice), then
   ``medseg predict -i IN -o OUT -m WORK --device cpu --time-budget-per-case none [--no-tta]`` (``none``: a
   budget plan would otherwise drop TTA passes to fit 9 s per case; here TTA on means all of them).
 * nnU-Net v2 (its own environment, ``--nnunet-venv``): the dataset copied into nnU-Net's raw layout (label

@@ -141,6 +141,20 @@ def nnunet_raw(data: Path, raw_root: Path, dataset_id: int = NNUNET_ID) -> Path:
     return out
 
 
+# What `medseg train WORK --fold all --epochs 1 --iters-per-epoch 1 --no-validation --device cpu` does,
+# without the per-epoch pseudo Dice (20 batches of forward passes: minutes on a loaded CPU, for nothing here).
+_MEDSEG_ONE_ITERATION = r"""
+import sys
+from pathlib import Path
+from medseg.pipeline import record_postprocessing_prior
+from medseg.training import TrainConfig, train
+work = Path(sys.argv[1])
+cfg = TrainConfig(fold="all", epochs=1, iters_per_epoch=1, val_iters=0, final_validation=False, device="cpu",
+                  num_workers=1)
+record_postprocessing_prior(work, train(work, cfg), "all")
+"""
+
+
 # Run with nnU-Net's python: a 3d_fullres model folder with the network as initialised (seed 0).
 _NNUNET_INIT_MODEL = r"""
 import json, os, sys, torch
@@ -234,8 +248,7 @@ class CaseSetup:
         if plan == "cpu-budget":
             cmd += ["--device", "cpu", "--time-budget", str(self.args.budget_minutes)]
         _run_setup(cmd, self.medseg_env, self.folder / "logs" / f"medseg_plan_{plan}.log")
-        train = [*medseg, "train", str(work), "--fold", "all", "--epochs", "1", "--iters-per-epoch", "1"]
-        train += ["--no-validation", "--device", "cpu", "--num-workers", "1"]
+        train = [sys.executable, "-c", _MEDSEG_ONE_ITERATION, str(work)]
         _run_setup(train, self.medseg_env, self.folder / "logs" / f"medseg_train_{plan}.log")
         (work / _READY).write_text("")
 
