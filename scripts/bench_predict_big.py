@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds before a prediction is stopped")
     p.add_argument("--max-tree-gb", type=float, default=16.0, help="stop a prediction whose tree RSS passes this")
     p.add_argument("--skip-nnunet", action="store_true")
+    p.add_argument("--setup-only", action="store_true", help="write the plans and models, measure nothing")
     p.add_argument("--nnunet-venv", type=Path, default=Path("/work/nnunet_venv"))
     p.add_argument("--work", type=Path, default=None, help="keep plans and models here (reused by a rerun)")
     p.add_argument("--out", type=Path, default=Path("bench_predict_big"))
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in args.cases:
             setup = CaseSetup(case, work / case, args)
             setup.prepare()
-            for tta in args.tta:
+            for tta in [] if args.setup_only else args.tta:
                 for tool in [args.plans[0], "nnU-Net", *args.plans[1:]]:
                     if tool == "nnU-Net" and (args.skip_nnunet or setup.nnunet_model is None):
                         continue
