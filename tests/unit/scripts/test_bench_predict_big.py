@@ -35,10 +35,12 @@ def test_defaults_cover_every_case_plan_and_tta_setting():
     args = big.parse_args([])
     assert args.cases == ["totalseg", "voxelmorph", "synthetic"]
     assert args.plans == ["default", "cpu-budget"] and args.tta == ["off", "on"]
-    assert args.threads == 2 and args.workers == 2 and args.synthetic_scale == 0.5
-    args = big.parse_args(["--cases", "voxelmorph", "--tta", "on", "--plans", "cpu-budget", "--threads", "4"])
+    assert args.threads == 2 and args.workers == 2 and args.synthetic_scale == 0.5 and not args.setup_only
+    args = big.parse_args(
+        ["--cases", "voxelmorph", "--tta", "on", "--plans", "cpu-budget", "--threads", "4", "--setup-only"]
+    )
     assert args.cases == ["voxelmorph"] and args.tta == ["on"] and args.plans == ["cpu-budget"]
-    assert args.threads == 4
+    assert args.threads == 4 and args.setup_only
 
 
 @pytest.mark.parametrize(
