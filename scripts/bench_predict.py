@@ -15,6 +15,10 @@ nnU-Net is run side by side when ``/work/nnunet_venv/bin/nnUNetv2_predict_from_m
 ``--nnunet-model-folder`` (a trained nnU-Net model folder), or else with a model folder the script builds
 from nnU-Net's own fingerprint and plan of ``--data`` with random weights (timing and memory only);
 without nnU-Net the script prints how to install it. Prints one table (medseg, nnU-Net, ratio).
+
+``python scripts/bench_predict.py big ...`` runs ``scripts/bench_predict_big.py`` instead: ``medseg predict``
+vs ``nnUNetv2_predict`` on the big many-class cases (totalseg_ct, voxelmorph_brain, a synthetic CT), each
+tool with its own plan, TTA off and on (its docstring lists the options).
 """
 
 from __future__ import annotations
@@ -355,6 +359,12 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["big"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_predict_big import main as big_main
+
+        return big_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--run-dir", default=None, help="trained run folder (default: random weights, planned size)")
