@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from medseg.networks.spec import NetworkSpec
@@ -45,3 +48,18 @@ def network_plan(
     plan_fields = {k: fields.pop(k) for k in ("precision", "estimated_memory_gb") if k in fields}
     spec = NetworkSpec(arch=arch, kernel_sizes=kernel_sizes, strides=strides, **fields)
     return NetworkPlan(spec, patch_size=patch_size, batch_size=batch_size, **plan_fields)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` as module ``name`` (once; later calls return the same module)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

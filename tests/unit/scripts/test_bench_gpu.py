@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from medseg.inference.sliding_window import PredictionStopped
 from tests.conftest import shared_dataset
-
-SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 @pytest.mark.slow
 def test_dry_run_has_every_row_with_sane_numbers(tmp_path):
-    bench = _load("bench_gpu")
+    bench = load_script("bench_gpu")
     out = tmp_path / "out"
     rc = bench.main(["--dry-run", "--out", str(out), "--data", str(shared_dataset("hippocampus"))])
     assert rc == 0
@@ -39,7 +25,7 @@ def test_dry_run_has_every_row_with_sane_numbers(tmp_path):
     assert not [r for r in report["rows"] if r["row"] == "(part)"], "a part died"
     assert report["info"]["card"] == "CPU (dry run)" and report["gpu_memory_gb"] == 2.0
 
-    train = _load("bench_gpu_train")
+    train = load_script("bench_gpu_train")
     for name, config in train.MEMORY_ROWS:
         row = rows[("memory", f"{name} {config}")]
         v = row["values"]
@@ -77,7 +63,7 @@ def test_dry_run_has_every_row_with_sane_numbers(tmp_path):
 
 
 def test_fallback_status_tells_fallback_from_crash():
-    predict = _load("bench_gpu_predict")
+    predict = load_script("bench_gpu_predict")
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
     assert predict.fallback_status(oom, [], on_gpu=True) == "crashed: OOM"
     assert predict.fallback_status(RuntimeError("CUDA error: out of memory"), [], True) == "crashed: OOM"
@@ -92,7 +78,7 @@ def test_fallback_status_tells_fallback_from_crash():
 
 
 def test_memory_verdict_and_peaks():
-    train = _load("bench_gpu_train")
+    train = load_script("bench_gpu_train")
     assert train.memory_verdict(0.95, 1.0, 10.0, 79.0) == "ok"
     assert train.memory_verdict(1.2, 1.0, 10.0, 79.0) == "OFF: ratio 1.20 outside 0.85-1.1"
     assert (
@@ -104,7 +90,7 @@ def test_memory_verdict_and_peaks():
 
 
 def test_part_boxes_keep_room_for_the_later_parts():
-    bench = _load("bench_gpu")
+    bench = load_script("bench_gpu")
     later = ["throughput", "prediction", "real_run"]
     assert bench.part_box("memory", later, 480, False) == bench.BOX_S["memory"]
     squeezed = bench.part_box("memory", later, 380, False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,21 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+from tests.helpers import load_script
 
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-big = _load("bench_predict_big")
-setup = _load("bench_predict_big_setup")
+big = load_script("bench_predict_big")
+setup = load_script("bench_predict_big_setup")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -55,7 +43,7 @@ def test_bad_options_exit_with_a_usage_error(bad, capsys):
 
 
 def test_bench_predict_hands_big_to_the_companion(capsys):
-    bench = _load("bench_predict")
+    bench = load_script("bench_predict")
     with pytest.raises(SystemExit) as exc:
         bench.main(["big", "--help"])
     assert exc.value.code == 0
