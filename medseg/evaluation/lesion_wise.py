@@ -55,6 +55,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from medseg.evaluation.metrics import hd95_and_surface_dice
+from medseg.io.image import voxel_ml
 from medseg.options import LesionMatching, SelectionMetric, parse_option
 
 #: The keys of a ``"lesion_wise"`` object in the metrics JSON, in order.
@@ -134,9 +135,8 @@ def label_lesions(
     comps, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, conn))
     comps = comps.astype(np.int32, copy=False)
     if n and min_volume_ml > 0:
-        voxel_ml = float(np.prod(spacing)) / 1000.0
         sizes = np.bincount(comps.ravel(), minlength=n + 1)
-        keep = sizes * voxel_ml >= min_volume_ml
+        keep = sizes * voxel_ml(spacing) >= min_volume_ml
         keep[0] = False
         new_ids = np.zeros(n + 1, dtype=np.int32)
         new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
@@ -238,7 +238,7 @@ def lesion_wise_scores(
     pred_c, n_pred = label_lesions(pred.astype(bool), spacing, opts.connectivity)
     ref_sz = np.bincount(ref_c.ravel(), minlength=n_ref + 1)
     pred_sz = np.bincount(pred_c.ravel(), minlength=n_pred + 1)
-    small = ref_sz * (float(np.prod(spacing)) / 1000.0) < opts.min_volume_ml  # reference lesions left out
+    small = ref_sz * voxel_ml(spacing) < opts.min_volume_ml  # reference lesions left out
     small[0] = False
     overlap = _overlaps(ref_c, pred_c, n_pred)
     if brats:

@@ -25,6 +25,11 @@ from medseg.io.codec import from_json_dict, to_json_dict
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
+def voxel_ml(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mL: the product of the spacing (mm per axis) / 1000."""
+    return float(np.prod([float(v) for v in spacing])) / 1000.0
+
+
 def strip_suffix(name: str) -> str:
     """Return ``name`` without a known image suffix (``case_0000.nii.gz`` -> ``case_0000``)."""
     for suffix in IMAGE_SUFFIXES:

@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.io.image import atomic_write_text
+from medseg.io.image import atomic_write_text, voxel_ml
 
 RULES_FORMAT = "medseg-postprocessing-v1"
 OPS = ("largest_component", "remove_small", "min_volume", "opening", "closing")
@@ -103,11 +103,6 @@ def remove_below_volume(mask: np.ndarray, min_ml: float, spacing: Sequence[float
     keep = sizes * voxel_ml(spacing) >= min_ml
     keep[0] = False
     return keep[comps]
-
-
-def voxel_ml(spacing: Sequence[float]) -> float:
-    """Volume of one voxel in mL (product of the spacing in mm / 1000)."""
-    return float(np.prod([float(s) for s in spacing])) / 1000.0
 
 
 def morphology(mask: np.ndarray, op: str, radius: int = 1) -> np.ndarray:

@@ -39,7 +39,7 @@ from medseg.inference.case_output import FinishedCase
 from medseg.inference.case_table import CaseTable
 from medseg.inference.export import write_probabilities
 from medseg.inference.shards import Shard
-from medseg.io.image import strip_suffix, write_like
+from medseg.io.image import strip_suffix, voxel_ml, write_like
 from medseg.postprocessing.quality_features import (
     ABSENT_BELOW,
     NEAR_MARGIN,
@@ -126,7 +126,7 @@ class QualityWriter:
         Raises:
             MedsegError: a file cannot be written.
         """
-        voxel_ml = float(np.prod(case.geometry.spacing)) / 1000.0
+        ml_per_voxel = voxel_ml(case.geometry.spacing)
         if case.class_probability is not None:
             entropy, calibrated = self._calibrated(case)
         else:
@@ -137,9 +137,11 @@ class QualityWriter:
             if label in calibrated:
                 box, q = calibrated[label]
                 assert entropy is not None
-                features = label_features(_crop(case.labels, box) == label, q, _crop(entropy, box), voxel_ml, volumes)
+                features = label_features(
+                    _crop(case.labels, box) == label, q, _crop(entropy, box), ml_per_voxel, volumes
+                )
             else:  # region plans: no probabilities
-                features = label_features(case.labels == label, None, None, voxel_ml, volumes)
+                features = label_features(case.labels == label, None, None, ml_per_voxel, volumes)
             labels[str(label)] = {"name": self.names.get(label, ""), **features}
         warnings = list(getattr(case, "input_warnings", ()) or ())
         entry: dict[str, Any] = {"segmentation": case.segmentation_path.name}

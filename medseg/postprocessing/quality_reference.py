@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.fingerprint import Fingerprint
+from medseg.io.image import voxel_ml
 from medseg.io.workdir import WorkDir
 from medseg.postprocessing.quality_features import EXPECTED_PRESENT, LabelVolumes, QualityModel
 from medseg.postprocessing.volume_distance import JointVolumes, fit_joint_volumes
@@ -42,10 +43,7 @@ def training_volumes(work_dir: Path, label_ids: Sequence[int]) -> tuple[dict[str
     fingerprint = Fingerprint.load(path)
     foreground = [int(label) for label in label_ids[1:]]
     cases = [
-        {
-            str(label): case.class_voxel_counts.get(label, 0) * float(np.prod(case.spacing)) / 1000.0
-            for label in foreground
-        }
+        {str(label): case.class_voxel_counts.get(label, 0) * voxel_ml(case.spacing) for label in foreground}
         for case in fingerprint.cases
     ]
     volumes: dict[str, LabelVolumes] = {}

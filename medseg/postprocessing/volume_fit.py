@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from medseg.evaluation.lesion_wise import selection_score
+from medseg.io.image import voxel_ml
 from medseg.options import SelectionMetric
-from medseg.postprocessing.operations import label_components, voxel_ml
+from medseg.postprocessing.operations import label_components
 from medseg.postprocessing.search_cases import SearchCases, best_candidate, candidate_name, label_masks
 
 #: Quantiles of a label's reference component volumes tried as minimum component volumes (0 = the smallest).
