@@ -274,14 +274,14 @@ def _quality_writer(args: argparse.Namespace, predictor: Predictor, shard: Shard
     the heuristic score with the training volumes of the work folder the predictor came from (its fingerprint;
     every member of a work folder's ensemble shares it)."""
     from medseg.postprocessing import QualityWriter
-    from medseg.postprocessing.quality_reference import reference_quality_model
+    from medseg.postprocessing.quality_reference import with_reference_quality
 
     rules = getattr(getattr(predictor, "postprocess", None), "rules", None)  # RulesPostprocess carries them
     fitted = dict(rules) if isinstance(rules, dict) else {}
     plan = getattr(predictor, "plan", None)
     names = {} if plan is None else {int(i): str(n) for i, n in zip(plan.label_ids, plan.label_names)}
-    if not fitted.get("quality") and plan is not None and Path(args.model).is_dir():
-        fitted["quality"] = reference_quality_model(Path(args.model), plan.label_ids).to_dict()
+    if plan is not None and Path(args.model).is_dir():
+        fitted = with_reference_quality(fitted, Path(args.model), plan.label_ids)
     return QualityWriter(
         Path(args.output),
         fitted or None,

@@ -20,7 +20,7 @@ from medseg.inference.members import EnsembleMember, load_member, refuse_cascade
 from medseg.inference.network_export import NetworkFormat, check_format, write_networks
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.plan import Plan
-from medseg.postprocessing.quality_reference import reference_quality_model
+from medseg.postprocessing.quality_reference import with_reference_quality
 
 
 def export_bundle(
@@ -125,6 +125,4 @@ def _members(source: Path, sel: RunSelection) -> tuple[list[EnsembleMember], lis
 def _with_quality(rules: dict[str, Any] | None, work_dir: Path, plan: Plan) -> dict[str, Any] | None:
     """``rules`` with the heuristic quality model and the training volumes where find-best fitted none (the
     volume rules travel with every export, as ``medseg predict`` builds them for a work folder)."""
-    if rules is None or rules.get("quality"):
-        return rules
-    return {**rules, "quality": reference_quality_model(work_dir, plan.label_ids).to_dict()}
+    return None if rules is None else with_reference_quality(rules, work_dir, plan.label_ids)

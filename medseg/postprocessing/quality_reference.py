@@ -11,8 +11,9 @@ there too. Volumes in ml: voxel count times the case's voxel volume, as the fing
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from medseg.io.workdir import WorkDir
 from medseg.postprocessing.quality_features import EXPECTED_PRESENT, LabelVolumes, QualityModel
 from medseg.postprocessing.volume_distance import JointVolumes, fit_joint_volumes
 
-__all__ = ["reference_quality_model", "training_volumes"]
+__all__ = ["reference_quality_model", "training_volumes", "with_reference_quality"]
 
 
 def training_volumes(work_dir: Path, label_ids: Sequence[int]) -> tuple[dict[str, LabelVolumes], JointVolumes | None]:
@@ -69,3 +70,11 @@ def reference_quality_model(work_dir: Path, label_ids: Sequence[int]) -> Quality
     """The heuristic quality model (score = expected Dice) with the work folder's training volume statistics."""
     volumes, joint = training_volumes(work_dir, label_ids)
     return QualityModel(volumes=volumes, joint_volumes=joint)
+
+
+def with_reference_quality(rules: Mapping[str, Any], work_dir: Path, label_ids: Sequence[int]) -> dict[str, Any]:
+    """``rules`` (postprocessing rules, possibly empty) with :func:`reference_quality_model` as their ``quality``
+    entry where find-best fitted none; a fitted one is kept."""
+    if rules.get("quality"):
+        return dict(rules)
+    return {**rules, "quality": reference_quality_model(work_dir, label_ids).to_dict()}
