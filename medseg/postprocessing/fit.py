@@ -27,7 +27,7 @@ recorded under the metric's name (``lesion_f1_before``, ``mean_foreground_lesion
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,6 @@ from medseg.postprocessing.operations import (
     RULES_FORMAT,
     apply_postprocessing,
     keep_components,
-    label_components,
     morphology,
 )
 from medseg.postprocessing.search_cases import (
@@ -48,6 +47,7 @@ from medseg.postprocessing.search_cases import (
     SpacingLoader,
     best_candidate,
     candidate_name,
+    component_subset_scores,
     label_masks,
 )
 from medseg.postprocessing.volume_fit import DEFAULT_VOLUME_QUANTILES, fit_min_volume
@@ -166,14 +166,9 @@ def fit_postprocessing(
     comp_steps: list[dict | None] = [None] + [{"op": "remove_small", "fraction": float(f)} for f in fractions]
     comp_steps.append({"op": "largest_component"})
     comp_scores = np.zeros((len(fg), len(comp_steps)))
-    for i, _seg, mask, ref_mask, n_ref, _spacing in label_masks(cases, rules, fg):
-        if not mask.any():
-            comp_scores[i] += 1.0 if n_ref == 0 else 0.0
-            continue
-        comps, sizes = label_components(mask)
-        overlap = np.bincount(comps[ref_mask], minlength=sizes.size)
-        overlap[0] = 0
-        for j, step in enumerate(comp_steps):
+
+    def comp_keeps(sizes: np.ndarray) -> Iterator[np.ndarray]:
+        for step in comp_steps:
             if step is None:
                 keep = sizes > 0
             elif step["op"] == "largest_component":
@@ -182,11 +177,10 @@ def fit_postprocessing(
             else:
                 keep = sizes >= step["fraction"] * sizes.max()
                 keep[0] = False
-            if lesion:
-                comp_scores[i, j] += selection_score(keep[comps], ref_mask, metric)
-                continue
-            denom = int(sizes[keep].sum()) + n_ref
-            comp_scores[i, j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
+            yield keep
+
+    for i, _seg, mask, ref_mask, n_ref, _spacing in label_masks(cases, rules, fg):
+        comp_scores[i] += component_subset_scores(mask, ref_mask, n_ref, comp_keeps, metric)
     comp_scores /= n
     for i, lab in enumerate(fg):
         scored = candidates.setdefault(str(lab), {})  # "none" stays the score before every per-label step

@@ -6,13 +6,15 @@ Used by every stage of :func:`medseg.postprocessing.fit.fit_postprocessing` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from medseg.postprocessing.operations import apply_postprocessing
+from medseg.evaluation.lesion_wise import selection_score
+from medseg.options import SelectionMetric
+from medseg.postprocessing.operations import apply_postprocessing, label_components
 
 #: loads one case: ``(prediction, reference)``, both ``(Z, Y, X)`` maps of original label ids.
 CaseLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -72,6 +74,40 @@ def label_masks(
         for i, lab in enumerate(fg):
             ref_mask = ref == lab
             yield i, seg, seg == lab, ref_mask, int(np.count_nonzero(ref_mask)), spacing
+
+
+def component_subset_scores(
+    mask: np.ndarray,
+    ref_mask: np.ndarray,
+    n_ref: int,
+    keeps: Callable[[np.ndarray], Iterable[np.ndarray]],
+    metric: SelectionMetric,
+) -> np.ndarray | float:
+    """One case's score of each candidate subset of a label's predicted components (no mask rebuilt for Dice).
+
+    Args:
+        mask, ref_mask: the label's predicted and reference voxels; ``n_ref`` the reference's voxel count.
+        keeps: ``sizes`` (voxels per component id, ``sizes[0] = 0`` for the background) -> per candidate a
+            boolean per component id, the components it keeps.
+        metric: Dice from the per-component overlaps, or the lesion-wise metric on the kept components.
+
+    Returns:
+        The score per candidate; for an empty ``mask`` one score for every candidate (1 when the reference is
+        empty too, else 0).
+    """
+    if not mask.any():
+        return 1.0 if n_ref == 0 else 0.0
+    comps, sizes = label_components(mask)
+    overlap = np.bincount(comps[ref_mask], minlength=sizes.size)
+    overlap[0] = 0
+    scores = []
+    for keep in keeps(sizes):
+        if metric != SelectionMetric.DICE:
+            scores.append(selection_score(keep[comps], ref_mask, metric))
+            continue
+        denom = int(sizes[keep].sum()) + n_ref
+        scores.append(2.0 * int(overlap[keep].sum()) / denom if denom else 1.0)
+    return np.asarray(scores, dtype=np.float64)
 
 
 def best_candidate(scores: np.ndarray, min_improvement: float) -> int:

@@ -11,16 +11,22 @@ cross-validation metric decides whether one helps (:func:`~medseg.postprocessing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from medseg.evaluation.lesion_wise import selection_score
 from medseg.io.image import voxel_ml
 from medseg.options import SelectionMetric
 from medseg.postprocessing.operations import label_components
-from medseg.postprocessing.search_cases import SearchCases, best_candidate, candidate_name, label_masks
+from medseg.postprocessing.search_cases import (
+    SearchCases,
+    best_candidate,
+    candidate_name,
+    component_subset_scores,
+    label_masks,
+)
 
 #: Quantiles of a label's reference component volumes tried as minimum component volumes (0 = the smallest).
 DEFAULT_VOLUME_QUANTILES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25)
@@ -55,6 +61,15 @@ def reference_volumes(cases: SearchCases, fg: Sequence[int]) -> list[list[float]
     return volumes
 
 
+def _volume_keeps(sizes: np.ndarray, ml_per_voxel: float, thresholds: Sequence[float]) -> Iterator[np.ndarray]:
+    """Per threshold (mL), the components (ids; 0 = background never) at least that large."""
+    volumes = sizes * ml_per_voxel
+    for t in thresholds:
+        keep = volumes >= t
+        keep[0] = False
+        yield keep
+
+
 def fit_min_volume(
     cases: SearchCases,
     rules: dict[str, Any],
@@ -69,26 +84,13 @@ def fit_min_volume(
     thresholds = [volume_candidates(v, quantiles) for v in reference_volumes(cases, fg)]
     if not any(thresholds):
         return
-    lesion = metric != SelectionMetric.DICE
     scores = [np.zeros(1 + len(t)) for t in thresholds]
     for i, _seg, mask, ref_mask, n_ref, spacing in label_masks(cases, rules, fg):
         if not thresholds[i] or spacing is None:
             continue
-        if not mask.any():
-            scores[i] += 1.0 if n_ref == 0 else 0.0
-            continue
-        comps, sizes = label_components(mask)
-        volumes = sizes * voxel_ml(spacing)
-        overlap = np.bincount(comps[ref_mask], minlength=sizes.size)
-        overlap[0] = 0
-        for j, t in enumerate([0.0, *thresholds[i]]):
-            keep = volumes >= t
-            keep[0] = False
-            if lesion:
-                scores[i][j] += selection_score(keep[comps], ref_mask, metric)
-                continue
-            denom = int(sizes[keep].sum()) + n_ref
-            scores[i][j] += 2.0 * int(overlap[keep].sum()) / denom if denom else 1.0
+        tried = (0.0, *thresholds[i])
+        keeps = partial(_volume_keeps, ml_per_voxel=voxel_ml(spacing), thresholds=tried)
+        scores[i] += component_subset_scores(mask, ref_mask, n_ref, keeps, metric)
     for i, lab in enumerate(fg):
         if not thresholds[i]:
             continue
