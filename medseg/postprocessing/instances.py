@@ -38,7 +38,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from medseg.errors import MedsegError
-from medseg.io.image import ImageGeometry
+from medseg.io.image import ImageGeometry, voxel_ml
 
 __all__ = [
     "Instance",
@@ -199,7 +199,7 @@ def find_instances(
     ids = np.zeros(labels.shape, dtype=np.uint32)
     table: list[Instance] = []
     structure = _structure(labels.ndim, options.connectivity)
-    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    voxel_volume = voxel_ml(geometry.spacing)
     for label in (int(v) for v in np.unique(labels) if v != 0):
         prob = None if probability is None else probability(label)
         comps, n = ndimage.label(labels == label, structure=structure)
@@ -215,7 +215,7 @@ def find_instances(
                 where = np.nonzero(parts == part)
                 new_id = len(table) + 1
                 ids[box][where] = new_id
-                table.append(_describe(new_id, label, where, box, geometry, voxel_ml, prob))
+                table.append(_describe(new_id, label, where, box, geometry, voxel_volume, prob))
         del comps, prob
     dtype = np.uint16 if len(table) <= np.iinfo(np.uint16).max else np.uint32
     return ids.astype(dtype), table
@@ -227,7 +227,7 @@ def _describe(
     where: tuple[np.ndarray, ...],
     box: tuple[slice, ...],
     geometry: ImageGeometry,
-    voxel_ml: float,
+    voxel_volume: float,
     prob: np.ndarray | None,
 ) -> Instance:
     """The :class:`Instance` of the voxels ``where`` (indices within the crop ``box``)."""
@@ -241,7 +241,7 @@ def _describe(
         id=new_id,
         label=label,
         voxels=int(index.shape[0]),
-        volume_ml=index.shape[0] * voxel_ml,
+        volume_ml=index.shape[0] * voxel_volume,
         centroid_mm=tuple(float(v) for v in centroid),
         bbox_min_mm=tuple(float(v) for v in world.min(axis=0)),
         bbox_max_mm=tuple(float(v) for v in world.max(axis=0)),

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.inference.case_output import FinishedCase
-from medseg.io.image import ImageGeometry, atomic_write_bytes
+from medseg.io.image import ImageGeometry, atomic_write_bytes, voxel_ml
 from medseg.postprocessing.case_reports import read_case_image
 from medseg.postprocessing.instances import index_to_world
 from medseg.postprocessing.structure_statistics import label_boxes
@@ -242,7 +242,7 @@ def render_preview(
         heading = f"{title}: no structure"
     else:
         label, voxels, centre = largest
-        volume = voxels * float(np.prod(spacing)) / 1000.0
+        volume = voxels * voxel_ml(spacing)
         heading = f"{title}: largest structure {label} {names.get(label, f'label {label}')} ({volume:.1f} mL)"
     world = view.world(centre)
     if seg.ndim == 3:

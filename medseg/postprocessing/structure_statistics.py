@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.io.image import ImageGeometry
+from medseg.io.image import ImageGeometry, voxel_ml
 
 __all__ = ["CONNECTIVITY", "StructureStatistics", "label_boxes", "structure_statistics", "world_box"]
 
@@ -145,7 +145,7 @@ def structure_statistics(
     names = names or {}
     boxes = label_boxes(labels)
     ids = sorted({int(i) for i in label_ids if int(i) != 0} | set(boxes))
-    voxel_ml = float(np.prod(np.asarray(geometry.spacing, dtype=np.float64))) / 1000.0
+    voxel_volume = voxel_ml(geometry.spacing)
     structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
     out = []
     for label in ids:
@@ -167,7 +167,7 @@ def structure_statistics(
                 label=label,
                 name=name,
                 voxels=voxels,
-                volume_ml=voxels * voxel_ml,
+                volume_ml=voxels * voxel_volume,
                 components=int(components),
                 bbox_min_mm=tuple(float(v) for v in wmin),
                 bbox_max_mm=tuple(float(v) for v in wmax),
