@@ -17,7 +17,8 @@ validation predictions, which its final weights made (``final``, the default, is
 a per-case budget, more on a loaded machine: the probabilities, and so the score, then vary with the load).
 ``--foreign`` images (another dataset, none of the model's structures in them: their real Dice is that of the
 prediction against an empty reference, 0 when anything is predicted) go to ``--foreign-model`` (default: the
-last model).
+last model). ``--review-below DICE`` applies ``medseg predict --review-below``: one absolute acceptance level for
+every model in place of each model's own threshold (its cross-validation median minus 0.07).
 
 Measured:
 
@@ -99,10 +100,11 @@ def _predict(
     cases: int | None,
     checkpoint: str = CheckpointName.FINAL,
     time_budget: str = "auto",
+    review_below: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     predictor = work_dir_predictor(work, checkpoint=checkpoint, device="cpu")
     rules = getattr(predictor.postprocess, "rules", None)
-    writer = QualityWriter(out, rules if isinstance(rules, dict) else None)
+    writer = QualityWriter(out, rules if isinstance(rules, dict) else None, review_below=review_below)
     collector = Collector(labels)
     source = images
     if cases is not None:  # the first N cases, linked into a folder of their own
@@ -130,6 +132,8 @@ def _predict(
         "members": [m.source or f"{m.configuration}/{m.arch}" for m in predictor.members],
         "checkpoint": str(checkpoint),
         "time_budget_per_case": time_budget,
+        "review_below": writer.model.review_below,
+        "review_below_source": writer.review_below_source,
         "cases": len(collector.dice),
         "temperature": t,
         "ece_before": expected_calibration_error(collector.samples, collector.targets) if collector.samples else None,
@@ -214,6 +218,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="auto|none|SECONDS",
         help="as medseg predict's (default auto: TTA and overlap reduced to fit; none: full TTA)",
     )
+    parser.add_argument(
+        "--review-below",
+        type=float,
+        default=None,
+        metavar="DICE",
+        help="as medseg predict's: an absolute acceptance level for every model instead of each model's own threshold",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     models = [tuple(m.split("=", 1)) for m in args.model]
@@ -229,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             args.cases,
             checkpoints[name],
             args.time_budget_per_case,
+            args.review_below,
         )
         summaries.append(summary)
         rows += model_rows
@@ -244,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             None,
             checkpoints[name],
             args.time_budget_per_case,
+            args.review_below,
         )
         summaries.append(summary)
         rows += foreign_rows

@@ -289,6 +289,7 @@ def _quality_writer(args: argparse.Namespace, predictor: Predictor, shard: Shard
         uncertainty=args.uncertainty,
         save_probabilities=args.save_probabilities,
         shard=shard,
+        review_below=args.review_below,
     )
 
 

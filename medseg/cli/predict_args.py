@@ -38,6 +38,17 @@ def _gigabytes(text: str) -> float | str | None:
     return gb
 
 
+def _dice_level(text: str) -> float:
+    """``--review-below``: a Dice between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a Dice between 0 and 1, got {text!r}")
+    return value
+
+
 def add_predict_parser(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the ``predict`` subcommand on ``sub`` (``add_common`` adds ``--verbose``/``--quiet``)."""
     from medseg.cli.predict import cmd_predict
@@ -96,6 +107,15 @@ def add_predict_parser(sub: argparse._SubParsersAction, add_common: Callable[[ar
         help="also write OUT/uncertainty/CASE.nii.gz: per voxel the normalised predictive entropy (0-1) of the "
         "calibrated mean probabilities over ensemble members and TTA passes, in the input geometry "
         "(OUT/quality.json, a per-case quality score and ok/review verdict, is always written)",
+    )
+    p.add_argument(
+        "--review-below",
+        type=_dice_level,
+        default=None,
+        metavar="DICE",
+        help="your acceptance level: quality.json's verdict is 'review' for a case whose predicted mean foreground "
+        "Dice (its score) is below DICE (default: the model's own threshold, its cross-validation median minus "
+        "0.07: a case unusual for this model, so a weak model's typical cases pass)",
     )
     p.add_argument("--no-postprocessing", action="store_true")
     p.add_argument(

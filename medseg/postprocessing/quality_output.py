@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,10 @@ class QualityWriter:
         uncertainty: write ``OUT/uncertainty/CASE.nii.gz``.
         save_probabilities: rewrite the predictor's ``OUT/CASE.npz`` with calibrated probabilities.
         shard: this process's share of the cases (it writes its part file), or None.
+        review_below: the user's acceptance level: a case whose score (predicted mean foreground Dice) is
+            below it gets the verdict ``review``, in place of the model's own threshold (find-best's: its
+            cross-validation median minus 0.07, i.e. unusual *for this model*); None keeps the model's.
+            ``quality.json`` records which one applied (``score_model.review_below_source``).
 
     Attributes:
         cases: case id -> its ``quality.json`` entry (this run's and earlier ones).
@@ -105,11 +110,18 @@ class QualityWriter:
         uncertainty: bool = False,
         save_probabilities: bool = False,
         shard: Shard | None = None,
+        review_below: float | None = None,
     ) -> None:
         fitted = dict(calibration or {})
         self.output_dir = Path(output_dir)
         self.temperature = float((fitted.get("calibration") or {}).get("temperature", 1.0))
         self.model = QualityModel.from_dict(fitted.get("quality"))
+        self.review_below_source = self.model.source
+        if review_below is not None:
+            if not 0.0 <= review_below <= 1.0:
+                raise MedsegError(f"--review-below {review_below}: a Dice between 0 and 1 is needed")
+            self.model = replace(self.model, review_below=float(review_below))
+            self.review_below_source = "user (--review-below)"
         self.names = dict(names or {})
         self.uncertainty = uncertainty
         self.save_probabilities = save_probabilities
@@ -246,6 +258,9 @@ class QualityWriter:
         return {
             "format": QUALITY_FORMAT,
             "temperature": self.temperature,
-            "score_model": {k: v for k, v in self.model.to_dict().items() if k not in ("volumes", "joint_volumes")},
+            "score_model": {
+                **{k: v for k, v in self.model.to_dict().items() if k not in ("volumes", "joint_volumes")},
+                "review_below_source": self.review_below_source,
+            },
             "cases": dict(cases),
         }

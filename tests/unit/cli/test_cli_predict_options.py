@@ -113,3 +113,11 @@ def test_max_ram_flag_refuses_what_is_not_a_budget(tmp_path, capsys, flag):
         main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--max-ram", flag])
     assert exc.value.code == 2
     assert "expected GB > 0, 'none' (no limit) or 'auto'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["1.5", "-0.1", "good"])
+def test_review_below_flag_refuses_what_is_not_a_dice(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--review-below", flag])
+    assert exc.value.code == 2
+    assert "expected a Dice between 0 and 1" in capsys.readouterr().err

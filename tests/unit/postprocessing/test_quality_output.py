@@ -117,6 +117,28 @@ def test_verdict_reasons_and_schema(tmp_path):
     assert low["verdict"] == "review" and "below" in low["reasons"][0]
 
 
+@pytest.mark.parametrize("user, verdict", [(None, "ok"), (0.999, "review"), (0.3, "ok")])
+def test_users_review_level_replaces_the_models_threshold(tmp_path, user, verdict):
+    probs = agreeing_probs()  # label 1 certain in a corner, label 2 at 1/3 where it wins: score below 1
+    model = QualityModel(review_below=0.2, source="cross-validation")
+    writer = QualityWriter(tmp_path / "out", {"quality": model.to_dict()}, review_below=user)
+    writer(hand_case(tmp_path, probs))
+    doc = json.loads((tmp_path / "out" / QUALITY_FILE).read_text())
+    entry = doc["cases"]["c1"]
+    assert 0.2 < entry["score"] < 0.999 and entry["verdict"] == verdict
+    assert doc["score_model"]["review_below"] == pytest.approx(0.2 if user is None else user)
+    source = "cross-validation" if user is None else "user (--review-below)"
+    assert doc["score_model"]["review_below_source"] == source
+    # a lower user level un-flags a case the model's own threshold would review
+    strict = QualityWriter(tmp_path / "strict", {"quality": QualityModel(review_below=0.99).to_dict()})
+    lenient = QualityWriter(
+        tmp_path / "lenient", {"quality": QualityModel(review_below=0.99).to_dict()}, review_below=0.1
+    )
+    for w in (strict, lenient):
+        w(hand_case(tmp_path, probs))
+    assert strict.cases["c1"]["verdict"] == "review" and lenient.cases["c1"]["verdict"] == "ok"
+
+
 def test_every_case_listed_kept_on_rerun_and_shards_merged(tmp_path):
     folder = tmp_path / "in"
     for i in range(3):
