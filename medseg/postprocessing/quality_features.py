@@ -145,10 +145,18 @@ def entropy_terms(p: np.ndarray, temperature: float) -> tuple[np.ndarray, np.nda
         ``(p^a, p^a log p)`` as float32 (0 where ``p`` is 0).
     """
     p = np.clip(np.asarray(p, dtype=np.float32), 0.0, 1.0)
-    powered = np.power(p, np.float32(1.0 / temperature))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weighted = np.where(p > 0, powered * np.log(np.maximum(p, np.float32(1e-30))), np.float32(0.0))
-    return powered, weighted.astype(np.float32)
+    powered = p if temperature == 1.0 else np.power(p, np.float32(1.0 / temperature))
+    weighted = np.maximum(p, np.float32(1e-30))  # where p is 0, powered is 0 too: the product is 0
+    np.log(weighted, out=weighted)
+    weighted *= powered
+    return powered, weighted
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` dilated ``radius`` times with the full-connectivity structure (a cube of side ``2 radius + 1``),
+    as a separable maximum filter: equal to ``ndimage.binary_dilation(mask, full structure, iterations=radius)``
+    (outside the array counts as background in both), several times faster for many labels."""
+    return np.asarray(ndimage.maximum_filter(mask, size=2 * radius + 1, mode="constant", cval=0), dtype=bool)
 
 
 def label_features(
@@ -177,13 +185,13 @@ def label_features(
     expected = inside = border = None
     if q is not None:
         if voxels:  # the probability mass near the structure (the far background's specks are not its errors)
-            near = ndimage.binary_dilation(mask, structure, iterations=NEAR_MARGIN)
+            near = _dilate(mask, NEAR_MARGIN)
             expected = 2.0 * float(q[mask].sum(dtype=np.float64)) / (float(q[near].sum(dtype=np.float64)) + voxels)
         else:  # nothing predicted: right unless the label is likely somewhere
             expected = 0.0 if bool((q >= ABSENT_BELOW).any()) else 1.0
     if entropy is not None and voxels:
         inside = float(entropy[mask].mean(dtype=np.float64))
-        band = ndimage.binary_dilation(mask, structure) & ~ndimage.binary_erosion(mask, structure)
+        band = _dilate(mask, 1) & ~ndimage.binary_erosion(mask, structure)
         border = float(entropy[band].mean(dtype=np.float64))
     volume_ml = voxels * voxel_ml
     z = None

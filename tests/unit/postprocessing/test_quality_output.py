@@ -224,3 +224,16 @@ def test_one_pass_features_equal_the_whole_grid_ones(tmp_path, temperature, abse
             expected = value if value is None else pytest.approx(value, abs=1e-6, rel=1e-6)
             assert got[label][key] == expected, (label, key)
     assert got["3"]["voxels"] == 0 and got["3"]["expected_dice"] == (0.0 if absent_somewhere_likely else 1.0)
+
+
+def test_separable_dilation_equals_the_iterated_full_connectivity_one():
+    from medseg.postprocessing.quality_features import _dilate
+
+    rng = np.random.default_rng(3)
+    for shape in [(9, 11, 7), (1, 6, 6), (12, 10)]:
+        for _ in range(10):
+            mask = ndimage.binary_opening(rng.random(shape) < 0.3) | (rng.random(shape) < 0.03)
+            structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+            for radius in (1, NEAR_MARGIN):
+                expected = ndimage.binary_dilation(mask, structure, iterations=radius)
+                assert np.array_equal(_dilate(mask, radius), expected)
