@@ -1,7 +1,7 @@
 """Benchmark prediction memory: peak RSS and seconds of big, many-class cases, unconstrained and under --max-ram.
 
     python scripts/bench_predict_memory.py synthetic [--scale 1.0] [--classes 118] [--max-ram 4] [--tta]
-    python scripts/bench_predict_memory.py shared [--max-ram 1]   # totalseg_ct and voxelmorph_brain
+    python scripts/bench_predict_memory.py shared [--max-ram 1] [--cases voxelmorph] [--shared-tta off]
 
 ``synthetic`` writes a CT-like volume (``400 x 512 x 512`` (Z, Y, X) at 1.5 x 0.8 x 0.8 mm times ``--scale``
 per axis, int16 HU: air, a body ellipse, denser blobs) and predicts it with a 118-class UNet planned by hand
@@ -164,6 +164,11 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=118)
     ap.add_argument("--max-ram", default="4", help="the budget run's --max-ram (GB)")
     ap.add_argument("--tta", action="store_true", help="synthetic: TTA on (default off); shared: both")
+    ap.add_argument(
+        "--cases", nargs="+", choices=("totalseg_ct", "voxelmorph"), default=("totalseg_ct", "voxelmorph"),
+        help="shared: which cases (default both)",
+    )  # fmt: skip
+    ap.add_argument("--shared-tta", choices=("both", "off", "on"), default="both", help="shared: TTA runs")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder instead of a temporary one")
     ap.add_argument("--input", type=Path)
     ap.add_argument("--output", type=Path)
@@ -194,6 +199,8 @@ def main() -> None:
                 ("totalseg_ct", "totalseg_ct", "example_ct"),
                 ("voxelmorph", "voxelmorph_brain", None),
             ):
+                if name not in args.cases:
+                    continue
                 src = SHARED / sub
                 labels = json.loads((src / "dataset.json").read_text())["labels"]
                 images = sorted((src / "imagesTr").glob("*.nii.gz"))
@@ -204,7 +211,7 @@ def main() -> None:
                 spacing = tuple(reversed(sitk.ReadImage(str(image)).GetSpacing()))
                 rows += _bench_case(
                     name, case_dir, tmp, len(labels), spacing, (64, 64, 64), [args.max_ram, "auto", "none"],
-                    [False, True],
+                    {"both": [False, True], "off": [False], "on": [True]}[args.shared_tta],
                 )  # fmt: skip
         print(
             "\n| case | TTA | --max-ram | streamed | seconds | peak RSS GB | estimate GB (streamed) | voxels differing |"
