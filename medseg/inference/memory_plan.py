@@ -10,7 +10,8 @@ configuration's preprocessed grid, ``K`` classes, ``C`` channels, ``b`` the accu
 * ``network``: the sliding window of one configuration: its ``(K, z, y, x)`` logit accumulator
   (``K x v x b``, again for a padded volume or shift TTA), the members' running sum, the weights, the
   network's forward pass (``batch x patch x 4 x (2K + 8 x features)``: measured 1.17 GB for 4 patches of
-  64^3 of a 4-feature UNet with 118 classes), the softmax's float32 temporaries, and
+  64^3 of a 4-feature UNet with 118 classes), with mirror TTA its tile sums and a flipped output
+  (``(ceil(batch / flips) + 2) x K x patch x 4``), the softmax's float32 temporaries, and
   every configuration's input and earlier configurations' probabilities;
 * ``revert``: back to the original grid and the argmax, one class at a time (about 4 float32 original-grid
   volumes and the class map), while every configuration's probabilities are held; with
@@ -81,6 +82,7 @@ class WindowJob:
         base_features: the network's first-stage features (its activations scale with them).
         padded: whether the window pads the volume (smaller than the patch, or shift TTA): another
             accumulator of the padded size.
+        flips: mirror-TTA flips per patch position (1: none).
     """
 
     configuration: str
@@ -91,6 +93,7 @@ class WindowJob:
     batch_size: int
     base_features: int
     padded: bool = False
+    flips: int = 1
 
 
 def accumulator_bytes_per_value(num_classes: int, shape: Sequence[int]) -> int:
@@ -171,6 +174,15 @@ def _forward_bytes(job: WindowJob, num_classes: int) -> int:
     return int(job.batch_size * np.prod(job.patch) * 4 * (2 * num_classes + 8 * job.base_features))
 
 
+def _tta_bytes(job: WindowJob, num_classes: int) -> int:
+    """Mirror TTA's float32 tile buffers: the running sums of the tiles whose flips a batch has started
+    (``ceil(batch / flips) + 1`` at most) and one flipped output, ``K x patch x 4`` each."""
+    if job.flips <= 1:
+        return 0
+    tiles = -(-job.batch_size // job.flips) + 1 + 1
+    return int(tiles * num_classes * np.prod(job.patch) * 4)
+
+
 def _padded_voxels(job: WindowJob) -> int:
     tile = job.patch if len(job.patch) == 3 else (1, *job.patch)
     return int(np.prod([max(s, t) + (t // 2 if job.padded else 0) for s, t in zip(job.shape, tile)]))
@@ -223,7 +235,7 @@ def plan_case_memory(
         v_pad = _padded_voxels(job) if job.padded else 0
         accumulators = k * v * b + k * v_pad * b + (k * v * b if job.members > 1 else 0)
         softmax_tmp = (7 if b == 2 else 2) * v * 4
-        common = held_inputs + job.channels * v_pad * 4 + (v + v_pad) * 4 + _forward_bytes(job, k)
+        common = held_inputs + job.channels * v_pad * 4 + (v + v_pad) * 4 + _forward_bytes(job, k) + _tta_bytes(job, k)
         network = max(network, common + accumulators + softmax_tmp + probs_held)
         # streamed: the accumulators' resident pages are the window (added below); the softmax's float32
         # temporaries are those of one Z slab (at most twice its SLAB_BYTES)
@@ -312,7 +324,9 @@ class MemoryPlanning:
             stage = members[0].stage
             net = stage.network
             passes = self.tta_passes if setting is None else min(setting.passes, self._pass_options(members[0])[0])
-            shifts = tta_variants(stage.mirror_axes, stage.total_stride, passes=passes)[1] if self.use_tta else []
+            axes, shifts = (
+                tta_variants(stage.mirror_axes, stage.total_stride, passes=passes) if self.use_tta else ((), [])
+            )
             shape = tuple(int(s) for s in data.shape[1:])
             tile = net.patch_size if stage.dims == 3 else (1, *net.patch_size)
             batch = self.batch_size or inference_batch_size(
@@ -328,6 +342,7 @@ class MemoryPlanning:
                     batch,
                     net.spec.base_features,
                     padded=len(shifts) > 1 or any(s < t for s, t in zip(shape, tile)),
+                    flips=2 ** len(axes),
                 )
             )
         return plan_case_memory(

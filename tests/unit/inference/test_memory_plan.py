@@ -45,6 +45,25 @@ def test_plan_counts_each_stage_from_the_shapes():
     assert padded.stages["network"] > plan.stages["network"] + k * v * 4
 
 
+def test_mirror_tta_adds_its_tile_buffers_streamed_or_not():
+    shape, k, patch = (20, 30, 40), 3, 8 * 16 * 16
+    plain = WindowJob("3d_fullres", shape, 1, 1, (8, 16, 16), 2, 4)
+    for flips, batch, tiles in [(8, 2, 3), (2, 4, 4), (4, 9, 5)]:
+        job = WindowJob("3d_fullres", shape, 1, 1, (8, 16, 16), batch, 4, flips=flips)
+        base = WindowJob("3d_fullres", shape, 1, 1, (8, 16, 16), batch, 4)
+        with_tta = plan_case_memory((40, 30, 40), 1, k, [job], budget_bytes=1)
+        without = plan_case_memory((40, 30, 40), 1, k, [base], budget_bytes=1)
+        extra = tiles * k * patch * 4  # ceil(batch / flips) + 1 tile sums and one flipped output, float32
+        assert with_tta.stages["network"] - without.stages["network"] == extra
+        assert with_tta.streamed_stages["network"] - without.streamed_stages["network"] == extra
+    assert (
+        plan_case_memory((40, 30, 40), 1, k, [plain], None).stages
+        == plan_case_memory(
+            (40, 30, 40), 1, k, [WindowJob("3d_fullres", shape, 1, 1, (8, 16, 16), 2, 4, flips=1)], None
+        ).stages
+    )
+
+
 def test_plan_streams_over_budget_and_keeps_the_streamed_peak_smaller():
     k, shape = 118, (200, 136, 136)  # float32 would be 1.7 GB: a float16 accumulator
     plan = plan_case_memory((200, 256, 256), 1, k, [_job(shape)], budget_bytes=None)
