@@ -179,8 +179,8 @@ def _tta_bytes(job: WindowJob, num_classes: int) -> int:
     (``ceil(batch / flips) + 1`` at most) and one flipped output, ``K x patch x 4`` each."""
     if job.flips <= 1:
         return 0
-    tiles = -(-job.batch_size // job.flips) + 1 + 1
-    return int(tiles * num_classes * np.prod(job.patch) * 4)
+    running_sums = -(-job.batch_size // job.flips) + 1
+    return int((running_sums + 1) * num_classes * np.prod(job.patch) * 4)
 
 
 def _padded_voxels(job: WindowJob) -> int:

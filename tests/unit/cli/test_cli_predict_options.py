@@ -107,17 +107,17 @@ def test_max_ram_flag_reaches_the_predictor(tmp_path, monkeypatch, flag, expecte
     assert built[0]["max_ram_gb"] == expected
 
 
-@pytest.mark.parametrize("flag", ["0", "-2", "lots"])
-def test_max_ram_flag_refuses_what_is_not_a_budget(tmp_path, capsys, flag):
-    with pytest.raises(SystemExit) as exc:
-        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--max-ram", flag])
-    assert exc.value.code == 2
-    assert "expected GB > 0, 'none' (no limit) or 'auto'" in capsys.readouterr().err
+_GB = "expected GB > 0, 'none' (no limit) or 'auto'"
+_DICE = "expected a Dice between 0 and 1"
 
 
-@pytest.mark.parametrize("flag", ["1.5", "-0.1", "good"])
-def test_review_below_flag_refuses_what_is_not_a_dice(tmp_path, capsys, flag):
+@pytest.mark.parametrize(
+    "option, flag, message",
+    [("--max-ram", v, _GB) for v in ("0", "-2", "lots")]
+    + [("--review-below", v, _DICE) for v in ("1.5", "-0.1", "good")],
+)
+def test_value_flags_refuse_what_they_cannot_mean(tmp_path, capsys, option, flag, message):
     with pytest.raises(SystemExit) as exc:
-        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), "--review-below", flag])
+        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path), option, flag])
     assert exc.value.code == 2
-    assert "expected a Dice between 0 and 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
