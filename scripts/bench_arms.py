@@ -10,6 +10,8 @@ is reported too; ``--find-best`` then fits each arm's postprocessing, temperatur
 defaults: postprocessing, prediction budget) and is scored by ``medseg evaluate`` against ``TEST_LABELS``.
 With ``--concurrent`` the arms train at the same time (they then share the machine alike, which is what
 makes a pair fair on a machine that other work also uses); predictions always run one after another.
+``--reuse NAME=TRAINED_WORK`` adds an arm trained earlier on the same plan (e.g. the plain run of an earlier
+idle-machine benchmark): its work folder is copied whole, not retrained, and scored like the others.
 
 Prints one row per arm: iterations, training wall seconds, prediction seconds, mean foreground Dice and
 HD95, and the Dice per label; writes the same as ``OUT/arms.json``. Nothing is written next to the inputs.
@@ -47,6 +49,13 @@ def _iterations(run_root: Path, fold: str) -> int | None:
     return None
 
 
+def _elapsed(run_root: Path, fold: str) -> float:
+    """Training seconds of a reused arm: its ``progress.json`` ``elapsed_seconds``."""
+    for progress in sorted(run_root.glob(f"runs/*/*/fold_{fold}/progress.json")):
+        return float(json.loads(progress.read_text())["elapsed_seconds"])
+    raise SystemExit(f"{run_root}: no runs/*/*/fold_{fold}/progress.json to reuse")
+
+
 def _fold_dice(run_root: Path, fold: str) -> float | None:
     """Mean foreground Dice of the run's final validation (``validation/metrics.json``), None for fold all."""
     for metrics in sorted(run_root.glob(f"runs/*/*/fold_{fold}/validation/metrics.json")):
@@ -61,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("test_images", type=Path)
     ap.add_argument("test_labels", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--arm", action="append", required=True, help='NAME="medseg train arguments"')
+    ap.add_argument("--arm", action="append", default=[], help='NAME="medseg train arguments"')
+    ap.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        help="NAME=TRAINED_WORK: an arm already trained (same plan) in that work folder, copied whole and not "
+        "retrained; its training seconds are its run's progress.json elapsed_seconds",
+    )
     ap.add_argument(
         "--predict-args",
         action="append",
@@ -89,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.arm:
         name, _, extra = spec.partition("=")
         arms[name] = shlex.split(extra)
+    reused: dict[str, Path] = {}
+    for spec in args.reuse:
+        name, _, folder = spec.partition("=")
+        reused[name] = Path(folder)
+    if not arms and not reused:
+        ap.error("give at least one --arm or --reuse")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in arms:
         _copy_work(args.work, args.out / f"work_{name}")
+    for name, folder in reused.items():
+        dst = args.out / f"work_{name}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(folder, dst)
 
     started: dict[str, float] = {}
     walls: dict[str, float] = {}
@@ -112,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"arm {name}: training failed, see train_{name}.log")
             walls[name] = time.perf_counter() - started[name]
 
+    for name in reused:
+        walls[name] = _elapsed(args.out / f"work_{name}", args.fold)
+
     rows: list[dict[str, Any]] = []
-    for name in arms:
+    for name in [*arms, *reused]:
         if args.find_best:
             subprocess.run(_medseg("find-best", str(args.out / f"work_{name}"), "-q"), check=True)
         pred = args.out / f"pred_{name}"
@@ -139,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "arm": name,
-                "train_args": arms[name],
+                "train_args": arms.get(name, ["(reused: " + str(reused.get(name)) + ")"]),
                 "iterations": _iterations(args.out / f"work_{name}", args.fold),
                 "fold_dice": _fold_dice(args.out / f"work_{name}", args.fold),
                 "train_s": round(walls[name], 1),
