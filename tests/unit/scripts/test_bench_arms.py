@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "bench_arms.py"
+from tests.helpers import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_arms_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_arms")
 
 
 def _trained_work(root: Path, iteration: int, elapsed: float, fold_dice: float) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.fingerprint import CaseFingerprint, Fingerprint
-
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "bench_postprocessing_prior.py"
+from tests.helpers import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_postprocessing_prior_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_postprocessing_prior")
 
 
 def _write(path: Path, array: np.ndarray) -> None:

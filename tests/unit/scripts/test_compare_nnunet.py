@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
 import sys
@@ -13,18 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "compare_nnunet.py"
+from tests.helpers import load_script
 
 
 def _load():
-    name = "compare_nnunet_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_nnunet")
 
 
 cn = _load()

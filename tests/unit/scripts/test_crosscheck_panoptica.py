@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from medseg.evaluation import lesion_wise_scores
-
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "crosscheck_panoptica.py"
+from tests.helpers import load_script
 
 
 def _load():
-    name = "crosscheck_panoptica_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("crosscheck_panoptica")
 
 
 def _as_panoptica(s) -> dict[str, float]:
