@@ -34,10 +34,11 @@ def _medseg(*args: str) -> list[str]:
     return [sys.executable, "-m", "medseg", *args]
 
 
-def _copy_work(work: Path, dst: Path) -> None:
+def _copy_work(work: Path, dst: Path, runs: bool = False) -> None:
+    """``work`` copied to ``dst`` (replacing it); its ``runs/`` only with ``runs`` (a reused arm)."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(work, dst, ignore=lambda folder, names: ["runs"] if Path(folder) == work else [])
+    shutil.copytree(work, dst, ignore=lambda folder, names: ["runs"] if not runs and Path(folder) == work else [])
 
 
 def _iterations(run_root: Path, fold: str) -> int | None:
@@ -115,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in arms:
         _copy_work(args.work, args.out / f"work_{name}")
     for name, folder in reused.items():
-        dst = args.out / f"work_{name}"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(folder, dst)
+        _copy_work(folder, args.out / f"work_{name}", runs=True)
 
     started: dict[str, float] = {}
     walls: dict[str, float] = {}

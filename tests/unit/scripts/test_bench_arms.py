@@ -11,10 +11,6 @@ import pytest
 from tests.helpers import load_script
 
 
-def _load():
-    return load_script("bench_arms")
-
-
 def _trained_work(root: Path, iteration: int, elapsed: float, fold_dice: float) -> Path:
     run = root / "runs" / "3d_fullres" / "unet" / "fold_0"
     (run / "validation").mkdir(parents=True)
@@ -42,7 +38,7 @@ def _fake_medseg(calls: list[list[str]]):
 
 
 def test_a_reused_arm_is_copied_scored_and_never_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load()
+    module = load_script("bench_arms")
     trained = _trained_work(tmp_path / "earlier", iteration=3016, elapsed=1743.2, fold_dice=0.893)
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     calls: list[list[str]] = []
@@ -67,14 +63,14 @@ def test_a_reused_arm_is_copied_scored_and_never_trained(tmp_path: Path, monkeyp
 
 
 def test_no_arm_at_all_is_refused(tmp_path: Path) -> None:
-    module = _load()
+    module = load_script("bench_arms")
     with pytest.raises(SystemExit) as info:
         module.main([str(tmp_path), str(tmp_path), str(tmp_path), "-o", str(tmp_path / "out")])
     assert info.value.code == 2
 
 
 def test_a_reused_folder_without_the_fold_fails_with_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load()
+    module = load_script("bench_arms")
     (tmp_path / "empty").mkdir()
     monkeypatch.setattr(module.subprocess, "run", _fake_medseg([]))
     argv = [str(tmp_path), str(tmp_path), str(tmp_path), "-o", str(tmp_path / "out"), "--fold", "0"]

@@ -12,10 +12,6 @@ from medseg.fingerprint import CaseFingerprint, Fingerprint
 from tests.helpers import load_script
 
 
-def _load():
-    return load_script("bench_postprocessing_prior")
-
-
 def _write(path: Path, array: np.ndarray) -> None:
     img = sitk.GetImageFromArray(array.astype(np.uint8))
     img.SetSpacing((1.0, 1.0, 3.0))
@@ -39,7 +35,7 @@ def test_rule_removes_a_far_blob_and_the_table_shows_it(tmp_path, capsys):
         _write(tmp_path / "pred" / f"{case}.nii.gz", pred)
     out = tmp_path / "summary.json"
     assert (
-        _load().main(
+        load_script("bench_postprocessing_prior").main(
             [
                 str(tmp_path / "pred"),
                 str(tmp_path / "labels"),

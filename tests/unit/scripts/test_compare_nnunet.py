@@ -14,12 +14,7 @@ import SimpleITK as sitk
 
 from tests.helpers import load_script
 
-
-def _load():
-    return load_script("compare_nnunet")
-
-
-cn = _load()
+cn = load_script("compare_nnunet")
 
 
 # ---------------------------------------------------------------------------------------------- split

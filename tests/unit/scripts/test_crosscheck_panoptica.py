@@ -10,10 +10,6 @@ from medseg.evaluation import lesion_wise_scores
 from tests.helpers import load_script
 
 
-def _load():
-    return load_script("crosscheck_panoptica")
-
-
 def _as_panoptica(s) -> dict[str, float]:
     """The row panoptica would give for medseg's scores where the definitions agree."""
     n_pred, n_ref = s.tp + s.fp, s.tp + s.fn
@@ -32,7 +28,7 @@ def _as_panoptica(s) -> dict[str, float]:
 
 
 def test_pairs_perturbation_and_comparison():
-    mod = _load()
+    mod = load_script("crosscheck_panoptica")
     ast.parse(mod.PANOPTICA_WORKER)
     pairs = mod.synthetic_pairs(seed=1, n_random=3)
     assert [p[0] for p in pairs[:3]] == ["missed_small", "false_small", "two_preds_one_ref"] and len(pairs) == 9
@@ -54,7 +50,7 @@ def test_pairs_perturbation_and_comparison():
 def test_folder_pairs_match_predictions_to_references_by_name(tmp_path):
     from medseg.io.image import ImageGeometry, write_image
 
-    mod = _load()
+    mod = load_script("crosscheck_panoptica")
     geo = ImageGeometry((6, 12, 12), (2.0, 0.75, 0.75), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     ref = np.zeros((6, 12, 12), np.uint8)
     ref[1:5, 1:5, 1:5] = 1
