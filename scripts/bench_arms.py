@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "arm": name,
-                "train_args": arms.get(name, ["(reused: " + str(reused.get(name)) + ")"]),
+                "train_args": arms.get(name, []),
+                **({"reused_from": str(reused[name])} if name in reused else {}),
                 "iterations": _iterations(args.out / f"work_{name}", args.fold),
                 "fold_dice": _fold_dice(args.out / f"work_{name}", args.fold),
                 "train_s": round(walls[name], 1),

@@ -67,6 +67,14 @@ from medseg.io.workdir import WorkDir  # noqa: E402
 from medseg.planning.plan import Plan  # noqa: E402
 
 
+def train_command(arm: dict[str, Any], work: Path, fold: str) -> str:
+    """How ``arm`` (a row of ``arms.json``) was trained: its ``medseg train`` line, or, for an arm that
+    ``bench_arms.py --reuse`` copied from an earlier run, where that run came from (its command is not known)."""
+    if arm.get("reused_from"):
+        return f"(trained earlier in {arm['reused_from']}; copied, not retrained)"
+    return show(medseg_cmd("train", str(work), "--fold", fold, *arm["train_args"]))
+
+
 class Bench:
     """The table's rows for one arms folder (see the module docstring)."""
 
@@ -119,7 +127,7 @@ class Bench:
                 {
                     "technique": name if a["train_args"] else f"{name} (no train options)",
                     "commands": [
-                        show(medseg_cmd("train", str(work), "--fold", fold, *a["train_args"])),
+                        train_command(a, work, fold),
                         *([show(medseg_cmd("find-best", str(work), "-q"))] if WorkDir(work).best.is_file() else []),
                         show(self.predict_cmd(name, self.dir / f"pred_{name}")),
                     ],

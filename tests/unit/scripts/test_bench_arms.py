@@ -56,6 +56,7 @@ def test_a_reused_arm_is_copied_scored_and_never_trained(tmp_path: Path, monkeyp
     assert row["arm"] == "plain"
     assert row["train_s"] == 1743.2 and row["iterations"] == 3016 and row["fold_dice"] == 0.893
     assert row["dice"] == 0.8
+    assert row["train_args"] == [] and row["reused_from"] == str(trained)
     assert [c[0] for c in calls] == ["find-best", "predict", "evaluate"]
     assert calls[0][1] == str(out / "work_plain")  # the copy, never the earlier run's folder
     assert (out / "work_plain" / "runs" / "3d_fullres" / "unet" / "fold_0" / "progress.json").is_file()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +13,7 @@ import SimpleITK as sitk
 from medseg.ensembling.runs import find_validation_predictions
 from medseg.inference.export import write_probabilities
 from medseg.io.workdir import WorkDir
-
-SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
-
-
-def _load(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def _labels(shift: int) -> np.ndarray:
@@ -72,7 +60,7 @@ def _arms_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_dry_run_assembles_the_table_from_cached_results_and_runs_nothing(tmp_path, monkeypatch, capsys):
-    bench = _load("bench_techniques")
+    bench = load_script("bench_techniques")
     arms, labels, out = _arms_folder(tmp_path)
 
     def refuse(*args, **kwargs):
@@ -99,8 +87,18 @@ def test_dry_run_assembles_the_table_from_cached_results_and_runs_nothing(tmp_pa
     assert not (out / "techniques.json").exists()  # a dry run writes nothing
 
 
+def test_a_reused_arm_names_where_it_was_trained_instead_of_a_train_command(tmp_path):
+    bench = load_script("bench_techniques")
+    reused = {"arm": "plain", "train_args": [], "reused_from": "/earlier/work30"}
+    text = bench.train_command(reused, tmp_path / "work_plain", "0")
+    assert "/earlier/work30" in text and "medseg" not in text
+    trained = {"arm": "look", "train_args": ["--optimizer", "lookahead-adamw"]}
+    line = bench.train_command(trained, tmp_path / "work_look", "0")
+    assert "train" in line and str(tmp_path / "work_look") in line and line.endswith("--optimizer lookahead-adamw")
+
+
 def test_rules_weigh_the_member_that_is_right():
-    table = _load("technique_table")
+    table = load_script("technique_table")
     right = [_onehot(_labels(0), p=0.8) for _ in range(4)]
     wrong = [_onehot(np.zeros((6, 8, 8), np.uint8), p=0.95) for _ in range(4)]  # confidently all background
     cases = [(np.stack([r, w]), _labels(0).astype(np.int64)) for r, w in zip(right, wrong)]
@@ -114,7 +112,7 @@ def test_rules_weigh_the_member_that_is_right():
 
 
 def test_cross_work_makes_each_arm_a_find_best_member(tmp_path):
-    table = _load("technique_table")
+    table = load_script("technique_table")
     arms = {}
     for arm in ("plain", "snapshots"):
         work = tmp_path / f"work_{arm}"
