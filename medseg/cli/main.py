@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--try-crf",
         action="store_true",
-        help="also try a dense CRF after the component rules on the CV cases; kept only if it raises the mean Dice",
+        help="also try a dense CRF after the component rules on the CV cases; kept only if it raises the mean "
+        "Dice by at least 2 paired standard errors of the per-case gain",
     )
     p.add_argument("--data", default=None, help="dataset folder (default: the one `medseg plan` recorded)")
     _add_common(p)
