@@ -40,7 +40,7 @@ def _partially_annotated(root: Path) -> Path:
     return data
 
 
-def test_ignore_label_end_to_end(tmp_path):
+def test_ignore_label_end_to_end(tmp_path, capsys):
     data = _partially_annotated(tmp_path)
     work = tmp_path / "work"
     assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q"]) == 0
@@ -72,7 +72,9 @@ def test_ignore_label_end_to_end(tmp_path):
     images = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
     for p in images:
         shutil.copy(p, inp / p.name)
+    capsys.readouterr()
     assert main(["predict", "-i", str(inp), "-o", str(out), "-m", str(work), "--device", "cpu", "--no-tta", "-q"]) == 0
+    assert "predict:" not in capsys.readouterr().err  # -q: no progress bar
     for src in images:  # never the ignore id, never an undeclared id
         assert_prediction_like_input(out / src.name, src, {0, 1, 2, 3})
 
@@ -81,3 +83,8 @@ def test_ignore_label_end_to_end(tmp_path):
     result = json.loads(report.read_text())
     assert result["ignore_label"] == IGNORE and str(IGNORE) not in result["mean"]
     assert all(c["ignored_voxels"] > 0 for c in result["cases"])
+    assert "evaluate:" not in capsys.readouterr().err
+
+    assert main(["find-best", str(work), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "find-best:" not in err and "postprocessing search" not in err
