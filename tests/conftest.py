@@ -10,6 +10,15 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _progress_bars_back_on():
+    """A ``main([..., "-q"])`` turns progress bars off for the process; the next test starts with them on."""
+    yield
+    from medseg.progress import set_progress
+
+    set_progress(True)
+
+
 @pytest.fixture
 def synthetic_dataset(tmp_path: Path) -> Path:
     """A 6-case synthetic MSD dataset (anisotropic, oblique) written to ``tmp_path/data``."""

@@ -22,11 +22,6 @@ def default_num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars unless ``--quiet`` (which leaves only warnings and errors on stderr)."""
-    return not getattr(args, "quiet", False)
-
-
 def resolve_device(device: str | None) -> str:
     import torch
 
@@ -145,7 +140,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         num_workers=args.num_workers or default_num_workers(),
         ignore_label=args.ignore_label,
         lesion_wise=lesion_wise,
-        progress=show_progress(args),
     )
     print(report.summary())
     print(f"metrics written to {out} and {out.with_suffix('.csv')}")
@@ -155,9 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_find_best(args: argparse.Namespace) -> int:
     from medseg.ensembling import find_best
 
-    best = find_best(
-        Path(args.work), data_dir=args.data, metric=args.metric, try_crf=args.try_crf, progress=show_progress(args)
-    )
+    best = find_best(Path(args.work), data_dir=args.data, metric=args.metric, try_crf=args.try_crf)
     print(best.summary())
     print("predict with:\n  " + best.predict_command)
     return 0

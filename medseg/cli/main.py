@@ -24,6 +24,7 @@ from medseg.options import (
     WeightAveraging,
     choices,
 )
+from medseg.progress import set_progress
 
 logger = logging.getLogger("medseg")
 
@@ -243,6 +244,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         level = logging.DEBUG
     elif getattr(args, "quiet", False):
         level = logging.WARNING
+    set_progress(not getattr(args, "quiet", False))  # --quiet: only warnings and errors, no progress bars
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medseg.cli.commands import resolve_device, show_progress
+from medseg.cli.commands import resolve_device
 from medseg.errors import ConfigError
 from medseg.options import OutputFormat
 
@@ -102,7 +102,6 @@ def _predict(args: argparse.Namespace, shard: Shard | None, ranks: DistContext) 
         case_hook=combine_hooks([crf, quality, instances, dicom, *reports]),  # the CRF first: it rewrites the labels
         shard=shard,
         training_range=model_training_range(Path(args.model)),
-        progress=show_progress(args),
     )
     print(result.summary())
     if dicom is not None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.ensembling.references import dataset_root
 from medseg.errors import MedsegError
@@ -32,6 +31,7 @@ from medseg.io.image import read_image
 from medseg.postprocessing.crf import CrfParams, crf_labels
 from medseg.postprocessing.crf_output import CRF_KEY
 from medseg.postprocessing.operations import apply_postprocessing
+from medseg.progress import progress_bar
 
 __all__ = ["CRF_CANDIDATES", "MIN_GAIN_SE", "image_loader", "select_crf"]
 
@@ -101,7 +101,7 @@ def select_crf(
     lut[list(label_ids)] = np.arange(k)
     per_case = np.zeros((len(case_ids), len(candidates) + 1))  # mean foreground Dice, column 0 = rules alone
     seconds = 0.0
-    for row, case in enumerate(tqdm(case_ids, desc="CRF search", unit="case", disable=not progress)):
+    for row, case in enumerate(progress_bar(case_ids, desc="CRF search", unit="case", disable=not progress)):
         probs, ref = load_case(case)
         image, spacing = load_image(case)
         ref_idx = lut[np.clip(ref.astype(np.int64), 0, lut.size - 1)]

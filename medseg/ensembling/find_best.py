@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.ensembling.crf_selection import image_loader, select_crf
 from medseg.ensembling.quality_fit import fit_quality
@@ -44,6 +43,7 @@ from medseg.planning.plan import Plan
 from medseg.postprocessing.fit import describe_rules, fit_postprocessing
 from medseg.postprocessing.operations import RULES_FORMAT, save_rules
 from medseg.preprocessing.regions import dice_per_region, region_key, regions_to_labels
+from medseg.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def find_best(
 
     ignore = plan.ignore_label  # unannotated reference voxels: left out of prediction and reference
 
-    for case in tqdm(common, desc="find-best", unit="case", disable=not progress):
+    for case in progress_bar(common, desc="find-best", unit="case", disable=not progress):
         ref = load_ref(case)
         ref_idx = lut[np.clip(ref.astype(np.int64), 0, lut.size - 1)]
         ignored = None if ignore is None else ref == ignore

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.errors import MedsegError
 from medseg.faults import maybe_fail
@@ -55,6 +54,7 @@ from medseg.inference.time_budget import (
     default_seconds_per_case,
     export_seconds,
 )
+from medseg.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def predict_folder(
         return time.perf_counter() - start
 
     workers = max(1, int(num_workers))
-    bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc="predict", unit="case", disable=not progress or not todo)
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-read") as readers,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-write") as writers,

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medseg.faults import InjectedOutOfMemory
 from medseg.inference.scratch import ScratchSpace
 from medseg.inference.window_pass import PredictionStopped, WindowPass, activate
 from medseg.machine import autocast_dtype
+from medseg.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _predict_once(
         bar = None
         if progress:
             total = sum(ctx.num_positions(shifted_shape(spatial, v)) for v in variants)
-            bar = tqdm(total=total, desc="patches", unit="patch", leave=False)
+            bar = progress_bar(total=total, desc="patches", unit="patch", leave=False)
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=ctx.amp_dtype or torch.bfloat16, enabled=ctx.amp_dtype is not None),

@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.context import BaseContext
 from typing import TypeVar
 
-from tqdm import tqdm
+from medseg.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,7 +42,7 @@ def map_cases(
         whatever ``fn`` raises, for the first failing item in order.
     """
     workers = max(1, min(int(num_workers), len(items)))
-    bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress)
+    bar = progress_bar(total=len(items), desc=desc, unit="case", disable=not progress)
     results: list[R] = []
     try:
         if workers == 1:

@@ -176,14 +176,14 @@ def _time_settings(
 ) -> list[StepTiming]:
     """Interleaved timing of ``settings`` in this process (see :func:`measure_step_times`); ``mark(i)`` is called
     before setting ``i`` is built or stepped, ``mark(-1)`` once all are done."""
-    from tqdm.auto import tqdm
+    from medseg.progress import progress_bar
 
     if any(torch.device(s.device).type == DeviceKind.CPU for s in settings):
         keep_freed_cpu_memory()  # time the steps with the allocator setting the trainer uses
     runners: list[_StepRunner | None] = []
     times: list[list[float]] = [[] for _ in settings]
     oom: set[int] = set()
-    bar = tqdm(
+    bar = progress_bar(
         total=len(settings) * (warmup + steps),
         desc="timing training steps",
         unit="step",

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.evaluation.lesion_wise import selection_score
 from medseg.options import SelectionMetric
 from medseg.postprocessing.operations import apply_postprocessing, label_components
+from medseg.progress import progress_bar
 
 #: loads one case: ``(prediction, reference)``, both ``(Z, Y, X)`` maps of original label ids.
 CaseLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
@@ -46,7 +46,7 @@ class SearchCases:
         return None if self.spacing_of is None else tuple(float(v) for v in self.spacing_of(case))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]]:
-        for case in tqdm(
+        for case in progress_bar(
             self.case_ids, desc="postprocessing search", unit="case", leave=False, disable=not self.progress
         ):
             if case in self.cache:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.errors import DatasetError, MedsegError, PlanError
 from medseg.faults import maybe_fail
@@ -40,6 +39,7 @@ from medseg.io.workdir import WorkDir
 from medseg.planning.plan import Plan
 from medseg.preprocessing.case import CaseProperties, preprocess_case_arrays, preprocessing_fingerprint
 from medseg.preprocessing.labels import locations_to_array, locations_to_dict
+from medseg.progress import progress_bar
 
 if TYPE_CHECKING:
     from medseg.io.dataset import DatasetInfo
@@ -263,7 +263,7 @@ def preprocess_dataset(
 
     problems: list[str] = []
     desc = f"preprocessing {len(jobs)} cases"
-    with tqdm(total=len(jobs), desc=desc, unit="case") as bar:
+    with progress_bar(total=len(jobs), desc=desc, unit="case") as bar:
         if num_workers <= 1 or len(jobs) == 1:
             for job in jobs:
                 err = _run_job(job, plan)

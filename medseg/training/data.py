@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from medseg.errors import MedsegError
 from medseg.planning.stage import Stage
 from medseg.preprocessing import preprocessed_folder
+from medseg.progress import progress_bar
 from medseg.training.augmentation import SpatialParams, draw_spatial, extract_patch, perturb_previous_stage
 from medseg.training.config import AugmentationConfig, TrainConfig
 from medseg.training.intensity_augmentation import apply_intensity, draw_intensity
@@ -134,7 +134,7 @@ def load_training_cases(
             folder / "unpacked",
         )
     cases = []
-    for cid in tqdm(case_ids, desc="loading cases", unit="case", disable=not progress or len(case_ids) < 20):
+    for cid in progress_bar(case_ids, desc="loading cases", unit="case", disable=not progress or len(case_ids) < 20):
         data, seg, props = load_network_input(work_dir, plan, configuration, cid)  # + a cascade's previous stage
         if seg is None:
             raise MedsegError(

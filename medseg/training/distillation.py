@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from medseg.errors import ConfigError
 from medseg.inference.members import load_members, member_checkpoints
 from medseg.inference.predictor import Predictor
 from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.stage import Stage
+from medseg.progress import progress_bar
 from medseg.training.data import CaseData
 from medseg.training.distill_config import DistillConfig
 
@@ -135,7 +135,7 @@ def attach_soft_targets(
     folder.mkdir(parents=True, exist_ok=True)
     predictor: Predictor | None = None
     out = []
-    for case in tqdm(cases, desc="teacher soft targets", unit="case", disable=not progress):
+    for case in progress_bar(cases, desc="teacher soft targets", unit="case", disable=not progress):
         path = folder / f"{case.case_id}.npy"
         if not path.is_file():
             predictor = predictor or Predictor(members, device=device, use_tta=False)

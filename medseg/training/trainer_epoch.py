@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from medseg.io.workdir import RunDir
+from medseg.progress import progress_bar
 from medseg.training.device import to_device
 from medseg.training.distillation import split_soft_targets
 from medseg.training.progress import epoch_line
@@ -81,7 +81,7 @@ class TrainerEpoch(TrainerState, TrainerValidation):
         wait = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         t_start = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.cfg.iters_per_epoch,
             desc=f"epoch {self.epoch}",
             unit="it",

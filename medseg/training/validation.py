@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medseg.distributed import DistContext
 from medseg.faults import maybe_fail
@@ -40,6 +39,7 @@ from medseg.io.workdir import RunDir, WorkDir
 from medseg.planning.stage import Stage
 from medseg.preprocessing import classes_to_labels, export_segmentation, revert_to_original
 from medseg.preprocessing.regions import dice_per_region, probabilities_to_classes, region_key
+from medseg.progress import progress_bar
 from medseg.training.data import PatchSampler, single_threaded
 from medseg.training.device import autocast, to_device
 from medseg.training.losses import hard_dice_counts
@@ -125,7 +125,7 @@ def validate_run(
         if clock.plan.shortened:
             logger.warning("final validation %s", clock.plan.note())
     t_start = time.perf_counter()
-    for cid in tqdm(case_ids, desc="final validation", unit="case"):
+    for cid in progress_bar(case_ids, desc="final validation", unit="case"):
         passes = None
         if clock is not None:
             passes = clock.passes_for(cid)

@@ -44,6 +44,7 @@ def test_ignore_label_end_to_end(tmp_path, capsys):
     data = _partially_annotated(tmp_path)
     work = tmp_path / "work"
     assert main(["plan", str(data), "-o", str(work), "--device", "cpu", "--num-workers", "1", "-q"]) == 0
+    assert "preprocessing" not in capsys.readouterr().err  # -q: no progress bars
     plan = json.loads((work / "plans.json").read_text())
     assert plan["ignore_label"] == IGNORE and plan["label_ids"] == [0, 1, 2, 3]
     fingerprint = json.loads((work / "fingerprint.json").read_text())
@@ -58,6 +59,8 @@ def test_ignore_label_end_to_end(tmp_path, capsys):
     assert set(props.class_locations) == {1, 2, 3}
     shrink_networks(work, 4)
     assert main(["train", str(work), "--fold", "0", *TINY_TRAIN, "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 0:" not in err and "final validation:" not in err
     run = work / "runs" / "3d_fullres" / "unet" / "fold_0"
     progress = json.loads((run / "progress.json").read_text())
     assert progress["history"] and all(np.isfinite(e["train_loss"]) for e in progress["history"])

@@ -3,7 +3,7 @@
 
 Layers, each importing only those before it (docs/design.md, "Architecture")::
 
-    base (errors, machine, distributed, faults, options, clock) -> io -> fingerprint -> networks -> planning
+    base (errors, machine, distributed, faults, options, clock, progress) -> io -> fingerprint -> networks -> planning
     -> preprocessing -> inference -> training -> postprocessing | ensembling | evaluation -> face (cli, pipeline, demo)
 
 Inference needs no trainer; the trainer's final validation predicts with inference's sliding window, so inference
@@ -33,7 +33,7 @@ RANKS: dict[str, int] = {
     "evaluation": 8,
     "face": 9,
 }
-BASE_MODULES = {"errors", "machine", "distributed", "faults", "options", "clock", "__init__"}
+BASE_MODULES = {"errors", "machine", "distributed", "faults", "options", "clock", "progress", "__init__"}
 FACE_MODULES = {"cli", "pipeline", "demo", "__main__"}
 #: (importer, imported) pairs of one rank that are part of the design
 SAME_RANK_ALLOWED = {("ensembling", "postprocessing"), ("ensembling", "evaluation"), ("postprocessing", "evaluation")}

@@ -33,3 +33,17 @@ def test_evaluate_draws_its_bar_only_without_quiet(
     captured = capsys.readouterr()
     assert ("evaluate:" in captured.err) is not quiet
     assert "Dice" in captured.out  # the result is still printed
+
+
+def test_quiet_is_one_switch_for_the_process_and_the_next_command_resets_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medseg.progress import progress_bar, progress_enabled
+
+    pred, ref = _folders(tmp_path)
+    args = ["evaluate", str(pred), str(ref), "-o", str(tmp_path / "m.json"), "--num-workers", "1"]
+    assert main([*args, "-q"]) == 0
+    assert not progress_enabled() and progress_bar(range(3)).disable  # every later bar of the library too
+    assert main(args) == 0
+    assert progress_enabled() and "evaluate:" in capsys.readouterr().err
+    assert progress_bar(range(3), disable=True).disable  # a call site's own disable still applies
